@@ -1,0 +1,44 @@
+"""Embedded data sets, each loadable by name (``--dataset NAME``) without any download.
+
+Modules are imported only when their data set is asked for, so that a run on one data set
+does not pay for the libraries of another (scikit-learn for ``breast-cancer``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from medfed.data.federation import Federation
+from medfed.errors import DataError
+
+# name -> (module, loader function, one-line description)
+DATASETS: dict[str, tuple[str, str, str]] = {
+    "adni-like": (
+        "medfed.data.datasets.adni_like",
+        "load_adni_like",
+        "SYNTHETIC two-site AD vs NC cohort shaped like the survey's ADNI-1/ADNI-2 (90 AAL ROI features)",
+    ),
+    "heart-disease": (
+        "medfed.data.datasets.heart_disease",
+        "load_heart_disease",
+        "real UCI Heart Disease data from four hospitals (Cleveland, Hungary, Switzerland, VA)",
+    ),
+    "breast-cancer": (
+        "medfed.data.datasets.breast_cancer",
+        "load_breast_cancer_federation",
+        "scikit-learn's Wisconsin diagnostic data split into sites (IID or Dirichlet label skew)",
+    ),
+}
+
+
+def load_dataset(name: str, **options: Any) -> Federation:
+    """Load an embedded data set by name; ``options`` go to its loader (e.g. ``alpha``)."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    module, func, _ = DATASETS[name]
+    loader = getattr(importlib.import_module(module), func)
+    try:
+        return loader(**options)
+    except TypeError as exc:  # an option the loader does not take
+        raise DataError(f"dataset {name!r}: {exc}") from None
