@@ -1,0 +1,21 @@
+"""Client end (survey §3.2): local update rules run at a site on its private data."""
+
+from medfed.client.local import (
+    LocalData,
+    LocalTraining,
+    fedprox_update,
+    fedsgd_gradient,
+    local_sgd_update,
+    sgd_steps,
+)
+from medfed.client.upload import Upload
+
+__all__ = [
+    "LocalData",
+    "LocalTraining",
+    "Upload",
+    "fedprox_update",
+    "fedsgd_gradient",
+    "local_sgd_update",
+    "sgd_steps",
+]

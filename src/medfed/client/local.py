@@ -1,0 +1,138 @@
+"""Local update rules: what a site does with the global model on its private data.
+
+A rule has the signature ``(global_params, data, config, client_state, rng) ->
+(Upload, client_state)``. ``client_state`` (personal heads, control variates) never
+leaves the site; ``rng`` is a :class:`medfed.rng.KeyedRng` whose generator is built only
+if the rule draws (mini-batches), keeping full-batch rounds cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from medfed.client.upload import Upload
+from medfed.models.logistic import LogisticRegression, Params
+from medfed.rng import KeyedRng
+
+
+@dataclass(frozen=True, slots=True)
+class LocalData:
+    """A site's training rows, already imputed and scaled; they never leave the site."""
+
+    name: str
+    X: np.ndarray
+    y: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.X.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class LocalTraining:
+    """How a site optimizes: learning rate, iterations, batch size (None = full batch), L2."""
+
+    model: LogisticRegression
+    lr: float
+    steps: int
+    batch_size: int | None = None
+    l2: float = 0.0
+
+
+def _batches(n: int, batch_size: int | None, steps: int, rng: KeyedRng):
+    """Row indices of each step: full batch, or epochs of a fresh permutation cut into batches."""
+    if batch_size is None or batch_size >= n:
+        for _ in range(steps):
+            yield None
+        return
+    gen = rng.generator
+    order = gen.permutation(n)
+    pos = 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            order = gen.permutation(n)
+            pos = 0
+        yield order[pos : pos + batch_size]
+        pos += batch_size
+
+
+def sgd_steps(
+    params: Params,
+    data: LocalData,
+    config: LocalTraining,
+    rng: KeyedRng,
+    *,
+    steps: int | None = None,
+    prox_center: Params | None = None,
+    mu: float = 0.0,
+) -> tuple[dict[str, np.ndarray], float]:
+    """Run (mini-batch) gradient descent from ``params``; return the new parameters and the
+    full-batch training loss at the start (the loss of the model the site received).
+
+    With ``prox_center`` and ``mu`` the objective gains FedProx's ``(mu/2)||theta - center||²``.
+    """
+    steps = config.steps if steps is None else steps
+    return config.model.descend(
+        params,
+        data.X,
+        data.y,
+        _batches(data.n, config.batch_size, steps, rng),
+        config.lr,
+        config.l2,
+        prox_center=prox_center,
+        mu=mu,
+    )
+
+
+def _delta_upload(data: LocalData, trained: dict, global_params: Params, loss: float) -> Upload:
+    delta = {k: trained[k] - global_params[k] for k in trained}
+    return Upload(data.name, delta, data.n, "delta", {"loss": loss})
+
+
+def local_sgd_update(
+    global_params: Params, data: LocalData, config: LocalTraining, state: Any, rng: KeyedRng
+) -> tuple[Upload, Any]:
+    """FedAvg's client (McMahan et al., 2017): E local iterations from the global model.
+
+    Uploads the delta ``local - global``; keeps no state.
+    """
+    trained, loss = sgd_steps(global_params, data, config, rng)
+    return _delta_upload(data, trained, global_params, loss), state
+
+
+def fedprox_update(
+    global_params: Params,
+    data: LocalData,
+    config: LocalTraining,
+    state: Any,
+    rng: KeyedRng,
+    *,
+    mu: float,
+) -> tuple[Upload, Any]:
+    """FedProx's client (Li et al., 2020): local objective + (mu/2)||w - w_global||².
+
+    The proximal term keeps heterogeneous sites from drifting far from the global model;
+    with mu = 0 it is FedAvg's client. Uploads the delta.
+    """
+    if mu < 0:
+        raise ValueError(f"fedprox: mu must be >= 0, got {mu}")
+    trained, loss = sgd_steps(global_params, data, config, rng, prox_center=global_params, mu=mu)
+    return _delta_upload(data, trained, global_params, loss), state
+
+
+def fedsgd_gradient(
+    global_params: Params, data: LocalData, config: LocalTraining, state: Any, rng: KeyedRng
+) -> tuple[Upload, Any]:
+    """FedSGD's client (McMahan et al., 2017): the gradient of the site's loss at the global model.
+
+    One (mini-)batch gradient, no local step; the server averages and steps.
+    """
+    rows = next(_batches(data.n, config.batch_size, 1, rng))
+    X, y = (data.X, data.y) if rows is None else (data.X[rows], data.y[rows])
+    grads, loss = config.model.gradient(global_params, X, y, config.l2, with_loss=True)
+    if rows is not None:
+        loss = config.model.loss(global_params, data.X, data.y, config.l2)
+    return Upload(data.name, grads, data.n, "gradient", {"loss": loss}), state

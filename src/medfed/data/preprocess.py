@@ -1,0 +1,88 @@
+"""Per-split preprocessing that never pools rows: imputation and standardization.
+
+Both use statistics of training rows only. Global standardization is assembled from
+per-site sufficient statistics (row count, sum, sum of squares): those three summaries are
+all that would leave a site, and the result equals the pooled mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from medfed.errors import DataError
+
+Scaling = Literal["global", "site", "none"]
+SCALING_MODES = ("global", "site", "none")
+
+
+def impute(
+    X_train: np.ndarray,
+    X_other: Sequence[np.ndarray],
+    strategy: str | None,
+    *,
+    site: str,
+    feature_names: Sequence[str],
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Fill NaN in a site's training rows and other rows with the training rows' mean or median."""
+    if strategy is None or not (np.isnan(X_train).any() or any(np.isnan(X).any() for X in X_other)):
+        return X_train, list(X_other)
+    observed = ~np.isnan(X_train)
+    empty = np.flatnonzero(~observed.any(axis=0))
+    if empty.size:
+        cols = ", ".join(repr(feature_names[j]) for j in empty)
+        raise DataError(
+            f"site {site!r}: column(s) {cols} have no observed value in the site's training rows, "
+            "so they cannot be imputed there; leave them out with --features"
+        )
+    stat = np.nanmean(X_train, axis=0) if strategy == "mean" else np.nanmedian(X_train, axis=0)
+
+    def fill(X: np.ndarray) -> np.ndarray:
+        return np.where(np.isnan(X), stat, X)
+
+    return fill(X_train), [fill(X) for X in X_other]
+
+
+@dataclass(frozen=True, slots=True)
+class Moments:
+    """A site's shareable summary of its training rows: count, column sums, sums of squares."""
+
+    n: int
+    total: np.ndarray
+    total_sq: np.ndarray
+
+    @classmethod
+    def of(cls, X: np.ndarray) -> Moments:
+        return cls(X.shape[0], X.sum(axis=0), np.einsum("ij,ij->j", X, X))
+
+    def __add__(self, other: Moments) -> Moments:
+        return Moments(self.n + other.n, self.total + other.total, self.total_sq + other.total_sq)
+
+
+@dataclass(frozen=True, slots=True)
+class Standardizer:
+    """``(X - mean) / scale``; constant columns get scale 1 so they map to zero, not NaN."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def from_moments(cls, moments: Sequence[Moments]) -> Standardizer:
+        total = moments[0]
+        for m in moments[1:]:
+            total = total + m
+        mean = total.total / total.n
+        var = np.maximum(total.total_sq / total.n - mean**2, 0.0)
+        scale = np.sqrt(var)
+        scale[scale < 1e-12 * np.maximum(1.0, np.abs(mean))] = 1.0
+        return cls(mean, scale)
+
+    @classmethod
+    def identity(cls, n_features: int) -> Standardizer:
+        return cls(np.zeros(n_features), np.ones(n_features))
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        return (X - self.mean) / self.scale

@@ -1,0 +1,115 @@
+"""Binary logistic regression in float64 numpy: the survey's model (§6.2) and medfed's fast path.
+
+Objective on data (X, y) with n rows::
+
+    L(w, b) = mean_i [ log(1 + exp(z_i)) - y_i z_i ] + (l2 / 2) ||w||²,   z = X w + b
+
+The bias is not penalized. ``log(1 + exp(z))`` is computed with ``logaddexp`` and the
+sigmoid as ``(1 + tanh(z / 2)) / 2``, both finite for any finite z.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+Params = Mapping[str, np.ndarray]
+"""Model parameters: an ordered mapping ``name -> float64 array`` (the parameter view)."""
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+class LogisticRegression:
+    """Logistic regression seen through the parameter view ``{"weight": (d,), "bias": (1,)}``.
+
+    Stateless: every method takes the parameters explicitly, so one instance serves all
+    sites and all rounds.
+    """
+
+    name = "logistic"
+
+    def init(self, n_features: int) -> dict[str, np.ndarray]:
+        """Zero parameters: the convex objective makes the start point irrelevant to the optimum."""
+        return {"weight": np.zeros(n_features), "bias": np.zeros(1)}
+
+    def decision(self, params: Params, X: np.ndarray) -> np.ndarray:
+        return X @ params["weight"] + params["bias"][0]
+
+    def predict_proba(self, params: Params, X: np.ndarray) -> np.ndarray:
+        """Probability of the positive class for each row of ``X``."""
+        return sigmoid(self.decision(params, X))
+
+    def loss(self, params: Params, X: np.ndarray, y: np.ndarray, l2: float = 0.0) -> float:
+        z = self.decision(params, X)
+        w = params["weight"]
+        return float(np.mean(np.logaddexp(0.0, z) - y * z) + 0.5 * l2 * (w @ w))
+
+    def gradient(
+        self, params: Params, X: np.ndarray, y: np.ndarray, l2: float = 0.0, *, with_loss: bool = False
+    ) -> tuple[dict[str, np.ndarray], float | None]:
+        """Gradient of the objective (and, when asked, its value from the same forward pass)."""
+        w = params["weight"]
+        z = X @ w + params["bias"][0]
+        residual = sigmoid(z) - y
+        n = X.shape[0]
+        g_w = X.T @ residual
+        g_w /= n
+        if l2:
+            g_w += l2 * w
+        grads = {"weight": g_w, "bias": np.array([residual.sum() / n])}
+        loss = None
+        if with_loss:
+            loss = float(np.mean(np.logaddexp(0.0, z) - y * z) + 0.5 * l2 * (w @ w))
+        return grads, loss
+
+    def descend(
+        self,
+        params: Params,
+        X: np.ndarray,
+        y: np.ndarray,
+        batches: Iterable[np.ndarray | None],
+        lr: float,
+        l2: float = 0.0,
+        *,
+        prox_center: Params | None = None,
+        mu: float = 0.0,
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """Gradient descent, one step per entry of ``batches`` (row indices, ``None`` = all rows).
+
+        Returns the new parameters and the full-batch objective at the start. With
+        ``prox_center`` and ``mu > 0`` each step adds FedProx's ``mu * (theta - center)``.
+        The loop works on the weight vector and a float bias directly: it is the hot path
+        of every simulated round, so it does no more numpy calls than a hand-written loop.
+        """
+        w = np.array(params["weight"], dtype=np.float64, copy=True)
+        b = float(params["bias"][0])
+        if mu:
+            cw, cb = prox_center["weight"], float(prox_center["bias"][0])
+        start_loss = None
+        for rows in batches:
+            Xb, yb = (X, y) if rows is None else (X[rows], y[rows])
+            z = Xb @ w + b
+            if start_loss is None:
+                start_loss = (
+                    float(np.mean(np.logaddexp(0.0, z) - yb * z) + 0.5 * l2 * (w @ w))
+                    if rows is None
+                    else self.loss(params, X, y, l2)
+                )
+            residual = sigmoid(z) - yb
+            n = Xb.shape[0]
+            g_w = Xb.T @ residual
+            g_w *= lr / n
+            g_b = residual.sum() / n
+            if l2:
+                g_w += (lr * l2) * w
+            if mu:
+                g_w += (lr * mu) * (w - cw)
+                g_b += mu * (b - cb)
+            w -= g_w
+            b -= lr * g_b
+        if start_loss is None:  # zero steps
+            start_loss = self.loss(params, X, y, l2)
+        return {"weight": w, "bias": np.array([b])}, start_loss

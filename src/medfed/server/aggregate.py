@@ -1,0 +1,118 @@
+"""Aggregation as small ``init``/``apply`` transforms over stacked uploads, composed by ``chain``.
+
+The shape follows optax's ``chain``: each step is a pair of pure functions with explicit
+state. A value flows through the chain: the :class:`StackedUploads` of a round (leading
+site axis), then, after a reducing step such as :func:`weighted_mean`, one aggregated
+update, and finally, after :func:`apply_delta` or :func:`gradient_step`, the new global
+parameters. Every aggregator is therefore ``init(global_params) -> state`` and
+``apply(value, state, global_params, round) -> (value, state, report)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from medfed.client.upload import Upload
+
+
+@dataclass(frozen=True, slots=True)
+class StackedUploads:
+    """One round's uploads with a leading site axis: ``payload[name]`` has shape ``(K, ...)``.
+
+    ``weights`` are the sites' example counts (K,), ``metrics[name]`` a (K,) array.
+    """
+
+    sites: tuple[str, ...]
+    payload: dict[str, np.ndarray]
+    weights: np.ndarray
+    kind: str
+    metrics: dict[str, np.ndarray]
+
+
+def stack_uploads(uploads: Sequence[Upload]) -> StackedUploads:
+    """Stack a round's uploads; they must agree on kind and parameter names."""
+    if not uploads:
+        raise ValueError("no uploads to aggregate")
+    first = uploads[0]
+    for u in uploads[1:]:
+        if u.kind != first.kind or u.payload.keys() != first.payload.keys():
+            raise ValueError(
+                f"upload from {u.site!r} ({u.kind}, {sorted(u.payload)}) does not match "
+                f"{first.site!r} ({first.kind}, {sorted(first.payload)})"
+            )
+    payload = {k: np.stack([u.payload[k] for u in uploads]) for k in first.payload}
+    metrics = {
+        k: np.array([u.metrics.get(k, np.nan) for u in uploads], dtype=np.float64)
+        for k in first.metrics
+    }
+    weights = np.array([u.n_examples for u in uploads], dtype=np.float64)
+    return StackedUploads(tuple(u.site for u in uploads), payload, weights, first.kind, metrics)
+
+
+class Aggregator(NamedTuple):
+    """An ``(init, apply)`` pair; ``name`` labels its report in a chain."""
+
+    init: Callable[[Mapping[str, np.ndarray]], Any]
+    apply: Callable[[Any, Any, Mapping[str, np.ndarray], int], tuple[Any, Any, dict | None]]
+    name: str
+
+
+def _stateless_init(global_params: Mapping[str, np.ndarray]) -> None:
+    return None
+
+
+def weighted_mean() -> Aggregator:
+    """Example-weighted mean of the stacked payloads (McMahan et al., 2017).
+
+    Weights are ``n_k / sum(n)``, so they sum to one and the result does not depend on the
+    order of the sites.
+    """
+
+    def apply(stack: StackedUploads, state, global_params, round_):
+        w = stack.weights / stack.weights.sum()
+        mean = {k: np.tensordot(w, v, axes=1) for k, v in stack.payload.items()}
+        return mean, state, None
+
+    return Aggregator(_stateless_init, apply, "weighted_mean")
+
+
+def apply_delta(lr: float = 1.0) -> Aggregator:
+    """New global = global + lr * aggregated delta (lr = 1 is plain FedAvg)."""
+
+    def apply(update, state, global_params, round_):
+        return {k: global_params[k] + lr * update[k] for k in global_params}, state, None
+
+    return Aggregator(_stateless_init, apply, "apply_delta")
+
+
+def gradient_step(lr: float) -> Aggregator:
+    """New global = global - lr * aggregated gradient: the server's step in FedSGD."""
+
+    def apply(update, state, global_params, round_):
+        return {k: global_params[k] - lr * update[k] for k in global_params}, state, None
+
+    return Aggregator(_stateless_init, apply, "gradient_step")
+
+
+def chain(*steps: Aggregator) -> Aggregator:
+    """Compose steps left to right; state is a tuple, the report maps step name to its report."""
+
+    def init(global_params):
+        return tuple(step.init(global_params) for step in steps)
+
+    def apply(value, state, global_params, round_):
+        new_state = []
+        report: dict | None = None
+        for step, step_state in zip(steps, state):
+            value, step_state, step_report = step.apply(value, step_state, global_params, round_)
+            new_state.append(step_state)
+            if step_report:
+                report = report or {}
+                report[step.name] = step_report
+        return value, tuple(new_state), report
+
+    return Aggregator(init, apply, "chain(" + ", ".join(s.name for s in steps) + ")")
