@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -218,14 +219,23 @@ def _read(path: Path):
         if dup:
             raise DataError(f"{path}: column {_list(dup)} appears more than once in the header")
     try:
-        return pd.read_csv(
-            path,
-            sep=sep,
-            dtype=str,
-            encoding="utf-8-sig",
-            skipinitialspace=True,
-            engine="python" if sep == r"\s+" else "c",
-        )
+        with warnings.catch_warnings():
+            # pandas only warns when a row has more fields than the header, then drops them
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(
+                path,
+                sep=sep,
+                dtype=str,
+                encoding="utf-8-sig",
+                skipinitialspace=True,
+                index_col=False,
+                engine="python" if sep == r"\s+" else "c",
+            )
+    except pd.errors.ParserWarning:
+        raise DataError(
+            f"{path}: some rows have more fields than the header ({len(header or [])} columns); "
+            "check the delimiter and quoting"
+        ) from None
     except pd.errors.EmptyDataError:
         raise DataError(f"{path} is empty") from None
     except Exception as exc:
@@ -268,10 +278,10 @@ def _missing_mask(col) -> np.ndarray:
     """True where a cell is NA/None/NaN or blank text (pandas already read blanks as NA)."""
     import pandas as pd
 
-    mask = col.isna().to_numpy(dtype=bool)
+    mask = np.array(col.isna(), dtype=bool)
     if col.dtype == object or pd.api.types.is_string_dtype(col.dtype):
         blank = col.map(lambda v: isinstance(v, str) and not v.strip()).to_numpy(dtype=bool)
-        mask |= blank
+        mask = mask | blank
     return mask
 
 

@@ -7,6 +7,7 @@ does not pay for the libraries of another (scikit-learn for ``breast-cancer``).
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from medfed.data.federation import Federation
@@ -38,7 +39,11 @@ def load_dataset(name: str, **options: Any) -> Federation:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     module, func, _ = DATASETS[name]
     loader = getattr(importlib.import_module(module), func)
-    try:
-        return loader(**options)
-    except TypeError as exc:  # an option the loader does not take
-        raise DataError(f"dataset {name!r}: {exc}") from None
+    allowed = [p for p in inspect.signature(loader).parameters]
+    unknown = [k for k in options if k not in allowed]
+    if unknown:
+        raise DataError(
+            f"dataset {name!r} has no option {', '.join(map(repr, unknown))}; "
+            f"its options: {', '.join(allowed) or 'none'}"
+        )
+    return loader(**options)

@@ -242,8 +242,10 @@ _SEX_HEAD_EFFECT = 0.085
 _HEAD_SD = 0.07
 _REGIONAL_SD = 0.065
 _SEVERITY_SHAPE = 4.0  # Gamma shape; mean is the site's severity_mean, cv 1/sqrt(shape)
-_PRECLINICAL_FRACTION = 0.22
-_PRECLINICAL_MAX = 0.5
+_ATYPICAL_AD_FRACTION = 0.12
+_ATYPICAL_AD_RANGE = (0.0, 0.35)
+_PRECLINICAL_FRACTION = 0.10
+_PRECLINICAL_RANGE = (0.2, 0.8)
 _MIN_REMAINING = 0.3
 
 
@@ -311,8 +313,10 @@ def _simulate_site(
     severity = np.zeros(n)
     shape = _SEVERITY_SHAPE
     severity[ad] = rng.gamma(shape, spec.severity_mean / shape, n_ad)
+    atypical = ad & (rng.random(n) < _ATYPICAL_AD_FRACTION)
+    severity[atypical] = rng.uniform(*_ATYPICAL_AD_RANGE, int(atypical.sum()))
     preclinical = (~ad) & (rng.random(n) < _PRECLINICAL_FRACTION)
-    severity[preclinical] = rng.uniform(0.0, _PRECLINICAL_MAX, int(preclinical.sum()))
+    severity[preclinical] = rng.uniform(*_PRECLINICAL_RANGE, int(preclinical.sum()))
 
     lobes = rng.standard_normal((n, _N_LOBES))
     log_v = (

@@ -1,0 +1,1 @@
+"""Command line: parse, build a config, call the library, render."""

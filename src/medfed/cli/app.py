@@ -1,0 +1,264 @@
+"""The ``medfed`` command: ``reproduce``, ``run``, ``datasets``, ``methods``.
+
+Errors medfed raises on purpose are printed as one line and exit with status 2; the
+library does all the work, this module only parses, renders and writes.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medfed.errors import ConfigError, MedfedError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="medfed: federated learning for medical image analysis (Guan & Liu's survey, measured).",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _parse_options(items: list[str] | None, flag: str) -> dict[str, Any]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"{flag} takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def _split_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def render_table(doc: dict[str, Any]) -> None:
+    from medfed.experiments.results import table_rows
+
+    table = Table(
+        title=f"{doc['dataset']}: mean ± std over {doc['repeats']} repeat(s), seed {doc['seed']}",
+        title_justify="left",
+    )
+    for col in ("Test site", "Setting", "ACC", "SEN", "SPE", "AUC"):
+        table.add_column(col, justify="left" if col in ("Test site", "Setting") else "right")
+    previous = None
+    notes = []
+    for row in table_rows(doc):
+        if previous is not None and row["test_site"] != previous:
+            table.add_section()
+        label = row["label"]
+        if row["notes"]:
+            notes.append(f"{row['test_site']} / {label}: " + "; ".join(row["notes"]))
+            label += f" [{len(notes)}]"
+        table.add_row(row["test_site"] if row["test_site"] != previous else "", label, *row["cells"])
+        previous = row["test_site"]
+    console.print(table)
+    for i, note in enumerate(notes, 1):
+        console.print(f"[dim][{i}] {note}[/]", highlight=False)
+    for w in doc["warnings"]:
+        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
+def execute(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Validate, run with a progress bar, write the report atomically, render; return the doc."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from medfed.experiments.config import build_config
+    from medfed.experiments.harness import load_federation, run_experiment
+    from medfed.experiments.report import report_files, write_atomically
+    from medfed.experiments.results import results_document
+
+    config = build_config(values, source)
+    if config.out is None:
+        raise ConfigError("no output folder: give --out DIR (or out = \"DIR\" in the config file)")
+    federation = load_federation(config.data)
+    total = config.repeats * len(config.methods)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=err_console, transient=True, disable=not err_console.is_terminal,
+    ) as progress:
+        task = progress.add_task("training", total=total)
+        calls = {"n": 0}
+
+        def step(label: str) -> None:
+            if calls["n"]:
+                progress.advance(task)
+            calls["n"] += 1
+            progress.update(task, description=label)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # single-class notes are rendered with the table
+            run = run_experiment(config, federation, progress=step)
+        progress.advance(task)
+    doc = results_document(run)
+    written = write_atomically(config.out, report_files(doc, run, plots=config.plots))
+    render_table(doc)
+    console.print(
+        f"[dim]{run.runtime_s:.2f} s; wrote {', '.join(p.name for p in written)} to {config.out}[/]",
+        highlight=False,
+    )
+    return doc
+
+
+def _guard(fn, *args):
+    try:
+        return fn(*args)
+    except MedfedError as exc:
+        _fail(str(exc))
+
+
+MethodsOpt = Annotated[
+    Optional[str], typer.Option("--methods", help="comma-separated method names (see `medfed methods`)")
+]
+
+
+@app.command()
+def reproduce(
+    dataset: Annotated[str, typer.Option(help="embedded data set (see `medfed datasets`)")] = "adni-like",
+    repeats: Annotated[int, typer.Option(help="repeated stratified 80/20 splits")] = 5,
+    seed: Annotated[int, typer.Option(help="seed of splits and training")] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="output folder [default: results/<dataset>]")] = None,
+    plots: Annotated[bool, typer.Option("--plots", help="also write ROC and convergence PNGs")] = False,
+    methods: MethodsOpt = None,
+) -> None:
+    """Reproduce the survey's Table 2 (Cross, Single, Mix, FedAvg, FedSGD, FedProx) on embedded data."""
+    values: dict[str, Any] = {
+        "data": {"dataset": dataset},
+        "repeats": repeats,
+        "seed": seed,
+        "out": str(out or Path("results") / dataset),
+        "plots": plots,
+    }
+    if methods:
+        values["methods"] = _split_list(methods)
+    _guard(execute, values, "reproduce")
+
+
+@app.command()
+def run(
+    config: Annotated[Optional[Path], typer.Argument(help="experiment TOML file (flags override it)")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="embedded data set name")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="CSV or Parquet table, one row per subject")] = None,
+    site_column: Annotated[Optional[str], typer.Option(help="column naming each row's site")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="column holding the label")] = None,
+    split_column: Annotated[Optional[str], typer.Option(help="column with train/test per row")] = None,
+    features: Annotated[Optional[str], typer.Option(help="comma-separated feature columns [default: all others]")] = None,
+    impute: Annotated[Optional[str], typer.Option(help="fill missing values: mean or median (training rows of each site)")] = None,
+    positive_label: Annotated[Optional[str], typer.Option(help="label value that counts as positive")] = None,
+    dataset_option: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE option of the embedded data set")] = None,
+    methods: MethodsOpt = None,
+    rounds: Annotated[Optional[int], typer.Option(help="communication rounds")] = None,
+    local_steps: Annotated[Optional[int], typer.Option(help="local iterations per round")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="learning rate")] = None,
+    l2: Annotated[Optional[float], typer.Option(help="L2 penalty (l2/2)||w||^2")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="mini-batch size [default: full batch]")] = None,
+    mu: Annotated[Optional[float], typer.Option(help="FedProx proximal coefficient")] = None,
+    method_option: Annotated[Optional[list[str]], typer.Option(help="METHOD.KEY=VALUE, e.g. fedprox.mu=0.01")] = None,
+    repeats: Annotated[Optional[int], typer.Option(help="repeated splits")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed of splits and training")] = None,
+    scaling: Annotated[Optional[str], typer.Option(help="global, site or none")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="output folder")] = None,
+    plots: Annotated[Optional[bool], typer.Option("--plots/--no-plots", help="write ROC and convergence PNGs")] = None,
+) -> None:
+    """Run the experiment harness from a config file and/or flags."""
+
+    def build() -> dict[str, Any]:
+        from medfed.experiments.config import merge, read_toml
+
+        base = read_toml(config) if config is not None else {}
+        over: dict[str, Any] = {}
+        data_over: dict[str, Any] = {}
+        if dataset is not None or data is not None:
+            base.pop("data", None)  # a source given by flags replaces the file's source
+            data_over = {"dataset": dataset, "path": str(data) if data else None}
+        for key, value in [
+            ("site_column", site_column), ("label_column", label_column), ("split_column", split_column),
+            ("features", _split_list(features)), ("impute", impute), ("positive_label", positive_label),
+        ]:
+            if value is not None:
+                data_over[key] = value
+        if dataset_option:
+            data_over["options"] = _parse_options(dataset_option, "--dataset-option")
+        if data_over:
+            over["data"] = data_over
+        training = {k: v for k, v in [("rounds", rounds), ("local_steps", local_steps), ("lr", lr),
+                                       ("l2", l2), ("batch_size", batch_size)] if v is not None}
+        if training:
+            over["training"] = training
+        method_opts: dict[str, dict[str, Any]] = {}
+        if mu is not None:
+            method_opts.setdefault("fedprox", {})["mu"] = mu
+        for key, value in _parse_options(method_option, "--method-option").items():
+            if "." not in key:
+                raise ConfigError(f"--method-option takes METHOD.KEY=VALUE, got {key!r}")
+            name, opt = key.split(".", 1)
+            method_opts.setdefault(name, {})[opt] = value
+        if method_opts:
+            over["method_options"] = method_opts
+        for key, value in [("methods", _split_list(methods)), ("repeats", repeats), ("seed", seed),
+                           ("scaling", scaling), ("out", str(out) if out else None), ("plots", plots)]:
+            if value is not None:
+                over[key] = value
+        merged = merge(base, over)
+        if "data" not in merged:
+            raise ConfigError("no data: give --dataset NAME or --data FILE (or a [data] table in the config)")
+        return merged
+
+    values = _guard(build)
+    _guard(execute, values, str(config) if config else "flags")
+
+
+@app.command("datasets")
+def list_datasets() -> None:
+    """List the embedded data sets."""
+    from medfed.data.datasets import DATASETS
+
+    table = Table("name", "description")
+    for name, (_, _, text) in DATASETS.items():
+        table.add_row(name, text)
+    console.print(table)
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """List every setting and method with its display name, summary and reference."""
+    from medfed.experiments.methods import METHODS
+
+    table = Table("name", "display", "kind", "what it does", "reference", "options")
+    for m in METHODS.values():
+        opts = ", ".join(f"{k}={v:g}" for k, v in m.defaults.items())
+        table.add_row(m.name, m.display, m.kind, m.summary, m.reference, opts)
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Experiments: settings, metrics, repeated splits, results as data, reports and plots."""

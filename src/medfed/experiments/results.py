@@ -1,0 +1,130 @@
+"""Results as data: the ``results.json`` document and the Table 2 layout built from it.
+
+Everything a report shows is derived from the document, so the screen table, the CSV and
+the Markdown cannot disagree with the JSON.
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+
+from medfed.experiments.harness import Cell, ExperimentRun
+from medfed.experiments.metrics import METRICS, Metric
+
+STD_DDOF = 1  # sample standard deviation over repeats
+
+
+def summarize(values: list[Metric]) -> dict[str, Any]:
+    """Mean ± sample std over the repeats where the metric is defined; undefined ones stay null."""
+    defined = [m.value for m in values if m.value is not None]
+    out: dict[str, Any] = {
+        "mean": float(np.mean(defined)) if defined else None,
+        "std": float(np.std(defined, ddof=STD_DDOF)) if len(defined) > STD_DDOF else None,
+        "values": [m.value for m in values],
+        "n": len(defined),
+    }
+    reasons = sorted({m.reason for m in values if m.reason})
+    if reasons:
+        out["undefined_reason"] = "; ".join(reasons)
+    return out
+
+
+def _row(cell: Cell) -> dict[str, Any]:
+    reasons = sorted({r for r in cell.skipped if r})
+    return {
+        "setting": cell.setting,
+        "method": cell.method,
+        "evaluation": "split",
+        "train_site": cell.train_site,
+        "test_site": cell.test_site,
+        "computable": any(r is None for r in cell.skipped),
+        "reason": "; ".join(reasons) if reasons else None,
+        "metrics": {m: summarize(cell.metrics[m]) for m in METRICS},
+    }
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("medfed", "numpy", "pydantic"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def results_document(run: ExperimentRun) -> dict[str, Any]:
+    """The complete, JSON-serializable record of a run (config, seeds, versions, per-site rows)."""
+    fed = run.federation
+    config = run.config
+    histories: dict[str, dict[str, Any]] = {}
+    for h in run.histories:
+        entry = histories.setdefault(
+            h.setting, {"communication_rounds": h.rounds, "bytes_up_per_run": h.bytes_up, "train_loss": []}
+        )
+        entry["train_loss"].append([float(v) if np.isfinite(v) else None for v in h.train_loss])
+        if h.evaluation:
+            entry.setdefault("evaluation", []).append(h.evaluation)
+    return {
+        "dataset": fed.name,
+        "description": fed.description,
+        "attribution": fed.attribution,
+        "seed": config.seed,
+        "repeats": config.repeats,
+        "split": "predefined" if fed.has_predefined_split else f"stratified {1 - config.test_fraction:.0%}/{config.test_fraction:.0%} per site",
+        "scaling": config.scaling,
+        "impute": fed.impute,
+        "std_ddof": STD_DDOF,
+        "positive_label": fed.positive_label,
+        "sites": [
+            {"name": s.name, "n": s.n, "n_positive": int(s.y.sum()), "n_negative": int(s.n - s.y.sum())}
+            for s in fed.sites
+        ],
+        "features": list(fed.feature_names),
+        "methods": [
+            {"name": spec.name, "display": spec.display, "kind": spec.kind, "reference": spec.reference, "options": opts}
+            for spec, opts in run.methods
+        ],
+        "config": config.model_dump(mode="json"),
+        "versions": _versions(),
+        "runtime_s": run.runtime_s,
+        "setting_runtime_s": run.setting_runtime_s,
+        "warnings": run.warnings,
+        "data_info": fed.info,
+        "results": [_row(c) for c in run.cells],
+        "histories": histories,
+    }
+
+
+def format_metric(summary: dict[str, Any], digits: int = 3) -> str:
+    if summary["mean"] is None:
+        return "n/a"
+    text = f"{summary['mean']:.{digits}f}"
+    if summary["std"] is not None:
+        text += f" ± {summary['std']:.{digits}f}"
+    return text
+
+
+def table_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows in the survey's Table 2 order: grouped by test site; Cross rows first, labelled by
+    their training site, then the other settings in the order they were run."""
+    order = {m["display"]: i for i, m in enumerate(doc["methods"])}
+    rows = []
+    for site in (s["name"] for s in doc["sites"]):
+        block = [r for r in doc["results"] if r["test_site"] == site]
+        block.sort(key=lambda r: (order.get(r["setting"], 99), r["train_site"] or ""))
+        for r in block:
+            label = r["setting"] if r["setting"] != "Cross" else f"Cross ({r['train_site']} tr)"
+            if not r["computable"]:
+                cells = ["not computable"] * len(METRICS)
+            else:
+                cells = [format_metric(r["metrics"][m]) for m in METRICS]
+            notes = [r["reason"]] if r["reason"] else []
+            notes += [f"{m.upper()}: {r['metrics'][m]['undefined_reason']}" for m in METRICS
+                      if r["computable"] and r["metrics"][m].get("undefined_reason")]
+            rows.append({"test_site": site, "label": label, "cells": cells, "notes": notes})
+    return rows
