@@ -43,7 +43,7 @@ def bare_fedavg(sites: list[LocalData]) -> np.ndarray:
             lw, lb = w.copy(), b
             for _ in range(STEPS):
                 z = s.X @ lw + lb
-                r = 0.5 * (1.0 + np.tanh(0.5 * z)) - s.y
+                r = 1.0 / (1.0 + np.exp(-z)) - s.y
                 gw = s.X.T @ r / s.n + L2 * lw
                 lw -= LR * gw
                 lb -= LR * r.sum() / s.n

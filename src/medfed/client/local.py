@@ -130,9 +130,11 @@ def fedsgd_gradient(
 
     One (mini-)batch gradient, no local step; the server averages and steps.
     """
-    rows = next(_batches(data.n, config.batch_size, 1, rng))
-    X, y = (data.X, data.y) if rows is None else (data.X[rows], data.y[rows])
-    grads, loss = config.model.gradient(global_params, X, y, config.l2, with_loss=True)
-    if rows is not None:
-        loss = config.model.loss(global_params, data.X, data.y, config.l2)
+    model = config.model
+    if config.batch_size is None or config.batch_size >= data.n:
+        grads, loss = model.gradient(global_params, data.X, data.y, config.l2, with_loss=True)
+    else:
+        rows = next(_batches(data.n, config.batch_size, 1, rng))
+        grads, _ = model.gradient(global_params, data.X[rows], data.y[rows], config.l2)
+        loss = model.loss(global_params, data.X, data.y, config.l2)
     return Upload(data.name, grads, data.n, "gradient", {"loss": loss}), state

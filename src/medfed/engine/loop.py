@@ -80,14 +80,15 @@ def run_federated(
     client_states: dict[str, Any] = {s.name: None for s in sites}
     history: list[RoundRecord] = []
     update, aggregate = algorithm.local_update, algorithm.aggregator.apply
+    everyone = select_sites(len(sites), fraction, min_sites, rng) if fraction >= 1.0 else None
     for r in range(rounds):
-        chosen = select_sites(len(sites), fraction, min_sites, rng.child(r, 0))
+        chosen = everyone if everyone is not None else select_sites(len(sites), fraction, min_sites, rng.child(r, 0))
         bytes_before = boundary.bytes_sent
         uploads = []
-        for i in chosen:
+        for i in chosen.tolist():
             site = sites[i]
             upload, client_states[site.name] = update(
-                params, site, training, client_states[site.name], rng.child(r, 1, int(i))
+                params, site, training, client_states[site.name], rng.child(r, 1, i)
             )
             uploads.append(boundary.transmit(upload))
         stack = stack_uploads(uploads)

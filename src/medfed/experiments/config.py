@@ -68,6 +68,7 @@ class ExperimentConfig(_Strict):
     eval_every: int = Field(0, ge=0)
     out: Path | None = None
     plots: bool = False
+    workers: int = Field(1, ge=0, description="repeats run in parallel processes; 1 = serial, 0 = one per core")
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:

@@ -84,6 +84,7 @@ class ExperimentRun:
     runtime_s: float
     setting_runtime_s: dict[str, float]
     methods: list[tuple[MethodSpec, dict]]
+    workers: int = 1
 
 
 def load_federation(spec: DataSpec) -> Federation:
@@ -152,17 +153,133 @@ class _Scaled:
         return self._cache[group]
 
 
-def _record(cell: Cell, y: np.ndarray, scores: np.ndarray) -> None:
-    for name, metric in binary_metrics(y, scores).items():
-        cell.metrics[name].append(metric)
-    cell.skipped.append(None)
-    cell.scores.append((y, scores))
+@dataclass
+class RepeatOutcome:
+    """What one repeat produced, in the order a serial run would produce it."""
+
+    evaluations: list[tuple[tuple[str, str, str | None, str], dict[str, Metric] | str, tuple | None]]
+    histories: list[History]
+    single_class_sites: list[str]
+    setting_time: dict[str, float]
 
 
-def _skip(cell: Cell, reason: str) -> None:
-    for name in METRICS:
-        cell.metrics[name].append(Metric(None, reason))
-    cell.skipped.append(reason)
+def run_repeat(
+    config: ExperimentConfig,
+    federation: Federation,
+    methods: list[tuple[MethodSpec, dict]],
+    repeat: int,
+    progress: Callable[[str], None] | None = None,
+) -> RepeatOutcome:
+    """One repeat: split, then train and evaluate every setting. Pure in (config, data, repeat)."""
+    model = LogisticRegression()
+    t = config.training
+    site_names = federation.site_names
+    n_sites = len(site_names)
+    everyone = tuple(range(n_sites))
+    central = LocalTraining(model, t.lr, t.rounds * t.local_steps, t.batch_size, t.l2)
+    local = LocalTraining(model, t.lr, t.local_steps, t.batch_size, t.l2)
+    sites = prepare_repeat(federation, config, repeat)
+    scaled = _Scaled(sites, config.scaling)
+    out = RepeatOutcome([], [], [s.name for s in sites if s.single_class], {})
+    single_models: dict[int, dict] = {}
+
+    def evaluate_on(spec: MethodSpec, train_site: str | None, j: int, params, tests) -> None:
+        scores = model.predict_proba(params, tests[j])
+        key = (spec.display, spec.name, train_site, site_names[j])
+        out.evaluations.append((key, binary_metrics(sites[j].y_test, scores), (sites[j].y_test, scores)))
+
+    def single_model(i: int) -> dict:
+        if i not in single_models:
+            train, _ = scaled((i,))
+            rng = KeyedRng(config.seed, (TRAIN_STREAM, repeat, name_key("single"), i))
+            single_models[i], _ = sgd_steps(model.init(train[0].X.shape[1]), train[0], central, rng)
+        return single_models[i]
+
+    for spec, opts in methods:
+        if progress:
+            progress(f"repeat {repeat + 1}/{config.repeats}: {spec.display}")
+        tic = time.perf_counter()
+        if spec.name in ("single", "cross"):
+            for i, s in enumerate(sites):
+                targets = [i] if spec.name == "single" else [j for j in range(n_sites) if j != i]
+                for j in targets:
+                    if s.single_class:
+                        key = (spec.display, spec.name, s.name, site_names[j])
+                        out.evaluations.append((key, f"training rows of site {s.name!r} hold one class only", None))
+                    else:
+                        evaluate_on(spec, s.name, j, single_model(i), scaled((i,))[1])
+        elif spec.name == "mix":
+            train, tests = scaled(everyone)
+            pooled = LocalData("pooled", np.concatenate([d.X for d in train]), np.concatenate([d.y for d in train]))
+            rng = KeyedRng(config.seed, (TRAIN_STREAM, repeat, name_key("mix")))
+            params, _ = sgd_steps(model.init(pooled.X.shape[1]), pooled, central, rng)
+            for j in range(n_sites):
+                evaluate_on(spec, None, j, params, tests)
+        else:
+            train, tests = scaled(everyone)
+            evaluate = None
+            if config.eval_every:
+                def evaluate(p, tests=tests):
+                    return {
+                        s.name: binary_metrics(s.y_test, model.predict_proba(p, tests[j]))["auc"].value
+                        for j, s in enumerate(sites)
+                    }
+            rounds = spec.rounds(t)
+            run = run_federated(
+                spec.build(opts, t),
+                model.init(train[0].X.shape[1]),
+                train,
+                local,
+                rounds,
+                KeyedRng(config.seed, (TRAIN_STREAM, repeat, name_key(spec.name))),
+                fraction=t.fraction_fit,
+                min_sites=t.min_sites,
+                evaluate=evaluate,
+                eval_every=config.eval_every,
+            )
+            out.histories.append(
+                History(
+                    spec.display, repeat, run.train_loss, sum(r.bytes_up for r in run.history), rounds,
+                    max(1, t.rounds * t.local_steps // rounds),
+                    [dict(round=r.round, **r.evaluation) for r in run.history if r.evaluation],
+                )
+            )
+            for j in range(n_sites):
+                evaluate_on(spec, None, j, run.params, tests)
+        out.setting_time[spec.display] = time.perf_counter() - tic
+    return out
+
+
+def _repeat_task(config: ExperimentConfig, federation: Federation, repeat: int) -> RepeatOutcome:
+    # method specs hold functions that do not pickle; the worker resolves the names itself
+    return run_repeat(config, federation, resolve_methods(config.methods, config.method_options), repeat)
+
+
+def _parallel_outcomes(config, federation, workers, progress):
+    """Repeats in forked worker processes; results come back in repeat order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = [pool.submit(_repeat_task, config, federation, r) for r in range(config.repeats)]
+        outcomes = []
+        for r, future in enumerate(futures):
+            outcomes.append(future.result())
+            if progress:
+                progress(f"repeat {r + 1}/{config.repeats} done")
+    return outcomes
+
+
+def resolve_workers(requested: int, repeats: int) -> int:
+    """0 means: one worker per core, at most one per repeat; fork is needed for more than one."""
+    import multiprocessing
+    import os
+
+    if requested == 1 or repeats == 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(requested or cores, repeats))
 
 
 def run_experiment(
@@ -170,113 +287,55 @@ def run_experiment(
     federation: Federation,
     progress: Callable[[str], None] | None = None,
 ) -> ExperimentRun:
-    """Run every configured setting over ``config.repeats`` repeats and collect per-site results."""
+    """Run every configured setting over ``config.repeats`` repeats and collect per-site results.
+
+    Repeats are independent and keyed by their index, so running them in parallel
+    (``config.workers``) gives the same numbers as running them one after another.
+    """
     started = time.perf_counter()
     methods = resolve_methods(config.methods, config.method_options)
-    model = LogisticRegression()
-    t = config.training
-    site_names = federation.site_names
-    n_sites = len(site_names)
-    everyone = tuple(range(n_sites))
-    cells: dict[tuple[str, str | None, str], Cell] = {}
-    histories: list[History] = []
+    workers = resolve_workers(config.workers, config.repeats)
+    if workers > 1:
+        outcomes = _parallel_outcomes(config, federation, workers, progress)
+    else:
+        outcomes = [run_repeat(config, federation, methods, r, progress) for r in range(config.repeats)]
+
+    cells: dict[tuple, Cell] = {}
     notes: list[str] = []
-    single_class_noted: set[str] = set()
     setting_time = {spec.display: 0.0 for spec, _ in methods}
-    central = LocalTraining(model, t.lr, t.rounds * t.local_steps, t.batch_size, t.l2)
-    local = LocalTraining(model, t.lr, t.local_steps, t.batch_size, t.l2)
-
-    def cell(spec: MethodSpec, train_site: str | None, test_site: str) -> Cell:
-        key = (spec.display, train_site, test_site)
-        if key not in cells:
-            cells[key] = Cell(spec.display, spec.name, train_site, test_site)
-        return cells[key]
-
-    for repeat in range(config.repeats):
-        sites = prepare_repeat(federation, config, repeat)
-        for s in sites:
-            if s.single_class and s.name not in single_class_noted:
-                single_class_noted.add(s.name)
+    for repeat, outcome in enumerate(outcomes):
+        for name in outcome.single_class_sites:
+            if not any(f"site {name!r}" in n for n in notes):
                 note = (
-                    f"site {s.name!r}: training rows hold one class only (first in repeat {repeat + 1}); "
+                    f"site {name!r}: training rows hold one class only (first in repeat {repeat + 1}); "
                     "it takes part in federated training, but models fitted on it alone are not computable"
                 )
                 notes.append(note)
                 warnings.warn(note, SingleClassSiteWarning, stacklevel=2)
-        scaled = _Scaled(sites, config.scaling)
-        single_models: dict[int, dict] = {}
-
-        def single_model(i: int) -> dict:
-            if i not in single_models:
-                train, _ = scaled((i,))
-                rng = KeyedRng(config.seed, (TRAIN_STREAM, repeat, name_key("single"), i))
-                single_models[i], _ = sgd_steps(model.init(train[0].X.shape[1]), train[0], central, rng)
-            return single_models[i]
-
-        for spec, opts in methods:
-            if progress:
-                progress(f"repeat {repeat + 1}/{config.repeats}: {spec.display}")
-            tic = time.perf_counter()
-            if spec.name in ("single", "cross"):
-                for i, s in enumerate(sites):
-                    targets = [i] if spec.name == "single" else [j for j in range(n_sites) if j != i]
-                    for j in targets:
-                        c = cell(spec, s.name, site_names[j])
-                        if s.single_class:
-                            _skip(c, f"training rows of site {s.name!r} hold one class only")
-                            continue
-                        params = single_model(i)
-                        _, tests = scaled((i,))
-                        _record(c, sites[j].y_test, model.predict_proba(params, tests[j]))
-            elif spec.name == "mix":
-                train, tests = scaled(everyone)
-                pooled = LocalData(
-                    "pooled", np.concatenate([d.X for d in train]), np.concatenate([d.y for d in train])
-                )
-                rng = KeyedRng(config.seed, (TRAIN_STREAM, repeat, name_key("mix")))
-                params, _ = sgd_steps(model.init(pooled.X.shape[1]), pooled, central, rng)
-                for j, s in enumerate(sites):
-                    _record(cell(spec, None, s.name), s.y_test, model.predict_proba(params, tests[j]))
+        for key, result, scores in outcome.evaluations:
+            if key not in cells:
+                cells[key] = Cell(key[0], key[1], key[2], key[3])
+            c = cells[key]
+            if isinstance(result, str):
+                for m in METRICS:
+                    c.metrics[m].append(Metric(None, result))
+                c.skipped.append(result)
             else:
-                train, tests = scaled(everyone)
-                evaluate = None
-                if config.eval_every:
-                    def evaluate(p, tests=tests):
-                        return {
-                            s.name: binary_metrics(s.y_test, model.predict_proba(p, tests[j]))["auc"].value
-                            for j, s in enumerate(sites)
-                        }
-                rounds = spec.rounds(t)
-                run = run_federated(
-                    spec.build(opts, t),
-                    model.init(train[0].X.shape[1]),
-                    train,
-                    local,
-                    rounds,
-                    KeyedRng(config.seed, (TRAIN_STREAM, repeat, name_key(spec.name))),
-                    fraction=t.fraction_fit,
-                    min_sites=t.min_sites,
-                    evaluate=evaluate,
-                    eval_every=config.eval_every,
-                )
-                histories.append(
-                    History(
-                        spec.display, repeat, run.train_loss, sum(r.bytes_up for r in run.history), rounds,
-                        max(1, t.rounds * t.local_steps // rounds),
-                        [dict(round=r.round, **r.evaluation) for r in run.history if r.evaluation],
-                    )
-                )
-                for j, s in enumerate(sites):
-                    _record(cell(spec, None, s.name), s.y_test, model.predict_proba(run.params, tests[j]))
-            setting_time[spec.display] += time.perf_counter() - tic
+                for m in METRICS:
+                    c.metrics[m].append(result[m])
+                c.skipped.append(None)
+                c.scores.append(scores)
+        for name, seconds in outcome.setting_time.items():
+            setting_time[name] += seconds
 
     return ExperimentRun(
         config=config,
         federation=federation,
         cells=list(cells.values()),
-        histories=histories,
+        histories=[h for o in outcomes for h in o.histories],
         warnings=notes,
         runtime_s=time.perf_counter() - started,
         setting_runtime_s=setting_time,
         methods=methods,
+        workers=workers,
     )

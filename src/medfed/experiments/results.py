@@ -93,6 +93,7 @@ def results_document(run: ExperimentRun) -> dict[str, Any]:
         "versions": _versions(),
         "runtime_s": run.runtime_s,
         "setting_runtime_s": run.setting_runtime_s,
+        "workers": run.workers,
         "warnings": run.warnings,
         "data_info": fed.info,
         "results": [_row(c) for c in run.cells],

@@ -19,7 +19,15 @@ Params = Mapping[str, np.ndarray]
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * z))
+    """Logistic function. z is floored at -700 first: exp(700) is finite, and the result
+    there (1e-304) is already 0 for every purpose, so no overflow warning is possible."""
+    e = np.exp(-np.maximum(z, -700.0))
+    e += 1.0
+    return np.reciprocal(e, out=e)
+
+
+def _mean_log_loss(z: np.ndarray, y: np.ndarray) -> float:
+    return float((np.logaddexp(0.0, z).sum() - y @ z) / z.shape[0])
 
 
 class LogisticRegression:
@@ -45,15 +53,16 @@ class LogisticRegression:
     def loss(self, params: Params, X: np.ndarray, y: np.ndarray, l2: float = 0.0) -> float:
         z = self.decision(params, X)
         w = params["weight"]
-        return float(np.mean(np.logaddexp(0.0, z) - y * z) + 0.5 * l2 * (w @ w))
+        return _mean_log_loss(z, y) + 0.5 * l2 * float(w @ w)
 
     def gradient(
         self, params: Params, X: np.ndarray, y: np.ndarray, l2: float = 0.0, *, with_loss: bool = False
     ) -> tuple[dict[str, np.ndarray], float | None]:
         """Gradient of the objective (and, when asked, its value from the same forward pass)."""
         w = params["weight"]
-        z = X @ w + params["bias"][0]
-        residual = sigmoid(z) - y
+        z = X @ w + float(params["bias"][0])
+        residual = sigmoid(z)
+        residual -= y
         n = X.shape[0]
         g_w = X.T @ residual
         g_w /= n
@@ -62,7 +71,7 @@ class LogisticRegression:
         grads = {"weight": g_w, "bias": np.array([residual.sum() / n])}
         loss = None
         if with_loss:
-            loss = float(np.mean(np.logaddexp(0.0, z) - y * z) + 0.5 * l2 * (w @ w))
+            loss = _mean_log_loss(z, y) + 0.5 * l2 * float(w @ w)
         return grads, loss
 
     def descend(
@@ -86,19 +95,19 @@ class LogisticRegression:
         """
         w = np.array(params["weight"], dtype=np.float64, copy=True)
         b = float(params["bias"][0])
-        if mu:
-            cw, cb = prox_center["weight"], float(prox_center["bias"][0])
+        cw, cb = (prox_center["weight"], float(prox_center["bias"][0])) if mu else (None, 0.0)
         start_loss = None
         for rows in batches:
             Xb, yb = (X, y) if rows is None else (X[rows], y[rows])
             z = Xb @ w + b
             if start_loss is None:
                 start_loss = (
-                    float(np.mean(np.logaddexp(0.0, z) - yb * z) + 0.5 * l2 * (w @ w))
+                    _mean_log_loss(z, yb) + 0.5 * l2 * float(w @ w)
                     if rows is None
                     else self.loss(params, X, y, l2)
                 )
-            residual = sigmoid(z) - yb
+            residual = sigmoid(z)
+            residual -= yb
             n = Xb.shape[0]
             g_w = Xb.T @ residual
             g_w *= lr / n

@@ -44,7 +44,7 @@ def stack_uploads(uploads: Sequence[Upload]) -> StackedUploads:
                 f"upload from {u.site!r} ({u.kind}, {sorted(u.payload)}) does not match "
                 f"{first.site!r} ({first.kind}, {sorted(first.payload)})"
             )
-    payload = {k: np.stack([u.payload[k] for u in uploads]) for k in first.payload}
+    payload = {k: np.array([u.payload[k] for u in uploads]) for k in first.payload}
     metrics = {
         k: np.array([u.metrics.get(k, np.nan) for u in uploads], dtype=np.float64)
         for k in first.metrics
@@ -74,7 +74,7 @@ def weighted_mean() -> Aggregator:
 
     def apply(stack: StackedUploads, state, global_params, round_):
         w = stack.weights / stack.weights.sum()
-        mean = {k: np.tensordot(w, v, axes=1) for k, v in stack.payload.items()}
+        mean = {k: (w @ v.reshape(len(w), -1)).reshape(v.shape[1:]) for k, v in stack.payload.items()}
         return mean, state, None
 
     return Aggregator(_stateless_init, apply, "weighted_mean")
