@@ -1,0 +1,22 @@
+import numpy as np
+import pytest
+
+from medfed.data.federation import Federation, Site
+
+
+def synthetic_federation(sizes=(60, 45, 30), d=5, seed=0, shift=0.5, name="synthetic") -> Federation:
+    """Small sites with a shared linear signal and a per-site feature shift."""
+    rng = np.random.default_rng(seed)
+    beta = rng.normal(size=d)
+    sites = []
+    for k, n in enumerate(sizes):
+        X = rng.normal(size=(n, d)) + shift * k
+        logits = (X - shift * k) @ beta
+        y = (logits + rng.logistic(size=n) > 0).astype(int)
+        sites.append(Site(f"site-{k}", X, y))
+    return Federation(name, tuple(sites), tuple(f"f{j}" for j in range(d)), description="test data")
+
+
+@pytest.fixture
+def federation() -> Federation:
+    return synthetic_federation()
