@@ -158,3 +158,13 @@ def test_console_script_runs_as_a_process(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (__import__("pathlib").Path(__file__).parents[1] / "examples").glob("*.toml")))
+def test_examples_run(tmp_path, example):
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "examples" / example
+    code, text = _run(["run", str(path), "--rounds", "3", "--repeats", "1", "--no-plots", "--out", str(tmp_path)])
+    assert code == 0, text
+    assert (tmp_path / "results.json").exists()

@@ -23,8 +23,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="medfed: federated learning for medical image analysis (Guan & Liu's survey, measured).",
 )
-console = Console()
-err_console = Console(stderr=True)
+# outside a terminal (CI logs, pipes) rich would wrap at 80 columns and split the table cells
+console = Console(width=None if sys.stdout.isatty() else 140)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 
 def _fail(message: str) -> None:
@@ -65,7 +66,7 @@ def render_table(doc: dict[str, Any]) -> None:
         title_justify="left",
     )
     for col in ("Test site", "Setting", "ACC", "SEN", "SPE", "AUC"):
-        table.add_column(col, justify="left" if col in ("Test site", "Setting") else "right")
+        table.add_column(col, justify="left" if col in ("Test site", "Setting") else "right", no_wrap=True)
     previous = None
     notes = []
     for row in table_rows(doc):

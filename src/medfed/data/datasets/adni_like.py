@@ -59,8 +59,8 @@ Subjects (drawn with ``seed``), for site ``s`` with ``n_AD`` and ``n_NC`` subjec
 7. Age ``t_i ~ N(75.5, 7.5²)`` for AD and ``N(74.5, 6.0²)`` for NC, clipped to [55, 92];
    sex ``male_i ~ Bernoulli(0.53)`` for AD and ``Bernoulli(0.48)`` for NC.
 8. Head size ``log h_i = 0.085 · (male_i − 0.5) + N(0, 0.07²)``, shared by every region
-   (so features are strongly correlated, mean |r| ≈ 0.43, as in real ROI data); lobe
-   factors ``u_ik ~ N(0, 1)``; regional variation ``e_ij ~ N(0, 0.09²)``.
+   (so features are strongly correlated, mean |r| ≈ 0.4 within a site, as in real ROI
+   data); lobe factors ``u_ik ~ N(0, 1)``; regional variation ``e_ij ~ N(0, 0.09²)``.
 9. Disease severity ``z_i``: AD ``z_i ~ Gamma(shape 4.5, mean μ_s)`` with ``μ_s`` = 1.00
    (ADNI-1), 0.96 (ADNI-2; a population difference); NC ``z_i = 0``, except a preclinical
    20 % with ``z_i ~ U(0, 0.5)``. Mild AD and preclinical NC look alike, so classes overlap.
@@ -223,7 +223,6 @@ _MEDIAL_TEMPORAL = ("Hippocampus", "Amygdala", "ParaHippocampal")
 _N_LOBES = 6
 
 
-
 class _SiteSpec(NamedTuple):
     name: str
     field: str
@@ -340,8 +339,8 @@ def _simulate_site(
     remaining = np.maximum(1.0 - severity[:, None] * pop["atrophy"], _MIN_REMAINING)
     v = np.exp(log_v) * remaining
 
-    x = pop["gain"][s] * v + pop["offset"][s] + spec.noise * pop["base"] * rng.standard_normal((n, d))
-    x = np.maximum(x, 0.05 * pop["base"])
+    noise = spec.noise * pop["base"] * rng.standard_normal((n, d))
+    x = np.maximum(pop["gain"][s] * v + pop["offset"][s] + noise, 0.05 * pop["base"])
     return x, y
 
 
