@@ -138,9 +138,15 @@ def test_failed_write_leaves_no_partial_files(tmp_path):
     def boom():
         raise RuntimeError("plot failed")
 
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text("previous run")
     with pytest.raises(RuntimeError):
-        write_atomically(tmp_path, {"results.json": lambda: b"{}", "table.md": lambda: b"x", "plot.png": boom})
-    assert list(tmp_path.iterdir()) == []
+        write_atomically(tmp_path / "old", {"results.json": lambda: b"{}", "table.md": lambda: b"x", "plot.png": boom})
+    assert [p.name for p in (tmp_path / "old").iterdir()] == ["results.json"]
+    assert (tmp_path / "old" / "results.json").read_text() == "previous run"
+    with pytest.raises(RuntimeError):
+        write_atomically(tmp_path / "new", {"results.json": lambda: b"{}", "plot.png": boom})
+    assert not (tmp_path / "new").exists()
 
 
 def test_embedded_datasets_run_from_the_command_line(tmp_path):

@@ -185,6 +185,8 @@ def run(
     scaling: Annotated[Optional[str], typer.Option(help="global, site or none")] = None,
     out: Annotated[Optional[Path], typer.Option(help="output folder")] = None,
     plots: Annotated[Optional[bool], typer.Option("--plots/--no-plots", help="write ROC and convergence PNGs")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="test-set AUC of the global model every N rounds, in the history")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="repeats in parallel processes (0 = one per core)")] = None,
 ) -> None:
     """Run the experiment harness from a config file and/or flags."""
 
@@ -222,7 +224,8 @@ def run(
         if method_opts:
             over["method_options"] = method_opts
         for key, value in [("methods", _split_list(methods)), ("repeats", repeats), ("seed", seed),
-                           ("scaling", scaling), ("out", str(out) if out else None), ("plots", plots)]:
+                           ("scaling", scaling), ("out", str(out) if out else None), ("plots", plots),
+                           ("eval_every", eval_every), ("workers", workers)]:
             if value is not None:
                 over[key] = value
         merged = merge(base, over)

@@ -241,7 +241,7 @@ def run_repeat(
                 History(
                     spec.display, repeat, run.train_loss, sum(r.bytes_up for r in run.history), rounds,
                     max(1, t.rounds * t.local_steps // rounds),
-                    [dict(round=r.round, **r.evaluation) for r in run.history if r.evaluation],
+                    [{"round": r.round, "test_auc": r.evaluation} for r in run.history if r.evaluation],
                 )
             )
             for j in range(n_sites):

@@ -69,6 +69,7 @@ def write_atomically(out_dir: Path, files: dict[str, Callable[[], bytes]]) -> li
     file is touched.
     """
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[Path, Path]] = []
     try:
@@ -84,6 +85,10 @@ def write_atomically(out_dir: Path, files: dict[str, Callable[[], bytes]]) -> li
     except BaseException:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
+        for leftover in out_dir.glob(f".*.tmp-{os.getpid()}"):
+            leftover.unlink(missing_ok=True)  # a file whose write failed half-way
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
         raise
     for tmp, final in staged:
         os.replace(tmp, final)
