@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -123,16 +122,3 @@ class Federation:
                 return s
         raise DataError(f"no site {name!r}; sites are {self.site_names}")
 
-
-def warn_single_class(site_name: str, y_train: np.ndarray) -> bool:
-    """Warn (once per call) when a site's training labels hold one class; return whether they do."""
-    classes = np.unique(y_train)
-    if classes.size < 2:
-        warnings.warn(
-            f"site {site_name!r}: training rows hold only class {int(classes[0])}; it still takes "
-            "part in federated training, but settings fitted on it alone are not computable",
-            SingleClassSiteWarning,
-            stacklevel=2,
-        )
-        return True
-    return False

@@ -9,15 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
-
 import numpy as np
 
 from medfed.errors import DataError
-
-Scaling = Literal["global", "site", "none"]
-SCALING_MODES = ("global", "site", "none")
-
 
 def impute(
     X_train: np.ndarray,

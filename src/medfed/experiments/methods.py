@@ -70,7 +70,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "fedsgd", "FedSGD", "federated",
             "sites send gradients at the global model; server averages and steps "
-            "(local_steps such exchanges per round)",
+            "(local_steps such exchanges per round; server_lr 0 = the training lr)",
             "McMahan et al., 2017", defaults={"server_lr": 0.0}, build=_fedsgd,
             rounds=lambda t: t.rounds * t.local_steps, uploads="gradient",
         ),
