@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,8 @@ def main() -> None:
         "ratio_to_python_plus_numpy": statistics.median(ours) / statistics.median(base),
         "ratio_to_2s_budget": statistics.median(ours) / 2.0,
     }
+    # ru_maxrss of children is the largest peak of any child so far, in KiB on Linux
+    result["reproduce_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     with open(f"{out}/results.json") as fh:
         result["in_process_runtime_s"] = json.load(fh)["runtime_s"]
     print(json.dumps(result, indent=2))

@@ -176,3 +176,40 @@ def test_method_names_display_names_and_options():
         resolve_methods(["fedprox"], {"fedprox": {"nu": 1.0}})
     for spec in METHODS.values():
         assert spec.reference and spec.summary
+
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    k=st.integers(1, 6),
+    d=st.integers(1, 5),
+    data=st.data(),
+)
+def test_weighted_mean_properties_hypothesis(k, d, data):
+    values = data.draw(arrays(np.float64, (k, d), elements=st.floats(-1e6, 1e6)))
+    counts = data.draw(st.lists(st.integers(1, 10_000), min_size=k, max_size=k))
+    uploads = [Upload(f"s{i}", {"w": values[i]}, counts[i], "delta") for i in range(k)]
+    agg = weighted_mean()
+    mean, _, _ = agg.apply(stack_uploads(uploads), None, None, 0)
+    perm = data.draw(st.permutations(range(k)))
+    shuffled, _, _ = agg.apply(stack_uploads([uploads[i] for i in perm]), None, None, 0)
+    scale = 1e-9 * (1 + np.abs(values).max())
+    np.testing.assert_allclose(mean["w"], shuffled["w"], atol=scale)
+    # a convex combination: inside the coordinate-wise range of the uploads
+    assert np.all(mean["w"] >= values.min(axis=0) - scale)
+    assert np.all(mean["w"] <= values.max(axis=0) + scale)
+
+
+def test_listing_commands():
+    from typer.testing import CliRunner
+
+    from medfed.cli.app import app
+
+    r = CliRunner().invoke(app, ["methods"])
+    assert r.exit_code == 0 and "FedProx" in r.output and "McMahan" in r.output
+    r = CliRunner().invoke(app, ["datasets"])
+    assert r.exit_code == 0 and "adni-like" in r.output and "heart-disease" in r.output
