@@ -57,11 +57,13 @@ def test_run_from_table_flags(tmp_path):
     out = tmp_path / "o"
     code, text = _run(["run", "--data", str(data), "--site-column", "hospital", "--label-column", "dx",
                        "--positive-label", "AD", "--methods", "single,fedavg,fedprox", "--mu", "0.5",
+                       "--fraction-fit", "0.5", "--min-sites", "1",
                        *FAST, "--out", str(out)])
     assert code == 0, text
     doc = json.loads((out / "results.json").read_text())
     assert [s["name"] for s in doc["sites"]] == ["H0", "H1"]
     assert doc["config"]["method_options"] == {"fedprox": {"mu": 0.5}}
+    assert doc["config"]["training"]["fraction_fit"] == 0.5
     assert doc["positive_label"] == "AD"
 
 

@@ -179,6 +179,8 @@ def run(
     l2: Annotated[Optional[float], typer.Option(help="L2 penalty (l2/2)||w||^2")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="mini-batch size [default: full batch]")] = None,
     mu: Annotated[Optional[float], typer.Option(help="FedProx proximal coefficient")] = None,
+    fraction_fit: Annotated[Optional[float], typer.Option(help="fraction of sites selected per round")] = None,
+    min_sites: Annotated[Optional[int], typer.Option(help="minimum number of sites per round")] = None,
     method_option: Annotated[Optional[list[str]], typer.Option(help="METHOD.KEY=VALUE, e.g. fedprox.mu=0.01")] = None,
     repeats: Annotated[Optional[int], typer.Option(help="repeated splits")] = None,
     seed: Annotated[Optional[int], typer.Option(help="seed of splits and training")] = None,
@@ -210,7 +212,8 @@ def run(
         if data_over:
             over["data"] = data_over
         training = {k: v for k, v in [("rounds", rounds), ("local_steps", local_steps), ("lr", lr),
-                                       ("l2", l2), ("batch_size", batch_size)] if v is not None}
+                                       ("l2", l2), ("batch_size", batch_size), ("fraction_fit", fraction_fit),
+                                       ("min_sites", min_sites)] if v is not None}
         if training:
             over["training"] = training
         method_opts: dict[str, dict[str, Any]] = {}
