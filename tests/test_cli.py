@@ -68,7 +68,7 @@ def test_run_from_table_flags(tmp_path):
 
 
 def test_config_file_and_flags_override_it(tmp_path):
-    data = _table(tmp_path / "t.csv")
+    _table(tmp_path / "t.csv")  # the config names it by a relative path
     cfg = tmp_path / "exp.toml"
     cfg.write_text(
         'methods = ["fedavg", "fedsgd"]\nrepeats = 3\nseed = 4\nout = "from-config"\n'

@@ -1,7 +1,6 @@
 """The §6 harness: settings, splits, scaling, single-class sites, determinism."""
 
 import json
-import warnings
 
 import numpy as np
 import pytest

@@ -1,21 +1,20 @@
 """Defining properties of the survey's federated methods (shared/METHODS.md, §2.3 and §6)."""
 
-import functools
 
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression as SkLogisticRegression
 
-from medfed.client import LocalData, LocalTraining, fedprox_update, local_sgd_update, sgd_steps
+from medfed.client import LocalData, LocalTraining, fedprox_update, sgd_steps
 from medfed.client.upload import Upload
 from medfed.comm import UploadBoundary
-from medfed.engine import FederatedAlgorithm, run_federated, select_sites
+from medfed.engine import run_federated, select_sites
 from medfed.errors import ConfigError
 from medfed.experiments.config import TrainingSpec
 from medfed.experiments.methods import METHODS, resolve_methods
 from medfed.models import LogisticRegression
 from medfed.rng import KeyedRng
-from medfed.server import apply_delta, chain, stack_uploads, weighted_mean
+from medfed.server import stack_uploads, weighted_mean
 
 MODEL = LogisticRegression()
 

@@ -1,0 +1,36 @@
+"""DESIGN.md's rule, checked: imports between medfed's layers point down only."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).parents[1] / "src" / "medfed"
+# bottom to top; errors and rng are shared vocabulary below every layer
+LAYERS = ["errors", "rng", "data", "models", "client", "comm", "server", "engine", "experiments", "cli"]
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "medfed" and parts[1] in LAYERS else None
+
+
+def _imports(path: Path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name
+
+
+@pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda p: str(p.relative_to(SRC)))
+def test_imports_point_down(path):
+    own = _layer("medfed." + ".".join(path.relative_to(SRC).with_suffix("").parts))
+    if own is None:
+        return
+    for module in _imports(path):
+        other = _layer(module)
+        if other is not None:
+            assert LAYERS.index(other) <= LAYERS.index(own), f"{path.name} ({own}) imports {module} ({other})"
