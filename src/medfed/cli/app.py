@@ -256,10 +256,10 @@ def list_methods() -> None:
     """List every setting and method with its display name, summary and reference."""
     from medfed.experiments.methods import METHODS
 
-    table = Table("name", "display", "kind", "what it does", "reference", "options")
+    table = Table("name", "display", "kind", "uploads", "what it does", "reference", "options")
     for m in METHODS.values():
         opts = ", ".join(f"{k}={v:g}" for k, v in m.defaults.items())
-        table.add_row(m.name, m.display, m.kind, m.summary, m.reference, opts)
+        table.add_row(m.name, m.display, m.kind, m.uploads or "-", m.summary, m.reference, opts)
     console.print(table)
 
 

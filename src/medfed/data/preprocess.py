@@ -15,15 +15,15 @@ from medfed.errors import DataError
 
 def impute(
     X_train: np.ndarray,
-    X_other: Sequence[np.ndarray],
+    X_test: np.ndarray,
     strategy: str | None,
     *,
     site: str,
     feature_names: Sequence[str],
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Fill NaN in a site's training rows and other rows with the training rows' mean or median."""
-    if strategy is None or not (np.isnan(X_train).any() or any(np.isnan(X).any() for X in X_other)):
-        return X_train, list(X_other)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fill NaN in a site's training and test rows with the training rows' mean or median."""
+    if strategy is None or not (np.isnan(X_train).any() or np.isnan(X_test).any()):
+        return X_train, X_test
     observed = ~np.isnan(X_train)
     empty = np.flatnonzero(~observed.any(axis=0))
     if empty.size:
@@ -37,7 +37,7 @@ def impute(
     def fill(X: np.ndarray) -> np.ndarray:
         return np.where(np.isnan(X), stat, X)
 
-    return fill(X_train), [fill(X) for X in X_other]
+    return fill(X_train), fill(X_test)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ import numpy as np
 from medfed.client.local import LocalData, LocalTraining
 from medfed.comm.boundary import UploadBoundary
 from medfed.engine.selection import select_sites
-from medfed.rng import KeyedRng
+from medfed.rng import KeyedRng, name_key
 from medfed.server.aggregate import Aggregator, stack_uploads
 
 LocalUpdate = Callable[..., tuple[Any, Any]]
@@ -70,8 +70,8 @@ def run_federated(
     """Run ``rounds`` communication rounds and return the final global model and history.
 
     Randomness is keyed: selection by ``rng.child(round)``, a site's local work by
-    ``rng.child(round, site_index)``, so the numbers do not depend on the order in which
-    sites are visited. ``evaluate`` (global params -> metrics) runs every ``eval_every``
+    ``rng.child(round, name_key(site name))``, so a site draws the same numbers wherever it
+    stands in the list and whichever order the sites are visited in. ``evaluate`` (global params -> metrics) runs every ``eval_every``
     rounds and after the last one.
     """
     boundary = boundary or UploadBoundary()
@@ -80,6 +80,7 @@ def run_federated(
     client_states: dict[str, Any] = {s.name: None for s in sites}
     history: list[RoundRecord] = []
     update, aggregate = algorithm.local_update, algorithm.aggregator.apply
+    site_keys = [name_key(s.name) for s in sites]
     everyone = select_sites(len(sites), fraction, min_sites, rng) if fraction >= 1.0 else None
     for r in range(rounds):
         chosen = everyone if everyone is not None else select_sites(len(sites), fraction, min_sites, rng.child(r, 0))
@@ -88,7 +89,7 @@ def run_federated(
         for i in chosen.tolist():
             site = sites[i]
             upload, client_states[site.name] = update(
-                params, site, training, client_states[site.name], rng.child(r, 1, i)
+                params, site, training, client_states[site.name], rng.child(r, 1, site_keys[i])
             )
             uploads.append(boundary.transmit(upload))
         stack = stack_uploads(uploads)

@@ -118,8 +118,8 @@ def prepare_repeat(fed: Federation, config: ExperimentConfig, repeat: int) -> li
             train = site.split
         else:
             train = stratified_split(site.y, config.test_fraction, root.child(i).generator)
-        X_train, (X_test,) = impute(
-            site.X[train], [site.X[~train]], fed.impute, site=site.name, feature_names=fed.feature_names
+        X_train, X_test = impute(
+            site.X[train], site.X[~train], fed.impute, site=site.name, feature_names=fed.feature_names
         )
         if config.scaling == "site":
             scale = Standardizer.from_moments([Moments.of(X_train)])
@@ -302,10 +302,12 @@ def run_experiment(
 
     cells: dict[tuple, Cell] = {}
     notes: list[str] = []
+    noted_sites: set[str] = set()
     setting_time = {spec.display: 0.0 for spec, _ in methods}
     for repeat, outcome in enumerate(outcomes):
         for name in outcome.single_class_sites:
-            if not any(f"site {name!r}" in n for n in notes):
+            if name not in noted_sites:
+                noted_sites.add(name)
                 note = (
                     f"site {name!r}: training rows hold one class only (first in repeat {repeat + 1}); "
                     "it takes part in federated training, but models fitted on it alone are not computable"

@@ -30,7 +30,7 @@ class MethodSpec:
     defaults: Mapping[str, float] = field(default_factory=dict)
     build: Callable[[Mapping[str, float], TrainingSpec], FederatedAlgorithm] | None = None
     rounds: Callable[[TrainingSpec], int] = lambda t: t.rounds
-    uploads: str = ""
+    uploads: str = ""  # what a site sends: "delta", "gradient" or "params"; "" for centralized settings
 
 
 def _fedavg(opts, training):

@@ -86,7 +86,8 @@ def results_document(run: ExperimentRun) -> dict[str, Any]:
         ],
         "features": list(fed.feature_names),
         "methods": [
-            {"name": spec.name, "display": spec.display, "kind": spec.kind, "reference": spec.reference, "options": opts}
+            {"name": spec.name, "display": spec.display, "kind": spec.kind, "uploads": spec.uploads or None,
+             "reference": spec.reference, "options": opts}
             for spec, opts in run.methods
         ],
         "config": config.model_dump(mode="json"),
