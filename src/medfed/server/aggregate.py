@@ -11,7 +11,7 @@ parameters. Every aggregator is therefore ``init(global_params) -> state`` and
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -23,7 +23,9 @@ from medfed.client.upload import Upload
 class StackedUploads:
     """One round's uploads with a leading site axis: ``payload[name]`` has shape ``(K, ...)``.
 
-    ``weights`` are the sites' example counts (K,), ``metrics[name]`` a (K,) array.
+    ``weights`` are the sites' example counts (K,), ``metrics[name]`` a (K,) array and
+    ``extras[name]`` the sites' extras stacked the same way (a mapping of arrays, such as a
+    control variate in the parameter view, becomes a mapping of stacked arrays).
     """
 
     sites: tuple[str, ...]
@@ -31,6 +33,7 @@ class StackedUploads:
     weights: np.ndarray
     kind: str
     metrics: dict[str, np.ndarray]
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def stack_uploads(uploads: Sequence[Upload]) -> StackedUploads:
@@ -50,7 +53,13 @@ def stack_uploads(uploads: Sequence[Upload]) -> StackedUploads:
         for k in first.metrics
     }
     weights = np.array([u.n_examples for u in uploads], dtype=np.float64)
-    return StackedUploads(tuple(u.site for u in uploads), payload, weights, first.kind, metrics)
+    extras: dict[str, Any] = {}
+    for key, value in first.extras.items():
+        if isinstance(value, Mapping):
+            extras[key] = {k: np.array([u.extras[key][k] for u in uploads]) for k in value}
+        else:
+            extras[key] = np.array([u.extras[key] for u in uploads])
+    return StackedUploads(tuple(u.site for u in uploads), payload, weights, first.kind, metrics, extras)
 
 
 class Aggregator(NamedTuple):
