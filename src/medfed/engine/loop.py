@@ -16,17 +16,33 @@ from medfed.comm.boundary import UploadBoundary
 from medfed.engine.selection import select_sites
 from medfed.rng import KeyedRng, name_key
 from medfed.server.aggregate import Aggregator, stack_uploads
+from medfed.server.validate import screen_uploads
 
 LocalUpdate = Callable[..., tuple[Any, Any]]
 
 
+Personalize = Callable[..., dict[str, np.ndarray]]
+
+
 @dataclass(frozen=True)
 class FederatedAlgorithm:
-    """A federated method as the engine sees it: a client rule and a server aggregator."""
+    """A federated method as the engine sees it: a client rule and a server aggregator.
+
+    Optional pieces, for methods that need them:
+
+    - ``broadcast(server_state) -> dict``: extra keyword arguments sent down with the global
+      model each round (SCAFFOLD's server control variate). They reach the local rule as
+      keyword arguments.
+    - ``personalize(global_params, data, training, client_state, rng) -> params``: a site's
+      personal model after the last round (fine-tuning, Ditto, APFL). Its metrics are reported
+      next to the global model's.
+    """
 
     name: str
     local_update: LocalUpdate
     aggregator: Aggregator
+    broadcast: Callable[[Any], dict[str, Any]] | None = None
+    personalize: Personalize | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +55,8 @@ class RoundRecord:
     bytes_up: int
     report: dict | None = None
     evaluation: dict | None = None
+    rejected: dict[str, str] = field(default_factory=dict)  # site -> why the server refused its upload
+    skipped: str | None = None  # why the global model was left unchanged this round
 
 
 @dataclass
@@ -47,6 +65,7 @@ class FederatedRun:
     history: list[RoundRecord]
     client_states: dict[str, Any] = field(default_factory=dict)
     server_state: Any = None
+    personal: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     @property
     def train_loss(self) -> np.ndarray:
@@ -66,6 +85,7 @@ def run_federated(
     boundary: UploadBoundary | None = None,
     evaluate: Callable[[Mapping[str, np.ndarray]], dict] | None = None,
     eval_every: int = 0,
+    max_update_norm: float | None = None,
 ) -> FederatedRun:
     """Run ``rounds`` communication rounds and return the final global model and history.
 
@@ -73,6 +93,11 @@ def run_federated(
     ``rng.child(round, name_key(site name))``, so a site draws the same numbers wherever it
     stands in the list and whichever order the sites are visited in. ``evaluate`` (global params -> metrics) runs every ``eval_every``
     rounds and after the last one.
+
+    Every upload is screened (:func:`~medfed.server.validate.screen_uploads`): a malformed
+    one, or one whose norm exceeds ``max_update_norm``, is left out of the round and named in
+    the round's ``rejected``. If fewer than ``min_sites`` uploads remain, the global model
+    stays as it was and the round records why.
     """
     boundary = boundary or UploadBoundary()
     params = {k: np.array(v, dtype=np.float64, copy=True) for k, v in init_params.items()}
@@ -86,20 +111,35 @@ def run_federated(
         chosen = everyone if everyone is not None else select_sites(len(sites), fraction, min_sites, rng.child(r, 0))
         bytes_before = boundary.bytes_sent
         uploads = []
+        message = algorithm.broadcast(server_state) if algorithm.broadcast else {}
         for i in chosen.tolist():
             site = sites[i]
             upload, client_states[site.name] = update(
-                params, site, training, client_states[site.name], rng.child(r, 1, site_keys[i])
+                params, site, training, client_states[site.name], rng.child(r, 1, site_keys[i]), **message
             )
             uploads.append(boundary.transmit(upload))
-        stack = stack_uploads(uploads)
-        params, server_state, report = aggregate(stack, server_state, params, r)
-        w = stack.weights
-        loss = float(stack.metrics["loss"] @ w / w.sum()) if "loss" in stack.metrics else float("nan")
+        accepted, rejected = screen_uploads(uploads, params, max_norm=max_update_norm)
+        report = skipped = None
+        if len(accepted) < max(1, min(min_sites, len(uploads))):
+            skipped = f"{len(accepted)} valid upload(s), fewer than the {min_sites} required"
+            loss = float("nan")
+            names = tuple(u.site for u in accepted)
+        else:
+            stack = stack_uploads(accepted)
+            params, server_state, report = aggregate(stack, server_state, params, r)
+            w = stack.weights
+            loss = float(stack.metrics["loss"] @ w / w.sum()) if "loss" in stack.metrics else float("nan")
+            names = stack.sites
         evaluation = None
         if evaluate is not None and eval_every and ((r + 1) % eval_every == 0 or r == rounds - 1):
             evaluation = evaluate(params)
         history.append(
-            RoundRecord(r, stack.sites, loss, boundary.bytes_sent - bytes_before, report, evaluation)
+            RoundRecord(r, names, loss, boundary.bytes_sent - bytes_before, report, evaluation, rejected, skipped)
         )
-    return FederatedRun(params, history, client_states, server_state)
+    personal = {}
+    if algorithm.personalize is not None:
+        for i, site in enumerate(sites):
+            personal[site.name] = algorithm.personalize(
+                params, site, training, client_states[site.name], rng.child(rounds, 2, site_keys[i])
+            )
+    return FederatedRun(params, history, client_states, server_state, personal)

@@ -1,0 +1,82 @@
+"""Upload validation: the server checks every upload before it reaches an aggregator.
+
+A malformed or malicious upload (wrong parameter names, shapes or dtypes, NaN/Inf, an
+update larger than a stated bound) must not crash the round or poison the average. The
+engine screens each round's uploads with :func:`screen_uploads`; rejected sites are named
+in the round report with the reason, and the round goes on with the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from medfed.client.upload import Upload
+
+
+def upload_problem(
+    upload: Upload,
+    global_params: Mapping[str, np.ndarray],
+    *,
+    kind: str | None = None,
+    max_norm: float | None = None,
+) -> str | None:
+    """Why the server must reject ``upload``, or ``None`` if it is well-formed.
+
+    Checks, in order: the kind expected this round, the parameter names, each array's shape
+    and dtype (real floating point), finiteness, and the L2 norm of the whole update (for
+    deltas and gradients) against ``max_norm``.
+    """
+    if kind is not None and upload.kind != kind:
+        return f"sent a {upload.kind!r} upload where {kind!r} was expected"
+    if not isinstance(upload.n_examples, (int, np.integer)) or upload.n_examples < 1:
+        return f"claims {upload.n_examples!r} examples; must be a positive integer"
+    sent, expected = set(upload.payload), set(global_params)
+    if sent != expected:
+        parts = []
+        if expected - sent:
+            parts.append(f"missing {sorted(expected - sent)}")
+        if sent - expected:
+            parts.append(f"unexpected {sorted(sent - expected)}")
+        return "parameter names do not match the model: " + ", ".join(parts)
+    squared = 0.0
+    for name, ref in global_params.items():
+        value = upload.payload[name]
+        if not isinstance(value, np.ndarray):
+            return f"{name!r} is a {type(value).__name__}, not an array"
+        if value.shape != np.shape(ref):
+            return f"{name!r} has shape {value.shape}, the model's is {np.shape(ref)}"
+        if value.dtype.kind != "f":
+            return f"{name!r} has dtype {value.dtype}; a real floating-point array is required"
+        if not np.isfinite(value).all():
+            return f"{name!r} contains NaN or Inf"
+        squared += float(np.vdot(value, value))
+    if max_norm is not None and upload.kind != "params":
+        norm = squared**0.5
+        if norm > max_norm:
+            return f"update norm {norm:.4g} exceeds the bound {max_norm:g}"
+    return None
+
+
+def screen_uploads(
+    uploads: Sequence[Upload],
+    global_params: Mapping[str, np.ndarray],
+    *,
+    max_norm: float | None = None,
+) -> tuple[list[Upload], dict[str, str]]:
+    """Split a round's uploads into the accepted ones and ``{site: reason}`` for the rejected.
+
+    The round's expected kind is the one most uploads share (ties: the first site's), so a
+    single site sending the wrong kind is the one rejected.
+    """
+    kinds = [u.kind for u in uploads]
+    expected = max(dict.fromkeys(kinds), key=kinds.count) if kinds else None
+    accepted, rejected = [], {}
+    for u in uploads:
+        problem = upload_problem(u, global_params, kind=expected, max_norm=max_norm)
+        if problem is None:
+            accepted.append(u)
+        else:
+            rejected[u.site] = problem
+    return accepted, rejected
