@@ -12,11 +12,13 @@ from medfed.engine import run_federated, select_sites
 from medfed.errors import ConfigError
 from medfed.experiments.config import TrainingSpec
 from medfed.experiments.methods import METHODS, resolve_methods
+from medfed.experiments.spec import BuildContext
 from medfed.models import LogisticRegression
 from medfed.rng import KeyedRng
 from medfed.server import stack_uploads, weighted_mean
 
 MODEL = LogisticRegression()
+CONTEXT = BuildContext(("a", "b"))
 
 
 def _sites(sizes=(50, 35, 20), d=4, seed=0):
@@ -30,11 +32,11 @@ def _sites(sizes=(50, 35, 20), d=4, seed=0):
 
 
 def _fedavg():
-    return METHODS["fedavg"].build({}, TrainingSpec())
+    return METHODS["fedavg"].build({}, TrainingSpec(), CONTEXT)
 
 
 def _fedprox(mu):
-    return METHODS["fedprox"].build({"mu": mu}, TrainingSpec())
+    return METHODS["fedprox"].build({"mu": mu}, TrainingSpec(), CONTEXT)
 
 
 def test_fedavg_with_one_site_equals_local_training():
@@ -51,7 +53,7 @@ def test_full_batch_fedsgd_equals_centralized_gradient_descent_on_the_union():
     t = TrainingSpec(rounds=6, local_steps=10, lr=0.3, l2=0.02)
     spec = METHODS["fedsgd"]
     training = LocalTraining(MODEL, t.lr, t.local_steps, None, t.l2)
-    run = run_federated(spec.build({"server_lr": 0.0}, t), MODEL.init(4), sites, training, spec.rounds(t), KeyedRng(0))
+    run = run_federated(spec.build({"server_lr": 0.0}, t, CONTEXT), MODEL.init(4), sites, training, spec.rounds(t), KeyedRng(0))
     assert len(run.history) == 60  # local_steps gradient exchanges per round
     union = LocalData("union", np.vstack([s.X for s in sites]), np.concatenate([s.y for s in sites]))
     central, _ = sgd_steps(MODEL.init(4), union, LocalTraining(MODEL, t.lr, 60, None, t.l2), KeyedRng(0))

@@ -59,7 +59,7 @@ class TrainingSpec(_Strict):
 class ExperimentConfig(_Strict):
     data: DataSpec
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS), min_length=1)
-    method_options: dict[str, dict[str, float]] = Field(default_factory=dict)
+    method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     repeats: int = Field(5, ge=1)
     seed: int = Field(0, ge=0)

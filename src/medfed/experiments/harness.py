@@ -23,7 +23,8 @@ from medfed.data.federation import Federation, SingleClassSiteWarning
 from medfed.data.preprocess import Moments, Standardizer, impute
 from medfed.engine.loop import run_federated
 from medfed.experiments.config import DataSpec, ExperimentConfig
-from medfed.experiments.methods import MethodSpec, resolve_methods
+from medfed.experiments.methods import resolve_methods
+from medfed.experiments.spec import MethodSpec, context_for
 from medfed.experiments.metrics import METRICS, Metric, binary_metrics
 from medfed.experiments.splits import stratified_split
 from medfed.models.logistic import LogisticRegression
@@ -226,7 +227,7 @@ def run_repeat(
                     }
             rounds = spec.rounds(t)
             run = run_federated(
-                spec.build(opts, t),
+                spec.build(opts, t, context_for(site_names, config.seed)),
                 model.init(train[0].X.shape[1]),
                 train,
                 local,

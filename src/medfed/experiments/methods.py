@@ -9,40 +9,26 @@ federated methods are a client rule and a server aggregator handed to the engine
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any
 
 from medfed.client.local import fedprox_update, fedsgd_gradient, local_sgd_update
 from medfed.engine.loop import FederatedAlgorithm
 from medfed.errors import ConfigError
-from medfed.experiments.config import TrainingSpec
+from medfed.experiments.spec import BuildContext, MethodSpec, OptionValue, context_for
 from medfed.server.aggregate import apply_delta, chain, gradient_step, weighted_mean
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    display: str
-    kind: Literal["centralized", "federated"]
-    summary: str
-    reference: str
-    defaults: Mapping[str, float] = field(default_factory=dict)
-    build: Callable[[Mapping[str, float], TrainingSpec], FederatedAlgorithm] | None = None
-    rounds: Callable[[TrainingSpec], int] = lambda t: t.rounds
-    uploads: str = ""  # what a site sends: "delta", "gradient" or "params"; "" for centralized settings
-
-
-def _fedavg(opts, training):
+def _fedavg(opts, training, context):
     return FederatedAlgorithm("fedavg", local_sgd_update, chain(weighted_mean(), apply_delta()))
 
 
-def _fedprox(opts, training):
+def _fedprox(opts, training, context):
     rule = functools.partial(fedprox_update, mu=opts["mu"])
     return FederatedAlgorithm("fedprox", rule, chain(weighted_mean(), apply_delta()))
 
 
-def _fedsgd(opts, training):
+def _fedsgd(opts, training, context):
     lr = opts.get("server_lr") or training.lr
     return FederatedAlgorithm("fedsgd", fedsgd_gradient, chain(weighted_mean(), gradient_step(lr)))
 
@@ -83,7 +69,36 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
-def resolve_methods(names: list[str], options: Mapping[str, Mapping[str, float]]) -> list[tuple[MethodSpec, dict]]:
+def coerce_option(method: str, key: str, value: Any, default: OptionValue) -> OptionValue:
+    """Cast a configured option to its default's type, or say what the option takes."""
+    where = f"method {method!r} option {key!r}"
+    if isinstance(default, dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} takes a table of site name = number, got {value!r}")
+        out = {}
+        for site, number in value.items():
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                raise ConfigError(f"{where}: site {site!r} has {number!r}; a number is required")
+            out[str(site)] = float(number)
+        return out
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} takes true or false, got {value!r}")
+        return value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} takes a string, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where} takes a number, got {value!r}")
+    if isinstance(default, int):
+        if float(value) != int(value):
+            raise ConfigError(f"{where} takes a whole number, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def resolve_methods(names: list[str], options: Mapping[str, Mapping[str, Any]]) -> list[tuple[MethodSpec, dict]]:
     """Look up names and merge options over defaults, rejecting unknown names and options."""
     out = []
     seen = set()
@@ -100,7 +115,7 @@ def resolve_methods(names: list[str], options: Mapping[str, Mapping[str, float]]
             if key not in spec.defaults:
                 allowed = ", ".join(spec.defaults) or "none"
                 raise ConfigError(f"method {name!r} has no option {key!r}; its options: {allowed}")
-            opts[key] = float(value)
+            opts[key] = coerce_option(name, key, value, spec.defaults[key])
         out.append((spec, opts))
     for name in options:
         if name not in METHODS:

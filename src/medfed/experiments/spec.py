@@ -1,0 +1,52 @@
+"""What the experiment layer knows about a method: names, reference, options, how to build it.
+
+Kept apart from the registry (:mod:`medfed.experiments.methods`) so that each family of
+methods can declare its specs in its own module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from medfed.engine.loop import FederatedAlgorithm
+from medfed.experiments.config import TrainingSpec
+
+OptionValue = float | int | bool | str | dict[str, float]
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a method may know when it is built: the training sites' names, in order."""
+
+    site_names: tuple[str, ...]
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A setting of the experiment, by name.
+
+    ``defaults`` fixes each option's type: a float, int, bool or str, or a dict (site name ->
+    number) for per-site profiles. ``build(opts, training, context)`` returns the engine's
+    :class:`FederatedAlgorithm`. ``personal`` says the method also produces a personal model
+    per site, reported next to the global one.
+    """
+
+    name: str
+    display: str
+    kind: Literal["centralized", "federated"]
+    summary: str
+    reference: str
+    defaults: Mapping[str, OptionValue] = field(default_factory=dict)
+    build: Callable[[Mapping[str, Any], TrainingSpec, BuildContext], FederatedAlgorithm] | None = None
+    rounds: Callable[[TrainingSpec], int] = lambda t: t.rounds
+    uploads: str = ""  # what a site sends: "delta", "gradient" or "params"; "" for centralized settings
+    personal: bool = False
+    family: str = "survey §6"  # where the method sits in the survey: §6 experiment, §3.2 client end, §3.3 server end
+    flags: Sequence[str] = ()  # option names that are also command-line flags
+
+
+def context_for(site_names: Sequence[str], seed: int = 0) -> BuildContext:
+    return BuildContext(tuple(site_names), seed)
