@@ -48,7 +48,7 @@ def test_reproduce_writes_json_csv_markdown_and_plots(tmp_path):
     md = (out / "table.md").read_text()
     assert "| ADNI-2 | Cross (ADNI-1 tr) |" in md
     csv = (out / "results.csv").read_text().splitlines()
-    assert csv[0].startswith("setting,train_site,test_site") and len(csv) == 1 + len(doc["results"])
+    assert csv[0].startswith("setting,evaluation,model,train_site,test_site") and len(csv) == 1 + len(doc["results"])
     assert not list(out.glob(".*tmp*"))
 
 

@@ -54,6 +54,9 @@ class TrainingSpec(_Strict):
     l2: float = Field(1e-2, ge=0)
     fraction_fit: float = Field(1.0, gt=0, le=1)
     min_sites: int = Field(1, ge=1)
+    max_update_norm: float | None = Field(
+        None, gt=0, description="the server rejects an upload whose update has a larger L2 norm"
+    )
 
 
 class ExperimentConfig(_Strict):
@@ -66,6 +69,7 @@ class ExperimentConfig(_Strict):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     scaling: Literal["global", "site", "none"] = "global"
     eval_every: int = Field(0, ge=0)
+    loso: bool = Field(False, description="also evaluate each site as unseen: train without it, test on it")
     out: Path | None = None
     plots: bool = False
     workers: int = Field(1, ge=0, description="repeats run in parallel processes; 1 = serial, 0 = one per core")

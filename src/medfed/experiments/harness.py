@@ -57,6 +57,8 @@ class Cell:
     method: str
     train_site: str | None
     test_site: str
+    evaluation: str = "split"  # "split": a site seen in training; "loso": the site was left out
+    model: str = "global"  # "personal": each site's personalized model
     metrics: dict[str, list[Metric]] = field(default_factory=lambda: {m: [] for m in METRICS})
     skipped: list[str | None] = field(default_factory=list)  # per repeat: reason or None
     scores: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
@@ -71,6 +73,16 @@ class History:
     rounds: int
     steps_per_round: int  # gradient steps a site takes per communication round
     evaluation: list[dict] = field(default_factory=list)
+    rounds_notes: list[dict] = field(default_factory=list)  # rounds with rejected uploads or skipped
+
+
+def round_notes(history) -> list[dict]:
+    """The rounds worth telling a reader about: uploads the server refused, rounds skipped."""
+    return [
+        {"round": r.round, "rejected": dict(r.rejected), "skipped": r.skipped}
+        for r in history
+        if r.rejected or r.skipped
+    ]
 
 
 @dataclass
@@ -184,10 +196,55 @@ def run_repeat(
     out = RepeatOutcome([], [], [s.name for s in sites if s.single_class], {})
     single_models: dict[int, dict] = {}
 
-    def evaluate_on(spec: MethodSpec, train_site: str | None, j: int, params, tests) -> None:
+    def evaluate_on(
+        spec: MethodSpec, train_site: str | None, j: int, params, tests, evaluation: str = "split",
+        model_kind: str = "global",
+    ) -> None:
         scores = model.predict_proba(params, tests[j])
-        key = (spec.display, spec.name, train_site, site_names[j])
+        key = (spec.display, spec.name, train_site, site_names[j], evaluation, model_kind)
         out.evaluations.append((key, binary_metrics(sites[j].y_test, scores), (sites[j].y_test, scores)))
+
+    def train_one_federated(spec: MethodSpec, opts: dict, held_out: int | None) -> None:
+        """Train ``spec`` on every site (``held_out`` None) or on all but one, and evaluate."""
+        group = tuple(i for i in everyone if i != held_out)
+        train, tests = scaled(group)
+        evaluate = None
+        if config.eval_every and held_out is None:
+            def evaluate(p, tests=tests):
+                return {
+                    s.name: binary_metrics(s.y_test, model.predict_proba(p, tests[j]))["auc"].value
+                    for j, s in enumerate(sites)
+                }
+        rounds = spec.rounds(t)
+        key = (TRAIN_STREAM, repeat, name_key(spec.name)) + (() if held_out is None else (name_key("loso"), held_out))
+        run = run_federated(
+            spec.build(opts, t, context_for([site_names[i] for i in group], config.seed)),
+            model.init(train[0].X.shape[1]),
+            train,
+            local,
+            rounds,
+            KeyedRng(config.seed, key),
+            fraction=t.fraction_fit,
+            min_sites=t.min_sites,
+            evaluate=evaluate,
+            eval_every=config.eval_every,
+            max_update_norm=t.max_update_norm,
+        )
+        if held_out is not None:
+            evaluate_on(spec, None, held_out, run.params, tests, "loso")
+            return
+        out.histories.append(
+            History(
+                spec.display, repeat, run.train_loss, sum(r.bytes_up for r in run.history), rounds,
+                max(1, t.rounds * t.local_steps // rounds),
+                [{"round": r.round, "test_auc": r.evaluation} for r in run.history if r.evaluation],
+                round_notes(run.history),
+            )
+        )
+        for j in range(n_sites):
+            evaluate_on(spec, None, j, run.params, tests)
+            if site_names[j] in run.personal:
+                evaluate_on(spec, None, j, run.personal[site_names[j]], tests, model_kind="personal")
 
     def single_model(i: int) -> dict:
         if i not in single_models:
@@ -205,48 +262,22 @@ def run_repeat(
                 targets = [i] if spec.name == "single" else [j for j in range(n_sites) if j != i]
                 for j in targets:
                     if s.single_class:
-                        key = (spec.display, spec.name, s.name, site_names[j])
+                        key = (spec.display, spec.name, s.name, site_names[j], "split", "global")
                         out.evaluations.append((key, f"training rows of site {s.name!r} hold one class only", None))
                     else:
                         evaluate_on(spec, s.name, j, single_model(i), scaled((i,))[1])
         elif spec.name == "mix":
-            train, tests = scaled(everyone)
-            pooled = LocalData("pooled", np.concatenate([d.X for d in train]), np.concatenate([d.y for d in train]))
-            rng = KeyedRng(config.seed, (TRAIN_STREAM, repeat, name_key("mix")))
-            params, _ = sgd_steps(model.init(pooled.X.shape[1]), pooled, central, rng)
-            for j in range(n_sites):
-                evaluate_on(spec, None, j, params, tests)
+            for held_out in [None, *(range(n_sites) if config.loso else [])]:
+                group = tuple(i for i in everyone if i != held_out)
+                train, tests = scaled(group)
+                pooled = LocalData("pooled", np.concatenate([d.X for d in train]), np.concatenate([d.y for d in train]))
+                key = (TRAIN_STREAM, repeat, name_key("mix")) + (() if held_out is None else (name_key("loso"), held_out))
+                params, _ = sgd_steps(model.init(pooled.X.shape[1]), pooled, central, KeyedRng(config.seed, key))
+                for j in range(n_sites) if held_out is None else [held_out]:
+                    evaluate_on(spec, None, j, params, tests, "split" if held_out is None else "loso")
         else:
-            train, tests = scaled(everyone)
-            evaluate = None
-            if config.eval_every:
-                def evaluate(p, tests=tests):
-                    return {
-                        s.name: binary_metrics(s.y_test, model.predict_proba(p, tests[j]))["auc"].value
-                        for j, s in enumerate(sites)
-                    }
-            rounds = spec.rounds(t)
-            run = run_federated(
-                spec.build(opts, t, context_for(site_names, config.seed)),
-                model.init(train[0].X.shape[1]),
-                train,
-                local,
-                rounds,
-                KeyedRng(config.seed, (TRAIN_STREAM, repeat, name_key(spec.name))),
-                fraction=t.fraction_fit,
-                min_sites=t.min_sites,
-                evaluate=evaluate,
-                eval_every=config.eval_every,
-            )
-            out.histories.append(
-                History(
-                    spec.display, repeat, run.train_loss, sum(r.bytes_up for r in run.history), rounds,
-                    max(1, t.rounds * t.local_steps // rounds),
-                    [{"round": r.round, "test_auc": r.evaluation} for r in run.history if r.evaluation],
-                )
-            )
-            for j in range(n_sites):
-                evaluate_on(spec, None, j, run.params, tests)
+            for held_out in [None, *(range(n_sites) if config.loso else [])]:
+                train_one_federated(spec, opts, held_out)
         out.setting_time[spec.display] = time.perf_counter() - tic
     return out
 
@@ -317,7 +348,7 @@ def run_experiment(
                 warnings.warn(note, SingleClassSiteWarning, stacklevel=2)
         for key, result, scores in outcome.evaluations:
             if key not in cells:
-                cells[key] = Cell(key[0], key[1], key[2], key[3])
+                cells[key] = Cell(*key)
             c = cells[key]
             if isinstance(result, str):
                 for m in METRICS:

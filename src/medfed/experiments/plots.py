@@ -44,6 +44,10 @@ def roc_figure(run: ExperimentRun, test_site: str) -> bytes:
             continue
         fpr, tpr = roc_curve(y, s)
         label = cell.setting if cell.setting != "Cross" else f"Cross ({cell.train_site} tr)"
+        if cell.model == "personal":
+            label += " · personal"
+        if cell.evaluation == "loso":
+            label += " (site unseen)"
         ax.plot(fpr, tpr, label=label, lw=1.4)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC on {test_site} (test rows of all repeats)")

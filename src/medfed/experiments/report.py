@@ -21,12 +21,13 @@ from medfed.experiments.results import table_rows
 def results_csv(doc: dict[str, Any]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    header = ["setting", "train_site", "test_site", "computable", "reason"]
+    header = ["setting", "evaluation", "model", "train_site", "test_site", "computable", "reason"]
     for m in METRICS:
         header += [f"{m}_mean", f"{m}_std", f"{m}_n"]
     writer.writerow(header)
     for r in doc["results"]:
-        line = [r["setting"], r["train_site"] or "", r["test_site"], r["computable"], r["reason"] or ""]
+        line = [r["setting"], r["evaluation"], r["model"], r["train_site"] or "", r["test_site"], r["computable"],
+                r["reason"] or ""]
         for m in METRICS:
             s = r["metrics"][m]
             line += ["" if s["mean"] is None else repr(s["mean"]), "" if s["std"] is None else repr(s["std"]), s["n"]]

@@ -38,7 +38,8 @@ def _row(cell: Cell) -> dict[str, Any]:
     return {
         "setting": cell.setting,
         "method": cell.method,
-        "evaluation": "split",
+        "evaluation": cell.evaluation,
+        "model": cell.model,
         "train_site": cell.train_site,
         "test_site": cell.test_site,
         "computable": any(r is None for r in cell.skipped),
@@ -69,6 +70,8 @@ def results_document(run: ExperimentRun) -> dict[str, Any]:
         entry["train_loss"].append([float(v) if np.isfinite(v) else None for v in h.train_loss])
         if h.evaluation:
             entry.setdefault("evaluation", []).append(h.evaluation)
+        if h.rounds_notes:
+            entry.setdefault("server_notes", []).append({"repeat": h.repeat, "rounds": h.rounds_notes})
     return {
         "dataset": fed.name,
         "description": fed.description,
@@ -113,14 +116,20 @@ def format_metric(summary: dict[str, Any], digits: int = 3) -> str:
 
 def table_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows in the survey's Table 2 order: grouped by test site; Cross rows first, labelled by
-    their training site, then the other settings in the order they were run."""
+    their training site, then the other settings in the order they were run, each personal
+    model after its global one. Leave-one-site-out rows follow in blocks of their own, one per
+    held-out site, labelled "(unseen)"."""
     order = {m["display"]: i for i, m in enumerate(doc["methods"])}
     rows = []
-    for site in (s["name"] for s in doc["sites"]):
-        block = [r for r in doc["results"] if r["test_site"] == site]
-        block.sort(key=lambda r: (order.get(r["setting"], 99), r["train_site"] or ""))
+    blocks = [(site, "split") for site in (s["name"] for s in doc["sites"])]
+    blocks += [(site, "loso") for site, _ in blocks]
+    for site, evaluation in blocks:
+        block = [r for r in doc["results"] if r["test_site"] == site and r.get("evaluation", "split") == evaluation]
+        block.sort(key=lambda r: (order.get(r["setting"], 99), r.get("model") == "personal", r["train_site"] or ""))
         for r in block:
             label = r["setting"] if r["setting"] != "Cross" else f"Cross ({r['train_site']} tr)"
+            if r.get("model") == "personal":
+                label += " · personal"
             if not r["computable"]:
                 cells = ["not computable"] * len(METRICS)
             else:
@@ -128,5 +137,6 @@ def table_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
             notes = [r["reason"]] if r["reason"] else []
             notes += [f"{m.upper()}: {r['metrics'][m]['undefined_reason']}" for m in METRICS
                       if r["computable"] and r["metrics"][m].get("undefined_reason")]
-            rows.append({"test_site": site, "label": label, "cells": cells, "notes": notes})
+            shown = site if evaluation == "split" else f"{site} (unseen)"
+            rows.append({"test_site": shown, "label": label, "cells": cells, "notes": notes})
     return rows
