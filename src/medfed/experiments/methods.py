@@ -15,6 +15,7 @@ from typing import Any
 from medfed.client.local import fedprox_update, fedsgd_gradient, local_sgd_update
 from medfed.engine.loop import FederatedAlgorithm
 from medfed.errors import ConfigError
+from medfed.experiments.server_methods import SERVER_METHODS
 from medfed.experiments.spec import BuildContext, MethodSpec, OptionValue, context_for
 from medfed.server.aggregate import apply_delta, chain, gradient_step, weighted_mean
 
@@ -33,40 +34,41 @@ def _fedsgd(opts, training, context):
     return FederatedAlgorithm("fedsgd", fedsgd_gradient, chain(weighted_mean(), gradient_step(lr)))
 
 
-METHODS: dict[str, MethodSpec] = {
-    m.name: m
-    for m in [
-        MethodSpec(
-            "cross", "Cross", "centralized",
-            "train on one site, test on each other site (domain shift baseline)", "survey §6.3 (1)",
-        ),
-        MethodSpec(
-            "single", "Single", "centralized",
-            "train and test within each site separately", "survey §6.3 (2)",
-        ),
-        MethodSpec(
-            "mix", "Mix", "centralized",
-            "pool all sites' training rows (no privacy): the centralized upper bound", "survey §6.3 (3)",
-        ),
-        MethodSpec(
-            "fedavg", "FedAvg", "federated",
-            "local iterations from the global model; server averages deltas weighted by examples",
-            "McMahan et al., 2017", build=_fedavg, uploads="delta",
-        ),
-        MethodSpec(
-            "fedsgd", "FedSGD", "federated",
-            "sites send gradients at the global model; server averages and steps "
-            "(local_steps such exchanges per round; server_lr 0 = the training lr)",
-            "McMahan et al., 2017", defaults={"server_lr": 0.0}, build=_fedsgd,
-            rounds=lambda t: t.rounds * t.local_steps, uploads="gradient",
-        ),
-        MethodSpec(
-            "fedprox", "FedProx", "federated",
-            "FedAvg with a proximal term (mu/2)||w - w_global||^2 in the local objective",
-            "Li et al., 2020", defaults={"mu": 0.1}, build=_fedprox, uploads="delta",
-        ),
-    ]
-}
+_SURVEY_EXPERIMENT = [
+    MethodSpec(
+        "cross", "Cross", "centralized",
+        "train on one site, test on each other site (domain shift baseline)", "survey §6.3 (1)",
+    ),
+    MethodSpec(
+        "single", "Single", "centralized",
+        "train and test within each site separately", "survey §6.3 (2)",
+    ),
+    MethodSpec(
+        "mix", "Mix", "centralized",
+        "pool all sites' training rows (no privacy): the centralized upper bound", "survey §6.3 (3)",
+    ),
+    MethodSpec(
+        "fedavg", "FedAvg", "federated",
+        "local iterations from the global model; server averages deltas weighted by examples",
+        "McMahan et al., 2017", build=_fedavg, uploads="delta",
+    ),
+    MethodSpec(
+        "fedsgd", "FedSGD", "federated",
+        "sites send gradients at the global model; server averages and steps "
+        "(local_steps such exchanges per round; server_lr 0 = the training lr)",
+        "McMahan et al., 2017", defaults={"server_lr": 0.0}, build=_fedsgd,
+        rounds=lambda t: t.rounds * t.local_steps, uploads="gradient", flags=("server_lr",),
+    ),
+    MethodSpec(
+        "fedprox", "FedProx", "federated",
+        "FedAvg with a proximal term (mu/2)||w - w_global||^2 in the local objective",
+        "Li et al., 2020", defaults={"mu": 0.1}, build=_fedprox, uploads="delta", flags=("mu",),
+    ),
+]
+
+METHODS: dict[str, MethodSpec] = {m.name: m for m in [*_SURVEY_EXPERIMENT, *SERVER_METHODS]}
+"""Every setting and method by its config/CLI name: the survey's experiment (§6), then the
+server end (§3.3) and the client end (§3.2)."""
 
 
 def coerce_option(method: str, key: str, value: Any, default: OptionValue) -> OptionValue:
