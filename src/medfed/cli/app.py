@@ -126,6 +126,26 @@ def execute(values: dict[str, Any], source: str) -> dict[str, Any]:
     return doc
 
 
+def method_flag_options(names: list[str] | None, flags: dict[str, tuple[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Options given as common flags (``--mu``, ``--server-lr``, ...), for every selected method
+    that declares the option as a flag; a flag no selected method takes is an error."""
+    from medfed.experiments.config import DEFAULT_METHODS
+    from medfed.experiments.methods import METHODS
+
+    selected = [METHODS[n.strip().lower()] for n in (names or DEFAULT_METHODS) if n.strip().lower() in METHODS]
+    out: dict[str, dict[str, Any]] = {}
+    for option, (flag, value) in flags.items():
+        if value is None:
+            continue
+        takers = [m.name for m in selected if option in m.flags]
+        if not takers:
+            allowed = [m.name for m in METHODS.values() if option in m.flags]
+            raise ConfigError(f"{flag} sets an option of {', '.join(allowed)}; none of them is among the methods run")
+        for name in takers:
+            out.setdefault(name, {})[option] = value
+    return out
+
+
 def _guard(fn, *args):
     try:
         return fn(*args)
@@ -146,6 +166,7 @@ def reproduce(
     out: Annotated[Optional[Path], typer.Option(help="output folder [default: results/<dataset>]")] = None,
     plots: Annotated[bool, typer.Option("--plots", help="also write ROC and convergence PNGs")] = False,
     methods: MethodsOpt = None,
+    loso: Annotated[bool, typer.Option("--loso", help="also test each site as unseen: train without it")] = False,
 ) -> None:
     """Reproduce the survey's Table 2 (Cross, Single, Mix, FedAvg, FedSGD, FedProx) on embedded data."""
     values: dict[str, Any] = {
@@ -154,6 +175,7 @@ def reproduce(
         "seed": seed,
         "out": str(out or Path("results") / dataset),
         "plots": plots,
+        "loso": loso,
     }
     if methods:
         values["methods"] = _split_list(methods)
@@ -179,6 +201,14 @@ def run(
     l2: Annotated[Optional[float], typer.Option(help="L2 penalty (l2/2)||w||^2")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="mini-batch size [default: full batch]")] = None,
     mu: Annotated[Optional[float], typer.Option(help="FedProx proximal coefficient")] = None,
+    server_lr: Annotated[Optional[float], typer.Option(help="server learning rate (fedavgm, fedadam, fedyogi, fedadagrad, fedsgd, scaffold)")] = None,
+    byzantine: Annotated[Optional[int], typer.Option(help="f, the corrupted sites krum, multikrum and bulyan tolerate")] = None,
+    trim_beta: Annotated[Optional[float], typer.Option(help="fraction trimmed_mean drops at each end")] = None,
+    q: Annotated[Optional[float], typer.Option(help="fairness exponent of fair (q-FFL)")] = None,
+    lam: Annotated[Optional[float], typer.Option(help="Ditto's pull of the personal model toward the global one")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="APFL's mixing weight of the local model")] = None,
+    max_update_norm: Annotated[Optional[float], typer.Option(help="the server rejects uploads whose update norm is larger")] = None,
+    loso: Annotated[Optional[bool], typer.Option("--loso/--no-loso", help="also test each site as unseen: train without it")] = None,
     fraction_fit: Annotated[Optional[float], typer.Option(help="fraction of sites selected per round")] = None,
     min_sites: Annotated[Optional[int], typer.Option(help="minimum number of sites per round")] = None,
     method_option: Annotated[Optional[list[str]], typer.Option(help="METHOD.KEY=VALUE, e.g. fedprox.mu=0.01")] = None,
@@ -213,12 +243,11 @@ def run(
             over["data"] = data_over
         training = {k: v for k, v in [("rounds", rounds), ("local_steps", local_steps), ("lr", lr),
                                        ("l2", l2), ("batch_size", batch_size), ("fraction_fit", fraction_fit),
-                                       ("min_sites", min_sites)] if v is not None}
+                                       ("min_sites", min_sites), ("max_update_norm", max_update_norm)]
+                    if v is not None}
         if training:
             over["training"] = training
         method_opts: dict[str, dict[str, Any]] = {}
-        if mu is not None:
-            method_opts.setdefault("fedprox", {})["mu"] = mu
         for key, value in _parse_options(method_option, "--method-option").items():
             if "." not in key:
                 raise ConfigError(f"--method-option takes METHOD.KEY=VALUE, got {key!r}")
@@ -228,10 +257,15 @@ def run(
             over["method_options"] = method_opts
         for key, value in [("methods", _split_list(methods)), ("repeats", repeats), ("seed", seed),
                            ("scaling", scaling), ("out", str(out) if out else None), ("plots", plots),
-                           ("eval_every", eval_every), ("workers", workers)]:
+                           ("eval_every", eval_every), ("workers", workers), ("loso", loso)]:
             if value is not None:
                 over[key] = value
         merged = merge(base, over)
+        flags = {"mu": ("--mu", mu), "server_lr": ("--server-lr", server_lr), "f": ("--byzantine", byzantine),
+                 "beta": ("--trim-beta", trim_beta), "q": ("--q", q), "lam": ("--lam", lam), "alpha": ("--alpha", alpha)}
+        common = method_flag_options(merged.get("methods"), flags)
+        if common:
+            merged = merge(merged, {"method_options": merge(common, merged.get("method_options", {}))})
         if "data" not in merged:
             raise ConfigError("no data: give --dataset NAME or --data FILE (or a [data] table in the config)")
         return merged
@@ -253,14 +287,28 @@ def list_datasets() -> None:
 
 @app.command("methods")
 def list_methods() -> None:
-    """List every setting and method with its display name, summary and reference."""
+    """List every setting and method: name, display name, what it does, reference, options."""
     from medfed.experiments.methods import METHODS
 
-    table = Table("name", "display", "kind", "uploads", "what it does", "reference", "options")
+    def show(value: Any) -> str:
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k}: {v:g}" for k, v in value.items()) + "} (per site)"
+        return f"{value:g}" if isinstance(value, float) and not isinstance(value, bool) else str(value).lower()
+
+    table = Table("name", "display", "uploads", "what it does", "reference", "options")
+    family = None
     for m in METHODS.values():
-        opts = ", ".join(f"{k}={v:g}" for k, v in m.defaults.items())
-        table.add_row(m.name, m.display, m.kind, m.uploads or "-", m.summary, m.reference, opts)
+        if m.family != family:
+            if family is not None:
+                table.add_section()
+            table.add_row(f"[bold]{m.family}[/]", "", "", "", "", "")
+            family = m.family
+        opts = ", ".join(f"{k}={show(v)}" for k, v in m.defaults.items())
+        name = m.name + (" *" if m.personal else "")
+        table.add_row(name, m.display, m.uploads or "-", m.summary, m.reference, opts or "-")
     console.print(table)
+    console.print("[dim]* also reports each site's personal model. Options: --method-option NAME.KEY=VALUE "
+                  "or [method_options.NAME] in a config file.[/]", highlight=False)
 
 
 def main() -> None:
