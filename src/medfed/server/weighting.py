@@ -1,0 +1,192 @@
+"""Server-end weighting and filtering of the round's updates (survey §3.3).
+
+Reducing steps (:class:`~medfed.server.aggregate.StackedUploads` → one aggregated update):
+:func:`loss_weighted` (Li et al., 2022), :func:`fair` (q-FFL; Li et al., 2020; Hosseini et
+al., 2023) and :func:`fourier` (PFA; Chen et al., 2022). One update→update step:
+:func:`guided` (Fan et al., 2021). Each is vectorized over the site axis and does not
+depend on the order of the sites in the stack.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.fft import dctn, idctn
+
+from medfed.errors import ConfigError, DataError
+from medfed.server.aggregate import Aggregator, StackedUploads
+
+_FAIR_WEIGHTINGS = ("examples", "uniform")
+
+
+def _stateless_init(global_params) -> None:
+    return None
+
+
+def _combine(stack: StackedUploads, w: np.ndarray) -> dict[str, np.ndarray]:
+    """``Σ_k w_k · payload_k`` per parameter, computed as :func:`weighted_mean` computes it so
+    that equal weights give bit-identical results."""
+    return {k: (w @ v.reshape(len(w), -1)).reshape(v.shape[1:]) for k, v in stack.payload.items()}
+
+
+def _site_losses(stack: StackedUploads, method: str) -> np.ndarray:
+    if "loss" not in stack.metrics:
+        raise DataError(f"{method} needs each site's training loss (metrics['loss']); the uploads carry none")
+    loss = np.asarray(stack.metrics["loss"], dtype=np.float64)
+    bad = [s for s, x in zip(stack.sites, loss) if not np.isfinite(x)]
+    if bad:
+        raise DataError(f"{method} needs a finite training loss from every site; missing or not finite for {bad}")
+    return loss
+
+
+def loss_weighted(temperature: float = 1.0) -> Aggregator:
+    """Loss-weighted aggregation (Li et al., 2022): sites whose training loss at the global
+    model is worse get a smaller weight, ``w_k ∝ n_k · exp(−loss_k / temperature)``.
+
+    The exponent is shifted by the smallest loss before ``exp`` (softmax's stabilization,
+    the shift cancels in the normalization), so no term overflows and equal losses give
+    exactly the example weights of :func:`~medfed.server.aggregate.weighted_mean`. The
+    report maps each site to its weight. Works on any upload kind.
+    """
+    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+        raise ConfigError(f"loss_weighted temperature must be a finite number > 0, got {temperature!r}")
+
+    def apply(stack: StackedUploads, state, global_params, round_):
+        loss = _site_losses(stack, "loss_weighted")
+        u = stack.weights * np.exp(-(loss - loss.min()) / temperature)
+        w = u / u.sum()
+        return _combine(stack, w), state, {s: float(x) for s, x in zip(stack.sites, w)}
+
+    return Aggregator(_stateless_init, apply, "loss_weighted")
+
+
+def fair(
+    q: float = 1.0,
+    lr: float = 0.1,
+    weighting: str = "examples",
+    loss_offset: float = 0.0,
+) -> Aggregator:
+    """q-FFL / q-FedAvg's server step (Li et al., 2020; in medical FL, Hosseini et al., 2023):
+    sites where the global model has a higher loss weigh more, by ``F_k^q``.
+
+    With ``L = 1/lr``, ``Δw_k = L(w − w̄_k) = −L · delta_k``, ``Δ_k = F_k^q Δw_k`` and
+    ``h_k = q F_k^(q−1) ‖Δw_k‖² + L F_k^q`` (``F_k`` = ``metrics["loss"]`` + ``loss_offset``,
+    the site's training loss at the global model), the new model is
+    ``w − Σ_k p_k Δ_k / Σ_k p_k h_k``; this step returns that minus ``w`` (an aggregated
+    delta for :func:`~medfed.server.aggregate.apply_delta`). Only ``delta`` uploads are accepted.
+
+    ``weighting="examples"`` takes ``p_k = n_k / n``, so ``q = 0`` is FedAvg's weighted mean.
+    ``weighting="uniform"`` takes ``p_k = 1/K`` as the paper's q-FedAvg does for sites sampled
+    in proportion to their data, and as Flower's ``QFedAvg`` does. Flower's ``QFedAvg`` further
+    differs: it uses ONE loss for every site (the server's ``evaluate_fn`` on the global model)
+    rather than each site's own, and adds 1e-10 to it (``loss_offset=1e-10`` here). Flower's
+    default ``q_param`` is 0.2. The report maps each site to its effective coefficient ``c_k``
+    in ``Σ_k c_k delta_k`` (``c_k = L p_k F_k^q / Σ_j p_j h_j``; not normalized to one).
+
+    A zero loss with ``0 < q < 1`` makes ``h_k`` infinite and is refused (use ``loss_offset``);
+    if every ``p_k h_k`` is zero (all losses zero) the step is zero.
+    """
+    if not (isinstance(q, (int, float)) and np.isfinite(q) and q >= 0):
+        raise ConfigError(f"fair q must be a finite number >= 0, got {q!r}")
+    if not (isinstance(lr, (int, float)) and np.isfinite(lr) and lr > 0):
+        raise ConfigError(f"fair lr must be a finite number > 0, got {lr!r}")
+    if weighting not in _FAIR_WEIGHTINGS:
+        raise ConfigError(f"fair weighting must be one of {', '.join(_FAIR_WEIGHTINGS)}, got {weighting!r}")
+    if not (isinstance(loss_offset, (int, float)) and np.isfinite(loss_offset) and loss_offset >= 0):
+        raise ConfigError(f"fair loss_offset must be a finite number >= 0, got {loss_offset!r}")
+
+    def apply(stack: StackedUploads, state, global_params, round_):
+        if stack.kind != "delta":
+            raise ConfigError(f"fair aggregates 'delta' uploads (local − global); got {stack.kind!r} uploads")
+        F = _site_losses(stack, "fair") + loss_offset
+        negative = [s for s, x in zip(stack.sites, F) if x < 0]
+        if negative:
+            raise DataError(f"fair needs non-negative losses (F_k^q); negative for {negative}")
+        K = len(stack.sites)
+        p = stack.weights / stack.weights.sum() if weighting == "examples" else np.full(K, 1.0 / K)
+        # ‖Δw_k‖² / L = ‖delta_k‖² / lr: dividing h_k by L keeps q = 0 free of 1/lr · lr rounding.
+        sq = sum(np.einsum("ki,ki->k", v.reshape(K, -1), v.reshape(K, -1)) for v in stack.payload.values())
+        Fq = np.float_power(F, q)
+        if q == 0:
+            h = Fq  # q · F^(q−1) · ‖Δw‖² vanishes; skipping it avoids 0 · inf at F = 0
+        else:
+            if q < 1 and np.any((F == 0) & (sq > 0)):
+                zero = [s for s, f in zip(stack.sites, F) if f == 0]
+                raise DataError(
+                    f"fair with 0 < q < 1 needs positive losses (F_k^(q-1) is infinite at 0); zero for {zero}; "
+                    "set loss_offset > 0 (Flower uses 1e-10)"
+                )
+            with np.errstate(divide="ignore", invalid="ignore"):
+                first = np.where(sq > 0, q * np.float_power(F, q - 1) * sq / lr, 0.0)
+            h = first + Fq
+        denominator = p @ h
+        c = p * Fq / denominator if denominator > 0 else np.zeros(K)
+        return _combine(stack, c), state, {s: float(x) for s, x in zip(stack.sites, c)}
+
+    return Aggregator(_stateless_init, apply, "fair")
+
+
+def _low_frequency_mask(shape: tuple[int, ...], keep: float) -> np.ndarray:
+    mask = np.ones(shape, dtype=bool)
+    for axis, n in enumerate(shape):
+        # 1e-9 absorbs representation error (0.29 * 100 = 28.999999999999996).
+        m = max(1, int(np.floor(keep * n + 1e-9)))
+        index = [np.newaxis] * len(shape)
+        index[axis] = slice(None)
+        mask &= (np.arange(n) < m)[tuple(index)]
+    return mask
+
+
+def fourier(keep: float = 0.5) -> Aggregator:
+    """Progressive Fourier Aggregation's server step (PFA; Chen et al., 2022): average only the
+    low-frequency DCT coefficients of each parameter's update, drop the high frequencies.
+
+    For each parameter: orthonormal DCT over all its axes (``scipy.fft.dctn``, ``norm="ortho"``),
+    example-weighted mean of the lowest ``floor(keep · n)`` coefficients along each axis of
+    length ``n`` (at least one), zeros elsewhere, inverse DCT. The DCT is linear, so the mean
+    is taken before the transform (one DCT per parameter, not one per site). ``keep = 1`` is
+    :func:`~medfed.server.aggregate.weighted_mean` up to rounding.
+
+    The server therefore never updates the high frequencies of the global model: in PFA's
+    personalized setting those stay local to each site; here they stay at their initial
+    values. Accepts ``delta`` and ``gradient`` uploads; ``params`` are refused because
+    zeroing the high frequencies of averaged parameters would erase them from the model.
+    """
+    if not (isinstance(keep, (int, float)) and 0 < keep <= 1):
+        raise ConfigError(f"fourier keep must lie in (0, 1] (fraction of frequencies kept per axis), got {keep!r}")
+
+    def apply(stack: StackedUploads, state, global_params, round_):
+        if stack.kind == "params":
+            raise ConfigError("fourier aggregates 'delta' or 'gradient' uploads, not 'params'")
+        w = stack.weights / stack.weights.sum()
+        out = {}
+        for name, mean in _combine(stack, w).items():
+            if mean.ndim == 0:
+                out[name] = mean
+                continue
+            coefficients = dctn(mean, norm="ortho")
+            coefficients[~_low_frequency_mask(mean.shape, keep)] = 0.0
+            out[name] = idctn(coefficients, norm="ortho")
+        return out, state, None
+
+    return Aggregator(_stateless_init, apply, "fourier")
+
+
+def guided() -> Aggregator:
+    """Guided update (Fan et al., 2021): keep only the positive components of the aggregated
+    update, set the negative ones to zero, so the server never applies a negative component.
+
+    The survey (Guan & Liu, §3.3) describes it as "only positive values of the aggregated
+    weights are used to update the global", motivated by guided gradients. An update→update
+    step: after a reducing step on ``delta`` uploads it lets parameters only grow; placed
+    before :func:`~medfed.server.aggregate.gradient_step` on ``gradient`` uploads it keeps the
+    positive gradient components (parameters only shrink), the guided-backpropagation sense.
+    NaN passes through unchanged. The report gives the fraction of components kept.
+    """
+
+    def apply(update, state, global_params, round_):
+        out = {k: np.maximum(v, 0.0) for k, v in update.items()}
+        total = sum(np.size(v) for v in update.values())
+        kept = sum(int(np.count_nonzero(v > 0)) for v in update.values())
+        return out, state, {"kept_fraction": kept / total if total else 0.0}
+
+    return Aggregator(_stateless_init, apply, "guided")
