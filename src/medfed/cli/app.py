@@ -9,12 +9,13 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from medfed.cli.audit import audit_app
 from medfed.errors import ConfigError, MedfedError
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="medfed: federated learning for medical image analysis (Guan & Liu's survey, measured).",
 )
+app.add_typer(audit_app, name="audit", help="Audits under attack: `medfed audit robustness` compares defenses.")
 # outside a terminal (CI logs, pipes) rich would wrap at 80 columns and split the table cells
 console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
@@ -154,7 +156,7 @@ def _guard(fn, *args):
 
 
 MethodsOpt = Annotated[
-    Optional[str], typer.Option("--methods", help="comma-separated method names (see `medfed methods`)")
+    str | None, typer.Option("--methods", help="comma-separated method names (see `medfed methods`)")
 ]
 
 
@@ -163,7 +165,7 @@ def reproduce(
     dataset: Annotated[str, typer.Option(help="embedded data set (see `medfed datasets`)")] = "adni-like",
     repeats: Annotated[int, typer.Option(help="repeated stratified 80/20 splits")] = 5,
     seed: Annotated[int, typer.Option(help="seed of splits and training")] = 0,
-    out: Annotated[Optional[Path], typer.Option(help="output folder [default: results/<dataset>]")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder [default: results/<dataset>]")] = None,
     plots: Annotated[bool, typer.Option("--plots", help="also write ROC and convergence PNGs")] = False,
     methods: MethodsOpt = None,
     loso: Annotated[bool, typer.Option("--loso", help="also test each site as unseen: train without it")] = False,
@@ -184,41 +186,41 @@ def reproduce(
 
 @app.command()
 def run(
-    config: Annotated[Optional[Path], typer.Argument(help="experiment TOML file (flags override it)")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="embedded data set name")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="CSV or Parquet table, one row per subject")] = None,
-    site_column: Annotated[Optional[str], typer.Option(help="column naming each row's site")] = None,
-    label_column: Annotated[Optional[str], typer.Option(help="column holding the label")] = None,
-    split_column: Annotated[Optional[str], typer.Option(help="column with train/test per row")] = None,
-    features: Annotated[Optional[str], typer.Option(help="comma-separated feature columns [default: all others]")] = None,
-    impute: Annotated[Optional[str], typer.Option(help="fill missing values: mean or median (training rows of each site)")] = None,
-    positive_label: Annotated[Optional[str], typer.Option(help="label value that counts as positive")] = None,
-    dataset_option: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE option of the embedded data set")] = None,
+    config: Annotated[Path | None, typer.Argument(help="experiment TOML file (flags override it)")] = None,
+    dataset: Annotated[str | None, typer.Option(help="embedded data set name")] = None,
+    data: Annotated[Path | None, typer.Option(help="CSV or Parquet table, one row per subject")] = None,
+    site_column: Annotated[str | None, typer.Option(help="column naming each row's site")] = None,
+    label_column: Annotated[str | None, typer.Option(help="column holding the label")] = None,
+    split_column: Annotated[str | None, typer.Option(help="column with train/test per row")] = None,
+    features: Annotated[str | None, typer.Option(help="comma-separated feature columns [default: all others]")] = None,
+    impute: Annotated[str | None, typer.Option(help="fill missing values: mean or median (training rows of each site)")] = None,
+    positive_label: Annotated[str | None, typer.Option(help="label value that counts as positive")] = None,
+    dataset_option: Annotated[list[str] | None, typer.Option(help="KEY=VALUE option of the embedded data set")] = None,
     methods: MethodsOpt = None,
-    rounds: Annotated[Optional[int], typer.Option(help="communication rounds")] = None,
-    local_steps: Annotated[Optional[int], typer.Option(help="local iterations per round")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="learning rate")] = None,
-    l2: Annotated[Optional[float], typer.Option(help="L2 penalty (l2/2)||w||^2")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="mini-batch size [default: full batch]")] = None,
-    mu: Annotated[Optional[float], typer.Option(help="FedProx proximal coefficient")] = None,
-    server_lr: Annotated[Optional[float], typer.Option(help="server learning rate (fedavgm, fedadam, fedyogi, fedadagrad, fedsgd, scaffold)")] = None,
-    byzantine: Annotated[Optional[int], typer.Option(help="f, the corrupted sites krum, multikrum and bulyan tolerate")] = None,
-    trim_beta: Annotated[Optional[float], typer.Option(help="fraction trimmed_mean drops at each end")] = None,
-    q: Annotated[Optional[float], typer.Option(help="fairness exponent of fair (q-FFL)")] = None,
-    lam: Annotated[Optional[float], typer.Option(help="Ditto's pull of the personal model toward the global one")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="APFL's mixing weight of the local model")] = None,
-    max_update_norm: Annotated[Optional[float], typer.Option(help="the server rejects uploads whose update norm is larger")] = None,
-    loso: Annotated[Optional[bool], typer.Option("--loso/--no-loso", help="also test each site as unseen: train without it")] = None,
-    fraction_fit: Annotated[Optional[float], typer.Option(help="fraction of sites selected per round")] = None,
-    min_sites: Annotated[Optional[int], typer.Option(help="minimum number of sites per round")] = None,
-    method_option: Annotated[Optional[list[str]], typer.Option(help="METHOD.KEY=VALUE, e.g. fedprox.mu=0.01")] = None,
-    repeats: Annotated[Optional[int], typer.Option(help="repeated splits")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="seed of splits and training")] = None,
-    scaling: Annotated[Optional[str], typer.Option(help="global, site or none")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="output folder")] = None,
-    plots: Annotated[Optional[bool], typer.Option("--plots/--no-plots", help="write ROC and convergence PNGs")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(help="test-set AUC of the global model every N rounds, in the history")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="repeats in parallel processes (0 = one per core)")] = None,
+    rounds: Annotated[int | None, typer.Option(help="communication rounds")] = None,
+    local_steps: Annotated[int | None, typer.Option(help="local iterations per round")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
+    l2: Annotated[float | None, typer.Option(help="L2 penalty (l2/2)||w||^2")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="mini-batch size [default: full batch]")] = None,
+    mu: Annotated[float | None, typer.Option(help="FedProx proximal coefficient")] = None,
+    server_lr: Annotated[float | None, typer.Option(help="server learning rate (fedavgm, fedadam, fedyogi, fedadagrad, fedsgd, scaffold)")] = None,
+    byzantine: Annotated[int | None, typer.Option(help="f, the corrupted sites krum, multikrum and bulyan tolerate")] = None,
+    trim_beta: Annotated[float | None, typer.Option(help="fraction trimmed_mean drops at each end")] = None,
+    q: Annotated[float | None, typer.Option(help="fairness exponent of fair (q-FFL)")] = None,
+    lam: Annotated[float | None, typer.Option(help="Ditto's pull of the personal model toward the global one")] = None,
+    alpha: Annotated[float | None, typer.Option(help="APFL's mixing weight of the local model")] = None,
+    max_update_norm: Annotated[float | None, typer.Option(help="the server rejects uploads whose update norm is larger")] = None,
+    loso: Annotated[bool | None, typer.Option("--loso/--no-loso", help="also test each site as unseen: train without it")] = None,
+    fraction_fit: Annotated[float | None, typer.Option(help="fraction of sites selected per round")] = None,
+    min_sites: Annotated[int | None, typer.Option(help="minimum number of sites per round")] = None,
+    method_option: Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALUE, e.g. fedprox.mu=0.01")] = None,
+    repeats: Annotated[int | None, typer.Option(help="repeated splits")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of splits and training")] = None,
+    scaling: Annotated[str | None, typer.Option(help="global, site or none")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder")] = None,
+    plots: Annotated[bool | None, typer.Option("--plots/--no-plots", help="write ROC and convergence PNGs")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="test-set AUC of the global model every N rounds, in the history")] = None,
+    workers: Annotated[int | None, typer.Option(help="repeats in parallel processes (0 = one per core)")] = None,
 ) -> None:
     """Run the experiment harness from a config file and/or flags."""
 

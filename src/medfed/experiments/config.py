@@ -59,10 +59,25 @@ class TrainingSpec(_Strict):
     )
 
 
+class PipelineSpec(_Strict):
+    """A server pipeline listed in a config file: a method of the user's own.
+
+    ``steps``: a reducing step, then update steps (names from ``medfed.server.steps``), each a
+    name or a table ``{step = "name", option = value}``; ``apply_delta`` is added at the end.
+    ``client``: the sites' rule, FedAvg's local SGD or FedProx's (with ``mu``).
+    """
+
+    steps: list[str | dict[str, Any]] = Field(min_length=1)
+    client: Literal["fedavg", "fedprox"] = "fedavg"
+    mu: float = Field(0.1, ge=0)
+    display: str | None = None
+
+
 class ExperimentConfig(_Strict):
     data: DataSpec
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS), min_length=1)
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    pipelines: dict[str, PipelineSpec] = Field(default_factory=dict)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     repeats: int = Field(5, ge=1)
     seed: int = Field(0, ge=0)

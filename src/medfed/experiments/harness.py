@@ -24,8 +24,8 @@ from medfed.data.preprocess import Moments, Standardizer, impute
 from medfed.engine.loop import run_federated
 from medfed.experiments.config import DataSpec, ExperimentConfig
 from medfed.experiments.methods import resolve_methods
-from medfed.experiments.spec import MethodSpec, context_for
 from medfed.experiments.metrics import METRICS, Metric, binary_metrics
+from medfed.experiments.spec import MethodSpec, context_for
 from medfed.experiments.splits import stratified_split
 from medfed.models.logistic import LogisticRegression
 from medfed.rng import KeyedRng, name_key
@@ -284,7 +284,7 @@ def run_repeat(
 
 def _repeat_task(config: ExperimentConfig, federation: Federation, repeat: int) -> RepeatOutcome:
     # method specs hold functions that do not pickle; the worker resolves the names itself
-    return run_repeat(config, federation, resolve_methods(config.methods, config.method_options), repeat)
+    return run_repeat(config, federation, resolve_methods(config.methods, config.method_options, config.pipelines), repeat)
 
 
 def _parallel_outcomes(config, federation, workers, progress):
@@ -325,7 +325,7 @@ def run_experiment(
     (``config.workers``) gives the same numbers as running them one after another.
     """
     started = time.perf_counter()
-    methods = resolve_methods(config.methods, config.method_options)
+    methods = resolve_methods(config.methods, config.method_options, config.pipelines)
     workers = resolve_workers(config.workers, config.repeats)
     if workers > 1:
         outcomes = _parallel_outcomes(config, federation, workers, progress)

@@ -13,11 +13,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from medfed.client.local import fedprox_update, fedsgd_gradient, local_sgd_update
+from medfed.client.reporting import with_round_report
 from medfed.engine.loop import FederatedAlgorithm
 from medfed.errors import ConfigError
+from medfed.experiments.config import PipelineSpec
 from medfed.experiments.server_methods import SERVER_METHODS
-from medfed.experiments.spec import BuildContext, MethodSpec, OptionValue, context_for
+from medfed.experiments.spec import MethodSpec, OptionValue
 from medfed.server.aggregate import apply_delta, chain, gradient_step, weighted_mean
+from medfed.server.steps import build_pipeline
 
 
 def _fedavg(opts, training, context):
@@ -100,18 +103,49 @@ def coerce_option(method: str, key: str, value: Any, default: OptionValue) -> Op
     return float(value)
 
 
-def resolve_methods(names: list[str], options: Mapping[str, Mapping[str, Any]]) -> list[tuple[MethodSpec, dict]]:
-    """Look up names and merge options over defaults, rejecting unknown names and options."""
+def pipeline_method(name: str, pipeline: PipelineSpec) -> MethodSpec:
+    """A method from a pipeline listed in the config (``[pipelines.NAME]``)."""
+    where = f"pipelines.{name}"
+    build_pipeline(pipeline.steps, where)  # fail at resolution, not in the middle of a run
+    uses_fusion = any(
+        (s if isinstance(s, str) else s.get("step")) == "dynamic_fusion" for s in pipeline.steps
+    )
+
+    def build(opts, training, context):
+        rule = functools.partial(fedprox_update, mu=pipeline.mu) if pipeline.client == "fedprox" else local_sgd_update
+        if uses_fusion:
+            rule = with_round_report(rule, {}, jitter=0.5)
+        return FederatedAlgorithm(name, rule, build_pipeline(pipeline.steps, where))
+
+    steps = " -> ".join(s if isinstance(s, str) else s["step"] for s in pipeline.steps)
+    return MethodSpec(
+        name, pipeline.display or name, "federated", f"{pipeline.client} client; server: {steps}",
+        "pipeline from the config", build=build, uploads="delta", family="config pipelines",
+    )
+
+
+def resolve_methods(
+    names: list[str],
+    options: Mapping[str, Mapping[str, Any]],
+    pipelines: Mapping[str, PipelineSpec] | None = None,
+) -> list[tuple[MethodSpec, dict]]:
+    """Look up names (registered methods, then the config's pipelines) and merge options over
+    defaults, rejecting unknown names and options."""
+    pipelines = pipelines or {}
+    clash = sorted({n.lower() for n in pipelines} & set(METHODS))
+    if clash:
+        raise ConfigError(f"pipelines {clash} reuse a method's name; give the pipeline another name")
+    known = {**METHODS, **{n.lower(): pipeline_method(n, p) for n, p in pipelines.items()}}
     out = []
     seen = set()
     for raw in names:
         name = raw.strip().lower()
-        if name not in METHODS:
-            raise ConfigError(f"unknown method {raw!r}; available: {', '.join(METHODS)}")
+        if name not in known:
+            raise ConfigError(f"unknown method {raw!r}; available: {', '.join(known)}")
         if name in seen:
             raise ConfigError(f"method {name!r} is listed twice")
         seen.add(name)
-        spec = METHODS[name]
+        spec = known[name]
         opts = dict(spec.defaults)
         for key, value in options.get(name, {}).items():
             if key not in spec.defaults:
@@ -120,6 +154,6 @@ def resolve_methods(names: list[str], options: Mapping[str, Mapping[str, Any]]) 
             opts[key] = coerce_option(name, key, value, spec.defaults[key])
         out.append((spec, opts))
     for name in options:
-        if name not in METHODS:
+        if name not in known:
             raise ConfigError(f"method_options names unknown method {name!r}; available: {', '.join(METHODS)}")
     return out
