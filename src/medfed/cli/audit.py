@@ -1,0 +1,151 @@
+"""``medfed audit``: audits of a federation under attack. ``medfed audit robustness`` compares
+defenses with and without F corrupted sites (:mod:`medfed.experiments.audit`).
+
+The shared helpers of :mod:`medfed.cli.app` are imported inside the command: ``app.py``
+registers this sub-app at import time, so a module-level import would be circular.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+audit_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Audits: how defenses hold up when some sites are corrupted.",
+)
+
+# the screen table shows the headline metrics; the files carry all four
+SCREEN_METRICS = ("acc", "auc")
+
+
+def _method_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    from medfed.cli.app import _parse_options
+    from medfed.errors import ConfigError
+
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in _parse_options(items, "--method-option").items():
+        if "." not in key:
+            raise ConfigError(f"--method-option takes METHOD.KEY=VALUE, got {key!r}")
+        name, opt = key.split(".", 1)
+        out.setdefault(name, {})[opt] = value
+    return out
+
+
+def render_audit(doc: dict[str, Any]) -> None:
+    """The audit's headline table (defense | clean | attacked | drop) with numbered notes below."""
+    from medfed.cli.app import console
+    from medfed.experiments.audit import audit_rows
+
+    attack = doc["attack"]
+    params = ", ".join(f"{k}={attack[k]:g}" for k in ("scale", "sigma", "rate") if k in attack)
+    table = Table(
+        title=(
+            f"{doc['dataset']}: {attack['kind']}{f' ({params})' if params else ''} at {doc['corrupt']} of "
+            f"{len(doc['sites'])} sites; clean sites' pooled test rows, mean ± std over {doc['repeats']} "
+            f"repeat(s), seed {doc['seed']}"
+        ),
+        title_justify="left",
+    )
+    table.add_column("Defense", no_wrap=True)
+    for condition in ("Clean", "Attacked", "Drop"):
+        for m in SCREEN_METRICS:
+            table.add_column(f"{condition} {m.upper()}", justify="right", no_wrap=True)
+    rows, notes = audit_rows(doc, SCREEN_METRICS)
+    for row in rows:
+        label = row["defense"] + (f" [{', '.join(map(str, row['notes']))}]" if row["notes"] else "")
+        table.add_row(label, *(x for c in ("clean", "attacked", "drop") for x in row["cells"][c]))
+    console.print(table)
+    chosen = "; ".join(f"{i + 1}: {', '.join(s)}" for i, s in enumerate(doc["corrupted_sites"]))
+    console.print(f"[dim]corrupted sites per repeat: {chosen}; drop = clean − attacked[/]", highlight=False)
+    for i, note in enumerate(notes, 1):
+        console.print(f"[dim][{i}] {note}[/]", highlight=False)
+
+
+def execute_audit(values: dict[str, Any], attack_values: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Validate, run with a progress bar, write the three files atomically, render; return the doc."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from medfed.cli.app import console, err_console
+    from medfed.experiments.audit import (
+        Attack,
+        run_robustness_audit,
+        write_robustness_report,
+    )
+    from medfed.experiments.config import build_config
+    from medfed.experiments.harness import load_federation
+
+    config = build_config(values, "flags")
+    attack = Attack(**attack_values)
+    federation = load_federation(config.data)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=err_console, transient=True, disable=not err_console.is_terminal,
+    ) as progress:
+        task = progress.add_task("training", total=config.repeats * len(config.methods) * 2)
+        calls = {"n": 0}
+
+        def step(label: str) -> None:
+            if calls["n"]:
+                progress.advance(task)
+            calls["n"] += 1
+            progress.update(task, description=label)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # single-class sites show up as undefined metrics
+            doc = run_robustness_audit(config, attack, federation=federation, progress=step)
+        progress.advance(task)
+    written = write_robustness_report(doc, out)
+    render_audit(doc)
+    console.print(
+        f"[dim]{doc['runtime_s']:.2f} s; wrote {', '.join(p.name for p in written)} to {out}[/]", highlight=False
+    )
+    return doc
+
+
+@audit_app.command("robustness")
+def robustness(
+    dataset: Annotated[str, typer.Option(help="embedded data set (see `medfed datasets`)")],
+    attack: Annotated[str, typer.Option(help="label_flip, noisy_labels, sign_flip, scale, gaussian or free_rider")],
+    out: Annotated[Path, typer.Option(help="output folder for robustness.json, .csv and .md")],
+    corrupt: Annotated[int, typer.Option(help="number of corrupted sites F (chosen per repeat)")] = 1,
+    defenses: Annotated[
+        str | None, typer.Option(help="comma-separated federated methods (default: fedavg and every robust rule)")
+    ] = None,
+    dataset_option: Annotated[list[str] | None, typer.Option(help="KEY=VALUE option of the data set, e.g. n_sites=8")] = None,
+    scale: Annotated[float | None, typer.Option(help="multiplier of sign_flip (default 1) and scale (default 10)")] = None,
+    sigma: Annotated[float, typer.Option(help="std of the gaussian attack's noise")] = 1.0,
+    rate: Annotated[float, typer.Option(help="probability that noisy_labels redraws a label")] = 0.3,
+    repeats: Annotated[int, typer.Option(help="repeated splits, each with its own corrupted sites")] = 3,
+    rounds: Annotated[int | None, typer.Option(help="communication rounds")] = None,
+    local_steps: Annotated[int | None, typer.Option(help="local iterations per round")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
+    seed: Annotated[int, typer.Option(help="seed of splits, corrupted sites, attacks and training")] = 0,
+    method_option: Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALUE, e.g. krum.f=1")] = None,
+) -> None:
+    """Each defense's clean-site metrics with and without F corrupted sites."""
+    from medfed.cli.app import _guard, _parse_options, _split_list
+
+    def build() -> tuple[dict[str, Any], dict[str, Any]]:
+        from medfed.experiments.audit import default_defenses
+
+        values: dict[str, Any] = {
+            "data": {"dataset": dataset, "options": _parse_options(dataset_option, "--dataset-option")},
+            "methods": _split_list(defenses) if defenses is not None else default_defenses(),
+            "method_options": _method_options(method_option),
+            "repeats": repeats,
+            "seed": seed,
+        }
+        training = {k: v for k, v in [("rounds", rounds), ("local_steps", local_steps), ("lr", lr)] if v is not None}
+        if training:
+            values["training"] = training
+        return values, {"kind": attack, "corrupt": corrupt, "scale": scale, "sigma": sigma, "rate": rate}
+
+    values, attack_values = _guard(build)
+    _guard(execute_audit, values, attack_values, out)

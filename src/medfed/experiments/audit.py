@@ -1,0 +1,444 @@
+"""Robustness audit (survey §3.3.3, §7.1.2): what F corrupted sites do to each defense.
+
+For every repeat the sites are split as in the experiment harness, and F sites are chosen as
+corrupted (keyed by seed, repeat and site name, so the choice does not depend on the order of
+the sites; the same sites for every defense in a repeat). Each defense then trains twice on
+the same splits and with the same random draws: once with every site honest (``clean``) and
+once with the F sites running the attack (``attacked``, see :mod:`medfed.client.adversary`).
+Both final global models are evaluated on the test rows of the sites that are clean in that
+repeat, pooled into one test set (one model, one threshold, and enough rows for a stable AUC
+when sites are small); per-site values are kept in each repeat's record. The ``drop`` is the
+paired per-repeat difference ``clean - attacked`` (positive: the attack hurt).
+
+A defense whose assumptions fail (e.g. Krum with too few sites for F) is noted in the output
+(:func:`medfed.server.robust.assumption_violations`); a run in which its aggregator refuses a
+round (:class:`~medfed.errors.ConfigError`) is recorded as not computable with the reason,
+and the audit goes on with the other defenses.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfed.client.adversary import (
+    ATTACK_SUMMARIES,
+    DATA_ATTACKS,
+    DEFAULT_SCALE,
+    check_attack,
+    corrupt_data,
+    corrupt_rule,
+)
+from medfed.client.local import LocalTraining
+from medfed.data.federation import Federation
+from medfed.engine.loop import run_federated
+from medfed.errors import ConfigError
+from medfed.experiments.config import ExperimentConfig
+from medfed.experiments.harness import (
+    TRAIN_STREAM,
+    _Scaled,
+    load_federation,
+    prepare_repeat,
+)
+from medfed.experiments.methods import METHODS, resolve_methods
+from medfed.experiments.metrics import METRICS, Metric, binary_metrics
+from medfed.experiments.report import write_atomically
+from medfed.experiments.results import STD_DDOF, _versions, format_metric, summarize
+from medfed.experiments.spec import MethodSpec, context_for
+from medfed.models.logistic import LogisticRegression
+from medfed.rng import KeyedRng, name_key
+
+CONDITIONS = ("clean", "attacked")
+CHOICE_STREAM = name_key("audit-corrupted-sites")
+LABEL_STREAM = name_key("audit-poisoned-labels")
+EVALUATION = "pooled test rows of the sites that are clean in the repeat"
+
+
+@dataclasses.dataclass(frozen=True)
+class Attack:
+    """What the corrupted sites do: ``kind`` (an attack name), at ``corrupt`` sites.
+
+    ``scale`` is the multiplier of ``sign_flip`` (default 1) and ``scale`` (default 10),
+    ``sigma`` the noise std of ``gaussian``, ``rate`` the redraw probability of ``noisy_labels``.
+    """
+
+    kind: str
+    corrupt: int = 1
+    scale: float | None = None
+    sigma: float = 1.0
+    rate: float = 0.3
+
+    def __post_init__(self) -> None:
+        check_attack(self.kind, scale=self.scale, sigma=self.sigma, rate=self.rate)
+        if isinstance(self.corrupt, bool) or not isinstance(self.corrupt, (int, np.integer)) or self.corrupt < 1:
+            raise ConfigError(
+                f"corrupt must be a whole number of sites >= 1, got {self.corrupt!r} "
+                "(with no corrupted site the attacked run is the clean one)"
+            )
+
+    @property
+    def parameters(self) -> dict[str, float]:
+        """The parameters this attack uses, with defaults filled in."""
+        if self.kind in DEFAULT_SCALE:
+            return {"scale": DEFAULT_SCALE[self.kind] if self.scale is None else float(self.scale)}
+        if self.kind == "gaussian":
+            return {"sigma": float(self.sigma)}
+        if self.kind == "noisy_labels":
+            return {"rate": float(self.rate)}
+        return {}
+
+
+DEFAULT_DEFENSES = ("fedavg", "median", "trimmed_mean", "krum", "multikrum", "bulyan", "dos")
+
+
+def default_defenses() -> list[str]:
+    """The defenses an audit compares when none are named: FedAvg and the robust rules that exist."""
+    return [name for name in DEFAULT_DEFENSES if name in METHODS]
+
+
+def choose_corrupted(site_names: list[str], corrupt: int, seed: int, repeat: int) -> list[str]:
+    """The ``corrupt`` sites that attack in ``repeat``: the smallest of one keyed uniform draw per
+    site name, so the choice depends on the names, not on their order. Returned in site order."""
+    draws = {s: KeyedRng(seed, (CHOICE_STREAM, repeat, name_key(s))).generator.random() for s in site_names}
+    chosen = set(sorted(site_names, key=lambda s: (draws[s], s))[:corrupt])
+    return [s for s in site_names if s in chosen]
+
+
+def _defense_options(methods, method_options: Mapping[str, Mapping[str, Any]], corrupt: int):
+    """Every defense must be federated; an ``f`` option the user did not set becomes F."""
+    out = []
+    for spec, opts in methods:
+        if spec.kind != "federated":
+            raise ConfigError(
+                f"defenses: {spec.name!r} is a centralized setting, not a federated defense; "
+                "give federated methods (see `medfed methods`)"
+            )
+        opts = dict(opts)
+        if "f" in spec.defaults and "f" not in method_options.get(spec.name, {}):
+            opts["f"] = corrupt
+        out.append((spec, opts))
+    return out
+
+
+def _assumption_notes(spec: MethodSpec, opts: dict, n_sites: int, corrupt: int) -> list[str]:
+    """What :func:`medfed.server.robust.assumption_violations` says about this defense and F."""
+    notes = []
+    if "f" in opts and opts["f"] != corrupt:
+        notes.append(f"{spec.name} is set to tolerate f={opts['f']}, but {corrupt} site(s) are corrupted")
+    try:
+        from medfed.server.robust import ROBUST_AGGREGATORS, assumption_violations
+    except ImportError:  # robust aggregation not installed in this tree: nothing to check
+        return notes
+    if spec.name not in ROBUST_AGGREGATORS:
+        return notes
+    options = {"f": corrupt, **{k: v for k, v in opts.items() if not isinstance(v, dict)}}
+    try:
+        for text in assumption_violations(spec.name, n_sites, **options):
+            notes.append(text if text.startswith(spec.name) else f"{spec.name}: {text}")
+    except ConfigError as exc:
+        notes.append(f"{spec.name}: assumptions not checked ({exc})")
+    return notes
+
+
+def _metric_values(metrics: dict[str, Metric]) -> dict[str, float | None]:
+    return {m: metrics[m].value for m in METRICS}
+
+
+def _evaluate(model, params, y_tests, tests, clean: list[int], names: list[str]) -> tuple[dict, dict]:
+    """Pooled metrics over the clean sites' test rows, and each clean site's own."""
+    scores = {j: model.predict_proba(params, tests[j]) for j in clean}
+    pooled = binary_metrics(np.concatenate([y_tests[j] for j in clean]), np.concatenate([scores[j] for j in clean]))
+    per_site = {names[j]: binary_metrics(y_tests[j], scores[j]) for j in clean}
+    return pooled, per_site
+
+
+def _audit_repeat(config, attack: Attack, federation, methods, repeat: int, progress) -> tuple[list[str], list[dict]]:
+    """One repeat: split, choose the corrupted sites, train every defense clean and attacked."""
+    model = LogisticRegression()
+    t = config.training
+    names = list(federation.site_names)
+    sites = prepare_repeat(federation, config, repeat)
+    train, tests = _Scaled(sites, config.scaling)(tuple(range(len(sites))))
+    corrupted = choose_corrupted(names, attack.corrupt, config.seed, repeat)
+    clean = [j for j, s in enumerate(names) if s not in corrupted]
+    poisoned = list(train)
+    if attack.kind in DATA_ATTACKS:
+        for j, s in enumerate(names):
+            if s in corrupted:
+                rng = KeyedRng(config.seed, (LABEL_STREAM, repeat, name_key(s)))
+                poisoned[j] = corrupt_data(train[j], attack.kind, rng, rate=attack.rate)
+    local = LocalTraining(model, t.lr, t.local_steps, t.batch_size, t.l2)
+    y_tests = [s.y_test for s in sites]
+    context = context_for(names, config.seed)
+    records = []
+    for spec, opts in methods:
+        record: dict[str, Any] = {"repeat": repeat}
+        for condition in CONDITIONS:
+            if progress:
+                progress(f"repeat {repeat + 1}/{config.repeats}: {spec.display} ({condition})")
+            algorithm = spec.build(opts, t, context)
+            data = train
+            if condition == "attacked":
+                if attack.kind in DATA_ATTACKS:
+                    data = poisoned
+                else:
+                    rule = corrupt_rule(
+                        algorithm.local_update, attack.kind, scale=attack.scale, sigma=attack.sigma, sites=corrupted
+                    )
+                    algorithm = dataclasses.replace(algorithm, local_update=rule)
+            try:
+                # clean and attacked draw the same numbers: the attack is the only difference
+                run = run_federated(
+                    algorithm, model.init(train[0].X.shape[1]), data, local, spec.rounds(t),
+                    KeyedRng(config.seed, (TRAIN_STREAM, repeat, name_key(spec.name))),
+                    fraction=t.fraction_fit, min_sites=t.min_sites, max_update_norm=t.max_update_norm,
+                )
+            except ConfigError as exc:  # the defense refused a round: its assumption does not hold
+                record[condition] = {"computable": False, "reason": str(exc)}
+                continue
+            pooled, per_site = _evaluate(model, run.params, y_tests, tests, clean, names)
+            record[condition] = {
+                "computable": True,
+                "reason": None,
+                "pooled": pooled,
+                "sites": per_site,
+                "rejected_uploads": sum(len(r.rejected) for r in run.history),
+                "skipped_rounds": sum(r.skipped is not None for r in run.history),
+                "example_rejection": next((f"round {r.round}: {s}: {why}" for r in run.history
+                                           for s, why in r.rejected.items()), None),
+            }
+        records.append(record)
+    return corrupted, records
+
+
+def _condition_metrics(records: list[dict], condition: str) -> dict[str, list[Metric]]:
+    out: dict[str, list[Metric]] = {m: [] for m in METRICS}
+    for rec in records:
+        c = rec[condition]
+        for m in METRICS:
+            out[m].append(c["pooled"][m] if c["computable"] else Metric(None, f"not computable: {c['reason']}"))
+    return out
+
+
+def _drop(clean: list[Metric], attacked: list[Metric]) -> list[Metric]:
+    out = []
+    for a, b in zip(clean, attacked):
+        if a.value is None or b.value is None:
+            out.append(Metric(None, a.reason or b.reason))
+        else:
+            out.append(Metric(a.value - b.value))
+    return out
+
+
+def _defense_row(spec: MethodSpec, opts: dict, records: list[dict], notes: list[str]) -> dict[str, Any]:
+    metrics = {c: _condition_metrics(records, c) for c in CONDITIONS}
+    notes = list(notes)
+    failures = {}  # (repeats, reasons) -> conditions, so a defense that never runs gets one note
+    for condition in CONDITIONS:
+        failed = [r for r in records if not r[condition]["computable"]]
+        if failed:
+            key = (", ".join(str(r["repeat"] + 1) for r in failed),
+                   "; ".join(sorted({r[condition]["reason"] for r in failed})))
+            failures.setdefault(key, []).append(condition)
+    for (which, reasons), conditions in failures.items():
+        notes.append(f"{spec.display} ({' and '.join(conditions)}): not computable in repeat(s) {which}: {reasons}")
+    for condition in CONDITIONS:
+        done = [r[condition] for r in records if r[condition]["computable"]]
+        rejected = sum(c["rejected_uploads"] for c in done)
+        if rejected:
+            example = next(c["example_rejection"] for c in done if c["example_rejection"])
+            notes.append(f"{spec.display} ({condition}): the server rejected {rejected} upload(s), e.g. {example}")
+        skipped = sum(c["skipped_rounds"] for c in done)
+        if skipped:
+            notes.append(f"{spec.display} ({condition}): {skipped} round(s) left the global model unchanged")
+
+    def repeat_view(r: dict) -> dict[str, Any]:
+        view: dict[str, Any] = {"repeat": r["repeat"]}
+        for c in CONDITIONS:
+            cond = r[c]
+            if cond["computable"]:
+                view[c] = {
+                    "computable": True,
+                    "pooled": _metric_values(cond["pooled"]),
+                    "sites": {s: _metric_values(v) for s, v in cond["sites"].items()},
+                    "rejected_uploads": cond["rejected_uploads"],
+                    "skipped_rounds": cond["skipped_rounds"],
+                }
+            else:
+                view[c] = {"computable": False, "reason": cond["reason"]}
+        return view
+
+    return {
+        "name": spec.name,
+        "display": spec.display,
+        "reference": spec.reference,
+        "uploads": spec.uploads or None,
+        "options": opts,
+        "computable": {c: any(r[c]["computable"] for r in records) for c in CONDITIONS},
+        "clean": {m: summarize(metrics["clean"][m]) for m in METRICS},
+        "attacked": {m: summarize(metrics["attacked"][m]) for m in METRICS},
+        "drop": {m: summarize(_drop(metrics["clean"][m], metrics["attacked"][m])) for m in METRICS},
+        "notes": notes,
+        "per_repeat": [repeat_view(r) for r in records],
+    }
+
+
+def run_robustness_audit(
+    config: ExperimentConfig,
+    attack: Attack,
+    *,
+    federation: Federation | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the audit and return its results document (JSON-serializable).
+
+    ``config`` gives the data, the defenses (``config.methods``, federated method names, with
+    ``config.method_options``), the shared training settings, the repeats, the seed, the split
+    and the scaling; ``loso``, ``eval_every``, ``plots`` and ``workers`` are not used. A
+    defense's ``f`` option (krum, multikrum, bulyan) is set to ``attack.corrupt`` unless
+    ``config.method_options`` sets it. ``federation`` skips loading ``config.data`` again.
+    """
+    started = time.perf_counter()
+    federation = federation if federation is not None else load_federation(config.data)
+    names = list(federation.site_names)
+    if attack.corrupt >= len(names):
+        raise ConfigError(
+            f"corrupt must be smaller than the number of sites ({len(names)} in {federation.name!r}), "
+            f"got {attack.corrupt}: clean sites are needed to evaluate on"
+        )
+    methods = _defense_options(resolve_methods(config.methods, config.method_options), config.method_options,
+                               attack.corrupt)
+    assumptions = [_assumption_notes(spec, opts, len(names), attack.corrupt) for spec, opts in methods]
+
+    corrupted_sites = []
+    records: list[list[dict]] = [[] for _ in methods]
+    for repeat in range(config.repeats):
+        corrupted, per_defense = _audit_repeat(config, attack, federation, methods, repeat, progress)
+        corrupted_sites.append(corrupted)
+        for i, rec in enumerate(per_defense):
+            records[i].append(rec)
+
+    summary, reference = ATTACK_SUMMARIES[attack.kind]
+    return {
+        "audit": "robustness",
+        "dataset": federation.name,
+        "description": federation.description,
+        "attribution": federation.attribution,
+        "attack": {"kind": attack.kind, "summary": summary, "reference": reference, **attack.parameters},
+        "corrupt": attack.corrupt,
+        "corrupted_sites": corrupted_sites,
+        "sites": [{"name": s.name, "n": s.n} for s in federation.sites],
+        "evaluation": EVALUATION,
+        "seed": config.seed,
+        "repeats": config.repeats,
+        "split": "predefined" if federation.has_predefined_split
+        else f"stratified {1 - config.test_fraction:.0%}/{config.test_fraction:.0%} per site",
+        "scaling": config.scaling,
+        "std_ddof": STD_DDOF,
+        "config": config.model_dump(mode="json"),
+        "versions": _versions(),
+        "runtime_s": time.perf_counter() - started,
+        "defenses": [
+            _defense_row(spec, opts, recs, notes)
+            for (spec, opts), recs, notes in zip(methods, records, assumptions)
+        ],
+    }
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def audit_rows(doc: dict[str, Any], metrics: tuple[str, ...] = METRICS) -> tuple[list[dict[str, Any]], list[str]]:
+    """Table rows (defense, clean/attacked/drop cells per metric, note numbers) and the numbered notes.
+
+    The screen table, the Markdown and the CSV all come from the document, so they agree.
+    """
+    rows, notes = [], []
+    for d in doc["defenses"]:
+        numbers = []
+        for note in d["notes"]:
+            notes.append(note)
+            numbers.append(len(notes))
+        cells = {c: [format_metric(d[c][m]) for m in metrics] for c in ("clean", "attacked", "drop")}
+        for c in CONDITIONS:
+            if not d["computable"][c]:
+                cells[c] = ["not computable"] * len(metrics)
+        rows.append({"defense": d["display"], "cells": cells, "notes": numbers})
+    return rows, notes
+
+
+def _label(row: dict[str, Any]) -> str:
+    return row["defense"] + (f" [{', '.join(map(str, row['notes']))}]" if row["notes"] else "")
+
+
+def _heading(doc: dict[str, Any]) -> list[str]:
+    attack = doc["attack"]
+    params = ", ".join(f"{k}={attack[k]:g}" for k in ("scale", "sigma", "rate") if k in attack)
+    described = (
+        f"Attack `{attack['kind']}`{f' ({params})' if params else ''}: each corrupted site {attack['summary']} "
+        f"({attack['reference']})."
+    )
+    chosen = "; ".join(f"{i + 1}: {', '.join(s)}" for i, s in enumerate(doc["corrupted_sites"]))
+    protocol = (
+        f"Evaluated on the {doc['evaluation']}. Split: {doc['split']}, {doc['repeats']} repeat(s), "
+        f"seed {doc['seed']}; scaling: {doc['scaling']}. Mean ± sample std over repeats; "
+        "drop = clean − attacked, paired by repeat."
+    )
+    return [described, f"{doc['corrupt']} of {len(doc['sites'])} sites corrupted; per repeat: {chosen}.", protocol]
+
+
+def robustness_markdown(doc: dict[str, Any]) -> str:
+    rows, notes = audit_rows(doc)
+    lines = [f"# Robustness audit: {doc['dataset']}", "", *_heading(doc), ""]
+    lines += ["| Defense | Condition | " + " | ".join(m.upper() for m in METRICS) + " |",
+              "|---|---|" + "---|" * len(METRICS)]
+    for row in rows:
+        for c in ("clean", "attacked", "drop"):
+            lines.append(f"| {_label(row) if c == 'clean' else ''} | {c} | " + " | ".join(row["cells"][c]) + " |")
+    if notes:
+        lines += ["", *[f"[{i}] {text}" for i, text in enumerate(notes, 1)]]
+    if doc.get("attribution"):
+        lines += ["", f"Data: {doc['attribution']}"]
+    return "\n".join(lines) + "\n"
+
+
+def robustness_csv(doc: dict[str, Any]) -> str:
+    """One line per defense and condition (clean, attacked, drop), metrics as mean, std, n."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    header = ["defense", "method", "condition", "computable", "notes"]
+    for m in METRICS:
+        header += [f"{m}_mean", f"{m}_std", f"{m}_n"]
+    writer.writerow(header)
+    for d in doc["defenses"]:
+        for condition in ("clean", "attacked", "drop"):
+            computable = all(d["computable"].values()) if condition == "drop" else d["computable"][condition]
+            line = [d["display"], d["name"], condition, computable, "; ".join(d["notes"])]
+            for m in METRICS:
+                s = d[condition][m]
+                line += ["" if s["mean"] is None else repr(s["mean"]),
+                         "" if s["std"] is None else repr(s["std"]), s["n"]]
+            writer.writerow(line)
+    return buf.getvalue()
+
+
+def write_robustness_report(doc: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write ``robustness.json``, ``.csv`` and ``.md`` to ``out_dir``, all or nothing."""
+    return write_atomically(out_dir, audit_files(doc))
+
+
+def audit_files(doc: dict[str, Any]) -> dict[str, Callable[[], bytes]]:
+    """The audit's files as producers of their bytes, for :func:`~medfed.experiments.report.write_atomically`."""
+    return {
+        "robustness.json": lambda: (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode(),
+        "robustness.csv": lambda: robustness_csv(doc).encode(),
+        "robustness.md": lambda: robustness_markdown(doc).encode(),
+    }
