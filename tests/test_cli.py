@@ -176,3 +176,58 @@ def test_examples_run(tmp_path, example):
     code, text = _run(["run", str(path), "--rounds", "3", "--repeats", "1", "--no-plots", "--out", str(tmp_path)])
     assert code == 0, text
     assert (tmp_path / "results.json").exists()
+
+
+def test_every_method_name_runs_from_the_command_line_with_its_display_name(tmp_path):
+    from medfed.experiments.methods import METHODS
+
+    names = [n for n, m in METHODS.items() if m.kind == "federated"]
+    code, text = _run(["run", "--dataset", "breast-cancer", "--dataset-option", "n_sites=7",
+                       "--methods", ",".join(names), "--rounds", "3", "--local-steps", "2", "--repeats", "1",
+                       "--out", str(tmp_path / "all")])
+    assert code == 0, text
+    doc = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert {r["setting"] for r in doc["results"]} == {METHODS[n].display for n in names}
+    assert {m["name"] for m in doc["methods"]} == set(names)
+
+
+def test_common_method_flags_reach_every_method_that_takes_them(tmp_path):
+    code, text = _run(["run", "--dataset", "adni-like", "--methods", "fedadam,fedyogi,fedprox,krum",
+                       "--server-lr", "0.02", "--mu", "0.3", *FAST, "--out", str(tmp_path / "o")])
+    assert code == 2 and "--byzantine" not in text  # krum needs K > 2f + 2 = 4 sites; adni-like has 2
+    code, text = _run(["run", "--dataset", "adni-like", "--methods", "fedadam,fedyogi,fedprox",
+                       "--server-lr", "0.02", "--mu", "0.3", *FAST, "--out", str(tmp_path / "o")])
+    assert code == 0, text
+    options = json.loads((tmp_path / "o" / "results.json").read_text())["config"]["method_options"]
+    assert options == {"fedadam": {"server_lr": 0.02}, "fedyogi": {"server_lr": 0.02}, "fedprox": {"mu": 0.3}}
+    code, text = _run(["run", "--dataset", "adni-like", "--methods", "fedavg", "--byzantine", "1", *FAST,
+                       "--out", str(tmp_path / "p")])
+    assert code == 2 and "--byzantine sets an option of krum, multikrum, bulyan" in text
+
+
+def test_server_rejections_are_reported_on_screen_and_in_the_markdown(tmp_path):
+    code, text = _run(["run", "--dataset", "heart-disease", "--methods", "fedavg", "--max-update-norm", "0.05",
+                       *FAST, "--out", str(tmp_path / "n")])
+    assert code == 0, text
+    assert "the server rejected" in text and "exceeds the bound 0.05" in text
+    assert "the server rejected" in (tmp_path / "n" / "table.md").read_text()
+
+
+def test_loso_flag_adds_an_unseen_site_block(tmp_path):
+    code, text = _run(["run", "--dataset", "adni-like", "--methods", "mix,fedavg", "--loso", *FAST,
+                       "--out", str(tmp_path / "l")])
+    assert code == 0, text
+    doc = json.loads((tmp_path / "l" / "results.json").read_text())
+    loso = [r for r in doc["results"] if r["evaluation"] == "loso"]
+    assert len(loso) == 4 and all(r["train_site"] is None for r in loso)
+    assert "ADNI-1 (unseen)" in text
+
+
+def test_methods_lists_every_name_with_display_and_reference():
+    from medfed.experiments.methods import METHODS
+
+    result = subprocess.run([sys.executable, "-m", "medfed.cli.app", "methods"], capture_output=True, text=True,
+                            env={"COLUMNS": "400", "PATH": ""}, check=True)
+    for m in METHODS.values():
+        line = next((ln for ln in result.stdout.splitlines() if f" {m.name} " in ln), None)
+        assert line is not None and m.display in line and m.reference.split(",")[0] in line, m.name

@@ -83,6 +83,10 @@ def render_table(doc: dict[str, Any]) -> None:
     console.print(table)
     for i, note in enumerate(notes, 1):
         console.print(f"[dim][{i}] {note}[/]", highlight=False)
+    from medfed.experiments.results import server_note_lines
+
+    for line in server_note_lines(doc):
+        console.print(f"[yellow]server:[/] {line}", highlight=False, soft_wrap=True)
     for w in doc["warnings"]:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.experiments.metrics import METRICS
-from medfed.experiments.results import table_rows
+from medfed.experiments.results import server_note_lines, table_rows
 
 
 def results_csv(doc: dict[str, Any]) -> str:
@@ -56,6 +56,9 @@ def results_markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {row['test_site']} | {label} | " + " | ".join(row["cells"]) + " |")
     if footnotes:
         lines += ["", *[f"[{i}] {text}" for i, text in enumerate(footnotes, 1)]]
+    server = server_note_lines(doc)
+    if server:
+        lines += ["", "Server:", *[f"- {line}" for line in server]]
     if doc["warnings"]:
         lines += ["", "Warnings:", *[f"- {w}" for w in doc["warnings"]]]
     if doc.get("attribution"):

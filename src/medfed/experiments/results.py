@@ -90,7 +90,7 @@ def results_document(run: ExperimentRun) -> dict[str, Any]:
         "features": list(fed.feature_names),
         "methods": [
             {"name": spec.name, "display": spec.display, "kind": spec.kind, "uploads": spec.uploads or None,
-             "reference": spec.reference, "options": opts}
+             "reference": spec.reference, "family": spec.family, "personal": spec.personal, "options": opts}
             for spec, opts in run.methods
         ],
         "config": config.model_dump(mode="json"),
@@ -103,6 +103,32 @@ def results_document(run: ExperimentRun) -> dict[str, Any]:
         "results": [_row(c) for c in run.cells],
         "histories": histories,
     }
+
+
+def server_note_lines(doc: dict[str, Any]) -> list[str]:
+    """One line per setting whose server refused uploads or skipped rounds, for the reader."""
+    lines = []
+    for setting, entry in doc["histories"].items():
+        notes = entry.get("server_notes")
+        if not notes:
+            continue
+        rejected: dict[str, int] = {}
+        skipped = 0
+        example = None
+        for repeat in notes:
+            for r in repeat["rounds"]:
+                skipped += r["skipped"] is not None
+                for site, reason in r["rejected"].items():
+                    rejected[site] = rejected.get(site, 0) + 1
+                    example = example or f"{site}: {reason}"
+        parts = [f"{n} upload(s) from {site}" for site, n in sorted(rejected.items())]
+        text = f"{setting}: the server rejected " + (", ".join(parts) if parts else "no uploads")
+        if skipped:
+            text += f"; {skipped} round(s) kept the global model (too few valid uploads)"
+        if example:
+            text += f" (e.g. {example})"
+        lines.append(text)
+    return lines
 
 
 def format_metric(summary: dict[str, Any], digits: int = 3) -> str:
