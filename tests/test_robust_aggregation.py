@@ -279,10 +279,10 @@ def test_a_round_with_too_few_sites_raises_config_error(aggregator, K, words):
     name = aggregator.name
     options = {"f": 2 if "f=2" in words else 1} | ({"m": 9} if "m=9" in words else {})
     notes = assumption_violations(name, K, **options)
-    assert notes and notes[0].startswith("required:")
+    assert notes and notes[0].startswith(name) and "required" in notes[0]
     # one more site (or a smaller m) and the requirement holds
     fixed = assumption_violations(name, K + 1, **options) if "m=9" not in words else assumption_violations(name, K)
-    assert not any(n.startswith("required:") for n in fixed)
+    assert not any("required" in n for n in fixed)
 
 
 def test_assumption_violations_at_the_boundaries():
@@ -304,7 +304,7 @@ def test_assumption_violations_at_the_boundaries():
     for K in range(1, 12):
         for f in range(3):
             for name in ("krum", "multikrum", "bulyan"):
-                required = any(n.startswith("required:") for n in assumption_violations(name, K, f=f))
+                required = any("required" in n for n in assumption_violations(name, K, f=f))
                 X = np.random.default_rng(K).normal(size=(K, P))
                 if required:
                     with pytest.raises(ConfigError):

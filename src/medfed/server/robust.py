@@ -438,8 +438,8 @@ def assumption_violations(name: str, n_sites: int, **options) -> list[str]:
 
     ``options`` are the method's hyperparameters (defaults as in its factory) and ``f``: for
     krum, multikrum and bulyan the f they are built with, for median, trimmed_mean and dos
-    the number of corrupted sites the audit assumes (default 0). A note marked "required"
-    would make the aggregator raise ConfigError in a round with that many sites; the others
+    the number of corrupted sites the audit assumes (default 0). The first note, marked
+    "required", appears when a round with that many sites would raise ConfigError; the others
     say where the robustness guarantee does not cover ``f`` corrupted sites. Unknown names,
     unknown options and bad values raise ConfigError.
     """
@@ -475,5 +475,5 @@ def assumption_violations(name: str, n_sites: int, **options) -> list[str]:
         if name == "dos" and hard is None and K < 3:
             notes.append(f"dos with K={K} < 3 sites cannot single out an outlier: all weights are equal")
     if hard is not None:
-        notes.insert(0, f"required: {hard}")
+        notes.insert(0, f"{hard} (required: a round with these sites raises ConfigError)")
     return notes
