@@ -316,6 +316,8 @@ def run_robustness_audit(
         )
     methods = _defense_options(resolve_methods(config.methods, config.method_options), config.method_options,
                                attack.corrupt)
+    for spec, opts in methods:  # bad hyperparameters fail here, before any training
+        spec.build(opts, config.training, context_for(names, config.seed))
     assumptions = [_assumption_notes(spec, opts, len(names), attack.corrupt) for spec, opts in methods]
 
     corrupted_sites = []
