@@ -10,7 +10,7 @@ sigmoid as ``(1 + tanh(z / 2)) / 2``, both finite for any finite z.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -88,17 +88,28 @@ class LogisticRegression:
         *,
         prox_center: Params | None = None,
         mu: float = 0.0,
+        correction: Params | None = None,
+        row_weights: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> tuple[dict[str, np.ndarray], float]:
         """Gradient descent, one step per entry of ``batches`` (row indices, ``None`` = all rows).
 
-        Returns the new parameters and the full-batch objective at the start. With
-        ``prox_center`` and ``mu > 0`` each step adds FedProx's ``mu * (theta - center)``.
+        Returns the new parameters and the full-batch objective at the start (always the
+        plain, unweighted objective). Optional terms, each costing nothing when not given:
+
+        - ``prox_center`` and ``mu > 0``: each step adds FedProx's ``mu * (theta - center)``.
+        - ``correction``: a constant (parameter view) added to every step's gradient
+          (SCAFFOLD's ``c - c_i``).
+        - ``row_weights(y_batch) -> (B,)``: each row's weight in the batch's mean loss, from
+          the batch's labels (FedSLD's label-distribution weights).
+
         The loop works on the weight vector and a float bias directly: it is the hot path
         of every simulated round, so it does no more numpy calls than a hand-written loop.
         """
         w = np.array(params["weight"], dtype=np.float64, copy=True)
         b = float(params["bias"][0])
         cw, cb = (prox_center["weight"], float(prox_center["bias"][0])) if mu else (None, 0.0)
+        # the correction is constant over the steps: scale it by lr once
+        kw, kb = (lr * correction["weight"], float(correction["bias"][0])) if correction is not None else (None, 0.0)
         start_loss = None
         for rows in batches:
             Xb, yb = (X, y) if rows is None else (X[rows], y[rows])
@@ -111,6 +122,8 @@ class LogisticRegression:
                 )
             residual = sigmoid(z)
             residual -= yb
+            if row_weights is not None:
+                residual *= row_weights(yb)
             n = Xb.shape[0]
             g_w = Xb.T @ residual
             g_w *= lr / n
@@ -120,6 +133,9 @@ class LogisticRegression:
             if mu:
                 g_w += (lr * mu) * (w - cw)
                 g_b += mu * (b - cb)
+            if kw is not None:
+                g_w += kw
+                g_b += kb
             w -= g_w
             b -= lr * g_b
         if start_loss is None:  # zero steps

@@ -1,0 +1,176 @@
+"""Client rules against heterogeneity across sites (survey §3.2): drift, labels, compute.
+
+- SCAFFOLD (Karimireddy et al., 2020): control variates correct each local gradient.
+- FedSLD (Luo & Wu, 2022): each batch's loss is reweighted to the federation's label distribution.
+- Semi-synchronous training (Stripelis et al., 2021): each site runs as many local steps as
+  fit a shared time budget, by its speed and data size.
+
+Each is a local update rule ``(global_params, data, config, client_state, rng, **message) ->
+(Upload, client_state)``; ``message`` is what the server broadcasts with the global model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from medfed.client.local import LocalData, LocalTraining, _batches, sgd_steps
+from medfed.client.upload import Upload
+from medfed.errors import ConfigError
+from medfed.models.logistic import Params
+from medfed.rng import KeyedRng
+
+
+def _descend(params: Params, data: LocalData, config: LocalTraining, rng: KeyedRng, **terms):
+    """:func:`sgd_steps` with the model's optional gradient terms (``correction``, ``row_weights``)."""
+    batches = _batches(data.n, config.batch_size, config.steps, rng)
+    return config.model.descend(params, data.X, data.y, batches, config.lr, config.l2, **terms)
+
+
+def _delta(trained: Mapping[str, np.ndarray], global_params: Params) -> dict[str, np.ndarray]:
+    return {k: trained[k] - global_params[k] for k in global_params}
+
+
+# --- SCAFFOLD ---------------------------------------------------------------------------
+
+
+def scaffold_update(
+    global_params: Params,
+    data: LocalData,
+    config: LocalTraining,
+    state: Any,
+    rng: KeyedRng,
+    *,
+    server_control: Params,
+) -> tuple[Upload, dict[str, np.ndarray]]:
+    """SCAFFOLD's client (Karimireddy et al., 2020), option II.
+
+    Each local step follows the corrected gradient ``g(y) - c_i + c``, which cancels the
+    site's drift away from the federation's direction; then ``c_i+ = c_i - c + (x - y)/(K lr)``.
+    The site's control variate ``c_i`` is its client state and never leaves it: the upload
+    holds the model delta ``y - x`` and ``extras["control_delta"] = c_i+ - c_i`` only.
+    """
+    steps = config.steps
+    if steps < 1:
+        raise ConfigError(f"scaffold needs at least one local step, got {steps}")
+    own = state if state is not None else {k: np.zeros_like(v, dtype=np.float64) for k, v in global_params.items()}
+    correction = {k: server_control[k] - own[k] for k in global_params}
+    trained, loss = _descend(global_params, data, config, rng, correction=correction)
+    scale = 1.0 / (steps * config.lr)
+    new_own = {k: own[k] - server_control[k] + (global_params[k] - trained[k]) * scale for k in global_params}
+    extras = {"control_delta": {k: new_own[k] - own[k] for k in global_params}}
+    return Upload(data.name, _delta(trained, global_params), data.n, "delta", {"loss": loss}, extras), new_own
+
+
+# --- FedSLD -----------------------------------------------------------------------------
+
+
+def label_counts(y: np.ndarray) -> np.ndarray:
+    """Rows of class 0 and of class 1, as floats (what a FedSLD site shares about its labels)."""
+    positives = float(np.count_nonzero(y >= 0.5))
+    return np.array([y.shape[0] - positives, positives])
+
+
+def batch_label_weights(prior: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """FedSLD's row weights for a batch: ``P(y = c) / p_b(y = c)`` for a row of class c.
+
+    ``P`` is the federation's label distribution and ``p_b`` the batch's own; the weighted
+    batch loss then counts each class in the federation's proportion. When the batch's
+    distribution equals the federation's every weight is exactly 1 (both are ratios of
+    whole numbers, so equal proportions give equal floats): plain cross-entropy. A class
+    absent from the federation's counts weighs 0.
+    """
+    p0, p1 = float(prior[0]), float(prior[1])
+
+    def weights(yb: np.ndarray) -> np.ndarray:
+        rows = yb.shape[0]
+        positive = yb >= 0.5
+        pos = float(np.count_nonzero(positive))
+        w1 = p1 / (pos / rows) if pos else 0.0
+        w0 = p0 / ((rows - pos) / rows) if pos < rows else 0.0
+        return np.where(positive, w1, w0)
+
+    return weights
+
+
+def fedsld_update(
+    global_params: Params,
+    data: LocalData,
+    config: LocalTraining,
+    state: Any,
+    rng: KeyedRng,
+    *,
+    label_prior: np.ndarray | None = None,
+) -> tuple[Upload, Any]:
+    """FedSLD's client (Luo & Wu, 2022): cross-entropy weighted by each batch's label
+    distribution relative to the federation's (:func:`batch_label_weights`).
+
+    The site's label counts leave it (``extras["label_counts"]``, every round, two numbers)
+    so the server can broadcast the federation's distribution ``label_prior``. Until the
+    server has heard any counts (the first round) the loss is plain cross-entropy. The
+    reported ``loss`` is the plain, unweighted loss of the global model. Uploads the delta.
+    """
+    weights = None if label_prior is None else batch_label_weights(label_prior)
+    trained, loss = _descend(global_params, data, config, rng, row_weights=weights)
+    extras = {"label_counts": label_counts(data.y)}
+    return Upload(data.name, _delta(trained, global_params), data.n, "delta", {"loss": loss}, extras), state
+
+
+# --- semi-synchronous -------------------------------------------------------------------
+
+
+def batch_rows(data: LocalData, config: LocalTraining) -> int:
+    """Rows one local step processes at this site (its whole data when full-batch)."""
+    return data.n if config.batch_size is None else min(config.batch_size, data.n)
+
+
+def semisync_steps(budget: float, speed: float, rows: int) -> int:
+    """Local steps that fit ``budget`` seconds at ``speed`` examples per second, ``rows`` per step.
+
+    ``max(1, floor(budget * speed / rows))``; a step that fits to within floating-point
+    rounding (relative 1e-12) counts as fitting, so a budget made of whole steps gives them all.
+    """
+    return max(1, math.floor(budget * speed / rows * (1.0 + 1e-12)))
+
+
+def check_speeds(speeds: Mapping[str, float], site_names: Sequence[str]) -> dict[str, float]:
+    """Validate a per-site speed table: known site names, positive finite speeds."""
+    known = list(site_names)
+    out = {}
+    for site, speed in speeds.items():
+        if site not in known:
+            raise ConfigError(f"semisync: speeds names unknown site {site!r}; the training sites are {', '.join(known)}")
+        if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not math.isfinite(speed) or speed <= 0:
+            raise ConfigError(f"semisync: the speed of site {site!r} must be a positive number (examples per second), got {speed!r}")
+        out[site] = float(speed)
+    return out
+
+
+def semisync_update(
+    global_params: Params,
+    data: LocalData,
+    config: LocalTraining,
+    state: Any,
+    rng: KeyedRng,
+    *,
+    speeds: Mapping[str, float],
+    budget: float | None = None,
+) -> tuple[Upload, Any]:
+    """Semi-synchronous training's client (Stripelis et al., 2021).
+
+    The site runs :func:`semisync_steps` local steps (FedAvg's client otherwise): a faster
+    site, or one with fewer rows per step, does more within the round's ``budget`` seconds.
+    ``speeds`` maps a site to examples per second (missing: 1.0). Without a budget yet (the
+    first round, before the server knows each site's time per step) it runs ``config.steps``.
+    Metrics add ``local_steps`` (run this round) and ``sync_seconds`` (the time the site
+    needs for ``config.steps`` steps, from which the server sets the budget); both leave the site.
+    """
+    speed = float(speeds.get(data.name, 1.0))
+    rows = batch_rows(data, config)
+    steps = config.steps if budget is None else semisync_steps(budget, speed, rows)
+    trained, loss = sgd_steps(global_params, data, config, rng, steps=steps)
+    metrics = {"loss": loss, "local_steps": float(steps), "sync_seconds": config.steps * rows / speed}
+    return Upload(data.name, _delta(trained, global_params), data.n, "delta", metrics), state

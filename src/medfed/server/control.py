@@ -1,0 +1,123 @@
+"""Server steps that keep what the server sends back down to the sites (survey §3.2 client end).
+
+Some client-end methods need the server to hold a small piece of state and broadcast it
+with the global model: SCAFFOLD's control variate, the federation's label distribution
+(FedSLD), the semi-synchronous round's time budget. Each is an :class:`Aggregator` step that
+reads the round's stacked uploads (their ``extras`` or ``metrics``), updates its state and
+passes the stack on unchanged to the reducing step; the method's ``broadcast`` reads the
+state. Put the step first in the chain so that ``broadcast`` finds it at ``state[0]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from medfed.errors import ConfigError
+from medfed.server.aggregate import Aggregator, StackedUploads
+
+
+def _needs(stack: StackedUploads, source: str, key: str, step: str) -> None:
+    table = stack.extras if source == "extras" else stack.metrics
+    if key not in table:
+        raise ConfigError(f"{step} needs every site to upload {source} {key!r}; this round's uploads have {sorted(table)}")
+
+
+def scaffold_control(n_sites: int) -> Aggregator:
+    """SCAFFOLD's server control variate (Karimireddy et al., 2020): ``c <- c + (|S|/N) mean(dc_i)``.
+
+    State ``c`` (parameter view) starts at zero. Sites upload only ``extras["control_delta"]``
+    (their ``c_i^+ - c_i``); with ``N = n_sites`` sites in the federation, ``c`` stays the plain
+    mean of all sites' ``c_i`` under partial participation. Sites weigh equally, as in the
+    paper. The stack passes through unchanged.
+    """
+    if not isinstance(n_sites, (int, np.integer)) or n_sites < 1:
+        raise ConfigError(f"scaffold_control: n_sites must be a positive whole number, got {n_sites!r}")
+
+    def init(global_params):
+        return {k: np.zeros_like(np.asarray(v, dtype=np.float64)) for k, v in global_params.items()}
+
+    def apply(stack: StackedUploads, control, global_params, round_):
+        _needs(stack, "extras", "control_delta", "scaffold_control")
+        if len(stack.sites) > n_sites:
+            raise ConfigError(f"scaffold_control was built for {n_sites} sites but {len(stack.sites)} uploaded")
+        deltas = stack.extras["control_delta"]
+        # (|S| / N) * mean over S == sum over S / N
+        new = {k: control[k] + deltas[k].sum(axis=0) / n_sites for k in control}
+        return stack, new, None
+
+    return Aggregator(init, apply, "scaffold_control")
+
+
+def site_mean() -> Aggregator:
+    """Plain mean of the stacked payloads, every site weighing 1 (SCAFFOLD's server average).
+
+    Does not depend on the order of the sites; equals :func:`weighted_mean` when all sites
+    hold the same number of examples.
+    """
+
+    def apply(stack: StackedUploads, state, global_params, round_):
+        return {k: v.mean(axis=0) for k, v in stack.payload.items()}, state, None
+
+    return Aggregator(lambda global_params: None, apply, "site_mean")
+
+
+def label_distribution() -> Aggregator:
+    """Collects the sites' label counts for FedSLD (Luo & Wu, 2022).
+
+    State: ``{site: counts}``, the latest counts each site uploaded in ``extras["label_counts"]``
+    (so a site counted once however often it takes part). :func:`federation_label_prior`
+    turns it into the federation's label distribution, which the server broadcasts.
+    """
+
+    def apply(stack: StackedUploads, table, global_params, round_):
+        _needs(stack, "extras", "label_counts", "label_distribution")
+        table = dict(table)
+        for site, counts in zip(stack.sites, stack.extras["label_counts"]):
+            table[site] = np.asarray(counts, dtype=np.float64)
+        return stack, table, None
+
+    return Aggregator(lambda global_params: {}, apply, "label_distribution")
+
+
+def federation_label_prior(table: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The federation's label distribution from ``{site: counts}``; ``None`` before any site reported.
+
+    Counts are whole numbers, so their sum is exact in any order of the sites.
+    """
+    if not table:
+        return None
+    total = np.sum([table[s] for s in sorted(table)], axis=0)
+    return total / total.sum()
+
+
+def time_budget(budget: float = 0.0) -> Aggregator:
+    """The semi-synchronous round's time budget (Stripelis et al., 2021).
+
+    State ``(budget, {site: sync_seconds})``. A positive ``budget`` (seconds) is fixed; ``0``
+    means the time the slowest site known so far needs for the synchronous number of local
+    steps, learned from the ``sync_seconds`` each site reports in its metrics (so it is
+    ``None``, and sites run the synchronous steps, until the first round's reports are in).
+    The report maps each site to the local steps it ran this round.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not np.isfinite(budget) or budget < 0:
+        raise ConfigError(f"time_budget: budget must be >= 0 seconds (0 = the slowest site's time), got {budget!r}")
+
+    def init(global_params):
+        return (float(budget) if budget > 0 else None, {})
+
+    def apply(stack: StackedUploads, state, global_params, round_):
+        _needs(stack, "metrics", "sync_seconds", "time_budget")
+        current, table = state
+        table = dict(table)
+        for site, seconds in zip(stack.sites, stack.metrics["sync_seconds"]):
+            table[site] = float(seconds)
+        if budget == 0:
+            current = max(table.values())
+        report = None
+        if "local_steps" in stack.metrics:
+            report = {site: float(s) for site, s in zip(stack.sites, stack.metrics["local_steps"])}
+        return stack, (current, table), report
+
+    return Aggregator(init, apply, "time_budget")
