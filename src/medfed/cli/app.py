@@ -12,11 +12,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from medfed.cli.audit import audit_app
-from medfed.errors import ConfigError, MedfedError
+from medfed.cli.common import (
+    _guard,
+    _parse_options,
+    _split_list,
+    console,
+    err_console,
+    parse_method_options,
+)
+from medfed.errors import ConfigError
 
 app = typer.Typer(
     add_completion=False,
@@ -25,39 +32,6 @@ app = typer.Typer(
     help="medfed: federated learning for medical image analysis (Guan & Liu's survey, measured).",
 )
 app.add_typer(audit_app, name="audit", help="Audits under attack: `medfed audit robustness` compares defenses.")
-# outside a terminal (CI logs, pipes) rich would wrap at 80 columns and split the table cells
-console = Console(width=None if sys.stdout.isatty() else 140)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
-
-
-def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-def _parse_value(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
-def _parse_options(items: list[str] | None, flag: str) -> dict[str, Any]:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"{flag} takes KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = _parse_value(value.strip())
-    return out
-
-
-def _split_list(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def render_table(doc: dict[str, Any]) -> None:
@@ -150,13 +124,6 @@ def method_flag_options(names: list[str] | None, flags: dict[str, tuple[str, Any
         for name in takers:
             out.setdefault(name, {})[option] = value
     return out
-
-
-def _guard(fn, *args):
-    try:
-        return fn(*args)
-    except MedfedError as exc:
-        _fail(str(exc))
 
 
 MethodsOpt = Annotated[
@@ -254,11 +221,8 @@ def run(
         if training:
             over["training"] = training
         method_opts: dict[str, dict[str, Any]] = {}
-        for key, value in _parse_options(method_option, "--method-option").items():
-            if "." not in key:
-                raise ConfigError(f"--method-option takes METHOD.KEY=VALUE, got {key!r}")
-            name, opt = key.split(".", 1)
-            method_opts.setdefault(name, {})[opt] = value
+        for name, opts in parse_method_options(method_option).items():
+            method_opts.setdefault(name, {}).update(opts)
         if method_opts:
             over["method_options"] = method_opts
         for key, value in [("methods", _split_list(methods)), ("repeats", repeats), ("seed", seed),

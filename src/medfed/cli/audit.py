@@ -1,8 +1,6 @@
 """``medfed audit``: audits of a federation under attack. ``medfed audit robustness`` compares
 defenses with and without F corrupted sites (:mod:`medfed.experiments.audit`).
 
-The shared helpers of :mod:`medfed.cli.app` are imported inside the command: ``app.py``
-registers this sub-app at import time, so a module-level import would be circular.
 """
 
 from __future__ import annotations
@@ -13,6 +11,15 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+
+from medfed.cli.common import (
+    _guard,
+    _parse_options,
+    _split_list,
+    console,
+    err_console,
+    parse_method_options,
+)
 
 audit_app = typer.Typer(
     add_completion=False,
@@ -25,22 +32,8 @@ audit_app = typer.Typer(
 SCREEN_METRICS = ("acc", "auc")
 
 
-def _method_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
-    from medfed.cli.app import _parse_options
-    from medfed.errors import ConfigError
-
-    out: dict[str, dict[str, Any]] = {}
-    for key, value in _parse_options(items, "--method-option").items():
-        if "." not in key:
-            raise ConfigError(f"--method-option takes METHOD.KEY=VALUE, got {key!r}")
-        name, opt = key.split(".", 1)
-        out.setdefault(name, {})[opt] = value
-    return out
-
-
 def render_audit(doc: dict[str, Any]) -> None:
     """The audit's headline table (defense | clean | attacked | drop) with numbered notes below."""
-    from medfed.cli.app import console
     from medfed.experiments.audit import audit_rows
 
     attack = doc["attack"]
@@ -72,7 +65,6 @@ def execute_audit(values: dict[str, Any], attack_values: dict[str, Any], out: Pa
     """Validate, run with a progress bar, write the three files atomically, render; return the doc."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from medfed.cli.app import console, err_console
     from medfed.experiments.audit import (
         Attack,
         run_robustness_audit,
@@ -130,7 +122,6 @@ def robustness(
     method_option: Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALUE, e.g. krum.f=1")] = None,
 ) -> None:
     """Each defense's clean-site metrics with and without F corrupted sites."""
-    from medfed.cli.app import _guard, _parse_options, _split_list
 
     def build() -> tuple[dict[str, Any], dict[str, Any]]:
         from medfed.experiments.audit import default_defenses
@@ -138,7 +129,7 @@ def robustness(
         values: dict[str, Any] = {
             "data": {"dataset": dataset, "options": _parse_options(dataset_option, "--dataset-option")},
             "methods": _split_list(defenses) if defenses is not None else default_defenses(),
-            "method_options": _method_options(method_option),
+            "method_options": parse_method_options(method_option),
             "repeats": repeats,
             "seed": seed,
         }
