@@ -7,6 +7,7 @@ from scipy.optimize import minimize
 
 from medfed.client import LocalData, LocalTraining, sgd_steps
 from medfed.client.drift import batch_label_weights, semisync_steps
+from medfed.client.personal import apfl_update
 from medfed.comm import UploadBoundary
 from medfed.engine import run_federated
 from medfed.errors import ConfigError
@@ -16,6 +17,7 @@ from medfed.experiments.methods import METHODS
 from medfed.experiments.spec import BuildContext
 from medfed.models import LogisticRegression
 from medfed.rng import KeyedRng
+from medfed.server.control import federation_label_prior
 
 MODEL = LogisticRegression()
 SPECS = {m.name: m for m in CLIENT_METHODS}
@@ -178,8 +180,6 @@ def test_fedsld_reweights_skewed_labels_to_the_federation_distribution():
     run = _run(_build("fedsld", sites=sites), sites, training, 4, boundary=UploadBoundary([spy]))
     # label counts (and nothing else extra) leave the site; the server's prior is the pooled distribution
     assert all(set(u.extras) == {"label_counts"} for u in sent)
-    from medfed.server.control import federation_label_prior
-
     np.testing.assert_allclose(federation_label_prior(run.server_state[0]), [1 - pooled, pooled], atol=1e-15)
     # with skewed sites the weighted loss changes the result
     fedavg = _run(_fedavg(), sites, training, 4)
@@ -282,8 +282,6 @@ def test_apfl_alpha_zero_is_fedavg_and_alpha_one_is_local_training():
         alone, _ = sgd_steps(MODEL.init(4), s, training, KeyedRng(0), steps=30)
         _assert_params(one.personal[s.name], alone, atol=1e-12)
     # v's step is the chain rule through the mixture: lr * alpha * grad f(alpha v + (1 - alpha) w)
-    from medfed.client.personal import apfl_update
-
     g0 = {"weight": np.array([0.2, -0.1, 0.0, 0.3]), "bias": np.array([0.1])}
     v0 = {"weight": np.array([-0.4, 0.5, 0.1, 0.0]), "bias": np.array([-0.2])}
     one_step = LocalTraining(MODEL, 0.2, 1, None, 0.01)
