@@ -55,6 +55,7 @@ from medfed.experiments.results import STD_DDOF, _versions, format_metric, summa
 from medfed.experiments.spec import MethodSpec, context_for
 from medfed.models.logistic import LogisticRegression
 from medfed.rng import KeyedRng, name_key
+from medfed.server.robust import ROBUST_AGGREGATORS, assumption_violations
 
 CONDITIONS = ("clean", "attacked")
 CHOICE_STREAM = name_key("audit-corrupted-sites")
@@ -112,8 +113,9 @@ def choose_corrupted(site_names: list[str], corrupt: int, seed: int, repeat: int
     return [s for s in site_names if s in chosen]
 
 
-def _defense_options(methods, method_options: Mapping[str, Mapping[str, Any]], corrupt: int):
-    """Every defense must be federated; an ``f`` option the user did not set becomes F."""
+def _defense_options(methods, method_options: Mapping[str, Mapping[str, Any]], corrupt: int, n_sites: int):
+    """Every defense must be federated. Options the user did not set are sized for F: ``f``
+    becomes F, and trimmed_mean's ``beta`` cuts F updates at each end (when F < K/2)."""
     out = []
     for spec, opts in methods:
         if spec.kind != "federated":
@@ -122,8 +124,11 @@ def _defense_options(methods, method_options: Mapping[str, Mapping[str, Any]], c
                 "give federated methods (see `medfed methods`)"
             )
         opts = dict(opts)
-        if "f" in spec.defaults and "f" not in method_options.get(spec.name, {}):
+        user = method_options.get(spec.name, {})
+        if "f" in spec.defaults and "f" not in user:
             opts["f"] = corrupt
+        if spec.name == "trimmed_mean" and "beta" not in user and 2 * corrupt < n_sites:
+            opts["beta"] = (corrupt + 0.5) / n_sites  # int(beta * K) == F, away from float round-off
         out.append((spec, opts))
     return out
 
@@ -133,10 +138,6 @@ def _assumption_notes(spec: MethodSpec, opts: dict, n_sites: int, corrupt: int) 
     notes = []
     if "f" in opts and opts["f"] != corrupt:
         notes.append(f"{spec.name} is set to tolerate f={opts['f']}, but {corrupt} site(s) are corrupted")
-    try:
-        from medfed.server.robust import ROBUST_AGGREGATORS, assumption_violations
-    except ImportError:  # robust aggregation not installed in this tree: nothing to check
-        return notes
     if spec.name not in ROBUST_AGGREGATORS:
         return notes
     options = {"f": corrupt, **{k: v for k, v in opts.items() if not isinstance(v, dict)}}
@@ -314,8 +315,10 @@ def run_robustness_audit(
             f"corrupt must be smaller than the number of sites ({len(names)} in {federation.name!r}), "
             f"got {attack.corrupt}: clean sites are needed to evaluate on"
         )
-    methods = _defense_options(resolve_methods(config.methods, config.method_options), config.method_options,
-                               attack.corrupt)
+    methods = _defense_options(
+        resolve_methods(config.methods, config.method_options, config.pipelines), config.method_options,
+        attack.corrupt, len(names),
+    )
     for spec, opts in methods:  # bad hyperparameters fail here, before any training
         spec.build(opts, config.training, context_for(names, config.seed))
     assumptions = [_assumption_notes(spec, opts, len(names), attack.corrupt) for spec, opts in methods]
