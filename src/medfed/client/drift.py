@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from medfed.client.local import LocalData, LocalTraining, _batches, sgd_steps
+from medfed.client.local import LocalData, LocalTraining, batch_indices, sgd_steps
 from medfed.client.upload import Upload
 from medfed.errors import ConfigError
 from medfed.models.logistic import Params
@@ -26,7 +26,7 @@ from medfed.rng import KeyedRng
 
 def _descend(params: Params, data: LocalData, config: LocalTraining, rng: KeyedRng, **terms):
     """:func:`sgd_steps` with the model's optional gradient terms (``correction``, ``row_weights``)."""
-    batches = _batches(data.n, config.batch_size, config.steps, rng)
+    batches = batch_indices(data.n, config.batch_size, config.steps, rng)
     return config.model.descend(params, data.X, data.y, batches, config.lr, config.l2, **terms)
 
 

@@ -42,7 +42,7 @@ class LocalTraining:
     l2: float = 0.0
 
 
-def _batches(n: int, batch_size: int | None, steps: int, rng: KeyedRng):
+def batch_indices(n: int, batch_size: int | None, steps: int, rng: KeyedRng):
     """Row indices of each step: full batch, or epochs of a fresh permutation cut into batches."""
     if batch_size is None or batch_size >= n:
         for _ in range(steps):
@@ -79,7 +79,7 @@ def sgd_steps(
         params,
         data.X,
         data.y,
-        _batches(data.n, config.batch_size, steps, rng),
+        batch_indices(data.n, config.batch_size, steps, rng),
         config.lr,
         config.l2,
         prox_center=prox_center,
@@ -134,7 +134,7 @@ def fedsgd_gradient(
     if config.batch_size is None or config.batch_size >= data.n:
         grads, loss = model.gradient(global_params, data.X, data.y, config.l2, with_loss=True)
     else:
-        rows = next(_batches(data.n, config.batch_size, 1, rng))
+        rows = next(batch_indices(data.n, config.batch_size, 1, rng))
         grads, _ = model.gradient(global_params, data.X[rows], data.y[rows], config.l2)
         loss = model.loss(global_params, data.X, data.y, config.l2)
     return Upload(data.name, grads, data.n, "gradient", {"loss": loss}), state

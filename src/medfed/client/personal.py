@@ -23,7 +23,7 @@ import numpy as np
 from medfed.client.local import (
     LocalData,
     LocalTraining,
-    _batches,
+    batch_indices,
     local_sgd_update,
     sgd_steps,
 )
@@ -99,7 +99,7 @@ def apfl_update(
     model = config.model
     own = _copy(global_params) if state is None else state
     shared = _copy(global_params)
-    for rows in _batches(data.n, config.batch_size, config.steps, rng):
+    for rows in batch_indices(data.n, config.batch_size, config.steps, rng):
         Xb, yb = _rows(data, rows)
         if alpha:
             g_own, _ = model.gradient(mix(alpha, own, shared), Xb, yb, config.l2)
@@ -146,7 +146,7 @@ def proximal_steps(
     model = config.model
     shrink = 1.0 / (1.0 + config.lr * lam)
     v = _copy(personal)
-    for rows in _batches(data.n, config.batch_size, steps, rng):
+    for rows in batch_indices(data.n, config.batch_size, steps, rng):
         Xb, yb = _rows(data, rows)
         g, _ = model.gradient(v, Xb, yb, config.l2)
         v = {k: center[k] + (v[k] - config.lr * g[k] - center[k]) * shrink for k in v}

@@ -16,6 +16,7 @@ from medfed.client.local import fedprox_update, fedsgd_gradient, local_sgd_updat
 from medfed.client.reporting import with_round_report
 from medfed.engine.loop import FederatedAlgorithm
 from medfed.errors import ConfigError
+from medfed.experiments.client_methods import CLIENT_METHODS
 from medfed.experiments.config import PipelineSpec
 from medfed.experiments.server_methods import SERVER_METHODS
 from medfed.experiments.spec import MethodSpec, OptionValue
@@ -69,7 +70,7 @@ _SURVEY_EXPERIMENT = [
     ),
 ]
 
-METHODS: dict[str, MethodSpec] = {m.name: m for m in [*_SURVEY_EXPERIMENT, *SERVER_METHODS]}
+METHODS: dict[str, MethodSpec] = {m.name: m for m in [*_SURVEY_EXPERIMENT, *SERVER_METHODS, *CLIENT_METHODS]}
 """Every setting and method by its config/CLI name: the survey's experiment (§6), then the
 server end (§3.3) and the client end (§3.2)."""
 
