@@ -234,3 +234,19 @@ def test_every_method_has_a_display_name_reference_and_builds(federation):
             algo = spec.build(dict(spec.defaults), t, context_for(federation.site_names))
             assert isinstance(algo, FederatedAlgorithm) and callable(algo.local_update)
             algo.aggregator.init(GLOBAL)  # every step's state can be created for this model
+
+
+def test_extras_are_screened_for_numbers_and_one_structure():
+    def up(site, extras):
+        return Upload(site, {"weight": np.ones(3), "bias": np.ones(1)}, 5, "delta", {}, extras)
+
+    good = {"control_delta": {"weight": np.zeros(3), "bias": np.zeros(1)}}
+    uploads = [
+        up("a", good), up("b", good), up("c", good),
+        up("d", {"control_delta": {"weight": np.array([0.0, np.nan, 0.0]), "bias": np.zeros(1)}}),
+        up("e", {"control_delta": {"weight": np.zeros(4), "bias": np.zeros(1)}}),
+        up("f", {"label_counts": np.array(["x", "y"])}),
+    ]
+    accepted, rejected = screen_uploads(uploads, GLOBAL)
+    assert [u.site for u in accepted] == ["a", "b", "c"]
+    assert "NaN" in rejected["d"] and "do not match" in rejected["e"] and "numbers are required" in rejected["f"]

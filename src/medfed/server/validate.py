@@ -59,6 +59,36 @@ def upload_problem(
     return None
 
 
+def _extras_signature(extras: dict) -> tuple:
+    """The structure of an upload's extras: names and array shapes (nested one level)."""
+    out = []
+    for key in sorted(extras):
+        value = extras[key]
+        if isinstance(value, Mapping):
+            out.append((key, tuple((k, np.shape(v)) for k, v in sorted(value.items()))))
+        else:
+            out.append((key, np.shape(value)))
+    return tuple(out)
+
+
+def extras_problem(upload: Upload) -> str | None:
+    """Why an upload's extras (control variates, label counts) must be refused, or ``None``.
+
+    Extras feed server state shared by every site (SCAFFOLD's control variate, FedSLD's label
+    distribution), so one NaN or non-number would corrupt them for everyone.
+    """
+    for key, value in upload.extras.items():
+        items = value.items() if isinstance(value, Mapping) else [(None, value)]
+        for sub, v in items:
+            name = key if sub is None else f"{key}.{sub}"
+            array = np.asarray(v)
+            if array.dtype.kind not in "fiu":
+                return f"extra {name!r} has dtype {array.dtype}; numbers are required"
+            if not np.isfinite(array).all():
+                return f"extra {name!r} contains NaN or Inf"
+    return None
+
+
 def screen_uploads(
     uploads: Sequence[Upload],
     global_params: Mapping[str, np.ndarray],
@@ -74,9 +104,20 @@ def screen_uploads(
     expected = max(dict.fromkeys(kinds), key=kinds.count) if kinds else None
     accepted, rejected = [], {}
     for u in uploads:
-        problem = upload_problem(u, global_params, kind=expected, max_norm=max_norm)
+        problem = upload_problem(u, global_params, kind=expected, max_norm=max_norm) or extras_problem(u)
         if problem is None:
             accepted.append(u)
         else:
             rejected[u.site] = problem
+    # extras must have one structure to be stacked; the one most sites send is the reference
+    signatures = [_extras_signature(u.extras) for u in accepted]
+    if len(set(signatures)) > 1:
+        reference = max(dict.fromkeys(signatures), key=signatures.count)
+        kept = []
+        for u, sig in zip(accepted, signatures):
+            if sig == reference:
+                kept.append(u)
+            else:
+                rejected[u.site] = f"extras {[k for k, _ in sig]} do not match the other sites' {[k for k, _ in reference]} (names or shapes)"
+        accepted = kept
     return accepted, rejected
