@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import synthetic_federation
+
 from medfed.client import LocalData, LocalTraining, sgd_steps
-from medfed.data.federation import Federation, Site, SingleClassSiteWarning
+from medfed.data.federation import Federation, SingleClassSiteWarning, Site
 from medfed.data.preprocess import Moments, Standardizer
 from medfed.experiments.config import build_config
 from medfed.experiments.harness import prepare_repeat, run_experiment

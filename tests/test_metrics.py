@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, recall_score, roc_auc_score, roc_curve as sk_roc_curve
+from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
+from sklearn.metrics import roc_curve as sk_roc_curve
 
 from medfed.experiments.metrics import binary_metrics, roc_auc, roc_curve
 

@@ -22,7 +22,7 @@ def name_key(name: str) -> int:
 class KeyedRng:
     """A random generator identified by ``(seed, key)`` and created lazily."""
 
-    __slots__ = ("seed", "key", "_generator")
+    __slots__ = ("_generator", "key", "seed")
 
     def __init__(self, seed: int, key: tuple[int, ...] = ()) -> None:
         self.seed = int(seed)

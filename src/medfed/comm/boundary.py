@@ -18,7 +18,7 @@ UploadTransform = Callable[[Upload], Upload]
 class UploadBoundary:
     """Applies the configured transforms to each upload and counts what crosses."""
 
-    __slots__ = ("transforms", "bytes_sent", "uploads_sent")
+    __slots__ = ("bytes_sent", "transforms", "uploads_sent")
 
     def __init__(self, transforms: Sequence[UploadTransform] = ()) -> None:
         self.transforms = tuple(transforms)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
 import numpy as np
 
 from medfed.errors import DataError
+
 
 def impute(
     X_train: np.ndarray,
