@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
+from flower_support import FlowerProxy
 from flwr.common import (
     Code,
     FitRes,
@@ -20,7 +21,6 @@ from flwr.common import (
 )
 from flwr.server import strategy as fl
 from flwr.server.client_manager import SimpleClientManager
-from flwr.server.client_proxy import ClientProxy
 
 from medfed.client.upload import Upload
 from medfed.server import apply_delta, chain, stack_uploads, weighted_mean
@@ -37,23 +37,6 @@ COUNTS = (120, 37, 64, 5)
 ROUNDS = 4
 
 
-class _Proxy(ClientProxy):
-    """Only an identity: aggregate_fit never calls a client."""
-
-    def get_properties(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def get_parameters(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def fit(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def evaluate(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def reconnect(self, ins, timeout, group_id):
-        raise NotImplementedError
 
 
 def _to_flower(params):
@@ -75,7 +58,7 @@ def _agree(strategy, aggregator, losses=None, qffl=False, stateful=True):
     rng = np.random.default_rng(1)
     g_flower = g_medfed = _initial()
     state = aggregator.init(g_medfed)
-    proxies = [_Proxy(f"site-{i}") for i in range(len(COUNTS))]
+    proxies = [FlowerProxy(f"site-{i}") for i in range(len(COUNTS))]
     manager = SimpleClientManager()
     for p in proxies:
         manager.register(p)

@@ -17,6 +17,7 @@ import pytest
 
 flwr = pytest.importorskip("flwr")
 
+from flower_support import FlowerProxy
 from flwr.common import (
     Code,
     FitRes,
@@ -24,7 +25,6 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum
 
 from medfed.server.aggregate import StackedUploads
@@ -33,23 +33,6 @@ from medfed.server.robust import bulyan, krum, median, multikrum, trimmed_mean
 SHAPES = {"conv": (2, 3, 2), "dense": (5,), "bias": (1,)}
 
 
-class _Proxy(ClientProxy):
-    """The least a ClientProxy must be for aggregate_fit, which only carries it along."""
-
-    def get_properties(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def get_parameters(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def fit(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def evaluate(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def reconnect(self, ins, timeout, group_id):
-        raise NotImplementedError
 
 
 def _round(K, seed, n_corrupt=0):
@@ -72,7 +55,7 @@ def _flower(strategy, global_params, stack, order=None):
         site = stack.sites[i]
         params = [global_params[k] + stack.payload[k][i] for k in SHAPES]  # Flower sees parameters
         fit = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(params), int(stack.weights[i]), {})
-        results.append((_Proxy(site), fit))
+        results.append((FlowerProxy(site), fit))
     aggregated, _ = strategy.aggregate_fit(2, results, [])  # round 1 only adds a metrics warning
     return dict(zip(SHAPES, parameters_to_ndarrays(aggregated)))
 

@@ -16,12 +16,13 @@ from rich.table import Table
 
 from medfed.cli.audit import audit_app
 from medfed.cli.common import (
-    _guard,
-    _parse_options,
-    _split_list,
     console,
     err_console,
+    guard,
     parse_method_options,
+    parse_options,
+    progress_steps,
+    split_list,
 )
 from medfed.errors import ConfigError
 
@@ -67,8 +68,6 @@ def render_table(doc: dict[str, Any]) -> None:
 
 def execute(values: dict[str, Any], source: str) -> dict[str, Any]:
     """Validate, run with a progress bar, write the report atomically, render; return the doc."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from medfed.experiments.config import build_config
     from medfed.experiments.harness import load_federation, run_experiment
     from medfed.experiments.report import report_files, write_atomically
@@ -79,23 +78,10 @@ def execute(values: dict[str, Any], source: str) -> dict[str, Any]:
         raise ConfigError("no output folder: give --out DIR (or out = \"DIR\" in the config file)")
     federation = load_federation(config.data)
     total = config.repeats * len(config.methods)
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=err_console, transient=True, disable=not err_console.is_terminal,
-    ) as progress:
-        task = progress.add_task("training", total=total)
-        calls = {"n": 0}
-
-        def step(label: str) -> None:
-            if calls["n"]:
-                progress.advance(task)
-            calls["n"] += 1
-            progress.update(task, description=label)
-
+    with progress_steps(total) as step:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # single-class notes are rendered with the table
             run = run_experiment(config, federation, progress=step)
-        progress.advance(task)
     doc = results_document(run)
     written = write_atomically(config.out, report_files(doc, run, plots=config.plots))
     render_table(doc)
@@ -151,8 +137,8 @@ def reproduce(
         "loso": loso,
     }
     if methods:
-        values["methods"] = _split_list(methods)
-    _guard(execute, values, "reproduce")
+        values["methods"] = split_list(methods)
+    guard(execute, values, "reproduce")
 
 
 @app.command()
@@ -206,12 +192,12 @@ def run(
             data_over = {"dataset": dataset, "path": str(data) if data else None}
         for key, value in [
             ("site_column", site_column), ("label_column", label_column), ("split_column", split_column),
-            ("features", _split_list(features)), ("impute", impute), ("positive_label", positive_label),
+            ("features", split_list(features)), ("impute", impute), ("positive_label", positive_label),
         ]:
             if value is not None:
                 data_over[key] = value
         if dataset_option:
-            data_over["options"] = _parse_options(dataset_option, "--dataset-option")
+            data_over["options"] = parse_options(dataset_option, "--dataset-option")
         if data_over:
             over["data"] = data_over
         training = {k: v for k, v in [("rounds", rounds), ("local_steps", local_steps), ("lr", lr),
@@ -225,7 +211,7 @@ def run(
             method_opts.setdefault(name, {}).update(opts)
         if method_opts:
             over["method_options"] = method_opts
-        for key, value in [("methods", _split_list(methods)), ("repeats", repeats), ("seed", seed),
+        for key, value in [("methods", split_list(methods)), ("repeats", repeats), ("seed", seed),
                            ("scaling", scaling), ("out", str(out) if out else None), ("plots", plots),
                            ("eval_every", eval_every), ("workers", workers), ("loso", loso)]:
             if value is not None:
@@ -240,8 +226,8 @@ def run(
             raise ConfigError("no data: give --dataset NAME or --data FILE (or a [data] table in the config)")
         return merged
 
-    values = _guard(build)
-    _guard(execute, values, str(config) if config else "flags")
+    values = guard(build)
+    guard(execute, values, str(config) if config else "flags")
 
 
 @app.command("datasets")

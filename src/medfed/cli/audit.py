@@ -13,12 +13,12 @@ import typer
 from rich.table import Table
 
 from medfed.cli.common import (
-    _guard,
-    _parse_options,
-    _split_list,
     console,
-    err_console,
+    guard,
     parse_method_options,
+    parse_options,
+    progress_steps,
+    split_list,
 )
 
 audit_app = typer.Typer(
@@ -63,8 +63,6 @@ def render_audit(doc: dict[str, Any]) -> None:
 
 def execute_audit(values: dict[str, Any], attack_values: dict[str, Any], out: Path) -> dict[str, Any]:
     """Validate, run with a progress bar, write the three files atomically, render; return the doc."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from medfed.experiments.audit import (
         Attack,
         run_robustness_audit,
@@ -76,23 +74,10 @@ def execute_audit(values: dict[str, Any], attack_values: dict[str, Any], out: Pa
     config = build_config(values, "flags")
     attack = Attack(**attack_values)
     federation = load_federation(config.data)
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=err_console, transient=True, disable=not err_console.is_terminal,
-    ) as progress:
-        task = progress.add_task("training", total=config.repeats * len(config.methods) * 2)
-        calls = {"n": 0}
-
-        def step(label: str) -> None:
-            if calls["n"]:
-                progress.advance(task)
-            calls["n"] += 1
-            progress.update(task, description=label)
-
+    with progress_steps(config.repeats * len(config.methods) * 2) as step:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # single-class sites show up as undefined metrics
             doc = run_robustness_audit(config, attack, federation=federation, progress=step)
-        progress.advance(task)
     written = write_robustness_report(doc, out)
     render_audit(doc)
     console.print(
@@ -127,8 +112,8 @@ def robustness(
         from medfed.experiments.audit import default_defenses
 
         values: dict[str, Any] = {
-            "data": {"dataset": dataset, "options": _parse_options(dataset_option, "--dataset-option")},
-            "methods": _split_list(defenses) if defenses is not None else default_defenses(),
+            "data": {"dataset": dataset, "options": parse_options(dataset_option, "--dataset-option")},
+            "methods": split_list(defenses) if defenses is not None else default_defenses(),
             "method_options": parse_method_options(method_option),
             "repeats": repeats,
             "seed": seed,
@@ -138,5 +123,5 @@ def robustness(
             values["training"] = training
         return values, {"kind": attack, "corrupt": corrupt, "scale": scale, "sigma": sigma, "rate": rate}
 
-    values, attack_values = _guard(build)
-    _guard(execute_audit, values, attack_values, out)
+    values, attack_values = guard(build)
+    guard(execute_audit, values, attack_values, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
@@ -15,12 +16,12 @@ console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     for cast in (int, float):
         try:
             return cast(text)
@@ -29,17 +30,17 @@ def _parse_value(text: str) -> Any:
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def _parse_options(items: list[str] | None, flag: str) -> dict[str, Any]:
+def parse_options(items: list[str] | None, flag: str) -> dict[str, Any]:
     out = {}
     for item in items or []:
         if "=" not in item:
             raise ConfigError(f"{flag} takes KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip()] = _parse_value(value.strip())
+        out[key.strip()] = parse_value(value.strip())
     return out
 
 
-def _split_list(text: str | None) -> list[str] | None:
+def split_list(text: str | None) -> list[str] | None:
     if text is None:
         return None
     return [t.strip() for t in text.split(",") if t.strip()]
@@ -48,7 +49,7 @@ def _split_list(text: str | None) -> list[str] | None:
 def parse_method_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
     """``--method-option METHOD.KEY=VALUE`` flags as ``{method: {key: value}}``."""
     out: dict[str, dict[str, Any]] = {}
-    for key, value in _parse_options(items, "--method-option").items():
+    for key, value in parse_options(items, "--method-option").items():
         if "." not in key:
             raise ConfigError(f"--method-option takes METHOD.KEY=VALUE, got {key!r}")
         name, opt = key.split(".", 1)
@@ -56,9 +57,32 @@ def parse_method_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _guard(fn, *args):
+def guard(fn, *args):
     """Run ``fn``; a MedfedError becomes one red line and exit status 2."""
     try:
         return fn(*args)
     except MedfedError as exc:
-        _fail(str(exc))
+        fail(str(exc))
+
+
+@contextlib.contextmanager
+def progress_steps(total: int):
+    """A progress bar on stderr (terminals only) and the ``step(label)`` callback the library
+    calls as each piece of work starts; each call completes the previous piece."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=err_console, transient=True, disable=not err_console.is_terminal,
+    ) as progress:
+        task = progress.add_task("training", total=total)
+        started = {"n": 0}
+
+        def step(label: str) -> None:
+            if started["n"]:
+                progress.advance(task)
+            started["n"] += 1
+            progress.update(task, description=label)
+
+        yield step
+        progress.advance(task)
