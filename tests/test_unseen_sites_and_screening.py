@@ -250,3 +250,24 @@ def test_extras_are_screened_for_numbers_and_one_structure():
     accepted, rejected = screen_uploads(uploads, GLOBAL)
     assert [u.site for u in accepted] == ["a", "b", "c"]
     assert "NaN" in rejected["d"] and "do not match" in rejected["e"] and "numbers are required" in rejected["f"]
+
+
+def test_personalized_methods_report_personal_rows_next_to_global_ones(federation):
+    config = _config(methods=["fedavg", "ditto", "finetune"], loso=True, method_options={"ditto": {"lam": 0.01}})
+    doc = results_document(run_experiment(config, federation))
+    rows = {(r["setting"], r["model"], r["evaluation"], r["test_site"]): r for r in doc["results"]}
+    for setting in ("Ditto", "FineTune"):
+        differs = [
+            rows[(setting, "personal", "split", site)]["metrics"][m]["values"]
+            != rows[(setting, "global", "split", site)]["metrics"][m]["values"]
+            for site in federation.site_names for m in ("acc", "sen", "spe", "auc")
+        ]
+        assert any(differs)  # a personal model of its own, not the global one again
+        for site in federation.site_names:
+            assert (setting, "personal", "loso", site) not in rows  # an unseen site has no personal model
+    for site in federation.site_names:
+        # the global model of these methods is FedAvg's
+        assert rows[("Ditto", "global", "split", site)]["metrics"] == rows[("FedAvg", "global", "split", site)]["metrics"]
+    labels = [r["label"] for r in table_rows(doc)]
+    assert "Ditto · personal" in labels and labels.index("Ditto · personal") == labels.index("Ditto") + 1
+    assert {m["name"]: m["personal"] for m in doc["methods"]} == {"fedavg": False, "ditto": True, "finetune": True}
