@@ -34,3 +34,14 @@ def test_imports_point_down(path):
         other = _layer(module)
         if other is not None:
             assert LAYERS.index(other) <= LAYERS.index(own), f"{path.name} ({own}) imports {module} ({other})"
+
+
+def test_starting_the_command_line_does_not_load_slow_scipy_modules():
+    """`medfed reproduce` must start in well under its 2 s budget: scipy.stats and scipy.spatial
+    (about 0.7 s together) load only when an aggregator that needs them runs."""
+    import subprocess
+    import sys
+
+    code = "import sys, medfed.cli.app; print(sorted(m for m in sys.modules if m.startswith(('scipy.stats', 'scipy.spatial', 'scipy.fft', 'flwr', 'torch'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -334,6 +334,13 @@ def run_experiment(
 
     cells: dict[tuple, Cell] = {}
     notes: list[str] = []
+    if config.loso:
+        local_only = [spec.display for spec, _ in methods if spec.name in ("single", "cross")]
+        if local_only:
+            notes.append(
+                f"leave-one-site-out: {', '.join(local_only)} train on one site and have no unseen-site rows "
+                "(Cross already tests on sites it never saw)"
+            )
     noted_sites: set[str] = set()
     setting_time = {spec.display: 0.0 for spec, _ in methods}
     for repeat, outcome in enumerate(outcomes):

@@ -26,8 +26,6 @@ from collections.abc import Callable, Mapping
 from numbers import Real
 
 import numpy as np
-from scipy.spatial.distance import pdist, squareform
-from scipy.stats import rankdata
 
 from medfed.errors import ConfigError, DataError
 from medfed.server.aggregate import Aggregator, StackedUploads
@@ -143,6 +141,8 @@ def pairwise_distances(X: np.ndarray, metric: str = "euclidean") -> np.ndarray:
     """
     X = np.asarray(X, dtype=np.float64)
     if metric in ("euclidean", "sqeuclidean"):
+        from scipy.spatial.distance import pdist, squareform  # imported when used: scipy.spatial is slow to load
+
         return squareform(pdist(X, metric)) if len(X) > 1 else np.zeros((len(X), len(X)))
     if metric == "cosine":
         norms = np.linalg.norm(X, axis=1)
@@ -189,6 +189,8 @@ def copod_scores(X: np.ndarray) -> np.ndarray:
     if not np.isfinite(X).all():
         raise ValueError("copod_scores: X must hold finite numbers only")
     n = X.shape[0]
+    from scipy.stats import rankdata  # imported when used: scipy.stats takes ~0.4 s to load
+
     neg_log_left = -np.log(rankdata(X, method="max", axis=0) / n)
     neg_log_right = -np.log(rankdata(-X, method="max", axis=0) / n)
     third_moment = np.mean((X - X.mean(axis=0)) ** 3, axis=0)

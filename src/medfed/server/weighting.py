@@ -10,7 +10,6 @@ depend on the order of the sites in the stack.
 from __future__ import annotations
 
 import numpy as np
-from scipy.fft import dctn, idctn
 
 from medfed.errors import ConfigError, DataError
 from medfed.server.aggregate import Aggregator, StackedUploads
@@ -163,6 +162,8 @@ def fourier(keep: float = 0.5) -> Aggregator:
             if mean.ndim == 0:
                 out[name] = mean
                 continue
+            from scipy.fft import dctn, idctn  # imported when used, to keep `medfed` quick to start
+
             coefficients = dctn(mean, norm="ortho")
             coefficients[~_low_frequency_mask(mean.shape, keep)] = 0.0
             out[name] = idctn(coefficients, norm="ortho")
