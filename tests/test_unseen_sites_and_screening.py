@@ -271,3 +271,20 @@ def test_personalized_methods_report_personal_rows_next_to_global_ones(federatio
     labels = [r["label"] for r in table_rows(doc)]
     assert "Ditto · personal" in labels and labels.index("Ditto · personal") == labels.index("Ditto") + 1
     assert {m["name"]: m["personal"] for m in doc["methods"]} == {"fedavg": False, "ditto": True, "finetune": True}
+
+
+def test_fedsld_uses_the_federation_label_counts_known_at_setup_from_round_one(federation):
+    from medfed.client.drift import label_counts
+    from medfed.experiments.spec import context_for
+
+    t = build_config({"data": {"dataset": "adni-like"}}).training
+    sites = _sites(federation)
+    counts = {d.name: label_counts(d.y) for d in sites}
+    known = METHODS["fedsld"].build({}, t, context_for(federation.site_names, 0, counts))
+    unknown = METHODS["fedsld"].build({}, t, context_for(federation.site_names, 0))
+    fedavg = METHODS["fedavg"].build({}, t, context_for(federation.site_names, 0))
+    training = LocalTraining(MODEL, 0.1, 3, batch_size=8)
+    one = {name: run_federated(a, MODEL.init(5), sites, training, 1, KeyedRng(0)).params["weight"]
+           for name, a in (("known", known), ("unknown", unknown), ("fedavg", fedavg))}
+    np.testing.assert_array_equal(one["unknown"], one["fedavg"])  # no prior yet: plain cross-entropy
+    assert not np.allclose(one["known"], one["fedavg"])  # mini-batches' label mix differs from the federation's

@@ -109,8 +109,9 @@ def fedsld_update(
     distribution relative to the federation's (:func:`batch_label_weights`).
 
     The site's label counts leave it (``extras["label_counts"]``, every round, two numbers)
-    so the server can broadcast the federation's distribution ``label_prior``. Until the
-    server has heard any counts (the first round) the loss is plain cross-entropy. The
+    so the server can broadcast the federation's distribution ``label_prior``; the experiment
+    harness also gives the server every site's counts at setup, as the paper assumes them
+    known. Without a prior (no counts yet) the loss is plain cross-entropy. The
     reported ``loss`` is the plain, unweighted loss of the global model. Uploads the delta.
     """
     weights = None if label_prior is None else batch_label_weights(label_prior)

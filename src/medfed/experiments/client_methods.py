@@ -81,7 +81,7 @@ def _scaffold(opts, training: TrainingSpec, context: BuildContext) -> FederatedA
 
 
 def _fedsld(opts, training: TrainingSpec, context: BuildContext) -> FederatedAlgorithm:
-    aggregator = chain(label_distribution(), weighted_mean(), apply_delta())
+    aggregator = chain(label_distribution(context.label_counts), weighted_mean(), apply_delta())
     return FederatedAlgorithm(
         "fedsld", fedsld_update, aggregator, broadcast=lambda state: {"label_prior": federation_label_prior(state[0])}
     )

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from medfed.client.drift import label_counts
 from medfed.client.local import LocalData, LocalTraining, sgd_steps
 from medfed.data.datasets import load_dataset
 from medfed.data.federation import Federation, SingleClassSiteWarning
@@ -218,7 +219,10 @@ def run_repeat(
         rounds = spec.rounds(t)
         key = (TRAIN_STREAM, repeat, name_key(spec.name)) + (() if held_out is None else (name_key("loso"), held_out))
         run = run_federated(
-            spec.build(opts, t, context_for([site_names[i] for i in group], config.seed)),
+            spec.build(opts, t, context_for(
+                [site_names[i] for i in group], config.seed,
+                {d.name: label_counts(d.y) for d in train},
+            )),
             model.init(train[0].X.shape[1]),
             train,
             local,

@@ -18,10 +18,12 @@ OptionValue = float | int | bool | str | dict[str, float]
 
 @dataclass(frozen=True)
 class BuildContext:
-    """What a method may know when it is built: the training sites' names, in order."""
+    """What a method may know when it is built: the training sites' names, in order, and
+    (for methods that share them at setup, such as FedSLD) each site's label counts."""
 
     site_names: tuple[str, ...]
     seed: int = 0
+    label_counts: Mapping[str, tuple[float, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -48,5 +50,7 @@ class MethodSpec:
     flags: Sequence[str] = ()  # option names that are also command-line flags
 
 
-def context_for(site_names: Sequence[str], seed: int = 0) -> BuildContext:
-    return BuildContext(tuple(site_names), seed)
+def context_for(
+    site_names: Sequence[str], seed: int = 0, label_counts: Mapping[str, tuple[float, float]] | None = None
+) -> BuildContext:
+    return BuildContext(tuple(site_names), seed, label_counts)

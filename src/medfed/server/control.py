@@ -63,13 +63,16 @@ def site_mean() -> Aggregator:
     return Aggregator(lambda global_params: None, apply, "site_mean")
 
 
-def label_distribution() -> Aggregator:
+def label_distribution(known: Mapping[str, np.ndarray] | None = None) -> Aggregator:
     """Collects the sites' label counts for FedSLD (Luo & Wu, 2022).
 
     State: ``{site: counts}``, the latest counts each site uploaded in ``extras["label_counts"]``
     (so a site counted once however often it takes part). :func:`federation_label_prior`
-    turns it into the federation's label distribution, which the server broadcasts.
+    turns it into the federation's label distribution, which the server broadcasts. The
+    paper assumes the federation's counts are known before training: ``known`` (site ->
+    counts, exchanged at setup) gives them for the first round too.
     """
+    initial = {site: np.asarray(c, dtype=np.float64) for site, c in (known or {}).items()}
 
     def apply(stack: StackedUploads, table, global_params, round_):
         _needs(stack, "extras", "label_counts", "label_distribution")
@@ -78,7 +81,7 @@ def label_distribution() -> Aggregator:
             table[site] = np.asarray(counts, dtype=np.float64)
         return stack, table, None
 
-    return Aggregator(lambda global_params: {}, apply, "label_distribution")
+    return Aggregator(lambda global_params: dict(initial), apply, "label_distribution")
 
 
 def federation_label_prior(table: Mapping[str, np.ndarray]) -> np.ndarray | None:
