@@ -17,11 +17,13 @@ class SingleClassSiteWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Site:
-    """One participant: a feature matrix, binary labels, optionally a predefined split.
+    """One participant: its samples, binary labels, optionally a predefined split.
 
-    ``split`` is ``None`` or a boolean array, ``True`` for training rows. ``X`` may hold NaN
-    for missing values only when the federation names an imputation strategy; imputation
-    happens per split, from the site's training rows (``medfed.data.preprocess``).
+    ``X`` is a feature matrix ``(n, d)`` (float64) or a stack of images ``(n, C, H, W)`` /
+    ``(n, C, D, H, W)`` (float32: what convolutional models consume, at half the memory).
+    ``split`` is ``None`` or a boolean array, ``True`` for training rows. A feature matrix
+    may hold NaN for missing values only when the federation names an imputation strategy;
+    imputation happens per split, from the site's training rows (``medfed.data.preprocess``).
     """
 
     name: str
@@ -30,10 +32,16 @@ class Site:
     split: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        X = np.ascontiguousarray(self.X, dtype=np.float64)
+        raw = np.asarray(self.X)
+        if raw.ndim not in (2, 4, 5):
+            raise DataError(
+                f"site {self.name!r}: samples must be a feature matrix (n, d) or images (n, C, H, W) / "
+                f"(n, C, D, H, W), got shape {raw.shape}"
+            )
+        X = np.ascontiguousarray(raw, dtype=np.float64 if raw.ndim == 2 else np.float32)
         y = np.asarray(self.y)
-        if X.ndim != 2:
-            raise DataError(f"site {self.name!r}: features must be a 2-D array, got shape {X.shape}")
+        if X.ndim > 2 and np.isnan(X).any():
+            raise DataError(f"site {self.name!r}: images contain NaN values")
         if y.shape != (X.shape[0],):
             raise DataError(
                 f"site {self.name!r}: {y.shape[0] if y.ndim else 0} labels for {X.shape[0]} rows"
@@ -63,13 +71,17 @@ class Site:
     def n(self) -> int:
         return int(self.X.shape[0])
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.X.shape[1:])
+
 
 @dataclass(frozen=True)
 class Federation:
-    """An ordered set of sites sharing one feature space.
+    """An ordered set of sites sharing one feature space (or one image shape).
 
     ``description`` and ``attribution`` travel into results so a report says what data it
-    is about and whom to credit.
+    is about and whom to credit. For images, ``feature_names`` names the channels.
     """
 
     name: str
@@ -88,15 +100,21 @@ class Federation:
         names = [s.name for s in sites]
         if len(set(names)) != len(names):
             raise DataError(f"federation {self.name!r}: duplicate site names {names}")
-        d = len(self.feature_names)
+        shape = sites[0].sample_shape
         for s in sites:
-            if s.X.shape[1] != d:
+            if s.sample_shape != shape:
                 raise DataError(
-                    f"site {s.name!r} has {s.X.shape[1]} features; the federation has {d}"
+                    f"site {s.name!r} has samples of shape {s.sample_shape}; site {sites[0].name!r} has {shape}"
                 )
+        d = len(self.feature_names)
+        if shape[0] != d:
+            what = "features" if len(shape) == 1 else "channels"
+            raise DataError(f"federation {self.name!r}: samples have {shape[0]} {what}, {d} names were given")
+        if len(shape) > 1 and self.impute is not None:
+            raise DataError(f"federation {self.name!r}: imputation applies to feature tables, not images")
         if self.impute not in (None, "mean", "median"):
             raise DataError(f"impute must be 'mean', 'median' or None, got {self.impute!r}")
-        if self.impute is None:
+        if self.impute is None and len(shape) == 1:
             for s in sites:
                 missing = np.isnan(s.X).sum(axis=0)
                 if missing.any():
@@ -111,6 +129,15 @@ class Federation:
     @property
     def site_names(self) -> list[str]:
         return [s.name for s in self.sites]
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """``(d,)`` for a feature table, ``(C, H, W)`` or ``(C, D, H, W)`` for images."""
+        return self.sites[0].sample_shape
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.sample_shape) > 1
 
     @property
     def has_predefined_split(self) -> bool:

@@ -52,6 +52,11 @@ class Moments:
 
     @classmethod
     def of(cls, X: np.ndarray) -> Moments:
+        """Column moments of a feature matrix; for images ``(n, C, ...)``, per-channel moments
+        over every pixel (``n`` counts pixels), so standardizing normalizes intensities."""
+        if X.ndim > 2:
+            channels = np.moveaxis(X, 1, -1).reshape(-1, X.shape[1]).astype(np.float64)
+            return cls(channels.shape[0], channels.sum(axis=0), np.einsum("ij,ij->j", channels, channels))
         return cls(X.shape[0], X.sum(axis=0), np.einsum("ij,ij->j", X, X))
 
     def __add__(self, other: Moments) -> Moments:
@@ -80,5 +85,12 @@ class Standardizer:
     def identity(cls, n_features: int) -> Standardizer:
         return cls(np.zeros(n_features), np.ones(n_features))
 
+    def _broadcast(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if X.ndim <= 2:
+            return self.mean, self.scale
+        shape = (1, -1) + (1,) * (X.ndim - 2)  # per channel
+        return self.mean.reshape(shape).astype(X.dtype), self.scale.reshape(shape).astype(X.dtype)
+
     def __call__(self, X: np.ndarray) -> np.ndarray:
-        return (X - self.mean) / self.scale
+        mean, scale = self._broadcast(X)
+        return (X - mean) / scale

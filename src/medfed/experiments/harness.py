@@ -132,9 +132,9 @@ def prepare_repeat(fed: Federation, config: ExperimentConfig, repeat: int) -> li
             train = site.split
         else:
             train = stratified_split(site.y, config.test_fraction, root.child(i).generator)
-        X_train, X_test = impute(
-            site.X[train], site.X[~train], fed.impute, site=site.name, feature_names=fed.feature_names
-        )
+        X_train, X_test = site.X[train], site.X[~train]
+        if not fed.is_image:
+            X_train, X_test = impute(X_train, X_test, fed.impute, site=site.name, feature_names=fed.feature_names)
         if config.scaling == "site":
             scale = Standardizer.from_moments([Moments.of(X_train)])
             X_train, X_test = scale(X_train), scale(X_test)
