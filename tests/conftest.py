@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -20,3 +22,18 @@ def synthetic_federation(sizes=(60, 45, 30), d=5, seed=0, shift=0.5, name="synth
 @pytest.fixture
 def federation() -> Federation:
     return synthetic_federation()
+
+
+
+# Where every extra is installed (CI sets MEDFED_REQUIRE_ALL_TESTS), a test that would be
+# skipped for a missing package fails instead, so no property goes untested unnoticed.
+REQUIRE_ALL = bool(os.environ.get("MEDFED_REQUIRE_ALL_TESTS"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if REQUIRE_ALL and skipped:
+        names = ", ".join(sorted({r.nodeid or str(r.fspath) for r in skipped})[:5])
+        reporter.write_line(f"MEDFED_REQUIRE_ALL_TESTS is set, but {len(skipped)} test(s) were skipped: {names}")
+        session.exitstatus = 1

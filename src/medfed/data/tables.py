@@ -64,7 +64,7 @@ def load_table(
     """
     _check_parameters(site_column, label_column, split_column, features, impute)
     path = Path(path)
-    df = _read(path)
+    df = read_frame(path)
     columns = [str(c) for c in df.columns]
     df.columns = columns
     if len(df) == 0:
@@ -89,10 +89,10 @@ def load_table(
     else:
         feature_names = list(features)
 
-    site_values = _site_values(df[site_column], site_column, path)
-    site_order = list(dict.fromkeys(site_values))
+    row_sites = site_values(df[site_column], site_column, path)
+    site_order = list(dict.fromkeys(row_sites))
     counts = {s: 0 for s in site_order}
-    for s in site_values:
+    for s in row_sites:
         counts[s] += 1
     small = [f"{s!r} ({counts[s]} rows)" for s in site_order if counts[s] < MIN_SITE_SAMPLES]
     if small:
@@ -102,12 +102,12 @@ def load_table(
             "train/test split (merge or drop small sites)"
         )
     position = {s: i for i, s in enumerate(site_order)}
-    site_index = np.array([position[s] for s in site_values])
-    site_arr = np.asarray(site_values, dtype=object)
+    site_index = np.array([position[s] for s in row_sites])
+    site_arr = np.asarray(row_sites, dtype=object)
 
     split = None
     if split_column:
-        split = _split_values(df[split_column], split_column, path)
+        split = split_values(df[split_column], split_column, path)
         for s in site_order:
             rows = split[site_arr == s]
             if rows.all() or not rows.any():
@@ -117,7 +117,7 @@ def load_table(
                     "every site needs both train and test rows"
                 )
 
-    y, positive = _labels(df[label_column], label_column, positive_label, path, site_arr)
+    y, positive = binary_labels(df[label_column], label_column, positive_label, path, site_arr)
 
     X = np.empty((len(df), len(feature_names)), dtype=np.float64)
     for j, col in enumerate(feature_names):
@@ -192,7 +192,7 @@ def _check_parameters(site_column, label_column, split_column, features, impute)
 # --------------------------------------------------------------------------- reading
 
 
-def _read(path: Path):
+def read_frame(path: Path):
     """Read the file into a DataFrame; text files as strings so conversion stays ours."""
     suffix = path.suffix.lower()
     if suffix not in ALLOWED_EXTENSIONS:
@@ -307,7 +307,7 @@ def _text(v: Any) -> str:
     return s
 
 
-def _site_values(col, name: str, path: Path) -> list[str]:
+def site_values(col, name: str, path: Path) -> list[str]:
     values = col.tolist()
     missing = np.flatnonzero(_missing_mask(col))
     if missing.size:
@@ -326,7 +326,7 @@ def _site_values(col, name: str, path: Path) -> list[str]:
     return out
 
 
-def _split_values(col, name: str, path: Path) -> np.ndarray:
+def split_values(col, name: str, path: Path) -> np.ndarray:
     values = col.tolist()
     missing = int(_missing_mask(col).sum())
     if missing:
@@ -344,7 +344,7 @@ def _split_values(col, name: str, path: Path) -> np.ndarray:
     return np.array([n == "train" for n in norm], dtype=bool)
 
 
-def _labels(col, name: str, positive_label: Any, path: Path, sites: np.ndarray) -> tuple[np.ndarray, str]:
+def binary_labels(col, name: str, positive_label: Any, path: Path, sites: np.ndarray) -> tuple[np.ndarray, str]:
     """Binary labels from a 0/1 column, or from ``positive_label`` compared as text."""
     values = col.tolist()
     missing = _missing_mask(col)

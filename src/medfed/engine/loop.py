@@ -13,6 +13,7 @@ import numpy as np
 
 from medfed.client.local import LocalData, LocalTraining
 from medfed.comm.boundary import UploadBoundary
+from medfed.comm.policy import sharing_policy
 from medfed.engine.selection import select_sites
 from medfed.rng import KeyedRng, name_key
 from medfed.server.aggregate import Aggregator, stack_uploads
@@ -36,6 +37,9 @@ class FederatedAlgorithm:
     - ``personalize(global_params, data, training, client_state, rng) -> params``: a site's
       personal model after the last round (fine-tuning, Ditto, APFL). Its metrics are reported
       next to the global model's.
+    - ``private(name) -> bool``: parameters that never leave a site (FedBN, FedPer). Uploads
+      carry the others only; the boundary enforces it (:func:`medfed.comm.policy.sharing_policy`)
+      and the server keeps its copy of a private parameter unchanged.
     """
 
     name: str
@@ -43,6 +47,7 @@ class FederatedAlgorithm:
     aggregator: Aggregator
     broadcast: Callable[[Any], dict[str, Any]] | None = None
     personalize: Personalize | None = None
+    private: Callable[[str], bool] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +105,8 @@ def run_federated(
     stays as it was and the round records why.
     """
     boundary = boundary or UploadBoundary()
+    if algorithm.private is not None:
+        boundary = UploadBoundary([*boundary.transforms, sharing_policy(algorithm.private)])
     params = {k: np.array(v, dtype=np.float64, copy=True) for k, v in init_params.items()}
     server_state = algorithm.aggregator.init(params)
     client_states: dict[str, Any] = {s.name: None for s in sites}
@@ -118,7 +125,8 @@ def run_federated(
                 params, site, training, client_states[site.name], rng.child(r, 1, site_keys[i]), **message
             )
             uploads.append(boundary.transmit(upload))
-        accepted, rejected = screen_uploads(uploads, params, max_norm=max_update_norm)
+        shared = params if algorithm.private is None else {k: v for k, v in params.items() if not algorithm.private(k)}
+        accepted, rejected = screen_uploads(uploads, shared, max_norm=max_update_norm)
         report = skipped = None
         if len(accepted) < max(1, min(min_sites, len(uploads))):
             skipped = f"{len(accepted)} valid upload(s), fewer than the {min_sites} required"

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
+from medfed.errors import ConfigError
+
 _sum = np.add.reduce  # ndarray.sum goes through a Python wrapper that costs more than the sum
 
 Params = Mapping[str, np.ndarray]
@@ -41,6 +43,15 @@ class LogisticRegression:
     """
 
     name = "logistic"
+
+    def init_params(self, sample_shape: tuple[int, ...], rng=None) -> dict[str, np.ndarray]:
+        """Zero parameters for samples of ``sample_shape`` (the model protocol every model follows)."""
+        if len(sample_shape) != 1:
+            raise ConfigError(
+                f"the numpy logistic model takes feature tables; these samples have shape {tuple(sample_shape)} "
+                "(images): choose a torch model, e.g. --model cnn2d"
+            )
+        return self.init(sample_shape[0])
 
     def init(self, n_features: int) -> dict[str, np.ndarray]:
         """Zero parameters: the convex objective makes the start point irrelevant to the optimum."""

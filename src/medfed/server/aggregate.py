@@ -90,10 +90,13 @@ def weighted_mean() -> Aggregator:
 
 
 def apply_delta(lr: float = 1.0) -> Aggregator:
-    """New global = global + lr * aggregated delta (lr = 1 is plain FedAvg)."""
+    """New global = global + lr * aggregated delta (lr = 1 is plain FedAvg).
+
+    Parameters the update does not name (kept private by the sites) stay as they were.
+    """
 
     def apply(update, state, global_params, round_):
-        return {k: global_params[k] + lr * update[k] for k in global_params}, state, None
+        return {k: global_params[k] + lr * update[k] if k in update else global_params[k] for k in global_params}, state, None
 
     return Aggregator(_stateless_init, apply, "apply_delta")
 
@@ -102,7 +105,7 @@ def gradient_step(lr: float) -> Aggregator:
     """New global = global - lr * aggregated gradient: the server's step in FedSGD."""
 
     def apply(update, state, global_params, round_):
-        return {k: global_params[k] - lr * update[k] for k in global_params}, state, None
+        return {k: global_params[k] - lr * update[k] if k in update else global_params[k] for k in global_params}, state, None
 
     return Aggregator(_stateless_init, apply, "gradient_step")
 
