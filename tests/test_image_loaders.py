@@ -504,7 +504,7 @@ def write_medmnist(path, n=(12, 4, 6), shape=(5, 5), classes=(0, 1, 2, 3), seed=
 @pytest.mark.parametrize("use_val", ["train", "test", "drop"])
 def test_medmnist_npz_sites_with_predefined_split_and_binary_labels(tmp_path, use_val):
     a = write_medmnist(tmp_path / "a.npz", seed=1)
-    b = write_medmnist(tmp_path / "b.npz", n=(10, 3, 5), seed=2)
+    write_medmnist(tmp_path / "b.npz", n=(10, 3, 5), seed=2)
     fed = load_medmnist_npz({"A": tmp_path / "a.npz", "B": tmp_path / "b.npz"},
                             positive_classes=[2, 3], use_val=use_val)
     assert fed.site_names == ["A", "B"] and fed.sample_shape == (1, 5, 5) and fed.feature_names == ("gray",)
@@ -517,7 +517,6 @@ def test_medmnist_npz_sites_with_predefined_split_and_binary_labels(tmp_path, us
     np.testing.assert_array_equal(site.X[-6:, 0], a["test_images"])
     assert not site.split[-6:].any()
     assert fed.info["counts"]["B"] == ({"train": 10, "test": 5} if use_val == "drop" else {"train": 10, "val": 3, "test": 5})
-    del b
 
 
 def test_medmnist_rgb_images_become_three_channels(tmp_path):
