@@ -24,6 +24,7 @@ from medfed.cli.common import (
     progress_steps,
     split_list,
 )
+from medfed.cli.features import features_app
 from medfed.errors import ConfigError
 
 app = typer.Typer(
@@ -33,6 +34,7 @@ app = typer.Typer(
     help="medfed: federated learning for medical image analysis (Guan & Liu's survey, measured).",
 )
 app.add_typer(audit_app, name="audit", help="Audits under attack: `medfed audit robustness` compares defenses.")
+app.add_typer(features_app, name="features", help="Feature tables from images: `medfed features roi` extracts atlas-region means.")
 
 
 def render_table(doc: dict[str, Any]) -> None:
