@@ -346,16 +346,18 @@ class _AtlasGrid:
     """What every subject shares: the atlas voxels of the selected regions in world space."""
 
     def __init__(self, atlas: Atlas):
-        labels = np.asarray(atlas.img.get_fdata(dtype=np.float64)).reshape(atlas.img.shape[:3])
-        ids = np.array(atlas.label_ids, dtype=np.float64)
-        order = np.argsort(ids)
-        ijk = np.argwhere(np.isin(labels, ids))
-        # region index k of each voxel, in the atlas's (label-file) order
-        self.region = order[np.searchsorted(ids[order], labels[tuple(ijk.T)])]
+        labels = np.asarray(atlas.img.get_fdata(dtype=np.float64)).reshape(atlas.img.shape[:3]).astype(np.int64)
+        # region index k of each voxel, in the atlas's (label-file) order; -1 = background or not selected
+        lookup = np.full(int(labels.max()) + 1, -1, dtype=np.intp)
+        lookup[list(atlas.label_ids)] = np.arange(len(atlas.label_ids))
+        index = lookup[labels]
+        ijk = np.nonzero(index >= 0)  # three index arrays, (3, N) in effect
+        self.region = index[ijk]
         self.n_regions = len(atlas.label_ids)
         self.voxels = np.bincount(self.region, minlength=self.n_regions)
         affine = np.asarray(atlas.img.affine, dtype=np.float64)
-        self.world = ijk @ affine[:3, :3].T + affine[:3, 3]  # (N, 3) voxel centres in mm
+        # (3, N) voxel centres in mm; axis-first so the per-subject products run over long rows
+        self.world = affine[:3, :3] @ np.array(ijk, dtype=np.float64) + affine[:3, 3:]
         self.voxel_volume = abs(float(np.linalg.det(affine[:3, :3])))  # mm³
 
     def extract(self, data: np.ndarray, affine: np.ndarray, strategy: str) -> tuple[np.ndarray, np.ndarray]:
@@ -363,24 +365,24 @@ class _AtlasGrid:
         from scipy import ndimage
 
         inverse = np.linalg.inv(np.asarray(affine, dtype=np.float64))
-        coords = self.world @ inverse[:3, :3].T + inverse[:3, 3]  # (N, 3) subject voxel coordinates
-        shape = np.array(data.shape)
-        inside = np.all((coords >= -0.5 - _ON_GRID) & (coords <= shape - 0.5 + _ON_GRID), axis=1)
+        coords = inverse[:3, :3] @ self.world + inverse[:3, 3:]  # (3, N) subject voxel coordinates
+        shape = np.array(data.shape)[:, None]
+        inside = ((coords >= -0.5 - _ON_GRID) & (coords <= shape - 0.5 + _ON_GRID)).all(axis=0)
         finite = np.isfinite(data)
         rounded = np.rint(coords)
         if np.abs(coords - rounded).max(initial=0.0) < _ON_GRID:
             # voxel centres coincide (same grid, flipped or shifted axes): take the values as they are
             idx = np.clip(rounded.astype(np.intp), 0, shape - 1)
-            values = data[tuple(idx.T)]
+            values = data[tuple(idx)]
             valid = inside & np.isfinite(values)
         elif finite.all():
-            values = ndimage.map_coordinates(data, coords.T, order=1, mode="nearest")
+            values = ndimage.map_coordinates(data, coords, order=1, mode="nearest")
             valid = inside
         else:
             # NaN-masked images: interpolate the finite voxels only; a sample touching a NaN voxel
             # with non-zero weight is not covered (a zero-weight NaN neighbour must not spoil it)
-            values = ndimage.map_coordinates(np.where(finite, data, 0.0), coords.T, order=1, mode="nearest")
-            weight = ndimage.map_coordinates(finite.astype(np.float64), coords.T, order=1, mode="nearest")
+            values = ndimage.map_coordinates(np.where(finite, data, 0.0), coords, order=1, mode="nearest")
+            weight = ndimage.map_coordinates(finite.astype(np.float64), coords, order=1, mode="nearest")
             valid = inside & (weight > 1.0 - 1e-9)
         region = self.region[valid]
         values = values[valid]
