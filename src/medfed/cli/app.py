@@ -60,8 +60,10 @@ def render_table(doc: dict[str, Any]) -> None:
     console.print(table)
     for i, note in enumerate(notes, 1):
         console.print(f"[dim][{i}] {note}[/]", highlight=False)
-    from medfed.experiments.results import server_note_lines
+    from medfed.experiments.results import data_note_lines, server_note_lines
 
+    for line in data_note_lines(doc):
+        console.print(f"[yellow]data:[/] {line}", highlight=False, soft_wrap=True)
     for line in server_note_lines(doc):
         console.print(f"[yellow]server:[/] {line}", highlight=False, soft_wrap=True)
     for w in doc["warnings"]:
@@ -148,6 +150,12 @@ def run(
     config: Annotated[Path | None, typer.Argument(help="experiment TOML file (flags override it)")] = None,
     dataset: Annotated[str | None, typer.Option(help="embedded data set name")] = None,
     data: Annotated[Path | None, typer.Option(help="CSV or Parquet table, one row per subject")] = None,
+    manifest: Annotated[Path | None, typer.Option(help="CSV/Parquet manifest of image files: path, label, site[, split]")] = None,
+    path_column: Annotated[str | None, typer.Option(help="manifest column with each image's file or DICOM folder")] = None,
+    kind: Annotated[str | None, typer.Option(help="image files: auto, nifti, dicom or image (2D)")] = None,
+    skip_bad: Annotated[bool | None, typer.Option("--skip-bad/--no-skip-bad", help="skip unreadable or inconsistent image files, counted in the report")] = None,
+    model: Annotated[str | None, typer.Option(help="logistic (tables), torch_logistic, mlp, cnn2d, cnn3d")] = None,
+    model_option: Annotated[list[str] | None, typer.Option(help="KEY=VALUE option of the model, e.g. norm=group")] = None,
     site_column: Annotated[str | None, typer.Option(help="column naming each row's site")] = None,
     label_column: Annotated[str | None, typer.Option(help="column holding the label")] = None,
     split_column: Annotated[str | None, typer.Option(help="column with train/test per row")] = None,
@@ -189,10 +197,12 @@ def run(
         base = read_toml(config) if config is not None else {}
         over: dict[str, Any] = {}
         data_over: dict[str, Any] = {}
-        if dataset is not None or data is not None:
+        if dataset is not None or data is not None or manifest is not None:
             base.pop("data", None)  # a source given by flags replaces the file's source
-            data_over = {"dataset": dataset, "path": str(data) if data else None}
+            data_over = {"dataset": dataset, "path": str(data) if data else None,
+                         "manifest": str(manifest) if manifest else None}
         for key, value in [
+            ("path_column", path_column), ("kind", kind), ("skip_bad", skip_bad),
             ("site_column", site_column), ("label_column", label_column), ("split_column", split_column),
             ("features", split_list(features)), ("impute", impute), ("positive_label", positive_label),
         ]:
@@ -213,9 +223,11 @@ def run(
             method_opts.setdefault(name, {}).update(opts)
         if method_opts:
             over["method_options"] = method_opts
+        if model_option:
+            over["model_options"] = parse_options(model_option, "--model-option")
         for key, value in [("methods", split_list(methods)), ("repeats", repeats), ("seed", seed),
                            ("scaling", scaling), ("out", str(out) if out else None), ("plots", plots),
-                           ("eval_every", eval_every), ("workers", workers), ("loso", loso)]:
+                           ("eval_every", eval_every), ("workers", workers), ("loso", loso), ("model", model)]:
             if value is not None:
                 over[key] = value
         merged = merge(base, over)
@@ -225,7 +237,9 @@ def run(
         if common:
             merged = merge(merged, {"method_options": merge(common, merged.get("method_options", {}))})
         if "data" not in merged:
-            raise ConfigError("no data: give --dataset NAME or --data FILE (or a [data] table in the config)")
+            raise ConfigError(
+                "no data: give --dataset NAME, --data FILE or --manifest FILE (or a [data] table in the config)"
+            )
         return merged
 
     values = guard(build)

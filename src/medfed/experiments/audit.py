@@ -43,9 +43,11 @@ from medfed.engine.loop import run_federated
 from medfed.errors import ConfigError
 from medfed.experiments.config import ExperimentConfig
 from medfed.experiments.harness import (
+    INIT_STREAM,
     TRAIN_STREAM,
     _Scaled,
     load_federation,
+    make_experiment_model,
     prepare_repeat,
 )
 from medfed.experiments.methods import METHODS, resolve_methods
@@ -53,7 +55,6 @@ from medfed.experiments.metrics import METRICS, Metric, binary_metrics
 from medfed.experiments.report import write_atomically
 from medfed.experiments.results import STD_DDOF, _versions, format_metric, summarize
 from medfed.experiments.spec import MethodSpec, context_for
-from medfed.models.logistic import LogisticRegression
 from medfed.rng import KeyedRng, name_key
 from medfed.server.robust import ROBUST_AGGREGATORS, assumption_violations
 
@@ -163,7 +164,7 @@ def _evaluate(model, params, y_tests, tests, clean: list[int], names: list[str])
 
 def _audit_repeat(config, attack: Attack, federation, methods, repeat: int, progress) -> tuple[list[str], list[dict]]:
     """One repeat: split, choose the corrupted sites, train every defense clean and attacked."""
-    model = LogisticRegression()
+    model = make_experiment_model(config, federation)
     t = config.training
     names = list(federation.site_names)
     sites = prepare_repeat(federation, config, repeat)
@@ -198,7 +199,8 @@ def _audit_repeat(config, attack: Attack, federation, methods, repeat: int, prog
             try:
                 # clean and attacked draw the same numbers: the attack is the only difference
                 run = run_federated(
-                    algorithm, model.init(train[0].X.shape[1]), data, local, spec.rounds(t),
+                    algorithm, model.init_params(federation.sample_shape, KeyedRng(config.seed, (INIT_STREAM, repeat))),
+                    data, local, spec.rounds(t),
                     KeyedRng(config.seed, (TRAIN_STREAM, repeat, name_key(spec.name))),
                     fraction=t.fraction_fit, min_sites=t.min_sites, max_update_norm=t.max_update_norm,
                 )

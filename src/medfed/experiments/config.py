@@ -27,6 +27,13 @@ class DataSpec(_Strict):
     dataset: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     path: Path | None = None
+    manifest: Path | None = None
+    npz: dict[str, Path] | None = None  # MedMNIST-format files, site name -> path
+    positive_classes: list[int] | None = None
+    use_val: Literal["train", "test", "drop"] = "train"
+    path_column: str = "path"
+    kind: Literal["auto", "nifti", "dicom", "image"] = "auto"
+    skip_bad: bool = False
     site_column: str | None = None
     label_column: str | None = None
     split_column: str | None = None
@@ -36,8 +43,14 @@ class DataSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
-        if (self.dataset is None) == (self.path is None):
-            raise ValueError("give exactly one of data.dataset (embedded name) or data.path (a table file)")
+        sources = [s for s in (self.dataset, self.path, self.manifest, self.npz) if s is not None]
+        if len(sources) != 1:
+            raise ValueError(
+                "give exactly one of data.dataset (embedded name), data.path (a table file), "
+                "data.manifest (a table of image files) or data.npz (MedMNIST files by site)"
+            )
+        if self.npz is not None and not self.positive_classes:
+            raise ValueError("data.npz needs data.positive_classes: the classes that count as positive")
         if self.path is not None and (self.site_column is None or self.label_column is None):
             raise ValueError("a table needs data.site_column and data.label_column")
         return self
@@ -75,6 +88,8 @@ class PipelineSpec(_Strict):
 
 class ExperimentConfig(_Strict):
     data: DataSpec
+    model: str = Field("logistic", description="logistic (numpy, tables), torch_logistic, mlp, cnn2d, cnn3d")
+    model_options: dict[str, Any] = Field(default_factory=dict)
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS), min_length=1)
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     pipelines: dict[str, PipelineSpec] = Field(default_factory=dict)
@@ -117,10 +132,14 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
     # relative data paths are relative to the config file, as a user writing it expects
     data = values.get("data")
-    if isinstance(data, dict) and isinstance(data.get("path"), str):
-        p = Path(data["path"])
-        if not p.is_absolute():
-            data["path"] = str((path.parent / p).resolve())
+    for key in ("path", "manifest"):
+        if isinstance(data, dict) and isinstance(data.get(key), str):
+            p = Path(data[key])
+            if not p.is_absolute():
+                data[key] = str((path.parent / p).resolve())
+    if isinstance(data, dict) and isinstance(data.get("npz"), dict):
+        data["npz"] = {site: str(p if Path(p).is_absolute() else (path.parent / p).resolve())
+                       for site, p in data["npz"].items()}
     return values
 
 

@@ -28,10 +28,16 @@ from medfed.experiments.methods import resolve_methods
 from medfed.experiments.metrics import METRICS, Metric, binary_metrics
 from medfed.experiments.spec import MethodSpec, context_for
 from medfed.experiments.splits import stratified_split
-from medfed.models.logistic import LogisticRegression
 from medfed.rng import KeyedRng, name_key
 
-SPLIT_STREAM, TRAIN_STREAM = 0, 1
+SPLIT_STREAM, TRAIN_STREAM, INIT_STREAM = 0, 1, 2
+
+
+def make_experiment_model(config: ExperimentConfig, federation: Federation):
+    """The model the config names, for the federation's sample shape (numpy logistic for tables)."""
+    from medfed.models.registry import make_model
+
+    return make_model(config.model, federation.sample_shape, **config.model_options)
 
 
 @dataclass
@@ -110,6 +116,23 @@ def load_federation(spec: DataSpec) -> Federation:
         if spec.impute is not None:
             options["impute"] = spec.impute
         return load_dataset(spec.dataset, **options)
+    if spec.npz is not None:
+        from medfed.data.images import load_medmnist_npz
+
+        return load_medmnist_npz(spec.npz, positive_classes=spec.positive_classes, use_val=spec.use_val)
+    if spec.manifest is not None:
+        from medfed.data.images import load_image_manifest
+
+        return load_image_manifest(
+            spec.manifest,
+            path_column=spec.path_column,
+            label_column=spec.label_column or "label",
+            site_column=spec.site_column or "site",
+            split_column=spec.split_column,
+            positive_label=spec.positive_label,
+            kind=spec.kind,
+            skip_bad=spec.skip_bad,
+        )
     from medfed.data.tables import load_table
 
     return load_table(
@@ -160,7 +183,7 @@ class _Scaled:
             if self.mode == "global":
                 scale = Standardizer.from_moments([self.sites[i].moments for i in group])
             else:  # "site" was applied in prepare_repeat; "none" leaves values as they are
-                scale = Standardizer.identity(self.sites[0].X_train.shape[1])
+                scale = Standardizer.identity(self.sites[0].X_train.shape[1])  # features, or channels
             train = [LocalData(self.sites[i].name, scale(self.sites[i].X_train), self.sites[i].y_train) for i in group]
             tests = [scale(s.X_test) for s in self.sites]
             self._cache[group] = (train, tests)
@@ -185,7 +208,7 @@ def run_repeat(
     progress: Callable[[str], None] | None = None,
 ) -> RepeatOutcome:
     """One repeat: split, then train and evaluate every setting. Pure in (config, data, repeat)."""
-    model = LogisticRegression()
+    model = make_experiment_model(config, federation)
     t = config.training
     site_names = federation.site_names
     n_sites = len(site_names)
@@ -194,6 +217,8 @@ def run_repeat(
     local = LocalTraining(model, t.lr, t.local_steps, t.batch_size, t.l2)
     sites = prepare_repeat(federation, config, repeat)
     scaled = _Scaled(sites, config.scaling)
+    # every setting of a repeat starts from the same initial model (zeros for the numpy model)
+    initial = model.init_params(federation.sample_shape, KeyedRng(config.seed, (INIT_STREAM, repeat)))
     out = RepeatOutcome([], [], [s.name for s in sites if s.single_class], {})
     single_models: dict[int, dict] = {}
 
@@ -223,7 +248,7 @@ def run_repeat(
                 [site_names[i] for i in group], config.seed,
                 {d.name: label_counts(d.y) for d in train},
             )),
-            model.init(train[0].X.shape[1]),
+            initial,
             train,
             local,
             rounds,
@@ -246,7 +271,8 @@ def run_repeat(
             )
         )
         for j in range(n_sites):
-            evaluate_on(spec, None, j, run.params, tests)
+            if spec.global_model:
+                evaluate_on(spec, None, j, run.params, tests)
             if site_names[j] in run.personal:
                 evaluate_on(spec, None, j, run.personal[site_names[j]], tests, model_kind="personal")
 
@@ -254,7 +280,7 @@ def run_repeat(
         if i not in single_models:
             train, _ = scaled((i,))
             rng = KeyedRng(config.seed, (TRAIN_STREAM, repeat, name_key("single"), i))
-            single_models[i], _ = sgd_steps(model.init(train[0].X.shape[1]), train[0], central, rng)
+            single_models[i], _ = sgd_steps(initial, train[0], central, rng)
         return single_models[i]
 
     for spec, opts in methods:
@@ -276,11 +302,12 @@ def run_repeat(
                 train, tests = scaled(group)
                 pooled = LocalData("pooled", np.concatenate([d.X for d in train]), np.concatenate([d.y for d in train]))
                 key = (TRAIN_STREAM, repeat, name_key("mix")) + (() if held_out is None else (name_key("loso"), held_out))
-                params, _ = sgd_steps(model.init(pooled.X.shape[1]), pooled, central, KeyedRng(config.seed, key))
+                params, _ = sgd_steps(initial, pooled, central, KeyedRng(config.seed, key))
                 for j in range(n_sites) if held_out is None else [held_out]:
                     evaluate_on(spec, None, j, params, tests, "split" if held_out is None else "loso")
         else:
-            for held_out in [None, *(range(n_sites) if config.loso else [])]:
+            loso = config.loso and spec.global_model  # an unseen site has no private part to use
+            for held_out in [None, *(range(n_sites) if loso else [])]:
                 train_one_federated(spec, opts, held_out)
         out.setting_time[spec.display] = time.perf_counter() - tic
     return out
@@ -344,6 +371,12 @@ def run_experiment(
             notes.append(
                 f"leave-one-site-out: {', '.join(local_only)} train on one site and have no unseen-site rows "
                 "(Cross already tests on sites it never saw)"
+            )
+        partial = [spec.display for spec, _ in methods if not spec.global_model]
+        if partial:
+            notes.append(
+                f"leave-one-site-out: {', '.join(partial)} keep part of the model at each site, so an unseen "
+                "site has no complete model; no unseen-site rows"
             )
     noted_sites: set[str] = set()
     setting_time = {spec.display: 0.0 for spec, _ in methods}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.experiments.metrics import METRICS
-from medfed.experiments.results import server_note_lines, table_rows
+from medfed.experiments.results import data_note_lines, server_note_lines, table_rows
 
 
 def results_csv(doc: dict[str, Any]) -> str:
@@ -56,6 +56,9 @@ def results_markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {row['test_site']} | {label} | " + " | ".join(row["cells"]) + " |")
     if footnotes:
         lines += ["", *[f"[{i}] {text}" for i, text in enumerate(footnotes, 1)]]
+    data_notes = data_note_lines(doc)
+    if data_notes:
+        lines += ["", "Data:", *[f"- {line.strip()}" for line in data_notes]]
     server = server_note_lines(doc)
     if server:
         lines += ["", "Server:", *[f"- {line}" for line in server]]

@@ -88,6 +88,8 @@ def results_document(run: ExperimentRun) -> dict[str, Any]:
             for s in fed.sites
         ],
         "features": list(fed.feature_names),
+        "sample_shape": list(fed.sample_shape),
+        "model": {"name": config.model, "options": dict(config.model_options)},
         "methods": [
             {"name": spec.name, "display": spec.display, "kind": spec.kind, "uploads": spec.uploads or None,
              "reference": spec.reference, "family": spec.family, "personal": spec.personal, "options": opts}
@@ -103,6 +105,19 @@ def results_document(run: ExperimentRun) -> dict[str, Any]:
         "results": [_row(c) for c in run.cells],
         "histories": histories,
     }
+
+
+def data_note_lines(doc: dict[str, Any]) -> list[str]:
+    """What the loader left out (``--skip-bad``): counted, with the first reasons, never silent."""
+    info = doc.get("data_info") or {}
+    skipped = info.get("skipped") or []
+    if not skipped:
+        return []
+    lines = [f"{len(skipped)} bad file(s) skipped (--skip-bad):"]
+    lines += [f"  {s.get('path')}: {s.get('reason')}" for s in skipped[:5]]
+    if len(skipped) > 5:
+        lines.append(f"  ... and {len(skipped) - 5} more, listed in results.json (data_info.skipped)")
+    return lines
 
 
 def server_note_lines(doc: dict[str, Any]) -> list[str]:

@@ -46,6 +46,7 @@ class MethodSpec:
     rounds: Callable[[TrainingSpec], int] = lambda t: t.rounds
     uploads: str = ""  # what a site sends: "delta", "gradient" or "params"; "" for centralized settings
     personal: bool = False
+    global_model: bool = True  # False: the shared part alone is no model (FedBN, FedPer); only personal rows
     family: str = "survey §6"  # where the method sits in the survey: §6 experiment, §3.2 client end, §3.3 server end
     flags: Sequence[str] = ()  # option names that are also command-line flags
 
