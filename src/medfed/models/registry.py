@@ -1,0 +1,166 @@
+"""Models by name: the numpy fast path for tables and the torch families for images.
+
+``make_model(name, sample_shape, **options)`` builds one; ``MODELS`` maps each name to its
+factory and ``MODEL_OPTIONS`` to its options with their defaults. Torch is imported only
+when a torch model is built, so the table path (and ``medfed`` start-up) never loads it.
+
+Parameter naming convention of the torch models (what partial-sharing methods key on; the
+predicates below are the one definition of it):
+
+- ``body.{i}.conv.weight`` / ``body.{i}.linear.weight`` (and ``.bias`` when ``norm="none"``):
+  block ``i`` of the CNN or MLP;
+- ``body.{i}.norm.{weight,bias,running_mean,running_var}``: block ``i``'s BatchNorm or
+  GroupNorm (GroupNorm has no running statistics); ``norm.*``: ``torch_logistic``'s
+  optional normalization of its input;
+- ``head.weight``, ``head.bias``: the final linear layer, one logit.
+
+The numpy ``logistic`` model's ``weight`` and ``bias`` are neither norm nor head parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from medfed.errors import ConfigError
+from medfed.models.logistic import LogisticRegression
+
+NORMS = ("batch", "group", "none")
+OPTIMIZERS = ("sgd", "adam")
+DTYPES = ("float32", "float64")
+DEVICES = ("auto", "cpu", "cuda")
+NORM_STATISTICS = ("running_mean", "running_var")
+
+_TORCH_COMMON: dict[str, Any] = {"optimizer": "sgd", "dtype": "float32", "device": "auto", "eval_batch": 512}
+
+MODEL_OPTIONS: dict[str, dict[str, Any]] = {
+    "logistic": {},
+    "torch_logistic": {"norm": "none", **_TORCH_COMMON},
+    "mlp": {"norm": "batch", "hidden": (64, 32), **_TORCH_COMMON},
+    "cnn2d": {"norm": "batch", "channels": (8, 16, 32), **_TORCH_COMMON},
+    "cnn3d": {"norm": "batch", "channels": (4, 8, 16), **_TORCH_COMMON},
+}
+"""Each model's options and their defaults. ``norm``: normalization after each hidden layer
+(``torch_logistic``: of its input); ``hidden``/``channels``: widths of the MLP's/CNN's blocks;
+``optimizer``: the local optimizer (a fresh one per ``descend`` call, i.e. per round);
+``dtype``: the torch compute type; ``device``: ``auto`` = CUDA when present; ``eval_batch``:
+rows per chunk when evaluating."""
+
+SAMPLE_DIMS = {"logistic": (1, "feature vectors (d,)"), "cnn2d": (3, "2D images (C, H, W)"), "cnn3d": (4, "3D images (C, D, H, W)")}
+"""Sample dimensionality a model requires; models not listed take any (they flatten)."""
+
+
+# --- naming convention ------------------------------------------------------------------
+
+
+def is_norm(name: str) -> bool:
+    """A normalization layer's parameter or statistic (``...norm.weight``, ``norm.running_var``)."""
+    return "norm" in name.split(".")[:-1]
+
+
+def is_norm_statistic(name: str) -> bool:
+    """A normalization layer's running mean or variance (BatchNorm's statistics)."""
+    return is_norm(name) and name.rsplit(".", 1)[-1] in NORM_STATISTICS
+
+
+def is_head(name: str) -> bool:
+    """A parameter of the final (output) layer."""
+    return name.split(".", 1)[0] == "head"
+
+
+# --- options ----------------------------------------------------------------------------
+
+
+def _widths(model: str, key: str, value: Any) -> tuple[int, ...]:
+    if isinstance(value, str):
+        try:
+            value = [int(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            value = None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    ok = isinstance(value, Sequence) and len(value) > 0 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value
+    )
+    if not ok:
+        raise ConfigError(f"model {model!r} option {key!r} must be one or more positive whole numbers (e.g. 32,16)")
+    return tuple(int(v) for v in value)
+
+
+def check_options(model: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's options with defaults filled in, or a ConfigError naming the option and what it takes."""
+    if model not in MODEL_OPTIONS:
+        raise ConfigError(f"unknown model {model!r}; available: {', '.join(MODEL_OPTIONS)}")
+    defaults = MODEL_OPTIONS[model]
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ConfigError(f"model {model!r} has no option {unknown[0]!r}; its options: {', '.join(defaults) or 'none'}")
+    out = {**defaults, **options}
+    choices = {"norm": NORMS, "optimizer": OPTIMIZERS, "dtype": DTYPES, "device": DEVICES}
+    for key, allowed in choices.items():
+        if key in out and out[key] not in allowed:
+            raise ConfigError(f"model {model!r} option {key!r} must be one of {', '.join(allowed)}; got {out[key]!r}")
+    for key in ("hidden", "channels"):
+        if key in out:
+            out[key] = _widths(model, key, out[key])
+    if "eval_batch" in out:
+        v = out["eval_batch"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"model {model!r} option 'eval_batch' must be a positive whole number, got {v!r}")
+    return out
+
+
+def check_sample_shape(model: str, sample_shape: Sequence[int]) -> tuple[int, ...]:
+    """``sample_shape`` as a tuple, or a ConfigError when the model cannot take such samples."""
+    shape = tuple(int(s) for s in sample_shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ConfigError(f"model {model!r}: samples of shape {shape} are empty")
+    if model in SAMPLE_DIMS:
+        dims, what = SAMPLE_DIMS[model]
+        if len(shape) != dims:
+            fits = [m for m in MODEL_OPTIONS if SAMPLE_DIMS.get(m, (len(shape),))[0] == len(shape)]
+            raise ConfigError(
+                f"model {model!r} takes {what}; these samples have shape {shape}: choose one of {', '.join(fits)}"
+            )
+    return shape
+
+
+# --- factories --------------------------------------------------------------------------
+
+
+def _logistic(**options: Any) -> LogisticRegression:
+    check_options("logistic", options)
+    return LogisticRegression()
+
+
+def _torch(arch: str, **options: Any):
+    # torch loads here, only when a torch model is asked for
+    from medfed.models.torch_models import TorchModel
+
+    return TorchModel(arch, **options)
+
+
+MODELS: dict[str, Callable[..., Any]] = {
+    "logistic": _logistic,
+    **{arch: functools.partial(_torch, arch) for arch in ("torch_logistic", "mlp", "cnn2d", "cnn3d")},
+}
+"""Model name -> factory taking the model's options as keyword arguments."""
+
+
+def make_model(name: str, sample_shape: Sequence[int] | None = None, **options: Any):
+    """The model called ``name`` with ``options``; with ``sample_shape``, also check that it
+    can take such samples (``logistic``: tables only; ``cnn2d``/``cnn3d``: 2D/3D images)."""
+    key = str(name).strip().lower()
+    if key not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
+    check_options(key, options)  # before torch is imported: a typo fails fast and cheaply
+    if sample_shape is not None:
+        check_sample_shape(key, sample_shape)
+    return MODELS[key](**options)
+
+
+def n_elements(sample_shape: Sequence[int]) -> int:
+    """Values in one sample (the input width of models that flatten it)."""
+    return math.prod(int(s) for s in sample_shape)

@@ -1,0 +1,412 @@
+"""Torch models behind medfed's parameter view: logistic regression, an MLP, small 2D and 3D CNNs.
+
+:class:`TorchModel` follows the model protocol of the numpy
+:class:`~medfed.models.logistic.LogisticRegression` exactly (``init_params``,
+``predict_proba``, ``loss``, ``gradient``, ``descend``, ``name``), so every client rule and
+aggregator runs on it unchanged. Torch tensors never cross its boundary: parameters come in
+and go out as an ordered mapping ``name -> float64 numpy array``.
+
+The parameter view holds every trainable parameter and BatchNorm's running statistics
+(``running_mean``, ``running_var``), named by the convention in
+:mod:`medfed.models.registry` (``body.{i}.conv|linear|norm.*``, ``norm.*``, ``head.*``).
+BatchNorm's ``num_batches_tracked`` is left out: with the fixed momentum 0.1 used here it
+never enters the math.
+
+Objective on (X, y), n rows, z the logit::
+
+    L = mean_i [ log(1 + exp(z_i)) - y_i z_i ] + (l2 / 2) * sum ||W||²
+
+where W runs over the weights of the conv/linear layers and the head, as in the numpy model
+(not biases, not normalization parameters). BatchNorm layers run in train mode (batch
+statistics, running statistics updated) inside ``descend`` and in eval mode (running
+statistics) in ``predict_proba``, ``loss``, ``gradient`` and the start loss ``descend`` returns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medfed.errors import ConfigError
+from medfed.models.registry import (
+    check_options,
+    check_sample_shape,
+    is_head,
+    is_norm,
+    n_elements,
+)
+
+Params = Mapping[str, np.ndarray]
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def _norm_layer(kind: str, channels: int, dims: int) -> nn.Module | None:
+    """BatchNorm over (rows, spatial positions); GroupNorm over groups of up to 4 channels'
+    worth (``gcd(channels, 4)`` groups), independent of the batch; or none."""
+    if kind == "batch":
+        return _BATCH_NORMS[dims](channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(channels, 4), channels)
+    return None
+
+
+class _Block(nn.Module):
+    """``layer -> norm -> ReLU -> (max-pool)``; the layer is registered as ``conv`` or ``linear``."""
+
+    def __init__(self, kind: str, layer: nn.Module, norm: nn.Module | None, pool: nn.Module | None) -> None:
+        super().__init__()
+        self.kind = kind
+        self.add_module(kind, layer)
+        self.norm = norm
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = getattr(self, self.kind)(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        x = F.relu(x)
+        return x if self.pool is None else self.pool(x)
+
+
+class Network(nn.Module):
+    """``[flatten] -> [norm] -> body blocks -> [global average pool] -> head``: one logit per sample."""
+
+    def __init__(self, body: Sequence[nn.Module], head: nn.Linear, *, flatten: bool, norm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.flatten = flatten
+        self.norm = norm
+        self.body = nn.Sequential(*body)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flatten:
+            x = x.flatten(1)
+        if self.norm is not None:
+            x = self.norm(x)
+        x = self.body(x)
+        if x.dim() > 2:  # global average pooling over the spatial axes
+            x = x.mean(dim=tuple(range(2, x.dim())))
+        return self.head(x).squeeze(-1)
+
+
+def build_network(arch: str, sample_shape: Sequence[int], options: Mapping) -> Network:
+    """The torch module of architecture ``arch`` for samples of ``sample_shape``.
+
+    Conv/linear layers carry a bias only without normalization (a norm layer's own shift
+    makes it redundant). CNN blocks use 3-wide kernels (padding 1) and halve each spatial
+    axis after every block but the last (ceil mode, so a size-1 axis survives).
+    """
+    norm = options["norm"]
+    bias = norm == "none"
+    if arch == "torch_logistic":
+        d = n_elements(sample_shape)
+        return Network([], nn.Linear(d, 1), flatten=True, norm=_norm_layer(norm, d, 1))
+    if arch == "mlp":
+        blocks, width = [], n_elements(sample_shape)
+        for w in options["hidden"]:
+            blocks.append(_Block("linear", nn.Linear(width, w, bias=bias), _norm_layer(norm, w, 1), None))
+            width = w
+        return Network(blocks, nn.Linear(width, 1), flatten=True)
+    dims = {"cnn2d": 2, "cnn3d": 3}[arch]
+    conv, pool = (nn.Conv2d, nn.MaxPool2d) if dims == 2 else (nn.Conv3d, nn.MaxPool3d)
+    blocks, width = [], int(sample_shape[0])
+    channels = options["channels"]
+    for i, c in enumerate(channels):
+        last = i == len(channels) - 1
+        blocks.append(
+            _Block("conv", conv(width, c, 3, padding=1, bias=bias), _norm_layer(norm, c, dims),
+                   None if last else pool(2, ceil_mode=True))
+        )
+        width = c
+    return Network(blocks, nn.Linear(width, 1), flatten=False)
+
+
+@dataclass
+class _Slot:
+    """A built network for one sample shape, with its parameter view's tensors in order."""
+
+    net: Network
+    names: tuple[str, ...]
+    tensors: tuple[torch.Tensor, ...]
+    shapes: dict[str, tuple[int, ...]]
+    trainable: tuple[str, ...]
+    decayed: tuple[str, ...]  # weights under the L2 penalty
+
+
+def _mean_log_loss(z: np.ndarray, y: np.ndarray) -> float:
+    return float((np.logaddexp(0.0, z).sum() - y @ z) / z.shape[0])
+
+
+class TorchModel:
+    """A torch architecture seen through the parameter view (the model protocol).
+
+    Stateless like the numpy model: every method takes the parameters explicitly. Internally
+    one network per sample shape is built once and reused as scratch space: parameters are
+    copied in at each call and read out as float64 numpy arrays at the end (so an instance is
+    not for concurrent use from several threads; forked processes are fine).
+
+    ``descend`` runs one optimizer step per entry of ``batches``; the optimizer (``sgd``, or
+    ``adam`` with torch's defaults) is created afresh at every call, so Adam's moments do not
+    outlive a round. On CPU, the same parameters, data and batches give the same numbers.
+    """
+
+    def __init__(self, arch: str, **options) -> None:
+        opts = check_options(arch, options)
+        if arch == "logistic":
+            raise ConfigError("'logistic' is the numpy model; the torch one is 'torch_logistic'")
+        self.name = arch
+        self.options = opts
+        self.dtype = _DTYPES[opts["dtype"]]
+        device = opts["device"]
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"model {arch!r} option 'device' is 'cuda' but torch sees no CUDA device; use auto or cpu")
+        self.device = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+        self._slots: dict[tuple[int, ...], _Slot] = {}
+
+    def __repr__(self) -> str:
+        return f"TorchModel({self.name!r}, {', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
+
+    # --- the network and the parameter view -------------------------------------------
+
+    def _slot(self, sample_shape: Sequence[int]) -> _Slot:
+        key = tuple(int(s) for s in sample_shape)
+        slot = self._slots.get(key)
+        if slot is None:
+            check_sample_shape(self.name, key)
+            # module constructors draw their own initial values from torch's global generator;
+            # fork it so building a network leaves the caller's torch random state untouched
+            with torch.random.fork_rng(devices=[]):
+                net = build_network(self.name, key, self.options).to(device=self.device, dtype=self.dtype)
+            state = net.state_dict(keep_vars=True)
+            names = tuple(k for k in state if not k.endswith("num_batches_tracked"))
+            trainable = tuple(k for k, _ in net.named_parameters())
+            decayed = tuple(k for k in trainable if k.endswith(".weight") and not is_norm(k))
+            slot = _Slot(net, names, tuple(state[k] for k in names), {k: tuple(state[k].shape) for k in names},
+                         trainable, decayed)
+            self._slots[key] = slot
+        return slot
+
+    def param_shapes(self, sample_shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
+        """The parameter view's names and shapes for samples of ``sample_shape``, in order."""
+        return dict(self._slot(sample_shape).shapes)
+
+    def network(self, sample_shape: Sequence[int]) -> Network:
+        """A fresh copy of the torch module (for users who want the module itself)."""
+        with torch.random.fork_rng(devices=[]):
+            return build_network(self.name, check_sample_shape(self.name, sample_shape), self.options)
+
+    def _load(self, slot: _Slot, params: Params) -> None:
+        if params.keys() != slot.shapes.keys():
+            missing = sorted(set(slot.shapes) - set(params))
+            extra = sorted(set(params) - set(slot.shapes))
+            raise ConfigError(
+                f"model {self.name!r}: parameters do not match the network (missing {missing}, unexpected {extra})"
+            )
+        with torch.no_grad():
+            for name, tensor in zip(slot.names, slot.tensors):
+                value = np.asarray(params[name])
+                if value.shape != tensor.shape:
+                    raise ConfigError(
+                        f"model {self.name!r}: parameter {name!r} has shape {value.shape}, the network's is {tuple(tensor.shape)}"
+                    )
+                if not value.flags.writeable:  # torch.from_numpy warns on read-only arrays
+                    value = value.copy()
+                tensor.copy_(torch.from_numpy(value))
+                if name.endswith("running_var"):
+                    # a server step (e.g. an adaptive optimizer) may push an averaged variance
+                    # below zero, where BatchNorm would return NaN: read it as zero
+                    tensor.clamp_(min=0.0)
+
+    def _read(self, slot: _Slot) -> dict[str, np.ndarray]:
+        return {
+            name: t.detach().cpu().numpy().astype(np.float64, copy=True) for name, t in zip(slot.names, slot.tensors)
+        }
+
+    def _tensor(self, X: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(X), dtype=self.dtype, device=self.device)
+
+    def _penalty(self, slot: _Slot, params: Params, l2: float) -> float:
+        if not l2:
+            return 0.0
+        return 0.5 * l2 * sum(float(np.vdot(params[k], params[k])) for k in slot.decayed)
+
+    def _logits(self, slot: _Slot, X: np.ndarray) -> np.ndarray:
+        """Eval-mode logits of every row, ``eval_batch`` rows at a time, as float64."""
+        net = slot.net
+        net.eval()
+        chunk = self.options["eval_batch"]
+        out = np.empty(X.shape[0], dtype=np.float64)
+        with torch.no_grad():
+            for start in range(0, X.shape[0], chunk):
+                out[start : start + chunk] = net(self._tensor(X[start : start + chunk])).double().cpu().numpy()
+        return out
+
+    # --- the model protocol -----------------------------------------------------------
+
+    def init_params(self, sample_shape: Sequence[int], rng) -> dict[str, np.ndarray]:
+        """Initial parameters for samples of ``sample_shape``, drawn from ``rng`` (a
+        :class:`~medfed.rng.KeyedRng` or numpy Generator) through a local torch generator.
+
+        Conv/linear weights of the body: He normal (fan-in, ReLU); biases 0. Head: zeros,
+        so every model starts at probability 0.5 for every sample (loss log 2) like the
+        numpy model; the body's first step then has a zero gradient, its later ones do not.
+        Norm layers: weight 1, bias 0, running mean 0, running variance 1. Values are drawn
+        in float64 on the CPU and rounded to the model's dtype, so the view round-trips
+        through the network exactly and the same seed gives the same model on every device.
+        """
+        if rng is None:
+            raise ConfigError(f"model {self.name!r}: init_params needs an rng (a KeyedRng) to draw initial weights")
+        slot = self._slot(sample_shape)
+        generator = rng.generator if hasattr(rng, "generator") else rng
+        torch_gen = torch.Generator().manual_seed(int(generator.integers(2**63 - 1)))
+        out = {}
+        for name in slot.names:
+            t = torch.zeros(slot.shapes[name], dtype=torch.float64)
+            leaf = name.rsplit(".", 1)[-1]
+            if is_norm(name):
+                if leaf in ("weight", "running_var"):
+                    t.fill_(1.0)
+            elif leaf == "weight" and not is_head(name):
+                nn.init.kaiming_normal_(t, nonlinearity="relu", generator=torch_gen)
+            out[name] = t.to(self.dtype).double().numpy()
+        return out
+
+    def predict_proba(self, params: Params, X: np.ndarray) -> np.ndarray:
+        """Probability of the positive class for each row of ``X`` (eval mode), float64."""
+        slot = self._slot(X.shape[1:])
+        self._load(slot, params)
+        z = self._logits(slot, X)
+        return 0.5 * (1.0 + np.tanh(0.5 * z))  # the sigmoid, finite for any z
+
+    def loss(self, params: Params, X: np.ndarray, y: np.ndarray, l2: float = 0.0) -> float:
+        """The objective in eval mode; the data term is summed in float64 from the logits."""
+        slot = self._slot(X.shape[1:])
+        self._load(slot, params)
+        return _mean_log_loss(self._logits(slot, X), np.asarray(y, dtype=np.float64)) + self._penalty(slot, params, l2)
+
+    def gradient(
+        self, params: Params, X: np.ndarray, y: np.ndarray, l2: float = 0.0, *, with_loss: bool = False
+    ) -> tuple[dict[str, np.ndarray], float | None]:
+        """Gradient of the objective in eval mode, accumulated over ``eval_batch`` chunks.
+
+        Running statistics get a zero gradient (they are not trained by gradients), so a
+        gradient step leaves them where they are.
+        """
+        slot = self._slot(X.shape[1:])
+        self._load(slot, params)
+        net = slot.net
+        net.eval()
+        trainable = dict(net.named_parameters())
+        for p in trainable.values():
+            p.grad = None
+        y = np.asarray(y, dtype=np.float64)
+        n = X.shape[0]
+        chunk = self.options["eval_batch"]
+        z_all = np.empty(n, dtype=np.float64) if with_loss else None
+        for start in range(0, n, chunk):
+            z = net(self._tensor(X[start : start + chunk]))
+            yb = self._tensor(y[start : start + chunk])
+            (F.binary_cross_entropy_with_logits(z, yb, reduction="sum") / n).backward()
+            if with_loss:
+                z_all[start : start + chunk] = z.detach().double().cpu().numpy()
+        grads = {}
+        for name in slot.names:
+            p = trainable.get(name)
+            if p is None or p.grad is None:
+                grads[name] = np.zeros(slot.shapes[name])
+            else:
+                grads[name] = p.grad.detach().cpu().numpy().astype(np.float64, copy=True)
+                p.grad = None
+        if l2:
+            for name in slot.decayed:
+                grads[name] += l2 * np.asarray(params[name], dtype=np.float64)
+        loss = _mean_log_loss(z_all, y) + self._penalty(slot, params, l2) if with_loss else None
+        return grads, loss
+
+    def descend(
+        self,
+        params: Params,
+        X: np.ndarray,
+        y: np.ndarray,
+        batches: Iterable[np.ndarray | None],
+        lr: float,
+        l2: float = 0.0,
+        *,
+        prox_center: Params | None = None,
+        mu: float = 0.0,
+        correction: Params | None = None,
+        row_weights: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """Optimizer steps, one per entry of ``batches`` (row indices, ``None`` = all rows), in
+        train mode; returns the new parameters and the objective at the start (eval mode, all
+        rows, unweighted), like the numpy model.
+
+        Each step's gradient is the batch's mean loss (each row weighted by
+        ``row_weights(y_batch)`` when given), plus ``l2 * W`` on the penalized weights, plus FedProx's ``mu * (theta - prox_center)`` when
+        ``mu > 0``, plus the constant ``correction`` (SCAFFOLD's ``c - c_i``). Proximal term
+        and correction apply to trainable parameters; running statistics follow BatchNorm's
+        own update. ``sgd`` steps ``theta -= lr * g``; ``adam`` is :class:`torch.optim.Adam`
+        (torch's defaults) fed the same ``g``, new at each call (its moments restart each round).
+        """
+        X = np.asarray(X)
+        y = np.asarray(y, dtype=np.float64)
+        slot = self._slot(X.shape[1:])
+        self._load(slot, params)
+        start_loss = _mean_log_loss(self._logits(slot, X), y) + self._penalty(slot, params, l2)
+        net = slot.net
+        trainable = dict(net.named_parameters())
+        # (parameter, L2 coefficient, proximal center or None, correction or None)
+        terms = [
+            (
+                p,
+                float(l2) if k in slot.decayed else 0.0,
+                self._tensor(prox_center[k]) if mu else None,
+                self._tensor(correction[k]) if correction is not None else None,
+            )
+            for k, p in trainable.items()
+        ]
+        adam = None
+        if self.options["optimizer"] == "adam":
+            # torch.optim loads torch._dynamo (seconds) on first use: only when Adam is asked for
+            adam = torch.optim.Adam(list(trainable.values()), lr=lr)
+        Xt, yt = self._tensor(X), self._tensor(y)
+        net.train()
+        for rows in batches:
+            if rows is None:
+                xb, yb, yb_np = Xt, yt, y
+            else:
+                index = torch.as_tensor(rows, device=self.device)
+                xb, yb, yb_np = Xt[index], yt[index], (y[rows] if row_weights is not None else None)
+            if self.options["norm"] == "batch" and self.name in ("mlp", "torch_logistic") and xb.shape[0] < 2:
+                raise ConfigError(f"model {self.name!r} with batch norm needs at least 2 rows per batch, got {xb.shape[0]}")
+            for p, *_ in terms:
+                p.grad = None
+            z = net(xb)
+            if row_weights is None:
+                batch_loss = F.binary_cross_entropy_with_logits(z, yb)
+            else:
+                w = self._tensor(row_weights(yb_np))
+                batch_loss = (F.binary_cross_entropy_with_logits(z, yb, reduction="none") * w).sum() / xb.shape[0]
+            batch_loss.backward()
+            with torch.no_grad():
+                for p, decay, center, shift in terms:
+                    g = p.grad
+                    if decay:
+                        g.add_(p, alpha=decay)
+                    if center is not None:
+                        g.add_(p - center, alpha=mu)
+                    if shift is not None:
+                        g.add_(shift)
+                    if adam is None:  # plain SGD: the numpy model's step
+                        p.add_(g, alpha=-lr)
+                if adam is not None:
+                    adam.step()
+        trained = self._read(slot)
+        return trained, start_loss
