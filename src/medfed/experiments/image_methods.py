@@ -1,0 +1,98 @@
+"""Partial-sharing methods for image models (survey §3.2) as named settings: FedBN and FedPer.
+
+Both run FedAvg's client (:func:`medfed.client.local.local_sgd_update`) wrapped by
+:func:`medfed.client.sharing.keep_private` and FedAvg's server; the engine's sharing policy
+keeps the private names out of every upload. Which parameters are private is decided from
+their names alone (the convention of :mod:`medfed.models.registry`), since a method is built
+before the model is known. Each site ends with a personal model: the global shared
+parameters with its own private ones. The global model alone keeps the private parts at
+their initial values, so only the personal models are meaningful to evaluate.
+
+Importing this module does not load torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from medfed.client.local import local_sgd_update
+from medfed.client.sharing import keep_private, personalize_private
+from medfed.engine.loop import FederatedAlgorithm
+from medfed.errors import ConfigError
+from medfed.experiments.config import TrainingSpec
+from medfed.experiments.spec import BuildContext, MethodSpec
+from medfed.models.registry import is_head, is_norm, is_norm_statistic
+from medfed.server.aggregate import apply_delta, chain, weighted_mean
+
+FAMILY = "survey §3.2"
+
+
+def _options(method: str, defaults: Mapping[str, Any], opts: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(opts) - set(defaults))
+    if unknown:
+        raise ConfigError(f"method {method!r} has no option {unknown[0]!r}; its options: {', '.join(defaults) or 'none'}")
+    out = {**defaults, **opts}
+    for key, default in defaults.items():
+        if isinstance(default, bool) and not isinstance(out[key], bool):
+            raise ConfigError(f"method {method!r} option {key!r} takes true or false, got {out[key]!r}")
+    return out
+
+
+def fedbn(local_affine: bool = True) -> FederatedAlgorithm:
+    """FedBN (Li et al., 2021) / SiloBN (Andreux et al., 2020): normalization stays at each site.
+
+    ``local_affine=True`` (FedBN): every normalization parameter (running statistics and the
+    affine weight/bias) is private; ``False`` (SiloBN): only the running statistics are, the
+    affine terms are averaged with the rest. Everything else is FedAvg.
+    """
+    private = is_norm if local_affine else is_norm_statistic
+    name = "fedbn" if local_affine else "silobn"
+    return FederatedAlgorithm(
+        "fedbn",
+        keep_private(local_sgd_update, private, method=name),
+        chain(weighted_mean(), apply_delta()),
+        personalize=personalize_private,
+        private=private,
+    )
+
+
+def fedper() -> FederatedAlgorithm:
+    """FedPer (Arivazhagan et al., 2019; in the survey, Feng et al., 2022 and Chakravarty et
+    al., 2021): each site keeps its own head (the final layer); the body is averaged as in FedAvg."""
+    return FederatedAlgorithm(
+        "fedper",
+        keep_private(local_sgd_update, is_head, method="fedper"),
+        chain(weighted_mean(), apply_delta()),
+        personalize=personalize_private,
+        private=is_head,
+    )
+
+
+_FEDBN_DEFAULTS = {"local_affine": True}
+
+
+def _build_fedbn(opts: Mapping[str, Any], training: TrainingSpec, context: BuildContext) -> FederatedAlgorithm:
+    return fedbn(**_options("fedbn", _FEDBN_DEFAULTS, opts))
+
+
+def _build_fedper(opts: Mapping[str, Any], training: TrainingSpec, context: BuildContext) -> FederatedAlgorithm:
+    _options("fedper", {}, opts)
+    return fedper()
+
+
+IMAGE_METHODS: list[MethodSpec] = [
+    MethodSpec(
+        "fedbn", "FedBN", "federated",
+        "normalization layers stay at each site (running statistics, and with local_affine their "
+        "weight/bias; local_affine=false is SiloBN); the rest is FedAvg. Needs a model with norm layers",
+        "Li et al., 2021; Andreux et al., 2020", defaults=dict(_FEDBN_DEFAULTS), build=_build_fedbn,
+        uploads="delta", personal=True, global_model=False, family=FAMILY,
+    ),
+    MethodSpec(
+        "fedper", "FedPer", "federated",
+        "each site keeps its own head (final layer) private; the body is averaged as in FedAvg",
+        "Arivazhagan et al., 2019; Feng et al., 2022; Chakravarty et al., 2021", build=_build_fedper,
+        uploads="delta", personal=True, global_model=False, family=FAMILY,
+    ),
+]
