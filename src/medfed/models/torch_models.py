@@ -136,7 +136,6 @@ class _Slot:
     names: tuple[str, ...]
     tensors: tuple[torch.Tensor, ...]
     shapes: dict[str, tuple[int, ...]]
-    trainable: tuple[str, ...]
     decayed: tuple[str, ...]  # weights under the L2 penalty
 
 
@@ -154,7 +153,16 @@ class TorchModel:
 
     ``descend`` runs one optimizer step per entry of ``batches``; the optimizer (``sgd``, or
     ``adam`` with torch's defaults) is created afresh at every call, so Adam's moments do not
-    outlive a round. On CPU, the same parameters, data and batches give the same numbers.
+    outlive a round. On CPU, the same parameters, data and batches give the same numbers
+    (on CUDA, cuDNN may choose non-deterministic kernels).
+
+    Parameter names (the convention partial sharing keys on, see
+    :func:`~medfed.models.registry.is_norm`, ``is_norm_statistic``, ``is_head``)::
+
+        body.{i}.conv.weight | body.{i}.linear.weight [.bias without norm]   block i
+        body.{i}.norm.weight | .bias | .running_mean | .running_var          its norm layer
+        norm.*                                       torch_logistic's input normalization
+        head.weight, head.bias                       the final layer (one logit)
     """
 
     def __init__(self, arch: str, **options) -> None:
@@ -186,10 +194,8 @@ class TorchModel:
                 net = build_network(self.name, key, self.options).to(device=self.device, dtype=self.dtype)
             state = net.state_dict(keep_vars=True)
             names = tuple(k for k in state if not k.endswith("num_batches_tracked"))
-            trainable = tuple(k for k, _ in net.named_parameters())
-            decayed = tuple(k for k in trainable if k.endswith(".weight") and not is_norm(k))
-            slot = _Slot(net, names, tuple(state[k] for k in names), {k: tuple(state[k].shape) for k in names},
-                         trainable, decayed)
+            decayed = tuple(k for k, _ in net.named_parameters() if k.endswith(".weight") and not is_norm(k))
+            slot = _Slot(net, names, tuple(state[k] for k in names), {k: tuple(state[k].shape) for k in names}, decayed)
             self._slots[key] = slot
         return slot
 
@@ -348,11 +354,11 @@ class TorchModel:
         train mode; returns the new parameters and the objective at the start (eval mode, all
         rows, unweighted), like the numpy model.
 
-        Each step's gradient is the batch's mean loss (each row weighted by
-        ``row_weights(y_batch)`` when given), plus ``l2 * W`` on the penalized weights, plus FedProx's ``mu * (theta - prox_center)`` when
-        ``mu > 0``, plus the constant ``correction`` (SCAFFOLD's ``c - c_i``). Proximal term
-        and correction apply to trainable parameters; running statistics follow BatchNorm's
-        own update. ``sgd`` steps ``theta -= lr * g``; ``adam`` is :class:`torch.optim.Adam`
+        Each step's gradient ``g`` is the batch's mean loss (each row weighted by
+        ``row_weights(y_batch)`` when given), plus ``l2 * W`` on the penalized weights, plus
+        FedProx's ``mu * (theta - prox_center)`` when ``mu > 0``, plus the constant
+        ``correction`` (SCAFFOLD's ``c - c_i``). Proximal term and correction apply to the
+        trainable parameters; running statistics follow BatchNorm's own update (momentum 0.1). ``sgd`` steps ``theta -= lr * g``; ``adam`` is :class:`torch.optim.Adam`
         (torch's defaults) fed the same ``g``, new at each call (its moments restart each round).
         """
         X = np.asarray(X)
