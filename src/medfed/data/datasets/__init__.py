@@ -30,6 +30,11 @@ DATASETS: dict[str, tuple[str, str, str]] = {
         "load_breast_cancer_federation",
         "scikit-learn's Wisconsin diagnostic data split into sites (IID or Dirichlet label skew)",
     ),
+    "mni-phantom": (
+        "medfed.data.datasets.mni_phantom",
+        "load_mni_phantom",
+        "PHANTOM T1 images on real MNI152 anatomy (nilearn's templates): simulated scanners, atrophy or lesion",
+    ),
 }
 
 
