@@ -18,6 +18,7 @@ from medfed.engine.loop import FederatedAlgorithm
 from medfed.errors import ConfigError
 from medfed.experiments.client_methods import CLIENT_METHODS
 from medfed.experiments.config import PipelineSpec
+from medfed.experiments.image_methods import IMAGE_METHODS
 from medfed.experiments.server_methods import SERVER_METHODS
 from medfed.experiments.spec import MethodSpec, OptionValue
 from medfed.server.aggregate import apply_delta, chain, gradient_step, weighted_mean
@@ -70,7 +71,9 @@ _SURVEY_EXPERIMENT = [
     ),
 ]
 
-METHODS: dict[str, MethodSpec] = {m.name: m for m in [*_SURVEY_EXPERIMENT, *SERVER_METHODS, *CLIENT_METHODS]}
+METHODS: dict[str, MethodSpec] = {
+    m.name: m for m in [*_SURVEY_EXPERIMENT, *SERVER_METHODS, *CLIENT_METHODS, *IMAGE_METHODS]
+}
 """Every setting and method by its config/CLI name: the survey's experiment (§6), then the
 server end (§3.3) and the client end (§3.2)."""
 
