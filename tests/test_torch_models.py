@@ -224,6 +224,37 @@ def test_gradient_of_batch_norm_statistics_is_zero_and_a_gradient_step_keeps_the
     assert grads["head.weight"].any()
 
 
+def _train_in_child(conn):
+    model = make_model("cnn2d", (1, 8, 8), channels=(4,))
+    X, y = toy((1, 8, 8), n=16)
+    model.descend(model.init_params((1, 8, 8), KeyedRng(0)), X, y, [None] * 2, 0.1)
+    conn.send(torch.get_num_threads())
+
+
+def test_a_forked_child_trains_after_its_parent_did():
+    """Torch's OpenMP pool does not survive fork: without one thread per forked child, the
+    harness's repeat workers would hang once the parent process had trained a model."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    torch.set_num_threads(2)
+    try:
+        model = make_model("cnn2d", (1, 8, 8), channels=(4,))
+        X, y = toy((1, 8, 8), n=16)
+        model.descend(model.init_params((1, 8, 8), KeyedRng(0)), X, y, [None] * 2, 0.1)
+        parent, child = ctx.Pipe()
+        worker = ctx.Process(target=_train_in_child, args=(child,))
+        worker.start()
+        worker.join(timeout=60)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+        assert worker.exitcode == 0
+        assert parent.recv() == 1
+    finally:
+        torch.set_num_threads(1)
+
+
 # --- the registry -----------------------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ statistics) in ``predict_proba``, ``loss``, ``gradient`` and the start loss ``de
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +44,19 @@ from medfed.models.registry import (
 )
 
 Params = Mapping[str, np.ndarray]
+
+
+def _one_thread_in_forked_children() -> None:
+    # torch's OpenMP thread pool does not survive fork: a forked child (the harness's repeat
+    # workers) that runs a parallel region after its parent did hangs, and one whose parent
+    # did not still oversubscribes the cores (workers x threads). One intra-op thread per
+    # forked child avoids both; as torch's DataLoader does for its workers.
+    torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_one_thread_in_forked_children)
+
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
