@@ -86,6 +86,11 @@ class PipelineSpec(_Strict):
     display: str | None = None
 
 
+# Network models learn from mini-batches over more, smaller steps than the convex table model;
+# these replace TrainingSpec's defaults for them (values the user sets always win).
+NETWORK_TRAINING_DEFAULTS = {"rounds": 20, "local_steps": 5, "lr": 0.05, "batch_size": 32, "l2": 1e-4}
+
+
 class ExperimentConfig(_Strict):
     data: DataSpec
     model: str = Field("logistic", description="logistic (numpy, tables), torch_logistic, mlp, cnn2d, cnn3d")
@@ -103,6 +108,16 @@ class ExperimentConfig(_Strict):
     out: Path | None = None
     plots: bool = False
     workers: int = Field(1, ge=0, description="repeats run in parallel processes; 1 = serial, 0 = one per core")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _network_defaults(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("model", "logistic") != "logistic":
+            training = values.get("training")
+            given = dict(training) if isinstance(training, dict) else {}
+            if isinstance(training, dict) or training is None:
+                values = {**values, "training": {**NETWORK_TRAINING_DEFAULTS, **given}}
+        return values
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:
