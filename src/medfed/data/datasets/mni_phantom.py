@@ -26,11 +26,12 @@ same for every ``seed`` and every ``n_sites`` (site 2 is always the same hospita
 people, not the hospitals, and one site's subjects do not depend on another site's size.
 
 1. *Field of view*: a square (2D) or cube (3D) of ``FOV_MM`` = 200 mm around the brain,
-   sampled on a ``size`` grid from templates low-passed for that spacing (no aliasing).
+   sampled on a ``size`` grid from templates low-passed for that spacing (against aliasing).
    2D images are axial slices at MNI height ``slice_mm`` (default +15 mm: the lateral
    ventricles, basal ganglia, insula and temporal cortex); 3D images cover the whole brain.
 2. *Subject*: a random slice within ``± band_mm`` of that height (2D), head size
    ``exp(N(0, 0.04²))``, rotation (in-plane ``U(±8°)``, tilts ``U(±3°)``), shift ``U(±4 mm)``
+   (in-plane; in 3D also vertical)
    and a smooth random deformation (4 random Fourier waves of ~90 mm wavelength, ~2 mm
    amplitude); all pose terms scale with ``variability``. Per-subject global intensity
    ``exp(N(0, 0.05²))``.
@@ -44,16 +45,17 @@ people, not the hospitals, and one site's subjects do not depend on another site
      (0, -55, 25)): T1 is lowered by ``0.55 · effect · σ · p_GM`` of the GM-CSF contrast.
    * ``lesion``: 1-3 Gaussian blobs (radius ``lesion_mm · U(0.6, 1)``) centred on white
      matter (p_WM > 0.7) within 40 mm of the ventricles (periventricular, as in multiple
-     sclerosis), changing T1 by ``0.5 · effect · U(0.6, 1) · p_WM`` of its value: darker
+     sclerosis), changing T1 by ``0.65 · effect · U(0.6, 1) · p_WM`` of its value: darker
      (``hypo``, a T1 "black hole"), brighter (``hyper``) or either at random (``mixed``,
      which a linear model cannot exploit).
 4. *Scanner* of site ``k`` (every term scales with ``site_shift``; 0 = identical scanners):
    gamma ``exp(U(±0.25))``, gain ``exp(U(±0.35))``, a smooth multiplicative bias field
-   ``exp(b · pattern)`` (second-order polynomial in scanner coordinates, ``b ~ U(0.1, 0.3)``,
-   slightly jittered per subject), Gaussian blur ``U(0, 4)`` mm, an acquisition matrix of
-   ``U(0.6, 1)`` times ``size`` (interpolated back to ``size``: lower resolution) and
-   Rician noise of ``0.015 + U(0, 0.05)`` (white matter ≈ 0.86 before gain). The
-   parameters are recorded in ``Federation.info["scanners"]``.
+   ``exp(b · pattern)`` (second-order polynomial in scanner coordinates, ``b ~ U(0.15, 0.4)``,
+   slightly jittered per subject), Gaussian blur ``U(0.5, 6)`` mm, an acquisition matrix of
+   ``1 - U(0, 0.4)`` times ``size`` (interpolated back to ``size``: lower resolution),
+   Rician noise of ``0.015 + U(0, 0.05)`` (white matter ≈ 0.86 before gain) and a
+   positioning protocol that places slices (or the 3D field of view) ``U(±5)`` mm higher
+   or lower. The parameters are recorded in ``Federation.info["scanners"]``.
 
 Images are float32 ``(n, 1, size, size)`` (2D) or ``(n, 1, size, size, size)`` (3D), channel
 ``"T1"``, not standardized (the model layer standardizes intensities).
