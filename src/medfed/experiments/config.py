@@ -86,9 +86,12 @@ class PipelineSpec(_Strict):
     display: str | None = None
 
 
-# Network models learn from mini-batches over more, smaller steps than the convex table model;
-# these replace TrainingSpec's defaults for them (values the user sets always win).
-NETWORK_TRAINING_DEFAULTS = {"rounds": 20, "local_steps": 5, "lr": 0.05, "batch_size": 32, "l2": 1e-4}
+# Network models learn from mini-batches with Adam; these replace TrainingSpec's defaults and
+# the model's (plain SGD) optimizer for them, and values the user sets always win. With SGD at
+# these step counts the mni-phantom CNN stays near chance (AUC 0.55-0.59 at lr 0.05-0.2); with
+# Adam at lr 0.01 it reaches AUC 0.77-0.85 (measured on 1 repeat, seed 0).
+NETWORK_TRAINING_DEFAULTS = {"rounds": 20, "local_steps": 5, "lr": 0.01, "batch_size": 32, "l2": 1e-4}
+NETWORK_MODEL_DEFAULTS = {"optimizer": "adam"}
 
 
 class ExperimentConfig(_Strict):
@@ -117,6 +120,9 @@ class ExperimentConfig(_Strict):
             given = dict(training) if isinstance(training, dict) else {}
             if isinstance(training, dict) or training is None:
                 values = {**values, "training": {**NETWORK_TRAINING_DEFAULTS, **given}}
+            options = values.get("model_options")
+            if isinstance(options, dict) or options is None:
+                values = {**values, "model_options": {**NETWORK_MODEL_DEFAULTS, **(options or {})}}
         return values
 
 
