@@ -288,3 +288,19 @@ def test_fedsld_uses_the_federation_label_counts_known_at_setup_from_round_one(f
            for name, a in (("known", known), ("unknown", unknown), ("fedavg", fedavg))}
     np.testing.assert_array_equal(one["unknown"], one["fedavg"])  # no prior yet: plain cross-entropy
     assert not np.allclose(one["known"], one["fedavg"])  # mini-batches' label mix differs from the federation's
+
+
+def test_local_epochs_become_per_site_steps(federation):
+    training = LocalTraining(MODEL, 0.1, 3, batch_size=8, epochs=2)
+    assert [training.for_site(s.n).steps for s in federation.sites] == [16, 12, 8]  # 60, 45, 30 rows
+    assert LocalTraining(MODEL, 0.1, 3, epochs=2).for_site(60).steps == 2  # full batch: one step per epoch
+    assert LocalTraining(MODEL, 0.1, 3).for_site(60).steps == 3
+    seen = {}
+
+    def counting(global_params, data, config, state, rng):
+        seen[data.name] = config.steps
+        return local_sgd_update(global_params, data, config, state, rng)
+
+    run_federated(FederatedAlgorithm("x", counting, chain(weighted_mean(), apply_delta())), MODEL.init(5),
+                  _sites(federation), training, 1, KeyedRng(0))
+    assert seen == {"site-0": 16, "site-1": 12, "site-2": 8}

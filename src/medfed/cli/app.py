@@ -166,6 +166,7 @@ def run(
     methods: MethodsOpt = None,
     rounds: Annotated[int | None, typer.Option(help="communication rounds")] = None,
     local_steps: Annotated[int | None, typer.Option(help="local iterations per round")] = None,
+    local_epochs: Annotated[float | None, typer.Option(help="local passes over each site's rows per round (instead of --local-steps)")] = None,
     lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
     l2: Annotated[float | None, typer.Option(help="L2 penalty (l2/2)||w||^2")] = None,
     batch_size: Annotated[int | None, typer.Option(help="mini-batch size [default: full batch]")] = None,
@@ -212,7 +213,8 @@ def run(
             data_over["options"] = parse_options(dataset_option, "--dataset-option")
         if data_over:
             over["data"] = data_over
-        training = {k: v for k, v in [("rounds", rounds), ("local_steps", local_steps), ("lr", lr),
+        training = {k: v for k, v in [("rounds", rounds), ("local_steps", local_steps),
+                                       ("local_epochs", local_epochs), ("lr", lr),
                                        ("l2", l2), ("batch_size", batch_size), ("fraction_fit", fraction_fit),
                                        ("min_sites", min_sites), ("max_update_norm", max_update_norm)]
                     if v is not None}

@@ -8,6 +8,8 @@ if the rule draws (mini-batches), keeping full-batch rounds cheap.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,13 +35,21 @@ class LocalData:
 
 @dataclass(frozen=True, slots=True)
 class LocalTraining:
-    """How a site optimizes: learning rate, iterations, batch size (None = full batch), L2."""
+    """How a site optimizes: learning rate, iterations (or epochs), batch size (None = full batch), L2."""
 
     model: LogisticRegression
     lr: float
     steps: int
     batch_size: int | None = None
     l2: float = 0.0
+    epochs: float | None = None  # if set, each site runs ceil(epochs * n / batch) steps instead of ``steps``
+
+    def for_site(self, n: int) -> LocalTraining:
+        """The training a site with ``n`` rows runs: ``steps``, or as many as ``epochs`` passes take."""
+        if self.epochs is None:
+            return self
+        per_epoch = 1 if self.batch_size is None else math.ceil(n / min(self.batch_size, n))
+        return dataclasses.replace(self, steps=max(1, math.ceil(self.epochs * per_epoch)))
 
 
 def batch_indices(n: int, batch_size: int | None, steps: int, rng: KeyedRng):

@@ -113,6 +113,7 @@ def run_federated(
     history: list[RoundRecord] = []
     update, aggregate = algorithm.local_update, algorithm.aggregator.apply
     site_keys = [name_key(s.name) for s in sites]
+    site_training = [training.for_site(s.n) for s in sites]  # local epochs become per-site steps
     everyone = select_sites(len(sites), fraction, min_sites, rng) if fraction >= 1.0 else None
     for r in range(rounds):
         chosen = everyone if everyone is not None else select_sites(len(sites), fraction, min_sites, rng.child(r, 0))
@@ -122,7 +123,7 @@ def run_federated(
         for i in chosen.tolist():
             site = sites[i]
             upload, client_states[site.name] = update(
-                params, site, training, client_states[site.name], rng.child(r, 1, site_keys[i]), **message
+                params, site, site_training[i], client_states[site.name], rng.child(r, 1, site_keys[i]), **message
             )
             uploads.append(boundary.transmit(upload))
         shared = params if algorithm.private is None else {k: v for k, v in params.items() if not algorithm.private(k)}
@@ -148,6 +149,6 @@ def run_federated(
     if algorithm.personalize is not None:
         for i, site in enumerate(sites):
             personal[site.name] = algorithm.personalize(
-                params, site, training, client_states[site.name], rng.child(rounds, 2, site_keys[i])
+                params, site, site_training[i], client_states[site.name], rng.child(rounds, 2, site_keys[i])
             )
     return FederatedRun(params, history, client_states, server_state, personal)

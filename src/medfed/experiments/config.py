@@ -62,6 +62,9 @@ class TrainingSpec(_Strict):
 
     rounds: int = Field(50, ge=1)
     local_steps: int = Field(10, ge=1)
+    local_epochs: float | None = Field(
+        None, gt=0, description="passes over a site's rows per round instead of local_steps (needs batch_size)"
+    )
     lr: float = Field(0.1, gt=0)
     batch_size: int | None = Field(None, ge=1)
     l2: float = Field(1e-2, ge=0)

@@ -213,8 +213,9 @@ def run_repeat(
     site_names = federation.site_names
     n_sites = len(site_names)
     everyone = tuple(range(n_sites))
-    central = LocalTraining(model, t.lr, t.rounds * t.local_steps, t.batch_size, t.l2)
-    local = LocalTraining(model, t.lr, t.local_steps, t.batch_size, t.l2)
+    epochs = None if t.local_epochs is None else t.rounds * t.local_epochs  # centralized: the same passes
+    central = LocalTraining(model, t.lr, t.rounds * t.local_steps, t.batch_size, t.l2, epochs)
+    local = LocalTraining(model, t.lr, t.local_steps, t.batch_size, t.l2, t.local_epochs)
     sites = prepare_repeat(federation, config, repeat)
     scaled = _Scaled(sites, config.scaling)
     # every setting of a repeat starts from the same initial model (zeros for the numpy model)
@@ -280,7 +281,7 @@ def run_repeat(
         if i not in single_models:
             train, _ = scaled((i,))
             rng = KeyedRng(config.seed, (TRAIN_STREAM, repeat, name_key("single"), i))
-            single_models[i], _ = sgd_steps(initial, train[0], central, rng)
+            single_models[i], _ = sgd_steps(initial, train[0], central.for_site(train[0].n), rng)
         return single_models[i]
 
     for spec, opts in methods:
@@ -302,7 +303,7 @@ def run_repeat(
                 train, tests = scaled(group)
                 pooled = LocalData("pooled", np.concatenate([d.X for d in train]), np.concatenate([d.y for d in train]))
                 key = (TRAIN_STREAM, repeat, name_key("mix")) + (() if held_out is None else (name_key("loso"), held_out))
-                params, _ = sgd_steps(initial, pooled, central, KeyedRng(config.seed, key))
+                params, _ = sgd_steps(initial, pooled, central.for_site(pooled.n), KeyedRng(config.seed, key))
                 for j in range(n_sites) if held_out is None else [held_out]:
                     evaluate_on(spec, None, j, params, tests, "split" if held_out is None else "loso")
         else:
