@@ -37,3 +37,15 @@ def pytest_sessionfinish(session, exitstatus):
         names = ", ".join(sorted({r.nodeid or str(r.fspath) for r in skipped})[:5])
         reporter.write_line(f"MEDFED_REQUIRE_ALL_TESTS is set, but {len(skipped)} test(s) were skipped: {names}")
         session.exitstatus = 1
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy CPU their waits dominate;
+    torch modules use this fixture (torch is imported only when they do)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

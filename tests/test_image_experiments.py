@@ -8,22 +8,15 @@ import pytest
 pytest.importorskip("torch")
 PIL = pytest.importorskip("PIL.Image")
 
-from typer.testing import CliRunner  # noqa: E402
+from typer.testing import CliRunner
 
-from medfed.cli.app import app  # noqa: E402
-from medfed.experiments.config import NETWORK_TRAINING_DEFAULTS, build_config  # noqa: E402
+from medfed.cli.app import app
+from medfed.experiments.config import NETWORK_TRAINING_DEFAULTS, build_config
 
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _png_manifest(folder, n_per_site=(16, 14), size=12, seed=0):

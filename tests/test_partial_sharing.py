@@ -26,13 +26,7 @@ SHAPE = (1, 8, 8)
 SPECS = {spec.name: spec for spec in IMAGE_METHODS}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy CPU their waits dominate."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _sites(sizes=(16, 12, 10)):

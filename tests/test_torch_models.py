@@ -33,13 +33,7 @@ NORMS = ("batch", "group", "none")
 CASES = [(arch, norm) for arch in SHAPES for norm in NORMS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy CPU their waits dominate."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def toy(shape, n=48, seed=0, shift=1.0):

@@ -141,7 +141,10 @@ def pairwise_distances(X: np.ndarray, metric: str = "euclidean") -> np.ndarray:
     """
     X = np.asarray(X, dtype=np.float64)
     if metric in ("euclidean", "sqeuclidean"):
-        from scipy.spatial.distance import pdist, squareform  # imported when used: scipy.spatial is slow to load
+        from scipy.spatial.distance import (  # imported when used: scipy.spatial is slow to load
+            pdist,
+            squareform,
+        )
 
         return squareform(pdist(X, metric)) if len(X) > 1 else np.zeros((len(X), len(X)))
     if metric == "cosine":
@@ -189,7 +192,9 @@ def copod_scores(X: np.ndarray) -> np.ndarray:
     if not np.isfinite(X).all():
         raise ValueError("copod_scores: X must hold finite numbers only")
     n = X.shape[0]
-    from scipy.stats import rankdata  # imported when used: scipy.stats takes ~0.4 s to load
+    from scipy.stats import (
+        rankdata,  # imported when used: scipy.stats takes ~0.4 s to load
+    )
 
     neg_log_left = -np.log(rankdata(X, method="max", axis=0) / n)
     neg_log_right = -np.log(rankdata(-X, method="max", axis=0) / n)

@@ -162,7 +162,10 @@ def fourier(keep: float = 0.5) -> Aggregator:
             if mean.ndim == 0:
                 out[name] = mean
                 continue
-            from scipy.fft import dctn, idctn  # imported when used, to keep `medfed` quick to start
+            from scipy.fft import (  # imported when used, to keep `medfed` quick to start
+                dctn,
+                idctn,
+            )
 
             coefficients = dctn(mean, norm="ortho")
             coefficients[~_low_frequency_mask(mean.shape, keep)] = 0.0
