@@ -126,3 +126,14 @@ def test_breast_cancer_iid_is_balanced():
 def test_breast_cancer_bad_options(kw, word):
     with pytest.raises(ConfigError, match=word):
         load_breast_cancer_federation(**kw)
+
+
+def test_breast_cancer_quantity_skew_keeps_the_class_mix_and_varies_sizes():
+    from medfed.data.datasets import load_dataset
+
+    fed = load_dataset("breast-cancer", n_sites=5, partition="quantity", alpha=0.5)
+    sizes = [s.n for s in fed.sites]
+    assert sum(sizes) == 569 and min(sizes) >= 10 and max(sizes) > 3 * min(sizes)
+    rates = [s.y.mean() for s in fed.sites if s.n >= 50]
+    assert max(rates) - min(rates) < 0.05  # stratified: 212/569 = 0.373 malignant everywhere
+    assert fed.info["partition"] == "quantity"

@@ -1,7 +1,8 @@
 """Wisconsin Diagnostic Breast Cancer, split into simulated sites.
 
 One pooled data set, so the sites are made by :mod:`medfed.data.partition`: ``"iid"`` for
-the optimistic baseline, ``"dirichlet"`` for label skew controlled by ``alpha``. The data
+the optimistic baseline, ``"dirichlet"`` for label skew controlled by ``alpha``,
+``"quantity"`` for unequal site sizes (Dirichlet(``alpha``) shares) with the class mix kept. The data
 come bundled with scikit-learn, so nothing is downloaded; scikit-learn is imported only
 when this data set is loaded.
 """
@@ -11,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 from medfed.data.federation import MIN_SITE_SAMPLES, Federation, Site
-from medfed.data.partition import dirichlet_label_partition, iid_partition
+from medfed.data.partition import dirichlet_label_partition, iid_partition, quantity_skew_partition
 from medfed.errors import ConfigError
 
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "quantity")
 POSITIVE_LABEL = "malignant"
 ATTRIBUTION = (
     "W. H. Wolberg, W. N. Street and O. L. Mangasarian (1995), Breast Cancer Wisconsin "
@@ -49,10 +50,13 @@ def load_breast_cancer_federation(
         )
     if partition == "iid":
         parts = iid_partition(y, n_sites, seed)
+    elif partition == "quantity":
+        parts = quantity_skew_partition(y, n_sites, seed, alpha=alpha, min_size=MIN_SITE_SAMPLES)
     else:
         parts = dirichlet_label_partition(y, n_sites, alpha, seed, min_size=MIN_SITE_SAMPLES)
     sites = tuple(Site(name=f"site-{k + 1}", X=X[idx], y=y[idx]) for k, idx in enumerate(parts))
-    how = "IID" if partition == "iid" else f"Dirichlet label skew, alpha={alpha}"
+    how = {"iid": "IID", "dirichlet": f"Dirichlet label skew, alpha={alpha}",
+           "quantity": f"quantity skew, Dirichlet alpha={alpha}"}[partition]
     return Federation(
         name="breast-cancer",
         sites=sites,
@@ -68,7 +72,7 @@ def load_breast_cancer_federation(
             "source": "scikit-learn sklearn.datasets.load_breast_cancer (bundled)",
             "n_sites": int(n_sites),
             "partition": partition,
-            "alpha": float(alpha) if partition == "dirichlet" else None,
+            "alpha": float(alpha) if partition != "iid" else None,
             "seed": seed,
         },
     )
