@@ -77,3 +77,24 @@ def test_skipped_files_are_counted_on_screen_and_in_the_document(tmp_path):
     assert "1 bad file(s) skipped" in result.output and "s0_3.png" in result.output
     doc = json.loads((tmp_path / "o" / "results.json").read_text())
     assert doc["data_info"]["n_skipped"] == 1
+
+
+def test_a_nifti_manifest_runs_with_a_3d_cnn(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    rng = np.random.default_rng(1)
+    rows = ["path,label,site,split"]
+    for k in range(2):
+        for i in range(12):
+            label = i % 2
+            vol = rng.normal(50 + 20 * k, 5, size=(8, 8, 8)).astype(np.float32)
+            vol[2:5, 2:5, 2:5] += 25 * label
+            nib.save(nib.Nifti1Image(vol, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / f"v{k}_{i}.nii.gz")
+            rows.append(f"v{k}_{i}.nii.gz,{label},site-{k},{'test' if i >= 8 else 'train'}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    result = runner.invoke(app, ["run", "--manifest", str(tmp_path / "m.csv"), "--split-column", "split",
+                                 "--model", "cnn3d", "--model-option", "channels=2,4", "--methods", "mix,fedavg",
+                                 "--rounds", "2", "--local-steps", "2", "--repeats", "1", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert doc["sample_shape"] == [1, 8, 8, 8] and doc["split"] == "predefined"
+    assert doc["data_info"]["sites"]["site-0"]["voxel_sizes"][0]["value"] == [2.0, 2.0, 2.0]
