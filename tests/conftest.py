@@ -19,6 +19,19 @@ def synthetic_federation(sizes=(60, 45, 30), d=5, seed=0, shift=0.5, name="synth
     return Federation(name, tuple(sites), tuple(f"f{j}" for j in range(d)), description="test data")
 
 
+def shifted_sites(sizes=(50, 35, 20), d=4, seed=0):
+    """Training data of a few sites (LocalData) whose features shift with the site index."""
+    from medfed.client import LocalData
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for k, n in enumerate(sizes):
+        X = rng.normal(size=(n, d)) + 0.7 * k
+        y = (X[:, 0] - 0.7 * k + rng.normal(size=n) > 0).astype(float)
+        out.append(LocalData(f"s{k}", X, y))
+    return out
+
+
 @pytest.fixture
 def federation() -> Federation:
     return synthetic_federation()

@@ -3,6 +3,7 @@
 
 import numpy as np
 import pytest
+from conftest import shifted_sites
 from sklearn.linear_model import LogisticRegression as SkLogisticRegression
 
 from medfed.client import LocalData, LocalTraining, fedprox_update, sgd_steps
@@ -21,14 +22,7 @@ MODEL = LogisticRegression()
 CONTEXT = BuildContext(("a", "b"))
 
 
-def _sites(sizes=(50, 35, 20), d=4, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for k, n in enumerate(sizes):
-        X = rng.normal(size=(n, d)) + 0.7 * k
-        y = (X[:, 0] - 0.7 * k + rng.normal(size=n) > 0).astype(float)
-        out.append(LocalData(f"s{k}", X, y))
-    return out
+_sites = shifted_sites
 
 
 def _fedavg():

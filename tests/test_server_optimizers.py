@@ -3,12 +3,13 @@ shared/METHODS.md, step-by-step numpy references, and hypothesis property tests.
 
 import numpy as np
 import pytest
+from conftest import shifted_sites
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.fft import dctn
 
-from medfed.client import LocalData, LocalTraining, local_sgd_update
+from medfed.client import LocalTraining, local_sgd_update
 from medfed.client.upload import Upload
 from medfed.engine import run_federated
 from medfed.engine.loop import FederatedAlgorithm
@@ -257,14 +258,7 @@ def test_defaults_are_flowers():
 # ---------------------------------------------------------------- end to end
 
 
-def _sites(sizes=(50, 35, 20), d=4, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for k, n in enumerate(sizes):
-        X = rng.normal(size=(n, d)) + 0.7 * k
-        y = (X[:, 0] - 0.7 * k + rng.normal(size=n) > 0).astype(float)
-        out.append(LocalData(f"s{k}", X, y))
-    return out
+_sites = shifted_sites
 
 
 def test_run_federated_fedavgm_with_lr_one_no_momentum_equals_fedavg():
