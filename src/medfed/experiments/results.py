@@ -49,8 +49,12 @@ def _row(cell: Cell) -> dict[str, Any]:
 
 
 def _versions() -> dict[str, str]:
+    """Versions of what computed the numbers: always numpy; torch and the image readers when used."""
+    import sys
+
     out = {"python": platform.python_version()}
-    for pkg in ("medfed", "numpy", "pydantic"):
+    used = [m for m in ("torch", "nibabel", "pydicom", "PIL", "scipy") if m in sys.modules]
+    for pkg in ("medfed", "numpy", "pydantic", *("Pillow" if m == "PIL" else m for m in used)):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
