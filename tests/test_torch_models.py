@@ -329,3 +329,21 @@ def test_every_registered_federated_method_runs_on_a_cnn_unchanged(method):
     assert np.isfinite(run.train_loss).all()
     if METHODS[method].personal:
         assert set(run.personal) == {"site-0", "site-1", "site-2"}
+
+
+def test_batch_norm_statistics_are_those_of_the_site_data_under_the_final_weights():
+    """After descend, BN's running mean/var are recomputed from all rows with the final
+    weights (not an average lagging behind the steps), so eval mode matches the data."""
+    import torch.nn.functional as F
+
+    X, y = toy(SHAPES["cnn2d"], n=48)
+    for recalibrate in (True, False):
+        model = make_model("cnn2d", SHAPES["cnn2d"], norm="batch", optimizer="adam", recalibrate=recalibrate)
+        params = model.init_params(SHAPES["cnn2d"], KeyedRng(0))
+        trained, _ = model.descend(params, X, y, batch_indices(48, 8, 12, KeyedRng(1)), 0.05)
+        out = F.conv2d(torch.as_tensor(X), torch.as_tensor(trained["body.0.conv.weight"]).float(), padding=1)
+        mean = out.mean(dim=(0, 2, 3)).double().numpy()
+        var = out.var(dim=(0, 2, 3), unbiased=True).double().numpy()
+        close = np.allclose(trained["body.0.norm.running_mean"], mean, rtol=1e-4, atol=1e-5) and np.allclose(
+            trained["body.0.norm.running_var"], var, rtol=1e-3, atol=1e-5)
+        assert close == recalibrate  # without recalibration they lag behind the weights

@@ -110,6 +110,14 @@ def personalize_private(
     global_params: Params, data: LocalData, training: LocalTraining, state: PrivateState | None, rng: KeyedRng
 ) -> dict[str, np.ndarray]:
     """A site's personal model under partial sharing: the global shared parameters with the
-    site's own private ones (the global model itself for a site that never took part)."""
+    site's own private ones (the global model itself for a site that never took part).
+
+    A model that can (``recalibrate``) then recomputes its normalization statistics on the
+    site's own rows under these final weights: the site's statistics were last taken under its
+    local weights of the final round, before the server averaged the shared ones. It is a
+    local computation; nothing leaves the site.
+    """
     own = {} if state is None or state.private is None else state.private
-    return {k: np.array(own.get(k, v), dtype=np.float64, copy=True) for k, v in global_params.items()}
+    personal = {k: np.array(own.get(k, v), dtype=np.float64, copy=True) for k, v in global_params.items()}
+    recalibrate = getattr(training.model, "recalibrate", None)
+    return recalibrate(personal, data.X) if recalibrate is not None else personal

@@ -33,7 +33,9 @@ DTYPES = ("float32", "float64")
 DEVICES = ("auto", "cpu", "cuda")
 NORM_STATISTICS = ("running_mean", "running_var")
 
-_TORCH_COMMON: dict[str, Any] = {"optimizer": "sgd", "dtype": "float32", "device": "auto", "eval_batch": 512}
+_TORCH_COMMON: dict[str, Any] = {
+    "optimizer": "sgd", "dtype": "float32", "device": "auto", "eval_batch": 512, "recalibrate": True,
+}
 
 MODEL_OPTIONS: dict[str, dict[str, Any]] = {
     "logistic": {},
@@ -105,6 +107,8 @@ def check_options(model: str, options: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("hidden", "channels"):
         if key in out:
             out[key] = _widths(model, key, out[key])
+    if "recalibrate" in out and not isinstance(out["recalibrate"], bool):
+        raise ConfigError(f"model {model!r} option 'recalibrate' takes true or false, got {out['recalibrate']!r}")
     if "eval_batch" in out:
         v = out["eval_batch"]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -398,6 +398,7 @@ class TorchModel:
             adam = torch.optim.Adam(list(trainable.values()), lr=lr)
         Xt, yt = self._tensor(X), self._tensor(y)
         net.train()
+        stepped = False
         for rows in batches:
             if rows is None:
                 xb, yb, yb_np = Xt, yt, y
@@ -428,5 +429,50 @@ class TorchModel:
                         p.add_(g, alpha=-lr)
                 if adam is not None:
                     adam.step()
+                stepped = True
+        if stepped and self.options.get("recalibrate", True):
+            self._recalibrate_norm(net, Xt)
         trained = self._read(slot)
         return trained, start_loss
+
+    def recalibrate(self, params: Params, X: np.ndarray) -> dict[str, np.ndarray]:
+        """``params`` with BatchNorm's running statistics recomputed on ``X`` (see below);
+        unchanged for models without BatchNorm or with ``recalibrate = false``."""
+        X = np.asarray(X)
+        slot = self._slot(X.shape[1:])
+        if not self.options.get("recalibrate", True):
+            return {k: np.array(v, dtype=np.float64, copy=True) for k, v in params.items()}
+        self._load(slot, params)
+        slot.net.train()
+        self._recalibrate_norm(slot.net, self._tensor(X))
+        fresh = self._read(slot)
+        # only the statistics change; the other parameters are returned exactly as given
+        return {
+            k: fresh[k] if k.endswith((".running_mean", ".running_var")) else np.array(v, dtype=np.float64, copy=True)
+            for k, v in params.items()
+        }
+
+    def _recalibrate_norm(self, net, Xt) -> None:
+        """Set BatchNorm's running statistics to the site's data under the final weights.
+
+        During descend the running statistics are an exponential average of batch statistics
+        taken under weights that kept moving; after a few fast (Adam) steps they lag behind,
+        and eval-mode outputs shift: on mni-phantom a Single CNN scored 0.58 training-set
+        accuracy in eval mode against a training loss near 0. One no-grad pass in train mode,
+        cumulative averaging over chunks, makes them the statistics the final weights see
+        (the BN "recalibration" of e.g. Li et al., 2021's FedBN evaluation practice).
+        """
+        norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return
+        saved = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the chunks below
+        with torch.no_grad():
+            for start in range(0, Xt.shape[0], self.options["eval_batch"]):
+                chunk = Xt[start : start + self.options["eval_batch"]]
+                if chunk.shape[0] > 1 or start == 0:
+                    net(chunk)
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
