@@ -299,3 +299,33 @@ def test_cli_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, flags, 
     assert result.exit_code == 2, result.output
     assert "error:" in result.output and needle in result.output and "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_audit_runs_on_a_users_table_and_on_images_with_a_cnn(tmp_path):
+    runner = CliRunner()
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(5):
+        X = rng.normal(size=(30, 3))
+        for x in X:
+            rows.append(f"h{k},{int(x[0] + 0.3 * rng.normal() > 0)},{x[0]:.5f},{x[1]:.5f},{x[2]:.5f}")
+    (tmp_path / "t.csv").write_text("site,dx,a,b,c\n" + "\n".join(rows) + "\n")
+    result = runner.invoke(app, ["audit", "robustness", "--data", str(tmp_path / "t.csv"), "--site-column", "site",
+                                 "--label-column", "dx", "--attack", "sign_flip", "--scale", "5", "--corrupt", "1",
+                                 "--defenses", "fedavg,median", "--repeats", "1", "--rounds", "5",
+                                 "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "a" / "robustness.json").read_text())
+    assert [d["name"] for d in doc["defenses"]] == ["fedavg", "median"] and len(doc["sites"]) == 5
+
+    pytest.importorskip("torch")
+    result = runner.invoke(app, ["audit", "robustness", "--dataset", "mni-phantom", "--dataset-option",
+                                 "n_per_site=40", "--dataset-option", "n_sites=4", "--model", "torch_logistic",
+                                 "--attack", "scale", "--corrupt", "1", "--defenses", "fedavg", "--repeats", "1",
+                                 "--rounds", "2", "--local-steps", "2", "--out", str(tmp_path / "img")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "img" / "robustness.json").read_text())["config"]["model"] == "torch_logistic"
+
+    both = runner.invoke(app, ["audit", "robustness", "--dataset", "adni-like", "--data", str(tmp_path / "t.csv"),
+                               "--attack", "scale", "--out", str(tmp_path / "x")])
+    assert both.exit_code == 2 and "give one data source" in both.output

@@ -20,6 +20,7 @@ from medfed.cli.common import (
     progress_steps,
     split_list,
 )
+from medfed.errors import ConfigError
 
 audit_app = typer.Typer(
     add_completion=False,
@@ -88,9 +89,16 @@ def execute_audit(values: dict[str, Any], attack_values: dict[str, Any], out: Pa
 
 @audit_app.command("robustness")
 def robustness(
-    dataset: Annotated[str, typer.Option(help="embedded data set (see `medfed datasets`)")],
     attack: Annotated[str, typer.Option(help="label_flip, noisy_labels, sign_flip, scale, gaussian or free_rider")],
     out: Annotated[Path, typer.Option(help="output folder for robustness.json, .csv and .md")],
+    dataset: Annotated[str | None, typer.Option(help="embedded data set (see `medfed datasets`)")] = None,
+    data: Annotated[Path | None, typer.Option(help="CSV or Parquet table, one row per subject")] = None,
+    manifest: Annotated[Path | None, typer.Option(help="CSV/Parquet manifest of image files")] = None,
+    site_column: Annotated[str | None, typer.Option(help="column naming each row's site")] = None,
+    label_column: Annotated[str | None, typer.Option(help="column holding the label")] = None,
+    positive_label: Annotated[str | None, typer.Option(help="label value that counts as positive")] = None,
+    model: Annotated[str | None, typer.Option(help="logistic (tables), torch_logistic, mlp, cnn2d, cnn3d")] = None,
+    model_option: Annotated[list[str] | None, typer.Option(help="KEY=VALUE option of the model")] = None,
     corrupt: Annotated[int, typer.Option(help="number of corrupted sites F (chosen per repeat)")] = 1,
     defenses: Annotated[
         str | None, typer.Option(help="comma-separated federated methods (default: fedavg and every robust rule)")
@@ -111,13 +119,25 @@ def robustness(
     def build() -> tuple[dict[str, Any], dict[str, Any]]:
         from medfed.experiments.audit import default_defenses
 
+        sources = {"--dataset": dataset, "--data": data, "--manifest": manifest}
+        given = [flag for flag, v in sources.items() if v is not None]
+        if len(given) != 1:
+            raise ConfigError(f"give one data source: --dataset NAME, --data FILE or --manifest FILE (got {len(given)})")
+        spec: dict[str, Any] = {"options": parse_options(dataset_option, "--dataset-option")} if dataset else {}
+        spec.update({k: str(v) if isinstance(v, Path) else v for k, v in (
+            ("dataset", dataset), ("path", data), ("manifest", manifest), ("site_column", site_column),
+            ("label_column", label_column), ("positive_label", positive_label)) if v is not None})
         values: dict[str, Any] = {
-            "data": {"dataset": dataset, "options": parse_options(dataset_option, "--dataset-option")},
+            "data": spec,
             "methods": split_list(defenses) if defenses is not None else default_defenses(),
             "method_options": parse_method_options(method_option),
             "repeats": repeats,
             "seed": seed,
         }
+        if model is not None:
+            values["model"] = model
+        if model_option:
+            values["model_options"] = parse_options(model_option, "--model-option")
         training = {k: v for k, v in [("rounds", rounds), ("local_steps", local_steps), ("lr", lr)] if v is not None}
         if training:
             values["training"] = training
