@@ -45,7 +45,7 @@ from medfed.experiments.config import ExperimentConfig
 from medfed.experiments.harness import (
     INIT_STREAM,
     TRAIN_STREAM,
-    _Scaled,
+    ScaledViews,
     load_federation,
     make_experiment_model,
     prepare_repeat,
@@ -53,7 +53,12 @@ from medfed.experiments.harness import (
 from medfed.experiments.methods import METHODS, resolve_methods
 from medfed.experiments.metrics import METRICS, Metric, binary_metrics
 from medfed.experiments.report import write_atomically
-from medfed.experiments.results import STD_DDOF, _versions, format_metric, summarize
+from medfed.experiments.results import (
+    STD_DDOF,
+    format_metric,
+    package_versions,
+    summarize,
+)
 from medfed.experiments.spec import MethodSpec, context_for
 from medfed.rng import KeyedRng, name_key
 from medfed.server.robust import ROBUST_AGGREGATORS, assumption_violations
@@ -168,7 +173,7 @@ def _audit_repeat(config, attack: Attack, federation, methods, repeat: int, prog
     t = config.training
     names = list(federation.site_names)
     sites = prepare_repeat(federation, config, repeat)
-    train, tests = _Scaled(sites, config.scaling)(tuple(range(len(sites))))
+    train, tests = ScaledViews(sites, config.scaling)(tuple(range(len(sites))))
     corrupted = choose_corrupted(names, attack.corrupt, config.seed, repeat)
     clean = [j for j, s in enumerate(names) if s not in corrupted]
     poisoned = list(train)
@@ -351,7 +356,7 @@ def run_robustness_audit(
         "scaling": config.scaling,
         "std_ddof": STD_DDOF,
         "config": config.model_dump(mode="json"),
-        "versions": _versions(),
+        "versions": package_versions(),
         "runtime_s": time.perf_counter() - started,
         "defenses": [
             _defense_row(spec, opts, recs, notes)

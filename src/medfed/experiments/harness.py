@@ -166,7 +166,7 @@ def prepare_repeat(fed: Federation, config: ExperimentConfig, repeat: int) -> li
     return out
 
 
-class _Scaled:
+class ScaledViews:
     """Standardized views of a repeat's sites for a given set of training sites (cached).
 
     With ``scaling = "global"`` a model is standardized with the statistics of the data it
@@ -217,7 +217,7 @@ def run_repeat(
     central = LocalTraining(model, t.lr, t.rounds * t.local_steps, t.batch_size, t.l2, epochs)
     local = LocalTraining(model, t.lr, t.local_steps, t.batch_size, t.l2, t.local_epochs)
     sites = prepare_repeat(federation, config, repeat)
-    scaled = _Scaled(sites, config.scaling)
+    scaled = ScaledViews(sites, config.scaling)
     # every setting of a repeat starts from the same initial model (zeros for the numpy model)
     initial = model.init_params(federation.sample_shape, KeyedRng(config.seed, (INIT_STREAM, repeat)))
     out = RepeatOutcome([], [], [s.name for s in sites if s.single_class], {})

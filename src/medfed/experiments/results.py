@@ -48,7 +48,7 @@ def _row(cell: Cell) -> dict[str, Any]:
     }
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
     """Versions of what computed the numbers: always numpy; torch and the image readers when used."""
     import sys
 
@@ -100,7 +100,7 @@ def results_document(run: ExperimentRun) -> dict[str, Any]:
             for spec, opts in run.methods
         ],
         "config": config.model_dump(mode="json"),
-        "versions": _versions(),
+        "versions": package_versions(),
         "runtime_s": run.runtime_s,
         "setting_runtime_s": run.setting_runtime_s,
         "workers": run.workers,
