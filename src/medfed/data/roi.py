@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 
 from medfed.data.images.manifest import read_manifest
-from medfed.data.tables import read_frame
+from medfed.data.tables import one_line, read_frame
 from medfed.errors import ConfigError, DataError
 
 STRATEGIES = ("mean", "median", "volume")
@@ -317,7 +317,7 @@ def _load_image(path: Path, role: str):
     try:
         img = nib.load(str(path))
     except Exception as exc:  # noqa: BLE001 - nibabel, gzip and zlib raise many types for one cause: unreadable
-        raise DataError(f"{role} {path}: cannot be read as a NIfTI/Analyze/MGH image ({_one_line(exc)})") from None
+        raise DataError(f"{role} {path}: cannot be read as a NIfTI/Analyze/MGH image ({one_line(exc)})") from None
     if not isinstance(img, nib.spatialimages.SpatialImage):
         raise DataError(f"{role} {path}: is a {type(img).__name__}, not a volume image")
     return img
@@ -334,7 +334,7 @@ def _volume_data(img, path: Path, role: str) -> np.ndarray:
     try:
         data = np.asarray(img.get_fdata(dtype=np.float64)).reshape(spatial)
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt data fails here, in many ways
-        raise DataError(f"{role} {path}: voxel data cannot be read ({_one_line(exc)})") from None
+        raise DataError(f"{role} {path}: voxel data cannot be read ({one_line(exc)})") from None
     affine = img.affine
     if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise DataError(f"{role} {path}: has no usable voxel-to-world affine, so its voxels cannot be placed "
@@ -554,9 +554,6 @@ def _spec_text(spec: Any) -> str:
     return spec if isinstance(spec, str) else str(list(spec) if not isinstance(spec, (int, np.integer)) else spec)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return (text[:300] + "...") if len(text) > 300 else text or type(exc).__name__
 
 
 __all__ = ["STRATEGIES", "Atlas", "extract_roi_features", "parse_regions", "read_atlas", "read_labels"]

@@ -211,7 +211,7 @@ def read_frame(path: Path):
         try:
             return pd.read_parquet(path)
         except Exception as exc:  # pyarrow raises many types; the user needs one line
-            raise DataError(f"{path} could not be read as Parquet: {_one_line(exc)}") from None
+            raise DataError(f"{path} could not be read as Parquet: {one_line(exc)}") from None
 
     sep, header = _sniff(path, suffix)
     if header is not None:
@@ -239,7 +239,7 @@ def read_frame(path: Path):
     except pd.errors.EmptyDataError:
         raise DataError(f"{path} is empty") from None
     except Exception as exc:
-        raise DataError(f"{path} could not be read as a table: {_one_line(exc)}") from None
+        raise DataError(f"{path} could not be read as a table: {one_line(exc)}") from None
 
 
 def _sniff(path: Path, suffix: str) -> tuple[str, list[str] | None]:
@@ -250,7 +250,7 @@ def _sniff(path: Path, suffix: str) -> tuple[str, list[str] | None]:
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text; save it as UTF-8 CSV") from None
     except OSError as exc:
-        raise DataError(f"{path} could not be opened: {_one_line(exc)}") from None
+        raise DataError(f"{path} could not be opened: {one_line(exc)}") from None
     line = first.rstrip("\r\n")
     if not line.strip():
         raise DataError(f"{path} is empty or starts with a blank line; the first line must be the header")
@@ -462,6 +462,7 @@ def _list(items: Sequence[Any], limit: int = _MAX_LISTED) -> str:
     return shown
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception from a third-party reader as one short line for an error message."""
     text = " ".join(str(exc).split())
     return (text[:300] + "...") if len(text) > 300 else text or type(exc).__name__

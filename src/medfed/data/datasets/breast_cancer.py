@@ -12,7 +12,11 @@ from __future__ import annotations
 import numpy as np
 
 from medfed.data.federation import MIN_SITE_SAMPLES, Federation, Site
-from medfed.data.partition import dirichlet_label_partition, iid_partition, quantity_skew_partition
+from medfed.data.partition import (
+    dirichlet_label_partition,
+    iid_partition,
+    quantity_skew_partition,
+)
 from medfed.errors import ConfigError
 
 PARTITIONS = ("iid", "dirichlet", "quantity")

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medfed.data.images.load import BadImageFile, one_line
+from medfed.data.images.load import BadImageFile
+from medfed.data.tables import one_line
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 # Files a DICOM export puts next to the slices that are not slices.

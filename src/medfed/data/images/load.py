@@ -55,11 +55,6 @@ class BadImageFile(DataError):
         super().__init__(f"{self.path}: {reason}")
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception from a third-party reader as one short line for a message."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
 
 def load_image_manifest(
     path: str | os.PathLike,

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medfed.data.images.load import BadImageFile, one_line
+from medfed.data.images.load import BadImageFile
+from medfed.data.tables import one_line
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ALLOWED = "a 3-D volume (a 4-D file holding one volume is accepted)"

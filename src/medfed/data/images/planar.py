@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medfed.data.images.load import BadImageFile, one_line
+from medfed.data.images.load import BadImageFile
+from medfed.data.tables import one_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 GRAY = ("gray",)
