@@ -60,8 +60,10 @@ def render_table(doc: dict[str, Any]) -> None:
     console.print(table)
     for i, note in enumerate(notes, 1):
         console.print(f"[dim][{i}] {note}[/]", highlight=False)
-    from medfed.experiments.results import data_note_lines, server_note_lines
+    from medfed.experiments.results import communication_lines, data_note_lines, server_note_lines
 
+    for line in communication_lines(doc):
+        console.print(f"[dim]{line}[/]", highlight=False, soft_wrap=True)
     for line in data_note_lines(doc):
         console.print(f"[yellow]data:[/] {line}", highlight=False, soft_wrap=True)
     for line in server_note_lines(doc):

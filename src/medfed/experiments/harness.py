@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -22,15 +23,20 @@ from medfed.client.local import LocalData, LocalTraining, sgd_steps
 from medfed.data.datasets import load_dataset
 from medfed.data.federation import Federation, SingleClassSiteWarning
 from medfed.data.preprocess import Moments, Standardizer, impute
-from medfed.engine.loop import run_federated
+from medfed.engine.loop import FederatedAlgorithm, FederatedRun, run_federated
+from medfed.errors import ConfigError
 from medfed.experiments.config import DataSpec, ExperimentConfig
 from medfed.experiments.methods import resolve_methods
 from medfed.experiments.metrics import METRICS, Metric, binary_metrics
 from medfed.experiments.spec import MethodSpec, context_for
 from medfed.experiments.splits import stratified_split
 from medfed.rng import KeyedRng, name_key
+from medfed.server.validate import NONFINITE
 
 SPLIT_STREAM, TRAIN_STREAM, INIT_STREAM = 0, 1, 2
+
+# A training loss that ends above this multiple of where it started is warned about.
+LOSS_RISE_WARNING = 2.0
 
 
 def make_experiment_model(config: ExperimentConfig, federation: Federation):
@@ -38,6 +44,134 @@ def make_experiment_model(config: ExperimentConfig, federation: Federation):
     from medfed.models.registry import make_model
 
     return make_model(config.model, federation.sample_shape, **config.model_options)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a model of one repeat is not scored: it ``diverged`` (its loss, parameters or scores
+    became NaN/Inf) or it is ``not computable`` (e.g. the server accepted no upload)."""
+
+    kind: str  # "diverged" or "not computable"
+    reason: str
+    round: int | None = None  # 1-based round (federated) in which it happened, when known
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+@dataclass
+class CentralFit:
+    """A centralized model (Single, Cross, Mix) and its training loss before and after."""
+
+    params: dict[str, np.ndarray]
+    start_loss: float
+    end_loss: float
+
+
+def _all_finite(params) -> bool:
+    return all(np.isfinite(v).all() for v in params.values())
+
+
+def federated_failure(run: FederatedRun) -> Failure | None:
+    """Why a federated run's global model must not be scored, or ``None``.
+
+    - every round was skipped (the server accepted no upload at all): not computable;
+    - the training loss the sites report at the global model became NaN/Inf, or every upload
+      of a round held NaN/Inf (no site could take a finite step from the global model), or the
+      final parameters are not finite: diverged, with the first such round.
+    """
+    history = run.history
+    if history and all(r.skipped for r in history):
+        example = next((f"round {r.round + 1}: {s}: {why}" for r in history for s, why in r.rejected.items()), None)
+        return Failure(
+            "not computable",
+            f"the server accepted no upload in any of the {len(history)} rounds"
+            + (f" (e.g. {example})" if example else ""),
+        )
+    for r in history:
+        if r.skipped is None and not np.isfinite(r.train_loss):
+            return Failure("diverged", f"diverged in round {r.round + 1}: the training loss became NaN/Inf", r.round + 1)
+        if r.skipped and r.rejected and all(NONFINITE in why for why in r.rejected.values()):
+            return Failure(
+                "diverged", f"diverged in round {r.round + 1}: every site's update held NaN/Inf", r.round + 1
+            )
+    if not _all_finite(run.params):
+        return Failure("diverged", "diverged: the final parameters hold NaN/Inf")
+    return None
+
+
+def loss_rise(start: float, end: float) -> bool:
+    """A finite training loss that ended far above where it started (``LOSS_RISE_WARNING``)."""
+    return bool(np.isfinite(start) and np.isfinite(end) and end > LOSS_RISE_WARNING * start and end - start > 1e-12)
+
+
+@dataclass
+class TrainingPlan:
+    """How every setting of a run trains: the model, a federated site's round
+    (``local``: ``local_steps`` or ``local_epochs`` per round) and a centralized model's budget
+    (``central``: ``rounds * local_steps``, the same gradient budget as one federated site).
+
+    The experiment harness and the robustness audit both train through this one object, so
+    the options that shape training (epochs, label counts at setup, the local optimizer)
+    reach every caller alike.
+    """
+
+    config: ExperimentConfig
+    model: Any
+    local: LocalTraining
+    central: LocalTraining
+
+    @classmethod
+    def of(cls, config: ExperimentConfig, federation: Federation) -> TrainingPlan:
+        model = make_experiment_model(config, federation)
+        t = config.training
+        epochs = None if t.local_epochs is None else t.rounds * t.local_epochs  # centralized: the same passes
+        central = LocalTraining(model, t.lr, t.rounds * t.local_steps, t.batch_size, t.l2, epochs)
+        local = LocalTraining(model, t.lr, t.local_steps, t.batch_size, t.l2, t.local_epochs)
+        return cls(config, model, local, central)
+
+    def initial(self, federation: Federation, repeat: int) -> dict[str, np.ndarray]:
+        """The model every setting of a repeat starts from (zeros for the numpy model)."""
+        return self.model.init_params(federation.sample_shape, KeyedRng(self.config.seed, (INIT_STREAM, repeat)))
+
+    def build(self, spec: MethodSpec, opts: dict, site_names, counts=None) -> FederatedAlgorithm:
+        """``spec`` built for these training sites (their label counts shared at setup)."""
+        return spec.build(opts, self.config.training, context_for(list(site_names), self.config.seed, counts))
+
+    def federated(
+        self,
+        spec: MethodSpec,
+        opts: dict,
+        train: list[LocalData],
+        initial,
+        rng: KeyedRng,
+        *,
+        evaluate: Callable | None = None,
+        adapt: Callable[[FederatedAlgorithm], FederatedAlgorithm] | None = None,
+    ) -> FederatedRun:
+        """Train ``spec`` on ``train`` for its rounds. ``adapt`` may change the built algorithm
+        (the audit's corrupted sites)."""
+        t = self.config.training
+        algorithm = self.build(spec, opts, [d.name for d in train], {d.name: label_counts(d.y) for d in train})
+        if adapt is not None:
+            algorithm = adapt(algorithm)
+        return run_federated(
+            algorithm, initial, train, self.local, spec.rounds(t), rng,
+            fraction=t.fraction_fit, min_sites=t.min_sites, evaluate=evaluate,
+            eval_every=self.config.eval_every if evaluate is not None else 0, max_update_norm=t.max_update_norm,
+        )
+
+    def centralized(self, data: LocalData, initial, rng: KeyedRng) -> CentralFit:
+        """Single, Cross and Mix: gradient descent on one data set for the centralized budget."""
+        params, start = sgd_steps(initial, data, self.central.for_site(data.n), rng)
+        end = self.model.loss(params, data.X, data.y, self.central.l2) if _all_finite(params) else float("nan")
+        return CentralFit(params, float(start), float(end))
+
+
+def centralized_failure(fit: CentralFit) -> Failure | None:
+    if not _all_finite(fit.params) or not np.isfinite(fit.end_loss):
+        return Failure("diverged", "diverged: the training loss or the parameters became NaN/Inf")
+    return None
 
 
 @dataclass
@@ -69,6 +203,7 @@ class Cell:
     metrics: dict[str, list[Metric]] = field(default_factory=lambda: {m: [] for m in METRICS})
     skipped: list[str | None] = field(default_factory=list)  # per repeat: reason or None
     scores: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    diverged: list[dict] = field(default_factory=list)  # {"repeat", "round", "reason"} per diverged repeat
 
 
 @dataclass
@@ -190,14 +325,21 @@ class ScaledViews:
         return self._cache[group]
 
 
+Evaluation = tuple[tuple[str, str, str | None, str, str, str], "dict[str, Metric] | Failure", tuple | None]
+
+
 @dataclass
 class RepeatOutcome:
     """What one repeat produced, in the order a serial run would produce it."""
 
-    evaluations: list[tuple[tuple[str, str, str | None, str], dict[str, Metric] | str, tuple | None]]
+    evaluations: list[Evaluation]
     histories: list[History]
     single_class_sites: list[str]
     setting_time: dict[str, float]
+    loss_rises: list[tuple[str, float, float]] = field(default_factory=list)  # (label, start, end)
+
+
+CROSS_ONE_SITE = "Cross trains on one site and tests on another; this federation has a single site"
 
 
 def run_repeat(
@@ -208,28 +350,28 @@ def run_repeat(
     progress: Callable[[str], None] | None = None,
 ) -> RepeatOutcome:
     """One repeat: split, then train and evaluate every setting. Pure in (config, data, repeat)."""
-    model = make_experiment_model(config, federation)
-    t = config.training
+    plan = TrainingPlan.of(config, federation)
+    model = plan.model
     site_names = federation.site_names
     n_sites = len(site_names)
     everyone = tuple(range(n_sites))
-    epochs = None if t.local_epochs is None else t.rounds * t.local_epochs  # centralized: the same passes
-    central = LocalTraining(model, t.lr, t.rounds * t.local_steps, t.batch_size, t.l2, epochs)
-    local = LocalTraining(model, t.lr, t.local_steps, t.batch_size, t.l2, t.local_epochs)
     sites = prepare_repeat(federation, config, repeat)
     scaled = ScaledViews(sites, config.scaling)
-    # every setting of a repeat starts from the same initial model (zeros for the numpy model)
-    initial = model.init_params(federation.sample_shape, KeyedRng(config.seed, (INIT_STREAM, repeat)))
+    initial = plan.initial(federation, repeat)
     out = RepeatOutcome([], [], [s.name for s in sites if s.single_class], {})
-    single_models: dict[int, dict] = {}
+    single_models: dict[int, CentralFit] = {}
 
-    def evaluate_on(
-        spec: MethodSpec, train_site: str | None, j: int, params, tests, evaluation: str = "split",
-        model_kind: str = "global",
-    ) -> None:
-        scores = model.predict_proba(params, tests[j])
-        key = (spec.display, spec.name, train_site, site_names[j], evaluation, model_kind)
-        out.evaluations.append((key, binary_metrics(sites[j].y_test, scores), (sites[j].y_test, scores)))
+    def key_of(spec: MethodSpec, train_site: str | None, j: int, evaluation: str = "split", model_kind: str = "global"):
+        return (spec.display, spec.name, train_site, site_names[j], evaluation, model_kind)
+
+    def evaluate_on(key, params, tests, j: int, failure: Failure | None = None) -> None:
+        if failure is None:
+            scores = model.predict_proba(params, tests[j])
+            if np.isfinite(scores).all():
+                out.evaluations.append((key, binary_metrics(sites[j].y_test, scores), (sites[j].y_test, scores)))
+                return
+            failure = Failure("diverged", "diverged: the model's scores on the test rows are NaN/Inf")
+        out.evaluations.append((key, failure, None))
 
     def train_one_federated(spec: MethodSpec, opts: dict, held_out: int | None) -> None:
         """Train ``spec`` on every site (``held_out`` None) or on all but one, and evaluate."""
@@ -242,70 +384,74 @@ def run_repeat(
                     s.name: binary_metrics(s.y_test, model.predict_proba(p, tests[j]))["auc"].value
                     for j, s in enumerate(sites)
                 }
-        rounds = spec.rounds(t)
+        rounds = spec.rounds(config.training)
         key = (TRAIN_STREAM, repeat, name_key(spec.name)) + (() if held_out is None else (name_key("loso"), held_out))
-        run = run_federated(
-            spec.build(opts, t, context_for(
-                [site_names[i] for i in group], config.seed,
-                {d.name: label_counts(d.y) for d in train},
-            )),
-            initial,
-            train,
-            local,
-            rounds,
-            KeyedRng(config.seed, key),
-            fraction=t.fraction_fit,
-            min_sites=t.min_sites,
-            evaluate=evaluate,
-            eval_every=config.eval_every,
-            max_update_norm=t.max_update_norm,
-        )
+        run = plan.federated(spec, opts, train, initial, KeyedRng(config.seed, key), evaluate=evaluate)
+        failure = federated_failure(run)
         if held_out is not None:
-            evaluate_on(spec, None, held_out, run.params, tests, "loso")
+            evaluate_on(key_of(spec, None, held_out, "loso"), run.params, tests, held_out, failure)
             return
+        losses = run.train_loss
+        finite = losses[np.isfinite(losses)]
+        if failure is None and finite.size and loss_rise(finite[0], finite[-1]):
+            out.loss_rises.append((spec.display, float(finite[0]), float(finite[-1])))
         out.histories.append(
             History(
-                spec.display, repeat, run.train_loss, sum(r.bytes_up for r in run.history), rounds,
-                max(1, t.rounds * t.local_steps // rounds),
+                spec.display, repeat, losses, sum(r.bytes_up for r in run.history), rounds,
+                max(1, config.training.rounds * config.training.local_steps // rounds),
                 [{"round": r.round, "test_auc": r.evaluation} for r in run.history if r.evaluation],
                 round_notes(run.history),
             )
         )
         for j in range(n_sites):
             if spec.global_model:
-                evaluate_on(spec, None, j, run.params, tests)
+                evaluate_on(key_of(spec, None, j), run.params, tests, j, failure)
             if site_names[j] in run.personal:
-                evaluate_on(spec, None, j, run.personal[site_names[j]], tests, model_kind="personal")
+                personal = run.personal[site_names[j]]
+                evaluate_on(key_of(spec, None, j, model_kind="personal"), personal, tests, j,
+                            failure or (None if _all_finite(personal) else Failure(
+                                "diverged", "diverged: the personal model's parameters hold NaN/Inf")))
 
-    def single_model(i: int) -> dict:
+    def centralized(label: str, data: LocalData, rng: KeyedRng) -> CentralFit:
+        fit = plan.centralized(data, initial, rng)
+        if centralized_failure(fit) is None and loss_rise(fit.start_loss, fit.end_loss):
+            out.loss_rises.append((label, fit.start_loss, fit.end_loss))
+        return fit
+
+    def single_model(i: int) -> CentralFit:
         if i not in single_models:
             train, _ = scaled((i,))
             rng = KeyedRng(config.seed, (TRAIN_STREAM, repeat, name_key("single"), i))
-            single_models[i], _ = sgd_steps(initial, train[0], central.for_site(train[0].n), rng)
+            single_models[i] = centralized(f"Single ({site_names[i]})", train[0], rng)
         return single_models[i]
 
     for spec, opts in methods:
         if progress:
             progress(f"repeat {repeat + 1}/{config.repeats}: {spec.display}")
         tic = time.perf_counter()
-        if spec.name in ("single", "cross"):
+        if spec.name == "cross" and n_sites == 1:
+            out.evaluations.append((key_of(spec, None, 0), Failure("not computable", CROSS_ONE_SITE), None))
+        elif spec.name in ("single", "cross"):
             for i, s in enumerate(sites):
                 targets = [i] if spec.name == "single" else [j for j in range(n_sites) if j != i]
                 for j in targets:
                     if s.single_class:
-                        key = (spec.display, spec.name, s.name, site_names[j], "split", "global")
-                        out.evaluations.append((key, f"training rows of site {s.name!r} hold one class only", None))
+                        reason = f"training rows of site {s.name!r} hold one class only"
+                        out.evaluations.append((key_of(spec, s.name, j), Failure("not computable", reason), None))
                     else:
-                        evaluate_on(spec, s.name, j, single_model(i), scaled((i,))[1])
+                        fit = single_model(i)
+                        evaluate_on(key_of(spec, s.name, j), fit.params, scaled((i,))[1], j, centralized_failure(fit))
         elif spec.name == "mix":
             for held_out in [None, *(range(n_sites) if config.loso else [])]:
                 group = tuple(i for i in everyone if i != held_out)
                 train, tests = scaled(group)
                 pooled = LocalData("pooled", np.concatenate([d.X for d in train]), np.concatenate([d.y for d in train]))
                 key = (TRAIN_STREAM, repeat, name_key("mix")) + (() if held_out is None else (name_key("loso"), held_out))
-                params, _ = sgd_steps(initial, pooled, central.for_site(pooled.n), KeyedRng(config.seed, key))
+                fit = centralized("Mix", pooled, KeyedRng(config.seed, key))
+                failure = centralized_failure(fit)
                 for j in range(n_sites) if held_out is None else [held_out]:
-                    evaluate_on(spec, None, j, params, tests, "split" if held_out is None else "loso")
+                    evaluation = "split" if held_out is None else "loso"
+                    evaluate_on(key_of(spec, None, j, evaluation), fit.params, tests, j, failure)
         else:
             loso = config.loso and spec.global_model  # an unseen site has no private part to use
             for held_out in [None, *(range(n_sites) if loso else [])]:
@@ -346,6 +492,53 @@ def resolve_workers(requested: int, repeats: int) -> int:
     return max(1, min(requested or cores, repeats))
 
 
+# how a user sets the options a site-count requirement depends on
+_OPTION_FIXES = {"f": "--byzantine", "beta": "--trim-beta", "m": "--method-option {name}.m"}
+
+
+def check_study(config: ExperimentConfig, federation: Federation, methods: list[tuple[MethodSpec, dict]]) -> None:
+    """Everything about the study that would fail mid-run, refused before any training.
+
+    Every federated method is built for the sites it will train on (all of them, and all but
+    one under ``loso``), so a bad option value fails here with the method's own message; a rule
+    that needs more sites per round than the federation gives (Krum, Bulyan, a trimmed mean
+    that cuts everything) is refused with the fix; ``min_sites`` must fit the training sites.
+    """
+    from medfed.engine.selection import cohort_size
+    from medfed.server.robust import site_requirement
+
+    names = list(federation.site_names)
+    t = config.training
+    if config.loso and len(names) < 2:
+        raise ConfigError(f"leave-one-site-out (--loso) needs at least 2 sites; {federation.name!r} has {len(names)}")
+    groups = [names] + ([names[1:]] if config.loso else [])  # the smallest training group under LOSO
+    plan = TrainingPlan(config, None, None, None)  # building a method needs no model
+    for group in groups:
+        where = "" if len(group) == len(names) else f" (with --loso each model trains on {len(group)} sites)"
+        if t.min_sites > len(group):
+            raise ConfigError(
+                f"min_sites is {t.min_sites}, but there are {len(group)} training sites{where}; "
+                f"set --min-sites {len(group)} or lower"
+            )
+        cohort = cohort_size(len(group), t.fraction_fit, t.min_sites)
+        for spec, opts in methods:
+            if spec.kind != "federated":
+                continue
+            try:
+                plan.build(spec, opts, group)
+            except (ValueError, TypeError) as exc:  # a builder that does not speak ConfigError yet
+                raise ConfigError(f"method {spec.name!r}: {exc}") from None
+            problem = site_requirement(spec.name, cohort, opts)
+            if problem is not None:
+                fixes = " or ".join(
+                    f"{_OPTION_FIXES[k].format(name=spec.name)} ({spec.name}.{k})" for k in opts if k in _OPTION_FIXES
+                )
+                raise ConfigError(
+                    f"method {spec.name!r}: {problem}{where}, per round {cohort} of {len(group)} sites; "
+                    f"change {fixes or 'its options'} or use a federation with more sites"
+                )
+
+
 def run_experiment(
     config: ExperimentConfig,
     federation: Federation,
@@ -358,6 +551,7 @@ def run_experiment(
     """
     started = time.perf_counter()
     methods = resolve_methods(config.methods, config.method_options, config.pipelines)
+    check_study(config, federation, methods)
     workers = resolve_workers(config.workers, config.repeats)
     if workers > 1:
         outcomes = _parallel_outcomes(config, federation, workers, progress)
@@ -380,6 +574,7 @@ def run_experiment(
                 "site has no complete model; no unseen-site rows"
             )
     noted_sites: set[str] = set()
+    rises: dict[str, list[tuple[int, float, float]]] = {}
     setting_time = {spec.display: 0.0 for spec, _ in methods}
     for repeat, outcome in enumerate(outcomes):
         for name in outcome.single_class_sites:
@@ -395,17 +590,29 @@ def run_experiment(
             if key not in cells:
                 cells[key] = Cell(*key)
             c = cells[key]
-            if isinstance(result, str):
+            if isinstance(result, Failure):
                 for m in METRICS:
-                    c.metrics[m].append(Metric(None, result))
-                c.skipped.append(result)
+                    c.metrics[m].append(Metric(None, result.reason))
+                c.skipped.append(result.reason)
+                if result.kind == "diverged":
+                    c.diverged.append({"repeat": repeat, "round": result.round, "reason": result.reason})
             else:
                 for m in METRICS:
                     c.metrics[m].append(result[m])
                 c.skipped.append(None)
                 c.scores.append(scores)
+        for label, start, end in outcome.loss_rises:
+            rises.setdefault(label, []).append((repeat, start, end))
         for name, seconds in outcome.setting_time.items():
             setting_time[name] += seconds
+    for label, cases in rises.items():
+        ends = [end for _, _, end in cases]
+        notes.append(
+            f"{label}: the training loss ended above {LOSS_RISE_WARNING:g}x where it started in "
+            f"{len(cases)} of {config.repeats} repeat(s) (from {cases[0][1]:.4g} to {min(ends):.4g}"
+            + (f"-{max(ends):.4g}" if len(ends) > 1 else "")
+            + f"); the learning rate ({config.training.lr:g}) may be too large"
+        )
 
     return ExperimentRun(
         config=config,

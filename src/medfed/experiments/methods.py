@@ -20,7 +20,7 @@ from medfed.experiments.client_methods import CLIENT_METHODS
 from medfed.experiments.config import PipelineSpec
 from medfed.experiments.image_methods import IMAGE_METHODS
 from medfed.experiments.server_methods import SERVER_METHODS
-from medfed.experiments.spec import MethodSpec, OptionValue
+from medfed.experiments.spec import MethodSpec, OptionValue, check_number
 from medfed.server.aggregate import apply_delta, chain, gradient_step, weighted_mean
 from medfed.server.steps import build_pipeline
 
@@ -30,12 +30,12 @@ def _fedavg(opts, training, context):
 
 
 def _fedprox(opts, training, context):
-    rule = functools.partial(fedprox_update, mu=opts["mu"])
+    rule = functools.partial(fedprox_update, mu=check_number("fedprox", "mu", opts["mu"], low=0.0))
     return FederatedAlgorithm("fedprox", rule, chain(weighted_mean(), apply_delta()))
 
 
 def _fedsgd(opts, training, context):
-    lr = opts.get("server_lr") or training.lr
+    lr = check_number("fedsgd", "server_lr", opts["server_lr"], low=0.0) or training.lr
     return FederatedAlgorithm("fedsgd", fedsgd_gradient, chain(weighted_mean(), gradient_step(lr)))
 
 
@@ -160,4 +160,9 @@ def resolve_methods(
     for name in options:
         if name not in known:
             raise ConfigError(f"method_options names unknown method {name!r}; available: {', '.join(METHODS)}")
+        if name not in seen:  # as for a flag (--mu) that no method run takes: an option must not be ignored
+            raise ConfigError(
+                f"[method_options.{name}] sets options of {name!r}, which is not among the methods run "
+                f"({', '.join(seen)}); add {name!r} to the methods (--methods) or remove its options"
+            )
     return out

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.experiments.metrics import METRICS
-from medfed.experiments.results import data_note_lines, server_note_lines, table_rows
+from medfed.experiments.results import communication_lines, data_note_lines, server_note_lines, table_rows
 
 
 def results_csv(doc: dict[str, Any]) -> str:
@@ -59,6 +59,9 @@ def results_markdown(doc: dict[str, Any]) -> str:
     data_notes = data_note_lines(doc)
     if data_notes:
         lines += ["", "Data:", *[f"- {line.strip()}" for line in data_notes]]
+    communication = communication_lines(doc)
+    if communication:
+        lines += ["", "Communication:", *[f"- {line}" for line in communication]]
     server = server_note_lines(doc)
     if server:
         lines += ["", "Server:", *[f"- {line}" for line in server]]

@@ -44,6 +44,8 @@ def _row(cell: Cell) -> dict[str, Any]:
         "test_site": cell.test_site,
         "computable": any(r is None for r in cell.skipped),
         "reason": "; ".join(reasons) if reasons else None,
+        # repeats whose model diverged (loss, parameters or scores NaN/Inf), with the round
+        "diverged": list(cell.diverged),
         "metrics": {m: summarize(cell.metrics[m]) for m in METRICS},
     }
 
@@ -76,6 +78,10 @@ def results_document(run: ExperimentRun) -> dict[str, Any]:
             entry.setdefault("evaluation", []).append(h.evaluation)
         if h.rounds_notes:
             entry.setdefault("server_notes", []).append({"repeat": h.repeat, "rounds": h.rounds_notes})
+    communication = {}
+    for h in run.histories:
+        entry = communication.setdefault(h.setting, {"rounds": h.rounds, "bytes_up": []})
+        entry["bytes_up"].append(int(h.bytes_up))
     return {
         "dataset": fed.name,
         "description": fed.description,
@@ -108,6 +114,13 @@ def results_document(run: ExperimentRun) -> dict[str, Any]:
         "data_info": fed.info,
         "results": [_row(c) for c in run.cells],
         "histories": histories,
+        # what crossed the network per federated setting: rounds per run and bytes uploaded by all
+        # sites per run (mean over repeats; FedSGD's many small rounds are visible here)
+        "communication": [
+            {"setting": setting, "rounds": e["rounds"], "bytes_up_per_run": float(np.mean(e["bytes_up"])),
+             "bytes_up_values": e["bytes_up"]}
+            for setting, e in communication.items()
+        ],
     }
 
 
@@ -150,6 +163,24 @@ def server_note_lines(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def format_bytes(n: float) -> str:
+    """Bytes in decimal units (kB = 1000 B), three significant digits."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def communication_lines(doc: dict[str, Any]) -> list[str]:
+    """One line: each federated setting's rounds and uploaded bytes per run, so that a method
+    that communicates ten times more (FedSGD) cannot hide behind equal metrics."""
+    entries = doc.get("communication") or []
+    if not entries:
+        return []
+    parts = [f"{e['setting']} {e['rounds']} rounds, {format_bytes(e['bytes_up_per_run'])}" for e in entries]
+    return ["uploaded per run (all sites, mean over repeats): " + "; ".join(parts)]
+
+
 def format_metric(summary: dict[str, Any], digits: int = 3) -> str:
     if summary["mean"] is None:
         return "n/a"
@@ -176,7 +207,7 @@ def table_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
             if r.get("model") == "personal":
                 label += " · personal"
             if not r["computable"]:
-                cells = ["not computable"] * len(METRICS)
+                cells = ["diverged" if r.get("diverged") else "not computable"] * len(METRICS)
             else:
                 cells = [format_metric(r["metrics"][m]) for m in METRICS]
             notes = [r["reason"]] if r["reason"] else []

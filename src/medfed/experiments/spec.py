@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from medfed.engine.loop import FederatedAlgorithm
+from medfed.errors import ConfigError
 from medfed.experiments.config import TrainingSpec
 
 OptionValue = float | int | bool | str | dict[str, float]
@@ -55,3 +56,18 @@ def context_for(
     site_names: Sequence[str], seed: int = 0, label_counts: Mapping[str, tuple[float, float]] | None = None
 ) -> BuildContext:
     return BuildContext(tuple(site_names), seed, label_counts)
+
+
+def check_number(method: str, key: str, value: Any, *, low: float, high: float | None = None,
+                 low_open: bool = False, whole: bool = False) -> float:
+    """A finite number in the allowed range, or a ConfigError saying what the option takes."""
+    import math
+
+    above = f"> {low:g}" if low_open else f">= {low:g}"
+    allowed = f"{'a whole number' if whole else 'a number'} {above}" + (f" and <= {high:g}" if high is not None else "")
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    ok = ok and (not whole or float(value) == int(value))
+    if not ok:
+        raise ConfigError(f"method {method!r} option {key!r} must be {allowed}, got {value!r}")
+    return int(value) if whole else float(value)

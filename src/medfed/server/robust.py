@@ -41,6 +41,7 @@ __all__ = [
     "median",
     "multikrum",
     "pairwise_distances",
+    "site_requirement",
     "trimmed_mean",
 ]
 
@@ -414,6 +415,18 @@ def dos(temperature: float = 1.0) -> Aggregator:
         return value, state, report
 
     return Aggregator(_stateless_init, apply, "dos")
+
+
+def site_requirement(name: str, n_sites: int, options: Mapping) -> str | None:
+    """Why ``name`` (a robust rule) cannot run a round of ``n_sites`` uploads with the method's
+    ``options`` (``f``, ``beta``, ``m``), or ``None``; what a round would raise, said ahead of time."""
+    if name not in ROBUST_AGGREGATORS:
+        return None
+    f = int(options.get("f", 0))
+    m = int(options.get("m", 0))
+    return _requirement(
+        name, n_sites, f=f, beta=float(options.get("beta", 0.0)), m=(n_sites - f if m == 0 else m)
+    )
 
 
 ROBUST_AGGREGATORS: dict[str, Callable[..., Aggregator]] = {

@@ -14,6 +14,8 @@ import numpy as np
 
 from medfed.client.upload import Upload
 
+NONFINITE = "contains NaN or Inf"  # the words of every rejection for non-finite values (divergence checks read them)
+
 
 def upload_problem(
     upload: Upload,
@@ -50,7 +52,7 @@ def upload_problem(
         if value.dtype.kind != "f":
             return f"{name!r} has dtype {value.dtype}; a real floating-point array is required"
         if not np.isfinite(value).all():
-            return f"{name!r} contains NaN or Inf"
+            return f"{name!r} {NONFINITE}"
         squared += float(np.vdot(value, value))
     if max_norm is not None and upload.kind != "params":
         norm = squared**0.5
@@ -85,7 +87,7 @@ def extras_problem(upload: Upload) -> str | None:
             if array.dtype.kind not in "fiu":
                 return f"extra {name!r} has dtype {array.dtype}; numbers are required"
             if not np.isfinite(array).all():
-                return f"extra {name!r} contains NaN or Inf"
+                return f"extra {name!r} {NONFINITE}"
     return None
 
 
