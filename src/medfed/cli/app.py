@@ -112,7 +112,11 @@ def method_flag_options(names: list[str] | None, flags: dict[str, tuple[str, Any
         takers = [m.name for m in selected if option in m.flags]
         if not takers:
             allowed = [m.name for m in METHODS.values() if option in m.flags]
-            raise ConfigError(f"{flag} sets an option of {', '.join(allowed)}; none of them is among the methods run")
+            run = ", ".join(m.name for m in selected)
+            raise ConfigError(
+                f"{flag} sets an option of {', '.join(allowed)}, not among the methods run ({run}); "
+                f"add one to --methods or drop {flag}"
+            )
         for name in takers:
             out.setdefault(name, {})[option] = value
     return out

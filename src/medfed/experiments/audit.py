@@ -37,17 +37,17 @@ from medfed.client.adversary import (
     corrupt_data,
     corrupt_rule,
 )
-from medfed.client.local import LocalTraining
 from medfed.data.federation import Federation
 from medfed.engine.loop import run_federated
 from medfed.errors import ConfigError
 from medfed.experiments.config import ExperimentConfig
 from medfed.experiments.harness import (
-    INIT_STREAM,
     TRAIN_STREAM,
     ScaledViews,
+    TrainingPlan,
+    check_study,
+    federated_failure,
     load_federation,
-    make_experiment_model,
     prepare_repeat,
 )
 from medfed.experiments.methods import METHODS, resolve_methods
@@ -59,7 +59,7 @@ from medfed.experiments.results import (
     package_versions,
     summarize,
 )
-from medfed.experiments.spec import MethodSpec, context_for
+from medfed.experiments.spec import MethodSpec
 from medfed.rng import KeyedRng, name_key
 from medfed.server.robust import ROBUST_AGGREGATORS, assumption_violations
 
@@ -119,6 +119,14 @@ def choose_corrupted(site_names: list[str], corrupt: int, seed: int, repeat: int
     return [s for s in site_names if s in chosen]
 
 
+def trim_fraction(corrupt: int, n_sites: int) -> float:
+    """A trimmed-mean ``beta`` that cuts exactly ``corrupt`` updates per side of ``n_sites``
+    (``int(beta * K) == F``) and stays below 1/2: ``(F + d) / K`` with ``d`` midway between F/K
+    and the next cut, or midway to 1/2 when that is closer (3 sites, F = 1: beta = 0.417)."""
+    d = min(0.5, (n_sites / 2 - corrupt) / 2)  # > 0 because 2F < K
+    return (corrupt + d) / n_sites
+
+
 def _defense_options(methods, method_options: Mapping[str, Mapping[str, Any]], corrupt: int, n_sites: int):
     """Every defense must be federated. Options the user did not set are sized for F: ``f``
     becomes F, and trimmed_mean's ``beta`` cuts F updates at each end (when F < K/2)."""
@@ -134,7 +142,7 @@ def _defense_options(methods, method_options: Mapping[str, Mapping[str, Any]], c
         if "f" in spec.defaults and "f" not in user:
             opts["f"] = corrupt
         if spec.name == "trimmed_mean" and "beta" not in user and 2 * corrupt < n_sites:
-            opts["beta"] = (corrupt + 0.5) / n_sites  # int(beta * K) == F, away from float round-off
+            opts["beta"] = trim_fraction(corrupt, n_sites)
         out.append((spec, opts))
     return out
 
@@ -168,9 +176,12 @@ def _evaluate(model, params, y_tests, tests, clean: list[int], names: list[str])
 
 
 def _audit_repeat(config, attack: Attack, federation, methods, repeat: int, progress) -> tuple[list[str], list[dict]]:
-    """One repeat: split, choose the corrupted sites, train every defense clean and attacked."""
-    model = make_experiment_model(config, federation)
-    t = config.training
+    """One repeat: split, choose the corrupted sites, train every defense clean and attacked.
+
+    Training goes through the harness's :class:`~medfed.experiments.harness.TrainingPlan`, the
+    one path every experiment uses (local epochs, label counts at setup, screening).
+    """
+    plan = TrainingPlan.of(config, federation)
     names = list(federation.site_names)
     sites = prepare_repeat(federation, config, repeat)
     train, tests = ScaledViews(sites, config.scaling)(tuple(range(len(sites))))
@@ -182,37 +193,37 @@ def _audit_repeat(config, attack: Attack, federation, methods, repeat: int, prog
             if s in corrupted:
                 rng = KeyedRng(config.seed, (LABEL_STREAM, repeat, name_key(s)))
                 poisoned[j] = corrupt_data(train[j], attack.kind, rng, rate=attack.rate)
-    local = LocalTraining(model, t.lr, t.local_steps, t.batch_size, t.l2)
+
+    def corrupt(algorithm):
+        rule = corrupt_rule(algorithm.local_update, attack.kind, scale=attack.scale, sigma=attack.sigma, sites=corrupted)
+        return dataclasses.replace(algorithm, local_update=rule)
+
     y_tests = [s.y_test for s in sites]
-    context = context_for(names, config.seed)
+    initial = plan.initial(federation, repeat)
     records = []
     for spec, opts in methods:
         record: dict[str, Any] = {"repeat": repeat}
         for condition in CONDITIONS:
             if progress:
                 progress(f"repeat {repeat + 1}/{config.repeats}: {spec.display} ({condition})")
-            algorithm = spec.build(opts, t, context)
-            data = train
-            if condition == "attacked":
-                if attack.kind in DATA_ATTACKS:
-                    data = poisoned
-                else:
-                    rule = corrupt_rule(
-                        algorithm.local_update, attack.kind, scale=attack.scale, sigma=attack.sigma, sites=corrupted
-                    )
-                    algorithm = dataclasses.replace(algorithm, local_update=rule)
+            attacked = condition == "attacked"
+            data = poisoned if attacked and attack.kind in DATA_ATTACKS else train
+            adapt = corrupt if attacked and attack.kind not in DATA_ATTACKS else None
             try:
                 # clean and attacked draw the same numbers: the attack is the only difference
-                run = run_federated(
-                    algorithm, model.init_params(federation.sample_shape, KeyedRng(config.seed, (INIT_STREAM, repeat))),
-                    data, local, spec.rounds(t),
-                    KeyedRng(config.seed, (TRAIN_STREAM, repeat, name_key(spec.name))),
-                    fraction=t.fraction_fit, min_sites=t.min_sites, max_update_norm=t.max_update_norm,
+                run = plan.federated(
+                    spec, opts, data, initial, KeyedRng(config.seed, (TRAIN_STREAM, repeat, name_key(spec.name))),
+                    adapt=adapt,
                 )
             except ConfigError as exc:  # the defense refused a round: its assumption does not hold
-                record[condition] = {"computable": False, "reason": str(exc)}
+                record[condition] = {"computable": False, "reason": str(exc), "diverged": False}
                 continue
-            pooled, per_site = _evaluate(model, run.params, y_tests, tests, clean, names)
+            failure = federated_failure(run)
+            if failure is not None:
+                record[condition] = {"computable": False, "reason": failure.reason,
+                                     "diverged": failure.kind == "diverged"}
+                continue
+            pooled, per_site = _evaluate(plan.model, run.params, y_tests, tests, clean, names)
             record[condition] = {
                 "computable": True,
                 "reason": None,
@@ -257,7 +268,7 @@ def _defense_row(spec: MethodSpec, opts: dict, records: list[dict], notes: list[
                    "; ".join(sorted({r[condition]["reason"] for r in failed})))
             failures.setdefault(key, []).append(condition)
     for (which, reasons), conditions in failures.items():
-        notes.append(f"{spec.display} ({' and '.join(conditions)}): not computable in repeat(s) {which}: {reasons}")
+        notes.append(f"{spec.display} ({' and '.join(conditions)}): no result in repeat(s) {which}: {reasons}")
     for condition in CONDITIONS:
         done = [r[condition] for r in records if r[condition]["computable"]]
         rejected = sum(c["rejected_uploads"] for c in done)
@@ -281,7 +292,7 @@ def _defense_row(spec: MethodSpec, opts: dict, records: list[dict], notes: list[
                     "skipped_rounds": cond["skipped_rounds"],
                 }
             else:
-                view[c] = {"computable": False, "reason": cond["reason"]}
+                view[c] = {"computable": False, "reason": cond["reason"], "diverged": cond.get("diverged", False)}
         return view
 
     return {
@@ -291,6 +302,8 @@ def _defense_row(spec: MethodSpec, opts: dict, records: list[dict], notes: list[
         "uploads": spec.uploads or None,
         "options": opts,
         "computable": {c: any(r[c]["computable"] for r in records) for c in CONDITIONS},
+        # conditions whose model diverged in every repeat (shown as "diverged", not as a number)
+        "diverged": {c: all(r[c].get("diverged", False) for r in records) for c in CONDITIONS},
         "clean": {m: summarize(metrics["clean"][m]) for m in METRICS},
         "attacked": {m: summarize(metrics["attacked"][m]) for m in METRICS},
         "drop": {m: summarize(_drop(metrics["clean"][m], metrics["attacked"][m])) for m in METRICS},
@@ -326,8 +339,9 @@ def run_robustness_audit(
         resolve_methods(config.methods, config.method_options, config.pipelines), config.method_options,
         attack.corrupt, len(names),
     )
-    for spec, opts in methods:  # bad hyperparameters fail here, before any training
-        spec.build(opts, config.training, context_for(names, config.seed))
+    # bad hyperparameters fail here, before any training; a defense whose site-count assumption
+    # fails is not refused but noted and recorded as not computable (that is what the audit shows)
+    check_study(config, federation, methods, site_requirements=False)
     assumptions = [_assumption_notes(spec, opts, len(names), attack.corrupt) for spec, opts in methods]
 
     corrupted_sites = []
@@ -382,7 +396,7 @@ def audit_rows(doc: dict[str, Any], metrics: tuple[str, ...] = METRICS) -> tuple
         cells = {c: [format_metric(d[c][m]) for m in metrics] for c in ("clean", "attacked", "drop")}
         for c in CONDITIONS:
             if not d["computable"][c]:
-                cells[c] = ["not computable"] * len(metrics)
+                cells[c] = ["diverged" if d.get("diverged", {}).get(c) else "not computable"] * len(metrics)
         rows.append({"defense": d["display"], "cells": cells, "notes": numbers})
     return rows, notes
 

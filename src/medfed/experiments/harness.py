@@ -81,13 +81,6 @@ def federated_failure(run: FederatedRun) -> Failure | None:
       final parameters are not finite: diverged, with the first such round.
     """
     history = run.history
-    if history and all(r.skipped for r in history):
-        example = next((f"round {r.round + 1}: {s}: {why}" for r in history for s, why in r.rejected.items()), None)
-        return Failure(
-            "not computable",
-            f"the server accepted no upload in any of the {len(history)} rounds"
-            + (f" (e.g. {example})" if example else ""),
-        )
     for r in history:
         if r.skipped is None and not np.isfinite(r.train_loss):
             return Failure("diverged", f"diverged in round {r.round + 1}: the training loss became NaN/Inf", r.round + 1)
@@ -97,6 +90,13 @@ def federated_failure(run: FederatedRun) -> Failure | None:
             )
     if not _all_finite(run.params):
         return Failure("diverged", "diverged: the final parameters hold NaN/Inf")
+    if history and all(r.skipped for r in history):
+        example = next((f"round {r.round + 1}: {s}: {why}" for r in history for s, why in r.rejected.items()), None)
+        return Failure(
+            "not computable",
+            f"the server accepted no upload in any of the {len(history)} rounds"
+            + (f" (e.g. {example})" if example else ""),
+        )
     return None
 
 
@@ -204,6 +204,7 @@ class Cell:
     skipped: list[str | None] = field(default_factory=list)  # per repeat: reason or None
     scores: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     diverged: list[dict] = field(default_factory=list)  # {"repeat", "round", "reason"} per diverged repeat
+    warnings: list[str] = field(default_factory=list)  # e.g. a training loss that rose far above its start
 
 
 @dataclass
@@ -336,7 +337,9 @@ class RepeatOutcome:
     histories: list[History]
     single_class_sites: list[str]
     setting_time: dict[str, float]
-    loss_rises: list[tuple[str, float, float]] = field(default_factory=list)  # (label, start, end)
+    # (method, train site, start, end): a model whose training loss rose far above its start;
+    # "single" stands for the one per-site model Single and Cross share
+    loss_rises: list[tuple[str, str | None, float, float]] = field(default_factory=list)
 
 
 CROSS_ONE_SITE = "Cross trains on one site and tests on another; this federation has a single site"
@@ -394,7 +397,7 @@ def run_repeat(
         losses = run.train_loss
         finite = losses[np.isfinite(losses)]
         if failure is None and finite.size and loss_rise(finite[0], finite[-1]):
-            out.loss_rises.append((spec.display, float(finite[0]), float(finite[-1])))
+            out.loss_rises.append((spec.name, None, float(finite[0]), float(finite[-1])))
         out.histories.append(
             History(
                 spec.display, repeat, losses, sum(r.bytes_up for r in run.history), rounds,
@@ -412,17 +415,17 @@ def run_repeat(
                             failure or (None if _all_finite(personal) else Failure(
                                 "diverged", "diverged: the personal model's parameters hold NaN/Inf")))
 
-    def centralized(label: str, data: LocalData, rng: KeyedRng) -> CentralFit:
+    def centralized(method: str, train_site: str | None, data: LocalData, rng: KeyedRng) -> CentralFit:
         fit = plan.centralized(data, initial, rng)
         if centralized_failure(fit) is None and loss_rise(fit.start_loss, fit.end_loss):
-            out.loss_rises.append((label, fit.start_loss, fit.end_loss))
+            out.loss_rises.append((method, train_site, fit.start_loss, fit.end_loss))
         return fit
 
     def single_model(i: int) -> CentralFit:
         if i not in single_models:
             train, _ = scaled((i,))
             rng = KeyedRng(config.seed, (TRAIN_STREAM, repeat, name_key("single"), i))
-            single_models[i] = centralized(f"Single ({site_names[i]})", train[0], rng)
+            single_models[i] = centralized("single", site_names[i], train[0], rng)
         return single_models[i]
 
     for spec, opts in methods:
@@ -447,7 +450,7 @@ def run_repeat(
                 train, tests = scaled(group)
                 pooled = LocalData("pooled", np.concatenate([d.X for d in train]), np.concatenate([d.y for d in train]))
                 key = (TRAIN_STREAM, repeat, name_key("mix")) + (() if held_out is None else (name_key("loso"), held_out))
-                fit = centralized("Mix", pooled, KeyedRng(config.seed, key))
+                fit = centralized("mix", None, pooled, KeyedRng(config.seed, key))
                 failure = centralized_failure(fit)
                 for j in range(n_sites) if held_out is None else [held_out]:
                     evaluation = "split" if held_out is None else "loso"
@@ -496,13 +499,21 @@ def resolve_workers(requested: int, repeats: int) -> int:
 _OPTION_FIXES = {"f": "--byzantine", "beta": "--trim-beta", "m": "--method-option {name}.m"}
 
 
-def check_study(config: ExperimentConfig, federation: Federation, methods: list[tuple[MethodSpec, dict]]) -> None:
+def check_study(
+    config: ExperimentConfig,
+    federation: Federation,
+    methods: list[tuple[MethodSpec, dict]],
+    *,
+    site_requirements: bool = True,
+) -> None:
     """Everything about the study that would fail mid-run, refused before any training.
 
     Every federated method is built for the sites it will train on (all of them, and all but
     one under ``loso``), so a bad option value fails here with the method's own message; a rule
     that needs more sites per round than the federation gives (Krum, Bulyan, a trimmed mean
-    that cuts everything) is refused with the fix; ``min_sites`` must fit the training sites.
+    that cuts everything) is refused with the fix (unless ``site_requirements`` is False: the
+    robustness audit records such a defense as not computable instead); ``min_sites`` must fit
+    the training sites.
     """
     from medfed.engine.selection import cohort_size
     from medfed.server.robust import site_requirement
@@ -528,7 +539,7 @@ def check_study(config: ExperimentConfig, federation: Federation, methods: list[
                 plan.build(spec, opts, group)
             except (ValueError, TypeError) as exc:  # a builder that does not speak ConfigError yet
                 raise ConfigError(f"method {spec.name!r}: {exc}") from None
-            problem = site_requirement(spec.name, cohort, opts)
+            problem = site_requirement(spec.name, cohort, opts) if site_requirements else None
             if problem is not None:
                 fixes = " or ".join(
                     f"{_OPTION_FIXES[k].format(name=spec.name)} ({spec.name}.{k})" for k in opts if k in _OPTION_FIXES
@@ -601,19 +612,25 @@ def run_experiment(
                     c.metrics[m].append(result[m])
                 c.skipped.append(None)
                 c.scores.append(scores)
-        for label, start, end in outcome.loss_rises:
-            rises.setdefault(label, []).append((repeat, start, end))
+        for method, train_site, start, end in outcome.loss_rises:
+            rises.setdefault((method, train_site), []).append((repeat, start, end))
         for name, seconds in outcome.setting_time.items():
             setting_time[name] += seconds
-    for label, cases in rises.items():
+    display = {spec.name: spec.display for spec, _ in methods}
+    for (method, train_site), cases in rises.items():
         ends = [end for _, _, end in cases]
-        notes.append(
-            f"{label}: the training loss ended above {LOSS_RISE_WARNING:g}x where it started in "
-            f"{len(cases)} of {config.repeats} repeat(s) (from {cases[0][1]:.4g} to {min(ends):.4g}"
+        note = (
+            f"the training loss ended above {LOSS_RISE_WARNING:g}x where it started in {len(cases)} of "
+            f"{config.repeats} repeat(s) (from {cases[0][1]:.4g} to {min(ends):.4g}"
             + (f"-{max(ends):.4g}" if len(ends) > 1 else "")
             + f"); the learning rate ({config.training.lr:g}) may be too large"
         )
-
+        shared = ("single", "cross") if method == "single" else (method,)  # Cross reuses Single's model
+        label = display.get(method, display.get("cross", method)) + (f" ({train_site} tr)" if train_site else "")
+        notes.append(f"{label}: {note}")
+        for c in cells.values():
+            if c.method in shared and c.train_site == train_site:
+                c.warnings.append(note)
     return ExperimentRun(
         config=config,
         federation=federation,

@@ -46,6 +46,7 @@ def _row(cell: Cell) -> dict[str, Any]:
         "reason": "; ".join(reasons) if reasons else None,
         # repeats whose model diverged (loss, parameters or scores NaN/Inf), with the round
         "diverged": list(cell.diverged),
+        "warnings": list(cell.warnings),
         "metrics": {m: summarize(cell.metrics[m]) for m in METRICS},
     }
 
@@ -211,6 +212,7 @@ def table_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
             else:
                 cells = [format_metric(r["metrics"][m]) for m in METRICS]
             notes = [r["reason"]] if r["reason"] else []
+            notes += r.get("warnings", [])
             notes += [f"{m.upper()}: {r['metrics'][m]['undefined_reason']}" for m in METRICS
                       if r["computable"] and r["metrics"][m].get("undefined_reason")]
             shown = site if evaluation == "split" else f"{site} (unseen)"
