@@ -1,8 +1,10 @@
 """Framework overhead: medfed FedAvg vs a bare numpy loop doing the same math, same run.
 
 Workload (issue 2, §6): 2 sites, 50 rounds, 10 full-batch local steps, 90 features,
-logistic regression with L2. Prints ms per round for both and the ratio medfed / bare.
-Run: python benchmarks/bench_overhead.py [--repeats 30]
+logistic regression with L2. The two loops are timed in interleaved pairs (alternating which goes first), and the ratio
+medfed / bare is taken per pair, so a drifting machine moves both sides of every ratio alike;
+prints the median ratio with its 10-90 % range and the ratio of the best times.
+Run: python benchmarks/bench_overhead.py [--pairs 40]
 """
 
 from __future__ import annotations
@@ -61,28 +63,42 @@ def medfed_fedavg(sites: list[LocalData]) -> np.ndarray:
     return np.concatenate([run.params["weight"], run.params["bias"]])
 
 
-def best_of(fn, sites, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(sites)
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def timed(fn, sites) -> float:
+    t0 = time.perf_counter()
+    fn(sites)
+    return time.perf_counter() - t0
+
+
+def interleaved(sites, pairs: int) -> tuple[list[float], list[float]]:
+    """``pairs`` timings of each loop, run back to back in alternating order (bare first in
+    even pairs, medfed first in odd ones), so machine drift and warm-up hit both alike."""
+    bare, ours = [], []
+    for i in range(pairs):
+        if i % 2 == 0:
+            bare.append(timed(bare_fedavg, sites))
+            ours.append(timed(medfed_fedavg, sites))
+        else:
+            ours.append(timed(medfed_fedavg, sites))
+            bare.append(timed(bare_fedavg, sites))
+    return bare, ours
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--pairs", type=int, default=40, help="interleaved (bare, medfed) timing pairs")
     args = parser.parse_args()
     sites = make_sites()
     diff = np.abs(bare_fedavg(sites) - medfed_fedavg(sites)).max()
-    # interleave to share any drift of the machine between both
-    bare = min(best_of(bare_fedavg, sites, 3) for _ in range(args.repeats // 3))
-    ours = min(best_of(medfed_fedavg, sites, 3) for _ in range(args.repeats // 3))
+    interleaved(sites, 4)  # warm caches and branch predictors for both
+    bare, ours = interleaved(sites, args.pairs)
+    ratios = np.array(ours) / np.array(bare)  # per pair: both measured under the same conditions
     out = {
-        "bare_ms_per_round": 1e3 * bare / ROUNDS,
-        "medfed_ms_per_round": 1e3 * ours / ROUNDS,
-        "ratio": ours / bare,
+        "pairs": args.pairs,
+        "bare_ms_per_round": {"min": 1e3 * min(bare) / ROUNDS, "median": 1e3 * float(np.median(bare)) / ROUNDS},
+        "medfed_ms_per_round": {"min": 1e3 * min(ours) / ROUNDS, "median": 1e3 * float(np.median(ours)) / ROUNDS},
+        "ratio_median_of_pairs": float(np.median(ratios)),
+        "ratio_pairs_p10_p90": [float(np.percentile(ratios, 10)), float(np.percentile(ratios, 90))],
+        "ratio_of_minima": min(ours) / min(bare),
         "max_abs_param_diff": float(diff),
     }
     print(json.dumps(out, indent=2))
