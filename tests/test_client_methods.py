@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 from conftest import synthetic_federation
-from scipy.optimize import minimize
 
 from medfed.client import LocalData, LocalTraining, sgd_steps
 from medfed.client.drift import batch_label_weights, semisync_steps
@@ -24,8 +23,10 @@ SPECS = {m.name: m for m in CLIENT_METHODS}
 
 
 def _build(name, training=None, sites=None, **opts):
+    """``name`` built as the harness builds it: the sites' example counts known at setup."""
     names = tuple(s.name for s in sites) if sites is not None else ("s0", "s1", "s2")
-    return SPECS[name].build(opts, training or TrainingSpec(), BuildContext(names))
+    sizes = {s.name: float(s.n) for s in sites} if sites is not None else None
+    return SPECS[name].build(opts, training or TrainingSpec(), BuildContext(names, site_sizes=sizes))
 
 
 def _fedavg():
@@ -70,21 +71,86 @@ def _dist(a, b):
 # --- SCAFFOLD ---------------------------------------------------------------------------
 
 
+WEIGHTINGS = ("examples", "uniform")
+
+
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
 @pytest.mark.parametrize("batch_size", [None, 8])
-def test_scaffold_iid_one_local_step_equals_fedavg(batch_size):
+def test_scaffold_iid_one_local_step_equals_fedavg(batch_size, weighting):
     """With one local step the corrections -c_i + c average to zero over the sites."""
     sites = _iid_sites()
     training = LocalTraining(MODEL, 0.3, 1, batch_size, 0.01)
     t = TrainingSpec(local_steps=1, lr=0.3)
-    scaffold = _run(_build("scaffold", t, sites), sites, training, 8)
+    scaffold = _run(_build("scaffold", t, sites, weighting=weighting), sites, training, 8)
     fedavg = _run(_fedavg(), sites, training, 8)
     _assert_params(scaffold.params, fedavg.params, atol=1e-13)
     # the control variates did move (the equality is not because nothing happened)
     assert all(np.abs(c["weight"]).max() > 1e-3 for c in scaffold.client_states.values())
 
 
-def test_scaffold_control_variates_stay_on_the_site_and_only_deltas_go_up():
-    sites = _sites(sizes=(30, 30, 30, 30))
+def test_scaffold_one_local_step_on_unequal_sites_is_fedavg_only_when_weighting_by_examples():
+    """One step: the server's average of ``-c_i + c`` vanishes when it weighs the sites as ``c`` does."""
+    sites = _sites(sizes=(60, 25, 10))
+    training = LocalTraining(MODEL, 0.3, 1, None, 0.01)
+    t = TrainingSpec(local_steps=1, lr=0.3)
+    fedavg = _run(_fedavg(), sites, training, 8)
+    examples = _run(_build("scaffold", t, sites), sites, training, 8)  # the default weighting
+    _assert_params(examples.params, fedavg.params, atol=1e-13)
+    uniform = _run(_build("scaffold", t, sites, weighting="uniform"), sites, training, 8)
+    assert _dist(uniform.params, fedavg.params) > 1e-3
+
+
+def _vector(params):
+    return np.concatenate([params["weight"], params["bias"]])
+
+
+def _centralized_optimum(sites, l2, weighting="examples"):
+    """The optimum of ``sum_i p_i f_i`` (``f_i``: site i's mean loss plus ``(l2/2)||w||^2``) from a
+    centralized solver on the pooled rows: scikit-learn's logistic regression (Newton steps, to
+    machine precision) minimizes ``C sum_r s_r loss_r + ||w||^2 / 2``, intercept unpenalized; with
+    row weights ``s_r = p_i / n_i`` (summing to 1) and ``C = 1 / l2`` that is the same objective.
+    ``p_i = n_i / n`` (examples: the pooled rows' mean) or ``1 / N`` (uniform)."""
+    from sklearn.linear_model import LogisticRegression as Reference
+
+    n = sum(s.n for s in sites)
+    share = [s.n / n if weighting == "examples" else 1.0 / len(sites) for s in sites]
+    rows = np.concatenate([np.full(s.n, p / s.n) for s, p in zip(sites, share)])
+    X = np.vstack([s.X for s in sites])
+    y = np.concatenate([s.y for s in sites])
+    fit = Reference(C=1.0 / l2, solver="newton-cholesky", tol=1e-15, max_iter=100).fit(X, y, sample_weight=rows)
+    return np.concatenate([fit.coef_[0], fit.intercept_])
+
+
+def test_scaffold_reaches_the_example_weighted_optimum_that_fedavg_misses():
+    """Drift correction: on non-IID sites of unequal size with 10 local steps FedAvg settles off
+    the federation's optimum (the pooled rows' objective); SCAFFOLD weighting by examples
+    reaches it, also when half the sites take part each round; the paper's uniform weighting
+    reaches the optimum of the sites' plain mean instead."""
+    sites = _sites(sizes=(80, 40, 25, 15), shift=1.0)
+    l2 = 0.05
+    training = LocalTraining(MODEL, 0.2, 10, None, l2)
+    pooled, uniform_best = _centralized_optimum(sites, l2), _centralized_optimum(sites, l2, "uniform")
+    assert np.abs(pooled - uniform_best).max() > 1e-2  # the two objectives differ here
+    err = lambda p, best=pooled: np.abs(_vector(p) - best).max()
+    scaffold = _run(_build("scaffold", sites=sites), sites, training, 200)
+    assert err(scaffold.params) < 1e-8
+    assert err(_run(_fedavg(), sites, training, 200).params) > 1e-3
+    partial = _run(_build("scaffold", sites=sites), sites, training, 200, fraction=0.5)
+    assert {len(r.sites) for r in partial.history} == {2}
+    assert err(partial.params) < 1e-8
+    uniform = _run(_build("scaffold", sites=sites, weighting="uniform"), sites, training, 200)
+    assert err(uniform.params, uniform_best) < 1e-8 and err(uniform.params) > 1e-2
+    # there each c_i is the site's own gradient, and the server's c, their example-weighted mean, is zero
+    for s in sites:
+        g, _ = MODEL.gradient(scaffold.params, s.X, s.y, l2)
+        _assert_params(scaffold.client_states[s.name], g, atol=1e-8)
+        assert np.abs(g["weight"]).max() > 1e-2  # the sites disagree: drift to correct
+    _assert_params(scaffold.server_state[0].control, {"weight": np.zeros(4), "bias": np.zeros(1)}, atol=1e-8)
+
+
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_scaffold_control_variates_stay_on_the_site_and_only_deltas_go_up(weighting):
+    sites = _sites(sizes=(40, 30, 20, 10))
     sent = []
 
     def spy(upload):
@@ -92,7 +158,8 @@ def test_scaffold_control_variates_stay_on_the_site_and_only_deltas_go_up():
         return upload
 
     training = LocalTraining(MODEL, 0.2, 5)
-    run = _run(_build("scaffold", sites=sites), sites, training, 6, fraction=0.5, boundary=UploadBoundary([spy]))
+    algorithm = _build("scaffold", sites=sites, weighting=weighting)
+    run = _run(algorithm, sites, training, 6, fraction=0.5, boundary=UploadBoundary([spy]))
     assert len(sent) == 12  # two sites a round
     for u in sent:
         assert set(u.payload) == {"weight", "bias"} and u.kind == "delta"
@@ -108,39 +175,32 @@ def test_scaffold_control_variates_stay_on_the_site_and_only_deltas_go_up():
         _assert_params(own, {k: sum(m[k] for m in mine) for k in own}, atol=1e-12)
         if len(mine) > 1:
             assert all(_dist(own, m) > 1e-6 for m in mine)
-    # the server's control variate is the mean over all N sites: |S|/N scaling under partial participation
-    server_c = run.server_state[0]
-    states = [run.client_states[s.name] or {k: 0.0 for k in server_c} for s in sites]
-    for k in server_c:
-        np.testing.assert_allclose(server_c[k], sum(st[k] for st in states) / len(sites), atol=1e-12)
+    # the server's c is the weighted mean over all N sites (one that never took part has c_i = 0)
+    assert scaffold_c_gap(run, sites, weighting) < 1e-12
 
 
-def test_scaffold_reaches_the_optimum_that_fedavg_misses_with_many_local_steps():
-    """Drift correction: on non-IID sites with 10 local steps FedAvg settles off the optimum of
-    the sites' mean loss; SCAFFOLD's fixed point is that optimum (sites weigh equally)."""
-    sites = _sites(sizes=(40, 40, 40), shift=1.0)
-    l2 = 0.05
-    training = LocalTraining(MODEL, 0.2, 10, None, l2)
+def scaffold_c_gap(run, sites, weighting):
+    """Distance of SCAFFOLD's server ``c`` from the (example-)weighted mean of the sites' ``c_i``."""
+    server_c = run.server_state[0].control
+    w = np.array([s.n if weighting == "examples" else 1.0 for s in sites], dtype=float)
+    states = [run.client_states[s.name] or {k: np.zeros_like(v) for k, v in server_c.items()} for s in sites]
+    mean = {k: sum(wi * st[k] for wi, st in zip(w, states)) / w.sum() for k in server_c}
+    return _dist(server_c, mean)
 
-    def objective(theta):
-        p = {"weight": theta[:-1], "bias": theta[-1:]}
-        vals = [MODEL.gradient(p, s.X, s.y, l2, with_loss=True) for s in sites]
-        loss = np.mean([v[1] for v in vals])
-        grad = np.mean([np.concatenate([g["weight"], g["bias"]]) for g, _ in vals], axis=0)
-        return loss, grad
 
-    best = minimize(objective, np.zeros(5), jac=True, method="BFGS", options={"gtol": 1e-12}).x
-    scaffold = _run(_build("scaffold", sites=sites), sites, training, 100)
-    fedavg = _run(_fedavg(), sites, training, 100)
-    err = lambda p: np.abs(np.concatenate([p["weight"], p["bias"]]) - best).max()
-    assert err(scaffold.params) < 1e-6
-    assert err(fedavg.params) > 1e-3
-    # there each c_i is the site's own gradient and the server's c their mean, zero
-    for s in sites:
-        g, _ = MODEL.gradient(scaffold.params, s.X, s.y, l2)
-        _assert_params(scaffold.client_states[s.name], g, atol=1e-6)
-        assert np.abs(g["weight"]).max() > 1e-2  # the sites disagree: drift to correct
-    _assert_params(scaffold.server_state[0], {"weight": np.zeros(4), "bias": np.zeros(1)}, atol=1e-6)
+def test_scaffold_learns_example_counts_it_was_not_told_at_setup():
+    """Built without the setup's example counts, the server weighs each site by the counts its
+    uploads carry: with every site in each round, the same numbers as when told them."""
+    sites = _sites(sizes=(60, 25, 10))
+    training = LocalTraining(MODEL, 0.2, 5, None, 0.01)
+    told = _run(_build("scaffold", sites=sites), sites, training, 5)
+    untold = SPECS["scaffold"].build({}, TrainingSpec(), BuildContext(tuple(s.name for s in sites)))
+    _assert_params(_run(untold, sites, training, 5).params, told.params, atol=1e-15)
+
+
+def test_scaffold_refuses_an_unknown_weighting():
+    with pytest.raises(ConfigError, match="'weighting' must be one of examples, uniform, got 'sqrt'"):
+        _build("scaffold", weighting="sqrt")
 
 
 # --- FedSLD -----------------------------------------------------------------------------

@@ -52,6 +52,11 @@ def scaffold_update(
     site's drift away from the federation's direction; then ``c_i+ = c_i - c + (x - y)/(K lr)``.
     The site's control variate ``c_i`` is its client state and never leaves it: the upload
     holds the model delta ``y - x`` and ``extras["control_delta"] = c_i+ - c_i`` only.
+
+    ``(x - y)/(K lr)`` is the mean corrected gradient of the K steps only for plain SGD steps
+    (the spec refuses other local optimizers). The rule is the same whatever the server's
+    weighting of sites: which objective the fixed point minimizes is set by how the server
+    averages the ``c_i`` (:func:`medfed.server.control.scaffold_control`).
     """
     steps = config.steps
     if steps < 1:

@@ -10,7 +10,6 @@ hyperparameters as a config file (``[method_options.NAME]``) or
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,9 +30,10 @@ from medfed.client.personal import (
 from medfed.engine.loop import FederatedAlgorithm
 from medfed.errors import ConfigError
 from medfed.experiments.config import TrainingSpec
-from medfed.experiments.spec import BuildContext, MethodSpec
+from medfed.experiments.spec import BuildContext, MethodSpec, check_number, require_sgd
 from medfed.server.aggregate import apply_delta, chain, weighted_mean
 from medfed.server.control import (
+    SCAFFOLD_WEIGHTINGS,
     federation_label_prior,
     label_distribution,
     scaffold_control,
@@ -42,19 +42,6 @@ from medfed.server.control import (
 )
 
 FAMILY = "survey §3.2"
-
-
-def _number(method: str, key: str, value: Any, *, low: float, high: float | None = None,
-            low_open: bool = False, whole: bool = False) -> float:
-    """A finite number in the allowed range, or a ConfigError saying what the option takes."""
-    above = f"> {low:g}" if low_open else f">= {low:g}"
-    allowed = f"{'a whole number' if whole else 'a number'} {above}" + (f" and <= {high:g}" if high is not None else "")
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
-    ok = ok and (not whole or float(value) == int(value))
-    if not ok:
-        raise ConfigError(f"method {method!r} option {key!r} must be {allowed}, got {value!r}")
-    return int(value) if whole else float(value)
 
 
 def _with_defaults(method: str, defaults: Mapping[str, Any], opts: Mapping[str, Any]) -> dict[str, Any]:
@@ -71,12 +58,22 @@ def _fedavg_server():
 
 
 def _scaffold(opts, training: TrainingSpec, context: BuildContext) -> FederatedAlgorithm:
-    server_lr = _number("scaffold", "server_lr", opts["server_lr"], low=0.0, low_open=True)
+    server_lr = check_number("scaffold", "server_lr", opts["server_lr"], low=0.0, low_open=True)
+    weighting = opts["weighting"]
+    if weighting not in SCAFFOLD_WEIGHTINGS:
+        raise ConfigError(
+            f"method 'scaffold' option 'weighting' must be one of {', '.join(SCAFFOLD_WEIGHTINGS)}, got {weighting!r}"
+        )
     if not context.site_names:
-        raise ConfigError("method 'scaffold' needs the training sites' names (|S|/N in the control update)")
-    aggregator = chain(scaffold_control(len(context.site_names)), site_mean(), apply_delta(server_lr))
+        raise ConfigError("method 'scaffold' needs the training sites' names (N in the control update)")
+    require_sgd("scaffold", context, "its control variates read (x - y) / (K lr) as the mean local gradient")
+    if weighting == "examples":
+        weights, average = context.site_sizes, weighted_mean()  # unknown sizes are learnt from the uploads
+    else:
+        weights, average = {site: 1.0 for site in context.site_names}, site_mean()
+    aggregator = chain(scaffold_control(weights, weighting), average, apply_delta(server_lr))
     return FederatedAlgorithm(
-        "scaffold", scaffold_update, aggregator, broadcast=lambda state: {"server_control": state[0]}
+        "scaffold", scaffold_update, aggregator, broadcast=lambda state: {"server_control": state[0].control}
     )
 
 
@@ -89,21 +86,21 @@ def _fedsld(opts, training: TrainingSpec, context: BuildContext) -> FederatedAlg
 
 def _semisync(opts, training: TrainingSpec, context: BuildContext) -> FederatedAlgorithm:
     speeds = check_speeds(opts["speeds"], context.site_names)
-    budget = _number("semisync", "budget", opts["budget"], low=0.0)
+    budget = check_number("semisync", "budget", opts["budget"], low=0.0)
     rule = functools.partial(semisync_update, speeds=speeds)
     aggregator = chain(time_budget(budget), weighted_mean(), apply_delta())
     return FederatedAlgorithm("semisync", rule, aggregator, broadcast=lambda state: {"budget": state[0][0]})
 
 
 def _finetune(opts, training: TrainingSpec, context: BuildContext) -> FederatedAlgorithm:
-    steps = _number("finetune", "finetune_steps", opts["finetune_steps"], low=0, whole=True)
-    lr = _number("finetune", "finetune_lr", opts["finetune_lr"], low=0.0)
+    steps = check_number("finetune", "finetune_steps", opts["finetune_steps"], low=0, whole=True)
+    lr = check_number("finetune", "finetune_lr", opts["finetune_lr"], low=0.0)
     personalize = functools.partial(finetune_personalize, steps=steps or None, lr=lr or None)
     return FederatedAlgorithm("finetune", local_sgd_update, _fedavg_server(), personalize=personalize)
 
 
 def _apfl(opts, training: TrainingSpec, context: BuildContext) -> FederatedAlgorithm:
-    alpha = _number("apfl", "alpha", opts["alpha"], low=0.0, high=1.0)
+    alpha = check_number("apfl", "alpha", opts["alpha"], low=0.0, high=1.0)
     return FederatedAlgorithm(
         "apfl",
         functools.partial(apfl_update, alpha=alpha),
@@ -113,8 +110,8 @@ def _apfl(opts, training: TrainingSpec, context: BuildContext) -> FederatedAlgor
 
 
 def _ditto(opts, training: TrainingSpec, context: BuildContext) -> FederatedAlgorithm:
-    lam = _number("ditto", "lam", opts["lam"], low=0.0)
-    steps = _number("ditto", "personal_steps", opts["personal_steps"], low=0, whole=True) or None
+    lam = check_number("ditto", "lam", opts["lam"], low=0.0)
+    steps = check_number("ditto", "personal_steps", opts["personal_steps"], low=0, whole=True) or None
     return FederatedAlgorithm(
         "ditto",
         functools.partial(ditto_update, lam=lam, personal_steps=steps),
@@ -136,8 +133,9 @@ def _spec(name, display, summary, reference, defaults, make, *, personal=False, 
 CLIENT_METHODS: list[MethodSpec] = [
     _spec(
         "scaffold", "SCAFFOLD",
-        "control variates correct each local gradient for the site's drift (option II; sites weigh equally)",
-        "Karimireddy et al., 2020", {"server_lr": 1.0}, _scaffold, flags=("server_lr",),
+        "control variates correct each local gradient for the site's drift (option II; plain SGD steps); "
+        "weighting: examples (the federation's objective) or uniform (the paper: sites weigh equally)",
+        "Karimireddy et al., 2020", {"server_lr": 1.0, "weighting": "examples"}, _scaffold, flags=("server_lr",),
     ),
     _spec(
         "fedsld", "FedSLD",

@@ -136,7 +136,8 @@ class TrainingPlan:
 
     def build(self, spec: MethodSpec, opts: dict, site_names, counts=None) -> FederatedAlgorithm:
         """``spec`` built for these training sites (their label counts shared at setup)."""
-        return spec.build(opts, self.config.training, context_for(list(site_names), self.config.seed, counts))
+        return spec.build(opts, self.config.training, context_for(
+            list(site_names), self.config.seed, counts, model=self.config.model, model_options=self.config.model_options))
 
     def federated(
         self,

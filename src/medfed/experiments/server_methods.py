@@ -9,7 +9,7 @@ from __future__ import annotations
 from medfed.client.local import local_sgd_update
 from medfed.client.reporting import with_round_report
 from medfed.engine.loop import FederatedAlgorithm
-from medfed.experiments.spec import MethodSpec
+from medfed.experiments.spec import MethodSpec, require_sgd
 from medfed.server import optimizers, robust, weighting
 from medfed.server.aggregate import apply_delta, chain, weighted_mean
 from medfed.server.fusion import dynamic_fusion
@@ -28,6 +28,11 @@ def _spec(name, display, summary, reference, defaults, make, flags=()):
     return MethodSpec(
         name, display, "federated", summary, reference, defaults, build, uploads="delta", family=FAMILY, flags=flags
     )
+
+
+def _fair(opts, training, context):
+    require_sgd("fair", context, "q-FFL reads the local update as lr times the gradient, L = 1/lr")
+    return [weighting.fair(q=opts["q"], lr=training.lr, weighting=opts["weighting"])]
 
 
 def _dynamic_fusion(opts, training, context):
@@ -56,7 +61,7 @@ SERVER_METHODS: list[MethodSpec] = [
         "fair", "q-FFL",
         "q-fair aggregation: sites where the global model does worse weigh more (q = 0: FedAvg)",
         "Li et al., 2020 (q-FFL); Hosseini et al., 2023", {"q": 1.0, "weighting": "examples"},
-        lambda o, t, c: [weighting.fair(q=o["q"], lr=t.lr, weighting=o["weighting"])], flags=("q",),
+        _fair, flags=("q",),
     ),
     _spec(
         "guided", "Guided", "apply only the positive components of the averaged delta",

@@ -13,18 +13,23 @@ from typing import Any, Literal
 from medfed.engine.loop import FederatedAlgorithm
 from medfed.errors import ConfigError
 from medfed.experiments.config import TrainingSpec
+from medfed.models.registry import MODEL_OPTIONS
 
 OptionValue = float | int | bool | str | dict[str, float]
 
 
 @dataclass(frozen=True)
 class BuildContext:
-    """What a method may know when it is built: the training sites' names, in order, and
-    (for methods that share them at setup, such as FedSLD) each site's label counts."""
+    """What a method may know when it is built: the training sites' names, in order; what
+    the setup exchange shares about each site (its label counts, for FedSLD; its example
+    count, for weighting by examples); and the sites' local optimizer (``"sgd"`` or
+    ``"adam"``), which methods whose server rule assumes plain SGD steps check."""
 
     site_names: tuple[str, ...]
     seed: int = 0
     label_counts: Mapping[str, tuple[float, float]] | None = None
+    site_sizes: Mapping[str, float] | None = None
+    optimizer: str = "sgd"
 
 
 @dataclass(frozen=True)
@@ -52,10 +57,37 @@ class MethodSpec:
     flags: Sequence[str] = ()  # option names that are also command-line flags
 
 
+def local_optimizer(model: str = "logistic", model_options: Mapping[str, Any] | None = None) -> str:
+    """The optimizer a site's local steps use with ``model`` and its options: the option
+    ``optimizer`` where the model has one (torch models), else ``"sgd"`` (the numpy model's
+    plain gradient descent)."""
+    return str({"optimizer": "sgd", **MODEL_OPTIONS.get(model, {}), **(model_options or {})}["optimizer"])
+
+
 def context_for(
-    site_names: Sequence[str], seed: int = 0, label_counts: Mapping[str, tuple[float, float]] | None = None
+    site_names: Sequence[str],
+    seed: int = 0,
+    label_counts: Mapping[str, tuple[float, float]] | None = None,
+    *,
+    model: str = "logistic",
+    model_options: Mapping[str, Any] | None = None,
 ) -> BuildContext:
-    return BuildContext(tuple(site_names), seed, label_counts)
+    """The build context for these training sites. Label counts shared at setup also give
+    each site's example count (their sum); ``model`` and its options give the local optimizer."""
+    sizes = None if label_counts is None else {site: float(sum(c)) for site, c in label_counts.items()}
+    return BuildContext(tuple(site_names), seed, label_counts, sizes, local_optimizer(model, model_options))
+
+
+def require_sgd(method: str, context: BuildContext, rule: str) -> None:
+    """Refuse to build ``method`` when the sites' local optimizer is not plain SGD.
+
+    ``rule`` names the part of the method that holds only for SGD steps; the message gives the fix.
+    """
+    if context.optimizer != "sgd":
+        raise ConfigError(
+            f"method {method!r} assumes plain SGD local steps ({rule}), but the model's local optimizer is "
+            f"{context.optimizer!r}; use --model-option optimizer=sgd (model_options.optimizer = \"sgd\")"
+        )
 
 
 def check_number(method: str, key: str, value: Any, *, low: float, high: float | None = None,

@@ -11,6 +11,7 @@ state. Put the step first in the chain so that ``broadcast`` finds it at ``state
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,34 +25,76 @@ def _needs(stack: StackedUploads, source: str, key: str, step: str) -> None:
         raise ConfigError(f"{step} needs every site to upload {source} {key!r}; this round's uploads have {sorted(table)}")
 
 
-def scaffold_control(n_sites: int) -> Aggregator:
-    """SCAFFOLD's server control variate (Karimireddy et al., 2020): ``c <- c + (|S|/N) mean(dc_i)``.
+SCAFFOLD_WEIGHTINGS = ("examples", "uniform")
 
-    State ``c`` (parameter view) starts at zero. Sites upload only ``extras["control_delta"]``
-    (their ``c_i^+ - c_i``); with ``N = n_sites`` sites in the federation, ``c`` stays the plain
-    mean of all sites' ``c_i`` under partial participation. Sites weigh equally, as in the
-    paper. The stack passes through unchanged.
+
+@dataclass(frozen=True)
+class ControlState:
+    """SCAFFOLD's server state: ``weighted_sum = sum_i w_i c_i`` over the sites whose control
+    deltas the server accepted (a site that never took part has ``c_i = 0``), and ``weights``,
+    each known site's ``w_i``. The server control variate is their ratio, :attr:`control`."""
+
+    weighted_sum: dict[str, np.ndarray]
+    weights: dict[str, float]
+
+    @property
+    def control(self) -> dict[str, np.ndarray]:
+        """``c = sum_i w_i c_i / sum_i w_i`` (zero while no site is known)."""
+        total = sum(self.weights.values())  # whole numbers: exact in any order
+        if not total:
+            return dict(self.weighted_sum)
+        return {k: v / total for k, v in self.weighted_sum.items()}
+
+
+def scaffold_control(site_weights: Mapping[str, float] | None = None, weighting: str = "examples") -> Aggregator:
+    """SCAFFOLD's server control variate (Karimireddy et al., 2020), ``c = sum_i w_i c_i / sum_i w_i``.
+
+    Sites upload only ``extras["control_delta"]`` (their ``c_i+ - c_i``); the server adds
+    ``w_i dc_i`` for every accepted upload, so ``c`` stays the weighted mean of all N sites'
+    ``c_i`` under partial participation (the paper's ``c <- c + (|S|/N) mean(dc_i)`` when every
+    ``w_i`` is 1). At SCAFFOLD's fixed point each ``c_i`` is site i's gradient and ``c`` is 0,
+    so the model it converges to minimizes ``sum_i w_i f_i``:
+
+    - ``weighting="examples"`` (the default): ``w_i = n_i``, the federation's objective (the
+      pooled rows' mean loss), the one FedAvg and the reported training loss weigh by.
+    - ``weighting="uniform"``: ``w_i = 1``, every site's loss counts the same (the paper).
+
+    ``site_weights`` (site -> ``w_i``, from the setup exchange: example counts, or 1 per site)
+    makes ``c`` exact from the first round; a site it does not name weighs the ``n_examples``
+    of its first accepted upload (or 1), learnt then, so ``c`` is the mean over the sites
+    seen so far until every site has taken part. The stack passes through unchanged.
     """
-    if not isinstance(n_sites, (int, np.integer)) or n_sites < 1:
-        raise ConfigError(f"scaffold_control: n_sites must be a positive whole number, got {n_sites!r}")
+    if weighting not in SCAFFOLD_WEIGHTINGS:
+        raise ConfigError(f"scaffold_control weighting must be one of {', '.join(SCAFFOLD_WEIGHTINGS)}, got {weighting!r}")
+    known = {site: float(w) for site, w in (site_weights or {}).items()}
+    bad = [site for site, w in known.items() if not (np.isfinite(w) and w > 0)]
+    if bad:
+        raise ConfigError(f"scaffold_control: site weights must be positive numbers; not for {bad}")
 
     def init(global_params):
-        return {k: np.zeros_like(np.asarray(v, dtype=np.float64)) for k, v in global_params.items()}
+        zeros = {k: np.zeros_like(np.asarray(v, dtype=np.float64)) for k, v in global_params.items()}
+        return ControlState(zeros, dict(known))
 
-    def apply(stack: StackedUploads, control, global_params, round_):
+    def apply(stack: StackedUploads, state: ControlState, global_params, round_):
         _needs(stack, "extras", "control_delta", "scaffold_control")
-        if len(stack.sites) > n_sites:
-            raise ConfigError(f"scaffold_control was built for {n_sites} sites but {len(stack.sites)} uploaded")
+        weights = dict(state.weights)
+        for site, n in zip(stack.sites, stack.weights):
+            if known and site not in known:
+                raise ConfigError(
+                    f"scaffold_control knows the sites {', '.join(sorted(known))}; {site!r} is not one of them"
+                )
+            weights.setdefault(site, float(n) if weighting == "examples" else 1.0)
+        w = np.array([weights[site] for site in stack.sites])
         deltas = stack.extras["control_delta"]
-        # (|S| / N) * mean over S == sum over S / N
-        new = {k: control[k] + deltas[k].sum(axis=0) / n_sites for k in control}
-        return stack, new, None
+        total = {k: state.weighted_sum[k] + np.tensordot(w, deltas[k], axes=1) for k in state.weighted_sum}
+        return stack, ControlState(total, weights), None
 
     return Aggregator(init, apply, "scaffold_control")
 
 
 def site_mean() -> Aggregator:
-    """Plain mean of the stacked payloads, every site weighing 1 (SCAFFOLD's server average).
+    """Plain mean of the stacked payloads, every site weighing 1 (SCAFFOLD's server average
+    with ``weighting="uniform"``, as in the paper).
 
     Does not depend on the order of the sites; equals :func:`weighted_mean` when all sites
     hold the same number of examples.
