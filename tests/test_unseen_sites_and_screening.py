@@ -1,5 +1,7 @@
 """Leave-one-site-out evaluation, upload screening on the server, dynamic fusion, option types."""
 
+import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -158,6 +160,74 @@ def test_round_is_skipped_when_too_few_valid_uploads_remain(federation):
     assert run.history[1].skipped and "fewer than the 3 required" in run.history[1].skipped
     assert "exceeds the bound 50" in run.history[1].rejected["site-0"]
     np.testing.assert_array_equal(run.params["weight"], first.params["weight"])  # rounds 2, 3 left it as it was
+
+
+def _same(a, b) -> bool:
+    """Equal client states: None, arrays, and mappings or tuples of them (bit for bit)."""
+    if a is None or b is None:
+        return a is b
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, tuple):
+        return isinstance(b, tuple) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return np.array_equal(a, b)
+
+
+def _recording(rule, inflated):
+    """``rule``, recording each call's client state in and out (``calls[site][k]`` for the site's
+    k-th call); the uploads of the (site, call) pairs in ``inflated`` are scaled by 1e6, so the
+    server's norm bound rejects them while the rule's new state is the honest one."""
+    calls: dict[str, list[tuple]] = {}
+
+    def update(global_params, data, config, state, rng, **message):
+        upload, new = rule(global_params, data, config, state, rng, **message)
+        mine = calls.setdefault(data.name, [])
+        if (data.name, len(mine)) in inflated:
+            upload = dataclasses.replace(upload, payload={k: v * 1e6 for k, v in upload.payload.items()})
+        mine.append((copy.deepcopy(state), copy.deepcopy(new)))
+        return upload, new
+
+    return update, calls
+
+
+@pytest.mark.parametrize("name, opts", [("scaffold", {}), ("scaffold", {"weighting": "uniform"}),
+                                        ("apfl", {"alpha": 0.5}), ("ditto", {"lam": 0.1})])
+def test_a_rejected_upload_leaves_the_sites_state_as_it_was(federation, name, opts):
+    """The server refuses site-1's upload in rounds 2 and 3 and site-0's in rounds 4 and 5; in
+    round 5 site-1's too, so with min_sites 2 that round is skipped for everyone. A site's state
+    advances exactly when the server used its upload; otherwise it enters the next round as it
+    entered the refused one."""
+    from medfed.client.drift import label_counts
+    from medfed.experiments.spec import context_for
+
+    sites = _sites(federation)
+    t = build_config({"data": {"dataset": "adni-like"}}).training
+    algorithm = METHODS[name].build(
+        opts, t, context_for([s.name for s in sites], 0, {s.name: label_counts(s.y) for s in sites})
+    )
+    inflated = {("site-1", 1), ("site-1", 2), ("site-0", 3), ("site-0", 4), ("site-1", 4)}
+    rule, calls = _recording(algorithm.local_update, inflated)
+    run = run_federated(dataclasses.replace(algorithm, local_update=rule), MODEL.init(5), sites,
+                        LocalTraining(MODEL, 0.1, 3), 6, KeyedRng(0), min_sites=2, max_update_norm=1e3)
+    assert [sorted(r.rejected) for r in run.history] == [[], ["site-1"], ["site-1"], ["site-0"],
+                                                         ["site-0", "site-1"], []]
+    assert [bool(r.skipped) for r in run.history] == [False] * 4 + [True, False]
+    for site in sites:
+        mine = calls[site.name]
+        assert len(mine) == 6
+        for r, (before, after) in enumerate(mine):
+            assert not _same(before, after)  # the method does keep state that moves every round
+            used = site.name in run.history[r].sites and run.history[r].skipped is None
+            expected = after if used else before
+            following = mine[r + 1][0] if r + 1 < len(mine) else run.client_states[site.name]
+            assert _same(following, expected), (site.name, r, used)
+    if name == "scaffold":
+        # the server's c is still the (example-)weighted mean of the sites' c_i
+        w = [s.n if opts.get("weighting", "examples") == "examples" else 1.0 for s in sites]
+        c = run.server_state[0].control
+        for k in c:
+            mean = sum(wi * run.client_states[s.name][k] for wi, s in zip(w, sites)) / sum(w)
+            np.testing.assert_allclose(c[k], mean, rtol=0, atol=1e-14)
 
 
 def test_server_notes_reach_the_results_document(federation):

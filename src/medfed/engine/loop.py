@@ -103,6 +103,11 @@ def run_federated(
     one, or one whose norm exceeds ``max_update_norm``, is left out of the round and named in
     the round's ``rejected``. If fewer than ``min_sites`` uploads remain, the global model
     stays as it was and the round records why.
+
+    A site's state (control variate, personal model) advances only when the server used its
+    upload: after a rejected upload, or in a skipped round, it stays exactly as it was, as if
+    the site had not taken part, so state that must move with the server's (SCAFFOLD's
+    ``c_i`` with ``c``) never drifts from it.
     """
     boundary = boundary or UploadBoundary()
     if algorithm.private is not None:
@@ -119,10 +124,11 @@ def run_federated(
         chosen = everyone if everyone is not None else select_sites(len(sites), fraction, min_sites, rng.child(r, 0))
         bytes_before = boundary.bytes_sent
         uploads = []
+        pending: dict[str, Any] = {}  # each site's state after this round, kept once the server uses its upload
         message = algorithm.broadcast(server_state) if algorithm.broadcast else {}
         for i in chosen.tolist():
             site = sites[i]
-            upload, client_states[site.name] = update(
+            upload, pending[site.name] = update(
                 params, site, site_training[i], client_states[site.name], rng.child(r, 1, site_keys[i]), **message
             )
             uploads.append(boundary.transmit(upload))
@@ -136,6 +142,7 @@ def run_federated(
         else:
             stack = stack_uploads(accepted)
             params, server_state, report = aggregate(stack, server_state, params, r)
+            client_states.update((name, pending[name]) for name in stack.sites)
             w = stack.weights
             loss = float(stack.metrics["loss"] @ w / w.sum()) if "loss" in stack.metrics else float("nan")
             names = stack.sites
