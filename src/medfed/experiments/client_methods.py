@@ -58,6 +58,10 @@ def _fedavg_server():
 
 
 def _scaffold(opts, training: TrainingSpec, context: BuildContext) -> FederatedAlgorithm:
+    """SCAFFOLD (Karimireddy et al., 2020). Departs from the paper by default: the server weighs
+    sites by examples in its average and in ``c`` (``weighting="examples"``), so the method
+    converges to the federation's objective, the one every other setting and the reported
+    loss use; ``weighting="uniform"`` is the paper's equal weighting."""
     server_lr = check_number("scaffold", "server_lr", opts["server_lr"], low=0.0, low_open=True)
     weighting = opts["weighting"]
     if weighting not in SCAFFOLD_WEIGHTINGS:
