@@ -28,8 +28,9 @@ from medfed.experiments.results import STD_DDOF, format_metric, summarize
 ROC_GRID = np.linspace(0.0, 1.0, 501)
 METRIC_NAMES = {"acc": "accuracy (ACC)", "sen": "sensitivity (SEN)", "spe": "specificity (SPE)", "auc": "AUC"}
 
-# colour-blind-safe Tableau colours; 10 colours and 4 line styles repeat together only after
-# 20 curves, and markers (7, staggered along each curve) tell apart curves drawn on top of each other
+# matplotlib's Tableau colours, spelled out so a user's style sheet cannot change them; 10 colours
+# and 4 line styles repeat together only after 20 curves, and 7 markers (staggered along each
+# curve) tell apart curves drawn on top of each other
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
            "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
 LINESTYLES = ("-", "--", "-.", ":")
@@ -60,7 +61,6 @@ class Band:
     mean: np.ndarray
     low: np.ndarray
     high: np.ndarray
-    n: np.ndarray  # repeats with a value at each point
 
 
 def mean_band(values: np.ndarray) -> Band:
@@ -74,13 +74,13 @@ def mean_band(values: np.ndarray) -> Band:
         mean = np.where(n > 0, filled.sum(axis=0) / n, np.nan)
         sq = np.where(ok, (values - mean) ** 2, 0.0).sum(axis=0)
         std = np.where(n > STD_DDOF, np.sqrt(sq / (n - STD_DDOF)), np.nan)
-    return Band(mean, mean - std, mean + std, n)
+    return Band(mean, mean - std, mean + std)
 
 
 def tpr_on_grid(fpr: np.ndarray, tpr: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """One ROC curve's true-positive rate at each FPR of ``grid`` (vertical averaging, Fawcett
-    2006): linear between the curve's points; where the curve rises vertically (tied negatives
-    and positives, or runs of positives) the top of the rise, as the curve is right-continuous."""
+    2006): linear between the curve's points (a diagonal where scores tie); where the curve
+    rises vertically (positives scored above the next negative) the top of the rise."""
     j = np.searchsorted(fpr, grid, side="right") - 1  # last point at or left of each grid FPR
     k = np.minimum(j + 1, fpr.size - 1)
     span = fpr[k] - fpr[j]
@@ -215,8 +215,10 @@ def convergence_figure(run: ExperimentRun):
     ax = fig.subplots()
     xlabel, per_round = _x_axis(run)
     global_model = _has_global_model(run)
+    finite: list[np.ndarray] = []
     for i, (setting, hs) in enumerate(_by_setting(run).items()):
         loss = np.vstack([h.train_loss for h in hs])
+        finite.append(loss[np.isfinite(loss)])
         bad = int((~np.isfinite(loss)).any(axis=1).sum())
         band = mean_band(loss)
         x = np.arange(loss.shape[1]) * per_round(hs[0])
@@ -227,6 +229,9 @@ def convergence_figure(run: ExperimentRun):
         style = curve_style(i)
         ax.plot(x, band.mean, label=label, **style)
         ax.fill_between(x, band.low, band.high, color=style["color"], alpha=0.15, linewidth=0)
+    values = np.concatenate(finite) if finite else np.empty(0)
+    if values.size and values.min() > 0 and values.max() > 1e3 * values.min():  # a blown-up loss flattens the rest
+        ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("training loss (all sites' rows,\nexample-weighted)")
     ax.set_title(f"Training loss at the start of each round\n{band_text(run.config.repeats)}", fontsize=9)
