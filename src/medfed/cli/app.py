@@ -125,6 +125,9 @@ def method_flag_options(names: list[str] | None, flags: dict[str, tuple[str, Any
 MethodsOpt = Annotated[
     str | None, typer.Option("--methods", help="comma-separated method names (see `medfed methods`)")
 ]
+PlotFormatOpt = Annotated[
+    str | None, typer.Option("--plot-format", help="plot file formats, e.g. png,pdf,svg (implies --plots)")
+]
 
 
 @app.command()
@@ -133,9 +136,10 @@ def reproduce(
     repeats: Annotated[int, typer.Option(help="repeated stratified 80/20 splits")] = 5,
     seed: Annotated[int, typer.Option(help="seed of splits and training")] = 0,
     out: Annotated[Path | None, typer.Option(help="output folder [default: results/<dataset>]")] = None,
-    plots: Annotated[bool, typer.Option("--plots", help="also write ROC and convergence PNGs")] = False,
+    plots: Annotated[bool, typer.Option("--plots", help="also write ROC and convergence plots (PNG unless --plot-format)")] = False,
     methods: MethodsOpt = None,
     loso: Annotated[bool, typer.Option("--loso", help="also test each site as unseen: train without it")] = False,
+    plot_format: PlotFormatOpt = None,
 ) -> None:
     """Reproduce the survey's Table 2 (Cross, Single, Mix, FedAvg, FedSGD, FedProx) on embedded data."""
     values: dict[str, Any] = {
@@ -143,11 +147,13 @@ def reproduce(
         "repeats": repeats,
         "seed": seed,
         "out": str(out or Path("results") / dataset),
-        "plots": plots,
+        "plots": plots or plot_format is not None,
         "loso": loso,
     }
     if methods:
         values["methods"] = split_list(methods)
+    if plot_format is not None:
+        values["plot_formats"] = split_list(plot_format)
     guard(execute, values, "reproduce")
 
 
@@ -192,8 +198,9 @@ def run(
     seed: Annotated[int | None, typer.Option(help="seed of splits and training")] = None,
     scaling: Annotated[str | None, typer.Option(help="global, site or none")] = None,
     out: Annotated[Path | None, typer.Option(help="output folder")] = None,
-    plots: Annotated[bool | None, typer.Option("--plots/--no-plots", help="write ROC and convergence PNGs")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="test-set AUC of the global model every N rounds, in the history")] = None,
+    plots: Annotated[bool | None, typer.Option("--plots/--no-plots", help="write ROC, convergence (and --eval-every test-metric) plots")] = None,
+    plot_format: PlotFormatOpt = None,
+    eval_every: Annotated[int | None, typer.Option(help="test-set ACC, SEN, SPE, AUC of the global model every N rounds, in the history")] = None,
     workers: Annotated[int | None, typer.Option(help="repeats in parallel processes (0 = one per core)")] = None,
 ) -> None:
     """Run the experiment harness from a config file and/or flags."""
@@ -235,9 +242,12 @@ def run(
             over["model_options"] = parse_options(model_option, "--model-option")
         for key, value in [("methods", split_list(methods)), ("repeats", repeats), ("seed", seed),
                            ("scaling", scaling), ("out", str(out) if out else None), ("plots", plots),
-                           ("eval_every", eval_every), ("workers", workers), ("loso", loso), ("model", model)]:
+                           ("eval_every", eval_every), ("workers", workers), ("loso", loso), ("model", model),
+                           ("plot_formats", split_list(plot_format))]:
             if value is not None:
                 over[key] = value
+        if plot_format is not None and plots is None:
+            over["plots"] = True
         merged = merge(base, over)
         flags = {"mu": ("--mu", mu), "server_lr": ("--server-lr", server_lr), "f": ("--byzantine", byzantine),
                  "beta": ("--trim-beta", trim_beta), "q": ("--q", q), "lam": ("--lam", lam), "alpha": ("--alpha", alpha)}

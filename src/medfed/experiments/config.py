@@ -10,11 +10,12 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medfed.errors import ConfigError
 
 DEFAULT_METHODS = ["cross", "single", "mix", "fedavg", "fedsgd", "fedprox"]
+PLOT_FORMATS = ("png", "pdf", "svg")  # what matplotlib writes without extra packages
 
 
 class _Strict(BaseModel):
@@ -113,7 +114,21 @@ class ExperimentConfig(_Strict):
     loso: bool = Field(False, description="also evaluate each site as unseen: train without it, test on it")
     out: Path | None = None
     plots: bool = False
+    plot_formats: list[str] = Field(
+        default_factory=lambda: ["png"], description="file formats of each plot: png, pdf and/or svg"
+    )
     workers: int = Field(1, ge=0, description="repeats run in parallel processes; 1 = serial, 0 = one per core")
+
+    @field_validator("plot_formats", mode="before")
+    @classmethod
+    def _plot_formats(cls, value: Any) -> Any:
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"give a non-empty list of {', '.join(PLOT_FORMATS)} (--plot-format png,pdf)")
+        formats = [f.lower() if isinstance(f, str) else f for f in value]
+        bad = [f for f in formats if f not in PLOT_FORMATS]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a plot format; use {', '.join(PLOT_FORMATS)} (--plot-format png,pdf)")
+        return list(dict.fromkeys(formats))  # each format once, in the order given
 
     @model_validator(mode="before")
     @classmethod

@@ -208,8 +208,20 @@ class Cell:
     warnings: list[str] = field(default_factory=list)  # e.g. a training loss that rose far above its start
 
 
+def round_metrics(y_test: np.ndarray, scores: np.ndarray) -> dict[str, float | None]:
+    """The global model's ACC, SEN, SPE and AUC on one site's test rows during training;
+    ``None`` where a metric is undefined there or the scores are NaN/Inf (not a number to plot)."""
+    if not np.isfinite(scores).all():
+        return {m: None for m in METRICS}
+    return {m: metric.value for m, metric in binary_metrics(y_test, scores).items()}
+
+
 @dataclass
 class History:
+    """One federated run's record: training loss per round and, with ``eval_every``, per
+    evaluated round ``{"round" (0-based, evaluated after it), "test_auc": {site: AUC},
+    "test_metrics": {site: {metric: value or None}}}``."""
+
     setting: str
     repeat: int
     train_loss: np.ndarray
@@ -382,12 +394,9 @@ def run_repeat(
         group = tuple(i for i in everyone if i != held_out)
         train, tests = scaled(group)
         evaluate = None
-        if config.eval_every and held_out is None:
+        if config.eval_every and held_out is None and spec.global_model:  # FedBN's shared part is no model
             def evaluate(p, tests=tests):
-                return {
-                    s.name: binary_metrics(s.y_test, model.predict_proba(p, tests[j]))["auc"].value
-                    for j, s in enumerate(sites)
-                }
+                return {s.name: round_metrics(s.y_test, model.predict_proba(p, tests[j])) for j, s in enumerate(sites)}
         rounds = spec.rounds(config.training)
         key = (TRAIN_STREAM, repeat, name_key(spec.name)) + (() if held_out is None else (name_key("loso"), held_out))
         run = plan.federated(spec, opts, train, initial, KeyedRng(config.seed, key), evaluate=evaluate)
@@ -403,7 +412,8 @@ def run_repeat(
             History(
                 spec.display, repeat, losses, sum(r.bytes_up for r in run.history), rounds,
                 max(1, config.training.rounds * config.training.local_steps // rounds),
-                [{"round": r.round, "test_auc": r.evaluation} for r in run.history if r.evaluation],
+                [{"round": r.round, "test_auc": {site: m["auc"] for site, m in r.evaluation.items()},
+                  "test_metrics": r.evaluation} for r in run.history if r.evaluation],
                 round_notes(run.history),
             )
         )
