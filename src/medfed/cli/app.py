@@ -107,7 +107,7 @@ def render_table(doc: dict[str, Any], out: Console | None = None) -> None:
 
     def narrow(cell: Callable[[str], str]) -> Callable[[], Table]:
         def build() -> Table:
-            table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+            table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
             table.add_column("Test site / setting", overflow="fold")
             for col in metrics:
                 # a number is one word: wrapping can split "not computable", never a number
@@ -364,7 +364,8 @@ def render_methods(out: Console | None = None) -> None:
     if wide:
         table = Table("name", "display", "uploads", "what it does", "reference", "options")
     else:
-        table = Table("method", "what it does · reference · options", box=box.SIMPLE_HEAD, pad_edge=False)
+        table = Table("method", "what it does · reference · options", box=box.SIMPLE_HEAD, show_edge=False,
+                      pad_edge=False)
     for column in table.columns:
         column.overflow = "fold"  # a long word breaks onto the next line, never into "…"
     family = None

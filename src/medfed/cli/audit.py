@@ -78,7 +78,7 @@ def render_audit(doc: dict[str, Any], out: Console | None = None) -> None:
 
     def by_metric(cell: Callable[[str], str]) -> Callable[[], Table]:
         def build() -> Table:
-            table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+            table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
             table.add_column("Defense", overflow="fold")
             table.add_column("")
             for condition in CONDITIONS:
