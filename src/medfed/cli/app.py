@@ -69,6 +69,8 @@ def _root(
                                           help="print medfed's version and exit")] = False,
 ) -> None:
     pass
+
+
 app.add_typer(audit_app, name="audit", help="Audits under attack: `medfed audit robustness` compares defenses.")
 app.add_typer(features_app, name="features", help="Feature tables from images: `medfed features roi` extracts atlas-region means.")
 
@@ -321,9 +323,9 @@ def run(
         given = {"mu": mu, "server_lr": server_lr, "f": byzantine, "beta": trim_beta, "q": q, "lam": lam,
                  "alpha": alpha}
         flags = {option: (METHOD_FLAGS[option], value) for option, value in given.items()}
-        common = method_flag_options(merged.get("methods"), flags)
-        if common:
-            merged = merge(merged, {"method_options": merge(common, merged.get("method_options", {}))})
+        from_flags = method_flag_options(merged.get("methods"), flags)
+        if from_flags:
+            merged = merge(merged, {"method_options": merge(from_flags, merged.get("method_options", {}))})
         if "data" not in merged:
             raise ConfigError(
                 "no data: give --dataset NAME, --data FILE or --manifest FILE (or a [data] table in the config)"
@@ -355,7 +357,7 @@ def render_methods(out: Console | None = None) -> None:
 
     out = out or console
 
-    def show(value: Any) -> str:
+    def fmt(value: Any) -> str:
         if isinstance(value, dict):
             return "{" + ", ".join(f"{k}: {v:g}" for k, v in value.items()) + "} (per site)"
         return f"{value:g}" if isinstance(value, float) and not isinstance(value, bool) else str(value).lower()
@@ -375,7 +377,7 @@ def render_methods(out: Console | None = None) -> None:
                 table.add_section()
             table.add_row(Text(m.family, style="bold"), *[""] * (len(table.columns) - 1))
             family = m.family
-        opts = ", ".join(f"{k}={show(v)}" for k, v in m.defaults.items()) or "-"
+        opts = ", ".join(f"{k}={fmt(v)}" for k, v in m.defaults.items()) or "-"
         name = m.name + (" *" if m.personal else "")
         if wide:
             table.add_row(name, m.display, m.uploads or "-", Text(m.summary), Text(m.reference), Text(opts))

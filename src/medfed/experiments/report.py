@@ -265,6 +265,12 @@ def write_atomically(out_dir: Path, files: dict[str, Callable[[], bytes]], *, as
             tmp = temp_path(out_dir, name)
             staged.append((tmp, final))
             _write_synced(tmp, produce())
+        if as_set:
+            # a rename keeps size and mtime, so the staged files' stats are the final ones
+            record = {name: _stat_key(tmp) for name, (tmp, _) in zip(files, staged)}
+            manifest = json.dumps({"written_by": "medfed", "files": record}, indent=1) + "\n"
+            staged.append((temp_path(out_dir, MANIFEST.lstrip(".")), out_dir / MANIFEST))
+            _write_synced(staged[-1][0], manifest.encode())
     except BaseException:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)  # also a file whose write failed half-way
@@ -273,17 +279,11 @@ def write_atomically(out_dir: Path, files: dict[str, Callable[[], bytes]], *, as
         raise
     for tmp, final in staged:
         os.replace(tmp, final)
-    written = [final for _, final in staged]
-    if as_set:
-        record = {p.name: _stat_key(p) for p in written}
-        tmp = temp_path(out_dir, MANIFEST.lstrip("."))
-        _write_synced(tmp, (json.dumps({"written_by": "medfed", "files": record}, indent=1) + "\n").encode())
-        os.replace(tmp, out_dir / MANIFEST)
-        for name, key in previous.items():
-            stale = out_dir / name
-            if name not in record and stale.is_file() and not stale.is_symlink() and _stat_key(stale) == key:
-                stale.unlink()
-    return written
+    for name, key in previous.items():
+        stale = out_dir / name
+        if name not in files and stale.is_file() and not stale.is_symlink() and _stat_key(stale) == key:
+            stale.unlink()
+    return [final for _, final in staged[: len(files)]]
 
 
 def report_files(doc: dict[str, Any], run=None, plots: bool = False) -> dict[str, Callable[[], bytes]]:
