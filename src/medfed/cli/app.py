@@ -1,7 +1,8 @@
 """The ``medfed`` command: ``reproduce``, ``run``, ``datasets``, ``methods``.
 
-Errors medfed raises on purpose are printed as one line and exit with status 2; the
-library does all the work, this module only parses, renders and writes.
+Errors medfed raises on purpose are printed as one line and exit with status 2; the exit
+statuses (``common.EXIT_STATUSES``) say whether result files were written. The library does
+all the work, this module only parses, renders and writes.
 """
 
 from __future__ import annotations

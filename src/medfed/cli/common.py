@@ -30,16 +30,16 @@ err_console = _Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 # -h works wherever --help does
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
-# Exit statuses (README "Exit statuses", `medfed --help`): whether the result files exist is
-# what a script needs to know, so every status says it.
-EXIT_OK = 0  # finished; result files written; table shown
+# Exit statuses besides 0 (done) and 1 (a bug), in the README and `medfed --help`: whether
+# the result files exist is what a script needs to know, so every status says it.
 EXIT_BAD_INPUT = 2  # refused before any work (input, flags, output folder): nothing written
 EXIT_STDOUT_LOST = 3  # finished and result files written, but stdout was closed or full
 EXIT_NOT_WRITTEN = 4  # finished, but the result files could not be written: none written or changed
 EXIT_STATUSES = (
     "Exit status: 0 done (result files written); 2 refused before any work (bad input or output folder), "
     "nothing written; 3 result files written but stdout was closed or full (table not shown); "
-    "4 finished but the result files could not be written, none written or changed; 1 an internal error."
+    "4 finished but the result files could not be written, none written or changed; 143 stopped by SIGTERM, "
+    "nothing written; 1 an internal error."
 )
 
 # The command line that started this process (set by ``main``; None when medfed is called
