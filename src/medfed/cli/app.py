@@ -1,28 +1,47 @@
 """The ``medfed`` command: ``reproduce``, ``run``, ``datasets``, ``methods``.
 
-Errors medfed raises on purpose are printed as one line and exit with status 2; the
-library does all the work, this module only parses, renders and writes.
+Errors medfed raises on purpose are printed as one line and exit with status 2; the exit
+statuses (``common.EXIT_STATUSES``) say whether result files were written. The library does
+all the work, this module only parses, renders and writes.
 """
 
 from __future__ import annotations
 
+import shlex
+import signal
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
+from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
+from medfed.cli import common
 from medfed.cli.audit import audit_app
 from medfed.cli.common import (
+    CONTEXT,
+    EXIT_STATUSES,
+    METHOD_FLAGS,
+    apply_threads,
+    compact,
     console,
     err_console,
+    first_fitting,
+    flag_for,
     guard,
     parse_method_options,
     parse_options,
     progress_steps,
+    show,
     split_list,
+    stacked,
+    write_results,
 )
 from medfed.cli.features import features_app
 from medfed.errors import ConfigError
@@ -31,70 +50,125 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings=CONTEXT,
     help="medfed: federated learning for medical image analysis (Guan & Liu's survey, measured).",
+    epilog=EXIT_STATUSES,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from medfed import __version__
+
+        show(lambda: console.print(f"medfed {__version__}", highlight=False))
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="print medfed's version and exit")] = False,
+) -> None:
+    pass
+
+
 app.add_typer(audit_app, name="audit", help="Audits under attack: `medfed audit robustness` compares defenses.")
 app.add_typer(features_app, name="features", help="Feature tables from images: `medfed features roi` extracts atlas-region means.")
 
 
-def render_table(doc: dict[str, Any]) -> None:
-    from medfed.experiments.results import table_rows
+def render_table(doc: dict[str, Any], out: Console | None = None) -> None:
+    """The Table 2 layout on the console. Where the usual layout (a Test site column, cells
+    ``mean ± std``) is wider than the terminal, each test site heads its block of rows and the
+    cells drop the spaces around ± (or, narrower still, put ±std under the mean): no number is
+    ever cut."""
+    from medfed.experiments.results import communication_lines, data_note_lines, server_note_lines, table_rows
 
-    table = Table(
-        title=f"{doc['dataset']}: mean ± std over {doc['repeats']} repeat(s), seed {doc['seed']}",
-        title_justify="left",
-    )
-    for col in ("Test site", "Setting", "ACC", "SEN", "SPE", "AUC"):
-        table.add_column(col, justify="left" if col in ("Test site", "Setting") else "right", no_wrap=True)
-    previous = None
-    notes = []
-    for row in table_rows(doc):
-        if previous is not None and row["test_site"] != previous:
-            table.add_section()
+    out = out or console
+    rows = table_rows(doc)
+    notes: list[str] = []
+    labels = []
+    for row in rows:
         label = row["label"]
         if row["notes"]:
             notes.append(f"{row['test_site']} / {label}: " + "; ".join(row["notes"]))
             label += f" [{len(notes)}]"
-        table.add_row(row["test_site"] if row["test_site"] != previous else "", label, *row["cells"])
-        previous = row["test_site"]
-    console.print(table)
-    for i, note in enumerate(notes, 1):
-        console.print(f"[dim][{i}] {note}[/]", highlight=False)
-    from medfed.experiments.results import communication_lines, data_note_lines, server_note_lines
+        labels.append(label)
+    title = f"{doc['dataset']}: mean ± std over {doc['repeats']} repeat(s), seed {doc['seed']}"
+    metrics = ("ACC", "SEN", "SPE", "AUC")
 
+    def wide() -> Table:
+        table = Table(title=title, title_justify="left")
+        for col in ("Test site", "Setting", *metrics):
+            table.add_column(col, justify="left" if col in ("Test site", "Setting") else "right", no_wrap=True)
+        previous = None
+        for row, label in zip(rows, labels):
+            if previous is not None and row["test_site"] != previous:
+                table.add_section()
+            table.add_row(row["test_site"] if row["test_site"] != previous else "", label, *row["cells"])
+            previous = row["test_site"]
+        return table
+
+    def narrow(cell: Callable[[str], str]) -> Callable[[], Table]:
+        def build() -> Table:
+            table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+            table.add_column("Test site / setting", overflow="fold")
+            for col in metrics:
+                # a number is one word: wrapping can split "not computable", never a number
+                table.add_column(col, justify="right", overflow="fold")
+            previous = None
+            for row, label in zip(rows, labels):
+                if row["test_site"] != previous:
+                    if previous is not None:
+                        table.add_section()
+                    table.add_row(Text(row["test_site"], style="bold"), *[""] * len(metrics))
+                table.add_row(Text("  " + label), *(cell(c) for c in row["cells"]))
+                previous = row["test_site"]
+            return table
+        return build
+
+    out.print(first_fitting([(wide, False), (narrow(compact), True), (narrow(stacked), True)], out))
+    for i, note in enumerate(notes, 1):
+        out.print(f"[dim][{i}] {escape(note)}[/]", highlight=False)
     for line in communication_lines(doc):
-        console.print(f"[dim]{line}[/]", highlight=False, soft_wrap=True)
+        out.print(f"[dim]{escape(line)}[/]", highlight=False)
     for line in data_note_lines(doc):
-        console.print(f"[yellow]data:[/] {line}", highlight=False, soft_wrap=True)
+        out.print(f"[yellow]data:[/] {escape(line)}", highlight=False)
     for line in server_note_lines(doc):
-        console.print(f"[yellow]server:[/] {line}", highlight=False, soft_wrap=True)
+        out.print(f"[yellow]server:[/] {escape(line)}", highlight=False)
     for w in doc["warnings"]:
-        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
 
 
 def execute(values: dict[str, Any], source: str) -> dict[str, Any]:
-    """Validate, run with a progress bar, write the report atomically, render; return the doc."""
+    """Validate, check the output folder, run with a progress bar, write the report
+    atomically, render; return the doc."""
     from medfed.experiments.config import build_config
     from medfed.experiments.harness import load_federation, run_experiment
-    from medfed.experiments.report import report_files, write_atomically
+    from medfed.experiments.report import output_dir, report_files, write_atomically
     from medfed.experiments.results import results_document
 
-    config = build_config(values, source)
+    config = build_config(values, source, flag_for)
     if config.out is None:
         raise ConfigError("no output folder: give --out DIR (or out = \"DIR\" in the config file)")
-    federation = load_federation(config.data)
-    total = config.repeats * len(config.methods)
-    with progress_steps(total) as step:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # single-class notes are rendered with the table
-            run = run_experiment(config, federation, progress=step)
-    doc = results_document(run)
-    written = write_atomically(config.out, report_files(doc, run, plots=config.plots))
-    render_table(doc)
-    console.print(
-        f"[dim]{run.runtime_s:.2f} s; wrote {', '.join(p.name for p in written)} to {config.out}[/]",
-        highlight=False,
-    )
+    with output_dir(config.out, "--out"):
+        apply_threads(config)
+        federation = load_federation(config.data)
+        total = config.repeats * len(config.methods)
+        with progress_steps(total) as step:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # single-class notes are rendered with the table
+                run = run_experiment(config, federation, progress=step)
+        doc = results_document(run, command=common.COMMAND)
+        written = write_results(
+            lambda: write_atomically(config.out, report_files(doc, run, plots=config.plots)), config.out
+        )
+
+    def render() -> None:
+        render_table(doc)
+        console.print(f"[dim]{run.runtime_s:.2f} s; wrote {', '.join(p.name for p in written)} to "
+                      f"{escape(str(config.out))}[/]", highlight=False)
+
+    show(render, str(config.out))
     return doc
 
 
@@ -122,6 +196,11 @@ def method_flag_options(names: list[str] | None, flags: dict[str, tuple[str, Any
     return out
 
 
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", min=1, help="torch's intra-op threads (torch models; recorded in results.json)")
+]
+
+
 MethodsOpt = Annotated[
     str | None, typer.Option("--methods", help="comma-separated method names (see `medfed methods`)")
 ]
@@ -135,20 +214,22 @@ def reproduce(
     dataset: Annotated[str, typer.Option(help="embedded data set (see `medfed datasets`)")] = "adni-like",
     repeats: Annotated[int, typer.Option(help="repeated stratified 80/20 splits")] = 5,
     seed: Annotated[int, typer.Option(help="seed of splits and training")] = 0,
-    out: Annotated[Path | None, typer.Option(help="output folder [default: results/<dataset>]")] = None,
+    out: Annotated[str | None, typer.Option(help="output folder [default: results/<dataset>]")] = None,
     plots: Annotated[bool, typer.Option("--plots", help="also write ROC and convergence plots (PNG unless --plot-format)")] = False,
     methods: MethodsOpt = None,
     loso: Annotated[bool, typer.Option("--loso", help="also test each site as unseen: train without it")] = False,
     plot_format: PlotFormatOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Reproduce the survey's Table 2 (Cross, Single, Mix, FedAvg, FedSGD, FedProx) on embedded data."""
     values: dict[str, Any] = {
         "data": {"dataset": dataset},
         "repeats": repeats,
         "seed": seed,
-        "out": str(out or Path("results") / dataset),
+        "out": str(Path("results") / dataset) if out is None else out,
         "plots": plots or plot_format is not None,
         "loso": loso,
+        "threads": threads,
     }
     if methods:
         values["methods"] = split_list(methods)
@@ -197,11 +278,12 @@ def run(
     repeats: Annotated[int | None, typer.Option(help="repeated splits")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of splits and training")] = None,
     scaling: Annotated[str | None, typer.Option(help="global, site or none")] = None,
-    out: Annotated[Path | None, typer.Option(help="output folder")] = None,
+    out: Annotated[str | None, typer.Option(help="output folder")] = None,
     plots: Annotated[bool | None, typer.Option("--plots/--no-plots", help="write ROC, convergence (and --eval-every test-metric) plots")] = None,
     plot_format: PlotFormatOpt = None,
     eval_every: Annotated[int | None, typer.Option(help="test-set ACC, SEN, SPE, AUC of the global model every N rounds, in the history")] = None,
     workers: Annotated[int | None, typer.Option(help="repeats in parallel processes (0 = one per core)")] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Run the experiment harness from a config file and/or flags."""
 
@@ -241,19 +323,20 @@ def run(
         if model_option:
             over["model_options"] = parse_options(model_option, "--model-option")
         for key, value in [("methods", split_list(methods)), ("repeats", repeats), ("seed", seed),
-                           ("scaling", scaling), ("out", str(out) if out else None), ("plots", plots),
-                           ("eval_every", eval_every), ("workers", workers), ("loso", loso), ("model", model),
+                           ("scaling", scaling), ("out", out), ("plots", plots), ("eval_every", eval_every),
+                           ("workers", workers), ("threads", threads), ("loso", loso), ("model", model),
                            ("plot_formats", split_list(plot_format))]:
             if value is not None:
                 over[key] = value
         if plot_format is not None and plots is None:
             over["plots"] = True
         merged = merge(base, over)
-        flags = {"mu": ("--mu", mu), "server_lr": ("--server-lr", server_lr), "f": ("--byzantine", byzantine),
-                 "beta": ("--trim-beta", trim_beta), "q": ("--q", q), "lam": ("--lam", lam), "alpha": ("--alpha", alpha)}
-        common = method_flag_options(merged.get("methods"), flags)
-        if common:
-            merged = merge(merged, {"method_options": merge(common, merged.get("method_options", {}))})
+        given = {"mu": mu, "server_lr": server_lr, "f": byzantine, "beta": trim_beta, "q": q, "lam": lam,
+                 "alpha": alpha}
+        flags = {option: (METHOD_FLAGS[option], value) for option, value in given.items()}
+        from_flags = method_flag_options(merged.get("methods"), flags)
+        if from_flags:
+            merged = merge(merged, {"method_options": merge(from_flags, merged.get("method_options", {}))})
         if "data" not in merged:
             raise ConfigError(
                 "no data: give --dataset NAME, --data FILE or --manifest FILE (or a [data] table in the config)"
@@ -271,37 +354,68 @@ def list_datasets() -> None:
 
     table = Table("name", "description")
     for name, (_, _, text) in DATASETS.items():
-        table.add_row(name, text)
-    console.print(table)
+        table.add_row(name, Text(text))
+    show(lambda: console.print(table))
 
 
-@app.command("methods")
-def list_methods() -> None:
-    """List every setting and method: name, display name, what it does, reference, options."""
+# below this width the six-column list is too cramped to read; each method becomes a block
+METHODS_WIDE = 120
+
+
+def render_methods(out: Console | None = None) -> None:
+    """Every setting and method: name, display name, uploads, what it does, reference, options."""
     from medfed.experiments.methods import METHODS
 
-    def show(value: Any) -> str:
+    out = out or console
+
+    def fmt(value: Any) -> str:
         if isinstance(value, dict):
             return "{" + ", ".join(f"{k}: {v:g}" for k, v in value.items()) + "} (per site)"
         return f"{value:g}" if isinstance(value, float) and not isinstance(value, bool) else str(value).lower()
 
-    table = Table("name", "display", "uploads", "what it does", "reference", "options")
+    wide = out.width >= METHODS_WIDE
+    if wide:
+        table = Table("name", "display", "uploads", "what it does", "reference", "options")
+    else:
+        table = Table("method", "what it does · reference · options", box=box.SIMPLE_HEAD, show_edge=False,
+                      pad_edge=False)
+    for column in table.columns:
+        column.overflow = "fold"  # a long word breaks onto the next line, never into "…"
     family = None
     for m in METHODS.values():
         if m.family != family:
             if family is not None:
                 table.add_section()
-            table.add_row(f"[bold]{m.family}[/]", "", "", "", "", "")
+            table.add_row(Text(m.family, style="bold"), *[""] * (len(table.columns) - 1))
             family = m.family
-        opts = ", ".join(f"{k}={show(v)}" for k, v in m.defaults.items())
+        opts = ", ".join(f"{k}={fmt(v)}" for k, v in m.defaults.items()) or "-"
         name = m.name + (" *" if m.personal else "")
-        table.add_row(name, m.display, m.uploads or "-", m.summary, m.reference, opts or "-")
-    console.print(table)
-    console.print("[dim]* also reports each site's personal model. Options: --method-option NAME.KEY=VALUE "
-                  "or [method_options.NAME] in a config file.[/]", highlight=False)
+        if wide:
+            table.add_row(name, m.display, m.uploads or "-", Text(m.summary), Text(m.reference), Text(opts))
+        else:
+            about = Text(m.summary)
+            about.append(f"\n{m.reference} · uploads {m.uploads or '-'} · options {opts}", style="dim")
+            table.add_row(Text(f"{name}\n{m.display}"), about)
+    out.print(table)
+    out.print("[dim]* also reports each site's personal model. Options: --method-option NAME.KEY=VALUE "
+              f"or {escape('[method_options.NAME]')} in a config file.[/]", highlight=False)
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """List every setting and method: name, display name, what it does, reference, options."""
+    show(render_methods)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    # SIGTERM (kill, a scheduler's time limit) unwinds like Ctrl-C: temporary files and an
+    # output folder this run created are removed on the way out
+    raise SystemExit(128 + signum)
 
 
 def main() -> None:
+    common.COMMAND = shlex.join(["medfed", *sys.argv[1:]])
+    signal.signal(signal.SIGTERM, _terminate)
     app()
 
 

@@ -6,19 +6,32 @@ defenses with and without F corrupted sites (:mod:`medfed.experiments.audit`).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
+from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from medfed.cli import common
 from medfed.cli.common import (
+    CONTEXT,
+    apply_threads,
+    compact,
     console,
+    first_fitting,
+    flag_for,
     guard,
     parse_method_options,
     parse_options,
     progress_steps,
+    show,
     split_list,
+    stacked,
+    write_results,
 )
 from medfed.errors import ConfigError
 
@@ -26,71 +39,99 @@ audit_app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings=CONTEXT,
     help="Audits: how defenses hold up when some sites are corrupted.",
 )
 
 # the screen table shows the headline metrics; the files carry all four
 SCREEN_METRICS = ("acc", "auc")
+CONDITIONS = ("clean", "attacked", "drop")
 
 
-def render_audit(doc: dict[str, Any]) -> None:
-    """The audit's headline table (defense | clean | attacked | drop) with numbered notes below."""
+def render_audit(doc: dict[str, Any], out: Console | None = None) -> None:
+    """The audit's headline table (defense | clean | attacked | drop) with numbered notes below.
+
+    Where six ``mean ± std`` columns are wider than the terminal, each defense takes one row
+    per metric with the conditions as columns, and the cells drop the spaces around ±."""
     from medfed.experiments.audit import audit_rows
 
+    out = out or console
     attack = doc["attack"]
     params = ", ".join(f"{k}={attack[k]:g}" for k in ("scale", "sigma", "rate") if k in attack)
-    table = Table(
-        title=(
-            f"{doc['dataset']}: {attack['kind']}{f' ({params})' if params else ''} at {doc['corrupt']} of "
-            f"{len(doc['sites'])} sites; clean sites' pooled test rows, mean ± std over {doc['repeats']} "
-            f"repeat(s), seed {doc['seed']}"
-        ),
-        title_justify="left",
+    title = (
+        f"{doc['dataset']}: {attack['kind']}{f' ({params})' if params else ''} at {doc['corrupt']} of "
+        f"{len(doc['sites'])} sites; clean sites' pooled test rows, mean ± std over {doc['repeats']} "
+        f"repeat(s), seed {doc['seed']}"
     )
-    table.add_column("Defense", no_wrap=True)
-    for condition in ("Clean", "Attacked", "Drop"):
-        for m in SCREEN_METRICS:
-            table.add_column(f"{condition} {m.upper()}", justify="right", no_wrap=True)
     rows, notes = audit_rows(doc, SCREEN_METRICS)
-    for row in rows:
-        label = row["defense"] + (f" [{', '.join(map(str, row['notes']))}]" if row["notes"] else "")
-        table.add_row(label, *(x for c in ("clean", "attacked", "drop") for x in row["cells"][c]))
-    console.print(table)
+    labels = [row["defense"] + (f" [{', '.join(map(str, row['notes']))}]" if row["notes"] else "") for row in rows]
+
+    def wide() -> Table:
+        table = Table(title=title, title_justify="left")
+        table.add_column("Defense", no_wrap=True)
+        for condition in CONDITIONS:
+            for m in SCREEN_METRICS:
+                table.add_column(f"{condition.capitalize()} {m.upper()}", justify="right", no_wrap=True)
+        for row, label in zip(rows, labels):
+            table.add_row(escape(label), *(x for c in CONDITIONS for x in row["cells"][c]))
+        return table
+
+    def by_metric(cell: Callable[[str], str]) -> Callable[[], Table]:
+        def build() -> Table:
+            table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+            table.add_column("Defense", overflow="fold")
+            table.add_column("")
+            for condition in CONDITIONS:
+                table.add_column(condition.capitalize(), justify="right", overflow="fold")
+            for row, label in zip(rows, labels):
+                for i, m in enumerate(SCREEN_METRICS):
+                    table.add_row(escape(label) if i == 0 else "", m.upper(),
+                                  *(cell(row["cells"][c][i]) for c in CONDITIONS))
+            return table
+        return build
+
+    out.print(first_fitting([(wide, False), (by_metric(compact), True), (by_metric(stacked), True)], out))
     chosen = "; ".join(f"{i + 1}: {', '.join(s)}" for i, s in enumerate(doc["corrupted_sites"]))
-    console.print(f"[dim]corrupted sites per repeat: {chosen}; drop = clean − attacked[/]", highlight=False)
+    out.print(f"[dim]corrupted sites per repeat: {escape(chosen)}; drop = clean − attacked[/]", highlight=False)
     for i, note in enumerate(notes, 1):
-        console.print(f"[dim][{i}] {note}[/]", highlight=False)
+        out.print(f"[dim][{i}] {escape(note)}[/]", highlight=False)
 
 
-def execute_audit(values: dict[str, Any], attack_values: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Validate, run with a progress bar, write the three files atomically, render; return the doc."""
-    from medfed.experiments.audit import (
-        Attack,
-        run_robustness_audit,
-        write_robustness_report,
-    )
+def execute_audit(values: dict[str, Any], attack_values: dict[str, Any]) -> dict[str, Any]:
+    """Validate, check the output folder, run with a progress bar, write the three files
+    atomically, render; return the doc."""
+    from medfed.experiments.audit import Attack, audit_files, run_robustness_audit
     from medfed.experiments.config import build_config
     from medfed.experiments.harness import load_federation
+    from medfed.experiments.report import output_dir, write_atomically
+    from medfed.experiments.results import environment
 
-    config = build_config(values, "flags")
+    config = build_config(values, "flags", flag_for)
     attack = Attack(**attack_values)
-    federation = load_federation(config.data)
-    with progress_steps(config.repeats * len(config.methods) * 2) as step:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # single-class sites show up as undefined metrics
-            doc = run_robustness_audit(config, attack, federation=federation, progress=step)
-    written = write_robustness_report(doc, out)
-    render_audit(doc)
-    console.print(
-        f"[dim]{doc['runtime_s']:.2f} s; wrote {', '.join(p.name for p in written)} to {out}[/]", highlight=False
-    )
+    out = config.out
+    with output_dir(out, "--out"):
+        apply_threads(config)
+        federation = load_federation(config.data)
+        with progress_steps(config.repeats * len(config.methods) * 2) as step:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # single-class sites show up as undefined metrics
+                doc = run_robustness_audit(config, attack, federation=federation, progress=step)
+        doc.update(command=common.COMMAND, environment=environment(config))
+        written = write_results(lambda: write_atomically(out, audit_files(doc)), out)
+
+    def render() -> None:
+        render_audit(doc)
+        console.print(f"[dim]{doc['runtime_s']:.2f} s; wrote {', '.join(p.name for p in written)} to "
+                      f"{escape(str(out))}[/]", highlight=False)
+
+    show(render, str(out))
     return doc
 
 
 @audit_app.command("robustness")
 def robustness(
     attack: Annotated[str, typer.Option(help="label_flip, noisy_labels, sign_flip, scale, gaussian or free_rider")],
-    out: Annotated[Path, typer.Option(help="output folder for robustness.json, .csv and .md")],
+    out: Annotated[str, typer.Option(help="output folder for robustness.json, .csv and .md")],
     dataset: Annotated[str | None, typer.Option(help="embedded data set (see `medfed datasets`)")] = None,
     data: Annotated[Path | None, typer.Option(help="CSV or Parquet table, one row per subject")] = None,
     manifest: Annotated[Path | None, typer.Option(help="CSV/Parquet manifest of image files")] = None,
@@ -113,6 +154,7 @@ def robustness(
     lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
     seed: Annotated[int, typer.Option(help="seed of splits, corrupted sites, attacks and training")] = 0,
     method_option: Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALUE, e.g. krum.f=1")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch's intra-op threads (torch models)")] = None,
 ) -> None:
     """Each defense's clean-site metrics with and without F corrupted sites."""
 
@@ -133,6 +175,8 @@ def robustness(
             "method_options": parse_method_options(method_option),
             "repeats": repeats,
             "seed": seed,
+            "out": out,
+            "threads": threads,
         }
         if model is not None:
             values["model"] = model
@@ -144,4 +188,4 @@ def robustness(
         return values, {"kind": attack, "corrupt": corrupt, "scale": scale, "sigma": sigma, "rate": rate}
 
     values, attack_values = guard(build)
-    guard(execute_audit, values, attack_values, out)
+    guard(execute_audit, values, attack_values)

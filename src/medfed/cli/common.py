@@ -1,24 +1,138 @@
-"""What every ``medfed`` command shares: consoles, one-line errors, flag parsing."""
+"""What every ``medfed`` command shares: consoles, one-line errors, exit statuses, flag parsing."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
 
 from medfed.errors import ConfigError, MedfedError
 
-# outside a terminal (CI logs, pipes) rich would wrap at 80 columns and split the table cells
-console = Console(width=None if sys.stdout.isatty() else 140)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 
-def fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich would exit with status 1 here; show() says instead that the results are written
+        raise BrokenPipeError(errno.EPIPE, "the reader closed the pipe")
+
+
+# outside a terminal (CI logs, pipes) a wide console keeps long lines greppable
+console = _Console(width=None if sys.stdout.isatty() else 140)
+err_console = _Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+
+# -h works wherever --help does
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+# Exit statuses besides 0 (done) and 1 (a bug), in the README and `medfed --help`: whether
+# the result files exist is what a script needs to know, so every status says it.
+EXIT_BAD_INPUT = 2  # refused before any work (input, flags, output folder): nothing written
+EXIT_STDOUT_LOST = 3  # finished and result files written, but stdout was closed or full
+EXIT_NOT_WRITTEN = 4  # finished, but the result files could not be written: none written or changed
+EXIT_STATUSES = (
+    "Exit status: 0 done (result files written); 2 refused before any work (bad input or output folder), "
+    "nothing written; 3 result files written but stdout was closed or full (table not shown); "
+    "4 finished but the result files could not be written, none written or changed; 143 stopped by SIGTERM, "
+    "nothing written; 1 an internal error."
+)
+
+# The command line that started this process (set by ``main``; None when medfed is called
+# from Python), recorded in results.json.
+COMMAND: str | None = None
+
+# config keys and the flag a user types for them, for error messages
+CONFIG_FLAGS = {
+    "training.rounds": "--rounds", "training.local_steps": "--local-steps", "training.local_epochs": "--local-epochs",
+    "training.lr": "--lr", "training.l2": "--l2", "training.batch_size": "--batch-size",
+    "training.fraction_fit": "--fraction-fit", "training.min_sites": "--min-sites",
+    "training.max_update_norm": "--max-update-norm", "repeats": "--repeats", "seed": "--seed",
+    "scaling": "--scaling", "out": "--out", "plots": "--plots", "eval_every": "--eval-every", "workers": "--workers",
+    "threads": "--threads", "loso": "--loso", "model": "--model", "methods": "--methods",
+    "data.dataset": "--dataset", "data.path": "--data", "data.manifest": "--manifest",
+    "data.path_column": "--path-column", "data.kind": "--kind", "data.skip_bad": "--skip-bad",
+    "data.site_column": "--site-column", "data.label_column": "--label-column",
+    "data.split_column": "--split-column", "data.features": "--features", "data.impute": "--impute",
+    "data.positive_label": "--positive-label",
+}
+# method options that common flags set for every selected method that has them
+METHOD_FLAGS = {"mu": "--mu", "server_lr": "--server-lr", "f": "--byzantine", "beta": "--trim-beta",
+                "q": "--q", "lam": "--lam", "alpha": "--alpha"}
+
+
+def flag_for(key: str) -> str | None:
+    """The flag that sets config key ``key`` (``training.lr`` -> ``--lr``), None if none does."""
+    if key in CONFIG_FLAGS:
+        return CONFIG_FLAGS[key]
+    head, _, rest = key.partition(".")
+    if not rest:
+        return None
+    if head == "model_options":
+        return f"--model-option {rest}=..."
+    if key.startswith("data.options."):
+        return f"--dataset-option {key.removeprefix('data.options.')}=..."
+    if head == "method_options" and "." in rest:
+        option = rest.split(".")[1]
+        flag = f"--method-option {rest}=..."
+        return f"{METHOD_FLAGS[option]} or {flag}" if option in METHOD_FLAGS else flag
+    return None
+
+
+def apply_threads(config) -> None:
+    """``--threads N``: torch's intra-op threads, set before any torch model is built; torch is
+    imported only when the model is a torch one (the numpy model does not use it)."""
+    if config.threads is None:
+        return
+    if config.model == "logistic":
+        err_console.print("[yellow]warning:[/] --threads sets torch's threads; the numpy logistic model does not "
+                          "use torch", highlight=False, soft_wrap=True)
+        return
+    import torch
+
+    torch.set_num_threads(config.threads)
+
+
+def fail(message: str, status: int = EXIT_BAD_INPUT) -> NoReturn:
+    with contextlib.suppress(OSError):  # a closed stderr too: the status still says it
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(status)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush cannot fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def show(render: Callable[[], None], written: str | None = None) -> None:
+    """Print to stdout; a closed pipe (``| head``) or a full device is one line on stderr and
+    exit status 3 instead of a traceback. ``written`` says where the results already are."""
+    try:
+        render()
+        sys.stdout.flush()
+    except OSError as exc:
+        _silence_stdout()
+        where = f"; the result files are complete in {written}" if written else ""
+        fail(f"could not print to stdout ({exc.strerror or exc}){where}", EXIT_STDOUT_LOST)
+
+
+def write_results(write: Callable[[], list[Path]], out: Path) -> list[Path]:
+    """Write the result files; an OS error now (the disk filled during the run) is one line
+    and exit status 4: the writer renames nothing until every file is staged."""
+    try:
+        return write()
+    except OSError as exc:
+        from medfed.experiments.report import describe_os_error
+
+        fail(f"could not write the results to {out}: {describe_os_error(exc)}; no result file was written or "
+             "changed", EXIT_NOT_WRITTEN)
 
 
 def parse_value(text: str) -> Any:
@@ -86,3 +200,27 @@ def progress_steps(total: int):
 
         yield step
         progress.advance(task)
+
+
+def compact(cell: str) -> str:
+    """A metric cell without the spaces around ± (``0.795±0.055``): two columns narrower."""
+    return cell.replace(" ± ", "±")
+
+
+def stacked(cell: str) -> str:
+    """A metric cell as mean over ±std on two lines, for the narrowest terminals."""
+    return cell.replace(" ± ", "\n±")
+
+
+def first_fitting(layouts: list[tuple[Callable[[], Any], bool]], out: Console) -> Any:
+    """The first table of ``layouts`` (``(builder, wraps)``, widest first) that ``out`` shows at
+    its width without cutting a cell; the last one if none does. A layout that ``wraps`` may
+    wrap its text cells, so it fits when its narrowest rendering does (a number is one word
+    and is never split); one that does not must fit on one line per row."""
+    unbounded = out.options.update_width(1 << 20)  # a table measured at the width given fits by construction
+    for build, wraps in layouts[:-1]:
+        table = build()
+        measured = out.measure(table, options=unbounded)
+        if (measured.minimum if wraps else measured.maximum) <= out.width:
+            return table
+    return layouts[-1][0]()

@@ -7,6 +7,7 @@ image in every atlas region (:mod:`medfed.data.roi`), written as Parquet or CSV.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,13 +15,14 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from medfed.cli.common import console, err_console, guard, progress_steps
+from medfed.cli.common import CONTEXT, console, err_console, guard, progress_steps, show, write_results
 from medfed.errors import ConfigError
 
 features_app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings=CONTEXT,
     help="Feature tables from images: `medfed features roi` extracts atlas-region means.",
 )
 
@@ -43,23 +45,30 @@ def table_bytes(df, out: Path) -> bytes:
 
 
 def execute_roi(args: dict[str, Any], out: Path) -> None:
-    """Check the output name, extract with a progress bar, write atomically, summarize."""
+    """Check the output name and its folder, extract with a progress bar, write atomically,
+    summarize."""
     from medfed.data.images.manifest import read_manifest
     from medfed.data.roi import extract_roi_features
-    from medfed.experiments.report import write_atomically
+    from medfed.experiments.report import output_dir, write_atomically
 
     if out.suffix.lower() not in PARQUET_OUT + CSV_OUT:
         raise ConfigError(f"--out must end in {', '.join(PARQUET_OUT + CSV_OUT)} (Parquet or CSV), got {out.name!r}")
-    if out.exists() and out.is_dir():
+    if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name ending in .parquet or .csv")
-    columns = {k: args[k] for k in ("path_column", "label_column", "site_column", "split_column", "positive_label")}
-    total = len(read_manifest(args["manifest_path"], **columns).paths)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with progress_steps(total) as step:
-            df = extract_roi_features(**args, progress=step)
-    written = write_atomically(out.parent, {out.name: lambda: table_bytes(df, out)})
-    render_summary(df, written[0])
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(f"--out {out} is a symbolic link to {os.readlink(out)!r}, which does not exist")
+    # the table goes next to the user's other files: it replaces one file, not a run's set
+    with output_dir(out.parent, "--out's folder"):
+        columns = {k: args[k] for k in ("path_column", "label_column", "site_column", "split_column", "positive_label")}
+        total = len(read_manifest(args["manifest_path"], **columns).paths)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with progress_steps(total) as step:
+                df = extract_roi_features(**args, progress=step)
+        written = write_results(
+            lambda: write_atomically(out.parent, {out.name: lambda: table_bytes(df, out)}, as_set=False), out.parent
+        )
+    show(lambda: render_summary(df, written[0]), str(out))
     for w in caught:
         if not issubclass(w.category, UserWarning):
             continue  # library deprecation notes are not the user's business here

@@ -6,11 +6,14 @@ Every value has a default matching the survey's §6 protocol where the survey st
 
 from __future__ import annotations
 
+import math
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from medfed.errors import ConfigError
 
@@ -19,7 +22,31 @@ PLOT_FORMATS = ("png", "pdf", "svg")  # what matplotlib writes without extra pac
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are never a meaningful setting; accepted, they fail after training
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _first_non_finite(value: Any, key: str = "") -> tuple[str, float] | None:
+    """The dotted key and value of the first inf/nan inside a free-form option value."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
+    for k, v in items:
+        found = _first_non_finite(v, f"{key}.{k}" if key else str(k))
+        if found:
+            return found
+    return None
+
+
+def _finite_options(value: Any) -> Any:
+    """Free-form option tables (model, method, data-set options) hold finite numbers only;
+    the error carries the key inside the table, which the message appends to the field."""
+    found = _first_non_finite(value)
+    if found:
+        raise PydanticCustomError(
+            "non_finite", "Input should be a finite number, got {value}", {"key": found[0], "value": str(found[1])}
+        )
+    return value
 
 
 class DataSpec(_Strict):
@@ -41,6 +68,8 @@ class DataSpec(_Strict):
     features: list[str] | None = None
     impute: Literal["mean", "median"] | None = None
     positive_label: str | None = None
+
+    _finite = field_validator("options")(_finite_options)
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
@@ -89,6 +118,8 @@ class PipelineSpec(_Strict):
     mu: float = Field(0.1, ge=0)
     display: str | None = None
 
+    _finite = field_validator("steps")(_finite_options)
+
 
 # Network models learn from mini-batches with Adam; these replace TrainingSpec's defaults and
 # the model's (plain SGD) optimizer for them, and values the user sets always win. With SGD at
@@ -118,6 +149,18 @@ class ExperimentConfig(_Strict):
         default_factory=lambda: ["png"], description="file formats of each plot: png, pdf and/or svg"
     )
     workers: int = Field(1, ge=0, description="repeats run in parallel processes; 1 = serial, 0 = one per core")
+    threads: int | None = Field(
+        None, ge=1, description="torch's intra-op threads (torch models only); None = torch's default"
+    )
+
+    _finite = field_validator("model_options", "method_options")(_finite_options)
+
+    @field_validator("out", mode="before")
+    @classmethod
+    def _named_out(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: give a folder name")  # Path("") would silently be "."
+        return value
 
     @field_validator("plot_formats", mode="before")
     @classmethod
@@ -144,29 +187,56 @@ class ExperimentConfig(_Strict):
         return values
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
+def _format_validation_error(
+    exc: ValidationError, source: str, flag_for: Callable[[str], str | None] | None = None
+) -> str:
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        parts.append(f"{loc}: {err['msg']}")
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "non_finite":
+            loc = f"{loc}.{err['ctx']['key']}"
+        msg = err["msg"]
+        if err["type"] == "finite_number":
+            msg += f", got {err['input']}"
+        flag = flag_for(loc) if flag_for and loc else None
+        parts.append(f"{loc or '(top level)'}{f' ({flag})' if flag else ''}: {msg}")
     return f"{source}: " + "; ".join(parts)
 
 
-def build_config(values: dict[str, Any], source: str = "configuration") -> ExperimentConfig:
-    """Validate a plain dict into an :class:`ExperimentConfig` with a one-line error."""
+def build_config(
+    values: dict[str, Any], source: str = "configuration", flag_for: Callable[[str], str | None] | None = None
+) -> ExperimentConfig:
+    """Validate a plain dict into an :class:`ExperimentConfig` with a one-line error.
+
+    ``flag_for`` maps a config key (``training.lr``) to the command-line flag that sets it
+    (``--lr``), so the message names both.
+    """
     try:
         return ExperimentConfig.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+        raise ConfigError(_format_validation_error(exc, source, flag_for)) from None
 
 
 def read_toml(path: Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory, not a TOML file")
+    if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        with path.open("rb") as fh:
-            values = tomllib.load(fh)
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); "
+            "TOML files are UTF-8: re-save it as UTF-8"
+        ) from None
+    try:
+        values = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
     # relative data paths are relative to the config file, as a user writing it expects

@@ -2,18 +2,25 @@
 
 Every file is first written under a temporary name in the output folder and renamed into
 place only after all of them were written, so a failed run leaves no partial result files.
+The output folder is checked before any work (:func:`check_output_dir`), and a run owns it:
+the files of the previous run that this one did not rewrite are removed (the folder's
+manifest says which files medfed wrote).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import json
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from medfed.errors import ConfigError
 from medfed.experiments.metrics import METRICS
 from medfed.experiments.results import communication_lines, data_note_lines, server_note_lines, table_rows
 
@@ -72,37 +79,211 @@ def results_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomically(out_dir: Path, files: dict[str, Callable[[], bytes]]) -> list[Path]:
+# A file being written is ".NAME.tmp-PID" until every file of the set is ready; a process
+# killed mid-write (SIGKILL, power loss) leaves these behind, so each write removes the
+# strays of dead processes. Only these extensions are medfed's: a user's ".notes.tmp-3" stays.
+TEMP_FILE = re.compile(r"^\.(?P<name>.+\.(?:json|csv|tsv|md|png|pdf|svg|parquet|pq|probe))\.tmp-(?P<pid>\d+)$")
+MANIFEST = ".medfed-files.json"  # the set of files the last run wrote into its folder
+PROBE = "medfed.probe"
+MIN_FREE_BYTES = 1 << 20  # a report with plots is a few hundred kB
+
+
+def temp_path(out_dir: Path, name: str, pid: int | None = None) -> Path:
+    return Path(out_dir) / f".{name}.tmp-{os.getpid() if pid is None else pid}"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    except (OverflowError, ValueError):
+        return False  # not a PID this system can have
+    return True
+
+
+def remove_stray_temp_files(out_dir: Path) -> list[Path]:
+    """Remove medfed's temporary files in ``out_dir`` whose writing process is gone."""
+    removed = []
+    try:
+        entries = list(os.scandir(out_dir))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = TEMP_FILE.match(entry.name)
+        if match and entry.is_file(follow_symlinks=False) and not _alive(int(match["pid"])):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def describe_os_error(exc: OSError) -> str:
+    """What an OSError means for an output location, in the user's words."""
+    reasons = {
+        errno.EROFS: "the file system is read-only",
+        errno.ENOSPC: "the file system is full (no space left on device)",
+        errno.EDQUOT: "the disk quota is exhausted",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.ENAMETOOLONG: "the name is too long",
+        errno.ELOOP: "too many levels of symbolic links",
+    }
+    return reasons.get(exc.errno, exc.strerror or str(exc))
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in reversed(folders):  # innermost first
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (or gone): leave it and its parents
+
+
+def check_output_dir(out_dir: Path | str, label: str = "output folder") -> list[Path]:
+    """Make sure a report can be written to ``out_dir`` before any work is done.
+
+    Creates the folder if needed, then writes, fsyncs, renames and removes a probe file
+    there, so a folder that is a file, under a file, a dangling link, not writable, read-only
+    or full is refused now (:class:`ConfigError` naming ``label`` and the reason) rather than
+    after training. Strays of killed runs are removed. Returns the folders it created,
+    outermost first, for :func:`output_dir` to remove again if the run fails.
+    """
+    if not str(out_dir).strip():
+        raise ConfigError(f"{label} is empty: give a folder name")
+    path = Path(out_dir)
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"{label} {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does not exist")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{label} {str(path)!r} is a file, not a folder; give a folder name")
+    missing = [p for p in (path, *path.parents) if not p.exists()][::-1]
+    created: list[Path] = []
+    try:
+        for folder in missing:
+            if folder.is_symlink():
+                raise ConfigError(f"{label} {str(path)!r}: {str(folder)!r} is a symbolic link that does not resolve")
+            parent = folder.parent
+            if parent.exists() and not parent.is_dir():
+                raise ConfigError(f"{label} {str(path)!r}: {str(parent)!r} is a file, so no folder can be made in it")
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                continue  # made meanwhile by someone else
+            except OSError as exc:
+                raise ConfigError(f"{label} {str(path)!r} cannot be created: {describe_os_error(exc)}") from None
+            created.append(folder)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{label} {str(path)!r} is not writable (permission denied)")
+        _probe(path, label)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    remove_stray_temp_files(path)
+    return created
+
+
+def _probe(path: Path, label: str) -> None:
+    """Write, fsync, rename and remove a small file: what writing the report will do."""
+    probe, renamed = temp_path(path, PROBE), temp_path(path, "renamed." + PROBE)
+    try:
+        stats = os.statvfs(path) if hasattr(os, "statvfs") else None
+        if stats is not None and stats.f_bavail * stats.f_frsize < MIN_FREE_BYTES:
+            raise OSError(errno.ENOSPC, "no space left on device")
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, bytes(4096))
+            os.fsync(fd)  # delayed allocation reports a full disk here, not at write()
+        finally:
+            os.close(fd)
+        os.replace(probe, renamed)
+    except OSError as exc:
+        raise ConfigError(f"{label} {str(path)!r} cannot hold the results: {describe_os_error(exc)}") from None
+    finally:
+        for leftover in (probe, renamed):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+
+@contextlib.contextmanager
+def output_dir(out_dir: Path | str, label: str = "output folder") -> Iterator[Path]:
+    """:func:`check_output_dir` on entry; the folders it created are removed again (if still
+    empty) when the block fails, so bad input found later writes nothing."""
+    created = check_output_dir(out_dir, label)
+    try:
+        yield Path(out_dir)
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _stat_key(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _previous_set(out_dir: Path) -> dict[str, dict[str, int]]:
+    """The files the previous run recorded in the folder's manifest (plain names only)."""
+    try:
+        files = json.loads((out_dir / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(files, dict):
+        return {}
+    return {n: k for n, k in files.items() if isinstance(n, str) and n and Path(n).name == n and isinstance(k, dict)}
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_atomically(out_dir: Path, files: dict[str, Callable[[], bytes]], *, as_set: bool = True) -> list[Path]:
     """Produce every file's bytes, write them under temporary names, then rename them all.
 
     If producing or writing any file fails, every temporary file is removed and no result
-    file is touched.
+    file is touched. With ``as_set`` (a run owns its folder) the names written are recorded
+    in the folder's manifest, and the files of the previous set that this one did not
+    rewrite (a plot of a site no longer there, PNGs of a run with ``--plots``) are removed,
+    unless they changed since that run wrote them: files medfed did not write stay.
     """
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stray_temp_files(out_dir)
+    previous = _previous_set(out_dir) if as_set else {}
     staged: list[tuple[Path, Path]] = []
     try:
         for name, produce in files.items():
             final = out_dir / name
-            tmp = out_dir / f".{name}.tmp-{os.getpid()}"
-            data = produce()
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            tmp = temp_path(out_dir, name)
             staged.append((tmp, final))
+            _write_synced(tmp, produce())
+        if as_set:
+            # a rename keeps size and mtime, so the staged files' stats are the final ones
+            record = {name: _stat_key(tmp) for name, (tmp, _) in zip(files, staged)}
+            manifest = json.dumps({"written_by": "medfed", "files": record}, indent=1) + "\n"
+            staged.append((temp_path(out_dir, MANIFEST.lstrip(".")), out_dir / MANIFEST))
+            _write_synced(staged[-1][0], manifest.encode())
     except BaseException:
         for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        for leftover in out_dir.glob(f".*.tmp-{os.getpid()}"):
-            leftover.unlink(missing_ok=True)  # a file whose write failed half-way
+            tmp.unlink(missing_ok=True)  # also a file whose write failed half-way
         if created and not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise
     for tmp, final in staged:
         os.replace(tmp, final)
-    return [final for _, final in staged]
+    for name, key in previous.items():
+        stale = out_dir / name
+        if name not in files and stale.is_file() and not stale.is_symlink() and _stat_key(stale) == key:
+            stale.unlink()
+    return [final for _, final in staged[: len(files)]]
 
 
 def report_files(doc: dict[str, Any], run=None, plots: bool = False) -> dict[str, Callable[[], bytes]]:

@@ -65,8 +65,25 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def results_document(run: ExperimentRun) -> dict[str, Any]:
-    """The complete, JSON-serializable record of a run (config, seeds, versions, per-site rows)."""
+def environment(config) -> dict[str, Any]:
+    """Where the numbers were computed: the platform, and for a torch model torch's intra-op
+    thread count in this process (forked ``workers`` use one each) and the device it ran on."""
+    out: dict[str, Any] = {"platform": platform.platform(), "torch": None}
+    if config.model != "logistic":
+        import torch
+
+        device = config.model_options.get("device", "auto")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        out["torch"] = {"threads": torch.get_num_threads(), "device": device}
+    return out
+
+
+def results_document(run: ExperimentRun, command: str | None = None) -> dict[str, Any]:
+    """The complete, JSON-serializable record of a run (config, seeds, versions, per-site rows).
+
+    ``command`` is the command line that started the run (the CLI passes it; None from Python).
+    """
     fed = run.federation
     config = run.config
     histories: dict[str, dict[str, Any]] = {}
@@ -107,7 +124,9 @@ def results_document(run: ExperimentRun) -> dict[str, Any]:
             for spec, opts in run.methods
         ],
         "config": config.model_dump(mode="json"),
+        "command": command,
         "versions": package_versions(),
+        "environment": environment(config),
         "runtime_s": run.runtime_s,
         "setting_runtime_s": run.setting_runtime_s,
         "workers": run.workers,
