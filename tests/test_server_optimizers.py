@@ -290,7 +290,7 @@ def test_run_federated_with_each_new_aggregator_runs_and_stays_finite():
         chain(loss_weighted(), apply_delta()),
         chain(fair(q=1.0), apply_delta()),
         chain(fourier(keep=0.5), apply_delta()),
-        chain(weighted_mean(), guided(), apply_delta()),
+        chain(guided(), apply_delta()),
     ]:
         run = run_federated(FederatedAlgorithm("m", local_sgd_update, agg), model.init(4), sites, training, 3, KeyedRng(0))
         assert all(np.isfinite(v).all() for v in run.params.values()), agg.name
@@ -437,21 +437,58 @@ def test_fourier_refuses_params_uploads():
 # ---------------------------------------------------------------- guided
 
 
-def test_guided_keeps_positive_components_and_zeroes_negative_ones():
+def test_guided_positive_rule_keeps_positive_components_and_zeroes_negative_ones():
     rng = np.random.default_rng(16)
-    update = {k: rng.normal(size=s) for k, s in SHAPES.items()}
+    stack = _stack(rng)
+    mean = _mean(stack)
     g = _global(rng)
-    out, _, report = guided().apply(update, None, g, 0)
+    out, _, report = guided(rule="positive").apply(stack, None, g, 0)
     for k in SHAPES:
-        np.testing.assert_array_equal(out[k][update[k] > 0], update[k][update[k] > 0])
-        np.testing.assert_array_equal(out[k][update[k] <= 0], 0.0)
-    total = sum(v.size for v in update.values())
-    assert report["kept_fraction"] == sum(int((v > 0).sum()) for v in update.values()) / total
-    # in a chain on deltas, no parameter ever moves down
-    agg = chain(weighted_mean(), guided(), apply_delta())
+        np.testing.assert_array_equal(out[k][mean[k] > 0], mean[k][mean[k] > 0])
+        np.testing.assert_array_equal(out[k][mean[k] <= 0], 0.0)
+    total = sum(v.size for v in mean.values())
+    assert report["kept_fraction"] == sum(int((v > 0).sum()) for v in mean.values()) / total
+    # in a chain on deltas, no parameter ever moves down: the literal reading's flaw
+    agg = chain(guided(rule="positive"), apply_delta())
     new, _, _ = agg.apply(_stack(rng), agg.init(g), g, 0)
     for k in SHAPES:
         assert np.all(new[k] >= g[k])
+
+
+def test_guided_agreement_applies_only_components_no_site_opposes():
+    rng = np.random.default_rng(17)
+    stack = _stack(rng)
+    mean = _mean(stack)
+    out, _, report = guided().apply(stack, None, None, 0)
+    kept = 0
+    for k in SHAPES:
+        opposed = (stack.payload[k] * mean[k] < 0).any(axis=0)
+        np.testing.assert_array_equal(out[k], np.where(opposed, 0.0, mean[k]))
+        kept += int((~opposed).sum())
+    total = sum(v.size for v in mean.values())
+    assert 0 < kept < total  # the case is not trivial: some components kept, some dropped
+    assert report["kept_fraction"] == kept / total
+    # a weighted share: with agreement 0.6, a component opposed by a site holding 10/82 of the
+    # examples survives, one opposed by the 40-example site does not
+    w = stack.weights / stack.weights.sum()
+    share = {k: np.tensordot(w, stack.payload[k] * mean[k] < 0, axes=1) for k in SHAPES}
+    loose, _, _ = guided(agreement=0.6).apply(stack, None, None, 0)
+    for k in SHAPES:
+        np.testing.assert_array_equal(loose[k], np.where(share[k] <= 0.4, mean[k], 0.0))
+
+
+def test_guided_agreement_zero_is_weighted_mean_exactly_and_bad_options_are_named():
+    stack = _stack(np.random.default_rng(18))
+    got, _, _ = guided(agreement=0.0).apply(stack, None, None, 0)
+    want = _mean(stack)
+    for k in SHAPES:
+        np.testing.assert_array_equal(got[k], want[k])
+    with pytest.raises(ConfigError, match="guided rule must be one of agreement, positive"):
+        guided(rule="relu")
+    with pytest.raises(ConfigError, match=r"guided agreement must be a number in \[0, 1\]"):
+        guided(agreement=1.5)
+    with pytest.raises(ConfigError, match="params"):
+        guided().apply(_stack(np.random.default_rng(0), kind="params"), None, None, 0)
 
 
 # ---------------------------------------------------------------- hypothesis
@@ -470,6 +507,7 @@ REDUCERS = {
     "fair": lambda: fair(q=1.5, lr=0.1, loss_offset=1e-3),
     "fair_uniform": lambda: fair(q=0.5, weighting="uniform", loss_offset=1e-3),
     "fourier": lambda: fourier(keep=0.5),
+    "guided": lambda: guided(agreement=0.7),
 }
 
 
@@ -512,8 +550,23 @@ def test_keep_all_and_q_zero_are_weighted_mean_hypothesis(k, d, data):
 
 
 @settings(max_examples=60, deadline=None)
-@given(update=arrays(np.float64, st.tuples(st.integers(1, 4), st.integers(1, 4)), elements=st.floats(-1e6, 1e6)))
-def test_guided_never_applies_a_negative_component_hypothesis(update):
-    out, _, _ = guided().apply({"w": update}, None, None, 0)
+@given(k=st.integers(1, 5), d=st.integers(1, 4), data=st.data())
+def test_guided_positive_never_applies_a_negative_component_hypothesis(k, d, data):
+    uploads, _ = _draw_stack(data, k, d)
+    stack = stack_uploads(uploads)
+    out, _, _ = guided(rule="positive").apply(stack, None, None, 0)
+    mean = _mean(stack)["w"]
     assert np.all(out["w"] >= 0)
-    np.testing.assert_array_equal(out["w"], np.where(update > 0, update, 0.0))
+    np.testing.assert_array_equal(out["w"], np.where(mean > 0, mean, 0.0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(1, 5), d=st.integers(1, 4), data=st.data())
+def test_guided_agreement_applies_the_mean_or_nothing_and_one_site_is_fedavg_hypothesis(k, d, data):
+    uploads, _ = _draw_stack(data, k, d)
+    stack = stack_uploads(uploads)
+    out, _, _ = guided().apply(stack, None, None, 0)
+    mean = _mean(stack)["w"]
+    assert np.all((out["w"] == mean) | (out["w"] == 0.0))
+    one, _, _ = guided().apply(stack_uploads(uploads[:1]), None, None, 0)
+    np.testing.assert_array_equal(one["w"], _mean(stack_uploads(uploads[:1]))["w"])

@@ -21,13 +21,22 @@ def _fedavg_client(name, *steps):
     return FederatedAlgorithm(name, local_sgd_update, chain(*steps, apply_delta()))
 
 
-def _spec(name, display, summary, reference, defaults, make, flags=()):
+def _spec(name, display, summary, reference, defaults, make, flags=(), caveat=None):
     def build(opts, training, context):
         return _fedavg_client(name, *make(opts, training, context))
 
     return MethodSpec(
-        name, display, "federated", summary, reference, defaults, build, uploads="delta", family=FAMILY, flags=flags
+        name, display, "federated", summary, reference, defaults, build, uploads="delta", family=FAMILY, flags=flags,
+        caveat=caveat,
     )
+
+
+def _guided_caveat(opts) -> str | None:
+    if opts.get("rule") == "positive":
+        return ("guided rule=positive applies only the positive part of the averaged delta: every parameter "
+                "can only grow from its initial value, so a coefficient that should be negative is never "
+                "learned (a logistic model started at 0 can score at or below chance)")
+    return None
 
 
 def _dynamic_fusion(opts, training, context):
@@ -59,8 +68,12 @@ SERVER_METHODS: list[MethodSpec] = [
         lambda o, t, c: [weighting.fair(q=o["q"], lr=t.lr, weighting=o["weighting"])], flags=("q",),
     ),
     _spec(
-        "guided", "Guided", "apply only the positive components of the averaged delta",
-        "Fan et al., 2021", {}, lambda o, t, c: [weighted_mean(), weighting.guided()],
+        "guided", "Guided",
+        "apply a component of the averaged delta only where the sites' deltas agree with its sign "
+        "(agreement: weighted share of sites that must not oppose; 0 = FedAvg). rule=positive, the "
+        "survey's literal reading (positive part only), can never learn a negative parameter",
+        "Fan et al., 2021", {"rule": "agreement", "agreement": 1.0},
+        lambda o, t, c: [weighting.guided(rule=o["rule"], agreement=o["agreement"])], caveat=_guided_caveat,
     ),
     _spec(
         "fedavgm", "FedAvgM", "server SGD with momentum on the averaged delta",

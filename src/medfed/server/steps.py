@@ -24,11 +24,11 @@ REDUCING_STEPS: dict[str, Callable[..., Aggregator]] = {
     "loss_weighted": weighting.loss_weighted,
     "fair": weighting.fair,
     "fourier": weighting.fourier,
+    "guided": weighting.guided,
     "dynamic_fusion": dynamic_fusion,
     **robust.ROBUST_AGGREGATORS,
 }
 UPDATE_STEPS: dict[str, Callable[..., Aggregator]] = {
-    "guided": weighting.guided,
     "server_momentum": optimizers.server_momentum,
     "server_adam": optimizers.server_adam,
     "server_yogi": optimizers.server_yogi,

@@ -2,9 +2,9 @@
 
 Reducing steps (:class:`~medfed.server.aggregate.StackedUploads` → one aggregated update):
 :func:`loss_weighted` (Li et al., 2022), :func:`fair` (q-FFL; Li et al., 2020; Hosseini et
-al., 2023) and :func:`fourier` (PFA; Chen et al., 2022). One update→update step:
-:func:`guided` (Fan et al., 2021). Each is vectorized over the site axis and does not
-depend on the order of the sites in the stack.
+al., 2023), :func:`fourier` (PFA; Chen et al., 2022) and :func:`guided` (Fan et al., 2021).
+Each is vectorized over the site axis and does not depend on the order of the sites in the
+stack.
 """
 
 from __future__ import annotations
@@ -175,22 +175,61 @@ def fourier(keep: float = 0.5) -> Aggregator:
     return Aggregator(_stateless_init, apply, "fourier")
 
 
-def guided() -> Aggregator:
-    """Guided update (Fan et al., 2021): keep only the positive components of the aggregated
-    update, set the negative ones to zero, so the server never applies a negative component.
+GUIDED_RULES = ("agreement", "positive")
 
-    The survey (Guan & Liu, §3.3) describes it as "only positive values of the aggregated
-    weights are used to update the global", motivated by guided gradients. An update→update
-    step: after a reducing step on ``delta`` uploads it lets parameters only grow; placed
-    before :func:`~medfed.server.aggregate.gradient_step` on ``gradient`` uploads it keeps the
-    positive gradient components (parameters only shrink), the guided-backpropagation sense.
-    NaN passes through unchanged. The report gives the fraction of components kept.
+
+def guided(rule: str = "agreement", agreement: float = 1.0) -> Aggregator:
+    """Guided aggregation (Fan et al., 2021): of the example-weighted mean of the sites'
+    updates, apply only the components the sites' own updates agree with.
+
+    The survey (Guan & Liu, §3.3) says "only positive values of the aggregated weights are used
+    to update the global", after guided backpropagation (Springenberg et al., 2015), which lets
+    only positive gradient signals through. Read literally (``rule="positive"``: the positive
+    part of the averaged delta) the rule is not sign-symmetric: a parameter can only grow from
+    its initial value, so a logistic model started at 0 never learns a negative coefficient
+    (on adni-like: ACC 0.465, AUC 0.464 where FedAvg gets 0.882 / 0.944). The reading built by
+    default (``rule="agreement"``) keeps guided backpropagation's rule — pass a signal only
+    where it is positive — and applies it to each site's contribution along the aggregated
+    direction: component ``i`` of the mean ``m`` is applied where the example-weighted share of
+    sites with ``delta_k,i · m_i < 0`` (sites opposing it) is at most ``1 − agreement``, and set
+    to zero elsewhere. Every site's update counts, so the step reduces the stacked uploads
+    itself (it is a reducing step, not an update→update step).
+
+    Consequences: ``agreement = 1`` (the default) applies a component only if no site opposes
+    it (the AND-mask of Parascandolo et al., 2021); ``agreement = 0`` is
+    :func:`~medfed.server.aggregate.weighted_mean` exactly; one site is FedAvg. Parameters move
+    either way, so any sign can be learned, but a component the sites keep disagreeing on
+    stays where it is (on very heterogeneous sites, parameters can stay near their start).
+    The Fan et al. paper's own text was not available to us: this is our reading of the
+    survey's sentence and of guided backpropagation's intent, not a transcription.
+
+    ``delta`` and ``gradient`` uploads are accepted (agreement is sign-symmetric); ``params``
+    are refused (the signs of parameters say nothing about a direction). With
+    ``rule="positive"`` on ``gradient`` uploads the positive gradient part is kept, so
+    parameters only shrink. The report gives the fraction of components applied.
     """
+    if rule not in GUIDED_RULES:
+        raise ConfigError(f"guided rule must be one of {', '.join(GUIDED_RULES)}, got {rule!r}")
+    if isinstance(agreement, bool) or not (isinstance(agreement, (int, float)) and 0 <= agreement <= 1):
+        raise ConfigError(
+            f"guided agreement must be a number in [0, 1] (the weighted share of sites that must not "
+            f"oppose a component), got {agreement!r}"
+        )
+    # the opposing share is a sum of example weights: allow its rounding error at the threshold
+    allowed = 1.0 - float(agreement) + 1e-12
 
-    def apply(update, state, global_params, round_):
-        out = {k: np.maximum(v, 0.0) for k, v in update.items()}
-        total = sum(np.size(v) for v in update.values())
-        kept = sum(int(np.count_nonzero(v > 0)) for v in update.values())
-        return out, state, {"kept_fraction": kept / total if total else 0.0}
+    def apply(stack: StackedUploads, state, global_params, round_):
+        if stack.kind == "params":
+            raise ConfigError("guided aggregates 'delta' or 'gradient' uploads, not 'params'")
+        w = stack.weights / stack.weights.sum()
+        mean = _combine(stack, w)
+        if rule == "positive":
+            keep = {k: m > 0 for k, m in mean.items()}
+        else:
+            keep = {k: np.tensordot(w, stack.payload[k] * m < 0, axes=1) <= allowed for k, m in mean.items()}
+        out = {k: np.where(keep[k], m, 0.0) for k, m in mean.items()}
+        total = sum(np.size(m) for m in mean.values())
+        applied = sum(int(np.count_nonzero(keep[k] & (m != 0))) for k, m in mean.items())
+        return out, state, {"kept_fraction": applied / total if total else 0.0}
 
     return Aggregator(_stateless_init, apply, "guided")
