@@ -100,3 +100,24 @@ def test_guided_bad_options_are_refused_before_training(monkeypatch):
                                "method_options": {"guided": opts}})
         with pytest.raises(ConfigError, match=words):
             run_experiment(config, load_federation(config.data))
+
+
+# ---------------------------------------------------------------- loss_weighted
+
+
+def test_loss_weighted_default_temperature_departs_from_example_weights_on_adni_like():
+    # at the former default (temperature 1) the weights stayed within 0.008 of n_k / n on
+    # adni-like: FedAvg in practice. The default must change the weighting measurably.
+    from medfed.experiments.harness import ScaledViews, TrainingPlan, prepare_repeat
+
+    config = build_config({"data": {"dataset": "adni-like"}, "methods": ["loss_weighted"], "training": SHORT})
+    federation = load_federation(config.data)
+    plan = TrainingPlan.of(config, federation)
+    train, _ = ScaledViews(prepare_repeat(federation, config, 0), config.scaling)((0, 1))
+    (spec, opts), = resolve_methods(["loss_weighted"], {})
+    run = plan.federated(spec, opts, train, plan.initial(federation, 0), KeyedRng(0))
+    n = np.array([d.n for d in train], dtype=float)
+    gaps = [max(abs(r.report["loss_weighted"][d.name] - d.n / n.sum()) for d in train) for r in run.history]
+    assert max(gaps) > 0.05
+    doc = _doc(["fedavg", "loss_weighted"])
+    assert _metric(doc, "LossWeighted", "auc") > 0.85  # a change, not a collapse

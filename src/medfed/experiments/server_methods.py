@@ -53,7 +53,7 @@ SERVER_METHODS: list[MethodSpec] = [
     _spec(
         "loss_weighted", "LossWeighted",
         "sites with a worse training loss at the global model get a smaller weight (n_k exp(-loss_k / T))",
-        "Li et al., 2022", {"temperature": 1.0},
+        "Li et al., 2022", {"temperature": weighting.LOSS_WEIGHTED_TEMPERATURE},
         lambda o, t, c: [weighting.loss_weighted(temperature=o["temperature"])],
     ),
     _spec(

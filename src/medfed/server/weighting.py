@@ -37,7 +37,10 @@ def _site_losses(stack: StackedUploads, method: str) -> np.ndarray:
     return loss
 
 
-def loss_weighted(temperature: float = 1.0) -> Aggregator:
+LOSS_WEIGHTED_TEMPERATURE = 0.1
+
+
+def loss_weighted(temperature: float = LOSS_WEIGHTED_TEMPERATURE) -> Aggregator:
     """Loss-weighted aggregation (Li et al., 2022): sites whose training loss at the global
     model is worse get a smaller weight, ``w_k ∝ n_k · exp(−loss_k / temperature)``.
 
@@ -45,6 +48,22 @@ def loss_weighted(temperature: float = 1.0) -> Aggregator:
     the shift cancels in the normalization), so no term overflows and equal losses give
     exactly the example weights of :func:`~medfed.server.aggregate.weighted_mean`. The
     report maps each site to its weight. Works on any upload kind.
+
+    The default temperature, 0.1, was chosen by measurement (3 repeats, default training,
+    temperatures 1, 0.3, 0.1, 0.05, 0.03, 0.01): the sites' log losses differ by a few
+    hundredths to tenths, so at the former default 1 the weights were the example weights to
+    within 0.008 on adni-like (largest ratio of two sites' weight per example: 1.03; ACC and
+    AUC equal to FedAvg's, 0.888 / 0.949), 0.013 on breast-cancer Dirichlet α = 0.1 over 5
+    sites (ratio 1.11) and 0.020 on heart-disease (1.22): FedAvg in practice. 0.1 is the
+    largest of those temperatures at which, on every one of these data sets, some round gives
+    one site at least twice another's weight per example (ratio 2.3 adni-like, 5.6 and 4.9
+    breast-cancer α = 0.1 / 0.5, 403 heart-disease; mean over rounds of the largest
+    ``|w_k − n_k/n|`` 0.08, 0.13, 0.13, 0.29) without handing the round to one site as 0.05
+    and below do (ratios 36 to 8·10^6). What it changes against FedAvg (means over the test
+    sites): ACC 0.880 vs 0.888 and AUC 0.946 vs 0.949 on adni-like, ACC 0.964 vs 0.973 (AUC
+    0.992 both) on breast-cancer α = 0.1, ACC 0.740 vs 0.795 (AUC 0.807 vs 0.810) on
+    heart-disease. The weights depend on the loss's scale, so another model or loss may want
+    another temperature.
     """
     if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
         raise ConfigError(f"loss_weighted temperature must be a finite number > 0, got {temperature!r}")
