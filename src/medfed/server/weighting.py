@@ -2,7 +2,7 @@
 
 Reducing steps (:class:`~medfed.server.aggregate.StackedUploads` → one aggregated update):
 :func:`loss_weighted` (Li et al., 2022), :func:`fair` (q-FFL; Li et al., 2020; Hosseini et
-al., 2023), :func:`fourier` (PFA; Chen et al., 2022) and :func:`guided` (Fan et al., 2021).
+al., 2023) and :func:`guided` (Fan et al., 2021). PFA's step is :mod:`medfed.server.fourier`.
 Each is vectorized over the site axis and does not depend on the order of the sites in the
 stack.
 """
@@ -141,57 +141,6 @@ def fair(
         return _combine(stack, c), state, {s: float(x) for s, x in zip(stack.sites, c)}
 
     return Aggregator(_stateless_init, apply, "fair")
-
-
-def _low_frequency_mask(shape: tuple[int, ...], keep: float) -> np.ndarray:
-    mask = np.ones(shape, dtype=bool)
-    for axis, n in enumerate(shape):
-        # 1e-9 absorbs representation error (0.29 * 100 = 28.999999999999996).
-        m = max(1, int(np.floor(keep * n + 1e-9)))
-        index = [np.newaxis] * len(shape)
-        index[axis] = slice(None)
-        mask &= (np.arange(n) < m)[tuple(index)]
-    return mask
-
-
-def fourier(keep: float = 0.5) -> Aggregator:
-    """Progressive Fourier Aggregation's server step (PFA; Chen et al., 2022): average only the
-    low-frequency DCT coefficients of each parameter's update, drop the high frequencies.
-
-    For each parameter: orthonormal DCT over all its axes (``scipy.fft.dctn``, ``norm="ortho"``),
-    example-weighted mean of the lowest ``floor(keep · n)`` coefficients along each axis of
-    length ``n`` (at least one), zeros elsewhere, inverse DCT. The DCT is linear, so the mean
-    is taken before the transform (one DCT per parameter, not one per site). ``keep = 1`` is
-    :func:`~medfed.server.aggregate.weighted_mean` up to rounding.
-
-    The server therefore never updates the high frequencies of the global model: in PFA's
-    personalized setting those stay local to each site; here they stay at their initial
-    values. Accepts ``delta`` and ``gradient`` uploads; ``params`` are refused because
-    zeroing the high frequencies of averaged parameters would erase them from the model.
-    """
-    if not (isinstance(keep, (int, float)) and 0 < keep <= 1):
-        raise ConfigError(f"fourier keep must lie in (0, 1] (fraction of frequencies kept per axis), got {keep!r}")
-
-    def apply(stack: StackedUploads, state, global_params, round_):
-        if stack.kind == "params":
-            raise ConfigError("fourier aggregates 'delta' or 'gradient' uploads, not 'params'")
-        w = stack.weights / stack.weights.sum()
-        out = {}
-        for name, mean in _combine(stack, w).items():
-            if mean.ndim == 0:
-                out[name] = mean
-                continue
-            from scipy.fft import (  # imported when used, to keep `medfed` quick to start
-                dctn,
-                idctn,
-            )
-
-            coefficients = dctn(mean, norm="ortho")
-            coefficients[~_low_frequency_mask(mean.shape, keep)] = 0.0
-            out[name] = idctn(coefficients, norm="ortho")
-        return out, state, None
-
-    return Aggregator(_stateless_init, apply, "fourier")
 
 
 GUIDED_RULES = ("agreement", "positive")
