@@ -155,7 +155,9 @@ def guided(rule: str = "agreement", agreement: float = 1.0) -> Aggregator:
     only positive gradient signals through. Read literally (``rule="positive"``: the positive
     part of the averaged delta) the rule is not sign-symmetric: a parameter can only grow from
     its initial value, so a logistic model started at 0 never learns a negative coefficient
-    (on adni-like: ACC 0.465, AUC 0.464 where FedAvg gets 0.882 / 0.944). The reading built by
+    (adni-like, 2 repeats, ADNI-1 / ADNI-2: ACC 0.459 / 0.507, AUC 0.466 / 0.514, where FedAvg
+    gets 0.890 / 0.896 and 0.945 / 0.950, and this default 0.866 / 0.910 and 0.948 / 0.952;
+    breast-cancer Dirichlet α = 0.5 over 5 sites: within 0.06 ACC of FedAvg). The reading built by
     default (``rule="agreement"``) keeps guided backpropagation's rule — pass a signal only
     where it is positive — and applies it to each site's contribution along the aggregated
     direction: component ``i`` of the mean ``m`` is applied where the example-weighted share of
