@@ -6,6 +6,8 @@ method's hyperparameters as a config file or ``--method-option NAME.KEY=VALUE`` 
 
 from __future__ import annotations
 
+import dataclasses
+
 from medfed.client.fourier import fourier_personalize, fourier_update
 from medfed.client.local import local_sgd_update
 from medfed.client.reporting import with_round_report
@@ -23,14 +25,19 @@ def _fedavg_client(name, *steps):
     return FederatedAlgorithm(name, local_sgd_update, chain(*steps, apply_delta()))
 
 
-def _spec(name, display, summary, reference, defaults, make, flags=(), caveat=None):
+def _spec(name, display, summary, reference, defaults, make, flags=()):
     def build(opts, training, context):
         return _fedavg_client(name, *make(opts, training, context))
 
     return MethodSpec(
-        name, display, "federated", summary, reference, defaults, build, uploads="delta", family=FAMILY, flags=flags,
-        caveat=caveat,
+        name, display, "federated", summary, reference, defaults, build, uploads="delta", family=FAMILY, flags=flags
     )
+
+
+def _dynamic_fusion(opts, training, context):
+    rule = with_round_report(local_sgd_update, opts["latencies"], opts["jitter"], opts["latency"])
+    aggregator = chain(dynamic_fusion(opts["deadline"], opts["bar"]), apply_delta())
+    return FederatedAlgorithm("dynamic_fusion", rule, aggregator)
 
 
 def _guided_caveat(opts) -> str | None:
@@ -63,12 +70,6 @@ def _fourier(opts, training, context):
     )
 
 
-def _dynamic_fusion(opts, training, context):
-    rule = with_round_report(local_sgd_update, opts["latencies"], opts["jitter"], opts["latency"])
-    aggregator = chain(dynamic_fusion(opts["deadline"], opts["bar"]), apply_delta())
-    return FederatedAlgorithm("dynamic_fusion", rule, aggregator)
-
-
 SERVER_METHODS: list[MethodSpec] = [
     _spec(
         "weighted_mean", "WeightedMean", "example-weighted mean of the sites' deltas (FedAvg's server)",
@@ -95,14 +96,14 @@ SERVER_METHODS: list[MethodSpec] = [
         "Li et al., 2020 (q-FFL); Hosseini et al., 2023", {"q": 1.0, "weighting": "examples"},
         lambda o, t, c: [weighting.fair(q=o["q"], lr=t.lr, weighting=o["weighting"])], flags=("q",),
     ),
-    _spec(
+    dataclasses.replace(_spec(
         "guided", "Guided",
         "apply a component of the averaged delta only where the sites' deltas agree with its sign "
         "(agreement: weighted share of sites that must not oppose; 0 = FedAvg). rule=positive, the "
         "survey's literal reading (positive part only), can never learn a negative parameter",
         "Fan et al., 2021", {"rule": "agreement", "agreement": 1.0},
-        lambda o, t, c: [weighting.guided(rule=o["rule"], agreement=o["agreement"])], caveat=_guided_caveat,
-    ),
+        lambda o, t, c: [weighting.guided(rule=o["rule"], agreement=o["agreement"])],
+    ), caveat=_guided_caveat),
     _spec(
         "fedavgm", "FedAvgM", "server SGD with momentum on the averaged delta",
         "Hsu et al., 2019", {"server_lr": 1.0, "momentum": 0.9},
