@@ -13,9 +13,9 @@ from medfed.client.local import local_sgd_update
 from medfed.client.reporting import with_round_report
 from medfed.engine.loop import FederatedAlgorithm
 from medfed.experiments.spec import MethodSpec
-from medfed.server import fourier as pfa
 from medfed.server import optimizers, robust, weighting
 from medfed.server.aggregate import apply_delta, chain, weighted_mean
+from medfed.server.fourier import fourier, fourier_message
 from medfed.server.fusion import dynamic_fusion
 
 FAMILY = "survey §3.3"
@@ -63,10 +63,10 @@ def _fourier(opts, training, context):
     sites weigh by examples, not 1/K; and sites upload only their low frequencies, where the
     code uploads whole models and splits them at the server.
     """
-    aggregator = chain(pfa.fourier(start=opts["start"], end=opts["end"], rounds=training.rounds), apply_delta())
+    aggregator = chain(fourier(start=opts["start"], end=opts["end"], rounds=training.rounds), apply_delta())
     return FederatedAlgorithm(
         "fourier", fourier_update, aggregator,
-        broadcast=lambda state: pfa.fourier_message(state[0]), personalize=fourier_personalize,
+        broadcast=lambda state: fourier_message(state[0]), personalize=fourier_personalize,
     )
 
 
