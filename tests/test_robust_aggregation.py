@@ -28,6 +28,7 @@ from medfed.server.robust import (
     krum,
     median,
     multikrum,
+    pairwise_distances,
     trimmed_mean,
 )
 
@@ -250,6 +251,22 @@ def test_dos_temperature_flattens_the_weights():
     sharp = _run(dos(temperature=1.0), X)[1]["weights"]["s0"]
     flat = _run(dos(temperature=1e6), X)[1]["weights"]["s0"]
     assert sharp < 0.01 and flat == pytest.approx(0.1, rel=1e-4)
+
+
+def test_dos_sums_the_two_copod_scores_as_the_authors_code_does():
+    # SPAFD main.py: scores = COPOD(D_cos) + COPOD(D_eu), weights = softmax(-scores); the mean of
+    # the two (the rule before issue 8) would be this at temperature 2 and flatter weights
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=P) + 0.2 * rng.normal(size=(8, P))
+    X[5] *= -3.0
+    summed = copod_scores(pairwise_distances(X, "euclidean")) + copod_scores(pairwise_distances(X, "cosine"))
+    want = np.exp(-(summed - summed.min()))
+    want /= want.sum()
+    _, report = _run(dos(), X)
+    np.testing.assert_allclose([report["weights"][f"s{i}"] for i in range(8)], want, rtol=1e-12, atol=0)
+    np.testing.assert_allclose([report["scores"][f"s{i}"] for i in range(8)], summed, rtol=1e-12, atol=0)
+    halved = _run(dos(temperature=2.0), X)[1]["weights"]["s5"]
+    assert report["weights"]["s5"] < halved  # the sum suppresses the outlier more than the mean did
 
 
 def test_dos_with_one_or_two_sites_does_not_break():

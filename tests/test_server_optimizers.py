@@ -23,7 +23,8 @@ from medfed.server.optimizers import (
     server_momentum,
     server_yogi,
 )
-from medfed.server.weighting import fair, fourier, guided, loss_weighted
+from medfed.server.fourier import fourier
+from medfed.server.weighting import fair, guided, loss_weighted
 
 SHAPES = {"weight": (3, 4), "bias": (2,)}
 
@@ -232,8 +233,8 @@ def test_optimizer_state_is_explicit_and_inputs_are_not_mutated(step):
         (lambda: fair(lr=0.0), "lr"),
         (lambda: fair(weighting="sqrt"), "weighting"),
         (lambda: fair(loss_offset=-1.0), "loss_offset"),
-        (lambda: fourier(keep=0.0), "keep"),
-        (lambda: fourier(keep=1.5), "keep"),
+        (lambda: fourier(start=0.0), "start"),
+        (lambda: fourier(end=1.5), "end"),
     ],
 )
 def test_bad_hyperparameters_raise_config_error_naming_them(build, word):
@@ -289,8 +290,8 @@ def test_run_federated_with_each_new_aggregator_runs_and_stays_finite():
         chain(weighted_mean(), server_adagrad(), apply_delta()),
         chain(loss_weighted(), apply_delta()),
         chain(fair(q=1.0), apply_delta()),
-        chain(fourier(keep=0.5), apply_delta()),
-        chain(weighted_mean(), guided(), apply_delta()),
+        chain(fourier(), apply_delta()),
+        chain(guided(), apply_delta()),
     ]:
         run = run_federated(FederatedAlgorithm("m", local_sgd_update, agg), model.init(4), sites, training, 3, KeyedRng(0))
         assert all(np.isfinite(v).all() for v in run.params.values()), agg.name
@@ -397,61 +398,107 @@ def test_fair_refuses_wrong_kind_and_zero_loss_with_small_q():
     assert all(not v.any() for v in zero.values())
 
 
-# ---------------------------------------------------------------- fourier (PFA)
+# ---------------------------------------------------------------- fourier (PFA's server step)
+
+KERNEL = {"conv": (2, 3, 4, 4), "bias": (2,)}
 
 
-def test_fourier_keep_all_is_weighted_mean():
-    rng = np.random.default_rng(14)
-    stack = _stack(rng)
-    got, _, _ = fourier(keep=1.0).apply(stack, None, None, 0)
+def _kernel_stack(rng, counts=(40, 25, 10)):
+    uploads = [Upload(f"s{i}", {k: rng.normal(size=s) for k, s in KERNEL.items()}, n, "delta", {})
+               for i, n in enumerate(counts)]
+    return stack_uploads(uploads)
+
+
+def test_fourier_full_share_is_weighted_mean_exactly():
+    stack = _kernel_stack(np.random.default_rng(14))
+    step = fourier(start=1.0, end=1.0)
+    got, _, _ = step.apply(stack, step.init({}), None, 0)
     want = _mean(stack)
-    for k in SHAPES:
-        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-12)
+    for k in KERNEL:
+        np.testing.assert_array_equal(got[k], want[k])
 
 
-@pytest.mark.parametrize("keep, kept", [(0.5, {"weight": (1, 2), "bias": (1,)}), (0.01, {"weight": (1, 1), "bias": (1,)})])
-def test_fourier_averages_low_frequencies_and_drops_the_rest(keep, kept):
-    rng = np.random.default_rng(15)
-    stack = _stack(rng)
-    got, _, _ = fourier(keep=keep).apply(stack, None, None, 0)
+def test_fourier_averages_each_kernels_low_spatial_frequencies_and_drops_the_rest():
+    stack = _kernel_stack(np.random.default_rng(15))
+    step = fourier(start=0.5, end=0.5)
+    got, state, report = step.apply(stack, step.init({}), None, 0)
     w = stack.weights / stack.weights.sum()
-    for k in SHAPES:
-        # per-site transforms, then the example-weighted mean (PFA's order of operations)
-        site_coefs = np.stack([dctn(stack.payload[k][i], norm="ortho") for i in range(len(w))])
-        want = np.tensordot(w, site_coefs, axes=1)
-        out = dctn(got[k], norm="ortho")
-        low = tuple(slice(0, m) for m in kept[k])
-        np.testing.assert_allclose(out[low], want[low], rtol=0, atol=1e-12)
-        rest = out.copy()
-        rest[low] = 0.0
-        np.testing.assert_allclose(rest, 0.0, rtol=0, atol=1e-12)
-        if k == "weight":  # the high frequencies that were dropped were not zero to begin with
-            assert np.abs(want).sum() > np.abs(want[low]).sum() + 1e-3
+    # per-site transforms over the spatial axes, then the example-weighted mean
+    site_coefs = np.stack([dctn(stack.payload["conv"][i], axes=(2, 3), norm="ortho") for i in range(len(w))])
+    want = np.tensordot(w, site_coefs, axes=1)
+    out = dctn(got["conv"], axes=(2, 3), norm="ortho")
+    # share 0.5 of each axis: floor(0.25 * 16) = 4 coefficients, the 2x2 block of every (out, in) kernel
+    np.testing.assert_allclose(out[..., :2, :2], want[..., :2, :2], rtol=0, atol=1e-12)
+    rest = out.copy()
+    rest[..., :2, :2] = 0.0
+    np.testing.assert_allclose(rest, 0.0, rtol=0, atol=1e-12)
+    assert np.abs(want).sum() > np.abs(want[..., :2, :2]).sum() + 1e-3  # what was dropped was not zero
+    np.testing.assert_array_equal(got["bias"], _mean(stack)["bias"])  # no kernel: averaged whole
+    assert report == {"share": 0.5, "kernel_share": 0.25}
+    assert (state.aggregations, state.shared) == (1, 0.5)
 
 
 def test_fourier_refuses_params_uploads():
+    step = fourier()
     with pytest.raises(ConfigError, match="params"):
-        fourier().apply(_stack(np.random.default_rng(0), kind="params"), None, None, 0)
+        step.apply(_stack(np.random.default_rng(0), kind="params"), step.init({}), None, 0)
 
 
 # ---------------------------------------------------------------- guided
 
 
-def test_guided_keeps_positive_components_and_zeroes_negative_ones():
+def test_guided_positive_rule_keeps_positive_components_and_zeroes_negative_ones():
     rng = np.random.default_rng(16)
-    update = {k: rng.normal(size=s) for k, s in SHAPES.items()}
+    stack = _stack(rng)
+    mean = _mean(stack)
     g = _global(rng)
-    out, _, report = guided().apply(update, None, g, 0)
+    out, _, report = guided(rule="positive").apply(stack, None, g, 0)
     for k in SHAPES:
-        np.testing.assert_array_equal(out[k][update[k] > 0], update[k][update[k] > 0])
-        np.testing.assert_array_equal(out[k][update[k] <= 0], 0.0)
-    total = sum(v.size for v in update.values())
-    assert report["kept_fraction"] == sum(int((v > 0).sum()) for v in update.values()) / total
-    # in a chain on deltas, no parameter ever moves down
-    agg = chain(weighted_mean(), guided(), apply_delta())
+        np.testing.assert_array_equal(out[k][mean[k] > 0], mean[k][mean[k] > 0])
+        np.testing.assert_array_equal(out[k][mean[k] <= 0], 0.0)
+    total = sum(v.size for v in mean.values())
+    assert report["kept_fraction"] == sum(int((v > 0).sum()) for v in mean.values()) / total
+    # in a chain on deltas, no parameter ever moves down: the literal reading's flaw
+    agg = chain(guided(rule="positive"), apply_delta())
     new, _, _ = agg.apply(_stack(rng), agg.init(g), g, 0)
     for k in SHAPES:
         assert np.all(new[k] >= g[k])
+
+
+def test_guided_agreement_applies_only_components_no_site_opposes():
+    rng = np.random.default_rng(17)
+    stack = _stack(rng)
+    mean = _mean(stack)
+    out, _, report = guided().apply(stack, None, None, 0)
+    kept = 0
+    for k in SHAPES:
+        opposed = (stack.payload[k] * mean[k] < 0).any(axis=0)
+        np.testing.assert_array_equal(out[k], np.where(opposed, 0.0, mean[k]))
+        kept += int((~opposed).sum())
+    total = sum(v.size for v in mean.values())
+    assert 0 < kept < total  # the case is not trivial: some components kept, some dropped
+    assert report["kept_fraction"] == kept / total
+    # a weighted share: with agreement 0.6, a component opposed by a site holding 10/82 of the
+    # examples survives, one opposed by the 40-example site does not
+    w = stack.weights / stack.weights.sum()
+    share = {k: np.tensordot(w, stack.payload[k] * mean[k] < 0, axes=1) for k in SHAPES}
+    loose, _, _ = guided(agreement=0.6).apply(stack, None, None, 0)
+    for k in SHAPES:
+        np.testing.assert_array_equal(loose[k], np.where(share[k] <= 0.4, mean[k], 0.0))
+
+
+def test_guided_agreement_zero_is_weighted_mean_exactly_and_bad_options_are_named():
+    stack = _stack(np.random.default_rng(18))
+    got, _, _ = guided(agreement=0.0).apply(stack, None, None, 0)
+    want = _mean(stack)
+    for k in SHAPES:
+        np.testing.assert_array_equal(got[k], want[k])
+    with pytest.raises(ConfigError, match="guided rule must be one of agreement, positive"):
+        guided(rule="relu")
+    with pytest.raises(ConfigError, match=r"guided agreement must be a number in \[0, 1\]"):
+        guided(agreement=1.5)
+    with pytest.raises(ConfigError, match="params"):
+        guided().apply(_stack(np.random.default_rng(0), kind="params"), None, None, 0)
 
 
 # ---------------------------------------------------------------- hypothesis
@@ -469,7 +516,8 @@ REDUCERS = {
     "loss_weighted": lambda: loss_weighted(temperature=0.7),
     "fair": lambda: fair(q=1.5, lr=0.1, loss_offset=1e-3),
     "fair_uniform": lambda: fair(q=0.5, weighting="uniform", loss_offset=1e-3),
-    "fourier": lambda: fourier(keep=0.5),
+    "fourier": lambda: fourier(start=0.5, end=0.5),
+    "guided": lambda: guided(agreement=0.7),
 }
 
 
@@ -478,9 +526,9 @@ REDUCERS = {
 def test_reducing_steps_are_permutation_invariant_hypothesis(k, d, name, data):
     uploads, values = _draw_stack(data, k, d)
     agg = REDUCERS[name]()
-    a, _, ra = agg.apply(stack_uploads(uploads), None, None, 0)
+    a, _, ra = agg.apply(stack_uploads(uploads), agg.init({}), None, 0)
     perm = data.draw(st.permutations(range(k)))
-    b, _, rb = agg.apply(stack_uploads([uploads[i] for i in perm]), None, None, 0)
+    b, _, rb = agg.apply(stack_uploads([uploads[i] for i in perm]), agg.init({}), None, 0)
     scale = 1e-9 * (1 + np.abs(values).max())
     np.testing.assert_allclose(a["w"], b["w"], rtol=0, atol=scale)
     if ra is not None:
@@ -507,13 +555,29 @@ def test_keep_all_and_q_zero_are_weighted_mean_hypothesis(k, d, data):
     stack = stack_uploads(uploads)
     want = _mean(stack)["w"]
     scale = 1e-12 * (1 + np.abs(values).max())
-    np.testing.assert_allclose(fourier(keep=1.0).apply(stack, None, None, 0)[0]["w"], want, rtol=0, atol=scale)
+    full = fourier(start=1.0, end=1.0)
+    np.testing.assert_allclose(full.apply(stack, full.init({}), None, 0)[0]["w"], want, rtol=0, atol=scale)
     np.testing.assert_allclose(fair(q=0.0).apply(stack, None, None, 0)[0]["w"], want, rtol=0, atol=scale)
 
 
 @settings(max_examples=60, deadline=None)
-@given(update=arrays(np.float64, st.tuples(st.integers(1, 4), st.integers(1, 4)), elements=st.floats(-1e6, 1e6)))
-def test_guided_never_applies_a_negative_component_hypothesis(update):
-    out, _, _ = guided().apply({"w": update}, None, None, 0)
+@given(k=st.integers(1, 5), d=st.integers(1, 4), data=st.data())
+def test_guided_positive_never_applies_a_negative_component_hypothesis(k, d, data):
+    uploads, _ = _draw_stack(data, k, d)
+    stack = stack_uploads(uploads)
+    out, _, _ = guided(rule="positive").apply(stack, None, None, 0)
+    mean = _mean(stack)["w"]
     assert np.all(out["w"] >= 0)
-    np.testing.assert_array_equal(out["w"], np.where(update > 0, update, 0.0))
+    np.testing.assert_array_equal(out["w"], np.where(mean > 0, mean, 0.0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(1, 5), d=st.integers(1, 4), data=st.data())
+def test_guided_agreement_applies_the_mean_or_nothing_and_one_site_is_fedavg_hypothesis(k, d, data):
+    uploads, _ = _draw_stack(data, k, d)
+    stack = stack_uploads(uploads)
+    out, _, _ = guided().apply(stack, None, None, 0)
+    mean = _mean(stack)["w"]
+    assert np.all((out["w"] == mean) | (out["w"] == 0.0))
+    one, _, _ = guided().apply(stack_uploads(uploads[:1]), None, None, 0)
+    np.testing.assert_array_equal(one["w"], _mean(stack_uploads(uploads[:1]))["w"])

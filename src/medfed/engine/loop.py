@@ -34,9 +34,10 @@ class FederatedAlgorithm:
     - ``broadcast(server_state) -> dict``: extra keyword arguments sent down with the global
       model each round (SCAFFOLD's server control variate). They reach the local rule as
       keyword arguments.
-    - ``personalize(global_params, data, training, client_state, rng) -> params``: a site's
-      personal model after the last round (fine-tuning, Ditto, APFL). Its metrics are reported
-      next to the global model's.
+    - ``personalize(global_params, data, training, client_state, rng, **message) -> params``: a
+      site's personal model after the last round (fine-tuning, Ditto, APFL, PFA). Its metrics
+      are reported next to the global model's. ``message`` is what ``broadcast`` makes of the
+      final server state (PFA's last shared frequency band).
     - ``private(name) -> bool``: parameters that never leave a site (FedBN, FedPer). Uploads
       carry the others only; the boundary enforces it (:func:`medfed.comm.policy.sharing_policy`)
       and the server keeps its copy of a private parameter unchanged.
@@ -154,8 +155,9 @@ def run_federated(
         )
     personal = {}
     if algorithm.personalize is not None:
+        message = algorithm.broadcast(server_state) if algorithm.broadcast else {}
         for i, site in enumerate(sites):
             personal[site.name] = algorithm.personalize(
-                params, site, site_training[i], client_states[site.name], rng.child(rounds, 2, site_keys[i])
+                params, site, site_training[i], client_states[site.name], rng.child(rounds, 2, site_keys[i]), **message
             )
     return FederatedRun(params, history, client_states, server_state, personal)

@@ -120,7 +120,8 @@ def results_document(run: ExperimentRun, command: str | None = None) -> dict[str
         "model": {"name": config.model, "options": dict(config.model_options)},
         "methods": [
             {"name": spec.name, "display": spec.display, "kind": spec.kind, "uploads": spec.uploads or None,
-             "reference": spec.reference, "family": spec.family, "personal": spec.personal, "options": opts}
+             "reference": spec.reference, "family": spec.family, "personal": spec.personal, "options": opts,
+             "caveat": spec.caveat(opts) if spec.caveat else None}
             for spec, opts in run.methods
         ],
         "config": config.model_dump(mode="json"),
@@ -216,6 +217,7 @@ def table_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     model after its global one. Leave-one-site-out rows follow in blocks of their own, one per
     held-out site, labelled "(unseen)"."""
     order = {m["display"]: i for i, m in enumerate(doc["methods"])}
+    caveats = {m["display"]: m["caveat"] for m in doc["methods"] if m.get("caveat")}
     rows = []
     blocks = [(site, "split") for site in (s["name"] for s in doc["sites"])]
     blocks += [(site, "loso") for site, _ in blocks]
@@ -231,6 +233,7 @@ def table_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
             else:
                 cells = [format_metric(r["metrics"][m]) for m in METRICS]
             notes = [r["reason"]] if r["reason"] else []
+            notes += [caveats[r["setting"]]] if r["setting"] in caveats else []
             notes += r.get("warnings", [])
             notes += [f"{m.upper()}: {r['metrics'][m]['undefined_reason']}" for m in METRICS
                       if r["computable"] and r["metrics"][m].get("undefined_reason")]

@@ -6,12 +6,16 @@ method's hyperparameters as a config file or ``--method-option NAME.KEY=VALUE`` 
 
 from __future__ import annotations
 
+import dataclasses
+
+from medfed.client.fourier import fourier_personalize, fourier_update
 from medfed.client.local import local_sgd_update
 from medfed.client.reporting import with_round_report
 from medfed.engine.loop import FederatedAlgorithm
 from medfed.experiments.spec import MethodSpec, require_sgd
 from medfed.server import optimizers, robust, weighting
 from medfed.server.aggregate import apply_delta, chain, weighted_mean
+from medfed.server.fourier import fourier, fourier_message
 from medfed.server.fusion import dynamic_fusion
 
 FAMILY = "survey §3.3"
@@ -41,6 +45,36 @@ def _dynamic_fusion(opts, training, context):
     return FederatedAlgorithm("dynamic_fusion", rule, aggregator)
 
 
+def _guided_caveat(opts) -> str | None:
+    if opts.get("rule") == "positive":
+        return ("guided rule=positive applies only the positive part of the averaged delta: every parameter "
+                "can only grow from its initial value, so a coefficient that should be negative is never "
+                "learned (a logistic model started at 0 can score at or below chance)")
+    return None
+
+
+def _fourier(opts, training, context):
+    """PFA (Chen et al., MICCAI 2021): :mod:`medfed.client.fourier` at the sites,
+    :func:`medfed.server.fourier.fourier` at the server, over the training's rounds.
+
+    Departures from the paper and the authors' code (PRR-FL): DET, the deputy model and its
+    Recover-Exchange-Sublimate transfer, is out of scope (each site trains its personal model
+    directly, FedAvg's local steps); the transform is an orthonormal DCT over each kernel's
+    spatial axes, where the code runs a 2-D FFT over the kernel tensor reshaped to
+    (in·height, width·out) and averages only the amplitudes, keeping each site's phase;
+    averaging the coefficients themselves keeps the step linear (full share = FedAvg) and
+    never mixes channels into "frequency". Dense layers are averaged whole (the code also
+    filters fully connected weights), normalization layers too (the code keeps BN local);
+    sites weigh by examples, not 1/K; and sites upload only their low frequencies, where the
+    code uploads whole models and splits them at the server.
+    """
+    aggregator = chain(fourier(start=opts["start"], end=opts["end"], rounds=training.rounds), apply_delta())
+    return FederatedAlgorithm(
+        "fourier", fourier_update, aggregator,
+        broadcast=lambda state: fourier_message(state[0]), personalize=fourier_personalize,
+    )
+
+
 SERVER_METHODS: list[MethodSpec] = [
     _spec(
         "weighted_mean", "WeightedMean", "example-weighted mean of the sites' deltas (FedAvg's server)",
@@ -49,13 +83,17 @@ SERVER_METHODS: list[MethodSpec] = [
     _spec(
         "loss_weighted", "LossWeighted",
         "sites with a worse training loss at the global model get a smaller weight (n_k exp(-loss_k / T))",
-        "Li et al., 2022", {"temperature": 1.0},
+        "Li et al., 2022", {"temperature": weighting.LOSS_WEIGHTED_TEMPERATURE},
         lambda o, t, c: [weighting.loss_weighted(temperature=o["temperature"])],
     ),
-    _spec(
-        "fourier", "Fourier",
-        "average only the lowest `keep` fraction of DCT frequencies of the deltas",
-        "Chen et al., 2022", {"keep": 0.5}, lambda o, t, c: [weighting.fourier(keep=o["keep"])],
+    MethodSpec(
+        "fourier", "PFA", "federated",
+        "Progressive Fourier Aggregation: the low spatial frequencies (DCT) of convolution kernels are "
+        "averaged, a share of each axis growing from start to end over the rounds; each site keeps its own "
+        "high frequencies (never uploaded) and is scored with its personal model. Models without kernels "
+        "(the numpy logistic): FedAvg exactly",
+        "Chen et al., 2021 (MICCAI; the survey's Chen et al., 2022)", {"start": 0.7, "end": 0.95}, _fourier,
+        uploads="delta", personal=True, global_model=False, family=FAMILY,
     ),
     _spec(
         "fair", "q-FFL",
@@ -63,10 +101,14 @@ SERVER_METHODS: list[MethodSpec] = [
         "Li et al., 2020 (q-FFL); Hosseini et al., 2023", {"q": 1.0, "weighting": "examples"},
         _fair, flags=("q",),
     ),
-    _spec(
-        "guided", "Guided", "apply only the positive components of the averaged delta",
-        "Fan et al., 2021", {}, lambda o, t, c: [weighted_mean(), weighting.guided()],
-    ),
+    dataclasses.replace(_spec(
+        "guided", "Guided",
+        "apply a component of the averaged delta only where the sites' deltas agree with its sign "
+        "(agreement: weighted share of sites that must not oppose; 0 = FedAvg). rule=positive, the "
+        "survey's literal reading (positive part only), can never learn a negative parameter",
+        "Fan et al., 2021", {"rule": "agreement", "agreement": 1.0},
+        lambda o, t, c: [weighting.guided(rule=o["rule"], agreement=o["agreement"])],
+    ), caveat=_guided_caveat),
     _spec(
         "fedavgm", "FedAvgM", "server SGD with momentum on the averaged delta",
         "Hsu et al., 2019", {"server_lr": 1.0, "momentum": 0.9},

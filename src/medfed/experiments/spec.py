@@ -39,7 +39,10 @@ class MethodSpec:
     ``defaults`` fixes each option's type: a float, int, bool or str, or a dict (site name ->
     number) for per-site profiles. ``build(opts, training, context)`` returns the engine's
     :class:`FederatedAlgorithm`. ``personal`` says the method also produces a personal model
-    per site, reported next to the global one.
+    per site, reported next to the global one. ``caveat(opts)``, when given, returns what a
+    reader must know about the numbers the method produces under those options (e.g. a
+    reading that cannot learn a parameter's sign), or None; results carry it and the table
+    shows it as a note on the method's rows.
     """
 
     name: str
@@ -55,6 +58,7 @@ class MethodSpec:
     global_model: bool = True  # False: the shared part alone is no model (FedBN, FedPer); only personal rows
     family: str = "survey §6"  # where the method sits in the survey: §6 experiment, §3.2 client end, §3.3 server end
     flags: Sequence[str] = ()  # option names that are also command-line flags
+    caveat: Callable[[Mapping[str, Any]], str | None] | None = None
 
 
 def local_optimizer(model: str = "logistic", model_options: Mapping[str, Any] | None = None) -> str:

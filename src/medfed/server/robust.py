@@ -388,11 +388,21 @@ def bulyan(f: int = 1) -> Aggregator:
 def dos(temperature: float = 1.0) -> Aggregator:
     """Distance-based Outlier Suppression (Alkhunaizi et al., 2022, MICCAI).
 
-    Weights each site by ``softmax(-score / temperature)``, where ``score`` is the mean of the
+    Weights each site by ``softmax(-score / temperature)``, where ``score`` is the SUM of the
     COPOD outlier scores (:func:`copod_scores`) of the rows of the sites' pairwise Euclidean
     and cosine distance matrices; an outlying site gets a near-zero weight. The aggregate is
     the weighted sum of the updates; example counts are not used. Report: ``weights`` and
-    ``scores`` per site.
+    ``scores`` (the summed score) per site.
+
+    The sum follows the authors' code (github.com/Naiftt/SPAFD, ``main.py``
+    ``abnormalCompute``: ``clf_cs.decision_function(D_cos) + clf_eu.decision_function(D_eu)``,
+    then ``exp(alpha · s) / Σ exp(alpha · s)`` with ``alpha = -1``, i.e. ``temperature = 1``
+    here). medfed used to average the two scores, which is this rule at twice the
+    temperature. Two departures remain: the authors score with pyod's ``COPOD`` (a per-feature
+    ``max(skewness tail, mean of both tails)``, see :func:`copod_scores`) where medfed uses the
+    COPOD paper's Algorithm 1, and by default their distances are between the local models
+    rather than their updates (identical Euclidean distances, since the common global model
+    cancels; different cosine distances).
     """
     temperature = _temperature("dos", temperature)
 
@@ -401,9 +411,7 @@ def dos(temperature: float = 1.0) -> Aggregator:
         _require("dos", K)
         _check_finite("dos", stack)
         X = _site_matrix(stack)
-        scores = (
-            copod_scores(pairwise_distances(X, "euclidean")) + copod_scores(pairwise_distances(X, "cosine"))
-        ) / 2
+        scores = copod_scores(pairwise_distances(X, "euclidean")) + copod_scores(pairwise_distances(X, "cosine"))
         logits = -scores / temperature
         w = np.exp(logits - logits.max())
         w /= w.sum()

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from medfed.errors import ConfigError
-from medfed.server import optimizers, robust, weighting
+from medfed.server import fourier, optimizers, robust, weighting
 from medfed.server.aggregate import Aggregator, apply_delta, chain, weighted_mean
 from medfed.server.fusion import dynamic_fusion
 
@@ -23,12 +23,12 @@ REDUCING_STEPS: dict[str, Callable[..., Aggregator]] = {
     "weighted_mean": weighted_mean,
     "loss_weighted": weighting.loss_weighted,
     "fair": weighting.fair,
-    "fourier": weighting.fourier,
+    "fourier": fourier.fourier,
+    "guided": weighting.guided,
     "dynamic_fusion": dynamic_fusion,
     **robust.ROBUST_AGGREGATORS,
 }
 UPDATE_STEPS: dict[str, Callable[..., Aggregator]] = {
-    "guided": weighting.guided,
     "server_momentum": optimizers.server_momentum,
     "server_adam": optimizers.server_adam,
     "server_yogi": optimizers.server_yogi,

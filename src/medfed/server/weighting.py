@@ -2,9 +2,9 @@
 
 Reducing steps (:class:`~medfed.server.aggregate.StackedUploads` → one aggregated update):
 :func:`loss_weighted` (Li et al., 2022), :func:`fair` (q-FFL; Li et al., 2020; Hosseini et
-al., 2023) and :func:`fourier` (PFA; Chen et al., 2022). One update→update step:
-:func:`guided` (Fan et al., 2021). Each is vectorized over the site axis and does not
-depend on the order of the sites in the stack.
+al., 2023) and :func:`guided` (Fan et al., 2021). PFA's step is :mod:`medfed.server.fourier`.
+Each is vectorized over the site axis and does not depend on the order of the sites in the
+stack.
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ def _site_losses(stack: StackedUploads, method: str) -> np.ndarray:
     return loss
 
 
-def loss_weighted(temperature: float = 1.0) -> Aggregator:
+LOSS_WEIGHTED_TEMPERATURE = 0.1
+
+
+def loss_weighted(temperature: float = LOSS_WEIGHTED_TEMPERATURE) -> Aggregator:
     """Loss-weighted aggregation (Li et al., 2022): sites whose training loss at the global
     model is worse get a smaller weight, ``w_k ∝ n_k · exp(−loss_k / temperature)``.
 
@@ -45,6 +48,22 @@ def loss_weighted(temperature: float = 1.0) -> Aggregator:
     the shift cancels in the normalization), so no term overflows and equal losses give
     exactly the example weights of :func:`~medfed.server.aggregate.weighted_mean`. The
     report maps each site to its weight. Works on any upload kind.
+
+    The default temperature, 0.1, was chosen by measurement (3 repeats, default training,
+    temperatures 1, 0.3, 0.1, 0.05, 0.03, 0.01): the sites' log losses differ by a few
+    hundredths to tenths, so at the former default 1 the weights were the example weights to
+    within 0.008 on adni-like (largest ratio of two sites' weight per example: 1.03; ACC and
+    AUC equal to FedAvg's, 0.888 / 0.949), 0.013 on breast-cancer Dirichlet α = 0.1 over 5
+    sites (ratio 1.11) and 0.020 on heart-disease (1.22): FedAvg in practice. 0.1 is the
+    largest of those temperatures at which, on every one of these data sets, some round gives
+    one site at least twice another's weight per example (ratio 2.3 adni-like, 5.6 and 4.9
+    breast-cancer α = 0.1 / 0.5, 403 heart-disease; mean over rounds of the largest
+    ``|w_k − n_k/n|`` 0.08, 0.13, 0.13, 0.29) without handing the round to one site as 0.05
+    and below do (ratios 36 to 8·10^6). What it changes against FedAvg (means over the test
+    sites): ACC 0.880 vs 0.888 and AUC 0.946 vs 0.949 on adni-like, ACC 0.964 vs 0.973 (AUC
+    0.992 both) on breast-cancer α = 0.1, ACC 0.740 vs 0.795 (AUC 0.807 vs 0.810) on
+    heart-disease. The weights depend on the loss's scale, so another model or loss may want
+    another temperature.
     """
     if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
         raise ConfigError(f"loss_weighted temperature must be a finite number > 0, got {temperature!r}")
@@ -124,73 +143,63 @@ def fair(
     return Aggregator(_stateless_init, apply, "fair")
 
 
-def _low_frequency_mask(shape: tuple[int, ...], keep: float) -> np.ndarray:
-    mask = np.ones(shape, dtype=bool)
-    for axis, n in enumerate(shape):
-        # 1e-9 absorbs representation error (0.29 * 100 = 28.999999999999996).
-        m = max(1, int(np.floor(keep * n + 1e-9)))
-        index = [np.newaxis] * len(shape)
-        index[axis] = slice(None)
-        mask &= (np.arange(n) < m)[tuple(index)]
-    return mask
+GUIDED_RULES = ("agreement", "positive")
 
 
-def fourier(keep: float = 0.5) -> Aggregator:
-    """Progressive Fourier Aggregation's server step (PFA; Chen et al., 2022): average only the
-    low-frequency DCT coefficients of each parameter's update, drop the high frequencies.
+def guided(rule: str = "agreement", agreement: float = 1.0) -> Aggregator:
+    """Guided aggregation (Fan et al., 2021): of the example-weighted mean of the sites'
+    updates, apply only the components the sites' own updates agree with.
 
-    For each parameter: orthonormal DCT over all its axes (``scipy.fft.dctn``, ``norm="ortho"``),
-    example-weighted mean of the lowest ``floor(keep · n)`` coefficients along each axis of
-    length ``n`` (at least one), zeros elsewhere, inverse DCT. The DCT is linear, so the mean
-    is taken before the transform (one DCT per parameter, not one per site). ``keep = 1`` is
-    :func:`~medfed.server.aggregate.weighted_mean` up to rounding.
+    The survey (Guan & Liu, §3.3) says "only positive values of the aggregated weights are used
+    to update the global", after guided backpropagation (Springenberg et al., 2015), which lets
+    only positive gradient signals through. Read literally (``rule="positive"``: the positive
+    part of the averaged delta) the rule is not sign-symmetric: a parameter can only grow from
+    its initial value, so a logistic model started at 0 never learns a negative coefficient
+    (adni-like, 2 repeats, ADNI-1 / ADNI-2: ACC 0.459 / 0.507, AUC 0.466 / 0.514, where FedAvg
+    gets 0.890 / 0.896 and 0.945 / 0.950, and this default 0.866 / 0.910 and 0.948 / 0.952;
+    breast-cancer Dirichlet α = 0.5 over 5 sites: within 0.06 ACC of FedAvg). The reading built by
+    default (``rule="agreement"``) keeps guided backpropagation's rule — pass a signal only
+    where it is positive — and applies it to each site's contribution along the aggregated
+    direction: component ``i`` of the mean ``m`` is applied where the example-weighted share of
+    sites with ``delta_k,i · m_i < 0`` (sites opposing it) is at most ``1 − agreement``, and set
+    to zero elsewhere. Every site's update counts, so the step reduces the stacked uploads
+    itself (it is a reducing step, not an update→update step).
 
-    The server therefore never updates the high frequencies of the global model: in PFA's
-    personalized setting those stay local to each site; here they stay at their initial
-    values. Accepts ``delta`` and ``gradient`` uploads; ``params`` are refused because
-    zeroing the high frequencies of averaged parameters would erase them from the model.
+    Consequences: ``agreement = 1`` (the default) applies a component only if no site opposes
+    it (the AND-mask of Parascandolo et al., 2021); ``agreement = 0`` is
+    :func:`~medfed.server.aggregate.weighted_mean` exactly; one site is FedAvg. Parameters move
+    either way, so any sign can be learned, but a component the sites keep disagreeing on
+    stays where it is (on very heterogeneous sites, parameters can stay near their start).
+    The Fan et al. paper's own text was not available to us: this is our reading of the
+    survey's sentence and of guided backpropagation's intent, not a transcription.
+
+    ``delta`` and ``gradient`` uploads are accepted (agreement is sign-symmetric); ``params``
+    are refused (the signs of parameters say nothing about a direction). With
+    ``rule="positive"`` on ``gradient`` uploads the positive gradient part is kept, so
+    parameters only shrink. The report gives the fraction of components applied.
     """
-    if not (isinstance(keep, (int, float)) and 0 < keep <= 1):
-        raise ConfigError(f"fourier keep must lie in (0, 1] (fraction of frequencies kept per axis), got {keep!r}")
+    if rule not in GUIDED_RULES:
+        raise ConfigError(f"guided rule must be one of {', '.join(GUIDED_RULES)}, got {rule!r}")
+    if isinstance(agreement, bool) or not (isinstance(agreement, (int, float)) and 0 <= agreement <= 1):
+        raise ConfigError(
+            f"guided agreement must be a number in [0, 1] (the weighted share of sites that must not "
+            f"oppose a component), got {agreement!r}"
+        )
+    # the opposing share is a sum of example weights: allow its rounding error at the threshold
+    allowed = 1.0 - float(agreement) + 1e-12
 
     def apply(stack: StackedUploads, state, global_params, round_):
         if stack.kind == "params":
-            raise ConfigError("fourier aggregates 'delta' or 'gradient' uploads, not 'params'")
+            raise ConfigError("guided aggregates 'delta' or 'gradient' uploads, not 'params'")
         w = stack.weights / stack.weights.sum()
-        out = {}
-        for name, mean in _combine(stack, w).items():
-            if mean.ndim == 0:
-                out[name] = mean
-                continue
-            from scipy.fft import (  # imported when used, to keep `medfed` quick to start
-                dctn,
-                idctn,
-            )
-
-            coefficients = dctn(mean, norm="ortho")
-            coefficients[~_low_frequency_mask(mean.shape, keep)] = 0.0
-            out[name] = idctn(coefficients, norm="ortho")
-        return out, state, None
-
-    return Aggregator(_stateless_init, apply, "fourier")
-
-
-def guided() -> Aggregator:
-    """Guided update (Fan et al., 2021): keep only the positive components of the aggregated
-    update, set the negative ones to zero, so the server never applies a negative component.
-
-    The survey (Guan & Liu, §3.3) describes it as "only positive values of the aggregated
-    weights are used to update the global", motivated by guided gradients. An update→update
-    step: after a reducing step on ``delta`` uploads it lets parameters only grow; placed
-    before :func:`~medfed.server.aggregate.gradient_step` on ``gradient`` uploads it keeps the
-    positive gradient components (parameters only shrink), the guided-backpropagation sense.
-    NaN passes through unchanged. The report gives the fraction of components kept.
-    """
-
-    def apply(update, state, global_params, round_):
-        out = {k: np.maximum(v, 0.0) for k, v in update.items()}
-        total = sum(np.size(v) for v in update.values())
-        kept = sum(int(np.count_nonzero(v > 0)) for v in update.values())
-        return out, state, {"kept_fraction": kept / total if total else 0.0}
+        mean = _combine(stack, w)
+        if rule == "positive":
+            keep = {k: m > 0 for k, m in mean.items()}
+        else:
+            keep = {k: np.tensordot(w, stack.payload[k] * m < 0, axes=1) <= allowed for k, m in mean.items()}
+        out = {k: np.where(keep[k], m, 0.0) for k, m in mean.items()}
+        total = sum(np.size(m) for m in mean.values())
+        applied = sum(int(np.count_nonzero(keep[k] & (m != 0))) for k, m in mean.items())
+        return out, state, {"kept_fraction": applied / total if total else 0.0}
 
     return Aggregator(_stateless_init, apply, "guided")
