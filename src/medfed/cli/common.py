@@ -17,7 +17,9 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 
 def fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape  # a message may hold brackets: medfed[imaging], a column '[x]'
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
