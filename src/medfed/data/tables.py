@@ -133,24 +133,7 @@ def load_table(
         if labels is not None:
             y, positive = labels
 
-    blocks, names, encoded, parsed = [], [], [], []
-    for col in feature_names:
-        if col in categorical:
-            block = problems.attempt(_one_hot_column, df[col], col, path)
-            if block is not None:
-                encoded.append(CategoricalColumn(col, block[1], sum(b.shape[1] for b in blocks)))
-                blocks.append(block[0])
-                names += encoded[-1].feature_names
-            continue
-        values = problems.attempt(_numeric_column, df[col], col, path)
-        if values is not None:
-            parsed.append(len(blocks))
-            blocks.append(values[:, None])
-            names.append(col)
-    X = np.concatenate(blocks, axis=1) if blocks else np.empty((len(df), 0))
-    numeric = [sum(b.shape[1] for b in blocks[:k]) for k in parsed]
-    for problem in _missing_problems(X[:, numeric], [names[j] for j in numeric], impute, site_arr):
-        problems.add(problem)
+    X, names, encoded = _feature_matrix(df, feature_names, categorical, impute, site_arr, problems)
     problems.raise_if_any()
 
     sites = []
@@ -182,6 +165,30 @@ def load_table(
         info=info,
         categorical=tuple(encoded),
     )
+
+
+def _feature_matrix(df, columns: list[str], categorical: list[str], impute, sites, problems: _Problems):
+    """The feature matrix, its column names and the one-hot encoded columns; problems recorded."""
+    blocks, names, encoded = [], [], []
+    numeric: list[int] = []  # positions (in X) of the numeric columns, checked for missing values
+    for col in columns:
+        start = len(names)
+        if col in categorical:
+            block = problems.attempt(_one_hot_column, df[col], col, problems.path)
+            if block is not None:
+                encoded.append(CategoricalColumn(col, block[1], start))
+                blocks.append(block[0])
+                names += encoded[-1].feature_names
+            continue
+        values = problems.attempt(_numeric_column, df[col], col, problems.path)
+        if values is not None:
+            numeric.append(start)
+            blocks.append(values[:, None])
+            names.append(col)
+    X = np.concatenate(blocks, axis=1) if blocks else np.empty((len(df), 0))
+    for problem in _missing_problems(X[:, numeric], [names[j] for j in numeric], impute, sites):
+        problems.add(problem)
+    return X, names, encoded
 
 
 class _Problems:
@@ -513,7 +520,8 @@ def _one_hot_column(col, name: str, path: Path) -> tuple[np.ndarray, tuple[str, 
             f"{path}: categorical column {name!r} has {int(missing.sum())} missing values (first at "
             f"data row {int(np.argmax(missing)) + 1}); give them a level of their own, e.g. 'unknown'"
         )
-    values = [_text(v) for v in col.tolist()]
+    # text as written (stripped); numbers (Parquet) canonical, so 1.0 and 1 are one level
+    values = [v.strip() if isinstance(v, str) else _text(v) for v in col.tolist()]
     levels = tuple(sorted(set(values)))
     return one_hot(values, levels), levels
 
