@@ -586,6 +586,7 @@ def run_experiment(
                 f"leave-one-site-out: {', '.join(partial)} keep part of the model at each site, so an unseen "
                 "site has no complete model; no unseen-site rows"
             )
+    notes += unseen_level_notes([o.unseen_levels for o in outcomes], config.repeats)
     noted_sites: set[str] = set()
     rises: dict[str, list[tuple[int, float, float]]] = {}
     setting_time = {spec.display: 0.0 for spec, _ in methods}
@@ -618,7 +619,6 @@ def run_experiment(
             rises.setdefault(label, []).append((repeat, start, end))
         for name, seconds in outcome.setting_time.items():
             setting_time[name] += seconds
-    notes += unseen_level_notes([o.unseen_levels for o in outcomes], config.repeats)
     for label, cases in rises.items():
         ends = [end for _, _, end in cases]
         notes.append(
