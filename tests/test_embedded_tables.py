@@ -54,13 +54,21 @@ def test_heart_disease_without_imputation_refuses_missing_values():
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(features=["age", "bmi"]), dict(features=["num"]), dict(features="age"), dict(impute="zero")]
+    "kw", [dict(features=["age", "bmi"]), dict(features=["num"]), dict(features="age,bmi"), dict(features=3),
+           dict(impute="zero")]
 )
 def test_heart_disease_bad_options(kw):
     with pytest.raises(ConfigError) as info:
         load_heart_disease(**kw)
-    if "features" in kw and isinstance(kw["features"], list):
+    if "features" in kw and kw["features"] != 3:
         assert "trestbps" in str(info.value)  # lists the allowed names
+        assert "--features" in str(info.value)
+
+
+def test_heart_disease_options_as_a_command_line_spells_them():
+    """``--dataset-option features=age,sex`` arrives as text, ``impute=none`` as the word."""
+    fed = load_heart_disease(features="age, sex", impute="none")
+    assert fed.feature_names == ("age", "sex") and fed.impute is None
 
 
 def test_heart_disease_via_registry():

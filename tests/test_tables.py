@@ -423,3 +423,62 @@ def test_ragged_rows(tmp_path):
     path.write_text("site,label,age\nA,1,2,3,4\n" + "A,0,1\n" * 12)
     msg = error(DataError, path)
     assert "ragged.csv" in msg and "more fields than the header" in msg
+
+
+# --------------------------------------------------------------------------- unnamed columns, all problems at once
+
+
+def test_pandas_default_index_column_is_refused_with_the_fix(tmp_path):
+    path = tmp_path / "indexed.csv"
+    frame().to_csv(path)  # pandas' default: the row index as a first column with an empty header
+    msg = error(DataError, path)
+    assert "'Unnamed: 0'" in msg and "0..23" in msg
+    assert '--exclude "Unnamed: 0"' in msg and "index=False" in msg
+    assert load_table(path, **COLS, exclude=["Unnamed: 0"]).feature_names == ("age", "volume")
+
+
+def test_blank_header_name_of_a_feature_is_refused(tmp_path):
+    path = tmp_path / "blank.csv"
+    df = frame()
+    df.insert(2, "", np.arange(24) % 5)
+    df.insert(3, " ", np.arange(24) % 3)
+    df.to_csv(path, index=False)  # two blank names are not "duplicates"
+    msg = error(DataError, path)
+    assert "column 3 has no header name (read as 'Unnamed: 2')" in msg
+    assert "column 4 has no header name (read as 'Unnamed: 3')" in msg
+    assert '--exclude "Unnamed: 2"' in msg and "more than once" not in msg
+    # naming the features leaves the unnamed columns out, as the user asked
+    assert load_table(path, **COLS, features=["age"]).feature_names == ("age",)
+
+
+def test_one_error_lists_every_problem_of_the_table(tmp_path):
+    df = pd.concat([frame(), frame(sites=("C",), n=4, seed=1)], ignore_index=True)
+    df["volume"] = df["volume"].astype(object)
+    df.loc[5, "volume"] = "high"  # non-numeric feature
+    df["age"] = df["age"].astype(float)
+    df.loc[[1, 14], "age"] = np.nan  # missing values without --impute
+    msg = error(DataError, write(tmp_path, df))  # and site C is too small
+    assert msg.startswith(f"{tmp_path / 'cohort.csv'}: 3 problems: (1) ")
+    assert "'C' (4 rows)" in msg
+    assert "feature column 'volume' is not numeric" in msg and "'high' at data row 6" in msg
+    assert "feature column 'age' has 2 missing values" in msg and "--impute mean|median" in msg
+    assert "\n" not in msg
+
+
+def test_every_missing_named_column_is_listed_with_its_flag(tmp_path):
+    msg = error(DataError, write(tmp_path, frame()), site_column="hospital", features=["age", "weight"])
+    assert "'hospital' (--site-column), 'weight' (--features) are not in the file" in msg
+    assert "'volume'" in msg  # the available columns
+
+
+def test_hints_name_the_flag_and_the_config_key(tmp_path):
+    df = frame(note=["x"] * 24)
+    msg = error(DataError, write(tmp_path, df))
+    assert "--categorical note" in msg and "--exclude note" in msg
+    assert "--features a,b (features = [...] in a config)" in msg
+    df = frame()
+    df.loc[2, "volume"] = np.nan
+    assert '--impute mean|median (impute = "mean" in a config)' in error(DataError, write(tmp_path, df))
+    msg = error(DataError, write(tmp_path, frame(label=["AD", "NC"] * 12)))
+    assert '--positive-label VALUE (positive_label = "VALUE" in a config)' in msg
+    assert "(features=)" not in msg and "(positive_label=)" not in msg

@@ -253,6 +253,8 @@ def run(
     label_column: Annotated[str | None, typer.Option(help="column holding the label")] = None,
     split_column: Annotated[str | None, typer.Option(help="column with train/test per row")] = None,
     features: Annotated[str | None, typer.Option(help="comma-separated feature columns [default: all others]")] = None,
+    exclude: Annotated[str | None, typer.Option(help="comma-separated table columns to leave out")] = None,
+    categorical: Annotated[str | None, typer.Option(help="comma-separated string columns to one-hot encode (levels from training rows)")] = None,
     impute: Annotated[str | None, typer.Option(help="fill missing values: mean or median (training rows of each site)")] = None,
     positive_label: Annotated[str | None, typer.Option(help="label value that counts as positive")] = None,
     dataset_option: Annotated[list[str] | None, typer.Option(help="KEY=VALUE option of the embedded data set")] = None,
@@ -301,6 +303,7 @@ def run(
             ("path_column", path_column), ("kind", kind), ("skip_bad", skip_bad),
             ("site_column", site_column), ("label_column", label_column), ("split_column", split_column),
             ("features", split_list(features)), ("impute", impute), ("positive_label", positive_label),
+            ("exclude", split_list(exclude)), ("categorical", split_list(categorical)),
         ]:
             if value is not None:
                 data_over[key] = value

@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from medfed.errors import ConfigError, MedfedError
 
@@ -99,7 +100,8 @@ def apply_threads(config) -> None:
 
 def fail(message: str, status: int = EXIT_BAD_INPUT) -> NoReturn:
     with contextlib.suppress(OSError):  # a closed stderr too: the status still says it
-        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        # a message may hold brackets (medfed[imaging], a column '[x]') that rich would read as markup
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(status)
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from medfed.data.categorical import CategoricalColumn
+from medfed.data.hints import setting
 from medfed.errors import DataError
 
 MIN_SITE_SAMPLES = 10
@@ -82,6 +84,9 @@ class Federation:
 
     ``description`` and ``attribution`` travel into results so a report says what data it
     is about and whom to credit. For images, ``feature_names`` names the channels.
+    ``categorical`` lists the one-hot encoded columns of a feature table (their indicators are
+    features named ``column=level``); which levels a repeat may use is decided from its
+    training rows (:mod:`medfed.data.categorical`).
     """
 
     name: str
@@ -92,6 +97,7 @@ class Federation:
     positive_label: str = "1"
     impute: str | None = None
     info: dict = field(default_factory=dict)
+    categorical: tuple[CategoricalColumn, ...] = ()
 
     def __post_init__(self) -> None:
         sites = tuple(self.sites)
@@ -121,10 +127,17 @@ class Federation:
                     j = int(np.argmax(missing))
                     raise DataError(
                         f"site {s.name!r}: column {self.feature_names[j]!r} has {int(missing[j])} "
-                        "missing values; choose an imputation (impute = 'mean' or 'median')"
+                        f"missing values; choose an imputation: {setting('impute')}"
                     )
+        for c in self.categorical:
+            if len(shape) > 1 or tuple(self.feature_names[c.indicators]) != c.feature_names:
+                raise DataError(
+                    f"federation {self.name!r}: categorical column {c.name!r} does not match the "
+                    f"feature names at positions {c.start}..{c.start + len(c.levels) - 1}"
+                )
         object.__setattr__(self, "sites", sites)
         object.__setattr__(self, "feature_names", tuple(self.feature_names))
+        object.__setattr__(self, "categorical", tuple(self.categorical))
 
     @property
     def site_names(self) -> list[str]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medfed.data.hints import setting
 from medfed.errors import DataError
 
 
@@ -32,7 +33,7 @@ def impute(
         cols = ", ".join(repr(feature_names[j]) for j in empty)
         raise DataError(
             f"site {site!r}: column(s) {cols} have no observed value in the site's training rows, "
-            "so they cannot be imputed there; leave them out with --features"
+            f"so they cannot be imputed there; leave them out with {setting('exclude')}"
         )
     stat = np.nanmean(X_train, axis=0) if strategy == "mean" else np.nanmedian(X_train, axis=0)
 

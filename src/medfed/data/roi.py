@@ -62,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from medfed.data.extras import import_extra
 from medfed.data.images.manifest import read_manifest
 from medfed.data.tables import one_line, read_frame
 from medfed.errors import ConfigError, DataError
@@ -307,7 +308,7 @@ def parse_regions(spec: str | int | Iterable[int]) -> tuple[list[tuple[int, int]
 
 
 def _load_image(path: Path, role: str):
-    import nibabel as nib
+    nib = import_extra("nibabel", "reading images for ROI features")
 
     if not path.exists():
         raise DataError(f"{role} {path}: not found")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from medfed.data.categorical import CategoricalColumn, one_hot
 from medfed.data.federation import MIN_SITE_SAMPLES, Federation, Site
+from medfed.data.hints import flag, setting
 from medfed.errors import ConfigError, DataError
 
 CSV_EXTENSIONS = (".csv", ".tsv", ".txt")
@@ -46,6 +49,8 @@ def load_table(
     features: Sequence[str] | None = None,
     impute: str | None = None,
     positive_label: Any = None,
+    exclude: Sequence[str] | None = None,
+    categorical: Sequence[str] | None = None,
     name: str | None = None,
 ) -> Federation:
     """Read a CSV or Parquet table with one row per subject into a federation of sites.
@@ -55,138 +60,218 @@ def load_table(
     (0/1) unless ``positive_label`` says which value is the positive class; the loader never
     guesses, because a silently flipped label inverts every metric.
 
+    Features are ``features`` if given, else every column but the site, label and split
+    columns and those in ``exclude``. A column without a header name (pandas writes its row
+    index that way) is refused as a feature unless excluded or named in ``features``.
+    ``categorical`` columns are one-hot encoded: one indicator feature ``column=level`` per
+    level in the file; which levels a repeat's models may use is decided from that repeat's
+    training rows only (:mod:`medfed.data.categorical`).
+
     Missing feature values are an error unless ``impute`` is ``"mean"`` or ``"median"``; then
     they stay NaN here and are filled later from each site's *training* rows only, so that
     test rows never leak into the statistics.
 
     A site whose training rows hold one class is accepted: label skew is common in medicine
     and the federation can still learn from such a site.
+
+    Every problem found with the file is reported at once, in one :class:`DataError`.
     """
-    _check_parameters(site_column, label_column, split_column, features, impute)
+    _check_parameters(site_column, label_column, split_column, features, impute, exclude, categorical)
     path = Path(path)
     df = read_frame(path)
     columns = [str(c) for c in df.columns]
     df.columns = columns
     if len(df) == 0:
         raise DataError(f"{path} holds no data rows (only a header, or nothing at all)")
+    problems = _Problems(path)
+    categorical = list(categorical or [])
 
-    wanted = [site_column, label_column] + ([split_column] if split_column else [])
-    wanted += list(features or [])
-    for col in wanted:
-        if col not in columns:
-            raise DataError(
-                f"column {col!r} is not in {path}; available columns: "
-                f"{_list(columns, limit=40)}"
-            )
+    named = [(site_column, "site_column"), (label_column, "label_column")]
+    named += [(split_column, "split_column")] if split_column else []
+    named += [(c, key) for key, cols in (("features", features), ("exclude", exclude), ("categorical", categorical))
+              for c in cols or []]
+    absent = list(dict.fromkeys((c, key) for c, key in named if c not in columns))
+    if absent:
+        which = ", ".join(f"{c!r} ({flag(key)})" for c, key in absent)
+        problems.add(
+            f"column{'s' if len(absent) > 1 else ''} {which} {'are' if len(absent) > 1 else 'is'} not in the file; "
+            f"available columns: {_list(columns, limit=40)}"
+        )
 
     reserved = {site_column, label_column, split_column}
     if features is None:
-        feature_names = [c for c in columns if c not in reserved]
+        feature_names = [c for c in columns if c not in reserved and c not in set(exclude or ())]
         if not feature_names:
-            raise DataError(
-                f"{path} has no feature columns besides the site, label and split columns"
+            problems.add(
+                "no feature columns besides the site, label and split columns"
+                + (f" and those excluded ({flag('exclude')})" if exclude else "")
             )
+        for c in feature_names:
+            problem = _unnamed_column(df[c], c, columns.index(c))
+            if problem:
+                problems.add(problem)
     else:
-        feature_names = list(features)
+        feature_names = [c for c in features if c in columns]
 
-    row_sites = site_values(df[site_column], site_column, path)
-    site_order = list(dict.fromkeys(row_sites))
-    counts = {s: 0 for s in site_order}
-    for s in row_sites:
-        counts[s] += 1
-    small = [f"{s!r} ({counts[s]} rows)" for s in site_order if counts[s] < MIN_SITE_SAMPLES]
-    if small:
-        raise DataError(
-            f"{path}: site {', '.join(small)} in column {site_column!r} has fewer than "
-            f"{MIN_SITE_SAMPLES} rows; every site needs at least {MIN_SITE_SAMPLES} for a "
-            "train/test split (merge or drop small sites)"
-        )
-    position = {s: i for i, s in enumerate(site_order)}
-    site_index = np.array([position[s] for s in row_sites])
-    site_arr = np.asarray(row_sites, dtype=object)
+    site_arr = None
+    if site_column in columns:
+        row_sites = problems.attempt(site_values, df[site_column], site_column, path)
+        if row_sites is not None:
+            site_arr = np.asarray(row_sites, dtype=object)
+            problems.add(_small_sites(row_sites, site_column))
+    site_order = [] if site_arr is None else list(dict.fromkeys(site_arr.tolist()))
 
     split = None
-    if split_column:
-        split = split_values(df[split_column], split_column, path)
-        for s in site_order:
-            rows = split[site_arr == s]
-            if rows.all() or not rows.any():
-                missing = "test" if rows.all() else "train"
-                raise DataError(
-                    f"{path}: site {s!r} has no {missing} rows in split column {split_column!r}; "
-                    "every site needs both train and test rows"
-                )
+    if split_column in columns:
+        split = problems.attempt(split_values, df[split_column], split_column, path)
+        if split is not None and site_arr is not None:
+            problems.add(_sites_without_split_rows(split, site_arr, site_order, split_column))
 
-    y, positive = binary_labels(df[label_column], label_column, positive_label, path, site_arr)
+    y = positive = None
+    if label_column in columns:
+        labels = problems.attempt(binary_labels, df[label_column], label_column, positive_label, path, site_arr)
+        if labels is not None:
+            y, positive = labels
 
-    X = np.empty((len(df), len(feature_names)), dtype=np.float64)
-    for j, col in enumerate(feature_names):
-        X[:, j] = _numeric_column(df[col], col, path)
-    _check_missing(X, feature_names, impute, path, site_arr)
+    X, names, encoded = _feature_matrix(df, feature_names, categorical, impute, site_arr, problems)
+    problems.raise_if_any()
 
     sites = []
-    for i, s in enumerate(site_order):
-        rows = site_index == i
-        sites.append(
-            Site(name=s, X=X[rows], y=y[rows], split=None if split is None else split[rows])
-        )
+    for s in site_order:
+        rows = site_arr == s
+        sites.append(Site(name=s, X=X[rows], y=y[rows], split=None if split is None else split[rows]))
+    info = {
+        "source": str(path),
+        "site_column": site_column,
+        "label_column": label_column,
+        "split_column": split_column,
+        "features_selected_by": "all" if features is None else "list",
+    }
+    if exclude:
+        info["excluded"] = list(exclude)
+    if encoded:
+        info["categorical_levels"] = {c.name: list(c.levels) for c in encoded}
     return Federation(
         name=name or path.stem,
         sites=tuple(sites),
-        feature_names=tuple(feature_names),
+        feature_names=tuple(names),
         description=(
-            f"table {path.name}: {len(df)} subjects at {len(sites)} sites, "
-            f"{len(feature_names)} features"
+            f"table {path.name}: {len(df)} subjects at {len(sites)} sites, {len(names)} features"
+            + (f" ({', '.join(c.name for c in encoded)} one-hot encoded)" if encoded else "")
         ),
         attribution="",
         positive_label=positive,
         impute=impute,
-        info={
-            "source": str(path),
-            "site_column": site_column,
-            "label_column": label_column,
-            "split_column": split_column,
-            "features_selected_by": "all" if features is None else "list",
-        },
+        info=info,
+        categorical=tuple(encoded),
     )
+
+
+def _feature_matrix(df, columns: list[str], categorical: list[str], impute, sites, problems: _Problems):
+    """The feature matrix, its column names and the one-hot encoded columns; problems recorded."""
+    blocks, names, encoded = [], [], []
+    numeric: list[int] = []  # positions (in X) of the numeric columns, checked for missing values
+    for col in columns:
+        start = len(names)
+        if col in categorical:
+            block = problems.attempt(_one_hot_column, df[col], col, problems.path)
+            if block is not None:
+                encoded.append(CategoricalColumn(col, block[1], start))
+                blocks.append(block[0])
+                names += encoded[-1].feature_names
+            continue
+        values = problems.attempt(_numeric_column, df[col], col, problems.path)
+        if values is not None:
+            numeric.append(start)
+            blocks.append(values[:, None])
+            names.append(col)
+    X = np.concatenate(blocks, axis=1) if blocks else np.empty((len(df), 0))
+    for problem in _missing_problems(X[:, numeric], [names[j] for j in numeric], impute, sites):
+        problems.add(problem)
+    return X, names, encoded
+
+
+class _Problems:
+    """Everything wrong with one table, collected so that one run reports all of it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.items: list[str] = []
+
+    def add(self, problem: str | None) -> None:
+        if problem:
+            self.items.append(problem.removeprefix(f"{self.path}: "))
+
+    def attempt(self, check, *args):
+        """``check(*args)``, or None with its DataError recorded."""
+        try:
+            return check(*args)
+        except DataError as exc:
+            self.add(str(exc))
+            return None
+
+    def raise_if_any(self) -> None:
+        if len(self.items) == 1:
+            raise DataError(f"{self.path}: {self.items[0]}")
+        if self.items:
+            listed = "; ".join(f"({i}) {p}" for i, p in enumerate(self.items, 1))
+            raise DataError(f"{self.path}: {len(self.items)} problems: {listed}")
 
 
 # --------------------------------------------------------------------------- parameters
 
 
-def _check_parameters(site_column, label_column, split_column, features, impute) -> None:
+def _check_parameters(site_column, label_column, split_column, features, impute, exclude=None, categorical=None) -> None:
     """Reject bad arguments before touching the file, so the message blames the option."""
-    for opt, value in (("site_column", site_column), ("label_column", label_column)):
+    for key, value in (("site_column", site_column), ("label_column", label_column)):
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"{opt} must be a column name, got {value!r}")
+            raise ConfigError(f"{setting(key)} must be a column name, got {value!r}")
     if split_column is not None and (not isinstance(split_column, str) or not split_column):
-        raise ConfigError(f"split_column must be a column name or None, got {split_column!r}")
+        raise ConfigError(f"{setting('split_column')} must be a column name or left out, got {split_column!r}")
     roles = {"site_column": site_column, "label_column": label_column}
     if split_column:
         roles["split_column"] = split_column
     seen: dict[str, str] = {}
     for role, col in roles.items():
         if col in seen:
-            raise ConfigError(f"{seen[col]} and {role} are both {col!r}; they must differ")
+            raise ConfigError(f"{flag(seen[col])} and {flag(role)} are both {col!r}; they must differ")
         seen[col] = role
     if impute is not None and impute not in IMPUTE_CHOICES:
-        raise ConfigError(f"impute must be 'mean', 'median' or None, got {impute!r}")
-    if features is not None:
-        if isinstance(features, str) or not isinstance(features, Sequence):
+        raise ConfigError(f"{flag('impute')} must be mean or median (or left out), got {impute!r}")
+    lists = {key: _column_list(key, value, seen) for key, value in
+             (("features", features), ("exclude", exclude), ("categorical", categorical))}
+    both = [c for c in lists["exclude"] or () if c in (lists["features"] or ()) + (lists["categorical"] or ())]
+    if both:
+        where = flag("features") if both[0] in (lists["features"] or ()) else flag("categorical")
+        raise ConfigError(f"{flag('exclude')} and {where} both name {both[0]!r}; a column is either dropped or used")
+    if lists["features"] is not None:
+        unlisted = [c for c in lists["categorical"] or () if c not in lists["features"]]
+        if unlisted:
             raise ConfigError(
-                f"features must be a list of column names, got {features!r}"
+                f"{flag('categorical')} names {_list(unlisted)}, which {flag('features')} does not list; "
+                f"a categorical column is a feature: add it to {flag('features')} as well"
             )
-        if not features:
-            raise ConfigError("features is an empty list; name at least one column (or pass None for all)")
-        bad = [f for f in features if not isinstance(f, str) or not f]
-        if bad:
-            raise ConfigError(f"features must be column names (strings), got {bad[0]!r}")
-        dup = sorted({f for f in features if list(features).count(f) > 1})
-        if dup:
-            raise ConfigError(f"features lists {_list(dup)} more than once")
-        clash = [f"{f!r} (the {seen[f].removesuffix('_column')} column)" for f in features if f in seen]
-        if clash:
-            raise ConfigError(f"features must not include {', '.join(clash)}")
+
+
+def _column_list(key: str, value, roles: dict[str, str]) -> tuple[str, ...] | None:
+    """``features``, ``exclude`` or ``categorical`` as a tuple of names, checked; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ConfigError(f"{setting(key)} must be a list of column names, got {value!r}")
+    if not value:
+        what = " (or leave it out for all)" if key == "features" else ""
+        raise ConfigError(f"{flag(key)} is an empty list; name at least one column{what}")
+    bad = [f for f in value if not isinstance(f, str) or not f]
+    if bad:
+        raise ConfigError(f"{flag(key)} must list column names (strings), got {bad[0]!r}")
+    dup = sorted({f for f in value if list(value).count(f) > 1})
+    if dup:
+        raise ConfigError(f"{flag(key)} lists {_list(dup)} more than once")
+    clash = [f"{f!r} (the {roles[f].removesuffix('_column')} column)" for f in value if f in roles]
+    if clash:
+        raise ConfigError(f"{flag(key)} must not include {', '.join(clash)}")
+    return tuple(value)
 
 
 # --------------------------------------------------------------------------- reading
@@ -215,7 +300,8 @@ def read_frame(path: Path):
 
     sep, header = _sniff(path, suffix)
     if header is not None:
-        dup = sorted({c for c in header if header.count(c) > 1})
+        # blank names are not duplicates: pandas reads them as 'Unnamed: N', refused later as features
+        dup = sorted({c for c in header if c and header.count(c) > 1})
         if dup:
             raise DataError(f"{path}: column {_list(dup)} appears more than once in the header")
     try:
@@ -344,14 +430,18 @@ def split_values(col, name: str, path: Path) -> np.ndarray:
     return np.array([n == "train" for n in norm], dtype=bool)
 
 
-def binary_labels(col, name: str, positive_label: Any, path: Path, sites: np.ndarray) -> tuple[np.ndarray, str]:
-    """Binary labels from a 0/1 column, or from ``positive_label`` compared as text."""
+def binary_labels(col, name: str, positive_label: Any, path: Path, sites: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """Binary labels from a 0/1 column, or from ``positive_label`` compared as text.
+
+    ``sites`` (each row's site, or None when unknown) only serves the message about missing labels.
+    """
     values = col.tolist()
     missing = _missing_mask(col)
     if missing.any():
+        where = "" if sites is None else f" ({_per_site(missing, sites)})"
         raise DataError(
-            f"{path}: label column {name!r} has {int(missing.sum())} missing values "
-            f"({_per_site(missing, sites)}); every subject needs a label"
+            f"{path}: label column {name!r} has {int(missing.sum())} missing values{where}, first at "
+            f"data row {int(np.argmax(missing)) + 1}; every subject needs a label"
         )
     keys = [_text(v) for v in values]
     distinct = list(dict.fromkeys(keys))
@@ -370,8 +460,8 @@ def binary_labels(col, name: str, positive_label: Any, path: Path, sites: np.nda
         kind = "one value only" if len(distinct) == 1 else f"{len(distinct)} distinct values"
         raise DataError(
             f"{path}: label column {name!r} is not 0/1 (it holds {kind}: {_list(distinct)}); "
-            "pass --positive-label VALUE (positive_label=) to say which value is the positive "
-            "class, all others becoming 0"
+            f"pass {setting('positive_label')} to say which value is the positive class, all "
+            "others becoming 0"
         )
     if y.all() or not y.any():
         raise DataError(
@@ -403,9 +493,10 @@ def _numeric_column(col, name: str, path: Path) -> np.ndarray:
         if bad.size:
             i = int(bad[0])
             raise DataError(
-                f"{path}: feature column {name!r} is not numeric (e.g. {str(col.iloc[i]).strip()!r} "
-                f"at data row {i + 1}); features must be numbers or booleans; name the numeric "
-                "columns explicitly (features=) to leave this one out"
+                f"{path}: feature column {name!r} is not numeric ({bad.size} value(s), first "
+                f"{str(col.iloc[i]).strip()!r} at data row {i + 1}); features must be numbers or "
+                f"booleans: one-hot encode it with {flag('categorical')} {_shell(name)}, leave it out "
+                f"with {flag('exclude')} {_shell(name)}, or name the numeric columns with {setting('features')}"
             )
     inf = np.isinf(out)
     if inf.any():
@@ -421,27 +512,90 @@ def _spells_nan(v: Any) -> bool:
     return isinstance(v, str) and v.lower() in ("nan", "-nan", "+nan")
 
 
-def _check_missing(X: np.ndarray, names: list[str], impute: str | None, path: Path, sites: np.ndarray) -> None:
+def _one_hot_column(col, name: str, path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Indicators of a categorical column, one per level in the file (sorted), and the levels."""
+    missing = _missing_mask(col)
+    if missing.any():
+        raise DataError(
+            f"{path}: categorical column {name!r} has {int(missing.sum())} missing values (first at "
+            f"data row {int(np.argmax(missing)) + 1}); give them a level of their own, e.g. 'unknown'"
+        )
+    # text as written (stripped); numbers (Parquet) canonical, so 1.0 and 1 are one level
+    values = [v.strip() if isinstance(v, str) else _text(v) for v in col.tolist()]
+    levels = tuple(sorted(set(values)))
+    return one_hot(values, levels), levels
+
+
+def _missing_problems(X: np.ndarray, names: list[str], impute: str | None, sites: np.ndarray | None) -> list[str]:
+    """Columns with no value at all, and (without ``impute``) missing values, as problems."""
     nan = np.isnan(X)
     per_col = nan.sum(axis=0)
+    out = []
     empty = [names[j] for j in range(len(names)) if per_col[j] == X.shape[0]]
     if empty:
-        raise DataError(
-            f"{path}: feature column {_list(empty)} has no values at all; leave it out "
-            "by naming the feature columns explicitly (features=)"
+        out.append(
+            f"feature column {_list(empty)} has no values at all; leave it out with "
+            f"{flag('exclude')} {_shell(empty[0])}{',...' if len(empty) > 1 else ''}"
         )
-    if impute is not None or not per_col.any():
-        return
-    cols = [j for j in range(len(names)) if per_col[j]]
+    cols = [j for j in range(len(names)) if per_col[j] and names[j] not in empty]
+    if impute is not None or not cols:
+        return out
     j = cols[0]
+    where = "" if sites is None else f" ({_per_site(nan[:, j], sites)})"
     others = ""
     if len(cols) > 1:
         others = f"; {len(cols) - 1} other feature column(s) also have missing values: {_list([names[k] for k in cols[1:]])}"
-    raise DataError(
-        f"{path}: feature column {names[j]!r} has {int(per_col[j])} missing values "
-        f"({_per_site(nan[:, j], sites)}){others}; pass --impute mean|median (impute=) to fill "
-        "them from each site's training rows"
+    out.append(
+        f"feature column {names[j]!r} has {int(per_col[j])} missing values{where}{others}; pass "
+        f"{setting('impute')} to fill them from each site's training rows"
     )
+    return out
+
+
+# pandas names a column whose header cell is blank "Unnamed: N" (N: its position)
+_UNNAMED = re.compile(r"Unnamed: \d+")
+
+
+def _unnamed_column(col, name: str, position: int) -> str | None:
+    """A problem when a would-be feature has no header name (e.g. a row index pandas wrote)."""
+    if name.strip() and not _UNNAMED.fullmatch(name):
+        return None
+    fix = f"leave it out with {flag('exclude')} {_shell(name)} or name it in the header"
+    try:
+        values = col.astype(float).to_numpy()
+    except (TypeError, ValueError):
+        values = None
+    if position == 0 and values is not None and np.array_equal(values, np.arange(len(col))):
+        return (
+            f"the first column has no header name (read as {name!r}) and holds 0..{len(col) - 1}: a row index, "
+            f"as pandas' to_csv writes by default; it is not a feature: {fix} "
+            "(or re-save the file with index=False)"
+        )
+    return f"column {position + 1} has no header name (read as {name!r}); {fix}"
+
+
+def _small_sites(row_sites: list[str], site_column: str) -> str | None:
+    counts: dict[str, int] = {}
+    for s in row_sites:
+        counts[s] = counts.get(s, 0) + 1
+    small = [f"{s!r} ({n} rows)" for s, n in counts.items() if n < MIN_SITE_SAMPLES]
+    if not small:
+        return None
+    return (
+        f"site {', '.join(small)} in column {site_column!r} has fewer than {MIN_SITE_SAMPLES} rows; "
+        f"every site needs at least {MIN_SITE_SAMPLES} for a train/test split (merge or drop small sites)"
+    )
+
+
+def _sites_without_split_rows(split: np.ndarray, sites: np.ndarray, order: list[str], split_column: str) -> str | None:
+    lacking = []
+    for s in order:
+        rows = split[sites == s]
+        if rows.all() or not rows.any():
+            lacking.append(f"site {s!r} has no {'test' if rows.all() else 'train'} rows")
+    if not lacking:
+        return None
+    return f"{', '.join(lacking)} in split column {split_column!r}; every site needs both train and test rows"
 
 
 # --------------------------------------------------------------------------- messages
@@ -460,6 +614,11 @@ def _list(items: Sequence[Any], limit: int = _MAX_LISTED) -> str:
     if len(items) > limit:
         shown += f", ... ({len(items) - limit} more)"
     return shown
+
+
+def _shell(name: str) -> str:
+    """A column name as a user would type it after a flag (quoted when it holds spaces)."""
+    return f'"{name}"' if not re.fullmatch(r"[\w.=-]+", name) else name
 
 
 def one_line(exc: BaseException) -> str:

@@ -68,6 +68,8 @@ class DataSpec(_Strict):
     features: list[str] | None = None
     impute: Literal["mean", "median"] | None = None
     positive_label: str | None = None
+    exclude: list[str] | None = None  # table columns to drop
+    categorical: list[str] | None = None  # table columns to one-hot encode (levels from training rows)
 
     _finite = field_validator("options")(_finite_options)
 
@@ -83,6 +85,12 @@ class DataSpec(_Strict):
             raise ValueError("data.npz needs data.positive_classes: the classes that count as positive")
         if self.path is not None and (self.site_column is None or self.label_column is None):
             raise ValueError("a table needs data.site_column and data.label_column")
+        if self.path is None and (self.exclude or self.categorical):
+            given = " and ".join(f for f, v in (("--exclude", self.exclude), ("--categorical", self.categorical)) if v)
+            raise ValueError(
+                f"{given} (data.exclude, data.categorical) apply to a table given with --data (data.path); "
+                "embedded data sets, manifests and npz files have fixed numeric features"
+            )
         return self
 
 

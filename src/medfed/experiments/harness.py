@@ -20,6 +20,7 @@ import numpy as np
 
 from medfed.client.drift import label_counts
 from medfed.client.local import LocalData, LocalTraining, sgd_steps
+from medfed.data.categorical import keep_training_levels, training_levels, unseen_level_notes
 from medfed.data.datasets import load_dataset
 from medfed.data.federation import Federation, SingleClassSiteWarning
 from medfed.data.preprocess import Moments, Standardizer, impute
@@ -185,6 +186,7 @@ class SplitSite:
     X_test: np.ndarray
     y_test: np.ndarray
     moments: Moments
+    unseen_levels: dict[str, dict[str, int]] = field(default_factory=dict)  # column -> level -> test rows
 
     @property
     def single_class(self) -> bool:
@@ -292,26 +294,35 @@ def load_federation(spec: DataSpec) -> Federation:
         features=spec.features,
         impute=spec.impute,
         positive_label=spec.positive_label,
+        exclude=spec.exclude,
+        categorical=spec.categorical,
     )
 
 
 def prepare_repeat(fed: Federation, config: ExperimentConfig, repeat: int) -> list[SplitSite]:
-    """Split and impute every site for one repeat; randomness keyed by (repeat, site)."""
+    """Split and impute every site for one repeat; randomness keyed by (repeat, site).
+
+    Categorical columns keep the levels some site's training rows hold (the union is a setup
+    exchange of level names); a test row with another level gets all-zero indicators and is
+    counted in ``SplitSite.unseen_levels``.
+    """
     out = []
     root = KeyedRng(config.seed, (SPLIT_STREAM, repeat))
-    for i, site in enumerate(fed.sites):
-        if site.split is not None:
-            train = site.split
-        else:
-            train = stratified_split(site.y, config.test_fraction, root.child(i).generator)
+    trains = [
+        site.split if site.split is not None else stratified_split(site.y, config.test_fraction, root.child(i).generator)
+        for i, site in enumerate(fed.sites)
+    ]
+    known = training_levels(fed.categorical, [s.X[t] for s, t in zip(fed.sites, trains)]) if fed.categorical else {}
+    for site, train in zip(fed.sites, trains):
         X_train, X_test = site.X[train], site.X[~train]
+        X_test, unseen = keep_training_levels(X_test, fed.categorical, known)
         if not fed.is_image:
             X_train, X_test = impute(X_train, X_test, fed.impute, site=site.name, feature_names=fed.feature_names)
         if config.scaling == "site":
             scale = Standardizer.from_moments([Moments.of(X_train)])
             X_train, X_test = scale(X_train), scale(X_test)
         y = site.y.astype(np.float64)
-        out.append(SplitSite(site.name, X_train, y[train], X_test, y[~train], Moments.of(X_train)))
+        out.append(SplitSite(site.name, X_train, y[train], X_test, y[~train], Moments.of(X_train), unseen))
     return out
 
 
@@ -353,6 +364,7 @@ class RepeatOutcome:
     # (method, train site, start, end): a model whose training loss rose far above its start;
     # "single" stands for the one per-site model Single and Cross share
     loss_rises: list[tuple[str, str | None, float, float]] = field(default_factory=list)
+    unseen_levels: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # site -> column -> level -> rows
 
 
 CROSS_ONE_SITE = "Cross trains on one site and tests on another; this federation has a single site"
@@ -374,7 +386,8 @@ def run_repeat(
     sites = prepare_repeat(federation, config, repeat)
     scaled = ScaledViews(sites, config.scaling)
     initial = plan.initial(federation, repeat)
-    out = RepeatOutcome([], [], [s.name for s in sites if s.single_class], {})
+    out = RepeatOutcome([], [], [s.name for s in sites if s.single_class], {},
+                        unseen_levels={s.name: s.unseen_levels for s in sites if s.unseen_levels})
     single_models: dict[int, CentralFit] = {}
 
     def key_of(spec: MethodSpec, train_site: str | None, j: int, evaluation: str = "split", model_kind: str = "global"):
@@ -625,6 +638,7 @@ def run_experiment(
                 f"leave-one-site-out: {', '.join(partial)} keep part of the model at each site, so an unseen "
                 "site has no complete model; no unseen-site rows"
             )
+    notes += unseen_level_notes([o.unseen_levels for o in outcomes], config.repeats)
     noted_sites: set[str] = set()
     rises: dict[str, list[tuple[int, float, float]]] = {}
     setting_time = {spec.display: 0.0 for spec, _ in methods}

@@ -20,10 +20,12 @@ The numpy ``logistic`` model's ``weight`` and ``bias`` are neither norm nor head
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from medfed.data.extras import missing_extra
 from medfed.errors import ConfigError
 from medfed.models.logistic import LogisticRegression
 
@@ -140,7 +142,11 @@ def _logistic(**options: Any) -> LogisticRegression:
 
 
 def _torch(arch: str, **options: Any):
-    # torch loads here, only when a torch model is asked for
+    # torch loads here, only when a torch model is asked for; without it, one line saying how to get it
+    try:
+        importlib.import_module("torch")
+    except ImportError:
+        raise ConfigError(missing_extra("torch", f"model {arch!r}")) from None
     from medfed.models.torch_models import TorchModel
 
     return TorchModel(arch, **options)

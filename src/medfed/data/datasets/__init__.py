@@ -11,7 +11,7 @@ import inspect
 from typing import Any
 
 from medfed.data.federation import Federation
-from medfed.errors import DataError
+from medfed.errors import ConfigError, DataError
 
 # name -> (module, loader function, one-line description)
 DATASETS: dict[str, tuple[str, str, str]] = {
@@ -39,7 +39,12 @@ DATASETS: dict[str, tuple[str, str, str]] = {
 
 
 def load_dataset(name: str, **options: Any) -> Federation:
-    """Load an embedded data set by name; ``options`` go to its loader (e.g. ``alpha``)."""
+    """Load an embedded data set by name; ``options`` go to its loader (e.g. ``alpha``).
+
+    Each loader checks its options' types and ranges before any work
+    (:mod:`medfed.data.datasets.options`); a bad value is one ConfigError naming the data set,
+    the option and what it takes.
+    """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     module, func, _ = DATASETS[name]
@@ -48,7 +53,10 @@ def load_dataset(name: str, **options: Any) -> Federation:
     unknown = [k for k in options if k not in allowed]
     if unknown:
         raise DataError(
-            f"dataset {name!r} has no option {', '.join(map(repr, unknown))}; "
+            f"dataset {name!r} has no option {', '.join(map(repr, unknown))} (--dataset-option KEY=VALUE); "
             f"its options: {', '.join(allowed) or 'none'}"
         )
-    return loader(**options)
+    try:
+        return loader(**options)
+    except ConfigError as exc:  # the loader named the option and what it takes; add which data set
+        raise ConfigError(f"dataset {name!r}: {exc}") from None

@@ -110,6 +110,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from medfed.data.datasets.options import check_int
 from medfed.data.federation import Federation, Site
 
 # The 90 cerebral regions of the AAL atlas (Tzourio-Mazoyer et al., 2002), in atlas order;
@@ -351,7 +352,7 @@ def load_adni_like(seed: int = 0) -> Federation:
     subjects; the population (regional volumes, atrophy pattern, scanner effects) is the same
     for every seed.
     """
-    seed = int(seed)
+    seed = check_int("seed", seed, 0)
     pop = _population()
     sites = []
     for s, spec in enumerate(_SITES):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from medfed.data.datasets.options import check_choice, check_float, check_int
 from medfed.data.federation import MIN_SITE_SAMPLES, Federation, Site
 from medfed.data.partition import (
     dirichlet_label_partition,
@@ -37,10 +38,10 @@ def load_breast_cancer_federation(
     about it. ``alpha`` is used by the Dirichlet partition only (``info`` records ``None``
     for ``"iid"``); every site gets at least 10 rows, enough for a train/test split.
     """
-    if partition not in PARTITIONS:
-        raise ConfigError(f"unknown partition {partition!r}; choose one of {', '.join(PARTITIONS)}")
-    if isinstance(n_sites, bool) or not isinstance(n_sites, (int, np.integer)) or n_sites < 1:
-        raise ConfigError(f"n_sites must be an integer ≥ 1, got {n_sites!r}")
+    partition = check_choice("partition", partition, PARTITIONS)
+    n_sites = check_int("n_sites", n_sites, 1)
+    alpha = check_float("alpha", alpha, 0.0, low_open=True)
+    seed = check_int("seed", seed, 0)
 
     from sklearn.datasets import load_breast_cancer
 
@@ -49,7 +50,7 @@ def load_breast_cancer_federation(
     y = (1 - np.asarray(data.target)).astype(np.int8)
     if n_sites * MIN_SITE_SAMPLES > y.size:
         raise ConfigError(
-            f"n_sites={n_sites} is too many for {y.size} samples; at most "
+            f"option 'n_sites' (--dataset-option n_sites=...): {n_sites} is too many for {y.size} samples; at most "
             f"{y.size // MIN_SITE_SAMPLES} sites keep {MIN_SITE_SAMPLES} rows each"
         )
     if partition == "iid":

@@ -16,7 +16,9 @@ from importlib.resources import files
 
 import numpy as np
 
+from medfed.data.datasets.options import names_list
 from medfed.data.federation import Federation, Site
+from medfed.data.hints import flag, setting
 from medfed.errors import ConfigError, DataError
 
 COLUMNS = (
@@ -64,9 +66,14 @@ def load_heart_disease(
     records code "not measured". It is kept as recorded, not turned into a missing value,
     so results stay comparable with the literature; a model can learn that 0 means unknown.
     """
-    names = _features(features)
+    names = _features(names_list(features))
+    if isinstance(impute, str) and impute.lower() == "none":  # how a command line spells None
+        impute = None
     if impute is not None and impute not in ("mean", "median"):
-        raise ConfigError(f"impute must be 'mean', 'median' or None, got {impute!r}")
+        raise ConfigError(
+            f"{setting('impute')} must be mean or median (or --dataset-option impute=none to refuse "
+            f"missing values), got {impute!r}"
+        )
     cols = [FEATURES.index(f) for f in names]
     root = files("medfed.data.datasets") / "files" / "uci-heart-disease"
     sites = []
@@ -97,19 +104,19 @@ def _features(features: Sequence[str] | None) -> list[str]:
     if features is None:
         return list(DEFAULT_FEATURES)
     if isinstance(features, str) or not isinstance(features, Sequence):
-        raise ConfigError(f"features must be a list of column names, got {features!r}")
+        raise ConfigError(f"{setting('features')} must be a list of column names, got {features!r}")
     names = list(features)
     if not names:
-        raise ConfigError(f"features is empty; choose from {', '.join(FEATURES)}")
+        raise ConfigError(f"{flag('features')} is empty; choose from {', '.join(FEATURES)}")
     unknown = [f for f in names if f not in FEATURES]
     if unknown:
         extra = " (num is the target)" if "num" in unknown else ""
         raise ConfigError(
-            f"heart-disease has no feature {unknown[0]!r}{extra}; choose from {', '.join(FEATURES)}"
+            f"no feature {unknown[0]!r}{extra} ({flag('features')}); choose from {', '.join(FEATURES)}"
         )
     dup = sorted({f for f in names if names.count(f) > 1})
     if dup:
-        raise ConfigError(f"features lists {', '.join(dup)} more than once")
+        raise ConfigError(f"{flag('features')} lists {', '.join(dup)} more than once")
     return names
 
 

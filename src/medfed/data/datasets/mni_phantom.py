@@ -101,6 +101,8 @@ from typing import Any
 
 import numpy as np
 
+from medfed.data.datasets.options import check_choice, check_float, check_int
+from medfed.data.extras import import_extra, missing_extra
 from medfed.data.federation import MIN_SITE_SAMPLES, Federation, Site
 from medfed.errors import ConfigError, DataError
 
@@ -159,28 +161,23 @@ def load_mni_phantom(
     ``task="lesion"``; ``slice_mm`` (MNI z of the slice band) and ``band_mm`` to 2D.
     See the module docstring for the generative model and measured difficulty.
     """
-    seed = _check_int("seed", seed, 0)
-    n_sites = _check_int("n_sites", n_sites, 1)
-    if dim not in DIMS:
-        raise ConfigError(f"dim must be one of {', '.join(map(repr, DIMS))}, got {dim!r}")
-    if task not in TASKS:
-        raise ConfigError(f"task must be one of {', '.join(map(repr, TASKS))}, got {task!r}")
-    if lesion_contrast not in LESION_CONTRASTS:
-        raise ConfigError(
-            f"lesion_contrast must be one of {', '.join(map(repr, LESION_CONTRASTS))}, got {lesion_contrast!r}"
-        )
+    seed = check_int("seed", seed, 0)
+    n_sites = check_int("n_sites", n_sites, 1)
+    dim = check_choice("dim", dim, DIMS)
+    task = check_choice("task", task, TASKS)
+    lesion_contrast = check_choice("lesion_contrast", lesion_contrast, LESION_CONTRASTS)
     if size is None:
         size = 32 if dim == "2d" else 16
     hi = 256 if dim == "2d" else 64
-    size = _check_int("size", size, 8, hi)
+    size = check_int("size", size, 8, hi)
     sizes = _per_site_ints("n_per_site", n_per_site, n_sites, MIN_SITE_SAMPLES)
     fractions = _per_site_floats("positive_fraction", positive_fraction, n_sites, 0.0, 1.0)
-    site_shift = _check_float("site_shift", site_shift, 0.0, 3.0)
-    effect = _check_float("effect", effect, 0.0, 3.0)
-    variability = _check_float("variability", variability, 0.0, 3.0)
-    lesion_mm = _check_float("lesion_mm", lesion_mm, 1.0, 30.0)
-    slice_mm = _check_float("slice_mm", slice_mm, -40.0, 70.0)
-    band_mm = _check_float("band_mm", band_mm, 0.0, 30.0)
+    site_shift = check_float("site_shift", site_shift, 0.0, 3.0)
+    effect = check_float("effect", effect, 0.0, 3.0)
+    variability = check_float("variability", variability, 0.0, 3.0)
+    lesion_mm = check_float("lesion_mm", lesion_mm, 1.0, 30.0)
+    slice_mm = check_float("slice_mm", slice_mm, -40.0, 70.0)
+    band_mm = check_float("band_mm", band_mm, 0.0, 30.0)
 
     ndim = 2 if dim == "2d" else 3
     spacing = FOV_MM / size
@@ -251,8 +248,8 @@ def template_folder() -> Path:
     spec = importlib.util.find_spec("nilearn")
     if spec is None or not spec.submodule_search_locations:
         raise DataError(
-            "the mni-phantom data set reads the MNI152 templates bundled with nilearn, which is not "
-            "installed; install the imaging extra: pip install 'medfed[imaging]'"
+            "the mni-phantom data set reads the MNI152 templates bundled with nilearn: "
+            + missing_extra("nilearn", "it")
         )
     folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
     missing = [TEMPLATE_FILE.format(t) for t in ("t1", "gm", "wm") if not (folder / TEMPLATE_FILE.format(t)).is_file()]
@@ -267,12 +264,7 @@ def template_folder() -> Path:
 def _read_templates() -> tuple[tuple[np.ndarray, ...], np.ndarray]:
     """T1, GM, WM volumes (uint8, 1 mm) and their voxel → MNI mm affine."""
     folder = template_folder()
-    try:
-        import nibabel
-    except ImportError as exc:
-        raise DataError(
-            "the mni-phantom data set needs nibabel; install the imaging extra: pip install 'medfed[imaging]'"
-        ) from exc
+    nibabel = import_extra("nibabel", "the mni-phantom data set")
     images = [nibabel.load(folder / TEMPLATE_FILE.format(tissue)) for tissue in ("t1", "gm", "wm")]
     return tuple(np.asarray(img.dataobj) for img in images), np.asarray(images[0].affine, dtype=np.float64)
 
@@ -465,21 +457,6 @@ def _scanner(k: int, site_shift: float) -> dict:
 # --------------------------------------------------------------------------- options
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    ok = not isinstance(value, bool) and isinstance(value, (int, np.integer))
-    if not ok or value < low or (high is not None and value > high):
-        allowed = f"an integer ≥ {low}" if high is None else f"an integer in [{low}, {high}]"
-        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
-    return int(value)
-
-
-def _check_float(name: str, value: Any, low: float, high: float) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
-    if not ok or not math.isfinite(float(value)) or not low <= float(value) <= high:
-        raise ConfigError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
-    return float(value)
-
-
 def _per_site(name: str, value: Any, n_sites: int) -> list[Any]:
     """One value per site from one value, a sequence, or "a,b,c" (a command-line option)."""
     if isinstance(value, str):
@@ -490,7 +467,7 @@ def _per_site(name: str, value: Any, n_sites: int) -> list[Any]:
     if len(values) == 1:
         return values * n_sites
     if len(values) != n_sites:
-        raise ConfigError(f"{name} has {len(values)} values for n_sites={n_sites}; give one value or one per site")
+        raise ConfigError(f"option {name!r} has {len(values)} values for n_sites={n_sites}; give one value or one per site")
     return values
 
 
@@ -504,8 +481,8 @@ def _number(text: str) -> Any:
 
 
 def _per_site_ints(name: str, value: Any, n_sites: int, low: int) -> list[int]:
-    return [_check_int(name, v, low) for v in _per_site(name, value, n_sites)]
+    return [check_int(name, v, low) for v in _per_site(name, value, n_sites)]
 
 
 def _per_site_floats(name: str, value: Any, n_sites: int, low: float, high: float) -> list[float]:
-    return [_check_float(name, v, low, high) for v in _per_site(name, value, n_sites)]
+    return [check_float(name, v, low, high) for v in _per_site(name, value, n_sites)]

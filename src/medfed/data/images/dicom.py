@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medfed.data.extras import import_extra
 from medfed.data.images.load import BadImageFile
 from medfed.data.tables import one_line
 
@@ -122,8 +123,7 @@ def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, dict]:
     affine[:3, 3] = positions[0]
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # LPS -> RAS world coordinates
 
-    import nibabel as nib
-
+    nib = import_extra("nibabel", "assembling a DICOM series into a volume")
     img = nib.as_closest_canonical(nib.Nifti1Image(pixels.transpose(2, 1, 0), affine))
     data = np.asarray(img.dataobj, dtype=np.float32)
     meta = {
@@ -167,6 +167,7 @@ def read_dicom_file(path: str | Path) -> tuple[np.ndarray, dict]:
 
 
 def _read(path: Path, *, series_file: bool):
+    import_extra("pydicom", "reading DICOM files")
     import pydicom
 
     where = f"slice {path.name}: " if series_file else ""

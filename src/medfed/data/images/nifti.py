@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medfed.data.extras import import_extra
 from medfed.data.images.load import BadImageFile
 from medfed.data.tables import one_line
 
@@ -29,7 +30,7 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, dict]:
     Scaling in the header (``scl_slope``/``scl_inter``) is applied, as nibabel does for any
     reader of the file. Raises :class:`BadImageFile` for anything that is not a 3-D volume.
     """
-    import nibabel as nib
+    nib = import_extra("nibabel", "reading NIfTI files")
 
     path = Path(path)
     _check_exists(path)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medfed.data.extras import import_extra
 from medfed.data.images.load import BadImageFile
 from medfed.data.tables import one_line
 
@@ -48,6 +49,7 @@ def read_planar(path: str | Path) -> tuple[np.ndarray, dict]:
     reliably in these formats) and ``notes`` (conversions made). Multi-page files (TIFF
     stacks, animated images) are refused: they are volumes or videos, not one image.
     """
+    import_extra("PIL", "reading 2-D image files")
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
