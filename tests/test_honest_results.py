@@ -237,3 +237,65 @@ def test_the_audit_reports_a_defense_that_diverges_under_attack(tmp_path):
     assert fedavg["diverged"]["attacked"] and not fedavg["computable"]["attacked"]
     assert median["computable"]["attacked"]
     json.dumps(doc, allow_nan=False)
+
+
+# --------------------------------------------------------------------------- the audit's command line
+
+
+def _hospital_table(path, rng_seed=0):
+    import pandas as pd
+
+    rng = np.random.default_rng(rng_seed)
+    frames = []
+    for k, n in enumerate((50, 45, 40, 35)):
+        X = rng.normal(size=(n, 3))
+        age = X[:, 0].copy()
+        age[::9] = np.nan  # missing values: need --impute
+        frames.append(pd.DataFrame({
+            "hospital": f"H{k}", "age": age, "vol": X[:, 1], "noise": X[:, 2],
+            "scanner": np.where(X[:, 2] > 0, "GE", "Siemens"),
+            "dx": np.where(X[:, 1] + rng.normal(size=n) > 0, "AD", "NC"),
+        }))
+    pd.concat(frames, ignore_index=True).to_csv(path, index=False)
+    return path
+
+
+def test_audit_takes_the_data_flags_of_run(tmp_path):
+    table = _hospital_table(tmp_path / "t.csv")
+    common = ["--data", str(table), "--site-column", "hospital", "--label-column", "dx", "--positive-label", "AD"]
+    args = ["audit", "robustness", "--attack", "sign_flip", "--defenses", "fedavg,median", "--repeats", "1",
+            "--rounds", "3", "--local-steps", "2", *common]
+    # without --impute or --features the table is refused, as `run` refuses it
+    code, text = _cli([*args, "--out", str(tmp_path / "a")])
+    assert code == 2 and "--impute" in text and "scanner" in text
+    code, text = _cli([*args, "--features", "age,vol", "--impute", "mean", "--local-epochs", "1",
+                       "--batch-size", "16", "--out", str(tmp_path / "b")])
+    assert code == 0, text
+    doc = json.loads((tmp_path / "b" / "robustness.json").read_text())
+    assert doc["config"]["data"]["features"] == ["age", "vol"] and doc["config"]["data"]["impute"] == "mean"
+    assert doc["config"]["training"]["local_epochs"] == 1
+    code, text = _cli([*args, "--exclude", "scanner", "--impute", "median", "--out", str(tmp_path / "c")])
+    assert code == 0, text
+    assert json.loads((tmp_path / "c" / "robustness.json").read_text())["config"]["data"]["exclude"] == ["scanner"]
+
+
+def test_audit_reads_a_config_file_whose_methods_are_the_defenses(tmp_path):
+    table = _hospital_table(tmp_path / "t.csv")
+    config = tmp_path / "study.toml"
+    config.write_text(
+        'methods = ["fedavg", "trimmed_mean"]\nrepeats = 1\n'
+        '[data]\npath = "t.csv"\nsite_column = "hospital"\nlabel_column = "dx"\npositive_label = "AD"\n'
+        'categorical = ["scanner"]\nimpute = "mean"\n'
+        '[training]\nrounds = 3\nlocal_steps = 2\n'
+    )
+    code, text = _cli(["audit", "robustness", str(config), "--attack", "scale", "--out", str(tmp_path / "o")])
+    assert code == 0, text
+    doc = json.loads((tmp_path / "o" / "robustness.json").read_text())
+    assert [d["name"] for d in doc["defenses"]] == ["fedavg", "trimmed_mean"] and doc["repeats"] == 1
+    assert doc["config"]["training"]["rounds"] == 3
+    # flags override the file
+    code, text = _cli(["audit", "robustness", str(config), "--attack", "scale", "--defenses", "median",
+                       "--repeats", "2", "--out", str(tmp_path / "p")])
+    assert code == 0, text
+    doc = json.loads((tmp_path / "p" / "robustness.json").read_text())
+    assert [d["name"] for d in doc["defenses"]] == ["median"] and doc["repeats"] == 2

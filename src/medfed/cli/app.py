@@ -44,6 +44,39 @@ from medfed.cli.common import (
     write_results,
 )
 from medfed.cli.features import features_app
+from medfed.cli.flags import (
+    BatchSizeOpt,
+    CategoricalOpt,
+    ConfigArg,
+    DataOpt,
+    DatasetOpt,
+    DatasetOptionOpt,
+    ExcludeOpt,
+    FeaturesOpt,
+    FractionFitOpt,
+    ImputeOpt,
+    KindOpt,
+    L2Opt,
+    LabelColumnOpt,
+    LocalEpochsOpt,
+    LocalStepsOpt,
+    LrOpt,
+    ManifestOpt,
+    MaxUpdateNormOpt,
+    MethodOptionOpt,
+    MinSitesOpt,
+    ModelOpt,
+    ModelOptionOpt,
+    PathColumnOpt,
+    PositiveLabelOpt,
+    RoundsOpt,
+    ScalingOpt,
+    SiteColumnOpt,
+    SkipBadOpt,
+    SplitColumnOpt,
+    data_values,
+    training_values,
+)
 from medfed.errors import ConfigError
 
 app = typer.Typer(
@@ -240,31 +273,31 @@ def reproduce(
 
 @app.command()
 def run(
-    config: Annotated[Path | None, typer.Argument(help="experiment TOML file (flags override it)")] = None,
-    dataset: Annotated[str | None, typer.Option(help="embedded data set name")] = None,
-    data: Annotated[Path | None, typer.Option(help="CSV or Parquet table, one row per subject")] = None,
-    manifest: Annotated[Path | None, typer.Option(help="CSV/Parquet manifest of image files: path, label, site[, split]")] = None,
-    path_column: Annotated[str | None, typer.Option(help="manifest column with each image's file or DICOM folder")] = None,
-    kind: Annotated[str | None, typer.Option(help="image files: auto, nifti, dicom or image (2D)")] = None,
-    skip_bad: Annotated[bool | None, typer.Option("--skip-bad/--no-skip-bad", help="skip unreadable or inconsistent image files, counted in the report")] = None,
-    model: Annotated[str | None, typer.Option(help="logistic (tables), torch_logistic, mlp, cnn2d, cnn3d")] = None,
-    model_option: Annotated[list[str] | None, typer.Option(help="KEY=VALUE option of the model, e.g. norm=group")] = None,
-    site_column: Annotated[str | None, typer.Option(help="column naming each row's site")] = None,
-    label_column: Annotated[str | None, typer.Option(help="column holding the label")] = None,
-    split_column: Annotated[str | None, typer.Option(help="column with train/test per row")] = None,
-    features: Annotated[str | None, typer.Option(help="comma-separated feature columns [default: all others]")] = None,
-    exclude: Annotated[str | None, typer.Option(help="comma-separated table columns to leave out")] = None,
-    categorical: Annotated[str | None, typer.Option(help="comma-separated string columns to one-hot encode (levels from training rows)")] = None,
-    impute: Annotated[str | None, typer.Option(help="fill missing values: mean or median (training rows of each site)")] = None,
-    positive_label: Annotated[str | None, typer.Option(help="label value that counts as positive")] = None,
-    dataset_option: Annotated[list[str] | None, typer.Option(help="KEY=VALUE option of the embedded data set")] = None,
+    config: ConfigArg = None,
+    dataset: DatasetOpt = None,
+    data: DataOpt = None,
+    manifest: ManifestOpt = None,
+    path_column: PathColumnOpt = None,
+    kind: KindOpt = None,
+    skip_bad: SkipBadOpt = None,
+    model: ModelOpt = None,
+    model_option: ModelOptionOpt = None,
+    site_column: SiteColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    split_column: SplitColumnOpt = None,
+    features: FeaturesOpt = None,
+    exclude: ExcludeOpt = None,
+    categorical: CategoricalOpt = None,
+    impute: ImputeOpt = None,
+    positive_label: PositiveLabelOpt = None,
+    dataset_option: DatasetOptionOpt = None,
     methods: MethodsOpt = None,
-    rounds: Annotated[int | None, typer.Option(help="communication rounds")] = None,
-    local_steps: Annotated[int | None, typer.Option(help="local iterations per round")] = None,
-    local_epochs: Annotated[float | None, typer.Option(help="local passes over each site's rows per round (instead of --local-steps)")] = None,
-    lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
-    l2: Annotated[float | None, typer.Option(help="L2 penalty (l2/2)||w||^2")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="mini-batch size [default: full batch]")] = None,
+    rounds: RoundsOpt = None,
+    local_steps: LocalStepsOpt = None,
+    local_epochs: LocalEpochsOpt = None,
+    lr: LrOpt = None,
+    l2: L2Opt = None,
+    batch_size: BatchSizeOpt = None,
     mu: Annotated[float | None, typer.Option(help="FedProx proximal coefficient")] = None,
     server_lr: Annotated[float | None, typer.Option(help="server learning rate (fedavgm, fedadam, fedyogi, fedadagrad, fedsgd, scaffold)")] = None,
     byzantine: Annotated[int | None, typer.Option(help="f, the corrupted sites krum, multikrum and bulyan tolerate")] = None,
@@ -272,14 +305,14 @@ def run(
     q: Annotated[float | None, typer.Option(help="fairness exponent of fair (q-FFL)")] = None,
     lam: Annotated[float | None, typer.Option(help="Ditto's pull of the personal model toward the global one")] = None,
     alpha: Annotated[float | None, typer.Option(help="APFL's mixing weight of the local model")] = None,
-    max_update_norm: Annotated[float | None, typer.Option(help="the server rejects uploads whose update norm is larger")] = None,
+    max_update_norm: MaxUpdateNormOpt = None,
     loso: Annotated[bool | None, typer.Option("--loso/--no-loso", help="also test each site as unseen: train without it")] = None,
-    fraction_fit: Annotated[float | None, typer.Option(help="fraction of sites selected per round")] = None,
-    min_sites: Annotated[int | None, typer.Option(help="minimum number of sites per round")] = None,
-    method_option: Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALUE, e.g. fedprox.mu=0.01")] = None,
+    fraction_fit: FractionFitOpt = None,
+    min_sites: MinSitesOpt = None,
+    method_option: MethodOptionOpt = None,
     repeats: Annotated[int | None, typer.Option(help="repeated splits")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of splits and training")] = None,
-    scaling: Annotated[str | None, typer.Option(help="global, site or none")] = None,
+    scaling: ScalingOpt = None,
     out: Annotated[str | None, typer.Option(help="output folder")] = None,
     plots: Annotated[bool | None, typer.Option("--plots/--no-plots", help="write ROC, convergence (and --eval-every test-metric) plots")] = None,
     plot_format: PlotFormatOpt = None,
@@ -294,28 +327,18 @@ def run(
 
         base = read_toml(config) if config is not None else {}
         over: dict[str, Any] = {}
-        data_over: dict[str, Any] = {}
-        if dataset is not None or data is not None or manifest is not None:
-            base.pop("data", None)  # a source given by flags replaces the file's source
-            data_over = {"dataset": dataset, "path": str(data) if data else None,
-                         "manifest": str(manifest) if manifest else None}
-        for key, value in [
-            ("path_column", path_column), ("kind", kind), ("skip_bad", skip_bad),
-            ("site_column", site_column), ("label_column", label_column), ("split_column", split_column),
-            ("features", split_list(features)), ("impute", impute), ("positive_label", positive_label),
-            ("exclude", split_list(exclude)), ("categorical", split_list(categorical)),
-        ]:
-            if value is not None:
-                data_over[key] = value
-        if dataset_option:
-            data_over["options"] = parse_options(dataset_option, "--dataset-option")
+        data_over = data_values(
+            base, dataset=dataset, data=data, manifest=manifest, dataset_option=dataset_option,
+            path_column=path_column, kind=kind, skip_bad=skip_bad, site_column=site_column,
+            label_column=label_column, split_column=split_column, features=features, exclude=exclude,
+            categorical=categorical, impute=impute, positive_label=positive_label,
+        )
         if data_over:
             over["data"] = data_over
-        training = {k: v for k, v in [("rounds", rounds), ("local_steps", local_steps),
-                                       ("local_epochs", local_epochs), ("lr", lr),
-                                       ("l2", l2), ("batch_size", batch_size), ("fraction_fit", fraction_fit),
-                                       ("min_sites", min_sites), ("max_update_norm", max_update_norm)]
-                    if v is not None}
+        training = training_values(
+            rounds=rounds, local_steps=local_steps, local_epochs=local_epochs, lr=lr, l2=l2, batch_size=batch_size,
+            fraction_fit=fraction_fit, min_sites=min_sites, max_update_norm=max_update_norm,
+        )
         if training:
             over["training"] = training
         method_opts: dict[str, dict[str, Any]] = {}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -32,6 +31,39 @@ from medfed.cli.common import (
     split_list,
     stacked,
     write_results,
+)
+from medfed.cli.flags import (
+    BatchSizeOpt,
+    CategoricalOpt,
+    ConfigArg,
+    DataOpt,
+    DatasetOpt,
+    DatasetOptionOpt,
+    ExcludeOpt,
+    FeaturesOpt,
+    FractionFitOpt,
+    ImputeOpt,
+    KindOpt,
+    L2Opt,
+    LabelColumnOpt,
+    LocalEpochsOpt,
+    LocalStepsOpt,
+    LrOpt,
+    ManifestOpt,
+    MaxUpdateNormOpt,
+    MethodOptionOpt,
+    MinSitesOpt,
+    ModelOpt,
+    ModelOptionOpt,
+    PathColumnOpt,
+    PositiveLabelOpt,
+    RoundsOpt,
+    ScalingOpt,
+    SiteColumnOpt,
+    SkipBadOpt,
+    SplitColumnOpt,
+    data_values,
+    training_values,
 )
 from medfed.errors import ConfigError
 
@@ -97,7 +129,7 @@ def render_audit(doc: dict[str, Any], out: Console | None = None) -> None:
         out.print(f"[dim][{i}] {escape(note)}[/]", highlight=False)
 
 
-def execute_audit(values: dict[str, Any], attack_values: dict[str, Any]) -> dict[str, Any]:
+def execute_audit(values: dict[str, Any], attack_values: dict[str, Any], source: str = "flags") -> dict[str, Any]:
     """Validate, check the output folder, run with a progress bar, write the three files
     atomically, render; return the doc."""
     from medfed.experiments.audit import Attack, audit_files, run_robustness_audit
@@ -106,7 +138,7 @@ def execute_audit(values: dict[str, Any], attack_values: dict[str, Any]) -> dict
     from medfed.experiments.report import output_dir, write_atomically
     from medfed.experiments.results import environment
 
-    config = build_config(values, "flags", flag_for)
+    config = build_config(values, source, flag_for)
     attack = Attack(**attack_values)
     out = config.out
     with output_dir(out, "--out"):
@@ -132,60 +164,93 @@ def execute_audit(values: dict[str, Any], attack_values: dict[str, Any]) -> dict
 def robustness(
     attack: Annotated[str, typer.Option(help="label_flip, noisy_labels, sign_flip, scale, gaussian or free_rider")],
     out: Annotated[str, typer.Option(help="output folder for robustness.json, .csv and .md")],
-    dataset: Annotated[str | None, typer.Option(help="embedded data set (see `medfed datasets`)")] = None,
-    data: Annotated[Path | None, typer.Option(help="CSV or Parquet table, one row per subject")] = None,
-    manifest: Annotated[Path | None, typer.Option(help="CSV/Parquet manifest of image files")] = None,
-    site_column: Annotated[str | None, typer.Option(help="column naming each row's site")] = None,
-    label_column: Annotated[str | None, typer.Option(help="column holding the label")] = None,
-    positive_label: Annotated[str | None, typer.Option(help="label value that counts as positive")] = None,
-    model: Annotated[str | None, typer.Option(help="logistic (tables), torch_logistic, mlp, cnn2d, cnn3d")] = None,
-    model_option: Annotated[list[str] | None, typer.Option(help="KEY=VALUE option of the model")] = None,
+    config: ConfigArg = None,
+    dataset: DatasetOpt = None,
+    data: DataOpt = None,
+    manifest: ManifestOpt = None,
+    path_column: PathColumnOpt = None,
+    kind: KindOpt = None,
+    skip_bad: SkipBadOpt = None,
+    site_column: SiteColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    split_column: SplitColumnOpt = None,
+    features: FeaturesOpt = None,
+    exclude: ExcludeOpt = None,
+    categorical: CategoricalOpt = None,
+    impute: ImputeOpt = None,
+    positive_label: PositiveLabelOpt = None,
+    dataset_option: DatasetOptionOpt = None,
+    model: ModelOpt = None,
+    model_option: ModelOptionOpt = None,
     corrupt: Annotated[int, typer.Option(help="number of corrupted sites F (chosen per repeat)")] = 1,
     defenses: Annotated[
-        str | None, typer.Option(help="comma-separated federated methods (default: fedavg and every robust rule)")
+        str | None,
+        typer.Option(help="comma-separated federated methods (default: the config's methods, else fedavg and "
+                          "every robust rule)"),
     ] = None,
-    dataset_option: Annotated[list[str] | None, typer.Option(help="KEY=VALUE option of the data set, e.g. n_sites=8")] = None,
     scale: Annotated[float | None, typer.Option(help="multiplier of sign_flip (default 1) and scale (default 10)")] = None,
     sigma: Annotated[float, typer.Option(help="std of the gaussian attack's noise")] = 1.0,
     rate: Annotated[float, typer.Option(help="probability that noisy_labels redraws a label")] = 0.3,
-    repeats: Annotated[int, typer.Option(help="repeated splits, each with its own corrupted sites")] = 3,
-    rounds: Annotated[int | None, typer.Option(help="communication rounds")] = None,
-    local_steps: Annotated[int | None, typer.Option(help="local iterations per round")] = None,
-    lr: Annotated[float | None, typer.Option(help="learning rate")] = None,
-    seed: Annotated[int, typer.Option(help="seed of splits, corrupted sites, attacks and training")] = 0,
-    method_option: Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALUE, e.g. krum.f=1")] = None,
+    repeats: Annotated[int | None, typer.Option(help="repeated splits, each with its own corrupted sites [default: 3]")] = None,
+    rounds: RoundsOpt = None,
+    local_steps: LocalStepsOpt = None,
+    local_epochs: LocalEpochsOpt = None,
+    lr: LrOpt = None,
+    l2: L2Opt = None,
+    batch_size: BatchSizeOpt = None,
+    fraction_fit: FractionFitOpt = None,
+    min_sites: MinSitesOpt = None,
+    max_update_norm: MaxUpdateNormOpt = None,
+    scaling: ScalingOpt = None,
+    seed: Annotated[int | None, typer.Option(help="seed of splits, corrupted sites, attacks and training [default: 0]")] = None,
+    method_option: MethodOptionOpt = None,
     threads: Annotated[int | None, typer.Option(min=1, help="torch's intra-op threads (torch models)")] = None,
 ) -> None:
-    """Each defense's clean-site metrics with and without F corrupted sites."""
+    """Each defense's clean-site metrics with and without F corrupted sites.
+
+    Data, model and training come from the same flags as `medfed run` (or a config file, whose
+    `methods` are the defenses); `--attack`, `--corrupt` and `--out` say what to audit and where.
+    """
 
     def build() -> tuple[dict[str, Any], dict[str, Any]]:
         from medfed.experiments.audit import default_defenses
+        from medfed.experiments.config import merge, read_toml
 
+        base = read_toml(config) if config is not None else {}
         sources = {"--dataset": dataset, "--data": data, "--manifest": manifest}
         given = [flag for flag, v in sources.items() if v is not None]
-        if len(given) != 1:
-            raise ConfigError(f"give one data source: --dataset NAME, --data FILE or --manifest FILE (got {len(given)})")
-        spec: dict[str, Any] = {"options": parse_options(dataset_option, "--dataset-option")} if dataset else {}
-        spec.update({k: str(v) if isinstance(v, Path) else v for k, v in (
-            ("dataset", dataset), ("path", data), ("manifest", manifest), ("site_column", site_column),
-            ("label_column", label_column), ("positive_label", positive_label)) if v is not None})
-        values: dict[str, Any] = {
-            "data": spec,
-            "methods": split_list(defenses) if defenses is not None else default_defenses(),
-            "method_options": parse_method_options(method_option),
-            "repeats": repeats,
-            "seed": seed,
-            "out": out,
-            "threads": threads,
-        }
-        if model is not None:
-            values["model"] = model
-        if model_option:
-            values["model_options"] = parse_options(model_option, "--model-option")
-        training = {k: v for k, v in [("rounds", rounds), ("local_steps", local_steps), ("lr", lr)] if v is not None}
+        if len(given) > 1 or (not given and "data" not in base):
+            raise ConfigError(
+                f"give one data source: --dataset NAME, --data FILE or --manifest FILE, or a [data] table in a "
+                f"config file (got {len(given)})"
+            )
+        over: dict[str, Any] = {"out": out, "threads": threads}
+        data_over = data_values(
+            base, dataset=dataset, data=data, manifest=manifest, dataset_option=dataset_option,
+            path_column=path_column, kind=kind, skip_bad=skip_bad, site_column=site_column,
+            label_column=label_column, split_column=split_column, features=features, exclude=exclude,
+            categorical=categorical, impute=impute, positive_label=positive_label,
+        )
+        if data_over:
+            over["data"] = data_over
+        training = training_values(
+            rounds=rounds, local_steps=local_steps, local_epochs=local_epochs, lr=lr, l2=l2, batch_size=batch_size,
+            fraction_fit=fraction_fit, min_sites=min_sites, max_update_norm=max_update_norm,
+        )
         if training:
-            values["training"] = training
+            over["training"] = training
+        if method_option:
+            over["method_options"] = parse_method_options(method_option)
+        if model_option:
+            over["model_options"] = parse_options(model_option, "--model-option")
+        for key, value in (("methods", split_list(defenses)), ("repeats", repeats), ("seed", seed),
+                           ("scaling", scaling), ("model", model)):
+            if value is not None:
+                over[key] = value
+        values = merge(base, over)
+        values.setdefault("methods", default_defenses())
+        values.setdefault("repeats", 3)  # an audit trains every defense twice per repeat
         return values, {"kind": attack, "corrupt": corrupt, "scale": scale, "sigma": sigma, "rate": rate}
 
     values, attack_values = guard(build)
-    guard(execute_audit, values, attack_values)
+    guard(execute_audit, values, attack_values, str(config) if config else "flags")

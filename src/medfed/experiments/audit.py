@@ -38,7 +38,6 @@ from medfed.client.adversary import (
     corrupt_rule,
 )
 from medfed.data.federation import Federation
-from medfed.engine.loop import run_federated
 from medfed.errors import ConfigError
 from medfed.experiments.config import ExperimentConfig
 from medfed.experiments.harness import (
