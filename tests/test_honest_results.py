@@ -299,3 +299,32 @@ def test_audit_reads_a_config_file_whose_methods_are_the_defenses(tmp_path):
     assert code == 0, text
     doc = json.loads((tmp_path / "p" / "robustness.json").read_text())
     assert [d["name"] for d in doc["defenses"]] == ["median"] and doc["repeats"] == 2
+
+
+def test_a_method_whose_round_is_refused_mid_run_is_not_computable_and_the_others_still_run(monkeypatch):
+    import dataclasses
+
+    from medfed.errors import DataError
+    from medfed.experiments.methods import METHODS
+    from medfed.server.aggregate import Aggregator, apply_delta, chain, weighted_mean
+
+    def refuse_third_round():
+        def apply(stack, state, global_params, round_):
+            if round_ == 2:
+                raise DataError("the server refused round 3 (a test of a data-dependent failure)")
+            return stack, state, None
+
+        return Aggregator(lambda params: None, apply, "refuse")
+
+    fedavg = METHODS["fedavg"]
+
+    def build(opts, training, context):
+        algorithm = fedavg.build(opts, training, context)
+        return dataclasses.replace(algorithm, aggregator=chain(refuse_third_round(), weighted_mean(), apply_delta()))
+
+    monkeypatch.setitem(METHODS, "refusing", dataclasses.replace(fedavg, name="refusing", display="Refusing",
+                                                                 build=build))
+    doc = _doc(_config(["refusing", "fedavg"]))
+    for row in _rows(doc, "Refusing"):
+        assert not row["computable"] and "the server refused round 3" in row["reason"]
+    assert all(r["computable"] for r in _rows(doc, "FedAvg"))

@@ -386,3 +386,26 @@ def test_median_aggregation_trains_the_synthetic_federation(federation):
     # with honest sites it ends close to FedAvg (the sites differ, so not equal)
     assert abs(loss[-1] - fedavg.train_loss[-1]) < 0.02
     assert set(robust.history[-1].report["median"]["cut_fraction"]) == set(federation.site_names)
+
+
+def test_dos_scores_ignore_the_scale_of_the_updates_and_survive_huge_finite_ones():
+    """A boosted attack (x1e200) used to overflow the distances into inf and crash COPOD."""
+    from medfed.client.upload import Upload
+    from medfed.server.aggregate import stack_uploads
+    from medfed.server.robust import dos
+
+    rng = np.random.default_rng(0)
+    honest = [rng.normal(size=6) for _ in range(5)]
+
+    def round_of(factor, attacker):
+        ups = [Upload(f"s{i}", {"w": factor * v}, 10, "delta") for i, v in enumerate(honest)]
+        ups.append(Upload("bad", {"w": factor * attacker}, 10, "delta"))
+        return stack_uploads(ups)
+
+    attacker = 50 * rng.normal(size=6)
+    agg = dos()
+    _, _, plain = agg.apply(round_of(1.0, attacker), None, {"w": np.zeros(6)}, 0)
+    _, _, scaled = agg.apply(round_of(1e200, attacker), None, {"w": np.zeros(6)}, 0)
+    for site in plain["weights"]:
+        assert scaled["weights"][site] == pytest.approx(plain["weights"][site], rel=1e-9)
+    assert scaled["weights"]["bad"] < 0.01

@@ -25,7 +25,7 @@ from medfed.data.datasets import load_dataset
 from medfed.data.federation import Federation, SingleClassSiteWarning
 from medfed.data.preprocess import Moments, Standardizer, impute
 from medfed.engine.loop import FederatedAlgorithm, FederatedRun, run_federated
-from medfed.errors import ConfigError
+from medfed.errors import ConfigError, MedfedError
 from medfed.experiments.config import DataSpec, ExperimentConfig
 from medfed.experiments.methods import resolve_methods
 from medfed.experiments.metrics import METRICS, Metric, binary_metrics
@@ -412,7 +412,20 @@ def run_repeat(
                 return {s.name: round_metrics(s.y_test, model.predict_proba(p, tests[j])) for j, s in enumerate(sites)}
         rounds = spec.rounds(config.training)
         key = (TRAIN_STREAM, repeat, name_key(spec.name)) + (() if held_out is None else (name_key("loso"), held_out))
-        run = plan.federated(spec, opts, train, initial, KeyedRng(config.seed, key), evaluate=evaluate)
+        try:
+            run = plan.federated(spec, opts, train, initial, KeyedRng(config.seed, key), evaluate=evaluate)
+        except MedfedError as exc:
+            # a round the method's own rules refused (the study check catches what it can up front):
+            # this setting has no result in this repeat; the other settings still run
+            failure = Failure("not computable", f"the run stopped: {exc}")
+            if held_out is not None:
+                out.evaluations.append((key_of(spec, None, held_out, "loso"), failure, None))
+                return
+            kinds = ["global"] * spec.global_model + ["personal"] * (spec.personal or not spec.global_model)
+            for j in range(n_sites):
+                for kind in kinds:
+                    out.evaluations.append((key_of(spec, None, j, model_kind=kind), failure, None))
+            return
         failure = federated_failure(run)
         if held_out is not None:
             evaluate_on(key_of(spec, None, held_out, "loso"), run.params, tests, held_out, failure)

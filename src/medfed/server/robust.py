@@ -411,7 +411,11 @@ def dos(temperature: float = 1.0) -> Aggregator:
         _require("dos", K)
         _check_finite("dos", stack)
         X = _site_matrix(stack)
-        scores = copod_scores(pairwise_distances(X, "euclidean")) + copod_scores(pairwise_distances(X, "cosine"))
+        # COPOD ranks each column, so the scores ignore a positive scale of the distances: measure
+        # them on X / max|X|, where a huge but finite update (a boosted attack) cannot overflow them
+        peak = float(np.abs(X).max())
+        unit = X / peak if peak > 0 else X
+        scores = copod_scores(pairwise_distances(unit, "euclidean")) + copod_scores(pairwise_distances(unit, "cosine"))
         logits = -scores / temperature
         w = np.exp(logits - logits.max())
         w /= w.sum()
