@@ -26,15 +26,18 @@ threads, so the rounding of a sum depends on the thread count. Measured with tor
 (oneDNN 3.12, MKL 2024.2), 1 vs 2 threads: oneDNN's convolution weight gradient (and the
 conv bias gradient), MKL's matrix products with a long inner axis (a 1024-wide linear layer's
 forward), BatchNorm1d, and reductions over more than ~32k values differ in the last bits
-(cnn2d's conv weight gradients by 10-1000 ulp, 2-3e-6 of their norm); convolution forward
-and input gradient, BatchNorm2d/3d, GroupNorm, pooling, the loss and Adam do not. Training
-amplifies it: a Single cnn2d on mni-phantom (Adam, 100 steps) stays within 2e-6 relative for
-25 steps, then jumps to 2e-3 by step 30 and 0.12 by step 100, where 6 of 30 test predictions
-flip (ACC 0.833 vs 0.767). So the thread count is a model option (``threads``, default 1):
-every call below runs torch with exactly that many intra-op threads and restores the
-caller's count after, so a seed gives the same numbers whatever ``torch.set_num_threads`` the
-caller (or a forked repeat worker) uses. A larger value is faster on large images and gives
-numbers that hold for that value only.
+(cnn2d's conv weight gradients: a median 10-24 ulp per entry, 2-4e-6 of their norm);
+convolution forward and input gradient, BatchNorm2d/3d, GroupNorm, pooling, the loss and
+Adam do not. Training amplifies it: a Single cnn2d on mni-phantom (Adam, 100 steps) stays
+within 2e-6 relative for 25 steps, then jumps to 2e-3 by step 30 and 0.12 by step 100, where
+6 of 30 test predictions flip (ACC 0.833 vs 0.767). So the thread count is a model option
+(``threads``, default 1): every call below runs torch with exactly that many intra-op threads
+and restores the caller's count after, so a seed gives the same numbers whatever
+``torch.set_num_threads`` the caller (or a forked repeat worker) uses. More threads are
+faster on an idle machine (2 threads: 1.6-1.8x the images/s of ``benchmarks/bench_cnn.py``;
+on a loaded one, several times slower) and give numbers that hold for that value only;
+repeats in parallel (``--workers``) use the cores without changing a number. Still outside
+this: a different CPU instruction set or torch build may pick other kernels.
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ from medfed.models.registry import (
 Params = Mapping[str, np.ndarray]
 
 
-_FORKED = False  # set in forked children, where more than one intra-op thread may hang
+# set in children forked after this module loaded: the parent may have used torch's OpenMP
+# pool, and a child that then runs more than one intra-op thread hangs (see below)
+_FORKED = False
 
 
 def _one_thread_in_forked_children() -> None:
@@ -83,15 +88,16 @@ if hasattr(os, "register_at_fork"):
 @contextmanager
 def _intra_op_threads(n: int, model: str):
     """torch's intra-op thread count set to ``n`` inside, the caller's restored after."""
+    if n > 1 and _FORKED:
+        raise ConfigError(
+            f"model {model!r} option 'threads' is {n}, but this is a forked worker process, where torch's "
+            "thread pool may not have survived the fork and more than one thread can hang; use threads=1 "
+            "or run the repeats serially (--workers 1)"
+        )
     before = torch.get_num_threads()
     if before == n:
         yield
         return
-    if n > 1 and _FORKED:
-        raise ConfigError(
-            f"model {model!r} option 'threads' is {n}, but this is a forked worker process, where torch "
-            "hangs with more than one thread; use threads=1 or run the repeats serially (--workers 1)"
-        )
     torch.set_num_threads(n)
     try:
         yield
@@ -108,6 +114,7 @@ def _fixed_threads(method):
             return method(self, *args, **kwargs)
 
     return wrapper
+
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
