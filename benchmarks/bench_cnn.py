@@ -8,6 +8,12 @@ protocol returns it), then the same batches. medfed adds the parameter view's co
 the time per round of FedAvg over 3 sites through ``run_federated``. For scale, also the
 bare loop's rate without the start loss (the eval pass over the site's N images).
 
+Threads: the bare loop runs with torch's thread count (``--threads``); medfed's model computes
+with its own ``threads`` option, given the same count for the like-for-like comparison. The
+default model (``threads = 1``, the same numbers whatever the thread count) is reported beside,
+so the price of reproducibility on this machine is ``medfed_images_per_s`` over
+``medfed_threads_1_images_per_s``.
+
 Run: python benchmarks/bench_cnn.py [--repeats 5] [--threads 0]
 """
 
@@ -68,8 +74,10 @@ def bare_round(net, params, site, batches, decayed, start_loss=True):
 def local_training(size: int, repeats: int) -> dict:
     # the bare loop does not recompute BatchNorm statistics after its steps, so the like-for-like
     # comparison turns medfed's recalibration off; the default (with it) is reported beside
-    model = make_model("cnn2d", (1, size, size), recalibrate=False)
-    default_model = make_model("cnn2d", (1, size, size))
+    threads = torch.get_num_threads()
+    model = make_model("cnn2d", (1, size, size), recalibrate=False, threads=threads)
+    default_model = make_model("cnn2d", (1, size, size), threads=threads)
+    one_thread_model = make_model("cnn2d", (1, size, size), recalibrate=False)
     site = make_site(size, N)
     params = model.init_params((1, size, size), KeyedRng(0))
     batches = list(batch_indices(N, BATCH, STEPS, KeyedRng(1)))
@@ -83,16 +91,20 @@ def local_training(size: int, repeats: int) -> dict:
     def ours_default():
         default_model.descend(params, site.X, site.y, batches, LR, L2)
 
+    def ours_one_thread():
+        one_thread_model.descend(params, site.X, site.y, batches, LR, L2)
+
     def bare():
         bare_round(net, torch_params, site, batches, decayed)
 
     def bare_steps_only():
         bare_round(net, torch_params, site, batches, decayed, start_loss=False)
 
-    ours(), ours_default(), bare()  # warm up (first-call allocations)
-    t_ours, t_default, t_bare, t_steps = [], [], [], []
-    for _ in range(repeats):  # interleaved, so machine drift hits both
-        for fn, times in ((ours, t_ours), (ours_default, t_default), (bare, t_bare), (bare_steps_only, t_steps)):
+    ours(), ours_default(), ours_one_thread(), bare()  # warm up (first-call allocations)
+    t_ours, t_default, t_one, t_bare, t_steps = [], [], [], [], []
+    runs = ((ours, t_ours), (ours_default, t_default), (ours_one_thread, t_one), (bare, t_bare), (bare_steps_only, t_steps))
+    for _ in range(repeats):  # interleaved, so machine drift hits all
+        for fn, times in runs:
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
@@ -102,14 +114,15 @@ def local_training(size: int, repeats: int) -> dict:
         "medfed_images_per_s": images / min(t_ours),
         "bare_images_per_s": images / min(t_bare),
         "ratio_time_medfed_over_bare": min(t_ours) / min(t_bare),
+        "medfed_threads_1_images_per_s": images / min(t_one),
         "medfed_with_bn_recalibration_images_per_s": images / min(t_default),
         "ratio_with_bn_recalibration": min(t_default) / min(t_bare),
         "bare_without_start_loss_images_per_s": images / min(t_steps),
     }
 
 
-def fedavg_round(size: int, repeats: int, rounds: int = 3) -> dict:
-    model = make_model("cnn2d", (1, size, size))
+def fedavg_round(size: int, repeats: int, threads: int, rounds: int = 3) -> dict:
+    model = make_model("cnn2d", (1, size, size), threads=threads)
     sites = [make_site(size, n, seed=k) for k, n in enumerate(SITES)]
     algorithm = FederatedAlgorithm("fedavg", local_sgd_update, chain(weighted_mean(), apply_delta()))
     training = LocalTraining(model, LR, 10, BATCH, L2)
@@ -119,7 +132,8 @@ def fedavg_round(size: int, repeats: int, rounds: int = 3) -> dict:
         t0 = time.perf_counter()
         run_federated(algorithm, init, sites, training, rounds, KeyedRng(1))
         times.append((time.perf_counter() - t0) / rounds)
-    return {"image": f"1x{size}x{size}", "sites": list(SITES), "local_steps": 10, "batch": BATCH, "s_per_round": min(times)}
+    return {"image": f"1x{size}x{size}", "model_threads": threads, "sites": list(SITES), "local_steps": 10, "batch": BATCH,
+            "s_per_round": min(times)}
 
 
 def main() -> None:
@@ -133,7 +147,9 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "local_training": [local_training(s, args.repeats) for s in (64, 32)],
-        "fedavg_3_sites": [fedavg_round(s, max(1, args.repeats // 2)) for s in (64, 32)],
+        "fedavg_3_sites": [
+            fedavg_round(s, max(1, args.repeats // 2), t) for s in (64, 32) for t in sorted({1, torch.get_num_threads()})
+        ],
     }
     print(json.dumps(out, indent=2))
 

@@ -249,6 +249,116 @@ def test_a_forked_child_trains_after_its_parent_did():
         torch.set_num_threads(1)
 
 
+# --- threads: the numbers do not depend on torch's thread count ---------------------------
+
+THREAD_CASES = [("cnn2d", (1, 16, 16), {"channels": (4, 8)}), ("cnn3d", (1, 8, 8, 8), {"channels": (4, 8)}),
+                ("mlp", (1, 16, 16), {})]
+
+
+def _train_twice(arch, shape, options):
+    """Two rounds of four Adam steps (the second from a trained, non-zero head), then the
+    eval-mode gradient and predictions: every kind of call a site makes."""
+    X, y = toy(shape, n=64)
+    model = make_model(arch, shape, optimizer="adam", **options)
+    params = model.init_params(shape, KeyedRng(0))
+    for r in range(2):
+        params, _ = model.descend(params, X, y, batch_indices(64, 32, 4, KeyedRng(1, (r,))), 0.01, 1e-4)
+    grads, loss = model.gradient(params, X, y, 1e-4, with_loss=True)
+    return params, grads, model.predict_proba(params, X), loss
+
+
+@pytest.mark.parametrize(("arch", "shape", "options"), THREAD_CASES, ids=[c[0] for c in THREAD_CASES])
+def test_a_seed_gives_the_same_bits_whatever_torchs_thread_count(arch, shape, options):
+    """oneDNN's conv weight gradient, MKL's products and BatchNorm1d split their sums by
+    thread count (1-1000 ulp), which Adam's steps then amplify; the model computes with its
+    own ``threads`` option instead, and leaves the caller's setting as it found it."""
+    runs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        runs.append(_train_twice(arch, shape, options))
+        assert torch.get_num_threads() == threads
+    (p1, g1, proba1, loss1), (p2, g2, proba2, loss2) = runs
+    for k in p1:
+        np.testing.assert_array_equal(p1[k], p2[k], err_msg=k)
+        np.testing.assert_array_equal(g1[k], g2[k], err_msg=k)
+    np.testing.assert_array_equal(proba1, proba2)
+    assert loss1 == loss2
+
+
+def test_the_threads_option_sets_torchs_thread_count_inside_the_calls_only():
+    X, y = toy((1, 8, 8), n=16)
+    seen = []
+
+    def weights(yb):  # descend calls it inside each step
+        seen.append(torch.get_num_threads())
+        return np.ones_like(yb)
+
+    for threads, outside in ((1, 2), (2, 1)):
+        model = make_model("cnn2d", (1, 8, 8), channels=(4,), threads=threads)
+        torch.set_num_threads(outside)
+        seen.clear()
+        model.descend(model.init_params((1, 8, 8), KeyedRng(0)), X, y, [None] * 2, 0.1, row_weights=weights)
+        assert seen == [threads, threads] and torch.get_num_threads() == outside
+    assert make_model("cnn2d", (1, 8, 8)).options["threads"] == 1
+
+
+def _threads_in_child(conn):
+    model = make_model("cnn2d", (1, 8, 8), channels=(4,), threads=2)
+    X, y = toy((1, 8, 8), n=16)
+    try:
+        model.descend(model.init_params((1, 8, 8), KeyedRng(0)), X, y, [None], 0.1)
+        conn.send("trained")
+    except ConfigError as exc:
+        conn.send(str(exc))
+
+
+def test_more_than_one_thread_in_a_forked_worker_is_refused_not_a_hang():
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    worker = ctx.Process(target=_threads_in_child, args=(child,))
+    worker.start()
+    worker.join(timeout=60)
+    if worker.is_alive():
+        worker.kill()
+        worker.join()
+    assert worker.exitcode == 0
+    message = parent.recv()
+    assert "option 'threads' is 2" in message and "forked worker" in message and "--workers 1" in message
+
+
+def test_serial_and_forked_repeat_workers_give_the_same_numbers_for_a_torch_model():
+    """The parent computes with torch's default threads, forked workers with one: the
+    numbers must not care (on main they did, for any cnn2d run with --workers)."""
+    from medfed.data.federation import Federation, Site
+    from medfed.experiments.config import build_config
+    from medfed.experiments.harness import run_experiment
+
+    sites = [Site(s.name, s.X, s.y) for s in _image_sites(sizes=(20, 20))]
+    federation = Federation("tiny-images", tuple(sites), ("intensity",))
+    torch.set_num_threads(2)
+    runs = []
+    for workers in (1, 2):
+        config = build_config({
+            "data": {"dataset": "mni-phantom"}, "model": "cnn2d", "model_options": {"channels": [4, 8]},
+            "methods": ["single", "fedavg"], "repeats": 2, "workers": workers,
+            "training": {"rounds": 3, "local_steps": 3, "batch_size": 8},
+        })
+        runs.append(run_experiment(config, federation))
+    serial, forked = runs
+    assert forked.workers == 2
+    # every test score and training loss to the bit (the metrics of 4 test rows per site would hide it)
+    assert [(c.setting, c.test_site) for c in serial.cells] == [(c.setting, c.test_site) for c in forked.cells]
+    for a, b in zip(serial.cells, forked.cells):
+        assert len(a.scores) == 2
+        for (ya, sa), (yb, sb) in zip(a.scores, b.scores):
+            np.testing.assert_array_equal(ya, yb)
+            np.testing.assert_array_equal(sa, sb, err_msg=f"{a.setting} {a.test_site}")
+    for a, b in zip(serial.histories, forked.histories):
+        np.testing.assert_array_equal(a.train_loss, b.train_loss)
+
+
 # --- the registry -----------------------------------------------------------------------
 
 
@@ -264,6 +374,8 @@ def test_registry_builds_models_by_name_and_rejects_bad_names_and_options():
         (("cnn2d", (1, 8, 8)), {"norm": "layer"}, "one of batch, group, none"),
         (("mlp", (4,)), {"hidden": [8, 0]}, "positive whole numbers"),
         (("mlp", (4,)), {"optimizer": "lbfgs"}, "one of sgd, adam"),
+        (("cnn2d", (1, 8, 8)), {"threads": 0}, "option 'threads' must be a positive whole number"),
+        (("cnn2d", (1, 8, 8)), {"threads": "2"}, "option 'threads' must be a positive whole number"),
         (("cnn2d", (12,)), {}, "takes 2D images (C, H, W)"),
         (("cnn3d", (1, 8, 8)), {}, "3D images"),
         (("logistic", (1, 8, 8)), {}, "feature vectors"),

@@ -36,7 +36,7 @@ DEVICES = ("auto", "cpu", "cuda")
 NORM_STATISTICS = ("running_mean", "running_var")
 
 _TORCH_COMMON: dict[str, Any] = {
-    "optimizer": "sgd", "dtype": "float32", "device": "auto", "eval_batch": 512, "recalibrate": True,
+    "optimizer": "sgd", "dtype": "float32", "device": "auto", "eval_batch": 512, "recalibrate": True, "threads": 1,
 }
 
 MODEL_OPTIONS: dict[str, dict[str, Any]] = {
@@ -50,7 +50,11 @@ MODEL_OPTIONS: dict[str, dict[str, Any]] = {
 (``torch_logistic``: of its input); ``hidden``/``channels``: widths of the MLP's/CNN's blocks;
 ``optimizer``: the local optimizer (a fresh one per ``descend`` call, i.e. per round);
 ``dtype``: the torch compute type; ``device``: ``auto`` = CUDA when present; ``eval_batch``:
-rows per chunk when evaluating."""
+rows per chunk when evaluating; ``threads``: torch's intra-op CPU threads inside the model's
+calls. The numbers depend on it (torch's CPU kernels split their sums by thread count, see
+:mod:`medfed.models.torch_models`), so it is a model option: the default 1 gives a seed the
+same numbers whatever ``torch.set_num_threads`` says; more threads are faster on large images
+and reproduce only with the same value on the same kind of machine."""
 
 SAMPLE_DIMS = {"logistic": (1, "feature vectors (d,)"), "cnn2d": (3, "2D images (C, H, W)"), "cnn3d": (4, "3D images (C, D, H, W)")}
 """Sample dimensionality a model requires; models not listed take any (they flatten)."""
@@ -111,10 +115,10 @@ def check_options(model: str, options: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = _widths(model, key, out[key])
     if "recalibrate" in out and not isinstance(out["recalibrate"], bool):
         raise ConfigError(f"model {model!r} option 'recalibrate' takes true or false, got {out['recalibrate']!r}")
-    if "eval_batch" in out:
-        v = out["eval_batch"]
+    for key in ("eval_batch", "threads"):
+        v = out.get(key, 1)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"model {model!r} option 'eval_batch' must be a positive whole number, got {v!r}")
+            raise ConfigError(f"model {model!r} option {key!r} must be a positive whole number, got {v!r}")
     return out
 
 

@@ -20,13 +20,33 @@ where W runs over the weights of the conv/linear layers and the head, as in the 
 (not biases, not normalization parameters). BatchNorm layers run in train mode (batch
 statistics, running statistics updated) inside ``descend`` and in eval mode (running
 statistics) in ``predict_proba``, ``loss``, ``gradient`` and the start loss ``descend`` returns.
+
+Threads and reproducibility: on the CPU, torch's kernels split their sums across intra-op
+threads, so the rounding of a sum depends on the thread count. Measured with torch 2.13
+(oneDNN 3.12, MKL 2024.2), 1 vs 2 threads: oneDNN's convolution weight gradient (and the
+conv bias gradient), MKL's matrix products with a long inner axis (a 1024-wide linear layer's
+forward), BatchNorm1d, and reductions over more than ~32k values differ in the last bits
+(cnn2d's conv weight gradients: a median 10-24 ulp per entry, 2-4e-6 of their norm);
+convolution forward and input gradient, BatchNorm2d/3d, GroupNorm, pooling, the loss and
+Adam do not. Training amplifies it: a Single cnn2d on mni-phantom (Adam, 100 steps) stays
+within 2e-6 relative for 25 steps, then jumps to 2e-3 by step 30 and 0.12 by step 100, where
+6 of 30 test predictions flip (ACC 0.833 vs 0.767). So the thread count is a model option
+(``threads``, default 1): every call below runs torch with exactly that many intra-op threads
+and restores the caller's count after, so a seed gives the same numbers whatever
+``torch.set_num_threads`` the caller (or a forked repeat worker) uses. More threads are
+faster on an idle machine (2 threads: 1.6-1.8x the images/s of ``benchmarks/bench_cnn.py``;
+on a loaded one, several times slower) and give numbers that hold for that value only;
+repeats in parallel (``--workers``) use the cores without changing a number. Still outside
+this: a different CPU instruction set or torch build may pick other kernels.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,16 +66,55 @@ from medfed.models.registry import (
 Params = Mapping[str, np.ndarray]
 
 
+# set in children forked after this module loaded: the parent may have used torch's OpenMP
+# pool, and a child that then runs more than one intra-op thread hangs (see below)
+_FORKED = False
+
+
 def _one_thread_in_forked_children() -> None:
     # torch's OpenMP thread pool does not survive fork: a forked child (the harness's repeat
     # workers) that runs a parallel region after its parent did hangs, and one whose parent
     # did not still oversubscribes the cores (workers x threads). One intra-op thread per
     # forked child avoids both; as torch's DataLoader does for its workers.
+    global _FORKED
+    _FORKED = True
     torch.set_num_threads(1)
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_one_thread_in_forked_children)
+
+
+@contextmanager
+def _intra_op_threads(n: int, model: str):
+    """torch's intra-op thread count set to ``n`` inside, the caller's restored after."""
+    if n > 1 and _FORKED:
+        raise ConfigError(
+            f"model {model!r} option 'threads' is {n}, but this is a forked worker process, where torch's "
+            "thread pool may not have survived the fork and more than one thread can hang; use threads=1 "
+            "or run the repeats serially (--workers 1)"
+        )
+    before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fixed_threads(method):
+    """Run a :class:`TorchModel` method under the model's ``threads`` option (see the module docstring)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with _intra_op_threads(self.options["threads"], self.name):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -167,8 +226,9 @@ class TorchModel:
 
     ``descend`` runs one optimizer step per entry of ``batches``; the optimizer (``sgd``, or
     ``adam`` with torch's defaults) is created afresh at every call, so Adam's moments do not
-    outlive a round. On CPU, the same parameters, data and batches give the same numbers
-    (on CUDA, cuDNN may choose non-deterministic kernels).
+    outlive a round. On CPU, the same parameters, data, batches and ``threads`` option give
+    the same numbers, whatever torch's thread count outside the model's calls (on CUDA,
+    cuDNN may choose non-deterministic kernels).
 
     Parameter names (the convention partial sharing keys on, see
     :func:`~medfed.models.registry.is_norm`, ``is_norm_statistic``, ``is_head``)::
@@ -270,6 +330,7 @@ class TorchModel:
 
     # --- the model protocol -----------------------------------------------------------
 
+    @_fixed_threads
     def init_params(self, sample_shape: Sequence[int], rng) -> dict[str, np.ndarray]:
         """Initial parameters for samples of ``sample_shape``, drawn from ``rng`` (a
         :class:`~medfed.rng.KeyedRng` or numpy Generator) through a local torch generator.
@@ -298,6 +359,7 @@ class TorchModel:
             out[name] = t.to(self.dtype).double().numpy()
         return out
 
+    @_fixed_threads
     def predict_proba(self, params: Params, X: np.ndarray) -> np.ndarray:
         """Probability of the positive class for each row of ``X`` (eval mode), float64."""
         slot = self._slot(X.shape[1:])
@@ -305,12 +367,14 @@ class TorchModel:
         z = self._logits(slot, X)
         return 0.5 * (1.0 + np.tanh(0.5 * z))  # the sigmoid, finite for any z
 
+    @_fixed_threads
     def loss(self, params: Params, X: np.ndarray, y: np.ndarray, l2: float = 0.0) -> float:
         """The objective in eval mode; the data term is summed in float64 from the logits."""
         slot = self._slot(X.shape[1:])
         self._load(slot, params)
         return _mean_log_loss(self._logits(slot, X), np.asarray(y, dtype=np.float64)) + self._penalty(slot, params, l2)
 
+    @_fixed_threads
     def gradient(
         self, params: Params, X: np.ndarray, y: np.ndarray, l2: float = 0.0, *, with_loss: bool = False
     ) -> tuple[dict[str, np.ndarray], float | None]:
@@ -350,6 +414,7 @@ class TorchModel:
         loss = _mean_log_loss(z_all, y) + self._penalty(slot, params, l2) if with_loss else None
         return grads, loss
 
+    @_fixed_threads
     def descend(
         self,
         params: Params,
@@ -435,6 +500,7 @@ class TorchModel:
         trained = self._read(slot)
         return trained, start_loss
 
+    @_fixed_threads
     def recalibrate(self, params: Params, X: np.ndarray) -> dict[str, np.ndarray]:
         """``params`` with BatchNorm's running statistics recomputed on ``X`` (see below);
         unchanged for models without BatchNorm or with ``recalibrate = false``."""
