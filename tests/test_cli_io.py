@@ -407,18 +407,23 @@ def test_results_record_the_command_line_versions_and_no_torch_for_numpy(tmp_pat
     assert json.loads((tmp_path / "py" / "results.json").read_text())["command"] is None  # not a command line
 
 
-def test_threads_flag_sets_and_records_torch_threads(tmp_path):
+def test_threads_flag_sets_and_records_the_torch_models_threads(tmp_path):
+    """--threads is the thread count torch models compute with (their `threads` option); torch's
+    global setting is left alone, and the count the numbers came from is recorded."""
     torch = pytest.importorskip("torch")
     before = torch.get_num_threads()
-    try:
-        for n in (1, 2):
-            out = tmp_path / str(n)
-            code, text = invoke(["run", "--dataset", "breast-cancer", "--model", "torch_logistic", "--threads", str(n),
-                                 *RUN_TINY, "--out", str(out)])
-            assert code == 0, text
-            doc = json.loads((out / "results.json").read_text())
-            assert torch.get_num_threads() == n
-            assert doc["environment"]["torch"] == {"threads": n, "device": "cuda" if torch.cuda.is_available() else "cpu"}
-            assert doc["config"]["threads"] == n and "torch" in doc["versions"]
-    finally:
-        torch.set_num_threads(before)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for n in (None, 1, 2):
+        out = tmp_path / str(n)
+        flag = [] if n is None else ["--threads", str(n)]
+        code, text = invoke(["run", "--dataset", "breast-cancer", "--model", "torch_logistic", *flag,
+                             *RUN_TINY, "--out", str(out)])
+        assert code == 0, text
+        doc = json.loads((out / "results.json").read_text())
+        assert torch.get_num_threads() == before
+        assert doc["environment"]["torch"] == {"threads": n or 1, "device": device}
+        assert doc["model"]["options"]["threads"] == (n or 1) and doc["config"]["threads"] == n
+        assert "torch" in doc["versions"]
+    code, text = invoke(["run", "--dataset", "breast-cancer", "--model", "torch_logistic", "--threads", "2",
+                         "--model-option", "threads=1", *RUN_TINY, "--out", str(tmp_path / "x")])
+    assert code == 2 and "give one" in text

@@ -230,7 +230,9 @@ def method_flag_options(names: list[str] | None, flags: dict[str, tuple[str, Any
 
 
 ThreadsOpt = Annotated[
-    int | None, typer.Option("--threads", min=1, help="torch's intra-op threads (torch models; recorded in results.json)")
+    int | None,
+    typer.Option("--threads", min=1, help="threads torch models compute with [default: 1]; the same count gives "
+                                          "the same numbers (recorded in results.json)"),
 ]
 
 

@@ -204,7 +204,7 @@ def robustness(
     scaling: ScalingOpt = None,
     seed: Annotated[int | None, typer.Option(help="seed of splits, corrupted sites, attacks and training [default: 0]")] = None,
     method_option: MethodOptionOpt = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="torch's intra-op threads (torch models)")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="threads torch models compute with [default: 1]")] = None,
 ) -> None:
     """Each defense's clean-site metrics with and without F corrupted sites.
 

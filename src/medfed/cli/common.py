@@ -85,17 +85,11 @@ def flag_for(key: str) -> str | None:
 
 
 def apply_threads(config) -> None:
-    """``--threads N``: torch's intra-op threads, set before any torch model is built; torch is
-    imported only when the model is a torch one (the numpy model does not use it)."""
-    if config.threads is None:
-        return
-    if config.model == "logistic":
-        err_console.print("[yellow]warning:[/] --threads sets torch's threads; the numpy logistic model does not "
-                          "use torch", highlight=False, soft_wrap=True)
-        return
-    import torch
-
-    torch.set_num_threads(config.threads)
+    """``--threads N`` is the thread count torch models compute with (their ``threads`` option,
+    filled in by the config); the numpy logistic model uses none, which a user should hear."""
+    if config.threads is not None and config.model == "logistic":
+        err_console.print("[yellow]warning:[/] --threads sets the threads torch models compute with; the numpy "
+                          "logistic model does not use torch", highlight=False, soft_wrap=True)
 
 
 def fail(message: str, status: int = EXIT_BAD_INPUT) -> NoReturn:

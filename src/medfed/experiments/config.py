@@ -134,7 +134,7 @@ class PipelineSpec(_Strict):
 # these step counts the mni-phantom CNN stays near chance (AUC 0.55-0.59 at lr 0.05-0.2); with
 # Adam at lr 0.01 it reaches AUC 0.77-0.85 (measured on 1 repeat, seed 0).
 NETWORK_TRAINING_DEFAULTS = {"rounds": 20, "local_steps": 5, "lr": 0.01, "batch_size": 32, "l2": 1e-4}
-NETWORK_MODEL_DEFAULTS = {"optimizer": "adam"}
+NETWORK_MODEL_DEFAULTS = {"optimizer": "adam", "threads": 1}
 
 
 class ExperimentConfig(_Strict):
@@ -158,7 +158,9 @@ class ExperimentConfig(_Strict):
     )
     workers: int = Field(1, ge=0, description="repeats run in parallel processes; 1 = serial, 0 = one per core")
     threads: int | None = Field(
-        None, ge=1, description="torch's intra-op threads (torch models only); None = torch's default"
+        None, ge=1,
+        description="intra-op threads torch models compute with (their model option 'threads', default 1); "
+        "the numpy model ignores it",
     )
 
     _finite = field_validator("model_options", "method_options")(_finite_options)
@@ -191,7 +193,17 @@ class ExperimentConfig(_Strict):
                 values = {**values, "training": {**NETWORK_TRAINING_DEFAULTS, **given}}
             options = values.get("model_options")
             if isinstance(options, dict) or options is None:
-                values = {**values, "model_options": {**NETWORK_MODEL_DEFAULTS, **(options or {})}}
+                options = dict(options or {})
+                threads = values.get("threads")
+                if threads is not None:
+                    # --threads is the torch model's own compute thread count: results are bit-identical
+                    # for a given count (see medfed.models.torch_models), so it is one recorded setting
+                    if "threads" in options and options["threads"] != threads:
+                        raise ValueError(
+                            f"threads is {threads!r} but model_options.threads is {options['threads']!r}; give one"
+                        )
+                    options["threads"] = threads
+                values = {**values, "model_options": {**NETWORK_MODEL_DEFAULTS, **options}}
         return values
 
 

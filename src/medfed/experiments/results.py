@@ -66,8 +66,9 @@ def package_versions() -> dict[str, str]:
 
 
 def environment(config) -> dict[str, Any]:
-    """Where the numbers were computed: the platform, and for a torch model torch's intra-op
-    thread count in this process (forked ``workers`` use one each) and the device it ran on."""
+    """Where the numbers were computed: the platform, and for a torch model the intra-op thread
+    count it computes with (its ``threads`` option: the same count gives the same bits) and the
+    device it ran on."""
     out: dict[str, Any] = {"platform": platform.platform(), "torch": None}
     if config.model != "logistic":
         import torch
@@ -75,7 +76,8 @@ def environment(config) -> dict[str, Any]:
         device = config.model_options.get("device", "auto")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        out["torch"] = {"threads": torch.get_num_threads(), "device": device}
+        # the count the model computes with (its own option, default 1), not torch's global one
+        out["torch"] = {"threads": int(config.model_options.get("threads", 1)), "device": device}
     return out
 
 
