@@ -280,7 +280,7 @@ def test_audit_takes_the_data_flags_of_run(tmp_path):
 
 
 def test_audit_reads_a_config_file_whose_methods_are_the_defenses(tmp_path):
-    table = _hospital_table(tmp_path / "t.csv")
+    _hospital_table(tmp_path / "t.csv")
     config = tmp_path / "study.toml"
     config.write_text(
         'methods = ["fedavg", "trimmed_mean"]\nrepeats = 1\n'

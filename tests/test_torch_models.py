@@ -218,6 +218,19 @@ def test_gradient_of_batch_norm_statistics_is_zero_and_a_gradient_step_keeps_the
     assert grads["head.weight"].any()
 
 
+def _in_forked_worker(ctx, target):
+    """Run ``target(conn)`` in a forked process (killed after 60 s) and return what it sent."""
+    parent, child = ctx.Pipe()
+    worker = ctx.Process(target=target, args=(child,))
+    worker.start()
+    worker.join(timeout=60)
+    if worker.is_alive():
+        worker.kill()
+        worker.join()
+    assert worker.exitcode == 0
+    return parent.recv()
+
+
 def _train_in_child(conn):
     model = make_model("cnn2d", (1, 8, 8), channels=(4,))
     X, y = toy((1, 8, 8), n=16)
@@ -236,15 +249,7 @@ def test_a_forked_child_trains_after_its_parent_did():
         model = make_model("cnn2d", (1, 8, 8), channels=(4,))
         X, y = toy((1, 8, 8), n=16)
         model.descend(model.init_params((1, 8, 8), KeyedRng(0)), X, y, [None] * 2, 0.1)
-        parent, child = ctx.Pipe()
-        worker = ctx.Process(target=_train_in_child, args=(child,))
-        worker.start()
-        worker.join(timeout=60)
-        if worker.is_alive():
-            worker.kill()
-            worker.join()
-        assert worker.exitcode == 0
-        assert parent.recv() == 1
+        assert _in_forked_worker(ctx, _train_in_child) == 1
     finally:
         torch.set_num_threads(1)
 
@@ -315,16 +320,7 @@ def _threads_in_child(conn):
 def test_more_than_one_thread_in_a_forked_worker_is_refused_not_a_hang():
     import multiprocessing
 
-    ctx = multiprocessing.get_context("fork")
-    parent, child = ctx.Pipe()
-    worker = ctx.Process(target=_threads_in_child, args=(child,))
-    worker.start()
-    worker.join(timeout=60)
-    if worker.is_alive():
-        worker.kill()
-        worker.join()
-    assert worker.exitcode == 0
-    message = parent.recv()
+    message = _in_forked_worker(multiprocessing.get_context("fork"), _threads_in_child)
     assert "option 'threads' is 2" in message and "forked worker" in message and "--workers 1" in message
 
 

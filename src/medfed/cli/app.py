@@ -74,8 +74,7 @@ from medfed.cli.flags import (
     SiteColumnOpt,
     SkipBadOpt,
     SplitColumnOpt,
-    data_values,
-    training_values,
+    study_overrides,
 )
 from medfed.errors import ConfigError
 
@@ -323,26 +322,13 @@ def run(
     threads: ThreadsOpt = None,
 ) -> None:
     """Run the experiment harness from a config file and/or flags."""
+    flag_values = dict(locals())  # every flag by its parameter name, for study_overrides
 
     def build() -> dict[str, Any]:
         from medfed.experiments.config import merge, read_toml
 
         base = read_toml(config) if config is not None else {}
-        over: dict[str, Any] = {}
-        data_over = data_values(
-            base, dataset=dataset, data=data, manifest=manifest, dataset_option=dataset_option,
-            path_column=path_column, kind=kind, skip_bad=skip_bad, site_column=site_column,
-            label_column=label_column, split_column=split_column, features=features, exclude=exclude,
-            categorical=categorical, impute=impute, positive_label=positive_label,
-        )
-        if data_over:
-            over["data"] = data_over
-        training = training_values(
-            rounds=rounds, local_steps=local_steps, local_epochs=local_epochs, lr=lr, l2=l2, batch_size=batch_size,
-            fraction_fit=fraction_fit, min_sites=min_sites, max_update_norm=max_update_norm,
-        )
-        if training:
-            over["training"] = training
+        over = study_overrides(base, flag_values)
         method_opts: dict[str, dict[str, Any]] = {}
         for name, opts in parse_method_options(method_option).items():
             method_opts.setdefault(name, {}).update(opts)

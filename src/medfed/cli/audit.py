@@ -62,8 +62,7 @@ from medfed.cli.flags import (
     SiteColumnOpt,
     SkipBadOpt,
     SplitColumnOpt,
-    data_values,
-    training_values,
+    study_overrides,
 )
 from medfed.errors import ConfigError
 
@@ -211,6 +210,7 @@ def robustness(
     Data, model and training come from the same flags as `medfed run` (or a config file, whose
     `methods` are the defenses); `--attack`, `--corrupt` and `--out` say what to audit and where.
     """
+    flag_values = dict(locals())  # every flag by its parameter name, for study_overrides
 
     def build() -> tuple[dict[str, Any], dict[str, Any]]:
         from medfed.experiments.audit import default_defenses
@@ -225,20 +225,7 @@ def robustness(
                 f"config file (got {len(given)})"
             )
         over: dict[str, Any] = {"out": out, "threads": threads}
-        data_over = data_values(
-            base, dataset=dataset, data=data, manifest=manifest, dataset_option=dataset_option,
-            path_column=path_column, kind=kind, skip_bad=skip_bad, site_column=site_column,
-            label_column=label_column, split_column=split_column, features=features, exclude=exclude,
-            categorical=categorical, impute=impute, positive_label=positive_label,
-        )
-        if data_over:
-            over["data"] = data_over
-        training = training_values(
-            rounds=rounds, local_steps=local_steps, local_epochs=local_epochs, lr=lr, l2=l2, batch_size=batch_size,
-            fraction_fit=fraction_fit, min_sites=min_sites, max_update_norm=max_update_norm,
-        )
-        if training:
-            over["training"] = training
+        over.update(study_overrides(base, flag_values))
         if method_option:
             over["method_options"] = parse_method_options(method_option)
         if model_option:

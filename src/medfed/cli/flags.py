@@ -2,12 +2,13 @@
 
 ``medfed run`` and ``medfed audit robustness`` take the same data and training flags; each
 command lists the aliases below in its signature and turns the values it got into config
-overrides with :func:`data_values` and :func:`training_values`, so the two cannot drift apart.
+overrides with :func:`study_overrides`, so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import typer
@@ -61,34 +62,39 @@ ScalingOpt = Annotated[str | None, typer.Option(help="global, site or none")]
 MethodOptionOpt = Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALUE, e.g. fedprox.mu=0.01")]
 
 
-def data_values(
-    base: dict[str, Any],
-    *,
-    dataset: str | None = None,
-    data: Path | None = None,
-    manifest: Path | None = None,
-    dataset_option: list[str] | None = None,
-    **columns: Any,
-) -> dict[str, Any]:
-    """The ``data`` overrides the data flags give. A source given by a flag (``--dataset``,
-    ``--data``, ``--manifest``) replaces the config file's ``[data]`` table (``base`` is edited),
-    so a file's table columns never leak into another source. ``columns``: path_column, kind,
-    skip_bad, site_column, label_column, split_column, features, exclude, categorical, impute,
-    positive_label as the flags give them (comma lists as text)."""
-    out: dict[str, Any] = {}
-    if dataset is not None or data is not None or manifest is not None:
+DATA_FLAGS = (
+    "path_column", "kind", "skip_bad", "site_column", "label_column", "split_column", "features", "exclude",
+    "categorical", "impute", "positive_label",
+)
+TRAINING_FLAGS = (
+    "rounds", "local_steps", "local_epochs", "lr", "l2", "batch_size", "fraction_fit", "min_sites", "max_update_norm",
+)
+
+
+def study_overrides(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``data`` and ``training`` overrides a command's flags give; ``given`` maps each of the
+    command's parameter names to its value (the names above).
+
+    A source given by a flag (``--dataset``, ``--data``, ``--manifest``) replaces the config
+    file's ``[data]`` table (``base`` is edited), so a file's table columns never leak into
+    another source. Comma lists (``--features a,b``) become lists.
+    """
+    data: dict[str, Any] = {}
+    if any(given.get(k) is not None for k in ("dataset", "data", "manifest")):
         base.pop("data", None)
-        out = {"dataset": dataset, "path": str(data) if data else None, "manifest": str(manifest) if manifest else None}
-    for key, value in columns.items():
+        data = {"dataset": given.get("dataset"), "path": _text(given.get("data")),
+                "manifest": _text(given.get("manifest"))}
+    for key in DATA_FLAGS:
+        value = given.get(key)
         if key in ("features", "exclude", "categorical"):
             value = split_list(value)
         if value is not None:
-            out[key] = value
-    if dataset_option:
-        out["options"] = parse_options(dataset_option, "--dataset-option")
-    return out
+            data[key] = value
+    if given.get("dataset_option"):
+        data["options"] = parse_options(given["dataset_option"], "--dataset-option")
+    training = {k: given[k] for k in TRAINING_FLAGS if given.get(k) is not None}
+    return {key: value for key, value in (("data", data), ("training", training)) if value}
 
 
-def training_values(**values: Any) -> dict[str, Any]:
-    """The ``training`` overrides of the training flags that were given."""
-    return {k: v for k, v in values.items() if v is not None}
+def _text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
