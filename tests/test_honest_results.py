@@ -328,3 +328,9 @@ def test_a_method_whose_round_is_refused_mid_run_is_not_computable_and_the_other
     for row in _rows(doc, "Refusing"):
         assert not row["computable"] and "the server refused round 3" in row["reason"]
     assert all(r["computable"] for r in _rows(doc, "FedAvg"))
+
+
+def test_scaffold_reports_the_control_variate_it_uploads_as_communication():
+    doc = _doc(_config(["fedavg", "scaffold"], repeats=1))
+    comm = {c["setting"]: c["bytes_up_per_run"] for c in doc["communication"]}
+    assert comm["SCAFFOLD"] == 2 * comm["FedAvg"]  # the model delta and the control delta, same size

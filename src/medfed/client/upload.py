@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,5 +31,10 @@ class Upload:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the payload as float arrays, the dominant cost of a round's upload."""
-        return sum(a.nbytes for a in self.payload.values())
+        """Bytes of the payload and of the extras' arrays (SCAFFOLD's control delta doubles what a
+        site sends, and the communication report must show it); scalar metrics are not counted."""
+        extras = 0
+        for value in self.extras.values():
+            for part in (value.values() if isinstance(value, Mapping) else (value,)):
+                extras += np.asarray(part).nbytes
+        return sum(a.nbytes for a in self.payload.values()) + extras
