@@ -215,7 +215,7 @@ def _format_validation_error(
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "non_finite":
             loc = f"{loc}.{err['ctx']['key']}"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")  # our validators' own words need no prefix
         if err["type"] == "finite_number":
             msg += f", got {err['input']}"
         flag = flag_for(loc) if flag_for and loc else None
