@@ -427,3 +427,32 @@ def test_threads_flag_sets_and_records_the_torch_models_threads(tmp_path):
     code, text = invoke(["run", "--dataset", "breast-cancer", "--model", "torch_logistic", "--threads", "2",
                          "--model-option", "threads=1", *RUN_TINY, "--out", str(tmp_path / "x")])
     assert code == 2 and "give one" in text
+
+
+def test_a_file_the_run_would_replace_but_medfed_did_not_write_needs_overwrite(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.csv").write_text("a user's own numbers\n")
+    (out / "notes.txt").write_text("kept whatever happens\n")
+    run = ["run", "--dataset", "adni-like", *RUN_TINY, "--out", str(out)]
+    code, text = invoke(run)
+    assert code == 2 and "results.csv" in text and "--overwrite" in text
+    assert (out / "results.csv").read_text() == "a user's own numbers\n" and not (out / "results.json").exists()
+    code, text = invoke([*run, "--overwrite"])
+    assert code == 0, text
+    assert (out / "results.csv").read_text().startswith("setting,")
+    code, text = invoke(run)  # medfed's own files from the last run are replaced without asking
+    assert code == 0, text
+    with (out / "table.md").open("a") as fh:  # ... unless a user changed one since
+        fh.write("my edit\n")
+    code, text = invoke(run)
+    assert code == 2 and "table.md" in text and (out / "table.md").read_text().endswith("my edit\n")
+    assert (out / "notes.txt").read_text() == "kept whatever happens\n"
+    audit = ["audit", "robustness", "--dataset", "breast-cancer", "--attack", "sign_flip", "--defenses", "fedavg",
+             "--repeats", "1", "--rounds", "2", "--out", str(tmp_path / "aud")]
+    (tmp_path / "aud").mkdir()
+    (tmp_path / "aud" / "robustness.md").write_text("draft\n")
+    code, text = invoke(audit)
+    assert code == 2 and "robustness.md" in text
+    code, text = invoke([*audit, "--overwrite"])
+    assert code == 0, text

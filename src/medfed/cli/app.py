@@ -65,6 +65,7 @@ from medfed.cli.flags import (
     MaxUpdateNormOpt,
     MethodOptionOpt,
     MinSitesOpt,
+    OverwriteOpt,
     ModelOpt,
     ModelOptionOpt,
     PathColumnOpt,
@@ -176,13 +177,13 @@ def execute(values: dict[str, Any], source: str) -> dict[str, Any]:
     atomically, render; return the doc."""
     from medfed.experiments.config import build_config
     from medfed.experiments.harness import load_federation, run_experiment
-    from medfed.experiments.report import output_dir, report_files, write_atomically
+    from medfed.experiments.report import REPORT_FILES, output_dir, report_files, write_atomically
     from medfed.experiments.results import results_document
 
     config = build_config(values, source, flag_for)
     if config.out is None:
         raise ConfigError("no output folder: give --out DIR (or out = \"DIR\" in the config file)")
-    with output_dir(config.out, "--out"):
+    with output_dir(config.out, "--out", owns=REPORT_FILES, overwrite=config.overwrite):
         apply_threads(config)
         federation = load_federation(config.data)
         total = config.repeats * len(config.methods)
@@ -254,6 +255,7 @@ def reproduce(
     loso: Annotated[bool, typer.Option("--loso", help="also test each site as unseen: train without it")] = False,
     plot_format: PlotFormatOpt = None,
     threads: ThreadsOpt = None,
+    overwrite: OverwriteOpt = None,
 ) -> None:
     """Reproduce the survey's Table 2 (Cross, Single, Mix, FedAvg, FedSGD, FedProx) on embedded data."""
     values: dict[str, Any] = {
@@ -261,6 +263,7 @@ def reproduce(
         "repeats": repeats,
         "seed": seed,
         "out": str(Path("results") / dataset) if out is None else out,
+        "overwrite": bool(overwrite),
         "plots": plots or plot_format is not None,
         "loso": loso,
         "threads": threads,
@@ -320,6 +323,7 @@ def run(
     eval_every: Annotated[int | None, typer.Option(help="test-set ACC, SEN, SPE, AUC of the global model every N rounds, in the history")] = None,
     workers: Annotated[int | None, typer.Option(help="repeats in parallel processes (0 = one per core)")] = None,
     threads: ThreadsOpt = None,
+    overwrite: OverwriteOpt = None,
 ) -> None:
     """Run the experiment harness from a config file and/or flags."""
     flag_values = dict(locals())  # every flag by its parameter name, for study_overrides
@@ -337,7 +341,8 @@ def run(
         if model_option:
             over["model_options"] = parse_options(model_option, "--model-option")
         for key, value in [("methods", split_list(methods)), ("repeats", repeats), ("seed", seed),
-                           ("scaling", scaling), ("out", out), ("plots", plots), ("eval_every", eval_every),
+                           ("scaling", scaling), ("out", out), ("overwrite", overwrite), ("plots", plots),
+                           ("eval_every", eval_every),
                            ("workers", workers), ("threads", threads), ("loso", loso), ("model", model),
                            ("plot_formats", split_list(plot_format))]:
             if value is not None:

@@ -53,6 +53,7 @@ from medfed.cli.flags import (
     MaxUpdateNormOpt,
     MethodOptionOpt,
     MinSitesOpt,
+    OverwriteOpt,
     ModelOpt,
     ModelOptionOpt,
     PathColumnOpt,
@@ -140,7 +141,7 @@ def execute_audit(values: dict[str, Any], attack_values: dict[str, Any], source:
     config = build_config(values, source, flag_for)
     attack = Attack(**attack_values)
     out = config.out
-    with output_dir(out, "--out"):
+    with output_dir(out, "--out", owns=tuple(audit_files({})), overwrite=config.overwrite):
         apply_threads(config)
         federation = load_federation(config.data)
         with progress_steps(config.repeats * len(config.methods) * 2) as step:
@@ -204,6 +205,7 @@ def robustness(
     seed: Annotated[int | None, typer.Option(help="seed of splits, corrupted sites, attacks and training [default: 0]")] = None,
     method_option: MethodOptionOpt = None,
     threads: Annotated[int | None, typer.Option(min=1, help="threads torch models compute with [default: 1]")] = None,
+    overwrite: OverwriteOpt = None,
 ) -> None:
     """Each defense's clean-site metrics with and without F corrupted sites.
 
@@ -224,7 +226,7 @@ def robustness(
                 f"give one data source: --dataset NAME, --data FILE or --manifest FILE, or a [data] table in a "
                 f"config file (got {len(given)})"
             )
-        over: dict[str, Any] = {"out": out, "threads": threads}
+        over: dict[str, Any] = {"out": out, "threads": threads, "overwrite": bool(overwrite)}
         over.update(study_overrides(base, flag_values))
         if method_option:
             over["method_options"] = parse_method_options(method_option)

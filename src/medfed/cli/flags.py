@@ -59,6 +59,10 @@ MaxUpdateNormOpt = Annotated[
     float | None, typer.Option(help="the server rejects uploads whose update norm is larger")
 ]
 ScalingOpt = Annotated[str | None, typer.Option(help="global, site or none")]
+OverwriteOpt = Annotated[
+    bool | None,
+    typer.Option("--overwrite", help="replace files in --out that medfed did not write (or that changed since)"),
+]
 MethodOptionOpt = Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALUE, e.g. fedprox.mu=0.01")]
 
 

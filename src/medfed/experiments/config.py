@@ -152,6 +152,9 @@ class ExperimentConfig(_Strict):
     eval_every: int = Field(0, ge=0)
     loso: bool = Field(False, description="also evaluate each site as unseen: train without it, test on it")
     out: Path | None = None
+    overwrite: bool = Field(
+        False, description="replace files in `out` that medfed did not write (or that changed since it did)"
+    )
     plots: bool = False
     plot_formats: list[str] = Field(
         default_factory=lambda: ["png"], description="file formats of each plot: png, pdf and/or svg"

@@ -10,6 +10,7 @@ manifest says which files medfed wrote).
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import csv
 import errno
 import io
@@ -145,14 +146,35 @@ def _remove_empty(folders: list[Path]) -> None:
             return  # not empty (or gone): leave it and its parents
 
 
-def check_output_dir(out_dir: Path | str, label: str = "output folder") -> list[Path]:
+# names a run's report may take in its folder (plots: roc_<site>, convergence, test_<metric>)
+REPORT_FILES = ("results.json", "results.csv", "table.md", "roc_*.*", "convergence.*", "test_*.*")
+
+
+def foreign_files(out_dir: Path, names: tuple[str, ...]) -> list[str]:
+    """Files in ``out_dir`` that a run would write (they match ``names``, glob patterns) but that
+    the previous medfed run there did not write, or that changed since it did: a user's own
+    ``results.csv`` in the folder, or one they edited."""
+    if not names or not out_dir.is_dir():
+        return []
+    previous = _previous_set(out_dir)
+    return [
+        p.name for p in sorted(out_dir.iterdir())
+        if p.is_file() and any(fnmatch.fnmatchcase(p.name, n) for n in names) and previous.get(p.name) != _stat_key(p)
+    ]
+
+
+def check_output_dir(
+    out_dir: Path | str, label: str = "output folder", *, owns: tuple[str, ...] = (), overwrite: bool = False
+) -> list[Path]:
     """Make sure a report can be written to ``out_dir`` before any work is done.
 
     Creates the folder if needed, then writes, fsyncs, renames and removes a probe file
     there, so a folder that is a file, under a file, a dangling link, not writable, read-only
     or full is refused now (:class:`ConfigError` naming ``label`` and the reason) rather than
-    after training. Strays of killed runs are removed. Returns the folders it created,
-    outermost first, for :func:`output_dir` to remove again if the run fails.
+    after training. A folder holding files the run would replace (names matching ``owns``)
+    that medfed did not write, or that changed since it did, is refused unless ``overwrite``
+    (:func:`foreign_files`). Strays of killed runs are removed. Returns the folders it
+    created, outermost first, for :func:`output_dir` to remove again if the run fails.
     """
     if not str(out_dir).strip():
         raise ConfigError(f"{label} is empty: give a folder name")
@@ -180,6 +202,13 @@ def check_output_dir(out_dir: Path | str, label: str = "output folder") -> list[
         if not os.access(path, os.W_OK | os.X_OK):
             raise ConfigError(f"{label} {str(path)!r} is not writable (permission denied)")
         _probe(path, label)
+        foreign = [] if overwrite else foreign_files(path, owns)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ConfigError(
+                f"{label} {str(path)!r} holds {shown}, which this run would replace but medfed did not write "
+                "(or they changed since it did): pass --overwrite to replace them, or choose another folder"
+            )
     except BaseException:
         _remove_empty(created)
         raise
@@ -210,10 +239,12 @@ def _probe(path: Path, label: str) -> None:
 
 
 @contextlib.contextmanager
-def output_dir(out_dir: Path | str, label: str = "output folder") -> Iterator[Path]:
+def output_dir(
+    out_dir: Path | str, label: str = "output folder", *, owns: tuple[str, ...] = (), overwrite: bool = False
+) -> Iterator[Path]:
     """:func:`check_output_dir` on entry; the folders it created are removed again (if still
     empty) when the block fails, so bad input found later writes nothing."""
-    created = check_output_dir(out_dir, label)
+    created = check_output_dir(out_dir, label, owns=owns, overwrite=overwrite)
     try:
         yield Path(out_dir)
     except BaseException:
