@@ -59,7 +59,8 @@ CONFIG_FLAGS = {
     "data.path_column": "--path-column", "data.kind": "--kind", "data.skip_bad": "--skip-bad",
     "data.site_column": "--site-column", "data.label_column": "--label-column",
     "data.split_column": "--split-column", "data.features": "--features", "data.impute": "--impute",
-    "data.positive_label": "--positive-label",
+    "data.positive_label": "--positive-label", "data.exclude": "--exclude", "data.categorical": "--categorical",
+    "plot_formats": "--plot-format", "overwrite": "--overwrite",
 }
 # method options that common flags set for every selected method that has them
 METHOD_FLAGS = {"mu": "--mu", "server_lr": "--server-lr", "f": "--byzantine", "beta": "--trim-beta",

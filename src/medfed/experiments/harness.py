@@ -106,6 +106,13 @@ def loss_rise(start: float, end: float) -> bool:
     return bool(np.isfinite(start) and np.isfinite(end) and end > LOSS_RISE_WARNING * start and end - start > 1e-12)
 
 
+def build_method(config: ExperimentConfig, spec: MethodSpec, opts: dict, site_names, counts=None) -> FederatedAlgorithm:
+    """``spec`` built for these training sites (their label counts shared at setup) and the
+    config's model (whose local optimizer some methods require)."""
+    return spec.build(opts, config.training, context_for(
+        list(site_names), config.seed, counts, model=config.model, model_options=config.model_options))
+
+
 @dataclass
 class TrainingPlan:
     """How every setting of a run trains: the model, a federated site's round
@@ -136,9 +143,7 @@ class TrainingPlan:
         return self.model.init_params(federation.sample_shape, KeyedRng(self.config.seed, (INIT_STREAM, repeat)))
 
     def build(self, spec: MethodSpec, opts: dict, site_names, counts=None) -> FederatedAlgorithm:
-        """``spec`` built for these training sites (their label counts shared at setup)."""
-        return spec.build(opts, self.config.training, context_for(
-            list(site_names), self.config.seed, counts, model=self.config.model, model_options=self.config.model_options))
+        return build_method(self.config, spec, opts, site_names, counts)
 
     def federated(
         self,
@@ -590,7 +595,6 @@ def check_study(
     if config.loso and len(names) < 2:
         raise ConfigError(f"leave-one-site-out (--loso) needs at least 2 sites; {federation.name!r} has {len(names)}")
     groups = [names] + ([names[1:]] if config.loso else [])  # the smallest training group under LOSO
-    plan = TrainingPlan(config, None, None, None)  # building a method needs no model
     for group in groups:
         where = "" if len(group) == len(names) else f" (with --loso each model trains on {len(group)} sites)"
         if t.min_sites > len(group):
@@ -603,7 +607,7 @@ def check_study(
             if spec.kind != "federated":
                 continue
             try:
-                plan.build(spec, opts, group)
+                build_method(config, spec, opts, group)
             except (ValueError, TypeError) as exc:  # a builder that does not speak ConfigError yet
                 raise ConfigError(f"method {spec.name!r}: {exc}") from None
             problem = site_requirement(spec.name, cohort, opts) if site_requirements else None
