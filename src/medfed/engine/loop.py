@@ -1,81 +1,39 @@
-"""The federated round loop. It knows no method: a method supplies its local update rule
-and its aggregator, and the loop runs selection, local training, upload (through the one
-:class:`~medfed.comm.UploadBoundary`), aggregation and broadcast.
+"""``run_federated``: one call that runs a method's site and server programs over sites in
+memory (simulation). It builds the protocol's pieces — the programs, an executor, the
+driver — and returns the finished run; everything it does goes through them, so a test of
+``run_federated`` is a test of the protocol a deployment runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
 import numpy as np
 
 from medfed.client.local import LocalData, LocalTraining
 from medfed.comm.boundary import UploadBoundary
-from medfed.comm.policy import sharing_policy
-from medfed.engine.selection import select_sites
-from medfed.rng import KeyedRng, name_key
-from medfed.server.aggregate import Aggregator, stack_uploads
-from medfed.server.validate import screen_uploads
+from medfed.engine.checkpoint import CheckpointStore
+from medfed.engine.driver import Driver, FederatedRun
+from medfed.engine.executors import local_executor
+from medfed.engine.faults import Faults
+from medfed.engine.protocol import FederatedAlgorithm, RoundRecord, programs
+from medfed.rng import KeyedRng
 
-LocalUpdate = Callable[..., tuple[Any, Any]]
-
-
-Personalize = Callable[..., dict[str, np.ndarray]]
+__all__ = ["FederatedAlgorithm", "FederatedRun", "RoundRecord", "run_federated"]
 
 
-@dataclass(frozen=True)
-class FederatedAlgorithm:
-    """A federated method as the engine sees it: a client rule and a server aggregator.
+def _with_boundary(algorithm: FederatedAlgorithm, boundary: UploadBoundary) -> FederatedAlgorithm:
+    """The algorithm whose uploads also pass ``boundary``'s transforms at the site."""
+    import dataclasses
 
-    Optional pieces, for methods that need them:
+    update = algorithm.local_update
 
-    - ``broadcast(server_state) -> dict``: extra keyword arguments sent down with the global
-      model each round (SCAFFOLD's server control variate). They reach the local rule as
-      keyword arguments.
-    - ``personalize(global_params, data, training, client_state, rng, **message) -> params``: a
-      site's personal model after the last round (fine-tuning, Ditto, APFL, PFA). Its metrics
-      are reported next to the global model's. ``message`` is what ``broadcast`` makes of the
-      final server state (PFA's last shared frequency band).
-    - ``private(name) -> bool``: parameters that never leave a site (FedBN, FedPer). Uploads
-      carry the others only; the boundary enforces it (:func:`medfed.comm.policy.sharing_policy`)
-      and the server keeps its copy of a private parameter unchanged.
-    """
+    def local_update(*args, **kwargs):
+        upload, state = update(*args, **kwargs)
+        return boundary.transmit(upload), state
 
-    name: str
-    local_update: LocalUpdate
-    aggregator: Aggregator
-    broadcast: Callable[[Any], dict[str, Any]] | None = None
-    personalize: Personalize | None = None
-    private: Callable[[str], bool] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RoundRecord:
-    """What happened in one communication round."""
-
-    round: int
-    sites: tuple[str, ...]
-    train_loss: float  # example-weighted training loss of the global model the sites received
-    bytes_up: int
-    report: dict | None = None
-    evaluation: dict | None = None
-    rejected: dict[str, str] = field(default_factory=dict)  # site -> why the server refused its upload
-    skipped: str | None = None  # why the global model was left unchanged this round
-
-
-@dataclass
-class FederatedRun:
-    params: dict[str, np.ndarray]
-    history: list[RoundRecord]
-    client_states: dict[str, Any] = field(default_factory=dict)
-    server_state: Any = None
-    personal: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-
-    @property
-    def train_loss(self) -> np.ndarray:
-        return np.array([r.train_loss for r in self.history])
+    return dataclasses.replace(algorithm, local_update=local_update)
 
 
 def run_federated(
@@ -92,72 +50,40 @@ def run_federated(
     evaluate: Callable[[Mapping[str, np.ndarray]], dict] | None = None,
     eval_every: int = 0,
     max_update_norm: float | None = None,
+    executor: str = "inprocess",
+    faults: Faults | None = None,
+    checkpoint_dir: Path | None = None,
+    fingerprint: str = "",
 ) -> FederatedRun:
     """Run ``rounds`` communication rounds and return the final global model and history.
 
     Randomness is keyed: selection by ``rng.child(round)``, a site's local work by
-    ``rng.child(round, name_key(site name))``, so a site draws the same numbers wherever it
-    stands in the list and whichever order the sites are visited in. ``evaluate`` (global params -> metrics) runs every ``eval_every``
-    rounds and after the last one.
+    ``rng.child(round, 1, name_key(site name))``, so a site draws the same numbers wherever
+    it stands in the list, whichever order the sites are visited in and whichever executor
+    runs them. ``evaluate`` (global params -> metrics) runs every ``eval_every`` rounds and
+    after the last one. Screening, ``min_sites`` and the commit of site state follow
+    :class:`~medfed.engine.protocol.ServerProgram` and :class:`~medfed.engine.runtime.SiteRuntime`.
 
-    Every upload is screened (:func:`~medfed.server.validate.screen_uploads`): a malformed
-    one, or one whose norm exceeds ``max_update_norm``, is left out of the round and named in
-    the round's ``rejected``. If fewer than ``min_sites`` uploads remain, the global model
-    stays as it was and the round records why.
-
-    A site's state (control variate, personal model) advances only when the server used its
-    upload: after a rejected upload, or in a skipped round, it stays exactly as it was, as if
-    the site had not taken part, so state that must move with the server's (SCAFFOLD's
-    ``c_i`` with ``c``) never drifts from it.
+    ``faults`` drops sites from rounds; with ``checkpoint_dir`` the coordinator checkpoints
+    every round and the sites keep their state there, and a second call with the same folder
+    and ``fingerprint`` resumes after the last saved round.
     """
-    boundary = boundary or UploadBoundary()
-    if algorithm.private is not None:
-        boundary = UploadBoundary([*boundary.transforms, sharing_policy(algorithm.private)])
-    params = {k: np.array(v, dtype=np.float64, copy=True) for k, v in init_params.items()}
-    server_state = algorithm.aggregator.init(params)
-    client_states: dict[str, Any] = {s.name: None for s in sites}
-    history: list[RoundRecord] = []
-    update, aggregate = algorithm.local_update, algorithm.aggregator.apply
-    site_keys = [name_key(s.name) for s in sites]
-    site_training = [training.for_site(s.n) for s in sites]  # local epochs become per-site steps
-    everyone = select_sites(len(sites), fraction, min_sites, rng) if fraction >= 1.0 else None
-    for r in range(rounds):
-        chosen = everyone if everyone is not None else select_sites(len(sites), fraction, min_sites, rng.child(r, 0))
-        bytes_before = boundary.bytes_sent
-        uploads = []
-        pending: dict[str, Any] = {}  # each site's state after this round, kept once the server uses its upload
-        message = algorithm.broadcast(server_state) if algorithm.broadcast else {}
-        for i in chosen.tolist():
-            site = sites[i]
-            upload, pending[site.name] = update(
-                params, site, site_training[i], client_states[site.name], rng.child(r, 1, site_keys[i]), **message
-            )
-            uploads.append(boundary.transmit(upload))
-        shared = params if algorithm.private is None else {k: v for k, v in params.items() if not algorithm.private(k)}
-        accepted, rejected = screen_uploads(uploads, shared, max_norm=max_update_norm)
-        report = skipped = None
-        if len(accepted) < max(1, min(min_sites, len(uploads))):
-            skipped = f"{len(accepted)} valid upload(s), fewer than the {min_sites} required"
-            loss = float("nan")
-            names = tuple(u.site for u in accepted)
-        else:
-            stack = stack_uploads(accepted)
-            params, server_state, report = aggregate(stack, server_state, params, r)
-            client_states.update((name, pending[name]) for name in stack.sites)
-            w = stack.weights
-            loss = float(stack.metrics["loss"] @ w / w.sum()) if "loss" in stack.metrics else float("nan")
-            names = stack.sites
-        evaluation = None
-        if evaluate is not None and eval_every and ((r + 1) % eval_every == 0 or r == rounds - 1):
-            evaluation = evaluate(params)
-        history.append(
-            RoundRecord(r, names, loss, boundary.bytes_sent - bytes_before, report, evaluation, rejected, skipped)
+    if boundary is not None:
+        algorithm = _with_boundary(algorithm, boundary)
+    names = [s.name for s in sites]
+    site_program, server_program = programs(
+        algorithm, training, names, fraction=fraction, min_sites=min_sites, max_update_norm=max_update_norm
+    )
+    store = state_dir = None
+    if checkpoint_dir is not None:
+        store = CheckpointStore(Path(checkpoint_dir), fingerprint)
+        state_dir = Path(checkpoint_dir) / "sites"
+    runner = local_executor(executor, site_program, sites, rng, faults=faults, state_dir=state_dir)
+    try:
+        driver = Driver(
+            server_program, runner, rounds, rng, personal=site_program.personal,
+            evaluate=evaluate, eval_every=eval_every, checkpoints=store,
         )
-    personal = {}
-    if algorithm.personalize is not None:
-        message = algorithm.broadcast(server_state) if algorithm.broadcast else {}
-        for i, site in enumerate(sites):
-            personal[site.name] = algorithm.personalize(
-                params, site, site_training[i], client_states[site.name], rng.child(rounds, 2, site_keys[i]), **message
-            )
-    return FederatedRun(params, history, client_states, server_state, personal)
+        return driver.run(init_params)
+    finally:
+        runner.close()

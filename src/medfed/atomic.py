@@ -1,0 +1,28 @@
+"""One file written atomically: a temporary file in the same folder, synced, then renamed.
+
+Below every layer (like :mod:`medfed.errors`), so checkpoints in the engine and site state
+in deployment write the same way; a set of report files goes through
+:func:`medfed.experiments.report.write_atomically` instead.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` in one rename: a reader sees the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

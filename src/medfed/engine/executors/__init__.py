@@ -1,0 +1,70 @@
+"""Executors: the only code that knows where sites are.
+
+An executor carries a round's plan to the cohort's sites and their answers back, and the
+coordinator's decision on each upload to its site. ``inprocess`` keeps every site's runtime
+in this process (today's serial loop); ``process`` gives each a process of its own, as a
+deployment would; the Flower executor (:mod:`medfed.deploy`) reaches SuperNodes over gRPC.
+Methods never see which one runs them: same config and seed, same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from medfed.client.local import LocalData
+from medfed.client.upload import Upload
+from medfed.engine.faults import Faults
+from medfed.engine.protocol import Params, RoundPlan, SiteProgram, SiteSetup
+from medfed.errors import ConfigError
+from medfed.rng import KeyedRng
+
+
+class Executor(Protocol):
+    """Where the sites are. Replies come in cohort order: an upload, or why none came."""
+
+    sites: tuple[str, ...]
+
+    def setup(self) -> dict[str, SiteSetup]: ...
+
+    def train(self, plan: RoundPlan) -> dict[str, Upload | str]: ...
+
+    def commit(self, round_: int, decisions: Mapping[str, bool]) -> None: ...
+
+    def personalize(self, plan: RoundPlan) -> dict[str, Params]: ...
+
+    def site_states(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+LOCAL_EXECUTORS = ("inprocess", "process")
+EXECUTORS = (*LOCAL_EXECUTORS, "flower")
+
+
+def local_executor(
+    kind: str,
+    program: SiteProgram,
+    sites: Sequence[LocalData],
+    rng: KeyedRng,
+    *,
+    faults: Faults | None = None,
+    state_dir: Path | None = None,
+    workers: int | None = None,
+) -> Executor:
+    """An executor whose sites run on this machine (simulation)."""
+    if kind == "inprocess":
+        from medfed.engine.executors.inprocess import InProcessExecutor
+
+        return InProcessExecutor(program, sites, rng, faults=faults, state_dir=state_dir)
+    if kind == "process":
+        from medfed.engine.executors.process import ProcessExecutor
+
+        return ProcessExecutor(program, sites, rng, faults=faults, state_dir=state_dir, workers=workers)
+    if kind == "flower":
+        raise ConfigError(
+            "executor 'flower' runs on Flower's deployment runtime: start it with `medfed deploy server` "
+            "and `medfed deploy site`; in simulation use executor 'inprocess' or 'process'"
+        )
+    raise ConfigError(f"unknown executor {kind!r}; available: {', '.join(EXECUTORS)}")

@@ -1,0 +1,238 @@
+"""The round as a protocol between a coordinator and sites (``DESIGN.md``, "The round is a
+protocol"). Two programs talk; neither assumes the other is in memory:
+
+- a :class:`SiteProgram` runs at a site, on that site's rows and state only, and turns the
+  global model and the round's message into an :class:`~medfed.client.upload.Upload`;
+- a :class:`ServerProgram` runs at the coordinator, on uploads only: it picks each round's
+  cohort and message (``configure``) and folds the cohort's uploads into the next global
+  model (``aggregate``).
+
+Both are built from a method's two halves (:class:`FederatedAlgorithm`: its local rule and
+its aggregator chain). An executor (:mod:`medfed.engine.executors`) carries the messages;
+the :class:`~medfed.engine.driver.Driver` runs configure → executor → aggregate → checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from medfed.client.local import LocalData, LocalTraining
+from medfed.client.upload import Upload
+from medfed.comm.policy import sharing_policy
+from medfed.engine.selection import select_sites
+from medfed.rng import KeyedRng, name_key
+from medfed.server.aggregate import Aggregator, stack_uploads
+from medfed.server.validate import screen_uploads
+
+LocalUpdate = Callable[..., tuple[Any, Any]]
+Personalize = Callable[..., dict[str, np.ndarray]]
+Params = dict[str, np.ndarray]
+
+# streams of the run's keyed rng: selection, a site's local work, a site's personalization
+SELECTION_STREAM, TRAIN_STREAM, PERSONAL_STREAM = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class FederatedAlgorithm:
+    """A federated method's two halves: a client rule and a server aggregator.
+
+    Optional pieces, for methods that need them:
+
+    - ``broadcast(server_state) -> dict``: extra keyword arguments sent down with the global
+      model each round (SCAFFOLD's server control variate). They reach the local rule as
+      keyword arguments.
+    - ``personalize(global_params, data, training, client_state, rng, **message) -> params``: a
+      site's personal model after the last round (fine-tuning, Ditto, APFL, PFA). Its metrics
+      are reported next to the global model's. ``message`` is what ``broadcast`` makes of the
+      final server state (PFA's last shared frequency band).
+    - ``private(name) -> bool``: parameters that never leave a site (FedBN, FedPer). Uploads
+      carry the others only; the site's channel enforces it (:func:`medfed.comm.policy.sharing_policy`)
+      and the server keeps its copy of a private parameter unchanged.
+    """
+
+    name: str
+    local_update: LocalUpdate
+    aggregator: Aggregator
+    broadcast: Callable[[Any], dict[str, Any]] | None = None
+    personalize: Personalize | None = None
+    private: Callable[[str], bool] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoundContext:
+    """What both sides know about a round: its index, the sites taking part, and the run's
+    keyed rng, from which every draw of the round derives by (round, stream, site name)."""
+
+    round: int
+    cohort: tuple[str, ...]
+    rng: KeyedRng
+
+    def site_rng(self, site: str, stream: int = TRAIN_STREAM) -> KeyedRng:
+        return self.rng.child(self.round, stream, name_key(site))
+
+
+@dataclass(frozen=True, slots=True)
+class RoundPlan:
+    """What the coordinator sends for one round: who trains, the shared part of the global
+    model, and the method's message (its ``broadcast``). ``final`` marks the closing request
+    after the last round (personalization), which trains nothing."""
+
+    round: int
+    cohort: tuple[str, ...]
+    params: Params
+    message: dict[str, Any] = field(default_factory=dict)
+    final: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SiteSetup:
+    """What the setup exchange before round 0 shares about a site: never rows, only counts
+    (examples; rows per class), which weighting by examples and FedSLD's prior use."""
+
+    site: str
+    n_examples: int
+    label_counts: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, data: LocalData) -> SiteSetup:
+        y = np.asarray(data.y)
+        return cls(data.name, data.n, (float(np.sum(y == 0)), float(np.sum(y == 1))))
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRecord:
+    """What happened in one communication round."""
+
+    round: int
+    sites: tuple[str, ...]
+    train_loss: float  # example-weighted training loss of the global model the sites received
+    bytes_up: int
+    report: dict | None = None
+    evaluation: dict | None = None
+    rejected: dict[str, str] = field(default_factory=dict)  # site -> why the server refused its upload
+    skipped: str | None = None  # why the global model was left unchanged this round
+    missing: dict[str, str] = field(default_factory=dict)  # site -> why it sent nothing (crash, timeout)
+
+
+@dataclass(frozen=True)
+class SiteProgram:
+    """A method's site half: what a site does with the global model on its own rows.
+
+    ``train`` returns the upload as it leaves the site (after the site's channel: the sharing
+    policy refuses a private parameter) and the site's next state; the state stays at the site.
+    """
+
+    algorithm: FederatedAlgorithm
+    training: LocalTraining
+
+    @property
+    def personal(self) -> bool:
+        return self.algorithm.personalize is not None
+
+    def init(self, data: LocalData) -> Any:
+        return None
+
+    def train(self, plan: RoundPlan, data: LocalData, state: Any, rng: KeyedRng) -> tuple[Upload, Any]:
+        upload, state = self.algorithm.local_update(
+            plan.params, data, self.training.for_site(data.n), state, rng, **plan.message
+        )
+        if self.algorithm.private is not None:
+            upload = sharing_policy(self.algorithm.private)(upload)
+        return upload, state
+
+    def personalize(self, plan: RoundPlan, data: LocalData, state: Any, rng: KeyedRng) -> Params:
+        return self.algorithm.personalize(plan.params, data, self.training.for_site(data.n), state, rng, **plan.message)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerState:
+    """The coordinator's whole state between rounds: the global model (private parameters
+    keep their initial values), the aggregator chain's state, and the next round's index."""
+
+    params: Params
+    aggregator: Any
+    round: int = 0
+
+
+@dataclass(frozen=True)
+class ServerProgram:
+    """A method's server half: cohort selection, the round's message, screening and the
+    aggregator chain. It sees uploads only, never a site's rows or state.
+
+    Every upload is screened (:func:`~medfed.server.validate.screen_uploads`): a malformed one,
+    or one whose norm exceeds ``max_update_norm``, is left out and named in the round's
+    ``rejected``. If fewer than ``min_sites`` valid uploads arrive (the cohort's size, when that
+    is smaller), the global model stays as it was and the round records why.
+    """
+
+    algorithm: FederatedAlgorithm
+    sites: tuple[str, ...]
+    fraction: float = 1.0
+    min_sites: int = 1
+    max_update_norm: float | None = None
+
+    def init(self, params: Mapping[str, np.ndarray], setup: Mapping[str, SiteSetup] | None = None) -> ServerState:
+        own = {k: np.array(v, dtype=np.float64, copy=True) for k, v in params.items()}
+        return ServerState(own, self.algorithm.aggregator.init(own), 0)
+
+    def cohort(self, round_: int, rng: KeyedRng) -> tuple[str, ...]:
+        if self.fraction >= 1.0:
+            chosen = select_sites(len(self.sites), self.fraction, self.min_sites, rng)
+        else:
+            chosen = select_sites(len(self.sites), self.fraction, self.min_sites, rng.child(round_, SELECTION_STREAM))
+        return tuple(self.sites[i] for i in chosen.tolist())
+
+    def shared(self, params: Params) -> Params:
+        private = self.algorithm.private
+        return params if private is None else {k: v for k, v in params.items() if not private(k)}
+
+    def configure(self, state: ServerState, ctx: RoundContext, *, final: bool = False) -> RoundPlan:
+        cohort = ctx.cohort if final else self.cohort(ctx.round, ctx.rng)
+        message = self.algorithm.broadcast(state.aggregator) if self.algorithm.broadcast else {}
+        return RoundPlan(ctx.round, cohort, state.params, message, final)
+
+    def aggregate(
+        self, state: ServerState, replies: Mapping[str, Upload | str], ctx: RoundContext
+    ) -> tuple[ServerState, RoundRecord]:
+        """Fold one round's replies (an upload, or why the site sent none) into the next state."""
+        uploads = [r for r in replies.values() if not isinstance(r, str)]
+        missing = {site: r for site, r in replies.items() if isinstance(r, str)}
+        accepted, rejected = screen_uploads(uploads, self.shared(state.params), max_norm=self.max_update_norm)
+        bytes_up = sum(u.nbytes for u in uploads)
+        params, aggregator, report, skipped = state.params, state.aggregator, None, None
+        if len(accepted) < max(1, min(self.min_sites, len(ctx.cohort))):
+            skipped = f"{len(accepted)} valid upload(s), fewer than the {self.min_sites} required"
+            loss, names = float("nan"), tuple(u.site for u in accepted)
+        else:
+            stack = stack_uploads(accepted)
+            params, aggregator, report = self.algorithm.aggregator.apply(stack, aggregator, params, ctx.round)
+            w = stack.weights
+            loss = float(stack.metrics["loss"] @ w / w.sum()) if "loss" in stack.metrics else float("nan")
+            names = stack.sites
+        record = RoundRecord(ctx.round, names, loss, bytes_up, report, None, rejected, skipped, missing)
+        return ServerState(params, aggregator, ctx.round + 1), record
+
+
+def accepted_sites(record: RoundRecord) -> tuple[str, ...]:
+    """The sites whose uploads the server used in this round (none when it was skipped)."""
+    return () if record.skipped else record.sites
+
+
+def programs(
+    algorithm: FederatedAlgorithm,
+    training: LocalTraining,
+    sites: Sequence[str],
+    *,
+    fraction: float = 1.0,
+    min_sites: int = 1,
+    max_update_norm: float | None = None,
+) -> tuple[SiteProgram, ServerProgram]:
+    """A method's site and server programs for a federation of ``sites``."""
+    return (
+        SiteProgram(algorithm, training),
+        ServerProgram(algorithm, tuple(sites), fraction, min_sites, max_update_norm),
+    )

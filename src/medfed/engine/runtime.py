@@ -1,0 +1,99 @@
+"""A site's side of the protocol: the one object that holds a site's rows and state.
+
+The runtime answers the coordinator's requests (train, commit, personalize) with the site's
+:class:`~medfed.engine.protocol.SiteProgram`. A site's new state is *pending* until the
+coordinator says it used the site's upload (:meth:`SiteRuntime.commit`); a rejected upload or
+a skipped round leaves the committed state as it was, as if the site had not taken part, so
+state that must move with the server's (SCAFFOLD's ``c_i`` with ``c``) never drifts from it.
+
+With a ``state_dir`` the runtime keeps its state on disk (atomically, after every change) and
+a restarted runtime resumes it; requests carry round numbers, so a repeated request after a
+coordinator restart recomputes the same answer instead of applying it twice.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medfed.atomic import write_bytes_atomically
+from medfed.client.local import LocalData
+from medfed.client.upload import Upload
+from medfed.engine.protocol import PERSONAL_STREAM, TRAIN_STREAM, Params, RoundPlan, SiteProgram, SiteSetup
+from medfed.rng import KeyedRng, name_key
+
+
+@dataclass
+class SiteMemory:
+    """What a site remembers between requests: its committed state (as of ``committed_round``,
+    -1 before any), the committed state before that (``earlier``, as of ``earlier_round``), and
+    the state of its last upload, kept until the coordinator decides.
+
+    ``earlier`` exists for a coordinator that restarts from its checkpoint of the round before
+    the site's last commit (it crashed between the two writes): the repeated round must start
+    from the state the site had then, not apply the round twice."""
+
+    state: Any = None
+    committed_round: int = -1
+    earlier: Any = None
+    earlier_round: int = -1
+    pending_round: int | None = None
+    pending_state: Any = None
+
+    def state_before(self, round_: int) -> Any:
+        """The committed state a request for ``round_`` starts from."""
+        if self.committed_round >= round_:
+            self.state, self.committed_round = self.earlier, self.earlier_round
+        return self.state
+
+
+class SiteRuntime:
+    """One site: its training rows, its program and its memory."""
+
+    def __init__(self, program: SiteProgram, data: LocalData, rng: KeyedRng, state_dir: Path | None = None) -> None:
+        self.program = program
+        self.data = data
+        self.name = data.name
+        self._key = name_key(data.name)
+        self._rng = rng
+        self._path = None if state_dir is None else Path(state_dir) / f"{data.name}.state"
+        self.memory = self._load() or SiteMemory(program.init(data))
+
+    # -- persistence ---------------------------------------------------------------------------
+    def _load(self) -> SiteMemory | None:
+        if self._path is None or not self._path.exists():
+            return None
+        with self._path.open("rb") as fh:
+            return pickle.load(fh)  # the site's own file, written by this class
+
+    def _save(self) -> None:
+        if self._path is not None:
+            write_bytes_atomically(self._path, pickle.dumps(self.memory, protocol=pickle.HIGHEST_PROTOCOL))
+
+    # -- requests ------------------------------------------------------------------------------
+    def setup(self) -> SiteSetup:
+        return SiteSetup.of(self.data)
+
+    def commit(self, round_: int, accepted: bool) -> None:
+        """The coordinator's decision on the upload of ``round_``: keep its state or drop it."""
+        m = self.memory
+        if m.pending_round != round_:
+            return  # already decided, or a decision about an upload this site no longer holds
+        if accepted:
+            m.earlier, m.earlier_round = m.state, m.committed_round
+            m.state, m.committed_round = m.pending_state, round_
+        m.pending_round, m.pending_state = None, None
+        self._save()
+
+    def train(self, plan: RoundPlan) -> Upload:
+        rng = self._rng.child(plan.round, TRAIN_STREAM, self._key)
+        upload, pending = self.program.train(plan, self.data, self.memory.state_before(plan.round), rng)
+        self.memory.pending_round, self.memory.pending_state = plan.round, pending
+        self._save()
+        return upload
+
+    def personalize(self, plan: RoundPlan) -> Params:
+        rng = self._rng.child(plan.round, PERSONAL_STREAM, self._key)
+        return self.program.personalize(plan, self.data, self.memory.state, rng)
