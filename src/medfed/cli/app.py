@@ -51,7 +51,9 @@ from medfed.cli.flags import (
     DataOpt,
     DatasetOpt,
     DatasetOptionOpt,
+    DropOpt,
     ExcludeOpt,
+    ExecutorOpt,
     FeaturesOpt,
     FractionFitOpt,
     ImputeOpt,
@@ -70,6 +72,7 @@ from medfed.cli.flags import (
     ModelOptionOpt,
     PathColumnOpt,
     PositiveLabelOpt,
+    ResumeOpt,
     RoundsOpt,
     ScalingOpt,
     SiteColumnOpt,
@@ -176,7 +179,7 @@ def execute(values: dict[str, Any], source: str) -> dict[str, Any]:
     """Validate, check the output folder, run with a progress bar, write the report
     atomically, render; return the doc."""
     from medfed.experiments.config import build_config
-    from medfed.experiments.harness import load_federation, run_experiment
+    from medfed.experiments.harness import discard_checkpoints, load_federation, run_experiment
     from medfed.experiments.report import REPORT_FILES, output_dir, report_files, write_atomically
     from medfed.experiments.results import results_document
 
@@ -195,6 +198,7 @@ def execute(values: dict[str, Any], source: str) -> dict[str, Any]:
         written = write_results(
             lambda: write_atomically(config.out, report_files(doc, run, plots=config.plots)), config.out
         )
+        discard_checkpoints(config)  # the results are written: nothing is left to resume
 
     def render() -> None:
         render_table(doc)
@@ -324,6 +328,9 @@ def run(
     workers: Annotated[int | None, typer.Option(help="repeats in parallel processes (0 = one per core)")] = None,
     threads: ThreadsOpt = None,
     overwrite: OverwriteOpt = None,
+    executor: ExecutorOpt = None,
+    resume: ResumeOpt = None,
+    drop: DropOpt = None,
 ) -> None:
     """Run the experiment harness from a config file and/or flags."""
     flag_values = dict(locals())  # every flag by its parameter name, for study_overrides
@@ -344,7 +351,8 @@ def run(
                            ("scaling", scaling), ("out", out), ("overwrite", overwrite), ("plots", plots),
                            ("eval_every", eval_every),
                            ("workers", workers), ("threads", threads), ("loso", loso), ("model", model),
-                           ("plot_formats", split_list(plot_format))]:
+                           ("plot_formats", split_list(plot_format)), ("executor", executor),
+                           ("resume", resume), ("drop", drop or None)]:
             if value is not None:
                 over[key] = value
         if plot_format is not None and plots is None:

@@ -63,6 +63,18 @@ OverwriteOpt = Annotated[
     bool | None,
     typer.Option("--overwrite", help="replace files in --out that medfed did not write (or that changed since)"),
 ]
+ExecutorOpt = Annotated[
+    str | None,
+    typer.Option(help="where sites run: inprocess, or process (one process per site, owning its rows and state)"),
+]
+ResumeOpt = Annotated[
+    bool | None,
+    typer.Option("--resume", help="checkpoint every round in --out and continue an interrupted run from there"),
+]
+DropOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="inject a dropout: SITE@ROUND or SITE@FIRST-LAST (rounds from 1); repeatable"),
+]
 MethodOptionOpt = Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALUE, e.g. fedprox.mu=0.01")]
 
 

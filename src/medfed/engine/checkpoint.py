@@ -33,6 +33,7 @@ class CheckpointStore:
 
     folder: Path
     fingerprint: str
+    durable: bool = True  # sync to disk (survives a power cut); simulation only needs to survive a kill
 
     @property
     def path(self) -> Path:
@@ -56,4 +57,4 @@ class CheckpointStore:
 
     def save(self, state: ServerState, history: list[RoundRecord]) -> None:
         data = pickle.dumps(Checkpoint(state, list(history), self.fingerprint), protocol=pickle.HIGHEST_PROTOCOL)
-        write_bytes_atomically(self.path, data)
+        write_bytes_atomically(self.path, data, durable=self.durable)

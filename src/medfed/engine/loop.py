@@ -76,7 +76,7 @@ def run_federated(
     )
     store = state_dir = None
     if checkpoint_dir is not None:
-        store = CheckpointStore(Path(checkpoint_dir), fingerprint)
+        store = CheckpointStore(Path(checkpoint_dir), fingerprint, durable=False)  # survives a kill
         state_dir = Path(checkpoint_dir) / "sites"
     runner = local_executor(executor, site_program, sites, rng, faults=faults, state_dir=state_dir)
     try:

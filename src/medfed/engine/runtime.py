@@ -52,7 +52,10 @@ class SiteMemory:
 class SiteRuntime:
     """One site: its training rows, its program and its memory."""
 
-    def __init__(self, program: SiteProgram, data: LocalData, rng: KeyedRng, state_dir: Path | None = None) -> None:
+    def __init__(
+        self, program: SiteProgram, data: LocalData, rng: KeyedRng, state_dir: Path | None = None, *, durable: bool = True
+    ) -> None:
+        self._durable = durable
         self.program = program
         self.data = data
         self.name = data.name
@@ -70,7 +73,9 @@ class SiteRuntime:
 
     def _save(self) -> None:
         if self._path is not None:
-            write_bytes_atomically(self._path, pickle.dumps(self.memory, protocol=pickle.HIGHEST_PROTOCOL))
+            write_bytes_atomically(
+                self._path, pickle.dumps(self.memory, protocol=pickle.HIGHEST_PROTOCOL), durable=self._durable
+            )
 
     # -- requests ------------------------------------------------------------------------------
     def setup(self) -> SiteSetup:

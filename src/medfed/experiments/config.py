@@ -160,6 +160,20 @@ class ExperimentConfig(_Strict):
         default_factory=lambda: ["png"], description="file formats of each plot: png, pdf and/or svg"
     )
     workers: int = Field(1, ge=0, description="repeats run in parallel processes; 1 = serial, 0 = one per core")
+    executor: Literal["inprocess", "process", "flower"] = Field(
+        "inprocess",
+        description="where sites run: inprocess (serial, this process), process (a process per site, each "
+        "owning its rows and state), flower (Flower's deployment runtime: `medfed deploy`)",
+    )
+    drop: list[str] = Field(
+        default_factory=list,
+        description="injected dropouts, SITE@ROUND or SITE@FIRST-LAST (rounds from 1): the site sends nothing then",
+    )
+    resume: bool = Field(
+        False,
+        description="checkpoint every federated round under `out` and continue an interrupted run from "
+        "its checkpoints (results bit-identical to an uninterrupted run)",
+    )
     threads: int | None = Field(
         None, ge=1,
         description="intra-op threads torch models compute with (their model option 'threads', default 1); "

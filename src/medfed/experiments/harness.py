@@ -10,10 +10,12 @@ iterations, the same gradient budget as one federated site.
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,9 @@ from medfed.data.categorical import keep_training_levels, training_levels, unsee
 from medfed.data.datasets import load_dataset
 from medfed.data.federation import Federation, SingleClassSiteWarning
 from medfed.data.preprocess import Moments, Standardizer, impute
+from medfed.engine.executors import LOCAL_EXECUTORS
+from medfed.engine.executors.process import exit_with_parent
+from medfed.engine.faults import parse_drops
 from medfed.engine.loop import FederatedAlgorithm, FederatedRun, run_federated
 from medfed.errors import ConfigError, MedfedError
 from medfed.experiments.config import DataSpec, ExperimentConfig
@@ -106,6 +111,28 @@ def loss_rise(start: float, end: float) -> bool:
     return bool(np.isfinite(start) and np.isfinite(end) and end > LOSS_RISE_WARNING * start and end - start > 1e-12)
 
 
+RESUME_DIR = ".medfed-resume"
+"""The folder under ``out`` where ``--resume`` keeps each federated run's checkpoints."""
+
+
+def discard_checkpoints(config: ExperimentConfig) -> None:
+    """Remove the checkpoints ``--resume`` kept, once the run's results are written."""
+    import shutil
+
+    if config.resume and config.out is not None:
+        shutil.rmtree(Path(config.out) / RESUME_DIR, ignore_errors=True)
+
+
+def study_fingerprint(config: ExperimentConfig) -> str:
+    """A digest of everything in the config that changes numbers (not where sites run, how many
+    workers, or where and how results are written): a checkpoint resumes only into its own study."""
+    import hashlib
+
+    numbers = config.model_dump(mode="json", exclude={"out", "overwrite", "resume", "workers", "executor",
+                                                      "plots", "plot_formats"})
+    return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def build_method(config: ExperimentConfig, spec: MethodSpec, opts: dict, site_names, counts=None) -> FederatedAlgorithm:
     """``spec`` built for these training sites (their label counts shared at setup) and the
     config's model (whose local optimizer some methods require)."""
@@ -155,17 +182,24 @@ class TrainingPlan:
         *,
         evaluate: Callable | None = None,
         adapt: Callable[[FederatedAlgorithm], FederatedAlgorithm] | None = None,
+        run_key: str | None = None,
     ) -> FederatedRun:
-        """Train ``spec`` on ``train`` for its rounds. ``adapt`` may change the built algorithm
-        (the audit's corrupted sites)."""
-        t = self.config.training
+        """Train ``spec`` on ``train`` for its rounds, on the config's executor with its injected
+        dropouts. ``adapt`` may change the built algorithm (the audit's corrupted sites). With
+        ``resume`` on, the run checkpoints under ``out`` as ``run_key`` and continues from there."""
+        config, t = self.config, self.config.training
         algorithm = self.build(spec, opts, [d.name for d in train], {d.name: label_counts(d.y) for d in train})
         if adapt is not None:
             algorithm = adapt(algorithm)
+        checkpoint_dir = None
+        if config.resume and config.out is not None and run_key is not None:
+            checkpoint_dir = Path(config.out) / RESUME_DIR / run_key
         return run_federated(
             algorithm, initial, train, self.local, spec.rounds(t), rng,
             fraction=t.fraction_fit, min_sites=t.min_sites, evaluate=evaluate,
-            eval_every=self.config.eval_every if evaluate is not None else 0, max_update_norm=t.max_update_norm,
+            eval_every=config.eval_every if evaluate is not None else 0, max_update_norm=t.max_update_norm,
+            executor=config.executor, faults=parse_drops(config.drop), checkpoint_dir=checkpoint_dir,
+            fingerprint=f"{study_fingerprint(config)}/{run_key}",
         )
 
     def centralized(self, data: LocalData, initial, rng: KeyedRng) -> CentralFit:
@@ -240,12 +274,16 @@ class History:
 
 
 def round_notes(history) -> list[dict]:
-    """The rounds worth telling a reader about: uploads the server refused, rounds skipped."""
-    return [
-        {"round": r.round, "rejected": dict(r.rejected), "skipped": r.skipped}
-        for r in history
-        if r.rejected or r.skipped
-    ]
+    """The rounds worth telling a reader about: uploads the server refused, sites that sent
+    nothing (``missing``: site -> why), rounds skipped."""
+    notes = []
+    for r in history:
+        if r.rejected or r.skipped or r.missing:
+            note = {"round": r.round, "rejected": dict(r.rejected), "skipped": r.skipped}
+            if r.missing:
+                note["missing"] = dict(r.missing)
+            notes.append(note)
+    return notes
 
 
 @dataclass
@@ -418,7 +456,8 @@ def run_repeat(
         rounds = spec.rounds(config.training)
         key = (TRAIN_STREAM, repeat, name_key(spec.name)) + (() if held_out is None else (name_key("loso"), held_out))
         try:
-            run = plan.federated(spec, opts, train, initial, KeyedRng(config.seed, key), evaluate=evaluate)
+            run = plan.federated(spec, opts, train, initial, KeyedRng(config.seed, key), evaluate=evaluate,
+                                 run_key=f"r{repeat + 1}-{spec.name}" + ("" if held_out is None else f"-loso-{held_out}"))
         except MedfedError as exc:
             # a round the method's own rules refused (the study check catches what it can up front):
             # this setting has no result in this repeat; the other settings still run
@@ -510,33 +549,6 @@ def _repeat_task(config: ExperimentConfig, federation: Federation, repeat: int) 
     return run_repeat(config, federation, resolve_methods(config.methods, config.method_options, config.pipelines), repeat)
 
 
-def _exit_with_parent(parent: int) -> None:
-    """Pool initializer: the worker ends when the process that started it dies. Without it a
-    killed ``medfed run --workers 2`` leaves its workers computing for minutes, holding stdout.
-
-    Linux kills the worker itself (``PR_SET_PDEATHSIG``); elsewhere, and as a fallback, a
-    daemon thread polls ``os.getppid()`` (a worker is re-parented when its parent dies)."""
-    import contextlib
-    import ctypes
-    import os
-    import signal
-    import threading
-
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the CLI's handler is the parent's business
-    with contextlib.suppress(OSError, AttributeError):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)  # the parent died before prctl took effect
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="medfed-parent-watch", daemon=True).start()
-
-
 def _parallel_outcomes(config, federation, workers, progress):
     """Repeats in forked worker processes that end with the parent; results come back in
     repeat order."""
@@ -545,7 +557,7 @@ def _parallel_outcomes(config, federation, workers, progress):
     from concurrent.futures import ProcessPoolExecutor
 
     ctx = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_exit_with_parent,
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=exit_with_parent,
                              initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(_repeat_task, config, federation, r) for r in range(config.repeats)]
         outcomes = []
@@ -592,6 +604,15 @@ def check_study(
 
     names = list(federation.site_names)
     t = config.training
+    parse_drops(config.drop, names)
+    if config.executor not in LOCAL_EXECUTORS:
+        raise ConfigError(
+            f"executor {config.executor!r} runs on Flower's deployment runtime: start the study with "
+            "`medfed deploy server` and `medfed deploy site`; simulations run on executor "
+            + " or ".join(repr(e) for e in LOCAL_EXECUTORS)
+        )
+    if config.resume and config.out is None:
+        raise ConfigError("--resume keeps checkpoints in the output folder: give --out DIR")
     if config.loso and len(names) < 2:
         raise ConfigError(f"leave-one-site-out (--loso) needs at least 2 sites; {federation.name!r} has {len(names)}")
     groups = [names] + ([names[1:]] if config.loso else [])  # the smallest training group under LOSO

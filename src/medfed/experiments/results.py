@@ -168,6 +168,7 @@ def server_note_lines(doc: dict[str, Any]) -> list[str]:
         if not notes:
             continue
         rejected: dict[str, int] = {}
+        missing: dict[str, int] = {}
         skipped = 0
         example = None
         for repeat in notes:
@@ -176,8 +177,16 @@ def server_note_lines(doc: dict[str, Any]) -> list[str]:
                 for site, reason in r["rejected"].items():
                     rejected[site] = rejected.get(site, 0) + 1
                     example = example or f"{site}: {reason}"
+                for site in r.get("missing", {}):
+                    missing[site] = missing.get(site, 0) + 1
         parts = [f"{n} upload(s) from {site}" for site, n in sorted(rejected.items())]
-        text = f"{setting}: the server rejected " + (", ".join(parts) if parts else "no uploads")
+        if rejected or not missing:
+            text = f"{setting}: the server rejected " + (", ".join(parts) if parts else "no uploads")
+        else:
+            text = f"{setting}:"
+        if missing:
+            absent = ", ".join(f"{site} in {n} round(s)" for site, n in sorted(missing.items()))
+            text += ("; " if rejected else " ") + f"sites sent nothing: {absent} (reasons in results.json)"
         if skipped:
             text += f"; {skipped} round(s) kept the global model (too few valid uploads)"
         if example:

@@ -24,7 +24,7 @@ class InProcessExecutor:
         faults: Faults | None = None,
         state_dir: Path | None = None,
     ) -> None:
-        self.runtimes = {d.name: SiteRuntime(program, d, rng, state_dir) for d in sites}
+        self.runtimes = {d.name: SiteRuntime(program, d, rng, state_dir, durable=False) for d in sites}
         self.sites = tuple(self.runtimes)
         self.faults = faults or Faults()
 

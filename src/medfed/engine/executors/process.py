@@ -102,7 +102,7 @@ class ProcessExecutor:
         self._procs = []
         for w, group in enumerate(groups):
             parent_end, child_end = ctx.Pipe()
-            runtimes = {d.name: SiteRuntime(program, d, rng, state_dir) for d in group}
+            runtimes = {d.name: SiteRuntime(program, d, rng, state_dir, durable=False) for d in group}
             proc = ctx.Process(target=_serve, args=(child_end, os.getpid(), runtimes), name=f"medfed-site-{w}")
             proc.start()
             child_end.close()
