@@ -87,17 +87,25 @@ TRAINING_FLAGS = (
 )
 
 
+_SOURCES = ("dataset", "path", "manifest", "npz")
+
+
 def study_overrides(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
     """The ``data`` and ``training`` overrides a command's flags give; ``given`` maps each of the
     command's parameter names to its value (the names above).
 
     A source given by a flag (``--dataset``, ``--data``, ``--manifest``) replaces the config
     file's ``[data]`` table (``base`` is edited), so a file's table columns never leak into
-    another source. Comma lists (``--features a,b``) become lists.
+    another source -- unless that table names no source: then it is the study's data schema
+    (a deployed study's ``STUDY.toml``) and the flag only adds where the rows are. Comma lists (``--features a,b``) become lists.
     """
     data: dict[str, Any] = {}
     if any(given.get(k) is not None for k in ("dataset", "data", "manifest")):
-        base.pop("data", None)
+        table = base.get("data")
+        if isinstance(table, dict) and not any(table.get(k) is not None for k in _SOURCES):
+            pass  # a study's [data] schema without a source (a deployed study's): the flag gives its source
+        else:
+            base.pop("data", None)
         data = {"dataset": given.get("dataset"), "path": _text(given.get("data")),
                 "manifest": _text(given.get("manifest"))}
     for key in DATA_FLAGS:

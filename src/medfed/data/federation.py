@@ -156,6 +156,14 @@ class Federation:
     def has_predefined_split(self) -> bool:
         return all(s.split is not None for s in self.sites)
 
+    def site_summaries(self) -> list[dict[str, int | str]]:
+        """Each site's name and row counts (all rows, positives, negatives): what a report shows
+        and what a deployed site shares at setup."""
+        return [
+            {"name": s.name, "n": s.n, "n_positive": int(s.y.sum()), "n_negative": int(s.n - s.y.sum())}
+            for s in self.sites
+        ]
+
     def site(self, name: str) -> Site:
         for s in self.sites:
             if s.name == name:

@@ -12,7 +12,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from medfed.errors import ConfigError
@@ -74,8 +82,13 @@ class DataSpec(_Strict):
     _finite = field_validator("options")(_finite_options)
 
     @model_validator(mode="after")
-    def _one_source(self) -> DataSpec:
+    def _one_source(self, info: ValidationInfo) -> DataSpec:
         sources = [s for s in (self.dataset, self.path, self.manifest, self.npz) if s is not None]
+        if not sources and (info.context or {}).get("schema_only"):
+            # a deployed study's [data]: the schema of the sites' tables; each site names its own file
+            if self.site_column is None or self.label_column is None:
+                raise ValueError("a deployed study's [data] needs site_column and label_column (the sites' tables)")
+            return self
         if len(sources) != 1:
             raise ValueError(
                 "give exactly one of data.dataset (embedded name), data.path (a table file), "
@@ -92,6 +105,27 @@ class DataSpec(_Strict):
                 "embedded data sets, manifests and npz files have fixed numeric features"
             )
         return self
+
+
+class DeploySpec(_Strict):
+    """``[deploy]`` of a study run across hospitals (``medfed deploy server``): the sites that may
+    join, in the order whose position keys their splits, how many must answer for a round to
+    count, and how long a round waits for them. Simulation (``medfed run``) ignores it."""
+
+    sites: list[str] = Field(min_length=1)
+    min_sites: int | None = Field(None, ge=1, description="answers a round needs [default: training.min_sites]")
+    round_timeout_s: float = Field(120.0, gt=0, description="seconds a round waits for the sites' answers")
+
+    @field_validator("sites")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        twice = sorted({s for s in value if value.count(s) > 1})
+        if twice:
+            raise ValueError(f"lists {twice[0]!r} twice; each site once")
+        bad = [s for s in value if not s or not all(c.isalnum() or c in "-_." for c in s)]
+        if bad:
+            raise ValueError(f"site name {bad[0]!r}: use letters, digits, '-', '_' or '.'")
+        return value
 
 
 class TrainingSpec(_Strict):
@@ -160,6 +194,7 @@ class ExperimentConfig(_Strict):
         default_factory=lambda: ["png"], description="file formats of each plot: png, pdf and/or svg"
     )
     workers: int = Field(1, ge=0, description="repeats run in parallel processes; 1 = serial, 0 = one per core")
+    deploy: DeploySpec | None = Field(None, description="the study across hospitals; ignored in simulation")
     executor: Literal["inprocess", "process", "flower"] = Field(
         "inprocess",
         description="where sites run: inprocess (serial, this process), process (a process per site, each "
@@ -241,15 +276,20 @@ def _format_validation_error(
 
 
 def build_config(
-    values: dict[str, Any], source: str = "configuration", flag_for: Callable[[str], str | None] | None = None
+    values: dict[str, Any],
+    source: str = "configuration",
+    flag_for: Callable[[str], str | None] | None = None,
+    *,
+    schema_only: bool = False,
 ) -> ExperimentConfig:
     """Validate a plain dict into an :class:`ExperimentConfig` with a one-line error.
 
     ``flag_for`` maps a config key (``training.lr``) to the command-line flag that sets it
-    (``--lr``), so the message names both.
+    (``--lr``), so the message names both. ``schema_only``: ``[data]`` may name no source (a
+    deployed study, whose sites each bring their own table).
     """
     try:
-        return ExperimentConfig.model_validate(values)
+        return ExperimentConfig.model_validate(values, context={"schema_only": schema_only})
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source, flag_for)) from None
 

@@ -45,13 +45,6 @@ SPLIT_STREAM, TRAIN_STREAM, INIT_STREAM = 0, 1, 2
 LOSS_RISE_WARNING = 2.0
 
 
-def make_experiment_model(config: ExperimentConfig, federation: Federation):
-    """The model the config names, for the federation's sample shape (numpy logistic for tables)."""
-    from medfed.models.registry import make_model
-
-    return make_model(config.model, federation.sample_shape, **config.model_options)
-
-
 @dataclass(frozen=True)
 class Failure:
     """Why a model of one repeat is not scored: it ``diverged`` (its loss, parameters or scores
@@ -158,16 +151,25 @@ class TrainingPlan:
 
     @classmethod
     def of(cls, config: ExperimentConfig, federation: Federation) -> TrainingPlan:
-        model = make_experiment_model(config, federation)
+        return cls.for_shape(config, federation.sample_shape)
+
+    @classmethod
+    def for_shape(cls, config: ExperimentConfig, sample_shape: tuple[int, ...]) -> TrainingPlan:
+        """The plan for samples of ``sample_shape`` (all a deployed site or coordinator knows)."""
+        from medfed.models.registry import make_model
+
+        model = make_model(config.model, tuple(sample_shape), **config.model_options)
         t = config.training
         epochs = None if t.local_epochs is None else t.rounds * t.local_epochs  # centralized: the same passes
         central = LocalTraining(model, t.lr, t.rounds * t.local_steps, t.batch_size, t.l2, epochs)
         local = LocalTraining(model, t.lr, t.local_steps, t.batch_size, t.l2, t.local_epochs)
         return cls(config, model, local, central)
 
-    def initial(self, federation: Federation, repeat: int) -> dict[str, np.ndarray]:
-        """The model every setting of a repeat starts from (zeros for the numpy model)."""
-        return self.model.init_params(federation.sample_shape, KeyedRng(self.config.seed, (INIT_STREAM, repeat)))
+    def initial(self, federation: Federation | tuple[int, ...], repeat: int) -> dict[str, np.ndarray]:
+        """The model every setting of a repeat starts from (zeros for the numpy model), for the
+        federation's sample shape (or the shape itself)."""
+        shape = federation if isinstance(federation, tuple) else federation.sample_shape
+        return self.model.init_params(shape, KeyedRng(self.config.seed, (INIT_STREAM, repeat)))
 
     def build(self, spec: MethodSpec, opts: dict, site_names, counts=None) -> FederatedAlgorithm:
         return build_method(self.config, spec, opts, site_names, counts)
@@ -342,6 +344,30 @@ def load_federation(spec: DataSpec) -> Federation:
     )
 
 
+def training_rows(site, index: int, config: ExperimentConfig, repeat: int) -> np.ndarray:
+    """A site's training-row mask in ``repeat``: its predefined split, else a stratified split
+    drawn from the stream of the site's ``index`` (its position in the federation; a deployed
+    site gets it from ``[deploy] sites``)."""
+    if site.split is not None:
+        return site.split
+    return stratified_split(site.y, config.test_fraction, KeyedRng(config.seed, (SPLIT_STREAM, repeat)).child(index).generator)
+
+
+def prepare_site(site, train: np.ndarray, fed: Federation, config: ExperimentConfig, known=None) -> SplitSite:
+    """One site's rows of a repeat, split by ``train``: categorical test levels outside ``known``
+    (the levels some site's training rows hold) zeroed and counted, missing values imputed from
+    the site's training rows, per-site scaling applied; its training moments for global scaling."""
+    X_train, X_test = site.X[train], site.X[~train]
+    X_test, unseen = keep_training_levels(X_test, fed.categorical, known or {})
+    if not fed.is_image:
+        X_train, X_test = impute(X_train, X_test, fed.impute, site=site.name, feature_names=fed.feature_names)
+    if config.scaling == "site":
+        scale = Standardizer.from_moments([Moments.of(X_train)])
+        X_train, X_test = scale(X_train), scale(X_test)
+    y = site.y.astype(np.float64)
+    return SplitSite(site.name, X_train, y[train], X_test, y[~train], Moments.of(X_train), unseen)
+
+
 def prepare_repeat(fed: Federation, config: ExperimentConfig, repeat: int) -> list[SplitSite]:
     """Split and impute every site for one repeat; randomness keyed by (repeat, site).
 
@@ -349,24 +375,9 @@ def prepare_repeat(fed: Federation, config: ExperimentConfig, repeat: int) -> li
     exchange of level names); a test row with another level gets all-zero indicators and is
     counted in ``SplitSite.unseen_levels``.
     """
-    out = []
-    root = KeyedRng(config.seed, (SPLIT_STREAM, repeat))
-    trains = [
-        site.split if site.split is not None else stratified_split(site.y, config.test_fraction, root.child(i).generator)
-        for i, site in enumerate(fed.sites)
-    ]
+    trains = [training_rows(site, i, config, repeat) for i, site in enumerate(fed.sites)]
     known = training_levels(fed.categorical, [s.X[t] for s, t in zip(fed.sites, trains)]) if fed.categorical else {}
-    for site, train in zip(fed.sites, trains):
-        X_train, X_test = site.X[train], site.X[~train]
-        X_test, unseen = keep_training_levels(X_test, fed.categorical, known)
-        if not fed.is_image:
-            X_train, X_test = impute(X_train, X_test, fed.impute, site=site.name, feature_names=fed.feature_names)
-        if config.scaling == "site":
-            scale = Standardizer.from_moments([Moments.of(X_train)])
-            X_train, X_test = scale(X_train), scale(X_test)
-        y = site.y.astype(np.float64)
-        out.append(SplitSite(site.name, X_train, y[train], X_test, y[~train], Moments.of(X_train), unseen))
-    return out
+    return [prepare_site(site, train, fed, config, known) for site, train in zip(fed.sites, trains)]
 
 
 class ScaledViews:
@@ -660,7 +671,13 @@ def run_experiment(
         outcomes = _parallel_outcomes(config, federation, workers, progress)
     else:
         outcomes = [run_repeat(config, federation, methods, r, progress) for r in range(config.repeats)]
+    return assemble_run(config, federation, methods, outcomes, started, workers)
 
+
+def assemble_run(config: ExperimentConfig, federation, methods, outcomes: list[RepeatOutcome], started: float,
+                 workers: int = 1) -> ExperimentRun:
+    """The run's table cells, histories and notes from its repeats' outcomes (simulated here, or
+    reported by deployed sites); ``federation`` is the data or, deployed, what setup shared of it."""
     cells: dict[tuple, Cell] = {}
     notes: list[str] = []
     if config.loso:

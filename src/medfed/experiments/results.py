@@ -113,10 +113,7 @@ def results_document(run: ExperimentRun, command: str | None = None) -> dict[str
         "impute": fed.impute,
         "std_ddof": STD_DDOF,
         "positive_label": fed.positive_label,
-        "sites": [
-            {"name": s.name, "n": s.n, "n_positive": int(s.y.sum()), "n_negative": int(s.n - s.y.sum())}
-            for s in fed.sites
-        ],
+        "sites": fed.site_summaries(),
         "features": list(fed.feature_names),
         "sample_shape": list(fed.sample_shape),
         "model": {"name": config.model, "options": dict(config.model_options)},

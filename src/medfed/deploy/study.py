@@ -1,0 +1,69 @@
+"""A deployed study: a ``medfed run`` config whose ``[data]`` is the sites' table schema (no
+path: each hospital brings its own file) plus ``[deploy]`` (the sites that may join, the
+answers a round needs, how long a round waits).
+
+The coordinator reads ``STUDY.toml`` and sends the validated study to every site at setup;
+a site builds the same config from it, so both halves of every method are built from
+``(name, options)`` and the same training settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from medfed.errors import ConfigError
+from medfed.experiments.config import ExperimentConfig, build_config, read_toml
+from medfed.experiments.methods import resolve_methods
+
+# what a site's file must not change about the study, and what only the coordinator needs
+_COORDINATOR_ONLY = {"out", "overwrite", "plots", "plot_formats", "workers", "executor", "drop", "resume"}
+
+
+def load_study(path: Path) -> ExperimentConfig:
+    """``STUDY.toml`` as a validated config, refused in one line if it cannot be deployed."""
+    values = read_toml(Path(path))
+    config = build_config(values, str(path), schema_only=True)
+    return check_deployable(config, str(path))
+
+
+def check_deployable(config: ExperimentConfig, source: str) -> ExperimentConfig:
+    if config.deploy is None:
+        raise ConfigError(f"{source}: a deployed study needs a [deploy] table with sites = [...]")
+    data = config.data
+    if any(v is not None for v in (data.dataset, data.path, data.manifest, data.npz)):
+        raise ConfigError(
+            f"{source}: [data] of a deployed study names no data source (each site gives its own file with "
+            "`medfed deploy site --data FILE`); keep only the schema: site_column, label_column, "
+            "split_column, features, impute, positive_label, exclude"
+        )
+    if data.categorical:
+        raise ConfigError(
+            f"{source}: data.categorical is not supported in a deployed study yet (its levels need a setup "
+            "exchange of their own); encode those columns as numbers in the sites' files"
+        )
+    methods = resolve_methods(config.methods, config.method_options, config.pipelines)
+    central = [spec.name for spec, _ in methods if spec.kind != "federated"]
+    if central:
+        raise ConfigError(
+            f"{source}: {', '.join(central)} pool or move rows between sites and cannot be deployed; "
+            "list only federated methods in `methods`"
+        )
+    need = config.deploy.min_sites or config.training.min_sites
+    if need > len(config.deploy.sites):
+        raise ConfigError(f"{source}: min_sites is {need}, but [deploy] lists {len(config.deploy.sites)} site(s)")
+    return config
+
+
+def study_payload(config: ExperimentConfig) -> dict[str, Any]:
+    """What a site receives of the study: everything that shapes its numbers, nothing local to
+    the coordinator (its output folder, plot settings)."""
+    return config.model_dump(mode="json", exclude=_COORDINATOR_ONLY)
+
+
+def study_from_payload(payload: dict[str, Any]) -> ExperimentConfig:
+    return build_config(payload, "the study the coordinator sent", schema_only=True)
+
+
+def site_min_sites(config: ExperimentConfig) -> int:
+    return config.deploy.min_sites or config.training.min_sites
