@@ -288,6 +288,18 @@ def round_notes(history) -> list[dict]:
     return notes
 
 
+def federated_history(spec: MethodSpec, repeat: int, run: FederatedRun, config: ExperimentConfig) -> History:
+    """The record of one federated run: losses, bytes, per-round evaluations and round notes."""
+    rounds = spec.rounds(config.training)
+    return History(
+        spec.display, repeat, run.train_loss, sum(r.bytes_up for r in run.history), rounds,
+        max(1, config.training.rounds * config.training.local_steps // rounds),
+        [{"round": r.round, "test_auc": {site: m["auc"] for site, m in r.evaluation.items()},
+          "test_metrics": r.evaluation} for r in run.history if r.evaluation],
+        round_notes(run.history),
+    )
+
+
 @dataclass
 class ExperimentRun:
     """Everything an experiment produced, before any formatting."""
@@ -464,7 +476,6 @@ def run_repeat(
         if config.eval_every and held_out is None and spec.global_model:  # FedBN's shared part is no model
             def evaluate(p, tests=tests):
                 return {s.name: round_metrics(s.y_test, model.predict_proba(p, tests[j])) for j, s in enumerate(sites)}
-        rounds = spec.rounds(config.training)
         key = (TRAIN_STREAM, repeat, name_key(spec.name)) + (() if held_out is None else (name_key("loso"), held_out))
         try:
             run = plan.federated(spec, opts, train, initial, KeyedRng(config.seed, key), evaluate=evaluate,
@@ -489,15 +500,7 @@ def run_repeat(
         finite = losses[np.isfinite(losses)]
         if failure is None and finite.size and loss_rise(finite[0], finite[-1]):
             out.loss_rises.append((spec.name, None, float(finite[0]), float(finite[-1])))
-        out.histories.append(
-            History(
-                spec.display, repeat, losses, sum(r.bytes_up for r in run.history), rounds,
-                max(1, config.training.rounds * config.training.local_steps // rounds),
-                [{"round": r.round, "test_auc": {site: m["auc"] for site, m in r.evaluation.items()},
-                  "test_metrics": r.evaluation} for r in run.history if r.evaluation],
-                round_notes(run.history),
-            )
-        )
+        out.histories.append(federated_history(spec, repeat, run, config))
         for j in range(n_sites):
             if spec.global_model:
                 evaluate_on(key_of(spec, None, j), run.params, tests, j, failure)

@@ -1,0 +1,213 @@
+"""A hospital's side of a deployed study: answer the coordinator's requests from the site's
+own file and its own folder.
+
+Flower starts a ClientApp process per message, so nothing lives in memory between requests:
+the site folder holds the study the coordinator sent at setup (``study.json``), the site's
+prepared rows (``rows.npz``: split and imputed, never sent anywhere) and, per method run,
+the :class:`~medfed.engine.runtime.SiteRuntime`'s state (``runs/<run>/``), written
+atomically. Every request is :mod:`medfed.comm.wire` bytes (never pickle) and every answer
+too; a request the site cannot serve is answered with ``{"error": one line}``, which the
+coordinator records as the site's reason for the round.
+
+What leaves the site: at setup, its row counts (all rows; training rows per class), the
+column moments of its training rows (count, sums, sums of squares: global scaling) and its
+feature names; each round, its upload; at the end, its test metrics. Never a row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfed.atomic import write_bytes_atomically
+from medfed.client.drift import label_counts
+from medfed.client.local import LocalData
+from medfed.comm.wire import decode, encode
+from medfed.data.preprocess import Moments, Standardizer
+from medfed.engine.executors.remote import plan_of
+from medfed.engine.protocol import SiteProgram
+from medfed.engine.runtime import SiteRuntime
+from medfed.errors import ConfigError, DataError, MedfedError
+from medfed.rng import KeyedRng
+
+STUDY_FILE, ROWS_FILE = "study.json", "rows.npz"
+
+
+@dataclass(frozen=True)
+class SiteIdentity:
+    """Who this site is and where its data and folder are (the SuperNode's node config)."""
+
+    name: str
+    data: Path
+    folder: Path
+
+    @classmethod
+    def of(cls, node_config: Mapping[str, Any]) -> SiteIdentity:
+        missing = [k for k in ("site", "data", "folder") if not node_config.get(k)]
+        if missing:
+            raise ConfigError(f"the site's node config lacks {', '.join(missing)}; start it with `medfed deploy site`")
+        return cls(str(node_config["site"]), Path(str(node_config["data"])), Path(str(node_config["folder"])))
+
+
+def handle(payload: bytes, node_config: Mapping[str, Any]) -> bytes:
+    """One request in, one answer out; a failure the site can explain is an answer too."""
+    try:
+        site = SiteIdentity.of(node_config)
+        request = decode(payload, "the coordinator's request")
+        if not isinstance(request, Mapping) or request.get("op") not in _OPS:
+            raise DataError(f"the coordinator's request names no known operation ({', '.join(_OPS)})")
+        answer = _OPS[request["op"]](site, request)
+    except MedfedError as exc:
+        answer = {"error": str(exc)}
+    return encode(answer)
+
+
+# -- setup ---------------------------------------------------------------------------------------
+
+
+def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the site's file against the study's schema, split and impute it, keep the result in
+    the site folder, and share the counts and moments the federation may know."""
+    from medfed.deploy.study import study_from_payload
+    from medfed.experiments.harness import prepare_site, training_rows
+
+    config = study_from_payload(dict(request["study"]))
+    names = list(config.deploy.sites)
+    if site.name not in names:
+        raise ConfigError(f"site {site.name!r} is not in the study's [deploy] sites ({', '.join(names)})")
+    fed = _own_federation(site, config)
+    own = fed.sites[0]
+    split = prepare_site(own, training_rows(own, names.index(site.name), config, 0), fed, config)
+    write_bytes_atomically(site.folder / STUDY_FILE, json.dumps(request["study"]).encode())
+    rows = {"X_train": split.X_train, "y_train": split.y_train, "X_test": split.X_test, "y_test": split.y_test}
+    with _buffer() as buf:
+        np.savez(buf, **rows)
+        write_bytes_atomically(site.folder / ROWS_FILE, buf.getvalue())
+    m = split.moments
+    return {
+        "site": site.name,
+        "summary": fed.site_summaries()[0],
+        "train_label_counts": tuple(float(c) for c in label_counts(split.y_train)),
+        "moments": {"n": int(m.n), "total": m.total, "total_sq": m.total_sq},
+        "features": list(fed.feature_names),
+        "sample_shape": list(fed.sample_shape),
+        "positive_label": fed.positive_label,
+        "predefined_split": fed.has_predefined_split,
+    }
+
+
+def _own_federation(site: SiteIdentity, config):
+    """The site's file as a one-site federation, read with the study's schema."""
+    from medfed.data.tables import load_table
+
+    if not site.data.exists():
+        raise DataError(f"site {site.name!r}: data file {str(site.data)!r} does not exist")
+    d = config.data
+    fed = load_table(site.data, site_column=d.site_column, label_column=d.label_column, split_column=d.split_column,
+                     features=d.features, impute=d.impute, positive_label=d.positive_label, exclude=d.exclude)
+    others = [n for n in fed.site_names if n != site.name]
+    if site.name not in fed.site_names or others:
+        held = ", ".join(repr(n) for n in fed.site_names)
+        raise DataError(
+            f"site {site.name!r}: {site.data} column {d.site_column!r} holds {held}; a site's file holds its own rows "
+            f"only, with {d.site_column} = {site.name}"
+        )
+    return fed
+
+
+class _buffer:
+    def __enter__(self):
+        import io
+
+        self._b = io.BytesIO()
+        return self._b
+
+    def __exit__(self, *exc):
+        return False
+
+
+# -- rounds --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prepared:
+    config: Any
+    plan: Any  # the experiment's TrainingPlan
+    spec: Any
+    runtime: SiteRuntime
+    X_test: np.ndarray
+    y_test: np.ndarray
+
+
+def _prepare(site: SiteIdentity, request: Mapping[str, Any]) -> _Prepared:
+    """Rebuild this request's method and the site's runtime from the site folder."""
+    from medfed.deploy.study import study_from_payload
+    from medfed.experiments.harness import TrainingPlan, build_method
+    from medfed.experiments.methods import resolve_methods
+
+    if not (site.folder / STUDY_FILE).exists():
+        raise ConfigError(f"site {site.name!r} has not been set up for this study (no {STUDY_FILE} in {site.folder})")
+    config = study_from_payload(json.loads((site.folder / STUDY_FILE).read_text()))
+    with np.load(site.folder / ROWS_FILE) as rows:
+        X_train, y_train, X_test, y_test = (rows[k] for k in ("X_train", "y_train", "X_test", "y_test"))
+    run = request["run"]
+    (spec, opts), = resolve_methods([run["method"]], {run["method"]: dict(run["options"])}, config.pipelines)
+    plan = TrainingPlan.for_shape(config, tuple(run["sample_shape"]))
+    counts = {name: np.asarray(c) for name, c in run["label_counts"].items()}
+    algorithm = build_method(config, spec, opts, list(run["sites"]), counts)
+    scale = _standardizer(run["scale"], X_train.shape[1])
+    data = LocalData(site.name, scale(X_train), y_train)
+    rng = KeyedRng(int(run["seed"]), tuple(run["key"]))
+    runtime = SiteRuntime(SiteProgram(algorithm, plan.local), data, rng, site.folder / "runs" / str(run["name"]))
+    commit = request.get("commit")
+    if commit is not None:
+        runtime.commit(int(commit[0]), bool(commit[1]))
+    return _Prepared(config, plan, spec, runtime, scale(X_test), y_test)
+
+
+def _standardizer(scale: Mapping[str, Any] | None, n_features: int) -> Standardizer:
+    if scale is None:
+        return Standardizer.identity(n_features)
+    return Standardizer.from_moments([Moments(int(scale["n"]), np.asarray(scale["total"]), np.asarray(scale["total_sq"]))])
+
+
+def _train(site: SiteIdentity, request: Mapping[str, Any]):
+    prepared = _prepare(site, request)
+    return prepared.runtime.train(plan_of(request["plan"]))
+
+
+def _evaluate(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics of the final global model and, for a personalizing method, of the site's own
+    model, on the site's test rows; the personal model stays here."""
+    from medfed.experiments.metrics import binary_metrics
+
+    prepared = _prepare(site, request)
+    plan = plan_of(request["plan"])
+    model = prepared.plan.model
+    out: dict[str, Any] = {}
+
+    def metrics(params) -> dict[str, Any] | str:
+        if not all(np.isfinite(v).all() for v in params.values()):
+            return "diverged: the personal model's parameters hold NaN/Inf"
+        scores = model.predict_proba(params, prepared.X_test)
+        if not np.isfinite(scores).all():
+            return "diverged: the model's scores on the test rows are NaN/Inf"
+        return {k: [m.value, m.reason] for k, m in binary_metrics(prepared.y_test, scores).items()}
+
+    if request.get("global_model"):
+        out["global"] = metrics(plan.params)
+    if request.get("personal"):
+        out["personal"] = metrics(prepared.runtime.personalize(plan))
+    return out
+
+
+def _hello(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
+    return {"site": site.name}
+
+
+_OPS = {"hello": _hello, "setup": _setup, "train": _train, "evaluate": _evaluate}
