@@ -54,6 +54,7 @@ class Driver:
     evaluate: Callable[[Mapping[str, np.ndarray]], dict] | None = None
     eval_every: int = 0
     checkpoints: CheckpointStore | None = None
+    observe: Callable[[RoundRecord], None] | None = None  # told of every finished round (a status file)
 
     def run(self, init_params: Mapping[str, np.ndarray], setup: Mapping[str, SiteSetup] | None = None) -> FederatedRun:
         """Run the rounds left (all of them, or those after the last checkpoint)."""
@@ -76,6 +77,8 @@ class Driver:
             history.append(record)
             if self.checkpoints is not None:
                 self.checkpoints.save(state, history)
+            if self.observe is not None:
+                self.observe(record)
         personal = {}
         if self.personal:
             final = server.configure(state, RoundContext(self.rounds, everyone, rng), final=True)

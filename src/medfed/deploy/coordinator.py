@@ -1,0 +1,241 @@
+"""The coordinator of a deployed study: the same :class:`~medfed.engine.driver.Driver` as a
+simulation, with the sites reached through a link (Flower's SuperLink in deployment).
+
+1. **Setup exchange.** Every site of ``[deploy] sites`` receives the study and answers with
+   its counts, training-row moments and feature names (:mod:`medfed.deploy.site`). A site
+   whose file does not match the study's schema, or whose features differ from the others',
+   is refused (logged, named in the results' warnings); the study goes on if ``min_sites``
+   remain. Global scaling is assembled from the moments, in ``[deploy] sites`` order.
+2. **Rounds.** Each federated method runs as in ``medfed run`` (same keyed randomness, same
+   server program), checkpointing after every round under ``OUT/.medfed-deploy/``;
+   ``--resume`` continues from there bit-identically. A site that does not answer within
+   ``round_timeout_s`` is missing from that round, with the reason, and is asked again next round.
+3. **Federated evaluation.** Each site scores the final global model (and its personal model,
+   which stays at the site) on its own test rows and sends metrics only.
+4. **Report.** ``OUT`` gets what ``medfed run`` writes for one repeat (results.json, .csv,
+   table.md), ``models/<Setting>.npz`` (the final global models) and ``status.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfed.atomic import write_bytes_atomically
+from medfed.comm.wire import WireError, decode, encode
+from medfed.data.preprocess import Moments, Standardizer
+from medfed.deploy.study import load_study, site_min_sites, study_payload
+from medfed.engine.checkpoint import CheckpointStore
+from medfed.engine.driver import Driver
+from medfed.engine.executors.remote import Link, RemoteExecutor
+from medfed.engine.protocol import RoundContext, RoundRecord, ServerState, programs
+from medfed.errors import ConfigError
+from medfed.experiments.harness import (
+    TRAIN_STREAM,
+    Failure,
+    RepeatOutcome,
+    TrainingPlan,
+    assemble_run,
+    build_method,
+    federated_failure,
+    federated_history,
+    study_fingerprint,
+)
+from medfed.experiments.metrics import Metric
+from medfed.experiments.methods import resolve_methods
+from medfed.rng import KeyedRng, name_key
+
+STATUS_FILE = "status.json"
+CHECKPOINTS = ".medfed-deploy"
+
+
+@dataclass(frozen=True)
+class DeployedFederation:
+    """What the coordinator knows of the federation: what the setup exchange shared."""
+
+    name: str
+    sites: tuple[str, ...]
+    summaries: tuple[dict, ...]
+    feature_names: tuple[str, ...]
+    sample_shape: tuple[int, ...]
+    impute: str | None
+    positive_label: str | None
+    has_predefined_split: bool
+    description: str = "a deployed study: each site's rows stayed at the site"
+    attribution: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def site_names(self) -> list[str]:
+        return list(self.sites)
+
+    def site_summaries(self) -> list[dict]:
+        return [dict(s) for s in self.summaries]
+
+
+def _status(out: Path, **fields: Any) -> None:
+    write_bytes_atomically(out / STATUS_FILE, (json.dumps(fields, indent=1) + "\n").encode())
+
+
+def setup_exchange(link: Link, config, log: Callable[[str], None]) -> tuple[dict[str, dict], dict[str, str]]:
+    """Ask every listed site for its setup; the sites that joined (in ``[deploy] sites`` order)
+    and why the others were refused."""
+    names = list(config.deploy.sites)
+    request = encode({"op": "setup", "study": study_payload(config)})
+    answers = link.exchange({site: request for site in names}, config.deploy.round_timeout_s)
+    joined: dict[str, dict] = {}
+    refused: dict[str, str] = {}
+    for site in names:
+        raw = answers.get(site, "no answer")
+        try:
+            reply = raw if isinstance(raw, str) else decode(raw, f"the setup answer of site {site!r}")
+        except WireError as exc:
+            reply = f"malformed answer: {exc}"
+        if isinstance(reply, Mapping) and "error" in reply:
+            reply = str(reply["error"])
+        if isinstance(reply, str):
+            refused[site] = reply
+        else:
+            joined[site] = dict(reply)
+    if joined:
+        first_site, first = next(iter(joined.items()))
+        for site, reply in list(joined.items()):
+            if reply["features"] != first["features"]:
+                extra = [c for c in reply["features"] if c not in first["features"]]
+                absent = [c for c in first["features"] if c not in reply["features"]]
+                what = (f"column {absent[0]!r} is missing" if absent else f"column {extra[0]!r} is extra"
+                        if extra else "its columns are in another order")
+                refused[site] = f"site {site!r}: {what} (site {first_site!r} has {', '.join(first['features'])})"
+                del joined[site]
+    for site, why in refused.items():
+        log(f"refused site {site}: {why}")
+    return joined, refused
+
+
+def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, command: str | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the study in ``study_path`` over ``link``; write the report to ``out``; return results.json."""
+    from medfed.experiments.report import report_files, write_atomically
+    from medfed.experiments.results import results_document
+
+    started = time.perf_counter()
+    config = load_study(study_path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoints = out / CHECKPOINTS
+    if checkpoints.exists() and not resume:
+        raise ConfigError(f"{out} holds checkpoints of an unfinished run: continue it with --resume, or remove {checkpoints}")
+    methods = resolve_methods(config.methods, config.method_options, config.pipelines)
+    _status(out, state="setup", round="0/0", sites=list(config.deploy.sites))
+    joined, refused = setup_exchange(link, config, log)
+    need = site_min_sites(config)
+    if len(joined) < need:
+        reasons = "; ".join(f"{s}: {why}" for s, why in refused.items())
+        raise ConfigError(f"only {len(joined)} site(s) joined, fewer than min_sites = {need} ({reasons})")
+    sites = list(joined)
+    first = joined[sites[0]]
+    shape = tuple(int(v) for v in first["sample_shape"])
+    moments = [Moments(int(j["moments"]["n"]), np.asarray(j["moments"]["total"]), np.asarray(j["moments"]["total_sq"]))
+               for j in joined.values()]
+    pooled = Standardizer.from_moments(moments) if config.scaling == "global" else None
+    scale = None if pooled is None else _pooled_moments(moments)
+    plan = TrainingPlan.for_shape(config, shape)
+    initial = plan.initial(shape, 0)
+    counts = {site: np.asarray(j["train_label_counts"], dtype=np.float64) for site, j in joined.items()}
+    t = config.training
+    evaluations: list = []
+    histories: list = []
+    setting_time: dict[str, float] = {}
+    models: dict[str, dict[str, np.ndarray]] = {}
+    for spec, opts in methods:
+        t0 = time.perf_counter()
+        rounds = spec.rounds(t)
+        algorithm = build_method(config, spec, opts, sites, counts)
+        _, server = programs(algorithm, plan.local, sites, fraction=t.fraction_fit, min_sites=need,
+                             max_update_norm=t.max_update_norm)
+        key = (TRAIN_STREAM, 0, name_key(spec.name))
+        run_name = f"r1-{spec.name}"
+        run = {"name": run_name, "method": spec.name, "options": dict(opts), "sites": sites,
+               "label_counts": {s: c for s, c in counts.items()}, "sample_shape": list(shape), "scale": scale,
+               "seed": config.seed, "key": list(key)}
+        executor = RemoteExecutor(link, sites, run, config.deploy.round_timeout_s)
+        store = CheckpointStore(checkpoints / run_name, f"{study_fingerprint(config)}/{run_name}/{','.join(sites)}")
+        rng = KeyedRng(config.seed, key)
+
+        def observe(record: RoundRecord, display=spec.display, rounds=rounds) -> None:
+            _status(out, state="running", setting=display, round=f"{record.round + 1}/{rounds}", sites=sites,
+                    missing=dict(record.missing), rejected=dict(record.rejected), skipped=record.skipped)
+            gone = f"; missing {', '.join(f'{s} ({why})' for s, why in record.missing.items())}" if record.missing else ""
+            log(f"{display}: round {record.round + 1}/{rounds} from {len(record.sites)} site(s){gone}")
+
+        result = Driver(server, executor, rounds, rng, checkpoints=store, observe=observe).run(initial)
+        failure = federated_failure(result)
+        final = server.configure(ServerState(result.params, result.server_state, rounds),
+                                 RoundContext(rounds, tuple(sites), rng), final=True)
+        answers = executor.evaluate(final, global_model=spec.global_model and failure is None,
+                                    personal=spec.personal or not spec.global_model)
+        evaluations += _evaluations(spec, sites, answers, failure)
+        histories.append(federated_history(spec, 0, result, config))
+        if failure is None and spec.global_model:
+            models[spec.display] = result.params
+        setting_time[spec.display] = time.perf_counter() - t0
+    fed = DeployedFederation(
+        "deployed", tuple(sites), tuple(joined[s]["summary"] for s in sites), tuple(first["features"]), shape,
+        config.data.impute, first["positive_label"], bool(first["predefined_split"]),
+        info={"refused_sites": refused},
+    )
+    outcome = RepeatOutcome(evaluations, histories, [], setting_time)
+    experiment = assemble_run(config, fed, methods, [outcome], started)
+    experiment.warnings.extend(f"site {s!r} was refused: {why}" for s, why in refused.items())
+    doc = results_document(experiment, command)
+    files = report_files(doc, experiment, plots=False)
+    for display, params in models.items():
+        files[f"models/{display}.npz"] = (lambda p=params, s=pooled: _model_bytes(p, s, config, fed))
+    write_atomically(out, files)
+    _status(out, state="finished", round=f"{rounds}/{rounds}" if methods else "0/0", sites=sites)
+    import shutil
+
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return doc
+
+
+def _pooled_moments(moments: list[Moments]) -> dict[str, Any]:
+    """The federation's pooled training moments, which every site scales its rows with."""
+    return {"n": sum(m.n for m in moments), "total": sum(m.total for m in moments),
+            "total_sq": sum(m.total_sq for m in moments)}
+
+
+def _evaluations(spec, sites: list[str], answers: Mapping[str, Any], failure: Failure | None) -> list:
+    """The sites' metric reports as the harness's evaluations (a failure or a missing report
+    makes a row not computable, with the reason)."""
+    out = []
+    kinds = (["global"] if spec.global_model else []) + (["personal"] if spec.personal or not spec.global_model else [])
+    for site in sites:
+        answer = answers.get(site)
+        for kind in kinds:
+            key = (spec.display, spec.name, None, site, "split", kind)
+            if kind == "global" and failure is not None:
+                out.append((key, failure, None))
+                continue
+            got = answer.get(kind) if isinstance(answer, Mapping) else None
+            if isinstance(got, Mapping):
+                out.append((key, {m: Metric(v[0], v[1]) for m, v in got.items()}, None))
+            else:
+                why = got if isinstance(got, str) else f"site {site!r} sent no evaluation ({answer})"
+                kind_of = "diverged" if isinstance(got, str) and got.startswith("diverged") else "not computable"
+                out.append((key, Failure(kind_of, why), None))
+    return out
+
+
+def _model_bytes(params, scaler, config, fed) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **{f"params/{k}": v for k, v in params.items()})
+    return buf.getvalue()

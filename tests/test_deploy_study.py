@@ -1,0 +1,128 @@
+"""A deployed study over the loopback link: parity with simulation, refusals, dropouts, resume."""
+
+import json
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medfed.data.datasets import load_dataset
+from medfed.deploy.coordinator import drive
+from medfed.deploy.loopback import LoopbackLink
+from medfed.errors import ConfigError
+
+STUDY = """
+methods = ["fedavg", "scaffold", "ditto"]
+seed = 3
+repeats = 1
+[training]
+rounds = 3
+local_steps = 4
+[data]
+site_column = "site"
+label_column = "target"
+[deploy]
+sites = ["Cleveland", "Hungary", "Switzerland"]
+round_timeout_s = 5
+"""
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    """heart-disease as one pooled table and one file per site."""
+    root = tmp_path_factory.mktemp("heart")
+    fed = load_dataset("heart-disease")
+    frames = []
+    for s in fed.sites[:3]:
+        df = pd.DataFrame(s.X, columns=list(fed.feature_names))
+        df.insert(0, "site", s.name)
+        df["target"] = s.y.astype(int)
+        df.to_csv(root / f"{s.name}.csv", index=False)
+        frames.append(df)
+    pd.concat(frames).to_csv(root / "all.csv", index=False)
+    (root / "study.toml").write_text(STUDY)
+    return root
+
+
+def _nodes(root, tmp):
+    return {s: {"site": s, "data": str(root / f"{s}.csv"), "folder": str(tmp / f"site-{s}")}
+            for s in ("Cleveland", "Hungary", "Switzerland")}
+
+
+def _simulated(root, tmp):
+    from medfed.cli.app import app
+    from typer.testing import CliRunner
+
+    out = tmp / "sim"
+    result = CliRunner().invoke(app, ["run", str(root / "study.toml"), "--data", str(root / "all.csv"),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "results.json").read_text())
+
+
+def _rows(doc):
+    return {(r["setting"], r["test_site"], r["model"]): r["metrics"] for r in doc["results"]}
+
+
+def test_a_deployed_study_equals_its_simulation(tables, tmp_path):
+    deployed = drive(LoopbackLink(_nodes(tables, tmp_path)), tables / "study.toml", tmp_path / "out", log=lambda m: None)
+    simulated = _simulated(tables, tmp_path)
+    assert _rows(deployed) == _rows(simulated)
+    assert deployed["histories"].keys() == simulated["histories"].keys()
+    for setting, h in simulated["histories"].items():
+        assert deployed["histories"][setting]["train_loss"] == h["train_loss"]
+        assert deployed["histories"][setting]["bytes_up_per_run"] == h["bytes_up_per_run"]
+    status = json.loads((tmp_path / "out" / "status.json").read_text())
+    assert status["state"] == "finished" and status["round"] == "3/3"
+    assert not (tmp_path / "out" / ".medfed-deploy").exists()
+    # no row left any site: the site folders hold their own rows, the coordinator's folder none
+    assert all((tmp_path / f"site-{s}" / "rows.npz").exists() for s in ("Cleveland", "Hungary"))
+
+
+def test_a_site_whose_file_misses_a_column_is_refused_by_name(tables, tmp_path):
+    nodes = _nodes(tables, tmp_path)
+    bad = tmp_path / "bad.csv"
+    pd.read_csv(tables / "Hungary.csv").drop(columns=["chol"]).to_csv(bad, index=False)
+    nodes["Hungary"]["data"] = str(bad)
+    logged = []
+    doc = drive(LoopbackLink(nodes), tables / "study.toml", tmp_path / "out", log=logged.append)
+    assert [r["name"] for r in doc["sites"]] == ["Cleveland", "Switzerland"]
+    assert any("Hungary" in line and "'chol'" in line for line in logged), logged
+    assert any("Hungary" in w and "chol" in w for w in doc["warnings"])
+
+
+def test_a_site_that_misses_a_round_is_named_and_the_round_goes_on(tables, tmp_path):
+    calls = {"n": 0}
+
+    def fail(site, payload):
+        if site == "Switzerland" and b'"train"' in payload:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                return "timeout after 5 s"
+        return None
+
+    doc = drive(LoopbackLink(_nodes(tables, tmp_path), fail), tables / "study.toml", tmp_path / "out",
+                log=lambda m: None)
+    notes = doc["histories"]["FedAvg"]["server_notes"][0]["rounds"]
+    assert notes == [{"round": 1, "rejected": {}, "skipped": None, "missing": {"Switzerland": "timeout after 5 s"}}]
+
+
+def test_an_unlisted_site_and_a_wrong_file_are_refused(tables, tmp_path):
+    nodes = _nodes(tables, tmp_path)
+    nodes["Cleveland"]["data"] = str(tables / "Hungary.csv")  # another site's rows
+    logged = []
+    doc = drive(LoopbackLink(nodes), tables / "study.toml", tmp_path / "out", log=logged.append)
+    assert "Cleveland" not in [r["name"] for r in doc["sites"]]
+    assert any("Cleveland" in line and "its own rows" in line for line in logged)
+
+
+def test_a_study_that_cannot_be_deployed_is_refused_in_one_line(tables, tmp_path):
+    study = tmp_path / "s.toml"
+    study.write_text(STUDY.replace('["fedavg", "scaffold", "ditto"]', '["mix", "fedavg"]'))
+    with pytest.raises(ConfigError, match="mix pool or move rows"):
+        drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
+    study.write_text(STUDY.replace("[deploy]\nsites", "[elsewhere]\nsites"))
+    with pytest.raises(ConfigError):
+        drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
