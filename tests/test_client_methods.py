@@ -6,7 +6,7 @@ from conftest import synthetic_federation
 
 from medfed.client import LocalData, LocalTraining, sgd_steps
 from medfed.client.drift import batch_label_weights, semisync_steps
-from medfed.client.personal import apfl_update
+from medfed.client.personal import ApflSiteState, apfl_update
 from medfed.comm import UploadBoundary
 from medfed.engine import run_federated
 from medfed.errors import ConfigError
@@ -85,7 +85,7 @@ def test_scaffold_iid_one_local_step_equals_fedavg(batch_size, weighting):
     fedavg = _run(_fedavg(), sites, training, 8)
     _assert_params(scaffold.params, fedavg.params, atol=1e-13)
     # the control variates did move (the equality is not because nothing happened)
-    assert all(np.abs(c["weight"]).max() > 1e-3 for c in scaffold.client_states.values())
+    assert all(np.abs(c.control["weight"]).max() > 1e-3 for c in scaffold.client_states.values())
 
 
 def test_scaffold_one_local_step_on_unequal_sites_is_fedavg_only_when_weighting_by_examples():
@@ -143,9 +143,9 @@ def test_scaffold_reaches_the_example_weighted_optimum_that_fedavg_misses():
     # there each c_i is the site's own gradient, and the server's c, their example-weighted mean, is zero
     for s in sites:
         g, _ = MODEL.gradient(scaffold.params, s.X, s.y, l2)
-        _assert_params(scaffold.client_states[s.name], g, atol=1e-8)
+        _assert_params(scaffold.client_states[s.name].control, g, atol=1e-8)
         assert np.abs(g["weight"]).max() > 1e-2  # the sites disagree: drift to correct
-    _assert_params(scaffold.server_state[0].control, {"weight": np.zeros(4), "bias": np.zeros(1)}, atol=1e-8)
+    _assert_params(scaffold.server_state["scaffold_control"].control, {"weight": np.zeros(4), "bias": np.zeros(1)}, atol=1e-8)
 
 
 @pytest.mark.parametrize("weighting", WEIGHTINGS)
@@ -167,7 +167,8 @@ def test_scaffold_control_variates_stay_on_the_site_and_only_deltas_go_up(weight
     # each site's control variate is client state: the sum of the deltas it sent (it starts at
     # zero); after two or more rounds it differs from every single message the site sent
     for s in sites:
-        own = run.client_states[s.name]
+        state = run.client_states[s.name]
+        own = None if state is None else state.control
         mine = [u.extras["control_delta"] for u in sent if u.site == s.name]
         assert (own is None) == (not mine)
         if own is None:
@@ -181,9 +182,10 @@ def test_scaffold_control_variates_stay_on_the_site_and_only_deltas_go_up(weight
 
 def scaffold_c_gap(run, sites, weighting):
     """Distance of SCAFFOLD's server ``c`` from the (example-)weighted mean of the sites' ``c_i``."""
-    server_c = run.server_state[0].control
+    server_c = run.server_state["scaffold_control"].control
     w = np.array([s.n if weighting == "examples" else 1.0 for s in sites], dtype=float)
-    states = [run.client_states[s.name] or {k: np.zeros_like(v) for k, v in server_c.items()} for s in sites]
+    zero = {k: np.zeros_like(v) for k, v in server_c.items()}
+    states = [zero if run.client_states[s.name] is None else run.client_states[s.name].control for s in sites]
     mean = {k: sum(wi * st[k] for wi, st in zip(w, states)) / w.sum() for k in server_c}
     return _dist(server_c, mean)
 
@@ -240,7 +242,7 @@ def test_fedsld_reweights_skewed_labels_to_the_federation_distribution():
     run = _run(_build("fedsld", sites=sites), sites, training, 4, boundary=UploadBoundary([spy]))
     # label counts (and nothing else extra) leave the site; the server's prior is the pooled distribution
     assert all(set(u.extras) == {"label_counts"} for u in sent)
-    np.testing.assert_allclose(federation_label_prior(run.server_state[0]), [1 - pooled, pooled], atol=1e-15)
+    np.testing.assert_allclose(federation_label_prior(run.server_state["label_distribution"].counts), [1 - pooled, pooled], atol=1e-15)
     # with skewed sites the weighted loss changes the result
     fedavg = _run(_fedavg(), sites, training, 4)
     assert _dist(run.params, fedavg.params) > 1e-3
@@ -345,10 +347,10 @@ def test_apfl_alpha_zero_is_fedavg_and_alpha_one_is_local_training():
     g0 = {"weight": np.array([0.2, -0.1, 0.0, 0.3]), "bias": np.array([0.1])}
     v0 = {"weight": np.array([-0.4, 0.5, 0.1, 0.0]), "bias": np.array([-0.2])}
     one_step = LocalTraining(MODEL, 0.2, 1, None, 0.01)
-    _, v1 = apfl_update(g0, sites[1], one_step, v0, KeyedRng(0), alpha=0.3)
+    _, v1 = apfl_update(g0, sites[1], one_step, ApflSiteState(v0), KeyedRng(0), alpha=0.3)
     mixed = {k: 0.3 * v0[k] + 0.7 * g0[k] for k in g0}
     grad, _ = MODEL.gradient(mixed, sites[1].X, sites[1].y, 0.01)
-    _assert_params(v1, {k: v0[k] - 0.2 * 0.3 * grad[k] for k in v0}, atol=1e-15)
+    _assert_params(v1.local, {k: v0[k] - 0.2 * 0.3 * grad[k] for k in v0}, atol=1e-15)
     # in between: a real mixture, different from both
     half = _run(_build("apfl", sites=sites, alpha=0.5), sites, training, 6)
     for s in sites:

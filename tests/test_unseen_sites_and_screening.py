@@ -163,9 +163,11 @@ def test_round_is_skipped_when_too_few_valid_uploads_remain(federation):
 
 
 def _same(a, b) -> bool:
-    """Equal client states: None, arrays, and mappings or tuples of them (bit for bit)."""
+    """Equal client states: None, arrays, and dataclasses, mappings or tuples of them (bit for bit)."""
     if a is None or b is None:
         return a is b
+    if dataclasses.is_dataclass(a):
+        return type(a) is type(b) and _same(dataclasses.asdict(a), dataclasses.asdict(b))
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, tuple):
@@ -224,9 +226,9 @@ def test_a_rejected_upload_leaves_the_sites_state_as_it_was(federation, name, op
     if name == "scaffold":
         # the server's c is still the (example-)weighted mean of the sites' c_i
         w = [s.n if opts.get("weighting", "examples") == "examples" else 1.0 for s in sites]
-        c = run.server_state[0].control
+        c = run.server_state["scaffold_control"].control
         for k in c:
-            mean = sum(wi * run.client_states[s.name][k] for wi, s in zip(w, sites)) / sum(w)
+            mean = sum(wi * run.client_states[s.name].control[k] for wi, s in zip(w, sites)) / sum(w)
             np.testing.assert_allclose(c[k], mean, rtol=0, atol=1e-14)
 
 

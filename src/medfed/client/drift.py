@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from medfed.client.upload import Upload
 from medfed.errors import ConfigError
 from medfed.models.logistic import Params
 from medfed.rng import KeyedRng
+from medfed.wiretypes import wire_type
 
 
 def _descend(params: Params, data: LocalData, config: LocalTraining, rng: KeyedRng, **terms):
@@ -37,20 +39,29 @@ def _delta(trained: Mapping[str, np.ndarray], global_params: Params) -> dict[str
 # --- SCAFFOLD ---------------------------------------------------------------------------
 
 
+@wire_type
+@dataclass(frozen=True)
+class ScaffoldSiteState:
+    """A SCAFFOLD site's state: its control variate ``c_i`` in the parameter view (never uploaded)."""
+
+    control: dict[str, np.ndarray]
+
+
 def scaffold_update(
     global_params: Params,
     data: LocalData,
     config: LocalTraining,
-    state: Any,
+    state: ScaffoldSiteState | None,
     rng: KeyedRng,
     *,
     server_control: Params,
-) -> tuple[Upload, dict[str, np.ndarray]]:
+) -> tuple[Upload, ScaffoldSiteState]:
     """SCAFFOLD's client (Karimireddy et al., 2020), option II.
 
     Each local step follows the corrected gradient ``g(y) - c_i + c``, which cancels the
     site's drift away from the federation's direction; then ``c_i+ = c_i - c + (x - y)/(K lr)``.
-    The site's control variate ``c_i`` is its client state and never leaves it: the upload
+    The site's control variate ``c_i`` is its client state (:class:`ScaffoldSiteState`; zero
+    before the site's first round) and never leaves it: the upload
     holds the model delta ``y - x`` and ``extras["control_delta"] = c_i+ - c_i`` only.
 
     ``(x - y)/(K lr)`` is the mean corrected gradient of the K steps only for plain SGD steps
@@ -61,13 +72,14 @@ def scaffold_update(
     steps = config.steps
     if steps < 1:
         raise ConfigError(f"scaffold needs at least one local step, got {steps}")
-    own = state if state is not None else {k: np.zeros_like(v, dtype=np.float64) for k, v in global_params.items()}
+    own = state.control if state is not None else {k: np.zeros_like(v, dtype=np.float64) for k, v in global_params.items()}
     correction = {k: server_control[k] - own[k] for k in global_params}
     trained, loss = _descend(global_params, data, config, rng, correction=correction)
     scale = 1.0 / (steps * config.lr)
     new_own = {k: own[k] - server_control[k] + (global_params[k] - trained[k]) * scale for k in global_params}
     extras = {"control_delta": {k: new_own[k] - own[k] for k in global_params}}
-    return Upload(data.name, _delta(trained, global_params), data.n, "delta", {"loss": loss}, extras), new_own
+    upload = Upload(data.name, _delta(trained, global_params), data.n, "delta", {"loss": loss}, extras)
+    return upload, ScaffoldSiteState(new_own)
 
 
 # --- FedSLD -----------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from medfed.client.upload import Upload
 from medfed.errors import ConfigError
 from medfed.models.logistic import Params
 from medfed.rng import KeyedRng
+from medfed.wiretypes import wire_type
 
 
 def is_kernel(shape: tuple[int, ...]) -> bool:
@@ -103,6 +104,7 @@ def low_pass(value: np.ndarray, share: float) -> np.ndarray:
     return merge(value, np.zeros_like(value), share)
 
 
+@wire_type
 @dataclass(frozen=True)
 class FourierSiteState:
     """A site's own kernels after its last local training (parameter view, kernels only).

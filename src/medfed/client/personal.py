@@ -16,6 +16,7 @@ client state: they never leave the site.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from medfed.client.local import (
 from medfed.client.upload import Upload
 from medfed.models.logistic import Params
 from medfed.rng import KeyedRng
+from medfed.wiretypes import wire_type
 
 PERSONAL_STREAM = 1  # rng child key for a site's personal-model draws, apart from its global-model draws
 
@@ -75,6 +77,14 @@ def finetune_personalize(
 # --- APFL -------------------------------------------------------------------------------
 
 
+@wire_type
+@dataclass(frozen=True)
+class ApflSiteState:
+    """An APFL site's state: its own local model ``v`` (never uploaded)."""
+
+    local: dict[str, np.ndarray]
+
+
 def mix(alpha: float, local: Params, shared: Params) -> dict[str, np.ndarray]:
     """APFL's personal model ``alpha * local + (1 - alpha) * shared``."""
     return {k: alpha * local[k] + (1.0 - alpha) * shared[k] for k in shared}
@@ -84,11 +94,11 @@ def apfl_update(
     global_params: Params,
     data: LocalData,
     config: LocalTraining,
-    state: Any,
+    state: ApflSiteState | None,
     rng: KeyedRng,
     *,
     alpha: float,
-) -> tuple[Upload, dict[str, np.ndarray]]:
+) -> tuple[Upload, ApflSiteState]:
     """APFL's client (Deng et al., 2020): each local step moves the shared copy ``w`` by plain
     gradient descent and the site's own ``v`` by the gradient at the mixed model ``alpha v + (1-alpha) w``.
 
@@ -97,7 +107,7 @@ def apfl_update(
     ``v``'s step is ``lr * alpha * grad f(mix)``, the chain rule through the mixture.
     """
     model = config.model
-    own = _copy(global_params) if state is None else state
+    own = _copy(global_params) if state is None else state.local
     shared = _copy(global_params)
     for rows in batch_indices(data.n, config.batch_size, config.steps, rng):
         Xb, yb = _rows(data, rows)
@@ -109,20 +119,29 @@ def apfl_update(
         shared, _ = model.descend(shared, Xb, yb, (None,), config.lr, config.l2)
     loss = model.loss(global_params, data.X, data.y, config.l2)
     delta = {k: shared[k] - global_params[k] for k in global_params}
-    return Upload(data.name, delta, data.n, "delta", {"loss": loss}), own
+    return Upload(data.name, delta, data.n, "delta", {"loss": loss}), ApflSiteState(own)
 
 
 def apfl_personalize(
-    global_params: Params, data: LocalData, training: LocalTraining, state: Any, rng: KeyedRng, *, alpha: float
+    global_params: Params, data: LocalData, training: LocalTraining, state: ApflSiteState | None, rng: KeyedRng,
+    *, alpha: float,
 ) -> dict[str, np.ndarray]:
     """APFL's personal model ``alpha v + (1 - alpha) w`` with the final global ``w``
     (the global model itself for a site that never took part)."""
     if state is None:
         return _copy(global_params)
-    return mix(alpha, state, global_params)
+    return mix(alpha, state.local, global_params)
 
 
 # --- Ditto ------------------------------------------------------------------------------
+
+
+@wire_type
+@dataclass(frozen=True)
+class DittoSiteState:
+    """A Ditto site's state: its personal model ``v`` (never uploaded)."""
+
+    personal: dict[str, np.ndarray]
 
 
 def proximal_steps(
@@ -157,12 +176,12 @@ def ditto_update(
     global_params: Params,
     data: LocalData,
     config: LocalTraining,
-    state: Any,
+    state: DittoSiteState | None,
     rng: KeyedRng,
     *,
     lam: float,
     personal_steps: int | None = None,
-) -> tuple[Upload, dict[str, np.ndarray]]:
+) -> tuple[Upload, DittoSiteState]:
     """Ditto's client (Li et al., 2021): FedAvg's local update for the global model, plus
     ``personal_steps`` proximal steps on the site's own ``v`` toward the global model received.
 
@@ -171,17 +190,17 @@ def ditto_update(
     ``v`` is client state and never leaves the site; the upload is FedAvg's.
     """
     upload, _ = local_sgd_update(global_params, data, config, None, rng)
-    own = _copy(global_params) if state is None else state
+    own = _copy(global_params) if state is None else state.personal
     steps = config.steps if personal_steps is None else personal_steps
     own = proximal_steps(own, global_params, data, config, rng.child(PERSONAL_STREAM), lam=lam, steps=steps)
-    return upload, own
+    return upload, DittoSiteState(own)
 
 
 def ditto_personalize(
     global_params: Params,
     data: LocalData,
     training: LocalTraining,
-    state: Any,
+    state: DittoSiteState | None,
     rng: KeyedRng,
     *,
     lam: float,
@@ -190,6 +209,6 @@ def ditto_personalize(
     """Ditto's personal model after the last round: ``personal_steps`` more proximal steps
     from the site's ``v`` toward the final global model (from the global model if the site
     never took part)."""
-    own = _copy(global_params) if state is None else state
+    own = _copy(global_params) if state is None else state.personal
     steps = training.steps if personal_steps is None else personal_steps
     return proximal_steps(own, global_params, data, training, rng.child(PERSONAL_STREAM), lam=lam, steps=steps)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -25,9 +25,12 @@ from medfed.client.upload import Upload
 from medfed.errors import ConfigError
 from medfed.models.logistic import Params
 from medfed.rng import KeyedRng
+from medfed.wiretypes import wire_type
 
 
-class PrivateState(NamedTuple):
+@wire_type
+@dataclasses.dataclass(frozen=True)
+class PrivateState:
     """A site's client state under partial sharing: the wrapped rule's own state and the
     site's private parameters (neither ever leaves the site)."""
 
@@ -84,7 +87,7 @@ def keep_private(
         rng: KeyedRng,
         **message: Any,
     ) -> tuple[Upload, PrivateState]:
-        inner, own = (None, None) if state is None else state
+        inner, own = (None, None) if state is None else (state.inner, state.private)
         if own is None:
             own = _copy({k: v for k, v in global_params.items() if is_private(k)})
             _check_split(method, getattr(config.model, "name", "?"), list(global_params), own)

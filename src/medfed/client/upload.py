@@ -8,9 +8,12 @@ from typing import Literal
 
 import numpy as np
 
+from medfed.wiretypes import wire_type
+
 UploadKind = Literal["delta", "gradient", "params"]
 
 
+@wire_type
 @dataclass(frozen=True, slots=True)
 class Upload:
     """One site's message to the server for one round.

@@ -77,14 +77,14 @@ def _scaffold(opts, training: TrainingSpec, context: BuildContext) -> FederatedA
         weights, average = {site: 1.0 for site in context.site_names}, site_mean()
     aggregator = chain(scaffold_control(weights, weighting), average, apply_delta(server_lr))
     return FederatedAlgorithm(
-        "scaffold", scaffold_update, aggregator, broadcast=lambda state: {"server_control": state[0].control}
+        "scaffold", scaffold_update, aggregator, broadcast=lambda state: {"server_control": state["scaffold_control"].control}
     )
 
 
 def _fedsld(opts, training: TrainingSpec, context: BuildContext) -> FederatedAlgorithm:
     aggregator = chain(label_distribution(context.label_counts), weighted_mean(), apply_delta())
     return FederatedAlgorithm(
-        "fedsld", fedsld_update, aggregator, broadcast=lambda state: {"label_prior": federation_label_prior(state[0])}
+        "fedsld", fedsld_update, aggregator, broadcast=lambda state: {"label_prior": federation_label_prior(state["label_distribution"].counts)}
     )
 
 
@@ -93,7 +93,7 @@ def _semisync(opts, training: TrainingSpec, context: BuildContext) -> FederatedA
     budget = check_number("semisync", "budget", opts["budget"], low=0.0)
     rule = functools.partial(semisync_update, speeds=speeds)
     aggregator = chain(time_budget(budget), weighted_mean(), apply_delta())
-    return FederatedAlgorithm("semisync", rule, aggregator, broadcast=lambda state: {"budget": state[0][0]})
+    return FederatedAlgorithm("semisync", rule, aggregator, broadcast=lambda state: {"budget": state["time_budget"].budget})
 
 
 def _finetune(opts, training: TrainingSpec, context: BuildContext) -> FederatedAlgorithm:

@@ -71,7 +71,7 @@ def _fourier(opts, training, context):
     aggregator = chain(fourier(start=opts["start"], end=opts["end"], rounds=training.rounds), apply_delta())
     return FederatedAlgorithm(
         "fourier", fourier_update, aggregator,
-        broadcast=lambda state: fourier_message(state[0]), personalize=fourier_personalize,
+        broadcast=lambda state: fourier_message(state["fourier"]), personalize=fourier_personalize,
     )
 
 

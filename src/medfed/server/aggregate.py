@@ -6,6 +6,11 @@ site axis), then, after a reducing step such as :func:`weighted_mean`, one aggre
 update, and finally, after :func:`apply_delta` or :func:`gradient_step`, the new global
 parameters. Every aggregator is therefore ``init(global_params) -> state`` and
 ``apply(value, state, global_params, round) -> (value, state, report)``.
+
+A chain's state is a :class:`ChainState`: each step's state under the step's name (optax's
+``named_chain``), so a method reads the piece it broadcasts by name
+(``state["scaffold_control"]``) wherever the step sits in the chain. A stateful step's state
+is a named frozen dataclass registered for the wire (:func:`medfed.wiretypes.wire_type`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from medfed.client.upload import Upload
+from medfed.errors import ConfigError
+from medfed.wiretypes import wire_type
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,21 +117,59 @@ def gradient_step(lr: float) -> Aggregator:
     return Aggregator(_stateless_init, apply, "gradient_step")
 
 
+@wire_type
+@dataclass(frozen=True)
+class ChainState(Mapping):
+    """A chain's state: ``steps[name]`` is the state of the chain's step of that name (None for
+    a stateless step), in chain order. Read it as a mapping: ``state["scaffold_control"]``."""
+
+    steps: dict[str, Any]
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self.steps:
+            raise KeyError(f"the chain has no step {name!r}; its steps: {', '.join(self.steps)}")
+        return self.steps[name]
+
+    def __iter__(self):
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def step_names(names: Sequence[str]) -> tuple[str, ...]:
+    """Unique names for a chain's steps: a name that repeats gets ``_2``, ``_3``, ... from its
+    second use on, in chain order (``server_momentum, server_momentum_2``), so the same list of
+    steps always gives the same names. A suffixed name that another step already carries is refused."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    clash = sorted({n for n in out if out.count(n) > 1})
+    if clash:
+        raise ConfigError(f"chain: steps {list(names)} cannot be named apart ({clash} would name two steps)")
+    return tuple(out)
+
+
 def chain(*steps: Aggregator) -> Aggregator:
-    """Compose steps left to right; state is a tuple, the report maps step name to its report."""
+    """Compose steps left to right. The state is a :class:`ChainState` and the report maps a
+    step's name to its report, both keyed by :func:`step_names`."""
+    names = step_names([s.name for s in steps])
 
     def init(global_params):
-        return tuple(step.init(global_params) for step in steps)
+        return ChainState({name: step.init(global_params) for name, step in zip(names, steps)})
 
-    def apply(value, state, global_params, round_):
-        new_state = []
+    def apply(value, state: ChainState, global_params, round_):
+        if tuple(state) != names:  # e.g. a checkpoint written by another method
+            raise ConfigError(f"chain state has the steps {list(state)}; this chain's are {list(names)}")
+        new_state = {}
         report: dict | None = None
-        for step, step_state in zip(steps, state):
-            value, step_state, step_report = step.apply(value, step_state, global_params, round_)
-            new_state.append(step_state)
+        for name, step in zip(names, steps):
+            value, new_state[name], step_report = step.apply(value, state[name], global_params, round_)
             if step_report:
                 report = report or {}
-                report[step.name] = step_report
-        return value, tuple(new_state), report
+                report[name] = step_report
+        return value, ChainState(new_state), report
 
-    return Aggregator(init, apply, "chain(" + ", ".join(s.name for s in steps) + ")")
+    return Aggregator(init, apply, "chain(" + ", ".join(names) + ")")

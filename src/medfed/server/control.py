@@ -5,7 +5,8 @@ with the global model: SCAFFOLD's control variate, the federation's label distri
 (FedSLD), the semi-synchronous round's time budget. Each is an :class:`Aggregator` step that
 reads the round's stacked uploads (their ``extras`` or ``metrics``), updates its state and
 passes the stack on unchanged to the reducing step; the method's ``broadcast`` reads the
-state. Put the step first in the chain so that ``broadcast`` finds it at ``state[0]``.
+step's state from the chain's by the step's name (``state["scaffold_control"]``). The step
+must come before the reducing step, which consumes the stack.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from medfed.errors import ConfigError
 from medfed.server.aggregate import Aggregator, StackedUploads
+from medfed.wiretypes import wire_type
 
 
 def _needs(stack: StackedUploads, source: str, key: str, step: str) -> None:
@@ -28,6 +30,7 @@ def _needs(stack: StackedUploads, source: str, key: str, step: str) -> None:
 SCAFFOLD_WEIGHTINGS = ("examples", "uniform")
 
 
+@wire_type
 @dataclass(frozen=True)
 class ControlState:
     """SCAFFOLD's server state: ``weighted_sum = sum_i w_i c_i`` over the sites whose control
@@ -106,25 +109,34 @@ def site_mean() -> Aggregator:
     return Aggregator(lambda global_params: None, apply, "site_mean")
 
 
+@wire_type
+@dataclass(frozen=True)
+class LabelCountsState:
+    """FedSLD's server state: ``counts[site]``, the latest label counts the site uploaded (or
+    was known by at setup)."""
+
+    counts: dict[str, np.ndarray]
+
+
 def label_distribution(known: Mapping[str, np.ndarray] | None = None) -> Aggregator:
     """Collects the sites' label counts for FedSLD (Luo & Wu, 2022).
 
-    State: ``{site: counts}``, the latest counts each site uploaded in ``extras["label_counts"]``
+    State: a :class:`LabelCountsState`, the latest counts each site uploaded in ``extras["label_counts"]``
     (so a site counted once however often it takes part). :func:`federation_label_prior`
-    turns it into the federation's label distribution, which the server broadcasts. The
+    turns its ``counts`` into the federation's label distribution, which the server broadcasts. The
     paper assumes the federation's counts are known before training: ``known`` (site ->
     counts, exchanged at setup) gives them for the first round too.
     """
     initial = {site: np.asarray(c, dtype=np.float64) for site, c in (known or {}).items()}
 
-    def apply(stack: StackedUploads, table, global_params, round_):
+    def apply(stack: StackedUploads, state: LabelCountsState, global_params, round_):
         _needs(stack, "extras", "label_counts", "label_distribution")
-        table = dict(table)
+        table = dict(state.counts)
         for site, counts in zip(stack.sites, stack.extras["label_counts"]):
             table[site] = np.asarray(counts, dtype=np.float64)
-        return stack, table, None
+        return stack, LabelCountsState(table), None
 
-    return Aggregator(lambda global_params: dict(initial), apply, "label_distribution")
+    return Aggregator(lambda global_params: LabelCountsState(dict(initial)), apply, "label_distribution")
 
 
 def federation_label_prior(table: Mapping[str, np.ndarray]) -> np.ndarray | None:
@@ -138,10 +150,21 @@ def federation_label_prior(table: Mapping[str, np.ndarray]) -> np.ndarray | None
     return total / total.sum()
 
 
+@wire_type
+@dataclass(frozen=True)
+class TimeBudgetState:
+    """The semi-synchronous server's state: this round's ``budget`` in seconds (None until the
+    sites' times are known) and ``sync_seconds[site]``, the time each site last reported for
+    the synchronous number of local steps."""
+
+    budget: float | None
+    sync_seconds: dict[str, float]
+
+
 def time_budget(budget: float = 0.0) -> Aggregator:
     """The semi-synchronous round's time budget (Stripelis et al., 2021).
 
-    State ``(budget, {site: sync_seconds})``. A positive ``budget`` (seconds) is fixed; ``0``
+    State: a :class:`TimeBudgetState`. A positive ``budget`` (seconds) is fixed; ``0``
     means the time the slowest site known so far needs for the synchronous number of local
     steps, learned from the ``sync_seconds`` each site reports in its metrics (so it is
     ``None``, and sites run the synchronous steps, until the first round's reports are in).
@@ -151,12 +174,11 @@ def time_budget(budget: float = 0.0) -> Aggregator:
         raise ConfigError(f"time_budget: budget must be >= 0 seconds (0 = the slowest site's time), got {budget!r}")
 
     def init(global_params):
-        return (float(budget) if budget > 0 else None, {})
+        return TimeBudgetState(float(budget) if budget > 0 else None, {})
 
-    def apply(stack: StackedUploads, state, global_params, round_):
+    def apply(stack: StackedUploads, state: TimeBudgetState, global_params, round_):
         _needs(stack, "metrics", "sync_seconds", "time_budget")
-        current, table = state
-        table = dict(table)
+        current, table = state.budget, dict(state.sync_seconds)
         for site, seconds in zip(stack.sites, stack.metrics["sync_seconds"]):
             table[site] = float(seconds)
         if budget == 0:
@@ -164,6 +186,6 @@ def time_budget(budget: float = 0.0) -> Aggregator:
         report = None
         if "local_steps" in stack.metrics:
             report = {site: float(s) for site, s in zip(stack.sites, stack.metrics["local_steps"])}
-        return stack, (current, table), report
+        return stack, TimeBudgetState(current, table), report
 
     return Aggregator(init, apply, "time_budget")

@@ -13,8 +13,10 @@ import numpy as np
 from medfed.client.fourier import is_kernel, low_frequency_mask, low_pass, share_schedule
 from medfed.errors import ConfigError
 from medfed.server.aggregate import Aggregator, StackedUploads
+from medfed.wiretypes import wire_type
 
 
+@wire_type
 @dataclass(frozen=True)
 class FourierServerState:
     """Aggregations done so far, the share of the next one, and the share of the last one

@@ -8,8 +8,8 @@ Each step sits between a reducing step and :func:`~medfed.server.aggregate.apply
 
 The input is the aggregated delta ``Δ_t`` (mean of local − global; Reddi et al. call it the
 pseudo-gradient's negative), the output the step to add to the global model. State (the
-first and second moments and the step count) is created by ``init``, returned by ``apply``
-and never mutated in place.
+first and second moments and the step count: :class:`MomentumState`, :class:`AdaptiveState`)
+is created by ``init``, returned by ``apply`` and never mutated in place.
 
 The definitions follow Flower 1.42's strategies (``FedAvgM``, ``FedAdam``, ``FedYogi``,
 ``FedAdagrad``) exactly, defaults included; ``tests/test_flower_agreement_optimizers.py``
@@ -20,11 +20,13 @@ offers the paper's variant as an option.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 from medfed.errors import ConfigError
 from medfed.server.aggregate import Aggregator
+from medfed.wiretypes import wire_type
 
 _BIAS_CORRECTIONS = ("flower", "kingma", "none")
 
@@ -43,6 +45,25 @@ def _zeros(global_params: Mapping[str, np.ndarray], fill: float = 0.0) -> dict[s
     return {k: np.full(np.shape(v), fill, dtype=np.float64) for k, v in global_params.items()}
 
 
+@wire_type
+@dataclass(frozen=True)
+class MomentumState:
+    """FedAvgM's server state: the momentum buffer ``m`` in the parameter view."""
+
+    momentum: dict[str, np.ndarray]
+
+
+@wire_type
+@dataclass(frozen=True)
+class AdaptiveState:
+    """FedAdam / FedYogi / FedAdagrad's server state (optax's ``ScaleByAdamState``): the first
+    and second moments ``m``, ``v`` in the parameter view and ``step``, the steps taken."""
+
+    m: dict[str, np.ndarray]
+    v: dict[str, np.ndarray]
+    step: int
+
+
 def server_momentum(lr: float = 1.0, momentum: float = 0.0) -> Aggregator:
     """FedAvgM: server SGD with heavy-ball momentum on the averaged delta (Hsu et al., 2019).
 
@@ -56,11 +77,11 @@ def server_momentum(lr: float = 1.0, momentum: float = 0.0) -> Aggregator:
     _check_unit_interval("server_momentum momentum", momentum)
 
     def init(global_params):
-        return {"momentum": _zeros(global_params)}
+        return MomentumState(_zeros(global_params))
 
-    def apply(update, state, global_params, round_):
-        m = {k: momentum * state["momentum"][k] + update[k] for k in update}
-        return {k: lr * m[k] for k in m}, {"momentum": m}, None
+    def apply(update, state: MomentumState, global_params, round_):
+        m = {k: momentum * state.momentum[k] + update[k] for k in update}
+        return {k: lr * m[k] for k in m}, MomentumState(m), None
 
     return Aggregator(init, apply, "server_momentum")
 
@@ -81,12 +102,12 @@ def _adaptive(name: str, lr: float, beta1: float, second_moment, tau: float, ini
         )
 
     def init(global_params):
-        return {"m": _zeros(global_params), "v": _zeros(global_params, initial_v), "step": 0}
+        return AdaptiveState(_zeros(global_params), _zeros(global_params, initial_v), 0)
 
-    def apply(update, state, global_params, round_):
-        t = state["step"] + 1
-        m = {k: beta1 * state["m"][k] + (1 - beta1) * update[k] for k in update}
-        v = {k: second_moment(state["v"][k], update[k]) for k in update}
+    def apply(update, state: AdaptiveState, global_params, round_):
+        t = state.step + 1
+        m = {k: beta1 * state.m[k] + (1 - beta1) * update[k] for k in update}
+        v = {k: second_moment(state.v[k], update[k]) for k in update}
         if bias_correction == "none":
             eta = lr
         else:
@@ -94,7 +115,7 @@ def _adaptive(name: str, lr: float, beta1: float, second_moment, tau: float, ini
             e = t + 1.0 if bias_correction == "flower" else float(t)
             eta = lr * np.sqrt(1 - np.power(beta2, e)) / (1 - np.power(beta1, e))
         step = {k: eta * m[k] / (np.sqrt(v[k]) + tau) for k in m}
-        return step, {"m": m, "v": v, "step": t}, None
+        return step, AdaptiveState(m, v, t), None
 
     return Aggregator(init, apply, name)
 
