@@ -75,7 +75,7 @@ def _scaffold(names):
     return FederatedAlgorithm(
         "scaffold", scaffold_update,
         chain(scaffold_control({n: 1.0 for n in names}, "uniform"), weighted_mean(), apply_delta()),
-        broadcast=lambda state: {"server_control": state[0].control},
+        broadcast=lambda state: {"server_control": state["scaffold_control"].control},
     )
 
 
@@ -96,10 +96,10 @@ def test_a_dropped_site_is_named_and_its_state_does_not_move():
     assert "s1" not in run.history[1].sites and run.history[1].skipped is None
     one_round = run_federated(_scaffold(names), _init(), sites, _training(), 1, KeyedRng(3))
     # s1's control variate after round 2 is the one it had after round 1: it did not take part
-    np.testing.assert_array_equal(run.client_states["s1"]["weight"],
-                                  one_round.client_states["s1"]["weight"])
-    assert not np.array_equal(run.client_states["s0"]["weight"],
-                              one_round.client_states["s0"]["weight"])
+    np.testing.assert_array_equal(run.client_states["s1"].control["weight"],
+                                  one_round.client_states["s1"].control["weight"])
+    assert not np.array_equal(run.client_states["s0"].control["weight"],
+                              one_round.client_states["s0"].control["weight"])
 
 
 def test_a_round_missing_too_many_sites_keeps_the_model():
@@ -151,8 +151,8 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path):
         np.testing.assert_array_equal(whole.params[k], resumed.params[k])
     np.testing.assert_array_equal(whole.train_loss, resumed.train_loss)
     for site in names:
-        np.testing.assert_array_equal(whole.client_states[site]["weight"],
-                                      resumed.client_states[site]["weight"])
+        np.testing.assert_array_equal(whole.client_states[site].control["weight"],
+                                      resumed.client_states[site].control["weight"])
     with pytest.raises(ConfigError, match="another study"):
         run_federated(_scaffold(names), _init(), sites, _training(), 6, KeyedRng(5),
                       checkpoint_dir=tmp_path, fingerprint="other")

@@ -195,8 +195,6 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
     experiment.warnings.extend(f"site {s!r} was refused: {why}" for s, why in refused.items())
     doc = results_document(experiment, command)
     files = report_files(doc, experiment, plots=False)
-    for display, params in models.items():
-        files[f"models/{display}.npz"] = (lambda p=params, s=pooled: _model_bytes(p, s, config, fed))
     write_atomically(out, files)
     _status(out, state="finished", round=f"{rounds}/{rounds}" if methods else "0/0", sites=sites)
     import shutil

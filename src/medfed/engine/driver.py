@@ -23,7 +23,7 @@ from medfed.engine.protocol import (
     RoundRecord,
     ServerProgram,
     SiteSetup,
-    accepted_sites,
+    decisions,
 )
 from medfed.rng import KeyedRng
 
@@ -61,6 +61,8 @@ class Driver:
         saved = self.checkpoints.load() if self.checkpoints is not None else None
         if saved is not None:
             state, history = saved.state, list(saved.history)
+            if history:  # the sites may not have heard the last saved round's decisions before the crash
+                self.executor.commit(history[-1].round, decisions(history[-1]))
         else:
             state, history = self.server.init(init_params, setup), []
         server, executor, rng = self.server, self.executor, self.rng
@@ -70,8 +72,7 @@ class Driver:
             plan = server.configure(state, RoundContext(r, everyone, rng))
             replies = executor.train(plan)
             state, record = server.aggregate(state, replies, RoundContext(r, plan.cohort, rng))
-            used = set(accepted_sites(record))
-            executor.commit(r, {site: site in used for site, reply in replies.items() if not isinstance(reply, str)})
+            executor.commit(r, decisions(record))
             if self.evaluate is not None and self.eval_every and ((r + 1) % self.eval_every == 0 or r == self.rounds - 1):
                 record = dataclasses.replace(record, evaluation=self.evaluate(state.params))
             history.append(record)

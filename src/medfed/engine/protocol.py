@@ -222,6 +222,12 @@ def accepted_sites(record: RoundRecord) -> tuple[str, ...]:
     return () if record.skipped else record.sites
 
 
+def decisions(record: RoundRecord) -> dict[str, bool]:
+    """The server's decision on every upload of the round: used (True) or not (False)."""
+    used = set(accepted_sites(record))
+    return {site: site in used for site in (*record.sites, *record.rejected)}
+
+
 def programs(
     algorithm: FederatedAlgorithm,
     training: LocalTraining,
