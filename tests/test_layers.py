@@ -7,7 +7,7 @@ import pytest
 
 SRC = Path(__file__).parents[1] / "src" / "medfed"
 # bottom to top; errors and rng are shared vocabulary below every layer
-LAYERS = ["errors", "rng", "data", "models", "client", "comm", "server", "engine", "experiments", "cli"]
+LAYERS = ["errors", "rng", "data", "models", "client", "comm", "server", "engine", "methods", "experiments", "cli"]
 
 
 def _layer(module: str) -> str | None:

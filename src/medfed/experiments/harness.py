@@ -27,10 +27,9 @@ from medfed.data.preprocess import Moments, Standardizer, impute
 from medfed.engine.loop import FederatedAlgorithm, FederatedRun, run_federated
 from medfed.errors import ConfigError, MedfedError
 from medfed.experiments.config import DataSpec, ExperimentConfig
-from medfed.experiments.methods import resolve_methods
 from medfed.experiments.metrics import METRICS, Metric, binary_metrics
-from medfed.experiments.spec import MethodSpec, context_for
 from medfed.experiments.splits import stratified_split
+from medfed.methods import Method, context_for, resolve_methods
 from medfed.rng import KeyedRng, name_key
 from medfed.server.validate import NONFINITE
 
@@ -106,7 +105,7 @@ def loss_rise(start: float, end: float) -> bool:
     return bool(np.isfinite(start) and np.isfinite(end) and end > LOSS_RISE_WARNING * start and end - start > 1e-12)
 
 
-def build_method(config: ExperimentConfig, spec: MethodSpec, opts: dict, site_names, counts=None) -> FederatedAlgorithm:
+def build_method(config: ExperimentConfig, spec: Method, opts: dict, site_names, counts=None) -> FederatedAlgorithm:
     """``spec`` built for these training sites (their label counts shared at setup) and the
     config's model (whose local optimizer some methods require)."""
     return spec.build(opts, config.training, context_for(
@@ -142,12 +141,12 @@ class TrainingPlan:
         """The model every setting of a repeat starts from (zeros for the numpy model)."""
         return self.model.init_params(federation.sample_shape, KeyedRng(self.config.seed, (INIT_STREAM, repeat)))
 
-    def build(self, spec: MethodSpec, opts: dict, site_names, counts=None) -> FederatedAlgorithm:
+    def build(self, spec: Method, opts: dict, site_names, counts=None) -> FederatedAlgorithm:
         return build_method(self.config, spec, opts, site_names, counts)
 
     def federated(
         self,
-        spec: MethodSpec,
+        spec: Method,
         opts: dict,
         train: list[LocalData],
         initial,
@@ -259,7 +258,7 @@ class ExperimentRun:
     warnings: list[str]
     runtime_s: float
     setting_runtime_s: dict[str, float]
-    methods: list[tuple[MethodSpec, dict]]
+    methods: list[tuple[Method, dict]]
     workers: int = 1
 
 
@@ -378,7 +377,7 @@ CROSS_ONE_SITE = "Cross trains on one site and tests on another; this federation
 def run_repeat(
     config: ExperimentConfig,
     federation: Federation,
-    methods: list[tuple[MethodSpec, dict]],
+    methods: list[tuple[Method, dict]],
     repeat: int,
     progress: Callable[[str], None] | None = None,
 ) -> RepeatOutcome:
@@ -395,7 +394,7 @@ def run_repeat(
                         unseen_levels={s.name: s.unseen_levels for s in sites if s.unseen_levels})
     single_models: dict[int, CentralFit] = {}
 
-    def key_of(spec: MethodSpec, train_site: str | None, j: int, evaluation: str = "split", model_kind: str = "global"):
+    def key_of(spec: Method, train_site: str | None, j: int, evaluation: str = "split", model_kind: str = "global"):
         return (spec.display, spec.name, train_site, site_names[j], evaluation, model_kind)
 
     def evaluate_on(key, params, tests, j: int, failure: Failure | None = None) -> None:
@@ -407,7 +406,7 @@ def run_repeat(
             failure = Failure("diverged", "diverged: the model's scores on the test rows are NaN/Inf")
         out.evaluations.append((key, failure, None))
 
-    def train_one_federated(spec: MethodSpec, opts: dict, held_out: int | None) -> None:
+    def train_one_federated(spec: Method, opts: dict, held_out: int | None) -> None:
         """Train ``spec`` on every site (``held_out`` None) or on all but one, and evaluate."""
         group = tuple(i for i in everyone if i != held_out)
         train, tests = scaled(group)
@@ -574,7 +573,7 @@ _OPTION_FIXES = {"f": "--byzantine", "beta": "--trim-beta", "m": "--method-optio
 def check_study(
     config: ExperimentConfig,
     federation: Federation,
-    methods: list[tuple[MethodSpec, dict]],
+    methods: list[tuple[Method, dict]],
     *,
     site_requirements: bool = True,
 ) -> None:
