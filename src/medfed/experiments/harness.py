@@ -29,7 +29,7 @@ from medfed.errors import ConfigError, MedfedError
 from medfed.experiments.config import DataSpec, ExperimentConfig
 from medfed.experiments.metrics import METRICS, Metric, binary_metrics
 from medfed.experiments.splits import stratified_split
-from medfed.methods import Method, context_for, resolve_methods
+from medfed.methods import METHOD_FLAGS, Method, context_for, resolve_methods
 from medfed.rng import KeyedRng, name_key
 from medfed.server.validate import NONFINITE
 
@@ -566,8 +566,14 @@ def resolve_workers(requested: int, repeats: int) -> int:
     return max(1, min(requested or cores, repeats))
 
 
-# how a user sets the options a site-count requirement depends on
-_OPTION_FIXES = {"f": "--byzantine", "beta": "--trim-beta", "m": "--method-option {name}.m"}
+# the options a site-count requirement depends on (medfed.server.robust.site_requirement)
+_SITE_COUNT_OPTIONS = ("f", "beta", "m")
+
+
+def _option_fix(method: str, option: str) -> str:
+    """How a user sets ``option`` of ``method``: its flag where the option declares one."""
+    flag = METHOD_FLAGS[option].flag if option in METHOD_FLAGS else f"--method-option {method}.{option}"
+    return f"{flag} ({method}.{option})"
 
 
 def check_study(
@@ -611,9 +617,7 @@ def check_study(
                 raise ConfigError(f"method {spec.name!r}: {exc}") from None
             problem = site_requirement(spec.name, cohort, opts) if site_requirements else None
             if problem is not None:
-                fixes = " or ".join(
-                    f"{_OPTION_FIXES[k].format(name=spec.name)} ({spec.name}.{k})" for k in opts if k in _OPTION_FIXES
-                )
+                fixes = " or ".join(_option_fix(spec.name, k) for k in opts if k in _SITE_COUNT_OPTIONS)
                 raise ConfigError(
                     f"method {spec.name!r}: {problem}{where}, per round {cohort} of {len(group)} sites; "
                     f"change {fixes or 'its options'} or use a federation with more sites"

@@ -7,7 +7,7 @@ methods can declare its methods in its own module.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from medfed.engine.loop import FederatedAlgorithm
@@ -72,7 +72,7 @@ class Method:
     global_model: bool = True  # False: the shared part alone is no model (FedBN, FedPer); only personal rows
     family: str = "survey §6"  # where the method sits in the survey: §6 experiment, §3.2 client end, §3.3 server end
     caveat: Callable[[Mapping[str, Any]], str | None] | None = None
-    check: Callable[[Mapping[str, Any]], str | None] | None = field(default=None, repr=False)
+    check: Callable[[Mapping[str, Any]], str | None] | None = None
 
     @property
     def defaults(self) -> dict[str, OptionValue]:
