@@ -16,7 +16,7 @@ import numpy as np
 
 from medfed.experiments.config import build_config
 from medfed.experiments.harness import ScaledViews, TrainingPlan, load_federation, prepare_repeat, run_experiment
-from medfed.experiments.methods import resolve_methods
+from medfed.methods import resolve_methods
 from medfed.experiments.results import results_document
 from medfed.rng import KeyedRng
 

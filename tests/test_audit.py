@@ -21,7 +21,7 @@ from medfed.errors import ConfigError, DataError
 from medfed.experiments.audit import Attack, choose_corrupted, run_robustness_audit
 from medfed.experiments.config import build_config
 from medfed.experiments.harness import run_experiment
-from medfed.experiments.methods import METHODS
+from medfed.methods.registry import METHODS
 from medfed.models import LogisticRegression
 from medfed.rng import KeyedRng
 

@@ -179,7 +179,7 @@ def test_examples_run(tmp_path, example):
 
 
 def test_every_method_name_runs_from_the_command_line_with_its_display_name(tmp_path):
-    from medfed.experiments.methods import METHODS
+    from medfed.methods.registry import METHODS
 
     # fedbn and fedper keep layers private that the numpy logistic model does not have (tested on images)
     names = [n for n, m in METHODS.items() if m.kind == "federated" and m.global_model]
@@ -226,7 +226,7 @@ def test_loso_flag_adds_an_unseen_site_block(tmp_path):
 
 
 def test_methods_lists_every_name_with_display_and_reference():
-    from medfed.experiments.methods import METHODS
+    from medfed.methods.registry import METHODS
 
     result = subprocess.run([sys.executable, "-m", "medfed.cli.app", "methods"], capture_output=True, text=True,
                             env={"COLUMNS": "400", "PATH": ""}, check=True)

@@ -370,7 +370,7 @@ def test_tables_stay_whole_at_80_columns(tmp_path):
 
 
 def test_methods_list_at_80_columns_keeps_every_name_and_the_config_hint():
-    from medfed.experiments.methods import METHODS
+    from medfed.methods.registry import METHODS
 
     screen = _screen(render_methods)
     assert "…" not in screen and max(len(line) for line in screen.splitlines()) <= 80

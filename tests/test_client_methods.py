@@ -10,10 +10,10 @@ from medfed.client.personal import ApflSiteState, apfl_update
 from medfed.comm import UploadBoundary
 from medfed.engine import run_federated
 from medfed.errors import ConfigError
-from medfed.experiments.client_methods import CLIENT_METHODS
+from medfed.methods.client_end import CLIENT_METHODS
 from medfed.experiments.config import TrainingSpec
-from medfed.experiments.methods import METHODS
-from medfed.experiments.spec import BuildContext
+from medfed.methods.registry import METHODS
+from medfed.methods.method import BuildContext
 from medfed.models import LogisticRegression
 from medfed.rng import KeyedRng
 from medfed.server.control import federation_label_prior
@@ -23,10 +23,12 @@ SPECS = {m.name: m for m in CLIENT_METHODS}
 
 
 def _build(name, training=None, sites=None, **opts):
-    """``name`` built as the harness builds it: the sites' example counts known at setup."""
+    """``name`` built as the harness builds it: options checked by the method's schema, the
+    sites' example counts known at setup."""
     names = tuple(s.name for s in sites) if sites is not None else ("s0", "s1", "s2")
     sizes = {s.name: float(s.n) for s in sites} if sites is not None else None
-    return SPECS[name].build(opts, training or TrainingSpec(), BuildContext(names, site_sizes=sizes))
+    spec = SPECS[name]
+    return spec.build(spec.validate(opts), training or TrainingSpec(), BuildContext(names, site_sizes=sizes))
 
 
 def _fedavg():
@@ -196,7 +198,7 @@ def test_scaffold_learns_example_counts_it_was_not_told_at_setup():
     sites = _sites(sizes=(60, 25, 10))
     training = LocalTraining(MODEL, 0.2, 5, None, 0.01)
     told = _run(_build("scaffold", sites=sites), sites, training, 5)
-    untold = SPECS["scaffold"].build({}, TrainingSpec(), BuildContext(tuple(s.name for s in sites)))
+    untold = SPECS["scaffold"].build(SPECS["scaffold"].defaults, TrainingSpec(), BuildContext(tuple(s.name for s in sites)))
     _assert_params(_run(untold, sites, training, 5).params, told.params, atol=1e-15)
 
 
@@ -299,7 +301,7 @@ def test_semisync_rejects_unknown_sites_and_bad_speeds():
     sites = _sites()
     with pytest.raises(ConfigError, match="unknown site 'nowhere'.*s0, s1, s2"):
         _build("semisync", sites=sites, speeds={"nowhere": 1.0})
-    with pytest.raises(ConfigError, match="speed of site 's1' must be a positive"):
+    with pytest.raises(ConfigError, match="option 'speeds' must be a table of site name = number > 0; site 's1' has 0.0"):
         _build("semisync", sites=sites, speeds={"s1": 0.0})
     with pytest.raises(ConfigError, match="'budget' must be a number >= 0"):
         _build("semisync", sites=sites, budget=-1.0)
@@ -404,7 +406,7 @@ def test_each_spec_runs_through_the_engine_deterministically(name):
     context = BuildContext(fed.site_names, 0)
 
     def go(order, seed=4):
-        algorithm = spec.build(dict(spec.defaults), t, context)
+        algorithm = spec.build(spec.defaults, t, context)
         return run_federated(algorithm, MODEL.init(5), order, training, spec.rounds(t), KeyedRng(seed))
 
     a, b = go(sites), go(sites)
@@ -426,7 +428,7 @@ def test_each_spec_runs_through_the_engine_deterministically(name):
     [
         ("scaffold", {"server_lr": 0.0}, "'server_lr' must be a number > 0"),
         ("scaffold", {"server_lr": "fast"}, "'server_lr' must be a number"),
-        ("apfl", {"alpha": 1.5}, "'alpha' must be a number >= 0 and <= 1"),
+        ("apfl", {"alpha": 1.5}, r"'alpha' must be a number in \[0, 1\], got 1.5"),
         ("apfl", {"alpha": -0.1}, "'alpha' must be"),
         ("ditto", {"lam": -1.0}, "'lam' must be a number >= 0"),
         ("ditto", {"lam": float("inf")}, "'lam' must be"),

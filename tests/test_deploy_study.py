@@ -1,10 +1,7 @@
 """A deployed study over the loopback link: parity with simulation, refusals, dropouts, resume."""
 
 import json
-import tomllib
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 

@@ -12,8 +12,8 @@ from medfed.comm import UploadBoundary
 from medfed.engine import run_federated, select_sites
 from medfed.errors import ConfigError
 from medfed.experiments.config import TrainingSpec
-from medfed.experiments.methods import METHODS, resolve_methods
-from medfed.experiments.spec import BuildContext
+from medfed.methods.registry import METHODS, resolve_methods
+from medfed.methods.method import BuildContext
 from medfed.models import LogisticRegression
 from medfed.rng import KeyedRng
 from medfed.server import stack_uploads, weighted_mean
@@ -30,7 +30,7 @@ def _fedavg():
 
 
 def _fedprox(mu):
-    return METHODS["fedprox"].build({"mu": mu}, TrainingSpec(), CONTEXT)
+    return METHODS["fedprox"].build(METHODS["fedprox"].validate({"mu": mu}), TrainingSpec(), CONTEXT)
 
 
 def test_fedavg_with_one_site_equals_local_training():

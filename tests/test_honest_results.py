@@ -206,7 +206,7 @@ def test_the_audit_honours_local_epochs():
 
 
 def test_the_audit_gives_fedsld_the_label_counts_at_setup(monkeypatch):
-    import medfed.experiments.client_methods as client_methods
+    import medfed.methods.client_end as client_methods
 
     priors = []
     real = client_methods.fedsld_update
@@ -305,7 +305,7 @@ def test_a_method_whose_round_is_refused_mid_run_is_not_computable_and_the_other
     import dataclasses
 
     from medfed.errors import DataError
-    from medfed.experiments.methods import METHODS
+    from medfed.methods.registry import METHODS
     from medfed.server.aggregate import Aggregator, apply_delta, chain, weighted_mean
 
     def refuse_third_round():

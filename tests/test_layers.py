@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).parents[1] / "src" / "medfed"
-# bottom to top; errors, rng and wiretypes are shared vocabulary below every layer
-LAYERS = ["errors", "rng", "wiretypes", "data", "models", "client", "comm", "server", "engine", "experiments", "cli"]
+# bottom to top; errors, rng, wiretypes and atomic are shared vocabulary below every layer
+LAYERS = ["errors", "rng", "wiretypes", "atomic", "data", "models", "client", "comm", "server", "engine", "methods",
+          "experiments", "deploy", "cli"]
 
 
 def _layer(module: str) -> str | None:

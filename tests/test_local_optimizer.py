@@ -11,8 +11,8 @@ from medfed.errors import ConfigError
 from medfed.experiments import harness
 from medfed.experiments.config import build_config
 from medfed.experiments.harness import TrainingPlan, prepare_repeat, run_experiment
-from medfed.experiments.methods import METHODS
-from medfed.experiments.spec import context_for, local_optimizer
+from medfed.methods.registry import METHODS
+from medfed.methods.method import context_for, local_optimizer
 from medfed.rng import KeyedRng
 
 SGD_ONLY = ("scaffold", "fair")

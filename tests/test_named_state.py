@@ -15,8 +15,8 @@ from medfed.comm.wire import decode, encode
 from medfed.engine import run_federated
 from medfed.errors import ConfigError
 from medfed.experiments.config import TrainingSpec
-from medfed.experiments.methods import METHODS
-from medfed.experiments.spec import context_for
+from medfed.methods import METHODS
+from medfed.methods import context_for
 from medfed.models import LogisticRegression
 from medfed.rng import KeyedRng
 from medfed.server.aggregate import (
@@ -29,7 +29,7 @@ from medfed.server.aggregate import (
     weighted_mean,
 )
 from medfed.server.optimizers import MomentumState, server_momentum
-from medfed.server.steps import build_pipeline
+from medfed.methods.steps import build_pipeline
 from medfed.wiretypes import wire_name
 
 FEDERATED = sorted(name for name, spec in METHODS.items() if spec.kind == "federated")

@@ -15,8 +15,8 @@ from medfed.comm.policy import SharingViolation
 from medfed.engine import FederatedAlgorithm, run_federated
 from medfed.errors import ConfigError
 from medfed.experiments.config import TrainingSpec
-from medfed.experiments.image_methods import IMAGE_METHODS
-from medfed.experiments.spec import context_for
+from medfed.methods.images import IMAGE_METHODS
+from medfed.methods.method import context_for
 from medfed.models import LogisticRegression
 from medfed.models.registry import is_head, is_norm, is_norm_statistic, make_model
 from medfed.rng import KeyedRng
@@ -63,7 +63,7 @@ def _run(algorithm, rounds=3, model=None, sites=None, spy=None):
 
 
 def _build(name, **opts):
-    return SPECS[name].build(opts, TrainingSpec(), context_for(["site-0", "site-1", "site-2"]))
+    return SPECS[name].build(SPECS[name].validate(opts), TrainingSpec(), context_for(["site-0", "site-1", "site-2"]))
 
 
 @pytest.mark.parametrize("local_affine", [True, False])
@@ -222,7 +222,7 @@ def test_method_specs_and_their_options():
     assert SPECS["fedbn"].defaults == {"local_affine": True}
     assert _build("fedbn", local_affine=False).private("body.0.norm.weight") is False
     assert _build("fedbn").private("body.0.norm.weight") is True
-    with pytest.raises(ConfigError, match="takes true or false"):
+    with pytest.raises(ConfigError, match="option 'local_affine' must be true or false, got 1"):
         _build("fedbn", local_affine=1)
     with pytest.raises(ConfigError, match="has no option 'mu'"):
         _build("fedper", mu=0.1)

@@ -7,7 +7,7 @@ from medfed.errors import ConfigError
 from medfed.experiments.config import build_config
 from medfed.experiments.harness import run_experiment
 from medfed.experiments.results import results_document
-from medfed.server.steps import REDUCING_STEPS, STEPS, UPDATE_STEPS, build_pipeline
+from medfed.methods.steps import REDUCING_STEPS, STEPS, UPDATE_STEPS, build_pipeline
 
 
 def _config(methods, pipelines, **kw):
@@ -47,7 +47,7 @@ def test_a_fedprox_client_pipeline_is_fedprox(federation):
         (["median", "krum"], "reduces uploads, but they were reduced by step 1"),
         (["median", "apply_delta", "guided"], "must be the last step"),
         (["medain"], "unknown step 'medain'"),
-        ([{"step": "trimmed_mean", "bta": 0.2}], "has no option(s) ['bta']"),
+        ([{"step": "trimmed_mean", "bta": 0.2}], "step 'trimmed_mean' has no option 'bta'; its options: beta"),
         ([{"beta": 0.2}], "a step is a name or a table"),
         ([{"step": "trimmed_mean", "beta": 0.7}], "beta"),
     ],

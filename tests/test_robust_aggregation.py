@@ -16,6 +16,8 @@ from medfed.client import LocalData, LocalTraining, local_sgd_update
 from medfed.engine import run_federated
 from medfed.engine.loop import FederatedAlgorithm
 from medfed.errors import ConfigError, DataError
+from medfed.methods.registry import METHODS
+from medfed.methods.steps import build_pipeline
 from medfed.models import LogisticRegression
 from medfed.rng import KeyedRng
 from medfed.server.aggregate import StackedUploads, apply_delta, chain, weighted_mean
@@ -331,27 +333,33 @@ def test_assumption_violations_at_the_boundaries():
 
 
 @pytest.mark.parametrize(
-    ("build", "parameter"),
+    ("method", "options", "message"),
     [
-        (lambda: krum(f=-1), "f"),
-        (lambda: krum(f=1.5), "f"),
-        (lambda: krum(f=True), "f"),
-        (lambda: multikrum(m=-2), "m"),
-        (lambda: bulyan(f="1"), "f"),
-        (lambda: trimmed_mean(beta=0.5), "beta"),
-        (lambda: trimmed_mean(beta=-0.1), "beta"),
-        (lambda: trimmed_mean(beta=float("nan")), "beta"),
-        (lambda: dos(temperature=0.0), "temperature"),
-        (lambda: dos(temperature=float("inf")), "temperature"),
-        (lambda: assumption_violations("krum", 5, f=-1), "f"),
-        (lambda: assumption_violations("krum", 5, beta=0.1), "beta"),
-        (lambda: assumption_violations("trimmed_mean", 5, beta=0.7), "beta"),
-        (lambda: assumption_violations("geomed", 5), "geomed"),
+        ("krum", {"f": -1}, "'f' must be a whole number >= 0, got -1"),
+        ("krum", {"f": 1.5}, "'f' must be a whole number >= 0, got 1.5"),
+        ("krum", {"f": True}, "'f' must be a whole number >= 0, got True"),
+        ("multikrum", {"m": -2}, "'m' must be a whole number >= 0"),
+        ("bulyan", {"f": "1"}, "'f' must be a whole number >= 0, got '1'"),
+        ("trimmed_mean", {"beta": 0.5}, r"'beta' must be a number in \[0, 0.5\), got 0.5"),
+        ("trimmed_mean", {"beta": -0.1}, "'beta' must be"),
+        ("trimmed_mean", {"beta": float("nan")}, "'beta' must be"),
+        ("dos", {"temperature": 0.0}, "'temperature' must be a number > 0"),
+        ("dos", {"temperature": float("inf")}, "'temperature' must be a number > 0, got inf"),
     ],
 )
-def test_bad_hyperparameters_raise_config_error_naming_them(build, parameter):
-    with pytest.raises(ConfigError, match=parameter):
-        build()
+def test_bad_hyperparameters_raise_config_error_naming_them(method, options, message):
+    # the option schema refuses them, as a method's options and as a pipeline step's
+    with pytest.raises(ConfigError, match=rf"method '{method}' option {message}"):
+        METHODS[method].validate(options)
+    with pytest.raises(ConfigError, match=rf"step '{method}' option {message}"):
+        build_pipeline([{"step": method, **options}])
+
+
+def test_assumption_violations_refuses_unknown_names_and_options():
+    with pytest.raises(ConfigError, match="beta"):
+        assumption_violations("krum", 5, beta=0.1)
+    with pytest.raises(ConfigError, match="geomed"):
+        assumption_violations("geomed", 5)
 
 
 def test_integral_floats_from_a_config_file_are_accepted():

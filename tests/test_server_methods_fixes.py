@@ -19,14 +19,14 @@ from medfed.engine import run_federated
 from medfed.errors import ConfigError
 from medfed.experiments.config import TrainingSpec, build_config
 from medfed.experiments.harness import ScaledViews, TrainingPlan, load_federation, prepare_repeat, run_experiment
-from medfed.experiments.methods import resolve_methods
+from medfed.methods.registry import resolve_methods
 from medfed.experiments.results import results_document, table_rows
-from medfed.experiments.spec import context_for
+from medfed.methods.method import context_for
 from medfed.models import LogisticRegression
 from medfed.rng import KeyedRng
 from medfed.server.aggregate import stack_uploads
 from medfed.server.fourier import fourier
-from medfed.server.steps import build_pipeline
+from medfed.methods.steps import build_pipeline
 
 SHORT = {"rounds": 20, "local_steps": 5}
 
@@ -103,7 +103,8 @@ def test_guided_bad_options_are_refused_before_training(monkeypatch):
         raise AssertionError("training started")
 
     monkeypatch.setattr(harness, "run_repeat", no_training)
-    for opts, words in [({"rule": "relu"}, "guided rule must be one of"), ({"agreement": 2}, "guided agreement")]:
+    for opts, words in [({"rule": "relu"}, "method 'guided' option 'rule' must be one of agreement, positive"),
+                        ({"agreement": 2}, r"method 'guided' option 'agreement' must be a number in \[0, 1\], got 2")]:
         config = build_config({"data": {"dataset": "adni-like"}, "methods": ["guided"],
                                "method_options": {"guided": opts}})
         with pytest.raises(ConfigError, match=words):
@@ -261,10 +262,13 @@ def test_pfa_on_a_model_without_kernels_is_fedavg_bit_for_bit():
 
 
 def test_pfa_options_and_uploads_are_checked():
-    for options, words in [({"start": 0.9, "end": 0.8}, "must not exceed end"), ({"end": 1.5}, "share in"),
-                           ({"rounds": 0}, "rounds")]:
+    for options, words in [({"start": 0.9, "end": 0.8}, r"step 'fourier': start \(0.9\) must not exceed end \(0.8\)"),
+                           ({"end": 1.5}, r"option 'end' must be a number in \(0, 1\]"),
+                           ({"rounds": 0}, "option 'rounds' must be a whole number >= 1")]:
         with pytest.raises(ConfigError, match=words):
-            fourier(**options)
+            build_pipeline([{"step": "fourier", **options}])
+    with pytest.raises(ConfigError, match=r"method 'fourier': start \(0.9\) must not exceed end"):
+        resolve_methods(["fourier"], {"fourier": {"start": 0.9, "end": 0.8}})
     grads = stack_uploads([Upload("a", {"w": np.ones((1, 1, 3, 3))}, 5, "gradient", {})])
     step = fourier()
     with pytest.raises(ConfigError, match="'delta' uploads"):

@@ -14,6 +14,8 @@ from medfed.client.upload import Upload
 from medfed.engine import run_federated
 from medfed.engine.loop import FederatedAlgorithm
 from medfed.errors import ConfigError, DataError
+from medfed.methods.registry import METHODS
+from medfed.methods.steps import REDUCING_STEPS, build_pipeline
 from medfed.models import LogisticRegression
 from medfed.rng import KeyedRng
 from medfed.server import apply_delta, chain, stack_uploads, weighted_mean
@@ -216,30 +218,32 @@ def test_optimizer_state_is_explicit_and_inputs_are_not_mutated(step):
 
 
 @pytest.mark.parametrize(
-    "build, word",
+    "step, options, message",
     [
-        (lambda: server_momentum(lr=0.0), "lr"),
-        (lambda: server_momentum(momentum=1.0), "momentum"),
-        (lambda: server_momentum(momentum=-0.1), "momentum"),
-        (lambda: server_adam(beta1=1.0), "beta1"),
-        (lambda: server_adam(beta2=-0.5), "beta2"),
-        (lambda: server_adam(tau=0.0), "tau"),
-        (lambda: server_adam(bias_correction="adamw"), "bias_correction"),
-        (lambda: server_adam(initial_v=-1.0), "initial_v"),
-        (lambda: server_yogi(lr=float("nan")), "lr"),
-        (lambda: server_adagrad(tau=-1e-9), "tau"),
-        (lambda: loss_weighted(temperature=0.0), "temperature"),
-        (lambda: fair(q=-1.0), "q"),
-        (lambda: fair(lr=0.0), "lr"),
-        (lambda: fair(weighting="sqrt"), "weighting"),
-        (lambda: fair(loss_offset=-1.0), "loss_offset"),
-        (lambda: fourier(start=0.0), "start"),
-        (lambda: fourier(end=1.5), "end"),
+        ("server_momentum", {"lr": 0.0}, "'lr' must be a number > 0, got 0.0"),
+        ("server_momentum", {"momentum": 1.0}, r"'momentum' must be a number in \[0, 1\), got 1.0"),
+        ("server_momentum", {"momentum": -0.1}, "'momentum' must be"),
+        ("server_adam", {"beta1": 1.0}, r"'beta1' must be a number in \[0, 1\)"),
+        ("server_adam", {"beta2": -0.5}, "'beta2' must be"),
+        ("server_adam", {"tau": 0.0}, "'tau' must be a number > 0"),
+        ("server_adam", {"bias_correction": "adamw"}, "'bias_correction' must be one of flower, kingma, none"),
+        ("server_adam", {"initial_v": -1.0}, "'initial_v' must be a number >= 0"),
+        ("server_yogi", {"lr": float("nan")}, "'lr' must be a number > 0, got nan"),
+        ("server_adagrad", {"tau": -1e-9}, "'tau' must be"),
+        ("loss_weighted", {"temperature": 0.0}, "'temperature' must be a number > 0"),
+        ("fair", {"q": -1.0}, "'q' must be a number >= 0"),
+        ("fair", {"lr": 0.0}, "'lr' must be a number > 0"),
+        ("fair", {"weighting": "sqrt"}, "'weighting' must be one of examples, uniform, got 'sqrt'"),
+        ("fair", {"loss_offset": -1.0}, "'loss_offset' must be a number >= 0"),
+        ("fourier", {"start": 0.0}, r"'start' must be a number in \(0, 1\]"),
+        ("fourier", {"end": 1.5}, "'end' must be"),
     ],
 )
-def test_bad_hyperparameters_raise_config_error_naming_them(build, word):
-    with pytest.raises(ConfigError, match=word):
-        build()
+def test_bad_hyperparameters_raise_config_error_naming_them(step, options, message):
+    # the steps' option schemas check them, before any factory runs
+    entries = [{"step": step, **options}] if step in REDUCING_STEPS else ["weighted_mean", {"step": step, **options}]
+    with pytest.raises(ConfigError, match=rf"pipelines.p: step '{step}' option {message}"):
+        build_pipeline(entries, "pipelines.p")
 
 
 def test_defaults_are_flowers():
@@ -493,10 +497,10 @@ def test_guided_agreement_zero_is_weighted_mean_exactly_and_bad_options_are_name
     want = _mean(stack)
     for k in SHAPES:
         np.testing.assert_array_equal(got[k], want[k])
-    with pytest.raises(ConfigError, match="guided rule must be one of agreement, positive"):
-        guided(rule="relu")
-    with pytest.raises(ConfigError, match=r"guided agreement must be a number in \[0, 1\]"):
-        guided(agreement=1.5)
+    with pytest.raises(ConfigError, match="method 'guided' option 'rule' must be one of agreement, positive"):
+        METHODS["guided"].validate({"rule": "relu"})
+    with pytest.raises(ConfigError, match=r"method 'guided' option 'agreement' must be a number in \[0, 1\]"):
+        METHODS["guided"].validate({"agreement": 1.5})
     with pytest.raises(ConfigError, match="params"):
         guided().apply(_stack(np.random.default_rng(0), kind="params"), None, None, 0)
 

@@ -14,8 +14,8 @@ from medfed.client.local import batch_indices
 from medfed.engine import run_federated
 from medfed.errors import ConfigError
 from medfed.experiments.config import TrainingSpec
-from medfed.experiments.methods import METHODS
-from medfed.experiments.spec import context_for
+from medfed.methods.registry import METHODS
+from medfed.methods.method import context_for
 from medfed.models import LogisticRegression
 from medfed.models.registry import (
     MODEL_OPTIONS,
@@ -386,7 +386,7 @@ def test_registry_builds_models_by_name_and_rejects_bad_names_and_options():
 
 def test_the_table_path_and_the_method_registry_do_not_load_torch():
     code = (
-        "import sys; from medfed.models.registry import make_model, MODELS; import medfed.experiments.image_methods; "
+        "import sys; from medfed.models.registry import make_model, MODELS; import medfed.methods.images; "
         "make_model('logistic', (4,)); print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -411,7 +411,7 @@ def _run(method, options=None, rounds=3, model=None, sites=None):
     t = TrainingSpec(rounds=rounds, local_steps=3, lr=0.1, batch_size=8, l2=1e-3)
     training = LocalTraining(model, t.lr, t.local_steps, t.batch_size, t.l2)
     context = context_for([s.name for s in sites], 0, {s.name: (float((s.y < 0.5).sum()), float(s.y.sum())) for s in sites})
-    algorithm = spec.build({**spec.defaults, **(options or {})}, t, context)
+    algorithm = spec.build(spec.validate(options or {}), t, context)
     return run_federated(algorithm, model.init_params((1, 8, 8), KeyedRng(0)), sites, training, spec.rounds(t), KeyedRng(1))
 
 

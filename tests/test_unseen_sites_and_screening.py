@@ -16,8 +16,9 @@ from medfed.engine.loop import FederatedAlgorithm
 from medfed.errors import ConfigError
 from medfed.experiments.config import build_config
 from medfed.experiments.harness import prepare_repeat, run_experiment
-from medfed.experiments.methods import METHODS, resolve_methods
 from medfed.experiments.results import results_document, table_rows
+from medfed.methods.registry import METHODS, resolve_methods
+from medfed.methods.steps import build_pipeline
 from medfed.models import LogisticRegression
 from medfed.rng import KeyedRng
 from medfed.server import apply_delta, chain, weighted_mean
@@ -200,12 +201,12 @@ def test_a_rejected_upload_leaves_the_sites_state_as_it_was(federation, name, op
     advances exactly when the server used its upload; otherwise it enters the next round as it
     entered the refused one."""
     from medfed.client.drift import label_counts
-    from medfed.experiments.spec import context_for
+    from medfed.methods.method import context_for
 
     sites = _sites(federation)
     t = build_config({"data": {"dataset": "adni-like"}}).training
     algorithm = METHODS[name].build(
-        opts, t, context_for([s.name for s in sites], 0, {s.name: label_counts(s.y) for s in sites})
+        METHODS[name].validate(opts), t, context_for([s.name for s in sites], 0, {s.name: label_counts(s.y) for s in sites})
     )
     inflated = {("site-1", 1), ("site-1", 2), ("site-0", 3), ("site-0", 4), ("site-1", 4)}
     rule, calls = _recording(algorithm.local_update, inflated)
@@ -274,10 +275,11 @@ def test_dynamic_fusion_keeps_the_global_model_when_nobody_qualifies(federation)
 
 
 def test_dynamic_fusion_rejects_bad_settings():
-    with pytest.raises(ConfigError, match="deadline"):
-        dynamic_fusion(0.0, 0.0)
-    with pytest.raises(ConfigError, match="bar"):
-        dynamic_fusion(1.0, 1.5)
+    # checked by the options' schema, as a method's and as a pipeline step's
+    with pytest.raises(ConfigError, match=r"method 'dynamic_fusion' option 'deadline' must be a number in \(0, inf\]"):
+        resolve_methods(["dynamic_fusion"], {"dynamic_fusion": {"deadline": 0.0}})
+    with pytest.raises(ConfigError, match=r"step 'dynamic_fusion' option 'bar' must be a number in \[0, 1\], got 1.5"):
+        build_pipeline([{"step": "dynamic_fusion", "deadline": 1.0, "bar": 1.5}])
 
 
 # ---------------------------------------------------------------- method options
@@ -286,9 +288,9 @@ def test_dynamic_fusion_rejects_bad_settings():
 def test_method_options_keep_their_types_and_say_what_is_wrong():
     [(_, opts)] = resolve_methods(["krum"], {"krum": {"f": 2}})
     assert opts["f"] == 2 and isinstance(opts["f"], int)
-    with pytest.raises(ConfigError, match="'f' takes a whole number"):
+    with pytest.raises(ConfigError, match="'f' must be a whole number >= 0, got 1.5"):
         resolve_methods(["krum"], {"krum": {"f": 1.5}})
-    with pytest.raises(ConfigError, match="'q' takes a number"):
+    with pytest.raises(ConfigError, match="'q' must be a number >= 0, got 'high'"):
         resolve_methods(["fair"], {"fair": {"q": "high"}})
     with pytest.raises(ConfigError, match="site name = number"):
         resolve_methods(["dynamic_fusion"], {"dynamic_fusion": {"latencies": 3}})
@@ -297,13 +299,13 @@ def test_method_options_keep_their_types_and_say_what_is_wrong():
 
 
 def test_every_method_has_a_display_name_reference_and_builds(federation):
-    from medfed.experiments.spec import context_for
+    from medfed.methods.method import context_for
 
     t = build_config({"data": {"dataset": "adni-like"}}).training
     for spec in METHODS.values():
         assert spec.display and spec.reference and spec.summary
         if spec.kind == "federated":
-            algo = spec.build(dict(spec.defaults), t, context_for(federation.site_names))
+            algo = spec.build(spec.defaults, t, context_for(federation.site_names))
             assert isinstance(algo, FederatedAlgorithm) and callable(algo.local_update)
             algo.aggregator.init(GLOBAL)  # every step's state can be created for this model
 
@@ -347,7 +349,7 @@ def test_personalized_methods_report_personal_rows_next_to_global_ones(federatio
 
 def test_fedsld_uses_the_federation_label_counts_known_at_setup_from_round_one(federation):
     from medfed.client.drift import label_counts
-    from medfed.experiments.spec import context_for
+    from medfed.methods.method import context_for
 
     t = build_config({"data": {"dataset": "adni-like"}}).training
     sites = _sites(federation)

@@ -27,7 +27,6 @@ from medfed.cli.audit import audit_app
 from medfed.cli.common import (
     CONTEXT,
     EXIT_STATUSES,
-    METHOD_FLAGS,
     apply_threads,
     compact,
     console,
@@ -79,6 +78,7 @@ from medfed.cli.flags import (
     SkipBadOpt,
     SplitColumnOpt,
     study_overrides,
+    with_method_flags,
 )
 from medfed.errors import ConfigError
 
@@ -213,7 +213,7 @@ def method_flag_options(names: list[str] | None, flags: dict[str, tuple[str, Any
     """Options given as common flags (``--mu``, ``--server-lr``, ...), for every selected method
     that declares the option as a flag; a flag no selected method takes is an error."""
     from medfed.experiments.config import DEFAULT_METHODS
-    from medfed.experiments.methods import METHODS
+    from medfed.methods.registry import METHOD_FLAGS, METHODS
 
     selected = [METHODS[n.strip().lower()] for n in (names or DEFAULT_METHODS) if n.strip().lower() in METHODS]
     out: dict[str, dict[str, Any]] = {}
@@ -222,7 +222,7 @@ def method_flag_options(names: list[str] | None, flags: dict[str, tuple[str, Any
             continue
         takers = [m.name for m in selected if option in m.flags]
         if not takers:
-            allowed = [m.name for m in METHODS.values() if option in m.flags]
+            allowed = METHOD_FLAGS[option].methods
             run = ", ".join(m.name for m in selected)
             raise ConfigError(
                 f"{flag} sets an option of {', '.join(allowed)}, not among the methods run ({run}); "
@@ -280,6 +280,7 @@ def reproduce(
 
 
 @app.command()
+@with_method_flags(after="batch_size")
 def run(
     config: ConfigArg = None,
     dataset: DatasetOpt = None,
@@ -306,13 +307,6 @@ def run(
     lr: LrOpt = None,
     l2: L2Opt = None,
     batch_size: BatchSizeOpt = None,
-    mu: Annotated[float | None, typer.Option(help="FedProx proximal coefficient")] = None,
-    server_lr: Annotated[float | None, typer.Option(help="server learning rate (fedavgm, fedadam, fedyogi, fedadagrad, fedsgd, scaffold)")] = None,
-    byzantine: Annotated[int | None, typer.Option(help="f, the corrupted sites krum, multikrum and bulyan tolerate")] = None,
-    trim_beta: Annotated[float | None, typer.Option(help="fraction trimmed_mean drops at each end")] = None,
-    q: Annotated[float | None, typer.Option(help="fairness exponent of fair (q-FFL)")] = None,
-    lam: Annotated[float | None, typer.Option(help="Ditto's pull of the personal model toward the global one")] = None,
-    alpha: Annotated[float | None, typer.Option(help="APFL's mixing weight of the local model")] = None,
     max_update_norm: MaxUpdateNormOpt = None,
     loso: Annotated[bool | None, typer.Option("--loso/--no-loso", help="also test each site as unseen: train without it")] = None,
     fraction_fit: FractionFitOpt = None,
@@ -331,6 +325,7 @@ def run(
     executor: ExecutorOpt = None,
     resume: ResumeOpt = None,
     drop: DropOpt = None,
+    method_flags: dict[str, tuple[str, Any]] | None = None,
 ) -> None:
     """Run the experiment harness from a config file and/or flags."""
     flag_values = dict(locals())  # every flag by its parameter name, for study_overrides
@@ -358,10 +353,7 @@ def run(
         if plot_format is not None and plots is None:
             over["plots"] = True
         merged = merge(base, over)
-        given = {"mu": mu, "server_lr": server_lr, "f": byzantine, "beta": trim_beta, "q": q, "lam": lam,
-                 "alpha": alpha}
-        flags = {option: (METHOD_FLAGS[option], value) for option, value in given.items()}
-        from_flags = method_flag_options(merged.get("methods"), flags)
+        from_flags = method_flag_options(merged.get("methods"), method_flags or {})
         if from_flags:
             merged = merge(merged, {"method_options": merge(from_flags, merged.get("method_options", {}))})
         if "data" not in merged:
@@ -390,15 +382,21 @@ METHODS_WIDE = 120
 
 
 def render_methods(out: Console | None = None) -> None:
-    """Every setting and method: name, display name, uploads, what it does, reference, options."""
-    from medfed.experiments.methods import METHODS
+    """Every setting and method: name, display name, uploads, what it does, reference, and each
+    option with its default, what it takes and its flag, from the method's option schema."""
+    from medfed.methods.registry import METHODS
 
     out = out or console
 
     def fmt(value: Any) -> str:
         if isinstance(value, dict):
-            return "{" + ", ".join(f"{k}: {v:g}" for k, v in value.items()) + "} (per site)"
+            return "{" + ", ".join(f"{k}: {v:g}" for k, v in value.items()) + "}"
         return f"{value:g}" if isinstance(value, float) and not isinstance(value, bool) else str(value).lower()
+
+    def options(m) -> str:
+        return "\n".join(
+            f"{o.name}={fmt(o.default)} ({o.allowed()}{'; ' + o.flag if o.flag else ''})" for o in m.options
+        ) or "-"
 
     wide = out.width >= METHODS_WIDE
     if wide:
@@ -415,13 +413,14 @@ def render_methods(out: Console | None = None) -> None:
                 table.add_section()
             table.add_row(Text(m.family, style="bold"), *[""] * (len(table.columns) - 1))
             family = m.family
-        opts = ", ".join(f"{k}={fmt(v)}" for k, v in m.defaults.items()) or "-"
+        opts = options(m)
         name = m.name + (" *" if m.personal else "")
         if wide:
             table.add_row(name, m.display, m.uploads or "-", Text(m.summary), Text(m.reference), Text(opts))
         else:
             about = Text(m.summary)
-            about.append(f"\n{m.reference} · uploads {m.uploads or '-'} · options {opts}", style="dim")
+            about.append(f"\n{m.reference} · uploads {m.uploads or '-'}", style="dim")
+            about.append(f"\n{opts}" if m.options else " · no options", style="dim")
             table.add_row(Text(f"{name}\n{m.display}"), about)
     out.print(table)
     out.print("[dim]* also reports each site's personal model. Options: --method-option NAME.KEY=VALUE "

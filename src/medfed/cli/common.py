@@ -63,9 +63,6 @@ CONFIG_FLAGS = {
     "plot_formats": "--plot-format", "overwrite": "--overwrite", "executor": "--executor", "resume": "--resume",
     "drop": "--drop",
 }
-# method options that common flags set for every selected method that has them
-METHOD_FLAGS = {"mu": "--mu", "server_lr": "--server-lr", "f": "--byzantine", "beta": "--trim-beta",
-                "q": "--q", "lam": "--lam", "alpha": "--alpha"}
 
 
 def flag_for(key: str) -> str | None:
@@ -80,9 +77,11 @@ def flag_for(key: str) -> str | None:
     if key.startswith("data.options."):
         return f"--dataset-option {key.removeprefix('data.options.')}=..."
     if head == "method_options" and "." in rest:
+        from medfed.methods.registry import METHOD_FLAGS  # the flags the methods' option schemas declare
+
         option = rest.split(".")[1]
         flag = f"--method-option {rest}=..."
-        return f"{METHOD_FLAGS[option]} or {flag}" if option in METHOD_FLAGS else flag
+        return f"{METHOD_FLAGS[option].flag} or {flag}" if option in METHOD_FLAGS else flag
     return None
 
 

@@ -7,8 +7,10 @@ overrides with :func:`study_overrides`, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Annotated, Any
 
 import typer
@@ -118,6 +120,41 @@ def study_overrides(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str,
         data["options"] = parse_options(given["dataset_option"], "--dataset-option")
     training = {k: given[k] for k in TRAINING_FLAGS if given.get(k) is not None}
     return {key: value for key, value in (("data", data), ("training", training)) if value}
+
+
+def with_method_flags(after: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command a flag for every option the methods declare as one (``--mu``,
+    ``--server-lr``, ...; :data:`medfed.methods.registry.METHOD_FLAGS`), placed after its
+    parameter ``after``. The command receives them as ``method_flags``: option name ->
+    ``(flag, value or None)``."""
+    from medfed.methods.registry import METHOD_FLAGS
+
+    by_parameter = {f.flag.removeprefix("--").replace("-", "_"): f for f in METHOD_FLAGS.values()}
+    added = [
+        inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=None,
+            annotation=Annotated[(float if f.type == "float" else int) | None,
+                                 typer.Option(f.flag, help=f"{f.help} ({', '.join(f.methods)})")],
+        )
+        for name, f in by_parameter.items()
+    ]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "method_flags"]
+        at = next(i for i, p in enumerate(own) if p.name == after) + 1
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        params[at:at] = added
+
+        @functools.wraps(command)
+        def with_flags(**values: Any) -> Any:
+            flags = {f.option: (f.flag, values.pop(name)) for name, f in by_parameter.items()}
+            return command(**values, method_flags=flags)
+
+        with_flags.__signature__ = inspect.Signature(params)  # what typer reads the options from
+        with_flags.__annotations__ = {p.name: p.annotation for p in params}
+        return with_flags
+
+    return decorate
 
 
 def _text(path: Path | None) -> str | None:

@@ -48,7 +48,7 @@ from medfed.experiments.harness import (
     study_fingerprint,
 )
 from medfed.experiments.metrics import Metric
-from medfed.experiments.methods import resolve_methods
+from medfed.methods import resolve_methods
 from medfed.rng import KeyedRng, name_key
 
 STATUS_FILE = "status.json"

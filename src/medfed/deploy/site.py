@@ -148,7 +148,7 @@ def _prepare(site: SiteIdentity, request: Mapping[str, Any]) -> _Prepared:
     """Rebuild this request's method and the site's runtime from the site folder."""
     from medfed.deploy.study import study_from_payload
     from medfed.experiments.harness import TrainingPlan, build_method
-    from medfed.experiments.methods import resolve_methods
+    from medfed.methods import resolve_methods
 
     if not (site.folder / STUDY_FILE).exists():
         raise ConfigError(f"site {site.name!r} has not been set up for this study (no {STUDY_FILE} in {site.folder})")

@@ -14,7 +14,7 @@ from typing import Any
 
 from medfed.errors import ConfigError
 from medfed.experiments.config import ExperimentConfig, build_config, read_toml
-from medfed.experiments.methods import resolve_methods
+from medfed.methods import resolve_methods
 
 # what a site's file must not change about the study, and what only the coordinator needs
 _COORDINATOR_ONLY = {"out", "overwrite", "plots", "plot_formats", "workers", "executor", "drop", "resume"}

@@ -49,7 +49,6 @@ from medfed.experiments.harness import (
     load_federation,
     prepare_repeat,
 )
-from medfed.experiments.methods import METHODS, resolve_methods
 from medfed.experiments.metrics import METRICS, Metric, binary_metrics
 from medfed.experiments.report import write_atomically
 from medfed.experiments.results import (
@@ -58,7 +57,7 @@ from medfed.experiments.results import (
     package_versions,
     summarize,
 )
-from medfed.experiments.spec import MethodSpec
+from medfed.methods import METHODS, Method, resolve_methods
 from medfed.rng import KeyedRng, name_key
 from medfed.server.robust import ROBUST_AGGREGATORS, assumption_violations
 
@@ -146,7 +145,7 @@ def _defense_options(methods, method_options: Mapping[str, Mapping[str, Any]], c
     return out
 
 
-def _assumption_notes(spec: MethodSpec, opts: dict, n_sites: int, corrupt: int) -> list[str]:
+def _assumption_notes(spec: Method, opts: dict, n_sites: int, corrupt: int) -> list[str]:
     """What :func:`medfed.server.robust.assumption_violations` says about this defense and F."""
     notes = []
     if "f" in opts and opts["f"] != corrupt:
@@ -256,7 +255,7 @@ def _drop(clean: list[Metric], attacked: list[Metric]) -> list[Metric]:
     return out
 
 
-def _defense_row(spec: MethodSpec, opts: dict, records: list[dict], notes: list[str]) -> dict[str, Any]:
+def _defense_row(spec: Method, opts: dict, records: list[dict], notes: list[str]) -> dict[str, Any]:
     metrics = {c: _condition_metrics(records, c) for c in CONDITIONS}
     notes = list(notes)
     failures = {}  # (repeats, reasons) -> conditions, so a defense that never runs gets one note

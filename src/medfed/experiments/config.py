@@ -150,7 +150,7 @@ class TrainingSpec(_Strict):
 class PipelineSpec(_Strict):
     """A server pipeline listed in a config file: a method of the user's own.
 
-    ``steps``: a reducing step, then update steps (names from ``medfed.server.steps``), each a
+    ``steps``: a reducing step, then update steps (names from ``medfed.methods.steps``), each a
     name or a table ``{step = "name", option = value}``; ``apply_delta`` is added at the end.
     ``client``: the sites' rule, FedAvg's local SGD or FedProx's (with ``mu``).
     """

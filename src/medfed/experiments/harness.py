@@ -32,10 +32,9 @@ from medfed.engine.faults import parse_drops
 from medfed.engine.loop import FederatedAlgorithm, FederatedRun, run_federated
 from medfed.errors import ConfigError, MedfedError
 from medfed.experiments.config import DataSpec, ExperimentConfig
-from medfed.experiments.methods import resolve_methods
 from medfed.experiments.metrics import METRICS, Metric, binary_metrics
-from medfed.experiments.spec import MethodSpec, context_for
 from medfed.experiments.splits import stratified_split
+from medfed.methods import METHOD_FLAGS, Method, context_for, resolve_methods
 from medfed.rng import KeyedRng, name_key
 from medfed.server.validate import NONFINITE
 
@@ -126,7 +125,7 @@ def study_fingerprint(config: ExperimentConfig) -> str:
     return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_method(config: ExperimentConfig, spec: MethodSpec, opts: dict, site_names, counts=None) -> FederatedAlgorithm:
+def build_method(config: ExperimentConfig, spec: Method, opts: dict, site_names, counts=None) -> FederatedAlgorithm:
     """``spec`` built for these training sites (their label counts shared at setup) and the
     config's model (whose local optimizer some methods require)."""
     return spec.build(opts, config.training, context_for(
@@ -171,12 +170,12 @@ class TrainingPlan:
         shape = federation if isinstance(federation, tuple) else federation.sample_shape
         return self.model.init_params(shape, KeyedRng(self.config.seed, (INIT_STREAM, repeat)))
 
-    def build(self, spec: MethodSpec, opts: dict, site_names, counts=None) -> FederatedAlgorithm:
+    def build(self, spec: Method, opts: dict, site_names, counts=None) -> FederatedAlgorithm:
         return build_method(self.config, spec, opts, site_names, counts)
 
     def federated(
         self,
-        spec: MethodSpec,
+        spec: Method,
         opts: dict,
         train: list[LocalData],
         initial,
@@ -288,7 +287,7 @@ def round_notes(history) -> list[dict]:
     return notes
 
 
-def federated_history(spec: MethodSpec, repeat: int, run: FederatedRun, config: ExperimentConfig) -> History:
+def federated_history(spec: Method, repeat: int, run: FederatedRun, config: ExperimentConfig) -> History:
     """The record of one federated run: losses, bytes, per-round evaluations and round notes."""
     rounds = spec.rounds(config.training)
     return History(
@@ -311,7 +310,7 @@ class ExperimentRun:
     warnings: list[str]
     runtime_s: float
     setting_runtime_s: dict[str, float]
-    methods: list[tuple[MethodSpec, dict]]
+    methods: list[tuple[Method, dict]]
     workers: int = 1
 
 
@@ -439,7 +438,7 @@ CROSS_ONE_SITE = "Cross trains on one site and tests on another; this federation
 def run_repeat(
     config: ExperimentConfig,
     federation: Federation,
-    methods: list[tuple[MethodSpec, dict]],
+    methods: list[tuple[Method, dict]],
     repeat: int,
     progress: Callable[[str], None] | None = None,
 ) -> RepeatOutcome:
@@ -456,7 +455,7 @@ def run_repeat(
                         unseen_levels={s.name: s.unseen_levels for s in sites if s.unseen_levels})
     single_models: dict[int, CentralFit] = {}
 
-    def key_of(spec: MethodSpec, train_site: str | None, j: int, evaluation: str = "split", model_kind: str = "global"):
+    def key_of(spec: Method, train_site: str | None, j: int, evaluation: str = "split", model_kind: str = "global"):
         return (spec.display, spec.name, train_site, site_names[j], evaluation, model_kind)
 
     def evaluate_on(key, params, tests, j: int, failure: Failure | None = None) -> None:
@@ -468,7 +467,7 @@ def run_repeat(
             failure = Failure("diverged", "diverged: the model's scores on the test rows are NaN/Inf")
         out.evaluations.append((key, failure, None))
 
-    def train_one_federated(spec: MethodSpec, opts: dict, held_out: int | None) -> None:
+    def train_one_federated(spec: Method, opts: dict, held_out: int | None) -> None:
         """Train ``spec`` on every site (``held_out`` None) or on all but one, and evaluate."""
         group = tuple(i for i in everyone if i != held_out)
         train, tests = scaled(group)
@@ -593,14 +592,20 @@ def resolve_workers(requested: int, repeats: int) -> int:
     return max(1, min(requested or cores, repeats))
 
 
-# how a user sets the options a site-count requirement depends on
-_OPTION_FIXES = {"f": "--byzantine", "beta": "--trim-beta", "m": "--method-option {name}.m"}
+# the options a site-count requirement depends on (medfed.server.robust.site_requirement)
+_SITE_COUNT_OPTIONS = ("f", "beta", "m")
+
+
+def _option_fix(method: str, option: str) -> str:
+    """How a user sets ``option`` of ``method``: its flag where the option declares one."""
+    flag = METHOD_FLAGS[option].flag if option in METHOD_FLAGS else f"--method-option {method}.{option}"
+    return f"{flag} ({method}.{option})"
 
 
 def check_study(
     config: ExperimentConfig,
     federation: Federation,
-    methods: list[tuple[MethodSpec, dict]],
+    methods: list[tuple[Method, dict]],
     *,
     site_requirements: bool = True,
 ) -> None:
@@ -647,9 +652,7 @@ def check_study(
                 raise ConfigError(f"method {spec.name!r}: {exc}") from None
             problem = site_requirement(spec.name, cohort, opts) if site_requirements else None
             if problem is not None:
-                fixes = " or ".join(
-                    f"{_OPTION_FIXES[k].format(name=spec.name)} ({spec.name}.{k})" for k in opts if k in _OPTION_FIXES
-                )
+                fixes = " or ".join(_option_fix(spec.name, k) for k in opts if k in _SITE_COUNT_OPTIONS)
                 raise ConfigError(
                     f"method {spec.name!r}: {problem}{where}, per round {cohort} of {len(group)} sites; "
                     f"change {fixes or 'its options'} or use a federation with more sites"

@@ -6,9 +6,6 @@ grows over the rounds; the high frequencies stay at the sites (:mod:`medfed.clie
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Real
-
-import numpy as np
 
 from medfed.client.fourier import is_kernel, low_frequency_mask, low_pass, share_schedule
 from medfed.errors import ConfigError
@@ -30,12 +27,6 @@ class FourierServerState:
     shared: float | None = None
 
 
-def _share(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value <= 1:
-        raise ConfigError(f"fourier {name} must be a share in (0, 1] (fraction of each kernel axis' frequencies), got {value!r}")
-    return float(value)
-
-
 def fourier(start: float = 0.7, end: float = 0.95, rounds: int = 1) -> Aggregator:
     """The example-weighted mean of the sites' deltas, each convolution kernel low-passed at
     this aggregation's share (:func:`~medfed.client.fourier.share_schedule` from ``start`` to
@@ -49,12 +40,6 @@ def fourier(start: float = 0.7, end: float = 0.95, rounds: int = 1) -> Aggregato
     kernel coefficients it shares, ``kernel_share``. With FedAvg's client (a config pipeline) only this half of PFA runs: no site keeps
     high frequencies, and the global kernels' high frequencies stay at their initial values.
     """
-    start, end = _share("start", start), _share("end", end)
-    if start > end:
-        raise ConfigError(f"fourier start ({start:g}) must not exceed end ({end:g}): the shared share only grows")
-    if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 1:
-        raise ConfigError(f"fourier rounds must be a whole number >= 1, got {rounds!r}")
-
     def init(global_params) -> FourierServerState:
         return FourierServerState(0, share_schedule(0, rounds, start, end))
 

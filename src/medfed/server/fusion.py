@@ -24,11 +24,6 @@ def dynamic_fusion(deadline: float = math.inf, bar: float = 0.0) -> Aggregator:
     averaging in, them. With ``deadline = inf`` and ``bar = 0`` every site is kept: FedAvg.
     If no site qualifies, the update is zero (the global model stays) and the report says so.
     """
-    if not deadline > 0:
-        raise ConfigError(f"dynamic_fusion: deadline must be > 0 seconds (inf = no deadline), got {deadline}")
-    if not 0.0 <= bar <= 1.0:
-        raise ConfigError(f"dynamic_fusion: bar is an accuracy in [0, 1], got {bar}")
-
     def apply(stack: StackedUploads, state, global_params, round_):
         k = len(stack.sites)
         keep = np.ones(k, dtype=bool)

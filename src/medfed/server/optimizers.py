@@ -24,21 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medfed.errors import ConfigError
 from medfed.server.aggregate import Aggregator
 from medfed.wiretypes import wire_type
 
-_BIAS_CORRECTIONS = ("flower", "kingma", "none")
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _check_unit_interval(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
-        raise ConfigError(f"{name} must lie in [0, 1), got {value!r}")
+# server_adam's choices; the allowed values of every hyperparameter here are declared, and
+# checked once, with the steps' options in medfed.methods.steps
+BIAS_CORRECTIONS = ("flower", "kingma", "none")
 
 
 def _zeros(global_params: Mapping[str, np.ndarray], fill: float = 0.0) -> dict[str, np.ndarray]:
@@ -73,9 +64,6 @@ def server_momentum(lr: float = 1.0, momentum: float = 0.0) -> Aggregator:
     ``lr = 1, momentum = 0`` is FedAvg exactly (``0 · m + Δ`` is ``Δ`` bit for bit).
     Defaults are Flower's (``server_learning_rate=1.0, server_momentum=0.0``).
     """
-    _check_positive("server_momentum lr", lr)
-    _check_unit_interval("server_momentum momentum", momentum)
-
     def init(global_params):
         return MomentumState(_zeros(global_params))
 
@@ -90,17 +78,6 @@ def _adaptive(name: str, lr: float, beta1: float, second_moment, tau: float, ini
               bias_correction: str, beta2: float) -> Aggregator:
     """Reddi et al.'s FedOpt template: ``m_t = β1 m_{t-1} + (1 − β1) Δ_t``; ``v_t`` by the
     given rule; step ``η_t · m_t / (√v_t + τ)``."""
-    _check_positive(f"{name} lr", lr)
-    _check_positive(f"{name} tau", tau)
-    _check_unit_interval(f"{name} beta1", beta1)
-    _check_unit_interval(f"{name} beta2", beta2)
-    if not (isinstance(initial_v, (int, float)) and np.isfinite(initial_v) and initial_v >= 0):
-        raise ConfigError(f"{name} initial_v must be a finite number >= 0, got {initial_v!r}")
-    if bias_correction not in _BIAS_CORRECTIONS:
-        raise ConfigError(
-            f"{name} bias_correction must be one of {', '.join(_BIAS_CORRECTIONS)}, got {bias_correction!r}"
-        )
-
     def init(global_params):
         return AdaptiveState(_zeros(global_params), _zeros(global_params, initial_v), 0)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from numbers import Real
 
 import numpy as np
 
@@ -46,36 +45,7 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------- validation
-
-
-def _count(method: str, name: str, value) -> int:
-    """A whole number >= 0; integral floats (1.0, as configs often carry) are accepted."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, Real)
-        or not float(value).is_integer()
-        or value < 0
-    ):
-        raise ConfigError(f"{method}: {name} must be a whole number >= 0, got {value!r}")
-    return int(value)
-
-
-def _beta(method: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= float(value) < 0.5:
-        raise ConfigError(f"{method}: beta must be a number in [0, 0.5), got {value!r}")
-    return float(value)
-
-
-def _temperature(method: str, value) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, Real)
-        or not math.isfinite(float(value))
-        or float(value) <= 0
-    ):
-        raise ConfigError(f"{method}: temperature must be a finite number > 0, got {value!r}")
-    return float(value)
+# --------------------------------------------------------------------------- site-count requirements
 
 
 def _trim_count(beta: float, n_sites: int) -> int:
@@ -285,8 +255,6 @@ def trimmed_mean(beta: float = 0.1) -> Aggregator:
     ``scipy.stats.trim_mean`` and Flower's ``FedTrimmedAvg`` (whose default beta is 0.2; ours
     is 0.1). Requires ``0 <= beta < 0.5``. Report: ``cut_fraction`` per site.
     """
-    beta = _beta("trimmed_mean", beta)
-
     def apply(stack: StackedUploads, state, global_params, round_):
         K = len(stack.sites)
         _require("trimmed_mean", K, beta=beta)
@@ -332,7 +300,6 @@ def krum(f: int = 1) -> Aggregator:
     instead of requiring it, we raise ConfigError. Exact score ties go to the site whose name
     sorts first (Flower: first in arrival order). Report: ``selected`` and ``scores``.
     """
-    f = _count("krum", "f", f)
     return Aggregator(_stateless_init, _krum_apply("krum", f, None), "krum")
 
 
@@ -344,8 +311,6 @@ def multikrum(f: int = 1, m: int = 0) -> Aggregator:
     that in Flower ``num_clients_to_keep=0`` means plain Krum, here it means ``K - f``.
     Needs ``K > 2f + 2`` and ``m <= K``. Report: ``selected`` and ``scores``.
     """
-    f = _count("multikrum", "f", f)
-    m = _count("multikrum", "m", m)
     return Aggregator(_stateless_init, _krum_apply("multikrum", f, m), "multikrum")
 
 
@@ -361,8 +326,6 @@ def bulyan(f: int = 1) -> Aggregator:
     first in arrival order (so Flower's Bulyan depends on the order results arrive in).
     Report: ``selected``, in the order Krum picked them.
     """
-    f = _count("bulyan", "f", f)
-
     def apply(stack: StackedUploads, state, global_params, round_):
         K = len(stack.sites)
         _require("bulyan", K, f=f)
@@ -404,8 +367,6 @@ def dos(temperature: float = 1.0) -> Aggregator:
     rather than their updates (identical Euclidean distances, since the common global model
     cancels; different cosine distances).
     """
-    temperature = _temperature("dos", temperature)
-
     def apply(stack: StackedUploads, state, global_params, round_):
         K = len(stack.sites)
         _require("dos", K)
@@ -472,20 +433,21 @@ def assumption_violations(name: str, n_sites: int, **options) -> list[str]:
     krum, multikrum and bulyan the f they are built with, for median, trimmed_mean and dos
     the number of corrupted sites the audit assumes (default 0). The first note, marked
     "required", appears when a round with that many sites would raise ConfigError; the others
-    say where the robustness guarantee does not cover ``f`` corrupted sites. Unknown names,
-    unknown options and bad values raise ConfigError.
+    say where the robustness guarantee does not cover ``f`` corrupted sites. Unknown names
+    and unknown options raise ConfigError; the values are taken as valid (the methods' option
+    schemas in :mod:`medfed.methods` check them).
     """
     if name not in _AUDIT_OPTIONS:
         raise ConfigError(f"assumption_violations: unknown method {name!r}; known: {sorted(_AUDIT_OPTIONS)}")
     unknown = sorted(set(options) - set(_AUDIT_OPTIONS[name]))
     if unknown:
         raise ConfigError(f"{name}: unknown option(s) {unknown}; allowed: {sorted(_AUDIT_OPTIONS[name])}")
-    K = _count(name, "n_sites", n_sites)
+    K = n_sites
     opts = {**_AUDIT_OPTIONS[name], **options}
-    f = _count(name, "f", opts["f"])
+    f = int(opts["f"])
     notes: list[str] = []
     if name == "trimmed_mean":
-        beta = _beta(name, opts["beta"])
+        beta = float(opts["beta"])
         hard = _requirement(name, K, beta=beta)
         cut = _trim_count(beta, K)
         if hard is None and beta > 0 and cut == 0:
@@ -493,14 +455,12 @@ def assumption_violations(name: str, n_sites: int, **options) -> list[str]:
         if hard is None and cut < f:
             notes.append(f"trimmed_mean cuts int(beta*K)={cut} per side, fewer than f={f} corrupted sites")
     elif name == "multikrum":
-        m = _count(name, "m", opts["m"])
+        m = int(opts["m"])
         keep = K - f if m == 0 else m
         hard = _requirement(name, K, f=f, m=keep)
         if hard is None and keep > K - f:
             notes.append(f"multikrum keeps m={keep} > K - f = {K - f} updates, so a corrupted one may be averaged in")
     else:
-        if name == "dos":
-            _temperature(name, opts["temperature"])
         hard = _requirement(name, K, f=f)
         if name in ("median", "dos") and hard is None and f > 0 and 2 * f >= K:
             notes.append(f"{name} assumes corrupted sites are fewer than half; K={K}, f={f}")

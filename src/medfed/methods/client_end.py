@@ -3,15 +3,14 @@
 Each spec builds a client rule from :mod:`medfed.client.drift` or
 :mod:`medfed.client.personal` and its server chain; options are the method's
 hyperparameters as a config file (``[method_options.NAME]``) or
-``--method-option NAME.KEY=VALUE`` sets them. A 0 for a step count or learning rate means
-"the training's own value" (``local_steps``, ``lr``).
+``--method-option NAME.KEY=VALUE`` sets them, declared once in each method's options and
+checked before the build. A 0 for a step count or learning rate means "the training's own
+value" (``local_steps``, ``lr``).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
-from typing import Any
 
 from medfed.client.drift import (
     check_speeds,
@@ -29,8 +28,9 @@ from medfed.client.personal import (
 )
 from medfed.engine.loop import FederatedAlgorithm
 from medfed.errors import ConfigError
-from medfed.experiments.config import TrainingSpec
-from medfed.experiments.spec import BuildContext, MethodSpec, check_number, require_sgd
+from medfed.methods.method import BuildContext, Method, Training, require_sgd
+from medfed.methods.options import Option, above, at_least, choice, closed, number, per_site, whole
+from medfed.methods.steps import SERVER_LR
 from medfed.server.aggregate import apply_delta, chain, weighted_mean
 from medfed.server.control import (
     SCAFFOLD_WEIGHTINGS,
@@ -44,30 +44,16 @@ from medfed.server.control import (
 FAMILY = "survey §3.2"
 
 
-def _with_defaults(method: str, defaults: Mapping[str, Any], opts: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = set(opts) - set(defaults)
-    if unknown:
-        raise ConfigError(
-            f"method {method!r} has no option {min(unknown)!r}; its options: {', '.join(defaults) or 'none'}"
-        )
-    return {**defaults, **opts}
-
-
 def _fedavg_server():
     return chain(weighted_mean(), apply_delta())
 
 
-def _scaffold(opts, training: TrainingSpec, context: BuildContext) -> FederatedAlgorithm:
+def _scaffold(opts, training: Training, context: BuildContext) -> FederatedAlgorithm:
     """SCAFFOLD (Karimireddy et al., 2020). Departs from the paper by default: the server weighs
     sites by examples in its average and in ``c`` (``weighting="examples"``), so the method
     converges to the federation's objective, the one every other setting and the reported
     loss use; ``weighting="uniform"`` is the paper's equal weighting."""
-    server_lr = check_number("scaffold", "server_lr", opts["server_lr"], low=0.0, low_open=True)
     weighting = opts["weighting"]
-    if weighting not in SCAFFOLD_WEIGHTINGS:
-        raise ConfigError(
-            f"method 'scaffold' option 'weighting' must be one of {', '.join(SCAFFOLD_WEIGHTINGS)}, got {weighting!r}"
-        )
     if not context.site_names:
         raise ConfigError("method 'scaffold' needs the training sites' names (N in the control update)")
     require_sgd("scaffold", context, "its control variates read (x - y) / (K lr) as the mean local gradient")
@@ -75,36 +61,35 @@ def _scaffold(opts, training: TrainingSpec, context: BuildContext) -> FederatedA
         weights, average = context.site_sizes, weighted_mean()  # unknown sizes are learnt from the uploads
     else:
         weights, average = {site: 1.0 for site in context.site_names}, site_mean()
-    aggregator = chain(scaffold_control(weights, weighting), average, apply_delta(server_lr))
+    aggregator = chain(scaffold_control(weights, weighting), average, apply_delta(opts["server_lr"]))
     return FederatedAlgorithm(
         "scaffold", scaffold_update, aggregator, broadcast=lambda state: {"server_control": state["scaffold_control"].control}
     )
 
 
-def _fedsld(opts, training: TrainingSpec, context: BuildContext) -> FederatedAlgorithm:
+def _fedsld(opts, training: Training, context: BuildContext) -> FederatedAlgorithm:
     aggregator = chain(label_distribution(context.label_counts), weighted_mean(), apply_delta())
     return FederatedAlgorithm(
         "fedsld", fedsld_update, aggregator, broadcast=lambda state: {"label_prior": federation_label_prior(state["label_distribution"].counts)}
     )
 
 
-def _semisync(opts, training: TrainingSpec, context: BuildContext) -> FederatedAlgorithm:
+def _semisync(opts, training: Training, context: BuildContext) -> FederatedAlgorithm:
     speeds = check_speeds(opts["speeds"], context.site_names)
-    budget = check_number("semisync", "budget", opts["budget"], low=0.0)
     rule = functools.partial(semisync_update, speeds=speeds)
-    aggregator = chain(time_budget(budget), weighted_mean(), apply_delta())
+    aggregator = chain(time_budget(opts["budget"]), weighted_mean(), apply_delta())
     return FederatedAlgorithm("semisync", rule, aggregator, broadcast=lambda state: {"budget": state["time_budget"].budget})
 
 
-def _finetune(opts, training: TrainingSpec, context: BuildContext) -> FederatedAlgorithm:
-    steps = check_number("finetune", "finetune_steps", opts["finetune_steps"], low=0, whole=True)
-    lr = check_number("finetune", "finetune_lr", opts["finetune_lr"], low=0.0)
-    personalize = functools.partial(finetune_personalize, steps=steps or None, lr=lr or None)
+def _finetune(opts, training: Training, context: BuildContext) -> FederatedAlgorithm:
+    personalize = functools.partial(
+        finetune_personalize, steps=opts["finetune_steps"] or None, lr=opts["finetune_lr"] or None
+    )
     return FederatedAlgorithm("finetune", local_sgd_update, _fedavg_server(), personalize=personalize)
 
 
-def _apfl(opts, training: TrainingSpec, context: BuildContext) -> FederatedAlgorithm:
-    alpha = check_number("apfl", "alpha", opts["alpha"], low=0.0, high=1.0)
+def _apfl(opts, training: Training, context: BuildContext) -> FederatedAlgorithm:
+    alpha = opts["alpha"]
     return FederatedAlgorithm(
         "apfl",
         functools.partial(apfl_update, alpha=alpha),
@@ -113,9 +98,8 @@ def _apfl(opts, training: TrainingSpec, context: BuildContext) -> FederatedAlgor
     )
 
 
-def _ditto(opts, training: TrainingSpec, context: BuildContext) -> FederatedAlgorithm:
-    lam = check_number("ditto", "lam", opts["lam"], low=0.0)
-    steps = check_number("ditto", "personal_steps", opts["personal_steps"], low=0, whole=True) or None
+def _ditto(opts, training: Training, context: BuildContext) -> FederatedAlgorithm:
+    lam, steps = opts["lam"], opts["personal_steps"] or None
     return FederatedAlgorithm(
         "ditto",
         functools.partial(ditto_update, lam=lam, personal_steps=steps),
@@ -124,52 +108,68 @@ def _ditto(opts, training: TrainingSpec, context: BuildContext) -> FederatedAlgo
     )
 
 
-def _spec(name, display, summary, reference, defaults, make, *, personal=False, flags=()) -> MethodSpec:
-    def build(opts, training, context):
-        return make(_with_defaults(name, defaults, opts), training, context)
-
-    return MethodSpec(
-        name, display, "federated", summary, reference, defaults, build,
-        uploads="delta", personal=personal, family=FAMILY, flags=flags,
+def _spec(name, display, summary, reference, options: tuple[Option, ...], build, *, personal=False) -> Method:
+    return Method(
+        name, display, "federated", summary, reference, options, build, uploads="delta", personal=personal,
+        family=FAMILY,
     )
 
 
-CLIENT_METHODS: list[MethodSpec] = [
+CLIENT_METHODS: list[Method] = [
     _spec(
         "scaffold", "SCAFFOLD",
         "control variates correct each local gradient for the site's drift (option II; plain SGD steps); "
         "weighting: examples (the federation's objective) or uniform (the paper: sites weigh equally)",
-        "Karimireddy et al., 2020", {"server_lr": 1.0, "weighting": "examples"}, _scaffold, flags=("server_lr",),
+        "Karimireddy et al., 2020",
+        (SERVER_LR, choice("weighting", "examples", SCAFFOLD_WEIGHTINGS, "site weights in the average and in c")),
+        _scaffold,
     ),
     _spec(
         "fedsld", "FedSLD",
         "cross-entropy reweighted by each batch's label distribution relative to the federation's "
         "(label counts leave the sites)",
-        "Luo & Wu, 2022", {}, _fedsld,
+        "Luo & Wu, 2022", (), _fedsld,
     ),
     _spec(
         "semisync", "SemiSync",
         "each site runs as many local steps as fit a shared time budget, by its speed (examples/s) "
         "and rows per step (budget 0 = the slowest site's time for local_steps)",
-        "Stripelis et al., 2021", {"speeds": {}, "budget": 0.0}, _semisync,
+        "Stripelis et al., 2021",
+        (
+            per_site("speeds", "examples per second at each site (others: 1)", range=above(0)),
+            number("budget", 0.0, "seconds of local work per round (0 = the slowest site's synchronous time)",
+                   range=at_least(0)),
+        ),
+        _semisync,
     ),
     _spec(
         "finetune", "FineTune",
         "FedAvg, then each site fine-tunes the final global model on its training rows "
         "(finetune_steps/finetune_lr 0 = the training's)",
-        "Wicaksana et al., 2022a; Tan et al., 2022", {"finetune_steps": 0, "finetune_lr": 0.0}, _finetune,
-        personal=True,
+        "Wicaksana et al., 2022a; Tan et al., 2022",
+        (
+            whole("finetune_steps", 0, "fine-tuning steps (0 = local_steps)", range=at_least(0)),
+            number("finetune_lr", 0.0, "fine-tuning learning rate (0 = the training's lr)", range=at_least(0)),
+        ),
+        _finetune, personal=True,
     ),
     _spec(
         "apfl", "APFL",
         "each site keeps a local model; its personal model mixes it with the global one (alpha: local weight)",
-        "Deng et al., 2020; Jiang et al., 2023", {"alpha": 0.5}, _apfl, personal=True, flags=("alpha",),
+        "Deng et al., 2020; Jiang et al., 2023",
+        (number("alpha", 0.5, "APFL's mixing weight of the local model", range=closed(0, 1), flag="--alpha"),),
+        _apfl, personal=True,
     ),
     _spec(
         "ditto", "Ditto",
         "FedAvg plus a personal model per site with a proximal pull (lam/2)||v - w||^2 toward the global "
         "(personal_steps 0 = local_steps)",
-        "Li et al., 2021; T Dinh et al., 2020", {"lam": 0.1, "personal_steps": 0}, _ditto,
-        personal=True, flags=("lam",),
+        "Li et al., 2021; T Dinh et al., 2020",
+        (
+            number("lam", 0.1, "Ditto's pull of the personal model toward the global one; (lam/2)||v - w||^2",
+                   range=at_least(0), flag="--lam"),
+            whole("personal_steps", 0, "personal steps per round (0 = local_steps)", range=at_least(0)),
+        ),
+        _ditto, personal=True,
     ),
 ]

@@ -1,21 +1,33 @@
-"""What the experiment layer knows about a method: names, reference, options, how to build it.
+"""What a method is: names, reference, an option schema declared once, how to build it.
 
-Kept apart from the registry (:mod:`medfed.experiments.methods`) so that each family of
-methods can declare its specs in its own module.
+Kept apart from the registry (:mod:`medfed.methods.registry`) so that each family of
+methods can declare its methods in its own module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 from medfed.engine.loop import FederatedAlgorithm
 from medfed.errors import ConfigError
-from medfed.experiments.config import TrainingSpec
+from medfed.methods.options import Option, OptionValue, defaults, validate
 from medfed.models.registry import MODEL_OPTIONS
 
-OptionValue = float | int | bool | str | dict[str, float]
+
+class Training(Protocol):
+    """The training settings a method's build may read (the experiment's ``TrainingSpec`` is
+    one); passed in, so that a method never imports the experiment layer above it."""
+
+    @property
+    def rounds(self) -> int: ...
+
+    @property
+    def local_steps(self) -> int: ...
+
+    @property
+    def lr(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -33,14 +45,16 @@ class BuildContext:
 
 
 @dataclass(frozen=True)
-class MethodSpec:
+class Method:
     """A setting of the experiment, by name.
 
-    ``defaults`` fixes each option's type: a float, int, bool or str, or a dict (site name ->
-    number) for per-site profiles. ``build(opts, training, context)`` returns the engine's
-    :class:`FederatedAlgorithm`. ``personal`` says the method also produces a personal model
-    per site, reported next to the global one. ``caveat(opts)``, when given, returns what a
-    reader must know about the numbers the method produces under those options (e.g. a
+    ``options`` is the method's option schema, declared once (:class:`~medfed.methods.options.Option`);
+    :meth:`validate` checks given options against it when the study is built, and
+    ``build(options, training, context)`` receives only what :meth:`validate` returned and
+    returns the engine's :class:`FederatedAlgorithm`. ``check(options)``, when given, says what
+    is wrong between options (or None). ``personal`` says the method also produces a personal
+    model per site, reported next to the global one. ``caveat(options)``, when given, returns
+    what a reader must know about the numbers the method produces under those options (e.g. a
     reading that cannot learn a parameter's sign), or None; results carry it and the table
     shows it as a note on the method's rows.
     """
@@ -50,15 +64,29 @@ class MethodSpec:
     kind: Literal["centralized", "federated"]
     summary: str
     reference: str
-    defaults: Mapping[str, OptionValue] = field(default_factory=dict)
-    build: Callable[[Mapping[str, Any], TrainingSpec, BuildContext], FederatedAlgorithm] | None = None
-    rounds: Callable[[TrainingSpec], int] = lambda t: t.rounds
+    options: tuple[Option, ...] = ()
+    build: Callable[[Mapping[str, Any], Training, BuildContext], FederatedAlgorithm] | None = None
+    rounds: Callable[[Training], int] = lambda t: t.rounds
     uploads: str = ""  # what a site sends: "delta", "gradient" or "params"; "" for centralized settings
     personal: bool = False
     global_model: bool = True  # False: the shared part alone is no model (FedBN, FedPer); only personal rows
     family: str = "survey §6"  # where the method sits in the survey: §6 experiment, §3.2 client end, §3.3 server end
-    flags: Sequence[str] = ()  # option names that are also command-line flags
     caveat: Callable[[Mapping[str, Any]], str | None] | None = None
+    check: Callable[[Mapping[str, Any]], str | None] | None = None
+
+    @property
+    def defaults(self) -> dict[str, OptionValue]:
+        return defaults(self.options)
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """The names of the options that are also command-line flags."""
+        return tuple(o.name for o in self.options if o.flag)
+
+    def validate(self, options: Mapping[str, Any]) -> dict[str, OptionValue]:
+        """Every option of the method, ``options`` checked and cast, defaults for the rest; one
+        ConfigError naming the method, the option and what it takes otherwise."""
+        return validate(f"method {self.name!r}", self.options, options, self.check)
 
 
 def local_optimizer(model: str = "logistic", model_options: Mapping[str, Any] | None = None) -> str:
@@ -92,18 +120,3 @@ def require_sgd(method: str, context: BuildContext, rule: str) -> None:
             f"method {method!r} assumes plain SGD local steps ({rule}), but the model's local optimizer is "
             f"{context.optimizer!r}; use --model-option optimizer=sgd (model_options.optimizer = \"sgd\")"
         )
-
-
-def check_number(method: str, key: str, value: Any, *, low: float, high: float | None = None,
-                 low_open: bool = False, whole: bool = False) -> float:
-    """A finite number in the allowed range, or a ConfigError saying what the option takes."""
-    import math
-
-    above = f"> {low:g}" if low_open else f">= {low:g}"
-    allowed = f"{'a whole number' if whole else 'a number'} {above}" + (f" and <= {high:g}" if high is not None else "")
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
-    ok = ok and (not whole or float(value) == int(value))
-    if not ok:
-        raise ConfigError(f"method {method!r} option {key!r} must be {allowed}, got {value!r}")
-    return int(value) if whole else float(value)

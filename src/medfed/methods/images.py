@@ -19,24 +19,12 @@ from typing import Any
 from medfed.client.local import local_sgd_update
 from medfed.client.sharing import keep_private, personalize_private
 from medfed.engine.loop import FederatedAlgorithm
-from medfed.errors import ConfigError
-from medfed.experiments.config import TrainingSpec
-from medfed.experiments.spec import BuildContext, MethodSpec
+from medfed.methods.method import BuildContext, Method, Training
+from medfed.methods.options import boolean
 from medfed.models.registry import is_head, is_norm, is_norm_statistic
 from medfed.server.aggregate import apply_delta, chain, weighted_mean
 
 FAMILY = "survey §3.2"
-
-
-def _options(method: str, defaults: Mapping[str, Any], opts: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(opts) - set(defaults))
-    if unknown:
-        raise ConfigError(f"method {method!r} has no option {unknown[0]!r}; its options: {', '.join(defaults) or 'none'}")
-    out = {**defaults, **opts}
-    for key, default in defaults.items():
-        if isinstance(default, bool) and not isinstance(out[key], bool):
-            raise ConfigError(f"method {method!r} option {key!r} takes true or false, got {out[key]!r}")
-    return out
 
 
 def fedbn(local_affine: bool = True) -> FederatedAlgorithm:
@@ -69,27 +57,25 @@ def fedper() -> FederatedAlgorithm:
     )
 
 
-_FEDBN_DEFAULTS = {"local_affine": True}
+def _build_fedbn(opts: Mapping[str, Any], training: Training, context: BuildContext) -> FederatedAlgorithm:
+    return fedbn(opts["local_affine"])
 
 
-def _build_fedbn(opts: Mapping[str, Any], training: TrainingSpec, context: BuildContext) -> FederatedAlgorithm:
-    return fedbn(**_options("fedbn", _FEDBN_DEFAULTS, opts))
-
-
-def _build_fedper(opts: Mapping[str, Any], training: TrainingSpec, context: BuildContext) -> FederatedAlgorithm:
-    _options("fedper", {}, opts)
+def _build_fedper(opts: Mapping[str, Any], training: Training, context: BuildContext) -> FederatedAlgorithm:
     return fedper()
 
 
-IMAGE_METHODS: list[MethodSpec] = [
-    MethodSpec(
+IMAGE_METHODS: list[Method] = [
+    Method(
         "fedbn", "FedBN", "federated",
         "normalization layers stay at each site (running statistics, and with local_affine their "
         "weight/bias; local_affine=false is SiloBN); the rest is FedAvg. Needs a model with norm layers",
-        "Li et al., 2021; Andreux et al., 2020", defaults=dict(_FEDBN_DEFAULTS), build=_build_fedbn,
+        "Li et al., 2021; Andreux et al., 2020",
+        options=(boolean("local_affine", True, "keep the norm layers' weight/bias private too (false: SiloBN)"),),
+        build=_build_fedbn,
         uploads="delta", personal=True, global_model=False, family=FAMILY,
     ),
-    MethodSpec(
+    Method(
         "fedper", "FedPer", "federated",
         "each site keeps its own head (final layer) private; the body is averaged as in FedAvg",
         "Arivazhagan et al., 2019; Feng et al., 2022; Chakravarty et al., 2021", build=_build_fedper,

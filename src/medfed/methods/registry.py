@@ -1,0 +1,166 @@
+"""Every setting and method by name, the config's pipelines, and the command-line flags
+their options declare.
+
+Each has a lowercase ``name`` used in configs and on the command line, and a display
+name used in tables and in the ``setting`` field of results. Centralized settings
+(``cross``, ``single``, ``mix``) are run by the harness with the client's gradient descent;
+federated methods are a client rule and a server aggregator handed to the engine.
+:func:`resolve` finds a method from its name and options alone, so a site with no
+experiment config builds the same method as the coordinator.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from medfed.client.local import fedprox_update, local_sgd_update
+from medfed.client.reporting import with_round_report
+from medfed.engine.loop import FederatedAlgorithm
+from medfed.errors import ConfigError
+from medfed.methods.client_end import CLIENT_METHODS
+from medfed.methods.images import IMAGE_METHODS
+from medfed.methods.method import Method
+from medfed.methods.options import OptionValue
+from medfed.methods.server_end import SERVER_METHODS
+from medfed.methods.steps import build_pipeline
+from medfed.methods.survey import SURVEY_EXPERIMENT
+
+METHODS: dict[str, Method] = {
+    m.name: m for m in [*SURVEY_EXPERIMENT, *SERVER_METHODS, *CLIENT_METHODS, *IMAGE_METHODS]
+}
+"""Every setting and method by its config/CLI name: the survey's experiment (§6), then the
+server end (§3.3) and the client end (§3.2)."""
+
+
+@dataclass(frozen=True)
+class MethodFlag:
+    """A command-line flag (``--server-lr``) that sets option ``option`` of every method run
+    that declares it; ``help`` is the option's general meaning, ``methods`` who declares it."""
+
+    flag: str
+    option: str
+    type: Literal["float", "int"]
+    help: str
+    methods: tuple[str, ...]
+
+
+def _method_flags(methods: Sequence[Method]) -> dict[str, MethodFlag]:
+    """The flags the methods' options declare, by option name; a flag must mean one option of
+    one type everywhere, so that one command-line flag can set it for every method."""
+    found: dict[str, MethodFlag] = {}
+    for m in methods:
+        for o in m.options:
+            if not o.flag:
+                continue
+            if o.type not in ("float", "int"):
+                raise TypeError(f"method {m.name!r} option {o.name!r}: only numbers are flags, not {o.type}")
+            seen = found.get(o.name)
+            if seen is None:
+                clash = next((f for f in found.values() if f.flag == o.flag), None)
+                if clash is not None:
+                    raise TypeError(f"{o.flag} is declared for options {clash.option!r} and {o.name!r}")
+                found[o.name] = MethodFlag(o.flag, o.name, o.type, o.help.split(";")[0], (m.name,))
+            elif (seen.flag, seen.type) != (o.flag, o.type):
+                raise TypeError(f"method {m.name!r} declares option {o.name!r} as {o.flag} ({o.type}), "
+                                f"others as {seen.flag} ({seen.type})")
+            else:
+                found[o.name] = MethodFlag(seen.flag, o.name, o.type, seen.help, (*seen.methods, m.name))
+    return found
+
+
+METHOD_FLAGS: dict[str, MethodFlag] = _method_flags(list(METHODS.values()))
+"""Option name -> the command-line flag that sets it (``mu`` -> ``--mu``), from the options' schemas."""
+
+
+class Pipeline(Protocol):
+    """A server pipeline as the config lists it (the experiment's ``PipelineSpec`` is one)."""
+
+    @property
+    def steps(self) -> Sequence[str | Mapping[str, Any]]: ...
+
+    @property
+    def client(self) -> str: ...
+
+    @property
+    def mu(self) -> float: ...
+
+    @property
+    def display(self) -> str | None: ...
+
+
+def pipeline_method(name: str, pipeline: Pipeline) -> Method:
+    """A method from a pipeline listed in the config (``[pipelines.NAME]``)."""
+    where = f"pipelines.{name}"
+    build_pipeline(pipeline.steps, where)  # fail at resolution, not in the middle of a run
+    uses_fusion = any(
+        (s if isinstance(s, str) else s.get("step")) == "dynamic_fusion" for s in pipeline.steps
+    )
+
+    def build(opts, training, context):
+        rule = functools.partial(fedprox_update, mu=pipeline.mu) if pipeline.client == "fedprox" else local_sgd_update
+        if uses_fusion:
+            rule = with_round_report(rule, {}, jitter=0.5)
+        return FederatedAlgorithm(name, rule, build_pipeline(pipeline.steps, where))
+
+    steps = " -> ".join(s if isinstance(s, str) else s["step"] for s in pipeline.steps)
+    return Method(
+        name, pipeline.display or name, "federated", f"{pipeline.client} client; server: {steps}",
+        "pipeline from the config", build=build, uploads="delta", family="config pipelines",
+    )
+
+
+def _known(pipelines: Mapping[str, Pipeline] | None) -> dict[str, Method]:
+    """The registered methods and the config's pipelines, by lowercase name."""
+    pipelines = pipelines or {}
+    clash = sorted({n.lower() for n in pipelines} & set(METHODS))
+    if clash:
+        raise ConfigError(f"pipelines {clash} reuse a method's name; give the pipeline another name")
+    return {**METHODS, **{n.lower(): pipeline_method(n, p) for n, p in pipelines.items()}}
+
+
+def _lookup(known: Mapping[str, Method], raw: str) -> tuple[str, Method]:
+    """The lowercase name a config keys ``raw``'s options by, and the method."""
+    name = raw.strip().lower()
+    if name not in known:
+        raise ConfigError(f"unknown method {raw!r}; available: {', '.join(known)}")
+    return name, known[name]
+
+
+def resolve(
+    name: str, options: Mapping[str, Any] | None = None, pipelines: Mapping[str, Pipeline] | None = None
+) -> tuple[Method, dict[str, OptionValue]]:
+    """The method called ``name`` (a registered one, or one of ``pipelines``) and its options,
+    checked and completed with defaults: all a site needs to build the same method as the
+    coordinator, with no experiment config."""
+    _, method = _lookup(_known(pipelines), name)
+    return method, method.validate(options or {})
+
+
+def resolve_methods(
+    names: list[str],
+    options: Mapping[str, Mapping[str, Any]],
+    pipelines: Mapping[str, Pipeline] | None = None,
+) -> list[tuple[Method, dict]]:
+    """Look up names (registered methods, then the config's pipelines) and check each one's
+    options against its schema, rejecting unknown names and options and methods named twice."""
+    known = _known(pipelines)
+    out = []
+    seen = set()
+    for raw in names:
+        name, method = _lookup(known, raw)
+        if name in seen:
+            raise ConfigError(f"method {name!r} is listed twice")
+        seen.add(name)
+        out.append((method, method.validate(options.get(name, {}))))
+    for name in options:
+        if name not in known:
+            raise ConfigError(f"method_options names unknown method {name!r}; available: {', '.join(METHODS)}")
+        if name not in seen:  # as for a flag (--mu) that no method run takes: an option must not be ignored
+            raise ConfigError(
+                f"[method_options.{name}] sets options of {name!r}, which is not among the methods run "
+                f"({', '.join(seen)}); add {name!r} to the methods (--methods) or remove its options"
+            )
+    return out
