@@ -5,21 +5,24 @@ Written atomically after every round: the :class:`~medfed.engine.protocol.Server
 fingerprint of the study so that a checkpoint is never resumed into another one. Selection
 and every site's draws are keyed by (round, site), so no generator state needs saving.
 Site states are not here: each site keeps its own (:class:`~medfed.engine.runtime.SiteRuntime`).
+The file is :mod:`medfed.comm.wire` bytes (never pickle): reading a checkpoint runs no code.
 """
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 from medfed.atomic import write_bytes_atomically
+from medfed.comm.wire import decode, encode
 from medfed.engine.protocol import RoundRecord, ServerState
 from medfed.errors import ConfigError
+from medfed.wiretypes import wire_type
 
 CHECKPOINT_FILE = "server.checkpoint"
 
 
+@wire_type
 @dataclass(frozen=True)
 class Checkpoint:
     state: ServerState
@@ -44,8 +47,7 @@ class CheckpointStore:
         if not self.path.exists():
             return None
         try:
-            with self.path.open("rb") as fh:
-                saved = pickle.load(fh)  # the coordinator's own file, written by save()
+            saved = decode(self.path.read_bytes(), str(self.path))
         except Exception as exc:
             raise ConfigError(f"{self.path}: cannot read the checkpoint ({exc}); remove it to start afresh") from exc
         if not isinstance(saved, Checkpoint) or saved.fingerprint != self.fingerprint:
@@ -56,5 +58,5 @@ class CheckpointStore:
         return saved
 
     def save(self, state: ServerState, history: list[RoundRecord]) -> None:
-        data = pickle.dumps(Checkpoint(state, list(history), self.fingerprint), protocol=pickle.HIGHEST_PROTOCOL)
+        data = encode(Checkpoint(state, list(history), self.fingerprint))
         write_bytes_atomically(self.path, data, durable=self.durable)

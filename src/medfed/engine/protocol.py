@@ -27,6 +27,7 @@ from medfed.engine.selection import select_sites
 from medfed.rng import KeyedRng, name_key
 from medfed.server.aggregate import Aggregator, stack_uploads
 from medfed.server.validate import screen_uploads
+from medfed.wiretypes import wire_type
 
 LocalUpdate = Callable[..., tuple[Any, Any]]
 Personalize = Callable[..., dict[str, np.ndarray]]
@@ -103,6 +104,7 @@ class SiteSetup:
         return cls(data.name, data.n, (float(np.sum(y == 0)), float(np.sum(y == 1))))
 
 
+@wire_type
 @dataclass(frozen=True, slots=True)
 class RoundRecord:
     """What happened in one communication round."""
@@ -148,6 +150,7 @@ class SiteProgram:
         return self.algorithm.personalize(plan.params, data, self.training.for_site(data.n), state, rng, **plan.message)
 
 
+@wire_type
 @dataclass(frozen=True, slots=True)
 class ServerState:
     """The coordinator's whole state between rounds: the global model (private parameters

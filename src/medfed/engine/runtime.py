@@ -13,7 +13,6 @@ coordinator restart recomputes the same answer instead of applying it twice.
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,13 @@ from typing import Any
 from medfed.atomic import write_bytes_atomically
 from medfed.client.local import LocalData
 from medfed.client.upload import Upload
+from medfed.comm.wire import decode, encode
 from medfed.engine.protocol import PERSONAL_STREAM, TRAIN_STREAM, Params, RoundPlan, SiteProgram, SiteSetup
 from medfed.rng import KeyedRng, name_key
+from medfed.wiretypes import wire_type
 
 
+@wire_type
 @dataclass
 class SiteMemory:
     """What a site remembers between requests: its committed state (as of ``committed_round``,
@@ -68,13 +70,12 @@ class SiteRuntime:
     def _load(self) -> SiteMemory | None:
         if self._path is None or not self._path.exists():
             return None
-        with self._path.open("rb") as fh:
-            return pickle.load(fh)  # the site's own file, written by this class
+        return decode(self._path.read_bytes(), str(self._path))
 
     def _save(self) -> None:
         if self._path is not None:
             write_bytes_atomically(
-                self._path, pickle.dumps(self.memory, protocol=pickle.HIGHEST_PROTOCOL), durable=self._durable
+                self._path, encode(self.memory), durable=self._durable
             )
 
     # -- requests ------------------------------------------------------------------------------
