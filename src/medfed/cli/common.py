@@ -60,7 +60,7 @@ CONFIG_FLAGS = {
     "data.site_column": "--site-column", "data.label_column": "--label-column",
     "data.split_column": "--split-column", "data.features": "--features", "data.impute": "--impute",
     "data.positive_label": "--positive-label", "data.exclude": "--exclude", "data.categorical": "--categorical",
-    "plot_formats": "--plot-format", "overwrite": "--overwrite",
+    "plot_formats": "--plot-format", "overwrite": "--overwrite", "save_model": "--save-model",
 }
 # method options that common flags set for every selected method that has them
 METHOD_FLAGS = {"mu": "--mu", "server_lr": "--server-lr", "f": "--byzantine", "beta": "--trim-beta",

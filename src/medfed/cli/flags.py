@@ -63,6 +63,11 @@ OverwriteOpt = Annotated[
     bool | None,
     typer.Option("--overwrite", help="replace files in --out that medfed did not write (or that changed since)"),
 ]
+SaveModelOpt = Annotated[
+    bool | None,
+    typer.Option("--save-model", help="also write repeat 1's model of each setting to OUT/models/<Setting>.npz "
+                                      "(for `medfed predict`)"),
+]
 MethodOptionOpt = Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALUE, e.g. fedprox.mu=0.01")]
 
 
