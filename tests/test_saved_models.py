@@ -3,8 +3,6 @@
 
 import csv
 import json
-import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +139,7 @@ def test_per_site_scaling_categorical_levels_and_text_labels(tmp_path):
     data = tmp_path / "all.csv"
     rows = _table(data)
     out = tmp_path / "out"
-    config, run = run_and_write({"data": {"path": str(data), "site_column": "site", "label_column": "y",
+    _, run = run_and_write({"data": {"path": str(data), "site_column": "site", "label_column": "y",
                                           "split_column": "split", "positive_label": "yes", "exclude": ["id"],
                                           "categorical": ["grp"], "impute": "mean"},
                                  "methods": ["fedavg", "mix"], "scaling": "site", "repeats": 1, **TINY}, out)
@@ -318,8 +316,8 @@ def test_a_setting_without_a_finite_global_model_gets_no_file_and_a_reason(tmp_p
 
     monkeypatch.setattr(harness.TrainingPlan, "centralized", diverging)
     out = tmp_path / "out"
-    _, run = run_and_write({"data": {"dataset": "heart-disease"}, "methods": ["mix", "fedavg", "fourier", "fedbn"],
-                            "repeats": 1, **TINY}, out)
+    run_and_write({"data": {"dataset": "heart-disease"}, "methods": ["mix", "fedavg", "fourier", "fedbn"],
+                  "repeats": 1, **TINY}, out)
     doc = json.loads((out / "results.json").read_text())["models"]
     assert list(doc["files"]) == ["FedAvg"]
     assert doc["not_saved"]["Mix"].startswith("diverged")
