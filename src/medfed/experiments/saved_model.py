@@ -280,6 +280,8 @@ def _check_consistent(model: SavedModel, path: Path) -> None:
                       ("label", dict), ("scaling", str), ("sites", list), ("setting", str)):
         if not isinstance(meta.get(key), kind):
             raise _corrupt(path, f"metadata field {key!r} is missing or not a {kind.__name__}")
+    if meta["scaling"] not in ("global", "site", "none") or meta.get("impute") not in (None, "mean", "median"):
+        raise _corrupt(path, f"scaling {meta['scaling']!r} or impute {meta.get('impute')!r} is not medfed's")
     needed = ["scaler/mean", "scaler/scale"] if meta["scaling"] == "global" else []
     for i in range(len(meta["sites"])):
         needed += [_site_key(i, "impute")] * (meta.get("impute") is not None)
