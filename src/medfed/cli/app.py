@@ -1,4 +1,4 @@
-"""The ``medfed`` command: ``reproduce``, ``run``, ``datasets``, ``methods``.
+"""The ``medfed`` command: ``reproduce``, ``run``, ``predict``, ``datasets``, ``methods``.
 
 Errors medfed raises on purpose are printed as one line and exit with status 2; the exit
 statuses (``common.EXIT_STATUSES``) say whether result files were written. The library does
@@ -7,6 +7,7 @@ all the work, this module only parses, renders and writes.
 
 from __future__ import annotations
 
+import functools
 import shlex
 import signal
 import sys
@@ -73,6 +74,7 @@ from medfed.cli.flags import (
     PositiveLabelOpt,
     ResumeOpt,
     RoundsOpt,
+    SaveModelOpt,
     ScalingOpt,
     SiteColumnOpt,
     SkipBadOpt,
@@ -118,6 +120,7 @@ def render_table(doc: dict[str, Any], out: Console | None = None) -> None:
     cells drop the spaces around ± (or, narrower still, put ±std under the mean): no number is
     ever cut."""
     from medfed.experiments.results import communication_lines, data_note_lines, server_note_lines, table_rows
+    from medfed.experiments.saved_model import model_lines
 
     out = out or console
     rows = table_rows(doc)
@@ -171,6 +174,8 @@ def render_table(doc: dict[str, Any], out: Console | None = None) -> None:
         out.print(f"[yellow]data:[/] {escape(line)}", highlight=False)
     for line in server_note_lines(doc):
         out.print(f"[yellow]server:[/] {escape(line)}", highlight=False)
+    for line in model_lines(doc):
+        out.print(f"[dim]models: {escape(line)}[/]", highlight=False)
     for w in doc["warnings"]:
         err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
 
@@ -180,13 +185,13 @@ def execute(values: dict[str, Any], source: str) -> dict[str, Any]:
     atomically, render; return the doc."""
     from medfed.experiments.config import build_config
     from medfed.experiments.harness import discard_checkpoints, load_federation, run_experiment
-    from medfed.experiments.report import REPORT_FILES, output_dir, report_files, write_atomically
+    from medfed.experiments.report import output_dir, owned_files, report_files, write_atomically
     from medfed.experiments.results import results_document
 
     config = build_config(values, source, flag_for)
     if config.out is None:
         raise ConfigError("no output folder: give --out DIR (or out = \"DIR\" in the config file)")
-    with output_dir(config.out, "--out", owns=REPORT_FILES, overwrite=config.overwrite):
+    with output_dir(config.out, "--out", owns=owned_files(config.save_model), overwrite=config.overwrite):
         apply_threads(config)
         federation = load_federation(config.data)
         total = config.repeats * len(config.methods)
@@ -202,7 +207,8 @@ def execute(values: dict[str, Any], source: str) -> dict[str, Any]:
 
     def render() -> None:
         render_table(doc)
-        console.print(f"[dim]{run.runtime_s:.2f} s; wrote {', '.join(p.name for p in written)} to "
+        names = (p.relative_to(config.out).as_posix() for p in written)
+        console.print(f"[dim]{run.runtime_s:.2f} s; wrote {', '.join(names)} to "
                       f"{escape(str(config.out))}[/]", highlight=False)
 
     show(render, str(config.out))
@@ -260,6 +266,7 @@ def reproduce(
     plot_format: PlotFormatOpt = None,
     threads: ThreadsOpt = None,
     overwrite: OverwriteOpt = None,
+    save_model: SaveModelOpt = None,
 ) -> None:
     """Reproduce the survey's Table 2 (Cross, Single, Mix, FedAvg, FedSGD, FedProx) on embedded data."""
     values: dict[str, Any] = {
@@ -271,6 +278,7 @@ def reproduce(
         "plots": plots or plot_format is not None,
         "loso": loso,
         "threads": threads,
+        "save_model": bool(save_model),
     }
     if methods:
         values["methods"] = split_list(methods)
@@ -326,6 +334,7 @@ def run(
     resume: ResumeOpt = None,
     drop: DropOpt = None,
     method_flags: dict[str, tuple[str, Any]] | None = None,
+    save_model: SaveModelOpt = None,
 ) -> None:
     """Run the experiment harness from a config file and/or flags."""
     flag_values = dict(locals())  # every flag by its parameter name, for study_overrides
@@ -346,6 +355,7 @@ def run(
                            ("scaling", scaling), ("out", out), ("overwrite", overwrite), ("plots", plots),
                            ("eval_every", eval_every),
                            ("workers", workers), ("threads", threads), ("loso", loso), ("model", model),
+                           ("save_model", save_model),
                            ("plot_formats", split_list(plot_format)), ("executor", executor),
                            ("resume", resume), ("drop", drop or None)]:
             if value is not None:
@@ -364,6 +374,91 @@ def run(
 
     values = guard(build)
     guard(execute, values, str(config) if config else "flags")
+
+
+def execute_predict(model: Path, data: Path, out: Path, site: str | None, label_column: str | None,
+                    id_column: str | None) -> None:
+    """Check the output name, load and check the model, read and score the rows, write the
+    predictions atomically, summarize."""
+    import os
+
+    from medfed.data.tables import read_scoring_rows
+    from medfed.experiments.report import output_dir, write_atomically
+    from medfed.experiments.saved_model import load_saved_model, predictions_csv
+
+    if out.suffix.lower() != ".csv":
+        raise ConfigError(f"--out must end in .csv, got {out.name!r}")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file name ending in .csv")
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(f"--out {out} is a symbolic link to {os.readlink(out)!r}, which does not exist")
+    for given, name in ((model, "--model"), (data, "--data")):
+        if out.resolve() == given.resolve():
+            raise ConfigError(f"--out {out} is the {name} file; give the predictions another name")
+    saved = load_saved_model(model)
+    saved.check_scorable(site, str(model))
+    label = saved.meta["label"]
+    # the predictions go next to the user's other files: they replace one file, not a run's set
+    with output_dir(out.parent, "--out's folder"):
+        rows = read_scoring_rows(
+            data, feature_names=saved.meta["feature_names"], categorical=saved.categorical,
+            impute=saved.meta.get("impute"), model=str(model), label_column=label_column or label["column"],
+            positive_label=label["positive_label"], require_label=label_column is not None, id_column=id_column,
+        )
+        scored = saved.score(rows, site, str(model), str(data))
+        written = write_results(lambda: write_atomically(
+            out.parent, {out.name: lambda: predictions_csv(scored.scores, rows.ids, id_column)}, as_set=False,
+        ), out.parent)
+    show(lambda: render_predictions(saved, scored, rows, data, site, label_column or label["column"], written[0]),
+         str(out))
+
+
+def render_predictions(saved, scored, rows, data: Path, site: str | None, label_column: str | None, out: Path) -> None:
+    """What was scored with which model, how many rows came out positive, and with labels the
+    survey's four metrics."""
+    from medfed.experiments.metrics import METRICS, binary_metrics
+    from medfed.experiments.saved_model import THRESHOLD
+
+    meta = saved.meta
+    n = scored.scores.size
+    print_line = functools.partial(console.print, highlight=False, soft_wrap=True)
+    print_line(f"model: {meta['setting']} ({meta['model']['name']}) trained on {', '.join(meta['train_sites'])}; "
+               f"repeat {meta['repeat']} of {meta['repeats']}, seed {meta['seed']}")
+    how = []
+    if scored.imputed:
+        how.append(f"{scored.imputed} missing value(s) filled with site {site}'s training {meta['impute']}s")
+    if meta["scaling"] == "site":
+        how.append(f"standardized with site {site}'s statistics")
+    print_line(f"scored {n} row(s) of {data}" + (f" ({'; '.join(how)})" if how else ""))
+    positive = int((scored.scores >= THRESHOLD).sum())
+    print_line(f"predicted positive ({meta['label']['positive_class']}, score >= {THRESHOLD:g}): {positive} of {n}")
+    if rows.y is not None:
+        metrics = binary_metrics(rows.y, scored.scores, THRESHOLD)
+        cells = [f"{m.upper()} " + ("n/a" if metrics[m].value is None else f"{metrics[m].value:.3f}") for m in METRICS]
+        print_line(f"against label column {label_column!r}: " + "  ".join(cells))
+        for m in METRICS:
+            if metrics[m].value is None:
+                print_line(f"[dim]{m.upper()}: {escape(metrics[m].reason)}[/]")
+    for column, levels in scored.unseen_levels.items():
+        shown = ", ".join(f"{level!r} ({k} row(s))" for level, k in levels.items())
+        print_line(f"[yellow]note:[/] column {escape(repr(column))}: level(s) no training site held, encoded as "
+                   f"all-zero indicators: {escape(shown)}")
+    print_line(f"[dim]wrote {escape(str(out))}: row, {'id, ' if rows.ids is not None else ''}score, predicted[/]")
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option(help="model file from `medfed run --save-model` (OUT/models/<Setting>.npz)")],
+    data: Annotated[Path, typer.Option(help="CSV or Parquet table with the model's feature columns")],
+    out: Annotated[Path, typer.Option(help="predictions .csv: row, score (probability of the positive class), predicted")],
+    site: Annotated[str | None, typer.Option(help="training site whose imputation (and --scaling site statistics) "
+                                                  "the rows get; needed for missing values or per-site scaling")] = None,
+    label_column: Annotated[str | None, typer.Option(help="column with the true labels [default: the model's label "
+                                                          "column, when the table has it]")] = None,
+    id_column: Annotated[str | None, typer.Option(help="column copied into the predictions to identify each row")] = None,
+) -> None:
+    """Score a table with a saved model: each row's probability of the positive class, and with labels ACC/SEN/SPE/AUC."""
+    guard(execute_predict, model, data, out, site, label_column, id_column)
 
 
 @app.command("datasets")

@@ -61,7 +61,7 @@ CONFIG_FLAGS = {
     "data.split_column": "--split-column", "data.features": "--features", "data.impute": "--impute",
     "data.positive_label": "--positive-label", "data.exclude": "--exclude", "data.categorical": "--categorical",
     "plot_formats": "--plot-format", "overwrite": "--overwrite", "executor": "--executor", "resume": "--resume",
-    "drop": "--drop",
+    "drop": "--drop", "save_model": "--save-model",
 }
 
 

@@ -77,6 +77,11 @@ DropOpt = Annotated[
     list[str] | None,
     typer.Option(help="inject a dropout: SITE@ROUND or SITE@FIRST-LAST (rounds from 1); repeatable"),
 ]
+SaveModelOpt = Annotated[
+    bool | None,
+    typer.Option("--save-model", help="also write repeat 1's model of each setting to OUT/models/<Setting>.npz "
+                                      "(for `medfed predict`)"),
+]
 MethodOptionOpt = Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALUE, e.g. fedprox.mu=0.01")]
 
 

@@ -16,31 +16,32 @@ from medfed.data.hints import setting
 from medfed.errors import DataError
 
 
-def impute(
-    X_train: np.ndarray,
-    X_test: np.ndarray,
-    strategy: str | None,
-    *,
-    site: str,
-    feature_names: Sequence[str],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Fill NaN in a site's training and test rows with the training rows' mean or median."""
-    if strategy is None or not (np.isnan(X_train).any() or np.isnan(X_test).any()):
-        return X_train, X_test
-    observed = ~np.isnan(X_train)
-    empty = np.flatnonzero(~observed.any(axis=0))
-    if empty.size:
-        cols = ", ".join(repr(feature_names[j]) for j in empty)
-        raise DataError(
-            f"site {site!r}: column(s) {cols} have no observed value in the site's training rows, "
-            f"so they cannot be imputed there; leave them out with {setting('exclude')}"
-        )
-    stat = np.nanmean(X_train, axis=0) if strategy == "mean" else np.nanmedian(X_train, axis=0)
+@dataclass(frozen=True, slots=True)
+class Imputer:
+    """Fills NaN with per-column values (mean or median) of one site's training rows.
 
-    def fill(X: np.ndarray) -> np.ndarray:
-        return np.where(np.isnan(X), stat, X)
+    The values are a site's shareable summary, like :class:`Moments`; a saved model records
+    each site's, so that new rows are filled the way that site's test rows were.
+    """
 
-    return fill(X_train), fill(X_test)
+    strategy: str
+    values: np.ndarray
+
+    @classmethod
+    def fit(cls, X_train: np.ndarray, strategy: str, *, site: str, feature_names: Sequence[str]) -> Imputer:
+        observed = ~np.isnan(X_train)
+        empty = np.flatnonzero(~observed.any(axis=0))
+        if empty.size:
+            cols = ", ".join(repr(feature_names[j]) for j in empty)
+            raise DataError(
+                f"site {site!r}: column(s) {cols} have no observed value in the site's training rows, "
+                f"so they cannot be imputed there; leave them out with {setting('exclude')}"
+            )
+        stat = np.nanmean(X_train, axis=0) if strategy == "mean" else np.nanmedian(X_train, axis=0)
+        return cls(strategy, stat)
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        return np.where(np.isnan(X), self.values, X)
 
 
 @dataclass(frozen=True, slots=True)

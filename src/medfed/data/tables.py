@@ -18,6 +18,7 @@ import os
 import re
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,121 @@ def _feature_matrix(df, columns: list[str], categorical: list[str], impute, site
     for problem in _missing_problems(X[:, numeric], [names[j] for j in numeric], impute, sites):
         problems.add(problem)
     return X, names, encoded
+
+
+@dataclass(frozen=True)
+class ScoringRows:
+    """A table's rows as a trained model sees them (:func:`read_scoring_rows`)."""
+
+    X: np.ndarray  # (n, d) in the model's feature order; NaN where a numeric value is missing
+    y: np.ndarray | None  # 0/1 labels, when the table has the label column
+    ids: list[str] | None  # the id column's values, when one was named
+    # categorical column -> level the model never had -> rows (encoded as all-zero indicators)
+    new_levels: dict[str, dict[str, int]]
+
+
+def read_scoring_rows(
+    path: str | os.PathLike,
+    *,
+    feature_names: Sequence[str],
+    categorical: Sequence[CategoricalColumn] = (),
+    impute: str | None,
+    model: str,
+    label_column: str | None = None,
+    positive_label: str = "1",
+    require_label: bool = False,
+    id_column: str | None = None,
+) -> ScoringRows:
+    """Read new rows for a model trained on ``feature_names`` (``column=level`` indicators for the
+    ``categorical`` columns), with the checks :func:`load_table` makes: the file is read the same
+    way, a column the model needs and the file lacks, a non-numeric or infinite value, and (when
+    the model was trained without ``impute``) a missing value are each a problem, all reported in
+    one :class:`DataError` that names ``model`` (the model file). A categorical value is one-hot
+    encoded over the model's levels; a level the model never had becomes all-zero indicators and
+    is counted in ``new_levels``. ``label_column``, when present (it must be, with
+    ``require_label``), is read as labels: ``positive_label`` is the positive class, other values
+    negative; with ``"1"`` (0/1 labels) only 0 and 1 are allowed. ``id_column`` must be present.
+    Unlike :func:`load_table`, one class, few rows or no site column
+    are fine: these rows are scored, not split.
+    """
+    path = Path(path)
+    df = read_frame(path)
+    df.columns = columns = [str(c) for c in df.columns]
+    if len(df) == 0:
+        raise DataError(f"{path} holds no data rows (only a header, or nothing at all)")
+    problems = _Problems(path)
+    starts = {c.start: c for c in categorical}
+    inside = {j for c in categorical for j in range(c.start, c.start + len(c.levels))}
+    needed = [starts[j].name if j in starts else name for j, name in enumerate(feature_names)
+              if j in starts or j not in inside]
+    absent = [c for c in needed if c not in columns]
+    for name, what in ((id_column, "--id-column"), (label_column if require_label else None, "--label-column")):
+        if name is not None and name not in columns:
+            problems.add(f"column {name!r} ({what}) is not in the file; available columns: {_list(columns, limit=40)}")
+    if absent:
+        problems.add(
+            f"column{'s' if len(absent) > 1 else ''} {_list(absent)} {'are' if len(absent) > 1 else 'is'} not in "
+            f"the file, but the model {model} was trained on {'them' if len(absent) > 1 else 'it'} "
+            f"(its columns: {_list(needed, limit=40)})"
+        )
+    X = np.full((len(df), len(feature_names)), np.nan)
+    new_levels: dict[str, dict[str, int]] = {}
+    numeric = [j for j, name in enumerate(feature_names) if j not in inside and name in columns]
+    for j in numeric:
+        values = problems.attempt(_numeric_column, df[feature_names[j]], feature_names[j], path,
+                                  f"the model {model} was trained on numbers in this column")
+        if values is not None:
+            X[:, j] = values
+    for c in categorical:
+        if c.name not in columns:
+            continue
+        encoded = problems.attempt(_one_hot_column, df[c.name], c.name, path)
+        if encoded is None:
+            continue
+        block, levels = encoded
+        where = {level: k for k, level in enumerate(levels)}
+        X[:, c.indicators] = 0.0
+        for k, level in enumerate(c.levels):
+            if level in where:
+                X[:, c.start + k] = block[:, where[level]]
+        new = {level: int(block[:, k].sum()) for level, k in where.items() if level not in c.levels}
+        if new:
+            new_levels[c.name] = new
+    if impute is None:
+        nan = np.isnan(X[:, numeric])
+        if nan.any():
+            j = int(np.argmax(nan.any(axis=0)))
+            problems.add(
+                f"feature column {feature_names[numeric[j]]!r} has {int(nan[:, j].sum())} missing values (first at "
+                f"data row {int(np.argmax(nan[:, j])) + 1}); the model {model} was trained without imputation, "
+                "so it needs every value"
+            )
+    y = None
+    if label_column is not None and label_column in columns:
+        y = problems.attempt(_scoring_labels, df[label_column], label_column, positive_label, path)
+    ids = None
+    if id_column is not None and id_column in columns:
+        ids = [_text(v) for v in df[id_column].fillna("").tolist()]
+    problems.raise_if_any()
+    return ScoringRows(X, y, ids, new_levels)
+
+
+def _scoring_labels(col, name: str, positive: str, path: Path) -> np.ndarray:
+    """0/1 labels of rows to score: ``positive`` is class 1; with ``"1"``, only 0 and 1 may occur."""
+    missing = _missing_mask(col)
+    if missing.any():
+        raise DataError(
+            f"{path}: label column {name!r} has {int(missing.sum())} missing values, first at data row "
+            f"{int(np.argmax(missing)) + 1}; leave the column out to score rows without labels"
+        )
+    keys = [_text(v) for v in col.tolist()]
+    if positive == "1":
+        other = list(dict.fromkeys(k for k in keys if k not in ("0", "1")))
+        if other:
+            raise DataError(
+                f"{path}: label column {name!r} holds {_list(other)}; the model was trained on 0/1 labels"
+            )
+    return np.array([k == positive for k in keys], dtype=np.int8)
 
 
 class _Problems:
@@ -471,8 +587,10 @@ def binary_labels(col, name: str, positive_label: Any, path: Path, sites: np.nda
     return y, positive
 
 
-def _numeric_column(col, name: str, path: Path) -> np.ndarray:
-    """Float values of a feature column, NaN where missing; booleans count as 0/1."""
+def _numeric_column(col, name: str, path: Path, fix: str | None = None) -> np.ndarray:
+    """Float values of a feature column, NaN where missing; booleans count as 0/1. ``fix`` is
+    what the message about a non-numeric value suggests (default: how ``medfed run`` can use
+    such a column)."""
     import pandas as pd
 
     dtype = col.dtype
@@ -492,11 +610,13 @@ def _numeric_column(col, name: str, path: Path) -> np.ndarray:
         bad = np.flatnonzero(np.isnan(out) & ~missing & ~text.map(_spells_nan).to_numpy(dtype=bool))
         if bad.size:
             i = int(bad[0])
+            fix = fix or (
+                f"one-hot encode it with {flag('categorical')} {_shell(name)}, leave it out "
+                f"with {flag('exclude')} {_shell(name)}, or name the numeric columns with {setting('features')}"
+            )
             raise DataError(
                 f"{path}: feature column {name!r} is not numeric ({bad.size} value(s), first "
-                f"{str(col.iloc[i]).strip()!r} at data row {i + 1}); features must be numbers or "
-                f"booleans: one-hot encode it with {flag('categorical')} {_shell(name)}, leave it out "
-                f"with {flag('exclude')} {_shell(name)}, or name the numeric columns with {setting('features')}"
+                f"{str(col.iloc[i]).strip()!r} at data row {i + 1}); features must be numbers or booleans: {fix}"
             )
     inf = np.isinf(out)
     if inf.any():

@@ -190,6 +190,9 @@ class ExperimentConfig(_Strict):
         False, description="replace files in `out` that medfed did not write (or that changed since it did)"
     )
     plots: bool = False
+    save_model: bool = Field(
+        False, description="write repeat 1's model of each setting that has one global model to out/models/<Setting>.npz"
+    )
     plot_formats: list[str] = Field(
         default_factory=lambda: ["png"], description="file formats of each plot: png, pdf and/or svg"
     )

@@ -25,7 +25,7 @@ from medfed.client.local import LocalData, LocalTraining, sgd_steps
 from medfed.data.categorical import keep_training_levels, training_levels, unseen_level_notes
 from medfed.data.datasets import load_dataset
 from medfed.data.federation import Federation, SingleClassSiteWarning
-from medfed.data.preprocess import Moments, Standardizer, impute
+from medfed.data.preprocess import Imputer, Moments, Standardizer
 from medfed.engine.executors import LOCAL_EXECUTORS
 from medfed.engine.executors.process import exit_with_parent
 from medfed.engine.faults import parse_drops
@@ -33,6 +33,7 @@ from medfed.engine.loop import FederatedAlgorithm, FederatedRun, run_federated
 from medfed.errors import ConfigError, MedfedError
 from medfed.experiments.config import DataSpec, ExperimentConfig
 from medfed.experiments.metrics import METRICS, Metric, binary_metrics
+from medfed.experiments.saved_model import SAVED_REPEAT, ModelOutcome, name_files, saved_model_file
 from medfed.experiments.splits import stratified_split
 from medfed.methods import METHOD_FLAGS, Method, context_for, resolve_methods
 from medfed.rng import KeyedRng, name_key
@@ -210,6 +211,10 @@ class TrainingPlan:
         return CentralFit(params, float(start), float(end))
 
 
+def _reason(failure: Failure | None) -> str | None:
+    return None if failure is None else failure.reason
+
+
 def centralized_failure(fit: CentralFit) -> Failure | None:
     if not _all_finite(fit.params) or not np.isfinite(fit.end_loss):
         return Failure("diverged", "diverged: the training loss or the parameters became NaN/Inf")
@@ -227,6 +232,10 @@ class SplitSite:
     y_test: np.ndarray
     moments: Moments
     unseen_levels: dict[str, dict[str, int]] = field(default_factory=dict)  # column -> level -> test rows
+    # how the rows were preprocessed, for a saved model to do the same to new rows
+    imputer: Imputer | None = None  # fitted on the training rows (tables with an impute strategy)
+    scaler: Standardizer | None = None  # the site's own standardization (scaling = "site")
+    known_levels: dict[str, np.ndarray] = field(default_factory=dict)  # column -> levels any site trained on
 
     @property
     def single_class(self) -> bool:
@@ -312,6 +321,7 @@ class ExperimentRun:
     setting_runtime_s: dict[str, float]
     methods: list[tuple[Method, dict]]
     workers: int = 1
+    models: list[ModelOutcome] = field(default_factory=list)  # with save_model: repeat 1's models
 
 
 def load_federation(spec: DataSpec) -> Federation:
@@ -368,15 +378,19 @@ def prepare_site(site, train: np.ndarray, fed: Federation, config: ExperimentCon
     """One site's rows of a repeat, split by ``train``: categorical test levels outside ``known``
     (the levels some site's training rows hold) zeroed and counted, missing values imputed from
     the site's training rows, per-site scaling applied; its training moments for global scaling."""
+    known = known or {}
     X_train, X_test = site.X[train], site.X[~train]
-    X_test, unseen = keep_training_levels(X_test, fed.categorical, known or {})
-    if not fed.is_image:
-        X_train, X_test = impute(X_train, X_test, fed.impute, site=site.name, feature_names=fed.feature_names)
+    X_test, unseen = keep_training_levels(X_test, fed.categorical, known)
+    imputer = scaler = None
+    if not fed.is_image and fed.impute is not None:
+        imputer = Imputer.fit(X_train, fed.impute, site=site.name, feature_names=fed.feature_names)
+        X_train, X_test = imputer(X_train), imputer(X_test)
     if config.scaling == "site":
-        scale = Standardizer.from_moments([Moments.of(X_train)])
-        X_train, X_test = scale(X_train), scale(X_test)
+        scaler = Standardizer.from_moments([Moments.of(X_train)])
+        X_train, X_test = scaler(X_train), scaler(X_test)
     y = site.y.astype(np.float64)
-    return SplitSite(site.name, X_train, y[train], X_test, y[~train], Moments.of(X_train), unseen)
+    return SplitSite(site.name, X_train, y[train], X_test, y[~train], Moments.of(X_train), unseen,
+                     imputer, scaler, known)
 
 
 def prepare_repeat(fed: Federation, config: ExperimentConfig, repeat: int) -> list[SplitSite]:
@@ -403,12 +417,16 @@ class ScaledViews:
         self.sites, self.mode = sites, mode
         self._cache: dict[tuple[int, ...], tuple[list[LocalData], list[np.ndarray]]] = {}
 
+    def scaler(self, group: tuple[int, ...]) -> Standardizer:
+        """The standardization of a model trained on ``group``, applied to every row it scores."""
+        if self.mode == "global":
+            return Standardizer.from_moments([self.sites[i].moments for i in group])
+        # "site" was applied in prepare_repeat; "none" leaves values as they are
+        return Standardizer.identity(self.sites[0].X_train.shape[1])  # features, or channels
+
     def __call__(self, group: tuple[int, ...]) -> tuple[list[LocalData], list[np.ndarray]]:
         if group not in self._cache:
-            if self.mode == "global":
-                scale = Standardizer.from_moments([self.sites[i].moments for i in group])
-            else:  # "site" was applied in prepare_repeat; "none" leaves values as they are
-                scale = Standardizer.identity(self.sites[0].X_train.shape[1])  # features, or channels
+            scale = self.scaler(group)
             train = [LocalData(self.sites[i].name, scale(self.sites[i].X_train), self.sites[i].y_train) for i in group]
             tests = [scale(s.X_test) for s in self.sites]
             self._cache[group] = (train, tests)
@@ -430,6 +448,7 @@ class RepeatOutcome:
     # "single" stands for the one per-site model Single and Cross share
     loss_rises: list[tuple[str, str | None, float, float]] = field(default_factory=list)
     unseen_levels: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # site -> column -> level -> rows
+    models: dict[str, ModelOutcome] = field(default_factory=dict)  # with save_model, in repeat 1: by name
 
 
 CROSS_ONE_SITE = "Cross trains on one site and tests on another; this federation has a single site"
@@ -454,6 +473,22 @@ def run_repeat(
     out = RepeatOutcome([], [], [s.name for s in sites if s.single_class], {},
                         unseen_levels={s.name: s.unseen_levels for s in sites if s.unseen_levels})
     single_models: dict[int, CentralFit] = {}
+    saving = config.save_model and repeat == SAVED_REPEAT
+    # Single and Cross score with one model per training site, saved once as Single-<site>
+    per_site = [spec.display for spec, _ in methods if spec.name in ("single", "cross")]
+
+    def keep(name: str, spec: Method, params, group: tuple[int, ...], reason: str | None = None) -> None:
+        """With ``save_model``, repeat 1's model of a setting as its file, or why it has none."""
+        if not saving or name in out.models:
+            return
+        one_site = spec.name in ("single", "cross")
+        model = None if reason is not None else saved_model_file(
+            config, federation, sites, scaled.scaler(group), params,
+            setting="Single" if one_site else spec.display, method="single" if one_site else spec.name,
+            train_sites=[site_names[i] for i in group], settings=per_site if one_site else [spec.display],
+            personal=spec.personal,
+        )
+        out.models[name] = ModelOutcome(name, model, reason)
 
     def key_of(spec: Method, train_site: str | None, j: int, evaluation: str = "split", model_kind: str = "global"):
         return (spec.display, spec.name, train_site, site_names[j], evaluation, model_kind)
@@ -486,6 +521,7 @@ def run_repeat(
             if held_out is not None:
                 out.evaluations.append((key_of(spec, None, held_out, "loso"), failure, None))
                 return
+            keep(spec.display, spec, None, group, failure.reason)
             kinds = ["global"] * spec.global_model + ["personal"] * (spec.personal or not spec.global_model)
             for j in range(n_sites):
                 for kind in kinds:
@@ -500,6 +536,9 @@ def run_repeat(
         if failure is None and finite.size and loss_rise(finite[0], finite[-1]):
             out.loss_rises.append((spec.name, None, float(finite[0]), float(finite[-1])))
         out.histories.append(federated_history(spec, repeat, run, config))
+        keep(spec.display, spec, run.params, group, _reason(failure) if spec.global_model else (
+            f"no global model: {spec.display} shares only part of the model; each site's personal model stays "
+            "at the site"))
         for j in range(n_sites):
             if spec.global_model:
                 evaluate_on(key_of(spec, None, j), run.params, tests, j, failure)
@@ -531,13 +570,17 @@ def run_repeat(
         elif spec.name in ("single", "cross"):
             for i, s in enumerate(sites):
                 targets = [i] if spec.name == "single" else [j for j in range(n_sites) if j != i]
+                if s.single_class:
+                    failure = Failure("not computable", f"training rows of site {s.name!r} hold one class only")
+                    for j in targets:
+                        out.evaluations.append((key_of(spec, s.name, j), failure, None))
+                    keep(f"Single-{s.name}", spec, None, (i,), failure.reason)
+                    continue
+                fit = single_model(i)
+                failure = centralized_failure(fit)
                 for j in targets:
-                    if s.single_class:
-                        reason = f"training rows of site {s.name!r} hold one class only"
-                        out.evaluations.append((key_of(spec, s.name, j), Failure("not computable", reason), None))
-                    else:
-                        fit = single_model(i)
-                        evaluate_on(key_of(spec, s.name, j), fit.params, scaled((i,))[1], j, centralized_failure(fit))
+                    evaluate_on(key_of(spec, s.name, j), fit.params, scaled((i,))[1], j, failure)
+                keep(f"Single-{s.name}", spec, fit.params, (i,), _reason(failure))
         elif spec.name == "mix":
             for held_out in [None, *(range(n_sites) if config.loso else [])]:
                 group = tuple(i for i in everyone if i != held_out)
@@ -546,6 +589,8 @@ def run_repeat(
                 key = (TRAIN_STREAM, repeat, name_key("mix")) + (() if held_out is None else (name_key("loso"), held_out))
                 fit = centralized("mix", None, pooled, KeyedRng(config.seed, key))
                 failure = centralized_failure(fit)
+                if held_out is None:
+                    keep(spec.display, spec, fit.params, group, _reason(failure))
                 for j in range(n_sites) if held_out is None else [held_out]:
                     evaluation = "split" if held_out is None else "loso"
                     evaluate_on(key_of(spec, None, j, evaluation), fit.params, tests, j, failure)
@@ -747,6 +792,8 @@ def assemble_run(config: ExperimentConfig, federation, methods, outcomes: list[R
         for c in cells.values():
             if c.method in shared and c.train_site == train_site:
                 c.warnings.append(note)
+    models = list(outcomes[0].models.values())
+    name_files(models)
     return ExperimentRun(
         config=config,
         federation=federation,
@@ -757,4 +804,5 @@ def assemble_run(config: ExperimentConfig, federation, methods, outcomes: list[R
         setting_runtime_s=setting_time,
         methods=methods,
         workers=workers,
+        models=models,
     )

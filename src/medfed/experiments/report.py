@@ -1,10 +1,11 @@
-"""Writing results: JSON, CSV, Markdown (and PNG plots), all or nothing.
+"""Writing results: JSON, CSV, Markdown (PNG plots, ``models/*.npz``), all or nothing.
 
-Every file is first written under a temporary name in the output folder and renamed into
-place only after all of them were written, so a failed run leaves no partial result files.
-The output folder is checked before any work (:func:`check_output_dir`), and a run owns it:
-the files of the previous run that this one did not rewrite are removed (the folder's
-manifest says which files medfed wrote).
+Every file is first written under a temporary name next to its final place (in the output
+folder, or in its ``models/`` folder) and renamed into place only after all of them were
+written, so a failed run leaves no partial result files. The output folder is checked before
+any work (:func:`check_output_dir`), and a run owns it: the files of the previous run that
+this one did not rewrite are removed (the folder's manifest says which files medfed wrote,
+by their paths relative to the folder, e.g. ``models/FedAvg.npz``).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from medfed.errors import ConfigError
 from medfed.experiments.metrics import METRICS
 from medfed.experiments.results import communication_lines, data_note_lines, server_note_lines, table_rows
+from medfed.experiments.saved_model import MODEL_FILES, model_lines
 
 
 def results_csv(doc: dict[str, Any]) -> str:
@@ -73,6 +75,9 @@ def results_markdown(doc: dict[str, Any]) -> str:
     server = server_note_lines(doc)
     if server:
         lines += ["", "Server:", *[f"- {line}" for line in server]]
+    models = model_lines(doc)
+    if models:
+        lines += ["", "Models:", *[f"- {line}" for line in models]]
     if doc["warnings"]:
         lines += ["", "Warnings:", *[f"- {w}" for w in doc["warnings"]]]
     if doc.get("attribution"):
@@ -83,14 +88,32 @@ def results_markdown(doc: dict[str, Any]) -> str:
 # A file being written is ".NAME.tmp-PID" until every file of the set is ready; a process
 # killed mid-write (SIGKILL, power loss) leaves these behind, so each write removes the
 # strays of dead processes. Only these extensions are medfed's: a user's ".notes.tmp-3" stays.
-TEMP_FILE = re.compile(r"^\.(?P<name>.+\.(?:json|csv|tsv|md|png|pdf|svg|parquet|pq|probe))\.tmp-(?P<pid>\d+)$")
+TEMP_FILE = re.compile(r"^\.(?P<name>.+\.(?:json|csv|tsv|md|png|pdf|svg|parquet|pq|npz|probe))\.tmp-(?P<pid>\d+)$")
 MANIFEST = ".medfed-files.json"  # the set of files the last run wrote into its folder
 PROBE = "medfed.probe"
 MIN_FREE_BYTES = 1 << 20  # a report with plots is a few hundred kB
 
 
 def temp_path(out_dir: Path, name: str, pid: int | None = None) -> Path:
-    return Path(out_dir) / f".{name}.tmp-{os.getpid() if pid is None else pid}"
+    """Where file ``name`` (relative to ``out_dir``, e.g. ``models/FedAvg.npz``) is staged: next to
+    its final place, so the rename stays in one folder."""
+    final = Path(out_dir) / name
+    return final.parent / f".{final.name}.tmp-{os.getpid() if pid is None else pid}"
+
+
+def _relative_name(name: Any) -> str | None:
+    """``name`` when it is a file name in the folder or in one subfolder (``models/FedAvg.npz``),
+    as the manifest records them; None for anything else (absolute, '..', deeper)."""
+    if not isinstance(name, str) or not name or "\\" in name or name.startswith("/"):
+        return None
+    parts = PurePosixPath(name).parts
+    ok = 1 <= len(parts) <= 2 and "/".join(parts) == name and not any(p in (".", "..") for p in parts)
+    return name if ok else None
+
+
+def _subfolders(names) -> list[str]:
+    """The subfolders that file names or glob patterns (``models/*.npz``) put files in."""
+    return sorted({str(PurePosixPath(n).parent) for n in names if "/" in n})
 
 
 def _alive(pid: int) -> bool:
@@ -151,16 +174,23 @@ REPORT_FILES = ("results.json", "results.csv", "table.md", "roc_*.*", "convergen
 
 
 def foreign_files(out_dir: Path, names: tuple[str, ...]) -> list[str]:
-    """Files in ``out_dir`` that a run would write (they match ``names``, glob patterns) but that
-    the previous medfed run there did not write, or that changed since it did: a user's own
-    ``results.csv`` in the folder, or one they edited."""
+    """Files in ``out_dir`` (or its subfolders that ``names`` name) that a run would write (they
+    match ``names``, glob patterns such as ``models/*.npz``) but that the previous medfed run there
+    did not write, or that changed since it did: a user's own ``results.csv`` in the folder, or
+    one they edited. Returned as paths relative to ``out_dir``."""
     if not names or not out_dir.is_dir():
         return []
     previous = _previous_set(out_dir)
-    return [
-        p.name for p in sorted(out_dir.iterdir())
-        if p.is_file() and any(fnmatch.fnmatchcase(p.name, n) for n in names) and previous.get(p.name) != _stat_key(p)
-    ]
+    found = []
+    for folder in ["", *_subfolders(names)]:
+        where = out_dir / folder
+        if not where.is_dir():
+            continue
+        for p in sorted(where.iterdir()):
+            name = f"{folder}/{p.name}" if folder else p.name
+            if p.is_file() and any(fnmatch.fnmatchcase(name, n) for n in names) and previous.get(name) != _stat_key(p):
+                found.append(name)
+    return found
 
 
 def check_output_dir(
@@ -201,6 +231,11 @@ def check_output_dir(
             created.append(folder)
         if not os.access(path, os.W_OK | os.X_OK):
             raise ConfigError(f"{label} {str(path)!r} is not writable (permission denied)")
+        for folder in _subfolders(owns):
+            sub = path / folder
+            if (sub.exists() or sub.is_symlink()) and not sub.is_dir():
+                raise ConfigError(f"{label} {str(path)!r} holds a file {folder!r} where this run writes a folder "
+                                  "of that name; move it, or choose another folder")
         _probe(path, label)
         foreign = [] if overwrite else foreign_files(path, owns)
         if foreign:
@@ -212,7 +247,8 @@ def check_output_dir(
     except BaseException:
         _remove_empty(created)
         raise
-    remove_stray_temp_files(path)
+    for folder in ["", *_subfolders(owns)]:
+        remove_stray_temp_files(path / folder)
     return created
 
 
@@ -265,7 +301,7 @@ def _previous_set(out_dir: Path) -> dict[str, dict[str, int]]:
         return {}
     if not isinstance(files, dict):
         return {}
-    return {n: k for n, k in files.items() if isinstance(n, str) and n and Path(n).name == n and isinstance(k, dict)}
+    return {n: k for n, k in files.items() if _relative_name(n) is not None and isinstance(k, dict)}
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -278,21 +314,31 @@ def _write_synced(path: Path, data: bytes) -> None:
 def write_atomically(out_dir: Path, files: dict[str, Callable[[], bytes]], *, as_set: bool = True) -> list[Path]:
     """Produce every file's bytes, write them under temporary names, then rename them all.
 
-    If producing or writing any file fails, every temporary file is removed and no result
-    file is touched. With ``as_set`` (a run owns its folder) the names written are recorded
-    in the folder's manifest, and the files of the previous set that this one did not
-    rewrite (a plot of a site no longer there, PNGs of a run with ``--plots``) are removed,
-    unless they changed since that run wrote them: files medfed did not write stay.
+    A name may lie in one subfolder (``models/FedAvg.npz``); the subfolder is made as needed.
+    If producing or writing any file fails, every temporary file is removed (and the folders
+    made for them) and no result file is touched. With ``as_set`` (a run owns its folder) the
+    names written are recorded in the folder's manifest, and the files of the previous set
+    that this one did not rewrite (a plot of a site no longer there, PNGs of a run with
+    ``--plots``, models of a run with ``--save-model``) are removed, unless they changed since
+    that run wrote them: files medfed did not write stay, and so does a subfolder holding them.
     """
     out_dir = Path(out_dir)
+    bad = [n for n in files if _relative_name(n) is None]
+    if bad:
+        raise ValueError(f"not a file name in the output folder or one subfolder of it: {bad[0]!r}")
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stray_temp_files(out_dir)
     previous = _previous_set(out_dir) if as_set else {}
+    for folder in ["", *_subfolders([*files, *previous])]:
+        remove_stray_temp_files(out_dir / folder)
     staged: list[tuple[Path, Path]] = []
+    made: list[Path] = []  # subfolders this call created, removed again if it fails
     try:
         for name, produce in files.items():
             final = out_dir / name
+            if not final.parent.is_dir():
+                final.parent.mkdir()
+                made.append(final.parent)
             tmp = temp_path(out_dir, name)
             staged.append((tmp, final))
             _write_synced(tmp, produce())
@@ -305,6 +351,7 @@ def write_atomically(out_dir: Path, files: dict[str, Callable[[], bytes]], *, as
     except BaseException:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)  # also a file whose write failed half-way
+        _remove_empty(made)
         if created and not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise
@@ -314,6 +361,8 @@ def write_atomically(out_dir: Path, files: dict[str, Callable[[], bytes]], *, as
         stale = out_dir / name
         if name not in files and stale.is_file() and not stale.is_symlink() and _stat_key(stale) == key:
             stale.unlink()
+    for folder in set(_subfolders(previous)) - set(_subfolders(files)):
+        _remove_empty([out_dir / folder])  # a run without --save-model leaves no empty models/
     return [final for _, final in staged[: len(files)]]
 
 
@@ -328,4 +377,11 @@ def report_files(doc: dict[str, Any], run=None, plots: bool = False) -> dict[str
         from medfed.experiments import plots as plotting
 
         files.update(plotting.plot_files(run, doc))
+    if run is not None:
+        files.update({o.file: o.model.to_bytes for o in run.models if o.model is not None})
     return files
+
+
+def owned_files(save_model: bool) -> tuple[str, ...]:
+    """The names (glob patterns) a run's report may take in its folder."""
+    return REPORT_FILES + (MODEL_FILES if save_model else ())

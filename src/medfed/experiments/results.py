@@ -14,6 +14,7 @@ import numpy as np
 
 from medfed.experiments.harness import Cell, ExperimentRun
 from medfed.experiments.metrics import METRICS, Metric
+from medfed.experiments.saved_model import models_document
 
 STD_DDOF = 1  # sample standard deviation over repeats
 
@@ -141,6 +142,8 @@ def results_document(run: ExperimentRun, command: str | None = None) -> dict[str
              "bytes_up_values": e["bytes_up"]}
             for setting, e in communication.items()
         ],
+        # with --save-model: the file of each setting's model (repeat 1) and why others have none
+        "models": models_document(run.models, config) if config.save_model else None,
     }
 
 

@@ -1,0 +1,372 @@
+"""A trained model as a file, ``models/<Setting>.npz``, and scoring new rows with it.
+
+``medfed run --save-model`` writes one file per setting that yields one global model, from
+repeat 1 (:func:`saved_model_file`, called by the harness); ``medfed predict`` reads one
+(:func:`load_saved_model`) and scores a table with the same columns (:meth:`SavedModel.score`),
+preprocessing each row as the run preprocessed a site's test rows, so that the scores equal
+the run's bit for bit.
+
+Format ``medfed-model`` version 1: an npz archive (numpy's zip of ``.npy`` arrays; read with
+``allow_pickle=False``) holding
+
+- ``metadata``: JSON text (a 0-d string array), described in :func:`saved_model_file`;
+- ``params/<name>``: the parameter view in float64 (``params/weight``, ``params/bias`` for the
+  numpy logistic model; ``params/body.0.linear.weight`` ... for a torch model);
+- ``scaler/mean``, ``scaler/scale``: the standardization the model applies to every row
+  (``scaling = "global"``: the pooled mean and standard deviation of its training sites'
+  training rows, assembled from their moments);
+- ``site/<i>/impute``: site *i*'s imputation values, the column medians (or means) of its
+  training rows (with ``impute``); ``site/<i>/mean``, ``site/<i>/scale``: site *i*'s own
+  standardization (``scaling = "site"``); *i* indexes ``sites`` in the metadata.
+
+About the data it holds what a setup exchange may share: per-column summaries of training
+rows and level names, never a row. Every zip entry carries a fixed time stamp, so the same
+config and seed write the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from medfed.data.categorical import CategoricalColumn, keep_training_levels
+from medfed.data.preprocess import Imputer, Standardizer
+from medfed.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from medfed.data.federation import Federation
+    from medfed.data.tables import ScoringRows
+    from medfed.experiments.config import ExperimentConfig
+
+FORMAT = "medfed-model"
+FORMAT_VERSION = 1
+MODELS_DIR = "models"
+MODEL_FILES = (f"{MODELS_DIR}/*.npz",)  # the names a run with --save-model may write in its folder
+SAVED_REPEAT = 0  # the repeat whose models are saved (0-based: "repeat 1")
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
+
+
+@dataclass(frozen=True)
+class SavedModel:
+    """What a model file holds: its metadata, its parameter view and its preprocessing arrays
+    (by their archive names, ``scaler/...`` and ``site/<i>/...``)."""
+
+    meta: dict[str, Any]
+    params: dict[str, np.ndarray]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        entries = {"metadata": np.array(json.dumps(self.meta, indent=1, allow_nan=False))}
+        entries.update({f"params/{name}": np.asarray(v, dtype=np.float64) for name, v in self.params.items()})
+        entries.update(self.arrays)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, value in entries.items():
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                with archive.open(info, "w") as fh:
+                    np.lib.format.write_array(fh, np.asarray(value), allow_pickle=False)
+        return buf.getvalue()
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.meta["sites"])
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.meta["sample_shape"]) > 1
+
+    def check_scorable(self, site: str | None, source: str) -> None:
+        """Refuse, before any data is read, what :meth:`score` cannot do: an image model, an
+        unknown ``site``, or per-site standardization without ``site``. ``source`` names the file."""
+        if self.is_image:
+            raise ConfigError(
+                f"{source} holds an image model ({self.meta['model']['name']}, samples of shape "
+                f"{tuple(self.meta['sample_shape'])}); medfed predict scores feature tables only"
+            )
+        if site is not None and site not in self.sites:
+            raise ConfigError(f"--site {site!r}: {source} has no such site; its sites: {', '.join(self.sites)}")
+        if site is None and self.meta["scaling"] == "site":
+            raise ConfigError(
+                f"{source} standardizes each site's rows with that site's own statistics (--scaling site): "
+                f"pass --site NAME, one of {', '.join(self.sites)}"
+            )
+
+    @property
+    def categorical(self) -> tuple[CategoricalColumn, ...]:
+        return tuple(CategoricalColumn(c["column"], tuple(c["levels"]), int(c["start"])) for c in self.meta["categorical"])
+
+    def score(self, rows: ScoringRows, site: str | None = None, source: str = "the model",
+              data: str = "the rows") -> Scored:
+        """Each row's probability of the positive class, preprocessed as the run preprocessed
+        the test rows of ``site`` (prepare_repeat, then the model's standardization). ``source``
+        and ``data`` name the model file and the table in messages."""
+        self.check_scorable(site, source)
+        columns = self.categorical
+        known = {c["column"]: np.isin(c["levels"], c["trained"]) for c in self.meta["categorical"]}
+        X, unseen = keep_training_levels(rows.X, columns, known)
+        for column, levels in rows.new_levels.items():
+            unseen.setdefault(column, {}).update(levels)
+        missing = np.isnan(X)
+        if missing.any():  # read_scoring_rows refused missing values for a model without imputation
+            if site is None:
+                first = self.meta["feature_names"][int(np.argmax(missing.any(axis=0)))]
+                raise ConfigError(
+                    f"{data} has {int(missing.sum())} missing values (first in column {first!r}); {source} fills "
+                    f"them with a training site's {self.meta['impute']}s: pass --site NAME, one of {', '.join(self.sites)}"
+                )
+            X = Imputer(self.meta["impute"], self.arrays[_site_key(self.sites.index(site), "impute")])(X)
+        if self.meta["scaling"] == "site":
+            i = self.sites.index(site)
+            X = Standardizer(self.arrays[_site_key(i, "mean")], self.arrays[_site_key(i, "scale")])(X)
+        elif self.meta["scaling"] == "global":
+            X = Standardizer(self.arrays["scaler/mean"], self.arrays["scaler/scale"])(X)
+        scores = self.model().predict_proba(self.params, X)
+        return Scored(np.asarray(scores, dtype=np.float64), unseen, int(missing.sum()))
+
+    def model(self):
+        """The model object (numpy logistic, or a torch model: torch is imported here)."""
+        from medfed.models.registry import make_model
+
+        spec = self.meta["model"]
+        return make_model(spec["name"], tuple(self.meta["sample_shape"]), **spec["options"])
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What scoring rows gave: the scores, the categorical levels no training site held (column
+    -> level -> rows, encoded as all-zero indicators) and how many missing values were filled."""
+
+    scores: np.ndarray
+    unseen_levels: dict[str, dict[str, int]]
+    imputed: int
+
+
+def _site_key(i: int, what: str) -> str:
+    return f"site/{i}/{what}"
+
+
+def saved_model_file(
+    config: ExperimentConfig,
+    federation: Federation,
+    sites: Sequence,
+    scaler: Standardizer,
+    params: Mapping[str, np.ndarray],
+    *,
+    setting: str,
+    method: str,
+    train_sites: Sequence[str],
+    settings: Sequence[str],
+    personal: bool = False,
+) -> SavedModel:
+    """The file of one trained model of repeat 1.
+
+    ``sites`` are that repeat's split sites (``harness.SplitSite``: their imputers, site
+    scalers and the categorical levels training rows held); ``scaler`` is the model's own
+    standardization (``harness.ScaledViews.scaler``). Metadata: medfed's version; ``setting``
+    (display name), ``method``, ``settings`` (every setting of the run whose rows this model
+    scored: Single and Cross share one per-site model); ``dataset``, ``train_sites``, ``seed``,
+    ``repeat`` (1) of ``repeats``; ``model`` (name, options); ``sample_shape``,
+    ``feature_names``, ``categorical`` (column, levels, first indicator, levels that training
+    rows held); ``label`` (column, the positive value, what the positive class means);
+    ``impute``, ``scaling``, ``sites``; ``parameters`` (names, in order).
+    """
+    from medfed import __version__
+
+    info = federation.info
+    table = "label_column" in info and not federation.is_image  # embedded data sets have no label column
+    repeats = config.repeats
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "medfed_version": __version__,
+        "setting": setting,
+        "method": method,
+        "settings": list(settings),
+        "dataset": federation.name,
+        "train_sites": list(train_sites),
+        "seed": config.seed,
+        "repeat": SAVED_REPEAT + 1,
+        "repeats": repeats,
+        "note": (f"the model of repeat 1 of {repeats}; each repeat trains its own on another split, and the "
+                 f"results average all {repeats}") if repeats > 1 else "the model of the run's only repeat",
+        "model": {"name": config.model, "options": dict(config.model_options)},
+        "sample_shape": list(federation.sample_shape),
+        "feature_names": list(federation.feature_names),
+        "categorical": [
+            {"column": c.name, "levels": list(c.levels), "start": c.start,
+             "trained": [lv for lv, held in zip(c.levels, sites[0].known_levels[c.name]) if held]}
+            for c in federation.categorical
+        ],
+        "label": {
+            "column": info.get("label_column") if table else None,
+            "positive_label": federation.positive_label if table else "1",
+            "positive_class": federation.positive_label,
+        },
+        "impute": None if federation.is_image else federation.impute,
+        "scaling": config.scaling,
+        "sites": [s.name for s in sites],
+        "parameters": list(params),
+    }
+    if personal:
+        meta["personal_models"] = "each site's personal model stays at the site; this file is the global model"
+    arrays: dict[str, np.ndarray] = {}
+    if config.scaling == "global":
+        arrays["scaler/mean"], arrays["scaler/scale"] = scaler.mean, scaler.scale
+    for i, s in enumerate(sites):
+        if meta["impute"] is not None:
+            arrays[_site_key(i, "impute")] = s.imputer.values
+        if config.scaling == "site":
+            arrays[_site_key(i, "mean")], arrays[_site_key(i, "scale")] = s.scaler.mean, s.scaler.scale
+    return SavedModel(meta, {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}, arrays)
+
+
+def _corrupt(path: Path, what: str) -> DataError:
+    return DataError(f"{path} is not a usable medfed model file: {what}")
+
+
+def load_saved_model(path: str | Path) -> SavedModel:
+    """Read a model file; anything else (no file, a folder, another format, a damaged or newer
+    file) is one :class:`DataError` naming the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"model file {path} is a folder; give a file that medfed run --save-model wrote "
+                        f"({MODELS_DIR}/<Setting>.npz)")
+    if not path.exists():
+        raise DataError(f"model file not found: {path}")
+    try:
+        if not zipfile.is_zipfile(path):
+            raise DataError(f"{path} is not a medfed model file (not an npz archive); medfed run --save-model "
+                            f"writes them as {MODELS_DIR}/<Setting>.npz")
+        with np.load(path, allow_pickle=False) as archive:
+            if "metadata" not in archive.files:
+                raise _corrupt(path, "an npz archive without medfed's metadata entry")
+            meta = json.loads(str(archive["metadata"][()]))
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                raise _corrupt(path, f"its metadata is not of the {FORMAT!r} format")
+            version = meta.get("format_version")
+            if not isinstance(version, int) or version > FORMAT_VERSION:
+                raise _corrupt(path, f"format version {version!r}; this medfed reads version {FORMAT_VERSION} "
+                                     f"(written by medfed {meta.get('medfed_version')})")
+            names = meta.get("parameters")
+            if not isinstance(names, list) or not names:
+                raise _corrupt(path, "its metadata lists no parameters")
+            absent = [n for n in names if f"params/{n}" not in archive.files]
+            if absent:
+                raise _corrupt(path, f"parameter {absent[0]!r} is missing")
+            params = {n: archive[f"params/{n}"] for n in names}
+            arrays = {k: archive[k] for k in archive.files if k != "metadata" and not k.startswith("params/")}
+    except DataError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+        raise _corrupt(path, f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+    model = SavedModel(meta, params, arrays)
+    _check_consistent(model, path)
+    return model
+
+
+def _check_consistent(model: SavedModel, path: Path) -> None:
+    """The metadata keys scoring reads, and the arrays they imply, are there."""
+    meta = model.meta
+    for key, kind in (("model", dict), ("sample_shape", list), ("feature_names", list), ("categorical", list),
+                      ("label", dict), ("scaling", str), ("sites", list), ("setting", str)):
+        if not isinstance(meta.get(key), kind):
+            raise _corrupt(path, f"metadata field {key!r} is missing or not a {kind.__name__}")
+    if meta["scaling"] not in ("global", "site", "none") or meta.get("impute") not in (None, "mean", "median"):
+        raise _corrupt(path, f"scaling {meta['scaling']!r} or impute {meta.get('impute')!r} is not medfed's")
+    needed = ["scaler/mean", "scaler/scale"] if meta["scaling"] == "global" else []
+    for i in range(len(meta["sites"])):
+        needed += [_site_key(i, "impute")] * (meta.get("impute") is not None)
+        needed += [_site_key(i, w) for w in ("mean", "scale")] * (meta["scaling"] == "site")
+    absent = [k for k in needed if k not in model.arrays]
+    if absent:
+        raise _corrupt(path, f"array {absent[0]!r} is missing")
+    if not all(np.isfinite(v).all() for v in (*model.params.values(), *model.arrays.values())):
+        raise _corrupt(path, "it holds NaN or infinite values")
+
+
+# --------------------------------------------------------------------------- a run's model files
+
+
+@dataclass
+class ModelOutcome:
+    """One setting's model of repeat 1, or why the setting has none (``reason``)."""
+
+    name: str  # the setting's display name; "Single-<site>" for a model trained on one site
+    model: SavedModel | None
+    reason: str | None = None
+    file: str | None = None  # "models/<name>.npz" (made safe as a file name), set by name_files
+
+
+def _stem(name: str) -> str:
+    """A display or site name as a file name: letters, digits, '.', '_' and '-' only, no leading dot."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip(".") or "model"
+
+
+def name_files(outcomes: Sequence[ModelOutcome]) -> None:
+    """Give every saved model its file name; two names made alike by :func:`_stem` get -2, -3."""
+    taken: set[str] = set()
+    for o in outcomes:
+        if o.model is None:
+            continue
+        stem, n = _stem(o.name), 1
+        while (stem if n == 1 else f"{stem}-{n}").lower() in taken:  # case-insensitive file systems
+            n += 1
+        stem = stem if n == 1 else f"{stem}-{n}"
+        taken.add(stem.lower())
+        o.file = f"{MODELS_DIR}/{stem}.npz"
+
+
+def models_document(outcomes: Sequence[ModelOutcome], config: ExperimentConfig) -> dict[str, Any]:
+    """``results.json``'s ``models``: which file holds which setting's model, and why the others have none."""
+    notes = []
+    if config.loso:
+        notes.append("leave-one-site-out models (one per held-out site) are not saved")
+    if config.repeats > 1:
+        notes.append(f"each file holds repeat 1's model; the results average {config.repeats} repeats")
+    return {
+        "repeat": SAVED_REPEAT + 1,
+        "repeats": config.repeats,
+        "files": {o.name: o.file for o in outcomes if o.model is not None},
+        "not_saved": {o.name: o.reason for o in outcomes if o.model is None},
+        "notes": notes,
+    }
+
+
+def model_lines(doc: dict[str, Any]) -> list[str]:
+    """What the report says about the model files (empty without --save-model)."""
+    models = doc.get("models")
+    if not models:
+        return []
+    lines = []
+    if models["files"]:
+        lines.append(f"saved (repeat {models['repeat']} of {models['repeats']}): {', '.join(models['files'].values())}")
+    lines += [f"no file for {name}: {reason}" for name, reason in models["not_saved"].items()]
+    return lines + list(models["notes"])
+
+
+# --------------------------------------------------------------------------- predictions
+
+THRESHOLD = 0.5  # a row is predicted positive when its score is at least this (as in the run's ACC/SEN/SPE)
+
+
+def predictions_csv(scores: np.ndarray, ids: Sequence[str] | None = None, id_column: str | None = None) -> bytes:
+    """``row`` (the data row, 1-based as in medfed's messages), the id column when given,
+    ``score`` (probability of the positive class, every digit: it reads back as the same float)
+    and ``predicted`` (1 when score >= THRESHOLD)."""
+    import csv
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["row", *([id_column] if ids is not None else []), "score", "predicted"])
+    for i, score in enumerate(scores.tolist()):
+        writer.writerow([i + 1, *([ids[i]] if ids is not None else []), repr(score), int(score >= THRESHOLD)])
+    return buf.getvalue().encode()
