@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -56,7 +57,7 @@ def _simulated(root, tmp):
 
     out = tmp / "sim"
     result = CliRunner().invoke(app, ["run", str(root / "study.toml"), "--data", str(root / "all.csv"),
-                                      "--out", str(out)])
+                                      "--out", str(out), "--save-model"])
     assert result.exit_code == 0, result.output
     return json.loads((out / "results.json").read_text())
 
@@ -73,6 +74,24 @@ def test_a_deployed_study_equals_its_simulation(tables, tmp_path):
     for setting, h in simulated["histories"].items():
         assert deployed["histories"][setting]["train_loss"] == h["train_loss"]
         assert deployed["histories"][setting]["bytes_up_per_run"] == h["bytes_up_per_run"]
+    for setting in ("FedAvg", "SCAFFOLD", "Ditto"):  # the final global models, as simulation saves them
+        with np.load(tmp_path / "out" / "models" / f"{setting}.npz") as a, \
+                np.load(tmp_path / "sim" / "models" / f"{setting}.npz") as b:
+            params = [k for k in b.files if k.startswith("params/")]
+            assert params and sorted(a.files) == sorted(b.files)
+            for k in a.files:
+                if k != "metadata":
+                    np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-12)
+    from typer.testing import CliRunner
+
+    from medfed.cli.app import app
+
+    for where in ("out", "sim"):  # medfed predict scores new rows with a deployed model as with a simulated one
+        result = CliRunner().invoke(app, ["predict", "--model", str(tmp_path / where / "models" / "FedAvg.npz"),
+                                          "--data", str(tables / "Hungary.csv"), "--site", "Hungary",
+                                          "--out", str(tmp_path / f"{where}.csv")])
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "out.csv").read_text() == (tmp_path / "sim.csv").read_text()
     status = json.loads((tmp_path / "out" / "status.json").read_text())
     assert status["state"] == "finished" and status["round"] == "3/3"
     assert not (tmp_path / "out" / ".medfed-deploy").exists()

@@ -29,7 +29,7 @@ import numpy as np
 
 from medfed.atomic import write_bytes_atomically
 from medfed.comm.wire import WireError, decode, encode
-from medfed.data.preprocess import Moments, Standardizer
+from medfed.data.preprocess import Imputer, Moments, Standardizer
 from medfed.deploy.study import load_study, site_min_sites, study_payload
 from medfed.engine.checkpoint import CheckpointStore
 from medfed.engine.driver import Driver
@@ -48,11 +48,28 @@ from medfed.experiments.harness import (
     study_fingerprint,
 )
 from medfed.experiments.metrics import Metric
+from medfed.experiments.saved_model import ModelOutcome, saved_model_file
 from medfed.methods import resolve_methods
 from medfed.rng import KeyedRng, name_key
 
 STATUS_FILE = "status.json"
 CHECKPOINTS = ".medfed-deploy"
+
+
+@dataclass(frozen=True)
+class _SharedPreprocessing:
+    """What a site shared of its preprocessing at setup, as a saved model records it."""
+
+    name: str
+    imputer: Imputer | None
+    scaler: Standardizer | None
+    known_levels: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, site: str, setup: Mapping[str, Any]) -> _SharedPreprocessing:
+        imp, own = setup.get("imputer"), setup.get("site_scaler")
+        return cls(site, None if imp is None else Imputer(imp["strategy"], np.asarray(imp["values"])),
+                   None if own is None else Standardizer(np.asarray(own["mean"]), np.asarray(own["scale"])))
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,8 @@ class DeployedFederation:
     description: str = "a deployed study: each site's rows stayed at the site"
     attribution: str = ""
     info: dict = field(default_factory=dict)
+    categorical: tuple = ()  # refused in deployed studies for now (deploy.study)
+    is_image: bool = False
 
     @property
     def site_names(self) -> list[str]:
@@ -143,8 +162,8 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
     shape = tuple(int(v) for v in first["sample_shape"])
     moments = [Moments(int(j["moments"]["n"]), np.asarray(j["moments"]["total"]), np.asarray(j["moments"]["total_sq"]))
                for j in joined.values()]
-    pooled = Standardizer.from_moments(moments) if config.scaling == "global" else None
-    scale = None if pooled is None else _pooled_moments(moments)
+    pooled = Standardizer.from_moments(moments) if config.scaling == "global" else Standardizer.identity(shape[0])
+    scale = {"mean": pooled.mean, "scale": pooled.scale} if config.scaling == "global" else None
     plan = TrainingPlan.for_shape(config, shape)
     initial = plan.initial(shape, 0)
     counts = {site: np.asarray(j["train_label_counts"], dtype=np.float64) for site, j in joined.items()}
@@ -152,7 +171,13 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
     evaluations: list = []
     histories: list = []
     setting_time: dict[str, float] = {}
-    models: dict[str, dict[str, np.ndarray]] = {}
+    models: dict[str, ModelOutcome] = {}
+    fed = DeployedFederation(
+        "deployed", tuple(sites), tuple(joined[s]["summary"] for s in sites), tuple(first["features"]), shape,
+        config.data.impute, first["positive_label"], bool(first["predefined_split"]),
+        info={"label_column": config.data.label_column, "refused_sites": refused},
+    )
+    shared = [_SharedPreprocessing.of(site, joined[site]) for site in sites]
     for spec, opts in methods:
         t0 = time.perf_counter()
         rounds = spec.rounds(t)
@@ -183,15 +208,18 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
         evaluations += _evaluations(spec, sites, answers, failure)
         histories.append(federated_history(spec, 0, result, config))
         if failure is None and spec.global_model:
-            models[spec.display] = result.params
+            models[spec.display] = ModelOutcome(spec.display, saved_model_file(
+                config, fed, shared, pooled, result.params, setting=spec.display, method=spec.name,
+                train_sites=sites, settings=[spec.display], personal=spec.personal))
+        else:
+            why = failure.reason if failure is not None else (
+                f"no global model: {spec.display} shares only part of the model; each site's personal model stays "
+                "at the site")
+            models[spec.display] = ModelOutcome(spec.display, None, why)
         setting_time[spec.display] = time.perf_counter() - t0
-    fed = DeployedFederation(
-        "deployed", tuple(sites), tuple(joined[s]["summary"] for s in sites), tuple(first["features"]), shape,
-        config.data.impute, first["positive_label"], bool(first["predefined_split"]),
-        info={"refused_sites": refused},
-    )
-    outcome = RepeatOutcome(evaluations, histories, [], setting_time)
-    experiment = assemble_run(config, fed, methods, [outcome], started)
+    outcome = RepeatOutcome(evaluations, histories, [], setting_time, models=models)
+    # the deployed run always keeps its final global models (models/<Setting>.npz)
+    experiment = assemble_run(config.model_copy(update={"save_model": True}), fed, methods, [outcome], started)
     experiment.warnings.extend(f"site {s!r} was refused: {why}" for s, why in refused.items())
     doc = results_document(experiment, command)
     files = report_files(doc, experiment, plots=False)
@@ -201,12 +229,6 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
 
     shutil.rmtree(checkpoints, ignore_errors=True)
     return doc
-
-
-def _pooled_moments(moments: list[Moments]) -> dict[str, Any]:
-    """The federation's pooled training moments, which every site scales its rows with."""
-    return {"n": sum(m.n for m in moments), "total": sum(m.total for m in moments),
-            "total_sq": sum(m.total_sq for m in moments)}
 
 
 def _evaluations(spec, sites: list[str], answers: Mapping[str, Any], failure: Failure | None) -> list:
@@ -229,11 +251,3 @@ def _evaluations(spec, sites: list[str], answers: Mapping[str, Any], failure: Fa
                 kind_of = "diverged" if isinstance(got, str) and got.startswith("diverged") else "not computable"
                 out.append((key, Failure(kind_of, why), None))
     return out
-
-
-def _model_bytes(params, scaler, config, fed) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **{f"params/{k}": v for k, v in params.items()})
-    return buf.getvalue()

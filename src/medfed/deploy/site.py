@@ -10,8 +10,8 @@ too; a request the site cannot serve is answered with ``{"error": one line}``, w
 coordinator records as the site's reason for the round.
 
 What leaves the site: at setup, its row counts (all rows; training rows per class), the
-column moments of its training rows (count, sums, sums of squares: global scaling) and its
-feature names; each round, its upload; at the end, its test metrics. Never a row.
+column moments of its training rows (count, sums, sums of squares: global scaling), its
+imputation values (training-row medians or means) and its feature names; each round, its upload; at the end, its test metrics. Never a row.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from medfed.atomic import write_bytes_atomically
 from medfed.client.drift import label_counts
 from medfed.client.local import LocalData
 from medfed.comm.wire import decode, encode
-from medfed.data.preprocess import Moments, Standardizer
+from medfed.data.preprocess import Standardizer
 from medfed.engine.executors.remote import plan_of
 from medfed.engine.protocol import SiteProgram
 from medfed.engine.runtime import SiteRuntime
@@ -90,6 +90,8 @@ def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
         write_bytes_atomically(site.folder / ROWS_FILE, buf.getvalue())
     m = split.moments
     return {
+        "imputer": None if split.imputer is None else {"strategy": split.imputer.strategy, "values": split.imputer.values},
+        "site_scaler": None if split.scaler is None else {"mean": split.scaler.mean, "scale": split.scaler.scale},
         "site": site.name,
         "summary": fed.site_summaries()[0],
         "train_label_counts": tuple(float(c) for c in label_counts(split.y_train)),
@@ -171,9 +173,10 @@ def _prepare(site: SiteIdentity, request: Mapping[str, Any]) -> _Prepared:
 
 
 def _standardizer(scale: Mapping[str, Any] | None, n_features: int) -> Standardizer:
+    """The federation's standardization (the coordinator's, from every site's moments), or none."""
     if scale is None:
         return Standardizer.identity(n_features)
-    return Standardizer.from_moments([Moments(int(scale["n"]), np.asarray(scale["total"]), np.asarray(scale["total_sq"]))])
+    return Standardizer(np.asarray(scale["mean"], dtype=np.float64), np.asarray(scale["scale"], dtype=np.float64))
 
 
 def _train(site: SiteIdentity, request: Mapping[str, Any]):
