@@ -97,6 +97,9 @@ def test_a_deployed_study_equals_its_simulation(tables, tmp_path):
     assert not (tmp_path / "out" / ".medfed-deploy").exists()
     # no row left any site: the site folders hold their own rows, the coordinator's folder none
     assert all((tmp_path / f"site-{s}" / "rows.npz").exists() for s in ("Cleveland", "Hungary"))
+    # Ditto's personal models stay at their sites
+    assert (tmp_path / "site-Hungary" / "models" / "ditto-personal.npz").exists()
+    assert not list((tmp_path / "out").rglob("*personal*"))
 
 
 def test_a_site_whose_file_misses_a_column_is_refused_by_name(tables, tmp_path):

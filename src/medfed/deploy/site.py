@@ -16,6 +16,7 @@ imputation values (training-row medians or means) and its feature names; each ro
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -85,9 +86,9 @@ def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
     split = prepare_site(own, training_rows(own, names.index(site.name), config, 0), fed, config)
     write_bytes_atomically(site.folder / STUDY_FILE, json.dumps(request["study"]).encode())
     rows = {"X_train": split.X_train, "y_train": split.y_train, "X_test": split.X_test, "y_test": split.y_test}
-    with _buffer() as buf:
-        np.savez(buf, **rows)
-        write_bytes_atomically(site.folder / ROWS_FILE, buf.getvalue())
+    buf = io.BytesIO()
+    np.savez(buf, **rows)
+    write_bytes_atomically(site.folder / ROWS_FILE, buf.getvalue())
     m = split.moments
     return {
         "imputer": None if split.imputer is None else {"strategy": split.imputer.strategy, "values": split.imputer.values},
@@ -120,17 +121,6 @@ def _own_federation(site: SiteIdentity, config):
             f"only, with {d.site_column} = {site.name}"
         )
     return fed
-
-
-class _buffer:
-    def __enter__(self):
-        import io
-
-        self._b = io.BytesIO()
-        return self._b
-
-    def __exit__(self, *exc):
-        return False
 
 
 # -- rounds --------------------------------------------------------------------------------------
@@ -205,8 +195,18 @@ def _evaluate(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
     if request.get("global_model"):
         out["global"] = metrics(plan.params)
     if request.get("personal"):
-        out["personal"] = metrics(prepared.runtime.personalize(plan))
+        personal = prepared.runtime.personalize(plan)
+        out["personal"] = metrics(personal)
+        _keep_personal(site, str(request["run"]["method"]), personal)
     return out
+
+
+def _keep_personal(site: SiteIdentity, method: str, params: Mapping[str, np.ndarray]) -> None:
+    """The site's personal model, kept in its own folder (``models/<method>-personal.npz``,
+    the parameter view as ``params/<name>``); it never leaves the site."""
+    buf = io.BytesIO()
+    np.savez(buf, **{f"params/{k}": np.asarray(v) for k, v in params.items()})
+    write_bytes_atomically(site.folder / "models" / f"{method}-personal.npz", buf.getvalue())
 
 
 def _hello(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
