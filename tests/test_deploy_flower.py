@@ -68,7 +68,7 @@ def test_two_registered_sites_run_echo_fedavg_with_the_right_average(federation)
     app = FlowerApp({"out": str(out), "sites": "a,b", "rounds": 2, "round-timeout-s": 40, "poll-s": 0.05})
     run_id = federation.link.start_run(app)
     status = federation.link.wait_run(run_id, timeout_s=90)
-    assert status.ok, f"{status}\n{federation.link.process.log_tail(30)}"
+    assert status.ok, f"{status}\n{status.log.read_text() if status.log else ''}"
     record = json.loads((out / "echo.json").read_text())
     # the nodes said which site they are; Flower gave those node ids at registration
     assert record["sites"] == federation.ids
@@ -80,6 +80,16 @@ def test_two_registered_sites_run_echo_fedavg_with_the_right_average(federation)
     # a ran Flower's ClientApp process per message, b medfed's worker
     assert "Start `flwr-clientapp` process" in federation.nodes["a"].log_text()
     assert "medfed-worker: ClientApp answered train.medfed_exchange" in federation.nodes["b"].log_text()
+    assert f"site 'b' is node {federation.ids['b']}" in status.log.read_text()
+
+
+def test_a_failed_run_is_reported_failed_with_the_serverapps_log(federation):
+    """``flwr run`` exits 0 here; medfed reads the status and keeps the ServerApp's log."""
+    run_id = federation.link.start_run(FlowerApp({"out": str(federation.work / "bad"), "sites": ""}))
+    status = federation.link.wait_run(run_id, timeout_s=60)
+    assert (status.status, status.sub_status) == ("finished", "failed")
+    assert "run config 'sites' names no site" in status.details
+    assert "ConfigError: run config 'sites' names no site" in status.log.read_text()
 
 
 def test_unregistered_site_is_refused_and_the_refusal_is_logged(federation):

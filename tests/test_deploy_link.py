@@ -2,6 +2,7 @@
 timeouts and error replies, without starting any Flower process."""
 
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,8 +18,9 @@ class FakeGrid:
     """The Grid calls FlowerLink makes. ``answer(node, message)`` returns the node's reply
     (None: it never answers); replies appear ``delay`` pulls after the push."""
 
-    def __init__(self, nodes, answer, delay=1):
+    def __init__(self, nodes, answer, delay=1, registered=None):
         self.nodes = list(nodes)
+        self.registered = registered or {}
         self.answer = answer
         self.delay = delay
         self.inbox = {}  # message id -> [pulls left, reply]
@@ -27,6 +29,9 @@ class FakeGrid:
 
     def get_node_ids(self):
         return list(self.nodes)
+
+    def get_nodes(self):
+        return [SimpleNamespace(node_id=n, name=self.registered.get(n, "")) for n in self.nodes]
 
     def push_messages(self, messages):
         ids = []
@@ -74,6 +79,15 @@ def test_sites_maps_names_to_nodes_and_ignores_unknown_and_duplicate_nodes(caplo
     assert {m.metadata.message_type for m in grid.pushed} == {SITE_QUERY}
     assert "'intruder', which the study does not name" in caplog.text
     assert "node 4 also says it is site 'a' (node 1 was first)" in caplog.text
+
+
+def test_a_node_posing_as_another_registered_site_is_ignored(caplog):
+    claims = {1: "a", 2: "a"}
+    grid = FakeGrid(claims, site_reply(claims.get), registered={1: "b", 2: "a"})
+    with caplog.at_level("WARNING", logger="medfed.deploy"):
+        found = FlowerLink(grid, poll_s=0.001).sites(["a", "b"], timeout_s=0.2)
+    assert found == {"a": 2}
+    assert "node 1 says it is site 'a' but its key was registered as 'b'" in caplog.text
 
 
 def test_sites_returns_what_answered_by_the_deadline(caplog):

@@ -8,12 +8,14 @@ pulls replies); the ClientApp learns its site from the SuperNode's ``--node-conf
 
 from __future__ import annotations
 
+import logging
+
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from medfed.deploy import coordinator, site
-from medfed.deploy.link import RECORD, FlowerLink, payload_content, payload_of
+from medfed.deploy.link import LOG, RECORD, FlowerLink, payload_content, payload_of
 
 server_app = ServerApp()
 client_app = ClientApp()
@@ -21,6 +23,12 @@ client_app = ClientApp()
 
 @server_app.main()
 def serve(grid: Grid, context: Context) -> None:
+    # the ServerApp's output is kept by the SuperLink as the run's log (processes.save_run_log)
+    if not LOG.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s medfed: %(message)s"))
+        LOG.addHandler(handler)
+        LOG.setLevel(logging.INFO)
     config = dict(context.run_config)
     coordinator.drive(FlowerLink(grid, poll_s=float(config.get("poll-s", 0.05))), config)
 

@@ -86,12 +86,22 @@ class FlowerLink:
             time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
         return replies
 
+    def _registered_names(self) -> dict[int, str]:
+        """Node id -> the name its key was registered under (medfed registers each site's
+        key under the site's name); empty where the grid has no such record."""
+        try:
+            return {int(n.node_id): str(n.name) for n in self.grid.get_nodes() if n.name}
+        except AttributeError:
+            return {}
+
     def sites(self, expected: Sequence[str], timeout_s: float) -> dict[str, int]:
         """Site name -> node id for the ``expected`` sites that answered within ``timeout_s``.
 
         Nodes appearing while waiting are asked too. A node naming a site not expected, a
-        second node naming a site already claimed, or an error reply is logged and ignored;
-        expected sites missing at the end are logged, and the caller decides.
+        second node naming a site already claimed, a node naming another site than the one
+        its key was registered as (one hospital posing as another), or an error reply is
+        logged and ignored; expected sites missing at the end are logged, and the caller
+        decides.
         """
         from flwr.app import Message, RecordDict
 
@@ -100,9 +110,11 @@ class FlowerLink:
         asked: dict[str, int] = {}  # message id -> node id
         pending: dict[str, str] = {}
         found: dict[str, int] = {}
+        registered: dict[int, str] = {}
         while True:
             new = [n for n in self.grid.get_node_ids() if n not in asked.values()]
             if new:
+                registered.update(self._registered_names())
                 ttl = max(1.0, deadline - time.monotonic())
                 messages = [Message(RecordDict(), n, SITE_QUERY, ttl=ttl, group_id="medfed-sites") for n in new]
                 for node, mid in zip(new, self._push(messages)):
@@ -121,7 +133,10 @@ class FlowerLink:
                 except (KeyError, AttributeError):
                     self.log.warning("node %s answered the site query without a site name; ignored", node)
                     continue
-                if site not in expected:
+                if registered.get(node) and registered[node] != site:
+                    self.log.warning("node %s says it is site %r but its key was registered as %r; ignored",
+                                     node, site, registered[node])
+                elif site not in expected:
                     self.log.warning("node %s says it is site %r, which the study does not name; ignored", node, site)
                 elif site in found:
                     self.log.warning("node %s also says it is site %r (node %s was first); ignored", node, site, found[site])

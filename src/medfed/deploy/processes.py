@@ -1,6 +1,47 @@
 """Start, watch and stop Flower's SuperLink and SuperNodes, and drive a run from medfed's code.
 
-FINDINGS (filled in below once measured).
+Every process gets ``FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1``, Flower's command
+folder on PATH (the SuperLink and SuperNode start ``flower-superexec``, ``flwr-serverapp``
+and ``flwr-clientapp`` by name), this medfed on PYTHONPATH, its own FLWR_HOME and a log file.
+Runs are started over the Control API with a FAB built in memory (:class:`FlowerApp`) and
+awaited by reading the run's status, never ``flwr run``'s exit code (0 even for a failed run).
+
+What Flower 1.42 allows for latency (read in its sources, measured on this 2-core machine
+shared with other jobs, loopback, TLS and node authentication on, 3 sites; the numbers
+of ``benchmarks/bench_flower_floor.py``):
+
+- One port per SuperLink: its Fleet, Control and Runtime APIs are all HTTPS on ``--host/--port``
+  (FastAPI/uvicorn; the old gRPC ports are gone). Each SuperNode serves its own Runtime API
+  (ClientApp I/O, plain HTTP) on its ``--port``.
+- Server side, ``grid.send_and_receive`` sleeps 3 s between pulls. The Grid's
+  ``push_messages``/``pull_messages`` let the ServerApp choose: :class:`medfed.deploy.link.FlowerLink`
+  pulls every 0.05 s.
+- SuperNode: its loop sleeps a fixed 3 s whenever a pull finds no message (no flag, no
+  variable); after each reply it pulls at once, finds nothing (the server has not
+  aggregated yet) and sleeps 3 s, so at stock sites every round waits ~3 s whatever the
+  server polls. It looks for the ClientApp's reply every 0.5 s. Its heartbeat is every 30 s
+  (a node is marked offline after 2 missed, ~60 s), fixed.
+- SuperExec (inside the SuperLink and each SuperNode) looks for new tasks every 1 s;
+  ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` sets it (0.01-60 s): ``task_poll_s`` here.
+- Isolation: ``--isolation subprocess`` (default) starts a new ``flwr-clientapp`` process
+  per message, i.e. per site per round: importing Flower, numpy and the app alone takes
+  1.3-1.45 s of wall time here, more when 3 sites start at once on 2 cores. Flower's warm
+  executors exist only for Kubernetes and only for agent/model/connector tasks, so stock
+  Flower cannot avoid it. ``--isolation process`` leaves the tasks to any executor polling
+  the SuperNode's Runtime API: medfed's :mod:`medfed.deploy.clientapp_worker` keeps one
+  process and runs medfed's ClientApp in it (``worker=True``).
+- A message's objects travel after its header; a reader that sees the header first waits
+  1 s before retrying (then 2, 4 s). Polling fast makes that likely, so the fast options
+  retry after the poll interval (:mod:`medfed.deploy.flower_patches`).
+- Cost of the fast options: a site with ``node_poll_s=0.1`` and the worker uses ~5 % of a
+  core while idle (vs 0.6 % stock), and the SuperLink ~8 % serving one such site.
+- Memory (largest RSS of each process tree during a run): SuperLink + SuperExec + ServerApp
+  ~390 MiB (PSS ~290); a stock SuperNode + SuperExec + ClientApp ~380 MiB (PSS ~280); a fast
+  SuperNode + worker ~227 MiB (PSS ~160).
+- Seconds per round (bare FedAvg of 100 floats): Flower's stock ServerApp on stock sites
+  7.7 s; medfed's FlowerLink on stock sites 5.1 s; on fast sites 0.41 s, the same as a bare
+  Grid-API loop with the same poll. Start-up to the end of round 1: 14.3 s / 17.0 s / 6.6 s
+  (medfed first asks every node which site it is: one more message per site).
 """
 
 from __future__ import annotations
@@ -292,6 +333,7 @@ class RunStatus:
     sub_status: str = ""
     details: str = ""
     timed_out: bool = False
+    log: Path | None = None
 
     @property
     def ok(self) -> bool:
@@ -300,7 +342,8 @@ class RunStatus:
     def __str__(self) -> str:
         text = f"run {self.run_id}: {self.status}" + (f"/{self.sub_status}" if self.sub_status else "")
         text += f" ({self.details})" if self.details else ""
-        return text + (" after medfed's timeout" if self.timed_out else "")
+        text += " after medfed's timeout" if self.timed_out else ""
+        return text + (f"; ServerApp log: {self.log}" if self.log else "")
 
 
 class SuperLink:
@@ -397,24 +440,43 @@ class SuperLink:
 
         self.control.StopRun(StopRunRequest(run_id=run_id))
 
-    def wait_run(self, run_id: int, timeout_s: float, poll_s: float = 0.2) -> RunStatus:
-        """The run's final status; a run still going after ``timeout_s`` is stopped (and its
-        status returned with ``timed_out``). A SuperLink that died ends the wait at once."""
+    def save_run_log(self, run_id: int) -> Path | None:
+        """Write the run's ServerApp log, which Flower keeps at the SuperLink (the ServerApp's
+        own output goes nowhere), next to the SuperLink's log; its path, or None if the
+        SuperLink gave none."""
+        from flwr.proto.control_pb2 import StreamLogsRequest
+
+        try:
+            text = "".join(r.log_output for r in self.control.StreamLogs(StreamLogsRequest(run_id=run_id)))
+        except Exception:  # noqa: BLE001 - a log that cannot be fetched must not hide the run's status
+            return None
+        path = self.process.log_path.parent / f"run-{run_id}.log"
+        path.write_text(text)
+        return path
+
+    def wait_run(self, run_id: int, timeout_s: float, poll_s: float = 0.5) -> RunStatus:
+        """The run's final status, its ServerApp log saved; a run still going after
+        ``timeout_s`` is stopped (and its status returned with ``timed_out``). A SuperLink
+        that died ends the wait at once."""
         deadline = time.monotonic() + timeout_s
+        timed_out = False
         while True:
             if not self.process.alive():
                 return RunStatus(run_id, "unknown", details=f"the SuperLink exited with status "
                                  f"{self.process.returncode}; see {self.process.log_path}")
             status = self.run_status(run_id)
             if status.status == "finished":
-                return status
+                break
             if time.monotonic() >= deadline:
+                timed_out = True
                 self.stop_run(run_id)
                 end = time.monotonic() + 10
                 while (status := self.run_status(run_id)).status != "finished" and time.monotonic() < end:
                     time.sleep(poll_s)
-                return RunStatus(run_id, status.status, status.sub_status, status.details, timed_out=True)
+                break
             time.sleep(poll_s)
+        return RunStatus(run_id, status.status, status.sub_status, status.details, timed_out=timed_out,
+                         log=self.save_run_log(run_id))
 
     def stop(self, timeout_s: float = 10.0) -> int | None:
         if self._control is not None:
