@@ -10,7 +10,6 @@ PID when the module ends, and the whole module runs under a hard time limit.
 import json
 import os
 import signal
-import sys
 from types import SimpleNamespace
 
 import numpy as np

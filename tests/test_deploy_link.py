@@ -144,6 +144,17 @@ def test_exchange_polls_at_poll_s_not_flowers_3_s():
     assert time.monotonic() - start < 1.0
 
 
+def test_a_push_the_superlink_refuses_is_a_reason_for_every_site():
+    """Flower's grid returns no message ids at all when the request was too large."""
+    names = {1: "a", 2: "b"}
+    grid = FakeGrid(names, site_reply(names.get))
+    link = FlowerLink(grid, poll_s=0.01)
+    link.sites(["a", "b"], timeout_s=5)
+    grid.push_messages = lambda messages: []
+    assert link.exchange({"a": b"x", "b": b"y"}, timeout_s=1) == {
+        s: "error: the SuperLink refused the message (too large, or an unknown node)" for s in "ab"}
+
+
 def test_poll_must_be_positive():
     with pytest.raises(ValueError, match="poll_s must be > 0"):
         FlowerLink(FakeGrid([], None), poll_s=0)

@@ -63,7 +63,10 @@ class FlowerLink:
         self._exchanges = 0
 
     def _push(self, messages: list) -> list[str | None]:
-        return list(self.grid.push_messages(messages))
+        """The message id of each message, None where the SuperLink refused it (Flower's grid
+        returns no ids at all when the request was too large)."""
+        ids = list(self.grid.push_messages(messages)) if messages else []
+        return ids if len(ids) == len(messages) else [None] * len(messages)
 
     def _pull(self, message_ids: list[str]) -> list:
         # a reply seen before its objects are in would wait 1 s in Flower's grid: retry sooner
@@ -117,7 +120,7 @@ class FlowerLink:
                 registered.update(self._registered_names())
                 ttl = max(1.0, deadline - time.monotonic())
                 messages = [Message(RecordDict(), n, SITE_QUERY, ttl=ttl, group_id="medfed-sites") for n in new]
-                for node, mid in zip(new, self._push(messages)):
+                for node, mid in zip(new, self._push(messages), strict=True):
                     if mid is None:
                         self.log.warning("node %s: the SuperLink refused the site query", node)
                         continue
@@ -170,9 +173,9 @@ class FlowerLink:
         messages = [Message(payload_content(requests[s]), self.nodes[s], EXCHANGE, ttl=max(1.0, timeout_s),
                             group_id=group) for s in sites]
         pending = {}
-        for site, mid in zip(sites, self._push(messages)):
+        for site, mid in zip(sites, self._push(messages), strict=True):
             if mid is None:
-                out[site] = "error: the SuperLink refused the message"
+                out[site] = "error: the SuperLink refused the message (too large, or an unknown node)"
             else:
                 pending[mid] = site
         for site, reply in self._collect(pending, deadline).items():

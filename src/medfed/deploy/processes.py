@@ -56,9 +56,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from medfed.deploy.certs import CertSet, SITE_NAME
+from medfed.deploy.certs import SITE_NAME, CertSet
 from medfed.errors import ConfigError, MedfedError
 
 FLOWER_MIN = (1, 42)
