@@ -2,8 +2,8 @@
 every message, instead of a new ``flwr-clientapp`` process per message.
 
 Flower's SuperNode (``--isolation subprocess``, its default) starts a SuperExec that starts a
-fresh ``flwr-clientapp`` process for each message; importing Flower and medfed there costs
-1.3-2 s of CPU on a busy 2-core machine, per site per round. With ``--isolation process``
+fresh ``flwr-clientapp`` process for each message; importing Flower and medfed there takes
+1.3-1.45 s on this 2-core machine, per site per round. With ``--isolation process``
 the SuperNode leaves its tasks to any executor that polls its Runtime API; this worker is
 such an executor. It does per task what ``flwr-clientapp`` does, with Flower's own functions
 (pull the task input, run the ClientApp, push the reply and the task's output), but keeps
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-import os
 import time
 import zipfile
 
@@ -38,7 +37,7 @@ def fab_clientapp(fab_content: bytes) -> str:
     return str(config["tool"]["flwr"]["app"]["components"].get("clientapp", ""))
 
 
-def run_task(address: str, token: str, client_app, poll_s: float) -> str:
+def run_task(address: str, token: str, client_app) -> str:
     """Run one claimed task (one message) through ``client_app``; its final sub-status."""
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode, SubStatus
@@ -47,7 +46,6 @@ def run_task(address: str, token: str, client_app, poll_s: float) -> str:
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supernode.runtime import run_clientapp
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
     client = RuntimeHttpClient.from_server_address(
@@ -64,8 +62,6 @@ def run_task(address: str, token: str, client_app, poll_s: float) -> str:
         except Exception:  # noqa: BLE001 - the sender retries and the task ends anyway
             return False
 
-    # the task is claimable before the SuperNode has all of its message's objects
-    quick_object_retries(run_clientapp, poll_s)
     heartbeat = HeartbeatSender(beat)  # a task without beats expires after 30 s
     message = context = None
     sub_status, details = SubStatus.FAILED, "the ClientApp did not run"
@@ -96,14 +92,22 @@ def run_task(address: str, token: str, client_app, poll_s: float) -> str:
 
 
 def serve(address: str, poll_s: float, parent_pid: int | None) -> None:
-    """Claim ClientApp tasks from the SuperNode at ``address`` until the parent exits."""
+    """Claim ClientApp tasks from the SuperNode at ``address`` until the parent exits (Flower's
+    monitor raises SIGINT then, which ends this loop)."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime import run_clientapp
 
     from medfed.deploy.flower_app import client_app
+
+    # a task is claimable before the SuperNode has all of its message's objects
+    quick_object_retries(run_clientapp, poll_s)
+    if parent_pid is not None:
+        start_parent_process_monitor(parent_pid)  # as flwr-clientapp does: end with the SuperNode
 
     acquire = RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,
@@ -111,12 +115,12 @@ def serve(address: str, poll_s: float, parent_pid: int | None) -> None:
         retry_invoker=make_simple_http_retry_invoker())
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     LOG.info("medfed ClientApp worker polling %s every %g s", address, poll_s)
-    while parent_pid is None or os.getppid() == parent_pid:
+    while True:
         response = acquire.AcquireTask(request)
         if response.HasField("task") and response.token:
             LOG.info("task %s claimed", response.task.task_id)
             try:
-                run_task(address, response.token, client_app, poll_s)
+                run_task(address, response.token, client_app)
             except Exception:  # noqa: BLE001 - one failed task (its reply lost) must not end the site
                 LOG.exception("task %s could not be completed", response.task.task_id)
         else:
