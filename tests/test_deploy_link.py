@@ -138,10 +138,11 @@ def test_exchange_polls_at_poll_s_not_flowers_3_s():
     grid = FakeGrid(names, answer, delay=3)
     link = FlowerLink(grid, poll_s=0.02)
     link.sites(["a"], timeout_s=5)
-    start, pulls = time.monotonic(), grid.pulls
+    start, pulls, waited = time.monotonic(), grid.pulls, link.wait_s
     assert link.exchange({"a": b"hi"}, timeout_s=10) == {"a": b"ok"}
     assert grid.pulls - pulls == 3
     assert time.monotonic() - start < 1.0
+    assert link.wait_s - waited >= 2 * 0.02  # the two waits between the three pulls, counted
 
 
 def test_a_push_the_superlink_refuses_is_a_reason_for_every_site():

@@ -3,7 +3,8 @@
 ``drive(link, run_config)`` learns the sites' nodes, runs ``rounds`` rounds of a float64
 vector of ``site.SIZE`` averaged over the sites that answered, and writes ``echo.json`` to
 the run config's ``out`` folder (the final vector, and per round who answered, who was
-missing and why, and when the round ended). ``medfed.engine``'s ``Driver`` replaces this.
+missing and why, when the round ended, and its seconds in all, in Flower's Grid calls and
+waiting for replies). ``medfed.engine``'s ``Driver`` replaces this.
 """
 
 from __future__ import annotations
@@ -40,12 +41,15 @@ def drive(link, run_config: Mapping[str, object]) -> dict:
     record: dict = {"sites": nodes, "started": started, "sites_known": time.time(), "rounds": []}
     vector = np.zeros(echo_site.SIZE)
     for r in range(rounds):
+        start, grid_s, wait_s = time.perf_counter(), link.grid_s, link.wait_s
         replies = link.exchange({s: encode_request(r, vector) for s in nodes}, timeout_s)
         uploads = {s: np.frombuffer(v, "<f8") for s, v in replies.items() if isinstance(v, bytes)}
         if uploads:
             vector = np.mean([uploads[s] for s in sorted(uploads)], axis=0)
         record["rounds"].append({"round": r, "answered": sorted(uploads), "ended": time.time(),
-                                 "missing": {s: v for s, v in replies.items() if isinstance(v, str)}})
+                                 "missing": {s: v for s, v in replies.items() if isinstance(v, str)},
+                                 "wall_s": time.perf_counter() - start, "grid_s": link.grid_s - grid_s,
+                                 "wait_s": link.wait_s - wait_s})
     record["vector"] = vector.tolist()
     write_atomically(out, {RESULT: lambda: (json.dumps(record, indent=1) + "\n").encode()}, as_set=False)
     return record

@@ -61,19 +61,33 @@ class FlowerLink:
         self.log = log
         self.nodes: dict[str, int] = {}
         self._exchanges = 0
+        # seconds spent in Flower's Grid calls and waiting for replies: the rest of a round's
+        # wall time is medfed's own work (what medfed adds on top of Flower)
+        self.grid_s = 0.0
+        self.wait_s = 0.0
+
+    def _wait(self, deadline: float) -> None:
+        start = time.monotonic()
+        time.sleep(min(self.poll_s, max(0.0, deadline - start)))
+        self.wait_s += time.monotonic() - start
 
     def _push(self, messages: list) -> list[str | None]:
         """The message id of each message, None where the SuperLink refused it (Flower's grid
         returns no ids at all when the request was too large)."""
+        start = time.monotonic()
         ids = list(self.grid.push_messages(messages)) if messages else []
+        self.grid_s += time.monotonic() - start
         return ids if len(ids) == len(messages) else [None] * len(messages)
 
     def _pull(self, message_ids: list[str]) -> list:
         # a reply seen before its objects are in would wait 1 s in Flower's grid: retry sooner
         module = sys.modules.get(type(self.grid).__module__)
         quick = module is not None and any(hasattr(module, f) for f in PULL_FUNCTIONS)
+        start = time.monotonic()
         with quick_object_retries_in(module, self.poll_s) if quick else contextlib.nullcontext():
-            return list(self.grid.pull_messages(message_ids))
+            replies = list(self.grid.pull_messages(message_ids))
+        self.grid_s += time.monotonic() - start
+        return replies
 
     def _collect(self, pending: dict[str, str], deadline: float) -> dict[str, object]:
         """Pull replies to the message ids in ``pending`` (id -> a label) until all came or
@@ -86,7 +100,7 @@ class FlowerLink:
                     replies[label] = reply
             if not pending or time.monotonic() >= deadline:
                 break
-            time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
+            self._wait(deadline)
         return replies
 
     def _registered_names(self) -> dict[int, str]:
@@ -149,7 +163,7 @@ class FlowerLink:
             if len(found) == len(expected) or time.monotonic() >= deadline:
                 break
             if not pending:  # nothing in flight: wait before asking the SuperLink for new nodes
-                time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
+                self._wait(deadline)
         missing = [s for s in expected if s not in found]
         if missing:
             self.log.warning("no node answered as %s within %g s", ", ".join(map(repr, missing)), timeout_s)
