@@ -53,13 +53,29 @@ def federation(tmp_path_factory):
         assert link.wait_online(ids.values(), timeout_s=30) == set(ids.values()), link.process.log_tail()
         yield SimpleNamespace(work=work, certs=certs, link=link, ids=ids, nodes=nodes)
     finally:
-        trees = [pid for p in started for pid, _ in getattr(p, "process", p).tree()]
         stop_all(started, timeout_s=10)
         signal.alarm(0)
         signal.signal(signal.SIGALRM, before)
-    left = [pid for pid in trees if os.path.exists(f"/proc/{pid}") and
-            open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0] != "Z"]
+    groups = {getattr(p, "process", p).pid for p in started}
+    left = _live_processes(lambda pgrp, cmdline: pgrp in groups or str(work).encode() in cmdline)
     assert not left, f"processes still running after stop_all: {left}"
+
+
+def _live_processes(match) -> list[int]:
+    """Live processes whose (process group, command line) ``match``: found from /proc, not
+    from medfed's own bookkeeping, so that a process medfed lost track of is found too."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = open(f"/proc/{entry.name}/stat").read().rpartition(")")[2].split()
+            cmdline = open(f"/proc/{entry.name}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if fields[0] != "Z" and match(int(fields[2]), cmdline):
+            found.append(int(entry.name))
+    return found
 
 
 def test_two_registered_sites_run_echo_fedavg_with_the_right_average(federation):

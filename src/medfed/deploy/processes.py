@@ -64,6 +64,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from medfed.deploy.certs import SITE_NAME, CertSet
 from medfed.errors import ConfigError, MedfedError
@@ -138,22 +139,29 @@ def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, 
 # -- processes ---------------------------------------------------------------------------
 
 
-def _proc_stat(pid: int) -> tuple[int, int, str] | None:
-    """(parent pid, start time, state) from /proc, or None when the process is gone."""
+class _Stat(NamedTuple):
+    ppid: int
+    pgrp: int
+    start: int  # clock ticks after boot: tells a process from a later one given the same PID
+    state: str
+
+
+def _proc_stat(pid: int) -> _Stat | None:
+    """A process's parent, group, start time and state from /proc; None when it is gone."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     fields = text.rpartition(")")[2].split()  # the command name may hold spaces and parentheses
-    return int(fields[1]), int(fields[19]), fields[0]
+    return _Stat(int(fields[1]), int(fields[2]), int(fields[19]), fields[0])
 
 
-def _all_parents() -> dict[int, int]:
-    parents = {}
+def _all_stats() -> dict[int, _Stat]:
+    stats = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
-            parents[int(entry.name)] = stat[0]
-    return parents
+            stats[int(entry.name)] = stat
+    return stats
 
 
 def _rss_kib(pid: int, key: str) -> int:
@@ -188,7 +196,6 @@ class FlowerProcess:
             self.popen = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           env=dict(env), cwd=cwd, start_new_session=True)
         self.pid = self.popen.pid
-        self._start = (_proc_stat(self.pid) or (0, -1, ""))[1]
 
     def __repr__(self) -> str:
         return f"FlowerProcess({self.name!r}, pid={self.pid}, log={str(self.log_path)!r})"
@@ -210,21 +217,24 @@ class FlowerProcess:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
     def tree(self) -> list[tuple[int, int]]:
-        """(pid, start time) of this process and every live descendant."""
-        if not self.alive():
-            return []
-        parents = _all_parents()
+        """(pid, start time) of every live process this one started: its descendants, and the
+        members of its process group, which outlive it (a SuperNode the SuperLink refused
+        exits at once; its SuperExec, orphaned, takes up to a minute to notice)."""
+        stats = _all_stats()
         children: dict[int, list[int]] = {}
-        for pid, ppid in parents.items():
-            children.setdefault(ppid, []).append(pid)
-        out, todo = [], [self.pid]
-        while todo:
-            pid = todo.pop()
-            stat = _proc_stat(pid)
-            if stat is None or stat[2] == "Z":
+        for pid, stat in stats.items():
+            children.setdefault(stat.ppid, []).append(pid)
+        roots = [self.pid] if self.alive() else []
+        roots += [pid for pid, stat in stats.items() if stat.pgrp == self.pid and pid != self.pid]
+        out, seen = [], set()
+        while roots:
+            pid = roots.pop()
+            stat = stats.get(pid)
+            if pid in seen or stat is None or stat.state == "Z":
                 continue
-            out.append((pid, stat[1]))
-            todo.extend(children.get(pid, []))
+            seen.add(pid)
+            out.append((pid, stat.start))
+            roots.extend(children.get(pid, []))
         return out
 
     def memory_mib(self) -> dict[str, float]:
@@ -243,9 +253,8 @@ class FlowerProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and (self.alive() or self._survivors(tree)):
             time.sleep(0.05)
-        left = self._survivors(tree)
-        if self.alive() or left:
-            self._signal(left + [(self.pid, self._start)], signal.SIGKILL)
+        if self.alive() or self._survivors(tree):
+            self._signal(self._survivors(tree), signal.SIGKILL)
             try:
                 self.popen.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -253,14 +262,15 @@ class FlowerProcess:
         return self.popen.poll()
 
     def _signal(self, tree: list[tuple[int, int]], sig: int) -> None:
-        if self.alive():
-            try:
-                os.killpg(self.pid, sig)  # the session's group: the SuperNode's own SuperExec
-            except (ProcessLookupError, PermissionError):
-                pass
-        for pid, start in tree:
+        try:
+            # the group medfed made for it (start_new_session): Linux reuses no PID that is
+            # still a group's id, so this reaches only what the process started
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid, start in tree:  # descendants in sessions of their own: the SuperLink's SuperExec
             stat = _proc_stat(pid)
-            if stat is not None and stat[1] == start:  # the same process, not a reused PID
+            if stat is not None and stat.start == start:  # the same process, not a reused PID
                 try:
                     os.kill(pid, sig)
                 except (ProcessLookupError, PermissionError):
@@ -271,7 +281,7 @@ class FlowerProcess:
         left = []
         for pid, start in tree:
             stat = _proc_stat(pid)
-            if stat is not None and stat[1] == start and stat[2] != "Z":
+            if stat is not None and stat.start == start and stat.state != "Z":
                 left.append((pid, start))
         return left
 
