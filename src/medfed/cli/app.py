@@ -25,6 +25,7 @@ from rich.text import Text
 
 from medfed.cli import common
 from medfed.cli.audit import audit_app
+from medfed.cli.deploy import deploy_app
 from medfed.cli.common import (
     CONTEXT,
     EXIT_STATUSES,
@@ -112,6 +113,7 @@ def _root(
 
 app.add_typer(audit_app, name="audit", help="Audits under attack: `medfed audit robustness` compares defenses.")
 app.add_typer(features_app, name="features", help="Feature tables from images: `medfed features roi` extracts atlas-region means.")
+app.add_typer(deploy_app, name="deploy", help="Deployment on Flower: `medfed deploy certs` makes a test CA and the sites' keys.")
 
 
 def render_table(doc: dict[str, Any], out: Console | None = None) -> None:
