@@ -113,7 +113,7 @@ def _root(
 
 app.add_typer(audit_app, name="audit", help="Audits under attack: `medfed audit robustness` compares defenses.")
 app.add_typer(features_app, name="features", help="Feature tables from images: `medfed features roi` extracts atlas-region means.")
-app.add_typer(deploy_app, name="deploy", help="Deployment on Flower: `medfed deploy certs` makes a test CA and the sites' keys.")
+app.add_typer(deploy_app, name="deploy", help="Deployment on Flower: certs, server, site, status.")
 
 
 def render_table(doc: dict[str, Any], out: Console | None = None) -> None:

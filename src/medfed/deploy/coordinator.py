@@ -137,6 +137,15 @@ def setup_exchange(link: Link, config, log: Callable[[str], None]) -> tuple[dict
     return joined, refused
 
 
+def check_resume(out: Path, resume: bool) -> Path:
+    """The folder of the study's checkpoints; refused when it holds an unfinished run that
+    ``resume`` does not continue (a fresh start would silently throw its rounds away)."""
+    checkpoints = Path(out) / CHECKPOINTS
+    if checkpoints.exists() and not resume:
+        raise ConfigError(f"{out} holds checkpoints of an unfinished run: continue it with --resume, or remove {checkpoints}")
+    return checkpoints
+
+
 def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, command: str | None = None,
           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the study in ``study_path`` over ``link``; write the report to ``out``; return results.json."""
@@ -147,9 +156,7 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
     config = load_study(study_path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoints = out / CHECKPOINTS
-    if checkpoints.exists() and not resume:
-        raise ConfigError(f"{out} holds checkpoints of an unfinished run: continue it with --resume, or remove {checkpoints}")
+    checkpoints = check_resume(out, resume)
     methods = resolve_methods(config.methods, config.method_options, config.pipelines)
     _status(out, state="setup", round="0/0", sites=list(config.deploy.sites))
     joined, refused = setup_exchange(link, config, log)
