@@ -45,6 +45,7 @@ from medfed.deploy.link import EXCHANGE, payload_content, payload_of
 from medfed.deploy.processes import CLIENT_APP, FlowerApp, free_port, start_superlink, start_supernode, stop_all
 
 SITES = ("a", "b", "c")
+VARIANTS = ("flower", "medfed", "study")
 THIS = Path(__file__)
 
 # -- the bare Flower app shipped in the FAB of the flower-* variants ----------------------
@@ -113,7 +114,43 @@ def _floor_train(message: Message, context: Context) -> Message:
 SETUPS = {"stock": {}, "fast": dict(task_poll_s=0.1, node_poll_s=0.1, worker=True)}
 
 
+STUDY = """methods = ["fedavg"]
+seed = 0
+repeats = 1
+[training]
+rounds = {rounds}
+local_steps = 10
+[data]
+site_column = "site"
+label_column = "target"
+impute = "median"
+[deploy]
+sites = ["a", "b", "c"]
+round_timeout_s = 60
+"""
+
+
+def write_study(work: Path, rounds: int) -> Path:
+    """heart-disease's first three hospitals as sites a, b, c (one file each) and a FedAvg study."""
+    import pandas as pd
+
+    from medfed.data.datasets import load_dataset
+
+    fed = load_dataset("heart-disease")
+    for name, site in zip(SITES, fed.sites, strict=False):
+        df = pd.DataFrame(site.X, columns=list(fed.feature_names))
+        df.insert(0, "site", name)
+        df["target"] = site.y.astype(int)
+        df.to_csv(work / f"{name}.csv", index=False)
+    path = work / "study.toml"
+    path.write_text(STUDY.format(rounds=rounds))
+    return path
+
+
 def make_app(variant: str, setup: str, out: Path, rounds: int) -> FlowerApp:
+    if variant == "study":  # medfed's real round: FedAvg on heart-disease, wire bytes, site state on disk
+        return FlowerApp({"program": "study", "study": str(out.parent / "study.toml"), "out": str(out),
+                          "poll-s": 0.05, "join-timeout-s": 60.0})
     config = {"program": "echo", "out": str(out), "rounds": rounds, "poll-s": 0.05}
     if variant == "medfed":
         return FlowerApp({**config, "sites": ",".join(SITES), "round-timeout-s": 60})
@@ -147,6 +184,11 @@ def timed_run(link, trees: dict, app: FlowerApp, out: Path, rounds: int) -> dict
         time.sleep(0.25)
     assert status.ok, f"{status}\n{link.process.log_tail(30)}"
     used = cpu() - cpu_before
+    if not (out / RESULT).exists():  # the study: its rounds' ends are in the coordinator's log
+        ends = _round_ends(link.save_run_log(run_id))
+        assert len(ends) == rounds, f"{len(ends)} rounds logged, {rounds} expected"
+        return {"run_startup_s": ends[0] - started, "s_per_round": statistics.median(np.diff(ends)),
+                "own_s_per_round": None, "cpu_s": used, "memory": peak}
     record = json.loads((out / RESULT).read_text())
     ends = [r["ended"] for r in record["rounds"]]
     expected = (1 - echo_site.STEP ** rounds) * np.mean([echo_site.target(s) for s in SITES], axis=0)
@@ -157,6 +199,18 @@ def timed_run(link, trees: dict, app: FlowerApp, out: Path, rounds: int) -> dict
             "own_s_per_round": statistics.median(own) if own else None, "cpu_s": used, "memory": peak}
 
 
+def _round_ends(log: Path) -> list[float]:
+    """When each round ended, from the coordinator's log lines 'FedAvg: round k/N'."""
+    from datetime import datetime
+
+    ends = []
+    for line in log.read_text().splitlines():
+        if "FedAvg: round " in line:
+            stamp = line[:23]
+            ends.append(datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    return ends
+
+
 def bench_setup(setup: str, rounds: int, pairs: int, work: Path) -> dict:
     certs = make_certs(work / "certs", list(SITES))
     started = []
@@ -165,14 +219,17 @@ def bench_setup(setup: str, rounds: int, pairs: int, work: Path) -> dict:
         link = start_superlink(certs, work, port=free_port(), task_poll_s=0.1 if setup == "fast" else None)
         started.append(link)
         ids = link.register({s: certs.site(s).public_key for s in SITES})
-        nodes = [start_supernode(s, certs, link.address, work, port=free_port(), **SETUPS[setup]) for s in SITES]
+        write_study(work, rounds)
+        nodes = [start_supernode(s, certs, link.address, work, port=free_port(), **SETUPS[setup],
+                                 node_config={"data": str(work / f"{s}.csv"), "folder": str(work / f"site-{s}")})
+                 for s in SITES]
         started += nodes
         assert link.wait_online(ids.values(), timeout_s=60) == set(ids.values())
         deploy_s = time.time() - t0
         trees = {"superlink": link.process, **{f"supernode-{s}": n for s, n in zip(SITES, nodes, strict=True)}}
-        runs: dict[str, list] = {"flower": [], "medfed": []}
+        runs: dict[str, list] = {v: [] for v in VARIANTS}
         for i in range(pairs):
-            for variant in ("flower", "medfed") if i % 2 == 0 else ("medfed", "flower"):
+            for variant in VARIANTS[i % 3:] + VARIANTS[:i % 3]:  # each variant first in turn
                 out = work / f"{variant}-{i}"
                 runs[variant].append(timed_run(link, trees, make_app(variant, setup, out, rounds), out, rounds))
                 print(f"{setup} sites, {variant} run {i + 1}/{pairs}: {runs[variant][-1]['s_per_round']:.2f} s/round",
@@ -205,24 +262,27 @@ def main() -> None:
     print(f"\n{'sites':<6}{'server':<8}{'deploy s':>9}{'run start-up s':>15}{'s/round':>9}{'CPU s/round':>12}"
           f"{'SuperLink RSS/PSS MiB':>23}{'SuperNode RSS/PSS MiB':>23}")
     for result in results:
-        for variant in ("flower", "medfed"):
+        for variant in VARIANTS:
             s = summary(result, variant)
             print(f"{result['setup']:<6}{variant:<8}{result['deploy_startup_s']:>9.2f}{s['run_startup_s']:>15.2f}"
                   f"{s['s_per_round']:>9.2f}{s['cpu_per_round_s']:>12.2f}"
                   f"{s['superlink_rss_mib']:>13.0f} / {s['superlink_pss_mib']:<7.0f}"
                   f"{s['supernode-a_rss_mib']:>13.0f} / {s['supernode-a_pss_mib']:<7.0f}")
     for result in results:
-        ratios = sorted(m["s_per_round"] / f["s_per_round"]
-                        for m, f in zip(result["runs"]["medfed"], result["runs"]["flower"], strict=True))
-        print(f"{result['setup']} sites: medfed / flower s/round, per pair: "
-              f"median x{statistics.median(ratios):.3f} (range {ratios[0]:.3f}-{ratios[-1]:.3f})")
+        for variant in ("medfed", "study"):
+            ratios = sorted(m["s_per_round"] / f["s_per_round"]
+                            for m, f in zip(result["runs"][variant], result["runs"]["flower"], strict=True))
+            print(f"{result['setup']} sites: {variant} / flower s/round, per pair: "
+                  f"median x{statistics.median(ratios):.3f} (range {ratios[0]:.3f}-{ratios[-1]:.3f})")
     for result in results:
         own = [r["own_s_per_round"] for r in result["runs"]["medfed"]]
         per_round = summary(result, "medfed")["s_per_round"]
         print(f"{result['setup']} sites: medfed's own work per round (outside Grid calls and waits): "
               f"{1000 * statistics.median(own):.2f} ms = {100 * statistics.median(own) / per_round:.2f} % of its round")
-    floor, fast = summary(results[0], "flower"), summary(results[1], "medfed")
-    print(f"medfed on fast sites / Flower's stock floor: s/round x{fast['s_per_round'] / floor['s_per_round']:.3f}")
+    floor = summary(results[0], "flower")
+    for variant in ("medfed", "study"):
+        fast = summary(results[1], variant)
+        print(f"{variant} on fast sites / Flower's stock floor: s/round x{fast['s_per_round'] / floor['s_per_round']:.3f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
 

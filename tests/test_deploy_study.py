@@ -173,3 +173,62 @@ def test_a_coordinator_that_dies_mid_run_resumes_bit_identically(tables, tmp_pat
     resumed = drive(LoopbackLink(nodes), tables / "study.toml", tmp_path / "out", resume=True, log=lambda m: None)
     assert _rows(resumed) == _rows(whole)
     assert resumed["histories"] == whole["histories"]
+
+
+class _CorruptingLink(LoopbackLink):
+    """Hungary's round-2 answer arrives as garbage; Switzerland's round-3 upload holds a NaN."""
+
+    def exchange(self, requests, timeout_s):
+        from medfed.comm.wire import encode
+
+        out = super().exchange(requests, timeout_s)
+        for site, raw in list(out.items()):
+            if isinstance(raw, str):
+                continue
+            reply = decode(raw)
+            round_ = decode(requests[site]).get("plan", {}).get("round")
+            if site == "Hungary" and round_ == 1:
+                out[site] = raw[:20] + b"garbage"
+            elif site == "Switzerland" and round_ == 2:
+                payload = {k: np.full_like(v, np.nan) for k, v in reply.payload.items()}
+                out[site] = encode(type(reply)(reply.site, payload, reply.n_examples, reply.kind, reply.metrics,
+                                               reply.extras))
+        return out
+
+
+def test_a_malformed_or_non_finite_answer_is_refused_and_the_federation_goes_on(tables, tmp_path):
+    doc = drive(_CorruptingLink(_nodes(tables, tmp_path)), tables / "study.toml", tmp_path / "out",
+                log=lambda m: None)
+    notes = {n["round"]: n for n in doc["histories"]["FedAvg"]["server_notes"][0]["rounds"]}
+    assert notes[1]["missing"]["Hungary"].startswith("malformed answer")
+    assert "Switzerland" in notes[2]["rejected"] and notes[2]["skipped"] is None
+    assert all(r["computable"] for r in doc["results"])
+
+
+def test_deploy_commands_refuse_bad_input_in_one_line_before_starting_anything(tables, tmp_path):
+    from typer.testing import CliRunner
+
+    from medfed.cli.app import app
+    from medfed.deploy.certs import make_certs
+
+    make_certs(tmp_path / "certs", ["Cleveland", "Hungary"])
+    bad_study = tmp_path / "bad.toml"
+    bad_study.write_text(STUDY.replace('["fedavg", "scaffold", "ditto"]', '["single", "fedavg"]'))
+    cases = [
+        (["deploy", "server", str(bad_study), "--certs", str(tmp_path / "certs"), "--address", "127.0.0.1:1",
+          "--out", str(tmp_path / "o")], "single pool or move rows"),
+        (["deploy", "server", str(tables / "study.toml"), "--certs", str(tmp_path / "certs"), "--address",
+          "127.0.0.1:1", "--out", str(tmp_path / "o")], "no keys for site(s) Switzerland"),
+        (["deploy", "server", str(tables / "study.toml"), "--certs", str(tmp_path / "certs"), "--address",
+          "localhost", "--out", str(tmp_path / "o")], "HOST:PORT"),
+        (["deploy", "site", "--name", "Hungary", "--data", str(tmp_path / "none.csv"), "--server", "127.0.0.1:1",
+          "--certs", str(tmp_path / "certs")], "no such file"),
+        (["deploy", "site", "--name", "VA", "--data", str(tables / "Hungary.csv"), "--server", "127.0.0.1:1",
+          "--certs", str(tmp_path / "certs")], "no key of site 'VA'"),
+        (["deploy", "status", str(tmp_path)], "has no status.json"),
+    ]
+    for args, words in cases:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert words in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "o" / "flower").exists()  # no SuperLink was started
