@@ -99,7 +99,8 @@ class DeployedFederation:
 
 
 def _status(out: Path, **fields: Any) -> None:
-    write_bytes_atomically(out / STATUS_FILE, (json.dumps(fields, indent=1) + "\n").encode())
+    # informational, rewritten every round: atomic, but not worth a sync to disk
+    write_bytes_atomically(out / STATUS_FILE, (json.dumps(fields, indent=1) + "\n").encode(), durable=False)
 
 
 def setup_exchange(link: Link, config, log: Callable[[str], None]) -> tuple[dict[str, dict], dict[str, str]]:

@@ -16,6 +16,7 @@ imputation values (training-row medians or means) and its feature names; each ro
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Mapping
@@ -137,29 +138,45 @@ class _Prepared:
 
 
 def _prepare(site: SiteIdentity, request: Mapping[str, Any]) -> _Prepared:
-    """Rebuild this request's method and the site's runtime from the site folder."""
+    """This request's method and the site's runtime, rebuilt from the site folder. The runtime's
+    state is read from disk on every request; what it is built from (the study, the rows, the
+    method) is kept per process while those files are unchanged, for a long-lived ClientApp
+    process (``medfed deploy site --fast``) answers many requests."""
+    if not (site.folder / STUDY_FILE).exists():
+        raise ConfigError(f"site {site.name!r} has not been set up for this study (no {STUDY_FILE} in {site.folder})")
+    run = request["run"]
+    files = tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in (site.folder / STUDY_FILE, site.folder / ROWS_FILE))
+    key = (hashlib.sha256(encode(run)).hexdigest(), files)
+    cached = _BUILT.get(str(site.folder))
+    if cached is None or cached[0] != key:
+        cached = _BUILT[str(site.folder)] = (key, _build(site, run))  # one run per site folder is kept
+    config, plan, spec, program, data, X_test, y_test = cached[1]
+    rng = KeyedRng(int(run["seed"]), tuple(run["key"]))
+    runtime = SiteRuntime(program, data, rng, site.folder / "runs" / str(run["name"]))
+    commit = request.get("commit")
+    if commit is not None:
+        runtime.commit(int(commit[0]), bool(commit[1]))
+    return _Prepared(config, plan, spec, runtime, X_test, y_test)
+
+
+_BUILT: dict[str, tuple] = {}  # site folder -> (what it was built from, what was built)
+
+
+def _build(site: SiteIdentity, run: Mapping[str, Any]) -> tuple:
     from medfed.deploy.study import study_from_payload
     from medfed.experiments.harness import TrainingPlan, build_method
     from medfed.methods import resolve_methods
 
-    if not (site.folder / STUDY_FILE).exists():
-        raise ConfigError(f"site {site.name!r} has not been set up for this study (no {STUDY_FILE} in {site.folder})")
     config = study_from_payload(json.loads((site.folder / STUDY_FILE).read_text()))
     with np.load(site.folder / ROWS_FILE) as rows:
         X_train, y_train, X_test, y_test = (rows[k] for k in ("X_train", "y_train", "X_test", "y_test"))
-    run = request["run"]
     (spec, opts), = resolve_methods([run["method"]], {run["method"]: dict(run["options"])}, config.pipelines)
     plan = TrainingPlan.for_shape(config, tuple(run["sample_shape"]))
     counts = {name: np.asarray(c) for name, c in run["label_counts"].items()}
     algorithm = build_method(config, spec, opts, list(run["sites"]), counts)
     scale = _standardizer(run["scale"], X_train.shape[1])
     data = LocalData(site.name, scale(X_train), y_train)
-    rng = KeyedRng(int(run["seed"]), tuple(run["key"]))
-    runtime = SiteRuntime(SiteProgram(algorithm, plan.local), data, rng, site.folder / "runs" / str(run["name"]))
-    commit = request.get("commit")
-    if commit is not None:
-        runtime.commit(int(commit[0]), bool(commit[1]))
-    return _Prepared(config, plan, spec, runtime, scale(X_test), y_test)
+    return config, plan, spec, SiteProgram(algorithm, plan.local), data, scale(X_test), y_test
 
 
 def _standardizer(scale: Mapping[str, Any] | None, n_features: int) -> Standardizer:
