@@ -232,3 +232,53 @@ def test_deploy_commands_refuse_bad_input_in_one_line_before_starting_anything(t
         assert result.exit_code == 2, (args, result.output)
         assert words in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "o" / "flower").exists()  # no SuperLink was started
+
+
+def test_a_deployed_image_study_equals_its_simulation(tmp_path):
+    """Sites holding PNG manifests, a small CNN: the deployed run equals `medfed run --manifest`."""
+    pytest.importorskip("torch")
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from medfed.cli.app import app
+
+    rng = np.random.default_rng(0)
+    rows = {"hospital-0": [], "hospital-1": []}
+    for k, site in enumerate(rows):
+        for i in range(14):
+            img = rng.normal(100 - 30 * k, 10, size=(10, 10))
+            img[2:5, 2:5] += 60 * (i % 2)
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L").save(tmp_path / f"{site}_{i}.png")
+            rows[site].append(f"{site}_{i}.png,{i % 2},{site}")
+    for site, lines in rows.items():
+        (tmp_path / f"{site}.csv").write_text("path,label,site\n" + "\n".join(lines) + "\n")
+    (tmp_path / "all.csv").write_text("path,label,site\n" + "\n".join(rows["hospital-0"] + rows["hospital-1"]) + "\n")
+    study = tmp_path / "images.toml"
+    study.write_text('''methods = ["fedavg"]
+model = "cnn2d"
+seed = 1
+repeats = 1
+[model_options]
+channels = [4]
+[training]
+rounds = 2
+local_steps = 2
+[data]
+site_column = "site"
+label_column = "label"
+[deploy]
+sites = ["hospital-0", "hospital-1"]
+site_files = "manifest"
+''')
+    nodes = {s: {"site": s, "data": str(tmp_path / f"{s}.csv"), "folder": str(tmp_path / f"site-{s}")} for s in rows}
+    deployed = drive(LoopbackLink(nodes), study, tmp_path / "out", log=lambda m: None)
+    result = CliRunner().invoke(app, ["run", str(study), "--manifest", str(tmp_path / "all.csv"), "--out",
+                                      str(tmp_path / "sim"), "--save-model"])
+    assert result.exit_code == 0, result.output
+    simulated = json.loads((tmp_path / "sim" / "results.json").read_text())
+    assert _rows(deployed) == _rows(simulated)
+    assert deployed["sample_shape"] == [1, 10, 10]
+    with np.load(tmp_path / "out" / "models" / "FedAvg.npz") as a, np.load(tmp_path / "sim" / "models" / "FedAvg.npz") as b:
+        for k in b.files:
+            if k.startswith("params/"):
+                np.testing.assert_array_equal(a[k], b[k])

@@ -183,7 +183,9 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
     fed = DeployedFederation(
         "deployed", tuple(sites), tuple(joined[s]["summary"] for s in sites), tuple(first["features"]), shape,
         config.data.impute, first["positive_label"], bool(first["predefined_split"]),
-        info={"label_column": config.data.label_column, "refused_sites": refused},
+        info={"label_column": config.data.label_column, "refused_sites": refused,
+              "sites": {site: joined[site].get("data_info") for site in sites}},
+        is_image=bool(first.get("is_image", False)),
     )
     shared = [_SharedPreprocessing.of(site, joined[site]) for site in sites]
     for spec, opts in methods:

@@ -102,18 +102,29 @@ def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
         "sample_shape": list(fed.sample_shape),
         "positive_label": fed.positive_label,
         "predefined_split": fed.has_predefined_split,
+        "is_image": fed.is_image,
+        "data_info": fed.info,
     }
 
 
 def _own_federation(site: SiteIdentity, config):
-    """The site's file as a one-site federation, read with the study's schema."""
-    from medfed.data.tables import load_table
-
+    """The site's file as a one-site federation, read with the study's schema: a table, or a
+    manifest of image files read by the loaders ``medfed run --manifest`` uses."""
     if not site.data.exists():
         raise DataError(f"site {site.name!r}: data file {str(site.data)!r} does not exist")
     d = config.data
-    fed = load_table(site.data, site_column=d.site_column, label_column=d.label_column, split_column=d.split_column,
-                     features=d.features, impute=d.impute, positive_label=d.positive_label, exclude=d.exclude)
+    if config.deploy.site_files == "manifest":
+        from medfed.data.images import load_image_manifest
+
+        fed = load_image_manifest(site.data, path_column=d.path_column, label_column=d.label_column,
+                                  site_column=d.site_column, split_column=d.split_column,
+                                  positive_label=d.positive_label, kind=d.kind, skip_bad=d.skip_bad)
+    else:
+        from medfed.data.tables import load_table
+
+        fed = load_table(site.data, site_column=d.site_column, label_column=d.label_column,
+                         split_column=d.split_column, features=d.features, impute=d.impute,
+                         positive_label=d.positive_label, exclude=d.exclude)
     others = [n for n in fed.site_names if n != site.name]
     if site.name not in fed.site_names or others:
         held = ", ".join(repr(n) for n in fed.site_names)

@@ -37,6 +37,11 @@ def check_deployable(config: ExperimentConfig, source: str) -> ExperimentConfig:
             "`medfed deploy site --data FILE`); keep only the schema: site_column, label_column, "
             "split_column, features, impute, positive_label, exclude"
         )
+    if config.deploy.site_files == "manifest" and (data.features or data.exclude or data.impute):
+        raise ConfigError(
+            f"{source}: features, exclude and impute apply to tables; with [deploy] site_files = \"manifest\" "
+            "each site's file lists image files"
+        )
     if data.categorical:
         raise ConfigError(
             f"{source}: data.categorical is not supported in a deployed study yet (its levels need a setup "

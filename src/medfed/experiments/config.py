@@ -113,6 +113,8 @@ class DeploySpec(_Strict):
     count, and how long a round waits for them. Simulation (``medfed run``) ignores it."""
 
     sites: list[str] = Field(min_length=1)
+    site_files: Literal["table", "manifest"] = Field(
+        "table", description="what each site's --data file is: a table of features, or a manifest of image files")
     min_sites: int | None = Field(None, ge=1, description="answers a round needs [default: training.min_sites]")
     round_timeout_s: float = Field(120.0, gt=0, description="seconds a round waits for the sites' answers")
 
