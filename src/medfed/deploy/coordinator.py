@@ -107,7 +107,9 @@ def setup_exchange(link: Link, config, log: Callable[[str], None]) -> tuple[dict
     """Ask every listed site for its setup; the sites that joined (in ``[deploy] sites`` order)
     and why the others were refused."""
     names = list(config.deploy.sites)
-    request = encode({"op": "setup", "study": study_payload(config)})
+    from medfed import __version__
+
+    request = encode({"op": "setup", "study": study_payload(config), "medfed_version": __version__})
     answers = link.exchange({site: request for site in names}, config.deploy.round_timeout_s)
     joined: dict[str, dict] = {}
     refused: dict[str, str] = {}

@@ -78,6 +78,12 @@ def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
     from medfed.deploy.study import study_from_payload
     from medfed.experiments.harness import prepare_site, training_rows
 
+    from medfed import __version__
+
+    theirs = request.get("medfed_version")
+    if theirs != __version__:
+        raise ConfigError(f"site {site.name!r} runs medfed {__version__}, the coordinator medfed {theirs}: "
+                          "both must run the same version (the study's numbers depend on it)")
     config = study_from_payload(dict(request["study"]))
     names = list(config.deploy.sites)
     if site.name not in names:
