@@ -14,6 +14,7 @@ the :class:`~medfed.engine.driver.Driver` runs configure → executor → aggreg
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,9 +185,14 @@ class ServerProgram:
 
     def cohort(self, round_: int, rng: KeyedRng) -> tuple[str, ...]:
         if self.fraction >= 1.0:
-            chosen = select_sites(len(self.sites), self.fraction, self.min_sites, rng)
-        else:
-            chosen = select_sites(len(self.sites), self.fraction, self.min_sites, rng.child(round_, SELECTION_STREAM))
+            return self._everyone
+        chosen = select_sites(len(self.sites), self.fraction, self.min_sites, rng.child(round_, SELECTION_STREAM))
+        return tuple(self.sites[i] for i in chosen.tolist())
+
+    @functools.cached_property
+    def _everyone(self) -> tuple[str, ...]:
+        """Full participation: every site, every round (checked once; no number is drawn)."""
+        chosen = select_sites(len(self.sites), self.fraction, self.min_sites, KeyedRng(0))
         return tuple(self.sites[i] for i in chosen.tolist())
 
     def shared(self, params: Params) -> Params:
