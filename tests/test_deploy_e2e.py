@@ -219,3 +219,22 @@ def test_a_site_that_dies_is_missing_with_its_reason_and_the_study_ends(kit, dep
     assert "Switzerland" in missing.get(2, {}), notes  # the last round at least went on without it
     rows = {r["test_site"]: r for r in doc["results"]}
     assert rows["Cleveland"]["computable"] and not rows["Switzerland"]["computable"]
+
+
+def test_medfed_run_on_the_flower_executor_equals_inprocess(kit, tmp_path):
+    """`medfed run --executor flower`: the same study on a Flower deployment on 127.0.0.1."""
+    from typer.testing import CliRunner
+
+    from medfed.cli.app import app
+
+    study = _study(kit, "executor", methods='["fedavg"]', rounds=2)
+    docs = {}
+    for executor in ("flower", "inprocess"):
+        out = tmp_path / executor
+        result = CliRunner().invoke(app, ["run", str(study), "--data", str(kit / "all.csv"), "--executor", executor,
+                                          "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        docs[executor] = json.loads((out / "results.json").read_text())
+    rows = {e: {(r["setting"], r["test_site"]): r["metrics"] for r in d["results"]} for e, d in docs.items()}
+    assert rows["flower"] == rows["inprocess"]
+    assert docs["flower"]["histories"]["FedAvg"]["train_loss"] == docs["inprocess"]["histories"]["FedAvg"]["train_loss"]

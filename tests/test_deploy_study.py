@@ -282,3 +282,21 @@ site_files = "manifest"
         for k in b.files:
             if k.startswith("params/"):
                 np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_the_flower_executor_refuses_what_a_deployment_cannot_run_in_one_line(tables, tmp_path):
+    from typer.testing import CliRunner
+
+    from medfed.cli.app import app
+
+    base = ["run", str(tables / "study.toml"), "--data", str(tables / "all.csv"), "--executor", "flower",
+            "--out", str(tmp_path / "o")]
+    for extra, words in [(["--repeats", "2"], "--repeats 2"), (["--loso"], "--loso"),
+                         (["--methods", "mix,fedavg"], "mix pool or move rows"),
+                         (["--drop", "Hungary@2"], "--drop")]:
+        result = CliRunner().invoke(app, base + extra)
+        assert result.exit_code == 2 and words in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    result = CliRunner().invoke(app, ["run", "--dataset", "heart-disease", "--methods", "fedavg", "--repeats", "1",
+                                      "--executor", "flower", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "embedded data set" in result.output

@@ -193,6 +193,8 @@ def execute(values: dict[str, Any], source: str) -> dict[str, Any]:
     config = build_config(values, source, flag_for)
     if config.out is None:
         raise ConfigError("no output folder: give --out DIR (or out = \"DIR\" in the config file)")
+    if config.executor == "flower":
+        return execute_on_flower(config)
     with output_dir(config.out, "--out", owns=owned_files(config.save_model), overwrite=config.overwrite):
         apply_threads(config)
         federation = load_federation(config.data)
@@ -212,6 +214,33 @@ def execute(values: dict[str, Any], source: str) -> dict[str, Any]:
         names = (p.relative_to(config.out).as_posix() for p in written)
         console.print(f"[dim]{run.runtime_s:.2f} s; wrote {', '.join(names)} to "
                       f"{escape(str(config.out))}[/]", highlight=False)
+
+    show(render, str(config.out))
+    return doc
+
+
+def execute_on_flower(config) -> dict[str, Any]:
+    """``--executor flower``: the study on a Flower deployment on this machine (every site a
+    SuperNode on 127.0.0.1); the coordinator writes the report, this renders it."""
+    import time
+
+    from medfed.deploy.local import check_local_flower, run_on_local_flower
+    from medfed.deploy.study import check_settings
+    from medfed.experiments.harness import load_federation
+    from medfed.experiments.report import output_dir, owned_files
+
+    check_local_flower(config)
+    check_settings(config, "--executor flower", manifest=config.data.manifest is not None)
+    started = time.perf_counter()
+    with output_dir(config.out, "--out", owns=owned_files(True), overwrite=config.overwrite):
+        federation = load_federation(config.data)
+        doc = run_on_local_flower(config, federation, command=common.COMMAND,
+                                  log=lambda line: console.print(f"[dim]{escape(line)}[/]", highlight=False))
+
+    def render() -> None:
+        render_table(doc)
+        console.print(f"[dim]{time.perf_counter() - started:.2f} s on Flower; wrote results.json, results.csv, "
+                      f"table.md, models/ to {escape(str(config.out))}[/]", highlight=False)
 
     show(render, str(config.out))
     return doc

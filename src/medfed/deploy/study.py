@@ -28,6 +28,8 @@ def load_study(path: Path) -> ExperimentConfig:
 
 
 def check_deployable(config: ExperimentConfig, source: str) -> ExperimentConfig:
+    """A study a deployment can run: [deploy] sites, a data schema without a source, what
+    :func:`check_settings` asks, and min_sites within the sites."""
     if config.deploy is None:
         raise ConfigError(f"{source}: a deployed study needs a [deploy] table with sites = [...]")
     data = config.data
@@ -37,7 +39,18 @@ def check_deployable(config: ExperimentConfig, source: str) -> ExperimentConfig:
             "`medfed deploy site --data FILE`); keep only the schema: site_column, label_column, "
             "split_column, features, impute, positive_label, exclude"
         )
-    if config.deploy.site_files == "manifest" and (data.features or data.exclude or data.impute):
+    check_settings(config, source, manifest=config.deploy.site_files == "manifest")
+    need = config.deploy.min_sites or config.training.min_sites
+    if need > len(config.deploy.sites):
+        raise ConfigError(f"{source}: min_sites is {need}, but [deploy] lists {len(config.deploy.sites)} site(s)")
+    return config
+
+
+def check_settings(config: ExperimentConfig, source: str, *, manifest: bool) -> None:
+    """Settings a deployment can run: federated methods only (nothing pools or moves rows), no
+    categorical columns yet, no table options for image manifests."""
+    data = config.data
+    if manifest and (data.features or data.exclude or data.impute):
         raise ConfigError(
             f"{source}: features, exclude and impute apply to tables; with [deploy] site_files = \"manifest\" "
             "each site's file lists image files"
@@ -54,10 +67,6 @@ def check_deployable(config: ExperimentConfig, source: str) -> ExperimentConfig:
             f"{source}: {', '.join(central)} pool or move rows between sites and cannot be deployed; "
             "list only federated methods in `methods`"
         )
-    need = config.deploy.min_sites or config.training.min_sites
-    if need > len(config.deploy.sites):
-        raise ConfigError(f"{source}: min_sites is {need}, but [deploy] lists {len(config.deploy.sites)} site(s)")
-    return config
 
 
 def study_payload(config: ExperimentConfig) -> dict[str, Any]:

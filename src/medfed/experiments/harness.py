@@ -671,9 +671,9 @@ def check_study(
     parse_drops(config.drop, names)
     if config.executor not in LOCAL_EXECUTORS:
         raise ConfigError(
-            f"executor {config.executor!r} runs on Flower's deployment runtime: start the study with "
-            "`medfed deploy server` and `medfed deploy site`; simulations run on executor "
-            + " or ".join(repr(e) for e in LOCAL_EXECUTORS)
+            f"executor {config.executor!r} runs on Flower's deployment runtime: `medfed run --executor flower` "
+            "(a deployment on this machine, medfed.deploy.local) or `medfed deploy server` and `medfed deploy site`; "
+            "the simulation harness runs on executor " + " or ".join(repr(e) for e in LOCAL_EXECUTORS)
         )
     if config.resume and config.out is None:
         raise ConfigError("--resume keeps checkpoints in the output folder: give --out DIR")
