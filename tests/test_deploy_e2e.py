@@ -135,6 +135,24 @@ def _until(condition, timeout_s, what):
         time.sleep(0.05)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), children first found first."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rpartition(")")[2].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 def _simulate(kit, study, tmp_path):
     from typer.testing import CliRunner
 
@@ -205,18 +223,27 @@ def test_a_coordinator_killed_mid_run_resumes_bit_identically(kit, deployment, t
 
 
 def test_a_site_that_dies_is_missing_with_its_reason_and_the_study_ends(kit, deployment, tmp_path):
-    study = _study(kit, "dropout", methods='["fedavg"]', rounds=3, timeout=3)
+    study = _study(kit, "dropout", methods='["fedavg"]', rounds=4, timeout=3)
     out = tmp_path / "out"
     server = deployment.server(study, out)
     sites = {name: deployment.site(name) for name in SITES}
     status = out / "status.json"
-    _until(lambda: status.exists() and json.loads(status.read_text()).get("round") == "1/3", 90, "round 1")
-    os.kill(sites["Switzerland"].pid, signal.SIGKILL)  # its SuperNode dies with it
+
+    def at_round_1():
+        try:
+            return json.loads(status.read_text()).get("round") == "1/4"
+        except (OSError, ValueError):
+            return False
+
+    _until(at_round_1, 90, "round 1")
+    for pid in [sites["Switzerland"].pid, *_descendants(sites["Switzerland"].pid)]:  # the hospital goes dark
+        os.kill(pid, signal.SIGKILL)
     assert _wait(server, 90, "the coordinator") == 0, (tmp_path / "server-0.log").read_text()
     doc = json.loads((out / "results.json").read_text())
     notes = doc["histories"]["FedAvg"]["server_notes"][0]["rounds"]
     missing = {n["round"]: n.get("missing", {}) for n in notes}
-    assert "Switzerland" in missing.get(2, {}), notes  # the last round at least went on without it
+    assert "Switzerland" in missing.get(3, {}), notes  # the last round at least went on without it
+    assert all(set(m) == {"Switzerland"} for m in missing.values()), notes
     rows = {r["test_site"]: r for r in doc["results"]}
     assert rows["Cleveland"]["computable"] and not rows["Switzerland"]["computable"]
 
