@@ -110,7 +110,8 @@ def setup_exchange(link: Link, config, log: Callable[[str], None]) -> tuple[dict
     from medfed import __version__
 
     request = encode({"op": "setup", "study": study_payload(config), "medfed_version": __version__})
-    answers = link.exchange({site: request for site in names}, config.deploy.round_timeout_s)
+    # loading a site's file (an image manifest: many files) may take longer than a round
+    answers = link.exchange({site: request for site in names}, config.deploy.join_timeout_s)
     joined: dict[str, dict] = {}
     refused: dict[str, str] = {}
     for site in names:

@@ -42,7 +42,7 @@ def serve(grid: Grid, context: Context) -> None:
     from medfed.deploy.study import load_study
 
     study = load_study(Path(str(config["study"])))
-    link.sites(study.deploy.sites, float(config.get("join-timeout-s", study.deploy.round_timeout_s)))
+    link.sites(study.deploy.sites, float(config.get("join-timeout-s", study.deploy.join_timeout_s)))
     drive(link, Path(str(config["study"])), Path(str(config["out"])), resume=bool(config.get("resume", False)),
           command=str(config.get("command", "")) or None, log=LOG.info)
 

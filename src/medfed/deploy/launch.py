@@ -60,7 +60,7 @@ def serve_study(study: Path, certs: Path, address: str, out: Path, *, resume: bo
         ids = superlink.register({s: keys.site(s).public_key for s in config.deploy.sites})
         log(f"SuperLink on {host}:{port} (TLS, node authentication); registered {', '.join(ids)}")
         app = FlowerApp({"program": "study", "study": str(study), "out": str(out), "resume": bool(resume),
-                         "poll-s": POLL_S, "join-timeout-s": float(config.deploy.round_timeout_s),
+                         "poll-s": POLL_S, "join-timeout-s": float(config.deploy.join_timeout_s),
                          "command": command or ""})
         run_id = superlink.start_run(app)
         log(f"run {run_id} started; waiting for the sites")

@@ -114,7 +114,7 @@ def run_on_local_flower(config, federation, *, command: str | None = None,
                                                **FAST_SITE))
             log(f"Flower on 127.0.0.1: a SuperLink and {len(sites)} SuperNodes (TLS, node authentication)")
             app = FlowerApp({"program": "study", "study": str(study), "out": str(out), "poll-s": POLL_S,
-                             "join-timeout-s": 120.0, "command": command or ""})
+                             "join-timeout-s": 300.0, "command": command or ""})
             status = superlink.wait_run(superlink.start_run(app), 7 * 24 * 3600.0)
             if not status.ok:
                 raise DeployError(f"the run on Flower did not finish: {status}")

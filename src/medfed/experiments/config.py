@@ -117,6 +117,8 @@ class DeploySpec(_Strict):
         "table", description="what each site's --data file is: a table of features, or a manifest of image files")
     min_sites: int | None = Field(None, ge=1, description="answers a round needs [default: training.min_sites]")
     round_timeout_s: float = Field(120.0, gt=0, description="seconds a round waits for the sites' answers")
+    join_timeout_s: float = Field(
+        600.0, gt=0, description="seconds the coordinator waits for every listed site to connect before setup")
 
     @field_validator("sites")
     @classmethod
