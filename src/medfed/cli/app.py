@@ -82,6 +82,13 @@ from medfed.cli.flags import (
     SplitColumnOpt,
     study_overrides,
     with_method_flags,
+    AccountantOpt,
+    AdaptiveClipOpt,
+    ClipOpt,
+    DeltaOpt,
+    DpOpt,
+    NoiseOpt,
+    TargetEpsilonOpt,
 )
 from medfed.errors import ConfigError
 
@@ -121,7 +128,13 @@ def render_table(doc: dict[str, Any], out: Console | None = None) -> None:
     ``mean ± std``) is wider than the terminal, each test site heads its block of rows and the
     cells drop the spaces around ± (or, narrower still, put ±std under the mean): no number is
     ever cut."""
-    from medfed.experiments.results import communication_lines, data_note_lines, server_note_lines, table_rows
+    from medfed.experiments.results import (
+        communication_lines,
+        data_note_lines,
+        privacy_lines,
+        server_note_lines,
+        table_rows,
+    )
     from medfed.experiments.saved_model import model_lines
 
     out = out or console
@@ -176,6 +189,8 @@ def render_table(doc: dict[str, Any], out: Console | None = None) -> None:
         out.print(f"[yellow]data:[/] {escape(line)}", highlight=False)
     for line in server_note_lines(doc):
         out.print(f"[yellow]server:[/] {escape(line)}", highlight=False)
+    for line in privacy_lines(doc):
+        out.print(f"privacy: {escape(line)}", highlight=False)
     for line in model_lines(doc):
         out.print(f"[dim]models: {escape(line)}[/]", highlight=False)
     for w in doc["warnings"]:
@@ -364,6 +379,13 @@ def run(
     executor: ExecutorOpt = None,
     resume: ResumeOpt = None,
     drop: DropOpt = None,
+    dp: DpOpt = None,
+    clip: ClipOpt = None,
+    noise: NoiseOpt = None,
+    delta: DeltaOpt = None,
+    target_epsilon: TargetEpsilonOpt = None,
+    accountant: AccountantOpt = None,
+    adaptive_clip: AdaptiveClipOpt = None,
     method_flags: dict[str, tuple[str, Any]] | None = None,
     save_model: SaveModelOpt = None,
 ) -> None:

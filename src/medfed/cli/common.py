@@ -61,7 +61,9 @@ CONFIG_FLAGS = {
     "data.split_column": "--split-column", "data.features": "--features", "data.impute": "--impute",
     "data.positive_label": "--positive-label", "data.exclude": "--exclude", "data.categorical": "--categorical",
     "plot_formats": "--plot-format", "overwrite": "--overwrite", "executor": "--executor", "resume": "--resume",
-    "drop": "--drop", "save_model": "--save-model",
+    "drop": "--drop", "save_model": "--save-model", "privacy.dp": "--dp", "privacy.clip": "--clip",
+    "privacy.noise": "--noise", "privacy.delta": "--delta", "privacy.target_epsilon": "--target-epsilon",
+    "privacy.accountant": "--accountant", "privacy.adaptive_clip": "--adaptive-clip",
 }
 
 

@@ -83,6 +83,14 @@ SaveModelOpt = Annotated[
     typer.Option("--save-model", help="also write repeat 1's model of each setting to OUT/models/<Setting>.npz "
                                       "(for `medfed predict`)"),
 ]
+DpOpt = Annotated[str | None, typer.Option(help="differential privacy: none or client (clip each update, noise the mean)")]
+ClipOpt = Annotated[float | None, typer.Option(help="DP: the L2 bound C of each site's update")]
+NoiseOpt = Annotated[float | None, typer.Option(help="DP: noise multiplier z (noise std = z x sensitivity)")]
+DeltaOpt = Annotated[float | None, typer.Option(help="DP: delta of the (epsilon, delta) guarantee [default: 1e-5]")]
+TargetEpsilonOpt = Annotated[float | None, typer.Option(help="DP: calibrate z so every site ends at epsilon <= E")]
+AccountantOpt = Annotated[str | None, typer.Option(help="DP accountant (dp-accounting): pld or rdp")]
+AdaptiveClipOpt = Annotated[bool | None, typer.Option("--adaptive-clip", help="DP: adapt the clip to a quantile of update norms (not available yet)")]
+PRIVACY_FLAGS = ("dp", "clip", "noise", "delta", "target_epsilon", "accountant", "adaptive_clip")
 MethodOptionOpt = Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALUE, e.g. fedprox.mu=0.01")]
 
 
@@ -125,7 +133,8 @@ def study_overrides(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str,
     if given.get("dataset_option"):
         data["options"] = parse_options(given["dataset_option"], "--dataset-option")
     training = {k: given[k] for k in TRAINING_FLAGS if given.get(k) is not None}
-    return {key: value for key, value in (("data", data), ("training", training)) if value}
+    privacy = {k: given[k] for k in PRIVACY_FLAGS if given.get(k) is not None}
+    return {key: value for key, value in (("data", data), ("training", training), ("privacy", privacy)) if value}
 
 
 def with_method_flags(after: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

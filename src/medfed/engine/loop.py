@@ -54,6 +54,7 @@ def run_federated(
     faults: Faults | None = None,
     checkpoint_dir: Path | None = None,
     fingerprint: str = "",
+    poisson: bool = False,
 ) -> FederatedRun:
     """Run ``rounds`` communication rounds and return the final global model and history.
 
@@ -64,7 +65,8 @@ def run_federated(
     after the last one. Screening, ``min_sites`` and the commit of site state follow
     :class:`~medfed.engine.protocol.ServerProgram` and :class:`~medfed.engine.runtime.SiteRuntime`.
 
-    ``faults`` drops sites from rounds; with ``checkpoint_dir`` the coordinator checkpoints
+    ``poisson``: with ``fraction`` < 1 each site takes part independently with that probability
+    (the sampling client-level DP's accounting assumes). ``faults`` drops sites from rounds; with ``checkpoint_dir`` the coordinator checkpoints
     every round and the sites keep their state there, and a second call with the same folder
     and ``fingerprint`` resumes after the last saved round.
     """
@@ -72,7 +74,8 @@ def run_federated(
         algorithm = _with_boundary(algorithm, boundary)
     names = [s.name for s in sites]
     site_program, server_program = programs(
-        algorithm, training, names, fraction=fraction, min_sites=min_sites, max_update_norm=max_update_norm
+        algorithm, training, names, fraction=fraction, min_sites=min_sites, max_update_norm=max_update_norm,
+        poisson=poisson,
     )
     store = state_dir = None
     if checkpoint_dir is not None:

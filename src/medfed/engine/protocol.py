@@ -178,6 +178,7 @@ class ServerProgram:
     fraction: float = 1.0
     min_sites: int = 1
     max_update_norm: float | None = None
+    poisson: bool = False  # each site takes part independently with probability ``fraction`` (DP's sampling)
 
     def init(self, params: Mapping[str, np.ndarray], setup: Mapping[str, SiteSetup] | None = None) -> ServerState:
         own = {k: np.array(v, dtype=np.float64, copy=True) for k, v in params.items()}
@@ -186,6 +187,9 @@ class ServerProgram:
     def cohort(self, round_: int, rng: KeyedRng) -> tuple[str, ...]:
         if self.fraction >= 1.0:
             return self._everyone
+        if self.poisson:  # one keyed draw per site, so a site's fate does not depend on the others
+            return tuple(s for s in self.sites
+                         if rng.child(round_, SELECTION_STREAM, name_key(s)).generator.random() < self.fraction)
         chosen = select_sites(len(self.sites), self.fraction, self.min_sites, rng.child(round_, SELECTION_STREAM))
         return tuple(self.sites[i] for i in chosen.tolist())
 
@@ -245,9 +249,10 @@ def programs(
     fraction: float = 1.0,
     min_sites: int = 1,
     max_update_norm: float | None = None,
+    poisson: bool = False,
 ) -> tuple[SiteProgram, ServerProgram]:
     """A method's site and server programs for a federation of ``sites``."""
     return (
         SiteProgram(algorithm, training),
-        ServerProgram(algorithm, tuple(sites), fraction, min_sites, max_update_norm),
+        ServerProgram(algorithm, tuple(sites), fraction, min_sites, max_update_norm, poisson),
     )

@@ -132,6 +132,34 @@ class DeploySpec(_Strict):
         return value
 
 
+class PrivacySpec(_Strict):
+    """``[privacy]``: differential privacy of the federated settings. ``dp = "client"`` is
+    client-level DP (McMahan et al., 2018): each site's update clipped to ``clip``, Gaussian
+    noise ``noise`` x sensitivity on the server's fixed-denominator mean, sites sampled by
+    Poisson with rate ``training.fraction_fit``; epsilon at ``delta`` from dp-accounting."""
+
+    dp: Literal["none", "client", "distributed", "sample"] = "none"
+    clip: float | None = Field(None, gt=0, description="L2 bound of each site's update (client level)")
+    noise: float | None = Field(None, ge=0, description="noise multiplier z: noise std = z x sensitivity")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    target_epsilon: float | None = Field(None, gt=0, description="calibrate z so that every site ends at eps <= this")
+    accountant: Literal["pld", "rdp"] = "pld"
+    adaptive_clip: bool = False
+
+    @model_validator(mode="after")
+    def _complete(self) -> PrivacySpec:
+        if self.dp == "none":
+            return self
+        if self.dp in ("distributed", "sample") or self.adaptive_clip:
+            what = "adaptive clipping" if self.adaptive_clip else f"dp = {self.dp!r}"
+            raise ValueError(f"{what} is not available yet; use dp = \"client\" with a fixed clip")
+        if self.clip is None:
+            raise ValueError("client-level DP needs clip (--clip C), the L2 bound of each site's update")
+        if (self.noise is None) == (self.target_epsilon is None):
+            raise ValueError("give the noise multiplier (--noise Z) or a target epsilon (--target-epsilon E), one of them")
+        return self
+
+
 class TrainingSpec(_Strict):
     """Optimization shared by every setting: each site (and each centralized model) runs
     gradient descent with these values; centralized settings get ``rounds * local_steps`` steps."""
@@ -202,6 +230,7 @@ class ExperimentConfig(_Strict):
     )
     workers: int = Field(1, ge=0, description="repeats run in parallel processes; 1 = serial, 0 = one per core")
     deploy: DeploySpec | None = Field(None, description="the study across hospitals; ignored in simulation")
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     executor: Literal["inprocess", "process", "flower"] = Field(
         "inprocess",
         description="where sites run: inprocess (serial, this process), process (a process per site, each "

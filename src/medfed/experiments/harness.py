@@ -193,6 +193,15 @@ class TrainingPlan:
         algorithm = self.build(spec, opts, [d.name for d in train], {d.name: label_counts(d.y) for d in train})
         if adapt is not None:
             algorithm = adapt(algorithm)
+        boundary = None
+        if config.privacy.dp == "client":
+            from medfed.comm.boundary import UploadBoundary
+            from medfed.methods.privacy import client_dp
+
+            algorithm, transforms = client_dp(
+                algorithm, spec.name, clip=config.privacy.clip, noise_multiplier=self.noise_multiplier(spec),
+                sizes={d.name: float(d.n) for d in train}, rate=t.fraction_fit, rng=rng.child(name_key("dp-noise")))  # apart from rounds' keys
+            boundary = UploadBoundary(transforms)
         checkpoint_dir = None
         if config.resume and config.out is not None and run_key is not None:
             checkpoint_dir = Path(config.out) / RESUME_DIR / run_key
@@ -201,8 +210,34 @@ class TrainingPlan:
             fraction=t.fraction_fit, min_sites=t.min_sites, evaluate=evaluate,
             eval_every=config.eval_every if evaluate is not None else 0, max_update_norm=t.max_update_norm,
             executor=config.executor, faults=parse_drops(config.drop), checkpoint_dir=checkpoint_dir,
-            fingerprint=f"{study_fingerprint(config)}/{run_key}",
+            fingerprint=f"{study_fingerprint(config)}/{run_key}", boundary=boundary,
+            poisson=config.privacy.dp != "none",
         )
+
+    def noise_multiplier(self, spec: Method) -> float:
+        """The DP noise multiplier of ``spec``'s run: the configured one, or the smallest that keeps
+        every site at epsilon <= target_epsilon over the method's rounds."""
+        p = self.config.privacy
+        if p.target_epsilon is None:
+            return float(p.noise)
+        from medfed.comm.privacy import calibrate_noise
+
+        return calibrate_noise(self.config.training.fraction_fit, spec.rounds(self.config.training), p.delta,
+                               p.target_epsilon, p.accountant)
+
+    def ledger(self, spec: Method, sites, repeat: int) -> list[dict]:
+        """What each site spent in ``spec``'s run: client-level DP accounts the rounds it could
+        have been sampled in, the same for every site."""
+        p, t = self.config.privacy, self.config.training
+        if p.dp == "none" or spec.kind != "federated":
+            return []
+        from medfed.comm.privacy import client_level_epsilon
+
+        z, rounds = self.noise_multiplier(spec), spec.rounds(t)
+        eps = client_level_epsilon(t.fraction_fit, z, rounds, p.delta, p.accountant)
+        return [{"setting": spec.display, "repeat": repeat, "site": site, "mode": p.dp, "clip": p.clip,
+                 "noise_multiplier": z, "sampling_rate": t.fraction_fit, "steps": rounds, "delta": p.delta,
+                 "accountant": p.accountant, "epsilon": eps} for site in sites]
 
     def centralized(self, data: LocalData, initial, rng: KeyedRng) -> CentralFit:
         """Single, Cross and Mix: gradient descent on one data set for the centralized budget."""
@@ -322,6 +357,7 @@ class ExperimentRun:
     methods: list[tuple[Method, dict]]
     workers: int = 1
     models: list[ModelOutcome] = field(default_factory=list)  # with save_model: repeat 1's models
+    privacy: list[dict] = field(default_factory=list)  # the DP ledger of every repeat
 
 
 def load_federation(spec: DataSpec) -> Federation:
@@ -448,6 +484,7 @@ class RepeatOutcome:
     # "single" stands for the one per-site model Single and Cross share
     loss_rises: list[tuple[str, str | None, float, float]] = field(default_factory=list)
     unseen_levels: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # site -> column -> level -> rows
+    privacy: list[dict] = field(default_factory=list)  # the DP ledger: one entry per site per federated run
     models: dict[str, ModelOutcome] = field(default_factory=dict)  # with save_model, in repeat 1: by name
 
 
@@ -527,6 +564,11 @@ def run_repeat(
                 for kind in kinds:
                     out.evaluations.append((key_of(spec, None, j, model_kind=kind), failure, None))
             return
+        ledger = plan.ledger(spec, [d.name for d in train], repeat)
+        if held_out is not None:
+            for entry in ledger:
+                entry["setting"] = f"{spec.display} (LOSO: {site_names[held_out]} left out)"
+        out.privacy.extend(ledger)
         failure = federated_failure(run)
         if held_out is not None:
             evaluate_on(key_of(spec, None, held_out, "loso"), run.params, tests, held_out, failure)
@@ -692,9 +734,14 @@ def check_study(
             if spec.kind != "federated":
                 continue
             try:
-                build_method(config, spec, opts, group)
+                built = build_method(config, spec, opts, group)
             except (ValueError, TypeError) as exc:  # a builder that does not speak ConfigError yet
                 raise ConfigError(f"method {spec.name!r}: {exc}") from None
+            if config.privacy.dp == "client":  # a method whose server reads more than the noised mean
+                from medfed.methods.privacy import client_dp
+
+                client_dp(built, spec.name, clip=config.privacy.clip, noise_multiplier=0.0,
+                          sizes={name: 1.0 for name in group}, rate=t.fraction_fit, rng=KeyedRng(0))
             problem = site_requirement(spec.name, cohort, opts) if site_requirements else None
             if problem is not None:
                 fixes = " or ".join(_option_fix(spec.name, k) for k in opts if k in _SITE_COUNT_OPTIONS)
@@ -805,4 +852,5 @@ def assemble_run(config: ExperimentConfig, federation, methods, outcomes: list[R
         methods=methods,
         workers=workers,
         models=models,
+        privacy=[entry for o in outcomes for entry in o.privacy],
     )

@@ -144,7 +144,39 @@ def results_document(run: ExperimentRun, command: str | None = None) -> dict[str
         ],
         # with --save-model: the file of each setting's model (repeat 1) and why others have none
         "models": models_document(run.models, config) if config.save_model else None,
+        "privacy": privacy_document(run),
     }
+
+
+def privacy_document(run: ExperimentRun) -> dict[str, Any]:
+    """The run's protection in numbers: what leaves a site (the sharing policy of each method),
+    the channel's stages, the DP parameters and each site's ledger (one entry per site per
+    federated run and repeat: ``site``, ``mode``, ``clip``, ``noise_multiplier``,
+    ``sampling_rate``, ``steps``, ``delta``, ``accountant``, ``epsilon``)."""
+    p = run.config.privacy
+    doc: dict[str, Any] = {"dp": p.dp, "secure_aggregation": False,
+                           "channel": ["sharing policy"] + (["clip"] if p.dp == "client" else [])}
+    if p.dp != "none":
+        doc.update({"clip": p.clip, "noise_multiplier": p.noise, "target_epsilon": p.target_epsilon,
+                    "delta": p.delta, "accountant": p.accountant,
+                    "sampling": f"Poisson, rate {run.config.training.fraction_fit:g} (fraction_fit)"})
+        worst: dict[str, float] = {}
+        for e in run.privacy:
+            worst[e["setting"]] = max(worst.get(e["setting"], 0.0), e["epsilon"])
+        doc["epsilon_by_setting"] = worst
+    doc["ledger"] = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in e.items()}
+                     for e in run.privacy]
+    return doc
+
+
+def privacy_lines(doc: dict[str, Any]) -> list[str]:
+    """One line per private setting: its epsilon at delta, for the reader under the table."""
+    p = doc.get("privacy") or {}
+    if p.get("dp", "none") == "none":
+        return []
+    parts = [f"{setting} eps = {'inf' if eps is None or not np.isfinite(eps) else f'{eps:.3g}'}"
+             for setting, eps in p.get("epsilon_by_setting", {}).items()]
+    return [f"{p['dp']}-level DP (clip {p['clip']:g}, delta {p['delta']:g}, {p['accountant']}): " + "; ".join(parts)]
 
 
 def data_note_lines(doc: dict[str, Any]) -> list[str]:

@@ -70,11 +70,21 @@ def stack_uploads(uploads: Sequence[Upload]) -> StackedUploads:
 
 
 class Aggregator(NamedTuple):
-    """An ``(init, apply)`` pair; ``name`` labels its report in a chain."""
+    """An ``(init, apply)`` pair; ``name`` labels its report in a chain; a chain keeps its
+    ``steps`` (so that one can be swapped for another: :func:`replace_step`)."""
 
     init: Callable[[Mapping[str, np.ndarray]], Any]
     apply: Callable[[Any, Any, Mapping[str, np.ndarray], int], tuple[Any, Any, dict | None]]
     name: str
+    steps: tuple = ()
+
+
+def replace_step(aggregator: Aggregator, name: str, step: Aggregator) -> Aggregator:
+    """The chain with its step ``name`` replaced by ``step`` (differential privacy swaps the mean
+    for a noised one); a ConfigError when the chain has no such step."""
+    if not any(s.name == name for s in aggregator.steps):
+        raise ConfigError(f"the aggregation {aggregator.name} has no step {name!r} to replace")
+    return chain(*(step if s.name == name else s for s in aggregator.steps))
 
 
 def _stateless_init(global_params: Mapping[str, np.ndarray]) -> None:
@@ -172,4 +182,4 @@ def chain(*steps: Aggregator) -> Aggregator:
                 report[name] = step_report
         return value, ChainState(new_state), report
 
-    return Aggregator(init, apply, "chain(" + ", ".join(names) + ")")
+    return Aggregator(init, apply, "chain(" + ", ".join(names) + ")", tuple(steps))

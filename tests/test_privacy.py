@@ -1,0 +1,129 @@
+"""Client-level differential privacy (McMahan et al., 2018): clipping, the noised
+fixed-denominator mean, Poisson participation, accounting with dp-accounting, the ledger."""
+
+import math
+
+import numpy as np
+import pytest
+
+dp_accounting = pytest.importorskip("dp_accounting")
+from dp_accounting.pld import PLDAccountant  # noqa: E402
+from dp_accounting.rdp import RdpAccountant  # noqa: E402
+
+from medfed.client.upload import Upload  # noqa: E402
+from medfed.comm.privacy import calibrate_noise, client_level_epsilon, clip_update  # noqa: E402
+from medfed.data.datasets import load_dataset  # noqa: E402
+from medfed.engine.protocol import FederatedAlgorithm, ServerProgram  # noqa: E402
+from medfed.errors import ConfigError  # noqa: E402
+from medfed.experiments.config import build_config  # noqa: E402
+from medfed.experiments.harness import run_experiment  # noqa: E402
+from medfed.experiments.results import results_document  # noqa: E402
+from medfed.rng import KeyedRng  # noqa: E402
+from medfed.server.aggregate import StackedUploads, apply_delta, chain, weighted_mean  # noqa: E402
+from medfed.server.dp import dp_gaussian_mean, dp_sensitivity  # noqa: E402
+
+LEDGER_KEYS = {"site", "mode", "clip", "noise_multiplier", "sampling_rate", "steps", "delta", "accountant", "epsilon"}
+
+
+@pytest.mark.parametrize("q,z,rounds", [(1.0, 1.0, 10), (0.5, 1.1, 50), (0.1, 0.8, 200), (0.3, 2.0, 7)])
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+def test_epsilon_is_dp_accountings(q, z, rounds, kind):
+    gaussian = dp_accounting.GaussianDpEvent(z)
+    event = dp_accounting.SelfComposedDpEvent(
+        gaussian if q >= 1 else dp_accounting.PoissonSampledDpEvent(q, gaussian), rounds)
+    accountant = PLDAccountant() if kind == "pld" else RdpAccountant()
+    expected = accountant.compose(event).get_epsilon(1e-5)
+    assert client_level_epsilon(q, z, rounds, 1e-5, kind) == pytest.approx(expected, rel=1e-9)
+    assert math.isinf(client_level_epsilon(q, 0.0, rounds, 1e-5, kind))
+
+
+def test_calibrated_noise_meets_the_target_and_little_less_does_not():
+    z = calibrate_noise(0.5, 40, 1e-5, 2.0)
+    assert client_level_epsilon(0.5, z, 40, 1e-5) <= 2.0
+    assert client_level_epsilon(0.5, z * 0.98, 40, 1e-5) > 2.0
+
+
+def test_clipping_bounds_every_update_and_leaves_small_ones_alone():
+    gen = np.random.default_rng(0)
+    clip = clip_update(1.5)
+    for scale in (0.01, 1.0, 100.0):
+        up = Upload("a", {"w": gen.normal(0, scale, 20), "b": gen.normal(0, scale, 1)}, 10, "delta")
+        out = clip(up)
+        norm = math.sqrt(sum(float(v @ v) for v in out.payload.values()))
+        before = math.sqrt(sum(float(v @ v) for v in up.payload.values()))
+        assert norm <= 1.5 * (1 + 1e-12)
+        if before <= 1.5:
+            assert out is up
+        else:
+            np.testing.assert_allclose(out.payload["w"] / up.payload["w"], 1.5 / before)
+
+
+def test_the_noise_standard_deviation_is_z_times_the_sensitivity():
+    sizes = {"a": 100.0, "b": 300.0, "c": 50.0}
+    step = dp_gaussian_mean(1.3, 2.0, sizes, 0.5, KeyedRng(7))
+    stack = StackedUploads(("a", "b"), {"w": np.zeros((2, 4000))}, np.array([100.0, 300.0]), "delta", {})
+    draws = np.concatenate([step.apply(stack, None, {}, r)[0]["w"] for r in range(10)])
+    expected = 1.3 * dp_sensitivity(2.0, sizes, 0.5)
+    assert expected == pytest.approx(1.3 * 2.0 * 300 / (0.5 * 450))
+    assert np.std(draws) == pytest.approx(expected, rel=0.02)
+    assert abs(np.mean(draws)) < 4 * expected / math.sqrt(draws.size)
+    again = step.apply(stack, None, {}, 3)[0]["w"]  # the same round draws the same noise (resume)
+    np.testing.assert_array_equal(again, draws[3 * 4000:4 * 4000])
+
+
+def test_without_noise_or_clipping_it_is_fedavgs_mean_bit_for_bit():
+    fed = load_dataset("heart-disease")
+    values = {"data": {"dataset": "heart-disease"}, "repeats": 1, "methods": ["fedavg", "fedprox"],
+              "training": {"rounds": 6, "local_steps": 3}}
+    plain = results_document(run_experiment(build_config(values), fed))
+    private = results_document(run_experiment(build_config(
+        {**values, "privacy": {"dp": "client", "clip": 1e300, "noise": 0.0}}), fed))
+    assert private["results"] == plain["results"]
+    assert private["histories"]["FedAvg"]["train_loss"] == plain["histories"]["FedAvg"]["train_loss"]
+    assert private["privacy"]["dp"] == "client" and plain["privacy"]["ledger"] == []
+
+
+def test_a_private_run_keeps_a_ledger_per_site_and_differs_from_the_plain_one():
+    fed = load_dataset("heart-disease")
+    values = {"data": {"dataset": "heart-disease"}, "repeats": 2, "methods": ["fedavg"],
+              "training": {"rounds": 8, "local_steps": 3, "fraction_fit": 0.5},
+              "privacy": {"dp": "client", "clip": 0.5, "target_epsilon": 4.0}}
+    doc = results_document(run_experiment(build_config(values), fed))
+    ledger = doc["privacy"]["ledger"]
+    assert len(ledger) == 2 * len(fed.site_names)
+    assert all(LEDGER_KEYS <= set(e) for e in ledger)
+    assert {e["site"] for e in ledger} == set(fed.site_names)
+    z = ledger[0]["noise_multiplier"]
+    assert all(e["epsilon"] <= 4.0 and e["sampling_rate"] == 0.5 and e["steps"] == 8 for e in ledger)
+    assert ledger[0]["epsilon"] == pytest.approx(client_level_epsilon(0.5, z, 8, 1e-5))
+
+
+def test_poisson_participation_is_keyed_by_site_and_has_rate_q():
+    algorithm = FederatedAlgorithm("fedavg", None, chain(weighted_mean(), apply_delta()))
+    names = tuple(f"s{i}" for i in range(20))
+    server = ServerProgram(algorithm, names, fraction=0.3, poisson=True)
+    reordered = ServerProgram(algorithm, names[::-1], fraction=0.3, poisson=True)
+    rng = KeyedRng(2)
+    cohorts = [server.cohort(r, rng) for r in range(400)]
+    assert np.mean([len(c) for c in cohorts]) == pytest.approx(0.3 * 20, rel=0.05)
+    assert all(set(server.cohort(r, rng)) == set(reordered.cohort(r, rng)) for r in range(50))
+
+
+@pytest.mark.parametrize("privacy,words", [
+    ({"dp": "client", "noise": 1.0}, "needs clip"),
+    ({"dp": "client", "clip": 1.0}, "noise multiplier"),
+    ({"dp": "sample", "clip": 1.0, "noise": 1.0}, "not available yet"),
+    ({"dp": "client", "clip": 1.0, "noise": 1.0, "adaptive_clip": True}, "adaptive clipping"),
+])
+def test_incomplete_privacy_settings_are_one_clear_error(privacy, words):
+    with pytest.raises(ConfigError, match=words):
+        build_config({"data": {"dataset": "heart-disease"}, "privacy": privacy})
+
+
+def test_a_method_that_reads_individual_uploads_is_refused_before_training():
+    fed = load_dataset("heart-disease")
+    for method in ("scaffold", "median", "fair"):
+        config = build_config({"data": {"dataset": "heart-disease"}, "methods": [method], "repeats": 1,
+                               "privacy": {"dp": "client", "clip": 1.0, "noise": 1.0}})
+        with pytest.raises(ConfigError, match="cannot run with client-level DP"):
+            run_experiment(config, fed)
