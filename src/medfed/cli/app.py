@@ -89,6 +89,7 @@ from medfed.cli.flags import (
     DpOpt,
     NoiseOpt,
     TargetEpsilonOpt,
+    CompressOpt,
 )
 from medfed.errors import ConfigError
 
@@ -386,6 +387,7 @@ def run(
     target_epsilon: TargetEpsilonOpt = None,
     accountant: AccountantOpt = None,
     adaptive_clip: AdaptiveClipOpt = None,
+    compress: CompressOpt = None,
     method_flags: dict[str, tuple[str, Any]] | None = None,
     save_model: SaveModelOpt = None,
 ) -> None:
@@ -410,7 +412,7 @@ def run(
                            ("workers", workers), ("threads", threads), ("loso", loso), ("model", model),
                            ("save_model", save_model),
                            ("plot_formats", split_list(plot_format)), ("executor", executor),
-                           ("resume", resume), ("drop", drop or None)]:
+                           ("resume", resume), ("drop", drop or None), ("compress", compress)]:
             if value is not None:
                 over[key] = value
         if plot_format is not None and plots is None:

@@ -63,7 +63,7 @@ CONFIG_FLAGS = {
     "plot_formats": "--plot-format", "overwrite": "--overwrite", "executor": "--executor", "resume": "--resume",
     "drop": "--drop", "save_model": "--save-model", "privacy.dp": "--dp", "privacy.clip": "--clip",
     "privacy.noise": "--noise", "privacy.delta": "--delta", "privacy.target_epsilon": "--target-epsilon",
-    "privacy.accountant": "--accountant", "privacy.adaptive_clip": "--adaptive-clip",
+    "privacy.accountant": "--accountant", "privacy.adaptive_clip": "--adaptive-clip", "compress": "--compress",
 }
 
 

@@ -90,6 +90,7 @@ DeltaOpt = Annotated[float | None, typer.Option(help="DP: delta of the (epsilon,
 TargetEpsilonOpt = Annotated[float | None, typer.Option(help="DP: calibrate z so every site ends at epsilon <= E")]
 AccountantOpt = Annotated[str | None, typer.Option(help="DP accountant (dp-accounting): pld or rdp")]
 AdaptiveClipOpt = Annotated[bool | None, typer.Option("--adaptive-clip", help="DP: adapt the clip to a quantile of update norms (not available yet)")]
+CompressOpt = Annotated[str | None, typer.Option(help="upload compression: none, lossless, q8, q4, topk:FRACTION (error feedback)")]
 PRIVACY_FLAGS = ("dp", "clip", "noise", "delta", "target_epsilon", "accountant", "adaptive_clip")
 MethodOptionOpt = Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALUE, e.g. fedprox.mu=0.01")]
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from medfed.atomic import write_bytes_atomically
+from medfed.comm.compress import make_codec
 from medfed.comm.wire import WireError, decode, encode
 from medfed.data.preprocess import Imputer, Moments, Standardizer
 from medfed.deploy.study import load_study, site_min_sites, study_payload
@@ -196,7 +197,7 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
         rounds = spec.rounds(t)
         algorithm = build_method(config, spec, opts, sites, counts)
         _, server = programs(algorithm, plan.local, sites, fraction=t.fraction_fit, min_sites=need,
-                             max_update_norm=t.max_update_norm)
+                             max_update_norm=t.max_update_norm, codec=make_codec(config.compress))
         key = (TRAIN_STREAM, 0, name_key(spec.name))
         run_name = f"r1-{spec.name}"
         run = {"name": run_name, "method": spec.name, "options": dict(opts), "sites": sites,

@@ -29,6 +29,7 @@ import numpy as np
 from medfed.atomic import write_bytes_atomically
 from medfed.client.drift import label_counts
 from medfed.client.local import LocalData
+from medfed.comm.compress import make_codec
 from medfed.comm.wire import decode, encode
 from medfed.data.preprocess import Standardizer
 from medfed.engine.executors.remote import plan_of
@@ -193,7 +194,8 @@ def _build(site: SiteIdentity, run: Mapping[str, Any]) -> tuple:
     algorithm = build_method(config, spec, opts, list(run["sites"]), counts)
     scale = _standardizer(run["scale"], X_train.shape[1])
     data = LocalData(site.name, scale(X_train), y_train)
-    return config, plan, spec, SiteProgram(algorithm, plan.local), data, scale(X_test), y_test
+    program = SiteProgram(algorithm, plan.local, make_codec(config.compress))
+    return config, plan, spec, program, data, scale(X_test), y_test
 
 
 def _standardizer(scale: Mapping[str, Any] | None, n_features: int) -> Standardizer:

@@ -13,6 +13,7 @@ import numpy as np
 
 from medfed.client.local import LocalData, LocalTraining
 from medfed.comm.boundary import UploadBoundary
+from medfed.comm.compress import Codec
 from medfed.engine.checkpoint import CheckpointStore
 from medfed.engine.driver import Driver, FederatedRun
 from medfed.engine.executors import local_executor
@@ -55,6 +56,7 @@ def run_federated(
     checkpoint_dir: Path | None = None,
     fingerprint: str = "",
     poisson: bool = False,
+    codec: Codec | None = None,
 ) -> FederatedRun:
     """Run ``rounds`` communication rounds and return the final global model and history.
 
@@ -66,7 +68,8 @@ def run_federated(
     :class:`~medfed.engine.protocol.ServerProgram` and :class:`~medfed.engine.runtime.SiteRuntime`.
 
     ``poisson``: with ``fraction`` < 1 each site takes part independently with that probability
-    (the sampling client-level DP's accounting assumes). ``faults`` drops sites from rounds; with ``checkpoint_dir`` the coordinator checkpoints
+    (the sampling client-level DP's accounting assumes). ``codec`` compresses every upload at
+    its site (:mod:`medfed.comm.compress`); ``faults`` drops sites from rounds; with ``checkpoint_dir`` the coordinator checkpoints
     every round and the sites keep their state there, and a second call with the same folder
     and ``fingerprint`` resumes after the last saved round.
     """
@@ -75,7 +78,7 @@ def run_federated(
     names = [s.name for s in sites]
     site_program, server_program = programs(
         algorithm, training, names, fraction=fraction, min_sites=min_sites, max_update_norm=max_update_norm,
-        poisson=poisson,
+        poisson=poisson, codec=codec,
     )
     store = state_dir = None
     if checkpoint_dir is not None:

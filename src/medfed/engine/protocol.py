@@ -23,8 +23,10 @@ import numpy as np
 
 from medfed.client.local import LocalData, LocalTraining
 from medfed.client.upload import Upload
+from medfed.comm.compress import Codec
 from medfed.comm.policy import sharing_policy
 from medfed.engine.selection import select_sites
+from medfed.errors import MedfedError
 from medfed.rng import KeyedRng, name_key
 from medfed.server.aggregate import Aggregator, stack_uploads
 from medfed.server.validate import screen_uploads
@@ -35,7 +37,7 @@ Personalize = Callable[..., dict[str, np.ndarray]]
 Params = dict[str, np.ndarray]
 
 # streams of the run's keyed rng: selection, a site's local work, a site's personalization
-SELECTION_STREAM, TRAIN_STREAM, PERSONAL_STREAM = 0, 1, 2
+SELECTION_STREAM, TRAIN_STREAM, PERSONAL_STREAM, CODEC_STREAM = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class RoundRecord:
     rejected: dict[str, str] = field(default_factory=dict)  # site -> why the server refused its upload
     skipped: str | None = None  # why the global model was left unchanged this round
     missing: dict[str, str] = field(default_factory=dict)  # site -> why it sent nothing (crash, timeout)
+    bytes_by_site: dict[str, int] = field(default_factory=dict)  # what each site's upload took on the wire
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,7 @@ class SiteProgram:
 
     algorithm: FederatedAlgorithm
     training: LocalTraining
+    codec: Codec | None = None  # the channel's compression, applied by the site's runtime
 
     @property
     def personal(self) -> bool:
@@ -179,6 +183,7 @@ class ServerProgram:
     min_sites: int = 1
     max_update_norm: float | None = None
     poisson: bool = False  # each site takes part independently with probability ``fraction`` (DP's sampling)
+    codec: Codec | None = None  # how the sites compressed their uploads: decoded before screening
 
     def init(self, params: Mapping[str, np.ndarray], setup: Mapping[str, SiteSetup] | None = None) -> ServerState:
         own = {k: np.array(v, dtype=np.float64, copy=True) for k, v in params.items()}
@@ -214,8 +219,21 @@ class ServerProgram:
         """Fold one round's replies (an upload, or why the site sent none) into the next state."""
         uploads = [r for r in replies.values() if not isinstance(r, str)]
         missing = {site: r for site, r in replies.items() if isinstance(r, str)}
-        accepted, rejected = screen_uploads(uploads, self.shared(state.params), max_norm=self.max_update_norm)
-        bytes_up = sum(u.nbytes for u in uploads)
+        sent = {u.site: u.nbytes for u in uploads}  # what crossed the network: the encoded uploads
+        bytes_up = sum(sent.values())
+        shared = self.shared(state.params)
+        undecodable: dict[str, str] = {}
+        if self.codec is not None:
+            shapes = {k: v.shape for k, v in shared.items()}
+            decoded = []
+            for u in uploads:
+                try:
+                    decoded.append(self.codec.decode(u, shapes))
+                except MedfedError as exc:
+                    undecodable[u.site] = str(exc)
+            uploads = decoded
+        accepted, rejected = screen_uploads(uploads, shared, max_norm=self.max_update_norm)
+        rejected = {**undecodable, **rejected}
         params, aggregator, report, skipped = state.params, state.aggregator, None, None
         if len(accepted) < max(1, min(self.min_sites, len(ctx.cohort))):
             skipped = f"{len(accepted)} valid upload(s), fewer than the {self.min_sites} required"
@@ -226,7 +244,7 @@ class ServerProgram:
             w = stack.weights
             loss = float(stack.metrics["loss"] @ w / w.sum()) if "loss" in stack.metrics else float("nan")
             names = stack.sites
-        record = RoundRecord(ctx.round, names, loss, bytes_up, report, None, rejected, skipped, missing)
+        record = RoundRecord(ctx.round, names, loss, bytes_up, report, None, rejected, skipped, missing, sent)
         return ServerState(params, aggregator, ctx.round + 1), record
 
 
@@ -250,9 +268,10 @@ def programs(
     min_sites: int = 1,
     max_update_norm: float | None = None,
     poisson: bool = False,
+    codec: Codec | None = None,
 ) -> tuple[SiteProgram, ServerProgram]:
     """A method's site and server programs for a federation of ``sites``."""
     return (
-        SiteProgram(algorithm, training),
-        ServerProgram(algorithm, tuple(sites), fraction, min_sites, max_update_norm, poisson),
+        SiteProgram(algorithm, training, codec),
+        ServerProgram(algorithm, tuple(sites), fraction, min_sites, max_update_norm, poisson, codec),
     )

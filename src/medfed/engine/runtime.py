@@ -21,7 +21,7 @@ from medfed.atomic import write_bytes_atomically
 from medfed.client.local import LocalData
 from medfed.client.upload import Upload
 from medfed.comm.wire import decode, encode
-from medfed.engine.protocol import PERSONAL_STREAM, TRAIN_STREAM, Params, RoundPlan, SiteProgram, SiteSetup
+from medfed.engine.protocol import CODEC_STREAM, PERSONAL_STREAM, TRAIN_STREAM, Params, RoundPlan, SiteProgram, SiteSetup
 from medfed.rng import KeyedRng, name_key
 from medfed.wiretypes import wire_type
 
@@ -43,11 +43,16 @@ class SiteMemory:
     earlier_round: int = -1
     pending_round: int | None = None
     pending_state: Any = None
+    # the channel's state (top-k's error feedback), kept and committed with the method's
+    channel: Any = None
+    earlier_channel: Any = None
+    pending_channel: Any = None
 
     def state_before(self, round_: int) -> Any:
         """The committed state a request for ``round_`` starts from."""
         if self.committed_round >= round_:
             self.state, self.committed_round = self.earlier, self.earlier_round
+            self.channel = self.earlier_channel
         return self.state
 
 
@@ -88,15 +93,20 @@ class SiteRuntime:
         if m.pending_round != round_:
             return  # already decided, or a decision about an upload this site no longer holds
         if accepted:
-            m.earlier, m.earlier_round = m.state, m.committed_round
-            m.state, m.committed_round = m.pending_state, round_
-        m.pending_round, m.pending_state = None, None
+            m.earlier, m.earlier_round, m.earlier_channel = m.state, m.committed_round, m.channel
+            m.state, m.committed_round, m.channel = m.pending_state, round_, m.pending_channel
+        m.pending_round, m.pending_state, m.pending_channel = None, None, None
         self._save()
 
     def train(self, plan: RoundPlan) -> Upload:
         rng = self._rng.child(plan.round, TRAIN_STREAM, self._key)
         upload, pending = self.program.train(plan, self.data, self.memory.state_before(plan.round), rng)
+        codec, channel = self.program.codec, None
+        if codec is not None:
+            upload, channel = codec.encode(upload, self.memory.channel,
+                                           self._rng.child(plan.round, CODEC_STREAM, self._key))
         self.memory.pending_round, self.memory.pending_state = plan.round, pending
+        self.memory.pending_channel = channel
         self._save()
         return upload
 

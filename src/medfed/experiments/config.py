@@ -231,6 +231,19 @@ class ExperimentConfig(_Strict):
     workers: int = Field(1, ge=0, description="repeats run in parallel processes; 1 = serial, 0 = one per core")
     deploy: DeploySpec | None = Field(None, description="the study across hospitals; ignored in simulation")
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    compress: str = Field(
+        "none", description="upload compression: none, lossless, q8, q4 or topk:FRACTION (with error feedback)")
+
+    @field_validator("compress")
+    @classmethod
+    def _codec(cls, value: str) -> str:
+        from medfed.comm.compress import make_codec
+
+        try:
+            make_codec(value)
+        except Exception as exc:  # its ConfigError's words, as a validation error of this key
+            raise ValueError(str(exc).removeprefix(f"--compress {value!r}: ")) from None
+        return value.strip().lower()
     executor: Literal["inprocess", "process", "flower"] = Field(
         "inprocess",
         description="where sites run: inprocess (serial, this process), process (a process per site, each "

@@ -26,6 +26,7 @@ from medfed.data.categorical import keep_training_levels, training_levels, unsee
 from medfed.data.datasets import load_dataset
 from medfed.data.federation import Federation, SingleClassSiteWarning
 from medfed.data.preprocess import Imputer, Moments, Standardizer
+from medfed.comm.compress import make_codec
 from medfed.engine.executors import LOCAL_EXECUTORS
 from medfed.engine.executors.process import exit_with_parent
 from medfed.engine.faults import parse_drops
@@ -211,7 +212,7 @@ class TrainingPlan:
             eval_every=config.eval_every if evaluate is not None else 0, max_update_norm=t.max_update_norm,
             executor=config.executor, faults=parse_drops(config.drop), checkpoint_dir=checkpoint_dir,
             fingerprint=f"{study_fingerprint(config)}/{run_key}", boundary=boundary,
-            poisson=config.privacy.dp != "none",
+            poisson=config.privacy.dp != "none", codec=make_codec(config.compress),
         )
 
     def noise_multiplier(self, spec: Method) -> float:
@@ -316,6 +317,7 @@ class History:
     steps_per_round: int  # gradient steps a site takes per communication round
     evaluation: list[dict] = field(default_factory=list)
     rounds_notes: list[dict] = field(default_factory=list)  # rounds with rejected uploads or skipped
+    bytes_by_site: dict[str, int] = field(default_factory=dict)  # each site's uploaded bytes over the run
 
 
 def round_notes(history) -> list[dict]:
@@ -340,7 +342,16 @@ def federated_history(spec: Method, repeat: int, run: FederatedRun, config: Expe
         [{"round": r.round, "test_auc": {site: m["auc"] for site, m in r.evaluation.items()},
           "test_metrics": r.evaluation} for r in run.history if r.evaluation],
         round_notes(run.history),
+        _bytes_by_site(run.history),
     )
+
+
+def _bytes_by_site(history) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for r in history:
+        for site, n in r.bytes_by_site.items():
+            total[site] = total.get(site, 0) + n
+    return total
 
 
 @dataclass

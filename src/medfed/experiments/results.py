@@ -99,6 +99,7 @@ def results_document(run: ExperimentRun, command: str | None = None) -> dict[str
             entry.setdefault("evaluation", []).append(h.evaluation)
         if h.rounds_notes:
             entry.setdefault("server_notes", []).append({"repeat": h.repeat, "rounds": h.rounds_notes})
+        entry.setdefault("bytes_up_by_site", []).append(dict(h.bytes_by_site))  # per repeat: site -> bytes
     communication = {}
     for h in run.histories:
         entry = communication.setdefault(h.setting, {"rounds": h.rounds, "bytes_up": []})
@@ -154,8 +155,9 @@ def privacy_document(run: ExperimentRun) -> dict[str, Any]:
     federated run and repeat: ``site``, ``mode``, ``clip``, ``noise_multiplier``,
     ``sampling_rate``, ``steps``, ``delta``, ``accountant``, ``epsilon``)."""
     p = run.config.privacy
-    doc: dict[str, Any] = {"dp": p.dp, "secure_aggregation": False,
-                           "channel": ["sharing policy"] + (["clip"] if p.dp == "client" else [])}
+    doc: dict[str, Any] = {"dp": p.dp, "secure_aggregation": False, "compress": run.config.compress,
+                           "channel": ["sharing policy"] + (["clip"] if p.dp == "client" else [])
+                           + ([f"compress ({run.config.compress})"] if run.config.compress != "none" else [])}
     if p.dp != "none":
         doc.update({"clip": p.clip, "noise_multiplier": p.noise, "target_epsilon": p.target_epsilon,
                     "delta": p.delta, "accountant": p.accountant,
