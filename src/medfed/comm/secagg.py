@@ -67,6 +67,7 @@ and :class:`HeldShares` are a site's private round state: they never leave it.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -178,17 +179,20 @@ def secagg_params(
 def neighbours(params: SecAggParams) -> dict[str, tuple[str, ...]]:
     """Each site's neighbours (sorted), from the public graph seed: a ring over a seeded
     permutation, each site joined to the ``k/2`` nearest on each side (everyone at ``k = K-1``)."""
-    names, k = params.sites, params.degree
+    return dict(_graph(params.sites, params.degree, params.graph_seed, params.round))
+
+
+@functools.lru_cache(maxsize=64)  # every step of every party asks for the same round's graph
+def _graph(names: tuple[str, ...], k: int, graph_seed: int, round: int) -> tuple[tuple[str, tuple[str, ...]], ...]:
     n = len(names)
     if k >= n - 1:
-        return {s: tuple(o for o in names if o != s) for s in names}
-    order = KeyedRng(params.graph_seed, (name_key("secagg-graph"), params.round)).generator.permutation(n)
+        return tuple((s, tuple(o for o in names if o != s)) for s in names)
+    order = KeyedRng(graph_seed, (name_key("secagg-graph"), round)).generator.permutation(n)
     ring = [names[i] for i in order]
     half = k // 2
-    return {
-        s: tuple(sorted(ring[(p + d) % n] for d in range(-half, half + 1) if d))
-        for p, s in enumerate(ring)
-    }
+    return tuple(
+        (s, tuple(sorted(ring[(p + d) % n] for d in range(-half, half + 1) if d))) for p, s in enumerate(ring)
+    )
 
 
 # --------------------------------------------------------------------------- fixed point
@@ -220,7 +224,7 @@ def encode_fixed(x: np.ndarray, params: SecAggParams, site: str = "?") -> np.nda
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise DataError(
-            f"secure aggregation: site {site!r} entry {i} is {x[i]!r}, outside the clip range "
+            f"secure aggregation: site {site!r} entry {i} is {float(x[i])!r}, outside the clip range "
             f"[-{params.clip_range}, {params.clip_range}] ({int(bad.sum())} entries outside); clip before masking"
         )
     return np.rint(x * params.scale).astype(np.int64).view(np.uint64)
@@ -286,7 +290,7 @@ class HeldShares:
 
 
 @wire_type
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds an array: compare its fields, not the object
 class MaskedInput:
     """Step 3, site -> server: the masked encoding, and the neighbours it agreed masks with
     (those whose shares it received), so the server knows which pairwise masks to remove."""
@@ -314,7 +318,7 @@ class UnmaskResponse:
     keys: tuple[Share, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class UnmaskedSum:
     """What the server ends with: the float64 sum of the inputs of ``sites``, and the ring sum."""
 
