@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
+pytest.importorskip("cryptography", minversion="42")
+pytest.importorskip("Crypto", minversion="3.20")  # pycryptodome, for Shamir shares
+
 from medfed.comm import secagg as sa
 from medfed.comm import wire
 from medfed.errors import ConfigError, DataError

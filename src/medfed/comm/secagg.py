@@ -331,7 +331,10 @@ class UnmaskedSum:
 
 
 def _x25519(private_hex: str, public_hex: str) -> bytes:
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
 
     private = X25519PrivateKey.from_private_bytes(bytes.fromhex(private_hex))
     return private.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(public_hex)))
