@@ -127,3 +127,20 @@ def test_a_method_that_reads_individual_uploads_is_refused_before_training():
                                "privacy": {"dp": "client", "clip": 1.0, "noise": 1.0}})
         with pytest.raises(ConfigError, match="cannot run with client-level DP"):
             run_experiment(config, fed)
+
+
+def test_the_markdown_table_gains_an_epsilon_column_with_dp():
+    from medfed.experiments.report import results_markdown
+
+    fed = load_dataset("heart-disease")
+    values = {"data": {"dataset": "heart-disease"}, "repeats": 1, "methods": ["mix", "fedavg"],
+              "training": {"rounds": 4, "local_steps": 2}}
+    plain = results_markdown(results_document(run_experiment(build_config(values), fed)))
+    private = results_markdown(results_document(run_experiment(build_config(
+        {**values, "privacy": {"dp": "client", "clip": 1.0, "noise": 1.0}}), fed)))
+    assert "ε" not in plain
+    eps = client_level_epsilon(1.0, 1.0, 4, 1e-5)
+    fedavg_rows = [line for line in private.splitlines() if "| FedAvg |" in line]
+    mix_rows = [line for line in private.splitlines() if "| Mix |" in line]
+    assert fedavg_rows and all(line.rstrip(" |").endswith(f"{eps:.3g}") for line in fedavg_rows)
+    assert mix_rows and all(line.rstrip(" |").endswith("—") for line in mix_rows)  # no federated release

@@ -54,16 +54,26 @@ def results_markdown(doc: dict[str, Any]) -> str:
         f"Split: {doc['split']}, {doc['repeats']} repeat(s), seed {doc['seed']}; scaling: {doc['scaling']}. "
         f"Values are mean ± sample standard deviation over repeats.",
         "",
-        "| Test site | Setting | ACC | SEN | SPE | AUC |",
-        "|---|---|---|---|---|---|",
     ]
+    privacy = doc.get("privacy") or {}
+    epsilon = privacy.get("epsilon_by_setting") if privacy.get("dp", "none") != "none" else None
+    if epsilon is None:
+        lines += ["| Test site | Setting | ACC | SEN | SPE | AUC |", "|---|---|---|---|---|---|"]
+    else:  # with DP, each row says what its model cost in privacy
+        lines += [f"| Test site | Setting | ACC | SEN | SPE | AUC | ε (δ = {privacy['delta']:g}) |",
+                  "|---|---|---|---|---|---|---|"]
     footnotes = []
     for row in table_rows(doc):
         label = row["label"]
         if row["notes"]:
             footnotes.append(f"{row['test_site']} / {label}: " + "; ".join(row["notes"]))
             label += f" [{len(footnotes)}]"
-        lines.append(f"| {row['test_site']} | {label} | " + " | ".join(row["cells"]) + " |")
+        cells = list(row["cells"])
+        if epsilon is not None:
+            eps = epsilon.get(row["setting"])
+            cells.append("—" if row["setting"] not in epsilon else "∞" if eps is None or eps == float("inf")
+                         else f"{eps:.3g}")
+        lines.append(f"| {row['test_site']} | {label} | " + " | ".join(cells) + " |")
     if footnotes:
         lines += ["", *[f"[{i}] {text}" for i, text in enumerate(footnotes, 1)]]
     data_notes = data_note_lines(doc)

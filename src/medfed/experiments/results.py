@@ -283,5 +283,5 @@ def table_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
             notes += [f"{m.upper()}: {r['metrics'][m]['undefined_reason']}" for m in METRICS
                       if r["computable"] and r["metrics"][m].get("undefined_reason")]
             shown = site if evaluation == "split" else f"{site} (unseen)"
-            rows.append({"test_site": shown, "label": label, "cells": cells, "notes": notes})
+            rows.append({"test_site": shown, "label": label, "cells": cells, "notes": notes, "setting": r["setting"]})
     return rows
