@@ -300,3 +300,23 @@ def test_the_flower_executor_refuses_what_a_deployment_cannot_run_in_one_line(ta
     result = CliRunner().invoke(app, ["run", "--dataset", "heart-disease", "--methods", "fedavg", "--repeats", "1",
                                       "--executor", "flower", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "embedded data set" in result.output
+
+
+def test_a_deployed_study_with_client_level_dp_and_compression_equals_its_simulation(tables, tmp_path):
+    pytest.importorskip("dp_accounting")
+    study = tmp_path / "private.toml"
+    study.write_text('compress = "q8"\n' + STUDY.replace('["fedavg", "scaffold", "ditto"]', '["fedavg", "ditto"]')
+                     + '\n[privacy]\ndp = "client"\nclip = 0.5\nnoise = 0.8\n')
+    deployed = drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
+    from typer.testing import CliRunner
+
+    from medfed.cli.app import app
+
+    result = CliRunner().invoke(app, ["run", str(study), "--data", str(tables / "all.csv"), "--out",
+                                      str(tmp_path / "sim")])
+    assert result.exit_code == 0, result.output
+    simulated = json.loads((tmp_path / "sim" / "results.json").read_text())
+    assert _rows(deployed) == _rows(simulated)
+    assert deployed["histories"]["FedAvg"]["train_loss"] == simulated["histories"]["FedAvg"]["train_loss"]
+    assert deployed["privacy"]["ledger"] == simulated["privacy"]["ledger"]
+    assert deployed["privacy"]["epsilon_by_setting"]["FedAvg"] > 0

@@ -184,6 +184,7 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
     histories: list = []
     setting_time: dict[str, float] = {}
     models: dict[str, ModelOutcome] = {}
+    privacy: list[dict] = []
     fed = DeployedFederation(
         "deployed", tuple(sites), tuple(joined[s]["summary"] for s in sites), tuple(first["features"]), shape,
         config.data.impute, first["positive_label"], bool(first["predefined_split"]),
@@ -196,9 +197,18 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
         t0 = time.perf_counter()
         rounds = spec.rounds(t)
         algorithm = build_method(config, spec, opts, sites, counts)
-        _, server = programs(algorithm, plan.local, sites, fraction=t.fraction_fit, min_sites=need,
-                             max_update_norm=t.max_update_norm, codec=make_codec(config.compress))
         key = (TRAIN_STREAM, 0, name_key(spec.name))
+        if config.privacy.dp == "client":  # the server's end: the noised fixed-denominator mean
+            from medfed.methods.privacy import client_dp
+
+            algorithm, _ = client_dp(algorithm, spec.name, clip=config.privacy.clip,
+                                     noise_multiplier=plan.noise_multiplier(spec),
+                                     sizes={s: float(sum(c)) for s, c in counts.items()}, rate=t.fraction_fit,
+                                     rng=KeyedRng(config.seed, key).child(name_key("dp-noise")))
+            privacy += plan.ledger(spec, sites, 0)
+        _, server = programs(algorithm, plan.local, sites, fraction=t.fraction_fit, min_sites=need,
+                             max_update_norm=t.max_update_norm, codec=make_codec(config.compress),
+                             poisson=config.privacy.dp != "none")
         run_name = f"r1-{spec.name}"
         run = {"name": run_name, "method": spec.name, "options": dict(opts), "sites": sites,
                "label_counts": {s: c for s, c in counts.items()}, "sample_shape": list(shape), "scale": scale,
@@ -231,7 +241,7 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
                 "at the site")
             models[spec.display] = ModelOutcome(spec.display, None, why)
         setting_time[spec.display] = time.perf_counter() - t0
-    outcome = RepeatOutcome(evaluations, histories, [], setting_time, models=models)
+    outcome = RepeatOutcome(evaluations, histories, [], setting_time, models=models, privacy=privacy)
     # the deployed run always keeps its final global models (models/<Setting>.npz)
     experiment = assemble_run(config.model_copy(update={"save_model": True}), fed, methods, [outcome], started)
     experiment.warnings.extend(f"site {s!r} was refused: {why}" for s, why in refused.items())

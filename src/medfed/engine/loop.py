@@ -18,23 +18,10 @@ from medfed.engine.checkpoint import CheckpointStore
 from medfed.engine.driver import Driver, FederatedRun
 from medfed.engine.executors import local_executor
 from medfed.engine.faults import Faults
-from medfed.engine.protocol import FederatedAlgorithm, RoundRecord, programs
+from medfed.engine.protocol import FederatedAlgorithm, RoundRecord, programs, with_upload_transforms
 from medfed.rng import KeyedRng
 
 __all__ = ["FederatedAlgorithm", "FederatedRun", "RoundRecord", "run_federated"]
-
-
-def _with_boundary(algorithm: FederatedAlgorithm, boundary: UploadBoundary) -> FederatedAlgorithm:
-    """The algorithm whose uploads also pass ``boundary``'s transforms at the site."""
-    import dataclasses
-
-    update = algorithm.local_update
-
-    def local_update(*args, **kwargs):
-        upload, state = update(*args, **kwargs)
-        return boundary.transmit(upload), state
-
-    return dataclasses.replace(algorithm, local_update=local_update)
 
 
 def run_federated(
@@ -74,7 +61,7 @@ def run_federated(
     and ``fingerprint`` resumes after the last saved round.
     """
     if boundary is not None:
-        algorithm = _with_boundary(algorithm, boundary)
+        algorithm = with_upload_transforms(algorithm, boundary.transmit)
     names = [s.name for s in sites]
     site_program, server_program = programs(
         algorithm, training, names, fraction=fraction, min_sites=min_sites, max_update_norm=max_update_norm,

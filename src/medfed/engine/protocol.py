@@ -66,6 +66,20 @@ class FederatedAlgorithm:
     private: Callable[[str], bool] | None = None
 
 
+def with_upload_transforms(algorithm: FederatedAlgorithm, transmit) -> FederatedAlgorithm:
+    """The algorithm whose every upload also passes ``transmit(upload) -> upload`` at its site
+    (an :class:`~medfed.comm.boundary.UploadBoundary`'s ``transmit``: clipping for DP)."""
+    import dataclasses
+
+    update = algorithm.local_update
+
+    def local_update(*args, **kwargs):
+        upload, state = update(*args, **kwargs)
+        return transmit(upload), state
+
+    return dataclasses.replace(algorithm, local_update=local_update)
+
+
 @dataclass(frozen=True, slots=True)
 class RoundContext:
     """What both sides know about a round: its index, the sites taking part, and the run's
