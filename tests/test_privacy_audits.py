@@ -6,8 +6,8 @@ import warnings
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
 from rich.console import Console
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from medfed.cli.app import app
@@ -17,7 +17,12 @@ from medfed.data.federation import Federation, Site
 from medfed.errors import ConfigError
 from medfed.experiments.config import build_config
 from medfed.experiments.harness import run_experiment
-from medfed.experiments.leakage import membership_auc, row_losses, run_privacy_audit, worst_membership
+from medfed.experiments.leakage import (
+    membership_auc,
+    row_losses,
+    run_privacy_audit,
+    worst_membership,
+)
 from medfed.models import LogisticRegression
 
 HEART = ["--dataset", "heart-disease", "--rounds", "5", "--local-steps", "5", "--repeats", "1"]

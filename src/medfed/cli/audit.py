@@ -55,9 +55,9 @@ from medfed.cli.flags import (
     MaxUpdateNormOpt,
     MethodOptionOpt,
     MinSitesOpt,
-    OverwriteOpt,
     ModelOpt,
     ModelOptionOpt,
+    OverwriteOpt,
     PathColumnOpt,
     PositiveLabelOpt,
     RoundsOpt,
@@ -370,7 +370,12 @@ def execute_privacy_audit(audit: str, flags: dict[str, Any]) -> dict[str, Any]:
     attack AUC is above Y."""
     from medfed.experiments.config import build_config
     from medfed.experiments.harness import load_federation
-    from medfed.experiments.leakage import audit_files, parse_noises, run_privacy_audit, worst_membership
+    from medfed.experiments.leakage import (
+        audit_files,
+        parse_noises,
+        run_privacy_audit,
+        worst_membership,
+    )
     from medfed.experiments.report import output_dir, write_atomically
     from medfed.experiments.results import environment
 
@@ -382,10 +387,9 @@ def execute_privacy_audit(audit: str, flags: dict[str, Any]) -> dict[str, Any]:
     with output_dir(out, "--out", owns=tuple(audit_files({"audit": audit})), overwrite=config.overwrite):
         apply_threads(config)
         federation = load_federation(config.data)
-        with progress_steps(config.repeats * len(config.methods) * len(noises)) as step:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # single-class sites show up as undefined metrics
-                doc = run_privacy_audit(config, audit, noises, clip, federation=federation, progress=step)
+        with progress_steps(config.repeats * len(config.methods) * len(noises)) as step, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # single-class sites show up as undefined metrics
+            doc = run_privacy_audit(config, audit, noises, clip, federation=federation, progress=step)
         doc.update(command=common.COMMAND, environment=environment(config))
         written = write_results(lambda: write_atomically(out, audit_files(doc)), out)
 

@@ -46,7 +46,12 @@ from medfed.experiments.harness import (
 )
 from medfed.experiments.metrics import Metric, binary_metrics, roc_auc
 from medfed.experiments.report import write_atomically
-from medfed.experiments.results import STD_DDOF, format_metric, package_versions, summarize
+from medfed.experiments.results import (
+    STD_DDOF,
+    format_metric,
+    package_versions,
+    summarize,
+)
 from medfed.methods import Method, resolve_methods
 from medfed.rng import KeyedRng, name_key
 
@@ -124,7 +129,7 @@ def _check(config: ExperimentConfig, federation, methods, noises: list[float], c
     if any(z > 0 for z in noises) and clip is None:
         raise ConfigError("--clip C is needed: a noise multiplier above 0 turns on client-level DP, which "
                           "clips each site's update to L2 norm C")
-    for z in sorted({min(z, 1.0) for z in noises}):  # the plain study and, once, the private one
+    for z in sorted({0.0 if z == 0 else 1.0 for z in noises}):  # the plain study and, once, the private one
         check_study(privacy_at(config, z, clip), federation, methods)
 
 
