@@ -133,7 +133,9 @@ def _check(config: ExperimentConfig, federation, methods, noises: list[float], c
         check_study(privacy_at(config, z, clip), federation, methods)
 
 
-def _run_repeat(config, federation, methods, noises, clip, repeat: int, progress) -> list[dict]:
+def _run_repeat(config, federation, methods, noises, clip, repeat: int, progress, spent: dict) -> list[dict]:
+    """Train every method at every noise on one repeat's split. ``spent`` keeps each (method,
+    noise)'s epsilon per site: the same in every repeat, and a PLD accounting takes seconds."""
     sites = prepare_repeat(federation, config, repeat)
     train, tests = ScaledViews(sites, config.scaling)(tuple(range(len(sites))))
     records = []
@@ -147,7 +149,9 @@ def _run_repeat(config, federation, methods, noises, clip, repeat: int, progress
             record: dict[str, Any] = {"method": spec.name, "noise": z, "repeat": repeat}
             run = plan.federated(spec, opts, train, plan.initial(federation, repeat), rng)
             failure = federated_failure(run)
-            eps = {e["site"]: e["epsilon"] for e in plan.ledger(spec, [d.name for d in train], repeat)}
+            if (spec.name, z) not in spent:
+                spent[spec.name, z] = {e["site"]: e["epsilon"] for e in plan.ledger(spec, [d.name for d in train], repeat)}
+            eps = spent[spec.name, z]
             record["epsilon"] = {s.name: eps.get(s.name, math.inf) for s in sites}
             record["failure"] = None if failure is None else failure.reason
             scored = []
@@ -173,7 +177,7 @@ def _rows(methods: list[tuple[Method, dict]], noises, site_names, records: list[
                 for kind in kinds:
                     found = [next((x for x in r["scored"] if x.site == site and x.model == kind), None) for r in runs]
                     why = [r["failure"] or f"no {kind} model at this site" for r in runs]
-                    eps = runs[0]["epsilon"][site]  # the same in every repeat: (q, z, rounds) fix it
+                    eps = runs[0]["epsilon"][site]  # the same in every repeat: (q, z, rounds, delta) fix it
                     rows.append({
                         "method": spec.name, "display": spec.display, "noise": z, "site": site, "model": kind,
                         "epsilon": None if not math.isfinite(eps) else eps,
@@ -204,8 +208,9 @@ def run_privacy_audit(
     federation = federation if federation is not None else load_federation(config.data)
     methods = resolve_methods(config.methods, config.method_options, config.pipelines)
     _check(config, federation, methods, noises, clip)
+    spent: dict = {}
     records = [rec for repeat in range(config.repeats)
-               for rec in _run_repeat(config, federation, methods, noises, clip, repeat, progress)]
+               for rec in _run_repeat(config, federation, methods, noises, clip, repeat, progress, spent)]
     return {
         "audit": audit,
         "dataset": federation.name,
