@@ -1,10 +1,12 @@
 """``medfed audit``: audits of a federation under attack. ``medfed audit robustness`` compares
-defenses with and without F corrupted sites (:mod:`medfed.experiments.audit`).
-
+defenses with and without F corrupted sites (:mod:`medfed.experiments.audit`); ``medfed audit
+membership`` attacks the trained models and ``medfed audit privacy`` sets utility against
+epsilon, both over a list of DP noise multipliers (:mod:`medfed.experiments.leakage`).
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -53,9 +55,9 @@ from medfed.cli.flags import (
     MaxUpdateNormOpt,
     MethodOptionOpt,
     MinSitesOpt,
-    OverwriteOpt,
     ModelOpt,
     ModelOptionOpt,
+    OverwriteOpt,
     PathColumnOpt,
     PositiveLabelOpt,
     RoundsOpt,
@@ -72,7 +74,7 @@ audit_app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings=CONTEXT,
-    help="Audits: how defenses hold up when some sites are corrupted.",
+    help="Audits: how defenses hold up when some sites are corrupted; what a membership attack learns; utility against epsilon.",
 )
 
 # the screen table shows the headline metrics; the files carry all four
@@ -243,3 +245,197 @@ def robustness(
 
     values, attack_values = guard(build)
     guard(execute_audit, values, attack_values, str(config) if config else "flags")
+
+
+# --------------------------------------------------------------------------- privacy audits
+
+
+def render_privacy_audit(doc: dict[str, Any], out: Console | None = None) -> None:
+    """The membership or privacy table, one row per method, model, noise and site."""
+    from medfed.experiments.leakage import table_cells
+
+    out = out or console
+    header, rows = table_cells(doc)
+    title = (f"{doc['dataset']}: {doc['audit']} audit, clip {doc['clip']}, delta {doc['delta']:g}; "
+             f"mean ± std over {doc['repeats']} repeat(s), seed {doc['seed']}")
+
+    def build(cell: Callable[[str], str]) -> Callable[[], Table]:
+        def table() -> Table:
+            t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+            for i, h in enumerate(header):
+                t.add_column(h, justify="right" if i >= 2 else "left", overflow="fold")
+            for row in rows:
+                t.add_row(*(escape(cell(c)) for c in row))
+            return t
+        return table
+
+    out.print(first_fitting([(build(str), False), (build(compact), True), (build(stacked), True)], out))
+    for note in doc["notes"]:
+        out.print(f"[dim]{escape(note)}[/]", highlight=False)
+
+
+def _privacy_flags(
+    out: Annotated[str, typer.Option(help="output folder for the audit's json, csv and md (and png)")],
+    noise: Annotated[str, typer.Option(help="comma-separated DP noise multipliers; 0 = no DP [default: 0,1]")] = "0,1",
+    clip: Annotated[float | None, typer.Option(help="DP: the L2 bound C of each site's update (needed for noise > 0)")] = None,
+    delta: Annotated[float | None, typer.Option(help="DP: delta of the (epsilon, delta) guarantee [default: 1e-5]")] = None,
+    methods: Annotated[str | None, typer.Option(help="comma-separated federated methods [default: fedavg]")] = None,
+    config: ConfigArg = None,
+    dataset: DatasetOpt = None,
+    data: DataOpt = None,
+    manifest: ManifestOpt = None,
+    path_column: PathColumnOpt = None,
+    kind: KindOpt = None,
+    skip_bad: SkipBadOpt = None,
+    site_column: SiteColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    split_column: SplitColumnOpt = None,
+    features: FeaturesOpt = None,
+    exclude: ExcludeOpt = None,
+    categorical: CategoricalOpt = None,
+    impute: ImputeOpt = None,
+    positive_label: PositiveLabelOpt = None,
+    dataset_option: DatasetOptionOpt = None,
+    model: ModelOpt = None,
+    model_option: ModelOptionOpt = None,
+    repeats: Annotated[int | None, typer.Option(help="repeated splits [default: 3]")] = None,
+    rounds: RoundsOpt = None,
+    local_steps: LocalStepsOpt = None,
+    local_epochs: LocalEpochsOpt = None,
+    lr: LrOpt = None,
+    l2: L2Opt = None,
+    batch_size: BatchSizeOpt = None,
+    fraction_fit: FractionFitOpt = None,
+    min_sites: MinSitesOpt = None,
+    max_update_norm: MaxUpdateNormOpt = None,
+    scaling: ScalingOpt = None,
+    seed: Annotated[int | None, typer.Option(help="seed of splits, training and DP noise [default: 0]")] = None,
+    method_option: MethodOptionOpt = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="threads torch models compute with [default: 1]")] = None,
+    overwrite: OverwriteOpt = None,
+) -> None:
+    """The flags `medfed audit membership` and `medfed audit privacy` share (their signature)."""
+
+
+FailIfMembershipOpt = Annotated[
+    float | None,
+    typer.Option(help="after writing the report, exit with status 5 naming the worst (site, method, noise) when a "
+                      "mean attack AUC is above this"),
+]
+
+
+def _privacy_values(flags: dict[str, Any]) -> tuple[dict[str, Any], list[float], float | None]:
+    """The study config, the noise list and the clip the flags (and a config file) give."""
+    from medfed.experiments.config import merge, read_toml
+
+    base = read_toml(flags["config"]) if flags["config"] is not None else {}
+    given = [f for f, k in (("--dataset", "dataset"), ("--data", "data"), ("--manifest", "manifest"))
+             if flags[k] is not None]
+    if len(given) > 1 or (not given and "data" not in base):
+        raise ConfigError(
+            f"give one data source: --dataset NAME, --data FILE or --manifest FILE, or a [data] table in a "
+            f"config file (got {len(given)})"
+        )
+    base.pop("privacy", None)  # the audit sets DP itself, from --noise, --clip and --delta
+    # --noise is a list here, not `medfed run`'s one multiplier: study_overrides must not see it
+    study = {k: v for k, v in flags.items() if k not in ("noise", "clip", "delta")}
+    over: dict[str, Any] = {"out": flags["out"], "threads": flags["threads"], "overwrite": bool(flags["overwrite"])}
+    over.update(study_overrides(base, study))
+    if flags["delta"] is not None:
+        over["privacy"] = {"delta": flags["delta"]}
+    if flags["method_option"]:
+        over["method_options"] = parse_method_options(flags["method_option"])
+    if flags["model_option"]:
+        over["model_options"] = parse_options(flags["model_option"], "--model-option")
+    for key in ("repeats", "seed", "scaling", "model"):
+        if flags[key] is not None:
+            over[key] = flags[key]
+    if flags["methods"] is not None:
+        over["methods"] = split_list(flags["methods"])
+    values = merge(base, over)
+    values.setdefault("methods", ["fedavg"])
+    values.setdefault("repeats", 3)
+    noises = []
+    for item in split_list(flags["noise"]) or []:
+        try:
+            noises.append(float(item))
+        except ValueError:
+            raise ConfigError(f"--noise takes comma-separated numbers >= 0 (0: no DP), got {item!r}") from None
+    return values, noises, flags["clip"]
+
+
+def execute_privacy_audit(audit: str, flags: dict[str, Any]) -> dict[str, Any]:
+    """Validate, check the output folder, train with a progress bar, write the files atomically,
+    render; with ``--fail-if-membership-auc-above Y`` exit 5 after writing when the worst mean
+    attack AUC is above Y."""
+    from medfed.experiments.config import build_config
+    from medfed.experiments.harness import load_federation
+    from medfed.experiments.leakage import (
+        audit_files,
+        parse_noises,
+        run_privacy_audit,
+        worst_membership,
+    )
+    from medfed.experiments.report import output_dir, write_atomically
+    from medfed.experiments.results import environment
+
+    values, noises, clip = _privacy_values(flags)
+    noises = parse_noises(noises)
+    threshold = flags.get("fail_if_membership_auc_above")
+    config = build_config(values, str(flags["config"]) if flags["config"] else "flags", flag_for)
+    out = config.out
+    with output_dir(out, "--out", owns=tuple(audit_files({"audit": audit})), overwrite=config.overwrite):
+        apply_threads(config)
+        federation = load_federation(config.data)
+        with progress_steps(config.repeats * len(config.methods) * len(noises)) as step, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # single-class sites show up as undefined metrics
+            doc = run_privacy_audit(config, audit, noises, clip, federation=federation, progress=step)
+        doc.update(command=common.COMMAND, environment=environment(config))
+        written = write_results(lambda: write_atomically(out, audit_files(doc)), out)
+
+    def render() -> None:
+        render_privacy_audit(doc)
+        console.print(f"[dim]{doc['runtime_s']:.2f} s; wrote {', '.join(p.name for p in written)} to "
+                      f"{escape(str(out))}[/]", highlight=False)
+
+    show(render, str(out))
+    worst = worst_membership(doc)
+    if threshold is not None and worst is not None and worst["attack_auc"]["mean"] > threshold:
+        common.fail(
+            f"membership attack AUC {worst['attack_auc']['mean']:.3f} > {threshold:g} at site {worst['site']!r}, "
+            f"{worst['display']} ({worst['model']} model), noise {worst['noise']:g}; the report is in {out}",
+            common.EXIT_AUDIT_FAILED,
+        )
+    return doc
+
+
+def _privacy_command(audit: str, extra: list[inspect.Parameter], doc: str) -> Callable[..., None]:
+    """A command with the shared flags (and ``extra``) that runs ``audit``."""
+
+    def command(**flags: Any) -> None:
+        guard(execute_privacy_audit, audit, flags)
+
+    params = list(inspect.signature(_privacy_flags, eval_str=True).parameters.values()) + extra
+    command.__signature__ = inspect.Signature(params)  # what typer reads the options from
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = doc
+    return command
+
+
+audit_app.command("membership")(_privacy_command("membership", [inspect.Parameter(
+    "fail_if_membership_auc_above", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=FailIfMembershipOpt)],
+    """A loss-threshold membership-inference attack (Yeom et al., 2018) per site, with and without DP.
+
+    Each method (--methods) trains at every noise multiplier of --noise (0: no DP; above 0:
+    client-level DP clipped to --clip); per site, the attack AUC of -loss separating the
+    site's training rows from its test rows, for the global and any personal model, next to
+    epsilon and the test AUC. Data and training flags are those of `medfed run`.
+    """))
+
+audit_app.command("privacy")(_privacy_command("privacy", [],
+    """Utility (test ACC, AUC per site) against the epsilon each site spent, per noise multiplier.
+
+    Each method (--methods) trains at every noise multiplier of --noise (0: no DP); writes
+    privacy.json, .csv, .md and privacy.png (AUC against epsilon, log-x). Data and training
+    flags are those of `medfed run`.
+    """))

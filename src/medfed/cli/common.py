@@ -36,10 +36,12 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 EXIT_BAD_INPUT = 2  # refused before any work (input, flags, output folder): nothing written
 EXIT_STDOUT_LOST = 3  # finished and result files written, but stdout was closed or full
 EXIT_NOT_WRITTEN = 4  # finished, but the result files could not be written: none written or changed
+EXIT_AUDIT_FAILED = 5  # an audit's --fail-if-... threshold was crossed: its result files are written
 EXIT_STATUSES = (
     "Exit status: 0 done (result files written); 2 refused before any work (bad input or output folder), "
     "nothing written; 3 result files written but stdout was closed or full (table not shown); "
-    "4 finished but the result files could not be written, none written or changed; 143 stopped by SIGTERM, "
+    "4 finished but the result files could not be written, none written or changed; 5 an audit's "
+    "--fail-if-... threshold was crossed (its result files written); 143 stopped by SIGTERM, "
     "nothing written; 1 an internal error."
 )
 
