@@ -65,6 +65,7 @@ def _accountant(kind: str):
     raise ConfigError(f"accountant {kind!r}: use {' or '.join(ACCOUNTANTS)}")
 
 
+@functools.lru_cache(maxsize=256)  # PLD takes seconds at small noise: every repeat and site ask the same
 def client_level_epsilon(rate: float, noise_multiplier: float, rounds: int, delta: float,
                          accountant: str = "pld") -> float:
     """epsilon after ``rounds`` rounds of the (Poisson-subsampled) Gaussian mechanism; inf without noise."""
