@@ -302,11 +302,12 @@ def test_the_flower_executor_refuses_what_a_deployment_cannot_run_in_one_line(ta
     assert result.exit_code == 2 and "embedded data set" in result.output
 
 
-def test_a_deployed_study_with_client_level_dp_and_compression_equals_its_simulation(tables, tmp_path):
+@pytest.mark.parametrize("adaptive", ["false", "true"])
+def test_a_deployed_study_with_client_level_dp_and_compression_equals_its_simulation(tables, tmp_path, adaptive):
     pytest.importorskip("dp_accounting")
     study = tmp_path / "private.toml"
     study.write_text('compress = "q8"\n' + STUDY.replace('["fedavg", "scaffold", "ditto"]', '["fedavg", "ditto"]')
-                     + '\n[privacy]\ndp = "client"\nclip = 0.5\nnoise = 0.8\n')
+                     + f'\n[privacy]\ndp = "client"\nclip = 0.5\nnoise = 0.8\nadaptive_clip = {adaptive}\n')
     deployed = drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
     from typer.testing import CliRunner
 

@@ -81,6 +81,10 @@ def test_without_noise_or_clipping_it_is_fedavgs_mean_bit_for_bit():
     assert private["results"] == plain["results"]
     assert private["histories"]["FedAvg"]["train_loss"] == plain["histories"]["FedAvg"]["train_loss"]
     assert private["privacy"]["dp"] == "client" and plain["privacy"]["ledger"] == []
+    import json
+
+    json.dumps(private, allow_nan=False)  # no noise: epsilon is unbounded, written as null, never inf
+    assert private["privacy"]["epsilon_by_setting"]["FedAvg"] is None
 
 
 def test_a_private_run_keeps_a_ledger_per_site_and_differs_from_the_plain_one():
@@ -113,7 +117,6 @@ def test_poisson_participation_is_keyed_by_site_and_has_rate_q():
     ({"dp": "client", "noise": 1.0}, "needs clip"),
     ({"dp": "client", "clip": 1.0}, "noise multiplier"),
     ({"dp": "sample", "clip": 1.0, "noise": 1.0}, "not available yet"),
-    ({"dp": "client", "clip": 1.0, "noise": 1.0, "adaptive_clip": True}, "adaptive clipping"),
 ])
 def test_incomplete_privacy_settings_are_one_clear_error(privacy, words):
     with pytest.raises(ConfigError, match=words):
@@ -144,3 +147,38 @@ def test_the_markdown_table_gains_an_epsilon_column_with_dp():
     mix_rows = [line for line in private.splitlines() if "| Mix |" in line]
     assert fedavg_rows and all(line.rstrip(" |").endswith(f"{eps:.3g}") for line in fedavg_rows)
     assert mix_rows and all(line.rstrip(" |").endswith("—") for line in mix_rows)  # no federated release
+
+
+def test_adaptive_clipping_tracks_the_median_update_norm():
+    """Andrew et al., 2021: without noise the clip moves geometrically toward the quantile."""
+    from medfed.client.local import LocalData, LocalTraining
+    from medfed.engine import run_federated
+    from medfed.methods.privacy import client_dp
+    from medfed.models import LogisticRegression
+
+    norms = {f"s{i}": float(i + 1) for i in range(5)}  # updates of norm 1..5: the median is 3
+
+    def constant(params, data, training, state, rng):
+        return Upload(data.name, {"weight": np.zeros(2), "bias": np.array([norms[data.name]])}, 10, "delta",
+                      {"loss": 0.5}), state
+
+    sites = [LocalData(name, np.zeros((10, 2)), np.zeros(10)) for name in norms]
+    algorithm, _ = client_dp(FederatedAlgorithm("fedavg", constant, chain(weighted_mean(), apply_delta())),
+                             "fedavg", clip=100.0, noise_multiplier=0.0, sizes={s: 10.0 for s in norms}, rate=1.0,
+                             rng=KeyedRng(0), adaptive=True)
+    init = {"weight": np.zeros(2), "bias": np.zeros(1)}
+    run = run_federated(algorithm, init, sites, LocalTraining(LogisticRegression(), 0.1, 1), 200, KeyedRng(0))
+    clips = [r.report["dp_adaptive_mean"]["clip"] for r in run.history]
+    assert clips[0] == 100.0 and clips[30] < clips[0] * math.exp(-0.1 * 29) * 1.0001
+    assert 2.0 <= run.server_state["dp_adaptive_mean"].clip <= 4.0
+    # every round's uploads were clipped to the bound the server had sent for that round
+    last = run.history[-1].report["dp_adaptive_mean"]
+    assert last["next_clip"] == run.server_state["dp_adaptive_mean"].clip
+
+
+def test_the_adaptive_noise_split_keeps_the_overall_multiplier():
+    from medfed.server.dp import adaptive_noise
+
+    for z in (0.5, 1.0, 3.0):
+        z_update, sigma_bits = adaptive_noise(z, 0.1)
+        assert z_update ** -2 + (2 * sigma_bits) ** -2 == pytest.approx(z ** -2, rel=1e-12)

@@ -89,7 +89,7 @@ NoiseOpt = Annotated[float | None, typer.Option(help="DP: noise multiplier z (no
 DeltaOpt = Annotated[float | None, typer.Option(help="DP: delta of the (epsilon, delta) guarantee [default: 1e-5]")]
 TargetEpsilonOpt = Annotated[float | None, typer.Option(help="DP: calibrate z so every site ends at epsilon <= E")]
 AccountantOpt = Annotated[str | None, typer.Option(help="DP accountant (dp-accounting): pld or rdp")]
-AdaptiveClipOpt = Annotated[bool | None, typer.Option("--adaptive-clip", help="DP: adapt the clip to a quantile of update norms (not available yet)")]
+AdaptiveClipOpt = Annotated[bool | None, typer.Option("--adaptive-clip", help="DP: adapt the clip each round toward the median update norm (Andrew et al., 2021)")]
 CompressOpt = Annotated[str | None, typer.Option(help="upload compression: none, lossless, q8, q4, topk:FRACTION (error feedback)")]
 PRIVACY_FLAGS = ("dp", "clip", "noise", "delta", "target_epsilon", "accountant", "adaptive_clip")
 MethodOptionOpt = Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALUE, e.g. fedprox.mu=0.01")]

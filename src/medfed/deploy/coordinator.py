@@ -204,7 +204,8 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
             algorithm, _ = client_dp(algorithm, spec.name, clip=config.privacy.clip,
                                      noise_multiplier=plan.noise_multiplier(spec),
                                      sizes={s: float(sum(c)) for s, c in counts.items()}, rate=t.fraction_fit,
-                                     rng=KeyedRng(config.seed, key).child(name_key("dp-noise")))
+                                     rng=KeyedRng(config.seed, key).child(name_key("dp-noise")),
+                                     adaptive=config.privacy.adaptive_clip)
             privacy += plan.ledger(spec, sites, 0)
         _, server = programs(algorithm, plan.local, sites, fraction=t.fraction_fit, min_sites=need,
                              max_update_norm=t.max_update_norm, codec=make_codec(config.compress),

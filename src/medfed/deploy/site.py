@@ -193,10 +193,9 @@ def _build(site: SiteIdentity, run: Mapping[str, Any]) -> tuple:
     counts = {name: np.asarray(c) for name, c in run["label_counts"].items()}
     algorithm = build_method(config, spec, opts, list(run["sites"]), counts)
     if config.privacy.dp == "client":  # the site's end of client-level DP: its update clipped before it leaves
-        from medfed.comm.privacy import clip_update
-        from medfed.engine.protocol import with_upload_transforms
+        from medfed.methods.privacy import client_dp_site
 
-        algorithm = with_upload_transforms(algorithm, clip_update(config.privacy.clip))
+        algorithm = client_dp_site(algorithm, config.privacy.clip, adaptive=config.privacy.adaptive_clip)
     scale = _standardizer(run["scale"], X_train.shape[1])
     data = LocalData(site.name, scale(X_train), y_train)
     program = SiteProgram(algorithm, plan.local, make_codec(config.compress))

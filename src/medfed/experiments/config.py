@@ -144,15 +144,15 @@ class PrivacySpec(_Strict):
     delta: float = Field(1e-5, gt=0, lt=1)
     target_epsilon: float | None = Field(None, gt=0, description="calibrate z so that every site ends at eps <= this")
     accountant: Literal["pld", "rdp"] = "pld"
-    adaptive_clip: bool = False
+    adaptive_clip: bool = Field(False, description="adapt the clip each round toward the median update norm "
+                                "(Andrew et al., 2021); clip is then the first round's bound")
 
     @model_validator(mode="after")
     def _complete(self) -> PrivacySpec:
         if self.dp == "none":
             return self
-        if self.dp in ("distributed", "sample") or self.adaptive_clip:
-            what = "adaptive clipping" if self.adaptive_clip else f"dp = {self.dp!r}"
-            raise ValueError(f"{what} is not available yet; use dp = \"client\" with a fixed clip")
+        if self.dp in ("distributed", "sample"):
+            raise ValueError(f"dp = {self.dp!r} is not available yet; use dp = \"client\"")
         if self.clip is None:
             raise ValueError("client-level DP needs clip (--clip C), the L2 bound of each site's update")
         if (self.noise is None) == (self.target_epsilon is None):

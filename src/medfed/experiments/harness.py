@@ -201,8 +201,9 @@ class TrainingPlan:
 
             algorithm, transforms = client_dp(
                 algorithm, spec.name, clip=config.privacy.clip, noise_multiplier=self.noise_multiplier(spec),
-                sizes={d.name: float(d.n) for d in train}, rate=t.fraction_fit, rng=rng.child(name_key("dp-noise")))  # apart from rounds' keys
-            boundary = UploadBoundary(transforms)
+                sizes={d.name: float(d.n) for d in train}, rate=t.fraction_fit,
+                rng=rng.child(name_key("dp-noise")), adaptive=config.privacy.adaptive_clip)  # apart from rounds' keys
+            boundary = UploadBoundary(transforms) if transforms else None
         checkpoint_dir = None
         if config.resume and config.out is not None and run_key is not None:
             checkpoint_dir = Path(config.out) / RESUME_DIR / run_key
@@ -237,6 +238,7 @@ class TrainingPlan:
         z, rounds = self.noise_multiplier(spec), spec.rounds(t)
         eps = client_level_epsilon(t.fraction_fit, z, rounds, p.delta, p.accountant)
         return [{"setting": spec.display, "repeat": repeat, "site": site, "mode": p.dp, "clip": p.clip,
+                 "adaptive_clip": p.adaptive_clip,
                  "noise_multiplier": z, "sampling_rate": t.fraction_fit, "steps": rounds, "delta": p.delta,
                  "accountant": p.accountant, "epsilon": eps} for site in sites]
 

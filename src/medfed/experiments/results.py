@@ -165,7 +165,7 @@ def privacy_document(run: ExperimentRun) -> dict[str, Any]:
         worst: dict[str, float] = {}
         for e in run.privacy:
             worst[e["setting"]] = max(worst.get(e["setting"], 0.0), e["epsilon"])
-        doc["epsilon_by_setting"] = worst
+        doc["epsilon_by_setting"] = {k: (v if np.isfinite(v) else None) for k, v in worst.items()}  # None: no bound
     doc["ledger"] = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in e.items()}
                      for e in run.privacy]
     return doc

@@ -12,23 +12,30 @@ and are refused in one line.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
+
+import numpy as np
 
 from medfed.comm.privacy import clip_update
 from medfed.engine.protocol import FederatedAlgorithm
 from medfed.errors import ConfigError
 from medfed.rng import KeyedRng
 from medfed.server.aggregate import replace_step
-from medfed.server.dp import dp_gaussian_mean
+from medfed.client.upload import Upload
+from medfed.server.dp import dp_adaptive_mean, dp_gaussian_mean
 
 # steps that leave the noised mean's guarantee intact: the mean itself, then post-processing
+CLIP_MESSAGE = "dp_clip"  # the round's clip bound, sent down with the global model (adaptive clipping)
 POST_PROCESSING = {"weighted_mean", "apply_delta", "gradient_step", "server_momentum", "server_adam",
                    "server_yogi", "server_adagrad"}
 
 
 def client_dp(algorithm: FederatedAlgorithm, method: str, *, clip: float, noise_multiplier: float,
-              sizes: Mapping[str, float], rate: float, rng: KeyedRng) -> tuple[FederatedAlgorithm, list]:
-    """The private variant of ``algorithm`` and the upload transforms its sites apply (the clip)."""
+              sizes: Mapping[str, float], rate: float, rng: KeyedRng,
+              adaptive: bool = False) -> tuple[FederatedAlgorithm, list]:
+    """The private variant of ``algorithm`` (both halves: the site's clip, the server's noised
+    mean) and the upload transforms left for the caller (none: the clip is in the site's rule)."""
     steps = [s.name for s in algorithm.aggregator.steps] or [algorithm.aggregator.name]
     other = [s for s in steps if s not in POST_PROCESSING]
     if "weighted_mean" not in steps or other:
@@ -38,6 +45,43 @@ def client_dp(algorithm: FederatedAlgorithm, method: str, *, clip: float, noise_
                if other else "has no example-weighted mean to noise")
             + "; use fedavg, fedprox, fedsgd, fedavgm, fedadam, fedyogi, fedadagrad, finetune, ditto, apfl, fedbn or fedper"
         )
-    private = replace_step(algorithm.aggregator, "weighted_mean",
-                           dp_gaussian_mean(noise_multiplier, clip, sizes, rate, rng))
-    return dataclasses.replace(algorithm, aggregator=private), [clip_update(clip)]
+    if adaptive:
+        step = dp_adaptive_mean(noise_multiplier, clip, sizes, rate, rng)
+        broadcast = algorithm.broadcast
+
+        def with_clip(state):
+            return {**(broadcast(state) if broadcast else {}), CLIP_MESSAGE: state["dp_adaptive_mean"].clip}
+
+        private = dataclasses.replace(algorithm, aggregator=replace_step(algorithm.aggregator, "weighted_mean", step),
+                                      broadcast=with_clip)
+    else:
+        step = dp_gaussian_mean(noise_multiplier, clip, sizes, rate, rng)
+        private = dataclasses.replace(algorithm, aggregator=replace_step(algorithm.aggregator, "weighted_mean", step))
+    return client_dp_site(private, clip, adaptive=adaptive), []
+
+
+def client_dp_site(algorithm: FederatedAlgorithm, clip: float, *, adaptive: bool = False) -> FederatedAlgorithm:
+    """The site's half of client-level DP: every upload clipped before it leaves, to ``clip``
+    or, with adaptive clipping, to the bound the server sent this round; then the upload also
+    says whether it was within the bound (``extras["dp_within_clip"]``, 1 or 0)."""
+    update = algorithm.local_update
+
+    def local_update(*args, **message):
+        bound = float(message.pop(CLIP_MESSAGE, clip))
+        upload, state = update(*args, **message)
+        norm = math.sqrt(sum(float(np.vdot(v, v)) for v in upload.payload.values()))
+        upload = clip_update(bound)(upload)
+        if adaptive:
+            upload = Upload(upload.site, upload.payload, upload.n_examples, upload.kind, upload.metrics,
+                            {**upload.extras, "dp_within_clip": float(norm <= bound)})
+        return upload, state
+
+    personalize = algorithm.personalize
+    if personalize is None:
+        return dataclasses.replace(algorithm, local_update=local_update)
+
+    def personalize_without_clip(*args, **message):  # the bound is for the shared update only
+        message.pop(CLIP_MESSAGE, None)
+        return personalize(*args, **message)
+
+    return dataclasses.replace(algorithm, local_update=local_update, personalize=personalize_without_clip)

@@ -11,11 +11,15 @@ deviation ``z`` times that sensitivity to every coordinate. With ``z = 0``, ``C 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
+import numpy as np
 
 from medfed.rng import KeyedRng
 from medfed.server.aggregate import Aggregator, StackedUploads
+from medfed.wiretypes import wire_type
 
 
 def dp_sensitivity(clip: float, sizes: Mapping[str, float], rate: float) -> float:
@@ -40,3 +44,50 @@ def dp_gaussian_mean(noise_multiplier: float, clip: float, sizes: Mapping[str, f
         return mean, state, {"noise_std": std, "participants": len(stack.sites)}
 
     return Aggregator(lambda global_params: None, apply, "dp_gaussian_mean")
+
+
+@wire_type
+@dataclass(frozen=True)
+class AdaptiveClipState:
+    """The clip bound the sites apply in the next round (adaptive clipping)."""
+
+    clip: float
+
+
+def adaptive_noise(noise_multiplier: float, bit_share: float) -> tuple[float, float]:
+    """Split the noise multiplier ``z`` between the update and the clipped-count (Andrew et al.,
+    2021, Thm 1: ``z^-2 = z_update^-2 + (2 sigma_bits)^-2``), giving the count ``bit_share`` of
+    the inverse-variance budget: ``(z_update, sigma_bits)``. The paper sets ``sigma_bits = m/20``
+    for ``m`` expected sites; that leaves almost nothing to the update with a handful of sites,
+    so the share is fixed instead."""
+    if noise_multiplier <= 0:
+        return 0.0, 0.0
+    return noise_multiplier / math.sqrt(1.0 - bit_share), noise_multiplier / (2.0 * math.sqrt(bit_share))
+
+
+def dp_adaptive_mean(noise_multiplier: float, clip: float, sizes: Mapping[str, float], rate: float,
+                     rng: KeyedRng, *, quantile: float = 0.5, lr: float = 0.2, bit_share: float = 0.1) -> Aggregator:
+    """:func:`dp_gaussian_mean` with the clip adapted each round toward the ``quantile`` of the
+    sites' update norms (Andrew et al., 2021): each site also reports whether its update was
+    within the clip (``extras["dp_within_clip"]``); the server noises that count, and sets
+    ``C <- C exp(-lr (b - quantile))`` with ``b`` the noised share within."""
+    total = float(sum(sizes.values()))
+    z_update, sigma_bits = adaptive_noise(noise_multiplier, bit_share)
+    expected = rate * len(sizes)
+
+    def apply(stack: StackedUploads, state: AdaptiveClipState, global_params, round_):
+        c = state.clip
+        w = stack.weights / (rate * total) if rate < 1.0 else stack.weights / total
+        mean = {k: (w @ v.reshape(len(w), -1)).reshape(v.shape[1:]) for k, v in stack.payload.items()}
+        std = z_update * dp_sensitivity(c, sizes, rate)
+        count = float(np.sum(stack.extras["dp_within_clip"]))
+        if noise_multiplier > 0:
+            gen = rng.child(round_).generator
+            mean = {k: v + gen.normal(0.0, std, size=v.shape) for k, v in mean.items()}
+            count += float(gen.normal(0.0, sigma_bits))
+        within = count / expected
+        new = c * math.exp(-lr * (within - quantile))
+        return mean, AdaptiveClipState(new), {"noise_std": std, "clip": c, "next_clip": new,
+                                             "participants": len(stack.sites)}
+
+    return Aggregator(lambda global_params: AdaptiveClipState(float(clip)), apply, "dp_adaptive_mean")
