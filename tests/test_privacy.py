@@ -116,7 +116,8 @@ def test_poisson_participation_is_keyed_by_site_and_has_rate_q():
 @pytest.mark.parametrize("privacy,words", [
     ({"dp": "client", "noise": 1.0}, "needs clip"),
     ({"dp": "client", "clip": 1.0}, "noise multiplier"),
-    ({"dp": "sample", "clip": 1.0, "noise": 1.0}, "not available yet"),
+    ({"dp": "distributed", "clip": 1.0, "noise": 1.0}, "not available yet"),
+    ({"dp": "sample", "noise": 1.0}, "each row's gradient"),
 ])
 def test_incomplete_privacy_settings_are_one_clear_error(privacy, words):
     with pytest.raises(ConfigError, match=words):
@@ -182,3 +183,83 @@ def test_the_adaptive_noise_split_keeps_the_overall_multiplier():
     for z in (0.5, 1.0, 3.0):
         z_update, sigma_bits = adaptive_noise(z, 0.1)
         assert z_update ** -2 + (2 * sigma_bits) ** -2 == pytest.approx(z ** -2, rel=1e-12)
+
+
+# -- sample level: DP-SGD inside local training -------------------------------------------------
+
+def _rows(n=60, d=3, seed=0):
+    gen = np.random.default_rng(seed)
+    X = gen.normal(0, 1, (n, d))
+    return X, (X @ np.arange(1.0, d + 1) + gen.normal(0, 1, n) > 0).astype(float)
+
+
+def test_per_example_gradients_average_to_the_models_gradient():
+    from medfed.models import LogisticRegression
+
+    X, y = _rows()
+    model = LogisticRegression()
+    params = {"weight": np.array([0.3, -0.2, 0.1]), "bias": np.array([0.05])}
+    per = model.per_example_gradients(params, X, y)
+    full, _ = model.gradient(params, X, y)
+    for k in full:
+        np.testing.assert_allclose(per[k].mean(axis=0), full[k], rtol=0, atol=1e-15)
+
+
+def test_dp_sgd_without_noise_or_clipping_on_every_row_is_gradient_descent():
+    from medfed.client.dp_sgd import DpSgd, dp_sgd_descend
+    from medfed.models import LogisticRegression
+
+    X, y = _rows()
+    model = LogisticRegression()
+    init = model.init_params((3,), KeyedRng(0))
+    plain, _ = model.descend(init, X, y, [None] * 10, 0.5, 0.01)
+    private, loss = dp_sgd_descend(model, init, X, y, 10, 10**6, 0.5, 0.01, KeyedRng(1), DpSgd(1e300, 0.0))
+    assert math.isnan(loss)  # no loss on the site's rows leaves it
+    for k in plain:
+        np.testing.assert_allclose(private[k], plain[k], rtol=0, atol=1e-12)
+
+
+def test_dp_sgd_clips_each_row_and_adds_noise_of_z_clip_over_the_expected_batch():
+    from medfed.client.dp_sgd import DpSgd, dp_sgd_descend
+    from medfed.models import LogisticRegression
+
+    X, y = _rows(n=200)
+    model = LogisticRegression()
+    zero = {"weight": np.zeros(3), "bias": np.zeros(1)}
+    # no noise: one step moves at most lr * clip * rows / expected (every row's gradient clipped)
+    for clip in (0.01, 0.1):
+        step, _ = dp_sgd_descend(model, zero, X * 100, y, 1, 200, 1.0, 0.0, KeyedRng(2), DpSgd(clip, 0.0))
+        moved = math.sqrt(sum(float(v @ v) for v in step.values()))
+        assert moved <= clip * (1 + 1e-9)
+    # rows that carry no signal: the weight moves by the noise alone, std lr * z * clip / (q n)
+    draws = [dp_sgd_descend(model, zero, np.zeros((200, 3)), y, 1, 50, 1.0, 0.0, KeyedRng(3, (i,)),
+                            DpSgd(2.0, 1.5))[0]["weight"] for i in range(3000)]
+    assert np.std(draws) == pytest.approx(1.5 * 2.0 / 50, rel=0.03)
+
+
+def test_sample_level_dp_keeps_each_sites_own_ledger():
+    fed = load_dataset("heart-disease")
+    values = {"data": {"dataset": "heart-disease"}, "repeats": 1, "methods": ["fedavg", "median"],
+              "training": {"rounds": 5, "local_steps": 4, "batch_size": 32},
+              "privacy": {"dp": "sample", "clip": 1.0, "noise": 1.1}}
+    doc = results_document(run_experiment(build_config(values), fed))
+    sizes = {}
+    for e in doc["privacy"]["ledger"]:
+        assert LEDGER_KEYS <= set(e) and e["mode"] == "sample" and e["steps"] == 20
+        assert e["epsilon"] == pytest.approx(client_level_epsilon(e["sampling_rate"], 1.1, 20, 1e-5))
+        sizes[e["site"]] = e["sampling_rate"]
+    assert len(set(sizes.values())) == len(fed.site_names)  # each site its own rate: its own spending
+    assert all(r["computable"] for r in doc["results"])  # no reported loss is not a divergence
+
+
+@pytest.mark.parametrize("method,extra,words", [
+    ("ditto", {}, "own optimizer terms"),
+    ("fedavg", {"training": {"batch_size": None}}, "--batch-size"),
+])
+def test_what_dp_sgd_cannot_run_yet_is_refused_before_training(method, extra, words):
+    fed = load_dataset("heart-disease")
+    values = {"data": {"dataset": "heart-disease"}, "repeats": 1, "methods": [method],
+              "training": {"rounds": 2, "batch_size": 32}, "privacy": {"dp": "sample", "clip": 1.0, "noise": 1.0}}
+    values.update({k: {**values[k], **v} for k, v in extra.items()})
+    with pytest.raises(ConfigError, match=words):
+        run_experiment(build_config(values), fed)

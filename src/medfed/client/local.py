@@ -43,6 +43,7 @@ class LocalTraining:
     batch_size: int | None = None
     l2: float = 0.0
     epochs: float | None = None  # if set, each site runs ceil(epochs * n / batch) steps instead of ``steps``
+    dp_sgd: Any = None  # a medfed.client.dp_sgd.DpSgd: sample-level DP inside the local steps
 
     def for_site(self, n: int) -> LocalTraining:
         """The training a site with ``n`` rows runs: ``steps``, or as many as ``epochs`` passes take."""
@@ -85,6 +86,11 @@ def sgd_steps(
     With ``prox_center`` and ``mu`` the objective gains FedProx's ``(mu/2)||theta - center||²``.
     """
     steps = config.steps if steps is None else steps
+    if config.dp_sgd is not None:
+        from medfed.client.dp_sgd import dp_sgd_descend
+
+        return dp_sgd_descend(config.model, params, data.X, data.y, steps, config.batch_size, config.lr, config.l2,
+                              rng, config.dp_sgd, prox_center=prox_center, mu=mu)
     return config.model.descend(
         params,
         data.X,
@@ -99,7 +105,8 @@ def sgd_steps(
 
 def _delta_upload(data: LocalData, trained: dict, global_params: Params, loss: float) -> Upload:
     delta = {k: trained[k] - global_params[k] for k in trained}
-    return Upload(data.name, delta, data.n, "delta", {"loss": loss})
+    # under DP-SGD no loss is computed on the site's rows (nan): none is reported
+    return Upload(data.name, delta, data.n, "delta", {} if math.isnan(loss) else {"loss": loss})
 
 
 def local_sgd_update(

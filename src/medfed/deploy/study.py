@@ -55,6 +55,9 @@ def check_settings(config: ExperimentConfig, source: str, *, manifest: bool) -> 
             f"{source}: features, exclude and impute apply to tables; with [deploy] site_files = \"manifest\" "
             "each site's file lists image files"
         )
+    if config.privacy.dp == "sample":
+        raise ConfigError(f"{source}: [privacy] dp = \"sample\" (DP-SGD) runs in simulation only so far (medfed run); "
+                          "a deployed study can use dp = \"client\"")
     if data.categorical:
         raise ConfigError(
             f"{source}: data.categorical is not supported in a deployed study yet (its levels need a setup "

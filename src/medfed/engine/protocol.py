@@ -136,6 +136,7 @@ class RoundRecord:
     skipped: str | None = None  # why the global model was left unchanged this round
     missing: dict[str, str] = field(default_factory=dict)  # site -> why it sent nothing (crash, timeout)
     bytes_by_site: dict[str, int] = field(default_factory=dict)  # what each site's upload took on the wire
+    loss_reported: bool = True  # False: the sites kept their loss to themselves (DP-SGD); train_loss is nan
 
 
 @dataclass(frozen=True)
@@ -258,7 +259,8 @@ class ServerProgram:
             w = stack.weights
             loss = float(stack.metrics["loss"] @ w / w.sum()) if "loss" in stack.metrics else float("nan")
             names = stack.sites
-        record = RoundRecord(ctx.round, names, loss, bytes_up, report, None, rejected, skipped, missing, sent)
+        reported = skipped is not None or "loss" in stack.metrics
+        record = RoundRecord(ctx.round, names, loss, bytes_up, report, None, rejected, skipped, missing, sent, reported)
         return ServerState(params, aggregator, ctx.round + 1), record
 
 

@@ -151,10 +151,14 @@ class PrivacySpec(_Strict):
     def _complete(self) -> PrivacySpec:
         if self.dp == "none":
             return self
-        if self.dp in ("distributed", "sample"):
-            raise ValueError(f"dp = {self.dp!r} is not available yet; use dp = \"client\"")
+        if self.dp == "distributed":
+            raise ValueError("dp = 'distributed' is not available yet (it needs secure aggregation in the round); "
+                             "use dp = \"client\" or \"sample\"")
+        if self.dp == "sample" and self.adaptive_clip:
+            raise ValueError("adaptive_clip adapts client-level DP's clip; with dp = \"sample\" give a fixed clip")
         if self.clip is None:
-            raise ValueError("client-level DP needs clip (--clip C), the L2 bound of each site's update")
+            what = "each row's gradient" if self.dp == "sample" else "each site's update"
+            raise ValueError(f"{self.dp}-level DP needs clip (--clip C), the L2 bound of {what}")
         if (self.noise is None) == (self.target_epsilon is None):
             raise ValueError("give the noise multiplier (--noise Z) or a target epsilon (--target-epsilon E), one of them")
         return self

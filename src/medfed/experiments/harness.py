@@ -10,6 +10,7 @@ iterations, the same gradient budget as one federated site.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import warnings
@@ -82,7 +83,7 @@ def federated_failure(run: FederatedRun) -> Failure | None:
     """
     history = run.history
     for r in history:
-        if r.skipped is None and not np.isfinite(r.train_loss):
+        if r.skipped is None and r.loss_reported and not np.isfinite(r.train_loss):
             return Failure("diverged", f"diverged in round {r.round + 1}: the training loss became NaN/Inf", r.round + 1)
         if r.skipped and r.rejected and all(NONFINITE in why for why in r.rejected.values()):
             return Failure(
@@ -204,11 +205,18 @@ class TrainingPlan:
                 sizes={d.name: float(d.n) for d in train}, rate=t.fraction_fit,
                 rng=rng.child(name_key("dp-noise")), adaptive=config.privacy.adaptive_clip)  # apart from rounds' keys
             boundary = UploadBoundary(transforms) if transforms else None
+        local = self.local
+        if config.privacy.dp == "sample":
+            from medfed.client.dp_sgd import DpSgd
+            from medfed.methods.privacy import check_sample_dp
+
+            check_sample_dp(algorithm, spec.name, self.model, t.batch_size)
+            local = dataclasses.replace(local, dp_sgd=DpSgd(config.privacy.clip, self.sample_noise(spec, train)))
         checkpoint_dir = None
         if config.resume and config.out is not None and run_key is not None:
             checkpoint_dir = Path(config.out) / RESUME_DIR / run_key
         return run_federated(
-            algorithm, initial, train, self.local, spec.rounds(t), rng,
+            algorithm, initial, train, local, spec.rounds(t), rng,
             fraction=t.fraction_fit, min_sites=t.min_sites, evaluate=evaluate,
             eval_every=config.eval_every if evaluate is not None else 0, max_update_norm=t.max_update_norm,
             executor=config.executor, faults=parse_drops(config.drop), checkpoint_dir=checkpoint_dir,
@@ -227,13 +235,43 @@ class TrainingPlan:
         return calibrate_noise(self.config.training.fraction_fit, spec.rounds(self.config.training), p.delta,
                                p.target_epsilon, p.accountant)
 
-    def ledger(self, spec: Method, sites, repeat: int) -> list[dict]:
+    def _sample_steps(self, spec: Method, n: int) -> tuple[float, int]:
+        """A site's DP-SGD accounting: its Poisson rate and its steps over the run."""
+        from medfed.client.dp_sgd import sampling_rate
+
+        t = self.config.training
+        return sampling_rate(t.batch_size, n), spec.rounds(t) * self.local.for_site(n).steps
+
+    def sample_noise(self, spec: Method, train) -> float:
+        """DP-SGD's noise multiplier: the configured one, or the smallest that keeps every site
+        (the one with the largest rate and most steps the worst) at epsilon <= target_epsilon."""
+        p = self.config.privacy
+        if p.target_epsilon is None:
+            return float(p.noise)
+        from medfed.comm.privacy import calibrate_noise
+
+        return max(calibrate_noise(*self._sample_steps(spec, d.n), p.delta, p.target_epsilon, p.accountant)
+                   for d in train)
+
+    def ledger(self, spec: Method, sites, repeat: int, sizes=None) -> list[dict]:
         """What each site spent in ``spec``'s run: client-level DP accounts the rounds it could
-        have been sampled in, the same for every site."""
+        have been sampled in, the same for every site; DP-SGD each site's own steps at its own
+        rate (``sizes``: site -> training rows)."""
         p, t = self.config.privacy, self.config.training
         if p.dp == "none" or spec.kind != "federated":
             return []
         from medfed.comm.privacy import client_level_epsilon
+
+        if p.dp == "sample":
+            z = self.sample_noise(spec, [LocalData(s, np.empty((sizes[s], 0)), np.empty(0)) for s in sites])
+            entries = []
+            for site in sites:
+                q, steps = self._sample_steps(spec, sizes[site])
+                entries.append({"setting": spec.display, "repeat": repeat, "site": site, "mode": "sample",
+                                "clip": p.clip, "adaptive_clip": False, "noise_multiplier": z, "sampling_rate": q,
+                                "steps": steps, "delta": p.delta, "accountant": p.accountant,
+                                "epsilon": client_level_epsilon(q, z, steps, p.delta, p.accountant)})
+            return entries
 
         z, rounds = self.noise_multiplier(spec), spec.rounds(t)
         eps = client_level_epsilon(t.fraction_fit, z, rounds, p.delta, p.accountant)
@@ -577,7 +615,7 @@ def run_repeat(
                 for kind in kinds:
                     out.evaluations.append((key_of(spec, None, j, model_kind=kind), failure, None))
             return
-        ledger = plan.ledger(spec, [d.name for d in train], repeat)
+        ledger = plan.ledger(spec, [d.name for d in train], repeat, {d.name: d.n for d in train})
         if held_out is not None:
             for entry in ledger:
                 entry["setting"] = f"{spec.display} (LOSO: {site_names[held_out]} left out)"
@@ -750,6 +788,10 @@ def check_study(
                 built = build_method(config, spec, opts, group)
             except (ValueError, TypeError) as exc:  # a builder that does not speak ConfigError yet
                 raise ConfigError(f"method {spec.name!r}: {exc}") from None
+            if config.privacy.dp == "sample":  # a site rule DP-SGD cannot make private yet
+                from medfed.methods.privacy import check_sample_dp
+
+                check_sample_dp(built, spec.name, TrainingPlan.of(config, federation).model, t.batch_size)
             if config.privacy.dp == "client":  # a method whose server reads more than the noised mean
                 from medfed.methods.privacy import client_dp
 

@@ -85,3 +85,21 @@ def client_dp_site(algorithm: FederatedAlgorithm, clip: float, *, adaptive: bool
         return personalize(*args, **message)
 
     return dataclasses.replace(algorithm, local_update=local_update, personalize=personalize_without_clip)
+
+
+def check_sample_dp(algorithm: FederatedAlgorithm, method: str, model, batch_size: int | None) -> None:
+    """Refuse, in one line, what DP-SGD inside local training cannot make private yet: a site
+    rule with its own optimizer terms (control variates, personal models trained by another
+    loop), a model without per-example gradients, full batches."""
+    from medfed.client.local import fedprox_update, local_sgd_update
+
+    rule = getattr(algorithm.local_update, "func", algorithm.local_update)
+    if rule not in (local_sgd_update, fedprox_update):
+        raise ConfigError(f"method {method!r} cannot run with DP-SGD (--dp sample) yet: its sites train with their "
+                          "own optimizer terms; use fedavg, fedprox, finetune or a server-end method "
+                          "(fedavgm, fedadam, median, krum, ...)")
+    if not hasattr(model, "per_example_gradients"):
+        raise ConfigError("--dp sample needs per-example gradients: the numpy logistic model has them; torch "
+                          "models do not yet (and BatchNorm cannot be used with DP-SGD: use norm=group)")
+    if batch_size is None:
+        raise ConfigError("--dp sample draws Poisson batches: give --batch-size B (the expected batch)")

@@ -88,6 +88,12 @@ class LogisticRegression:
             loss = _mean_log_loss(z, y) + 0.5 * l2 * float(w @ w)
         return grads, loss
 
+    def per_example_gradients(self, params: Params, X: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        """Each row's gradient of its own log-loss, in closed form: ``(sigmoid(x.w + b) - y) [x, 1]``
+        (leading row axis; the L2 term is not a row's and is left out)."""
+        residual = sigmoid(X @ params["weight"] + float(params["bias"][0])) - y
+        return {"weight": residual[:, None] * X, "bias": residual[:, None]}
+
     def descend(
         self,
         params: Params,
