@@ -44,17 +44,33 @@ def dp_sgd_descend(model, params, X: np.ndarray, y: np.ndarray, steps: int, batc
     expected = q * n
     gen = rng.generator
     out = {k: np.array(v, dtype=np.float64, copy=True) for k, v in params.items()}
-    for _ in range(steps):
-        rows = np.flatnonzero(gen.random(n) < q)
-        grads = model.per_example_gradients(out, X[rows], y[rows])
-        norms = np.sqrt(sum(np.sum(g.reshape(len(rows), -1) ** 2, axis=1) for g in grads.values())) if rows.size else 0
-        scale = np.minimum(1.0, dp.clip / np.maximum(norms, 1e-300)) if rows.size else None
-        for k, g in grads.items():
-            total = (scale.reshape(-1, *([1] * (g.ndim - 1))) * g).sum(axis=0) if rows.size else np.zeros_like(out[k])
-            noisy = (total + gen.normal(0.0, dp.noise_multiplier * dp.clip, size=total.shape)) / expected
+    fast = hasattr(model, "clipped_gradient_sum")  # the numpy model sums clipped rows without forming them
+    row_scale = np.sqrt(np.einsum("ij,ij->i", X, X) + 1.0) if fast else None
+    # every step's batch and noise drawn at once, for fewer calls on the hot path
+    batches = gen.random((steps, n)) < q
+    noise = {k: gen.normal(0.0, dp.noise_multiplier * dp.clip, size=(steps, *v.shape)) for k, v in out.items()}
+    for step in range(steps):
+        rows = np.flatnonzero(batches[step])
+        if fast:
+            totals = model.clipped_gradient_sum(out, X[rows], y[rows], dp.clip, row_scale[rows])
+        else:
+            totals = _clipped_sum(model.per_example_gradients(out, X[rows], y[rows]), dp.clip, out)
+        for k, total in totals.items():
+            noisy = (total + noise[k][step]) / expected
             if k == "weight" and l2:
                 noisy = noisy + l2 * out[k]
             if mu and prox_center is not None:
                 noisy = noisy + mu * (out[k] - prox_center[k])
             out[k] = out[k] - lr * noisy
     return out, math.nan
+
+
+def _clipped_sum(grads: dict[str, np.ndarray], clip: float, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-example gradients (leading row axis), each row clipped to norm ``clip`` over all
+    parameters together, summed over the rows."""
+    rows = next(iter(grads.values())).shape[0] if grads else 0
+    if rows == 0:
+        return {k: np.zeros_like(like[k]) for k in like}
+    norms = np.sqrt(sum(np.sum(g.reshape(rows, -1) ** 2, axis=1) for g in grads.values()))
+    scale = np.minimum(1.0, clip / np.maximum(norms, 1e-300))
+    return {k: np.tensordot(scale, g, axes=1) for k, g in grads.items()}

@@ -94,6 +94,17 @@ class LogisticRegression:
         residual = sigmoid(X @ params["weight"] + float(params["bias"][0])) - y
         return {"weight": residual[:, None] * X, "bias": residual[:, None]}
 
+    def clipped_gradient_sum(self, params: Params, X: np.ndarray, y: np.ndarray, clip: float,
+                             row_scale: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The sum of the rows' gradients, each clipped to L2 norm ``clip`` (DP-SGD's), without
+        forming them: a row's gradient is ``r [x, 1]``, so its norm is ``|r| sqrt(|x|^2 + 1)``
+        (``row_scale``: those square roots, computed once per site)."""
+        residual = sigmoid(X @ params["weight"] + float(params["bias"][0])) - y
+        scale = np.sqrt(np.einsum("ij,ij->i", X, X) + 1.0) if row_scale is None else row_scale
+        norms = np.abs(residual) * scale
+        residual *= np.minimum(1.0, clip / np.maximum(norms, 1e-300))
+        return {"weight": X.T @ residual, "bias": np.array([residual.sum()])}
+
     def descend(
         self,
         params: Params,
