@@ -164,7 +164,7 @@ def test_adaptive_clipping_tracks_the_median_update_norm():
                       {"loss": 0.5}), state
 
     sites = [LocalData(name, np.zeros((10, 2)), np.zeros(10)) for name in norms]
-    algorithm, _ = client_dp(FederatedAlgorithm("fedavg", constant, chain(weighted_mean(), apply_delta())),
+    algorithm = client_dp(FederatedAlgorithm("fedavg", constant, chain(weighted_mean(), apply_delta())),
                              "fedavg", clip=100.0, noise_multiplier=0.0, sizes={s: 10.0 for s in norms}, rate=1.0,
                              rng=KeyedRng(0), adaptive=True)
     init = {"weight": np.zeros(2), "bias": np.zeros(1)}

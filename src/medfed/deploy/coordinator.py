@@ -201,7 +201,7 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
         if config.privacy.dp == "client":  # the server's end: the noised fixed-denominator mean
             from medfed.methods.privacy import client_dp
 
-            algorithm, _ = client_dp(algorithm, spec.name, clip=config.privacy.clip,
+            algorithm = client_dp(algorithm, spec.name, clip=config.privacy.clip,
                                      noise_multiplier=plan.noise_multiplier(spec),
                                      sizes={s: float(sum(c)) for s, c in counts.items()}, rate=t.fraction_fit,
                                      rng=KeyedRng(config.seed, key).child(name_key("dp-noise")),

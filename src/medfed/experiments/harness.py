@@ -195,16 +195,13 @@ class TrainingPlan:
         algorithm = self.build(spec, opts, [d.name for d in train], {d.name: label_counts(d.y) for d in train})
         if adapt is not None:
             algorithm = adapt(algorithm)
-        boundary = None
         if config.privacy.dp == "client":
-            from medfed.comm.boundary import UploadBoundary
             from medfed.methods.privacy import client_dp
 
-            algorithm, transforms = client_dp(
+            algorithm = client_dp(
                 algorithm, spec.name, clip=config.privacy.clip, noise_multiplier=self.noise_multiplier(spec),
                 sizes={d.name: float(d.n) for d in train}, rate=t.fraction_fit,
                 rng=rng.child(name_key("dp-noise")), adaptive=config.privacy.adaptive_clip)  # apart from rounds' keys
-            boundary = UploadBoundary(transforms) if transforms else None
         local = self.local
         if config.privacy.dp == "sample":
             from medfed.client.dp_sgd import DpSgd
@@ -220,7 +217,7 @@ class TrainingPlan:
             fraction=t.fraction_fit, min_sites=t.min_sites, evaluate=evaluate,
             eval_every=config.eval_every if evaluate is not None else 0, max_update_norm=t.max_update_norm,
             executor=config.executor, faults=parse_drops(config.drop), checkpoint_dir=checkpoint_dir,
-            fingerprint=f"{study_fingerprint(config)}/{run_key}", boundary=boundary,
+            fingerprint=f"{study_fingerprint(config)}/{run_key}",
             poisson=config.privacy.dp != "none", codec=make_codec(config.compress),
         )
 

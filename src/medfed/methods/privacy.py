@@ -33,9 +33,9 @@ POST_PROCESSING = {"weighted_mean", "apply_delta", "gradient_step", "server_mome
 
 def client_dp(algorithm: FederatedAlgorithm, method: str, *, clip: float, noise_multiplier: float,
               sizes: Mapping[str, float], rate: float, rng: KeyedRng,
-              adaptive: bool = False) -> tuple[FederatedAlgorithm, list]:
-    """The private variant of ``algorithm`` (both halves: the site's clip, the server's noised
-    mean) and the upload transforms left for the caller (none: the clip is in the site's rule)."""
+              adaptive: bool = False) -> FederatedAlgorithm:
+    """The private variant of ``algorithm``: both halves, the site's clip
+    (:func:`client_dp_site`) and the server's noised mean."""
     steps = [s.name for s in algorithm.aggregator.steps] or [algorithm.aggregator.name]
     other = [s for s in steps if s not in POST_PROCESSING]
     if "weighted_mean" not in steps or other:
@@ -57,7 +57,7 @@ def client_dp(algorithm: FederatedAlgorithm, method: str, *, clip: float, noise_
     else:
         step = dp_gaussian_mean(noise_multiplier, clip, sizes, rate, rng)
         private = dataclasses.replace(algorithm, aggregator=replace_step(algorithm.aggregator, "weighted_mean", step))
-    return client_dp_site(private, clip, adaptive=adaptive), []
+    return client_dp_site(private, clip, adaptive=adaptive)
 
 
 def client_dp_site(algorithm: FederatedAlgorithm, clip: float, *, adaptive: bool = False) -> FederatedAlgorithm:

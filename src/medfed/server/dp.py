@@ -28,6 +28,13 @@ def dp_sensitivity(clip: float, sizes: Mapping[str, float], rate: float) -> floa
     return clip * max(sizes.values()) / (rate * total)
 
 
+def _fixed_denominator_mean(stack: StackedUploads, denominator: float) -> dict[str, np.ndarray]:
+    """``sum_k n_k x_k / denominator``: with every site and ``denominator = N``, FedAvg's weighted
+    mean with the same weights and sums (``weighted_mean``), so the result is bit-identical."""
+    w = stack.weights / denominator
+    return {k: (w @ v.reshape(len(w), -1)).reshape(v.shape[1:]) for k, v in stack.payload.items()}
+
+
 def dp_gaussian_mean(noise_multiplier: float, clip: float, sizes: Mapping[str, float], rate: float,
                      rng: KeyedRng) -> Aggregator:
     """Noised fixed-denominator mean of clipped updates; noise drawn from ``rng.child(round)``,
@@ -36,8 +43,7 @@ def dp_gaussian_mean(noise_multiplier: float, clip: float, sizes: Mapping[str, f
     std = noise_multiplier * dp_sensitivity(clip, sizes, rate) if noise_multiplier > 0 else 0.0
 
     def apply(stack: StackedUploads, state, global_params, round_):
-        w = stack.weights / (rate * total) if rate < 1.0 else stack.weights / total
-        mean = {k: (w @ v.reshape(len(w), -1)).reshape(v.shape[1:]) for k, v in stack.payload.items()}
+        mean = _fixed_denominator_mean(stack, rate * total)
         if std > 0:
             gen = rng.child(round_).generator
             mean = {k: v + gen.normal(0.0, std, size=v.shape) for k, v in mean.items()}
@@ -77,8 +83,7 @@ def dp_adaptive_mean(noise_multiplier: float, clip: float, sizes: Mapping[str, f
 
     def apply(stack: StackedUploads, state: AdaptiveClipState, global_params, round_):
         c = state.clip
-        w = stack.weights / (rate * total) if rate < 1.0 else stack.weights / total
-        mean = {k: (w @ v.reshape(len(w), -1)).reshape(v.shape[1:]) for k, v in stack.payload.items()}
+        mean = _fixed_denominator_mean(stack, rate * total)
         std = z_update * dp_sensitivity(c, sizes, rate)
         count = float(np.sum(stack.extras["dp_within_clip"]))
         if noise_multiplier > 0:
