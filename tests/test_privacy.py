@@ -17,7 +17,7 @@ from medfed.engine.protocol import FederatedAlgorithm, ServerProgram  # noqa: E4
 from medfed.errors import ConfigError  # noqa: E402
 from medfed.experiments.config import build_config  # noqa: E402
 from medfed.experiments.harness import run_experiment  # noqa: E402
-from medfed.experiments.results import results_document  # noqa: E402
+from medfed.experiments.results import privacy_lines, results_document  # noqa: E402
 from medfed.rng import KeyedRng  # noqa: E402
 from medfed.server.aggregate import StackedUploads, apply_delta, chain, weighted_mean  # noqa: E402
 from medfed.server.dp import dp_gaussian_mean, dp_sensitivity  # noqa: E402
@@ -100,6 +100,9 @@ def test_a_private_run_keeps_a_ledger_per_site_and_differs_from_the_plain_one():
     z = ledger[0]["noise_multiplier"]
     assert all(e["epsilon"] <= 4.0 and e["sampling_rate"] == 0.5 and e["steps"] == 8 for e in ledger)
     assert ledger[0]["epsilon"] == pytest.approx(client_level_epsilon(0.5, z, 8, 1e-5))
+    # the run says which noise multiplier it chose for the target, in the file and under the table
+    assert doc["privacy"]["noise_by_setting"] == {"FedAvg": z}
+    assert f"FedAvg eps = 4 (z = {z:.3g} chosen)" in privacy_lines(doc)[0]
 
 
 def test_poisson_participation_is_keyed_by_site_and_has_rate_q():

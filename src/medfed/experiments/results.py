@@ -166,6 +166,14 @@ def privacy_document(run: ExperimentRun) -> dict[str, Any]:
         for e in run.privacy:
             worst[e["setting"]] = max(worst.get(e["setting"], 0.0), e["epsilon"])
         doc["epsilon_by_setting"] = {k: (v if np.isfinite(v) else None) for k, v in worst.items()}  # None: no bound
+        # the noise multiplier each setting ran with: given, or chosen by --target-epsilon (then
+        # per setting, since methods differ in steps); a list where repeats or sites differ
+        noise: dict[str, list[float]] = {}
+        for e in run.privacy:
+            z = noise.setdefault(e["setting"], [])
+            if e["noise_multiplier"] not in z:
+                z.append(e["noise_multiplier"])
+        doc["noise_by_setting"] = {k: (v[0] if len(v) == 1 else v) for k, v in noise.items()}
     doc["ledger"] = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in e.items()}
                      for e in run.privacy]
     return doc
@@ -176,7 +184,15 @@ def privacy_lines(doc: dict[str, Any]) -> list[str]:
     p = doc.get("privacy") or {}
     if p.get("dp", "none") == "none":
         return []
-    parts = [f"{setting} eps = {'inf' if eps is None or not np.isfinite(eps) else f'{eps:.3g}'}"
+    chosen = p.get("noise_by_setting", {}) if p.get("target_epsilon") is not None else {}
+
+    def noise_text(setting: str) -> str:
+        z = chosen.get(setting)
+        if z is None:
+            return ""
+        return f" (z = {z:.3g} chosen)" if isinstance(z, float) else f" (z = {min(z):.3g}-{max(z):.3g} chosen)"
+
+    parts = [f"{setting} eps = {'inf' if eps is None or not np.isfinite(eps) else f'{eps:.3g}'}{noise_text(setting)}"
              for setting, eps in p.get("epsilon_by_setting", {}).items()]
     return [f"{p['dp']}-level DP (clip {p['clip']:g}, delta {p['delta']:g}, {p['accountant']}): " + "; ".join(parts)]
 
