@@ -43,6 +43,14 @@ def test_calibrated_noise_meets_the_target_and_little_less_does_not():
     assert client_level_epsilon(0.5, z * 0.98, 40, 1e-5) > 2.0
 
 
+def test_rdp_accounting_does_not_flood_the_output(caplog):
+    # at these (q, z) dp-accounting's RDP logs a warning per dropped order (dozens of lines)
+    with caplog.at_level("WARNING"):
+        eps = client_level_epsilon(0.3, 2.55, 150, 1e-5, "rdp")
+    assert math.isfinite(eps)
+    assert not [r for r in caplog.records if r.name == "absl"]
+
+
 def test_clipping_bounds_every_update_and_leaves_small_ones_alone():
     gen = np.random.default_rng(0)
     clip = clip_update(1.5)

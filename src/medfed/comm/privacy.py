@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import math
 
 import numpy as np
@@ -65,13 +67,28 @@ def _accountant(kind: str):
     raise ConfigError(f"accountant {kind!r}: use {' or '.join(ACCOUNTANTS)}")
 
 
+@contextlib.contextmanager
+def _quiet_rdp():
+    """RDP's accountant logs a warning for every order whose series does not converge (it drops
+    that order, which is sound: epsilon is a minimum over orders); hundreds of such lines would
+    bury the run's output, so they are held back while medfed accounts."""
+    log = logging.getLogger("absl")
+    level = log.level
+    log.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 @functools.lru_cache(maxsize=256)  # PLD takes seconds at small noise: every repeat and site ask the same
 def client_level_epsilon(rate: float, noise_multiplier: float, rounds: int, delta: float,
                          accountant: str = "pld") -> float:
     """epsilon after ``rounds`` rounds of the (Poisson-subsampled) Gaussian mechanism; inf without noise."""
     if noise_multiplier <= 0:
         return math.inf
-    return float(_accountant(accountant).compose(_event(rate, noise_multiplier, rounds)).get_epsilon(delta))
+    with _quiet_rdp():
+        return float(_accountant(accountant).compose(_event(rate, noise_multiplier, rounds)).get_epsilon(delta))
 
 
 @functools.lru_cache(maxsize=64)  # the same (q, T, delta, target) within a run: every repeat asks
@@ -82,5 +99,6 @@ def calibrate_noise(rate: float, rounds: int, delta: float, target_epsilon: floa
     dp_accounting = _dp_accounting()
     if not target_epsilon > 0:
         raise ConfigError(f"target_epsilon must be > 0, got {target_epsilon}")
-    return float(dp_accounting.calibrate_dp_mechanism(
-        lambda: _accountant(accountant), lambda z: _event(rate, z, rounds), target_epsilon, delta, tol=1e-4))
+    with _quiet_rdp():
+        return float(dp_accounting.calibrate_dp_mechanism(
+            lambda: _accountant(accountant), lambda z: _event(rate, z, rounds), target_epsilon, delta, tol=1e-4))

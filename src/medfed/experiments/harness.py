@@ -247,8 +247,12 @@ class TrainingPlan:
             return float(p.noise)
         from medfed.comm.privacy import calibrate_noise
 
-        return max(calibrate_noise(*self._sample_steps(spec, d.n), p.delta, p.target_epsilon, p.accountant)
-                   for d in train)
+        # epsilon grows with the rate and with the steps: only a site that no other site matches or
+        # exceeds in both can need the most noise (with steps alike, the one with the fewest rows)
+        budgets = {self._sample_steps(spec, d.n) for d in train}
+        worst = [(q, steps) for q, steps in budgets
+                 if not any(q2 >= q and s2 >= steps and (q2, s2) != (q, steps) for q2, s2 in budgets)]
+        return max(calibrate_noise(q, steps, p.delta, p.target_epsilon, p.accountant) for q, steps in worst)
 
     def ledger(self, spec: Method, sites, repeat: int, sizes=None) -> list[dict]:
         """What each site spent in ``spec``'s run: client-level DP accounts the rounds it could
