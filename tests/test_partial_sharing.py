@@ -226,3 +226,25 @@ def test_method_specs_and_their_options():
         _build("fedbn", local_affine=1)
     with pytest.raises(ConfigError, match="has no option 'mu'"):
         _build("fedper", mu=0.1)
+
+
+def test_the_results_privacy_section_names_what_each_setting_keeps_at_the_sites():
+    from medfed.data.datasets import load_dataset
+    from medfed.experiments.config import build_config
+    from medfed.experiments.harness import run_experiment
+    from medfed.experiments.results import results_document
+
+    fed = load_dataset("breast-cancer", n_sites=3)
+    config = build_config({"data": {"dataset": "breast-cancer", "options": {"n_sites": 3}}, "model": "mlp",
+                           "model_options": {"hidden": [4]}, "methods": ["fedavg", "fedper"], "repeats": 1,
+                           "training": {"rounds": 2, "local_steps": 1}})
+    doc = results_document(run_experiment(config, fed))
+    sharing = doc["privacy"]["sharing"]
+    assert sharing["FedAvg"]["private"] == []
+    assert sharing["FedPer"]["private"] == ["head.weight", "head.bias"]
+    per_round = doc["privacy"]["bytes_up_per_round_by_site"]
+    for setting, by_site in per_round.items():
+        total = doc["histories"][setting]["bytes_up_by_site"][0]
+        assert by_site == {site: n / 2 for site, n in total.items()}
+    # FedPer leaves the head out of every upload: fewer bytes per round than FedAvg
+    assert all(per_round["FedPer"][s] < per_round["FedAvg"][s] for s in per_round["FedAvg"])

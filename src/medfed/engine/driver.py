@@ -38,6 +38,7 @@ class FederatedRun:
     client_states: dict[str, Any] = field(default_factory=dict)
     server_state: Any = None
     personal: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    private: tuple[str, ...] = ()  # parameters that never left the sites (the method's sharing policy)
 
     @property
     def train_loss(self) -> np.ndarray:
@@ -84,4 +85,6 @@ class Driver:
         if self.personal:
             final = server.configure(state, RoundContext(self.rounds, everyone, rng), final=True)
             personal = executor.personalize(final)
-        return FederatedRun(state.params, history, executor.site_states(), state.aggregator, personal)
+        kept = server.algorithm.private
+        private = tuple(k for k in state.params if kept is not None and kept(k))
+        return FederatedRun(state.params, history, executor.site_states(), state.aggregator, personal, private)

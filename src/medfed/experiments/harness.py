@@ -359,6 +359,7 @@ class History:
     evaluation: list[dict] = field(default_factory=list)
     rounds_notes: list[dict] = field(default_factory=list)  # rounds with rejected uploads or skipped
     bytes_by_site: dict[str, int] = field(default_factory=dict)  # each site's uploaded bytes over the run
+    private: tuple[str, ...] = ()  # parameters the sharing policy kept at the sites
 
 
 def round_notes(history) -> list[dict]:
@@ -384,6 +385,7 @@ def federated_history(spec: Method, repeat: int, run: FederatedRun, config: Expe
           "test_metrics": r.evaluation} for r in run.history if r.evaluation],
         round_notes(run.history),
         _bytes_by_site(run.history),
+        run.private,
     )
 
 

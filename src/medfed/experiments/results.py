@@ -153,11 +153,13 @@ def privacy_document(run: ExperimentRun) -> dict[str, Any]:
     """The run's protection in numbers: what leaves a site (the sharing policy of each method),
     the channel's stages, the DP parameters and each site's ledger (one entry per site per
     federated run and repeat: ``site``, ``mode``, ``clip``, ``noise_multiplier``,
-    ``sampling_rate``, ``steps``, ``delta``, ``accountant``, ``epsilon``)."""
+    ``sampling_rate``, ``steps``, ``delta``, ``accountant``, ``epsilon``), what each setting keeps at
+    the sites (``sharing``) and each site's bytes per round (``bytes_up_per_round_by_site``)."""
     p = run.config.privacy
     doc: dict[str, Any] = {"dp": p.dp, "secure_aggregation": False, "compress": run.config.compress,
                            "channel": ["sharing policy"] + (["clip"] if p.dp == "client" else [])
-                           + ([f"compress ({run.config.compress})"] if run.config.compress != "none" else [])}
+                           + ([f"compress ({run.config.compress})"] if run.config.compress != "none" else []),
+                           "sharing": sharing_by_setting(run), "bytes_up_per_round_by_site": bytes_per_round(run)}
     if p.dp != "none":
         doc.update({"clip": p.clip, "noise_multiplier": p.noise, "target_epsilon": p.target_epsilon,
                     "delta": p.delta, "accountant": p.accountant,
@@ -177,6 +179,26 @@ def privacy_document(run: ExperimentRun) -> dict[str, Any]:
     doc["ledger"] = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in e.items()}
                      for e in run.privacy]
     return doc
+
+
+def sharing_by_setting(run: ExperimentRun) -> dict[str, dict[str, Any]]:
+    """What each federated setting's uploads carry: every parameter, or all but the ones its
+    sharing policy keeps at the sites (FedBN's norm layers, FedPer's head), named."""
+    out: dict[str, dict[str, Any]] = {}
+    for h in run.histories:
+        if h.setting not in out:
+            out[h.setting] = {"policy": "all parameters" if not h.private else "private parameters stay at the sites",
+                              "private": list(h.private)}
+    return out
+
+
+def bytes_per_round(run: ExperimentRun) -> dict[str, dict[str, float]]:
+    """Each site's mean upload per communication round, per setting (over repeats and rounds)."""
+    totals: dict[str, dict[str, list[float]]] = {}
+    for h in run.histories:
+        for site, n in h.bytes_by_site.items():
+            totals.setdefault(h.setting, {}).setdefault(site, []).append(n / max(1, h.rounds))
+    return {setting: {site: float(np.mean(v)) for site, v in by_site.items()} for setting, by_site in totals.items()}
 
 
 def privacy_lines(doc: dict[str, Any]) -> list[str]:
