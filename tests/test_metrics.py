@@ -38,3 +38,45 @@ def test_auc_of_perfect_and_reversed_scores():
     assert roc_auc(y, np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
     assert roc_auc(y, np.array([0.9, 0.8, 0.2, 0.1])) == 0.0
     assert roc_auc(y, np.full(4, 0.5)) == 0.5
+
+
+def test_auc_ranks_by_logit_where_the_sigmoid_saturates():
+    # a model whose logits are large (e.g. after heavy DP noise) still ranks the rows; its
+    # probabilities round to exactly 0 or 1 and would tie, scoring AUC 0.5 whatever it ranks
+    from medfed.experiments.metrics import model_scores
+    from medfed.models import LogisticRegression
+
+    gen = np.random.default_rng(3)
+    X = gen.normal(size=(60, 4))
+    y = (X[:, 0] + 0.5 * gen.normal(size=60) > 0).astype(float)
+    model = LogisticRegression()
+    modest = {"weight": np.array([1.0, 0.0, 0.0, 0.0]), "bias": np.zeros(1)}
+    huge = {k: 1e4 * v for k, v in modest.items()}
+    probabilities, logits = model_scores(model, huge, X)
+    assert (probabilities == 1.0).mean() > 0.4  # every positive logit above ~37 rounds to 1: they tie
+    expected = binary_metrics(y, *model_scores(model, modest, X)[:1])["auc"].value
+    assert expected > 0.8
+    assert binary_metrics(y, probabilities, ranking=logits)["auc"].value == pytest.approx(expected)
+    assert binary_metrics(y, probabilities)["auc"].value < expected - 0.05  # what ranking by probability gave
+
+
+def test_a_diverged_model_has_no_scores():
+    from medfed.experiments.metrics import model_scores
+    from medfed.models import LogisticRegression
+
+    params = {"weight": np.array([np.nan, 0.0]), "bias": np.zeros(1)}
+    assert model_scores(LogisticRegression(), params, np.ones((3, 2))) is None
+
+
+def test_torch_models_logits_are_the_logits_of_their_probabilities():
+    pytest.importorskip("torch")
+    from medfed.models.registry import make_model
+    from medfed.rng import KeyedRng
+
+    model = make_model("mlp", hidden=[3])
+    X = np.random.default_rng(0).normal(size=(10, 5))
+    params = model.init_params((5,), KeyedRng(1))
+    params = {k: v + 0.3 for k, v in params.items()}  # off the zero head, so the logits vary
+    logits = model.decision(params, X)
+    assert np.ptp(logits) > 0
+    np.testing.assert_allclose(1 / (1 + np.exp(-logits)), model.predict_proba(params, X), rtol=1e-12)

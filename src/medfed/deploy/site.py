@@ -217,7 +217,7 @@ def _train(site: SiteIdentity, request: Mapping[str, Any]):
 def _evaluate(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
     """Metrics of the final global model and, for a personalizing method, of the site's own
     model, on the site's test rows; the personal model stays here."""
-    from medfed.experiments.metrics import binary_metrics
+    from medfed.experiments.metrics import binary_metrics, model_scores
 
     prepared = _prepare(site, request)
     plan = plan_of(request["plan"])
@@ -227,10 +227,11 @@ def _evaluate(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
     def metrics(params) -> dict[str, Any] | str:
         if not all(np.isfinite(v).all() for v in params.values()):
             return "diverged: the personal model's parameters hold NaN/Inf"
-        scores = model.predict_proba(params, prepared.X_test)
-        if not np.isfinite(scores).all():
+        scores = model_scores(model, params, prepared.X_test)
+        if scores is None:
             return "diverged: the model's scores on the test rows are NaN/Inf"
-        return {k: [m.value, m.reason] for k, m in binary_metrics(prepared.y_test, scores).items()}
+        probabilities, logits = scores
+        return {k: [m.value, m.reason] for k, m in binary_metrics(prepared.y_test, probabilities, ranking=logits).items()}
 
     if request.get("global_model"):
         out["global"] = metrics(plan.params)

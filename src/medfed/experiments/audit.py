@@ -167,9 +167,12 @@ def _metric_values(metrics: dict[str, Metric]) -> dict[str, float | None]:
 
 def _evaluate(model, params, y_tests, tests, clean: list[int], names: list[str]) -> tuple[dict, dict]:
     """Pooled metrics over the clean sites' test rows, and each clean site's own."""
-    scores = {j: model.predict_proba(params, tests[j]) for j in clean}
-    pooled = binary_metrics(np.concatenate([y_tests[j] for j in clean]), np.concatenate([scores[j] for j in clean]))
-    per_site = {names[j]: binary_metrics(y_tests[j], scores[j]) for j in clean}
+    probabilities = {j: model.predict_proba(params, tests[j]) for j in clean}
+    logits = {j: model.decision(params, tests[j]) for j in clean}  # AUC ranks by logit (no saturated ties)
+    pooled = binary_metrics(np.concatenate([y_tests[j] for j in clean]),
+                            np.concatenate([probabilities[j] for j in clean]),
+                            ranking=np.concatenate([logits[j] for j in clean]))
+    per_site = {names[j]: binary_metrics(y_tests[j], probabilities[j], ranking=logits[j]) for j in clean}
     return pooled, per_site
 
 

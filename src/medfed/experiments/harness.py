@@ -34,7 +34,7 @@ from medfed.engine.faults import parse_drops
 from medfed.engine.loop import FederatedAlgorithm, FederatedRun, run_federated
 from medfed.errors import ConfigError, MedfedError
 from medfed.experiments.config import DataSpec, ExperimentConfig
-from medfed.experiments.metrics import METRICS, Metric, binary_metrics
+from medfed.experiments.metrics import METRICS, Metric, binary_metrics, model_scores
 from medfed.experiments.saved_model import SAVED_REPEAT, ModelOutcome, name_files, saved_model_file
 from medfed.experiments.splits import stratified_split
 from medfed.methods import METHOD_FLAGS, Method, context_for, resolve_methods
@@ -336,12 +336,12 @@ class Cell:
     warnings: list[str] = field(default_factory=list)  # e.g. a training loss that rose far above its start
 
 
-def round_metrics(y_test: np.ndarray, scores: np.ndarray) -> dict[str, float | None]:
-    """The global model's ACC, SEN, SPE and AUC on one site's test rows during training;
-    ``None`` where a metric is undefined there or the scores are NaN/Inf (not a number to plot)."""
-    if not np.isfinite(scores).all():
+def round_metrics(y_test: np.ndarray, scores: tuple[np.ndarray, np.ndarray] | None) -> dict[str, float | None]:
+    """The global model's ACC, SEN, SPE and AUC on one site's test rows during training, from
+    :func:`model_scores`; ``None`` where a metric is undefined there or the model diverged."""
+    if scores is None:
         return {m: None for m in METRICS}
-    return {m: metric.value for m, metric in binary_metrics(y_test, scores).items()}
+    return {m: metric.value for m, metric in binary_metrics(y_test, scores[0], ranking=scores[1]).items()}
 
 
 @dataclass
@@ -373,6 +373,16 @@ def round_notes(history) -> list[dict]:
                 note["missing"] = dict(r.missing)
             notes.append(note)
     return notes
+
+
+def _rise_cause(config: ExperimentConfig, method: str) -> str:
+    """What to try when a setting's training loss rose: under DP the noise is the likelier cause."""
+    lr = f"the learning rate ({config.training.lr:g}) may be too large"
+    p = config.privacy
+    if p.dp == "none" or method in ("single", "cross", "mix"):
+        return lr
+    noise = "the noise multiplier" if p.target_epsilon is None else f"the noise a target epsilon of {p.target_epsilon:g} needs"
+    return f"{noise} may be too large for this model (a larger budget, clip or cohort lowers it), or {lr}"
 
 
 def federated_history(spec: Method, repeat: int, run: FederatedRun, config: ExperimentConfig) -> History:
@@ -586,9 +596,11 @@ def run_repeat(
 
     def evaluate_on(key, params, tests, j: int, failure: Failure | None = None) -> None:
         if failure is None:
-            scores = model.predict_proba(params, tests[j])
-            if np.isfinite(scores).all():
-                out.evaluations.append((key, binary_metrics(sites[j].y_test, scores), (sites[j].y_test, scores)))
+            scores = model_scores(model, params, tests[j])
+            if scores is not None:
+                probabilities, logits = scores
+                out.evaluations.append((key, binary_metrics(sites[j].y_test, probabilities, ranking=logits),
+                                        (sites[j].y_test, probabilities)))
                 return
             failure = Failure("diverged", "diverged: the model's scores on the test rows are NaN/Inf")
         out.evaluations.append((key, failure, None))
@@ -600,7 +612,7 @@ def run_repeat(
         evaluate = None
         if config.eval_every and held_out is None and spec.global_model:  # FedBN's shared part is no model
             def evaluate(p, tests=tests):
-                return {s.name: round_metrics(s.y_test, model.predict_proba(p, tests[j])) for j, s in enumerate(sites)}
+                return {s.name: round_metrics(s.y_test, model_scores(model, p, tests[j])) for j, s in enumerate(sites)}
         key = (TRAIN_STREAM, repeat, name_key(spec.name)) + (() if held_out is None else (name_key("loso"), held_out))
         try:
             run = plan.federated(spec, opts, train, initial, KeyedRng(config.seed, key), evaluate=evaluate,
@@ -889,7 +901,7 @@ def assemble_run(config: ExperimentConfig, federation, methods, outcomes: list[R
             f"the training loss ended above {LOSS_RISE_WARNING:g}x where it started in {len(cases)} of "
             f"{config.repeats} repeat(s) (from {cases[0][1]:.4g} to {min(ends):.4g}"
             + (f"-{max(ends):.4g}" if len(ends) > 1 else "")
-            + f"); the learning rate ({config.training.lr:g}) may be too large"
+            + f"); {_rise_cause(config, method)}"
         )
         shared = ("single", "cross") if method == "single" else (method,)  # Cross reuses Single's model
         label = display.get(method, display.get("cross", method)) + (f" ({train_site} tr)" if train_site else "")

@@ -117,7 +117,7 @@ def score_model(model, params, train_X, train_y, test_X, test_y, site: str, kind
     auc = membership_auc(members, row_losses(test_p, test_y))
     if not (np.isfinite(members).all() and np.isfinite(test_p).all()):
         return Scored(site, kind, None, {m: Metric(None, "diverged: NaN/Inf scores") for m in ("acc", "auc")})
-    return Scored(site, kind, auc, binary_metrics(test_y, test_p))
+    return Scored(site, kind, auc, binary_metrics(test_y, test_p, ranking=model.decision(params, test_X)))
 
 
 def _check(config: ExperimentConfig, federation, methods, noises: list[float], clip: float | None) -> None:

@@ -44,8 +44,12 @@ def roc_curve(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
     return fpr, tpr
 
 
-def binary_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict[str, Metric]:
-    """ACC, SEN, SPE at ``threshold`` on the positive-class probability, and AUC."""
+def binary_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5,
+                   ranking: np.ndarray | None = None) -> dict[str, Metric]:
+    """ACC, SEN, SPE at ``threshold`` on the positive-class probability, and AUC of ``ranking``
+    (the model's logits, when given: they rank the rows as the probabilities do, but do not tie
+    where the sigmoid rounds to exactly 0 or 1 -- a model with large logits would otherwise
+    score an AUC of 0.5 however it ranks)."""
     y = np.asarray(y_true).astype(bool)
     pred = np.asarray(scores) >= threshold
     n_pos = int(y.sum())
@@ -56,7 +60,16 @@ def binary_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.
     out["sen"] = Metric(tp / n_pos) if n_pos else Metric(None, "no positive cases in the test set")
     out["spe"] = Metric(tn / n_neg) if n_neg else Metric(None, "no negative cases in the test set")
     if n_pos and n_neg:
-        out["auc"] = Metric(roc_auc(y, scores))
+        out["auc"] = Metric(roc_auc(y, scores if ranking is None else ranking))
     else:
         out["auc"] = Metric(None, "AUC is undefined with one class in the test set")
     return out
+
+
+def model_scores(model, params, X: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """A model's positive-class probabilities and logits on ``X`` (the logits rank for AUC), or
+    None when either is NaN/Inf (a diverged model: no number to report)."""
+    probabilities, logits = model.predict_proba(params, X), model.decision(params, X)
+    if not (np.isfinite(probabilities).all() and np.isfinite(logits).all()):
+        return None
+    return probabilities, logits

@@ -368,6 +368,13 @@ class TorchModel:
         return 0.5 * (1.0 + np.tanh(0.5 * z))  # the sigmoid, finite for any z
 
     @_fixed_threads
+    def decision(self, params: Params, X: np.ndarray) -> np.ndarray:
+        """The logit of each row of ``X`` (eval mode), float64: what AUC ranks by."""
+        slot = self._slot(X.shape[1:])
+        self._load(slot, params)
+        return self._logits(slot, X)
+
+    @_fixed_threads
     def loss(self, params: Params, X: np.ndarray, y: np.ndarray, l2: float = 0.0) -> float:
         """The objective in eval mode; the data term is summed in float64 from the logits."""
         slot = self._slot(X.shape[1:])
