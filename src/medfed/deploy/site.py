@@ -192,13 +192,15 @@ def _build(site: SiteIdentity, run: Mapping[str, Any]) -> tuple:
     plan = TrainingPlan.for_shape(config, tuple(run["sample_shape"]))
     counts = {name: np.asarray(c) for name, c in run["label_counts"].items()}
     algorithm = build_method(config, spec, opts, list(run["sites"]), counts)
-    if config.privacy.dp == "client":  # the site's end of client-level DP: its update clipped before it leaves
-        from medfed.methods.privacy import client_dp_site
+    # the site's end of DP (its update clipped before it leaves) and of secure aggregation (its noise, its mask)
+    from medfed.deploy.study import site_min_sites
 
-        algorithm = client_dp_site(algorithm, config.privacy.clip, adaptive=config.privacy.adaptive_clip)
+    sizes = {name: float(sum(c)) for name, c in counts.items()}
+    algorithm, secure = plan.private(spec, algorithm, sizes, KeyedRng(0), min_sites=site_min_sites(config),
+                                     site=True)
     scale = _standardizer(run["scale"], X_train.shape[1])
     data = LocalData(site.name, scale(X_train), y_train)
-    program = SiteProgram(algorithm, plan.local, make_codec(config.compress))
+    program = SiteProgram(algorithm, plan.local, make_codec(config.compress), None if secure is None else secure[0])
     return config, plan, spec, program, data, scale(X_test), y_test
 
 
@@ -253,4 +255,11 @@ def _hello(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
     return {"site": site.name}
 
 
-_OPS = {"hello": _hello, "setup": _setup, "train": _train, "evaluate": _evaluate}
+def _stage(site: SiteIdentity, request: Mapping[str, Any]):
+    """One protocol stage of a round (secure aggregation's share, mask, unmask), answered by the
+    site's runtime from what it kept on disk since ``train``."""
+    prepared = _prepare(site, request)
+    return prepared.runtime.stage(str(request["stage"]), int(request["round"]), request["message"])
+
+
+_OPS = {"hello": _hello, "setup": _setup, "train": _train, "stage": _stage, "evaluate": _evaluate}

@@ -216,24 +216,28 @@ class TrainingPlan:
             poisson=config.privacy.dp != "none", codec=make_codec(config.compress), secure=secure,
         )
 
-    def private(self, spec: Method, algorithm: FederatedAlgorithm, sizes: dict[str, float], rng: KeyedRng):
+    def private(self, spec: Method, algorithm: FederatedAlgorithm, sizes: dict[str, float], rng: KeyedRng,
+                min_sites: int | None = None, site: bool = False):
         """``algorithm`` with client-level or distributed DP, and each side's secure aggregation
-        (None without it), in simulation and deployed alike (``sizes``: site -> training rows)."""
+        (None without it), in simulation and deployed alike (``sizes``: site -> training rows;
+        ``min_sites``: the fewest sites a round accepts, the training's unless deployed; ``site``:
+        only the site's half is used, so the server's noise multiplier is not calibrated)."""
         p, t = self.config.privacy, self.config.training
+        min_sites = t.min_sites if min_sites is None else min_sites
         if p.dp in ("client", "distributed"):
             from medfed.comm.secure import site_noise_std
             from medfed.methods.privacy import client_dp
 
-            z = self.noise_multiplier(spec)
+            z = 0.0 if site and p.dp == "client" else self.noise_multiplier(spec)
             algorithm = client_dp(
                 algorithm, spec.name, clip=p.clip, noise_multiplier=z if p.dp == "client" else 0.0,
                 sizes=sizes, rate=t.fraction_fit, rng=rng, adaptive=p.adaptive_clip,
-                site_noise=site_noise_std(z, p.clip, sizes, max(t.min_sites, 2)) if p.dp == "distributed" else 0.0)
+                site_noise=site_noise_std(z, p.clip, sizes, max(min_sites, 2)) if p.dp == "distributed" else 0.0)
         if not p.secure_aggregation:
             return algorithm, None
         from medfed.methods.privacy import secure_sides
 
-        return algorithm, secure_sides(algorithm, spec.name, clip=p.clip, sizes=sizes, min_sites=t.min_sites,
+        return algorithm, secure_sides(algorithm, spec.name, clip=p.clip, sizes=sizes, min_sites=min_sites,
                                        threshold=p.secure_threshold, degree=p.secure_degree,
                                        distributed_noise=self.noise_multiplier(spec) if p.dp == "distributed" else 0.0)
 
