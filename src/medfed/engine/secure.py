@@ -91,7 +91,8 @@ def secure_sum(settings: SecureSettings, round_: int, replies: Mapping[str, Any]
         else:
             adverts[site] = r.advert
     need = settings.min_sites
-    info: dict[str, Any] = {"ready": sorted(adverts), "min_sites": need}
+    info: dict[str, Any] = {"ready": sorted(adverts), "min_sites": need, "range": lay.bounds(),
+                            "site_noise_std": settings.noise_std}
 
     def outcome(skipped: str | None, summed: SummedUploads | None = None) -> SecureOutcome:
         return SecureOutcome(summed, skipped, missing, rejected, sent, info)

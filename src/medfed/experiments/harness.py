@@ -375,6 +375,7 @@ class History:
     evaluation: list[dict] = field(default_factory=list)
     rounds_notes: list[dict] = field(default_factory=list)  # rounds with rejected uploads or skipped
     bytes_by_site: dict[str, int] = field(default_factory=dict)  # each site's uploaded bytes over the run
+    secure_rounds: list[dict] = field(default_factory=list)  # secure aggregation: each round's facts (threshold, drops)
 
 
 def round_notes(history) -> list[dict]:
@@ -400,6 +401,7 @@ def federated_history(spec: Method, repeat: int, run: FederatedRun, config: Expe
           "test_metrics": r.evaluation} for r in run.history if r.evaluation],
         round_notes(run.history),
         _bytes_by_site(run.history),
+        [{"round": r.round, "skipped": r.skipped, **r.secure} for r in run.history if r.secure],
     )
 
 
