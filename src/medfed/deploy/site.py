@@ -170,7 +170,7 @@ def _prepare(site: SiteIdentity, request: Mapping[str, Any]) -> _Prepared:
         cached = _BUILT[str(site.folder)] = (key, _build(site, run))  # one run per site folder is kept
     config, plan, spec, program, data, X_test, y_test = cached[1]
     rng = KeyedRng(int(run["seed"]), tuple(run["key"]))
-    runtime = SiteRuntime(program, data, rng, site.folder / "runs" / str(run["name"]))
+    runtime = SiteRuntime(program, data, rng, site.folder / "runs" / str(run["name"]), noise_seed=_noise_seed(site))
     commit = request.get("commit")
     if commit is not None:
         runtime.commit(int(commit[0]), bool(commit[1]))
@@ -178,6 +178,19 @@ def _prepare(site: SiteIdentity, request: Mapping[str, Any]) -> _Prepared:
 
 
 _BUILT: dict[str, tuple] = {}  # site folder -> (what it was built from, what was built)
+NOISE_FILE = "noise.seed"
+
+
+def _noise_seed(site: SiteIdentity) -> int:
+    """The seed of the site's own DP noise (``--dp distributed``), drawn once from the OS CSPRNG
+    and kept in the site folder: the coordinator, which knows the run's seed, cannot recompute
+    the noise and take it off the sum. A restarted site draws the same noise again."""
+    import os
+
+    path = site.folder / NOISE_FILE
+    if not path.exists():
+        write_bytes_atomically(path, os.urandom(16).hex().encode())
+    return int(path.read_text(), 16)
 
 
 def _build(site: SiteIdentity, run: Mapping[str, Any]) -> tuple:

@@ -71,9 +71,13 @@ class SiteRuntime:
     """One site: its training rows, its program and its memory."""
 
     def __init__(
-        self, program: SiteProgram, data: LocalData, rng: KeyedRng, state_dir: Path | None = None, *, durable: bool = True
+        self, program: SiteProgram, data: LocalData, rng: KeyedRng, state_dir: Path | None = None, *, durable: bool = True,
+        noise_seed: int | None = None,
     ) -> None:
         self._durable = durable
+        # the seed of the site's own noise (--dp distributed); None: the run's keyed rng, which the
+        # coordinator could recompute (simulation: reproducible); a deployed site holds its own
+        self._noise = None if noise_seed is None else KeyedRng(noise_seed)
         self.program = program
         self.data = data
         self.name = data.name
@@ -133,7 +137,7 @@ class SiteRuntime:
 
         if self.program.secure is None:
             raise ConfigError(f"site {self.name!r} runs without secure aggregation; it has no {name!r} stage")
-        rng = self._rng.child(round_, NOISE_STREAM, self._key)
+        rng = (self._rng if self._noise is None else self._noise).child(round_, NOISE_STREAM, self._key)
         self.memory.secure, answer = self.program.secure.answer(name, self.memory.secure, round_, message, rng)
         self._save()
         return answer
