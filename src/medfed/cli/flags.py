@@ -95,8 +95,10 @@ AdaptiveClipOpt = Annotated[bool | None, typer.Option("--adaptive-clip", help="D
 CompressOpt = Annotated[str | None, typer.Option(help="upload compression: none, lossless, q8, q4, topk:FRACTION (error feedback)")]
 SecureAggregationOpt = Annotated[bool | None, typer.Option(
     "--secure-aggregation", help="SecAgg+: the server receives masked uploads and unmasks only their sum (needs --clip)")]
-SecureThresholdOpt = Annotated[int | None, typer.Option(help="secure aggregation: shares needed to unmask a site [default: k/2+1]")]
-SecureDegreeOpt = Annotated[int | None, typer.Option(help="secure aggregation: neighbours per site [default: 2 ceil(log2 K)]")]
+SecureThresholdOpt = Annotated[int | None, typer.Option(help="secure aggregation: shares needed to unmask a site, fitted "
+                                                              "into k/2+1..k each round (recorded) [default: k/2+1]")]
+SecureDegreeOpt = Annotated[int | None, typer.Option(help="secure aggregation: neighbours per site, at most K-1 and even "
+                                                           "below it each round (recorded) [default: 2 ceil(log2 K)]")]
 PRIVACY_FLAGS = ("dp", "clip", "noise", "delta", "target_epsilon", "accountant", "adaptive_clip",
                  "secure_aggregation", "secure_threshold", "secure_degree")
 MethodOptionOpt = Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALUE, e.g. fedprox.mu=0.01")]

@@ -217,11 +217,21 @@ def secure_document(run: ExperimentRun) -> dict[str, Any]:
 def privacy_lines(doc: dict[str, Any]) -> list[str]:
     """One line per private setting: its epsilon at delta, for the reader under the table."""
     p = doc.get("privacy") or {}
+    lines = []
+    if p.get("secure_aggregation"):
+        s = p["secure"]
+        drops = sum(n for e in s["settings"].values() for key in ("dropped_after_sharing", "dropped_after_masking")
+                    for n in e[key].values())
+        thresholds = sorted({t for e in s["settings"].values() for t in e["thresholds"]})
+        lines.append(f"secure aggregation (SecAgg+, {s['ring_bits']}-bit ring, clip {s['clip']:g}): the server saw "
+                     f"sums only; threshold {'/'.join(map(str, thresholds)) or '-'}; {drops} in-round dropout(s) "
+                     "recovered")
     if p.get("dp", "none") == "none":
-        return []
+        return lines
     parts = [f"{setting} eps = {'inf' if eps is None or not np.isfinite(eps) else f'{eps:.3g}'}"
              for setting, eps in p.get("epsilon_by_setting", {}).items()]
-    return [f"{p['dp']}-level DP (clip {p['clip']:g}, delta {p['delta']:g}, {p['accountant']}): " + "; ".join(parts)]
+    return lines + [f"{p['dp']}-level DP (clip {p['clip']:g}, delta {p['delta']:g}, {p['accountant']}): "
+                    + "; ".join(parts)]
 
 
 def data_note_lines(doc: dict[str, Any]) -> list[str]:
