@@ -174,6 +174,14 @@ def test_what_cannot_apply_to_masked_uploads_is_refused_in_one_line(fed, extra, 
         run_experiment(build_config(values), fed)
 
 
+def test_a_federation_of_one_site_is_refused():
+    one = load_dataset("breast-cancer", n_sites=1)
+    config = build_config({"data": {"dataset": "breast-cancer", "options": {"n_sites": 1}}, "methods": ["fedavg"],
+                           "repeats": 1, "privacy": SECURE})
+    with pytest.raises(ConfigError, match="--secure-aggregation sums at least 2 sites"):
+        run_experiment(config, one)
+
+
 @pytest.mark.parametrize("privacy,words", [
     ({"secure_aggregation": True}, "secure aggregation needs clip"),
     ({"dp": "distributed", "clip": 1.0, "noise": 1.0}, "needs secure aggregation"),
@@ -201,6 +209,7 @@ def test_the_cli_flag_and_the_privacy_section(tmp_path):
     result = CliRunner().invoke(app, [*base, "--secure-aggregation", "--clip", "5", "--drop", "VA@2:mask",
                                       "--out", str(tmp_path / "c")])
     assert result.exit_code == 0, result.output
+    assert "secure aggregation (SecAgg+, 64-bit ring, clip 5): the server saw sums only" in result.output
     p = json.loads((tmp_path / "c" / "results.json").read_text())["privacy"]
     assert p["secure_aggregation"] is True and p["channel"] == ["sharing policy", "clip", "mask"]
     s = p["secure"]

@@ -819,6 +819,9 @@ def check_study(
                 f"set --min-sites {len(group)} or lower"
             )
         cohort = cohort_size(len(group), t.fraction_fit, t.min_sites)
+        if config.privacy.secure_aggregation and len(group) < 2:
+            raise ConfigError(f"--secure-aggregation sums at least 2 sites' uploads; there are {len(group)} training "
+                              f"site(s){where}")
         for spec, opts in methods:
             if spec.kind != "federated":
                 continue
