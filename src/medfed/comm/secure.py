@@ -41,7 +41,7 @@ import numpy as np
 
 from medfed.client.upload import Upload
 from medfed.comm import secagg
-from medfed.errors import ConfigError
+from medfed.errors import ConfigError, DataError
 from medfed.rng import KeyedRng
 from medfed.wiretypes import wire_type
 
@@ -157,8 +157,6 @@ def malformed(upload: Upload) -> str | None:
 
 def _check_shapes(lay: Layout, upload: Upload) -> None:
     """Every shaped segment of the layout must find its arrays in the upload (a DataError names them)."""
-    from medfed.errors import DataError
-
     for seg in lay.segments:
         t = seg.term
         if t.source not in ("payload", "extras") or t.scalar:
@@ -269,10 +267,8 @@ class SiteSecure:
 
     def answer(self, stage: str, slot: SecureSlot | None, round_: int, message: Mapping[str, Any],
                rng: KeyedRng) -> tuple[SecureSlot | None, Any]:
-        """One stage's answer from the site's slot of ``round_`` (a ConfigError for a stage it
-        cannot serve: no upload held for that round, an unknown stage)."""
-        from medfed.errors import DataError
-
+        """One stage's answer from the site's slot of ``round_`` (a DataError for a stage it cannot
+        serve: no upload held for that round; a ConfigError for an unknown stage)."""
         if slot is None or slot.round != round_:
             raise DataError(f"secure aggregation: site holds no masked upload for round {round_ + 1} (stage {stage!r})")
         if stage == "share":

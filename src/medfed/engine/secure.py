@@ -127,7 +127,8 @@ def secure_sum(settings: SecureSettings, round_: int, replies: Mapping[str, Any]
     except MedfedError as exc:
         return outcome(f"secure aggregation: {exc}")
     masked = ask("mask", {s: {"sealed": routed[s]} for s in sealed}, secagg.MaskedInput, missing)
-    masked = {s: m for s, m in masked.items() if m.site == s}
+    for s in [s for s, m in masked.items() if m.site != s]:
+        missing[s] = f"malformed answer in the mask stage: a masked vector labelled {masked.pop(s).site!r}"
     info["dropped_after_sharing"] = sorted(set(sealed) - set(masked))  # masked with, never arrived: recovered
     if len(masked) < need:
         return outcome(f"{len(masked)} masked upload(s) arrived, fewer than the {need} secure aggregation requires")
