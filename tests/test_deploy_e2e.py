@@ -265,3 +265,26 @@ def test_medfed_run_on_the_flower_executor_equals_inprocess(kit, tmp_path):
     rows = {e: {(r["setting"], r["test_site"]): r["metrics"] for r in d["results"]} for e, d in docs.items()}
     assert rows["flower"] == rows["inprocess"]
     assert docs["flower"]["histories"]["FedAvg"]["train_loss"] == docs["inprocess"]["histories"]["FedAvg"]["train_loss"]
+
+
+def test_secure_aggregation_on_the_flower_executor_equals_inprocess(kit, tmp_path):
+    """`medfed run --executor flower --secure-aggregation`: the masked exchange's stages travel
+    as Flower messages and the sites keep their round secrets on disk between them."""
+    pytest.importorskip("cryptography")
+    pytest.importorskip("Crypto")
+    from typer.testing import CliRunner
+
+    from medfed.cli.app import app
+
+    study = _study(kit, "secure", methods='["fedavg"]', rounds=2)
+    docs = {}
+    for executor in ("flower", "inprocess"):
+        out = tmp_path / executor
+        result = CliRunner().invoke(app, ["run", str(study), "--data", str(kit / "all.csv"), "--executor", executor,
+                                          "--secure-aggregation", "--clip", "50", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        docs[executor] = json.loads((out / "results.json").read_text())
+    rows = {e: {(r["setting"], r["test_site"]): r["metrics"] for r in d["results"]} for e, d in docs.items()}
+    assert rows["flower"] == rows["inprocess"]
+    assert docs["flower"]["histories"]["FedAvg"]["train_loss"] == docs["inprocess"]["histories"]["FedAvg"]["train_loss"]
+    assert docs["flower"]["privacy"]["secure"]["settings"]["FedAvg"]["thresholds"] == [2]

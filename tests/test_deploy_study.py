@@ -321,3 +321,53 @@ def test_a_deployed_study_with_client_level_dp_and_compression_equals_its_simula
     assert deployed["histories"]["FedAvg"]["train_loss"] == simulated["histories"]["FedAvg"]["train_loss"]
     assert deployed["privacy"]["ledger"] == simulated["privacy"]["ledger"]
     assert deployed["privacy"]["epsilon_by_setting"]["FedAvg"] > 0
+
+
+def test_a_deployed_study_with_secure_aggregation_equals_its_simulations(tables, tmp_path):
+    """Masked rounds over the link (the site keeps its upload, secrets and shares on disk between
+    the stages) give the numbers of the inprocess and process simulations."""
+    pytest.importorskip("cryptography")
+    pytest.importorskip("Crypto")
+    study = tmp_path / "secure.toml"
+    study.write_text(STUDY + '\n[privacy]\nsecure_aggregation = true\nclip = 50\n')
+    deployed = drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
+    from typer.testing import CliRunner
+
+    from medfed.cli.app import app
+
+    for executor in ("inprocess", "process"):
+        result = CliRunner().invoke(app, ["run", str(study), "--data", str(tables / "all.csv"), "--out",
+                                          str(tmp_path / executor), "--executor", executor])
+        assert result.exit_code == 0, result.output
+        simulated = json.loads((tmp_path / executor / "results.json").read_text())
+        assert _rows(deployed) == _rows(simulated)
+        for setting, h in simulated["histories"].items():
+            assert deployed["histories"][setting]["train_loss"] == h["train_loss"]
+    assert deployed["privacy"]["secure_aggregation"] and deployed["privacy"]["channel"][-1] == "mask"
+    assert set(deployed["privacy"]["secure"]["settings"]) == {"FedAvg", "SCAFFOLD", "Ditto"}
+    # what a site kept for the masked exchange is gone once the round is unmasked
+    memory = decode((tmp_path / "site-Hungary" / "runs" / "r1-fedavg" / "Hungary.state").read_bytes())
+    assert memory.secure is None
+
+
+def test_deployed_distributed_dp_noise_comes_from_the_sites_own_seed(tables, tmp_path):
+    """--dp distributed deployed: each site noises with a seed the coordinator never had (its
+    folder's noise.seed), so the models differ from the simulation's; the ledger is the same."""
+    pytest.importorskip("dp_accounting")
+    pytest.importorskip("Crypto")
+    study = tmp_path / "distributed.toml"
+    study.write_text(STUDY.replace('["fedavg", "scaffold", "ditto"]', '["fedavg"]')
+                     + '\n[privacy]\nsecure_aggregation = true\ndp = "distributed"\nclip = 0.5\nnoise = 1.0\n')
+    deployed = drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
+    from typer.testing import CliRunner
+
+    from medfed.cli.app import app
+
+    result = CliRunner().invoke(app, ["run", str(study), "--data", str(tables / "all.csv"), "--out",
+                                      str(tmp_path / "sim")])
+    assert result.exit_code == 0, result.output
+    simulated = json.loads((tmp_path / "sim" / "results.json").read_text())
+    assert deployed["privacy"]["ledger"] == simulated["privacy"]["ledger"]
+    assert {e["mode"] for e in deployed["privacy"]["ledger"]} == {"distributed"}
+    assert deployed["histories"]["FedAvg"]["train_loss"] != simulated["histories"]["FedAvg"]["train_loss"]
+    assert all((tmp_path / f"site-{s}" / "noise.seed").exists() for s in ("Cleveland", "Hungary"))

@@ -127,7 +127,7 @@ def test_poisson_participation_is_keyed_by_site_and_has_rate_q():
 @pytest.mark.parametrize("privacy,words", [
     ({"dp": "client", "noise": 1.0}, "needs clip"),
     ({"dp": "client", "clip": 1.0}, "noise multiplier"),
-    ({"dp": "distributed", "clip": 1.0, "noise": 1.0}, "not available yet"),
+    ({"dp": "distributed", "clip": 1.0, "noise": 1.0}, "needs secure aggregation"),
     ({"dp": "sample", "noise": 1.0}, "each row's gradient"),
 ])
 def test_incomplete_privacy_settings_are_one_clear_error(privacy, words):

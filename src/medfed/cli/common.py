@@ -66,6 +66,8 @@ CONFIG_FLAGS = {
     "drop": "--drop", "save_model": "--save-model", "privacy.dp": "--dp", "privacy.clip": "--clip",
     "privacy.noise": "--noise", "privacy.delta": "--delta", "privacy.target_epsilon": "--target-epsilon",
     "privacy.accountant": "--accountant", "privacy.adaptive_clip": "--adaptive-clip", "compress": "--compress",
+    "privacy.secure_aggregation": "--secure-aggregation", "privacy.secure_threshold": "--secure-threshold",
+    "privacy.secure_degree": "--secure-degree",
 }
 
 

@@ -83,7 +83,9 @@ SaveModelOpt = Annotated[
     typer.Option("--save-model", help="also write repeat 1's model of each setting to OUT/models/<Setting>.npz "
                                       "(for `medfed predict`)"),
 ]
-DpOpt = Annotated[str | None, typer.Option(help="differential privacy: none or client (clip each update, noise the mean)")]
+DpOpt = Annotated[str | None, typer.Option(help="differential privacy: none, client (clip each update, noise the mean), "
+                                                "distributed (each site noises its update; needs --secure-aggregation) "
+                                                "or sample (DP-SGD)")]
 ClipOpt = Annotated[float | None, typer.Option(help="DP: the L2 bound C of each site's update")]
 NoiseOpt = Annotated[float | None, typer.Option(help="DP: noise multiplier z (noise std = z x sensitivity)")]
 DeltaOpt = Annotated[float | None, typer.Option(help="DP: delta of the (epsilon, delta) guarantee [default: 1e-5]")]
@@ -91,7 +93,14 @@ TargetEpsilonOpt = Annotated[float | None, typer.Option(help="DP: calibrate z so
 AccountantOpt = Annotated[str | None, typer.Option(help="DP accountant (dp-accounting): pld or rdp")]
 AdaptiveClipOpt = Annotated[bool | None, typer.Option("--adaptive-clip", help="DP: adapt the clip each round toward the median update norm (Andrew et al., 2021)")]
 CompressOpt = Annotated[str | None, typer.Option(help="upload compression: none, lossless, q8, q4, topk:FRACTION (error feedback)")]
-PRIVACY_FLAGS = ("dp", "clip", "noise", "delta", "target_epsilon", "accountant", "adaptive_clip")
+SecureAggregationOpt = Annotated[bool | None, typer.Option(
+    "--secure-aggregation", help="SecAgg+: the server receives masked uploads and unmasks only their sum (needs --clip)")]
+SecureThresholdOpt = Annotated[int | None, typer.Option(help="secure aggregation: shares needed to unmask a site, fitted "
+                                                              "into k/2+1..k each round (recorded) [default: k/2+1]")]
+SecureDegreeOpt = Annotated[int | None, typer.Option(help="secure aggregation: neighbours per site, at most K-1 and even "
+                                                           "below it each round (recorded) [default: 2 ceil(log2 K)]")]
+PRIVACY_FLAGS = ("dp", "clip", "noise", "delta", "target_epsilon", "accountant", "adaptive_clip",
+                 "secure_aggregation", "secure_threshold", "secure_degree")
 MethodOptionOpt = Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALUE, e.g. fedprox.mu=0.01")]
 
 

@@ -405,6 +405,12 @@ def advertise(
     """Step 1 at ``site``: two fresh X25519 key pairs (sealing shares, agreeing masks) and a
     self-mask seed. ``randbytes`` is for tests only: a deployment keeps the OS CSPRNG."""
     _check_site(params, site, "site")
+    return fresh_keys(site, randbytes)
+
+
+def fresh_keys(site: str, randbytes: Callable[[int], bytes] = os.urandom) -> tuple[SiteSecrets, Advert]:
+    """A site's round secrets and their public advert, before the cohort is known: the round's
+    keys bind nothing but the site, so a site can draw them with its upload (one exchange fewer)."""
     share_private, mask_private, seed = randbytes(_KEY), randbytes(_KEY), randbytes(_KEY)
     secrets = SiteSecrets(site, share_private.hex(), mask_private.hex(), seed.hex())
     return secrets, Advert(site, _public(share_private), _public(mask_private))

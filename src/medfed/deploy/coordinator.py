@@ -198,18 +198,13 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
         rounds = spec.rounds(t)
         algorithm = build_method(config, spec, opts, sites, counts)
         key = (TRAIN_STREAM, 0, name_key(spec.name))
-        if config.privacy.dp == "client":  # the server's end: the noised fixed-denominator mean
-            from medfed.methods.privacy import client_dp
-
-            algorithm = client_dp(algorithm, spec.name, clip=config.privacy.clip,
-                                     noise_multiplier=plan.noise_multiplier(spec),
-                                     sizes={s: float(sum(c)) for s, c in counts.items()}, rate=t.fraction_fit,
-                                     rng=KeyedRng(config.seed, key).child(name_key("dp-noise")),
-                                     adaptive=config.privacy.adaptive_clip)
-            privacy += plan.ledger(spec, sites, 0)
+        # the server's end of DP (the noised fixed-denominator mean) and of secure aggregation
+        algorithm, secure = plan.private(spec, algorithm, {s: float(sum(c)) for s, c in counts.items()},
+                                         KeyedRng(config.seed, key).child(name_key("dp-noise")), min_sites=need)
+        privacy += plan.ledger(spec, sites, 0)
         _, server = programs(algorithm, plan.local, sites, fraction=t.fraction_fit, min_sites=need,
                              max_update_norm=t.max_update_norm, codec=make_codec(config.compress),
-                             poisson=config.privacy.dp != "none")
+                             poisson=config.privacy.dp != "none", secure=secure)
         run_name = f"r1-{spec.name}"
         run = {"name": run_name, "method": spec.name, "options": dict(opts), "sites": sites,
                "label_counts": {s: c for s, c in counts.items()}, "sample_shape": list(shape), "scale": scale,

@@ -170,7 +170,7 @@ def _prepare(site: SiteIdentity, request: Mapping[str, Any]) -> _Prepared:
         cached = _BUILT[str(site.folder)] = (key, _build(site, run))  # one run per site folder is kept
     config, plan, spec, program, data, X_test, y_test = cached[1]
     rng = KeyedRng(int(run["seed"]), tuple(run["key"]))
-    runtime = SiteRuntime(program, data, rng, site.folder / "runs" / str(run["name"]))
+    runtime = SiteRuntime(program, data, rng, site.folder / "runs" / str(run["name"]), noise_seed=_noise_seed(site))
     commit = request.get("commit")
     if commit is not None:
         runtime.commit(int(commit[0]), bool(commit[1]))
@@ -178,6 +178,19 @@ def _prepare(site: SiteIdentity, request: Mapping[str, Any]) -> _Prepared:
 
 
 _BUILT: dict[str, tuple] = {}  # site folder -> (what it was built from, what was built)
+NOISE_FILE = "noise.seed"
+
+
+def _noise_seed(site: SiteIdentity) -> int:
+    """The seed of the site's own DP noise (``--dp distributed``), drawn once from the OS CSPRNG
+    and kept in the site folder: the coordinator, which knows the run's seed, cannot recompute
+    the noise and take it off the sum. A restarted site draws the same noise again."""
+    import os
+
+    path = site.folder / NOISE_FILE
+    if not path.exists():
+        write_bytes_atomically(path, os.urandom(16).hex().encode())
+    return int(path.read_text(), 16)
 
 
 def _build(site: SiteIdentity, run: Mapping[str, Any]) -> tuple:
@@ -192,13 +205,15 @@ def _build(site: SiteIdentity, run: Mapping[str, Any]) -> tuple:
     plan = TrainingPlan.for_shape(config, tuple(run["sample_shape"]))
     counts = {name: np.asarray(c) for name, c in run["label_counts"].items()}
     algorithm = build_method(config, spec, opts, list(run["sites"]), counts)
-    if config.privacy.dp == "client":  # the site's end of client-level DP: its update clipped before it leaves
-        from medfed.methods.privacy import client_dp_site
+    # the site's end of DP (its update clipped before it leaves) and of secure aggregation (its noise, its mask)
+    from medfed.deploy.study import site_min_sites
 
-        algorithm = client_dp_site(algorithm, config.privacy.clip, adaptive=config.privacy.adaptive_clip)
+    sizes = {name: float(sum(c)) for name, c in counts.items()}
+    algorithm, secure = plan.private(spec, algorithm, sizes, KeyedRng(0), min_sites=site_min_sites(config),
+                                     site=True)
     scale = _standardizer(run["scale"], X_train.shape[1])
     data = LocalData(site.name, scale(X_train), y_train)
-    program = SiteProgram(algorithm, plan.local, make_codec(config.compress))
+    program = SiteProgram(algorithm, plan.local, make_codec(config.compress), None if secure is None else secure[0])
     return config, plan, spec, program, data, scale(X_test), y_test
 
 
@@ -254,4 +269,11 @@ def _hello(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
     return {"site": site.name}
 
 
-_OPS = {"hello": _hello, "setup": _setup, "train": _train, "evaluate": _evaluate}
+def _stage(site: SiteIdentity, request: Mapping[str, Any]):
+    """One protocol stage of a round (secure aggregation's share, mask, unmask), answered by the
+    site's runtime from what it kept on disk since ``train``."""
+    prepared = _prepare(site, request)
+    return prepared.runtime.stage(str(request["stage"]), int(request["round"]), request["message"])
+
+
+_OPS = {"hello": _hello, "setup": _setup, "train": _train, "stage": _stage, "evaluate": _evaluate}

@@ -58,6 +58,9 @@ def check_settings(config: ExperimentConfig, source: str, *, manifest: bool) -> 
     if config.privacy.dp == "sample":
         raise ConfigError(f"{source}: [privacy] dp = \"sample\" (DP-SGD) runs in simulation only so far (medfed run); "
                           "a deployed study can use dp = \"client\"")
+    from medfed.experiments.harness import check_secure_study
+
+    check_secure_study(config)
     if data.categorical:
         raise ConfigError(
             f"{source}: data.categorical is not supported in a deployed study yet (its levels need a setup "

@@ -18,6 +18,7 @@ import numpy as np
 
 from medfed.engine.checkpoint import CheckpointStore
 from medfed.engine.executors import Executor
+from medfed.engine.secure import secure_sum
 from medfed.engine.protocol import (
     RoundContext,
     RoundRecord,
@@ -72,6 +73,8 @@ class Driver:
             r = state.round
             plan = server.configure(state, RoundContext(r, everyone, rng))
             replies = executor.train(plan)
+            if server.secure is not None:  # the masked exchange: the server ends with the sum only
+                replies = secure_sum(server.secure, r, replies, server.layout(state, plan), executor.stage, rng)
             state, record = server.aggregate(state, replies, RoundContext(r, plan.cohort, rng))
             executor.commit(r, decisions(record))
             if self.evaluate is not None and self.eval_every and ((r + 1) % self.eval_every == 0 or r == self.rounds - 1):

@@ -44,6 +44,7 @@ def run_federated(
     fingerprint: str = "",
     poisson: bool = False,
     codec: Codec | None = None,
+    secure: tuple | None = None,
 ) -> FederatedRun:
     """Run ``rounds`` communication rounds and return the final global model and history.
 
@@ -56,7 +57,8 @@ def run_federated(
 
     ``poisson``: with ``fraction`` < 1 each site takes part independently with that probability
     (the sampling client-level DP's accounting assumes). ``codec`` compresses every upload at
-    its site (:mod:`medfed.comm.compress`); ``faults`` drops sites from rounds; with ``checkpoint_dir`` the coordinator checkpoints
+    its site (:mod:`medfed.comm.compress`); ``secure`` (the site's and the server's
+    :func:`~medfed.methods.privacy.secure_sides`) masks every upload and sums them securely; ``faults`` drops sites from rounds; with ``checkpoint_dir`` the coordinator checkpoints
     every round and the sites keep their state there, and a second call with the same folder
     and ``fingerprint`` resumes after the last saved round.
     """
@@ -65,7 +67,7 @@ def run_federated(
     names = [s.name for s in sites]
     site_program, server_program = programs(
         algorithm, training, names, fraction=fraction, min_sites=min_sites, max_update_norm=max_update_norm,
-        poisson=poisson, codec=codec,
+        poisson=poisson, codec=codec, secure=secure,
     )
     store = state_dir = None
     if checkpoint_dir is not None:

@@ -23,12 +23,14 @@ import numpy as np
 
 from medfed.client.local import LocalData, LocalTraining
 from medfed.client.upload import Upload
+from medfed.comm import secure
 from medfed.comm.compress import Codec
 from medfed.comm.policy import sharing_policy
 from medfed.engine.selection import select_sites
 from medfed.errors import MedfedError
+from medfed.engine.secure import SecureOutcome, SecureSettings
 from medfed.rng import KeyedRng, name_key
-from medfed.server.aggregate import Aggregator, stack_uploads
+from medfed.server.aggregate import Aggregator, stack_uploads, summed_terms
 from medfed.server.validate import screen_uploads
 from medfed.wiretypes import wire_type
 
@@ -37,7 +39,7 @@ Personalize = Callable[..., dict[str, np.ndarray]]
 Params = dict[str, np.ndarray]
 
 # streams of the run's keyed rng: selection, a site's local work, a site's personalization
-SELECTION_STREAM, TRAIN_STREAM, PERSONAL_STREAM, CODEC_STREAM = 0, 1, 2, 3
+SELECTION_STREAM, TRAIN_STREAM, PERSONAL_STREAM, CODEC_STREAM, NOISE_STREAM = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ class RoundRecord:
     missing: dict[str, str] = field(default_factory=dict)  # site -> why it sent nothing (crash, timeout)
     bytes_by_site: dict[str, int] = field(default_factory=dict)  # what each site's upload took on the wire
     loss_reported: bool = True  # False: the sites kept their loss to themselves (DP-SGD); train_loss is nan
+    secure: dict | None = None  # secure aggregation: threshold, degree, who dropped at which stage
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,7 @@ class SiteProgram:
     algorithm: FederatedAlgorithm
     training: LocalTraining
     codec: Codec | None = None  # the channel's compression, applied by the site's runtime
+    secure: secure.SiteSecure | None = None  # secure aggregation: the upload is masked, never sent
 
     @property
     def personal(self) -> bool:
@@ -199,6 +203,7 @@ class ServerProgram:
     max_update_norm: float | None = None
     poisson: bool = False  # each site takes part independently with probability ``fraction`` (DP's sampling)
     codec: Codec | None = None  # how the sites compressed their uploads: decoded before screening
+    secure: SecureSettings | None = None  # secure aggregation: the server receives masked vectors, sums only
 
     def init(self, params: Mapping[str, np.ndarray], setup: Mapping[str, SiteSetup] | None = None) -> ServerState:
         own = {k: np.array(v, dtype=np.float64, copy=True) for k, v in params.items()}
@@ -228,10 +233,23 @@ class ServerProgram:
         message = self.algorithm.broadcast(state.aggregator) if self.algorithm.broadcast else {}
         return RoundPlan(ctx.round, cohort, state.params, message, final)
 
+    def layout(self, state: ServerState, plan: RoundPlan) -> secure.Layout:
+        """The vector each site masks this round: what the chain's steps sum, over the shared
+        parameters, within the round's clip (adaptive clipping sends it down with the plan)."""
+        settings = self.secure
+        clip = float(plan.message.get(secure.ROUND_CLIP, settings.clip))
+        shapes = {k: np.shape(v) for k, v in self.shared(state.params).items()}
+        return secure.layout(summed_terms(self.algorithm.aggregator), shapes, clip=clip, total=settings.total,
+                             noise_std=settings.noise_std)
+
     def aggregate(
-        self, state: ServerState, replies: Mapping[str, Upload | str], ctx: RoundContext
+        self, state: ServerState, replies: Mapping[str, Upload | str] | SecureOutcome, ctx: RoundContext
     ) -> tuple[ServerState, RoundRecord]:
-        """Fold one round's replies (an upload, or why the site sent none) into the next state."""
+        """Fold one round's replies (an upload, or why the site sent none) into the next state;
+        under secure aggregation, the round's sum (no upload was screened: the sites' own clip
+        bounds each, and a site refuses to mask a malformed one)."""
+        if isinstance(replies, SecureOutcome):
+            return self._aggregate_sum(state, replies, ctx)
         uploads = [r for r in replies.values() if not isinstance(r, str)]
         missing = {site: r for site, r in replies.items() if isinstance(r, str)}
         sent = {u.site: u.nbytes for u in uploads}  # what crossed the network: the encoded uploads
@@ -264,6 +282,24 @@ class ServerProgram:
         return ServerState(params, aggregator, ctx.round + 1), record
 
 
+    def _aggregate_sum(self, state: ServerState, outcome: SecureOutcome, ctx: RoundContext):
+        params, aggregator, report, skipped = state.params, state.aggregator, None, outcome.skipped
+        loss, names, reported = float("nan"), (), True
+        if skipped is None:
+            summed = outcome.summed
+            chain = self.algorithm.aggregator
+            apply = chain.apply if chain.steps else chain.on_sum
+            params, aggregator, report = apply(summed, aggregator, params, ctx.round)
+            weight = summed[secure.LOSS_WEIGHT]
+            reported = weight > 0  # an exact 0 when no site reported its loss (DP-SGD)
+            loss = summed[secure.LOSS] / weight if reported else float("nan")
+            names = summed.sites
+        sent = dict(outcome.bytes_by_site)
+        record = RoundRecord(ctx.round, names, loss, sum(sent.values()), report, None, dict(outcome.rejected), skipped,
+                             dict(outcome.missing), sent, reported, dict(outcome.info))
+        return ServerState(params, aggregator, ctx.round + 1), record
+
+
 def accepted_sites(record: RoundRecord) -> tuple[str, ...]:
     """The sites whose uploads the server used in this round (none when it was skipped)."""
     return () if record.skipped else record.sites
@@ -285,9 +321,12 @@ def programs(
     max_update_norm: float | None = None,
     poisson: bool = False,
     codec: Codec | None = None,
+    secure: tuple[secure.SiteSecure, SecureSettings] | None = None,
 ) -> tuple[SiteProgram, ServerProgram]:
-    """A method's site and server programs for a federation of ``sites``."""
+    """A method's site and server programs for a federation of ``sites`` (``secure``: each
+    side's secure aggregation, :func:`medfed.methods.privacy.secure_sides`)."""
+    site_secure, server_secure = secure if secure is not None else (None, None)
     return (
-        SiteProgram(algorithm, training, codec),
-        ServerProgram(algorithm, tuple(sites), fraction, min_sites, max_update_norm, poisson, codec),
+        SiteProgram(algorithm, training, codec, site_secure),
+        ServerProgram(algorithm, tuple(sites), fraction, min_sites, max_update_norm, poisson, codec, server_secure),
     )

@@ -21,7 +21,16 @@ from medfed.atomic import write_bytes_atomically
 from medfed.client.local import LocalData
 from medfed.client.upload import Upload
 from medfed.comm.wire import decode, encode
-from medfed.engine.protocol import CODEC_STREAM, PERSONAL_STREAM, TRAIN_STREAM, Params, RoundPlan, SiteProgram, SiteSetup
+from medfed.engine.protocol import (
+    CODEC_STREAM,
+    NOISE_STREAM,
+    PERSONAL_STREAM,
+    TRAIN_STREAM,
+    Params,
+    RoundPlan,
+    SiteProgram,
+    SiteSetup,
+)
 from medfed.rng import KeyedRng, name_key
 from medfed.wiretypes import wire_type
 
@@ -47,6 +56,8 @@ class SiteMemory:
     channel: Any = None
     earlier_channel: Any = None
     pending_channel: Any = None
+    # secure aggregation: the round's upload, secrets and shares between its stages (never sent)
+    secure: Any = None
 
     def state_before(self, round_: int) -> Any:
         """The committed state a request for ``round_`` starts from."""
@@ -60,9 +71,13 @@ class SiteRuntime:
     """One site: its training rows, its program and its memory."""
 
     def __init__(
-        self, program: SiteProgram, data: LocalData, rng: KeyedRng, state_dir: Path | None = None, *, durable: bool = True
+        self, program: SiteProgram, data: LocalData, rng: KeyedRng, state_dir: Path | None = None, *, durable: bool = True,
+        noise_seed: int | None = None,
     ) -> None:
         self._durable = durable
+        # the seed of the site's own noise (--dp distributed); None: the run's keyed rng, which the
+        # coordinator could recompute (simulation: reproducible); a deployed site holds its own
+        self._noise = None if noise_seed is None else KeyedRng(noise_seed)
         self.program = program
         self.data = data
         self.name = data.name
@@ -98,7 +113,9 @@ class SiteRuntime:
         m.pending_round, m.pending_state, m.pending_channel = None, None, None
         self._save()
 
-    def train(self, plan: RoundPlan) -> Upload:
+    def train(self, plan: RoundPlan) -> Upload | Any:
+        """The site's upload; under secure aggregation the upload stays here, kept for the
+        round's later stages, and the answer is its public keys (:class:`~medfed.comm.secure.SecureReady`)."""
         rng = self._rng.child(plan.round, TRAIN_STREAM, self._key)
         upload, pending = self.program.train(plan, self.data, self.memory.state_before(plan.round), rng)
         codec, channel = self.program.codec, None
@@ -107,8 +124,23 @@ class SiteRuntime:
                                            self._rng.child(plan.round, CODEC_STREAM, self._key))
         self.memory.pending_round, self.memory.pending_state = plan.round, pending
         self.memory.pending_channel = channel
+        if self.program.secure is not None:
+            self.memory.secure, ready = self.program.secure.ready(upload, plan.round)
+            self._save()
+            return ready
         self._save()
         return upload
+
+    def stage(self, name: str, round_: int, message: Any) -> Any:
+        """One secure-aggregation stage of ``round_`` (share, mask, unmask) from the site's slot."""
+        from medfed.errors import ConfigError
+
+        if self.program.secure is None:
+            raise ConfigError(f"site {self.name!r} runs without secure aggregation; it has no {name!r} stage")
+        rng = (self._rng if self._noise is None else self._noise).child(round_, NOISE_STREAM, self._key)
+        self.memory.secure, answer = self.program.secure.answer(name, self.memory.secure, round_, message, rng)
+        self._save()
+        return answer
 
     def personalize(self, plan: RoundPlan) -> Params:
         rng = self._rng.child(plan.round, PERSONAL_STREAM, self._key)

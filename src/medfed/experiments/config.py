@@ -146,14 +146,28 @@ class PrivacySpec(_Strict):
     accountant: Literal["pld", "rdp"] = "pld"
     adaptive_clip: bool = Field(False, description="adapt the clip each round toward the median update norm "
                                 "(Andrew et al., 2021); clip is then the first round's bound")
+    secure_aggregation: bool = Field(False, description="the server receives only masked uploads and unmasks their "
+                                     "sum (SecAgg+, Bonawitz et al., 2017; Bell et al., 2020); needs clip")
+    secure_threshold: int | None = Field(None, ge=1, description="SecAgg+ threshold t: shares needed to unmask a site "
+                                         "[default: floor(k/2)+1]")
+    secure_degree: int | None = Field(None, ge=1, description="SecAgg+ neighbours per site k [default: 2 ceil(log2 K)]")
 
     @model_validator(mode="after")
     def _complete(self) -> PrivacySpec:
+        if self.secure_aggregation and self.clip is None:
+            raise ValueError("secure aggregation needs clip (--clip C): each site's update is clipped to L2 norm C, "
+                             "the range its entries take in the masked fixed-point ring")
+        if self.secure_aggregation and self.dp == "sample":
+            raise ValueError("secure aggregation with dp = \"sample\" is not available: its clip bounds each row's "
+                             "gradient, not the update the ring needs; use dp = \"client\" or \"distributed\"")
         if self.dp == "none":
             return self
-        if self.dp == "distributed":
-            raise ValueError("dp = 'distributed' is not available yet (it needs secure aggregation in the round); "
-                             "use dp = \"client\" or \"sample\"")
+        if self.dp == "distributed" and not self.secure_aggregation:
+            raise ValueError("dp = 'distributed' needs secure aggregation (--secure-aggregation): the sites' noise "
+                             "protects only a sum the server cannot see apart")
+        if self.dp == "distributed" and self.adaptive_clip:
+            raise ValueError("adaptive_clip is not available with dp = \"distributed\" (its clipped count would need "
+                             "the sites' noise too); give a fixed clip or use dp = \"client\"")
         if self.dp == "sample" and self.adaptive_clip:
             raise ValueError("adaptive_clip adapts client-level DP's clip; with dp = \"sample\" give a fixed clip")
         if self.clip is None:

@@ -195,13 +195,8 @@ class TrainingPlan:
         algorithm = self.build(spec, opts, [d.name for d in train], {d.name: label_counts(d.y) for d in train})
         if adapt is not None:
             algorithm = adapt(algorithm)
-        if config.privacy.dp == "client":
-            from medfed.methods.privacy import client_dp
-
-            algorithm = client_dp(
-                algorithm, spec.name, clip=config.privacy.clip, noise_multiplier=self.noise_multiplier(spec),
-                sizes={d.name: float(d.n) for d in train}, rate=t.fraction_fit,
-                rng=rng.child(name_key("dp-noise")), adaptive=config.privacy.adaptive_clip)  # apart from rounds' keys
+        sizes = {d.name: float(d.n) for d in train}
+        algorithm, secure = self.private(spec, algorithm, sizes, rng.child(name_key("dp-noise")))  # apart from rounds' keys
         local = self.local
         if config.privacy.dp == "sample":
             from medfed.client.dp_sgd import DpSgd
@@ -218,8 +213,33 @@ class TrainingPlan:
             eval_every=config.eval_every if evaluate is not None else 0, max_update_norm=t.max_update_norm,
             executor=config.executor, faults=parse_drops(config.drop), checkpoint_dir=checkpoint_dir,
             fingerprint=f"{study_fingerprint(config)}/{run_key}",
-            poisson=config.privacy.dp != "none", codec=make_codec(config.compress),
+            poisson=config.privacy.dp != "none", codec=make_codec(config.compress), secure=secure,
         )
+
+    def private(self, spec: Method, algorithm: FederatedAlgorithm, sizes: dict[str, float], rng: KeyedRng,
+                min_sites: int | None = None, site: bool = False):
+        """``algorithm`` with client-level or distributed DP, and each side's secure aggregation
+        (None without it), in simulation and deployed alike (``sizes``: site -> training rows;
+        ``min_sites``: the fewest sites a round accepts, the training's unless deployed; ``site``:
+        only the site's half is used, so the server's noise multiplier is not calibrated)."""
+        p, t = self.config.privacy, self.config.training
+        min_sites = t.min_sites if min_sites is None else min_sites
+        if p.dp in ("client", "distributed"):
+            from medfed.comm.secure import site_noise_std
+            from medfed.methods.privacy import client_dp
+
+            z = 0.0 if site and p.dp == "client" else self.noise_multiplier(spec)
+            algorithm = client_dp(
+                algorithm, spec.name, clip=p.clip, noise_multiplier=z if p.dp == "client" else 0.0,
+                sizes=sizes, rate=t.fraction_fit, rng=rng, adaptive=p.adaptive_clip,
+                site_noise=site_noise_std(z, p.clip, sizes, max(min_sites, 2)) if p.dp == "distributed" else 0.0)
+        if not p.secure_aggregation:
+            return algorithm, None
+        from medfed.methods.privacy import secure_sides
+
+        return algorithm, secure_sides(algorithm, spec.name, clip=p.clip, sizes=sizes, min_sites=min_sites,
+                                       threshold=p.secure_threshold, degree=p.secure_degree,
+                                       distributed_noise=self.noise_multiplier(spec) if p.dp == "distributed" else 0.0)
 
     def noise_multiplier(self, spec: Method) -> float:
         """The DP noise multiplier of ``spec``'s run: the configured one, or the smallest that keeps
@@ -360,6 +380,7 @@ class History:
     rounds_notes: list[dict] = field(default_factory=list)  # rounds with rejected uploads or skipped
     bytes_by_site: dict[str, int] = field(default_factory=dict)  # each site's uploaded bytes over the run
     private: tuple[str, ...] = ()  # parameters the sharing policy kept at the sites
+    secure_rounds: list[dict] = field(default_factory=list)  # secure aggregation: each round's facts (threshold, drops)
 
 
 def round_notes(history) -> list[dict]:
@@ -396,6 +417,7 @@ def federated_history(spec: Method, repeat: int, run: FederatedRun, config: Expe
         round_notes(run.history),
         _bytes_by_site(run.history),
         run.private,
+        [{"round": r.round, "skipped": r.skipped, **r.secure} for r in run.history if r.secure],
     )
 
 
@@ -755,6 +777,21 @@ def _option_fix(method: str, option: str) -> str:
     return f"{flag} ({method}.{option})"
 
 
+def check_secure_study(config: ExperimentConfig) -> None:
+    """What cannot apply to masked uploads, refused in one line naming the flag: the server's
+    screening by norm (the site's own clip bounds each upload instead, and a site will not mask
+    a non-finite one) and compression (a masked upload is a dense ring vector)."""
+    if not config.privacy.secure_aggregation:
+        return
+    from medfed.comm.secure import check_compress
+
+    if config.training.max_update_norm is not None:
+        raise ConfigError(
+            "--max-update-norm cannot run with --secure-aggregation: the server never sees an upload's norm; "
+            "each site's update is clipped to --clip C before masking instead")
+    check_compress(config.compress)
+
+
 def check_study(
     config: ExperimentConfig,
     federation: Federation,
@@ -776,7 +813,11 @@ def check_study(
 
     names = list(federation.site_names)
     t = config.training
-    parse_drops(config.drop, names)
+    faults = parse_drops(config.drop, names)
+    check_secure_study(config)
+    if faults.late and not config.privacy.secure_aggregation:
+        raise ConfigError("--drop SITE@ROUND:STAGE drops a site inside a securely aggregated round; "
+                          "without --secure-aggregation use SITE@ROUND")
     if config.executor not in LOCAL_EXECUTORS:
         raise ConfigError(
             f"executor {config.executor!r} runs on Flower's deployment runtime: `medfed run --executor flower` "
@@ -796,6 +837,9 @@ def check_study(
                 f"set --min-sites {len(group)} or lower"
             )
         cohort = cohort_size(len(group), t.fraction_fit, t.min_sites)
+        if config.privacy.secure_aggregation and len(group) < 2:
+            raise ConfigError(f"--secure-aggregation sums at least 2 sites' uploads; there are {len(group)} training "
+                              f"site(s){where}")
         for spec, opts in methods:
             if spec.kind != "federated":
                 continue
@@ -807,11 +851,15 @@ def check_study(
                 from medfed.methods.privacy import check_sample_dp
 
                 check_sample_dp(built, spec.name, TrainingPlan.of(config, federation).model, t.batch_size)
-            if config.privacy.dp == "client":  # a method whose server reads more than the noised mean
+            if config.privacy.dp in ("client", "distributed"):  # a server that reads more than the noised mean
                 from medfed.methods.privacy import client_dp
 
-                client_dp(built, spec.name, clip=config.privacy.clip, noise_multiplier=0.0,
-                          sizes={name: 1.0 for name in group}, rate=t.fraction_fit, rng=KeyedRng(0))
+                built = client_dp(built, spec.name, clip=config.privacy.clip, noise_multiplier=0.0,
+                                  sizes={name: 1.0 for name in group}, rate=t.fraction_fit, rng=KeyedRng(0))
+            if config.privacy.secure_aggregation:  # a server that reads individual uploads
+                from medfed.methods.privacy import check_secure
+
+                check_secure(built, spec.name)
             problem = site_requirement(spec.name, cohort, opts) if site_requirements else None
             if problem is not None:
                 fixes = " or ".join(_option_fix(spec.name, k) for k in opts if k in _SITE_COUNT_OPTIONS)

@@ -100,6 +100,8 @@ def results_document(run: ExperimentRun, command: str | None = None) -> dict[str
         if h.rounds_notes:
             entry.setdefault("server_notes", []).append({"repeat": h.repeat, "rounds": h.rounds_notes})
         entry.setdefault("bytes_up_by_site", []).append(dict(h.bytes_by_site))  # per repeat: site -> bytes
+        if h.secure_rounds:
+            entry.setdefault("secure_rounds", []).append({"repeat": h.repeat, "rounds": h.secure_rounds})
     communication = {}
     for h in run.histories:
         entry = communication.setdefault(h.setting, {"rounds": h.rounds, "bytes_up": []})
@@ -156,10 +158,15 @@ def privacy_document(run: ExperimentRun) -> dict[str, Any]:
     ``sampling_rate``, ``steps``, ``delta``, ``accountant``, ``epsilon``), what each setting keeps at
     the sites (``sharing``) and each site's bytes per round (``bytes_up_per_round_by_site``)."""
     p = run.config.privacy
-    doc: dict[str, Any] = {"dp": p.dp, "secure_aggregation": False, "compress": run.config.compress,
-                           "channel": ["sharing policy"] + (["clip"] if p.dp == "client" else [])
-                           + ([f"compress ({run.config.compress})"] if run.config.compress != "none" else []),
+    clipped = p.dp in ("client", "distributed") or p.secure_aggregation
+    doc: dict[str, Any] = {"dp": p.dp, "secure_aggregation": p.secure_aggregation, "compress": run.config.compress,
+                           "channel": ["sharing policy"] + (["clip"] if clipped else [])
+                           + (["noise (distributed)"] if p.dp == "distributed" else [])
+                           + ([f"compress ({run.config.compress})"] if run.config.compress != "none" else [])
+                           + (["mask"] if p.secure_aggregation else []),
                            "sharing": sharing_by_setting(run), "bytes_up_per_round_by_site": bytes_per_round(run)}
+    if p.secure_aggregation:
+        doc["secure"] = secure_document(run)
     if p.dp != "none":
         doc.update({"clip": p.clip, "noise_multiplier": p.noise, "target_epsilon": p.target_epsilon,
                     "delta": p.delta, "accountant": p.accountant,
@@ -201,11 +208,56 @@ def bytes_per_round(run: ExperimentRun) -> dict[str, dict[str, float]]:
     return {setting: {site: float(np.mean(v)) for site, v in by_site.items()} for setting, by_site in totals.items()}
 
 
+def secure_document(run: ExperimentRun) -> dict[str, Any]:
+    """Secure aggregation in numbers: the protocol's parameters as configured, the fixed-point
+    ring (range of each summed term, scale), and per setting the rounds' thresholds, degrees
+    and the sites that dropped inside a round (recovered from their neighbours' shares)."""
+    from medfed.comm.secagg import RING_BITS
+
+    p, t = run.config.privacy, run.config.training
+    doc: dict[str, Any] = {
+        "protocol": "SecAgg+ (Bonawitz et al., 2017; Bell et al., 2020): X25519, HKDF-SHA256, ChaCha20 masks, "
+                    "Shamir shares of seeds and keys",
+        "threshold": p.secure_threshold or "floor(k/2) + 1", "degree": p.secure_degree or "2 ceil(log2 K)",
+        "ring_bits": RING_BITS, "clip": p.clip, "min_sites": max(t.min_sites, 2),
+        "scale": "2^floor(log2(2^62 / K)) per unit of each term's range (K: the round's masked sites)",
+        "resolution": "range * K / (2 scale) per entry of the sum",
+        "screening": "none at the server (it sees no upload): each site clips to clip and refuses to mask a "
+                     "non-finite upload",
+        "settings": {},
+    }
+    for h in run.histories:
+        if not h.secure_rounds:
+            continue
+        entry = doc["settings"].setdefault(h.setting, {"range": h.secure_rounds[0].get("range"),
+                                                       "site_noise_std": h.secure_rounds[0].get("site_noise_std"),
+                                                       "thresholds": [], "degrees": [], "skipped_rounds": 0,
+                                                       "dropped_after_sharing": {}, "dropped_after_masking": {}})
+        for r in h.secure_rounds:
+            for key, plural in (("threshold", "thresholds"), ("degree", "degrees")):
+                if key in r and r[key] not in entry[plural]:
+                    entry[plural].append(r[key])
+            entry["skipped_rounds"] += r.get("skipped") is not None
+            for key in ("dropped_after_sharing", "dropped_after_masking"):
+                for site in r.get(key, ()):
+                    entry[key][site] = entry[key].get(site, 0) + 1  # rounds in which it dropped there
+    return doc
+
+
 def privacy_lines(doc: dict[str, Any]) -> list[str]:
     """One line per private setting: its epsilon at delta, for the reader under the table."""
     p = doc.get("privacy") or {}
+    lines = []
+    if p.get("secure_aggregation"):
+        s = p["secure"]
+        drops = sum(n for e in s["settings"].values() for key in ("dropped_after_sharing", "dropped_after_masking")
+                    for n in e[key].values())
+        thresholds = sorted({t for e in s["settings"].values() for t in e["thresholds"]})
+        lines.append(f"secure aggregation (SecAgg+, {s['ring_bits']}-bit ring, clip {s['clip']:g}): the server saw "
+                     f"sums only; threshold {'/'.join(map(str, thresholds)) or '-'}; {drops} in-round dropout(s) "
+                     "recovered")
     if p.get("dp", "none") == "none":
-        return []
+        return lines
     chosen = p.get("noise_by_setting", {}) if p.get("target_epsilon") is not None else {}
 
     def noise_text(setting: str) -> str:
@@ -216,7 +268,8 @@ def privacy_lines(doc: dict[str, Any]) -> list[str]:
 
     parts = [f"{setting} eps = {'inf' if eps is None or not np.isfinite(eps) else f'{eps:.3g}'}{noise_text(setting)}"
              for setting, eps in p.get("epsilon_by_setting", {}).items()]
-    return [f"{p['dp']}-level DP (clip {p['clip']:g}, delta {p['delta']:g}, {p['accountant']}): " + "; ".join(parts)]
+    return lines + [f"{p['dp']}-level DP (clip {p['clip']:g}, delta {p['delta']:g}, {p['accountant']}): "
+                    + "; ".join(parts)]
 
 
 def data_note_lines(doc: dict[str, Any]) -> list[str]:

@@ -17,25 +17,29 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from medfed.client.upload import Upload
 from medfed.comm.privacy import clip_update
+from medfed.comm.secure import ROUND_CLIP, SiteSecure, site_noise_std
 from medfed.engine.protocol import FederatedAlgorithm
+from medfed.engine.secure import SecureSettings
 from medfed.errors import ConfigError
 from medfed.rng import KeyedRng
-from medfed.server.aggregate import replace_step
-from medfed.client.upload import Upload
+from medfed.server.aggregate import needs_uploads, replace_step
 from medfed.server.dp import dp_adaptive_mean, dp_gaussian_mean
 
 # steps that leave the noised mean's guarantee intact: the mean itself, then post-processing
-CLIP_MESSAGE = "dp_clip"  # the round's clip bound, sent down with the global model (adaptive clipping)
+CLIP_MESSAGE = ROUND_CLIP  # the round's clip bound, sent down with the global model (adaptive clipping)
 POST_PROCESSING = {"weighted_mean", "apply_delta", "gradient_step", "server_momentum", "server_adam",
                    "server_yogi", "server_adagrad"}
 
 
 def client_dp(algorithm: FederatedAlgorithm, method: str, *, clip: float, noise_multiplier: float,
               sizes: Mapping[str, float], rate: float, rng: KeyedRng,
-              adaptive: bool = False) -> FederatedAlgorithm:
+              adaptive: bool = False, site_noise: float = 0.0) -> FederatedAlgorithm:
     """The private variant of ``algorithm``: both halves, the site's clip
-    (:func:`client_dp_site`) and the server's noised mean."""
+    (:func:`client_dp_site`) and the server's noised mean. ``--dp distributed`` is this with
+    ``noise_multiplier = 0`` at the server and ``site_noise`` (:func:`medfed.comm.secure.site_noise_std`)
+    added by each site before masking (:func:`secure_sides`)."""
     steps = [s.name for s in algorithm.aggregator.steps] or [algorithm.aggregator.name]
     other = [s for s in steps if s not in POST_PROCESSING]
     if "weighted_mean" not in steps or other:
@@ -55,7 +59,7 @@ def client_dp(algorithm: FederatedAlgorithm, method: str, *, clip: float, noise_
         private = dataclasses.replace(algorithm, aggregator=replace_step(algorithm.aggregator, "weighted_mean", step),
                                       broadcast=with_clip)
     else:
-        step = dp_gaussian_mean(noise_multiplier, clip, sizes, rate, rng)
+        step = dp_gaussian_mean(noise_multiplier, clip, sizes, rate, rng, site_noise=site_noise)
         private = dataclasses.replace(algorithm, aggregator=replace_step(algorithm.aggregator, "weighted_mean", step))
     return client_dp_site(private, clip, adaptive=adaptive)
 
@@ -85,6 +89,30 @@ def client_dp_site(algorithm: FederatedAlgorithm, clip: float, *, adaptive: bool
         return personalize(*args, **message)
 
     return dataclasses.replace(algorithm, local_update=local_update, personalize=personalize_without_clip)
+
+
+def check_secure(algorithm: FederatedAlgorithm, method: str) -> None:
+    """Refuse, in one line, a method whose server reads individual uploads: under secure
+    aggregation it receives only their sum."""
+    steps = needs_uploads(algorithm.aggregator)
+    if steps:
+        raise ConfigError(
+            f"method {method!r} cannot run with --secure-aggregation: its server step(s) {', '.join(steps)} read "
+            "individual uploads, and the server receives only their sum; use fedavg, fedprox, fedsgd, fedavgm, "
+            "fedadam, fedyogi, fedadagrad, scaffold, finetune, ditto, apfl, fedbn or fedper"
+        )
+
+
+def secure_sides(algorithm: FederatedAlgorithm, method: str, *, clip: float, sizes: Mapping[str, float],
+                 min_sites: int, threshold: int | None = None, degree: int | None = None,
+                 distributed_noise: float = 0.0) -> tuple[SiteSecure, SecureSettings]:
+    """Each side's secure aggregation for ``algorithm`` (refused by :func:`check_secure` first):
+    the site's noise under ``--dp distributed`` (noise multiplier ``distributed_noise``) sized for
+    the fewest sites a round accepts, ``m = max(min_sites, 2)``, and the server's settings."""
+    check_secure(algorithm, method)
+    fewest = max(int(min_sites), 2)
+    noise = site_noise_std(distributed_noise, clip, sizes, fewest)
+    return SiteSecure(noise), SecureSettings(float(sum(sizes.values())), float(clip), fewest, threshold, degree, noise)
 
 
 def check_sample_dp(algorithm: FederatedAlgorithm, method: str, model, batch_size: int | None) -> None:

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from medfed.client.upload import Upload
+from medfed.comm.secure import SumTerm
 from medfed.errors import ConfigError
 from medfed.wiretypes import wire_type
 
@@ -69,14 +70,54 @@ def stack_uploads(uploads: Sequence[Upload]) -> StackedUploads:
     return StackedUploads(tuple(u.site for u in uploads), payload, weights, first.kind, metrics, extras)
 
 
+@dataclass(frozen=True, slots=True)
+class SummedUploads:
+    """One round's uploads as secure aggregation leaves them: only sums over ``sites``.
+
+    ``sums[term.name]`` is the sum of a :class:`~medfed.comm.secure.SumTerm` over the sites
+    (a mapping of arrays, or a float), each site weighted by ``n_i / total`` (``examples``) or
+    by 1 (``uniform``); ``weight`` is the sum of ``n_i / total``. A step that works on the sum
+    reads what it declared (:attr:`Aggregator.sums`)."""
+
+    sites: tuple[str, ...]
+    sums: dict[str, Any]
+    weight: float
+    total: float
+    kind: str = "delta"
+
+    def __getitem__(self, term: SumTerm) -> Any:
+        return self.sums[term.name]
+
+
 class Aggregator(NamedTuple):
     """An ``(init, apply)`` pair; ``name`` labels its report in a chain; a chain keeps its
-    ``steps`` (so that one can be swapped for another: :func:`replace_step`)."""
+    ``steps`` (so that one can be swapped for another: :func:`replace_step`).
+
+    What the step reads decides whether secure aggregation can serve it: ``reads`` is
+    ``"uploads"`` (the stacked individual uploads: median, Krum, ... refused under secure
+    aggregation), ``"sum"`` (it also has ``on_sum``, the same step on a :class:`SummedUploads`,
+    and declares the ``sums`` it reads) or ``"update"`` (it never sees uploads: an update step
+    after the reducing one, a server optimizer, ``apply_delta``)."""
 
     init: Callable[[Mapping[str, np.ndarray]], Any]
     apply: Callable[[Any, Any, Mapping[str, np.ndarray], int], tuple[Any, Any, dict | None]]
     name: str
     steps: tuple = ()
+    reads: str = "uploads"
+    on_sum: Callable | None = None
+    sums: tuple[SumTerm, ...] = ()
+
+
+def needs_uploads(aggregator: Aggregator) -> list[str]:
+    """The steps of a chain (or the one step) that read individual uploads: what secure
+    aggregation cannot serve."""
+    steps = aggregator.steps or (aggregator,)
+    return [s.name for s in steps if s.reads == "uploads"]
+
+
+def summed_terms(aggregator: Aggregator) -> tuple[SumTerm, ...]:
+    """Every sum the chain's steps read, in chain order."""
+    return tuple(t for s in (aggregator.steps or (aggregator,)) for t in s.sums)
 
 
 def replace_step(aggregator: Aggregator, name: str, step: Aggregator) -> Aggregator:
@@ -103,7 +144,13 @@ def weighted_mean() -> Aggregator:
         mean = {k: (w @ v.reshape(len(w), -1)).reshape(v.shape[1:]) for k, v in stack.payload.items()}
         return mean, state, None
 
-    return Aggregator(_stateless_init, apply, "weighted_mean")
+    def on_sum(summed: SummedUploads, state, global_params, round_):
+        return {k: v / summed.weight for k, v in summed[WEIGHTED_UPDATE].items()}, state, None
+
+    return Aggregator(_stateless_init, apply, "weighted_mean", reads="sum", on_sum=on_sum, sums=(WEIGHTED_UPDATE,))
+
+
+WEIGHTED_UPDATE = SumTerm("payload")  # sum of n_i / N * x_i: the weighted mean's numerator
 
 
 def apply_delta(lr: float = 1.0) -> Aggregator:
@@ -115,7 +162,7 @@ def apply_delta(lr: float = 1.0) -> Aggregator:
     def apply(update, state, global_params, round_):
         return {k: global_params[k] + lr * update[k] if k in update else global_params[k] for k in global_params}, state, None
 
-    return Aggregator(_stateless_init, apply, "apply_delta")
+    return Aggregator(_stateless_init, apply, "apply_delta", reads="update")
 
 
 def gradient_step(lr: float) -> Aggregator:
@@ -124,7 +171,7 @@ def gradient_step(lr: float) -> Aggregator:
     def apply(update, state, global_params, round_):
         return {k: global_params[k] - lr * update[k] if k in update else global_params[k] for k in global_params}, state, None
 
-    return Aggregator(_stateless_init, apply, "gradient_step")
+    return Aggregator(_stateless_init, apply, "gradient_step", reads="update")
 
 
 @wire_type
@@ -176,10 +223,16 @@ def chain(*steps: Aggregator) -> Aggregator:
         new_state = {}
         report: dict | None = None
         for name, step in zip(names, steps):
-            value, new_state[name], step_report = step.apply(value, state[name], global_params, round_)
+            apply = step.apply
+            if isinstance(value, SummedUploads) and step.reads != "update":
+                if step.on_sum is None:  # the build-time check (needs_uploads) refuses this first
+                    raise ConfigError(f"step {name!r} reads individual uploads; secure aggregation gives it their sum")
+                apply = step.on_sum
+            value, new_state[name], step_report = apply(value, state[name], global_params, round_)
             if step_report:
                 report = report or {}
                 report[name] = step_report
         return value, ChainState(new_state), report
 
-    return Aggregator(init, apply, "chain(" + ", ".join(names) + ")", tuple(steps))
+    return Aggregator(init, apply, "chain(" + ", ".join(names) + ")", tuple(steps),
+                      reads="uploads" if any(s.reads == "uploads" for s in steps) else "sum")

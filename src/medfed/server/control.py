@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medfed.comm.secure import SumTerm
 from medfed.errors import ConfigError
-from medfed.server.aggregate import Aggregator, StackedUploads
+from medfed.server.aggregate import Aggregator, StackedUploads, SummedUploads
 from medfed.wiretypes import wire_type
 
 
@@ -90,7 +91,21 @@ def scaffold_control(site_weights: Mapping[str, float] | None = None, weighting:
         total = {k: state.weighted_sum[k] + np.tensordot(w, deltas[k], axes=1) for k in state.weighted_sum}
         return stack, ControlState(total, weights), None
 
-    return Aggregator(init, apply, "scaffold_control")
+    # under secure aggregation: the sum of w_i dc_i arrives whole (w_i = n_i: the sum of n_i / N dc_i, times N);
+    # every site's w_i must then be known from the setup exchange, not learnt from its upload
+    term = SumTerm("extras", "control_delta", weighting)
+
+    def on_sum(summed: SummedUploads, state: ControlState, global_params, round_):
+        unknown = [site for site in summed.sites if site not in state.weights]
+        if unknown:
+            raise ConfigError(f"scaffold_control under secure aggregation needs every site's weight from setup; "
+                              f"not for {unknown}")
+        factor = summed.total if weighting == "examples" else 1.0
+        delta = summed[term]
+        total = {k: state.weighted_sum[k] + factor * delta[k] for k in state.weighted_sum}
+        return summed, ControlState(total, state.weights), None
+
+    return Aggregator(init, apply, "scaffold_control", reads="sum", on_sum=on_sum, sums=(term,))
 
 
 def site_mean() -> Aggregator:
@@ -104,7 +119,14 @@ def site_mean() -> Aggregator:
     def apply(stack: StackedUploads, state, global_params, round_):
         return {k: v.mean(axis=0) for k, v in stack.payload.items()}, state, None
 
-    return Aggregator(lambda global_params: None, apply, "site_mean")
+    def on_sum(summed: SummedUploads, state, global_params, round_):
+        return {k: v / len(summed.sites) for k, v in summed[UNIFORM_UPDATE].items()}, state, None
+
+    return Aggregator(lambda global_params: None, apply, "site_mean", reads="sum", on_sum=on_sum,
+                      sums=(UNIFORM_UPDATE,))
+
+
+UNIFORM_UPDATE = SumTerm("payload", weighting="uniform")  # sum of the sites' updates, each weighing 1
 
 
 @wire_type

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medfed.comm.secure import SumTerm
 from medfed.rng import KeyedRng
-from medfed.server.aggregate import Aggregator, StackedUploads
+from medfed.server.aggregate import WEIGHTED_UPDATE, Aggregator, StackedUploads, SummedUploads
 from medfed.wiretypes import wire_type
 
 
@@ -35,21 +36,42 @@ def _fixed_denominator_mean(stack: StackedUploads, denominator: float) -> dict[s
     return {k: (w @ v.reshape(len(w), -1)).reshape(v.shape[1:]) for k, v in stack.payload.items()}
 
 
+def _summed_mean(summed: SummedUploads, denominator: float) -> dict[str, np.ndarray]:
+    """The same mean from the securely aggregated sum of ``n_k / N x_k``."""
+    return {k: v * (summed.total / denominator) for k, v in summed[WEIGHTED_UPDATE].items()}
+
+
 def dp_gaussian_mean(noise_multiplier: float, clip: float, sizes: Mapping[str, float], rate: float,
-                     rng: KeyedRng) -> Aggregator:
+                     rng: KeyedRng, *, site_noise: float = 0.0) -> Aggregator:
     """Noised fixed-denominator mean of clipped updates; noise drawn from ``rng.child(round)``,
-    so a resumed or re-executed round draws the same noise."""
+    so a resumed or re-executed round draws the same noise. ``site_noise``: the std each site
+    added to its weighted update before masking (``--dp distributed``; the server adds none
+    then, ``noise_multiplier`` is 0 here), reported with the noise the sum carries."""
     total = float(sum(sizes.values()))
     std = noise_multiplier * dp_sensitivity(clip, sizes, rate) if noise_multiplier > 0 else 0.0
 
-    def apply(stack: StackedUploads, state, global_params, round_):
-        mean = _fixed_denominator_mean(stack, rate * total)
+    def noised(mean, round_, participants):
         if std > 0:
             gen = rng.child(round_).generator
             mean = {k: v + gen.normal(0.0, std, size=v.shape) for k, v in mean.items()}
-        return mean, state, {"noise_std": std, "participants": len(stack.sites)}
+        report = {"noise_std": std, "participants": participants}
+        if site_noise > 0:  # the sum of the sites' noise, on the mean (divided by q)
+            report["noise_std"] = site_noise * math.sqrt(participants) / rate
+        return mean, report
 
-    return Aggregator(lambda global_params: None, apply, "dp_gaussian_mean")
+    def apply(stack: StackedUploads, state, global_params, round_):
+        mean, report = noised(_fixed_denominator_mean(stack, rate * total), round_, len(stack.sites))
+        return mean, state, report
+
+    def on_sum(summed: SummedUploads, state, global_params, round_):
+        mean, report = noised(_summed_mean(summed, rate * total), round_, len(summed.sites))
+        return mean, state, report
+
+    return Aggregator(lambda global_params: None, apply, "dp_gaussian_mean", reads="sum", on_sum=on_sum,
+                      sums=(WEIGHTED_UPDATE,))
+
+
+WITHIN_CLIP = SumTerm("extras", "dp_within_clip", "uniform", scalar=True)  # how many sites were within the clip
 
 
 @wire_type
@@ -82,10 +104,15 @@ def dp_adaptive_mean(noise_multiplier: float, clip: float, sizes: Mapping[str, f
     expected = rate * len(sizes)
 
     def apply(stack: StackedUploads, state: AdaptiveClipState, global_params, round_):
+        return step(_fixed_denominator_mean(stack, rate * total), float(np.sum(stack.extras["dp_within_clip"])),
+                    len(stack.sites), state, round_)
+
+    def on_sum(summed: SummedUploads, state: AdaptiveClipState, global_params, round_):
+        return step(_summed_mean(summed, rate * total), summed[WITHIN_CLIP], len(summed.sites), state, round_)
+
+    def step(mean, count: float, participants: int, state: AdaptiveClipState, round_):
         c = state.clip
-        mean = _fixed_denominator_mean(stack, rate * total)
         std = z_update * dp_sensitivity(c, sizes, rate)
-        count = float(np.sum(stack.extras["dp_within_clip"]))
         if noise_multiplier > 0:
             gen = rng.child(round_).generator
             mean = {k: v + gen.normal(0.0, std, size=v.shape) for k, v in mean.items()}
@@ -93,6 +120,7 @@ def dp_adaptive_mean(noise_multiplier: float, clip: float, sizes: Mapping[str, f
         within = count / expected
         new = c * math.exp(-lr * (within - quantile))
         return mean, AdaptiveClipState(new), {"noise_std": std, "clip": c, "next_clip": new,
-                                             "participants": len(stack.sites)}
+                                             "participants": participants}
 
-    return Aggregator(lambda global_params: AdaptiveClipState(float(clip)), apply, "dp_adaptive_mean")
+    return Aggregator(lambda global_params: AdaptiveClipState(float(clip)), apply, "dp_adaptive_mean",
+                      reads="sum", on_sum=on_sum, sums=(WEIGHTED_UPDATE, WITHIN_CLIP))

@@ -71,7 +71,7 @@ def server_momentum(lr: float = 1.0, momentum: float = 0.0) -> Aggregator:
         m = {k: momentum * state.momentum[k] + update[k] for k in update}
         return {k: lr * m[k] for k in m}, MomentumState(m), None
 
-    return Aggregator(init, apply, "server_momentum")
+    return Aggregator(init, apply, "server_momentum", reads="update")
 
 
 def _adaptive(name: str, lr: float, beta1: float, second_moment, tau: float, initial_v: float,
@@ -94,7 +94,7 @@ def _adaptive(name: str, lr: float, beta1: float, second_moment, tau: float, ini
         step = {k: eta * m[k] / (np.sqrt(v[k]) + tau) for k in m}
         return step, AdaptiveState(m, v, t), None
 
-    return Aggregator(init, apply, name)
+    return Aggregator(init, apply, name, reads="update")
 
 
 def server_adam(

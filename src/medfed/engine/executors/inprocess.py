@@ -11,6 +11,7 @@ from medfed.client.upload import Upload
 from medfed.engine.faults import Faults
 from medfed.engine.protocol import Params, RoundPlan, SiteProgram, SiteSetup
 from medfed.engine.runtime import SiteRuntime
+from medfed.errors import MedfedError
 from medfed.rng import KeyedRng
 
 
@@ -36,6 +37,19 @@ class InProcessExecutor:
         if not faults:
             return {site: runtimes[site].train(plan) for site in plan.cohort}
         return {site: faults.dropped(site, plan.round) or runtimes[site].train(plan) for site in plan.cohort}
+
+    def stage(self, name: str, round_: int, messages: Mapping[str, Any]) -> dict[str, Any]:
+        out = {}
+        for site, message in messages.items():
+            why = self.faults.dropped(site, round_, name)
+            if why is None:
+                try:
+                    out[site] = self.runtimes[site].stage(name, round_, message)
+                except MedfedError as exc:  # what a deployed site would answer: its reason
+                    why = f"site error: {exc}"
+            if why is not None:
+                out[site] = why
+        return out
 
     def commit(self, round_: int, decisions: Mapping[str, bool]) -> None:
         for site, accepted in decisions.items():

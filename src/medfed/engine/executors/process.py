@@ -60,6 +60,14 @@ def _serve(conn, parent: int, runtimes: dict[str, SiteRuntime]) -> None:
             if request == "train":
                 plan, names = args
                 answer: Any = {site: runtimes[site].train(plan) for site in names}
+            elif request == "stage":
+                name, round_, messages = args
+                answer = {}
+                for site, message in messages.items():
+                    try:
+                        answer[site] = runtimes[site].stage(name, round_, message)
+                    except MedfedError as exc:  # what a deployed site would answer: its reason
+                        answer[site] = f"site error: {exc}"
             elif request == "commit":
                 round_, decisions = args
                 for site, accepted in decisions.items():
@@ -140,6 +148,15 @@ class ProcessExecutor:
         for answer in self._ask("train", {w: (plan, names) for w, names in asked.items()}).values():
             merged.update(answer)
         return {site: dropped[site] or merged[site] for site in plan.cohort}  # cohort order
+
+    def stage(self, name: str, round_: int, messages: Mapping[str, Any]) -> dict[str, Any]:
+        dropped = {site: self.faults.dropped(site, round_, name) for site in messages}
+        asked = self._by_worker(s for s in messages if dropped[s] is None)
+        per = {w: (name, round_, {s: messages[s] for s in names}) for w, names in asked.items()}
+        merged = {}
+        for answer in self._ask("stage", per).values():
+            merged.update(answer)
+        return {site: dropped[site] or merged[site] for site in messages}
 
     def commit(self, round_: int, decisions: Mapping[str, bool]) -> None:
         per = {w: (round_, {s: decisions[s] for s in names}) for w, names in self._by_worker(decisions).items()}

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from medfed.client.upload import Upload
+from medfed.comm.secure import SecureReady
 from medfed.comm.wire import WireError, decode, encode
 from medfed.engine.protocol import Params, RoundPlan, SiteSetup
 
@@ -52,10 +53,13 @@ class RemoteExecutor:
         self._setup = dict(setup or {})
         self._decisions: dict[str, tuple[int, bool]] = {}  # site -> its last upload's fate, still to tell it
 
-    def _ask(self, op: str, names: Sequence[str], fields: Mapping[str, Any]) -> dict[str, Any]:
-        """Send ``op`` to ``names``; decoded answers, or a reason string per site."""
+    def _ask(self, op: str, names: Sequence[str], fields: Mapping[str, Any],
+             own: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+        """Send ``op`` to ``names`` (with ``own[site]``'s fields too); decoded answers, or a
+        reason string per site."""
         requests = {
-            site: encode({"op": op, "run": self.run, "commit": self._decisions.get(site), **fields})
+            site: encode({"op": op, "run": self.run, "commit": self._decisions.get(site), **fields,
+                          **(own or {}).get(site, {})})
             for site in names
         }
         answers = self.link.exchange(requests, self.timeout_s)
@@ -85,13 +89,19 @@ class RemoteExecutor:
         out: dict[str, Upload | str] = {}
         for site in plan.cohort:  # cohort order, as every executor answers
             reply = answers[site]
-            if isinstance(reply, Upload) and reply.site == site:
+            if isinstance(reply, (Upload, SecureReady)) and reply.site == site:
                 out[site] = reply
             elif isinstance(reply, str):
                 out[site] = reply
             else:
                 out[site] = f"malformed answer: expected the site's upload, got {type(reply).__name__}"
         return out
+
+    def stage(self, name: str, round_: int, messages: Mapping[str, Any]) -> dict[str, Any]:
+        """A protocol stage (secure aggregation's share, mask, unmask): each site its own message;
+        the site's runtime answers it (:meth:`medfed.engine.runtime.SiteRuntime.stage`)."""
+        return self._ask("stage", list(messages), {"stage": name, "round": round_},
+                         {site: {"message": m} for site, m in messages.items()})
 
     def commit(self, round_: int, decisions: Mapping[str, bool]) -> None:
         self._decisions.update((site, (round_, accepted)) for site, accepted in decisions.items())
