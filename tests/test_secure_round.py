@@ -160,6 +160,12 @@ def test_a_method_that_reads_individual_uploads_is_refused_in_one_line(fed, meth
         run_experiment(_config(SECURE, methods=(method,)), fed)
 
 
+def test_distributed_dp_names_its_own_mode_when_it_refuses_a_method(fed):
+    privacy = {**SECURE, "dp": "distributed", "noise": 1.0}
+    with pytest.raises(ConfigError, match=r"'scaffold' cannot run with client-level DP \(--dp distributed\)"):
+        run_experiment(_config(privacy, methods=("scaffold",)), fed)
+
+
 @pytest.mark.parametrize("extra,words", [
     ({"training": {"max_update_norm": 1.0}}, "--max-update-norm cannot run with --secure-aggregation"),
     ({"compress": "q8"}, "--compress q8 cannot run with --secure-aggregation"),

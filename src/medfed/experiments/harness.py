@@ -232,7 +232,8 @@ class TrainingPlan:
             algorithm = client_dp(
                 algorithm, spec.name, clip=p.clip, noise_multiplier=z if p.dp == "client" else 0.0,
                 sizes=sizes, rate=t.fraction_fit, rng=rng, adaptive=p.adaptive_clip,
-                site_noise=site_noise_std(z, p.clip, sizes, max(min_sites, 2)) if p.dp == "distributed" else 0.0)
+                site_noise=site_noise_std(z, p.clip, sizes, max(min_sites, 2)) if p.dp == "distributed" else 0.0,
+                mode=p.dp)
         if not p.secure_aggregation:
             return algorithm, None
         from medfed.methods.privacy import secure_sides
@@ -855,7 +856,8 @@ def check_study(
                 from medfed.methods.privacy import client_dp
 
                 built = client_dp(built, spec.name, clip=config.privacy.clip, noise_multiplier=0.0,
-                                  sizes={name: 1.0 for name in group}, rate=t.fraction_fit, rng=KeyedRng(0))
+                                  sizes={name: 1.0 for name in group}, rate=t.fraction_fit, rng=KeyedRng(0),
+                                  mode=config.privacy.dp)
             if config.privacy.secure_aggregation:  # a server that reads individual uploads
                 from medfed.methods.privacy import check_secure
 

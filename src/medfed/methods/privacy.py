@@ -35,7 +35,7 @@ POST_PROCESSING = {"weighted_mean", "apply_delta", "gradient_step", "server_mome
 
 def client_dp(algorithm: FederatedAlgorithm, method: str, *, clip: float, noise_multiplier: float,
               sizes: Mapping[str, float], rate: float, rng: KeyedRng,
-              adaptive: bool = False, site_noise: float = 0.0) -> FederatedAlgorithm:
+              adaptive: bool = False, site_noise: float = 0.0, mode: str = "client") -> FederatedAlgorithm:
     """The private variant of ``algorithm``: both halves, the site's clip
     (:func:`client_dp_site`) and the server's noised mean. ``--dp distributed`` is this with
     ``noise_multiplier = 0`` at the server and ``site_noise`` (:func:`medfed.comm.secure.site_noise_std`)
@@ -44,7 +44,7 @@ def client_dp(algorithm: FederatedAlgorithm, method: str, *, clip: float, noise_
     other = [s for s in steps if s not in POST_PROCESSING]
     if "weighted_mean" not in steps or other:
         raise ConfigError(
-            f"method {method!r} cannot run with client-level DP (--dp client): its server "
+            f"method {method!r} cannot run with client-level DP (--dp {mode}): its server "
             + (f"uses {', '.join(other)}, which read individual uploads or more than the clipped update"
                if other else "has no example-weighted mean to noise")
             + "; use fedavg, fedprox, fedsgd, fedavgm, fedadam, fedyogi, fedadagrad, finetune, ditto, apfl, fedbn or fedper"
