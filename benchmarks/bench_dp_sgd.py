@@ -17,6 +17,7 @@ import numpy as np
 
 from medfed.client.dp_sgd import DpSgd, dp_sgd_descend
 from medfed.client.local import batch_indices
+from medfed.client.optimizer import descend
 from medfed.models import LogisticRegression
 from medfed.rng import KeyedRng
 
@@ -31,7 +32,7 @@ def main() -> None:
     params = model.init_params((90,), KeyedRng(0))
 
     def plain():
-        model.descend(params, X, y, batch_indices(300, 32, 100, KeyedRng(1)), 0.1, 0.01)
+        descend(model, params, X, y, batch_indices(300, 32, 100, KeyedRng(1)), 0.1, 0.01)
 
     def private():
         dp_sgd_descend(model, params, X, y, 100, 32, 0.1, 0.01, KeyedRng(1), DpSgd(1.0, 1.0))
