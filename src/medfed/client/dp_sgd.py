@@ -64,8 +64,8 @@ def dp_sgd_descend(model, params, X: np.ndarray, y: np.ndarray, steps: int, batc
         optimizer = make_optimizer(model, session, lr, fold=False)
         terms = gradient_terms(session, optimizer.fold, l2=l2, prox_center=prox_center, mu=mu)
         batches = gen.random((steps, n)) < q
-        noise = {k: gen.normal(0.0, dp.noise_multiplier * dp.clip, size=(steps, *shape))
-                 for k, shape in session.shapes.items()}
+        std = dp.noise_multiplier * dp.clip if dp.noise_multiplier else 0.0  # no noise, even with clip = inf
+        noise = {k: gen.normal(0.0, std, size=(steps, *shape)) for k, shape in session.shapes.items()}
         for step in range(steps):
             grads = noised_clipped_mean(session, np.flatnonzero(batches[step]), dp.clip,
                                         {k: v[step] for k, v in noise.items()}, expected)
