@@ -213,3 +213,19 @@ def test_the_models_hold_no_optimizer_and_a_torch_session_keeps_its_tensors_betw
                 session.axpy(-0.1, session.values[k], g)
         assert {k: id(v) for k, v in session.values.items()} == before
     assert len(loads) == 1  # the parameter view crossed into torch once for the whole training
+
+
+def test_a_session_refused_on_entry_leaves_torchs_threads_and_autograd_as_they_were():
+    model, shape = _model("cnn2d")
+    X, y = _data(shape)
+    params = _jiggled(model, shape)
+    del params["head.bias"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ConfigError, match=r"missing \['head.bias'\]"):
+            with model.session(params, X, y):
+                pass
+        assert torch.get_num_threads() == 2 and torch.is_grad_enabled()
+    finally:
+        torch.set_num_threads(before)

@@ -501,16 +501,20 @@ class TorchSession:
         self._params = params
         self.X = np.asarray(X)
         self.y = np.asarray(y, dtype=np.float64)
-        self.slot = model._slot(self.X.shape[1:])
-        self.penalized = self.slot.decayed
         self._stack = ExitStack()
         self._trained = False
 
     def __enter__(self) -> TorchSession:
-        model, slot = self.model, self.slot
+        model = self.model
         self._stack.enter_context(_intra_op_threads(model.options["threads"], model.name))
         self._stack.enter_context(torch.no_grad())
-        model._load(slot, self._params)
+        try:
+            self.slot = slot = model._slot(self.X.shape[1:])
+            model._load(slot, self._params)
+        except BaseException:  # a bad shape or parameter: leave torch's settings as they were
+            self._stack.close()
+            raise
+        self.penalized = slot.decayed  # the weights under the L2 penalty
         self.values = dict(slot.net.named_parameters())
         self.shapes = {k: slot.shapes[k] for k in self.values}
         self.Xt, self.yt = model._tensor(self.X), model._tensor(self.y)
