@@ -32,8 +32,8 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 
 from medfed.errors import ConfigError
+from medfed.models.logistic import Params
 
-Params = Mapping[str, np.ndarray]
 Term = Callable  # (gradient, parameter) -> gradient: one data-independent term added to a gradient
 
 
@@ -120,7 +120,7 @@ class Adam:
     """:class:`torch.optim.Adam` (torch's defaults) over a torch session's parameters, fed the
     gradient with its terms; new for each training, so its moments restart each round."""
 
-    fold: dict = {}
+    fold: Mapping[str, float] = {}  # nothing folded: Adam needs the gradient itself
     scale = 1.0
 
     def __init__(self, session, lr: float) -> None:
