@@ -122,6 +122,21 @@ def test_dp_sgd_without_noise_or_clipping_on_every_row_is_the_plain_full_batch_s
         np.testing.assert_allclose(private[k], plain[k], rtol=0, atol=1e-12)
 
 
+def test_an_empty_poisson_batch_moves_the_weights_by_the_noise_alone():
+    model, shape = _model("cnn2d")
+    X, y = _data(shape, n=20)
+    params = _jiggled(model, shape)
+    with model.session(params, X, y) as session:
+        rows = session.example_gradients(np.array([], dtype=np.int64))
+        assert rows.norms.shape == (0,)
+        totals = rows.weighted_sum(np.zeros(0))
+        assert all(float(t.abs().max()) == 0.0 and t.shape == session.values[k].shape for k, t in totals.items())
+    # rate 1/20 over 10 steps: some steps draw no row at all, and none fails
+    assert (KeyedRng(1).generator.random((10, 20)) < 0.05).sum(axis=1).min() == 0
+    out, _ = dp_sgd_descend(model, params, X, y, 10, 1, 0.1, 0.0, KeyedRng(1), DpSgd(1.0, 1.0))
+    assert all(np.isfinite(v).all() for v in out.values())
+
+
 def test_a_torch_dp_sgd_run_is_deterministic_for_a_seed():
     def run(seed):
         model, shape = _model("cnn2d")  # a fresh model each time: nothing carried over

@@ -604,10 +604,12 @@ class TorchRows:
 
     def __init__(self, per_example: dict[str, torch.Tensor]) -> None:
         self.per_example = per_example
-        first = next(iter(per_example.values()))
-        rows = first.shape[0]
-        squares = sum(g.reshape(rows, -1).square().sum(dim=1) for g in per_example.values())
-        self.norms = squares.sqrt().double().cpu().numpy() if rows else np.zeros(0)
+        rows = next(iter(per_example.values())).shape[0]
+        if rows:
+            squares = sum(g.flatten(1).square().sum(dim=1) for g in per_example.values())
+            self.norms = squares.sqrt().double().cpu().numpy()
+        else:  # an empty Poisson batch: its sum is zero
+            self.norms = np.zeros(0)
 
     def weighted_sum(self, factors: np.ndarray) -> dict[str, torch.Tensor]:
         """``sum_i factors_i g_i`` for each parameter, on the device."""
