@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from medfed.client import LocalData, LocalTraining, local_sgd_update
 from medfed.client.local import batch_indices
+from medfed.client.optimizer import descend
 from medfed.engine import FederatedAlgorithm, run_federated
 from medfed.models.registry import make_model
 from medfed.rng import KeyedRng
@@ -86,13 +87,13 @@ def local_training(size: int, repeats: int) -> dict:
     decayed = {k for k in params if k.endswith(".weight") and ".norm." not in k and not k.startswith("norm.")}
 
     def ours():
-        model.descend(params, site.X, site.y, batches, LR, L2)
+        descend(model, params, site.X, site.y, batches, LR, L2)
 
     def ours_default():
-        default_model.descend(params, site.X, site.y, batches, LR, L2)
+        descend(default_model, params, site.X, site.y, batches, LR, L2)
 
     def ours_one_thread():
-        one_thread_model.descend(params, site.X, site.y, batches, LR, L2)
+        descend(one_thread_model, params, site.X, site.y, batches, LR, L2)
 
     def bare():
         bare_round(net, torch_params, site, batches, decayed)

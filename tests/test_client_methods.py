@@ -6,6 +6,7 @@ from conftest import synthetic_federation
 
 from medfed.client import LocalData, LocalTraining, sgd_steps
 from medfed.client.drift import batch_label_weights, semisync_steps
+from medfed.client.optimizer import descend
 from medfed.client.personal import ApflSiteState, apfl_update
 from medfed.comm import UploadBoundary
 from medfed.engine import run_federated
@@ -257,7 +258,7 @@ def test_fedsld_reweights_skewed_labels_to_the_federation_distribution():
     # one weighted step equals the explicit weighted-gradient step
     X = np.random.default_rng(0).normal(size=(4, 3))
     p0 = {"weight": np.array([0.1, -0.2, 0.3]), "bias": np.array([0.05])}
-    ours, _ = MODEL.descend(p0, X, yb, [None], 0.5, 0.0, row_weights=batch_label_weights(prior))
+    ours, _ = descend(MODEL, p0, X, yb, [None], 0.5, 0.0, row_weights=batch_label_weights(prior))
     r = w * (MODEL.predict_proba(p0, X) - yb)
     np.testing.assert_allclose(ours["weight"], p0["weight"] - 0.5 * X.T @ r / 4, atol=1e-15)
     np.testing.assert_allclose(ours["bias"], p0["bias"] - 0.5 * r.mean(), atol=1e-15)

@@ -10,6 +10,7 @@ dp_accounting = pytest.importorskip("dp_accounting")
 from dp_accounting.pld import PLDAccountant  # noqa: E402
 from dp_accounting.rdp import RdpAccountant  # noqa: E402
 
+from medfed.client.optimizer import descend  # noqa: E402
 from medfed.client.upload import Upload  # noqa: E402
 from medfed.comm.privacy import calibrate_noise, client_level_epsilon, clip_update  # noqa: E402
 from medfed.data.datasets import load_dataset  # noqa: E402
@@ -223,7 +224,7 @@ def test_dp_sgd_without_noise_or_clipping_on_every_row_is_gradient_descent():
     X, y = _rows()
     model = LogisticRegression()
     init = model.init_params((3,), KeyedRng(0))
-    plain, _ = model.descend(init, X, y, [None] * 10, 0.5, 0.01)
+    plain, _ = descend(model, init, X, y, [None] * 10, 0.5, 0.01)
     private, loss = dp_sgd_descend(model, init, X, y, 10, 10**6, 0.5, 0.01, KeyedRng(1), DpSgd(1e300, 0.0))
     assert math.isnan(loss)  # no loss on the site's rows leaves it
     for k in plain:

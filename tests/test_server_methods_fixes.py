@@ -155,9 +155,29 @@ class KernelLogistic:
     def predict_proba(self, params, X):
         return self.flat.predict_proba(self._flat(params), X)
 
-    def descend(self, params, X, y, batches, lr, l2=0.0, **terms):
-        out, loss = self.flat.descend(self._flat(params), X, y, batches, lr, l2, **terms)
-        return {"kernel": out["weight"].reshape(self.shape), "bias": out["bias"]}, loss
+    def session(self, params, X, y):
+        return _KernelSession(self.flat.session(self._flat(params), X, y), self.shape)
+
+
+class _KernelSession:
+    """The numpy model's training session, its weight read back as the kernel (terms keyed by
+    the flat names: enough for the plain SGD steps PFA's sites run, without L2)."""
+
+    def __init__(self, flat, shape):
+        self.flat, self.shape = flat, shape
+
+    def __getattr__(self, name):
+        return getattr(self.flat, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def parameters(self):
+        out = self.flat.parameters()
+        return {"kernel": out["weight"].reshape(self.shape), "bias": out["bias"]}
 
 
 def _image_sites(n_pixels=16, seed=0):

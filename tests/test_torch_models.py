@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 
 from medfed.client import LocalData, LocalTraining
 from medfed.client.local import batch_indices
+from medfed.client.optimizer import descend
 from medfed.engine import run_federated
 from medfed.errors import ConfigError
 from medfed.experiments.config import TrainingSpec
@@ -67,12 +68,12 @@ def test_parameter_view_round_trips_and_follows_the_naming_convention(arch, norm
         assert bool(stats) == (norm == "batch")  # GroupNorm has no running statistics
     assert not any(k.endswith("num_batches_tracked") for k in params)
 
-    trained, _ = model.descend(params, X, y, batch_indices(20, 8, 3, KeyedRng(1)), 0.1)
+    trained, _ = descend(model, params, X, y, batch_indices(20, 8, 3, KeyedRng(1)), 0.1)
     for p in (params, trained):
         proba = model.predict_proba(p, X)
         assert proba.shape == (20,) and proba.dtype == np.float64 and np.all((proba > 0) & (proba < 1))
         # into the network and back out (zero steps) changes no bit, nor any prediction
-        back, start = model.descend(p, X, y, [], 0.1)
+        back, start = descend(model, p, X, y, [], 0.1)
         for k in p:
             np.testing.assert_array_equal(back[k], p[k])
         np.testing.assert_array_equal(model.predict_proba(back, X), proba)
@@ -89,7 +90,7 @@ def test_descend_lowers_the_training_loss_on_a_separable_problem(arch, norm):
     model = _model(arch, norm)
     X, y = toy(shape)
     params = model.init_params(shape, KeyedRng(2))
-    trained, start = model.descend(params, X, y, batch_indices(48, 16, 20, KeyedRng(3)), 0.3, 1e-3)
+    trained, start = descend(model, params, X, y, batch_indices(48, 16, 20, KeyedRng(3)), 0.3, 1e-3)
     assert start == model.loss(params, X, y, 1e-3)
     assert model.loss(params, X, y) == pytest.approx(np.log(2.0))  # the zero head starts at probability 1/2
     assert model.loss(trained, X, y, 1e-3) < 0.95 * start
@@ -104,7 +105,7 @@ def test_same_seed_gives_the_same_numbers(arch):
         model = _model(arch)  # a fresh instance each time: nothing carried between them
         torch.manual_seed(len(runs))  # the global torch seed plays no part
         params = model.init_params(shape, KeyedRng(5, (1, 2)))
-        runs.append((params, model.descend(params, X, y, batch_indices(24, 8, 4, KeyedRng(6)), 0.05, 0.01)[0]))
+        runs.append((params, descend(model, params, X, y, batch_indices(24, 8, 4, KeyedRng(6)), 0.05, 0.01)[0]))
     for a, b in zip(runs[0], runs[1]):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
@@ -159,8 +160,8 @@ def test_torch_logistic_agrees_with_the_numpy_model(dtype, atol):
         X = X.astype(np.float32).astype(np.float64)  # the same inputs for both models
     ours = make_model("torch_logistic", (6,), dtype=dtype)
     numpy_model = LogisticRegression()
-    p_torch, loss_torch = ours.descend(ours.init_params((6,), KeyedRng(0)), X, y, [None] * 100, 0.5, 0.01)
-    p_np, loss_np = numpy_model.descend(numpy_model.init(6), X, y, [None] * 100, 0.5, 0.01)
+    p_torch, loss_torch = descend(ours, ours.init_params((6,), KeyedRng(0)), X, y, [None] * 100, 0.5, 0.01)
+    p_np, loss_np = descend(numpy_model, numpy_model.init(6), X, y, [None] * 100, 0.5, 0.01)
     assert loss_torch == pytest.approx(loss_np, abs=1e-12)
     np.testing.assert_allclose(p_torch["head.weight"][0], p_np["weight"], rtol=0, atol=atol)
     np.testing.assert_allclose(p_torch["head.bias"], p_np["bias"], rtol=0, atol=atol)
@@ -176,25 +177,25 @@ def _logistic64():
 
 def test_row_weights_scale_each_rows_loss():
     model, X, y, params = _logistic64()
-    doubled, _ = model.descend(params, X, y, [None] * 3, 0.1, row_weights=lambda yb: np.full(yb.shape, 2.0))
-    faster, _ = model.descend(params, X, y, [None] * 3, 0.2)  # without L2, weight 2 == twice the rate
+    doubled, _ = descend(model, params, X, y, [None] * 3, 0.1, row_weights=lambda yb: np.full(yb.shape, 2.0))
+    faster, _ = descend(model, params, X, y, [None] * 3, 0.2)  # without L2, weight 2 == twice the rate
     for k in params:
         np.testing.assert_allclose(doubled[k], faster[k], rtol=0, atol=1e-13)
-    skewed, _ = model.descend(params, X, y, [None] * 3, 0.1, row_weights=lambda yb: np.where(yb > 0.5, 3.0, 0.5))
+    skewed, _ = descend(model, params, X, y, [None] * 3, 0.1, row_weights=lambda yb: np.where(yb > 0.5, 3.0, 0.5))
     assert not np.allclose(skewed["head.weight"], faster["head.weight"])
 
 
 def test_correction_is_added_to_every_step_and_the_proximal_term_pulls_to_its_center():
     model, X, y, params = _logistic64()
     shift = {k: np.random.default_rng(9).normal(size=v.shape) for k, v in params.items()}
-    plain, _ = model.descend(params, X, y, [None], 0.1, 0.01)
-    corrected, _ = model.descend(params, X, y, [None], 0.1, 0.01, correction=shift)
+    plain, _ = descend(model, params, X, y, [None], 0.1, 0.01)
+    corrected, _ = descend(model, params, X, y, [None], 0.1, 0.01, correction=shift)
     for k in params:
         np.testing.assert_allclose(corrected[k], plain[k] - 0.1 * shift[k], rtol=0, atol=1e-13)
     center = {k: v + 1.0 for k, v in params.items()}
     distance = []
     for mu in (0.0, 1.0, 5.0):
-        out, _ = model.descend(params, X, y, [None] * 10, 0.1, prox_center=center, mu=mu)
+        out, _ = descend(model, params, X, y, [None] * 10, 0.1, prox_center=center, mu=mu)
         distance.append(sum(float(np.sum((out[k] - center[k]) ** 2)) for k in out))
     assert distance[0] > distance[1] > distance[2]
 
@@ -203,9 +204,9 @@ def test_the_optimizer_starts_fresh_at_every_call():
     model, X, y, params = _logistic64()
     adam = make_model("torch_logistic", (1, 4, 4), dtype="float64", optimizer="adam")
     for m, same in ((model, True), (adam, False)):
-        once, _ = m.descend(params, X, y, [None] * 2, 0.05)
-        half, _ = m.descend(params, X, y, [None], 0.05)
-        twice, _ = m.descend(half, X, y, [None], 0.05)
+        once, _ = descend(m, params, X, y, [None] * 2, 0.05)
+        half, _ = descend(m, params, X, y, [None], 0.05)
+        twice, _ = descend(m, half, X, y, [None], 0.05)
         equal = all(np.array_equal(once[k], twice[k]) for k in params)
         assert equal == same  # Adam's second step inside one call uses its moments; a new call has none
 
@@ -234,7 +235,7 @@ def _in_forked_worker(ctx, target):
 def _train_in_child(conn):
     model = make_model("cnn2d", (1, 8, 8), channels=(4,))
     X, y = toy((1, 8, 8), n=16)
-    model.descend(model.init_params((1, 8, 8), KeyedRng(0)), X, y, [None] * 2, 0.1)
+    descend(model, model.init_params((1, 8, 8), KeyedRng(0)), X, y, [None] * 2, 0.1)
     conn.send(torch.get_num_threads())
 
 
@@ -248,7 +249,7 @@ def test_a_forked_child_trains_after_its_parent_did():
     try:
         model = make_model("cnn2d", (1, 8, 8), channels=(4,))
         X, y = toy((1, 8, 8), n=16)
-        model.descend(model.init_params((1, 8, 8), KeyedRng(0)), X, y, [None] * 2, 0.1)
+        descend(model, model.init_params((1, 8, 8), KeyedRng(0)), X, y, [None] * 2, 0.1)
         assert _in_forked_worker(ctx, _train_in_child) == 1
     finally:
         torch.set_num_threads(1)
@@ -267,7 +268,7 @@ def _train_twice(arch, shape, options):
     model = make_model(arch, shape, optimizer="adam", **options)
     params = model.init_params(shape, KeyedRng(0))
     for r in range(2):
-        params, _ = model.descend(params, X, y, batch_indices(64, 32, 4, KeyedRng(1, (r,))), 0.01, 1e-4)
+        params, _ = descend(model, params, X, y, batch_indices(64, 32, 4, KeyedRng(1, (r,))), 0.01, 1e-4)
     grads, loss = model.gradient(params, X, y, 1e-4, with_loss=True)
     return params, grads, model.predict_proba(params, X), loss
 
@@ -302,7 +303,7 @@ def test_the_threads_option_sets_torchs_thread_count_inside_the_calls_only():
         model = make_model("cnn2d", (1, 8, 8), channels=(4,), threads=threads)
         torch.set_num_threads(outside)
         seen.clear()
-        model.descend(model.init_params((1, 8, 8), KeyedRng(0)), X, y, [None] * 2, 0.1, row_weights=weights)
+        descend(model, model.init_params((1, 8, 8), KeyedRng(0)), X, y, [None] * 2, 0.1, row_weights=weights)
         assert seen == [threads, threads] and torch.get_num_threads() == outside
     assert make_model("cnn2d", (1, 8, 8)).options["threads"] == 1
 
@@ -311,7 +312,7 @@ def _threads_in_child(conn):
     model = make_model("cnn2d", (1, 8, 8), channels=(4,), threads=2)
     X, y = toy((1, 8, 8), n=16)
     try:
-        model.descend(model.init_params((1, 8, 8), KeyedRng(0)), X, y, [None], 0.1)
+        descend(model, model.init_params((1, 8, 8), KeyedRng(0)), X, y, [None], 0.1)
         conn.send("trained")
     except ConfigError as exc:
         conn.send(str(exc))
@@ -448,7 +449,7 @@ def test_batch_norm_statistics_are_those_of_the_site_data_under_the_final_weight
     for recalibrate in (True, False):
         model = make_model("cnn2d", SHAPES["cnn2d"], norm="batch", optimizer="adam", recalibrate=recalibrate)
         params = model.init_params(SHAPES["cnn2d"], KeyedRng(0))
-        trained, _ = model.descend(params, X, y, batch_indices(48, 8, 12, KeyedRng(1)), 0.05)
+        trained, _ = descend(model, params, X, y, batch_indices(48, 8, 12, KeyedRng(1)), 0.05)
         out = F.conv2d(torch.as_tensor(X), torch.as_tensor(trained["body.0.conv.weight"]).float(), padding=1)
         mean = out.mean(dim=(0, 2, 3)).double().numpy()
         var = out.var(dim=(0, 2, 3), unbiased=True).double().numpy()

@@ -1,4 +1,5 @@
-"""Client end (survey §3.2): local update rules run at a site on its private data."""
+"""Client end (survey §3.2): local update rules run at a site on its private data, and the
+local optimizer they share (:mod:`medfed.client.optimizer`)."""
 
 from medfed.client.local import (
     LocalData,
@@ -8,12 +9,14 @@ from medfed.client.local import (
     local_sgd_update,
     sgd_steps,
 )
+from medfed.client.optimizer import descend
 from medfed.client.upload import Upload
 
 __all__ = [
     "LocalData",
     "LocalTraining",
     "Upload",
+    "descend",
     "fedprox_update",
     "fedsgd_gradient",
     "local_sgd_update",

@@ -5,7 +5,8 @@ each row's gradient to L2 norm ``clip``, adds Gaussian noise of standard deviati
 ``noise_multiplier * clip`` to their sum and divides by the expected batch size ``q n``, then
 adds the data-independent terms (L2, FedProx's pull). The site's uploads are then DP with
 respect to one of its rows, against anyone, the server included, whatever the server does
-with them. The numpy logistic model gives per-row gradients in closed form.
+with them. The numpy logistic model gives per-row gradients in closed form (their clipped sum
+without forming them), the torch models through ``torch.func`` (``vmap`` of ``grad``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medfed.client.optimizer import gradient_terms, make_optimizer
 from medfed.errors import ConfigError
 from medfed.rng import KeyedRng
 
@@ -32,45 +34,40 @@ def sampling_rate(batch_size: int | None, n: int) -> float:
     return min(1.0, batch_size / n)
 
 
+def noised_clipped_mean(session, rows: np.ndarray, clip: float, noise: dict, expected: float) -> dict:
+    """DP-SGD's gradient of one step: each of ``rows``' own gradients clipped to L2 norm ``clip``
+    over all parameters together, summed, ``noise`` (parameter view, std z * clip) added, divided
+    by the expected batch ``q n`` (a fixed denominator: the sensitivity stays ``clip``)."""
+    rows_grads = session.example_gradients(rows)
+    factors = np.minimum(1.0, clip / np.maximum(rows_grads.norms, 1e-300))
+    totals = rows_grads.weighted_sum(factors)
+    return {k: (total + session.load(k, noise[k])) / expected for k, total in totals.items()}
+
+
 def dp_sgd_descend(model, params, X: np.ndarray, y: np.ndarray, steps: int, batch_size: int | None, lr: float,
                    l2: float, rng: KeyedRng, dp: DpSgd, *, prox_center=None, mu: float = 0.0):
-    """``steps`` DP-SGD steps from ``params``; the new parameters and ``nan`` (no loss is computed
-    on the site's rows: it would be released without noise)."""
+    """``steps`` DP-SGD steps from ``params`` through the model's session and the local optimizer
+    (:mod:`medfed.client.optimizer`: L2, proximal pull, then SGD or Adam); the new parameters and
+    ``nan`` (no loss is computed on the site's rows: it would be released without noise).
+
+    Every step's batch and noise are drawn from ``rng`` at once (fewer calls on the hot path):
+    the batches as one ``(steps, n)`` uniform draw, then each trained parameter's noise as one
+    ``(steps, *shape)`` normal draw, in parameter order; so ``steps x parameters`` float64 values
+    are held for the call."""
     if not hasattr(model, "per_example_gradients"):
-        raise ConfigError(f"--dp sample needs per-example gradients; model {type(model).__name__} has none yet "
-                          "(use the numpy logistic model)")
+        raise ConfigError(f"--dp sample needs per-example gradients; model {type(model).__name__} has none")
     n = X.shape[0]
     q = sampling_rate(batch_size, n)
     expected = q * n
     gen = rng.generator
-    out = {k: np.array(v, dtype=np.float64, copy=True) for k, v in params.items()}
-    fast = hasattr(model, "clipped_gradient_sum")  # the numpy model sums clipped rows without forming them
-    row_scale = np.sqrt(np.einsum("ij,ij->i", X, X) + 1.0) if fast else None
-    # every step's batch and noise drawn at once, for fewer calls on the hot path
-    batches = gen.random((steps, n)) < q
-    noise = {k: gen.normal(0.0, dp.noise_multiplier * dp.clip, size=(steps, *v.shape)) for k, v in out.items()}
-    for step in range(steps):
-        rows = np.flatnonzero(batches[step])
-        if fast:
-            totals = model.clipped_gradient_sum(out, X[rows], y[rows], dp.clip, row_scale[rows])
-        else:
-            totals = _clipped_sum(model.per_example_gradients(out, X[rows], y[rows]), dp.clip, out)
-        for k, total in totals.items():
-            noisy = (total + noise[k][step]) / expected
-            if k == "weight" and l2:
-                noisy = noisy + l2 * out[k]
-            if mu and prox_center is not None:
-                noisy = noisy + mu * (out[k] - prox_center[k])
-            out[k] = out[k] - lr * noisy
-    return out, math.nan
-
-
-def _clipped_sum(grads: dict[str, np.ndarray], clip: float, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per-example gradients (leading row axis), each row clipped to norm ``clip`` over all
-    parameters together, summed over the rows."""
-    rows = next(iter(grads.values())).shape[0] if grads else 0
-    if rows == 0:
-        return {k: np.zeros_like(like[k]) for k in like}
-    norms = np.sqrt(sum(np.sum(g.reshape(rows, -1) ** 2, axis=1) for g in grads.values()))
-    scale = np.minimum(1.0, clip / np.maximum(norms, 1e-300))
-    return {k: np.tensordot(scale, g, axes=1) for k, g in grads.items()}
+    with model.session(params, X, y) as session:
+        optimizer = make_optimizer(model, session, lr, fold=False)
+        terms = gradient_terms(session, optimizer.fold, l2=l2, prox_center=prox_center, mu=mu)
+        batches = gen.random((steps, n)) < q
+        std = dp.noise_multiplier * dp.clip if dp.noise_multiplier else 0.0  # no noise, even with clip = inf
+        noise = {k: gen.normal(0.0, std, size=(steps, *shape)) for k, shape in session.shapes.items()}
+        for step in range(steps):
+            grads = noised_clipped_mean(session, np.flatnonzero(batches[step]), dp.clip,
+                                        {k: v[step] for k, v in noise.items()}, expected)
+            optimizer.step(session.values, grads, terms)
+        return session.parameters(), math.nan

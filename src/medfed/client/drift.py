@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from medfed.client.local import LocalData, LocalTraining, batch_indices, sgd_steps
+from medfed.client.optimizer import descend
 from medfed.client.upload import Upload
 from medfed.errors import ConfigError
 from medfed.models.logistic import Params
@@ -27,9 +28,9 @@ from medfed.wiretypes import wire_type
 
 
 def _descend(params: Params, data: LocalData, config: LocalTraining, rng: KeyedRng, **terms):
-    """:func:`sgd_steps` with the model's optional gradient terms (``correction``, ``row_weights``)."""
+    """:func:`sgd_steps` with the local optimizer's optional terms (``correction``, ``row_weights``)."""
     batches = batch_indices(data.n, config.batch_size, config.steps, rng)
-    return config.model.descend(params, data.X, data.y, batches, config.lr, config.l2, **terms)
+    return descend(config.model, params, data.X, data.y, batches, config.lr, config.l2, **terms)
 
 
 def _delta(trained: Mapping[str, np.ndarray], global_params: Params) -> dict[str, np.ndarray]:

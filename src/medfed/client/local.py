@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from medfed.client.optimizer import descend
 from medfed.client.upload import Upload
 from medfed.models.logistic import LogisticRegression, Params
 from medfed.rng import KeyedRng
@@ -91,7 +92,8 @@ def sgd_steps(
 
         return dp_sgd_descend(config.model, params, data.X, data.y, steps, config.batch_size, config.lr, config.l2,
                               rng, config.dp_sgd, prox_center=prox_center, mu=mu)
-    return config.model.descend(
+    return descend(
+        config.model,
         params,
         data.X,
         data.y,

@@ -28,6 +28,7 @@ from medfed.client.local import (
     local_sgd_update,
     sgd_steps,
 )
+from medfed.client.optimizer import descend
 from medfed.client.upload import Upload
 from medfed.models.logistic import Params
 from medfed.rng import KeyedRng
@@ -114,9 +115,9 @@ def apfl_update(
         if alpha:
             g_own, _ = model.gradient(mix(alpha, own, shared), Xb, yb, config.l2)
             own = {k: own[k] - (config.lr * alpha) * g_own[k] for k in own}
-        # the shared copy steps through the model's own loop on this batch: the very arithmetic
+        # the shared copy steps through the local optimizer on this batch: the very arithmetic
         # of FedAvg's client, so alpha = 0 reproduces FedAvg to the last bit
-        shared, _ = model.descend(shared, Xb, yb, (None,), config.lr, config.l2)
+        shared, _ = descend(model, shared, Xb, yb, (None,), config.lr, config.l2)
     loss = model.loss(global_params, data.X, data.y, config.l2)
     delta = {k: shared[k] - global_params[k] for k in global_params}
     return Upload(data.name, delta, data.n, "delta", {"loss": loss}), ApflSiteState(own)

@@ -118,7 +118,9 @@ def secure_sides(algorithm: FederatedAlgorithm, method: str, *, clip: float, siz
 def check_sample_dp(algorithm: FederatedAlgorithm, method: str, model, batch_size: int | None) -> None:
     """Refuse, in one line, what DP-SGD inside local training cannot make private yet: a site
     rule with its own optimizer terms (control variates, personal models trained by another
-    loop), a model without per-example gradients, full batches."""
+    loop), a model without per-example gradients or with BatchNorm (per-example gradients are
+    not defined across a batch, and its running statistics would carry the rows unnoised),
+    full batches."""
     from medfed.client.local import fedprox_update, local_sgd_update
 
     rule = getattr(algorithm.local_update, "func", algorithm.local_update)
@@ -127,7 +129,10 @@ def check_sample_dp(algorithm: FederatedAlgorithm, method: str, model, batch_siz
                           "own optimizer terms; use fedavg, fedprox, finetune or a server-end method "
                           "(fedavgm, fedadam, median, krum, ...)")
     if not hasattr(model, "per_example_gradients"):
-        raise ConfigError("--dp sample needs per-example gradients: the numpy logistic model has them; torch "
-                          "models do not yet (and BatchNorm cannot be used with DP-SGD: use norm=group)")
+        raise ConfigError(f"--dp sample needs per-example gradients; model {getattr(model, 'name', model)!r} has none "
+                          "(logistic, torch_logistic, mlp, cnn2d and cnn3d have them)")
+    if getattr(model, "options", {}).get("norm") == "batch":
+        raise ConfigError(f"--dp sample cannot train model {model.name!r} with BatchNorm (its batch statistics tie "
+                          "each row's gradient to the other rows'): use GroupNorm, --model-option norm=group")
     if batch_size is None:
         raise ConfigError("--dp sample draws Poisson batches: give --batch-size B (the expected batch)")

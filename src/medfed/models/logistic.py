@@ -10,7 +10,7 @@ sigmoid as ``(1 + tanh(z / 2)) / 2``, both finite for any finite z.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -39,7 +39,8 @@ class LogisticRegression:
     """Logistic regression seen through the parameter view ``{"weight": (d,), "bias": (1,)}``.
 
     Stateless: every method takes the parameters explicitly, so one instance serves all
-    sites and all rounds.
+    sites and all rounds. Training runs through a :meth:`session` that the local optimizer
+    (:mod:`medfed.client.optimizer`) drives; the model holds no optimizer and no method's term.
     """
 
     name = "logistic"
@@ -94,78 +95,105 @@ class LogisticRegression:
         residual = sigmoid(X @ params["weight"] + float(params["bias"][0])) - y
         return {"weight": residual[:, None] * X, "bias": residual[:, None]}
 
-    def clipped_gradient_sum(self, params: Params, X: np.ndarray, y: np.ndarray, clip: float,
-                             row_scale: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """The sum of the rows' gradients, each clipped to L2 norm ``clip`` (DP-SGD's), without
-        forming them: a row's gradient is ``r [x, 1]``, so its norm is ``|r| sqrt(|x|^2 + 1)``
-        (``row_scale``: those square roots, computed once per site)."""
-        residual = sigmoid(X @ params["weight"] + float(params["bias"][0])) - y
-        scale = np.sqrt(np.einsum("ij,ij->i", X, X) + 1.0) if row_scale is None else row_scale
-        norms = np.abs(residual) * scale
-        residual *= np.minimum(1.0, clip / np.maximum(norms, 1e-300))
-        return {"weight": X.T @ residual, "bias": np.array([residual.sum()])}
+    def session(self, params: Params, X: np.ndarray, y: np.ndarray) -> LogisticSession:
+        """A training session on ``(X, y)`` from ``params``: the local optimizer of
+        :mod:`medfed.client.optimizer` drives it step by step."""
+        return LogisticSession(params, X, y)
 
-    def descend(
-        self,
-        params: Params,
-        X: np.ndarray,
-        y: np.ndarray,
-        batches: Iterable[np.ndarray | None],
-        lr: float,
-        l2: float = 0.0,
-        *,
-        prox_center: Params | None = None,
-        mu: float = 0.0,
-        correction: Params | None = None,
-        row_weights: Callable[[np.ndarray], np.ndarray] | None = None,
-    ) -> tuple[dict[str, np.ndarray], float]:
-        """Gradient descent, one step per entry of ``batches`` (row indices, ``None`` = all rows).
 
-        Returns the new parameters and the full-batch objective at the start (always the
-        plain, unweighted objective). Optional terms, each costing nothing when not given:
+class LogisticSession:
+    """The parameters of one local training, with the data-term gradients the optimizer asks for.
 
-        - ``prox_center`` and ``mu > 0``: each step adds FedProx's ``mu * (theta - center)``.
-        - ``correction``: a constant (parameter view) added to every step's gradient
-          (SCAFFOLD's ``c - c_i``).
-        - ``row_weights(y_batch) -> (B,)``: each row's weight in the batch's mean loss, from
-          the batch's labels (FedSLD's label-distribution weights).
+    ``values`` is what the optimizer updates: ``weight`` a float64 array owned by the session,
+    ``bias`` a Python float (scalar arithmetic on a one-element array costs a microsecond a call,
+    and this is the hot path of every simulated round). A context manager, like the torch models'
+    session; nothing to set up or release here.
+    """
 
-        The loop works on the weight vector and a float bias directly: it is the hot path
-        of every simulated round, so it does no more numpy calls than a hand-written loop.
-        """
-        w = np.array(params["weight"], dtype=np.float64, copy=True)
-        b = float(params["bias"][0])
-        cw, cb = (prox_center["weight"], float(prox_center["bias"][0])) if mu else (None, 0.0)
-        # the correction is constant over the steps: scale it by lr once
-        kw, kb = (lr * correction["weight"], float(correction["bias"][0])) if correction is not None else (None, 0.0)
-        start_loss = None
-        for rows in batches:
-            Xb, yb = (X, y) if rows is None else (X[rows], y[rows])
-            z = Xb @ w + b
-            if start_loss is None:
-                start_loss = (
-                    _mean_log_loss(z, yb) + 0.5 * l2 * float(w @ w)
-                    if rows is None
-                    else self.loss(params, X, y, l2)
-                )
-            residual = sigmoid(z)
-            residual -= yb
-            if row_weights is not None:
-                residual *= row_weights(yb)
-            n = Xb.shape[0]
-            g_w = Xb.T @ residual
-            g_w *= lr / n
-            g_b = _sum(residual) / n
-            if l2:
-                g_w += (lr * l2) * w
-            if mu:
-                g_w += (lr * mu) * (w - cw)
-                g_b += mu * (b - cb)
-            if kw is not None:
-                g_w += kw
-                g_b += kb
-            w -= g_w
-            b -= lr * g_b
-        if start_loss is None:  # zero steps
-            start_loss = self.loss(params, X, y, l2)
-        return {"weight": w, "bias": np.array([b])}, start_loss
+    __slots__ = ("X", "y", "values", "_row_scale")
+
+    penalized = ("weight",)
+    """The parameters the L2 penalty covers (the bias is not penalized)."""
+
+    scaled = frozenset({"weight"})
+    """The parameters whose :meth:`gradient` takes the step's ``scale`` inside the mean: one pass
+    over the d-vector instead of two. The bias, a float, would gain nothing, and keeps its own rounding."""
+
+    def __init__(self, params: Params, X: np.ndarray, y: np.ndarray) -> None:
+        self.X, self.y = X, y
+        self.values = {"weight": np.array(params["weight"], dtype=np.float64, copy=True), "bias": float(params["bias"][0])}
+        self._row_scale = None
+
+    def __enter__(self) -> LogisticSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The trained parameters' shapes in the parameter view."""
+        return {"weight": self.values["weight"].shape, "bias": (1,)}
+
+    def load(self, name: str, value: np.ndarray):
+        """A parameter-view array (a proximal center, a correction, noise) as ``values[name]`` holds it."""
+        return np.asarray(value, dtype=np.float64) if name == "weight" else float(value[0])
+
+    @staticmethod
+    def axpy(alpha: float, g, x):
+        """``g + alpha * x``, in place where ``g`` is an array."""
+        g += alpha * x
+        return g
+
+    def loss(self) -> float:
+        """The data term of the objective on all rows at the current parameters."""
+        return _mean_log_loss(self.X @ self.values["weight"] + self.values["bias"], self.y)
+
+    def gradient(self, rows: np.ndarray | None, scale: float = 1.0,
+                 row_weights: Callable[[np.ndarray], np.ndarray] | None = None,
+                 with_loss: bool = False) -> tuple[dict, float | None]:
+        """The batch's mean data-term gradient (rows ``rows``, ``None`` = all), the weight's times
+        ``scale`` (see :attr:`scaled`); each row weighted by ``row_weights(y_batch)`` when given.
+        With ``with_loss``, also :meth:`loss` (from this forward pass when it covers all rows)."""
+        X, y = (self.X, self.y) if rows is None else (self.X[rows], self.y[rows])
+        values = self.values
+        z = X @ values["weight"] + values["bias"]
+        loss = None
+        if with_loss:
+            loss = _mean_log_loss(z, y) if rows is None else self.loss()
+        residual = sigmoid(z)
+        residual -= y
+        if row_weights is not None:
+            residual *= row_weights(y)
+        n = X.shape[0]
+        g_w = X.T @ residual
+        g_w *= scale / n
+        return {"weight": g_w, "bias": _sum(residual) / n}, loss
+
+    def example_gradients(self, rows: np.ndarray) -> LogisticRows:
+        """The rows' own gradients (their data terms), factored: a row's is ``r [x, 1]``."""
+        if self._row_scale is None:  # sqrt(|x|^2 + 1), the norm of [x, 1]: once per session
+            self._row_scale = np.sqrt(np.einsum("ij,ij->i", self.X, self.X) + 1.0)
+        X = self.X[rows]
+        residual = sigmoid(X @ self.values["weight"] + self.values["bias"]) - self.y[rows]
+        return LogisticRows(X, residual, np.abs(residual) * self._row_scale[rows])
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """The parameter view of the current values."""
+        return {"weight": self.values["weight"], "bias": np.array([self.values["bias"]])}
+
+
+class LogisticRows:
+    """Per-example gradients ``residual_i [x_i, 1]`` without forming them: their L2 ``norms``
+    and any weighted sum of them."""
+
+    __slots__ = ("X", "residual", "norms")
+
+    def __init__(self, X: np.ndarray, residual: np.ndarray, norms: np.ndarray) -> None:
+        self.X, self.residual, self.norms = X, residual, norms
+
+    def weighted_sum(self, factors: np.ndarray) -> dict:
+        """``sum_i factors_i g_i`` (the residuals are scaled in place: call once)."""
+        residual = self.residual
+        residual *= factors
+        return {"weight": self.X.T @ residual, "bias": float(residual.sum())}

@@ -2,8 +2,9 @@
 
 :class:`TorchModel` follows the model protocol of the numpy
 :class:`~medfed.models.logistic.LogisticRegression` exactly (``init_params``,
-``predict_proba``, ``loss``, ``gradient``, ``descend``, ``name``), so every client rule and
-aggregator runs on it unchanged. Torch tensors never cross its boundary: parameters come in
+``predict_proba``, ``loss``, ``gradient``, ``per_example_gradients``, ``session``, ``name``),
+so every client rule, the local optimizer (:mod:`medfed.client.optimizer`) and every aggregator
+run on it unchanged; the model holds no optimizer and no method's term. Torch tensors never cross its boundary: parameters come in
 and go out as an ordered mapping ``name -> float64 numpy array``.
 
 The parameter view holds every trainable parameter and BatchNorm's running statistics
@@ -18,8 +19,8 @@ Objective on (X, y), n rows, z the logit::
 
 where W runs over the weights of the conv/linear layers and the head, as in the numpy model
 (not biases, not normalization parameters). BatchNorm layers run in train mode (batch
-statistics, running statistics updated) inside ``descend`` and in eval mode (running
-statistics) in ``predict_proba``, ``loss``, ``gradient`` and the start loss ``descend`` returns.
+statistics, running statistics updated) in a training session's steps and in eval mode (running
+statistics) in ``predict_proba``, ``loss``, ``gradient`` and the session's start loss.
 
 Threads and reproducibility: on the CPU, torch's kernels split their sums across intra-op
 threads, so the rounding of a sum depends on the thread count. Measured with torch 2.13
@@ -45,8 +46,8 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,9 +225,9 @@ class TorchModel:
     copied in at each call and read out as float64 numpy arrays at the end (so an instance is
     not for concurrent use from several threads; forked processes are fine).
 
-    ``descend`` runs one optimizer step per entry of ``batches``; the optimizer (``sgd``, or
-    ``adam`` with torch's defaults) is created afresh at every call, so Adam's moments do not
-    outlive a round. On CPU, the same parameters, data, batches and ``threads`` option give
+    :meth:`session` opens one local training (the optimizer, ``sgd`` or ``adam``, lives in
+    :mod:`medfed.client.optimizer` and is created afresh for each, so Adam's moments do not
+    outlive a round). On CPU, the same parameters, data, batches and ``threads`` option give
     the same numbers, whatever torch's thread count outside the model's calls (on CUDA,
     cuDNN may choose non-deterministic kernels).
 
@@ -421,91 +422,21 @@ class TorchModel:
         loss = _mean_log_loss(z_all, y) + self._penalty(slot, params, l2) if with_loss else None
         return grads, loss
 
-    @_fixed_threads
-    def descend(
-        self,
-        params: Params,
-        X: np.ndarray,
-        y: np.ndarray,
-        batches: Iterable[np.ndarray | None],
-        lr: float,
-        l2: float = 0.0,
-        *,
-        prox_center: Params | None = None,
-        mu: float = 0.0,
-        correction: Params | None = None,
-        row_weights: Callable[[np.ndarray], np.ndarray] | None = None,
-    ) -> tuple[dict[str, np.ndarray], float]:
-        """Optimizer steps, one per entry of ``batches`` (row indices, ``None`` = all rows), in
-        train mode; returns the new parameters and the objective at the start (eval mode, all
-        rows, unweighted), like the numpy model.
+    def session(self, params: Params, X: np.ndarray, y: np.ndarray) -> TorchSession:
+        """A training session on ``(X, y)`` from ``params`` (a context manager): the network and
+        its tensors stay on the device between the steps the local optimizer
+        (:mod:`medfed.client.optimizer`) drives, under the model's ``threads`` option."""
+        return TorchSession(self, params, X, y)
 
-        Each step's gradient ``g`` is the batch's mean loss (each row weighted by
-        ``row_weights(y_batch)`` when given), plus ``l2 * W`` on the penalized weights, plus
-        FedProx's ``mu * (theta - prox_center)`` when ``mu > 0``, plus the constant
-        ``correction`` (SCAFFOLD's ``c - c_i``). Proximal term and correction apply to the
-        trainable parameters; running statistics follow BatchNorm's own update (momentum 0.1). ``sgd`` steps ``theta -= lr * g``; ``adam`` is :class:`torch.optim.Adam`
-        (torch's defaults) fed the same ``g``, new at each call (its moments restart each round).
-        """
-        X = np.asarray(X)
-        y = np.asarray(y, dtype=np.float64)
-        slot = self._slot(X.shape[1:])
-        self._load(slot, params)
-        start_loss = _mean_log_loss(self._logits(slot, X), y) + self._penalty(slot, params, l2)
-        net = slot.net
-        trainable = dict(net.named_parameters())
-        # (parameter, L2 coefficient, proximal center or None, correction or None)
-        terms = [
-            (
-                p,
-                float(l2) if k in slot.decayed else 0.0,
-                self._tensor(prox_center[k]) if mu else None,
-                self._tensor(correction[k]) if correction is not None else None,
-            )
-            for k, p in trainable.items()
-        ]
-        adam = None
-        if self.options["optimizer"] == "adam":
-            # torch.optim loads torch._dynamo (seconds) on first use: only when Adam is asked for
-            adam = torch.optim.Adam(list(trainable.values()), lr=lr)
-        Xt, yt = self._tensor(X), self._tensor(y)
-        net.train()
-        stepped = False
-        for rows in batches:
-            if rows is None:
-                xb, yb, yb_np = Xt, yt, y
-            else:
-                index = torch.as_tensor(rows, device=self.device)
-                xb, yb, yb_np = Xt[index], yt[index], (y[rows] if row_weights is not None else None)
-            if self.options["norm"] == "batch" and self.name in ("mlp", "torch_logistic") and xb.shape[0] < 2:
-                raise ConfigError(f"model {self.name!r} with batch norm needs at least 2 rows per batch, got {xb.shape[0]}")
-            for p, *_ in terms:
-                p.grad = None
-            z = net(xb)
-            if row_weights is None:
-                batch_loss = F.binary_cross_entropy_with_logits(z, yb)
-            else:
-                w = self._tensor(row_weights(yb_np))
-                batch_loss = (F.binary_cross_entropy_with_logits(z, yb, reduction="none") * w).sum() / xb.shape[0]
-            batch_loss.backward()
-            with torch.no_grad():
-                for p, decay, center, shift in terms:
-                    g = p.grad
-                    if decay:
-                        g.add_(p, alpha=decay)
-                    if center is not None:
-                        g.add_(p - center, alpha=mu)
-                    if shift is not None:
-                        g.add_(shift)
-                    if adam is None:  # plain SGD: the numpy model's step
-                        p.add_(g, alpha=-lr)
-                if adam is not None:
-                    adam.step()
-                stepped = True
-        if stepped and self.options.get("recalibrate", True):
-            self._recalibrate_norm(net, Xt)
-        trained = self._read(slot)
-        return trained, start_loss
+    @_fixed_threads
+    def per_example_gradients(self, params: Params, X: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        """Each row's gradient of its own log-loss (leading row axis, float64; the trainable
+        parameters only, the L2 term left out), through ``torch.func``: ``vmap`` of ``grad`` of
+        the network called functionally on one row. Refused with BatchNorm, whose batch
+        statistics make a row's output depend on the other rows."""
+        with self.session(params, X, y) as session:
+            per = session.example_gradients(np.arange(np.asarray(X).shape[0])).per_example
+            return {k: g.double().cpu().numpy() for k, g in per.items()}
 
     @_fixed_threads
     def recalibrate(self, params: Params, X: np.ndarray) -> dict[str, np.ndarray]:
@@ -528,7 +459,7 @@ class TorchModel:
     def _recalibrate_norm(self, net, Xt) -> None:
         """Set BatchNorm's running statistics to the site's data under the final weights.
 
-        During descend the running statistics are an exponential average of batch statistics
+        During training the running statistics are an exponential average of batch statistics
         taken under weights that kept moving; after a few fast (Adam) steps they lag behind,
         and eval-mode outputs shift: on mni-phantom a Single CNN scored 0.58 training-set
         accuracy in eval mode against a training loss near 0. One no-grad pass in train mode,
@@ -549,3 +480,146 @@ class TorchModel:
                     net(chunk)
         for m, momentum in zip(norms, saved):
             m.momentum = momentum
+
+
+def _no_batch_norm(model: TorchModel) -> None:
+    if model.options.get("norm") == "batch":
+        raise ConfigError(
+            f"model {model.name!r} uses BatchNorm, whose batch statistics tie each row's output to the other "
+            "rows: per-example gradients (DP-SGD) are not defined; use GroupNorm: --model-option norm=group"
+        )
+
+
+class TorchSession:
+    """One local training of a :class:`TorchModel`: parameters loaded once, trained in place.
+
+    ``values`` maps each trainable parameter's name to its tensor (the network's own, on the
+    model's device, in its dtype): the optimizer updates them in place under ``torch.no_grad``.
+    Running statistics are not in ``values``: BatchNorm updates them itself in train mode, and
+    :meth:`parameters` recalibrates them once after training (see :meth:`TorchModel.recalibrate`).
+    Entering sets torch's intra-op threads to the model's ``threads`` and disables autograd
+    outside :meth:`gradient`; leaving restores both.
+    """
+
+    scaled = frozenset()  # autograd's gradient arrives already averaged: the learning rate is not folded in
+
+    def __init__(self, model: TorchModel, params: Params, X: np.ndarray, y: np.ndarray) -> None:
+        self.model = model
+        self._params = params
+        self.X = np.asarray(X)
+        self.y = np.asarray(y, dtype=np.float64)
+        self._stack = ExitStack()
+        self._trained = False
+
+    def __enter__(self) -> TorchSession:
+        model = self.model
+        self._stack.enter_context(_intra_op_threads(model.options["threads"], model.name))
+        self._stack.enter_context(torch.no_grad())
+        try:
+            self.slot = slot = model._slot(self.X.shape[1:])
+            model._load(slot, self._params)
+        except BaseException:  # a bad shape or parameter: leave torch's settings as they were
+            self._stack.close()
+            raise
+        self.penalized = slot.decayed  # the weights under the L2 penalty
+        self.values = dict(slot.net.named_parameters())
+        self.shapes = {k: slot.shapes[k] for k in self.values}
+        self.Xt, self.yt = model._tensor(self.X), model._tensor(self.y)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def load(self, name: str, value: np.ndarray) -> torch.Tensor:
+        """A parameter-view array (a proximal center, a correction, noise) as a device tensor."""
+        return self.model._tensor(value)
+
+    @staticmethod
+    def axpy(alpha: float, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``g + alpha * x`` in place (torch's fused kernel)."""
+        return g.add_(x, alpha=alpha)
+
+    def loss(self) -> float:
+        """The data term of the objective on all rows at the current parameters, eval mode."""
+        return _mean_log_loss(self.model._logits(self.slot, self.Xt), self.y)
+
+    def _rows(self, rows: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if rows is None:
+            return self.Xt, self.yt
+        index = torch.as_tensor(rows, device=self.model.device)
+        return self.Xt[index], self.yt[index]
+
+    def gradient(self, rows: np.ndarray | None, scale: float = 1.0,
+                 row_weights: Callable[[np.ndarray], np.ndarray] | None = None,
+                 with_loss: bool = False) -> tuple[dict[str, torch.Tensor], float | None]:
+        """The batch's mean data-term gradient in train mode (rows ``rows``, ``None`` = all),
+        each row weighted by ``row_weights(y_batch)`` when given: the parameters' ``.grad``
+        tensors. ``scale`` is not folded in (:attr:`scaled` is empty). With ``with_loss``, also
+        :meth:`loss`, taken before this step's forward pass."""
+        model, net = self.model, self.slot.net
+        loss = self.loss() if with_loss else None
+        xb, yb = self._rows(rows)
+        if model.options["norm"] == "batch" and model.name in ("mlp", "torch_logistic") and xb.shape[0] < 2:
+            raise ConfigError(f"model {model.name!r} with batch norm needs at least 2 rows per batch, got {xb.shape[0]}")
+        net.train()
+        for p in self.values.values():
+            p.grad = None
+        with torch.enable_grad():
+            z = net(xb)
+            if row_weights is None:
+                batch_loss = F.binary_cross_entropy_with_logits(z, yb)
+            else:
+                w = model._tensor(row_weights(self.y if rows is None else self.y[rows]))
+                batch_loss = (F.binary_cross_entropy_with_logits(z, yb, reduction="none") * w).sum() / xb.shape[0]
+            batch_loss.backward()
+        self._trained = True
+        return {k: p.grad for k, p in self.values.items()}, loss
+
+    def example_gradients(self, rows: np.ndarray) -> TorchRows:
+        """The rows' own gradients of their data terms (``torch.func``: ``vmap`` of ``grad`` of
+        the network called functionally on one row). Refused with BatchNorm."""
+        _no_batch_norm(self.model)
+        from torch.func import functional_call, grad, vmap
+
+        net = self.slot.net
+        net.train()
+        self._trained = True
+        xb, yb = self._rows(rows)
+        params = {k: p.detach() for k, p in self.values.items()}
+        if xb.shape[0] == 0:  # an empty Poisson batch
+            return TorchRows({k: torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device) for k, p in params.items()})
+        buffers = dict(net.named_buffers())
+
+        def row_loss(theta, x, target):
+            z = functional_call(net, (theta, buffers), (x.unsqueeze(0),))
+            return F.binary_cross_entropy_with_logits(z, target.unsqueeze(0))
+
+        return TorchRows(vmap(grad(row_loss), in_dims=(None, 0, 0))(params, xb, yb))
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """The parameter view of the trained network, float64; BatchNorm's running statistics
+        recomputed on the session's rows when it trained (the model's ``recalibrate`` option)."""
+        if self._trained and self.model.options.get("recalibrate", True):
+            self.model._recalibrate_norm(self.slot.net, self.Xt)
+            self._trained = False
+        return self.model._read(self.slot)
+
+
+class TorchRows:
+    """Per-example gradients (``per_example``: name -> tensor with a leading row axis): their
+    L2 ``norms`` over all parameters together (float64 numpy) and any weighted sum of them."""
+
+    def __init__(self, per_example: dict[str, torch.Tensor]) -> None:
+        self.per_example = per_example
+        rows = next(iter(per_example.values())).shape[0]
+        if rows:
+            squares = sum(g.flatten(1).square().sum(dim=1) for g in per_example.values())
+            self.norms = squares.sqrt().double().cpu().numpy()
+        else:  # an empty Poisson batch: its sum is zero
+            self.norms = np.zeros(0)
+
+    def weighted_sum(self, factors: np.ndarray) -> dict[str, torch.Tensor]:
+        """``sum_i factors_i g_i`` for each parameter, on the device."""
+        first = next(iter(self.per_example.values()))
+        f = torch.as_tensor(factors, dtype=first.dtype, device=first.device)
+        return {k: torch.tensordot(f, g, dims=1) for k, g in self.per_example.items()}
