@@ -49,6 +49,9 @@ from medfed.cli.flags import (
     BatchSizeOpt,
     CategoricalOpt,
     ConfigArg,
+    CovariatesOpt,
+    EbOpt,
+    HarmonizeOpt,
     DataOpt,
     DatasetOpt,
     DatasetOptionOpt,
@@ -132,6 +135,7 @@ def render_table(doc: dict[str, Any], out: Console | None = None) -> None:
     from medfed.experiments.results import (
         communication_lines,
         data_note_lines,
+        harmonization_lines,
         privacy_lines,
         server_note_lines,
         table_rows,
@@ -186,6 +190,8 @@ def render_table(doc: dict[str, Any], out: Console | None = None) -> None:
         out.print(f"[dim][{i}] {escape(note)}[/]", highlight=False)
     for line in communication_lines(doc):
         out.print(f"[dim]{escape(line)}[/]", highlight=False)
+    for line in harmonization_lines(doc):
+        out.print(f"harmonization: {escape(line)}", highlight=False)
     for line in data_note_lines(doc):
         out.print(f"[yellow]data:[/] {escape(line)}", highlight=False)
     for line in server_note_lines(doc):
@@ -355,6 +361,9 @@ def run(
     impute: ImputeOpt = None,
     positive_label: PositiveLabelOpt = None,
     dataset_option: DatasetOptionOpt = None,
+    covariates: CovariatesOpt = None,
+    harmonize: HarmonizeOpt = None,
+    eb: EbOpt = None,
     methods: MethodsOpt = None,
     rounds: RoundsOpt = None,
     local_steps: LocalStepsOpt = None,

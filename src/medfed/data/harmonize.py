@@ -20,6 +20,9 @@ estimates follow from per-site statistics; this module is that exchange:
    (:func:`fit_combat`): the :class:`CombatModel`;
 5. each site adjusts its own rows (:meth:`CombatModel.apply`).
 
+A federation of one site (under leave-one-site-out, the other of two) is its own reference:
+its rows stay as they are, and an unseen site can still adapt to it.
+
 Nothing but these summaries leaves a site. A site the fit never saw can estimate its own
 location and scale from its own unlabeled rows against the federation's reference
 (:func:`adapt_site`), sending nothing.
@@ -36,8 +39,11 @@ rounded to 7 digits); here they stay float64.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -245,8 +251,8 @@ def design_stats(rows: SiteRows, features: Sequence[str], covariates: Sequence[s
 def fit_location(stats: Sequence[CombatDesignStats]) -> CombatLocation:
     """Step 2 at the coordinator: the pooled normal equations of ``[site indicators, C]``
     assembled from the sites' blocks, and solved."""
-    if len(stats) < 2:
-        raise DataError(f"ComBat removes differences between sites; it needs at least 2 sites, got {len(stats)}")
+    if not stats:
+        raise DataError("ComBat needs the statistics of at least one site")
     names = [s.site for s in stats]
     if len(set(names)) != len(names):
         raise DataError(f"ComBat: duplicate site names {names}")
@@ -310,8 +316,15 @@ def fit_combat(location: CombatLocation, residuals: Sequence[CombatResidualStats
             f"feature(s) {', '.join(repr(features[j]) for j in constant[:5])} do not vary beyond the sites and "
             "covariates (constant in the training rows): ComBat would divide by a zero pooled variance; "
             "leave them out with --features")
+    if len(ordered) == 1:  # a lone site is its own reference (a one-site federation under --loso)
+        lone = ordered[0]
+        gamma_hat, delta_hat = lone.mean / np.sqrt(var_pooled), lone.m2 / (lone.n - 1) / var_pooled
+        effects = (SiteEffect(lone.site, lone.n, gamma_hat, delta_hat, np.zeros_like(gamma_hat),
+                              np.ones_like(delta_hat)),)
+    else:
+        effects = tuple(site_effect(r, var_pooled, eb, features) for r in ordered)
     return CombatModel(features, location.covariates, eb, location.grand_mean, location.covariate_effect, var_pooled,
-                       tuple(site_effect(r, var_pooled, eb, features) for r in ordered))
+                       effects)
 
 
 def site_effect(stats: CombatResidualStats, var_pooled: np.ndarray, eb: bool, features: Sequence[str],
@@ -383,6 +396,70 @@ def federated_combat(rows: Sequence[SiteRows], features: Sequence[str], covariat
     return fit_combat(location, [residual_stats(r, location, features) for r in rows], features, eb=eb)
 
 
-def harmonize_rows(model: CombatModel, rows: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Every site's rows adjusted by ``model`` (site -> ``(X, C)``), each site on its own."""
-    return {site: model.apply(site, X, C) for site, (X, C) in rows.items()}
+@dataclass(frozen=True)
+class HarmonizedTable:
+    """A table with its feature columns harmonized (``frame``, other columns as they were), the
+    fitted model, and each site's rows before and after (for a report of the site effect)."""
+
+    frame: Any  # pandas.DataFrame
+    model: CombatModel
+    before: dict[str, np.ndarray]
+    after: dict[str, np.ndarray]
+
+
+def harmonize_table(path: str | os.PathLike, *, site_column: str, covariates: Sequence[str] = (),
+                    features: Sequence[str] | None = None, label_column: str | None = None,
+                    eb: bool = True) -> HarmonizedTable:
+    """Federated ComBat on a table with one row per subject, each site's rows on their own.
+
+    Features are ``features``, or every column but the site, label and covariate columns; each
+    must be numeric and complete. The label column (if named) is left as it is and may not be
+    a covariate. The fit runs the sites' exchange of statistics (:func:`federated_combat`)."""
+    from medfed.data.tables import _numeric_column, covariate_values, read_frame, site_values
+
+    path = Path(path)
+    for flag, value in (("--site-column", site_column), ("--label-column", label_column)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"{flag} must be a column name, got {value!r}")
+    covariates = tuple(covariates)
+    df = read_frame(path)
+    df.columns = [str(c) for c in df.columns]
+    columns = list(df.columns)
+    reserved = {site_column, label_column, *covariates}
+    feature_names = tuple(c for c in columns if c not in reserved) if features is None else tuple(features)
+    check_covariates(covariates, feature_names, label=label_column)
+    if site_column in feature_names:
+        raise ConfigError(f"--features must not include {site_column!r}, the site column")
+    named = [(site_column, "--site-column")] + ([(label_column, "--label-column")] if label_column else [])
+    named += [(c, "--covariates") for c in covariates] + [(c, "--features") for c in feature_names]
+    absent = [f"{c!r} ({flag})" for c, flag in named if c not in columns]
+    if absent:
+        raise DataError(f"{path}: column(s) {', '.join(absent)} not in the file; its columns: {', '.join(columns)}")
+    if not feature_names:
+        raise DataError(f"{path}: no feature columns besides the site, label and covariate columns")
+    if len(df) == 0:
+        raise DataError(f"{path} holds no data rows")
+    sites = np.asarray(site_values(df[site_column], site_column, path), dtype=object)
+    X = np.column_stack([_numeric_column(df[c], c, path, fix="name the numeric feature columns with --features")
+                         for c in feature_names])
+    missing = np.isnan(X)
+    if missing.any():
+        j = int(np.argmax(missing.sum(axis=0)))
+        raise DataError(f"{path}: feature column {feature_names[j]!r} has {int(missing[:, j].sum())} missing value(s); "
+                        "ComBat needs every feature of every row: fill them in, drop those rows, or leave the column "
+                        "out of --features")
+    C = np.column_stack([covariate_values(df[c], c, path, sites) for c in covariates] or [np.empty((len(df), 0))])
+    order = list(dict.fromkeys(sites.tolist()))
+    if len(order) < 2:
+        raise DataError(f"{path}: ComBat removes differences between sites; column {site_column!r} names "
+                        f"{len(order)} site")
+    rows = [SiteRows(s, X[sites == s], C[sites == s]) for s in order]
+    model = federated_combat(rows, feature_names, covariates, eb=eb)
+    after = {r.name: model.apply(r.name, r.X, r.C) for r in rows}
+    frame = df.copy()
+    harmonized = np.empty_like(X)
+    for r in rows:
+        harmonized[sites == r.name] = after[r.name]
+    for j, c in enumerate(feature_names):
+        frame[c] = harmonized[:, j]
+    return HarmonizedTable(frame, model, {r.name: r.X for r in rows}, after)

@@ -142,6 +142,8 @@ def _cell_label(cell: Cell) -> str:
         label += " · personal"
     if cell.evaluation == "loso":
         label += " (site unseen)"
+    elif cell.evaluation == "loso+adapt":
+        label += " (site unseen, adapted)"
     return label
 
 
