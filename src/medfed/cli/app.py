@@ -45,6 +45,7 @@ from medfed.cli.common import (
     write_results,
 )
 from medfed.cli.features import features_app
+from medfed.cli.harmonize import harmonize_app
 from medfed.cli.flags import (
     BatchSizeOpt,
     CategoricalOpt,
@@ -125,6 +126,7 @@ def _root(
 app.add_typer(audit_app, name="audit", help="Audits under attack: `medfed audit robustness` compares defenses.")
 app.add_typer(features_app, name="features", help="Feature tables from images: `medfed features roi` extracts atlas-region means.")
 app.add_typer(deploy_app, name="deploy", help="Deployment on Flower: certs, server, site, status.")
+app.add_typer(harmonize_app, name="harmonize", help="Harmonize a feature table across sites: `medfed harmonize combat`.")
 
 
 def render_table(doc: dict[str, Any], out: Console | None = None) -> None:
