@@ -114,7 +114,7 @@ def test_the_fit_uses_training_rows_only_and_every_setting_shares_it():
 def test_run_with_combat_reports_the_site_effect_and_adapted_unseen_sites(tmp_path):
     out = tmp_path / "res"
     code, text = _invoke(["run", "--dataset", "adni-like", "--harmonize", "combat", "--covariates", "age,sex",
-                          "--methods", "cross,mix,fedavg", "--loso", "--out", str(out), *FAST])
+                          "--methods", "cross,mix,fedavg", "--loso", "--plots", "--out", str(out), *FAST])
     assert code == 0, text
     doc = json.loads((out / "results.json").read_text())
     h = doc["harmonization"]
@@ -125,6 +125,7 @@ def test_run_with_combat_reports_the_site_effect_and_adapted_unseen_sites(tmp_pa
     assert adapted == {(s, site) for s in ("Mix", "FedAvg") for site in ("ADNI-1", "ADNI-2")}
     assert "harmonized with federated ComBat" in " ".join(text.split())
     assert "(unseen, adapted)" in (out / "table.md").read_text()
+    assert (out / "site_effect.png").stat().st_size > 0
 
 
 def test_run_without_harmonization_has_no_harmonization_and_no_adapted_rows(tmp_path):

@@ -33,15 +33,15 @@ SITE_AUC_FOLDS = 5
 def check_harmonization(config, federation) -> None:
     """A harmonization the data cannot serve, refused before any training."""
     spec, covariates = config.harmonize, tuple(config.data.covariates or ())
-    if spec.method == "none":
-        return
-    if federation.is_image:
-        raise ConfigError("--harmonize combat adjusts feature tables; this federation holds images")
     missing = [c for c in covariates if c not in federation.covariate_names]
     if missing:
         have = ", ".join(federation.covariate_names) or "none"
         raise ConfigError(f"--covariates: {federation.name!r} has no covariate {', '.join(map(repr, missing))}; "
                           f"its rows carry: {have}")
+    if spec.method == "none":
+        return
+    if federation.is_image:
+        raise ConfigError("--harmonize combat adjusts feature tables; this federation holds images")
     if len(federation.sites) < 2:
         raise ConfigError(f"--harmonize combat removes differences between sites; {federation.name!r} has one")
     if config.save_model:
