@@ -22,7 +22,13 @@ import time
 import numpy as np
 
 from medfed.comm.wire import decode, encode
-from medfed.data.harmonize import SiteRows, design_stats, fit_combat, fit_location, residual_stats
+from medfed.data.harmonize import (
+    SiteRows,
+    design_stats,
+    fit_combat,
+    fit_location,
+    residual_stats,
+)
 
 
 def simulate(sites: int, rows: int, features: int, seed: int = 0) -> list[SiteRows]:

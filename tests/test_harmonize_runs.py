@@ -15,7 +15,12 @@ from medfed.cli.app import app
 from medfed.data.datasets.adni_like import load_adni_like
 from medfed.data.harmonize import SiteRows, federated_combat
 from medfed.experiments.config import build_config
-from medfed.experiments.harness import ScaledViews, load_federation, prepare_repeat, repeat_harmonizer
+from medfed.experiments.harness import (
+    ScaledViews,
+    load_federation,
+    prepare_repeat,
+    repeat_harmonizer,
+)
 
 runner = CliRunner()
 FAST = ["--rounds", "3", "--local-steps", "2", "--repeats", "1"]

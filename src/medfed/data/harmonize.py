@@ -80,7 +80,7 @@ class CombatDesignStats:
 
     @property
     def n(self) -> int:
-        return int(round(self.ztz[0, 0]))
+        return round(float(self.ztz[0, 0]))
 
 
 @wire_type
@@ -415,7 +415,12 @@ def harmonize_table(path: str | os.PathLike, *, site_column: str, covariates: Se
     Features are ``features``, or every column but the site, label and covariate columns; each
     must be numeric and complete. The label column (if named) is left as it is and may not be
     a covariate. The fit runs the sites' exchange of statistics (:func:`federated_combat`)."""
-    from medfed.data.tables import _numeric_column, covariate_values, read_frame, site_values
+    from medfed.data.tables import (
+        _numeric_column,
+        covariate_values,
+        read_frame,
+        site_values,
+    )
 
     path = Path(path)
     for flag, value in (("--site-column", site_column), ("--label-column", label_column)):
