@@ -78,10 +78,6 @@ class CombatDesignStats:
     ztz: np.ndarray  # (k + 1, k + 1)
     zty: np.ndarray  # (k + 1, d)
 
-    @property
-    def n(self) -> int:
-        return round(float(self.ztz[0, 0]))
-
 
 @wire_type
 @dataclass(frozen=True)
