@@ -45,10 +45,14 @@ from medfed.cli.common import (
     write_results,
 )
 from medfed.cli.features import features_app
+from medfed.cli.harmonize import harmonize_app
 from medfed.cli.flags import (
     BatchSizeOpt,
     CategoricalOpt,
     ConfigArg,
+    CovariatesOpt,
+    EbOpt,
+    HarmonizeOpt,
     DataOpt,
     DatasetOpt,
     DatasetOptionOpt,
@@ -125,6 +129,7 @@ def _root(
 app.add_typer(audit_app, name="audit", help="Audits under attack: `medfed audit robustness` compares defenses.")
 app.add_typer(features_app, name="features", help="Feature tables from images: `medfed features roi` extracts atlas-region means.")
 app.add_typer(deploy_app, name="deploy", help="Deployment on Flower: certs, server, site, status.")
+app.add_typer(harmonize_app, name="harmonize", help="Harmonize a feature table across sites: `medfed harmonize combat`.")
 
 
 def render_table(doc: dict[str, Any], out: Console | None = None) -> None:
@@ -135,6 +140,7 @@ def render_table(doc: dict[str, Any], out: Console | None = None) -> None:
     from medfed.experiments.results import (
         communication_lines,
         data_note_lines,
+        harmonization_lines,
         privacy_lines,
         server_note_lines,
         table_rows,
@@ -189,6 +195,8 @@ def render_table(doc: dict[str, Any], out: Console | None = None) -> None:
         out.print(f"[dim][{i}] {escape(note)}[/]", highlight=False)
     for line in communication_lines(doc):
         out.print(f"[dim]{escape(line)}[/]", highlight=False)
+    for line in harmonization_lines(doc):
+        out.print(f"harmonization: {escape(line)}", highlight=False)
     for line in data_note_lines(doc):
         out.print(f"[yellow]data:[/] {escape(line)}", highlight=False)
     for line in server_note_lines(doc):
@@ -358,6 +366,9 @@ def run(
     impute: ImputeOpt = None,
     positive_label: PositiveLabelOpt = None,
     dataset_option: DatasetOptionOpt = None,
+    covariates: CovariatesOpt = None,
+    harmonize: HarmonizeOpt = None,
+    eb: EbOpt = None,
     methods: MethodsOpt = None,
     rounds: RoundsOpt = None,
     local_steps: LocalStepsOpt = None,

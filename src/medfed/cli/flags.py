@@ -37,6 +37,15 @@ ExcludeOpt = Annotated[str | None, typer.Option(help="comma-separated table colu
 CategoricalOpt = Annotated[
     str | None, typer.Option(help="comma-separated string columns to one-hot encode (levels from training rows)")
 ]
+CovariatesOpt = Annotated[
+    str | None, typer.Option(help="comma-separated covariates harmonization preserves, e.g. age,sex (never features)")
+]
+HarmonizeOpt = Annotated[
+    str | None, typer.Option(help="remove site effects first: none or combat (federated ComBat, feature tables)")
+]
+EbOpt = Annotated[
+    bool | None, typer.Option("--eb/--no-eb", help="ComBat: empirical-Bayes site effects (--no-eb: per-site moments)")
+]
 ImputeOpt = Annotated[
     str | None, typer.Option(help="fill missing values: mean or median (training rows of each site)")
 ]
@@ -106,7 +115,7 @@ MethodOptionOpt = Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALU
 
 DATA_FLAGS = (
     "path_column", "kind", "skip_bad", "site_column", "label_column", "split_column", "features", "exclude",
-    "categorical", "impute", "positive_label",
+    "categorical", "impute", "positive_label", "covariates",
 )
 TRAINING_FLAGS = (
     "rounds", "local_steps", "local_epochs", "lr", "l2", "batch_size", "fraction_fit", "min_sites", "max_update_norm",
@@ -136,7 +145,7 @@ def study_overrides(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str,
                 "manifest": _text(given.get("manifest"))}
     for key in DATA_FLAGS:
         value = given.get(key)
-        if key in ("features", "exclude", "categorical"):
+        if key in ("features", "exclude", "categorical", "covariates"):
             value = split_list(value)
         if value is not None:
             data[key] = value
@@ -144,7 +153,9 @@ def study_overrides(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str,
         data["options"] = parse_options(given["dataset_option"], "--dataset-option")
     training = {k: given[k] for k in TRAINING_FLAGS if given.get(k) is not None}
     privacy = {k: given[k] for k in PRIVACY_FLAGS if given.get(k) is not None}
-    return {key: value for key, value in (("data", data), ("training", training), ("privacy", privacy)) if value}
+    harmonize = {k: v for k, v in (("method", given.get("harmonize")), ("eb", given.get("eb"))) if v is not None}
+    return {key: value for key, value in (("data", data), ("training", training), ("privacy", privacy),
+                                          ("harmonize", harmonize)) if value}
 
 
 def with_method_flags(after: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -23,7 +23,9 @@ class Site:
 
     ``X`` is a feature matrix ``(n, d)`` (float64) or a stack of images ``(n, C, H, W)`` /
     ``(n, C, D, H, W)`` (float32: what convolutional models consume, at half the memory).
-    ``split`` is ``None`` or a boolean array, ``True`` for training rows. A feature matrix
+    ``split`` is ``None`` or a boolean array, ``True`` for training rows. ``covariates`` maps
+    a name (``age``, ``sex``) to one finite number per row: what harmonization preserves, known
+    for every row and never a feature (:mod:`medfed.data.harmonize`). A feature matrix
     may hold NaN for missing values only when the federation names an imputation strategy;
     imputation happens per split, from the site's training rows (``medfed.data.preprocess``).
     """
@@ -32,6 +34,7 @@ class Site:
     X: np.ndarray
     y: np.ndarray
     split: np.ndarray | None = None
+    covariates: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         raw = np.asarray(self.X)
@@ -68,6 +71,14 @@ class Site:
                     f"site {self.name!r}: the predefined split must hold both train and test rows"
                 )
             object.__setattr__(self, "split", split)
+        covariates = {}
+        for name, values in self.covariates.items():
+            values = np.asarray(values, dtype=np.float64)
+            if values.shape != y.shape or not np.isfinite(values).all():
+                raise DataError(f"site {self.name!r}: covariate {name!r} needs one finite number per row "
+                                f"({y.size} rows)")
+            covariates[name] = values
+        object.__setattr__(self, "covariates", covariates)
 
     @property
     def n(self) -> int:
@@ -129,6 +140,11 @@ class Federation:
                         f"site {s.name!r}: column {self.feature_names[j]!r} has {int(missing[j])} "
                         f"missing values; choose an imputation: {setting('impute')}"
                     )
+        covariates = set(sites[0].covariates)
+        for s in sites:
+            if set(s.covariates) != covariates:
+                raise DataError(f"site {s.name!r} has covariates {sorted(s.covariates)}; site {sites[0].name!r} "
+                                f"has {sorted(covariates)}")
         for c in self.categorical:
             if len(shape) > 1 or tuple(self.feature_names[c.indicators]) != c.feature_names:
                 raise DataError(
@@ -142,6 +158,11 @@ class Federation:
     @property
     def site_names(self) -> list[str]:
         return [s.name for s in self.sites]
+
+    @property
+    def covariate_names(self) -> tuple[str, ...]:
+        """The covariates every site's rows carry (``Site.covariates``), in the first site's order."""
+        return tuple(self.sites[0].covariates)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

@@ -17,6 +17,7 @@ _SETTINGS: dict[str, tuple[str, str, str]] = {
     "positive_label": ("--positive-label", "VALUE", 'positive_label = "VALUE"'),
     "exclude": ("--exclude", "a,b", "exclude = [...]"),
     "categorical": ("--categorical", "a,b", "categorical = [...]"),
+    "covariates": ("--covariates", "a,b", "covariates = [...]"),
     "kind": ("--kind", "auto|nifti|dicom|image", 'kind = "auto"'),
     "skip_bad": ("--skip-bad", "", "skip_bad = true"),
 }

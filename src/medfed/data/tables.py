@@ -53,6 +53,7 @@ def load_table(
     exclude: Sequence[str] | None = None,
     categorical: Sequence[str] | None = None,
     name: str | None = None,
+    covariates: Sequence[str] | None = None,
 ) -> Federation:
     """Read a CSV or Parquet table with one row per subject into a federation of sites.
 
@@ -75,9 +76,13 @@ def load_table(
     A site whose training rows hold one class is accepted: label skew is common in medicine
     and the federation can still learn from such a site.
 
+    ``covariates`` are numeric columns each site's rows carry beside the features
+    (``Site.covariates``), for harmonization to preserve: never features, never the label, and
+    given for every row (:mod:`medfed.data.harmonize`).
+
     Every problem found with the file is reported at once, in one :class:`DataError`.
     """
-    _check_parameters(site_column, label_column, split_column, features, impute, exclude, categorical)
+    _check_parameters(site_column, label_column, split_column, features, impute, exclude, categorical, covariates)
     path = Path(path)
     df = read_frame(path)
     columns = [str(c) for c in df.columns]
@@ -89,8 +94,8 @@ def load_table(
 
     named = [(site_column, "site_column"), (label_column, "label_column")]
     named += [(split_column, "split_column")] if split_column else []
-    named += [(c, key) for key, cols in (("features", features), ("exclude", exclude), ("categorical", categorical))
-              for c in cols or []]
+    named += [(c, key) for key, cols in (("features", features), ("exclude", exclude), ("categorical", categorical),
+                                         ("covariates", covariates)) for c in cols or []]
     absent = list(dict.fromkeys((c, key) for c, key in named if c not in columns))
     if absent:
         which = ", ".join(f"{c!r} ({flag(key)})" for c, key in absent)
@@ -99,7 +104,7 @@ def load_table(
             f"available columns: {_list(columns, limit=40)}"
         )
 
-    reserved = {site_column, label_column, split_column}
+    reserved = {site_column, label_column, split_column, *(covariates or ())}
     if features is None:
         feature_names = [c for c in columns if c not in reserved and c not in set(exclude or ())]
         if not feature_names:
@@ -135,12 +140,15 @@ def load_table(
             y, positive = labels
 
     X, names, encoded = _feature_matrix(df, feature_names, categorical, impute, site_arr, problems)
+    covariate_columns = {c: problems.attempt(covariate_values, df[c], c, path, site_arr)
+                         for c in covariates or () if c in columns}
     problems.raise_if_any()
 
     sites = []
     for s in site_order:
         rows = site_arr == s
-        sites.append(Site(name=s, X=X[rows], y=y[rows], split=None if split is None else split[rows]))
+        sites.append(Site(name=s, X=X[rows], y=y[rows], split=None if split is None else split[rows],
+                          covariates={c: v[rows] for c, v in covariate_columns.items()}))
     info = {
         "source": str(path),
         "site_column": site_column,
@@ -150,6 +158,8 @@ def load_table(
     }
     if exclude:
         info["excluded"] = list(exclude)
+    if covariates:
+        info["covariates"] = list(covariates)
     if encoded:
         info["categorical_levels"] = {c.name: list(c.levels) for c in encoded}
     return Federation(
@@ -337,7 +347,8 @@ class _Problems:
 # --------------------------------------------------------------------------- parameters
 
 
-def _check_parameters(site_column, label_column, split_column, features, impute, exclude=None, categorical=None) -> None:
+def _check_parameters(site_column, label_column, split_column, features, impute, exclude=None, categorical=None,
+                      covariates=None) -> None:
     """Reject bad arguments before touching the file, so the message blames the option."""
     for key, value in (("site_column", site_column), ("label_column", label_column)):
         if not isinstance(value, str) or not value:
@@ -354,8 +365,12 @@ def _check_parameters(site_column, label_column, split_column, features, impute,
         seen[col] = role
     if impute is not None and impute not in IMPUTE_CHOICES:
         raise ConfigError(f"{flag('impute')} must be mean or median (or left out), got {impute!r}")
+    if covariates is not None:
+        from medfed.data.harmonize import check_covariates
+
+        check_covariates(_column_list("covariates", covariates, {}), features or (), label=label_column)
     lists = {key: _column_list(key, value, seen) for key, value in
-             (("features", features), ("exclude", exclude), ("categorical", categorical))}
+             (("features", features), ("exclude", exclude), ("categorical", categorical), ("covariates", covariates))}
     both = [c for c in lists["exclude"] or () if c in (lists["features"] or ()) + (lists["categorical"] or ())]
     if both:
         where = flag("features") if both[0] in (lists["features"] or ()) else flag("categorical")
@@ -587,10 +602,10 @@ def binary_labels(col, name: str, positive_label: Any, path: Path, sites: np.nda
     return y, positive
 
 
-def _numeric_column(col, name: str, path: Path, fix: str | None = None) -> np.ndarray:
+def _numeric_column(col, name: str, path: Path, fix: str | None = None, what: str = "feature") -> np.ndarray:
     """Float values of a feature column, NaN where missing; booleans count as 0/1. ``fix`` is
     what the message about a non-numeric value suggests (default: how ``medfed run`` can use
-    such a column)."""
+    such a column); ``what`` names the column's role."""
     import pandas as pd
 
     dtype = col.dtype
@@ -615,17 +630,31 @@ def _numeric_column(col, name: str, path: Path, fix: str | None = None) -> np.nd
                 f"with {flag('exclude')} {_shell(name)}, or name the numeric columns with {setting('features')}"
             )
             raise DataError(
-                f"{path}: feature column {name!r} is not numeric ({bad.size} value(s), first "
-                f"{str(col.iloc[i]).strip()!r} at data row {i + 1}); features must be numbers or booleans: {fix}"
+                f"{path}: {what} column {name!r} is not numeric ({bad.size} value(s), first "
+                f"{str(col.iloc[i]).strip()!r} at data row {i + 1}); {what}s must be numbers or booleans: {fix}"
             )
     inf = np.isinf(out)
     if inf.any():
         i = int(np.argmax(inf))
         raise DataError(
-            f"{path}: feature column {name!r} holds infinite values ({int(inf.sum())}, first at "
+            f"{path}: {what} column {name!r} holds infinite values ({int(inf.sum())}, first at "
             f"data row {i + 1}); replace them with numbers or leave the cells empty"
         )
     return out
+
+
+def covariate_values(col, name: str, path: Path, sites: np.ndarray | None) -> np.ndarray:
+    """A covariate column's numbers (booleans as 0/1); a missing value is refused, since
+    harmonization adjusts every row, test rows included, by its covariates."""
+    values = _numeric_column(col, name, path, fix="encode it as numbers (e.g. sex as 0/1)", what="covariate")
+    missing = np.isnan(values)
+    if missing.any():
+        where = f" ({_per_site(missing, sites)})" if sites is not None else ""
+        raise DataError(
+            f"{path}: covariate column {name!r} has {int(missing.sum())} missing value(s){where}, first at data row "
+            f"{int(np.argmax(missing)) + 1}; harmonization adjusts every row by its covariates: fill them in, "
+            f"drop those rows, or leave {name!r} out of {flag('covariates')}")
+    return values
 
 
 def _spells_nan(v: Any) -> bool:

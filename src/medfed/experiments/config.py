@@ -78,6 +78,8 @@ class DataSpec(_Strict):
     positive_label: str | None = None
     exclude: list[str] | None = None  # table columns to drop
     categorical: list[str] | None = None  # table columns to one-hot encode (levels from training rows)
+    # numbers every row carries beside the features (never features), for harmonization to preserve
+    covariates: list[str] | None = None
 
     _finite = field_validator("options")(_finite_options)
 
@@ -178,6 +180,23 @@ class PrivacySpec(_Strict):
         return self
 
 
+class HarmonizeSpec(_Strict):
+    """``[harmonize]``: remove site effects from the features before any setting sees them.
+    ``combat`` is federated ComBat (:mod:`medfed.data.harmonize`), preserving the effects of
+    ``data.covariates``; fitted per repeat on every training site's training rows, from their
+    statistics only, and applied to every site's training and test rows."""
+
+    method: Literal["none", "combat", "frequency"] = "none"
+    eb: bool = Field(True, description="empirical-Bayes estimates of each site's location/scale (--no-eb: moments)")
+
+    @field_validator("method")
+    @classmethod
+    def _available(cls, value: str) -> str:
+        if value == "frequency":
+            raise ValueError("'frequency' (images) is not available yet; use \"combat\" (feature tables) or \"none\"")
+        return value
+
+
 class TrainingSpec(_Strict):
     """Optimization shared by every setting: each site (and each centralized model) runs
     gradient descent with these values; centralized settings get ``rounds * local_steps`` steps."""
@@ -249,6 +268,7 @@ class ExperimentConfig(_Strict):
     workers: int = Field(1, ge=0, description="repeats run in parallel processes; 1 = serial, 0 = one per core")
     deploy: DeploySpec | None = Field(None, description="the study across hospitals; ignored in simulation")
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    harmonize: HarmonizeSpec = Field(default_factory=HarmonizeSpec)
     compress: str = Field(
         "none", description="upload compression: none, lossless, q8, q4 or topk:FRACTION (with error feedback)")
 

@@ -334,6 +334,9 @@ class SplitSite:
     imputer: Imputer | None = None  # fitted on the training rows (tables with an impute strategy)
     scaler: Standardizer | None = None  # the site's own standardization (scaling = "site")
     known_levels: dict[str, np.ndarray] = field(default_factory=dict)  # column -> levels any site trained on
+    # the covariates harmonization preserves (data.covariates, in that order), split like the rows
+    C_train: np.ndarray | None = None
+    C_test: np.ndarray | None = None
 
     @property
     def single_class(self) -> bool:
@@ -445,6 +448,7 @@ class ExperimentRun:
     workers: int = 1
     models: list[ModelOutcome] = field(default_factory=list)  # with save_model: repeat 1's models
     privacy: list[dict] = field(default_factory=list)  # the DP ledger of every repeat
+    harmonization: list[dict] = field(default_factory=list)  # with [harmonize]: each repeat's site effect
 
 
 def load_federation(spec: DataSpec) -> Federation:
@@ -485,6 +489,7 @@ def load_federation(spec: DataSpec) -> Federation:
         positive_label=spec.positive_label,
         exclude=spec.exclude,
         categorical=spec.categorical,
+        covariates=spec.covariates,
     )
 
 
@@ -512,8 +517,10 @@ def prepare_site(site, train: np.ndarray, fed: Federation, config: ExperimentCon
         scaler = Standardizer.from_moments([Moments.of(X_train)])
         X_train, X_test = scaler(X_train), scaler(X_test)
     y = site.y.astype(np.float64)
+    preserved = config.data.covariates or () if config.harmonize.method != "none" else ()
+    C = np.column_stack([site.covariates[c] for c in preserved] or [np.empty((site.n, 0))])
     return SplitSite(site.name, X_train, y[train], X_test, y[~train], Moments.of(X_train), unseen,
-                     imputer, scaler, known)
+                     imputer, scaler, known, C[train], C[~train])
 
 
 def prepare_repeat(fed: Federation, config: ExperimentConfig, repeat: int) -> list[SplitSite]:
@@ -536,24 +543,39 @@ class ScaledViews:
     test set it is evaluated on (as a deployed model would apply it).
     """
 
-    def __init__(self, sites: list[SplitSite], mode: str) -> None:
-        self.sites, self.mode = sites, mode
-        self._cache: dict[tuple[int, ...], tuple[list[LocalData], list[np.ndarray]]] = {}
+    def __init__(self, sites: list[SplitSite], mode: str, harmonizer=None) -> None:
+        self.sites, self.mode, self.harmonizer = sites, mode, harmonizer
+        self._cache: dict[tuple, tuple[list[LocalData], list[np.ndarray]]] = {}
 
-    def scaler(self, group: tuple[int, ...]) -> Standardizer:
+    def sites_for(self, reference: tuple[int, ...] | None, adapt: bool) -> list[SplitSite]:
+        """The repeat's sites, harmonized (``medfed.experiments.harmonization``) by the fit of
+        ``reference`` (default: every site; the same fit for every setting) when it is on."""
+        if self.harmonizer is None:
+            return self.sites
+        return self.harmonizer(tuple(range(len(self.sites))) if reference is None else reference, adapt)
+
+    def scaler(self, group: tuple[int, ...], reference: tuple[int, ...] | None = None,
+               adapt: bool = False) -> Standardizer:
         """The standardization of a model trained on ``group``, applied to every row it scores."""
+        sites = self.sites_for(reference, adapt)
         if self.mode == "global":
-            return Standardizer.from_moments([self.sites[i].moments for i in group])
+            return Standardizer.from_moments([sites[i].moments for i in group])
         # "site" was applied in prepare_repeat; "none" leaves values as they are
-        return Standardizer.identity(self.sites[0].X_train.shape[1])  # features, or channels
+        return Standardizer.identity(sites[0].X_train.shape[1])  # features, or channels
 
-    def __call__(self, group: tuple[int, ...]) -> tuple[list[LocalData], list[np.ndarray]]:
-        if group not in self._cache:
-            scale = self.scaler(group)
-            train = [LocalData(self.sites[i].name, scale(self.sites[i].X_train), self.sites[i].y_train) for i in group]
-            tests = [scale(s.X_test) for s in self.sites]
-            self._cache[group] = (train, tests)
-        return self._cache[group]
+    def __call__(self, group: tuple[int, ...], reference: tuple[int, ...] | None = None,
+                 adapt: bool = False) -> tuple[list[LocalData], list[np.ndarray]]:
+        """Training data of ``group`` and every site's test rows, standardized for ``group``;
+        harmonized by the fit of ``reference`` with a site outside it as it is, or (``adapt``)
+        harmonized by itself."""
+        key = (group, reference, adapt)
+        if key not in self._cache:
+            sites = self.sites_for(reference, adapt)
+            scale = self.scaler(group, reference, adapt)
+            train = [LocalData(sites[i].name, scale(sites[i].X_train), sites[i].y_train) for i in group]
+            tests = [scale(s.X_test) for s in sites]
+            self._cache[key] = (train, tests)
+        return self._cache[key]
 
 
 Evaluation = tuple[tuple[str, str, str | None, str, str, str], "dict[str, Metric] | Failure", tuple | None]
@@ -573,6 +595,7 @@ class RepeatOutcome:
     unseen_levels: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # site -> column -> level -> rows
     privacy: list[dict] = field(default_factory=list)  # the DP ledger: one entry per site per federated run
     models: dict[str, ModelOutcome] = field(default_factory=dict)  # with save_model, in repeat 1: by name
+    harmonization: dict | None = None  # with [harmonize]: the site effect before and after
 
 
 CROSS_ONE_SITE = "Cross trains on one site and tests on another; this federation has a single site"
@@ -592,10 +615,17 @@ def run_repeat(
     n_sites = len(site_names)
     everyone = tuple(range(n_sites))
     sites = prepare_repeat(federation, config, repeat)
-    scaled = ScaledViews(sites, config.scaling)
+    harmonizer = repeat_harmonizer(config, federation, sites)
+    scaled = ScaledViews(sites, config.scaling, harmonizer)
     initial = plan.initial(federation, repeat)
     out = RepeatOutcome([], [], [s.name for s in sites if s.single_class], {},
                         unseen_levels={s.name: s.unseen_levels for s in sites if s.unseen_levels})
+    if harmonizer is not None:
+        from medfed.experiments.harmonization import site_effect
+
+        seed = int(KeyedRng(config.seed, (SPLIT_STREAM, repeat, name_key("site-effect"))).generator.integers(2**31))
+        out.harmonization = {"before": site_effect(sites, seed), "after": site_effect(scaled.sites_for(None, False), seed),
+                             "iterations": {e.site: e.iterations for e in harmonizer.fit(everyone).sites}}
     single_models: dict[int, CentralFit] = {}
     saving = config.save_model and repeat == SAVED_REPEAT
     # Single and Cross score with one model per training site, saved once as Single-<site>
@@ -631,7 +661,8 @@ def run_repeat(
     def train_one_federated(spec: Method, opts: dict, held_out: int | None) -> None:
         """Train ``spec`` on every site (``held_out`` None) or on all but one, and evaluate."""
         group = tuple(i for i in everyone if i != held_out)
-        train, tests = scaled(group)
+        reference = None if held_out is None else group  # an unseen site takes no part in the fit
+        train, tests = scaled(group, reference)
         evaluate = None
         if config.eval_every and held_out is None and spec.global_model:  # FedBN's shared part is no model
             def evaluate(p, tests=tests):
@@ -645,7 +676,8 @@ def run_repeat(
             # this setting has no result in this repeat; the other settings still run
             failure = Failure("not computable", f"the run stopped: {exc}")
             if held_out is not None:
-                out.evaluations.append((key_of(spec, None, held_out, "loso"), failure, None))
+                for evaluation in ("loso", "loso+adapt")[: 1 + (harmonizer is not None)]:
+                    out.evaluations.append((key_of(spec, None, held_out, evaluation), failure, None))
                 return
             keep(spec.display, spec, None, group, failure.reason)
             kinds = ["global"] * spec.global_model + ["personal"] * (spec.personal or not spec.global_model)
@@ -661,6 +693,9 @@ def run_repeat(
         failure = federated_failure(run)
         if held_out is not None:
             evaluate_on(key_of(spec, None, held_out, "loso"), run.params, tests, held_out, failure)
+            if harmonizer is not None:
+                evaluate_on(key_of(spec, None, held_out, "loso+adapt"), run.params,
+                            scaled(group, group, adapt=True)[1], held_out, failure)
             return
         losses = run.train_loss
         finite = losses[np.isfinite(losses)]
@@ -715,7 +750,8 @@ def run_repeat(
         elif spec.name == "mix":
             for held_out in [None, *(range(n_sites) if config.loso else [])]:
                 group = tuple(i for i in everyone if i != held_out)
-                train, tests = scaled(group)
+                reference = None if held_out is None else group
+                train, tests = scaled(group, reference)
                 pooled = LocalData("pooled", np.concatenate([d.X for d in train]), np.concatenate([d.y for d in train]))
                 key = (TRAIN_STREAM, repeat, name_key("mix")) + (() if held_out is None else (name_key("loso"), held_out))
                 fit = centralized("mix", None, pooled, KeyedRng(config.seed, key))
@@ -725,12 +761,24 @@ def run_repeat(
                 for j in range(n_sites) if held_out is None else [held_out]:
                     evaluation = "split" if held_out is None else "loso"
                     evaluate_on(key_of(spec, None, j, evaluation), fit.params, tests, j, failure)
+                if held_out is not None and harmonizer is not None:
+                    evaluate_on(key_of(spec, None, held_out, "loso+adapt"), fit.params,
+                                scaled(group, reference, adapt=True)[1], held_out, failure)
         else:
             loso = config.loso and spec.global_model  # an unseen site has no private part to use
             for held_out in [None, *(range(n_sites) if loso else [])]:
                 train_one_federated(spec, opts, held_out)
         out.setting_time[spec.display] = time.perf_counter() - tic
     return out
+
+
+def repeat_harmonizer(config: ExperimentConfig, federation: Federation, sites: list[SplitSite]):
+    """The repeat's harmonization (``[harmonize]``), or None when it is off."""
+    if config.harmonize.method == "none":
+        return None
+    from medfed.experiments.harmonization import Harmonizer
+
+    return Harmonizer(sites, federation.feature_names, config.data.covariates or (), config.harmonize.eb)
 
 
 def _repeat_task(config: ExperimentConfig, federation: Federation, repeat: int) -> RepeatOutcome:
@@ -812,6 +860,8 @@ def check_study(
     from medfed.engine.selection import cohort_size
     from medfed.server.robust import site_requirement
 
+    from medfed.experiments.harmonization import check_harmonization
+
     names = list(federation.site_names)
     t = config.training
     faults = parse_drops(config.drop, names)
@@ -819,6 +869,7 @@ def check_study(
     if faults.late and not config.privacy.secure_aggregation:
         raise ConfigError("--drop SITE@ROUND:STAGE drops a site inside a securely aggregated round; "
                           "without --secure-aggregation use SITE@ROUND")
+    check_harmonization(config, federation)
     if config.executor not in LOCAL_EXECUTORS:
         raise ConfigError(
             f"executor {config.executor!r} runs on Flower's deployment runtime: `medfed run --executor flower` "
@@ -973,4 +1024,5 @@ def assemble_run(config: ExperimentConfig, federation, methods, outcomes: list[R
         workers=workers,
         models=models,
         privacy=[entry for o in outcomes for entry in o.privacy],
+        harmonization=[o.harmonization for o in outcomes if o.harmonization is not None],
     )

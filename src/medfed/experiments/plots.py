@@ -142,6 +142,8 @@ def _cell_label(cell: Cell) -> str:
         label += " · personal"
     if cell.evaluation == "loso":
         label += " (site unseen)"
+    elif cell.evaluation == "loso+adapt":
+        label += " (site unseen, adapted)"
     return label
 
 
@@ -298,6 +300,25 @@ def metric_figure(run: ExperimentRun, metric: str):
     return fig
 
 
+def site_effect_figure(harmonization: dict[str, Any]):
+    """Harmonization's site effect: each feature's between-site share of variance before and
+    after (mean over repeats, features sorted by the first), the site-classifier AUCs in the title."""
+    fig = _figure(figsize=(7.5, 3.6))
+    ax = fig.subplots()
+    before = np.array(list(harmonization["before"]["variance_ratio"].values()))
+    after = np.array(list(harmonization["after"]["variance_ratio"].values()))
+    order = np.argsort(before)[::-1]
+    x = np.arange(before.size)
+    ax.plot(x, before[order], label="before", **curve_style(0))
+    ax.plot(x, after[order], label="after", **curve_style(1))
+    ax.set_xlabel("feature (sorted by the share before)")
+    ax.set_ylabel("between-site share of variance")
+    ax.set_title(f"{harmonization['method']}: site-classifier AUC {harmonization['before']['site_auc_mean']:.3f} "
+                 f"-> {harmonization['after']['site_auc_mean']:.3f} (test rows)", fontsize=9)
+    _legend(ax)
+    return fig
+
+
 def plot_files(run: ExperimentRun, doc: dict[str, Any]) -> dict[str, Callable[[], bytes]]:
     """Every plot in every format of ``run.config.plot_formats``, by file name. A figure is
     built once and rendered in all its formats on first use."""
@@ -309,6 +330,8 @@ def plot_files(run: ExperimentRun, doc: dict[str, Any]) -> dict[str, Callable[[]
         figures["convergence"] = functools.partial(convergence_figure, run)
     if evaluated_settings(run):
         figures.update({f"test_{m}": functools.partial(metric_figure, run, m) for m in METRICS})
+    if doc.get("harmonization"):
+        figures["site_effect"] = functools.partial(site_effect_figure, doc["harmonization"])
     formats = run.config.plot_formats
     files: dict[str, Callable[[], bytes]] = {}
     for stem, build in figures.items():

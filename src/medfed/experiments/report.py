@@ -24,7 +24,13 @@ from typing import Any
 
 from medfed.errors import ConfigError
 from medfed.experiments.metrics import METRICS
-from medfed.experiments.results import communication_lines, data_note_lines, server_note_lines, table_rows
+from medfed.experiments.results import (
+    communication_lines,
+    data_note_lines,
+    harmonization_lines,
+    server_note_lines,
+    table_rows,
+)
 from medfed.experiments.saved_model import MODEL_FILES, model_lines
 
 
@@ -76,6 +82,9 @@ def results_markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {row['test_site']} | {label} | " + " | ".join(cells) + " |")
     if footnotes:
         lines += ["", *[f"[{i}] {text}" for i, text in enumerate(footnotes, 1)]]
+    harmonized = harmonization_lines(doc)
+    if harmonized:
+        lines += ["", "Harmonization:", *[f"- {line}" for line in harmonized]]
     data_notes = data_note_lines(doc)
     if data_notes:
         lines += ["", "Data:", *[f"- {line.strip()}" for line in data_notes]]
@@ -179,8 +188,8 @@ def _remove_empty(folders: list[Path]) -> None:
             return  # not empty (or gone): leave it and its parents
 
 
-# names a run's report may take in its folder (plots: roc_<site>, convergence, test_<metric>)
-REPORT_FILES = ("results.json", "results.csv", "table.md", "roc_*.*", "convergence.*", "test_*.*")
+# names a run's report may take in its folder (plots: roc_<site>, convergence, test_<metric>, site_effect)
+REPORT_FILES = ("results.json", "results.csv", "table.md", "roc_*.*", "convergence.*", "test_*.*", "site_effect.*")
 
 
 def foreign_files(out_dir: Path, names: tuple[str, ...]) -> list[str]:

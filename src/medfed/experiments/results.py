@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from medfed.experiments.harmonization import harmonization_document
 from medfed.experiments.harness import Cell, ExperimentRun
 from medfed.experiments.metrics import METRICS, Metric
 from medfed.experiments.saved_model import models_document
@@ -148,6 +149,8 @@ def results_document(run: ExperimentRun, command: str | None = None) -> dict[str
         # with --save-model: the file of each setting's model (repeat 1) and why others have none
         "models": models_document(run.models, config) if config.save_model else None,
         "privacy": privacy_document(run),
+        # with [harmonize]: what was fitted and the site effect before and after it
+        "harmonization": harmonization_document(config, fed, run.harmonization),
     }
 
 
@@ -272,6 +275,19 @@ def privacy_lines(doc: dict[str, Any]) -> list[str]:
                     + "; ".join(parts)]
 
 
+def harmonization_lines(doc: dict[str, Any]) -> list[str]:
+    """One line when the features were harmonized: how, and the site effect before and after."""
+    h = doc.get("harmonization")
+    if not h:
+        return []
+    covariates = ", ".join(h["covariates"]) or "no covariates"
+    b, a = h["before"], h["after"]
+    return [f"harmonized with federated ComBat ({'empirical Bayes' if h['empirical_bayes'] else 'no EB'}; preserving "
+            f"{covariates}), fitted per repeat on the training rows; site effect on the test rows: between-site "
+            f"variance share {b['variance_ratio_mean']:.3f} -> {a['variance_ratio_mean']:.3f}, site-classifier AUC "
+            f"{b['site_auc_mean']:.3f} -> {a['site_auc_mean']:.3f}"]
+
+
 def data_note_lines(doc: dict[str, Any]) -> list[str]:
     """What the loader left out (``--skip-bad``): counted, with the first reasons, never silent."""
     info = doc.get("data_info") or {}
@@ -351,12 +367,13 @@ def table_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows in the survey's Table 2 order: grouped by test site; Cross rows first, labelled by
     their training site, then the other settings in the order they were run, each personal
     model after its global one. Leave-one-site-out rows follow in blocks of their own, one per
-    held-out site, labelled "(unseen)"."""
+    held-out site, labelled "(unseen)", then (with harmonization) "(unseen, adapted)": the
+    held-out site harmonized by itself."""
     order = {m["display"]: i for i, m in enumerate(doc["methods"])}
     caveats = {m["display"]: m["caveat"] for m in doc["methods"] if m.get("caveat")}
     rows = []
     blocks = [(site, "split") for site in (s["name"] for s in doc["sites"])]
-    blocks += [(site, "loso") for site, _ in blocks]
+    blocks += [(site, evaluation) for evaluation in ("loso", "loso+adapt") for site, _ in blocks]
     for site, evaluation in blocks:
         block = [r for r in doc["results"] if r["test_site"] == site and r.get("evaluation", "split") == evaluation]
         block.sort(key=lambda r: (order.get(r["setting"], 99), r.get("model") == "personal", r["train_site"] or ""))
@@ -373,6 +390,6 @@ def table_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
             notes += r.get("warnings", [])
             notes += [f"{m.upper()}: {r['metrics'][m]['undefined_reason']}" for m in METRICS
                       if r["computable"] and r["metrics"][m].get("undefined_reason")]
-            shown = site if evaluation == "split" else f"{site} (unseen)"
+            shown = {"split": site, "loso": f"{site} (unseen)"}.get(evaluation, f"{site} (unseen, adapted)")
             rows.append({"test_site": shown, "label": label, "cells": cells, "notes": notes, "setting": r["setting"]})
     return rows

@@ -302,9 +302,14 @@ def _population() -> dict[str, np.ndarray]:
     }
 
 
-def _simulate_site(
-    pop: dict[str, np.ndarray], s: int, spec: _SiteSpec, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+class _Subjects(NamedTuple):
+    x: np.ndarray  # (n, 90) measured features
+    y: np.ndarray  # 1 = AD
+    age: np.ndarray  # years
+    male: np.ndarray  # bool
+
+
+def _simulate_site(pop: dict[str, np.ndarray], s: int, spec: _SiteSpec, seed: int) -> _Subjects:
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(s,)))
     n_ad, n_nc = spec.n_ad, spec.n_nc
     n = n_ad + n_nc
@@ -342,7 +347,7 @@ def _simulate_site(
 
     noise = spec.noise * pop["base"] * rng.standard_normal((n, d))
     x = np.maximum(pop["gain"][s] * v + pop["offset"][s] + noise, 0.05 * pop["base"])
-    return x, y
+    return _Subjects(x, y, age, male)
 
 
 def load_adni_like(seed: int = 0) -> Federation:
@@ -350,14 +355,17 @@ def load_adni_like(seed: int = 0) -> Federation:
 
     Not ADNI data: see the module docstring for the generative model. ``seed`` draws the
     subjects; the population (regional volumes, atrophy pattern, scanner effects) is the same
-    for every seed.
+    for every seed. Each site's rows carry the covariates the model draws (step 7), ``age``
+    (years) and ``sex`` (1 = male, 0 = female), for harmonization to preserve; they are not
+    features.
     """
     seed = check_int("seed", seed, 0)
     pop = _population()
     sites = []
     for s, spec in enumerate(_SITES):
-        X, y = _simulate_site(pop, s, spec, seed)
-        sites.append(Site(name=spec.name, X=X, y=y))
+        subjects = _simulate_site(pop, s, spec, seed)
+        sites.append(Site(name=spec.name, X=subjects.x, y=subjects.y,
+                          covariates={"age": subjects.age, "sex": subjects.male.astype(np.float64)}))
     return Federation(
         name="adni-like",
         sites=tuple(sites),
@@ -387,5 +395,6 @@ def load_adni_like(seed: int = 0) -> Federation:
             "scanner_noise": {sp.name: sp.noise for sp in _SITES},
             "ad_severity_mean": {sp.name: sp.severity_mean for sp in _SITES},
             "units": "cm^3 (mean gray-matter volume per AAL region)",
+            "covariates": {"age": "years (step 7)", "sex": "1 = male, 0 = female (step 7)"},
         },
     )
