@@ -571,7 +571,7 @@ def leakage(
         help="comma-separated off, on (the server sees only the sum of K sites' uploads) [default: off,on]")] = None,
     secagg_sites: Annotated[int | None, typer.Option(help="K, the sites summed under secure aggregation [default: all]")] = None,
     attack_steps: Annotated[int, typer.Option(help="Adam iterations of the inversion")] = 1000,
-    tv: Annotated[float, typer.Option(help="weight of the total-variation prior")] = 1e-2,
+    tv: Annotated[float, typer.Option(help="weight of the total-variation prior")] = 1e-4,
     rounds: Annotated[int, typer.Option(help="FedAvg rounds before the attacked upload (0: the initial model)")] = 1,
     lr: LrOpt = None,
     l2: L2Opt = None,

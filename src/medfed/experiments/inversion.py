@@ -118,7 +118,7 @@ class AttackSpec:
     ``tv``, DP clip ``clip``, ``secagg_sites`` K summed under secure aggregation."""
 
     steps: int = 1000
-    tv: float = 1e-2
+    tv: float = 1e-4
     clip: float = 1.0
     secagg_sites: int | None = None
     site: str | None = None
@@ -352,6 +352,11 @@ def _check(config: ExperimentConfig, federation, attack: AttackSpec, settings: l
                           f"({', '.join(TORCH_MODELS)})")
     if config.model not in TORCH_MODELS:
         raise ConfigError(f"--model {config.model}: the leakage audit inverts 2D image models ({', '.join(TORCH_MODELS)})")
+    smallest = min(s.batch_size for s in settings)
+    if config.model != "cnn2d" and config.model_options.get("norm", "batch" if config.model == "mlp" else "none") == "batch" \
+            and smallest < 2:
+        raise ConfigError(f"--batch-sizes {smallest}: model {config.model!r} with norm=batch needs at least 2 images per "
+                          "batch; give --model-option norm=none (or group) or batch sizes >= 2")
     shape = federation.sample_shape
     if len(shape) != 3:
         raise ConfigError(f"the leakage audit rebuilds 2D images (C, H, W); {federation.name!r} has samples of "
@@ -404,7 +409,10 @@ def _attack_setting(plan, config, global_params, sites_data: list[LocalData], vi
     datas = sites_data[:groups]
     observed = _observed(plan, global_params, datas, setting, attack, algorithms[setting.noise_multiplier > 0,
                                                                                  setting.sharing], config.seed)
-    visible = tuple(k for k in observed if not is_norm_statistic(k))
+    trainable = [k for k in observed if not is_norm_statistic(k)]
+    # the head's update dwarfs the body's and holds only pooled features: it gives the labels,
+    # the body's update the images (a model that is all head, torch_logistic, gives both)
+    visible = tuple(k for k in trainable if not is_head(k)) or tuple(trainable)
     sim = Simulator.of(model, datas[0].X.shape[1:], global_params, visible, plan.local.lr, plan.local.l2,
                        setting.local_steps)
     one_image = setting.batch_size * groups == 1 and "head.bias" in observed
