@@ -37,10 +37,13 @@ Attacks:
   update) + tv * TV(dummy)`` (anisotropic total variation, mean absolute neighbour
   difference). The dummy update is the attacker's simulation of the site's local training:
   Geiping's multi-step variant, ``local_steps`` full-batch SGD steps at the study's lr and
-  L2, differentiated through. Departures: with ``optimizer=adam`` the site's steps are
-  simulated as SGD (the update's direction is matched as if a gradient; Adam's per-coordinate
-  scaling has almost no derivative to follow); the cosine runs over the trainable parameters
-  the attacker sees (BatchNorm's running statistics are left out); no restarts.
+  L2, differentiated through. Departures: the cosine runs over the BODY's trainable
+  parameters the attacker sees (the head's update is orders of magnitude larger and holds
+  only pooled features: in the objective it drowns the body's, which carries the image, and
+  it already gave the labels; BatchNorm's running statistics are left out); with
+  ``optimizer=adam`` the site's steps are simulated as SGD (the update's direction matched
+  as if a gradient: Adam's step ``m / sqrt(v)`` is nearly a sign, whose derivative is zero
+  almost everywhere), so against Adam uploads the attack is weak; no restarts.
 
 Metrics per image: PSNR and SSIM (scikit-image) on the model's input scale (the
 standardized images), data range = max - min of the victim site's training images, each
@@ -472,7 +475,8 @@ def run_leakage_audit(
     largest = max(s.batch_size for s in settings)
     for j in {victim, *(group if any(s.secure_aggregation for s in settings) else [])}:
         if largest > train[j].n:
-            raise ConfigError(f"--batch-sizes {largest}: site {train[j].name!r} has {train[j].n} training rows")
+            raise ConfigError(f"--batch-sizes {largest}: site {train[j].name!r} has {train[j].n} training rows; give "
+                              f"batch sizes up to {train[j].n}")
     by_name = {spec.name: (spec, opts) for spec, opts in resolve_methods(sorted({SHARING[s.sharing] for s in settings}), {})}
     counts = {d.name: label_counts(d.y) for d in train}
     names = [d.name for d in train]
@@ -501,15 +505,17 @@ def run_leakage_audit(
         if failure is not None:
             raise ConfigError(f"the FedAvg rounds before the attack failed ({failure.reason}); lower --lr or --rounds")
         global_params = run.params
-    elif all(not np.any(v) for k, v in global_params.items() if is_head(k) and k.endswith("weight")):
+    if plan.model.options.get("optimizer") == "adam":
+        notes.append("the site trains with Adam, the attack simulates SGD steps: against Adam's nearly sign-like "
+                     "update this attack is weak, so a low PSNR here does not mean the upload is safe (audit with "
+                     "--model-option optimizer=sgd to see what plain SGD uploads leak)")
+    if not rounds and all(not np.any(v) for k, v in global_params.items() if is_head(k) and k.endswith("weight")):
         notes.append("the initial model's head is zero, so one local step moves only the head: the body's update "
                      "(what carries the image) is zero; use --rounds >= 1 to attack a trained model")
 
-    victim_rows = _victim_rows(train[victim].n, config.seed, train[victim].name, largest)
-    sites_data = []
-    for j in group:
-        rows = _victim_rows(train[j].n, config.seed, train[j].name, largest)
-        sites_data.append((train[j], rows))
+    # the victim first, then the sites summed with it under secure aggregation
+    sites_data = [(train[j], _victim_rows(train[j].n, config.seed, train[j].name, largest)) for j in group]
+    victim_rows = sites_data[0][1]
     low, high = float(train[victim].X.min()), float(train[victim].X.max())
     records = []
     for i, setting in enumerate(settings):
@@ -534,6 +540,7 @@ def run_leakage_audit(
             "images": "Inverting gradients (Geiping et al., 2020): cosine similarity of the simulated local "
                       "update + total variation, Adam on signed gradients",
             "local_steps": "simulated (Geiping's multi-step variant), as SGD steps",
+            "objective_parameters": "the body's trainable parameters in view (the head gives the labels)",
             "steps": attack.steps, "tv": attack.tv, "lr": ATTACK_LR,
         },
         "dp": f"site clips to {attack.clip:g}, noise std noise_multiplier x {attack.clip:g} added before the server "
