@@ -128,8 +128,11 @@ def test_the_default_sweep_varies_one_factor_at_a_time_around_the_base():
 def test_one_image_is_rebuilt_far_better_than_the_random_start(audit):
     base = _record(audit, BASE)
     assert base["label_rule"] == "idlg" and base["label_accuracy"] == 1.0
-    assert base["psnr"] > base["baseline_psnr"] + 4  # measured: 16 dB against 8.6 dB
-    assert base["ssim"] > 0.5 and base["baseline_ssim"] < 0.2
+    assert base["psnr"] > base["baseline_psnr"] + 4  # measured: 14.3 dB against 8.6 dB
+    assert base["ssim"] > 0.5 and base["baseline_ssim"] < 0.2  # measured: 0.79 against 0.01
+    # the structure is the upload's, not the anatomy every image shares (the other sites'
+    # mean image scores a higher PSNR, 17.3 dB, but an SSIM of 0.25)
+    assert base["ssim"] > base["prior_ssim"] + 0.3
     assert set(base) >= {"batch_size", "local_steps", "noise_multiplier", "psnr", "ssim", "images"}
 
 

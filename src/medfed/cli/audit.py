@@ -451,7 +451,8 @@ def render_leakage_audit(doc: dict[str, Any], out: Console | None = None) -> Non
     out = out or console
     header, rows = table_cells(doc)
     title = (f"{doc['dataset']}: gradient inversion of site {doc['site']}'s upload ({doc['model']}, "
-             f"{doc['attack']['steps']} attack steps); PSNR in dB, Base = random start")
+             f"{doc['attack']['steps']} attack steps); PSNR in dB; Rand: the random start's, Prior: the other "
+             "sites' mean image's")
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if h in ("Sharing", "SecAgg") else "right", no_wrap=True)

@@ -50,7 +50,10 @@ standardized images), data range = max - min of the victim site's training image
 reconstruction clipped to that range. Reconstructions come in no order: each original gets
 its own reconstruction by the best assignment on PSNR (``linear_sum_assignment``; with
 secure aggregation there are K·B reconstructions for the victim's B images). The baseline
-is the same score of the attack's random starting images. This is ONE attack with a fixed
+is the same score of the attack's random starting images; the prior that of the other sites'
+mean training image, a guess the server makes without any upload (images of one anatomy,
+like mni-phantom's, score 15-16 dB that way: a reconstruction must beat the prior, not only
+the random start, to show what the upload gave away). This is ONE attack with a fixed
 budget: a lower bound on what an upload leaks, not a proof that it leaks nothing.
 """
 
@@ -405,8 +408,8 @@ def _observed(plan: TrainingPlan, global_params, datas: list[LocalData], setting
 
 
 def _attack_setting(plan, config, global_params, sites_data: list[LocalData], victim_rows, setting: Setting,
-                    attack: AttackSpec, algorithms, low, high, index: int) -> dict[str, Any]:
-    """Upload, recover labels, invert, score one setting."""
+                    attack: AttackSpec, algorithms, low, high, prior_image, index: int) -> dict[str, Any]:
+    """Upload, recover labels, invert, score one setting (and the prior image, for comparison)."""
     model = plan.model
     groups = len(sites_data) if setting.secure_aggregation else 1
     datas = sites_data[:groups]
@@ -427,6 +430,8 @@ def _attack_setting(plan, config, global_params, sites_data: list[LocalData], vi
     originals = datas[0].X
     scores = match_and_score(originals, rec.images, low, high)
     baseline = match_and_score(originals, rec.start, low, high)
+    prior = None if prior_image is None else match_and_score(
+        originals, np.repeat(prior_image[None], len(originals), axis=0), low, high)
     truth = datas[0].y.astype(int)
     recovered = [int(rec.labels[j]) for j in scores.matched]
     return {
@@ -439,6 +444,8 @@ def _attack_setting(plan, config, global_params, sites_data: list[LocalData], vi
         "ssim": float(np.mean(scores.ssim)),
         "baseline_psnr": float(np.mean(baseline.psnr)),
         "baseline_ssim": float(np.mean(baseline.ssim)),
+        "prior_psnr": None if prior is None else float(np.mean(prior.psnr)),
+        "prior_ssim": None if prior is None else float(np.mean(prior.ssim)),
         "final_loss": rec.loss,
         "images": [{"row": int(r), "label": int(t), "recovered_label": lab, "psnr": p, "ssim": s,
                     "baseline_psnr": bp}
@@ -517,13 +524,18 @@ def run_leakage_audit(
     sites_data = [(train[j], _victim_rows(train[j].n, config.seed, train[j].name, largest)) for j in group]
     victim_rows = sites_data[0][1]
     low, high = float(train[victim].X.min()), float(train[victim].X.max())
+    # what the server could guess without any upload: the mean image of the other sites (for
+    # data of one anatomy, like mni-phantom, a high PSNR; a reconstruction below it shows
+    # little beyond "an image of this kind")
+    others = [d.X for j, d in enumerate(train) if j != victim]
+    prior_image = np.concatenate(others).mean(axis=0) if others else None
     records = []
     for i, setting in enumerate(settings):
         if progress:
             progress(f"attack {i + 1}/{len(settings)}: {setting.label()}")
         datas = [LocalData(d.name, d.X[r[:setting.batch_size]], d.y[r[:setting.batch_size]]) for d, r in sites_data]
         records.append(_attack_setting(plan, config, global_params, datas, victim_rows[:setting.batch_size], setting,
-                                       attack, algorithms, low, high, i))
+                                       attack, algorithms, low, high, prior_image, i))
     pictures = [r.pop("_pictures") for r in records]
     doc = {
         "audit": "leakage",
@@ -549,7 +561,8 @@ def run_leakage_audit(
         "sweep": how,
         "metrics": ("PSNR and SSIM (scikit-image) on the standardized images, data range = max - min of the site's "
                     f"training images ({high - low:.4g}); originals matched to reconstructions by the best "
-                    "assignment on PSNR; baseline = the attack's random start"),
+                    "assignment on PSNR; baseline = the attack's random start; prior = the mean training image "
+                    "of the other sites, a guess that needs no upload"),
         "data_range": [low, high],
         "seed": config.seed,
         "notes": notes,
@@ -569,15 +582,16 @@ def worst_setting(doc: dict[str, Any]) -> dict[str, Any] | None:
 
 # --------------------------------------------------------------------------- reports
 
-HEADER = ["Batch", "Steps", "Noise", "Sharing", "SecAgg", "PSNR", "SSIM", "Base", "Labels"]
+HEADER = ["Batch", "Steps", "Noise", "Sharing", "SecAgg", "PSNR", "SSIM", "Rand", "Prior", "Labels"]
 
 
 def table_cells(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """The header and rows the screen and Markdown tables show (PSNR in dB; Base: the
-    random start's PSNR; Labels: the share of labels recovered)."""
+    """The header and rows the screen and Markdown tables show (PSNR in dB; Rand: the random
+    start's PSNR; Prior: the other sites' mean image's; Labels: the share recovered)."""
     rows = [[str(r["batch_size"]), str(r["local_steps"]), f"{r['noise_multiplier']:g}", r["sharing"],
              "on" if r["secure_aggregation"] else "off", f"{r['psnr']:.2f}", f"{r['ssim']:.3f}",
-             f"{r['baseline_psnr']:.2f}", f"{r['label_accuracy']:.2f}"] for r in doc["records"]]
+             f"{r['baseline_psnr']:.2f}", "-" if r["prior_psnr"] is None else f"{r['prior_psnr']:.2f}",
+             f"{r['label_accuracy']:.2f}"] for r in doc["records"]]
     return HEADER, rows
 
 
@@ -602,11 +616,12 @@ def leakage_csv(doc: dict[str, Any]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     keys = ["batch_size", "local_steps", "noise_multiplier", "sharing", "secure_aggregation", "label_rule",
-            "label_accuracy", "psnr", "ssim", "baseline_psnr"]
+            "label_accuracy", "psnr", "ssim", "baseline_psnr", "prior_psnr", "prior_ssim"]
     writer.writerow([*keys, "image_row", "label", "recovered_label", "image_psnr", "image_ssim", "image_baseline_psnr"])
     for r in doc["records"]:
         for im in r["images"]:
-            writer.writerow([*(repr(r[k]) if isinstance(r[k], float) else r[k] for k in keys), im["row"], im["label"],
+            writer.writerow([*(repr(r[k]) if isinstance(r[k], float) else "" if r[k] is None else r[k] for k in keys),
+                             im["row"], im["label"],
                              im["recovered_label"], repr(im["psnr"]), repr(im["ssim"]), repr(im["baseline_psnr"])])
     return buf.getvalue()
 
