@@ -633,7 +633,7 @@ def leakage_figure(doc: dict[str, Any], pictures):
 
     low, high = doc["data_range"]
     cols = 2 * max(len(p[0]) for p in pictures)
-    fig = _figure(figsize=(1.3 * cols + 1.6, 1.45 * len(pictures)))
+    fig = _figure(figsize=(1.3 * cols + 1.6, 1.45 * len(pictures) + 0.4), layout="constrained")
     axes = fig.subplots(len(pictures), cols, squeeze=False)
     for i, (record, (originals, recs)) in enumerate(zip(doc["records"], pictures)):
         for j in range(cols // 2):
