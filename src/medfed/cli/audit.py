@@ -509,7 +509,11 @@ def execute_leakage_audit(flags: dict[str, Any]) -> dict[str, Any]:
     render; with ``--fail-if-psnr-above X`` exit 5 after writing when a setting's mean PSNR is above X."""
     from medfed.experiments.config import build_config
     from medfed.experiments.harness import load_federation
-    from medfed.experiments.inversion import leakage_files, run_leakage_audit, worst_setting
+    from medfed.experiments.inversion import (
+        leakage_files,
+        run_leakage_audit,
+        worst_setting,
+    )
     from medfed.experiments.report import output_dir, write_atomically
     from medfed.experiments.results import environment
 

@@ -597,12 +597,12 @@ def table_cells(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def leakage_markdown(doc: dict[str, Any]) -> str:
     header, rows = table_cells(doc)
-    lines = [f"# Leakage audit: {doc['dataset']}, site {doc['site']}", "",
-             f"Gradient inversion of site {doc['site']}'s upload ({doc['model']}, after "
-             f"{doc['rounds_before_attack']} FedAvg round(s)). Labels: {doc['attack']['labels']}. Images: "
-             f"{doc['attack']['images']}, {doc['attack']['steps']} steps, TV weight {doc['attack']['tv']:g}. "
-             f"DP: {doc['dp']}. Metrics: {doc['metrics']}. Settings: {doc['sweep']}. Seed {doc['seed']}. "
-             "One attack with a fixed budget: a lower bound on leakage, not a proof of privacy.", "",
+    caption = (f"Gradient inversion of site {doc['site']}'s upload ({doc['model']}, after "
+               f"{doc['rounds_before_attack']} FedAvg round(s)). Labels: {doc['attack']['labels']}. Images: "
+               f"{doc['attack']['images']}, {doc['attack']['steps']} steps, TV weight {doc['attack']['tv']:g}. "
+               f"DP: {doc['dp']}. Metrics: {doc['metrics']}. Settings: {doc['sweep']}. Seed {doc['seed']}. "
+               "One attack with a fixed budget: a lower bound on leakage, not a proof of privacy.")
+    lines = [f"# Leakage audit: {doc['dataset']}, site {doc['site']}", "", caption, "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", *[f"- {n}" for n in doc["notes"]]] if doc["notes"] else []
