@@ -69,9 +69,10 @@ def test_simulated_local_steps_reproduce_the_sites_upload():
     X, y = rng.normal(size=(3, 1, 8, 8)).astype(np.float32), np.array([1.0, 0.0, 1.0])
     model = make_model("cnn2d", X.shape[1:], channels="4,8", optimizer="sgd", recalibrate=False)
     start = model.init_params(X.shape[1:], KeyedRng(0, (0,)))
-    start, _ = model.descend(start, X, y, [None] * 3, 0.1)  # a non-zero head, so the body moves too
-    upload, _ = local_sgd_update(start, LocalData("a", X, y), LocalTraining(model, 0.1, 3, 3, 1e-3), None,
-                                 KeyedRng(0, (1,)))
+    data = LocalData("a", X, y)
+    warm, _ = local_sgd_update(start, data, LocalTraining(model, 0.1, 3), None, KeyedRng(0, (2,)))
+    start = {k: v + warm.payload[k] for k, v in start.items()}  # a non-zero head, so the body moves too
+    upload, _ = local_sgd_update(start, data, LocalTraining(model, 0.1, 3, 3, 1e-3), None, KeyedRng(0, (1,)))
     visible = [k for k in upload.payload if "running" not in k]
     sim = Simulator.of(model, X.shape[1:], start, visible, 0.1, 1e-3, 3)
     simulated = sim.update(torch.as_tensor(X), torch.as_tensor(y, dtype=torch.float32))
