@@ -126,7 +126,7 @@ def _root(
     pass
 
 
-app.add_typer(audit_app, name="audit", help="Audits under attack: `medfed audit robustness` compares defenses.")
+app.add_typer(audit_app, name="audit", help="Audits under attack: `medfed audit robustness` compares defenses; `medfed audit leakage` inverts an upload.")
 app.add_typer(features_app, name="features", help="Feature tables from images: `medfed features roi` extracts atlas-region means.")
 app.add_typer(deploy_app, name="deploy", help="Deployment on Flower: certs, server, site, status.")
 app.add_typer(harmonize_app, name="harmonize", help="Harmonize a feature table across sites: `medfed harmonize combat`.")
