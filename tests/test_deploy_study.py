@@ -371,3 +371,41 @@ def test_deployed_distributed_dp_noise_comes_from_the_sites_own_seed(tables, tmp
     assert {e["mode"] for e in deployed["privacy"]["ledger"]} == {"distributed"}
     assert deployed["histories"]["FedAvg"]["train_loss"] != simulated["histories"]["FedAvg"]["train_loss"]
     assert all((tmp_path / f"site-{s}" / "noise.seed").exists() for s in ("Cleveland", "Hungary"))
+
+
+def test_deployed_dp_sgd_draws_batches_and_noise_from_the_sites_own_seed(tables, tmp_path):
+    """--dp sample deployed: each site runs DP-SGD with batches and noise from a seed the
+    coordinator never had (a server that knew the noise could subtract it), so the models differ
+    from the simulation's; every site's ledger entry, at its own rate, is the simulation's."""
+    pytest.importorskip("dp_accounting")
+    study = tmp_path / "sample.toml"
+    study.write_text(STUDY.replace('["fedavg", "scaffold", "ditto"]', '["fedavg"]')
+                     .replace("local_steps = 4", "local_steps = 4\nbatch_size = 16")
+                     + '\n[privacy]\ndp = "sample"\nclip = 1.0\nnoise = 1.0\n')
+    deployed = drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
+    from typer.testing import CliRunner
+
+    from medfed.cli.app import app
+
+    result = CliRunner().invoke(app, ["run", str(study), "--data", str(tables / "all.csv"), "--out",
+                                      str(tmp_path / "sim")])
+    assert result.exit_code == 0, result.output
+    simulated = json.loads((tmp_path / "sim" / "results.json").read_text())
+    ledger = deployed["privacy"]["ledger"]
+    assert ledger == simulated["privacy"]["ledger"]
+    assert {e["mode"] for e in ledger} == {"sample"} and len({e["sampling_rate"] for e in ledger}) == 3
+    assert deployed["results"] != simulated["results"]
+    assert all((tmp_path / f"site-{s}" / "noise.seed").exists() for s in ("Cleveland", "Hungary"))
+
+
+def test_a_deployed_dp_sgd_study_refuses_a_method_it_cannot_make_private_before_training(tables, tmp_path):
+    pytest.importorskip("dp_accounting")
+    study = tmp_path / "sample.toml"
+    study.write_text(STUDY.replace('["fedavg", "scaffold", "ditto"]', '["fedavg", "scaffold"]')
+                     .replace("local_steps = 4", "local_steps = 4\nbatch_size = 16")
+                     + '\n[privacy]\ndp = "sample"\nclip = 1.0\nnoise = 1.0\n')
+    with pytest.raises(ConfigError, match="scaffold"):
+        drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
+    from medfed.deploy.coordinator import CHECKPOINTS
+
+    assert not (tmp_path / "out" / CHECKPOINTS / "r1-fedavg").exists()  # fedavg did not train first

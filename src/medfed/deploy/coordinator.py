@@ -193,16 +193,21 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
         is_image=bool(first.get("is_image", False)),
     )
     shared = [_SharedPreprocessing.of(site, joined[site]) for site in sites]
+    sizes = {s: float(sum(c)) for s, c in counts.items()}
+    if config.privacy.dp == "sample":  # what DP-SGD cannot make private, refused before any method trains
+        for spec, opts in methods:
+            plan.sample_private(spec, build_method(config, spec, opts, sites, counts), sizes)
     for spec, opts in methods:
         t0 = time.perf_counter()
         rounds = spec.rounds(t)
         algorithm = build_method(config, spec, opts, sites, counts)
         key = (TRAIN_STREAM, 0, name_key(spec.name))
         # the server's end of DP (the noised fixed-denominator mean) and of secure aggregation
-        algorithm, secure = plan.private(spec, algorithm, {s: float(sum(c)) for s, c in counts.items()},
-                                         KeyedRng(config.seed, key).child(name_key("dp-noise")), min_sites=need)
-        privacy += plan.ledger(spec, sites, 0)
-        _, server = programs(algorithm, plan.local, sites, fraction=t.fraction_fit, min_sites=need,
+        algorithm, secure = plan.private(spec, algorithm, sizes, KeyedRng(config.seed, key).child(name_key("dp-noise")),
+                                         min_sites=need)
+        local = plan.sample_private(spec, algorithm, sizes)
+        privacy += plan.ledger(spec, sites, 0, sizes)
+        _, server = programs(algorithm, local, sites, fraction=t.fraction_fit, min_sites=need,
                              max_update_norm=t.max_update_norm, codec=make_codec(config.compress),
                              poisson=config.privacy.dp != "none", secure=secure)
         run_name = f"r1-{spec.name}"

@@ -55,9 +55,6 @@ def check_settings(config: ExperimentConfig, source: str, *, manifest: bool) -> 
             f"{source}: features, exclude and impute apply to tables; with [deploy] site_files = \"manifest\" "
             "each site's file lists image files"
         )
-    if config.privacy.dp == "sample":
-        raise ConfigError(f"{source}: [privacy] dp = \"sample\" (DP-SGD) runs in simulation only so far (medfed run); "
-                          "a deployed study can use dp = \"client\"")
     from medfed.experiments.harness import check_secure_study
 
     check_secure_study(config)

@@ -75,8 +75,9 @@ class SiteRuntime:
         noise_seed: int | None = None,
     ) -> None:
         self._durable = durable
-        # the seed of the site's own noise (--dp distributed); None: the run's keyed rng, which the
-        # coordinator could recompute (simulation: reproducible); a deployed site holds its own
+        # the seed of the site's own noise (--dp distributed; DP-SGD's batches and noise); None: the
+        # run's keyed rng, which the coordinator could recompute (simulation: reproducible); a
+        # deployed site holds its own, or the server could subtract the noise it knows
         self._noise = None if noise_seed is None else KeyedRng(noise_seed)
         self.program = program
         self.data = data
@@ -116,7 +117,8 @@ class SiteRuntime:
     def train(self, plan: RoundPlan) -> Upload | Any:
         """The site's upload; under secure aggregation the upload stays here, kept for the
         round's later stages, and the answer is its public keys (:class:`~medfed.comm.secure.SecureReady`)."""
-        rng = self._rng.child(plan.round, TRAIN_STREAM, self._key)
+        private_training = self._noise is not None and self.program.training.dp_sgd is not None
+        rng = (self._noise if private_training else self._rng).child(plan.round, TRAIN_STREAM, self._key)
         upload, pending = self.program.train(plan, self.data, self.memory.state_before(plan.round), rng)
         codec, channel = self.program.codec, None
         if codec is not None:

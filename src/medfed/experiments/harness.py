@@ -14,7 +14,7 @@ import dataclasses
 import json
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,13 +197,7 @@ class TrainingPlan:
             algorithm = adapt(algorithm)
         sizes = {d.name: float(d.n) for d in train}
         algorithm, secure = self.private(spec, algorithm, sizes, rng.child(name_key("dp-noise")))  # apart from rounds' keys
-        local = self.local
-        if config.privacy.dp == "sample":
-            from medfed.client.dp_sgd import DpSgd
-            from medfed.methods.privacy import check_sample_dp
-
-            check_sample_dp(algorithm, spec.name, self.model, t.batch_size)
-            local = dataclasses.replace(local, dp_sgd=DpSgd(config.privacy.clip, self.sample_noise(spec, train)))
+        local = self.sample_private(spec, algorithm, sizes)
         checkpoint_dir = None
         if config.resume and config.out is not None and run_key is not None:
             checkpoint_dir = Path(config.out) / RESUME_DIR / run_key
@@ -241,6 +235,20 @@ class TrainingPlan:
         return algorithm, secure_sides(algorithm, spec.name, clip=p.clip, sizes=sizes, min_sites=min_sites,
                                        threshold=p.secure_threshold, degree=p.secure_degree,
                                        distributed_noise=self.noise_multiplier(spec) if p.dp == "distributed" else 0.0)
+
+    def sample_private(self, spec: Method, algorithm: FederatedAlgorithm, sizes: Mapping[str, float]) -> LocalTraining:
+        """The sites' local training: with ``--dp sample``, DP-SGD at the noise multiplier that
+        keeps every site (``sizes``: site -> training rows) within the budget, in simulation and
+        deployed alike; the plan's own training otherwise."""
+        p = self.config.privacy
+        if p.dp != "sample":
+            return self.local
+        from medfed.client.dp_sgd import DpSgd
+        from medfed.methods.privacy import check_sample_dp
+
+        check_sample_dp(algorithm, spec.name, self.model, self.config.training.batch_size)
+        train = [LocalData(s, np.empty((int(n), 0)), np.empty(0)) for s, n in sizes.items()]
+        return dataclasses.replace(self.local, dp_sgd=DpSgd(p.clip, self.sample_noise(spec, train)))
 
     def noise_multiplier(self, spec: Method) -> float:
         """The DP noise multiplier of ``spec``'s run: the configured one, or the smallest that keeps
@@ -285,10 +293,11 @@ class TrainingPlan:
         from medfed.comm.privacy import client_level_epsilon
 
         if p.dp == "sample":
-            z = self.sample_noise(spec, [LocalData(s, np.empty((sizes[s], 0)), np.empty(0)) for s in sites])
+            rows = {s: int(sizes[s]) for s in sites}
+            z = self.sample_noise(spec, [LocalData(s, np.empty((n, 0)), np.empty(0)) for s, n in rows.items()])
             entries = []
             for site in sites:
-                q, steps = self._sample_steps(spec, sizes[site])
+                q, steps = self._sample_steps(spec, rows[site])
                 entries.append({"setting": spec.display, "repeat": repeat, "site": site, "mode": "sample",
                                 "clip": p.clip, "adaptive_clip": False, "noise_multiplier": z, "sampling_rate": q,
                                 "steps": steps, "delta": p.delta, "accountant": p.accountant,
