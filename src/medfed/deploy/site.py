@@ -213,7 +213,8 @@ def _build(site: SiteIdentity, run: Mapping[str, Any]) -> tuple:
                                      site=True)
     scale = _standardizer(run["scale"], X_train.shape[1])
     data = LocalData(site.name, scale(X_train), y_train)
-    program = SiteProgram(algorithm, plan.local, make_codec(config.compress), None if secure is None else secure[0])
+    codec = None if secure is not None else make_codec(config.compress)  # secure: quantized in the ring
+    program = SiteProgram(algorithm, plan.local, codec, None if secure is None else secure[0])
     return config, plan, spec, program, data, scale(X_test), y_test
 
 
