@@ -237,7 +237,9 @@ def test_default_degree_grows_as_log_k():
 def quantized(xs, bits, wide=(), seed=7, dither_seed=0, drop=()):
     params = sa.secagg_params(xs, clip_range=1.0, length=len(next(iter(xs.values()))), graph_seed=3, bits=bits,
                               wide=wide)
-    dither = lambda site: KeyedRng(dither_seed, (name_key(site),)).generator  # noqa: E731
+    def dither(site):
+        return KeyedRng(dither_seed, (name_key(site),)).generator
+
     t = sa.simulate_transcript(params, xs, drop_after_masking=drop, randbytes=seeded(seed), dither=dither)
     return params, t, dither
 
@@ -258,7 +260,7 @@ def test_quantized_sums_cannot_overflow_at_the_edge_of_the_range(k, bits):
     assert sa.ring_width(bits, k) == 16 and sa.ring_width(bits + 1, k) == 32 and k * (2**bits - 1) < 2**16
     up = {s: np.ones(3) for s in names}
     for case, want in ((up, k), ({s: -v for s, v in up.items()}, -k)):
-        params, t, _ = quantized(case, bits, wide=(1,))
+        _, t, _ = quantized(case, bits, wide=(1,))
         assert t.result.ring_total.dtype == np.uint16
         assert np.array_equal(t.result.ring_total[:3], np.full(3, k * (2**bits - 1) if want > 0 else 0))
         np.testing.assert_allclose(t.result.total, want, rtol=0, atol=1e-12)

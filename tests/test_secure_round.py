@@ -169,8 +169,7 @@ def test_distributed_dp_names_its_own_mode_when_it_refuses_a_method(fed):
 
 @pytest.mark.parametrize("extra,words", [
     ({"training": {"max_update_norm": 1.0}}, "--max-update-norm cannot run with --secure-aggregation"),
-    ({"compress": "topk:0.1"}, "--compress topk:0.1 cannot run with --secure-aggregation: each site's sparse "
-                               "support differs"),
+    ({"compress": "topk:0.1"}, "--compress topk:0.1 cannot run with --secure-aggregation: each site's sparse"),
     ({"compress": "lossless"}, "--compress lossless cannot run with --secure-aggregation: a masked vector is uniform"),
     ({"drop": ["VA@2:mask"], "privacy": {}}, "without --secure-aggregation"),
 ])
@@ -339,7 +338,7 @@ def test_distributed_dp_noises_then_quantizes_and_keeps_its_ledger(fed):
 def test_a_site_refuses_a_round_that_quantizes_otherwise_than_its_config():
     site = secure.SiteSecure(bits=8)
     up = Upload("a", {"w": np.zeros(2)}, 3, "delta")
-    slot, ready = site.ready(up, 0)
+    slot, _ = site.ready(up, 0)
     lay = secure.layout([secure.SumTerm("payload")], {"w": (2,)}, clip=1.0, total=6.0)
     params = secagg.secagg_params(["a", "b"], clip_range=1.0, length=lay.length, graph_seed=0)
     with pytest.raises(DataError, match="quantizes to 0 bits .* configured for 8"):
