@@ -8,17 +8,21 @@ the site runtimes (state kept and committed), the channel, and the server progra
 chain weighted_mean -> apply_delta. The secure round adds the layout encoding, SecAgg+'s
 share / mask / unmask stages through the executor's stage call, and the decoding of the sum.
 
-Time: the median over ``--pairs`` interleaved (plain, secure) pairs, alternating which goes
-first. Bytes per round: what the sites sent the server, as medfed.comm.wire encodes it (the
-plain round's uploads encoded the same way, so both count headers alike); the round records'
-``bytes_up`` for the plain round counts raw payload bytes only.
+Variants, timed interleaved (the order rotates each pass): ``plain`` (float64 uploads),
+``secure64`` (SecAgg+ in Z_2^64, fixed point), ``secure-q8`` (--compress q8 with secure
+aggregation: 8-bit stochastic codes masked in Z_2^16 for K <= 256), and, for the comparison
+with Bonawitz et al., ``secure-q16`` (16-bit codes, which need Z_2^32). Time: the median over
+``--pairs`` passes. Bytes per round: what the sites sent the server, as medfed.comm.wire
+encodes it (the round records' ``bytes_by_site`` for the secure rounds; the plain uploads
+encoded the same way, so both count headers alike).
 
-Expansion = secure bytes / plain wire bytes per site. Bonawitz et al. (2017) report 1.73x for
-2^10 users and 16-bit inputs: their masked entries need log2(K) + 16 bits where the plain ones
-take 16, plus the keys and shares. Ours masks 64-bit ring entries where the plain update is
-already float64, so the entries do not expand at all (the ring's headroom for K sites comes out
-of float64's 53-bit mantissa instead, see medfed.comm.secure); only the keys, the sealed shares
-(O(k) per site, k = 2 ceil(log2 K)) and the few scalars of the layout (weight, loss) are added.
+Expansion = bytes a site sends in a secure round / the same input sent in the clear: float64
+(8n bytes) for secure64, 8-bit codes (n bytes) for secure-q8, 16-bit codes (2n bytes) for
+secure-q16. Bonawitz et al. (2017) report 1.73x for 2^10 users and 16-bit inputs, counting
+both directions: their ring has exactly 16 + log2(K) = 26 bits (26/16 = 1.63) plus the keys
+and the K - 1 shares of every user. Ours rounds the ring up to a numpy word (16, 32, 64), so
+16-bit inputs take 32 bits (2x, whatever K up to 2^16), while SecAgg+ shares with only
+k = 2 ceil(log2 K) neighbours, so the keys and shares add less than 1% at n = 10^4.
 
 Run: python benchmarks/bench_secure_round.py [--sites 10,50,100] [--params 10000,100000] [--pairs 2]
 """
@@ -52,25 +56,32 @@ def _algorithm(updates: dict[str, np.ndarray]) -> FederatedAlgorithm:
     return FederatedAlgorithm("fedavg", local_update, chain(weighted_mean(), apply_delta()))
 
 
-def one_round(k: int, n: int, secure: bool, seed: int) -> tuple[float, int, np.ndarray]:
+VARIANTS = {"plain": None, "secure64": 0, "secure-q8": 8, "secure-q16": 16}  # the ring's quantization bits
+CLEAR_BYTES = {"secure64": 8, "secure-q8": 1, "secure-q16": 2}  # an entry of the same input in the clear
+
+
+def one_round(k: int, n: int, bits: int | None, seed: int) -> tuple[float, int, np.ndarray, int]:
     gen = np.random.default_rng(seed)
     names = [f"site{i:03d}" for i in range(k)]
     updates = {s: gen.normal(0, 1, n) * (CLIP / 2 / np.sqrt(n)) for s in names}
     sites = [LocalData(s, np.zeros((10 + i, 1)), np.zeros(10 + i)) for i, s in enumerate(names)]
     algorithm = _algorithm(updates)
     sides = None
-    if secure:
-        sides = secure_sides(algorithm, "fedavg", clip=CLIP, sizes={d.name: float(d.n) for d in sites}, min_sites=2)
+    if bits is not None:
+        sides = secure_sides(algorithm, "fedavg", clip=CLIP, sizes={d.name: float(d.n) for d in sites}, min_sites=2,
+                             bits=bits)
     training = LocalTraining(LogisticRegression(), 0.1, 1)
     tic = time.perf_counter()
     run = run_federated(algorithm, {"w": np.zeros(n)}, sites, training, 1, KeyedRng(seed), secure=sides)
     seconds = time.perf_counter() - tic
-    if secure:
+    if bits is not None:
         sent = run.history[0].bytes_up
+        ring = run.history[0].secure["ring_bits"]
     else:
         sent = sum(len(encode(Upload(s, {"w": updates[s]}, d.n, "delta", {"loss": 0.5})))
                    for s, d in zip(names, sites))
-    return seconds, sent, run.params["w"]
+        ring = 64
+    return seconds, sent, run.params["w"], ring
 
 
 def main() -> None:
@@ -79,24 +90,27 @@ def main() -> None:
     ap.add_argument("--params", default="10000,100000")
     ap.add_argument("--pairs", type=int, default=2)
     args = ap.parse_args()
-    rows = []
     for k in map(int, args.sites.split(",")):
         for n in map(int, args.params.split(",")):
-            times = {False: [], True: []}
-            sent, params = {}, {}
+            names = list(VARIANTS)
+            times = {v: [] for v in names}
+            sent, params, ring = {}, {}, {}
             for p in range(args.pairs):
-                for secure in ((False, True) if p % 2 == 0 else (True, False)):
-                    seconds, sent[secure], params[secure] = one_round(k, n, secure, seed=p)
-                    times[secure].append(seconds)
-            plain, masked = statistics.median(times[False]), statistics.median(times[True])
-            row = {"sites": k, "params": n, "plain_s": round(plain, 4), "secure_s": round(masked, 4),
-                   "time_ratio": round(masked / plain, 1), "plain_bytes_per_site": sent[False] // k,
-                   "secure_bytes_per_site": sent[True] // k, "expansion": round(sent[True] / sent[False], 4),
-                   "max_abs_diff": float(np.max(np.abs(params[True] - params[False])))}
-            rows.append(row)
+                for v in names[p % len(names):] + names[:p % len(names)]:  # rotate who goes first
+                    seconds, sent[v], params[v], ring[v] = one_round(k, n, VARIANTS[v], seed=p)
+                    times[v].append(seconds)
+            plain = statistics.median(times["plain"])
+            row = {"sites": k, "params": n, "plain_s": round(plain, 4),
+                   "plain_bytes_per_site": sent["plain"] // k}
+            for v in names[1:]:
+                t = statistics.median(times[v])
+                row[v] = {"ring_bits": ring[v], "s": round(t, 4), "time_vs_plain": round(t / plain, 1),
+                          "bytes_per_site": sent[v] // k, "bytes_vs_plain": round(sent[v] / sent["plain"], 4),
+                          "expansion_vs_clear": round(sent[v] / k / (CLEAR_BYTES[v] * n), 4),
+                          "max_abs_diff_vs_plain": float(np.max(np.abs(params[v] - params["plain"])))}
             print(json.dumps(row), flush=True)
-    print("Bonawitz et al. (2017): expansion 1.73x at 2^10 users, 16-bit inputs; ours masks 64-bit entries of a "
-          "float64 update (no per-entry expansion), so only keys and O(log K) shares per site are added")
+    print("Bonawitz et al. (2017): 1.73x at 2^10 users, 16-bit inputs in a 26-bit ring (both directions, K - 1 shares "
+          "a user); ours: 16-bit inputs in a 32-bit ring (2x: numpy words), O(log K) shares a site")
 
 
 if __name__ == "__main__":

@@ -350,6 +350,31 @@ def test_a_deployed_study_with_secure_aggregation_equals_its_simulations(tables,
     assert memory.secure is None
 
 
+def test_a_deployed_study_quantized_in_the_ring_equals_its_simulation(tables, tmp_path):
+    """q8 with secure aggregation deployed: the sites quantize with the run's keyed dither, so the
+    loopback deployment gives the inprocess simulation's numbers and bytes."""
+    pytest.importorskip("cryptography")
+    pytest.importorskip("Crypto")
+    study = tmp_path / "q8.toml"
+    study.write_text('compress = "q8"\n' + STUDY.replace('["fedavg", "scaffold", "ditto"]', '["fedavg"]')
+                     .replace("rounds = 3", "rounds = 2") + '\n[privacy]\nsecure_aggregation = true\nclip = 5\n')
+    deployed = drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
+    from typer.testing import CliRunner
+
+    from medfed.cli.app import app
+
+    result = CliRunner().invoke(app, ["run", str(study), "--data", str(tables / "all.csv"), "--out",
+                                      str(tmp_path / "sim")])
+    assert result.exit_code == 0, result.output
+    simulated = json.loads((tmp_path / "sim" / "results.json").read_text())
+    assert _rows(deployed) == _rows(simulated)
+    assert deployed["histories"]["FedAvg"]["train_loss"] == simulated["histories"]["FedAvg"]["train_loss"]
+    for doc in (deployed, simulated):
+        assert doc["privacy"]["channel"] == ["sharing policy", "clip", "quantize (q8)", "mask"]
+        assert doc["privacy"]["secure"]["settings"]["FedAvg"]["ring_bits"] == [16]
+    assert deployed["privacy"]["bytes_up_per_round_by_site"] == simulated["privacy"]["bytes_up_per_round_by_site"]
+
+
 def test_deployed_distributed_dp_noise_comes_from_the_sites_own_seed(tables, tmp_path):
     """--dp distributed deployed: each site noises with a seed the coordinator never had (its
     folder's noise.seed), so the models differ from the simulation's; the ledger is the same."""

@@ -229,3 +229,106 @@ def test_cohort_of_one_is_refused():
 def test_default_degree_grows_as_log_k():
     assert [sa.default_degree(k) for k in (3, 10, 50, 100, 1000)] == [2, 8, 12, 14, 20]
     assert math.isclose(sa.default_degree(1000) / math.log2(1000), 2, rel_tol=0.01)
+
+
+# --------------------------------------------------------------------------- quantized in a narrower ring
+
+
+def quantized(xs, bits, wide=(), seed=7, dither_seed=0, drop=()):
+    params = sa.secagg_params(xs, clip_range=1.0, length=len(next(iter(xs.values()))), graph_seed=3, bits=bits,
+                              wide=wide)
+    def dither(site):
+        return KeyedRng(dither_seed, (name_key(site),)).generator
+
+    t = sa.simulate_transcript(params, xs, drop_after_masking=drop, randbytes=seeded(seed), dither=dither)
+    return params, t, dither
+
+
+def test_the_ring_is_the_narrowest_that_holds_the_sum_of_the_codes():
+    assert [sa.ring_width(8, k) for k in (2, 100, 256, 257, 2**24, 2**24 + 1)] == [16, 16, 16, 32, 32, 64]
+    assert [sa.ring_width(4, k) for k in (2, 4096, 4097)] == [16, 16, 32]
+    with pytest.raises(ConfigError, match="need a 65-bit ring"):
+        sa.ring_width(16, 2**49 + 1)
+    params = sa.secagg_params(sites(10), clip_range=1.0, length=4, graph_seed=0, bits=8)
+    assert (params.ring_bits, params.dtype, params.levels) == (16, np.dtype(np.uint16), 255)
+    assert sa.secagg_params(sites(10), clip_range=1.0, length=4, graph_seed=0).ring_bits == 64  # fixed point
+
+
+@pytest.mark.parametrize(("k", "bits"), [(4, 14), (5, 13), (9, 12)])  # K (2^b - 1) just below 2^16
+def test_quantized_sums_cannot_overflow_at_the_edge_of_the_range(k, bits):
+    names = sites(k)
+    assert sa.ring_width(bits, k) == 16 and sa.ring_width(bits + 1, k) == 32 and k * (2**bits - 1) < 2**16
+    up = {s: np.ones(3) for s in names}
+    for case, want in ((up, k), ({s: -v for s, v in up.items()}, -k)):
+        _, t, _ = quantized(case, bits, wide=(1,))
+        assert t.result.ring_total.dtype == np.uint16
+        assert np.array_equal(t.result.ring_total[:3], np.full(3, k * (2**bits - 1) if want > 0 else 0))
+        np.testing.assert_allclose(t.result.total, want, rtol=0, atol=1e-12)
+
+
+def test_quantized_decode_is_unbiased_with_the_documented_variance():
+    """Each entry group holds the same inputs, so its decoded sums are independent draws: their mean is
+    the true sum within its standard error, their variance the stochastic rounding's, below K Δ^2 / 4."""
+    k, groups, per = 5, 4, 5000
+    rng = np.random.default_rng(0)
+    values = {s: rng.uniform(-1, 1, groups) for s in sites(k)}
+    xs = {s: np.repeat(v, per) for s, v in values.items()}
+    wide = (0, per)  # one wide entry in each of the first two groups
+    for bits in (8, 4):
+        params, t, dither = quantized(xs, bits, wide=wide)
+        step = sa.step(params)
+        assert np.array_equal(t.result.ring_total, sum(sa.quantize(x, params, dither(s)) for s, x in xs.items()))
+        truth = sum(values.values())
+        for g in range(groups):
+            draws = np.delete(t.result.total[g * per:(g + 1) * per], [w - g * per for w in wide if g * per <= w < (g + 1) * per])
+            se = draws.std(ddof=1) / math.sqrt(draws.size)
+            assert abs(draws.mean() - truth[g]) < 4 * se + 1e-12
+            p = [((v[g] + 1) / step) % 1.0 for v in values.values()]  # each site's chance to round up
+            exact = sum(q * (1 - q) for q in p) * step**2
+            assert draws.var(ddof=1) == pytest.approx(exact, rel=6 / math.sqrt(per))
+            assert exact <= sa.quantization_variance(params) == k * step**2 / 4
+        for w in wide:  # a wide entry is exact to 2^-48 of its range per site
+            assert abs(t.result.total[w] - truth[w // per]) <= k * 2.0 / 2**48 + 1e-14
+        assert np.all(np.abs(t.result.total - np.repeat(truth, per)) < sa.resolution(params))
+
+
+def test_quantized_masked_wire_is_uniform_in_its_ring_and_costs_r_over_8_bytes():
+    xs = inputs(sites(10), 25_600, seed=1)
+    params, t, dither = quantized(xs, 8, drop=("hospital-04",))
+    masked = [m for m in t.server_received if isinstance(m, sa.MaskedInput)]
+    assert len(masked) == 9 and params.ring_bits == 16
+    for m in masked:
+        assert m.masked.dtype == np.uint16 and m.masked.shape == (25_600,)
+        for byte in (m.masked >> 8, m.masked & 0xFF):
+            assert stats.chisquare(np.bincount(byte.astype(np.int64), minlength=256)).pvalue > 1e-6
+        assert stats.kstest(m.masked / 2.0**16, "uniform").pvalue > 1e-6
+        assert len(wire.encode(m)) - len(wire.encode(sa.MaskedInput(m.site, m.masked.astype(np.uint64), m.partners))) \
+            == -6 * 25_600  # 2 bytes an entry instead of 8
+    bare = sa.quantize(xs[masked[0].site], params, dither(masked[0].site))  # the same tests tell the codes apart
+    assert stats.chisquare(np.bincount((bare >> 8).astype(np.int64), minlength=256)).pvalue < 1e-6
+    assert stats.kstest(bare / 2.0**16, "uniform").pvalue < 1e-6
+    kept = [x for s, x in xs.items() if s != "hospital-04"]  # a dropped site's pairwise masks come off
+    assert np.all(np.abs(t.result.total - sum(kept)) < sa.resolution(params))
+
+
+def test_quantized_rounds_are_reproducible_from_the_sites_keyed_dither():
+    xs = inputs(sites(6), 32, seed=8)
+    _, a, _ = quantized(xs, 8, wide=(3,), seed=1)
+    _, b, _ = quantized(dict(reversed(list(xs.items()))), 8, wide=(3,), seed=2)  # other masks, other order
+    _, c, _ = quantized(xs, 8, wide=(3,), dither_seed=1)
+    assert np.array_equal(a.result.total, b.result.total) and not np.array_equal(a.result.total, c.result.total)
+    assert np.array_equal(sa.simulate_round(xs, seed=3, clip_range=1.0, bits=4),
+                          sa.simulate_round(xs, seed=3, clip_range=1.0, bits=4))
+
+
+def test_bad_quantization_parameters_are_refused():
+    with pytest.raises(ConfigError, match=r"bits must be in 0\.\.16"):
+        sa.secagg_params(sites(3), clip_range=1.0, length=2, graph_seed=0, bits=17)
+    with pytest.raises(ConfigError, match=r"wide entries \[2\] need bits > 0"):
+        sa.secagg_params(sites(3), clip_range=1.0, length=2, graph_seed=0, bits=8, wide=(2,))
+    params = sa.secagg_params(sites(3), clip_range=1.0, length=2, graph_seed=0, bits=8)
+    parties = {s: sa.advertise(params, s) for s in params.sites}
+    with pytest.raises(ConfigError, match="needs its random generator"):
+        sa.mask(params, parties["hospital-00"][0], {s: a for s, (_, a) in parties.items()}, [], np.zeros(2))
+    with pytest.raises(DataError, match="entry 1 is 2.0"):
+        sa.quantize(np.array([0.0, 2.0]), params, np.random.default_rng(0), "hospital-00")

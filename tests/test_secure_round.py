@@ -16,7 +16,7 @@ from medfed.client.upload import Upload  # noqa: E402
 from medfed.comm import secagg, secure  # noqa: E402
 from medfed.data.datasets import load_dataset  # noqa: E402
 from medfed.engine.executors.inprocess import InProcessExecutor  # noqa: E402
-from medfed.errors import ConfigError  # noqa: E402
+from medfed.errors import ConfigError, DataError  # noqa: E402
 from medfed.experiments.config import build_config  # noqa: E402
 from medfed.experiments.harness import TrainingPlan, run_experiment  # noqa: E402
 from medfed.experiments.results import results_document  # noqa: E402
@@ -33,11 +33,12 @@ def fed():
     return load_dataset("heart-disease")
 
 
-def _config(privacy, drop=(), executor="inprocess", rounds=2, methods=("fedavg",), model=None, **training):
+def _config(privacy, drop=(), executor="inprocess", rounds=2, methods=("fedavg",), model=None, compress="none",
+            **training):
     model = {} if model is None else {"model": model[0], "model_options": model[1]}
     return build_config({"data": {"dataset": "heart-disease"}, "methods": list(methods), "repeats": 1, "seed": 1,
                          "training": {"rounds": rounds, "local_steps": 3, **training}, "privacy": privacy,
-                         "drop": list(drop), "executor": executor, **model})
+                         "drop": list(drop), "executor": executor, "compress": compress, **model})
 
 
 def _federated(fed, method, privacy, **kwargs):
@@ -168,8 +169,8 @@ def test_distributed_dp_names_its_own_mode_when_it_refuses_a_method(fed):
 
 @pytest.mark.parametrize("extra,words", [
     ({"training": {"max_update_norm": 1.0}}, "--max-update-norm cannot run with --secure-aggregation"),
-    ({"compress": "q8"}, "--compress q8 cannot run with --secure-aggregation"),
-    ({"compress": "topk:0.1"}, "--compress topk:0.1 cannot run with --secure-aggregation"),
+    ({"compress": "topk:0.1"}, "--compress topk:0.1 cannot run with --secure-aggregation: each site's sparse"),
+    ({"compress": "lossless"}, "--compress lossless cannot run with --secure-aggregation: a masked vector is uniform"),
     ({"drop": ["VA@2:mask"], "privacy": {}}, "without --secure-aggregation"),
 ])
 def test_what_cannot_apply_to_masked_uploads_is_refused_in_one_line(fed, extra, words):
@@ -272,3 +273,73 @@ def test_distributed_and_client_dp_keep_ledgers_with_equal_epsilon(fed):
     assert docs["distributed"]["channel"] == ["sharing policy", "clip", "noise (distributed)", "mask"]
     assert docs["distributed"]["secure"]["settings"]["FedAvg"]["site_noise_std"] > 0
     assert docs["client"]["secure"]["settings"]["FedAvg"]["site_noise_std"] == 0
+
+
+# --------------------------------------------------------------------------- quantized in the ring (--compress q8|q4)
+
+
+@pytest.mark.parametrize("compress,bits", [("q8", 8), ("q4", 4)])
+def test_quantized_secure_rounds_send_the_narrower_ring_and_agree_across_executors(fed, compress, bits):
+    plain = _federated(fed, "scaffold", SECURE, rounds=2)
+    run = _federated(fed, "scaffold", SECURE, rounds=2, compress=compress)
+    process = _federated(fed, "scaffold", SECURE, rounds=2, compress=compress, executor="process")
+    assert all(np.array_equal(run.params[k], process.params[k]) for k in run.params)  # the sites' keyed dither
+    assert np.array_equal(run.train_loss, process.train_loss)
+    k = len(fed.sites)
+    for r, p in zip(run.history, plain.history):
+        assert r.secure["ring_bits"] == 16 and r.secure["quantization"]["levels"] == 2**bits - 1 and "scale" not in r.secure
+        assert p.secure["ring_bits"] == 64
+        entries = 2 * (fed.sites[0].X.shape[1] + 1) + 3  # update, control delta (logistic: w, b); weight, loss
+        # and loss weight, each scalar as 48/b digits
+        ring = entries + 3 * (48 // bits - 1)
+        for site in r.bytes_by_site:  # the masked vector is all that changes: 2 bytes an entry instead of 8
+            assert p.bytes_by_site[site] - r.bytes_by_site[site] == 8 * entries - 2 * ring
+        assert set(r.sites) == {s.name for s in fed.sites} and r.secure["degree"] == k - 1
+    assert all(np.isfinite(v).all() for v in run.params.values())
+    # the scalars are exact to 2^-48 of their range: round 1's weighted training loss (of the same model) is the plain one
+    assert abs(run.train_loss[0] - plain.train_loss[0]) <= k * 2e6 / 2**48 * 4
+
+
+def test_the_quantized_round_decodes_the_weighted_sum_without_bias():
+    """A layout's update quantized to 8 bits over [-C, C]: over many entries with the same inputs the
+    decoded sum averages to the exact weighted sum, with variance at most the documented bound."""
+    d, clip, sizes = 20_000, 1.0, {"a": 30, "b": 50, "c": 20}
+    values = {"a": 0.004, "b": -0.003, "c": 0.006}  # norm value * sqrt(d) <= C: nothing is clipped
+    lay = secure.layout([secure.SumTerm("payload")], {"w": (d,)}, clip=clip, total=float(sum(sizes.values())))
+    xs = {s: secure.encode(lay, Upload(s, {"w": np.full(d, v)}, sizes[s], "delta", {"loss": 0.5})) for s, v in
+          values.items()}
+    params = secagg.secagg_params(xs, clip_range=1.0, length=lay.length, graph_seed=2, bits=8, wide=lay.scalars())
+    total = secagg.simulate_transcript(params, xs).result
+    sums = secure.decode(lay, total.total)
+    w = sums["payload@examples"]["w"]
+    truth = sum(sizes[s] / 100 * v for s, v in values.items())
+    assert abs(w.mean() - truth) < 4 * w.std() / math.sqrt(d)
+    bound = secure.quantization_variance(lay, 3, 8)
+    assert w.var() <= bound["payload@examples"] * (1 + 6 / math.sqrt(d))
+    assert sums["weight@examples"] == pytest.approx(1.0, abs=1e-12)
+    assert sums["metrics/loss@examples"] == pytest.approx(0.5, abs=1e-7)
+
+
+def test_distributed_dp_noises_then_quantizes_and_keeps_its_ledger(fed):
+    pytest.importorskip("dp_accounting")
+    privacy = {"dp": "distributed", "clip": 0.5, "noise": 1.1, "secure_aggregation": True}
+    docs = {c: results_document(run_experiment(_config(privacy, rounds=2, compress=c), fed))["privacy"]
+            for c in ("none", "q8")}
+    q8, none = docs["q8"], docs["none"]
+    assert [e["epsilon"] for e in q8["ledger"]] == [e["epsilon"] for e in none["ledger"]]
+    assert q8["channel"] == ["sharing policy", "clip", "noise (distributed)", "quantize (q8)", "mask"]
+    entry = q8["secure"]["settings"]["FedAvg"]
+    sigma = entry["site_noise_std"]
+    assert sigma > 0 and entry["range"]["payload@examples"] == pytest.approx(0.5 + 8 * sigma)  # C + 8 sigma
+    assert entry["ring_bits"] == [16] and entry["quantization"]["bits"] == 8
+    assert q8["secure"]["quantization"]["levels"] == 255 and q8["secure"]["ring_bits"] is None
+
+
+def test_a_site_refuses_a_round_that_quantizes_otherwise_than_its_config():
+    site = secure.SiteSecure(bits=8)
+    up = Upload("a", {"w": np.zeros(2)}, 3, "delta")
+    slot, _ = site.ready(up, 0)
+    lay = secure.layout([secure.SumTerm("payload")], {"w": (2,)}, clip=1.0, total=6.0)
+    params = secagg.secagg_params(["a", "b"], clip_range=1.0, length=lay.length, graph_seed=0)
+    with pytest.raises(DataError, match="quantizes to 0 bits .* configured for 8"):
+        site.answer("share", slot, 0, {"params": params, "layout": lay, "adverts": {}}, KeyedRng(0))

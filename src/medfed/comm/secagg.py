@@ -32,6 +32,23 @@ true sum (plus float64's own rounding of the result, a relative ``2^-53``). For 
 ``R = 1`` that is ``2^-50`` ≈ ``9e-16``. An entry outside ``[-R, R]`` (or not finite) is
 refused, never clipped silently: clipping belongs to the channel's clip stage, which runs first.
 
+**Quantized in a narrower ring** (``bits = b > 0``, ``--compress q8|q4``). Each entry is
+rounded stochastically and without bias to one of the ``2^b`` points of ``[-R, R]`` that
+``L = 2^b - 1`` steps of ``Δ = 2R/L`` apart: ``q = ⌊u⌋ + [v < u - ⌊u⌋]``, ``u = (x + R)/Δ``,
+``v`` uniform from the site's keyed generator, so ``E[q Δ - R] = x`` and ``q ∈ [0, 2^b - 1]``.
+The range is the public one the layout gives each entry (a per-tensor min/max would leak and
+would not sum). ``K`` codes sum to at most ``K (2^b - 1) < 2^(b + ⌈log2 K⌉)``, so the round
+masks in ``Z_2^r`` with ``r`` the smallest of 16, 32, 64 with ``r ≥ b + ⌈log2 K⌉``
+(:func:`ring_width`): the unsigned ring sum is the exact integer sum, overflow impossible by
+construction, and a masked entry costs ``r/8`` bytes instead of 8. The decoded sum of ``n``
+arrived sites, ``S Δ - n R``, is unbiased with variance at most ``n Δ^2 / 4`` per entry
+(:func:`quantization_variance`) and error below ``n Δ`` (:func:`resolution`). The ``wide``
+entries (a round's few scalars: weights, the loss, whose range is too coarse for ``b`` bits)
+are quantized to ``2^(b·d) - 1`` steps, ``d = ⌊48/b⌋`` (at most 48 bits: float64 holds
+the grid exactly), and written as ``d`` base-``2^b``
+digits: each digit is an ordinary ``b``-bit entry of the ring (the first in the entry's place,
+the others appended), so they sum without carry and recombine exactly at the server.
+
 **Neighbour graph.** The sites, sorted by name, are put on a ring in an order drawn from the
 public ``graph_seed`` (:class:`medfed.rng.KeyedRng`, keyed by name, so every party builds the
 same graph) and each is joined to the ``k/2`` nearest on each side: a random Harary graph,
@@ -51,7 +68,8 @@ neighbours different stories still cannot gather ``t`` shares of both for one si
 **Crypto.** X25519 key agreement and HKDF-SHA256 (``cryptography``); shares sealed with
 ChaCha20-Poly1305 under a key derived from the pair's share keys, the sender, the addressee
 and the round (so each direction has its own key and a zero nonce is never reused); masks are
-the ChaCha20 keystream under an HKDF-derived key, read as little-endian uint64. Shamir
+the ChaCha20 keystream under an HKDF-derived key, read as little-endian ``r``-bit words (each
+uniform in ``Z_2^r``, as a 64-bit word reduced mod ``2^r`` would be, for a quarter of the stream). Shamir
 sharing is pycryptodome's ``Crypto.Protocol.SecretSharing.Shamir``, which shares 16-byte
 secrets over GF(2^128): a 32-byte secret (an X25519 private key, a self-mask seed) is split
 as two 16-byte halves with the same holders and indices, and each holder gets both halves.
@@ -79,7 +97,9 @@ from medfed.errors import ConfigError, DataError
 from medfed.rng import KeyedRng, name_key
 from medfed.wiretypes import wire_type
 
-RING_BITS = 64
+RING_BITS = 64  # the fixed-point ring; a quantized round picks 16, 32 or 64 (ring_width)
+RINGS = (16, 32, 64)
+WIDE_BITS = 48  # a wide (scalar) entry of a quantized round: about this many bits (b-bit digits, exact in float64)
 _SUM_BOUND = 2**62  # K·R·scale stays below this, so K rounded encodings stay below 2^63
 _KEY = 32  # bytes of an X25519 key, a self-mask seed, a ChaCha20 key
 _HALF = 16  # bytes Shamir (pycryptodome) shares at once
@@ -101,8 +121,10 @@ class SecAggParams:
     """What every party of one round agrees on, all public.
 
     ``sites`` is the cohort (sorted names); ``length`` the number of entries summed;
-    ``clip_range`` the ``R`` of the fixed-point encoding; ``graph_seed`` keys the neighbour
-    graph; ``round`` binds every key and sealed share to this round.
+    ``clip_range`` the ``R`` of every entry; ``graph_seed`` keys the neighbour graph; ``round``
+    binds every key and sealed share to this round. ``bits``: 0 for the fixed-point encoding in
+    ``Z_2^64``, else ``b``-bit stochastic quantization in the ring :func:`ring_width` picks;
+    ``wide``: the entries a quantized round writes as ``⌊48/b⌋`` digits (sorted indices).
     """
 
     sites: tuple[str, ...]
@@ -112,10 +134,46 @@ class SecAggParams:
     clip_range: float
     length: int
     round: int = 0
+    bits: int = 0
+    wide: tuple[int, ...] = ()
 
     @property
     def scale(self) -> float:
         return fixed_point_scale(self.clip_range, len(self.sites))
+
+    @property
+    def ring_bits(self) -> int:
+        return RING_BITS if not self.bits else ring_width(self.bits, len(self.sites))
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The ring's entries: uint16, uint32 or uint64 (arithmetic wraps mod ``2^r``)."""
+        return np.dtype(f"<u{self.ring_bits // 8}")
+
+    @property
+    def levels(self) -> int:
+        """``L = 2^b - 1``: the steps of a quantized entry's grid over ``[-R, R]``."""
+        return 2**self.bits - 1
+
+    @property
+    def digits(self) -> int:
+        """How many ``b``-bit digits a wide entry takes (1 without quantization)."""
+        return max(1, WIDE_BITS // self.bits) if self.bits else 1
+
+    @property
+    def ring_length(self) -> int:
+        """Entries of the masked vector: one per input entry, plus a wide entry's further digits."""
+        return self.length + (self.digits - 1) * len(self.wide)
+
+
+def ring_width(bits: int, n_sites: int) -> int:
+    """The narrowest ring (16, 32 or 64 bits) that holds the sum of ``n_sites`` ``bits``-bit codes:
+    ``r ≥ bits + ⌈log2 K⌉`` (the codes are unsigned, no sign bit is needed)."""
+    need = bits + math.ceil(math.log2(max(n_sites, 1)))
+    for r in RINGS:
+        if r >= need:
+            return r
+    raise ConfigError(f"secure aggregation: {n_sites} sites' {bits}-bit codes need a {need}-bit ring; at most 64")
 
 
 def default_degree(n_sites: int) -> int:
@@ -133,12 +191,15 @@ def secagg_params(
     degree: int | None = None,
     threshold: int | None = None,
     round: int = 0,
+    bits: int = 0,
+    wide: Collection[int] = (),
 ) -> SecAggParams:
     """Checked :class:`SecAggParams` (defaults: :func:`default_degree`, ``t = ⌊k/2⌋ + 1``).
 
     Raises :class:`ConfigError` naming the parameter for: fewer than 2 sites or repeated
     names, ``clip_range`` not a positive finite number, ``length < 1``, a degree that is not
-    in ``1..K-1`` or is odd below ``K - 1``, a threshold outside ``⌊k/2⌋+1 .. k``.
+    in ``1..K-1`` or is odd below ``K - 1``, a threshold outside ``⌊k/2⌋+1 .. k``, ``bits``
+    outside ``0..16``, a wide entry outside the vector or without quantization.
     """
     names = tuple(sorted(str(s) for s in sites))
     if len(set(names)) != len(names):
@@ -173,7 +234,13 @@ def secagg_params(
             f"secure aggregation: clip_range {clip_range} is too large for {n} sites in a 64-bit ring "
             f"(K·R must stay below 2^62)"
         )
-    return SecAggParams(names, t, k, int(graph_seed), radius, int(length), int(round))
+    if not 0 <= int(bits) <= 16:
+        raise ConfigError(f"secure aggregation: bits must be in 0..16 (0: the 64-bit fixed point), not {bits!r}")
+    wide = tuple(sorted({int(i) for i in wide}))
+    if wide and (not bits or wide[0] < 0 or wide[-1] >= int(length)):
+        raise ConfigError(f"secure aggregation: wide entries {list(wide)} need bits > 0 and indices in "
+                          f"0..{int(length) - 1}")
+    return SecAggParams(names, t, k, int(graph_seed), radius, int(length), int(round), int(bits), wide)
 
 
 def neighbours(params: SecAggParams) -> dict[str, tuple[str, ...]]:
@@ -206,13 +273,27 @@ def fixed_point_scale(clip_range: float, n_sites: int) -> float:
 
 def resolution(params: SecAggParams) -> float:
     """The largest error of a decoded sum of ``K`` encodings, before float64 rounds the result:
-    ``K / (2·scale)``."""
+    ``K / (2·scale)`` in fixed point; below ``K Δ`` quantized (each code is off by less than a step)."""
+    if params.bits:
+        return len(params.sites) * step(params)
     return len(params.sites) / (2.0 * params.scale)
 
 
-def encode_fixed(x: np.ndarray, params: SecAggParams, site: str = "?") -> np.ndarray:
-    """``round(x · scale) mod 2^64`` as uint64; refuses (DataError naming ``site``) a vector of
-    the wrong shape, a non-finite entry or one outside ``[-R, R]``."""
+def step(params: SecAggParams) -> float:
+    """A quantized entry's grid step ``Δ = 2R / (2^b - 1)``."""
+    return 2.0 * params.clip_range / params.levels
+
+
+def quantization_variance(params: SecAggParams, n_sites: int | None = None) -> float:
+    """The variance a quantized round adds to an entry of the decoded sum of ``n_sites`` (default
+    ``K``), at most: ``n Δ^2 / 4`` (stochastic rounding to a grid of step ``Δ``: ``p (1-p) Δ^2``)."""
+    n = len(params.sites) if n_sites is None else n_sites
+    return n * step(params) ** 2 / 4.0 if params.bits else 0.0
+
+
+def _checked(x: np.ndarray, params: SecAggParams, site: str) -> np.ndarray:
+    """``x`` as float64 when it is a finite real vector of the round's length within ``[-R, R]``;
+    else a DataError naming ``site`` and the first bad entry."""
     x = np.asarray(x)
     if x.shape != (params.length,) or x.dtype.kind not in "iuf":
         raise DataError(
@@ -227,12 +308,51 @@ def encode_fixed(x: np.ndarray, params: SecAggParams, site: str = "?") -> np.nda
             f"secure aggregation: site {site!r} entry {i} is {float(x[i])!r}, outside the clip range "
             f"[-{params.clip_range}, {params.clip_range}] ({int(bad.sum())} entries outside); clip before masking"
         )
-    return np.rint(x * params.scale).astype(np.int64).view(np.uint64)
+    return x
 
 
-def decode_sum(total: np.ndarray, params: SecAggParams) -> np.ndarray:
-    """The float64 sum from a ring sum of at most ``K`` encodings (read as signed 64-bit)."""
-    return total.view(np.int64).astype(np.float64) / params.scale
+def encode_fixed(x: np.ndarray, params: SecAggParams, site: str = "?") -> np.ndarray:
+    """``round(x · scale) mod 2^64`` as uint64; refuses (DataError naming ``site``) a vector of
+    the wrong shape, a non-finite entry or one outside ``[-R, R]``."""
+    return np.rint(_checked(x, params, site) * params.scale).astype(np.int64).view(np.uint64)
+
+
+def quantize(x: np.ndarray, params: SecAggParams, gen: np.random.Generator, site: str = "?") -> np.ndarray:
+    """The ring vector of a quantized round (``params.bits > 0``): each entry's unbiased
+    stochastic ``b``-bit code over ``[-R, R]``, a wide entry's ``⌊48/b⌋`` digits (the first in
+    its place, the rest appended in order), as ``params.dtype``. ``gen``: the site's keyed
+    generator, one uniform draw per entry. Refuses what :func:`encode_fixed` refuses."""
+    x = _checked(x, params, site)
+    levels = np.full(x.size, float(params.levels))
+    wide = np.asarray(params.wide, dtype=np.int64)
+    levels[wide] = 2.0 ** (params.bits * params.digits) - 1.0
+    u = (x + params.clip_range) / (2.0 * params.clip_range) * levels  # in [0, L] per entry
+    low = np.floor(u)
+    q = np.minimum(low + (gen.random(x.size) < u - low), levels).astype(np.uint64)
+    base = np.uint64(params.bits)
+    digit = np.uint64(params.levels)  # the b low bits
+    tail = [(q[wide] >> (base * np.uint64(j))) & digit for j in range(1, params.digits)]
+    q[wide] &= digit
+    # the wide digits appended digit-major: digit j of every wide entry, then digit j + 1
+    return np.concatenate([q, *tail]).astype(params.dtype) if len(wide) else q.astype(params.dtype)
+
+
+def decode_sum(total: np.ndarray, params: SecAggParams, n_sites: int | None = None) -> np.ndarray:
+    """The float64 sum from a ring sum of the encodings of ``n_sites`` (default ``K``): read as
+    signed 64-bit and divided by the scale in fixed point; quantized, ``S Δ - n R`` with a wide
+    entry's digit sums recombined (each below ``2^r``, so no digit carried into the next)."""
+    if not params.bits:
+        return total.view(np.int64).astype(np.float64) / params.scale
+    n = len(params.sites) if n_sites is None else n_sites
+    codes = total[: params.length].astype(np.float64)
+    steps = np.full(params.length, step(params))
+    if params.wide:
+        wide = np.asarray(params.wide, dtype=np.int64)
+        tail = total[params.length:].astype(np.float64).reshape(params.digits - 1, len(wide))
+        weights = 2.0 ** (params.bits * np.arange(1, params.digits))
+        codes[wide] += weights @ tail
+        steps[wide] = 2.0 * params.clip_range / (2.0 ** (params.bits * params.digits) - 1.0)
+    return codes * steps - n * params.clip_range
 
 
 # --------------------------------------------------------------------------- messages
@@ -356,12 +476,14 @@ def _kdf(secret: bytes, *info: object) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=_KEY, salt=None, info=label).derive(secret)
 
 
-def prg(key: bytes, length: int) -> np.ndarray:
-    """``length`` uint64 of the ChaCha20 keystream under ``key`` (zero nonce: one key, one stream)."""
+def prg(key: bytes, length: int, dtype: np.dtype | str = "<u8") -> np.ndarray:
+    """``length`` ring entries (little-endian ``dtype``: uint16/32/64) of the ChaCha20 keystream
+    under ``key`` (zero nonce: one key, one stream); each is uniform in its ring."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-    stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(8 * length))
-    return np.frombuffer(stream, dtype="<u8").astype(np.uint64, copy=False)
+    dtype = np.dtype(dtype)
+    stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(dtype.itemsize * length))
+    return np.frombuffer(stream, dtype=dtype).astype(dtype.newbyteorder("="), copy=False)
 
 
 def _pair_key(params: SecAggParams, a: str, b: str, shared: bytes) -> bytes:
@@ -481,21 +603,27 @@ def mask(
     adverts: Mapping[str, Advert],
     sealed_to_me: Sequence[SealedShares],
     x: np.ndarray,
+    gen: np.random.Generator | None = None,
 ) -> tuple[HeldShares, MaskedInput]:
     """Step 3 at a site: open the shares its neighbours sealed to it and send
-    ``y = enc(x) + PRG(b) + Σ_{j>i} PRG(s_ij) - Σ_{j<i} PRG(s_ij)  (mod 2^64)`` over the
-    neighbours ``j`` whose shares arrived (only those can be unmasked if they drop)."""
+    ``y = enc(x) + PRG(b) + Σ_{j>i} PRG(s_ij) - Σ_{j<i} PRG(s_ij)  (mod 2^r)`` over the
+    neighbours ``j`` whose shares arrived (only those can be unmasked if they drop). ``enc`` is
+    :func:`encode_fixed`, or :func:`quantize` with ``gen`` (the site's keyed generator) when
+    the round quantizes."""
     me = secrets.site
-    encoded = encode_fixed(x, params, me)
+    if params.bits and gen is None:
+        raise ConfigError(f"secure aggregation: site {me!r} needs its random generator to quantize to {params.bits} bits")
+    encoded = quantize(x, params, gen, me) if params.bits else encode_fixed(x, params, me)
+    n, dtype = params.ring_length, params.dtype
     allowed = set(neighbours(params)[me])
     strangers = sorted({s.sender for s in sealed_to_me} - allowed)
     if strangers:
         raise SecAggError(f"secure aggregation: site {me!r} got shares from {strangers}, which are not its neighbours")
     opened = [open_shares(params, secrets, adverts, s) for s in sealed_to_me]
     partners = tuple(sorted(seed.owner for seed, _ in opened))
-    y = encoded + prg(_kdf(bytes.fromhex(secrets.self_seed), "self", params.round), params.length)
+    y = encoded + prg(_kdf(bytes.fromhex(secrets.self_seed), "self", params.round), n, dtype)
     for j in partners:
-        stream = prg(_pair_key(params, me, j, _x25519(secrets.mask_private, adverts[j].mask_public)), params.length)
+        stream = prg(_pair_key(params, me, j, _x25519(secrets.mask_private, adverts[j].mask_public)), n, dtype)
         y = y + stream if j > me else y - stream
     held = HeldShares(me, tuple(s for s, _ in opened), tuple(k for _, k in opened))
     return held, MaskedInput(me, y, partners)
@@ -554,11 +682,12 @@ def unmask_sum(
     holders (and how many answered), before any mask is removed.
     """
     arrived = sorted(masked)
+    n, dtype = params.ring_length, params.dtype
     for i in arrived:
         y = masked[i].masked
-        if not (isinstance(y, np.ndarray) and y.dtype == np.uint64 and y.shape == (params.length,)):
+        if not (isinstance(y, np.ndarray) and y.dtype == dtype and y.shape == (n,)):
             raise SecAggError(
-                f"secure aggregation: the masked input of {i!r} is not a uint64 vector of length {params.length}"
+                f"secure aggregation: the masked input of {i!r} is not a {dtype.name} vector of length {n}"
             )
     dropped = sorted({j for i in arrived for j in masked[i].partners} - set(arrived))
     seeds: dict[str, list[Share]] = {}
@@ -575,19 +704,19 @@ def unmask_sum(
             f"secure aggregation cannot unmask: fewer than t={params.threshold} neighbours answered for "
             f"{', '.join(short)}; the round tolerates at most {params.degree - params.threshold} dropouts per neighbourhood"
         )
-    total = np.zeros(params.length, dtype=np.uint64)
+    total = np.zeros(n, dtype=dtype)
     for i in arrived:
         total += masked[i].masked
         seed = _combine(seeds[i][: params.threshold])
-        total -= prg(_kdf(seed, "self", params.round), params.length)
+        total -= prg(_kdf(seed, "self", params.round), n, dtype)
     for j in dropped:
         key = _combine(keys[j][: params.threshold]).hex()
         for i in arrived:
             if j in masked[i].partners:
                 # site i added +PRG(s_ij) when j > i and -PRG(s_ij) when j < i: take it back
-                stream = prg(_pair_key(params, i, j, _x25519(key, adverts[i].mask_public)), params.length)
+                stream = prg(_pair_key(params, i, j, _x25519(key, adverts[i].mask_public)), n, dtype)
                 total = total - stream if j > i else total + stream
-    return UnmaskedSum(decode_sum(total, params), total, tuple(arrived))
+    return UnmaskedSum(decode_sum(total, params, len(arrived)), total, tuple(arrived))
 
 
 # --------------------------------------------------------------------------- in memory
@@ -608,12 +737,15 @@ def simulate_transcript(
     drop_after_masking: Collection[str] = (),
     drop_before_unmask: Collection[str] = (),
     randbytes: Callable[[str], Callable[[int], bytes]] | None = None,
+    dither: Callable[[str], np.random.Generator] | None = None,
 ) -> SecAggTranscript:
     """All parties of one round in this process, message by message.
 
     ``drop_after_masking``: these sites mask but their input never arrives, and they answer
     nothing more. ``drop_before_unmask``: their input arrives, then they answer nothing more.
     ``randbytes(site)`` gives a site's random source (tests only; default the OS CSPRNG).
+    ``dither(site)``: a quantized round's generator at each site (default keyed by the graph
+    seed, the round and the site's name, so the sum is reproducible).
     """
     if set(inputs) != set(params.sites):
         raise DataError(f"secure aggregation: inputs are for {sorted(inputs)}, the cohort is {list(params.sites)}")
@@ -626,9 +758,13 @@ def simulate_transcript(
     sealed = {s: share(params, secrets, _neighbour_adverts(params, s, adverts)) for s, (secrets, _) in parties.items()}
     received += [box for boxes in sealed.values() for box in boxes]
     routed = route_shares(params, sealed)
+    if dither is None:
+        def dither(site: str) -> np.random.Generator:
+            return KeyedRng(params.graph_seed, (name_key("secagg-dither"), params.round, name_key(site))).generator
     held, masked = {}, {}
     for s, (secrets, _) in parties.items():
-        held[s], wire = mask(params, secrets, _neighbour_adverts(params, s, adverts), routed[s], inputs[s])
+        gen = dither(s) if params.bits else None
+        held[s], wire = mask(params, secrets, _neighbour_adverts(params, s, adverts), routed[s], inputs[s], gen)
         if s not in drop_after_masking:
             masked[s] = wire
     received += masked.values()
@@ -648,14 +784,16 @@ def simulate_round(
     seed: int,
     clip_range: float,
     round: int = 0,
+    bits: int = 0,
 ) -> np.ndarray:
     """The securely aggregated float64 sum of ``inputs`` (site -> 1-D vector) over the sites
-    not in ``drop_after_masking``, with every party run in memory (see :func:`simulate_transcript`)."""
+    not in ``drop_after_masking``, with every party run in memory (see :func:`simulate_transcript`);
+    ``bits > 0`` quantizes every entry to ``bits`` bits in the narrowest ring that holds the sum."""
     lengths = {np.shape(v) for v in inputs.values()}
     if len(lengths) != 1 or len(next(iter(lengths))) != 1:
         raise DataError(f"secure aggregation: inputs must be 1-D vectors of one length; got shapes {sorted(lengths)}")
     params = secagg_params(
         inputs, clip_range=clip_range, length=next(iter(lengths))[0], graph_seed=seed,
-        degree=degree, threshold=threshold, round=round,
+        degree=degree, threshold=threshold, round=round, bits=bits,
     )
     return simulate_transcript(params, inputs, drop_after_masking=drop_after_masking).result.total

@@ -10,8 +10,22 @@ delta, adaptive clipping's within-clip bit, ...), masks it with SecAgg+
 parameters never enter the vector), the clip (every vector segment to L2 norm ``C``: the
 range the ring needs; with DP it is DP's clip, without DP it is ``--clip``, stated in the
 results), the noise (``--dp distributed`` only: Gaussian noise on the weighted update, see
-:func:`site_noise_std`), then the mask. Compression does not compose: a masked wire is a
-dense uniform ring vector, so ``q8``/``q4``/``topk`` are refused with secure aggregation.
+:func:`site_noise_std`), the quantization (``--compress q8|q4`` only), then the mask.
+
+**Compression in the ring** (``q8``/``q4``, :func:`quantization_bits`): the site quantizes
+every entry of its vector, stochastically and without bias, to ``b`` bits over the entry's
+public range (:func:`medfed.comm.secagg.quantize`: ``2^b - 1`` steps over ``[-1, 1]`` in units
+of the segment's bound ``B``) and masks in ``Z_2^r``, ``r`` the smallest of 16, 32, 64 with
+``r ≥ b + ⌈log2 K⌉``: ``r/8`` bytes an entry instead of 8 (q8: 16 bits up to ``K = 256``).
+A decoded sum entry is unbiased with variance at most ``K (2B / (2^b - 1))^2 / 4``
+(:func:`quantization_variance`); the scalar segments (weights, the loss, a within-clip bit)
+are few and their ranges coarse, so they travel as ``⌊48/b⌋`` ``b``-bit digits, exact to
+``2^-48`` of their range. With ``--dp distributed`` the noise comes first, then the
+quantization (range ``C + 8 sigma_site``); the ledger accounts the Gaussian noise of the sum,
+not the rounding (whose variance this states). The dither is drawn from the site's keyed rng
+(the run's seed), so a run is reproducible and a deployment equals its simulation. ``topk`` is
+refused (each site's sparse support differs, and the masks make every entry dense anyway);
+``lossless`` too (a masked vector is uniform: deflate cannot shrink it).
 
 **Range and scale.** Every segment has a bound ``B`` (``C`` for an update or control delta,
 ``C + 8 sigma_site`` for the noised update, ``1`` for weights and bits, :data:`LOSS_BOUND`
@@ -42,14 +56,15 @@ import numpy as np
 from medfed.client.upload import Upload
 from medfed.comm import secagg
 from medfed.errors import ConfigError, DataError
-from medfed.rng import KeyedRng
+from medfed.rng import KeyedRng, name_key
 from medfed.wiretypes import wire_type
 
 LOSS_BOUND = 1e6  # a site's training loss is summed as at most this (a diverging site's larger one is held)
 NOISE_TAILS = 8.0  # the noised update's range: C + 8 sigma_site
 _ROUNDING = 1.0 + 2.0**-30  # a clipped vector's entries may exceed C by float rounding; held at C
 STAGES = ("train", "share", "mask", "unmask")  # the round's exchanges with secure aggregation, in order
-CHANNEL = ("sharing policy", "clip", "noise (distributed)", "mask")
+CHANNEL = ("sharing policy", "clip", "noise (distributed)", "quantize", "mask")
+QUANTIZERS = {"q8": 8, "q4": 4}  # --compress that runs in the ring: its bits
 WEIGHTINGS = ("examples", "uniform")
 ROUND_CLIP = "dp_clip"  # a round's clip bound sent down with the global model (adaptive clipping)
 
@@ -107,6 +122,15 @@ class Layout:
 
     def bounds(self) -> dict[str, float]:
         return {s.term.name: s.bound for s in self.segments}
+
+    def scalars(self) -> tuple[int, ...]:
+        """The vector's entries that hold a scalar term (a quantized round writes them wide)."""
+        at, out = 0, []
+        for seg in self.segments:
+            if seg.term.scalar:
+                out.append(at)
+            at += seg.size
+        return tuple(out)
 
 
 def layout(terms: Sequence[SumTerm], shapes: Mapping[str, tuple[int, ...]], *, clip: float, total: float,
@@ -216,9 +240,19 @@ def decode(lay: Layout, total: np.ndarray) -> dict[str, Any]:
 
 
 def resolution(lay: Layout, n_sites: int) -> dict[str, float]:
-    """The largest error of each decoded sum entry over ``n_sites``: ``B K / (2 scale)``."""
+    """The largest error of each decoded sum entry over ``n_sites``, fixed point: ``B K / (2 scale)``."""
     scale = secagg.fixed_point_scale(1.0, n_sites)
     return {s.term.name: s.bound * _ROUNDING * n_sites / (2.0 * scale) for s in lay.segments}
+
+
+def quantization_variance(lay: Layout, n_sites: int, bits: int) -> dict[str, float]:
+    """The variance ``bits``-bit quantization adds to an entry of each decoded term's sum over
+    ``n_sites``, at most: ``K (2B / (2^b - 1))^2 / 4`` (a scalar term's, with ``⌊48/b⌋ b`` bits)."""
+    out = {}
+    for seg in lay.segments:
+        b = bits * max(1, secagg.WIDE_BITS // bits) if seg.term.scalar else bits
+        out[seg.term.name] = n_sites * (2.0 * seg.bound * _ROUNDING / (2.0**b - 1.0)) ** 2 / 4.0
+    return out
 
 
 # --------------------------------------------------------------------------- the site's side
@@ -254,9 +288,11 @@ class SecureSlot:
 @dataclass(frozen=True)
 class SiteSecure:
     """A site's secure-aggregation stage: with ``--dp distributed``, the noise it adds
-    (:func:`site_noise_std`), from the site's own config, never the server's."""
+    (:func:`site_noise_std`); with ``--compress q8|q4``, the bits it quantizes to in the ring
+    (0: the 64-bit fixed point). Both from the site's own config, never the server's."""
 
     noise_std: float = 0.0
+    bits: int = 0
 
     def ready(self, upload: Upload, round_: int) -> tuple[SecureSlot | None, SecureReady]:
         problem = malformed(upload)
@@ -266,9 +302,11 @@ class SiteSecure:
         return SecureSlot(round_, upload, secrets), SecureReady(upload.site, round_, advert)
 
     def answer(self, stage: str, slot: SecureSlot | None, round_: int, message: Mapping[str, Any],
-               rng: KeyedRng) -> tuple[SecureSlot | None, Any]:
+               rng: KeyedRng, dither: KeyedRng | None = None) -> tuple[SecureSlot | None, Any]:
         """One stage's answer from the site's slot of ``round_`` (a DataError for a stage it cannot
-        serve: no upload held for that round; a ConfigError for an unknown stage)."""
+        serve: no upload held for that round, or a round that quantizes to other bits than the
+        site's config; a ConfigError for an unknown stage). ``rng`` draws the noise, ``dither``
+        the quantization (default ``rng``)."""
         if slot is None or slot.round != round_:
             raise DataError(f"secure aggregation: site holds no masked upload for round {round_ + 1} (stage {stage!r})")
         if stage == "share":
@@ -276,11 +314,15 @@ class SiteSecure:
             if slot.upload.site not in params.sites or params.round != round_:
                 raise DataError(f"secure aggregation: the share request does not name site {slot.upload.site!r} "
                                 f"in round {round_ + 1}")
+            if params.bits != self.bits:
+                raise DataError(f"secure aggregation: the round quantizes to {params.bits} bits (0: none), site "
+                                f"{slot.upload.site!r} is configured for {self.bits}; the study's --compress differs")
             slot = SecureSlot(slot.round, slot.upload, slot.secrets, params, lay, adverts)
             return slot, secagg.share(params, slot.secrets, adverts)
         if stage == "mask":
             x = encode(slot.layout, slot.upload, self.noise_std, rng)
-            held, masked = secagg.mask(slot.params, slot.secrets, slot.adverts, list(message["sealed"]), x)
+            gen = (dither or rng).child(name_key("secagg-dither")).generator if self.bits else None
+            held, masked = secagg.mask(slot.params, slot.secrets, slot.adverts, list(message["sealed"]), x, gen)
             return SecureSlot(slot.round, slot.upload, slot.secrets, slot.params, slot.layout, slot.adverts, held), masked
         if stage == "unmask":
             if slot.held is None:
@@ -289,10 +331,13 @@ class SiteSecure:
         raise ConfigError(f"unknown secure-aggregation stage {stage!r}; stages: {', '.join(STAGES[1:])}")
 
 
-def check_compress(compress: str | None) -> None:
-    """Compression cannot run under the mask: one line naming the flag."""
-    if (compress or "none").strip().lower() != "none":
-        raise ConfigError(
-            f"--compress {compress} cannot run with --secure-aggregation: a masked upload is a dense vector of "
-            "uniform 64-bit ring entries (quantized or sparse codes cannot be masked and summed); use --compress none"
-        )
+def quantization_bits(compress: str | None) -> int:
+    """The bits ``--compress`` quantizes to in the ring under secure aggregation (``none``: 0, the
+    64-bit fixed point; ``q8``: 8; ``q4``: 4); what cannot run under the mask is refused in one line."""
+    text = (compress or "none").strip().lower()
+    if text == "none" or text in QUANTIZERS:
+        return QUANTIZERS.get(text, 0)
+    why = ("a masked vector is uniform in its ring: deflate cannot shrink it" if text == "lossless" else
+           "each site's sparse support differs and the masks make every entry dense")
+    raise ConfigError(f"--compress {compress} cannot run with --secure-aggregation: {why}; use --compress q8, q4 "
+                      "or none")

@@ -214,7 +214,8 @@ def _build(site: SiteIdentity, run: Mapping[str, Any]) -> tuple:
     scale = _standardizer(run["scale"], X_train.shape[1])
     data = LocalData(site.name, scale(X_train), y_train)
     local = plan.sample_private(spec, algorithm, sizes)  # DP-SGD (--dp sample) at the study's noise, or plain
-    program = SiteProgram(algorithm, local, make_codec(config.compress), None if secure is None else secure[0])
+    codec = None if secure is not None else make_codec(config.compress)  # secure: quantized in the ring
+    program = SiteProgram(algorithm, local, codec, None if secure is None else secure[0])
     return config, plan, spec, program, data, scale(X_test), y_test
 
 

@@ -140,7 +140,10 @@ class SiteRuntime:
         if self.program.secure is None:
             raise ConfigError(f"site {self.name!r} runs without secure aggregation; it has no {name!r} stage")
         rng = (self._rng if self._noise is None else self._noise).child(round_, NOISE_STREAM, self._key)
-        self.memory.secure, answer = self.program.secure.answer(name, self.memory.secure, round_, message, rng)
+        # the in-ring quantization's dither is the run's, as the codec's is: a deployment equals its simulation
+        dither = self._rng.child(round_, CODEC_STREAM, self._key)
+        self.memory.secure, answer = self.program.secure.answer(name, self.memory.secure, round_, message, rng,
+                                                                dither)
         self._save()
         return answer
 

@@ -37,7 +37,8 @@ class SecureSettings:
     """What the coordinator needs to run the masked exchange: ``total`` (``N``, every site's
     examples), the clip ``C`` (the range of each update entry), the fewest masked sites a round
     accepts, SecAgg+'s threshold and degree (None: the library's defaults for the round's
-    cohort), and each site's noise std under ``--dp distributed`` (it widens the range)."""
+    cohort), each site's noise std under ``--dp distributed`` (it widens the range), and the bits
+    ``--compress q8|q4`` quantizes to in the ring (0: the 64-bit fixed point)."""
 
     total: float
     clip: float
@@ -45,6 +46,7 @@ class SecureSettings:
     threshold: int | None = None
     degree: int | None = None
     noise_std: float = 0.0
+    bits: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,9 +104,14 @@ def secure_sum(settings: SecureSettings, round_: int, replies: Mapping[str, Any]
     degree, threshold = round_graph(settings, tuple(adverts))
     graph_seed = int(rng.child(round_, name_key("secagg-graph")).generator.integers(2**62))  # public
     params = secagg.secagg_params(adverts, clip_range=1.0, length=lay.length, graph_seed=graph_seed,
-                                  degree=degree, threshold=threshold, round=round_)
-    info.update(degree=params.degree, threshold=params.threshold, ring_bits=secagg.RING_BITS,
-                scale=params.scale)
+                                  degree=degree, threshold=threshold, round=round_, bits=settings.bits,
+                                  wide=lay.scalars() if settings.bits else ())
+    info.update(degree=params.degree, threshold=params.threshold, ring_bits=params.ring_bits)
+    if settings.bits:  # the sum's variance per entry is stated for the K that mask: the most that can arrive
+        info["quantization"] = {"bits": settings.bits, "levels": params.levels,
+                                "variance": secure.quantization_variance(lay, len(params.sites), settings.bits)}
+    else:
+        info["scale"] = params.scale
     near = secagg.neighbours(params)
 
     def ask(name: str, messages: Mapping[str, Any], expect: type, gone: dict[str, str]) -> dict[str, Any]:

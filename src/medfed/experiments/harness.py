@@ -207,7 +207,8 @@ class TrainingPlan:
             eval_every=config.eval_every if evaluate is not None else 0, max_update_norm=t.max_update_norm,
             executor=config.executor, faults=parse_drops(config.drop), checkpoint_dir=checkpoint_dir,
             fingerprint=f"{study_fingerprint(config)}/{run_key}",
-            poisson=config.privacy.dp != "none", codec=make_codec(config.compress), secure=secure,
+            poisson=config.privacy.dp != "none", secure=secure,
+            codec=None if secure is not None else make_codec(config.compress),  # secure: quantized in the ring
         )
 
     def private(self, spec: Method, algorithm: FederatedAlgorithm, sizes: dict[str, float], rng: KeyedRng,
@@ -230,11 +231,13 @@ class TrainingPlan:
                 mode=p.dp)
         if not p.secure_aggregation:
             return algorithm, None
+        from medfed.comm.secure import quantization_bits
         from medfed.methods.privacy import secure_sides
 
         return algorithm, secure_sides(algorithm, spec.name, clip=p.clip, sizes=sizes, min_sites=min_sites,
                                        threshold=p.secure_threshold, degree=p.secure_degree,
-                                       distributed_noise=self.noise_multiplier(spec) if p.dp == "distributed" else 0.0)
+                                       distributed_noise=self.noise_multiplier(spec) if p.dp == "distributed" else 0.0,
+                                       bits=quantization_bits(self.config.compress))
 
     def sample_private(self, spec: Method, algorithm: FederatedAlgorithm, sizes: Mapping[str, float]) -> LocalTraining:
         """The sites' local training: with ``--dp sample``, DP-SGD at the noise multiplier that
@@ -838,16 +841,16 @@ def _option_fix(method: str, option: str) -> str:
 def check_secure_study(config: ExperimentConfig) -> None:
     """What cannot apply to masked uploads, refused in one line naming the flag: the server's
     screening by norm (the site's own clip bounds each upload instead, and a site will not mask
-    a non-finite one) and compression (a masked upload is a dense ring vector)."""
+    a non-finite one) and compression other than quantization in the ring (q8, q4)."""
     if not config.privacy.secure_aggregation:
         return
-    from medfed.comm.secure import check_compress
+    from medfed.comm.secure import quantization_bits
 
     if config.training.max_update_norm is not None:
         raise ConfigError(
             "--max-update-norm cannot run with --secure-aggregation: the server never sees an upload's norm; "
             "each site's update is clipped to --clip C before masking instead")
-    check_compress(config.compress)
+    quantization_bits(config.compress)
 
 
 def check_study(

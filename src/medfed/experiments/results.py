@@ -165,7 +165,8 @@ def privacy_document(run: ExperimentRun) -> dict[str, Any]:
     doc: dict[str, Any] = {"dp": p.dp, "secure_aggregation": p.secure_aggregation, "compress": run.config.compress,
                            "channel": ["sharing policy"] + (["clip"] if clipped else [])
                            + (["noise (distributed)"] if p.dp == "distributed" else [])
-                           + ([f"compress ({run.config.compress})"] if run.config.compress != "none" else [])
+                           + ([f"{'quantize' if p.secure_aggregation else 'compress'} ({run.config.compress})"]
+                              if run.config.compress != "none" else [])
                            + (["mask"] if p.secure_aggregation else []),
                            "sharing": sharing_by_setting(run), "bytes_up_per_round_by_site": bytes_per_round(run)}
     if p.secure_aggregation:
@@ -212,12 +213,15 @@ def bytes_per_round(run: ExperimentRun) -> dict[str, dict[str, float]]:
 
 
 def secure_document(run: ExperimentRun) -> dict[str, Any]:
-    """Secure aggregation in numbers: the protocol's parameters as configured, the fixed-point
-    ring (range of each summed term, scale), and per setting the rounds' thresholds, degrees
-    and the sites that dropped inside a round (recovered from their neighbours' shares)."""
+    """Secure aggregation in numbers: the protocol's parameters as configured, the ring (its
+    bits per setting, the range of each summed term; the fixed-point scale, or the quantization's
+    bits, levels and variance), and per setting the rounds' thresholds, degrees and the sites that
+    dropped inside a round (recovered from their neighbours' shares)."""
     from medfed.comm.secagg import RING_BITS
+    from medfed.comm.secure import quantization_bits
 
     p, t = run.config.privacy, run.config.training
+    bits = quantization_bits(run.config.compress)
     doc: dict[str, Any] = {
         "protocol": "SecAgg+ (Bonawitz et al., 2017; Bell et al., 2020): X25519, HKDF-SHA256, ChaCha20 masks, "
                     "Shamir shares of seeds and keys",
@@ -225,19 +229,27 @@ def secure_document(run: ExperimentRun) -> dict[str, Any]:
         "ring_bits": RING_BITS, "clip": p.clip, "min_sites": max(t.min_sites, 2),
         "scale": "2^floor(log2(2^62 / K)) per unit of each term's range (K: the round's masked sites)",
         "resolution": "range * K / (2 scale) per entry of the sum",
+        "quantization": None,
         "screening": "none at the server (it sees no upload): each site clips to clip and refuses to mask a "
                      "non-finite upload",
         "settings": {},
     }
+    if bits:  # quantized in the ring: the ring's width follows K, so each setting states its own
+        doc.update(ring_bits=None, scale=None, resolution="unbiased; variance at most K (2 range / levels)^2 / 4 "
+                   "per entry of the sum (scalar terms: 48-bit digits)",
+                   quantization={"compress": run.config.compress, "bits": bits, "levels": 2**bits - 1,
+                                 "ring": "Z_2^r, r the smallest of 16, 32, 64 with r >= bits + ceil(log2 K)"})
     for h in run.histories:
         if not h.secure_rounds:
             continue
         entry = doc["settings"].setdefault(h.setting, {"range": h.secure_rounds[0].get("range"),
                                                        "site_noise_std": h.secure_rounds[0].get("site_noise_std"),
-                                                       "thresholds": [], "degrees": [], "skipped_rounds": 0,
+                                                       "quantization": h.secure_rounds[0].get("quantization"),
+                                                       "thresholds": [], "degrees": [], "ring_bits": [],
+                                                       "skipped_rounds": 0,
                                                        "dropped_after_sharing": {}, "dropped_after_masking": {}})
         for r in h.secure_rounds:
-            for key, plural in (("threshold", "thresholds"), ("degree", "degrees")):
+            for key, plural in (("threshold", "thresholds"), ("degree", "degrees"), ("ring_bits", "ring_bits")):
                 if key in r and r[key] not in entry[plural]:
                     entry[plural].append(r[key])
             entry["skipped_rounds"] += r.get("skipped") is not None
@@ -256,7 +268,10 @@ def privacy_lines(doc: dict[str, Any]) -> list[str]:
         drops = sum(n for e in s["settings"].values() for key in ("dropped_after_sharing", "dropped_after_masking")
                     for n in e[key].values())
         thresholds = sorted({t for e in s["settings"].values() for t in e["thresholds"]})
-        lines.append(f"secure aggregation (SecAgg+, {s['ring_bits']}-bit ring, clip {s['clip']:g}): the server saw "
+        rings = sorted({r for e in s["settings"].values() for r in e.get("ring_bits", ())}) or [s["ring_bits"]]
+        q = s.get("quantization")
+        ring = "/".join(map(str, rings)) + "-bit ring" + (f", {q['bits']}-bit quantized" if q else "")
+        lines.append(f"secure aggregation (SecAgg+, {ring}, clip {s['clip']:g}): the server saw "
                      f"sums only; threshold {'/'.join(map(str, thresholds)) or '-'}; {drops} in-round dropout(s) "
                      "recovered")
     if p.get("dp", "none") == "none":

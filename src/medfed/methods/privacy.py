@@ -105,14 +105,16 @@ def check_secure(algorithm: FederatedAlgorithm, method: str) -> None:
 
 def secure_sides(algorithm: FederatedAlgorithm, method: str, *, clip: float, sizes: Mapping[str, float],
                  min_sites: int, threshold: int | None = None, degree: int | None = None,
-                 distributed_noise: float = 0.0) -> tuple[SiteSecure, SecureSettings]:
+                 distributed_noise: float = 0.0, bits: int = 0) -> tuple[SiteSecure, SecureSettings]:
     """Each side's secure aggregation for ``algorithm`` (refused by :func:`check_secure` first):
     the site's noise under ``--dp distributed`` (noise multiplier ``distributed_noise``) sized for
-    the fewest sites a round accepts, ``m = max(min_sites, 2)``, and the server's settings."""
+    the fewest sites a round accepts, ``m = max(min_sites, 2)``, the bits both sides quantize to
+    in the ring (``--compress q8|q4``; 0: none), and the server's settings."""
     check_secure(algorithm, method)
     fewest = max(int(min_sites), 2)
     noise = site_noise_std(distributed_noise, clip, sizes, fewest)
-    return SiteSecure(noise), SecureSettings(float(sum(sizes.values())), float(clip), fewest, threshold, degree, noise)
+    return SiteSecure(noise, bits), SecureSettings(float(sum(sizes.values())), float(clip), fewest, threshold, degree,
+                                                   noise, bits)
 
 
 def check_sample_dp(algorithm: FederatedAlgorithm, method: str, model, batch_size: int | None) -> None:
