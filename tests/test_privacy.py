@@ -275,3 +275,18 @@ def test_what_dp_sgd_cannot_run_yet_is_refused_before_training(method, extra, wo
     values.update({k: {**values[k], **v} for k, v in extra.items()})
     with pytest.raises(ConfigError, match=words):
         run_experiment(build_config(values), fed)
+
+
+def test_the_server_holds_every_decoded_update_to_the_clip_the_noise_is_sized_for():
+    # a lossy codec (q8, top-k with error feedback) can carry a clipped update past the clip;
+    # the noised mean must still move by at most the sensitivity when one site changes
+    sizes = {"a": 10.0, "b": 30.0}
+    step = dp_gaussian_mean(0.0, 1.0, sizes, 1.0, KeyedRng(0))
+    inside = np.array([[0.6, 0.0]])
+    beyond = np.array([[3.0, 4.0]])  # norm 5: five times the clip
+    stack = StackedUploads(("a", "b"), {"w": np.vstack([inside, beyond])}, np.array([10.0, 30.0]), "delta", {})
+    mean, _, _ = step.apply(stack, None, {"w": np.zeros(2)}, 0)
+    np.testing.assert_allclose(mean["w"], (10 * inside[0] + 30 * beyond[0] / 5) / 40, rtol=1e-15)
+    within = StackedUploads(("a", "b"), {"w": np.vstack([inside, beyond / 5])}, np.array([10.0, 30.0]), "delta", {})
+    plain = weighted_mean().apply(within, None, {"w": np.zeros(2)}, 0)[0]
+    assert np.array_equal(step.apply(within, None, {"w": np.zeros(2)}, 0)[0]["w"], plain["w"])  # within: untouched

@@ -850,7 +850,15 @@ def check_secure_study(config: ExperimentConfig) -> None:
         raise ConfigError(
             "--max-update-norm cannot run with --secure-aggregation: the server never sees an upload's norm; "
             "each site's update is clipped to --clip C before masking instead")
-    quantization_bits(config.compress)
+    if quantization_bits(config.compress) and config.privacy.dp in ("client", "distributed"):
+        # the noise is sized for updates of norm C; rounding every entry to a step of 2C/L can add
+        # up to sqrt(n) 2C/L to that norm, and the server, seeing only the sum, cannot clip again
+        # (without secure aggregation it does); with --dp distributed the sites' rounding also
+        # comes after their noise, which no accountant here covers
+        raise ConfigError(
+            f"--compress {config.compress} with --dp {config.privacy.dp} cannot run with --secure-aggregation: "
+            "rounding in the ring can carry a clipped update past the clip the noise is sized for, and the "
+            "server cannot clip what it cannot see; use --compress none, or DP without secure aggregation")
 
 
 def check_study(

@@ -29,11 +29,21 @@ def dp_sensitivity(clip: float, sizes: Mapping[str, float], rate: float) -> floa
     return clip * max(sizes.values()) / (rate * total)
 
 
-def _fixed_denominator_mean(stack: StackedUploads, denominator: float) -> dict[str, np.ndarray]:
-    """``sum_k n_k x_k / denominator``: with every site and ``denominator = N``, FedAvg's weighted
-    mean with the same weights and sums (``weighted_mean``), so the result is bit-identical."""
+def _fixed_denominator_mean(stack: StackedUploads, denominator: float, clip: float) -> dict[str, np.ndarray]:
+    """``sum_k n_k x_k / denominator`` over the uploads, each held to norm ``clip``: with every site,
+    ``denominator = N`` and uploads within the clip, FedAvg's weighted mean with the same weights
+    and sums (``weighted_mean``), so the result is bit-identical.
+
+    The sites clipped already; the server clips again because a lossy codec (q8, q4, top-k with
+    its error feedback) can carry a clipped update past the bound, and the noise is sized for
+    ``clip`` (an update within it is left exactly as it is)."""
     w = stack.weights / denominator
-    return {k: (w @ v.reshape(len(w), -1)).reshape(v.shape[1:]) for k, v in stack.payload.items()}
+    payload = stack.payload
+    flat = {k: v.reshape(len(w), -1) for k, v in payload.items()}
+    norms = np.sqrt(sum(np.einsum("ij,ij->i", v, v) for v in flat.values()))
+    if np.any(norms > clip):
+        w = w * np.minimum(1.0, clip / np.maximum(norms, 1e-300))
+    return {k: (w @ flat[k]).reshape(v.shape[1:]) for k, v in payload.items()}
 
 
 def _summed_mean(summed: SummedUploads, denominator: float) -> dict[str, np.ndarray]:
@@ -60,7 +70,7 @@ def dp_gaussian_mean(noise_multiplier: float, clip: float, sizes: Mapping[str, f
         return mean, report
 
     def apply(stack: StackedUploads, state, global_params, round_):
-        mean, report = noised(_fixed_denominator_mean(stack, rate * total), round_, len(stack.sites))
+        mean, report = noised(_fixed_denominator_mean(stack, rate * total, clip), round_, len(stack.sites))
         return mean, state, report
 
     def on_sum(summed: SummedUploads, state, global_params, round_):
@@ -104,7 +114,7 @@ def dp_adaptive_mean(noise_multiplier: float, clip: float, sizes: Mapping[str, f
     expected = rate * len(sizes)
 
     def apply(stack: StackedUploads, state: AdaptiveClipState, global_params, round_):
-        return step(_fixed_denominator_mean(stack, rate * total), float(np.sum(stack.extras["dp_within_clip"])),
+        return step(_fixed_denominator_mean(stack, rate * total, state.clip), float(np.sum(stack.extras["dp_within_clip"])),
                     len(stack.sites), state, round_)
 
     def on_sum(summed: SummedUploads, state: AdaptiveClipState, global_params, round_):
