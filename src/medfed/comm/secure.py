@@ -20,9 +20,10 @@ of the segment's bound ``B``) and masks in ``Z_2^r``, ``r`` the smallest of 16, 
 A decoded sum entry is unbiased with variance at most ``K (2B / (2^b - 1))^2 / 4``
 (:func:`quantization_variance`); the scalar segments (weights, the loss, a within-clip bit)
 are few and their ranges coarse, so they travel as ``⌊48/b⌋`` ``b``-bit digits, exact to
-``2^-48`` of their range. With ``--dp distributed`` the noise comes first, then the
-quantization (range ``C + 8 sigma_site``); the ledger accounts the Gaussian noise of the sum,
-not the rounding (whose variance this states). The dither is drawn from the site's keyed rng
+``2^-48`` of their range. The study refuses it with client-level or distributed DP
+(:func:`medfed.experiments.harness.check_secure_study`: rounding can carry an update past the
+clip its noise is sized for, and nobody can clip a masked vector again); the noise-then-quantize
+order (range ``C + 8 sigma_site``) is kept for the library's callers. The dither is drawn from the site's keyed rng
 (the run's seed), so a run is reproducible and a deployment equals its simulation. ``topk`` is
 refused (each site's sparse support differs, and the masks make every entry dense anyway);
 ``lossless`` too (a masked vector is uniform: deflate cannot shrink it).
