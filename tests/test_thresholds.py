@@ -200,3 +200,27 @@ def test_a_bad_threshold_flag_is_one_line_and_exit_2(tmp_path):
     assert result.exit_code == 2
     assert "--threshold" in result.output and "youden" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_saved_model_predicts_at_the_threshold_its_rows_were_scored_at():
+    from medfed.data.tables import ScoringRows
+    from medfed.errors import ConfigError
+    from medfed.experiments.harness import prepare_repeat
+
+    fed = _shifted_federation()
+    config = build_config({"data": {"dataset": "unused"}, "methods": ["mix", "fedavg"], "repeats": 1,
+                           "save_model": True, "training": {"rounds": 10, "local_steps": 5, "lr": 0.3},
+                           "evaluation": {"threshold": "youden"}})
+    run = run_experiment(config, fed)
+    doc, models = results_document(run), {m.name: m.model for m in run.models}
+    rows = _rows(doc)
+    assert models["Mix"].threshold(None).logit == rows[("Mix", "a")]["threshold"]["logit"][0]
+    with pytest.raises(ConfigError, match="chosen on each site's own training rows: pass --site NAME, one of a, b"):
+        models["FedAvg"].threshold(None)
+    test_a = prepare_repeat(fed, config, 0)[0]
+    scored = models["FedAvg"].score(ScoringRows(test_a.X_test, test_a.y_test, None, {}), "a")
+    # the predictions give the run's numbers for site a: the same threshold on the same rows
+    m = predicted_metrics(test_a.y_test, scored.predicted, scored.scores)
+    for key in BINARY.keys:
+        assert m[key].value == pytest.approx(rows[("FedAvg", "a")]["metrics"][key]["values"][0], abs=1e-12), key
+    assert models["FedAvg"].threshold("a").logit == rows[("FedAvg", "a")]["threshold"]["logit"][0]

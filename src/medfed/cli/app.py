@@ -485,7 +485,7 @@ def execute_predict(model: Path, data: Path, out: Path, site: str | None, label_
         )
         scored = saved.score(rows, site, str(model), str(data))
         written = write_results(lambda: write_atomically(
-            out.parent, {out.name: lambda: predictions_csv(scored.scores, rows.ids, id_column)}, as_set=False,
+            out.parent, {out.name: lambda: predictions_csv(scored, rows.ids, id_column)}, as_set=False,
         ), out.parent)
     show(lambda: render_predictions(saved, scored, rows, data, site, label_column or label["column"], written[0]),
          str(out))
@@ -494,8 +494,7 @@ def execute_predict(model: Path, data: Path, out: Path, site: str | None, label_
 def render_predictions(saved, scored, rows, data: Path, site: str | None, label_column: str | None, out: Path) -> None:
     """What was scored with which model, how many rows came out positive, and with labels the
     survey's four metrics."""
-    from medfed.experiments.metrics import BINARY, binary_metrics, metric_label
-    from medfed.experiments.saved_model import THRESHOLD
+    from medfed.experiments.metrics import BINARY, metric_label, predicted_metrics
 
     meta = saved.meta
     n = scored.scores.size
@@ -508,10 +507,12 @@ def render_predictions(saved, scored, rows, data: Path, site: str | None, label_
     if meta["scaling"] == "site":
         how.append(f"standardized with site {site}'s statistics")
     print_line(f"scored {n} row(s) of {data}" + (f" ({'; '.join(how)})" if how else ""))
-    positive = int((scored.scores >= THRESHOLD).sum())
-    print_line(f"predicted positive ({meta['label']['positive_class']}, score >= {THRESHOLD:g}): {positive} of {n}")
+    positive = int(scored.predicted.sum())
+    threshold = saved.threshold(site)
+    cut = f"score >= {threshold.probability:.4g}" + ("" if threshold.rule == "0.5" else f", the run's {threshold.rule} threshold")
+    print_line(f"predicted positive ({meta['label']['positive_class']}, {cut}): {positive} of {n}")
     if rows.y is not None:
-        metrics = binary_metrics(rows.y, scored.scores, THRESHOLD)
+        metrics = predicted_metrics(rows.y, scored.predicted, scored.scores)
         cells = [f"{metric_label(m)} " + ("n/a" if metrics[m].value is None else f"{metrics[m].value:.3f}")
                  for m in BINARY.keys]
         print_line(f"against label column {label_column!r}: " + "  ".join(cells))

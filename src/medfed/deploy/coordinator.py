@@ -226,12 +226,14 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
                                  RoundContext(rounds, tuple(sites), rng), final=True)
         answers = executor.evaluate(final, global_model=spec.global_model and failure is None,
                                     personal=spec.personal or not spec.global_model)
-        evaluations += _evaluations(spec, sites, answers, failure, config.evaluation.threshold)
+        scored = _evaluations(spec, sites, answers, failure, config.evaluation.threshold)
+        evaluations += scored
         histories.append(federated_history(spec, 0, result, config))
         if failure is None and spec.global_model:
             models[spec.display] = ModelOutcome(spec.display, saved_model_file(
                 config, fed, shared, pooled, result.params, setting=spec.display, method=spec.name,
-                train_sites=sites, settings=[spec.display], personal=spec.personal))
+                train_sites=sites, settings=[spec.display], personal=spec.personal,
+                thresholds={e.key[3]: e.threshold for e in scored if e.key[5] == "global" and e.threshold}))
         else:
             why = failure.reason if failure is not None else (
                 f"no global model: {spec.display} shares only part of the model; each site's personal model stays "

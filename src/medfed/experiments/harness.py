@@ -43,7 +43,7 @@ from medfed.experiments.metrics import (
     model_threshold,
     thresholded_metrics,
 )
-from medfed.experiments.saved_model import SAVED_REPEAT, ModelOutcome, name_files, saved_model_file
+from medfed.experiments.saved_model import MODEL_ROWS, SAVED_REPEAT, ModelOutcome, name_files, saved_model_file
 from medfed.experiments.splits import stratified_split
 from medfed.methods import METHOD_FLAGS, Method, context_for, resolve_methods
 from medfed.rng import KeyedRng, name_key
@@ -675,13 +675,20 @@ def run_repeat(
         if not saving or name in out.models:
             return
         one_site = spec.name in ("single", "cross")
-        model = None if reason is not None else saved_model_file(
-            config, federation, sites, scaled.scaler(group), params,
-            setting="Single" if one_site else spec.display, method="single" if one_site else spec.name,
-            train_sites=[site_names[i] for i in group], settings=per_site if one_site else [spec.display],
-            personal=spec.personal,
-        )
-        out.models[name] = ModelOutcome(name, model, reason)
+        saved = None
+        if reason is None:
+            # the decision thresholds its rows were scored at: a federated model's per training site
+            train = scaled(group)[0]
+            thresholds = ({d.name: model_threshold(rule, model, params, d.X, d.y) for d in train}
+                          if spec.kind == "federated" else
+                          {MODEL_ROWS: model_threshold(rule, model, params, *_pooled_rows(train))})
+            saved = saved_model_file(
+                config, federation, sites, scaled.scaler(group), params,
+                setting="Single" if one_site else spec.display, method="single" if one_site else spec.name,
+                train_sites=[site_names[i] for i in group], settings=per_site if one_site else [spec.display],
+                personal=spec.personal, thresholds=thresholds,
+            )
+        out.models[name] = ModelOutcome(name, saved, reason)
 
     def key_of(spec: Method, train_site: str | None, j: int, evaluation: str = "split", model_kind: str = "global"):
         return (spec.display, spec.name, train_site, site_names[j], evaluation, model_kind)
