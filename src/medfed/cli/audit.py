@@ -62,10 +62,10 @@ from medfed.cli.flags import (
     PositiveLabelOpt,
     RoundsOpt,
     ScalingOpt,
-    ThresholdOpt,
     SiteColumnOpt,
     SkipBadOpt,
     SplitColumnOpt,
+    ThresholdOpt,
     study_overrides,
 )
 from medfed.errors import ConfigError

@@ -76,10 +76,9 @@ def handle(payload: bytes, node_config: Mapping[str, Any]) -> bytes:
 def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
     """Check the site's file against the study's schema, split and impute it, keep the result in
     the site folder, and share the counts and moments the federation may know."""
+    from medfed import __version__
     from medfed.deploy.study import study_from_payload
     from medfed.experiments.harness import prepare_site, training_rows
-
-    from medfed import __version__
 
     theirs = request.get("medfed_version")
     if theirs != __version__:
@@ -234,7 +233,11 @@ def _evaluate(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
     """Metrics of the final global model and, for a personalizing method, of the site's own
     model, on the site's test rows, at the decision threshold the study's rule chooses on the
     site's own training rows (as in simulation), with that threshold; the personal model stays here."""
-    from medfed.experiments.metrics import model_scores, model_threshold, thresholded_metrics
+    from medfed.experiments.metrics import (
+        model_scores,
+        model_threshold,
+        thresholded_metrics,
+    )
 
     prepared = _prepare(site, request)
     plan = plan_of(request["plan"])

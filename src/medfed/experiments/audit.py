@@ -49,7 +49,13 @@ from medfed.experiments.harness import (
     load_federation,
     prepare_repeat,
 )
-from medfed.experiments.metrics import BINARY, Metric, metric_label, model_threshold, predicted_metrics
+from medfed.experiments.metrics import (
+    BINARY,
+    Metric,
+    metric_label,
+    model_threshold,
+    predicted_metrics,
+)
 from medfed.experiments.report import write_atomically
 from medfed.experiments.results import (
     STD_DDOF,

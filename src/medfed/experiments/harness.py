@@ -699,7 +699,7 @@ def run_repeat(
         if failure is None:
             scores = model_scores(model, params, tests[j])
             if scores is not None:
-                probabilities, logits = scores
+                probabilities = scores[0]
                 threshold = model_threshold(rule, model, params, *_pooled_rows(calibration))
                 out.evaluations.append(Evaluation(key, thresholded_metrics(sites[j].y_test, *scores, threshold),
                                                   (sites[j].y_test, probabilities), threshold, rows))

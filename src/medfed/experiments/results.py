@@ -14,7 +14,13 @@ import numpy as np
 
 from medfed.experiments.harmonization import harmonization_document
 from medfed.experiments.harness import THRESHOLD_ROWS, Cell, ExperimentRun
-from medfed.experiments.metrics import BINARY, DEFAULT_THRESHOLD, Metric, metric_label, metric_set
+from medfed.experiments.metrics import (
+    BINARY,
+    DEFAULT_THRESHOLD,
+    Metric,
+    metric_label,
+    metric_set,
+)
 from medfed.experiments.saved_model import models_document
 
 STD_DDOF = 1  # sample standard deviation over repeats
@@ -378,8 +384,8 @@ def threshold_lines(doc: dict[str, Any]) -> list[str]:
     if rule == DEFAULT_THRESHOLD:
         return []
     what = {"youden": "the largest TPR - FPR", "prevalence": "predicted-positive fraction = prevalence"}[rule]
-    return [f"decision threshold: {rule} ({what}) on training rows only: a federated model's on each test site's "
-            "own, a centralized model's on its own; every row's values in results.json (threshold)"]
+    return [(f"decision threshold: {rule} ({what}) on training rows only: a federated model's on each test site's "
+             "own, a centralized model's on its own; every row's values in results.json (threshold)")]
 
 
 def format_metric(summary: dict[str, Any], digits: int = 3) -> str:
