@@ -395,4 +395,3 @@ def test_deployed_distributed_dp_noise_comes_from_the_sites_own_seed(tables, tmp
     assert {e["mode"] for e in deployed["privacy"]["ledger"]} == {"distributed"}
     assert deployed["histories"]["FedAvg"]["train_loss"] != simulated["histories"]["FedAvg"]["train_loss"]
     assert all((tmp_path / f"site-{s}" / "noise.seed").exists() for s in ("Cleveland", "Hungary"))
-
