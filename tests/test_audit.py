@@ -211,6 +211,23 @@ def test_clean_run_is_the_experiment_harness_fedavg(federation, sign_flip_doc):
     assert compared == 2 * 6  # 2 repeats x 6 clean sites
 
 
+@pytest.mark.filterwarnings("ignore::medfed.data.federation.SingleClassSiteWarning")
+def test_the_audit_thresholds_each_clean_site_as_the_experiment_does(federation):
+    from medfed.experiments.metrics import BINARY
+
+    extra = {"evaluation": {"threshold": "youden"}}
+    run = run_experiment(_config(["fedavg"], 1, **extra), federation)
+    doc = _audit(federation, ["fedavg"], Attack("sign_flip", corrupt=2, scale=10.0), repeats=1, **extra)
+    clean = doc["defenses"][0]["per_repeat"][0]["clean"]
+    assert doc["threshold"] == "youden"
+    for cell in run.cells:
+        if cell.test_site in clean["sites"]:
+            for m in BINARY.keys:
+                assert clean["sites"][cell.test_site][m] == cell.metrics[m][0].value, m
+            assert clean["threshold_logit"][cell.test_site] == cell.thresholds[0].logit
+    assert len(set(clean["threshold_logit"].values())) > 1
+
+
 def test_null_attacks_leave_the_run_unchanged(federation):
     # paired design: clean and attacked draw the same numbers, so an attack that changes nothing is exact
     for attack in (Attack("scale", corrupt=3, scale=1.0), Attack("noisy_labels", corrupt=3, rate=0.0)):

@@ -102,6 +102,30 @@ def test_a_deployed_study_equals_its_simulation(tables, tmp_path):
     assert not list((tmp_path / "out").rglob("*personal*"))
 
 
+@pytest.mark.parametrize("rule", ["youden", "prevalence"])
+def test_a_deployed_site_chooses_the_threshold_on_its_own_rows_as_simulation_does(tables, tmp_path, rule):
+    """Each site thresholds the global model (FedAvg) and its personal model (Ditto) on its own
+    training rows: the same thresholds and metrics as in simulation."""
+    study = tmp_path / "threshold.toml"
+    study.write_text(STUDY.replace('["fedavg", "scaffold", "ditto"]', '["fedavg", "ditto"]')
+                     + f'\n[evaluation]\nthreshold = "{rule}"\n')
+    deployed = drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
+    from typer.testing import CliRunner
+
+    from medfed.cli.app import app
+
+    result = CliRunner().invoke(app, ["run", str(study), "--data", str(tables / "all.csv"), "--out",
+                                      str(tmp_path / "sim")])
+    assert result.exit_code == 0, result.output
+    simulated = json.loads((tmp_path / "sim" / "results.json").read_text())
+    assert _rows(deployed) == _rows(simulated)
+    thresholds = {(r["setting"], r["test_site"], r["model"]): r["threshold"] for r in simulated["results"]}
+    assert {(r["setting"], r["test_site"], r["model"]): r["threshold"] for r in deployed["results"]} == thresholds
+    chosen = [t["logit"][0] for t in thresholds.values()]
+    assert all(t["rule"] == rule and t["chosen_on"] == "the test site's own training rows" for t in thresholds.values())
+    assert len(set(chosen)) > 1 and 0.0 not in chosen  # one per site and model, none of them 0.5's
+
+
 def test_a_site_whose_file_misses_a_column_is_refused_by_name(tables, tmp_path):
     nodes = _nodes(tables, tmp_path)
     bad = tmp_path / "bad.csv"

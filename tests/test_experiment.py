@@ -41,7 +41,7 @@ def test_every_setting_reported_per_test_site(federation):
         # Cross: every other training site, never the test site itself
         assert {k[1] for k in rows if k[0] == "Cross" and k[2] == s} == set(names) - {s}
     r = rows[("FedAvg", None, names[0])]
-    assert set(r["metrics"]) == {"acc", "sen", "spe", "auc"}
+    assert set(r["metrics"]) == {"acc", "sen", "spe", "auc", "balanced_acc", "f1"}
     assert len(r["metrics"]["acc"]["values"]) == 2
     assert r["metrics"]["acc"]["mean"] == pytest.approx(np.mean(r["metrics"]["acc"]["values"]))
     assert r["metrics"]["acc"]["std"] == pytest.approx(np.std(r["metrics"]["acc"]["values"], ddof=1))

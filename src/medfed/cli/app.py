@@ -84,6 +84,7 @@ from medfed.cli.flags import (
     SiteColumnOpt,
     SkipBadOpt,
     SplitColumnOpt,
+    ThresholdOpt,
     study_overrides,
     with_method_flags,
     AccountantOpt,
@@ -144,7 +145,9 @@ def render_table(doc: dict[str, Any], out: Console | None = None) -> None:
         privacy_lines,
         server_note_lines,
         table_rows,
+        threshold_lines,
     )
+    from medfed.experiments.metrics import metric_label, metric_set
     from medfed.experiments.saved_model import model_lines
 
     out = out or console
@@ -158,7 +161,7 @@ def render_table(doc: dict[str, Any], out: Console | None = None) -> None:
             label += f" [{len(notes)}]"
         labels.append(label)
     title = f"{doc['dataset']}: mean ± std over {doc['repeats']} repeat(s), seed {doc['seed']}"
-    metrics = ("ACC", "SEN", "SPE", "AUC")
+    metrics = tuple(metric_label(m) for m in metric_set(doc.get("task")).screen)  # the rest: results.csv/.md/.json
 
     def wide() -> Table:
         table = Table(title=title, title_justify="left")
@@ -193,6 +196,8 @@ def render_table(doc: dict[str, Any], out: Console | None = None) -> None:
     out.print(first_fitting([(wide, False), (narrow(compact), True), (narrow(stacked), True)], out))
     for i, note in enumerate(notes, 1):
         out.print(f"[dim][{i}] {escape(note)}[/]", highlight=False)
+    for line in threshold_lines(doc):
+        out.print(f"[dim]{escape(line)}[/]", highlight=False)
     for line in communication_lines(doc):
         out.print(f"[dim]{escape(line)}[/]", highlight=False)
     for line in harmonization_lines(doc):
@@ -384,6 +389,7 @@ def run(
     repeats: Annotated[int | None, typer.Option(help="repeated splits")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of splits and training")] = None,
     scaling: ScalingOpt = None,
+    threshold: ThresholdOpt = None,
     out: Annotated[str | None, typer.Option(help="output folder")] = None,
     plots: Annotated[bool | None, typer.Option("--plots/--no-plots", help="write ROC, convergence (and --eval-every test-metric) plots")] = None,
     plot_format: PlotFormatOpt = None,
@@ -479,7 +485,7 @@ def execute_predict(model: Path, data: Path, out: Path, site: str | None, label_
         )
         scored = saved.score(rows, site, str(model), str(data))
         written = write_results(lambda: write_atomically(
-            out.parent, {out.name: lambda: predictions_csv(scored.scores, rows.ids, id_column)}, as_set=False,
+            out.parent, {out.name: lambda: predictions_csv(scored, rows.ids, id_column)}, as_set=False,
         ), out.parent)
     show(lambda: render_predictions(saved, scored, rows, data, site, label_column or label["column"], written[0]),
          str(out))
@@ -488,8 +494,7 @@ def execute_predict(model: Path, data: Path, out: Path, site: str | None, label_
 def render_predictions(saved, scored, rows, data: Path, site: str | None, label_column: str | None, out: Path) -> None:
     """What was scored with which model, how many rows came out positive, and with labels the
     survey's four metrics."""
-    from medfed.experiments.metrics import METRICS, binary_metrics
-    from medfed.experiments.saved_model import THRESHOLD
+    from medfed.experiments.metrics import BINARY, metric_label, predicted_metrics
 
     meta = saved.meta
     n = scored.scores.size
@@ -502,15 +507,18 @@ def render_predictions(saved, scored, rows, data: Path, site: str | None, label_
     if meta["scaling"] == "site":
         how.append(f"standardized with site {site}'s statistics")
     print_line(f"scored {n} row(s) of {data}" + (f" ({'; '.join(how)})" if how else ""))
-    positive = int((scored.scores >= THRESHOLD).sum())
-    print_line(f"predicted positive ({meta['label']['positive_class']}, score >= {THRESHOLD:g}): {positive} of {n}")
+    positive = int(scored.predicted.sum())
+    threshold = saved.threshold(site)
+    cut = f"score >= {threshold.probability:.4g}" + ("" if threshold.rule == "0.5" else f", the run's {threshold.rule} threshold")
+    print_line(f"predicted positive ({meta['label']['positive_class']}, {cut}): {positive} of {n}")
     if rows.y is not None:
-        metrics = binary_metrics(rows.y, scored.scores, THRESHOLD)
-        cells = [f"{m.upper()} " + ("n/a" if metrics[m].value is None else f"{metrics[m].value:.3f}") for m in METRICS]
+        metrics = predicted_metrics(rows.y, scored.predicted, scored.scores)
+        cells = [f"{metric_label(m)} " + ("n/a" if metrics[m].value is None else f"{metrics[m].value:.3f}")
+                 for m in BINARY.keys]
         print_line(f"against label column {label_column!r}: " + "  ".join(cells))
-        for m in METRICS:
+        for m in BINARY.keys:
             if metrics[m].value is None:
-                print_line(f"[dim]{m.upper()}: {escape(metrics[m].reason)}[/]")
+                print_line(f"[dim]{metric_label(m)}: {escape(metrics[m].reason)}[/]")
     for column, levels in scored.unseen_levels.items():
         shown = ", ".join(f"{level!r} ({k} row(s))" for level, k in levels.items())
         print_line(f"[yellow]note:[/] column {escape(repr(column))}: level(s) no training site held, encoded as "

@@ -65,6 +65,7 @@ from medfed.cli.flags import (
     SiteColumnOpt,
     SkipBadOpt,
     SplitColumnOpt,
+    ThresholdOpt,
     study_overrides,
 )
 from medfed.errors import ConfigError
@@ -204,6 +205,7 @@ def robustness(
     min_sites: MinSitesOpt = None,
     max_update_norm: MaxUpdateNormOpt = None,
     scaling: ScalingOpt = None,
+    threshold: ThresholdOpt = None,
     seed: Annotated[int | None, typer.Option(help="seed of splits, corrupted sites, attacks and training [default: 0]")] = None,
     method_option: MethodOptionOpt = None,
     threads: Annotated[int | None, typer.Option(min=1, help="threads torch models compute with [default: 1]")] = None,

@@ -68,7 +68,7 @@ CONFIG_FLAGS = {
     "privacy.noise": "--noise", "privacy.delta": "--delta", "privacy.target_epsilon": "--target-epsilon",
     "privacy.accountant": "--accountant", "privacy.adaptive_clip": "--adaptive-clip", "compress": "--compress",
     "privacy.secure_aggregation": "--secure-aggregation", "privacy.secure_threshold": "--secure-threshold",
-    "privacy.secure_degree": "--secure-degree",
+    "privacy.secure_degree": "--secure-degree", "evaluation.threshold": "--threshold",
 }
 
 

@@ -70,6 +70,8 @@ MaxUpdateNormOpt = Annotated[
     float | None, typer.Option(help="the server rejects uploads whose update norm is larger")
 ]
 ScalingOpt = Annotated[str | None, typer.Option(help="global, site or none")]
+ThresholdOpt = Annotated[str | None, typer.Option(
+    help="decision threshold of ACC/SEN/SPE/BACC/F1: 0.5, youden or prevalence (chosen on training rows only)")]
 OverwriteOpt = Annotated[
     bool | None,
     typer.Option("--overwrite", help="replace files in --out that medfed did not write (or that changed since)"),
@@ -154,8 +156,9 @@ def study_overrides(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str,
     training = {k: given[k] for k in TRAINING_FLAGS if given.get(k) is not None}
     privacy = {k: given[k] for k in PRIVACY_FLAGS if given.get(k) is not None}
     harmonize = {k: v for k, v in (("method", given.get("harmonize")), ("eb", given.get("eb"))) if v is not None}
+    evaluation = {"threshold": given["threshold"]} if given.get("threshold") is not None else {}
     return {key: value for key, value in (("data", data), ("training", training), ("privacy", privacy),
-                                          ("harmonize", harmonize)) if value}
+                                          ("harmonize", harmonize), ("evaluation", evaluation)) if value}
 
 
 def with_method_flags(after: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

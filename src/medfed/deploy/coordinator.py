@@ -39,6 +39,7 @@ from medfed.engine.protocol import RoundContext, RoundRecord, ServerState, progr
 from medfed.errors import ConfigError
 from medfed.experiments.harness import (
     TRAIN_STREAM,
+    Evaluation,
     Failure,
     RepeatOutcome,
     TrainingPlan,
@@ -48,7 +49,7 @@ from medfed.experiments.harness import (
     federated_history,
     study_fingerprint,
 )
-from medfed.experiments.metrics import Metric
+from medfed.experiments.metrics import Metric, Threshold
 from medfed.experiments.saved_model import ModelOutcome, saved_model_file
 from medfed.methods import resolve_methods
 from medfed.rng import KeyedRng, name_key
@@ -230,12 +231,14 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
                                  RoundContext(rounds, tuple(sites), rng), final=True)
         answers = executor.evaluate(final, global_model=spec.global_model and failure is None,
                                     personal=spec.personal or not spec.global_model)
-        evaluations += _evaluations(spec, sites, answers, failure)
+        scored = _evaluations(spec, sites, answers, failure, config.evaluation.threshold)
+        evaluations += scored
         histories.append(federated_history(spec, 0, result, config))
         if failure is None and spec.global_model:
             models[spec.display] = ModelOutcome(spec.display, saved_model_file(
                 config, fed, shared, pooled, result.params, setting=spec.display, method=spec.name,
-                train_sites=sites, settings=[spec.display], personal=spec.personal))
+                train_sites=sites, settings=[spec.display], personal=spec.personal,
+                thresholds={e.key[3]: e.threshold for e in scored if e.key[5] == "global" and e.threshold}))
         else:
             why = failure.reason if failure is not None else (
                 f"no global model: {spec.display} shares only part of the model; each site's personal model stays "
@@ -256,9 +259,10 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
     return doc
 
 
-def _evaluations(spec, sites: list[str], answers: Mapping[str, Any], failure: Failure | None) -> list:
-    """The sites' metric reports as the harness's evaluations (a failure or a missing report
-    makes a row not computable, with the reason)."""
+def _evaluations(spec, sites: list[str], answers: Mapping[str, Any], failure: Failure | None, rule: str) -> list:
+    """The sites' metric reports as the harness's evaluations, with the decision threshold each
+    chose by ``rule`` on its own training rows (a failure or a missing report makes a row not
+    computable, with the reason)."""
     out = []
     kinds = (["global"] if spec.global_model else []) + (["personal"] if spec.personal or not spec.global_model else [])
     for site in sites:
@@ -266,13 +270,15 @@ def _evaluations(spec, sites: list[str], answers: Mapping[str, Any], failure: Fa
         for kind in kinds:
             key = (spec.display, spec.name, None, site, "split", kind)
             if kind == "global" and failure is not None:
-                out.append((key, failure, None))
+                out.append(Evaluation(key, failure))
                 continue
             got = answer.get(kind) if isinstance(answer, Mapping) else None
             if isinstance(got, Mapping):
-                out.append((key, {m: Metric(v[0], v[1]) for m, v in got.items()}, None))
+                logit, reason = got["threshold"]
+                out.append(Evaluation(key, {m: Metric(v[0], v[1]) for m, v in got["metrics"].items()}, None,
+                                      Threshold(rule, logit, reason), "site"))
             else:
                 why = got if isinstance(got, str) else f"site {site!r} sent no evaluation ({answer})"
                 kind_of = "diverged" if isinstance(got, str) and got.startswith("diverged") else "not computable"
-                out.append((key, Failure(kind_of, why), None))
+                out.append(Evaluation(key, Failure(kind_of, why)))
     return out

@@ -76,10 +76,9 @@ def handle(payload: bytes, node_config: Mapping[str, Any]) -> bytes:
 def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
     """Check the site's file against the study's schema, split and impute it, keep the result in
     the site folder, and share the counts and moments the federation may know."""
+    from medfed import __version__
     from medfed.deploy.study import study_from_payload
     from medfed.experiments.harness import prepare_site, training_rows
-
-    from medfed import __version__
 
     theirs = request.get("medfed_version")
     if theirs != __version__:
@@ -153,6 +152,7 @@ class _Prepared:
     runtime: SiteRuntime
     X_test: np.ndarray
     y_test: np.ndarray
+    train: LocalData  # the site's training rows, standardized as the model sees them
 
 
 def _prepare(site: SiteIdentity, request: Mapping[str, Any]) -> _Prepared:
@@ -174,7 +174,7 @@ def _prepare(site: SiteIdentity, request: Mapping[str, Any]) -> _Prepared:
     commit = request.get("commit")
     if commit is not None:
         runtime.commit(int(commit[0]), bool(commit[1]))
-    return _Prepared(config, plan, spec, runtime, X_test, y_test)
+    return _Prepared(config, plan, spec, runtime, X_test, y_test, data)
 
 
 _BUILT: dict[str, tuple] = {}  # site folder -> (what it was built from, what was built)
@@ -233,8 +233,13 @@ def _train(site: SiteIdentity, request: Mapping[str, Any]):
 
 def _evaluate(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
     """Metrics of the final global model and, for a personalizing method, of the site's own
-    model, on the site's test rows; the personal model stays here."""
-    from medfed.experiments.metrics import binary_metrics, model_scores
+    model, on the site's test rows, at the decision threshold the study's rule chooses on the
+    site's own training rows (as in simulation), with that threshold; the personal model stays here."""
+    from medfed.experiments.metrics import (
+        model_scores,
+        model_threshold,
+        thresholded_metrics,
+    )
 
     prepared = _prepare(site, request)
     plan = plan_of(request["plan"])
@@ -247,8 +252,11 @@ def _evaluate(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
         scores = model_scores(model, params, prepared.X_test)
         if scores is None:
             return "diverged: the model's scores on the test rows are NaN/Inf"
-        probabilities, logits = scores
-        return {k: [m.value, m.reason] for k, m in binary_metrics(prepared.y_test, probabilities, ranking=logits).items()}
+        threshold = model_threshold(prepared.config.evaluation.threshold, model, params, prepared.train.X,
+                                    prepared.train.y)
+        return {"metrics": {k: [m.value, m.reason] for k, m in
+                            thresholded_metrics(prepared.y_test, *scores, threshold).items()},
+                "threshold": [threshold.logit, threshold.reason]}
 
     if request.get("global_model"):
         out["global"] = metrics(plan.params)

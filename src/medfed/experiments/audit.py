@@ -49,7 +49,13 @@ from medfed.experiments.harness import (
     load_federation,
     prepare_repeat,
 )
-from medfed.experiments.metrics import METRICS, Metric, binary_metrics
+from medfed.experiments.metrics import (
+    BINARY,
+    Metric,
+    metric_label,
+    model_threshold,
+    predicted_metrics,
+)
 from medfed.experiments.report import write_atomically
 from medfed.experiments.results import (
     STD_DDOF,
@@ -162,18 +168,29 @@ def _assumption_notes(spec: Method, opts: dict, n_sites: int, corrupt: int) -> l
 
 
 def _metric_values(metrics: dict[str, Metric]) -> dict[str, float | None]:
-    return {m: metrics[m].value for m in METRICS}
+    return {m: metrics[m].value for m in BINARY.keys}
 
 
-def _evaluate(model, params, y_tests, tests, clean: list[int], names: list[str]) -> tuple[dict, dict]:
-    """Pooled metrics over the clean sites' test rows, and each clean site's own."""
+def _evaluate(model, params, y_tests, tests, train, clean: list[int], names: list[str], rule: str):
+    """Pooled metrics over the clean sites' test rows, and each clean site's own, each site's
+    rows predicted at the threshold ``rule`` chose on its own (clean) training rows ``train[j]``
+    (as in the experiment); the pooled metrics count those predictions together. Also each
+    clean site's threshold (logit), ``None`` where undefined."""
     probabilities = {j: model.predict_proba(params, tests[j]) for j in clean}
     logits = {j: model.decision(params, tests[j]) for j in clean}  # AUC ranks by logit (no saturated ties)
-    pooled = binary_metrics(np.concatenate([y_tests[j] for j in clean]),
-                            np.concatenate([probabilities[j] for j in clean]),
-                            ranking=np.concatenate([logits[j] for j in clean]))
-    per_site = {names[j]: binary_metrics(y_tests[j], probabilities[j], ranking=logits[j]) for j in clean}
-    return pooled, per_site
+    thresholds = {j: model_threshold(rule, model, params, train[j].X, train[j].y) for j in clean}
+    undefined = next((t.reason for t in thresholds.values() if t.logit is None), None)
+    predicted = {j: thresholds[j].predict(probabilities[j], logits[j]) if thresholds[j].logit is not None
+                 else np.zeros(len(y_tests[j]), dtype=bool) for j in clean}
+
+    def scored(js: list[int], reason: str | None) -> dict[str, Metric]:
+        out = predicted_metrics(np.concatenate([y_tests[j] for j in js]), np.concatenate([predicted[j] for j in js]),
+                                np.concatenate([logits[j] for j in js]))
+        return {m: Metric(None, reason) if reason and m != "auc" else v for m, v in out.items()}
+
+    pooled = scored(clean, undefined)
+    per_site = {names[j]: scored([j], thresholds[j].reason) for j in clean}
+    return pooled, per_site, {names[j]: thresholds[j].logit for j in clean}
 
 
 def _audit_repeat(config, attack: Attack, federation, methods, repeat: int, progress) -> tuple[list[str], list[dict]]:
@@ -224,12 +241,14 @@ def _audit_repeat(config, attack: Attack, federation, methods, repeat: int, prog
                 record[condition] = {"computable": False, "reason": failure.reason,
                                      "diverged": failure.kind == "diverged"}
                 continue
-            pooled, per_site = _evaluate(plan.model, run.params, y_tests, tests, clean, names)
+            pooled, per_site, thresholds = _evaluate(plan.model, run.params, y_tests, tests, train, clean, names,
+                                                     config.evaluation.threshold)
             record[condition] = {
                 "computable": True,
                 "reason": None,
                 "pooled": pooled,
                 "sites": per_site,
+                "thresholds": thresholds,
                 "rejected_uploads": sum(len(r.rejected) for r in run.history),
                 "skipped_rounds": sum(r.skipped is not None for r in run.history),
                 "example_rejection": next((f"round {r.round}: {s}: {why}" for r in run.history
@@ -240,10 +259,10 @@ def _audit_repeat(config, attack: Attack, federation, methods, repeat: int, prog
 
 
 def _condition_metrics(records: list[dict], condition: str) -> dict[str, list[Metric]]:
-    out: dict[str, list[Metric]] = {m: [] for m in METRICS}
+    out: dict[str, list[Metric]] = {m: [] for m in BINARY.keys}
     for rec in records:
         c = rec[condition]
-        for m in METRICS:
+        for m in BINARY.keys:
             out[m].append(c["pooled"][m] if c["computable"] else Metric(None, f"not computable: {c['reason']}"))
     return out
 
@@ -289,6 +308,7 @@ def _defense_row(spec: Method, opts: dict, records: list[dict], notes: list[str]
                     "computable": True,
                     "pooled": _metric_values(cond["pooled"]),
                     "sites": {s: _metric_values(v) for s, v in cond["sites"].items()},
+                    "threshold_logit": cond["thresholds"],  # each clean site's, on its own training rows
                     "rejected_uploads": cond["rejected_uploads"],
                     "skipped_rounds": cond["skipped_rounds"],
                 }
@@ -305,9 +325,9 @@ def _defense_row(spec: Method, opts: dict, records: list[dict], notes: list[str]
         "computable": {c: any(r[c]["computable"] for r in records) for c in CONDITIONS},
         # conditions whose model diverged in every repeat (shown as "diverged", not as a number)
         "diverged": {c: all(r[c].get("diverged", False) for r in records) for c in CONDITIONS},
-        "clean": {m: summarize(metrics["clean"][m]) for m in METRICS},
-        "attacked": {m: summarize(metrics["attacked"][m]) for m in METRICS},
-        "drop": {m: summarize(_drop(metrics["clean"][m], metrics["attacked"][m])) for m in METRICS},
+        "clean": {m: summarize(metrics["clean"][m]) for m in BINARY.keys},
+        "attacked": {m: summarize(metrics["attacked"][m]) for m in BINARY.keys},
+        "drop": {m: summarize(_drop(metrics["clean"][m], metrics["attacked"][m])) for m in BINARY.keys},
         "notes": notes,
         "per_repeat": [repeat_view(r) for r in records],
     }
@@ -369,6 +389,7 @@ def run_robustness_audit(
         "split": "predefined" if federation.has_predefined_split
         else f"stratified {1 - config.test_fraction:.0%}/{config.test_fraction:.0%} per site",
         "scaling": config.scaling,
+        "threshold": config.evaluation.threshold,  # chosen on each clean site's own training rows
         "std_ddof": STD_DDOF,
         "config": config.model_dump(mode="json"),
         "versions": package_versions(),
@@ -383,7 +404,7 @@ def run_robustness_audit(
 # --------------------------------------------------------------------------- reports
 
 
-def audit_rows(doc: dict[str, Any], metrics: tuple[str, ...] = METRICS) -> tuple[list[dict[str, Any]], list[str]]:
+def audit_rows(doc: dict[str, Any], metrics: tuple[str, ...] = BINARY.keys) -> tuple[list[dict[str, Any]], list[str]]:
     """Table rows (defense, clean/attacked/drop cells per metric, note numbers) and the numbered notes.
 
     The screen table, the Markdown and the CSV all come from the document, so they agree.
@@ -425,8 +446,8 @@ def _heading(doc: dict[str, Any]) -> list[str]:
 def robustness_markdown(doc: dict[str, Any]) -> str:
     rows, notes = audit_rows(doc)
     lines = [f"# Robustness audit: {doc['dataset']}", "", *_heading(doc), ""]
-    lines += ["| Defense | Condition | " + " | ".join(m.upper() for m in METRICS) + " |",
-              "|---|---|" + "---|" * len(METRICS)]
+    lines += ["| Defense | Condition | " + " | ".join(metric_label(m) for m in BINARY.keys) + " |",
+              "|---|---|" + "---|" * len(BINARY.keys)]
     for row in rows:
         for c in ("clean", "attacked", "drop"):
             lines.append(f"| {_label(row) if c == 'clean' else ''} | {c} | " + " | ".join(row["cells"][c]) + " |")
@@ -442,14 +463,14 @@ def robustness_csv(doc: dict[str, Any]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     header = ["defense", "method", "condition", "computable", "notes"]
-    for m in METRICS:
+    for m in BINARY.keys:
         header += [f"{m}_mean", f"{m}_std", f"{m}_n"]
     writer.writerow(header)
     for d in doc["defenses"]:
         for condition in ("clean", "attacked", "drop"):
             computable = all(d["computable"].values()) if condition == "drop" else d["computable"][condition]
             line = [d["display"], d["name"], condition, computable, "; ".join(d["notes"])]
-            for m in METRICS:
+            for m in BINARY.keys:
                 s = d[condition][m]
                 line += ["" if s["mean"] is None else repr(s["mean"]),
                          "" if s["std"] is None else repr(s["std"]), s["n"]]

@@ -216,6 +216,28 @@ class TrainingSpec(_Strict):
     )
 
 
+class EvaluationSpec(_Strict):
+    """``[evaluation]``: how every setting's scores become predictions. ``threshold``: the
+    decision threshold of ACC, SEN, SPE, balanced accuracy and F1 (AUC needs none), ``"0.5"``
+    on the probability, or chosen per model and repeat on training rows only: ``"youden"``
+    (the largest TPR - FPR) or ``"prevalence"`` (predicted-positive fraction = prevalence);
+    where it is chosen: :mod:`medfed.experiments.metrics`."""
+
+    threshold: str = Field("0.5", description="decision threshold: 0.5, youden or prevalence (training rows)")
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _rule(cls, value: Any) -> Any:
+        from medfed.experiments.metrics import THRESHOLD_RULES
+
+        if isinstance(value, int | float) and not isinstance(value, bool) and value == 0.5:
+            return "0.5"  # threshold = 0.5 in a TOML file is a number
+        text = value.strip().lower() if isinstance(value, str) else value
+        if text not in THRESHOLD_RULES:
+            raise ValueError(f"{value!r} is not a threshold rule; use {', '.join(THRESHOLD_RULES)}")
+        return text
+
+
 class PipelineSpec(_Strict):
     """A server pipeline listed in a config file: a method of the user's own.
 
@@ -248,6 +270,7 @@ class ExperimentConfig(_Strict):
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     pipelines: dict[str, PipelineSpec] = Field(default_factory=dict)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     repeats: int = Field(5, ge=1)
     seed: int = Field(0, ge=0)
     test_fraction: float = Field(0.2, gt=0, lt=1)

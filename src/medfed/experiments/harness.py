@@ -34,8 +34,16 @@ from medfed.engine.faults import parse_drops
 from medfed.engine.loop import FederatedAlgorithm, FederatedRun, run_federated
 from medfed.errors import ConfigError, MedfedError
 from medfed.experiments.config import DataSpec, ExperimentConfig
-from medfed.experiments.metrics import METRICS, Metric, binary_metrics, model_scores
-from medfed.experiments.saved_model import SAVED_REPEAT, ModelOutcome, name_files, saved_model_file
+from medfed.experiments.metrics import (
+    BINARY,
+    HALF,
+    Metric,
+    Threshold,
+    model_scores,
+    model_threshold,
+    thresholded_metrics,
+)
+from medfed.experiments.saved_model import MODEL_ROWS, SAVED_REPEAT, ModelOutcome, name_files, saved_model_file
 from medfed.experiments.splits import stratified_split
 from medfed.methods import METHOD_FLAGS, Method, context_for, resolve_methods
 from medfed.rng import KeyedRng, name_key
@@ -321,6 +329,13 @@ class TrainingPlan:
         return CentralFit(params, float(start), float(end))
 
 
+def _pooled_rows(data: list[LocalData]) -> tuple[np.ndarray, np.ndarray]:
+    """The rows and labels of ``data`` stacked (one site's as they are)."""
+    if len(data) == 1:
+        return data[0].X, data[0].y
+    return np.concatenate([d.X for d in data]), np.concatenate([d.y for d in data])
+
+
 def _reason(failure: Failure | None) -> str | None:
     return None if failure is None else failure.reason
 
@@ -365,19 +380,23 @@ class Cell:
     test_site: str
     evaluation: str = "split"  # "split": a site seen in training; "loso": the site was left out
     model: str = "global"  # "personal": each site's personalized model
-    metrics: dict[str, list[Metric]] = field(default_factory=lambda: {m: [] for m in METRICS})
+    metrics: dict[str, list[Metric]] = field(default_factory=lambda: {m: [] for m in BINARY.keys})
     skipped: list[str | None] = field(default_factory=list)  # per repeat: reason or None
+    thresholds: list[Threshold | None] = field(default_factory=list)  # per repeat: the decision threshold used
+    threshold_rows: str | None = None  # which training rows chose it (THRESHOLD_ROWS)
     scores: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     diverged: list[dict] = field(default_factory=list)  # {"repeat", "round", "reason"} per diverged repeat
     warnings: list[str] = field(default_factory=list)  # e.g. a training loss that rose far above its start
 
 
-def round_metrics(y_test: np.ndarray, scores: tuple[np.ndarray, np.ndarray] | None) -> dict[str, float | None]:
-    """The global model's ACC, SEN, SPE and AUC on one site's test rows during training, from
-    :func:`model_scores`; ``None`` where a metric is undefined there or the model diverged."""
+def round_metrics(y_test: np.ndarray, scores: tuple[np.ndarray, np.ndarray] | None,
+                  threshold: Threshold = HALF) -> dict[str, float | None]:
+    """The global model's metrics on one site's test rows during training, from
+    :func:`model_scores`, at ``threshold`` (chosen on the site's training rows at the same
+    model); ``None`` where a metric is undefined there or the model diverged."""
     if scores is None:
-        return {m: None for m in METRICS}
-    return {m: metric.value for m, metric in binary_metrics(y_test, scores[0], ranking=scores[1]).items()}
+        return {m: None for m in BINARY.keys}
+    return {m: metric.value for m, metric in thresholded_metrics(y_test, *scores, threshold).items()}
 
 
 @dataclass
@@ -590,7 +609,26 @@ class ScaledViews:
         return self._cache[key]
 
 
-Evaluation = tuple[tuple[str, str, str | None, str, str, str], "dict[str, Metric] | Failure", tuple | None]
+# which training rows a model's decision threshold is chosen on (medfed.experiments.metrics)
+THRESHOLD_ROWS = {
+    "site": "the test site's own training rows",
+    "model": "the training rows the model was fitted on",
+    "pooled": "the training sites' pooled training rows (the test site took no part in training)",
+}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One model scored on one site's test rows in one repeat: its table key (setting, method,
+    train site, test site, evaluation, model kind), its metrics or why it has none, the test
+    labels and probabilities (for the ROC plot) and the decision threshold, with
+    ``threshold_rows`` saying where it was chosen (a key of :data:`THRESHOLD_ROWS`)."""
+
+    key: tuple[str, str, str | None, str, str, str]
+    result: dict[str, Metric] | Failure
+    scores: tuple[np.ndarray, np.ndarray] | None = None
+    threshold: Threshold | None = None
+    threshold_rows: str | None = None
 
 
 @dataclass
@@ -623,6 +661,7 @@ def run_repeat(
     """One repeat: split, then train and evaluate every setting. Pure in (config, data, repeat)."""
     plan = TrainingPlan.of(config, federation)
     model = plan.model
+    rule = config.evaluation.threshold
     site_names = federation.site_names
     n_sites = len(site_names)
     everyone = tuple(range(n_sites))
@@ -648,27 +687,37 @@ def run_repeat(
         if not saving or name in out.models:
             return
         one_site = spec.name in ("single", "cross")
-        model = None if reason is not None else saved_model_file(
-            config, federation, sites, scaled.scaler(group), params,
-            setting="Single" if one_site else spec.display, method="single" if one_site else spec.name,
-            train_sites=[site_names[i] for i in group], settings=per_site if one_site else [spec.display],
-            personal=spec.personal,
-        )
-        out.models[name] = ModelOutcome(name, model, reason)
+        saved = None
+        if reason is None:
+            # the decision thresholds its rows were scored at: a federated model's per training site
+            train = scaled(group)[0]
+            thresholds = ({d.name: model_threshold(rule, model, params, d.X, d.y) for d in train}
+                          if spec.kind == "federated" else
+                          {MODEL_ROWS: model_threshold(rule, model, params, *_pooled_rows(train))})
+            saved = saved_model_file(
+                config, federation, sites, scaled.scaler(group), params,
+                setting="Single" if one_site else spec.display, method="single" if one_site else spec.name,
+                train_sites=[site_names[i] for i in group], settings=per_site if one_site else [spec.display],
+                personal=spec.personal, thresholds=thresholds,
+            )
+        out.models[name] = ModelOutcome(name, saved, reason)
 
     def key_of(spec: Method, train_site: str | None, j: int, evaluation: str = "split", model_kind: str = "global"):
         return (spec.display, spec.name, train_site, site_names[j], evaluation, model_kind)
 
-    def evaluate_on(key, params, tests, j: int, failure: Failure | None = None) -> None:
+    def evaluate_on(key, params, tests, j: int, failure: Failure | None, rows: str, calibration: list[LocalData]) -> None:
+        """Score ``params`` on site ``j``'s test rows at the threshold chosen on ``calibration``
+        (pooled), the training rows ``rows`` names (a key of THRESHOLD_ROWS)."""
         if failure is None:
             scores = model_scores(model, params, tests[j])
             if scores is not None:
-                probabilities, logits = scores
-                out.evaluations.append((key, binary_metrics(sites[j].y_test, probabilities, ranking=logits),
-                                        (sites[j].y_test, probabilities)))
+                probabilities = scores[0]
+                threshold = model_threshold(rule, model, params, *_pooled_rows(calibration))
+                out.evaluations.append(Evaluation(key, thresholded_metrics(sites[j].y_test, *scores, threshold),
+                                                  (sites[j].y_test, probabilities), threshold, rows))
                 return
             failure = Failure("diverged", "diverged: the model's scores on the test rows are NaN/Inf")
-        out.evaluations.append((key, failure, None))
+        out.evaluations.append(Evaluation(key, failure))
 
     def train_one_federated(spec: Method, opts: dict, held_out: int | None) -> None:
         """Train ``spec`` on every site (``held_out`` None) or on all but one, and evaluate."""
@@ -677,8 +726,10 @@ def run_repeat(
         train, tests = scaled(group, reference)
         evaluate = None
         if config.eval_every and held_out is None and spec.global_model:  # FedBN's shared part is no model
-            def evaluate(p, tests=tests):
-                return {s.name: round_metrics(s.y_test, model_scores(model, p, tests[j])) for j, s in enumerate(sites)}
+            def evaluate(p, tests=tests, train=train):  # each site's threshold from its own training rows
+                return {s.name: round_metrics(s.y_test, model_scores(model, p, tests[j]),
+                                              model_threshold(rule, model, p, train[j].X, train[j].y))
+                        for j, s in enumerate(sites)}
         key = (TRAIN_STREAM, repeat, name_key(spec.name)) + (() if held_out is None else (name_key("loso"), held_out))
         try:
             run = plan.federated(spec, opts, train, initial, KeyedRng(config.seed, key), evaluate=evaluate,
@@ -689,13 +740,13 @@ def run_repeat(
             failure = Failure("not computable", f"the run stopped: {exc}")
             if held_out is not None:
                 for evaluation in ("loso", "loso+adapt")[: 1 + (harmonizer is not None)]:
-                    out.evaluations.append((key_of(spec, None, held_out, evaluation), failure, None))
+                    out.evaluations.append(Evaluation(key_of(spec, None, held_out, evaluation), failure))
                 return
             keep(spec.display, spec, None, group, failure.reason)
             kinds = ["global"] * spec.global_model + ["personal"] * (spec.personal or not spec.global_model)
             for j in range(n_sites):
                 for kind in kinds:
-                    out.evaluations.append((key_of(spec, None, j, model_kind=kind), failure, None))
+                    out.evaluations.append(Evaluation(key_of(spec, None, j, model_kind=kind), failure))
             return
         ledger = plan.ledger(spec, [d.name for d in train], repeat, {d.name: d.n for d in train})
         if held_out is not None:
@@ -704,10 +755,10 @@ def run_repeat(
         out.privacy.extend(ledger)
         failure = federated_failure(run)
         if held_out is not None:
-            evaluate_on(key_of(spec, None, held_out, "loso"), run.params, tests, held_out, failure)
+            evaluate_on(key_of(spec, None, held_out, "loso"), run.params, tests, held_out, failure, "pooled", train)
             if harmonizer is not None:
                 evaluate_on(key_of(spec, None, held_out, "loso+adapt"), run.params,
-                            scaled(group, group, adapt=True)[1], held_out, failure)
+                            scaled(group, group, adapt=True)[1], held_out, failure, "pooled", train)
             return
         losses = run.train_loss
         finite = losses[np.isfinite(losses)]
@@ -719,12 +770,13 @@ def run_repeat(
             "at the site"))
         for j in range(n_sites):
             if spec.global_model:
-                evaluate_on(key_of(spec, None, j), run.params, tests, j, failure)
+                evaluate_on(key_of(spec, None, j), run.params, tests, j, failure, "site", [train[j]])
             if site_names[j] in run.personal:
                 personal = run.personal[site_names[j]]
                 evaluate_on(key_of(spec, None, j, model_kind="personal"), personal, tests, j,
                             failure or (None if _all_finite(personal) else Failure(
-                                "diverged", "diverged: the personal model's parameters hold NaN/Inf")))
+                                "diverged", "diverged: the personal model's parameters hold NaN/Inf")),
+                            "site", [train[j]])
 
     def centralized(method: str, train_site: str | None, data: LocalData, rng: KeyedRng) -> CentralFit:
         fit = plan.centralized(data, initial, rng)
@@ -744,20 +796,21 @@ def run_repeat(
             progress(f"repeat {repeat + 1}/{config.repeats}: {spec.display}")
         tic = time.perf_counter()
         if spec.name == "cross" and n_sites == 1:
-            out.evaluations.append((key_of(spec, None, 0), Failure("not computable", CROSS_ONE_SITE), None))
+            out.evaluations.append(Evaluation(key_of(spec, None, 0), Failure("not computable", CROSS_ONE_SITE)))
         elif spec.name in ("single", "cross"):
             for i, s in enumerate(sites):
                 targets = [i] if spec.name == "single" else [j for j in range(n_sites) if j != i]
                 if s.single_class:
                     failure = Failure("not computable", f"training rows of site {s.name!r} hold one class only")
                     for j in targets:
-                        out.evaluations.append((key_of(spec, s.name, j), failure, None))
+                        out.evaluations.append(Evaluation(key_of(spec, s.name, j), failure))
                     keep(f"Single-{s.name}", spec, None, (i,), failure.reason)
                     continue
                 fit = single_model(i)
                 failure = centralized_failure(fit)
+                own_rows, tests = scaled((i,))
                 for j in targets:
-                    evaluate_on(key_of(spec, s.name, j), fit.params, scaled((i,))[1], j, failure)
+                    evaluate_on(key_of(spec, s.name, j), fit.params, tests, j, failure, "model", own_rows)
                 keep(f"Single-{s.name}", spec, fit.params, (i,), _reason(failure))
         elif spec.name == "mix":
             for held_out in [None, *(range(n_sites) if config.loso else [])]:
@@ -772,10 +825,10 @@ def run_repeat(
                     keep(spec.display, spec, fit.params, group, _reason(failure))
                 for j in range(n_sites) if held_out is None else [held_out]:
                     evaluation = "split" if held_out is None else "loso"
-                    evaluate_on(key_of(spec, None, j, evaluation), fit.params, tests, j, failure)
+                    evaluate_on(key_of(spec, None, j, evaluation), fit.params, tests, j, failure, "model", [pooled])
                 if held_out is not None and harmonizer is not None:
                     evaluate_on(key_of(spec, None, held_out, "loso+adapt"), fit.params,
-                                scaled(group, reference, adapt=True)[1], held_out, failure)
+                                scaled(group, reference, adapt=True)[1], held_out, failure, "model", [pooled])
         else:
             loso = config.loso and spec.global_model  # an unseen site has no private part to use
             for held_out in [None, *(range(n_sites) if loso else [])]:
@@ -996,21 +1049,23 @@ def assemble_run(config: ExperimentConfig, federation, methods, outcomes: list[R
                 )
                 notes.append(note)
                 warnings.warn(note, SingleClassSiteWarning, stacklevel=2)
-        for key, result, scores in outcome.evaluations:
-            if key not in cells:
-                cells[key] = Cell(*key)
-            c = cells[key]
+        for e in outcome.evaluations:
+            if e.key not in cells:
+                cells[e.key] = Cell(*e.key)
+            c, result = cells[e.key], e.result
+            c.thresholds.append(e.threshold)
+            c.threshold_rows = c.threshold_rows or e.threshold_rows
             if isinstance(result, Failure):
-                for m in METRICS:
+                for m in BINARY.keys:
                     c.metrics[m].append(Metric(None, result.reason))
                 c.skipped.append(result.reason)
                 if result.kind == "diverged":
                     c.diverged.append({"repeat": repeat, "round": result.round, "reason": result.reason})
             else:
-                for m in METRICS:
+                for m in BINARY.keys:
                     c.metrics[m].append(result[m])
                 c.skipped.append(None)
-                c.scores.append(scores)
+                c.scores.append(e.scores)
         for method, train_site, start, end in outcome.loss_rises:
             rises.setdefault((method, train_site), []).append((repeat, start, end))
         for name, seconds in outcome.setting_time.items():

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from medfed.experiments.harness import Cell, ExperimentRun, History
-from medfed.experiments.metrics import METRICS, roc_curve
+from medfed.experiments.metrics import BINARY, roc_curve
 from medfed.experiments.results import STD_DDOF, format_metric, summarize
 
 # the FPR grid the repeats' ROC curves are averaged on (vertical averaging)
@@ -329,7 +329,7 @@ def plot_files(run: ExperimentRun, doc: dict[str, Any]) -> dict[str, Callable[[]
     if run.histories:
         figures["convergence"] = functools.partial(convergence_figure, run)
     if evaluated_settings(run):
-        figures.update({f"test_{m}": functools.partial(metric_figure, run, m) for m in METRICS})
+        figures.update({f"test_{m}": functools.partial(metric_figure, run, m) for m in BINARY.screen})
     if doc.get("harmonization"):
         figures["site_effect"] = functools.partial(site_effect_figure, doc["harmonization"])
     formats = run.config.plot_formats

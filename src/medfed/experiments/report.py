@@ -23,13 +23,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from medfed.errors import ConfigError
-from medfed.experiments.metrics import METRICS
+from medfed.experiments.metrics import metric_label, metric_set
 from medfed.experiments.results import (
     communication_lines,
     data_note_lines,
     harmonization_lines,
     server_note_lines,
     table_rows,
+    threshold_lines,
 )
 from medfed.experiments.saved_model import MODEL_FILES, model_lines
 
@@ -37,14 +38,15 @@ from medfed.experiments.saved_model import MODEL_FILES, model_lines
 def results_csv(doc: dict[str, Any]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
+    keys = metric_set(doc.get("task")).keys
     header = ["setting", "evaluation", "model", "train_site", "test_site", "computable", "reason"]
-    for m in METRICS:
+    for m in keys:
         header += [f"{m}_mean", f"{m}_std", f"{m}_n"]
     writer.writerow(header)
     for r in doc["results"]:
         line = [r["setting"], r["evaluation"], r["model"], r["train_site"] or "", r["test_site"], r["computable"],
                 r["reason"] or ""]
-        for m in METRICS:
+        for m in keys:
             s = r["metrics"][m]
             line += ["" if s["mean"] is None else repr(s["mean"]), "" if s["std"] is None else repr(s["std"]), s["n"]]
         writer.writerow(line)
@@ -63,13 +65,13 @@ def results_markdown(doc: dict[str, Any]) -> str:
     ]
     privacy = doc.get("privacy") or {}
     epsilon = privacy.get("epsilon_by_setting") if privacy.get("dp", "none") != "none" else None
-    if epsilon is None:
-        lines += ["| Test site | Setting | ACC | SEN | SPE | AUC |", "|---|---|---|---|---|---|"]
-    else:  # with DP, each row says what its model cost in privacy
-        lines += [f"| Test site | Setting | ACC | SEN | SPE | AUC | ε (δ = {privacy['delta']:g}) |",
-                  "|---|---|---|---|---|---|---|"]
+    keys = metric_set(doc.get("task")).keys  # every metric: the file has the width the terminal lacks
+    columns = ["Test site", "Setting", *(metric_label(m) for m in keys)]
+    if epsilon is not None:  # with DP, each row says what its model cost in privacy
+        columns.append(f"ε (δ = {privacy['delta']:g})")
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     footnotes = []
-    for row in table_rows(doc):
+    for row in table_rows(doc, keys):
         label = row["label"]
         if row["notes"]:
             footnotes.append(f"{row['test_site']} / {label}: " + "; ".join(row["notes"]))
@@ -82,6 +84,9 @@ def results_markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {row['test_site']} | {label} | " + " | ".join(cells) + " |")
     if footnotes:
         lines += ["", *[f"[{i}] {text}" for i, text in enumerate(footnotes, 1)]]
+    thresholds = threshold_lines(doc)
+    if thresholds:
+        lines += ["", *thresholds]
     harmonized = harmonization_lines(doc)
     if harmonized:
         lines += ["", "Harmonization:", *[f"- {line}" for line in harmonized]]

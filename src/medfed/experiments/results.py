@@ -13,8 +13,14 @@ from typing import Any
 import numpy as np
 
 from medfed.experiments.harmonization import harmonization_document
-from medfed.experiments.harness import Cell, ExperimentRun
-from medfed.experiments.metrics import METRICS, Metric
+from medfed.experiments.harness import THRESHOLD_ROWS, Cell, ExperimentRun
+from medfed.experiments.metrics import (
+    BINARY,
+    DEFAULT_THRESHOLD,
+    Metric,
+    metric_label,
+    metric_set,
+)
 from medfed.experiments.saved_model import models_document
 
 STD_DDOF = 1  # sample standard deviation over repeats
@@ -49,7 +55,22 @@ def _row(cell: Cell) -> dict[str, Any]:
         # repeats whose model diverged (loss, parameters or scores NaN/Inf), with the round
         "diverged": list(cell.diverged),
         "warnings": list(cell.warnings),
-        "metrics": {m: summarize(cell.metrics[m]) for m in METRICS},
+        "metrics": {m: summarize(cell.metrics[m]) for m in BINARY.keys},
+        "threshold": threshold_record(cell),
+    }
+
+
+def threshold_record(cell: Cell) -> dict[str, Any] | None:
+    """The decision threshold of each repeat of a row (``None`` where a repeat has no model to
+    threshold), on the logit and the probability scale, and where it was chosen."""
+    if not any(cell.thresholds):
+        return None
+    rule = next(t.rule for t in cell.thresholds if t is not None)
+    return {
+        "rule": rule,
+        "chosen_on": "fixed" if rule == DEFAULT_THRESHOLD else THRESHOLD_ROWS[cell.threshold_rows],
+        "logit": [None if t is None else t.logit for t in cell.thresholds],
+        "probability": [None if t is None else t.probability for t in cell.thresholds],
     }
 
 
@@ -118,6 +139,9 @@ def results_document(run: ExperimentRun, command: str | None = None) -> dict[str
         "impute": fed.impute,
         "std_ddof": STD_DDOF,
         "positive_label": fed.positive_label,
+        "task": BINARY.task,
+        "metrics": list(BINARY.keys),  # the keys every row's "metrics" holds
+        "threshold": config.evaluation.threshold,
         "sites": fed.site_summaries(),
         "features": list(fed.feature_names),
         "sample_shape": list(fed.sample_shape),
@@ -369,6 +393,16 @@ def communication_lines(doc: dict[str, Any]) -> list[str]:
     return ["uploaded per run (all sites, mean over repeats): " + "; ".join(parts)]
 
 
+def threshold_lines(doc: dict[str, Any]) -> list[str]:
+    """One line when the decision threshold is chosen (not 0.5): by which rule, and where."""
+    rule = doc.get("threshold", DEFAULT_THRESHOLD)
+    if rule == DEFAULT_THRESHOLD:
+        return []
+    what = {"youden": "the largest TPR - FPR", "prevalence": "predicted-positive fraction = prevalence"}[rule]
+    return [(f"decision threshold: {rule} ({what}) on training rows only: a federated model's on each test site's "
+             "own, a centralized model's on its own; every row's values in results.json (threshold)")]
+
+
 def format_metric(summary: dict[str, Any], digits: int = 3) -> str:
     if summary["mean"] is None:
         return "n/a"
@@ -378,12 +412,14 @@ def format_metric(summary: dict[str, Any], digits: int = 3) -> str:
     return text
 
 
-def table_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+def table_rows(doc: dict[str, Any], keys: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """Rows in the survey's Table 2 order: grouped by test site; Cross rows first, labelled by
     their training site, then the other settings in the order they were run, each personal
     model after its global one. Leave-one-site-out rows follow in blocks of their own, one per
     held-out site, labelled "(unseen)", then (with harmonization) "(unseen, adapted)": the
-    held-out site harmonized by itself."""
+    held-out site harmonized by itself. ``cells`` hold the metrics ``keys`` (default: the
+    task's headline metrics, what the terminal shows)."""
+    screen = keys or metric_set(doc.get("task")).screen
     order = {m["display"]: i for i, m in enumerate(doc["methods"])}
     caveats = {m["display"]: m["caveat"] for m in doc["methods"] if m.get("caveat")}
     rows = []
@@ -397,13 +433,13 @@ def table_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
             if r.get("model") == "personal":
                 label += " · personal"
             if not r["computable"]:
-                cells = ["diverged" if r.get("diverged") else "not computable"] * len(METRICS)
+                cells = ["diverged" if r.get("diverged") else "not computable"] * len(screen)
             else:
-                cells = [format_metric(r["metrics"][m]) for m in METRICS]
+                cells = [format_metric(r["metrics"][m]) for m in screen]
             notes = [r["reason"]] if r["reason"] else []
             notes += [caveats[r["setting"]]] if r["setting"] in caveats else []
             notes += r.get("warnings", [])
-            notes += [f"{m.upper()}: {r['metrics'][m]['undefined_reason']}" for m in METRICS
+            notes += [f"{metric_label(m)}: {r['metrics'][m]['undefined_reason']}" for m in screen
                       if r["computable"] and r["metrics"][m].get("undefined_reason")]
             shown = {"split": site, "loso": f"{site} (unseen)"}.get(evaluation, f"{site} (unseen, adapted)")
             rows.append({"test_site": shown, "label": label, "cells": cells, "notes": notes, "setting": r["setting"]})

@@ -40,6 +40,7 @@ import numpy as np
 from medfed.data.categorical import CategoricalColumn, keep_training_levels
 from medfed.data.preprocess import Imputer, Standardizer
 from medfed.errors import ConfigError, DataError
+from medfed.experiments.metrics import DEFAULT_THRESHOLD, HALF, Threshold
 
 if TYPE_CHECKING:
     from medfed.data.federation import Federation
@@ -51,6 +52,7 @@ FORMAT_VERSION = 1
 MODELS_DIR = "models"
 MODEL_FILES = (f"{MODELS_DIR}/*.npz",)  # the names a run with --save-model may write in its folder
 SAVED_REPEAT = 0  # the repeat whose models are saved (0-based: "repeat 1")
+MODEL_ROWS = "model"  # metadata threshold key: chosen on the rows a centralized model was trained on
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
 
 
@@ -99,6 +101,25 @@ class SavedModel:
                 f"{source} standardizes each site's rows with that site's own statistics (--scaling site): "
                 f"pass --site NAME, one of {', '.join(self.sites)}"
             )
+        self.threshold(site, source)
+
+    def threshold(self, site: str | None, source: str = "the model") -> Threshold:
+        """The decision threshold ``predicted`` applies: the run's rule as it chose it for this
+        model (a file written before rules existed: 0.5); a federated model's was chosen on each
+        site's own training rows, so ``site`` says whose. Refused where there is none to apply."""
+        t = self.meta.get("threshold")
+        if t is None or t["rule"] == DEFAULT_THRESHOLD:
+            return HALF
+        logits = t["logit"]
+        if MODEL_ROWS not in logits and site is None:
+            raise ConfigError(f"{source}'s decision threshold ({t['rule']}) was chosen on each site's own training "
+                              f"rows: pass --site NAME, one of {', '.join(logits)}")
+        key = MODEL_ROWS if MODEL_ROWS in logits else site
+        if key not in logits or logits[key] is None:
+            raise ConfigError(f"{source} has no {t['rule']} decision threshold for "
+                              f"{'its training rows' if key == MODEL_ROWS else f'site {site!r}'}: "
+                              f"{t['reasons'].get(key, 'the site took no part in training')}")
+        return Threshold(t["rule"], float(logits[key]))
 
     @property
     def categorical(self) -> tuple[CategoricalColumn, ...]:
@@ -129,8 +150,10 @@ class SavedModel:
             X = Standardizer(self.arrays[_site_key(i, "mean")], self.arrays[_site_key(i, "scale")])(X)
         elif self.meta["scaling"] == "global":
             X = Standardizer(self.arrays["scaler/mean"], self.arrays["scaler/scale"])(X)
-        scores = self.model().predict_proba(self.params, X)
-        return Scored(np.asarray(scores, dtype=np.float64), unseen, int(missing.sum()))
+        model = self.model()
+        scores = model.predict_proba(self.params, X)
+        predicted = self.threshold(site, source).predict(scores, model.decision(self.params, X))
+        return Scored(np.asarray(scores, dtype=np.float64), unseen, int(missing.sum()), predicted)
 
     def model(self):
         """The model object (numpy logistic, or a torch model: torch is imported here)."""
@@ -148,6 +171,7 @@ class Scored:
     scores: np.ndarray
     unseen_levels: dict[str, dict[str, int]]
     imputed: int
+    predicted: np.ndarray  # True where the row is predicted positive (SavedModel.threshold)
 
 
 def _site_key(i: int, what: str) -> str:
@@ -166,6 +190,7 @@ def saved_model_file(
     train_sites: Sequence[str],
     settings: Sequence[str],
     personal: bool = False,
+    thresholds: Mapping[str, Threshold] | None = None,
 ) -> SavedModel:
     """The file of one trained model of repeat 1.
 
@@ -177,7 +202,10 @@ def saved_model_file(
     ``repeat`` (1) of ``repeats``; ``model`` (name, options); ``sample_shape``,
     ``feature_names``, ``categorical`` (column, levels, first indicator, levels that training
     rows held); ``label`` (column, the positive value, what the positive class means);
-    ``impute``, ``scaling``, ``sites``; ``parameters`` (names, in order).
+    ``impute``, ``scaling``, ``sites``; ``parameters`` (names, in order); ``threshold``: the
+    run's rule and the decision threshold it chose for this model on the logit scale, by
+    training site (a federated model: each site's own rows) or as ``"model"`` (the rows a
+    centralized model was trained on), from ``thresholds`` (default: 0.5).
     """
     from medfed import __version__
 
@@ -215,6 +243,7 @@ def saved_model_file(
         "scaling": config.scaling,
         "sites": [s.name for s in sites],
         "parameters": list(params),
+        "threshold": _threshold_meta(thresholds or {MODEL_ROWS: HALF}),
     }
     if personal:
         meta["personal_models"] = "each site's personal model stays at the site; this file is the global model"
@@ -227,6 +256,12 @@ def saved_model_file(
         if config.scaling == "site":
             arrays[_site_key(i, "mean")], arrays[_site_key(i, "scale")] = s.scaler.mean, s.scaler.scale
     return SavedModel(meta, {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}, arrays)
+
+
+def _threshold_meta(thresholds: Mapping[str, Threshold]) -> dict[str, Any]:
+    rule = next(iter(thresholds.values())).rule
+    return {"rule": rule, "logit": {k: t.logit for k, t in thresholds.items()},
+            "reasons": {k: t.reason for k, t in thresholds.items() if t.reason}}
 
 
 def _corrupt(path: Path, what: str) -> DataError:
@@ -355,18 +390,15 @@ def model_lines(doc: dict[str, Any]) -> list[str]:
 
 # --------------------------------------------------------------------------- predictions
 
-THRESHOLD = 0.5  # a row is predicted positive when its score is at least this (as in the run's ACC/SEN/SPE)
-
-
-def predictions_csv(scores: np.ndarray, ids: Sequence[str] | None = None, id_column: str | None = None) -> bytes:
+def predictions_csv(scored: Scored, ids: Sequence[str] | None = None, id_column: str | None = None) -> bytes:
     """``row`` (the data row, 1-based as in medfed's messages), the id column when given,
     ``score`` (probability of the positive class, every digit: it reads back as the same float)
-    and ``predicted`` (1 when score >= THRESHOLD)."""
+    and ``predicted`` (1 where the model's decision threshold calls the row positive)."""
     import csv
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["row", *([id_column] if ids is not None else []), "score", "predicted"])
-    for i, score in enumerate(scores.tolist()):
-        writer.writerow([i + 1, *([ids[i]] if ids is not None else []), repr(score), int(score >= THRESHOLD)])
+    for i, (score, positive) in enumerate(zip(scored.scores.tolist(), scored.predicted.tolist())):
+        writer.writerow([i + 1, *([ids[i]] if ids is not None else []), repr(score), int(positive)])
     return buf.getvalue().encode()
