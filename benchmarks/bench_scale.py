@@ -164,7 +164,8 @@ def main() -> None:
     for k, row in table.items():
         cells = " | ".join(f"{row[n]['ms']:14.2f}" for n in names)
         ratio = row["vectorized"]["ms"] / row["hand"]["ms"] if {"vectorized", "hand"} <= set(row) else float("nan")
-        speed = row["inprocess"]["ms"] / row["vectorized"]["ms"] if {"vectorized", "inprocess"} <= set(row) else float("nan")
+        both = {"vectorized", "inprocess"} <= set(row)
+        speed = row["inprocess"]["ms"] / row["vectorized"]["ms"] if both else float("nan")
         mem = "" if args.no_memory else " | " + " | ".join(f"{row[n]['mb']:13.0f}" for n in names)
         print(f"{k:>7} | {cells} | {ratio:15.2f} | {speed:20.1f}{mem}")
     print(f"goal: vectorized/hand <= {GOAL_RATIO} at 100, 1,000, 10,000; vectorized peak MB <= "

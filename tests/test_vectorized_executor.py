@@ -1,6 +1,8 @@
 """The vectorized executor (issue 13 §1): the same numbers as the in-process executor up to
 summation order (bound: 1e-12 relative), the same records, refusals before training."""
 
+import json
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -161,11 +163,16 @@ def test_cli_runs_a_study_on_the_vectorized_executor(tmp_path):
     for executor in ("inprocess", "vectorized"):
         result = CliRunner().invoke(app, [*common, "--executor", executor, "--out", str(tmp_path / executor)])
         assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "vectorized").iterdir()) == sorted(
-        p.name for p in (tmp_path / "inprocess").iterdir())
+    docs = {e: json.loads((tmp_path / e / "results.json").read_text()) for e in ("inprocess", "vectorized")}
+    metrics = {e: [[r["metrics"][m]["mean"] for m in sorted(r["metrics"])] for r in d["results"]]
+               for e, d in docs.items()}
+    np.testing.assert_allclose(np.array(metrics["vectorized"], float), np.array(metrics["inprocess"], float),
+                               rtol=RTOL)
+    assert docs["vectorized"]["communication"] == docs["inprocess"]["communication"]
     out = tmp_path / "refused"
     refused = CliRunner().invoke(app, [*common[:4], "fedavg,scaffold", *common[5:], "--executor", "vectorized",
                                        "--out", str(out)])
     assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1
-    assert "'scaffold' cannot run on executor 'vectorized'" in refused.output and "--executor inprocess" in refused.output
+    assert "'scaffold' cannot run on executor 'vectorized'" in refused.output
+    assert "--executor inprocess" in refused.output
     assert not out.exists() or not any(out.iterdir())  # refused before FedAvg trained

@@ -139,7 +139,8 @@ def screen_stacked(
     bad = [f"parameter names do not match the model: {sorted(stack.payload)} != {sorted(global_params)}"
            ] if stack.payload.keys() != global_params.keys() else []
     bad += [f"{name!r} has shape {v.shape[1:]}, the model's is {np.shape(global_params[name])}"
-            for name, v in stack.payload.items() if name in global_params and v.shape[1:] != np.shape(global_params[name])]
+            for name, v in stack.payload.items()
+            if name in global_params and v.shape[1:] != np.shape(global_params[name])]
     if bad:  # a structural fault is every row's: the executor built them all alike
         return None, dict.fromkeys(stack.sites, bad[0])
     k = len(stack.sites)

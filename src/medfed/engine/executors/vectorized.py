@@ -30,9 +30,24 @@ from typing import Any
 
 import numpy as np
 
-from medfed.client.local import LocalData, LocalTraining, batch_indices, fedprox_update, fedsgd_gradient, local_sgd_update
+from medfed.client.local import (
+    LocalData,
+    LocalTraining,
+    batch_indices,
+    fedprox_update,
+    fedsgd_gradient,
+    local_sgd_update,
+)
 from medfed.engine.faults import Faults
-from medfed.engine.protocol import TRAIN_STREAM, FederatedAlgorithm, Params, RoundPlan, SiteProgram, SiteSetup, StackedReplies
+from medfed.engine.protocol import (
+    TRAIN_STREAM,
+    FederatedAlgorithm,
+    Params,
+    RoundPlan,
+    SiteProgram,
+    SiteSetup,
+    StackedReplies,
+)
 from medfed.errors import ConfigError
 from medfed.models.logistic import LogisticRegression, sigmoid
 from medfed.rng import KeyedRng, name_key
@@ -317,7 +332,8 @@ class VectorizedExecutor:
         return StackedReplies(stack, weight.itemsize * (w0.size + 1), missing)
 
     def stage(self, name: str, round_: int, messages: Mapping[str, Any]) -> dict[str, Any]:
-        raise ConfigError(f"executor 'vectorized' has no {name!r} stage: secure aggregation runs on --executor inprocess")
+        raise ConfigError(f"executor 'vectorized' has no {name!r} stage: "
+                          "secure aggregation runs on --executor inprocess")
 
     def commit(self, round_: int, decisions: Mapping[str, bool]) -> None:
         pass  # the batched rules keep no site state: nothing to keep or drop
