@@ -13,7 +13,7 @@ executor adds its own there):
 
 Timing: for each K the runners go in turn, ``--repeats`` times in rotated order (so drift hits all
 alike); a cell is the median per-round time over every repeat's rounds after its first (warm-up).
-Memory: the peak resident set (``ru_maxrss``) of a fresh process that builds the K sites and runs
+Memory: the peak resident set (``VmHWM``, Linux) of a fresh process that builds the K sites and runs
 2 rounds on the runner: everything a user pays, interpreter and the sites' rows included.
 Run: python benchmarks/bench_scale.py [--sizes 2,100,1000,10000] [--repeats 2] [--json out.json]
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -118,7 +117,9 @@ def peak_mb(runner: str, k: int) -> float:
 def memory_of(runner: str, k: int) -> None:
     X, y = make_rows(k)
     RUNNERS[runner](X, y, 2)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+    # VmHWM: this process image's own peak (ru_maxrss would carry the parent's over fork and exec)
+    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+    print(int(status["VmHWM"].split()[0]) / 1024)  # kB
 
 
 def agreement(k: int = 100) -> dict[str, float]:
