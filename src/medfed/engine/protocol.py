@@ -30,8 +30,8 @@ from medfed.engine.selection import select_sites
 from medfed.errors import MedfedError
 from medfed.engine.secure import SecureOutcome, SecureSettings
 from medfed.rng import KeyedRng, name_key
-from medfed.server.aggregate import Aggregator, stack_uploads, summed_terms
-from medfed.server.validate import screen_uploads
+from medfed.server.aggregate import Aggregator, StackedUploads, stack_uploads, summed_terms
+from medfed.server.validate import screen_stacked, screen_uploads
 from medfed.wiretypes import wire_type
 
 LocalUpdate = Callable[..., tuple[Any, Any]]
@@ -142,6 +142,18 @@ class RoundRecord:
     secure: dict | None = None  # secure aggregation: threshold, degree, who dropped at which stage
 
 
+@dataclass(frozen=True, slots=True)
+class StackedReplies:
+    """A round's replies as one array program over the cohort leaves them (the vectorized
+    executor, :mod:`medfed.engine.executors.vectorized`): the uploads stacked in cohort order,
+    never split into per-site objects; each took ``nbytes`` on the wire (one shape for all);
+    ``missing``: why the other sites of the cohort sent nothing."""
+
+    uploads: StackedUploads
+    nbytes: int
+    missing: Mapping[str, str] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class SiteProgram:
     """A method's site half: what a site does with the global model on its own rows.
@@ -243,18 +255,23 @@ class ServerProgram:
                              noise_std=settings.noise_std)
 
     def aggregate(
-        self, state: ServerState, replies: Mapping[str, Upload | str] | SecureOutcome, ctx: RoundContext
+        self, state: ServerState, replies: Mapping[str, Upload | str] | SecureOutcome | StackedReplies,
+        ctx: RoundContext,
     ) -> tuple[ServerState, RoundRecord]:
         """Fold one round's replies (an upload, or why the site sent none) into the next state;
         under secure aggregation, the round's sum (no upload was screened: the sites' own clip
-        bounds each, and a site refuses to mask a malformed one)."""
+        bounds each, and a site refuses to mask a malformed one); from the vectorized executor,
+        the uploads already stacked (screened on the stacked arrays, never split per site)."""
         if isinstance(replies, SecureOutcome):
             return self._aggregate_sum(state, replies, ctx)
+        shared = self.shared(state.params)
+        if isinstance(replies, StackedReplies):
+            stack, rejected = screen_stacked(replies.uploads, shared, max_norm=self.max_update_norm)
+            sent = dict.fromkeys(replies.uploads.sites, replies.nbytes)
+            return self._fold(state, stack, rejected, dict(replies.missing), sent, ctx)
         uploads = [r for r in replies.values() if not isinstance(r, str)]
         missing = {site: r for site, r in replies.items() if isinstance(r, str)}
         sent = {u.site: u.nbytes for u in uploads}  # what crossed the network: the encoded uploads
-        bytes_up = sum(sent.values())
-        shared = self.shared(state.params)
         undecodable: dict[str, str] = {}
         if self.codec is not None:
             shapes = {k: v.shape for k, v in shared.items()}
@@ -266,21 +283,27 @@ class ServerProgram:
                     undecodable[u.site] = str(exc)
             uploads = decoded
         accepted, rejected = screen_uploads(uploads, shared, max_norm=self.max_update_norm)
-        rejected = {**undecodable, **rejected}
+        stack = stack_uploads(accepted) if accepted else None
+        return self._fold(state, stack, {**undecodable, **rejected}, missing, sent, ctx)
+
+    def _fold(self, state: ServerState, stack: StackedUploads | None, rejected: dict[str, str],
+              missing: dict[str, str], sent: dict[str, int], ctx: RoundContext) -> tuple[ServerState, RoundRecord]:
+        """The round's accepted uploads (``stack``, None when none) through the aggregator chain,
+        unless fewer than ``min_sites`` arrived; the round's record."""
         params, aggregator, report, skipped = state.params, state.aggregator, None, None
+        accepted = () if stack is None else stack.sites
         if len(accepted) < max(1, min(self.min_sites, len(ctx.cohort))):
             skipped = f"{len(accepted)} valid upload(s), fewer than the {self.min_sites} required"
-            loss, names = float("nan"), tuple(u.site for u in accepted)
+            loss, names = float("nan"), accepted
         else:
-            stack = stack_uploads(accepted)
             params, aggregator, report = self.algorithm.aggregator.apply(stack, aggregator, params, ctx.round)
             w = stack.weights
             loss = float(stack.metrics["loss"] @ w / w.sum()) if "loss" in stack.metrics else float("nan")
             names = stack.sites
         reported = skipped is not None or "loss" in stack.metrics
-        record = RoundRecord(ctx.round, names, loss, bytes_up, report, None, rejected, skipped, missing, sent, reported)
+        record = RoundRecord(ctx.round, names, loss, sum(sent.values()), report, None, rejected, skipped, missing,
+                             sent, reported)
         return ServerState(params, aggregator, ctx.round + 1), record
-
 
     def _aggregate_sum(self, state: ServerState, outcome: SecureOutcome, ctx: RoundContext):
         params, aggregator, report, skipped = state.params, state.aggregator, None, outcome.skipped

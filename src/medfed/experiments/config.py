@@ -305,10 +305,11 @@ class ExperimentConfig(_Strict):
         except Exception as exc:  # its ConfigError's words, as a validation error of this key
             raise ValueError(str(exc).removeprefix(f"--compress {value!r}: ")) from None
         return value.strip().lower()
-    executor: Literal["inprocess", "process", "flower"] = Field(
+    executor: Literal["inprocess", "process", "vectorized", "flower"] = Field(
         "inprocess",
         description="where sites run: inprocess (serial, this process), process (a process per site, each "
-        "owning its rows and state), flower (Flower's deployment runtime: `medfed deploy`)",
+        "owning its rows and state), vectorized (the whole cohort as one array program: numpy logistic "
+        "model, FedAvg/FedProx/FedSGD site rules), flower (Flower's deployment runtime: `medfed deploy`)",
     )
     drop: list[str] = Field(
         default_factory=list,

@@ -986,6 +986,12 @@ def check_study(
                 from medfed.methods.privacy import check_secure
 
                 check_secure(built, spec.name)
+            if config.executor == "vectorized":  # a site rule the array program cannot batch
+                from medfed.engine.executors.vectorized import check_vectorized
+
+                check_vectorized(spec.name, built, TrainingPlan.of(config, federation).local,
+                                 codec=make_codec(config.compress), secure=config.privacy.secure_aggregation,
+                                 dp=config.privacy.dp)
             problem = site_requirement(spec.name, cohort, opts) if site_requirements else None
             if problem is not None:
                 fixes = " or ".join(_option_fix(spec.name, k) for k in opts if k in _SITE_COUNT_OPTIONS)

@@ -70,6 +70,15 @@ def stack_uploads(uploads: Sequence[Upload]) -> StackedUploads:
     return StackedUploads(tuple(u.site for u in uploads), payload, weights, first.kind, metrics, extras)
 
 
+def take_sites(stack: StackedUploads, rows: np.ndarray) -> StackedUploads:
+    """The stacked uploads of the sites at positions ``rows`` (in that order)."""
+    def take(value):
+        return {k: v[rows] for k, v in value.items()} if isinstance(value, Mapping) else value[rows]
+
+    return StackedUploads(tuple(stack.sites[i] for i in rows.tolist()), take(stack.payload), stack.weights[rows],
+                          stack.kind, take(stack.metrics), {k: take(v) for k, v in stack.extras.items()})
+
+
 @dataclass(frozen=True, slots=True)
 class SummedUploads:
     """One round's uploads as secure aggregation leaves them: only sums over ``sites``.

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from medfed.client.upload import Upload
+from medfed.server.aggregate import StackedUploads, take_sites
 
 NONFINITE = "contains NaN or Inf"  # the words of every rejection for non-finite values (divergence checks read them)
 
@@ -123,3 +124,39 @@ def screen_uploads(
                 rejected[u.site] = f"extras {[k for k, _ in sig]} do not match the other sites' {[k for k, _ in reference]} (names or shapes)"
         accepted = kept
     return accepted, rejected
+
+
+def screen_stacked(
+    stack: StackedUploads,
+    global_params: Mapping[str, np.ndarray],
+    *,
+    max_norm: float | None = None,
+) -> tuple[StackedUploads | None, dict[str, str]]:
+    """:func:`screen_uploads` on uploads already stacked (one kind, one structure, positive example
+    counts: the vectorized executor builds them so): each row's finiteness and update norm checked
+    on the stacked arrays, with the same reasons; the accepted rows (None when none) and
+    ``{site: reason}`` for the rejected."""
+    bad = [f"parameter names do not match the model: {sorted(stack.payload)} != {sorted(global_params)}"
+           ] if stack.payload.keys() != global_params.keys() else []
+    bad += [f"{name!r} has shape {v.shape[1:]}, the model's is {np.shape(global_params[name])}"
+            for name, v in stack.payload.items()
+            if name in global_params and v.shape[1:] != np.shape(global_params[name])]
+    if bad:  # a structural fault is every row's: the executor built them all alike
+        return None, dict.fromkeys(stack.sites, bad[0])
+    k = len(stack.sites)
+    why: dict[int, str] = {}  # row -> its first problem, in the order upload_problem checks
+    squared = np.zeros(k)
+    for name in global_params:
+        flat = stack.payload[name].reshape(k, -1)
+        for i in np.flatnonzero(~np.isfinite(flat).all(axis=1)).tolist():
+            why.setdefault(i, f"{name!r} {NONFINITE}")
+        squared += np.einsum("ij,ij->i", flat, flat)
+    if max_norm is not None and stack.kind != "params":
+        norms = np.sqrt(squared)
+        for i in np.flatnonzero(norms > max_norm).tolist():
+            why.setdefault(i, f"update norm {norms[i]:.4g} exceeds the bound {max_norm:g}")
+    if not why:
+        return stack, {}
+    rejected = {stack.sites[i]: why[i] for i in sorted(why)}
+    keep = np.array([i for i in range(k) if i not in why], dtype=np.intp)
+    return (take_sites(stack, keep) if keep.size else None), rejected

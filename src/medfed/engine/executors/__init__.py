@@ -3,7 +3,8 @@
 An executor carries a round's plan to the cohort's sites and their answers back, and the
 coordinator's decision on each upload to its site. ``inprocess`` keeps every site's runtime
 in this process (today's serial loop); ``process`` gives each a process of its own, as a
-deployment would; the Flower executor (:mod:`medfed.deploy`) reaches SuperNodes over gRPC.
+deployment would; ``vectorized`` trains the whole cohort as one array program (the numpy
+logistic model's batched rules, :mod:`medfed.engine.executors.vectorized`); the Flower executor (:mod:`medfed.deploy`) reaches SuperNodes over gRPC.
 Methods never see which one runs them: same config and seed, same numbers.
 """
 
@@ -44,7 +45,7 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-LOCAL_EXECUTORS = ("inprocess", "process")
+LOCAL_EXECUTORS = ("inprocess", "process", "vectorized")
 EXECUTORS = (*LOCAL_EXECUTORS, "flower")
 
 
@@ -67,6 +68,10 @@ def local_executor(
         from medfed.engine.executors.process import ProcessExecutor
 
         return ProcessExecutor(program, sites, rng, faults=faults, state_dir=state_dir, workers=workers)
+    if kind == "vectorized":
+        from medfed.engine.executors.vectorized import VectorizedExecutor
+
+        return VectorizedExecutor(program, sites, rng, faults=faults, state_dir=state_dir)
     if kind == "flower":
         raise ConfigError(
             "executor 'flower' runs on Flower's deployment runtime: start it with `medfed deploy server` "

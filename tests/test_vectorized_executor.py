@@ -1,0 +1,178 @@
+"""The vectorized executor (issue 13 §1): the same numbers as the in-process executor up to
+summation order (bound: 1e-12 relative), the same records, refusals before training."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medfed.cli.app import app
+from medfed.client.local import LocalData, LocalTraining
+from medfed.client.upload import Upload
+from medfed.data.datasets import load_dataset
+from medfed.engine import run_federated
+from medfed.engine.faults import parse_drops
+from medfed.errors import ConfigError
+from medfed.experiments.config import build_config
+from medfed.experiments.harness import check_study
+from medfed.methods.method import context_for
+from medfed.methods.registry import resolve, resolve_methods
+from medfed.models import LogisticRegression
+from medfed.rng import KeyedRng
+from medfed.server.aggregate import stack_uploads
+from medfed.server.validate import screen_stacked, screen_uploads
+
+RTOL = 1e-12  # summation order of the batched products: a few ulps per step, far below this
+MODEL = LogisticRegression()
+
+
+class _Training:
+    rounds, local_steps, lr = 4, 3, 0.3
+
+
+def _sites(k=6, d=5, seed=0):
+    """Sites of unequal sizes (so the stacked rows are padded) and shifted features."""
+    gen = np.random.default_rng(seed)
+    out = []
+    for i in range(k):
+        n = int(gen.integers(6, 30))
+        X = gen.normal(0.3 * i, 1.0, (n, d))
+        y = (X @ np.linspace(1, -1, d) + gen.normal(0, 1, n) > 0).astype(float)
+        out.append(LocalData(f"site-{i}", X, y))
+    return out
+
+
+def _run(method, opts, executor, sites, *, batch=None, epochs=None, fraction=1.0, rounds=4, lr=0.3, **kwargs):
+    spec, opts = resolve(method, opts)
+    algorithm = spec.build(opts, _Training, context_for([s.name for s in sites]))
+    training = LocalTraining(MODEL, lr, 3, batch, 0.01, epochs)
+    return run_federated(algorithm, MODEL.init(sites[0].X.shape[1]), sites, training, rounds, KeyedRng(7),
+                         fraction=fraction, executor=executor, **kwargs)
+
+
+def _assert_agree(a, b):
+    for k in a.params:
+        np.testing.assert_allclose(b.params[k], a.params[k], rtol=RTOL, atol=1e-14)
+    np.testing.assert_allclose(b.train_loss, a.train_loss, rtol=RTOL)
+    fields = ("round", "sites", "bytes_up", "bytes_by_site", "rejected", "skipped", "missing", "loss_reported")
+    for x, y in zip(a.history, b.history, strict=True):
+        assert {f: getattr(y, f) for f in fields} == {f: getattr(x, f) for f in fields}
+    assert b.client_states == a.client_states
+
+
+@pytest.mark.parametrize("method,opts", [
+    ("fedavg", {}), ("fedprox", {"mu": 0.5}), ("fedsgd", {}), ("fedavgm", {}), ("fedadam", {}),
+    ("trimmed_mean", {"beta": 0.2}),
+])
+@pytest.mark.parametrize("batch,fraction", [(None, 1.0), (8, 1.0), (8, 0.5)])
+def test_agrees_with_inprocess(method, opts, batch, fraction):
+    sites = _sites()
+    serial = _run(method, opts, "inprocess", sites, batch=batch, fraction=fraction)
+    batched = _run(method, opts, "vectorized", sites, batch=batch, fraction=fraction)
+    _assert_agree(serial, batched)
+    assert len(serial.history[0].sites) == (6 if fraction == 1.0 else 3)
+
+
+def test_local_epochs_give_each_site_its_own_step_count():
+    sites = _sites()  # 6 to 29 rows: with batches of 8, from 1 to 4 steps per epoch
+    _assert_agree(_run("fedavg", {}, "inprocess", sites, batch=8, epochs=1.5),
+                  _run("fedavg", {}, "vectorized", sites, batch=8, epochs=1.5))
+
+
+def test_screening_and_dropouts_match_inprocess():
+    sites = _sites()
+    drops = parse_drops(["site-1@2", "site-4@1-3"])
+    kwargs = {"max_update_norm": 0.8, "faults": drops, "min_sites": 2}
+    serial = _run("fedavg", {}, "inprocess", sites, lr=1.5, **kwargs)
+    batched = _run("fedavg", {}, "vectorized", sites, lr=1.5, **kwargs)
+    _assert_agree(serial, batched)
+    assert any(r.rejected for r in serial.history) and any(r.missing for r in serial.history)
+
+
+def test_diverging_sites_are_refused_with_the_in_process_reason():
+    sites = _sites()
+    big = [LocalData(s.name, s.X * (1e200 if i == 2 else 1.0), s.y) for i, s in enumerate(sites)]
+    with np.errstate(all="ignore"):
+        serial = _run("fedavg", {}, "inprocess", big, lr=1e200, rounds=1)
+        batched = _run("fedavg", {}, "vectorized", big, lr=1e200, rounds=1)
+    assert batched.history[0].rejected == serial.history[0].rejected != {}
+
+
+def test_screen_stacked_equals_screen_uploads():
+    glob = {"weight": np.zeros(3), "bias": np.zeros(1)}
+    rows = [np.array([0.1, 0.2, 0.3, 0.0]), np.array([np.nan, 0.0, 0.0, np.inf]), np.array([3.0, 0.0, 0.0, 1.0]),
+            np.array([0.0, 0.0, 0.0, np.nan]), np.array([-0.2, 0.1, 0.0, 0.4])]
+    uploads = [Upload(f"s{i}", {"weight": r[:3], "bias": r[3:]}, 5 + i, "delta", {"loss": 0.1 * i})
+               for i, r in enumerate(rows)]
+    accepted, rejected = screen_uploads(uploads, glob, max_norm=1.0)
+    stack, stacked_rejected = screen_stacked(stack_uploads(uploads), glob, max_norm=1.0)
+    assert stacked_rejected == rejected and len(rejected) == 3
+    expected = stack_uploads(accepted)
+    assert stack.sites == expected.sites
+    np.testing.assert_array_equal(stack.weights, expected.weights)
+    for k in glob:
+        np.testing.assert_array_equal(stack.payload[k], expected.payload[k])
+    np.testing.assert_array_equal(stack.metrics["loss"], expected.metrics["loss"])
+
+
+def test_deterministic_and_independent_of_site_order():
+    sites = _sites()
+    first = _run("fedavg", {}, "vectorized", sites, batch=8, fraction=0.5)
+    again = _run("fedavg", {}, "vectorized", sites, batch=8, fraction=0.5)
+    for k in first.params:
+        np.testing.assert_array_equal(again.params[k], first.params[k])
+    shuffled = _run("fedavg", {}, "vectorized", sites[::-1], batch=8)  # draws keyed by site names
+    ordered = _run("fedavg", {}, "vectorized", sites, batch=8)
+    for k in ordered.params:
+        np.testing.assert_allclose(shuffled.params[k], ordered.params[k], rtol=RTOL, atol=1e-14)
+
+
+@pytest.mark.parametrize("method,why", [
+    ("scaffold", "server message"), ("ditto", "personal models"), ("dynamic_fusion", "site rule is not batched"),
+])
+def test_unbatched_methods_are_refused_before_training(method, why):
+    sites = _sites()
+    spec, opts = resolve(method, {})
+    algorithm = spec.build(opts, _Training, context_for([s.name for s in sites]))
+    with pytest.raises(ConfigError, match=f"method {method!r} cannot run on executor 'vectorized': .*{why}.*"
+                                          "--executor inprocess"):
+        run_federated(algorithm, MODEL.init(5), sites, LocalTraining(MODEL, 0.1, 2), 2, KeyedRng(0),
+                      executor="vectorized")
+
+
+@pytest.fixture(scope="module")
+def heart():
+    return load_dataset("heart-disease")
+
+
+@pytest.mark.parametrize("values,why", [
+    ({"methods": ["fedavg", "scaffold"]}, "'scaffold' cannot run on executor 'vectorized'"),
+    ({"methods": ["fedavg"], "compress": "q8"}, "upload compression"),
+    ({"methods": ["fedavg"], "privacy": {"dp": "client", "clip": 1.0, "noise": 1.0}}, "differential privacy"),
+    ({"methods": ["fedavg"], "model": "mlp"}, "numpy logistic model only"),
+])
+def test_study_refuses_before_any_training(heart, values, why):
+    config = build_config({"data": {"dataset": "heart-disease"}, "executor": "vectorized", **values})
+    with pytest.raises(ConfigError, match=why):
+        check_study(config, heart, resolve_methods(config.methods, config.method_options, config.pipelines))
+
+
+def test_cli_runs_a_study_on_the_vectorized_executor(tmp_path):
+    common = ["run", "--dataset", "heart-disease", "--methods", "fedavg,fedprox", "--rounds", "3", "--repeats", "1"]
+    for executor in ("inprocess", "vectorized"):
+        result = CliRunner().invoke(app, [*common, "--executor", executor, "--out", str(tmp_path / executor)])
+        assert result.exit_code == 0, result.output
+    docs = {e: json.loads((tmp_path / e / "results.json").read_text()) for e in ("inprocess", "vectorized")}
+    metrics = {e: [[r["metrics"][m]["mean"] for m in sorted(r["metrics"])] for r in d["results"]]
+               for e, d in docs.items()}
+    np.testing.assert_allclose(np.array(metrics["vectorized"], float), np.array(metrics["inprocess"], float),
+                               rtol=RTOL)
+    assert docs["vectorized"]["communication"] == docs["inprocess"]["communication"]
+    out = tmp_path / "refused"
+    refused = CliRunner().invoke(app, [*common[:4], "fedavg,scaffold", *common[5:], "--executor", "vectorized",
+                                       "--out", str(out)])
+    assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1
+    assert "'scaffold' cannot run on executor 'vectorized'" in refused.output
+    assert "--executor inprocess" in refused.output
+    assert not out.exists() or not any(out.iterdir())  # refused before FedAvg trained
