@@ -181,20 +181,27 @@ class PrivacySpec(_Strict):
 
 
 class HarmonizeSpec(_Strict):
-    """``[harmonize]``: remove site effects from the features before any setting sees them.
-    ``combat`` is federated ComBat (:mod:`medfed.data.harmonize`), preserving the effects of
-    ``data.covariates``; fitted per repeat on every training site's training rows, from their
-    statistics only, and applied to every site's training and test rows."""
+    """``[harmonize]``: remove site effects before any setting sees the data. ``combat``
+    (feature tables) is federated ComBat (:mod:`medfed.data.harmonize`), preserving the effects
+    of ``data.covariates``; ``frequency`` (images) moves each image's low-frequency amplitude
+    toward the federation's mean by ``strength`` (:mod:`medfed.data.frequency`). Fitted per
+    repeat on every training site's training rows, from their statistics only, and applied to
+    every site's training and test rows."""
 
     method: Literal["none", "combat", "frequency"] = "none"
     eb: bool = Field(True, description="empirical-Bayes estimates of each site's location/scale (--no-eb: moments)")
+    band: float = Field(0.1, gt=0, le=0.5, description="frequency: the low band, in cycles per pixel (0.5: all)")
+    strength: float = Field(1.0, ge=0, le=1, description="frequency: how far each image's low-band amplitude moves")
 
-    @field_validator("method")
-    @classmethod
-    def _available(cls, value: str) -> str:
-        if value == "frequency":
-            raise ValueError("'frequency' (images) is not available yet; use \"combat\" (feature tables) or \"none\"")
-        return value
+    @model_validator(mode="after")
+    def _options_of_the_method(self) -> HarmonizeSpec:
+        # an option of the other method would be silently ignored
+        given = self.model_fields_set
+        if self.method != "frequency" and given & {"band", "strength"}:
+            raise ValueError("band and strength (--band, --strength) are options of method = \"frequency\"")
+        if self.method != "combat" and "eb" in given:
+            raise ValueError("eb (--no-eb) is an option of method = \"combat\"")
+        return self
 
 
 class TrainingSpec(_Strict):
