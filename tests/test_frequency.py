@@ -183,3 +183,14 @@ def test_the_audits_train_on_the_harmonized_rows_that_medfed_run_uses():
     robust = run_robustness_audit(config, Attack("sign_flip", corrupt=1, scale=10.0))
     clean = robust["defenses"][0]["per_repeat"][0]["clean"]["sites"]
     assert clean and all({m: v[m] for m in ("acc", "auc")} == plain[site] for site, v in clean.items())
+
+
+@pytest.mark.parametrize("method", ["combat", "frequency"])
+def test_a_deployed_study_refuses_harmonization_rather_than_skip_it(tmp_path, method):
+    from medfed.deploy.study import load_study
+
+    study = tmp_path / "study.toml"
+    study.write_text(f'methods = ["fedavg"]\n[data]\nsite_column = "site"\nlabel_column = "y"\n'
+                     f'[deploy]\nsites = ["a", "b"]\n[harmonize]\nmethod = "{method}"\n')
+    with pytest.raises(ConfigError, match=f'method = "{method}" runs in simulation only so far'):
+        load_study(study)

@@ -58,6 +58,9 @@ def check_settings(config: ExperimentConfig, source: str, *, manifest: bool) -> 
     if config.privacy.dp == "sample":
         raise ConfigError(f"{source}: [privacy] dp = \"sample\" (DP-SGD) runs in simulation only so far (medfed run); "
                           "a deployed study can use dp = \"client\"")
+    if config.harmonize.method != "none":  # deployed, its exchange of statistics would be silently skipped
+        raise ConfigError(f"{source}: [harmonize] method = \"{config.harmonize.method}\" runs in simulation only so far "
+                          "(medfed run); its setup exchange of statistics is not deployed yet")
     from medfed.experiments.harness import check_secure_study
 
     check_secure_study(config)
