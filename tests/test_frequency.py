@@ -14,11 +14,22 @@ import pytest
 from typer.testing import CliRunner
 
 from medfed.cli.app import app
-from medfed.data.frequency import amplitude_stats, federated_frequency, fit_frequency, low_band_mask
+from medfed.comm.wire import decode, encode
+from medfed.data.frequency import (
+    amplitude_stats,
+    federated_frequency,
+    fit_frequency,
+    low_band_mask,
+)
 from medfed.errors import ConfigError
 from medfed.experiments.audit import Attack, run_robustness_audit
 from medfed.experiments.config import build_config
-from medfed.experiments.harness import load_federation, prepare_repeat, repeat_harmonizer, run_experiment
+from medfed.experiments.harness import (
+    load_federation,
+    prepare_repeat,
+    repeat_harmonizer,
+    run_experiment,
+)
 from medfed.experiments.leakage import run_privacy_audit
 
 runner = CliRunner()
@@ -75,6 +86,8 @@ def test_the_fit_from_site_means_equals_the_pooled_images_and_ignores_site_order
     # what a site sends is its image count and mean low-band amplitude: no image, no phase
     stats = amplitude_stats("s1", sites[1][1], 0.15)
     assert stats.n == 9 and stats.mean_amplitude.shape == (2, int(mask.sum()))
+    sent = decode(encode(stats))  # it travels as a wire type
+    assert sent.spatial == (10, 12) and np.array_equal(sent.mean_amplitude, stats.mean_amplitude)
     np.testing.assert_allclose(fit_frequency([amplitude_stats(n, x, 0.15) for n, x in sites[::-1]], 1.0).reference,
                                model.reference, rtol=1e-14)
 

@@ -288,8 +288,8 @@ def harmonization_lines(doc: dict[str, Any]) -> list[str]:
         covariates = ", ".join(h["covariates"]) or "no covariates"
         how = (f"harmonized with federated ComBat ({'empirical Bayes' if h['empirical_bayes'] else 'no EB'}; "
                f"preserving {covariates}), fitted per repeat on the training rows; site effect on the test rows")
-    return [f"{how}: between-site variance share {b['variance_ratio_mean']:.3f} -> {a['variance_ratio_mean']:.3f}, "
-            f"site-classifier AUC {b['site_auc_mean']:.3f} -> {a['site_auc_mean']:.3f}"]
+    return [(f"{how}: between-site variance share {b['variance_ratio_mean']:.3f} -> {a['variance_ratio_mean']:.3f}, "
+             f"site-classifier AUC {b['site_auc_mean']:.3f} -> {a['site_auc_mean']:.3f}")]
 
 
 def data_note_lines(doc: dict[str, Any]) -> list[str]:
