@@ -169,6 +169,16 @@ def test_run_refuses_bad_frequency_settings_in_one_line(tmp_path, flags, needle)
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("harmonize", [{"method": "none"}, {"method": "combat", "eb": False},
+                                       {"method": "frequency"}, {"method": "frequency", "strength": 0.5}])
+def test_a_config_dump_rebuilds_the_same_config(harmonize):
+    # a deployed study travels as a dump of every field: the other method's options must not appear in it
+    config = _config(harmonize=harmonize)
+    assert build_config(config.model_dump(mode="json")) == config
+    if harmonize["method"] == "frequency":
+        assert (config.harmonize.band, config.harmonize.strength) == (0.1, harmonize.get("strength", 1.0))
+
+
 # --------------------------------------------------------------------------- the audits
 
 
