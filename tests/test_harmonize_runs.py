@@ -142,7 +142,8 @@ def test_run_without_harmonization_has_no_harmonization_and_no_adapted_rows(tmp_
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--harmonize", "frequency"], "'frequency' (images) is not available yet"),
+    (["--harmonize", "frequency"], "--harmonize frequency adjusts images' amplitude spectra; this federation holds a "
+                                   "feature table"),
     (["--harmonize", "combat", "--covariates", "age,weight"], "'adni-like' has no covariate 'weight'"),
     (["--harmonize", "combat", "--save-model"], "--save-model with --harmonize combat is not available yet"),
 ])

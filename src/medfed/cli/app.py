@@ -47,6 +47,7 @@ from medfed.cli.common import (
 from medfed.cli.features import features_app
 from medfed.cli.harmonize import harmonize_app
 from medfed.cli.flags import (
+    BandOpt,
     BatchSizeOpt,
     CategoricalOpt,
     ConfigArg,
@@ -85,6 +86,7 @@ from medfed.cli.flags import (
     SkipBadOpt,
     SplitColumnOpt,
     ThresholdOpt,
+    StrengthOpt,
     study_overrides,
     with_method_flags,
     AccountantOpt,
@@ -374,6 +376,8 @@ def run(
     covariates: CovariatesOpt = None,
     harmonize: HarmonizeOpt = None,
     eb: EbOpt = None,
+    band: BandOpt = None,
+    strength: StrengthOpt = None,
     methods: MethodsOpt = None,
     rounds: RoundsOpt = None,
     local_steps: LocalStepsOpt = None,

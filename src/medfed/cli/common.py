@@ -63,6 +63,7 @@ CONFIG_FLAGS = {
     "data.split_column": "--split-column", "data.features": "--features", "data.impute": "--impute",
     "data.positive_label": "--positive-label", "data.exclude": "--exclude", "data.categorical": "--categorical",
     "data.covariates": "--covariates", "harmonize.method": "--harmonize", "harmonize.eb": "--no-eb",
+    "harmonize.band": "--band", "harmonize.strength": "--strength",
     "plot_formats": "--plot-format", "overwrite": "--overwrite", "executor": "--executor", "resume": "--resume",
     "drop": "--drop", "save_model": "--save-model", "privacy.dp": "--dp", "privacy.clip": "--clip",
     "privacy.noise": "--noise", "privacy.delta": "--delta", "privacy.target_epsilon": "--target-epsilon",

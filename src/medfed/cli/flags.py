@@ -41,10 +41,18 @@ CovariatesOpt = Annotated[
     str | None, typer.Option(help="comma-separated covariates harmonization preserves, e.g. age,sex (never features)")
 ]
 HarmonizeOpt = Annotated[
-    str | None, typer.Option(help="remove site effects first: none or combat (federated ComBat, feature tables)")
+    str | None, typer.Option(help="remove site effects first: none, combat (federated ComBat, feature tables) or "
+                                  "frequency (low-band amplitude spectra, images)")
 ]
 EbOpt = Annotated[
     bool | None, typer.Option("--eb/--no-eb", help="ComBat: empirical-Bayes site effects (--no-eb: per-site moments)")
+]
+BandOpt = Annotated[
+    float | None, typer.Option(help="--harmonize frequency: the low band, in cycles per pixel, in (0, 0.5] [default: 0.1]")
+]
+StrengthOpt = Annotated[
+    float | None, typer.Option(help="--harmonize frequency: how far each image's low-band amplitude moves toward the "
+                                    "federation's, in [0, 1] [default: 1]")
 ]
 ImputeOpt = Annotated[
     str | None, typer.Option(help="fill missing values: mean or median (training rows of each site)")
@@ -156,7 +164,8 @@ def study_overrides(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str,
         data["options"] = parse_options(given["dataset_option"], "--dataset-option")
     training = {k: given[k] for k in TRAINING_FLAGS if given.get(k) is not None}
     privacy = {k: given[k] for k in PRIVACY_FLAGS if given.get(k) is not None}
-    harmonize = {k: v for k, v in (("method", given.get("harmonize")), ("eb", given.get("eb"))) if v is not None}
+    harmonize = {k: v for k, v in (("method", given.get("harmonize")), ("eb", given.get("eb")),
+                                   ("band", given.get("band")), ("strength", given.get("strength"))) if v is not None}
     evaluation = {"threshold": given["threshold"]} if given.get("threshold") is not None else {}
     return {key: value for key, value in (("data", data), ("training", training), ("privacy", privacy),
                                           ("harmonize", harmonize), ("evaluation", evaluation)) if value}

@@ -55,6 +55,9 @@ def check_settings(config: ExperimentConfig, source: str, *, manifest: bool) -> 
             f"{source}: features, exclude and impute apply to tables; with [deploy] site_files = \"manifest\" "
             "each site's file lists image files"
         )
+    if config.harmonize.method != "none":  # deployed, its exchange of statistics would be silently skipped
+        raise ConfigError(f"{source}: [harmonize] method = \"{config.harmonize.method}\" runs in simulation only so far "
+                          "(medfed run); its setup exchange of statistics is not deployed yet")
     from medfed.experiments.harness import check_secure_study
 
     check_secure_study(config)

@@ -48,6 +48,7 @@ from medfed.experiments.harness import (
     federated_failure,
     load_federation,
     prepare_repeat,
+    repeat_harmonizer,
 )
 from medfed.experiments.metrics import (
     BINARY,
@@ -202,7 +203,9 @@ def _audit_repeat(config, attack: Attack, federation, methods, repeat: int, prog
     plan = TrainingPlan.of(config, federation)
     names = list(federation.site_names)
     sites = prepare_repeat(federation, config, repeat)
-    train, tests = ScaledViews(sites, config.scaling)(tuple(range(len(sites))))
+    # [harmonize] as medfed run applies it: the federation's fit, every site adjusted
+    train, tests = ScaledViews(sites, config.scaling, repeat_harmonizer(config, federation, sites))(
+        tuple(range(len(sites))))
     corrupted = choose_corrupted(names, attack.corrupt, config.seed, repeat)
     clean = [j for j, s in enumerate(names) if s not in corrupted]
     poisoned = list(train)

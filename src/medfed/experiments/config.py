@@ -180,21 +180,40 @@ class PrivacySpec(_Strict):
         return self
 
 
+FREQUENCY_DEFAULTS = {"band": 0.1, "strength": 1.0}
+
+
 class HarmonizeSpec(_Strict):
-    """``[harmonize]``: remove site effects from the features before any setting sees them.
-    ``combat`` is federated ComBat (:mod:`medfed.data.harmonize`), preserving the effects of
-    ``data.covariates``; fitted per repeat on every training site's training rows, from their
-    statistics only, and applied to every site's training and test rows."""
+    """``[harmonize]``: remove site effects before any setting sees the data. ``combat``
+    (feature tables) is federated ComBat (:mod:`medfed.data.harmonize`), preserving the effects
+    of ``data.covariates``; ``frequency`` (images) moves each image's low-frequency amplitude
+    toward the federation's mean by ``strength`` (:mod:`medfed.data.frequency`). Fitted per
+    repeat on every training site's training rows, from their statistics only, and applied to
+    every site's training and test rows."""
 
     method: Literal["none", "combat", "frequency"] = "none"
     eb: bool = Field(True, description="empirical-Bayes estimates of each site's location/scale (--no-eb: moments)")
+    band: float | None = Field(None, gt=0, le=0.5,
+                               description="frequency: the low band, in cycles per pixel (0.5: all) [default 0.1]")
+    strength: float | None = Field(None, ge=0, le=1,
+                                   description="frequency: how far each image's low-band amplitude moves [default 1]")
 
-    @field_validator("method")
+    @model_validator(mode="before")
     @classmethod
-    def _available(cls, value: str) -> str:
-        if value == "frequency":
-            raise ValueError("'frequency' (images) is not available yet; use \"combat\" (feature tables) or \"none\"")
-        return value
+    def _frequency_defaults(cls, values: Any) -> Any:
+        # set for frequency only, so that another method's dump round-trips without them
+        if isinstance(values, dict) and values.get("method") == "frequency":
+            values = {**FREQUENCY_DEFAULTS, **{k: v for k, v in values.items() if v is not None}}
+        return values
+
+    @model_validator(mode="after")
+    def _options_of_the_method(self) -> HarmonizeSpec:
+        # an option of the other method would be silently ignored
+        if self.method != "frequency" and (self.band is not None or self.strength is not None):
+            raise ValueError("band and strength (--band, --strength) are options of method = \"frequency\"")
+        if self.method != "combat" and not self.eb:
+            raise ValueError("eb (--no-eb) is an option of method = \"combat\"")
+        return self
 
 
 class TrainingSpec(_Strict):

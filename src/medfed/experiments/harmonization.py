@@ -7,27 +7,34 @@ its own training and test rows. Single, Cross and Mix use the same fit as the fe
 every setting sees the same features. A held-out site is scored as it comes (``"loso"``) and,
 harmonized by itself from its own unlabeled training-split rows against the federation's
 reference, as ``"loso+adapt"`` (test-time adaptation without labels, nothing sent).
+``method = "frequency"`` (images; :mod:`medfed.data.frequency`) is the same shape: the sites'
+mean low-band amplitude spectra of their training images make the reference, each site moves
+its images toward it, and a held-out site adapts by doing the same to its own images.
 
 The site effect before and after (:func:`site_effect`) is measured on every site's test rows,
 which the repeat's fit never saw: per feature, the share of variance between site means, and
 the cross-validated AUC of a classifier that predicts the site from the features (0.5: the
 site is no longer visible). Not on the training rows: there ComBat makes the site means equal
 by construction, and a cross-validated classifier then scores below chance (adni-like: AUC
-0.32 on the training rows, 0.50 on the test rows, 0.97 before harmonization).
+0.32 on the training rows, 0.50 on the test rows, 0.97 before harmonization). Images are
+summarized first (:func:`image_summary`: intensity quantiles per channel).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
+from medfed.data.frequency import FrequencyModel, federated_frequency
 from medfed.data.harmonize import CombatModel, SiteRows, adapt_site, federated_combat
 from medfed.data.preprocess import Moments
 from medfed.errors import ConfigError
 
 SITE_AUC_FOLDS = 5
+SUMMARY_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 
 
 def check_harmonization(config, federation) -> None:
@@ -40,50 +47,109 @@ def check_harmonization(config, federation) -> None:
                           f"its rows carry: {have}")
     if spec.method == "none":
         return
-    if federation.is_image:
-        raise ConfigError("--harmonize combat adjusts feature tables; this federation holds images")
+    flag = f"--harmonize {spec.method}"
+    if spec.method == "combat" and federation.is_image:
+        raise ConfigError("--harmonize combat adjusts feature tables; this federation holds images "
+                          "(use --harmonize frequency)")
+    if spec.method == "frequency" and not federation.is_image:
+        raise ConfigError("--harmonize frequency adjusts images' amplitude spectra; this federation holds a feature "
+                          "table (use --harmonize combat)")
     if len(federation.sites) < 2:
-        raise ConfigError(f"--harmonize combat removes differences between sites; {federation.name!r} has one")
+        raise ConfigError(f"{flag} removes differences between sites; {federation.name!r} has one")
     if config.save_model:
-        raise ConfigError("--save-model with --harmonize combat is not available yet: a saved model does not carry "
-                          "the ComBat fit its rows were adjusted with")
+        raise ConfigError(f"--save-model with {flag} is not available yet: a saved model does not carry "
+                          "the fit its rows were adjusted with")
     if config.executor == "flower":
-        raise ConfigError("--harmonize combat runs in simulation only for now (--executor inprocess or process)")
+        raise ConfigError(f"{flag} runs in simulation only for now (--executor inprocess or process)")
 
 
 class Harmonizer:
-    """A repeat's ComBat fits (by the sites that fit them) and the harmonized sites they give."""
+    """A repeat's fits (by the sites that fit them) and the harmonized sites they give; a
+    method says how it fits (:meth:`_fit`) and how a site adjusts its rows (:meth:`_apply`)."""
 
-    def __init__(self, sites, features: Sequence[str], covariates: Sequence[str], eb: bool) -> None:
-        self.sites, self.features, self.covariates, self.eb = sites, tuple(features), tuple(covariates), eb
-        self._fits: dict[tuple[int, ...], CombatModel] = {}
+    def __init__(self, sites) -> None:
+        self.sites = sites
+        self._fits: dict[tuple[int, ...], Any] = {}
         self._views: dict[tuple, list] = {}
 
-    def fit(self, reference: tuple[int, ...]) -> CombatModel:
-        """ComBat from the training rows of the sites in ``reference`` (their statistics only)."""
+    def fit(self, reference: tuple[int, ...]):
+        """The fit from the training rows of the sites in ``reference`` (their statistics only)."""
         if reference not in self._fits:
-            rows = [SiteRows(self.sites[i].name, self.sites[i].X_train, self.sites[i].C_train) for i in reference]
-            self._fits[reference] = federated_combat(rows, self.features, self.covariates, eb=self.eb)
+            self._fits[reference] = self._fit([self.sites[i] for i in reference])
         return self._fits[reference]
 
     def __call__(self, reference: tuple[int, ...], adapt: bool = False) -> list:
         """Every site of the repeat harmonized by the fit of ``reference``; a site outside it
-        stays as it is, or with ``adapt`` harmonizes itself from its own training-split rows."""
+        stays as it is, or with ``adapt`` harmonizes itself against the fit's reference."""
         key = (reference, adapt)
         if key not in self._views:
             model = self.fit(reference)
             out = []
             for i, s in enumerate(self.sites):
-                own = model
-                if i not in reference:
-                    if not adapt:
-                        out.append(s)
-                        continue
-                    own = adapt_site(model, SiteRows(s.name, s.X_train, s.C_train))  # no label is used
-                X_train, X_test = own.apply(s.name, s.X_train, s.C_train), own.apply(s.name, s.X_test, s.C_test)
+                if i not in reference and not adapt:
+                    out.append(s)
+                    continue
+                X_train, X_test = self._apply(model, s, adapted=i not in reference)
                 out.append(dataclasses.replace(s, X_train=X_train, X_test=X_test, moments=Moments.of(X_train)))
             self._views[key] = out
         return self._views[key]
+
+    def _fit(self, sites: list):
+        raise NotImplementedError
+
+    def _apply(self, model, site, adapted: bool) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def repeat_report(self, reference: tuple[int, ...]) -> dict:
+        """What a repeat's ``harmonization`` record carries about the fit of ``reference``."""
+        return {}
+
+
+class CombatHarmonizer(Harmonizer):
+    """Federated ComBat per repeat; an unseen site estimates its own location and scale from
+    its own unlabeled training-split rows (:func:`~medfed.data.harmonize.adapt_site`)."""
+
+    def __init__(self, sites, features: Sequence[str], covariates: Sequence[str], eb: bool) -> None:
+        super().__init__(sites)
+        self.features, self.covariates, self.eb = tuple(features), tuple(covariates), eb
+
+    def _fit(self, sites: list) -> CombatModel:
+        rows = [SiteRows(s.name, s.X_train, s.C_train) for s in sites]
+        return federated_combat(rows, self.features, self.covariates, eb=self.eb)
+
+    def _apply(self, model: CombatModel, s, adapted: bool) -> tuple[np.ndarray, np.ndarray]:
+        if adapted:
+            model = adapt_site(model, SiteRows(s.name, s.X_train, s.C_train))  # no label is used
+        return model.apply(s.name, s.X_train, s.C_train), model.apply(s.name, s.X_test, s.C_test)
+
+    def repeat_report(self, reference: tuple[int, ...]) -> dict:
+        return {"iterations": {e.site: e.iterations for e in self.fit(reference).sites}}
+
+
+class FrequencyHarmonizer(Harmonizer):
+    """Frequency-domain harmonization per repeat (:mod:`medfed.data.frequency`). Each image
+    moves toward the reference by itself, so an unseen site adapts by applying the
+    federation's reference to its own images: no label, no statistic of its own sent."""
+
+    def __init__(self, sites, band: float, strength: float) -> None:
+        super().__init__(sites)
+        self.band, self.strength = band, strength
+
+    def _fit(self, sites: list) -> FrequencyModel:
+        return federated_frequency([(s.name, s.X_train) for s in sites], self.band, self.strength)
+
+    def _apply(self, model: FrequencyModel, s, adapted: bool) -> tuple[np.ndarray, np.ndarray]:
+        return model.apply(s.X_train, s.name), model.apply(s.X_test, s.name)
+
+
+def make_harmonizer(config, federation, sites) -> Harmonizer | None:
+    """The repeat's harmonization (``[harmonize]``), or None when it is off."""
+    spec = config.harmonize
+    if spec.method == "combat":
+        return CombatHarmonizer(sites, federation.feature_names, config.data.covariates or (), spec.eb)
+    if spec.method == "frequency":
+        return FrequencyHarmonizer(sites, spec.band, spec.strength)
+    return None
 
 
 def between_site_variance_ratio(blocks: Sequence[np.ndarray]) -> np.ndarray:
@@ -115,12 +181,32 @@ def site_auc(blocks: Sequence[np.ndarray], seed: int) -> float:
     return float(roc_auc_score(site, proba, multi_class="ovr", average="macro"))
 
 
+def image_summary(X: np.ndarray) -> np.ndarray:
+    """A cheap per-image summary for the site effect of images: each channel's intensity
+    quantiles (``SUMMARY_QUANTILES``), one row per image. Not the low-band amplitudes that
+    frequency harmonization sets: at strength 1 those are equal by construction."""
+    pixels = np.asarray(X, dtype=np.float64).reshape(X.shape[0], X.shape[1], -1)
+    return np.quantile(pixels, SUMMARY_QUANTILES, axis=-1).transpose(1, 2, 0).reshape(X.shape[0], -1)
+
+
+def summary_names(federation) -> tuple[str, ...]:
+    """The names of what the site effect is measured on: the features, or per channel the
+    intensity quantiles of :func:`image_summary`."""
+    if not federation.is_image:
+        return tuple(federation.feature_names)
+    return tuple(f"{c} q{round(100 * q):02d}" for c in federation.feature_names for q in SUMMARY_QUANTILES)
+
+
 def site_effect(sites, seed: int) -> dict:
-    """The site effect in ``sites``' test rows."""
-    blocks = [s.X_test for s in sites]
+    """The site effect in ``sites``' test rows (images: in their :func:`image_summary`)."""
+    blocks = [image_summary(s.X_test) if s.X_test.ndim > 2 else s.X_test for s in sites]
     ratio = between_site_variance_ratio(blocks)
     return {"variance_ratio": ratio.tolist(), "variance_ratio_mean": float(ratio.mean()),
             "site_auc": site_auc(blocks, seed)}
+
+
+FITTED_ON = ("every training site's training rows, per repeat, from the sites' statistics only "
+             "(under --loso: without the held-out site, which adapts itself in 'loso+adapt' rows)")
 
 
 def harmonization_document(config, federation, per_repeat: Sequence[dict]) -> dict | None:
@@ -129,16 +215,23 @@ def harmonization_document(config, federation, per_repeat: Sequence[dict]) -> di
     spec = config.harmonize
     if spec.method == "none":
         return None
-    doc = {"method": spec.method, "empirical_bayes": spec.eb, "covariates": list(config.data.covariates or ()),
-           "fitted_on": "every training site's training rows, per repeat, from the sites' statistics only "
-                        "(under --loso: without the held-out site, which adapts itself in 'loso+adapt' rows)",
-           "site_effect_rows": "every site's test rows (never in the fit)",
-           "reference": "Johnson et al., 2007; Fortin et al., 2017/2018; distributed as in Chen et al., 2022"}
+    if spec.method == "combat":
+        doc = {"method": "combat", "empirical_bayes": spec.eb, "covariates": list(config.data.covariates or ()),
+               "fitted_on": FITTED_ON, "site_effect_rows": "every site's test rows (never in the fit)",
+               "reference": "Johnson et al., 2007; Fortin et al., 2017/2018; distributed as in Chen et al., 2022"}
+    else:
+        doc = {"method": "frequency", "band": spec.band, "strength": spec.strength,
+               "shared": "per site: its training-image count and per channel the mean amplitude of their low band",
+               "fitted_on": FITTED_ON, "site_effect_rows": "every site's test images (never in the fit), each "
+               "summarized by its intensity quantiles per channel",
+               "reference": "Liu et al., 2021 (FedDG); Jiang et al., 2022 (HarmoFL)"}
+    names = summary_names(federation)
     for when in ("before", "after"):
         ratios = np.mean([r[when]["variance_ratio"] for r in per_repeat], axis=0)
         aucs = [r[when]["site_auc"] for r in per_repeat]
         doc[when] = {"variance_ratio_mean": float(ratios.mean()),
-                     "variance_ratio": dict(zip(federation.feature_names, ratios.tolist())),
+                     "variance_ratio": dict(zip(names, ratios.tolist())),
                      "site_auc_mean": float(np.mean(aucs)), "site_auc": aucs}
-    doc["per_repeat_eb_iterations"] = [r["iterations"] for r in per_repeat]
+    if spec.method == "combat":
+        doc["per_repeat_eb_iterations"] = [r["iterations"] for r in per_repeat]
     return doc

@@ -676,7 +676,7 @@ def run_repeat(
 
         seed = int(KeyedRng(config.seed, (SPLIT_STREAM, repeat, name_key("site-effect"))).generator.integers(2**31))
         out.harmonization = {"before": site_effect(sites, seed), "after": site_effect(scaled.sites_for(None, False), seed),
-                             "iterations": {e.site: e.iterations for e in harmonizer.fit(everyone).sites}}
+                             **harmonizer.repeat_report(everyone)}
     single_models: dict[int, CentralFit] = {}
     saving = config.save_model and repeat == SAVED_REPEAT
     # Single and Cross score with one model per training site, saved once as Single-<site>
@@ -841,9 +841,9 @@ def repeat_harmonizer(config: ExperimentConfig, federation: Federation, sites: l
     """The repeat's harmonization (``[harmonize]``), or None when it is off."""
     if config.harmonize.method == "none":
         return None
-    from medfed.experiments.harmonization import Harmonizer
+    from medfed.experiments.harmonization import make_harmonizer
 
-    return Harmonizer(sites, federation.feature_names, config.data.covariates or (), config.harmonize.eb)
+    return make_harmonizer(config, federation, sites)
 
 
 def _repeat_task(config: ExperimentConfig, federation: Federation, repeat: int) -> RepeatOutcome:

@@ -83,6 +83,7 @@ from medfed.experiments.harness import (
     federated_failure,
     load_federation,
     prepare_repeat,
+    repeat_harmonizer,
 )
 from medfed.experiments.results import package_versions
 from medfed.methods import resolve_methods
@@ -358,6 +359,9 @@ def _check(config: ExperimentConfig, federation, attack: AttackSpec, settings: l
                           f"({', '.join(TORCH_MODELS)})")
     if config.model not in TORCH_MODELS:
         raise ConfigError(f"--model {config.model}: the leakage audit inverts 2D image models ({', '.join(TORCH_MODELS)})")
+    from medfed.experiments.harmonization import check_harmonization
+
+    check_harmonization(config, federation)  # [harmonize] applies here as in medfed run (combat on images refused)
     smallest = min(s.batch_size for s in settings)
     if config.model != "cnn2d" and config.model_options.get("norm", "batch" if config.model == "mlp" else "none") == "batch" \
             and smallest < 2:
@@ -478,7 +482,8 @@ def run_leakage_audit(
         raise ConfigError(f"--rounds must be a whole number >= 0 (0: attack the initial model), got {rounds!r}")
     plan = TrainingPlan.of(config, federation)
     sites = prepare_repeat(federation, config, 0)
-    train, _ = ScaledViews(sites, config.scaling)(tuple(range(len(sites))))
+    train, _ = ScaledViews(sites, config.scaling, repeat_harmonizer(config, federation, sites))(
+        tuple(range(len(sites))))
     largest = max(s.batch_size for s in settings)
     for j in {victim, *(group if any(s.secure_aggregation for s in settings) else [])}:
         if largest > train[j].n:

@@ -43,6 +43,7 @@ from medfed.experiments.harness import (
     federated_failure,
     load_federation,
     prepare_repeat,
+    repeat_harmonizer,
 )
 from medfed.experiments.metrics import Metric, binary_metrics, roc_auc
 from medfed.experiments.report import write_atomically
@@ -137,7 +138,9 @@ def _run_repeat(config, federation, methods, noises, clip, repeat: int, progress
     """Train every method at every noise on one repeat's split. ``spent`` keeps each (method,
     noise)'s epsilon per site: the same in every repeat, and a PLD accounting takes seconds."""
     sites = prepare_repeat(federation, config, repeat)
-    train, tests = ScaledViews(sites, config.scaling)(tuple(range(len(sites))))
+    # [harmonize] as medfed run applies it: the federation's fit, every site adjusted
+    train, tests = ScaledViews(sites, config.scaling, repeat_harmonizer(config, federation, sites))(
+        tuple(range(len(sites))))
     records = []
     for spec, opts in methods:
         for z in noises:

@@ -319,12 +319,16 @@ def harmonization_lines(doc: dict[str, Any]) -> list[str]:
     h = doc.get("harmonization")
     if not h:
         return []
-    covariates = ", ".join(h["covariates"]) or "no covariates"
     b, a = h["before"], h["after"]
-    return [f"harmonized with federated ComBat ({'empirical Bayes' if h['empirical_bayes'] else 'no EB'}; preserving "
-            f"{covariates}), fitted per repeat on the training rows; site effect on the test rows: between-site "
-            f"variance share {b['variance_ratio_mean']:.3f} -> {a['variance_ratio_mean']:.3f}, site-classifier AUC "
-            f"{b['site_auc_mean']:.3f} -> {a['site_auc_mean']:.3f}"]
+    if h["method"] == "frequency":
+        how = (f"harmonized in the frequency domain (low band {h['band']:g} cycles/pixel, strength {h['strength']:g}), "
+               "fitted per repeat on the training images; site effect on the test images' intensity quantiles")
+    else:
+        covariates = ", ".join(h["covariates"]) or "no covariates"
+        how = (f"harmonized with federated ComBat ({'empirical Bayes' if h['empirical_bayes'] else 'no EB'}; "
+               f"preserving {covariates}), fitted per repeat on the training rows; site effect on the test rows")
+    return [(f"{how}: between-site variance share {b['variance_ratio_mean']:.3f} -> {a['variance_ratio_mean']:.3f}, "
+             f"site-classifier AUC {b['site_auc_mean']:.3f} -> {a['site_auc_mean']:.3f}")]
 
 
 def data_note_lines(doc: dict[str, Any]) -> list[str]:
