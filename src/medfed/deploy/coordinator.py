@@ -36,7 +36,7 @@ from medfed.engine.checkpoint import CheckpointStore
 from medfed.engine.driver import Driver
 from medfed.engine.executors.remote import Link, RemoteExecutor
 from medfed.engine.protocol import RoundContext, RoundRecord, ServerState, programs
-from medfed.errors import ConfigError
+from medfed.errors import ConfigError, DataError
 from medfed.experiments.harness import (
     TRAIN_STREAM,
     Evaluation,
@@ -49,6 +49,7 @@ from medfed.experiments.harness import (
     federated_history,
     study_fingerprint,
 )
+from medfed.experiments.harmonization import deployed_report
 from medfed.experiments.metrics import Metric, Threshold
 from medfed.experiments.saved_model import ModelOutcome, saved_model_file
 from medfed.methods import resolve_methods
@@ -111,6 +112,9 @@ def setup_exchange(link: Link, config, log: Callable[[str], None]) -> tuple[dict
     names = list(config.deploy.sites)
     from medfed import __version__
 
+    if config.harmonize.method != "none":
+        import medfed.data.frequency
+        import medfed.data.harmonize  # noqa: F401  (their statistics' wire types, which setup answers carry)
     request = encode({"op": "setup", "study": study_payload(config), "medfed_version": __version__})
     # loading a site's file (an image manifest: many files) may take longer than a round
     answers = link.exchange({site: request for site in names}, config.deploy.join_timeout_s)
@@ -141,6 +145,62 @@ def setup_exchange(link: Link, config, log: Callable[[str], None]) -> tuple[dict
     for site, why in refused.items():
         log(f"refused site {site}: {why}")
     return joined, refused
+
+
+def _ask(link: Link, requests: Mapping[str, Any], timeout_s: float, expected: type, step: str) -> dict[str, Any]:
+    """Every site's answer to its request of a harmonization step, each of type ``expected``;
+    the fit needs every joined site, so a site that fails a step stops the study, by name."""
+    answers = link.exchange({site: encode(r) for site, r in requests.items()}, timeout_s)
+    out = {}
+    for site in requests:
+        raw = answers.get(site, "no answer")
+        try:
+            reply = raw if isinstance(raw, str) else decode(raw, f"the {step} answer of site {site!r}")
+        except WireError as exc:
+            reply = f"malformed answer: {exc}"
+        if isinstance(reply, Mapping) and "error" in reply:
+            reply = str(reply["error"])
+        if not isinstance(reply, expected) or getattr(reply, "site", site) != site:
+            why = reply if isinstance(reply, str) else f"sent a {type(reply).__name__}, not its {expected.__name__}"
+            raise DataError(f"site {site!r} failed the harmonization exchange ({step}): {why}")
+        out[site] = reply
+    return out
+
+
+def harmonize_exchange(link: Link, config, joined: Mapping[str, dict]):
+    """``[harmonize]`` over the setup channel: the coordinator fits from the statistics the
+    sites shared at setup (and, for ComBat, their residual moments under the pooled fit, a
+    second exchange) with the functions the simulation uses, and sends each site its share of
+    the fit; each adjusts its own training and test rows and answers with their moments. The
+    fit, and each site's moments of its adjusted training rows (what global scaling is
+    assembled from, as in simulation)."""
+    from medfed.data.frequency import AmplitudeStats, fit_frequency
+    from medfed.data.harmonize import CombatDesignStats, CombatResidualStats, fit_combat, fit_location
+    from medfed.experiments.harmonization import site_share
+
+    spec, sites = config.harmonize, list(joined)
+    if len(sites) < 2:
+        raise ConfigError(f"[harmonize] method = \"{spec.method}\" removes differences between sites; "
+                          f"only {len(sites)} site joined")
+    timeout = config.deploy.join_timeout_s
+    combat = spec.method == "combat"
+    stats = [joined[s].get("harmonize") for s in sites]
+    for site, got in zip(sites, stats):
+        kind = CombatDesignStats if combat else AmplitudeStats
+        if not isinstance(got, kind) or got.site != site:
+            raise DataError(f"site {site!r} failed the harmonization exchange (setup): it sent no {kind.__name__}")
+    if combat:
+        location = fit_location(stats)
+        residuals = _ask(link, {s: {"op": "harmonize", "step": "residuals", "location": location} for s in sites},
+                         timeout, CombatResidualStats, "residuals")
+        model = fit_combat(location, [residuals[s] for s in sites], joined[sites[0]]["features"], eb=spec.eb)
+    else:
+        model = fit_frequency(stats, spec.strength)
+    applied = _ask(link, {s: {"op": "harmonize", "step": "apply", "model": site_share(model, s)} for s in sites},
+                   timeout, Mapping, "apply")
+    moments = {s: Moments(int(a["moments"]["n"]), np.asarray(a["moments"]["total"]), np.asarray(a["moments"]["total_sq"]))
+               for s, a in applied.items()}
+    return model, moments
 
 
 def check_resume(out: Path, resume: bool) -> Path:
@@ -175,6 +235,10 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
     shape = tuple(int(v) for v in first["sample_shape"])
     moments = [Moments(int(j["moments"]["n"]), np.asarray(j["moments"]["total"]), np.asarray(j["moments"]["total_sq"]))
                for j in joined.values()]
+    harmonization = None
+    if config.harmonize.method != "none":  # before the moments global scaling is assembled from, as in simulation
+        harmonization, adjusted = harmonize_exchange(link, config, joined)
+        moments = [adjusted[s] for s in sites]
     pooled = Standardizer.from_moments(moments) if config.scaling == "global" else Standardizer.identity(shape[0])
     scale = {"mean": pooled.mean, "scale": pooled.scale} if config.scaling == "global" else None
     plan = TrainingPlan.for_shape(config, shape)
@@ -234,7 +298,7 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
         scored = _evaluations(spec, sites, answers, failure, config.evaluation.threshold)
         evaluations += scored
         histories.append(federated_history(spec, 0, result, config))
-        if failure is None and spec.global_model:
+        if failure is None and spec.global_model and harmonization is None:
             models[spec.display] = ModelOutcome(spec.display, saved_model_file(
                 config, fed, shared, pooled, result.params, setting=spec.display, method=spec.name,
                 train_sites=sites, settings=[spec.display], personal=spec.personal,
@@ -242,10 +306,12 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
         else:
             why = failure.reason if failure is not None else (
                 f"no global model: {spec.display} shares only part of the model; each site's personal model stays "
-                "at the site")
+                "at the site") if harmonization is None else (
+                f"not saved: a saved model does not carry the [harmonize] {config.harmonize.method} fit yet")
             models[spec.display] = ModelOutcome(spec.display, None, why)
         setting_time[spec.display] = time.perf_counter() - t0
-    outcome = RepeatOutcome(evaluations, histories, [], setting_time, models=models, privacy=privacy)
+    outcome = RepeatOutcome(evaluations, histories, [], setting_time, models=models, privacy=privacy,
+                            harmonization=None if harmonization is None else deployed_report(harmonization))
     # the deployed run always keeps its final global models (models/<Setting>.npz)
     experiment = assemble_run(config.model_copy(update={"save_model": True}), fed, methods, [outcome], started)
     experiment.warnings.extend(f"site {s!r} was refused: {why}" for s, why in refused.items())
