@@ -258,13 +258,9 @@ def test_deploy_commands_refuse_bad_input_in_one_line_before_starting_anything(t
     assert not (tmp_path / "o" / "flower").exists()  # no SuperLink was started
 
 
-def test_a_deployed_image_study_equals_its_simulation(tmp_path):
-    """Sites holding PNG manifests, a small CNN: the deployed run equals `medfed run --manifest`."""
-    pytest.importorskip("torch")
+def _image_study(tmp_path, extra=""):
+    """Two hospitals' PNG manifests (one file each, and pooled in all.csv) and a small-CNN study."""
     from PIL import Image
-    from typer.testing import CliRunner
-
-    from medfed.cli.app import app
 
     rng = np.random.default_rng(0)
     rows = {"hospital-0": [], "hospital-1": []}
@@ -293,8 +289,19 @@ label_column = "label"
 [deploy]
 sites = ["hospital-0", "hospital-1"]
 site_files = "manifest"
-''')
-    nodes = {s: {"site": s, "data": str(tmp_path / f"{s}.csv"), "folder": str(tmp_path / f"site-{s}")} for s in rows}
+''' + extra)
+    return study, {s: {"site": s, "data": str(tmp_path / f"{s}.csv"), "folder": str(tmp_path / f"site-{s}")}
+                   for s in rows}
+
+
+def test_a_deployed_image_study_equals_its_simulation(tmp_path):
+    """Sites holding PNG manifests, a small CNN: the deployed run equals `medfed run --manifest`."""
+    pytest.importorskip("torch")
+    from typer.testing import CliRunner
+
+    from medfed.cli.app import app
+
+    study, nodes = _image_study(tmp_path)
     deployed = drive(LoopbackLink(nodes), study, tmp_path / "out", log=lambda m: None)
     result = CliRunner().invoke(app, ["run", str(study), "--manifest", str(tmp_path / "all.csv"), "--out",
                                       str(tmp_path / "sim"), "--save-model"])
@@ -582,3 +589,45 @@ def test_a_deployed_combat_study_equals_its_simulation_and_shares_only_statistic
         assert isinstance(request["model"], CombatModel) and [e.site for e in request["model"].sites] == [site]
         assert set(answer) == {"moments"}
     assert _largest_statistic(by_step) <= 3 * 4  # sites x features, or (1 + covariates) x features; rows: >= 25
+
+
+def test_a_deployed_frequency_study_equals_its_simulation_and_shares_only_amplitudes(tmp_path):
+    """Image manifests harmonized in the frequency domain: the same metrics and losses as
+    `medfed run --manifest`; the sites share their mean low-band amplitudes, no image."""
+    pytest.importorskip("torch")
+    from medfed.data.frequency import AmplitudeStats, FrequencyModel
+
+    study, nodes = _image_study(tmp_path, '[harmonize]\nmethod = "frequency"\nband = 0.2\nstrength = 0.8\n')
+    link = _RecordingLink(nodes)
+    deployed = drive(link, study, tmp_path / "out", log=lambda m: None)
+    simulated = _simulate(study, "--manifest", tmp_path / "all.csv", tmp_path / "sim")
+    assert _rows(deployed) == _rows(simulated)
+    assert deployed["histories"]["FedAvg"]["train_loss"] == simulated["histories"]["FedAvg"]["train_loss"]
+    (tmp_path / "plain").mkdir()
+    plain, _ = _image_study(tmp_path / "plain")  # harmonization changed the numbers: the exchange was not skipped
+    unharmonized = drive(LoopbackLink(nodes), plain, tmp_path / "out-plain", log=lambda m: None)
+    assert unharmonized["histories"]["FedAvg"]["train_loss"] != deployed["histories"]["FedAvg"]["train_loss"]
+    fitted_on = deployed["harmonization"]["fit"]["images"]
+    assert sorted(fitted_on) == ["hospital-0", "hospital-1"] and all(0 < n < 14 for n in fitted_on.values())
+    by_step = _harmonizing_messages(link)
+    assert all(isinstance(a["harmonize"], AmplitudeStats) for _, _, a in by_step[("setup", None)])
+    assert all(isinstance(r["model"], FrequencyModel) and set(a) == {"moments"}
+               for _, r, a in by_step[("harmonize", "apply")])
+    assert ("harmonize", "residuals") not in by_step  # one exchange of statistics
+    assert _largest_statistic(by_step) < 10 * 10  # a band of one image's spectrum: less than an image
+
+
+def test_a_harmonized_study_refuses_a_site_without_a_covariate_and_fits_without_it(tmp_path):
+    nodes = _covariate_tables(tmp_path)
+    study = tmp_path / "study.toml"
+    study.write_text(COMBAT_STUDY.replace('["fedavg", "fedprox"]', '["fedavg"]'))
+    pd.read_csv(nodes["H1"]["data"]).drop(columns=["age"]).to_csv(tmp_path / "bad.csv", index=False)
+    nodes["H1"]["data"] = str(tmp_path / "bad.csv")
+    logged = []
+    doc = drive(LoopbackLink(nodes), study, tmp_path / "out", log=logged.append)
+    assert sorted(doc["harmonization"]["fit"]["sites"]) == ["H0", "H2"]
+    assert any("H1" in line and "'age'" in line for line in logged), logged
+    two = tmp_path / "two.toml"  # H1 refused, one site left: nothing to harmonize between, refused before training
+    two.write_text(COMBAT_STUDY.replace('["H0", "H1", "H2"]', '["H0", "H1"]').replace("[deploy]", "[deploy]\nmin_sites = 1"))
+    with pytest.raises(ConfigError, match="removes differences between sites; only 1 site joined"):
+        drive(LoopbackLink(nodes), two, tmp_path / "out2", log=lambda m: None)
