@@ -5,7 +5,9 @@ simulation, with the sites reached through a link (Flower's SuperLink in deploym
    its counts, training-row moments and feature names (:mod:`medfed.deploy.site`). A site
    whose file does not match the study's schema, or whose features differ from the others',
    is refused (logged, named in the results' warnings); the study goes on if ``min_sites``
-   remain. Global scaling is assembled from the moments, in ``[deploy] sites`` order.
+   remain. With ``[harmonize]`` the statistics it needs follow (:func:`harmonize_exchange`)
+   and each site adjusts its own rows; global scaling is then assembled from the moments of
+   those rows, in ``[deploy] sites`` order.
 2. **Rounds.** Each federated method runs as in ``medfed run`` (same keyed randomness, same
    server program), checkpointing after every round under ``OUT/.medfed-deploy/``;
    ``--resume`` continues from there bit-identically. A site that does not answer within
