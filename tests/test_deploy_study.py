@@ -631,3 +631,18 @@ def test_a_harmonized_study_refuses_a_site_without_a_covariate_and_fits_without_
     two.write_text(COMBAT_STUDY.replace('["H0", "H1", "H2"]', '["H0", "H1"]').replace("[deploy]", "[deploy]\nmin_sites = 1"))
     with pytest.raises(ConfigError, match="removes differences between sites; only 1 site joined"):
         drive(LoopbackLink(nodes), two, tmp_path / "out2", log=lambda m: None)
+
+
+def test_a_fresh_site_or_coordinator_process_can_decode_the_harmonization_messages():
+    """Flower starts a ClientApp process per message: the statistics' wire types must be known
+    once the site's (and the coordinator's) module is imported, before a request is decoded."""
+    import subprocess
+    import sys
+
+    names = ["CombatDesignStats", "CombatLocation", "CombatResidualStats", "CombatModel", "AmplitudeStats",
+             "FrequencyModel"]
+    for module in ("medfed.deploy.site", "medfed.deploy.coordinator"):
+        code = (f"import {module}; from medfed.wiretypes import wire_class; "
+                f"print([n for n in {names!r} if wire_class(n) is None])")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "[]", (module, out.stdout, out.stderr)

@@ -51,6 +51,7 @@ from medfed.experiments.harness import (
     federated_history,
     study_fingerprint,
 )
+# deployed_report's module imports the harmonization statistics' wire types, which setup answers carry
 from medfed.experiments.harmonization import deployed_report
 from medfed.experiments.metrics import Metric, Threshold
 from medfed.experiments.saved_model import ModelOutcome, saved_model_file
@@ -114,9 +115,6 @@ def setup_exchange(link: Link, config, log: Callable[[str], None]) -> tuple[dict
     names = list(config.deploy.sites)
     from medfed import __version__
 
-    if config.harmonize.method != "none":
-        import medfed.data.frequency
-        import medfed.data.harmonize  # noqa: F401  (their statistics' wire types, which setup answers carry)
     request = encode({"op": "setup", "study": study_payload(config), "medfed_version": __version__})
     # loading a site's file (an image manifest: many files) may take longer than a round
     answers = link.exchange({site: request for site in names}, config.deploy.join_timeout_s)

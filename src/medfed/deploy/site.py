@@ -36,6 +36,9 @@ from medfed.client.drift import label_counts
 from medfed.client.local import LocalData
 from medfed.comm.compress import make_codec
 from medfed.comm.wire import decode, encode
+# the harmonization exchange's wire types: a fresh ClientApp process must know them before it decodes a request
+from medfed.data.frequency import FrequencyModel
+from medfed.data.harmonize import CombatLocation, CombatModel, SiteRows, residual_stats
 from medfed.data.preprocess import Moments, Standardizer
 from medfed.engine.executors.remote import plan_of
 from medfed.engine.protocol import SiteProgram
@@ -165,8 +168,6 @@ def _harmonize(site: SiteIdentity, request: Mapping[str, Any]):
     residual moments under the federation's pooled fit (``residuals``), or the adjustment of
     its training and test rows by its share of the fit (``apply``), answered with the moments
     of its adjusted training rows (global scaling is assembled from those, as in simulation)."""
-    from medfed.data.frequency import FrequencyModel
-    from medfed.data.harmonize import CombatLocation, CombatModel, SiteRows, residual_stats
     from medfed.deploy.study import study_from_payload
     from medfed.experiments.harmonization import harmonized_rows
 
