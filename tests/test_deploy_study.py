@@ -574,6 +574,7 @@ def test_a_deployed_combat_study_equals_its_simulation_and_shares_only_statistic
     assert deployed["histories"].keys() == simulated["histories"].keys()
     for setting, h in simulated["histories"].items():
         assert deployed["histories"][setting]["train_loss"] == h["train_loss"]
+    assert not (tmp_path / "out" / "models" / "FedAvg.npz").exists()  # it would score unharmonized rows
     fit = deployed["harmonization"]["fit"]
     assert fit["empirical_bayes"] is eb and sorted(fit["sites"]) == ["H0", "H1", "H2"]
     plain = tmp_path / "plain.toml"  # harmonization changed the numbers: the exchange was not skipped

@@ -304,10 +304,13 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
                 train_sites=sites, settings=[spec.display], personal=spec.personal,
                 thresholds={e.key[3]: e.threshold for e in scored if e.key[5] == "global" and e.threshold}))
         else:
-            why = failure.reason if failure is not None else (
-                f"no global model: {spec.display} shares only part of the model; each site's personal model stays "
-                "at the site") if harmonization is None else (
-                f"not saved: a saved model does not carry the [harmonize] {config.harmonize.method} fit yet")
+            if failure is not None:
+                why = failure.reason
+            elif harmonization is not None:
+                why = f"not saved: a saved model does not carry the [harmonize] {config.harmonize.method} fit yet"
+            else:
+                why = (f"no global model: {spec.display} shares only part of the model; each site's personal model "
+                       "stays at the site")
             models[spec.display] = ModelOutcome(spec.display, None, why)
         setting_time[spec.display] = time.perf_counter() - t0
     outcome = RepeatOutcome(evaluations, histories, [], setting_time, models=models, privacy=privacy,

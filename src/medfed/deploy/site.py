@@ -113,12 +113,7 @@ def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
     else:
         _write_rows(site.folder / ROWS_FILE, **rows)
     m = split.moments
-    shared = {}
-    if harmonizing:
-        from medfed.experiments.harmonization import first_statistics
-
-        shared["harmonize"] = first_statistics(config, split, fed.feature_names)
-    return shared | {
+    answer = {
         "imputer": None if split.imputer is None else {"strategy": split.imputer.strategy, "values": split.imputer.values},
         "site_scaler": None if split.scaler is None else {"mean": split.scaler.mean, "scale": split.scaler.scale},
         "site": site.name,
@@ -132,6 +127,11 @@ def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
         "is_image": fed.is_image,
         "data_info": fed.info,
     }
+    if harmonizing:
+        from medfed.experiments.harmonization import first_statistics
+
+        answer["harmonize"] = first_statistics(config, split, fed.feature_names)
+    return answer
 
 
 def _write_rows(path: Path, **arrays: np.ndarray) -> None:
