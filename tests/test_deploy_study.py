@@ -258,13 +258,9 @@ def test_deploy_commands_refuse_bad_input_in_one_line_before_starting_anything(t
     assert not (tmp_path / "o" / "flower").exists()  # no SuperLink was started
 
 
-def test_a_deployed_image_study_equals_its_simulation(tmp_path):
-    """Sites holding PNG manifests, a small CNN: the deployed run equals `medfed run --manifest`."""
-    pytest.importorskip("torch")
+def _image_study(tmp_path, extra=""):
+    """Two hospitals' PNG manifests (one file each, and pooled in all.csv) and a small-CNN study."""
     from PIL import Image
-    from typer.testing import CliRunner
-
-    from medfed.cli.app import app
 
     rng = np.random.default_rng(0)
     rows = {"hospital-0": [], "hospital-1": []}
@@ -293,8 +289,19 @@ label_column = "label"
 [deploy]
 sites = ["hospital-0", "hospital-1"]
 site_files = "manifest"
-''')
-    nodes = {s: {"site": s, "data": str(tmp_path / f"{s}.csv"), "folder": str(tmp_path / f"site-{s}")} for s in rows}
+''' + extra)
+    return study, {s: {"site": s, "data": str(tmp_path / f"{s}.csv"), "folder": str(tmp_path / f"site-{s}")}
+                   for s in rows}
+
+
+def test_a_deployed_image_study_equals_its_simulation(tmp_path):
+    """Sites holding PNG manifests, a small CNN: the deployed run equals `medfed run --manifest`."""
+    pytest.importorskip("torch")
+    from typer.testing import CliRunner
+
+    from medfed.cli.app import app
+
+    study, nodes = _image_study(tmp_path)
     deployed = drive(LoopbackLink(nodes), study, tmp_path / "out", log=lambda m: None)
     result = CliRunner().invoke(app, ["run", str(study), "--manifest", str(tmp_path / "all.csv"), "--out",
                                       str(tmp_path / "sim"), "--save-model"])
@@ -458,3 +465,185 @@ def test_a_deployed_dp_sgd_study_refuses_a_method_it_cannot_make_private_before_
     from medfed.deploy.coordinator import CHECKPOINTS
 
     assert not (tmp_path / "out" / CHECKPOINTS / "r1-fedavg").exists()  # fedavg did not train first
+
+
+# -- [harmonize] deployed: the setup exchange of statistics ---------------------------------------
+
+
+class _RecordingLink(LoopbackLink):
+    """A loopback link that keeps every request and answer, decoded, by operation."""
+
+    def __init__(self, nodes):
+        super().__init__(nodes)
+        self.seen = []  # (op, step, site, request, answer)
+
+    def exchange(self, requests, timeout_s):
+        answers = super().exchange(requests, timeout_s)
+        for site, payload in requests.items():
+            request = decode(payload)
+            self.seen.append((request["op"], request.get("step"), site, request, decode(answers[site])))
+        return answers
+
+
+def _array_sizes(value):
+    """The element counts of every array inside a decoded message."""
+    import dataclasses
+
+    if isinstance(value, np.ndarray):
+        return [value.size]
+    if dataclasses.is_dataclass(value):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _array_sizes(v)]
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _array_sizes(v)]
+    return []
+
+
+def _covariate_tables(root, sizes=(30, 45, 25)):
+    """Three hospitals whose features carry a site shift and scale, age and sex effects."""
+    rng = np.random.default_rng(4)
+    frames = []
+    for k, n in enumerate(sizes):
+        age, sex = rng.normal(70, 6, n), rng.integers(0, 2, n)
+        y = rng.integers(0, 2, n)
+        X = 0.05 * age[:, None] + 0.3 * sex[:, None] + 0.8 * y[:, None] + rng.normal(0, 1 + 0.4 * k, (n, 4)) + 1.5 * k
+        df = pd.DataFrame({"hospital": f"H{k}", "age": age, "sex": sex, "dx": y, **{f"v{j}": X[:, j] for j in range(4)}})
+        df.to_csv(root / f"H{k}.csv", index=False)
+        frames.append(df)
+    pd.concat(frames).to_csv(root / "all.csv", index=False)
+    return {f"H{k}": {"site": f"H{k}", "data": str(root / f"H{k}.csv"), "folder": str(root / f"site-H{k}")}
+            for k in range(len(sizes))}
+
+
+COMBAT_STUDY = """methods = ["fedavg", "fedprox"]
+seed = 5
+repeats = 1
+[training]
+rounds = 3
+local_steps = 2
+[data]
+site_column = "hospital"
+label_column = "dx"
+covariates = ["age", "sex"]
+[harmonize]
+method = "combat"
+[deploy]
+sites = ["H0", "H1", "H2"]
+"""
+
+
+def _simulate(study, source_flag, source, out):
+    from typer.testing import CliRunner
+
+    from medfed.cli.app import app
+
+    result = CliRunner().invoke(app, ["run", str(study), source_flag, str(source), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "results.json").read_text())
+
+
+def _harmonizing_messages(link):
+    """The setup and harmonization messages the link carried: (op, step) -> [(site, request, answer)]."""
+    by_step = {}
+    for op, step, site, request, answer in link.seen:
+        if op in ("setup", "harmonize"):
+            by_step.setdefault((op, step), []).append((site, request, answer))
+    return by_step
+
+
+def _largest_statistic(by_step):
+    """The most elements any array of a harmonization statistic or fit carries (not the study payload)."""
+    later = [m for (op, _), seen in by_step.items() if op == "harmonize" for m in seen]
+    parts = [a["harmonize"] for _, _, a in by_step[("setup", None)]]
+    parts += [r.get("location", r.get("model")) for _, r, _ in later] + [a for _, _, a in later]
+    return max(_array_sizes(parts))
+
+
+@pytest.mark.parametrize("eb", [True, False])
+def test_a_deployed_combat_study_equals_its_simulation_and_shares_only_statistics(tmp_path, eb):
+    from medfed.data.harmonize import CombatDesignStats, CombatLocation, CombatModel, CombatResidualStats
+
+    nodes = _covariate_tables(tmp_path)
+    study = tmp_path / "study.toml"
+    study.write_text(COMBAT_STUDY.replace('method = "combat"', f'method = "combat"\neb = {str(eb).lower()}'))
+    link = _RecordingLink(nodes)
+    deployed = drive(link, study, tmp_path / "out", log=lambda m: None)
+    simulated = _simulate(study, "--data", tmp_path / "all.csv", tmp_path / "sim")
+    assert _rows(deployed) == _rows(simulated)
+    assert deployed["histories"].keys() == simulated["histories"].keys()
+    for setting, h in simulated["histories"].items():
+        assert deployed["histories"][setting]["train_loss"] == h["train_loss"]
+    assert not (tmp_path / "out" / "models" / "FedAvg.npz").exists()  # it would score unharmonized rows
+    fit = deployed["harmonization"]["fit"]
+    assert fit["empirical_bayes"] is eb and sorted(fit["sites"]) == ["H0", "H1", "H2"]
+    plain = tmp_path / "plain.toml"  # harmonization changed the numbers: the exchange was not skipped
+    plain.write_text(COMBAT_STUDY.replace('method = "combat"', 'method = "none"'))
+    assert _rows(drive(LoopbackLink(nodes), plain, tmp_path / "out-plain", log=lambda m: None)) != _rows(deployed)
+    # what crossed: the statistics dataclasses, each site's own, smaller than any site's rows
+    by_step = _harmonizing_messages(link)
+    assert all(isinstance(a["harmonize"], CombatDesignStats) and a["harmonize"].site == s
+               for s, _, a in by_step[("setup", None)])
+    assert all(isinstance(r["location"], CombatLocation) and isinstance(a, CombatResidualStats) and a.site == s
+               for s, r, a in by_step[("harmonize", "residuals")])
+    for site, request, answer in by_step[("harmonize", "apply")]:
+        assert isinstance(request["model"], CombatModel) and [e.site for e in request["model"].sites] == [site]
+        assert set(answer) == {"moments"}
+    assert _largest_statistic(by_step) <= 3 * 4  # sites x features, or (1 + covariates) x features; rows: >= 25
+
+
+def test_a_deployed_frequency_study_equals_its_simulation_and_shares_only_amplitudes(tmp_path):
+    """Image manifests harmonized in the frequency domain: the same metrics and losses as
+    `medfed run --manifest`; the sites share their mean low-band amplitudes, no image."""
+    pytest.importorskip("torch")
+    from medfed.data.frequency import AmplitudeStats, FrequencyModel
+
+    study, nodes = _image_study(tmp_path, '[harmonize]\nmethod = "frequency"\nband = 0.2\nstrength = 0.8\n')
+    link = _RecordingLink(nodes)
+    deployed = drive(link, study, tmp_path / "out", log=lambda m: None)
+    simulated = _simulate(study, "--manifest", tmp_path / "all.csv", tmp_path / "sim")
+    assert _rows(deployed) == _rows(simulated)
+    assert deployed["histories"]["FedAvg"]["train_loss"] == simulated["histories"]["FedAvg"]["train_loss"]
+    (tmp_path / "plain").mkdir()
+    plain, _ = _image_study(tmp_path / "plain")  # harmonization changed the numbers: the exchange was not skipped
+    unharmonized = drive(LoopbackLink(nodes), plain, tmp_path / "out-plain", log=lambda m: None)
+    assert unharmonized["histories"]["FedAvg"]["train_loss"] != deployed["histories"]["FedAvg"]["train_loss"]
+    fitted_on = deployed["harmonization"]["fit"]["images"]
+    assert sorted(fitted_on) == ["hospital-0", "hospital-1"] and all(0 < n < 14 for n in fitted_on.values())
+    by_step = _harmonizing_messages(link)
+    assert all(isinstance(a["harmonize"], AmplitudeStats) for _, _, a in by_step[("setup", None)])
+    assert all(isinstance(r["model"], FrequencyModel) and set(a) == {"moments"}
+               for _, r, a in by_step[("harmonize", "apply")])
+    assert ("harmonize", "residuals") not in by_step  # one exchange of statistics
+    assert _largest_statistic(by_step) < 10 * 10  # a band of one image's spectrum: less than an image
+
+
+def test_a_harmonized_study_refuses_a_site_without_a_covariate_and_fits_without_it(tmp_path):
+    nodes = _covariate_tables(tmp_path)
+    study = tmp_path / "study.toml"
+    study.write_text(COMBAT_STUDY.replace('["fedavg", "fedprox"]', '["fedavg"]'))
+    pd.read_csv(nodes["H1"]["data"]).drop(columns=["age"]).to_csv(tmp_path / "bad.csv", index=False)
+    nodes["H1"]["data"] = str(tmp_path / "bad.csv")
+    logged = []
+    doc = drive(LoopbackLink(nodes), study, tmp_path / "out", log=logged.append)
+    assert sorted(doc["harmonization"]["fit"]["sites"]) == ["H0", "H2"]
+    assert any("H1" in line and "'age'" in line for line in logged), logged
+    two = tmp_path / "two.toml"  # H1 refused, one site left: nothing to harmonize between, refused before training
+    two.write_text(COMBAT_STUDY.replace('["H0", "H1", "H2"]', '["H0", "H1"]').replace("[deploy]", "[deploy]\nmin_sites = 1"))
+    with pytest.raises(ConfigError, match="removes differences between sites; only 1 site joined"):
+        drive(LoopbackLink(nodes), two, tmp_path / "out2", log=lambda m: None)
+
+
+def test_a_fresh_site_or_coordinator_process_can_decode_the_harmonization_messages():
+    """Flower starts a ClientApp process per message: the statistics' wire types must be known
+    once the site's (and the coordinator's) module is imported, before a request is decoded."""
+    import subprocess
+    import sys
+
+    names = ["CombatDesignStats", "CombatLocation", "CombatResidualStats", "CombatModel", "AmplitudeStats",
+             "FrequencyModel"]
+    for module in ("medfed.deploy.site", "medfed.deploy.coordinator"):
+        code = (f"import {module}; from medfed.wiretypes import wire_class; "
+                f"print([n for n in {names!r} if wire_class(n) is None])")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "[]", (module, out.stdout, out.stderr)

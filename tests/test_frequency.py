@@ -208,12 +208,13 @@ def test_the_audits_train_on_the_harmonized_rows_that_medfed_run_uses():
     assert clean and all({m: v[m] for m in ("acc", "auc")} == plain[site] for site, v in clean.items())
 
 
-@pytest.mark.parametrize("method", ["combat", "frequency"])
-def test_a_deployed_study_refuses_harmonization_rather_than_skip_it(tmp_path, method):
+@pytest.mark.parametrize("method, files", [("combat", "manifest"), ("frequency", "table")])
+def test_a_deployed_study_refuses_a_harmonization_of_another_kind_of_data(tmp_path, method, files):
     from medfed.deploy.study import load_study
 
     study = tmp_path / "study.toml"
     study.write_text(f'methods = ["fedavg"]\n[data]\nsite_column = "site"\nlabel_column = "y"\n'
-                     f'[deploy]\nsites = ["a", "b"]\n[harmonize]\nmethod = "{method}"\n')
-    with pytest.raises(ConfigError, match=f'method = "{method}" runs in simulation only so far'):
+                     f'[deploy]\nsites = ["a", "b"]\nsite_files = "{files}"\n[harmonize]\nmethod = "{method}"\n')
+    with pytest.raises(ConfigError, match=f'method = "{method}" adjusts .* this study\'s sites give') as info:
         load_study(study)
+    assert len(str(info.value).splitlines()) == 1

@@ -5,7 +5,9 @@ simulation, with the sites reached through a link (Flower's SuperLink in deploym
    its counts, training-row moments and feature names (:mod:`medfed.deploy.site`). A site
    whose file does not match the study's schema, or whose features differ from the others',
    is refused (logged, named in the results' warnings); the study goes on if ``min_sites``
-   remain. Global scaling is assembled from the moments, in ``[deploy] sites`` order.
+   remain. With ``[harmonize]`` the statistics it needs follow (:func:`harmonize_exchange`)
+   and each site adjusts its own rows; global scaling is then assembled from the moments of
+   those rows, in ``[deploy] sites`` order.
 2. **Rounds.** Each federated method runs as in ``medfed run`` (same keyed randomness, same
    server program), checkpointing after every round under ``OUT/.medfed-deploy/``;
    ``--resume`` continues from there bit-identically. A site that does not answer within
@@ -36,7 +38,7 @@ from medfed.engine.checkpoint import CheckpointStore
 from medfed.engine.driver import Driver
 from medfed.engine.executors.remote import Link, RemoteExecutor
 from medfed.engine.protocol import RoundContext, RoundRecord, ServerState, programs
-from medfed.errors import ConfigError
+from medfed.errors import ConfigError, DataError
 from medfed.experiments.harness import (
     TRAIN_STREAM,
     Evaluation,
@@ -49,6 +51,8 @@ from medfed.experiments.harness import (
     federated_history,
     study_fingerprint,
 )
+# deployed_report's module imports the harmonization statistics' wire types, which setup answers carry
+from medfed.experiments.harmonization import deployed_report
 from medfed.experiments.metrics import Metric, Threshold
 from medfed.experiments.saved_model import ModelOutcome, saved_model_file
 from medfed.methods import resolve_methods
@@ -143,6 +147,62 @@ def setup_exchange(link: Link, config, log: Callable[[str], None]) -> tuple[dict
     return joined, refused
 
 
+def _ask(link: Link, requests: Mapping[str, Any], timeout_s: float, expected: type, step: str) -> dict[str, Any]:
+    """Every site's answer to its request of a harmonization step, each of type ``expected``;
+    the fit needs every joined site, so a site that fails a step stops the study, by name."""
+    answers = link.exchange({site: encode(r) for site, r in requests.items()}, timeout_s)
+    out = {}
+    for site in requests:
+        raw = answers.get(site, "no answer")
+        try:
+            reply = raw if isinstance(raw, str) else decode(raw, f"the {step} answer of site {site!r}")
+        except WireError as exc:
+            reply = f"malformed answer: {exc}"
+        if isinstance(reply, Mapping) and "error" in reply:
+            reply = str(reply["error"])
+        if not isinstance(reply, expected) or getattr(reply, "site", site) != site:
+            why = reply if isinstance(reply, str) else f"sent a {type(reply).__name__}, not its {expected.__name__}"
+            raise DataError(f"site {site!r} failed the harmonization exchange ({step}): {why}")
+        out[site] = reply
+    return out
+
+
+def harmonize_exchange(link: Link, config, joined: Mapping[str, dict]):
+    """``[harmonize]`` over the setup channel: the coordinator fits from the statistics the
+    sites shared at setup (and, for ComBat, their residual moments under the pooled fit, a
+    second exchange) with the functions the simulation uses, and sends each site its share of
+    the fit; each adjusts its own training and test rows and answers with their moments. The
+    fit, and each site's moments of its adjusted training rows (what global scaling is
+    assembled from, as in simulation)."""
+    from medfed.data.frequency import AmplitudeStats, fit_frequency
+    from medfed.data.harmonize import CombatDesignStats, CombatResidualStats, fit_combat, fit_location
+    from medfed.experiments.harmonization import site_share
+
+    spec, sites = config.harmonize, list(joined)
+    if len(sites) < 2:
+        raise ConfigError(f"[harmonize] method = \"{spec.method}\" removes differences between sites; "
+                          f"only {len(sites)} site joined")
+    timeout = config.deploy.join_timeout_s
+    combat = spec.method == "combat"
+    stats = [joined[s].get("harmonize") for s in sites]
+    for site, got in zip(sites, stats):
+        kind = CombatDesignStats if combat else AmplitudeStats
+        if not isinstance(got, kind) or got.site != site:
+            raise DataError(f"site {site!r} failed the harmonization exchange (setup): it sent no {kind.__name__}")
+    if combat:
+        location = fit_location(stats)
+        residuals = _ask(link, {s: {"op": "harmonize", "step": "residuals", "location": location} for s in sites},
+                         timeout, CombatResidualStats, "residuals")
+        model = fit_combat(location, [residuals[s] for s in sites], joined[sites[0]]["features"], eb=spec.eb)
+    else:
+        model = fit_frequency(stats, spec.strength)
+    applied = _ask(link, {s: {"op": "harmonize", "step": "apply", "model": site_share(model, s)} for s in sites},
+                   timeout, Mapping, "apply")
+    moments = {s: Moments(int(a["moments"]["n"]), np.asarray(a["moments"]["total"]), np.asarray(a["moments"]["total_sq"]))
+               for s, a in applied.items()}
+    return model, moments
+
+
 def check_resume(out: Path, resume: bool) -> Path:
     """The folder of the study's checkpoints; refused when it holds an unfinished run that
     ``resume`` does not continue (a fresh start would silently throw its rounds away)."""
@@ -175,6 +235,10 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
     shape = tuple(int(v) for v in first["sample_shape"])
     moments = [Moments(int(j["moments"]["n"]), np.asarray(j["moments"]["total"]), np.asarray(j["moments"]["total_sq"]))
                for j in joined.values()]
+    harmonization = None
+    if config.harmonize.method != "none":  # before the moments global scaling is assembled from, as in simulation
+        harmonization, adjusted = harmonize_exchange(link, config, joined)
+        moments = [adjusted[s] for s in sites]
     pooled = Standardizer.from_moments(moments) if config.scaling == "global" else Standardizer.identity(shape[0])
     scale = {"mean": pooled.mean, "scale": pooled.scale} if config.scaling == "global" else None
     plan = TrainingPlan.for_shape(config, shape)
@@ -234,18 +298,23 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
         scored = _evaluations(spec, sites, answers, failure, config.evaluation.threshold)
         evaluations += scored
         histories.append(federated_history(spec, 0, result, config))
-        if failure is None and spec.global_model:
+        if failure is None and spec.global_model and harmonization is None:
             models[spec.display] = ModelOutcome(spec.display, saved_model_file(
                 config, fed, shared, pooled, result.params, setting=spec.display, method=spec.name,
                 train_sites=sites, settings=[spec.display], personal=spec.personal,
                 thresholds={e.key[3]: e.threshold for e in scored if e.key[5] == "global" and e.threshold}))
         else:
-            why = failure.reason if failure is not None else (
-                f"no global model: {spec.display} shares only part of the model; each site's personal model stays "
-                "at the site")
+            if failure is not None:
+                why = failure.reason
+            elif harmonization is not None:
+                why = f"not saved: a saved model does not carry the [harmonize] {config.harmonize.method} fit yet"
+            else:
+                why = (f"no global model: {spec.display} shares only part of the model; each site's personal model "
+                       "stays at the site")
             models[spec.display] = ModelOutcome(spec.display, None, why)
         setting_time[spec.display] = time.perf_counter() - t0
-    outcome = RepeatOutcome(evaluations, histories, [], setting_time, models=models, privacy=privacy)
+    outcome = RepeatOutcome(evaluations, histories, [], setting_time, models=models, privacy=privacy,
+                            harmonization=None if harmonization is None else deployed_report(harmonization))
     # the deployed run always keeps its final global models (models/<Setting>.npz)
     experiment = assemble_run(config.model_copy(update={"save_model": True}), fed, methods, [outcome], started)
     experiment.warnings.extend(f"site {s!r} was refused: {why}" for s, why in refused.items())

@@ -3,7 +3,8 @@ own file and its own folder.
 
 Flower starts a ClientApp process per message, so nothing lives in memory between requests:
 the site folder holds the study the coordinator sent at setup (``study.json``), the site's
-prepared rows (``rows.npz``: split and imputed, never sent anywhere) and, per method run,
+prepared rows (``rows.npz``: split, imputed and, with ``[harmonize]``, adjusted by the
+federation's fit from ``raw.npz``; never sent anywhere) and, per method run,
 the :class:`~medfed.engine.runtime.SiteRuntime`'s state (``runs/<run>/``), written
 atomically. Every request is :mod:`medfed.comm.wire` bytes (never pickle) and every answer
 too; a request the site cannot serve is answered with ``{"error": one line}``, which the
@@ -11,7 +12,11 @@ coordinator records as the site's reason for the round.
 
 What leaves the site: at setup, its row counts (all rows; training rows per class), the
 column moments of its training rows (count, sums, sums of squares: global scaling), its
-imputation values (training-row medians or means) and its feature names; each round, its upload; at the end, its test metrics. Never a row.
+imputation values (training-row medians or means) and its feature names; with ``[harmonize]``,
+the statistics of its training rows that the fit needs (:mod:`medfed.experiments.harmonization`:
+ComBat's design cross-products, then its residual moments; or its images' mean low-band
+amplitudes), after which it adjusts its own rows by its share of the fit and shares their
+moments; each round, its upload; at the end, its test metrics. Never a row.
 """
 
 from __future__ import annotations
@@ -31,14 +36,17 @@ from medfed.client.drift import label_counts
 from medfed.client.local import LocalData
 from medfed.comm.compress import make_codec
 from medfed.comm.wire import decode, encode
-from medfed.data.preprocess import Standardizer
+# the harmonization exchange's wire types: a fresh ClientApp process must know them before it decodes a request
+from medfed.data.frequency import FrequencyModel
+from medfed.data.harmonize import CombatLocation, CombatModel, SiteRows, residual_stats
+from medfed.data.preprocess import Moments, Standardizer
 from medfed.engine.executors.remote import plan_of
 from medfed.engine.protocol import SiteProgram
 from medfed.engine.runtime import SiteRuntime
 from medfed.errors import ConfigError, DataError, MedfedError
 from medfed.rng import KeyedRng
 
-STUDY_FILE, ROWS_FILE = "study.json", "rows.npz"
+STUDY_FILE, ROWS_FILE, RAW_FILE = "study.json", "rows.npz", "raw.npz"
 
 
 @dataclass(frozen=True)
@@ -89,15 +97,23 @@ def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
     if site.name not in names:
         raise ConfigError(f"site {site.name!r} is not in the study's [deploy] sites ({', '.join(names)})")
     fed = _own_federation(site, config)
+    harmonizing = config.harmonize.method != "none"
+    if harmonizing:
+        from medfed.experiments.harmonization import check_harmonized_data
+
+        check_harmonized_data(config, fed)
     own = fed.sites[0]
     split = prepare_site(own, training_rows(own, names.index(site.name), config, 0), fed, config)
     write_bytes_atomically(site.folder / STUDY_FILE, json.dumps(request["study"]).encode())
     rows = {"X_train": split.X_train, "y_train": split.y_train, "X_test": split.X_test, "y_test": split.y_test}
-    buf = io.BytesIO()
-    np.savez(buf, **rows)
-    write_bytes_atomically(site.folder / ROWS_FILE, buf.getvalue())
+    if harmonizing:  # the rows train once the federation's fit has adjusted them (_harmonize)
+        (site.folder / ROWS_FILE).unlink(missing_ok=True)
+        _write_rows(site.folder / RAW_FILE, **rows, C_train=split.C_train, C_test=split.C_test,
+                    features=np.asarray(fed.feature_names, dtype=str))
+    else:
+        _write_rows(site.folder / ROWS_FILE, **rows)
     m = split.moments
-    return {
+    answer = {
         "imputer": None if split.imputer is None else {"strategy": split.imputer.strategy, "values": split.imputer.values},
         "site_scaler": None if split.scaler is None else {"mean": split.scaler.mean, "scale": split.scaler.scale},
         "site": site.name,
@@ -111,6 +127,65 @@ def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
         "is_image": fed.is_image,
         "data_info": fed.info,
     }
+    if harmonizing:
+        from medfed.experiments.harmonization import first_statistics
+
+        answer["harmonize"] = first_statistics(config, split, fed.feature_names)
+    return answer
+
+
+def _write_rows(path: Path, **arrays: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes_atomically(path, buf.getvalue())
+
+
+@dataclass(frozen=True)
+class _KeptRows:
+    """The site's split rows before ``[harmonize]`` adjusts them (``raw.npz``), with their covariates."""
+
+    name: str
+    features: tuple[str, ...]
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    C_train: np.ndarray
+    C_test: np.ndarray
+
+    @classmethod
+    def read(cls, site: SiteIdentity) -> _KeptRows:
+        if not (site.folder / RAW_FILE).exists():
+            raise ConfigError(f"site {site.name!r} has not been set up for a harmonized study (no {RAW_FILE} in "
+                              f"{site.folder})")
+        with np.load(site.folder / RAW_FILE) as f:
+            arrays = {k: f[k] for k in f.files}
+        return cls(site.name, tuple(str(c) for c in arrays.pop("features")), **arrays)
+
+
+def _harmonize(site: SiteIdentity, request: Mapping[str, Any]):
+    """A step of ``[harmonize]``'s exchange after setup, on the rows the site kept: ComBat's
+    residual moments under the federation's pooled fit (``residuals``), or the adjustment of
+    its training and test rows by its share of the fit (``apply``), answered with the moments
+    of its adjusted training rows (global scaling is assembled from those, as in simulation)."""
+    from medfed.deploy.study import study_from_payload
+    from medfed.experiments.harmonization import harmonized_rows
+
+    if not (site.folder / STUDY_FILE).exists():
+        raise ConfigError(f"site {site.name!r} has not been set up for this study (no {STUDY_FILE} in {site.folder})")
+    method = study_from_payload(json.loads((site.folder / STUDY_FILE).read_text())).harmonize.method
+    rows = _KeptRows.read(site)
+    step = request.get("step")
+    if step == "residuals" and method == "combat" and isinstance(request.get("location"), CombatLocation):
+        return residual_stats(SiteRows(site.name, rows.X_train, rows.C_train), request["location"], rows.features)
+    expected = {"combat": CombatModel, "frequency": FrequencyModel}.get(method)
+    if step == "apply" and expected is not None and isinstance(request.get("model"), expected):
+        X_train, X_test = harmonized_rows(request["model"], rows)
+        _write_rows(site.folder / ROWS_FILE, X_train=X_train, y_train=rows.y_train, X_test=X_test, y_test=rows.y_test)
+        m = Moments.of(X_train)
+        return {"moments": {"n": int(m.n), "total": m.total, "total_sq": m.total_sq}}
+    raise DataError(f"site {site.name!r}: the coordinator's harmonization request (step {step!r}) does not fit "
+                    f"the study's [harmonize] method = {method!r}")
 
 
 def _own_federation(site: SiteIdentity, config):
@@ -130,7 +205,7 @@ def _own_federation(site: SiteIdentity, config):
 
         fed = load_table(site.data, site_column=d.site_column, label_column=d.label_column,
                          split_column=d.split_column, features=d.features, impute=d.impute,
-                         positive_label=d.positive_label, exclude=d.exclude)
+                         positive_label=d.positive_label, exclude=d.exclude, covariates=d.covariates)
     others = [n for n in fed.site_names if n != site.name]
     if site.name not in fed.site_names or others:
         held = ", ".join(repr(n) for n in fed.site_names)
@@ -160,8 +235,9 @@ def _prepare(site: SiteIdentity, request: Mapping[str, Any]) -> _Prepared:
     state is read from disk on every request; what it is built from (the study, the rows, the
     method) is kept per process while those files are unchanged, for a long-lived ClientApp
     process (``medfed deploy site --fast``) answers many requests."""
-    if not (site.folder / STUDY_FILE).exists():
-        raise ConfigError(f"site {site.name!r} has not been set up for this study (no {STUDY_FILE} in {site.folder})")
+    absent = [f for f in (STUDY_FILE, ROWS_FILE) if not (site.folder / f).exists()]
+    if absent:  # rows.npz: with [harmonize], once the federation's fit has adjusted the rows
+        raise ConfigError(f"site {site.name!r} has not been set up for this study (no {absent[0]} in {site.folder})")
     run = request["run"]
     files = tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in (site.folder / STUDY_FILE, site.folder / ROWS_FILE))
     key = (hashlib.sha256(encode(run)).hexdigest(), files)
@@ -286,4 +362,5 @@ def _stage(site: SiteIdentity, request: Mapping[str, Any]):
     return prepared.runtime.stage(str(request["stage"]), int(request["round"]), request["message"])
 
 
-_OPS = {"hello": _hello, "setup": _setup, "train": _train, "stage": _stage, "evaluate": _evaluate}
+_OPS = {"hello": _hello, "setup": _setup, "harmonize": _harmonize, "train": _train, "stage": _stage,
+        "evaluate": _evaluate}

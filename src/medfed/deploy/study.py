@@ -48,16 +48,19 @@ def check_deployable(config: ExperimentConfig, source: str) -> ExperimentConfig:
 
 def check_settings(config: ExperimentConfig, source: str, *, manifest: bool) -> None:
     """Settings a deployment can run: federated methods only (nothing pools or moves rows), no
-    categorical columns yet, no table options for image manifests."""
+    categorical columns yet, no table options for image manifests, a harmonization of the
+    sites' kind of data."""
     data = config.data
-    if manifest and (data.features or data.exclude or data.impute):
+    if manifest and (data.features or data.exclude or data.impute or data.covariates):
         raise ConfigError(
-            f"{source}: features, exclude and impute apply to tables; with [deploy] site_files = \"manifest\" "
-            "each site's file lists image files"
+            f"{source}: features, exclude, impute and covariates apply to tables; with [deploy] site_files = "
+            "\"manifest\" each site's file lists image files"
         )
-    if config.harmonize.method != "none":  # deployed, its exchange of statistics would be silently skipped
-        raise ConfigError(f"{source}: [harmonize] method = \"{config.harmonize.method}\" runs in simulation only so far "
-                          "(medfed run); its setup exchange of statistics is not deployed yet")
+    # what each harmonization adjusts: combat a table's features, frequency images
+    wants = {"combat": ("feature tables", False), "frequency": ("images", True)}.get(config.harmonize.method)
+    if wants is not None and wants[1] != manifest:
+        raise ConfigError(f"{source}: [harmonize] method = \"{config.harmonize.method}\" adjusts {wants[0]}; this "
+                          f"study's sites give {'image manifests' if manifest else 'feature tables'}")
     from medfed.experiments.harness import check_secure_study
 
     check_secure_study(config)

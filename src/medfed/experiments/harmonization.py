@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from medfed.data.frequency import FrequencyModel, federated_frequency
-from medfed.data.harmonize import CombatModel, SiteRows, adapt_site, federated_combat
+from medfed.data.frequency import AmplitudeStats, FrequencyModel, amplitude_stats, federated_frequency
+from medfed.data.harmonize import CombatDesignStats, CombatModel, SiteRows, adapt_site, design_stats, federated_combat
 from medfed.data.preprocess import Moments
 from medfed.errors import ConfigError
 
@@ -37,30 +37,35 @@ SITE_AUC_FOLDS = 5
 SUMMARY_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 
 
-def check_harmonization(config, federation) -> None:
-    """A harmonization the data cannot serve, refused before any training."""
+def check_harmonized_data(config, federation) -> None:
+    """A harmonization the rows cannot serve (a covariate they lack, ComBat on images, frequency
+    on a table), refused before any training: by the simulation, and by each deployed site of
+    its own file."""
     spec, covariates = config.harmonize, tuple(config.data.covariates or ())
     missing = [c for c in covariates if c not in federation.covariate_names]
     if missing:
         have = ", ".join(federation.covariate_names) or "none"
         raise ConfigError(f"--covariates: {federation.name!r} has no covariate {', '.join(map(repr, missing))}; "
                           f"its rows carry: {have}")
-    if spec.method == "none":
-        return
-    flag = f"--harmonize {spec.method}"
     if spec.method == "combat" and federation.is_image:
         raise ConfigError("--harmonize combat adjusts feature tables; this federation holds images "
                           "(use --harmonize frequency)")
     if spec.method == "frequency" and not federation.is_image:
         raise ConfigError("--harmonize frequency adjusts images' amplitude spectra; this federation holds a feature "
                           "table (use --harmonize combat)")
+
+
+def check_harmonization(config, federation) -> None:
+    """A harmonization the data cannot serve, refused before any training."""
+    check_harmonized_data(config, federation)
+    if config.harmonize.method == "none":
+        return
+    flag = f"--harmonize {config.harmonize.method}"
     if len(federation.sites) < 2:
         raise ConfigError(f"{flag} removes differences between sites; {federation.name!r} has one")
     if config.save_model:
         raise ConfigError(f"--save-model with {flag} is not available yet: a saved model does not carry "
                           "the fit its rows were adjusted with")
-    if config.executor == "flower":
-        raise ConfigError(f"{flag} runs in simulation only for now (--executor inprocess or process)")
 
 
 class Harmonizer:
@@ -120,7 +125,7 @@ class CombatHarmonizer(Harmonizer):
     def _apply(self, model: CombatModel, s, adapted: bool) -> tuple[np.ndarray, np.ndarray]:
         if adapted:
             model = adapt_site(model, SiteRows(s.name, s.X_train, s.C_train))  # no label is used
-        return model.apply(s.name, s.X_train, s.C_train), model.apply(s.name, s.X_test, s.C_test)
+        return harmonized_rows(model, s)
 
     def repeat_report(self, reference: tuple[int, ...]) -> dict:
         return {"iterations": {e.site: e.iterations for e in self.fit(reference).sites}}
@@ -139,7 +144,44 @@ class FrequencyHarmonizer(Harmonizer):
         return federated_frequency([(s.name, s.X_train) for s in sites], self.band, self.strength)
 
     def _apply(self, model: FrequencyModel, s, adapted: bool) -> tuple[np.ndarray, np.ndarray]:
-        return model.apply(s.X_train, s.name), model.apply(s.X_test, s.name)
+        return harmonized_rows(model, s)
+
+
+def harmonized_rows(model: CombatModel | FrequencyModel, s) -> tuple[np.ndarray, np.ndarray]:
+    """A site's training and test rows (``s``: a :class:`~medfed.experiments.harness.SplitSite`
+    or what a deployed site keeps) adjusted by a fit that knows the site: in simulation and at
+    a deployed site alike."""
+    if isinstance(model, CombatModel):
+        return model.apply(s.name, s.X_train, s.C_train), model.apply(s.name, s.X_test, s.C_test)
+    return model.apply(s.X_train, s.name), model.apply(s.X_test, s.name)
+
+
+# -- deployed: the same exchange, each step where its rows are (medfed.deploy) ---------------------
+
+
+def first_statistics(config, s, features: Sequence[str]) -> CombatDesignStats | AmplitudeStats:
+    """What a site shares at setup for ``[harmonize]``: ComBat's design cross-products and
+    per-feature sums, or its training images' mean low-band amplitudes."""
+    if config.harmonize.method == "combat":
+        return design_stats(SiteRows(s.name, s.X_train, s.C_train), features, tuple(config.data.covariates or ()))
+    return amplitude_stats(s.name, s.X_train, config.harmonize.band)
+
+
+def site_share(model: CombatModel | FrequencyModel, site: str) -> CombatModel | FrequencyModel:
+    """What ``site`` needs of the federation's fit to adjust its own rows: ComBat's reference
+    and its own location/scale (not the other sites'), or the reference amplitudes."""
+    if isinstance(model, CombatModel):
+        return dataclasses.replace(model, sites=(model.site(site),))
+    return model
+
+
+def deployed_report(model: CombatModel | FrequencyModel) -> dict:
+    """A deployed repeat's ``harmonization`` record: the fit (no site effect: it is measured on
+    every site's test rows together, which a deployment never has in one place)."""
+    report = {"fit": model.to_json()}
+    if isinstance(model, CombatModel):
+        report["iterations"] = {e.site: e.iterations for e in model.sites}
+    return report
 
 
 def make_harmonizer(config, federation, sites) -> Harmonizer | None:
@@ -209,6 +251,11 @@ FITTED_ON = ("every training site's training rows, per repeat, from the sites' s
              "(under --loso: without the held-out site, which adapts itself in 'loso+adapt' rows)")
 
 
+FITTED_DEPLOYED = "every joined site's training rows, once per deployed study, from the sites' statistics only"
+SITE_EFFECT_DEPLOYED = ("not measured: the site effect is measured on every site's test rows together, which a "
+                        "deployment never holds in one place")
+
+
 def harmonization_document(config, federation, per_repeat: Sequence[dict]) -> dict | None:
     """``results.json``'s ``harmonization``: what was fitted, how, and the site effect before
     and after it (per feature the mean over repeats; AUC per repeat and its mean)."""
@@ -225,6 +272,12 @@ def harmonization_document(config, federation, per_repeat: Sequence[dict]) -> di
                "fitted_on": FITTED_ON, "site_effect_rows": "every site's test images (never in the fit), each "
                "summarized by its intensity quantiles per channel",
                "reference": "Liu et al., 2021 (FedDG); Jiang et al., 2022 (HarmoFL)"}
+    if spec.method == "combat":
+        doc["per_repeat_eb_iterations"] = [r["iterations"] for r in per_repeat]
+    if per_repeat and "fit" in per_repeat[0]:  # deployed (deployed_report): the fit, no site effect
+        doc["fitted_on"] = FITTED_DEPLOYED
+        doc.pop("site_effect_rows")
+        return doc | {"site_effect": SITE_EFFECT_DEPLOYED, "fit": per_repeat[0]["fit"]}
     names = summary_names(federation)
     for when in ("before", "after"):
         ratios = np.mean([r[when]["variance_ratio"] for r in per_repeat], axis=0)
@@ -232,6 +285,4 @@ def harmonization_document(config, federation, per_repeat: Sequence[dict]) -> di
         doc[when] = {"variance_ratio_mean": float(ratios.mean()),
                      "variance_ratio": dict(zip(names, ratios.tolist())),
                      "site_auc_mean": float(np.mean(aucs)), "site_auc": aucs}
-    if spec.method == "combat":
-        doc["per_repeat_eb_iterations"] = [r["iterations"] for r in per_repeat]
     return doc

@@ -319,7 +319,6 @@ def harmonization_lines(doc: dict[str, Any]) -> list[str]:
     h = doc.get("harmonization")
     if not h:
         return []
-    b, a = h["before"], h["after"]
     if h["method"] == "frequency":
         how = (f"harmonized in the frequency domain (low band {h['band']:g} cycles/pixel, strength {h['strength']:g}), "
                "fitted per repeat on the training images; site effect on the test images' intensity quantiles")
@@ -327,6 +326,10 @@ def harmonization_lines(doc: dict[str, Any]) -> list[str]:
         covariates = ", ".join(h["covariates"]) or "no covariates"
         how = (f"harmonized with federated ComBat ({'empirical Bayes' if h['empirical_bayes'] else 'no EB'}; "
                f"preserving {covariates}), fitted per repeat on the training rows; site effect on the test rows")
+    if "before" not in h:  # deployed
+        return [f"{how.split(', fitted per repeat')[0]}, fitted once on the joined sites' training rows; site effect "
+                "not measured (the test rows stay at their sites)"]
+    b, a = h["before"], h["after"]
     return [(f"{how}: between-site variance share {b['variance_ratio_mean']:.3f} -> {a['variance_ratio_mean']:.3f}, "
              f"site-classifier AUC {b['site_auc_mean']:.3f} -> {a['site_auc_mean']:.3f}")]
 
