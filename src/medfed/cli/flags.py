@@ -77,7 +77,12 @@ OverwriteOpt = Annotated[
 ExecutorOpt = Annotated[
     str | None,
     typer.Option(help="where sites run: inprocess; process (one process per site, owning its rows and state); "
+                      "ray (sites as Ray actors: --ray-address, or Ray on this machine); "
                       "flower (a Flower deployment on 127.0.0.1, one SuperNode per site)"),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(help="with --executor ray: a running Ray cluster's address (default: start Ray on this machine)"),
 ]
 ResumeOpt = Annotated[
     bool | None,
