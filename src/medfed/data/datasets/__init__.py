@@ -30,6 +30,11 @@ DATASETS: dict[str, tuple[str, str, str]] = {
         "load_breast_cancer_federation",
         "real Wisconsin diagnostic breast-cancer data split into sites (IID, Dirichlet label or quantity skew)",
     ),
+    "synthetic": (
+        "medfed.data.datasets.synthetic",
+        "load_synthetic",
+        "SYNTHETIC many-site federation for scale studies (n_sites up to 1,000,000; covariate, concept, label shift)",
+    ),
     "mni-phantom": (
         "medfed.data.datasets.mni_phantom",
         "load_mni_phantom",
