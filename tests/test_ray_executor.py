@@ -126,3 +126,17 @@ def test_ray_address_belongs_to_the_ray_executor(heart):
     config = build_config({"data": {"dataset": "heart-disease"}, "repeats": 2, "workers": 2, "executor": "ray"})
     with pytest.raises(ConfigError, match="--workers 1"):
         run_experiment(config, heart)
+
+
+def test_an_unreachable_ray_address_is_refused_before_anything_trains(heart, tmp_path):
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    config = build_config({"data": {"dataset": "heart-disease"}, "repeats": 1, "executor": "ray",
+                           "ray_address": f"127.0.0.1:{port}", "out": str(tmp_path / "out")})
+    with pytest.raises(ConfigError, match=f"--ray-address '127.0.0.1:{port}': no Ray cluster answers there"):
+        run_experiment(config, heart)
+    assert not (tmp_path / "out").exists()

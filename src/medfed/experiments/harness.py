@@ -30,6 +30,7 @@ from medfed.data.preprocess import Imputer, Moments, Standardizer
 from medfed.comm.compress import make_codec
 from medfed.engine.executors import LOCAL_EXECUTORS
 from medfed.engine.executors.process import exit_with_parent
+from medfed.engine.executors.ray import check_ray
 from medfed.engine.faults import parse_drops
 from medfed.engine.loop import FederatedAlgorithm, FederatedRun, run_federated
 from medfed.errors import ConfigError, MedfedError
@@ -898,8 +899,10 @@ def check_study(
         )
     if config.ray_address is not None and config.executor != "ray":
         raise ConfigError(f"--ray-address is the cluster of --executor ray; this study runs on {config.executor!r}")
-    if config.executor == "ray" and resolve_workers(config.workers, config.repeats) > 1:
-        raise ConfigError("--executor ray spreads the sites over Ray's workers itself: run repeats with --workers 1")
+    if config.executor == "ray":
+        check_ray(config.ray_address)
+        if resolve_workers(config.workers, config.repeats) > 1:
+            raise ConfigError("--executor ray spreads the sites over Ray's workers itself: run repeats with --workers 1")
     if config.resume and config.out is None:
         raise ConfigError("--resume keeps checkpoints in the output folder: give --out DIR")
     if config.loso and len(names) < 2:

@@ -37,19 +37,44 @@ class SiteActor:
         return self.group.answer(request, args)
 
 
+def check_ray(address: str | None) -> None:
+    """What a study on executor ``ray`` needs before anything trains: Ray installed, and a
+    cluster listening at ``address`` when one is given."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("executor 'ray' needs Ray: pip install 'medfed[scale]' (or 'ray>=2.9')")
+    if address:
+        check_reachable(address)
+
+
 def connect(address: str | None) -> Any:
     """The ``ray`` module, connected: to ``address``, or to a Ray started here for this process."""
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("executor 'ray' needs Ray: pip install 'medfed[scale]' (or 'ray>=2.9')") from None
+    check_ray(None)
+    import ray
+
     if not ray.is_initialized():
+        check_ray(address)
         try:
-            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                     logging_level="ERROR", configure_logging=True)
+            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         except ConnectionError as exc:
             raise ConfigError(f"--ray-address {address!r}: no Ray cluster answers there ({exc})") from None
     return ray
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse a ``HOST:PORT`` (or ``ray://HOST:PORT``) where nothing listens, in one line: Ray
+    itself retries an unreachable cluster for minutes before it fails. ``auto`` and other forms
+    are left to Ray."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(f"--ray-address {address!r}: no Ray cluster answers there ({exc})") from None
 
 
 class RayExecutor(GroupedExecutor):
