@@ -1,5 +1,6 @@
 """The Ray executor: sites as Ray actors give the in-process executor's numbers for a seed
-(stateful SCAFFOLD, personalizing Ditto, Krum's screening, dropouts, secure aggregation), the
+(stateful SCAFFOLD, personalizing Ditto, Krum's screening, dropouts, a torch model with private
+BatchNorm, secure aggregation), the
 coordinator holds no site rows, and no Ray process outlives ``ray.shutdown()``."""
 
 import os
@@ -80,6 +81,13 @@ def test_ray_actors_give_the_inprocess_numbers(ray, heart):
     actors = _numbers({**study, "executor": "ray"}, heart)
     assert serial == actors
     assert {r["setting"] for r in serial["results"]} >= {"FedAvg", "SCAFFOLD", "Ditto", "Krum"}
+
+
+def test_a_torch_model_on_ray_gives_the_inprocess_numbers(ray, heart):
+    pytest.importorskip("torch")  # the site program, torch module included, travels to the actors pickled
+    study = {"data": {"dataset": "heart-disease"}, "repeats": 1, "model": "mlp", "model_options": {"hidden": [8]},
+             "methods": ["fedbn"], "training": {"rounds": 2, "local_steps": 2, "batch_size": 32}}
+    assert _numbers({**study, "executor": "inprocess"}, heart) == _numbers({**study, "executor": "ray"}, heart)
 
 
 def test_a_securely_aggregated_run_on_ray_equals_the_inprocess_one(ray, heart):
