@@ -105,6 +105,17 @@ def test_breast_cancer_malignant_is_positive():
     malignant = data.target == 0
     np.testing.assert_array_equal(X, data.data)  # one site keeps the original order
     np.testing.assert_array_equal(y, malignant.astype(np.int8))
+    assert fed.feature_names == tuple(data.feature_names)
+
+
+def test_breast_cancer_loads_without_importing_scikit_learn():
+    import subprocess
+    import sys
+
+    code = ("import sys; from medfed.data.datasets import load_dataset; fed = load_dataset('breast-cancer'); "
+            "print(sum(s.n for s in fed.sites), sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn')[:3])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["569", "[]"]
 
 
 def test_breast_cancer_deterministic_per_seed():

@@ -60,6 +60,7 @@ from medfed.cli.flags import (
     DropOpt,
     ExcludeOpt,
     ExecutorOpt,
+    RayAddressOpt,
     FeaturesOpt,
     FractionFitOpt,
     ImputeOpt,
@@ -402,6 +403,7 @@ def run(
     threads: ThreadsOpt = None,
     overwrite: OverwriteOpt = None,
     executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
     resume: ResumeOpt = None,
     drop: DropOpt = None,
     dp: DpOpt = None,
@@ -438,7 +440,7 @@ def run(
                            ("eval_every", eval_every),
                            ("workers", workers), ("threads", threads), ("loso", loso), ("model", model),
                            ("save_model", save_model),
-                           ("plot_formats", split_list(plot_format)), ("executor", executor),
+                           ("plot_formats", split_list(plot_format)), ("executor", executor), ("ray_address", ray_address),
                            ("resume", resume), ("drop", drop or None), ("compress", compress)]:
             if value is not None:
                 over[key] = value

@@ -64,7 +64,7 @@ CONFIG_FLAGS = {
     "data.positive_label": "--positive-label", "data.exclude": "--exclude", "data.categorical": "--categorical",
     "data.covariates": "--covariates", "harmonize.method": "--harmonize", "harmonize.eb": "--no-eb",
     "harmonize.band": "--band", "harmonize.strength": "--strength",
-    "plot_formats": "--plot-format", "overwrite": "--overwrite", "executor": "--executor", "resume": "--resume",
+    "plot_formats": "--plot-format", "overwrite": "--overwrite", "executor": "--executor", "ray_address": "--ray-address", "resume": "--resume",
     "drop": "--drop", "save_model": "--save-model", "privacy.dp": "--dp", "privacy.clip": "--clip",
     "privacy.noise": "--noise", "privacy.delta": "--delta", "privacy.target_epsilon": "--target-epsilon",
     "privacy.accountant": "--accountant", "privacy.adaptive_clip": "--adaptive-clip", "compress": "--compress",

@@ -88,7 +88,11 @@ ExecutorOpt = Annotated[
     str | None,
     typer.Option(help="where sites run: inprocess; process (one process per site, owning its rows and state); "
                       "vectorized (the cohort as one array program: numpy logistic model, FedAvg/FedProx/FedSGD "
-                      "site rules); flower (a Flower deployment on 127.0.0.1, one SuperNode per site)"),
+                      "site rules); ray (sites as Ray actors: --ray-address, or Ray on this machine); flower (a Flower deployment on 127.0.0.1, one SuperNode per site)"),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(help="with --executor ray: a running Ray cluster's address (default: start Ray on this machine)"),
 ]
 ResumeOpt = Annotated[
     bool | None,

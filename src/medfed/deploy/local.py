@@ -19,7 +19,7 @@ from typing import Any
 
 from medfed.errors import ConfigError
 
-_SIMULATION_ONLY = {"out", "overwrite", "plots", "plot_formats", "workers", "executor", "drop", "resume",
+_SIMULATION_ONLY = {"out", "overwrite", "plots", "plot_formats", "workers", "executor", "ray_address", "drop", "resume",
                     "save_model", "deploy", "loso", "eval_every", "threads"}
 _SOURCES = ("dataset", "path", "manifest", "npz", "options", "positive_classes", "use_val")
 

@@ -17,7 +17,7 @@ from medfed.experiments.config import ExperimentConfig, build_config, read_toml
 from medfed.methods import resolve_methods
 
 # what a site's file must not change about the study, and what only the coordinator needs
-_COORDINATOR_ONLY = {"out", "overwrite", "plots", "plot_formats", "workers", "executor", "drop", "resume"}
+_COORDINATOR_ONLY = {"out", "overwrite", "plots", "plot_formats", "workers", "executor", "ray_address", "drop", "resume"}
 
 
 def load_study(path: Path) -> ExperimentConfig:

@@ -39,6 +39,7 @@ def run_federated(
     eval_every: int = 0,
     max_update_norm: float | None = None,
     executor: str = "inprocess",
+    ray_address: str | None = None,
     faults: Faults | None = None,
     checkpoint_dir: Path | None = None,
     fingerprint: str = "",
@@ -57,7 +58,7 @@ def run_federated(
 
     ``poisson``: with ``fraction`` < 1 each site takes part independently with that probability
     (the sampling client-level DP's accounting assumes). ``codec`` compresses every upload at
-    its site (:mod:`medfed.comm.compress`); ``secure`` (the site's and the server's
+    its site (:mod:`medfed.comm.compress`); ``ray_address``: the cluster of executor ``ray``; ``secure`` (the site's and the server's
     :func:`~medfed.methods.privacy.secure_sides`) masks every upload and sums them securely; ``faults`` drops sites from rounds; with ``checkpoint_dir`` the coordinator checkpoints
     every round and the sites keep their state there, and a second call with the same folder
     and ``fingerprint`` resumes after the last saved round.
@@ -73,7 +74,8 @@ def run_federated(
     if checkpoint_dir is not None:
         store = CheckpointStore(Path(checkpoint_dir), fingerprint, durable=False)  # survives a kill
         state_dir = Path(checkpoint_dir) / "sites"
-    runner = local_executor(executor, site_program, sites, rng, faults=faults, state_dir=state_dir)
+    runner = local_executor(executor, site_program, sites, rng, faults=faults, state_dir=state_dir,
+                            ray_address=ray_address)
     try:
         driver = Driver(
             server_program, runner, rounds, rng, personal=site_program.personal,

@@ -324,12 +324,15 @@ class ExperimentConfig(_Strict):
         except Exception as exc:  # its ConfigError's words, as a validation error of this key
             raise ValueError(str(exc).removeprefix(f"--compress {value!r}: ")) from None
         return value.strip().lower()
-    executor: Literal["inprocess", "process", "vectorized", "flower"] = Field(
+    executor: Literal["inprocess", "process", "vectorized", "ray", "flower"] = Field(
         "inprocess",
         description="where sites run: inprocess (serial, this process), process (a process per site, each "
         "owning its rows and state), vectorized (the whole cohort as one array program: numpy logistic "
-        "model, FedAvg/FedProx/FedSGD site rules), flower (Flower's deployment runtime: `medfed deploy`)",
+        "model, FedAvg/FedProx/FedSGD site rules), ray (sites as Ray actors, here or on the cluster at "
+        "ray_address; pip install 'medfed[scale]'), flower (Flower's deployment runtime: `medfed deploy`)",
     )
+    ray_address: str | None = Field(
+        None, description="executor ray: the address of a running Ray cluster (None: start Ray on this machine)")
     drop: list[str] = Field(
         default_factory=list,
         description="injected dropouts, SITE@ROUND or SITE@FIRST-LAST (rounds from 1): the site sends nothing then",

@@ -30,6 +30,7 @@ from medfed.data.preprocess import Imputer, Moments, Standardizer
 from medfed.comm.compress import make_codec
 from medfed.engine.executors import LOCAL_EXECUTORS
 from medfed.engine.executors.process import exit_with_parent
+from medfed.engine.executors.ray import check_ray
 from medfed.engine.faults import parse_drops
 from medfed.engine.loop import FederatedAlgorithm, FederatedRun, run_federated
 from medfed.errors import ConfigError, MedfedError
@@ -131,7 +132,7 @@ def study_fingerprint(config: ExperimentConfig) -> str:
     workers, or where and how results are written): a checkpoint resumes only into its own study."""
     import hashlib
 
-    numbers = config.model_dump(mode="json", exclude={"out", "overwrite", "resume", "workers", "executor",
+    numbers = config.model_dump(mode="json", exclude={"out", "overwrite", "resume", "workers", "executor", "ray_address",
                                                       "plots", "plot_formats"})
     return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -213,7 +214,7 @@ class TrainingPlan:
             algorithm, initial, train, local, spec.rounds(t), rng,
             fraction=t.fraction_fit, min_sites=t.min_sites, evaluate=evaluate,
             eval_every=config.eval_every if evaluate is not None else 0, max_update_norm=t.max_update_norm,
-            executor=config.executor, faults=parse_drops(config.drop), checkpoint_dir=checkpoint_dir,
+            executor=config.executor, ray_address=config.ray_address, faults=parse_drops(config.drop), checkpoint_dir=checkpoint_dir,
             fingerprint=f"{study_fingerprint(config)}/{run_key}",
             poisson=config.privacy.dp != "none", secure=secure,
             codec=None if secure is not None else make_codec(config.compress),  # secure: quantized in the ring
@@ -949,6 +950,12 @@ def check_study(
             "(a deployment on this machine, medfed.deploy.local) or `medfed deploy server` and `medfed deploy site`; "
             "the simulation harness runs on executor " + " or ".join(repr(e) for e in LOCAL_EXECUTORS)
         )
+    if config.ray_address is not None and config.executor != "ray":
+        raise ConfigError(f"--ray-address is the cluster of --executor ray; this study runs on {config.executor!r}")
+    if config.executor == "ray":
+        check_ray(config.ray_address)
+        if resolve_workers(config.workers, config.repeats) > 1:
+            raise ConfigError("--executor ray spreads the sites over Ray's workers itself: run repeats with --workers 1")
     if config.resume and config.out is None:
         raise ConfigError("--resume keeps checkpoints in the output folder: give --out DIR")
     if config.loso and len(names) < 2:

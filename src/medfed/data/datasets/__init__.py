@@ -1,7 +1,7 @@
 """Embedded data sets, each loadable by name (``--dataset NAME``) without any download.
 
 Modules are imported only when their data set is asked for, so that a run on one data set
-does not pay for the libraries of another (scikit-learn for ``breast-cancer``).
+does not pay for the libraries of another (nibabel for ``mni-phantom``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,12 @@ DATASETS: dict[str, tuple[str, str, str]] = {
     "breast-cancer": (
         "medfed.data.datasets.breast_cancer",
         "load_breast_cancer_federation",
-        "scikit-learn's Wisconsin diagnostic data split into sites (IID or Dirichlet label skew)",
+        "real Wisconsin diagnostic breast-cancer data split into sites (IID, Dirichlet label or quantity skew)",
+    ),
+    "synthetic": (
+        "medfed.data.datasets.synthetic",
+        "load_synthetic",
+        "SYNTHETIC many-site federation for scale studies (n_sites up to 1,000,000; covariate, concept, label shift)",
     ),
     "mni-phantom": (
         "medfed.data.datasets.mni_phantom",

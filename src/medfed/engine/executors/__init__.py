@@ -4,7 +4,7 @@ An executor carries a round's plan to the cohort's sites and their answers back,
 coordinator's decision on each upload to its site. ``inprocess`` keeps every site's runtime
 in this process (today's serial loop); ``process`` gives each a process of its own, as a
 deployment would; ``vectorized`` trains the whole cohort as one array program (the numpy
-logistic model's batched rules, :mod:`medfed.engine.executors.vectorized`); the Flower executor (:mod:`medfed.deploy`) reaches SuperNodes over gRPC.
+logistic model's batched rules, :mod:`medfed.engine.executors.vectorized`); ``ray`` makes sites Ray actors, on this machine or a cluster; the Flower executor (:mod:`medfed.deploy`) reaches SuperNodes over gRPC.
 Methods never see which one runs them: same config and seed, same numbers.
 """
 
@@ -45,7 +45,7 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-LOCAL_EXECUTORS = ("inprocess", "process", "vectorized")
+LOCAL_EXECUTORS = ("inprocess", "process", "vectorized", "ray")
 EXECUTORS = (*LOCAL_EXECUTORS, "flower")
 
 
@@ -58,8 +58,10 @@ def local_executor(
     faults: Faults | None = None,
     state_dir: Path | None = None,
     workers: int | None = None,
+    ray_address: str | None = None,
 ) -> Executor:
-    """An executor whose sites run on this machine (simulation)."""
+    """An executor of a simulation: its sites run on this machine, or on the Ray cluster at
+    ``ray_address`` (executor ``ray``; None: a Ray started here)."""
     if kind == "inprocess":
         from medfed.engine.executors.inprocess import InProcessExecutor
 
@@ -72,9 +74,14 @@ def local_executor(
         from medfed.engine.executors.vectorized import VectorizedExecutor
 
         return VectorizedExecutor(program, sites, rng, faults=faults, state_dir=state_dir)
+    if kind == "ray":
+        from medfed.engine.executors.ray import RayExecutor
+
+        return RayExecutor(program, sites, rng, faults=faults, state_dir=state_dir, workers=workers,
+                           address=ray_address)
     if kind == "flower":
         raise ConfigError(
             "executor 'flower' runs on Flower's deployment runtime: start it with `medfed deploy server` "
-            "and `medfed deploy site`; in simulation use executor 'inprocess' or 'process'"
+            "and `medfed deploy site`; in simulation use executor 'inprocess', 'process' or 'ray'"
         )
     raise ConfigError(f"unknown executor {kind!r}; available: {', '.join(EXECUTORS)}")
