@@ -27,6 +27,7 @@ from medfed.data.categorical import keep_training_levels, training_levels, unsee
 from medfed.data.datasets import load_dataset
 from medfed.data.federation import Federation, SingleClassSiteWarning
 from medfed.data.preprocess import Imputer, Moments, Standardizer
+from medfed.data.tasks import check_task, strata
 from medfed.comm.compress import make_codec
 from medfed.engine.executors import LOCAL_EXECUTORS
 from medfed.engine.executors.process import exit_with_parent
@@ -483,7 +484,17 @@ class ExperimentRun:
 
 
 def load_federation(spec: DataSpec) -> Federation:
-    """The federation a data spec names: an embedded data set or a table file."""
+    """The federation a data spec names: an embedded data set or a table file; its task the
+    one ``spec.task`` names (a table's label column is read as it; other sources must match)."""
+    check_task(spec.task)
+    federation = _load_federation(spec)
+    if spec.task is not None and federation.task != spec.task:
+        raise ConfigError(f"--task {spec.task}: the data {federation.name!r} hold {federation.task} targets; "
+                          "leave --task out or choose data (or a data set option) of that task")
+    return federation
+
+
+def _load_federation(spec: DataSpec) -> Federation:
     if spec.dataset is not None:
         options = dict(spec.options)
         if spec.features is not None:
@@ -521,16 +532,18 @@ def load_federation(spec: DataSpec) -> Federation:
         exclude=spec.exclude,
         categorical=spec.categorical,
         covariates=spec.covariates,
+        task=spec.task,
     )
 
 
 def training_rows(site, index: int, config: ExperimentConfig, repeat: int) -> np.ndarray:
     """A site's training-row mask in ``repeat``: its predefined split, else a stratified split
     drawn from the stream of the site's ``index`` (its position in the federation; a deployed
-    site gets it from ``[deploy] sites``)."""
+    site gets it from ``[deploy] sites``), by class or, for a regression target, by its
+    quantile bin (:func:`medfed.data.tasks.strata`)."""
     if site.split is not None:
         return site.split
-    return stratified_split(site.y, config.test_fraction, KeyedRng(config.seed, (SPLIT_STREAM, repeat)).child(index).generator)
+    return stratified_split(strata(site.task, site.y), config.test_fraction, KeyedRng(config.seed, (SPLIT_STREAM, repeat)).child(index).generator)
 
 
 def prepare_site(site, train: np.ndarray, fed: Federation, config: ExperimentConfig, known=None) -> SplitSite:
