@@ -162,14 +162,16 @@ class TrainingPlan:
 
     @classmethod
     def of(cls, config: ExperimentConfig, federation: Federation) -> TrainingPlan:
-        return cls.for_shape(config, federation.sample_shape)
+        return cls.for_shape(config, federation.sample_shape, federation.task, federation.n_classes)
 
     @classmethod
-    def for_shape(cls, config: ExperimentConfig, sample_shape: tuple[int, ...]) -> TrainingPlan:
-        """The plan for samples of ``sample_shape`` (all a deployed site or coordinator knows)."""
+    def for_shape(cls, config: ExperimentConfig, sample_shape: tuple[int, ...], task: str = "binary",
+                  n_classes: int | None = None) -> TrainingPlan:
+        """The plan for samples of ``sample_shape`` (all a deployed site or coordinator knows) and
+        targets of ``task`` (``config.model`` resolved for it: ``logistic`` is the task's GLM)."""
         from medfed.models.registry import make_model
 
-        model = make_model(config.model, tuple(sample_shape), **config.model_options)
+        model = make_model(config.model, tuple(sample_shape), task=task, n_classes=n_classes, **config.model_options)
         t = config.training
         epochs = None if t.local_epochs is None else t.rounds * t.local_epochs  # centralized: the same passes
         central = LocalTraining(model, t.lr, t.rounds * t.local_steps, t.batch_size, t.l2, epochs)
