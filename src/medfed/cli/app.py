@@ -146,6 +146,7 @@ def render_table(doc: dict[str, Any], out: Console | None = None) -> None:
         privacy_lines,
         server_note_lines,
         table_rows,
+        task_lines,
         threshold_lines,
     )
     from medfed.experiments.metrics import metric_label, metric_set
@@ -197,7 +198,7 @@ def render_table(doc: dict[str, Any], out: Console | None = None) -> None:
     out.print(first_fitting([(wide, False), (narrow(compact), True), (narrow(stacked), True)], out))
     for i, note in enumerate(notes, 1):
         out.print(f"[dim][{i}] {escape(note)}[/]", highlight=False)
-    for line in threshold_lines(doc):
+    for line in task_lines(doc) + threshold_lines(doc):
         out.print(f"[dim]{escape(line)}[/]", highlight=False)
     for line in communication_lines(doc):
         out.print(f"[dim]{escape(line)}[/]", highlight=False)
