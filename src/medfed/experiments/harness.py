@@ -957,9 +957,12 @@ def check_task_study(config: ExperimentConfig, federation: Federation, methods: 
     """Refuse, in one line before training, what assumes two classes on another task: a method
     that declares the tasks it trains (FedSLD's two-class label counts), a decision threshold rule,
     saved models (their files and ``medfed predict`` score one positive class so far)."""
+    from medfed.models.registry import task_model
+
     task = federation.task
     if task == "binary":
         return
+    task_model(config.model, task)  # a model the task cannot train, before any method's view of it
     for spec, _ in methods:
         if task not in spec.tasks:
             raise ConfigError(f"method {spec.name!r} trains {' or '.join(spec.tasks)} tasks; these data are {task} "
