@@ -115,3 +115,15 @@ def test_run_refuses_a_task_the_data_set_does_not_have():
 
     with pytest.raises(ConfigError, match="--task regression: the data 'heart-disease' hold binary targets"):
         load_federation(DataSpec(dataset="heart-disease", task="regression"))
+
+
+def test_adni_like_age_is_a_regression_target():
+    from medfed.data.datasets import load_dataset
+
+    fed = load_dataset("adni-like", target="age")
+    binary = load_dataset("adni-like")
+    assert fed.task == "regression" and fed.covariate_names == ("sex",)
+    np.testing.assert_array_equal(fed.sites[0].y, binary.sites[0].covariates["age"])
+    np.testing.assert_array_equal(fed.sites[0].X, binary.sites[0].X)
+    with pytest.raises(ConfigError, match="'target' must be one of diagnosis, age"):
+        load_dataset("adni-like", target="sex")
