@@ -273,8 +273,11 @@ def test_bad_parameters(tmp_path, kw):
 # --------------------------------------------------------------------------- errors: labels
 
 
-def test_multiclass_label_needs_positive_label(tmp_path):
-    msg = error(DataError, write(tmp_path, frame(label=[0, 1, 2] * 8)))
+def test_three_whole_numbers_are_classes_unless_binary_is_asked_for(tmp_path):
+    path = write(tmp_path, frame(label=[0, 1, 2] * 8))
+    fed = load_table(path, **COLS)  # inferred: three whole numbers are classes
+    assert fed.task == "multiclass" and fed.classes == ("0", "1", "2") and "3 whole numbers" in fed.task_source
+    msg = error(DataError, path, task="binary")
     assert "'label'" in msg and "'2'" in msg and "--positive-label VALUE" in msg
 
 

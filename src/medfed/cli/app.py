@@ -79,6 +79,7 @@ from medfed.cli.flags import (
     ModelOptionOpt,
     PathColumnOpt,
     PositiveLabelOpt,
+    TaskOpt,
     ResumeOpt,
     RoundsOpt,
     SaveModelOpt,
@@ -148,6 +149,7 @@ def render_table(doc: dict[str, Any], out: Console | None = None) -> None:
         privacy_lines,
         server_note_lines,
         table_rows,
+        task_lines,
         threshold_lines,
     )
     from medfed.experiments.metrics import metric_label, metric_set
@@ -199,7 +201,7 @@ def render_table(doc: dict[str, Any], out: Console | None = None) -> None:
     out.print(first_fitting([(wide, False), (narrow(compact), True), (narrow(stacked), True)], out))
     for i, note in enumerate(notes, 1):
         out.print(f"[dim][{i}] {escape(note)}[/]", highlight=False)
-    for line in threshold_lines(doc):
+    for line in task_lines(doc) + threshold_lines(doc):
         out.print(f"[dim]{escape(line)}[/]", highlight=False)
     for line in communication_lines(doc):
         out.print(f"[dim]{escape(line)}[/]", highlight=False)
@@ -373,6 +375,7 @@ def run(
     categorical: CategoricalOpt = None,
     impute: ImputeOpt = None,
     positive_label: PositiveLabelOpt = None,
+    task: TaskOpt = None,
     dataset_option: DatasetOptionOpt = None,
     covariates: CovariatesOpt = None,
     harmonize: HarmonizeOpt = None,

@@ -61,7 +61,7 @@ CONFIG_FLAGS = {
     "data.path_column": "--path-column", "data.kind": "--kind", "data.skip_bad": "--skip-bad",
     "data.site_column": "--site-column", "data.label_column": "--label-column",
     "data.split_column": "--split-column", "data.features": "--features", "data.impute": "--impute",
-    "data.positive_label": "--positive-label", "data.exclude": "--exclude", "data.categorical": "--categorical",
+    "data.positive_label": "--positive-label", "data.task": "--task", "data.exclude": "--exclude", "data.categorical": "--categorical",
     "data.covariates": "--covariates", "harmonize.method": "--harmonize", "harmonize.eb": "--no-eb",
     "harmonize.band": "--band", "harmonize.strength": "--strength",
     "plot_formats": "--plot-format", "overwrite": "--overwrite", "executor": "--executor", "ray_address": "--ray-address", "resume": "--resume",

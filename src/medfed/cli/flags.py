@@ -58,6 +58,8 @@ ImputeOpt = Annotated[
     str | None, typer.Option(help="fill missing values: mean or median (training rows of each site)")
 ]
 PositiveLabelOpt = Annotated[str | None, typer.Option(help="label value that counts as positive")]
+TaskOpt = Annotated[str | None, typer.Option(help="what the label is: binary, multiclass or regression [default: "
+                                                  "inferred from the label column where unambiguous]")]
 DatasetOptionOpt = Annotated[
     list[str] | None, typer.Option(help="KEY=VALUE option of the embedded data set, e.g. n_sites=8")
 ]
@@ -130,7 +132,7 @@ MethodOptionOpt = Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALU
 
 DATA_FLAGS = (
     "path_column", "kind", "skip_bad", "site_column", "label_column", "split_column", "features", "exclude",
-    "categorical", "impute", "positive_label", "covariates",
+    "categorical", "impute", "positive_label", "covariates", "task",
 )
 TRAINING_FLAGS = (
     "rounds", "local_steps", "local_epochs", "lr", "l2", "batch_size", "fraction_fit", "min_sites", "max_update_norm",

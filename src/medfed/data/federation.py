@@ -8,6 +8,7 @@ import numpy as np
 
 from medfed.data.categorical import CategoricalColumn
 from medfed.data.hints import setting
+from medfed.data.tasks import SUPPORTED_TASKS
 from medfed.errors import DataError
 
 MIN_SITE_SAMPLES = 10
@@ -19,7 +20,10 @@ class SingleClassSiteWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Site:
-    """One participant: its samples, binary labels, optionally a predefined split.
+    """One participant: its samples, targets, optionally a predefined split.
+
+    ``y`` holds the targets of ``task`` (:mod:`medfed.data.tasks`): 0/1 (``binary``, int8),
+    class indices 0..K-1 (``multiclass``, int64) or finite reals (``regression``, float64).
 
     ``X`` is a feature matrix ``(n, d)`` (float64) or a stack of images ``(n, C, H, W)`` /
     ``(n, C, D, H, W)`` (float32: what convolutional models consume, at half the memory).
@@ -35,6 +39,7 @@ class Site:
     y: np.ndarray
     split: np.ndarray | None = None
     covariates: dict[str, np.ndarray] = field(default_factory=dict)
+    task: str = "binary"
 
     def __post_init__(self) -> None:
         raw = np.asarray(self.X)
@@ -51,8 +56,7 @@ class Site:
             raise DataError(
                 f"site {self.name!r}: {y.shape[0] if y.ndim else 0} labels for {X.shape[0]} rows"
             )
-        if not np.isin(y, (0, 1)).all():
-            raise DataError(f"site {self.name!r}: labels must be 0 or 1, got {sorted(set(y.tolist()))[:5]}")
+        y = _targets(self.name, self.task, y)
         if np.isinf(X).any():
             raise DataError(f"site {self.name!r}: features contain infinite values")
         if X.shape[0] < MIN_SITE_SAMPLES:
@@ -61,7 +65,7 @@ class Site:
                 "for a train/test split"
             )
         object.__setattr__(self, "X", X)
-        object.__setattr__(self, "y", y.astype(np.int8))
+        object.__setattr__(self, "y", y)
         if self.split is not None:
             split = np.asarray(self.split, dtype=bool)
             if split.shape != y.shape:
@@ -89,6 +93,26 @@ class Site:
         return tuple(self.X.shape[1:])
 
 
+def _targets(site: str, task: str, y: np.ndarray) -> np.ndarray:
+    """``y`` in the dtype of ``task``, or a DataError naming the site and what it takes."""
+    if task not in SUPPORTED_TASKS:
+        raise DataError(f"site {site!r}: task {task!r}; available: {', '.join(SUPPORTED_TASKS)}")
+    if task == "binary":
+        if not np.isin(y, (0, 1)).all():
+            raise DataError(f"site {site!r}: labels must be 0 or 1, got {sorted(set(y.tolist()))[:5]}")
+        return y.astype(np.int8)
+    if task == "multiclass":
+        if y.dtype.kind not in "iub" and not (y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all()):
+            raise DataError(f"site {site!r}: multiclass labels must be class indices 0..K-1, got dtype {y.dtype}")
+        if y.size and y.min() < 0:
+            raise DataError(f"site {site!r}: multiclass labels must be class indices 0..K-1, got {int(y.min())}")
+        return y.astype(np.int64)
+    y = np.asarray(y, dtype=np.float64)
+    if not np.isfinite(y).all():
+        raise DataError(f"site {site!r}: regression targets must be finite numbers")
+    return y
+
+
 @dataclass(frozen=True)
 class Federation:
     """An ordered set of sites sharing one feature space (or one image shape).
@@ -97,7 +121,10 @@ class Federation:
     is about and whom to credit. For images, ``feature_names`` names the channels.
     ``categorical`` lists the one-hot encoded columns of a feature table (their indicators are
     features named ``column=level``); which levels a repeat may use is decided from its
-    training rows (:mod:`medfed.data.categorical`).
+    training rows (:mod:`medfed.data.categorical`). ``task`` is what every site's targets are
+    (:mod:`medfed.data.tasks`); a ``multiclass`` federation names its ``classes`` (index k of a
+    label is ``classes[k]``; a site may lack some of them). ``task_source`` says how the task
+    was decided (``"given"``, or the inference's reason), for the report.
     """
 
     name: str
@@ -109,11 +136,29 @@ class Federation:
     impute: str | None = None
     info: dict = field(default_factory=dict)
     categorical: tuple[CategoricalColumn, ...] = ()
+    task: str = "binary"
+    classes: tuple[str, ...] = ()
+    task_source: str = "given"
 
     def __post_init__(self) -> None:
         sites = tuple(self.sites)
         if not sites:
             raise DataError(f"federation {self.name!r} has no sites")
+        for s in sites:
+            if s.task != self.task:
+                raise DataError(f"site {s.name!r} holds {s.task} targets; federation {self.name!r} is {self.task}")
+        classes = tuple(str(c) for c in self.classes)
+        if self.task == "multiclass":
+            if len(classes) < 2 or len(set(classes)) != len(classes):
+                raise DataError(f"federation {self.name!r}: a multiclass task needs at least 2 distinct class names, "
+                                f"got {list(classes)}")
+            for s in sites:
+                if s.y.size and s.y.max() >= len(classes):
+                    raise DataError(f"site {s.name!r}: class index {int(s.y.max())} but only {len(classes)} classes "
+                                    f"{list(classes)}")
+        elif classes:
+            raise DataError(f"federation {self.name!r}: class names belong to a multiclass task, not {self.task}")
+        object.__setattr__(self, "classes", classes)
         names = [s.name for s in sites]
         if len(set(names)) != len(names):
             raise DataError(f"federation {self.name!r}: duplicate site names {names}")
@@ -177,13 +222,36 @@ class Federation:
     def has_predefined_split(self) -> bool:
         return all(s.split is not None for s in self.sites)
 
-    def site_summaries(self) -> list[dict[str, int | str]]:
-        """Each site's name and row counts (all rows, positives, negatives): what a report shows
-        and what a deployed site shares at setup."""
+    @property
+    def n_classes(self) -> int | None:
+        """K for a classification task (2 for binary), None for regression."""
+        return {"binary": 2, "multiclass": len(self.classes)}.get(self.task)
+
+    def site_summaries(self) -> list[dict]:
+        """Each site's name and row counts (binary: all rows, positives, negatives; multiclass:
+        rows per class, a class the site lacks counted 0; regression: rows and the target's
+        range): what a report shows and what a deployed site shares at setup."""
+        if self.task == "multiclass":
+            return [{"name": s.name, "n": s.n, "class_counts": dict(zip(
+                self.classes, np.bincount(s.y, minlength=len(self.classes)).tolist()))} for s in self.sites]
+        if self.task == "regression":
+            return [{"name": s.name, "n": s.n, "target_min": float(s.y.min()), "target_max": float(s.y.max())}
+                    for s in self.sites]
         return [
             {"name": s.name, "n": s.n, "n_positive": int(s.y.sum()), "n_negative": int(s.n - s.y.sum())}
             for s in self.sites
         ]
+
+    def missing_classes(self) -> dict[str, list[str]]:
+        """Multiclass: each site lacking some class, with the classes it lacks (legal, reported)."""
+        if self.task != "multiclass":
+            return {}
+        out = {}
+        for s in self.sites:
+            counts = np.bincount(s.y, minlength=len(self.classes))
+            if not counts.all():
+                out[s.name] = [c for c, k in zip(self.classes, counts) if not k]
+        return out
 
     def site(self, name: str) -> Site:
         for s in self.sites:

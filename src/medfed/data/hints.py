@@ -18,6 +18,7 @@ _SETTINGS: dict[str, tuple[str, str, str]] = {
     "exclude": ("--exclude", "a,b", "exclude = [...]"),
     "categorical": ("--categorical", "a,b", "categorical = [...]"),
     "covariates": ("--covariates", "a,b", "covariates = [...]"),
+    "task": ("--task", "binary|multiclass|regression", 'task = "multiclass"'),
     "kind": ("--kind", "auto|nifti|dicom|image", 'kind = "auto"'),
     "skip_bad": ("--skip-bad", "", "skip_bad = true"),
 }

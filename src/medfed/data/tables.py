@@ -27,6 +27,7 @@ import numpy as np
 from medfed.data.categorical import CategoricalColumn, one_hot
 from medfed.data.federation import MIN_SITE_SAMPLES, Federation, Site
 from medfed.data.hints import flag, setting
+from medfed.data.tasks import check_task, class_order, infer_task
 from medfed.errors import ConfigError, DataError
 
 CSV_EXTENSIONS = (".csv", ".tsv", ".txt")
@@ -54,13 +55,17 @@ def load_table(
     categorical: Sequence[str] | None = None,
     name: str | None = None,
     covariates: Sequence[str] | None = None,
+    task: str | None = None,
 ) -> Federation:
     """Read a CSV or Parquet table with one row per subject into a federation of sites.
 
     Sites are the distinct values of ``site_column`` in order of first appearance, so a
-    table written site by site keeps its order in reports. Labels must already be binary
-    (0/1) unless ``positive_label`` says which value is the positive class; the loader never
-    guesses, because a silently flipped label inverts every metric.
+    table written site by site keeps its order in reports. The label column's ``task``
+    (:mod:`medfed.data.tasks`) is given, or inferred where the values leave no doubt (0/1:
+    binary; 3 to 20 names or whole numbers: multiclass, classes in sorted order; numbers with a
+    fraction: regression). ``positive_label`` binarizes (that value against all others); two
+    values other than 0/1 need it, since the loader never guesses which class is positive: a
+    silently flipped label inverts every metric.
 
     Features are ``features`` if given, else every column but the site, label and split
     columns and those in ``exclude``. A column without a header name (pandas writes its row
@@ -133,11 +138,9 @@ def load_table(
         if split is not None and site_arr is not None:
             problems.add(_sites_without_split_rows(split, site_arr, site_order, split_column))
 
-    y = positive = None
+    labels = None
     if label_column in columns:
-        labels = problems.attempt(binary_labels, df[label_column], label_column, positive_label, path, site_arr)
-        if labels is not None:
-            y, positive = labels
+        labels = problems.attempt(task_labels, df[label_column], label_column, task, positive_label, path, site_arr)
 
     X, names, encoded = _feature_matrix(df, feature_names, categorical, impute, site_arr, problems)
     covariate_columns = {c: problems.attempt(covariate_values, df[c], c, path, site_arr)
@@ -147,8 +150,8 @@ def load_table(
     sites = []
     for s in site_order:
         rows = site_arr == s
-        sites.append(Site(name=s, X=X[rows], y=y[rows], split=None if split is None else split[rows],
-                          covariates={c: v[rows] for c, v in covariate_columns.items()}))
+        sites.append(Site(name=s, X=X[rows], y=labels.y[rows], split=None if split is None else split[rows],
+                          covariates={c: v[rows] for c, v in covariate_columns.items()}, task=labels.task))
     info = {
         "source": str(path),
         "site_column": site_column,
@@ -171,10 +174,13 @@ def load_table(
             + (f" ({', '.join(c.name for c in encoded)} one-hot encoded)" if encoded else "")
         ),
         attribution="",
-        positive_label=positive,
+        positive_label=labels.positive,
         impute=impute,
         info=info,
         categorical=tuple(encoded),
+        task=labels.task,
+        classes=labels.classes,
+        task_source=labels.source,
     )
 
 
@@ -561,12 +567,58 @@ def split_values(col, name: str, path: Path) -> np.ndarray:
     return np.array([n == "train" for n in norm], dtype=bool)
 
 
-def binary_labels(col, name: str, positive_label: Any, path: Path, sites: np.ndarray | None) -> tuple[np.ndarray, str]:
-    """Binary labels from a 0/1 column, or from ``positive_label`` compared as text.
+@dataclass(frozen=True)
+class Labels:
+    """A label column read for its task: targets ``y`` (:class:`Site`'s dtype for ``task``),
+    the class names of a multiclass task, the positive class of a binary one (``""`` otherwise)
+    and ``source``: ``"given"`` or why the task was inferred."""
 
-    ``sites`` (each row's site, or None when unknown) only serves the message about missing labels.
-    """
-    values = col.tolist()
+    y: np.ndarray
+    task: str
+    classes: tuple[str, ...] = ()
+    positive: str = ""
+    source: str = "given"
+
+
+def task_labels(col, name: str, task: str | None, positive_label: Any, path: Path,
+                sites: np.ndarray | None) -> Labels:
+    """The label column as targets of ``task`` (None: inferred, :func:`medfed.data.tasks.infer_task`)."""
+    task = check_task(task, "task")
+    if positive_label is not None and task not in (None, "binary"):
+        raise DataError(f"{path}: {flag('positive_label')} makes label column {name!r} binary (that value against "
+                        f"the others); it does not apply to task {task!r}")
+    if positive_label is not None or task == "binary":
+        y, positive = binary_labels(col, name, positive_label, path, sites)
+        return Labels(y, "binary", positive=positive,
+                      source="given" if task else f"{flag('positive_label')} {positive_label}")
+    _no_missing_labels(col, name, path, sites)
+    keys = [_text(v) for v in col.tolist()]
+    distinct = list(dict.fromkeys(keys))
+    source = "given"
+    if task is None:
+        try:
+            task, source = infer_task(distinct)
+        except DataError as exc:
+            raise DataError(f"{path}: label column {name!r} {exc}") from None
+        if task == "binary":
+            y, positive = binary_labels(col, name, None, path, sites)
+            return Labels(y, "binary", positive=positive, source=source)
+    if task == "multiclass":
+        classes = class_order(distinct)
+        if len(classes) < 2:
+            raise DataError(f"{path}: label column {name!r} holds one class only ({classes[0]!r}); "
+                            "a multiclass task needs at least 2")
+        index = {c: k for k, c in enumerate(classes)}
+        return Labels(np.array([index[k] for k in keys], dtype=np.int64), task, classes, source=source)
+    y = _numeric_column(col, name, path, fix=f"a regression target is a number; for classes use "
+                        f"{setting('task', 'multiclass')}", what="label")
+    if np.unique(y).size < 2:
+        raise DataError(f"{path}: label column {name!r} holds one value only; a regression target must vary")
+    return Labels(y, "regression", source=source)
+
+
+def _no_missing_labels(col, name: str, path: Path, sites: np.ndarray | None) -> None:
+    """A DataError when some row has no label (``sites``, when known, say where)."""
     missing = _missing_mask(col)
     if missing.any():
         where = "" if sites is None else f" ({_per_site(missing, sites)})"
@@ -574,6 +626,15 @@ def binary_labels(col, name: str, positive_label: Any, path: Path, sites: np.nda
             f"{path}: label column {name!r} has {int(missing.sum())} missing values{where}, first at "
             f"data row {int(np.argmax(missing)) + 1}; every subject needs a label"
         )
+
+
+def binary_labels(col, name: str, positive_label: Any, path: Path, sites: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """Binary labels from a 0/1 column, or from ``positive_label`` compared as text.
+
+    ``sites`` (each row's site, or None when unknown) only serves the message about missing labels.
+    """
+    values = col.tolist()
+    _no_missing_labels(col, name, path, sites)
     keys = [_text(v) for v in values]
     distinct = list(dict.fromkeys(keys))
     if positive_label is not None:

@@ -365,6 +365,8 @@ def run_robustness_audit(
     )
     # bad hyperparameters fail here, before any training; a defense whose site-count assumption
     # fails is not refused but noted and recorded as not computable (that is what the audit shows)
+    if federation.task != "binary":  # label flips (y -> 1 - y), thresholds and the metrics are two-class so far
+        raise ConfigError(f"the robustness audit runs binary tasks so far; these data are {federation.task}")
     check_study(config, federation, methods, site_requirements=False)
     assumptions = [_assumption_notes(spec, opts, len(names), attack.corrupt) for spec, opts in methods]
 

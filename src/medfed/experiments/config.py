@@ -76,6 +76,8 @@ class DataSpec(_Strict):
     features: list[str] | None = None
     impute: Literal["mean", "median"] | None = None
     positive_label: str | None = None
+    # what the label is (medfed.data.tasks); None: inferred from a table's label column
+    task: Literal["binary", "multiclass", "regression", "multilabel", "segmentation"] | None = None
     exclude: list[str] | None = None  # table columns to drop
     categorical: list[str] | None = None  # table columns to one-hot encode (levels from training rows)
     # numbers every row carries beside the features (never features), for harmonization to preserve

@@ -27,6 +27,7 @@ from medfed.data.categorical import keep_training_levels, training_levels, unsee
 from medfed.data.datasets import load_dataset
 from medfed.data.federation import Federation, SingleClassSiteWarning
 from medfed.data.preprocess import Imputer, Moments, Standardizer
+from medfed.data.tasks import check_task, strata
 from medfed.comm.compress import make_codec
 from medfed.engine.executors import LOCAL_EXECUTORS
 from medfed.engine.executors.process import exit_with_parent
@@ -40,8 +41,11 @@ from medfed.experiments.metrics import (
     HALF,
     Metric,
     Threshold,
+    metric_keys,
     model_scores,
     model_threshold,
+    task_metrics,
+    task_scores,
     thresholded_metrics,
 )
 from medfed.experiments.saved_model import MODEL_ROWS, SAVED_REPEAT, ModelOutcome, name_files, saved_model_file
@@ -162,14 +166,16 @@ class TrainingPlan:
 
     @classmethod
     def of(cls, config: ExperimentConfig, federation: Federation) -> TrainingPlan:
-        return cls.for_shape(config, federation.sample_shape)
+        return cls.for_shape(config, federation.sample_shape, federation.task, federation.n_classes)
 
     @classmethod
-    def for_shape(cls, config: ExperimentConfig, sample_shape: tuple[int, ...]) -> TrainingPlan:
-        """The plan for samples of ``sample_shape`` (all a deployed site or coordinator knows)."""
+    def for_shape(cls, config: ExperimentConfig, sample_shape: tuple[int, ...], task: str = "binary",
+                  n_classes: int | None = None) -> TrainingPlan:
+        """The plan for samples of ``sample_shape`` (all a deployed site or coordinator knows) and
+        targets of ``task`` (``config.model`` resolved for it: ``logistic`` is the task's GLM)."""
         from medfed.models.registry import make_model
 
-        model = make_model(config.model, tuple(sample_shape), **config.model_options)
+        model = make_model(config.model, tuple(sample_shape), task=task, n_classes=n_classes, **config.model_options)
         t = config.training
         epochs = None if t.local_epochs is None else t.rounds * t.local_epochs  # centralized: the same passes
         central = LocalTraining(model, t.lr, t.rounds * t.local_steps, t.batch_size, t.l2, epochs)
@@ -381,7 +387,7 @@ class Cell:
     test_site: str
     evaluation: str = "split"  # "split": a site seen in training; "loso": the site was left out
     model: str = "global"  # "personal": each site's personalized model
-    metrics: dict[str, list[Metric]] = field(default_factory=lambda: {m: [] for m in BINARY.keys})
+    metrics: dict[str, list[Metric]] = field(default_factory=lambda: {m: [] for m in BINARY.keys})  # per task
     skipped: list[str | None] = field(default_factory=list)  # per repeat: reason or None
     thresholds: list[Threshold | None] = field(default_factory=list)  # per repeat: the decision threshold used
     threshold_rows: str | None = None  # which training rows chose it (THRESHOLD_ROWS)
@@ -398,6 +404,14 @@ def round_metrics(y_test: np.ndarray, scores: tuple[np.ndarray, np.ndarray] | No
     if scores is None:
         return {m: None for m in BINARY.keys}
     return {m: metric.value for m, metric in thresholded_metrics(y_test, *scores, threshold).items()}
+
+
+def task_round_metrics(task: str, classes: tuple[str, ...], y_test: np.ndarray,
+                       scores: np.ndarray | None) -> dict[str, float | None]:
+    """:func:`round_metrics` of a multiclass or regression task, from :func:`task_scores`."""
+    if scores is None:
+        return {m: None for m in metric_keys(task, classes)}
+    return {m: metric.value for m, metric in task_metrics(task, y_test, scores, classes).items()}
 
 
 @dataclass
@@ -448,7 +462,8 @@ def federated_history(spec: Method, repeat: int, run: FederatedRun, config: Expe
     return History(
         spec.display, repeat, run.train_loss, sum(r.bytes_up for r in run.history), rounds,
         max(1, config.training.rounds * config.training.local_steps // rounds),
-        [{"round": r.round, "test_auc": {site: m["auc"] for site, m in r.evaluation.items()},
+        [{"round": r.round, **({"test_auc": {site: m["auc"] for site, m in r.evaluation.items()}}
+                                if all("auc" in m for m in r.evaluation.values()) else {}),
           "test_metrics": r.evaluation} for r in run.history if r.evaluation],
         round_notes(run.history),
         _bytes_by_site(run.history),
@@ -484,7 +499,17 @@ class ExperimentRun:
 
 
 def load_federation(spec: DataSpec) -> Federation:
-    """The federation a data spec names: an embedded data set or a table file."""
+    """The federation a data spec names: an embedded data set or a table file; its task the
+    one ``spec.task`` names (a table's label column is read as it; other sources must match)."""
+    check_task(spec.task)
+    federation = _load_federation(spec)
+    if spec.task is not None and federation.task != spec.task:
+        raise ConfigError(f"--task {spec.task}: the data {federation.name!r} hold {federation.task} targets; "
+                          "leave --task out or choose data (or a data set option) of that task")
+    return federation
+
+
+def _load_federation(spec: DataSpec) -> Federation:
     if spec.dataset is not None:
         options = dict(spec.options)
         if spec.features is not None:
@@ -522,16 +547,18 @@ def load_federation(spec: DataSpec) -> Federation:
         exclude=spec.exclude,
         categorical=spec.categorical,
         covariates=spec.covariates,
+        task=spec.task,
     )
 
 
 def training_rows(site, index: int, config: ExperimentConfig, repeat: int) -> np.ndarray:
     """A site's training-row mask in ``repeat``: its predefined split, else a stratified split
     drawn from the stream of the site's ``index`` (its position in the federation; a deployed
-    site gets it from ``[deploy] sites``)."""
+    site gets it from ``[deploy] sites``), by class or, for a regression target, by its
+    quantile bin (:func:`medfed.data.tasks.strata`)."""
     if site.split is not None:
         return site.split
-    return stratified_split(site.y, config.test_fraction, KeyedRng(config.seed, (SPLIT_STREAM, repeat)).child(index).generator)
+    return stratified_split(strata(site.task, site.y), config.test_fraction, KeyedRng(config.seed, (SPLIT_STREAM, repeat)).child(index).generator)
 
 
 def prepare_site(site, train: np.ndarray, fed: Federation, config: ExperimentConfig, known=None) -> SplitSite:
@@ -662,6 +689,7 @@ def run_repeat(
     """One repeat: split, then train and evaluate every setting. Pure in (config, data, repeat)."""
     plan = TrainingPlan.of(config, federation)
     model = plan.model
+    task, classes = federation.task, federation.classes
     rule = config.evaluation.threshold
     site_names = federation.site_names
     n_sites = len(site_names)
@@ -708,7 +736,15 @@ def run_repeat(
 
     def evaluate_on(key, params, tests, j: int, failure: Failure | None, rows: str, calibration: list[LocalData]) -> None:
         """Score ``params`` on site ``j``'s test rows at the threshold chosen on ``calibration``
-        (pooled), the training rows ``rows`` names (a key of THRESHOLD_ROWS)."""
+        (pooled), the training rows ``rows`` names (a key of THRESHOLD_ROWS); a multiclass or
+        regression model has no threshold."""
+        if failure is None and task != "binary":
+            predicted = task_scores(model, params, tests[j])
+            if predicted is not None:
+                out.evaluations.append(Evaluation(key, task_metrics(task, sites[j].y_test, predicted, classes),
+                                                  (sites[j].y_test, predicted)))
+                return
+            failure = Failure("diverged", "diverged: the model's scores on the test rows are NaN/Inf")
         if failure is None:
             scores = model_scores(model, params, tests[j])
             if scores is not None:
@@ -728,6 +764,9 @@ def run_repeat(
         evaluate = None
         if config.eval_every and held_out is None and spec.global_model:  # FedBN's shared part is no model
             def evaluate(p, tests=tests, train=train):  # each site's threshold from its own training rows
+                if task != "binary":
+                    return {s.name: task_round_metrics(task, classes, s.y_test, task_scores(model, p, tests[j]))
+                            for j, s in enumerate(sites)}
                 return {s.name: round_metrics(s.y_test, model_scores(model, p, tests[j]),
                                               model_threshold(rule, model, p, train[j].X, train[j].y))
                         for j, s in enumerate(sites)}
@@ -915,6 +954,27 @@ def check_secure_study(config: ExperimentConfig) -> None:
             "server cannot clip what it cannot see; use --compress none, or DP without secure aggregation")
 
 
+def check_task_study(config: ExperimentConfig, federation: Federation, methods: list[tuple[Method, dict]]) -> None:
+    """Refuse, in one line before training, what assumes two classes on another task: a method
+    that declares the tasks it trains (FedSLD's two-class label counts), a decision threshold rule,
+    saved models (their files and ``medfed predict`` score one positive class so far)."""
+    from medfed.models.registry import task_model
+
+    task = federation.task
+    if task == "binary":
+        return
+    task_model(config.model, task)  # a model the task cannot train, before any method's view of it
+    for spec, _ in methods:
+        if task not in spec.tasks:
+            raise ConfigError(f"method {spec.name!r} trains {' or '.join(spec.tasks)} tasks; these data are {task} "
+                              f"({federation.task_source}): leave it out of --methods")
+    if config.evaluation.threshold != "0.5":
+        raise ConfigError(f"--threshold {config.evaluation.threshold} chooses a binary decision threshold; a {task} "
+                          "task has none: leave --threshold out")
+    if config.save_model:
+        raise ConfigError(f"--save-model writes binary models so far; a {task} task cannot be saved yet")
+
+
 def check_study(
     config: ExperimentConfig,
     federation: Federation,
@@ -938,6 +998,7 @@ def check_study(
 
     names = list(federation.site_names)
     t = config.training
+    check_task_study(config, federation, methods)
     faults = parse_drops(config.drop, names)
     check_secure_study(config)
     if faults.late and not config.privacy.secure_aggregation:
@@ -1035,6 +1096,8 @@ def assemble_run(config: ExperimentConfig, federation, methods, outcomes: list[R
     reported by deployed sites); ``federation`` is the data or, deployed, what setup shared of it."""
     cells: dict[tuple, Cell] = {}
     notes: list[str] = []
+    # every metric a row holds (a deployed study's setup shares only binary tasks so far)
+    keys = metric_keys(getattr(federation, "task", "binary"), getattr(federation, "classes", ()))
     if config.loso:
         local_only = [spec.display for spec, _ in methods if spec.name in ("single", "cross")]
         if local_only:
@@ -1049,6 +1112,10 @@ def assemble_run(config: ExperimentConfig, federation, methods, outcomes: list[R
                 "site has no complete model; no unseen-site rows"
             )
     notes += unseen_level_notes([o.unseen_levels for o in outcomes], config.repeats)
+    for site, absent in (federation.missing_classes() if hasattr(federation, "missing_classes") else {}).items():
+        notes.append(f"site {site!r} has no rows of class{'es' if len(absent) > 1 else ''} "
+                     f"{', '.join(repr(c) for c in absent)} (legal: it trains on the classes it has; its "
+                     "per-class sensitivity for them is undefined)")
     noted_sites: set[str] = set()
     rises: dict[str, list[tuple[int, float, float]]] = {}
     setting_time = {spec.display: 0.0 for spec, _ in methods}
@@ -1064,18 +1131,18 @@ def assemble_run(config: ExperimentConfig, federation, methods, outcomes: list[R
                 warnings.warn(note, SingleClassSiteWarning, stacklevel=2)
         for e in outcome.evaluations:
             if e.key not in cells:
-                cells[e.key] = Cell(*e.key)
+                cells[e.key] = Cell(*e.key, metrics={m: [] for m in keys})
             c, result = cells[e.key], e.result
             c.thresholds.append(e.threshold)
             c.threshold_rows = c.threshold_rows or e.threshold_rows
             if isinstance(result, Failure):
-                for m in BINARY.keys:
+                for m in keys:
                     c.metrics[m].append(Metric(None, result.reason))
                 c.skipped.append(result.reason)
                 if result.kind == "diverged":
                     c.diverged.append({"repeat": repeat, "round": result.round, "reason": result.reason})
             else:
-                for m in BINARY.keys:
+                for m in keys:
                     c.metrics[m].append(result[m])
                 c.skipped.append(None)
                 c.scores.append(e.scores)

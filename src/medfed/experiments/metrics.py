@@ -6,6 +6,10 @@ set (SEN with no positives, SPE with no negatives, AUC with one class present, F
 positive case and none predicted) is returned as ``None`` with the reason, never a made-up
 number. Computed in numpy (agreement with scikit-learn is a test) to keep start-up fast.
 
+Multiclass (:func:`multiclass_metrics`): accuracy, balanced accuracy, macro-F1, macro one-vs-rest
+AUC, and each class's sensitivity and specificity (keys ``sen:<class>``, ``spe:<class>``).
+Regression (:func:`regression_metrics`): MAE, RMSE, R², Pearson r.
+
 Each task declares its metric set once (:data:`METRIC_SETS`): every key ``results.json``,
 the CSV and the Markdown carry, and the headline ones the terminal table shows.
 
@@ -42,8 +46,14 @@ class MetricSet:
 
 
 BINARY = MetricSet("binary", ("acc", "sen", "spe", "auc", "balanced_acc", "f1"), ("acc", "sen", "spe", "auc"))
-METRIC_SETS = {m.task: m for m in (BINARY,)}
-METRIC_LABELS = {"acc": "ACC", "sen": "SEN", "spe": "SPE", "auc": "AUC", "balanced_acc": "BACC", "f1": "F1"}
+MULTICLASS = MetricSet("multiclass", ("acc", "balanced_acc", "macro_f1", "macro_auc"),
+                       ("acc", "balanced_acc", "macro_f1", "macro_auc"))
+REGRESSION = MetricSet("regression", ("mae", "rmse", "r2", "pearson_r"), ("mae", "rmse", "r2", "pearson_r"))
+METRIC_SETS = {m.task: m for m in (BINARY, MULTICLASS, REGRESSION)}
+METRIC_LABELS = {"acc": "ACC", "sen": "SEN", "spe": "SPE", "auc": "AUC", "balanced_acc": "BACC", "f1": "F1",
+                 "macro_f1": "macro-F1", "macro_auc": "macro-AUC", "mae": "MAE", "rmse": "RMSE", "r2": "R2",
+                 "pearson_r": "Pearson r"}
+PER_CLASS = ("sen", "spe")  # a multiclass row's per-class metrics, keyed "sen:<class>"
 
 THRESHOLD_RULES = ("0.5", "youden", "prevalence")
 DEFAULT_THRESHOLD = "0.5"
@@ -54,6 +64,13 @@ THRESHOLDED = ("acc", "sen", "spe", "balanced_acc", "f1")
 def metric_set(task: str | None = None) -> MetricSet:
     """The metric set of ``task`` (a results document's ``task``; older documents are binary)."""
     return METRIC_SETS[task or BINARY.task]
+
+
+def metric_keys(task: str, classes: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Every metric a row of ``task`` holds: the task's set, then (multiclass) each class's
+    sensitivity and specificity."""
+    per_class = tuple(f"{m}:{c}" for m in PER_CLASS for c in classes) if task == MULTICLASS.task else ()
+    return metric_set(task).keys + per_class
 
 
 def metric_label(key: str) -> str:
@@ -215,3 +232,78 @@ def model_scores(model, params, X: np.ndarray) -> tuple[np.ndarray, np.ndarray] 
     if not (np.isfinite(probabilities).all() and np.isfinite(logits).all()):
         return None
     return probabilities, logits
+
+
+# --- multiclass and regression --------------------------------------------------------------
+
+
+def task_scores(model, params, X: np.ndarray) -> np.ndarray | None:
+    """A multiclass model's class probabilities ``(n, K)`` or a regression model's predictions
+    ``(n,)`` on ``X`` (``model.predict``), or None when any is NaN/Inf (a diverged model)."""
+    scores = model.predict(params, X)
+    return scores if np.isfinite(scores).all() else None
+
+
+def multiclass_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: tuple[str, ...]) -> dict[str, Metric]:
+    """Every multiclass metric of class ``probabilities`` ``(n, K)`` for labels ``y_true`` (indices
+    into ``classes``); a row is predicted its most probable class (the first on ties).
+
+    As scikit-learn computes them on the same predictions: balanced accuracy is the mean recall
+    over the classes in the test set; macro-F1 the mean F1 over the classes that occur in the test
+    set or the predictions; macro-AUC the mean one-vs-rest AUC of each class's probability over
+    the classes in the test set (scikit-learn's ``roc_auc_score(multi_class="ovr")`` when every
+    class is present; with a class absent it refuses, we average the classes that are, and
+    need two). Per class: sensitivity (recall) and specificity (one-vs-rest true-negative rate).
+    """
+    y = np.asarray(y_true).astype(np.intp)
+    K = len(classes)
+    predicted = np.argmax(probabilities, axis=1)
+    n = y.size
+    true_counts = np.bincount(y, minlength=K)
+    pred_counts = np.bincount(predicted, minlength=K)
+    tp = np.bincount(y[predicted == y], minlength=K)
+    present = np.flatnonzero(true_counts)
+    out = {"acc": Metric(float(tp.sum() / n)) if n else Metric(None, "empty test set")}
+    out["balanced_acc"] = Metric(float(np.mean(tp[present] / true_counts[present]))) if n else Metric(
+        None, "empty test set")
+    occurring = np.flatnonzero(true_counts + pred_counts)
+    f1 = 2 * tp[occurring] / (true_counts[occurring] + pred_counts[occurring])
+    out["macro_f1"] = Metric(float(f1.mean())) if n else Metric(None, "empty test set")
+    if present.size >= 2:
+        aucs = [roc_auc(y == k, probabilities[:, k]) for k in present]
+        out["macro_auc"] = Metric(float(np.mean(aucs)))
+    else:
+        out["macro_auc"] = Metric(None, "macro AUC needs at least 2 classes in the test set")
+    for k, name in enumerate(classes):
+        negatives = n - true_counts[k]
+        out[f"sen:{name}"] = (Metric(float(tp[k] / true_counts[k])) if true_counts[k]
+                              else Metric(None, f"no {name!r} rows in the test set"))
+        out[f"spe:{name}"] = (Metric(float((negatives - (pred_counts[k] - tp[k])) / negatives)) if negatives
+                              else Metric(None, f"every test row is {name!r}"))
+    return out
+
+
+def regression_metrics(y_true: np.ndarray, predictions: np.ndarray) -> dict[str, Metric]:
+    """MAE, RMSE, R² (``1 - SS_res / SS_tot``, scikit-learn's ``r2_score``) and Pearson r of
+    ``predictions``; R² is undefined on a constant test target, r also on constant predictions."""
+    y, p = np.asarray(y_true, dtype=np.float64), np.asarray(predictions, dtype=np.float64)
+    if not y.size:
+        return {m: Metric(None, "empty test set") for m in REGRESSION.keys}
+    r = p - y
+    out = {"mae": Metric(float(np.mean(np.abs(r)))), "rmse": Metric(float(np.sqrt(np.mean(r * r))))}
+    dy, dp = y - y.mean(), p - p.mean()
+    ss_tot = float(dy @ dy)
+    out["r2"] = Metric(1.0 - float(r @ r) / ss_tot) if ss_tot > 0 else Metric(
+        None, "R2 is undefined with a constant target in the test set")
+    spread = np.sqrt(ss_tot * float(dp @ dp))
+    out["pearson_r"] = Metric(float(dy @ dp) / spread) if spread > 0 else Metric(
+        None, "Pearson r is undefined with a constant target or constant predictions")
+    return out
+
+
+def task_metrics(task: str, y_true: np.ndarray, scores: np.ndarray, classes: tuple[str, ...] = ()) -> dict[str, Metric]:
+    """The metrics of a multiclass or regression task's :func:`task_scores` (binary goes through
+    :func:`thresholded_metrics`, with its decision threshold)."""
+    if task == MULTICLASS.task:
+        return multiclass_metrics(y_true, scores, classes)
+    return regression_metrics(y_true, scores)

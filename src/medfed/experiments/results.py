@@ -17,11 +17,14 @@ from medfed.experiments.harness import THRESHOLD_ROWS, Cell, ExperimentRun
 from medfed.experiments.metrics import (
     BINARY,
     DEFAULT_THRESHOLD,
+    MULTICLASS,
+    PER_CLASS,
     Metric,
     metric_label,
     metric_set,
 )
 from medfed.experiments.saved_model import models_document
+from medfed.models.registry import task_model
 
 STD_DDOF = 1  # sample standard deviation over repeats
 
@@ -41,9 +44,9 @@ def summarize(values: list[Metric]) -> dict[str, Any]:
     return out
 
 
-def _row(cell: Cell) -> dict[str, Any]:
+def _row(cell: Cell, task: str = BINARY.task) -> dict[str, Any]:
     reasons = sorted({r for r in cell.skipped if r})
-    return {
+    row = {
         "setting": cell.setting,
         "method": cell.method,
         "evaluation": cell.evaluation,
@@ -55,9 +58,13 @@ def _row(cell: Cell) -> dict[str, Any]:
         # repeats whose model diverged (loss, parameters or scores NaN/Inf), with the round
         "diverged": list(cell.diverged),
         "warnings": list(cell.warnings),
-        "metrics": {m: summarize(cell.metrics[m]) for m in BINARY.keys},
+        "metrics": {m: summarize(cell.metrics[m]) for m in metric_set(task).keys},
         "threshold": threshold_record(cell),
     }
+    if task == MULTICLASS.task:  # each class's sensitivity and specificity: {"sen": {class: summary}, ...}
+        row["per_class"] = {m: {k.split(":", 1)[1]: summarize(v) for k, v in cell.metrics.items()
+                                if k.startswith(m + ":")} for m in PER_CLASS}
+    return row
 
 
 def threshold_record(cell: Cell) -> dict[str, Any] | None:
@@ -111,6 +118,7 @@ def results_document(run: ExperimentRun, command: str | None = None) -> dict[str
     """
     fed = run.federation
     config = run.config
+    task = getattr(fed, "task", BINARY.task)  # a deployed study's setup: binary so far
     histories: dict[str, dict[str, Any]] = {}
     for h in run.histories:
         entry = histories.setdefault(
@@ -138,14 +146,18 @@ def results_document(run: ExperimentRun, command: str | None = None) -> dict[str
         "scaling": config.scaling,
         "impute": fed.impute,
         "std_ddof": STD_DDOF,
-        "positive_label": fed.positive_label,
-        "task": BINARY.task,
-        "metrics": list(BINARY.keys),  # the keys every row's "metrics" holds
+        "positive_label": fed.positive_label if task == BINARY.task else None,
+        "task": task,
+        # how the task was decided: "given" (--task, a data set's own) or why it was inferred
+        "task_source": getattr(fed, "task_source", "given"),
+        "classes": list(getattr(fed, "classes", ())) or None,  # multiclass: class index k is classes[k]
+        "metrics": list(metric_set(task).keys),  # the keys every row's "metrics" holds
         "threshold": config.evaluation.threshold,
         "sites": fed.site_summaries(),
         "features": list(fed.feature_names),
         "sample_shape": list(fed.sample_shape),
-        "model": {"name": config.model, "options": dict(config.model_options)},
+        "model": {"name": config.model, "options": dict(config.model_options),
+                  **({} if task == BINARY.task else {"fitted": task_model(config.model, task)})},
         "methods": [
             {"name": spec.name, "display": spec.display, "kind": spec.kind, "uploads": spec.uploads or None,
              "reference": spec.reference, "family": spec.family, "personal": spec.personal, "options": opts,
@@ -161,7 +173,7 @@ def results_document(run: ExperimentRun, command: str | None = None) -> dict[str
         "workers": run.workers,
         "warnings": run.warnings,
         "data_info": fed.info,
-        "results": [_row(c) for c in run.cells],
+        "results": [_row(c, task) for c in run.cells],
         "histories": histories,
         # what crossed the network per federated setting: rounds per run and bytes uploaded by all
         # sites per run (mean over repeats; FedSGD's many small rounds are visible here)
@@ -451,3 +463,18 @@ def table_rows(doc: dict[str, Any], keys: tuple[str, ...] | None = None) -> list
             shown = {"split": site, "loso": f"{site} (unseen)"}.get(evaluation, f"{site} (unseen, adapted)")
             rows.append({"test_site": shown, "label": label, "cells": cells, "notes": notes, "setting": r["setting"]})
     return rows
+
+
+def task_lines(doc: dict[str, Any]) -> list[str]:
+    """What a multiclass or regression run fitted and where its other numbers are (binary: none,
+    as every run before tasks existed)."""
+    task = doc.get("task", BINARY.task)
+    if task == BINARY.task:
+        return []
+    model = doc["model"]
+    fitted = model.get("fitted", model["name"])
+    line = (f"task: {task} ({doc.get('task_source', 'given')}); model {fitted}"
+            + (f" (--model {model['name']} for this task)" if fitted != model["name"] else ""))
+    if task == MULTICLASS.task:
+        line += f"; classes {', '.join(doc['classes'])}; per-class sensitivity and specificity in results.json"
+    return [line]

@@ -108,10 +108,11 @@ def _ditto(opts, training: Training, context: BuildContext) -> FederatedAlgorith
     )
 
 
-def _spec(name, display, summary, reference, options: tuple[Option, ...], build, *, personal=False) -> Method:
+def _spec(name, display, summary, reference, options: tuple[Option, ...], build, *, personal=False,
+          tasks: tuple[str, ...] | None = None) -> Method:
     return Method(
         name, display, "federated", summary, reference, options, build, uploads="delta", personal=personal,
-        family=FAMILY,
+        family=FAMILY, **({} if tasks is None else {"tasks": tasks}),
     )
 
 
@@ -129,6 +130,7 @@ CLIENT_METHODS: list[Method] = [
         "cross-entropy reweighted by each batch's label distribution relative to the federation's "
         "(label counts leave the sites)",
         "Luo & Wu, 2022", (), _fedsld,
+        tasks=("binary",),  # its label counts and row weights are two-class (medfed.client.drift) so far
     ),
     _spec(
         "semisync", "SemiSync",

@@ -73,6 +73,8 @@ class Method:
     family: str = "survey §6"  # where the method sits in the survey: §6 experiment, §3.2 client end, §3.3 server end
     caveat: Callable[[Mapping[str, Any]], str | None] | None = None
     check: Callable[[Mapping[str, Any]], str | None] | None = None
+    # the targets the method can train (medfed.data.tasks): refused at build time for others
+    tasks: tuple[str, ...] = ("binary", "multiclass", "regression")
 
     @property
     def defaults(self) -> dict[str, OptionValue]:

@@ -119,6 +119,13 @@ class LogisticSession:
     """The parameters whose :meth:`gradient` takes the step's ``scale`` inside the mean: one pass
     over the d-vector instead of two. The bias, a float, would gain nothing, and keeps its own rounding."""
 
+    link = staticmethod(sigmoid)
+    """The inverse link of the generalized linear model: prediction from the linear score ``z``
+    (a new array: the residual is formed in it). A row's data-term gradient is ``(link(z) - y) [x, 1]``
+    for the canonical link, so the linear model's session (:mod:`medfed.models.glm`) shares this one."""
+    data_loss = staticmethod(_mean_log_loss)
+    """The mean data term at scores ``z`` and targets ``y``."""
+
     def __init__(self, params: Params, X: np.ndarray, y: np.ndarray) -> None:
         self.X, self.y = X, y
         self.values = {"weight": np.array(params["weight"], dtype=np.float64, copy=True), "bias": float(params["bias"][0])}
@@ -147,7 +154,7 @@ class LogisticSession:
 
     def loss(self) -> float:
         """The data term of the objective on all rows at the current parameters."""
-        return _mean_log_loss(self.X @ self.values["weight"] + self.values["bias"], self.y)
+        return self.data_loss(self.X @ self.values["weight"] + self.values["bias"], self.y)
 
     def gradient(self, rows: np.ndarray | None, scale: float = 1.0,
                  row_weights: Callable[[np.ndarray], np.ndarray] | None = None,
@@ -160,8 +167,8 @@ class LogisticSession:
         z = X @ values["weight"] + values["bias"]
         loss = None
         if with_loss:
-            loss = _mean_log_loss(z, y) if rows is None else self.loss()
-        residual = sigmoid(z)
+            loss = self.data_loss(z, y) if rows is None else self.loss()
+        residual = self.link(z)
         residual -= y
         if row_weights is not None:
             residual *= row_weights(y)
@@ -175,7 +182,7 @@ class LogisticSession:
         if self._row_scale is None:  # sqrt(|x|^2 + 1), the norm of [x, 1]: once per session
             self._row_scale = np.sqrt(np.einsum("ij,ij->i", self.X, self.X) + 1.0)
         X = self.X[rows]
-        residual = sigmoid(X @ self.values["weight"] + self.values["bias"]) - self.y[rows]
+        residual = self.link(X @ self.values["weight"] + self.values["bias"]) - self.y[rows]
         return LogisticRows(X, residual, np.abs(residual) * self._row_scale[rows])
 
     def parameters(self) -> dict[str, np.ndarray]:

@@ -15,6 +15,13 @@ predicates below are the one definition of it):
 - ``head.weight``, ``head.bias``: the final linear layer, one logit.
 
 The numpy ``logistic`` model's ``weight`` and ``bias`` are neither norm nor head parameters.
+
+**Tasks** (:mod:`medfed.data.tasks`). ``logistic`` is the generalized linear model of the task:
+binary logistic regression, for ``multiclass`` the softmax model (``softmax``: the multinomial
+generalization, one score per class) and for ``regression`` least squares (``linear``: the
+identity link instead of the logit), all numpy, all with the same L2 and session protocol
+(:mod:`medfed.models.glm`). ``softmax`` and ``linear`` may be named directly. The torch models
+have a one-logit head: binary only until the heads of issue 11 exist.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any
 
 from medfed.data.extras import missing_extra
 from medfed.errors import ConfigError
+from medfed.models.glm import LinearRegression, SoftmaxRegression
 from medfed.models.logistic import LogisticRegression
 
 NORMS = ("batch", "group", "none")
@@ -41,6 +49,8 @@ _TORCH_COMMON: dict[str, Any] = {
 
 MODEL_OPTIONS: dict[str, dict[str, Any]] = {
     "logistic": {},
+    "softmax": {},
+    "linear": {},
     "torch_logistic": {"norm": "none", **_TORCH_COMMON},
     "mlp": {"norm": "batch", "hidden": (64, 32), **_TORCH_COMMON},
     "cnn2d": {"norm": "batch", "channels": (8, 16, 32), **_TORCH_COMMON},
@@ -56,7 +66,8 @@ calls. The numbers depend on it (torch's CPU kernels split their sums by thread 
 same numbers whatever ``torch.set_num_threads`` says; more threads are faster on large images
 and reproduce only with the same value on the same kind of machine."""
 
-SAMPLE_DIMS = {"logistic": (1, "feature vectors (d,)"), "cnn2d": (3, "2D images (C, H, W)"), "cnn3d": (4, "3D images (C, D, H, W)")}
+SAMPLE_DIMS = {"logistic": (1, "feature vectors (d,)"), "softmax": (1, "feature vectors (d,)"),
+               "linear": (1, "feature vectors (d,)"), "cnn2d": (3, "2D images (C, H, W)"), "cnn3d": (4, "3D images (C, D, H, W)")}
 """Sample dimensionality a model requires; models not listed take any (they flatten)."""
 
 
@@ -145,6 +156,35 @@ def _logistic(**options: Any) -> LogisticRegression:
     return LogisticRegression()
 
 
+def _softmax(n_classes: int | None = None, **options: Any) -> SoftmaxRegression:
+    check_options("softmax", options)
+    return SoftmaxRegression(n_classes)
+
+
+def _linear(**options: Any) -> LinearRegression:
+    check_options("linear", options)
+    return LinearRegression()
+
+
+TASK_MODELS = {"binary": ("logistic", "torch_logistic", "mlp", "cnn2d", "cnn3d"), "multiclass": ("softmax",),
+               "regression": ("linear",)}
+"""The models each task can train (the torch models' one-logit head is binary)."""
+GLM = {"binary": "logistic", "multiclass": "softmax", "regression": "linear"}
+"""What ``--model logistic`` builds for each task: the task's generalized linear model."""
+
+
+def task_model(name: str, task: str) -> str:
+    """The model ``name`` resolves to for ``task`` (``logistic`` -> the task's GLM), or a ConfigError
+    naming the models the task can train."""
+    key = str(name).strip().lower()
+    if key == "logistic":
+        return GLM[task]
+    if key in MODELS and key not in TASK_MODELS[task]:
+        raise ConfigError(f"model {name!r} cannot train a {task} task; choose {' or '.join(TASK_MODELS[task])}"
+                          + (" (or logistic, which picks it)" if task != "binary" else ""))
+    return key
+
+
 def _torch(arch: str, **options: Any):
     # torch loads here, only when a torch model is asked for; without it, one line saying how to get it
     try:
@@ -158,20 +198,27 @@ def _torch(arch: str, **options: Any):
 
 MODELS: dict[str, Callable[..., Any]] = {
     "logistic": _logistic,
+    "softmax": _softmax,
+    "linear": _linear,
     **{arch: functools.partial(_torch, arch) for arch in ("torch_logistic", "mlp", "cnn2d", "cnn3d")},
 }
 """Model name -> factory taking the model's options as keyword arguments."""
 
 
-def make_model(name: str, sample_shape: Sequence[int] | None = None, **options: Any):
-    """The model called ``name`` with ``options``; with ``sample_shape``, also check that it
-    can take such samples (``logistic``: tables only; ``cnn2d``/``cnn3d``: 2D/3D images)."""
+def make_model(name: str, sample_shape: Sequence[int] | None = None, *, task: str = "binary",
+               n_classes: int | None = None, **options: Any):
+    """The model called ``name`` with ``options`` for ``task`` (:func:`task_model`; a multiclass
+    model has ``n_classes`` outputs); with ``sample_shape``, also check that it can take such
+    samples (the numpy models: tables only; ``cnn2d``/``cnn3d``: 2D/3D images)."""
     key = str(name).strip().lower()
     if key not in MODELS:
         raise ConfigError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
+    key = task_model(key, task)
     check_options(key, options)  # before torch is imported: a typo fails fast and cheaply
     if sample_shape is not None:
         check_sample_shape(key, sample_shape)
+    if key == "softmax":
+        return _softmax(n_classes, **options)
     return MODELS[key](**options)
 
 

@@ -106,12 +106,14 @@ numbers describe the simulator's parameters, not ADNI nor any method on real dat
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import numpy as np
 
 from medfed.data.datasets.options import check_int
 from medfed.data.federation import Federation, Site
+from medfed.errors import ConfigError
 
 # The 90 cerebral regions of the AAL atlas (Tzourio-Mazoyer et al., 2002), in atlas order;
 # the 26 cerebellar/vermis regions (91-116) are not used.
@@ -350,7 +352,10 @@ def _simulate_site(pop: dict[str, np.ndarray], s: int, spec: _SiteSpec, seed: in
     return _Subjects(x, y, age, male)
 
 
-def load_adni_like(seed: int = 0) -> Federation:
+TARGETS = ("diagnosis", "age")
+
+
+def load_adni_like(seed: int = 0, target: str = "diagnosis") -> Federation:
     """A SYNTHETIC two-site AD vs NC federation shaped like the survey's ADNI-1/ADNI-2 cohort.
 
     Not ADNI data: see the module docstring for the generative model. ``seed`` draws the
@@ -358,15 +363,23 @@ def load_adni_like(seed: int = 0) -> Federation:
     for every seed. Each site's rows carry the covariates the model draws (step 7), ``age``
     (years) and ``sex`` (1 = male, 0 = female), for harmonization to preserve; they are not
     features.
+
+    ``target="age"`` makes it a regression task (brain age: the regional volumes shrink with age,
+    step 4, for AD and NC subjects alike): the target is each subject's age in years, and age is
+    then no covariate (only ``sex`` is). Measured (2 repeats, 50 rounds x 10 steps, lr 0.01, l2 0;
+    lr 0.3 diverges on the squared loss): MAE 4.5-4.8 years, R² 0.18-0.30 for Single, Mix, FedAvg
+    and FedProx on either site (the age std is about 6.5 years).
     """
     seed = check_int("seed", seed, 0)
+    if target not in TARGETS:
+        raise ConfigError(f"adni-like option 'target' must be one of {', '.join(TARGETS)}; got {target!r}")
     pop = _population()
     sites = []
     for s, spec in enumerate(_SITES):
         subjects = _simulate_site(pop, s, spec, seed)
-        sites.append(Site(name=spec.name, X=subjects.x, y=subjects.y,
-                          covariates={"age": subjects.age, "sex": subjects.male.astype(np.float64)}))
-    return Federation(
+        covariates = {"age": subjects.age, "sex": subjects.male.astype(np.float64)}
+        sites.append(Site(name=spec.name, X=subjects.x, y=subjects.y, covariates=covariates))
+    federation = Federation(
         name="adni-like",
         sites=tuple(sites),
         feature_names=AAL90_REGIONS,
@@ -398,3 +411,12 @@ def load_adni_like(seed: int = 0) -> Federation:
             "covariates": {"age": "years (step 7)", "sex": "1 = male, 0 = female (step 7)"},
         },
     )
+    if target == "diagnosis":
+        return federation
+    aged = tuple(Site(s.name, s.X, s.covariates["age"], covariates={"sex": s.covariates["sex"]}, task="regression")
+                 for s in federation.sites)
+    return dataclasses.replace(
+        federation, sites=aged, task="regression", positive_label="", task_source="given (--dataset-option target=age)",
+        description=federation.description.replace("AD vs NC cohort", "cohort, target: age in years (regression)"),
+        info={**federation.info, "target": "age (years)",
+              "covariates": {"sex": federation.info["covariates"]["sex"]}})

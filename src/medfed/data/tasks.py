@@ -1,0 +1,97 @@
+"""What a target is: the task of a federation, and how a label column's values say which.
+
+``binary`` (labels 0/1, today's default), ``multiclass`` (K named classes stored as indices
+0..K-1 into the federation's ``classes``), ``regression`` (a real value per row). The names
+``multilabel`` and ``segmentation`` are reserved: a config may not use them for anything else,
+and naming them is refused until they are implemented.
+
+Inference (:func:`infer_task`) is used only where the values leave no doubt, and what it
+decided is printed and recorded in ``results.json``; a label column it cannot read as one
+task is an error that says which ``--task`` to pass, never a silent coercion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from medfed.data.hints import setting
+from medfed.errors import DataError
+
+TASKS = ("binary", "multiclass", "regression", "multilabel", "segmentation")
+"""Every task name; the last two are reserved for later."""
+SUPPORTED_TASKS = ("binary", "multiclass", "regression")
+CLASSIFICATION = ("binary", "multiclass")
+
+# more distinct values than this are not inferred to be classes (an ID, an age in whole years):
+# the user says what they are with --task
+MAX_INFERRED_CLASSES = 20
+# a regression target split into this many quantile bins for stratified train/test splits
+REGRESSION_STRATA = 5
+
+
+def check_task(task: str | None, where: str = "--task") -> str | None:
+    """``task`` if medfed can run it (None: infer from the labels), else a DataError naming ``where``."""
+    if task is None or task in SUPPORTED_TASKS:
+        return task
+    if task in TASKS:
+        raise DataError(f"{where} {task!r} is reserved but not implemented yet; available: {', '.join(SUPPORTED_TASKS)}")
+    raise DataError(f"{where} {task!r} is not a task; available: {', '.join(SUPPORTED_TASKS)}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def infer_task(distinct: Sequence[str]) -> tuple[str, str]:
+    """The task a label column's values imply, and why (the line the CLI prints).
+
+    ``distinct`` are the column's distinct values as text (integers without ``.0``), in order
+    of first appearance. Exactly the values 0 and 1: binary. More than two
+    values that are names or whole numbers, at most :data:`MAX_INFERRED_CLASSES`: multiclass.
+    Numbers with a fraction: regression. Anything else (two values other than 0/1, which of
+    them is positive being the user's to say; a mix of names and numbers; many whole numbers)
+    is ambiguous: a DataError (without the file and column, which the caller adds) saying which
+    flag decides it.
+    """
+    if sorted(distinct) == ["0", "1"]:
+        return "binary", "the label column holds 0 and 1"
+    numeric = [_is_number(v) for v in distinct]
+    if all(numeric):
+        whole = all(float(v).is_integer() for v in distinct)
+        if not whole:
+            return "regression", f"the label column holds {len(distinct)} distinct numbers, not all whole"
+        if 2 < len(distinct) <= MAX_INFERRED_CLASSES:
+            return "multiclass", f"the label column holds {len(distinct)} whole numbers, read as classes"
+    elif not any(numeric) and 2 < len(distinct) <= MAX_INFERRED_CLASSES:
+        return "multiclass", f"the label column holds {len(distinct)} class names"
+    kind = "one value only" if len(distinct) == 1 else f"{len(distinct)} distinct values"
+    shown = ", ".join(repr(v) for v in list(distinct)[:10])
+    if len(distinct) > 10:
+        shown += f", ... ({len(distinct) - 10} more)"
+    raise DataError(
+        f"is not 0/1 (it holds {kind}: {shown}); pass {setting('positive_label')} to say which value is the "
+        f"positive class, all others becoming 0, or {setting('task')}"
+    )
+
+
+def class_order(distinct: Sequence[str]) -> tuple[str, ...]:
+    """The classes of a multiclass label column in a fixed order: numerically when every class
+    is a number, else as text, so the class index does not depend on the order rows appear."""
+    if all(_is_number(v) for v in distinct):
+        return tuple(sorted(distinct, key=float))
+    return tuple(sorted(distinct))
+
+
+def strata(task: str, y: np.ndarray) -> np.ndarray:
+    """What a stratified split keeps in proportion: the class (classification) or, for a
+    regression target, its quantile bin among ``REGRESSION_STRATA`` (ties stay in one bin)."""
+    if task != "regression":
+        return y
+    edges = np.quantile(y, np.linspace(0.0, 1.0, REGRESSION_STRATA + 1)[1:-1])
+    return np.searchsorted(edges, y, side="right")
