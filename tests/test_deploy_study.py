@@ -647,3 +647,12 @@ def test_a_fresh_site_or_coordinator_process_can_decode_the_harmonization_messag
                 f"print([n for n in {names!r} if wire_class(n) is None])")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert out.stdout.strip() == "[]", (module, out.stdout, out.stderr)
+
+
+def test_a_deployed_study_of_another_task_than_binary_is_refused_in_one_line(tmp_path):
+    from medfed.deploy.study import load_study
+
+    study = tmp_path / "multi.toml"
+    study.write_text(STUDY.replace('[data]\n', '[data]\ntask = "multiclass"\n'))
+    with pytest.raises(ConfigError, match='task = "multiclass" runs in simulation only so far'):
+        load_study(study)

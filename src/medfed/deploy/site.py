@@ -205,7 +205,8 @@ def _own_federation(site: SiteIdentity, config):
 
         fed = load_table(site.data, site_column=d.site_column, label_column=d.label_column,
                          split_column=d.split_column, features=d.features, impute=d.impute,
-                         positive_label=d.positive_label, exclude=d.exclude, covariates=d.covariates)
+                         positive_label=d.positive_label, exclude=d.exclude, covariates=d.covariates,
+                         task="binary")  # deployed studies are binary so far (deploy/study.py refuses others)
     others = [n for n in fed.site_names if n != site.name]
     if site.name not in fed.site_names or others:
         held = ", ".join(repr(n) for n in fed.site_names)

@@ -61,6 +61,9 @@ def check_settings(config: ExperimentConfig, source: str, *, manifest: bool) -> 
     if wants is not None and wants[1] != manifest:
         raise ConfigError(f"{source}: [harmonize] method = \"{config.harmonize.method}\" adjusts {wants[0]}; this "
                           f"study's sites give {'image manifests' if manifest else 'feature tables'}")
+    if config.data.task not in (None, "binary"):  # the setup exchange carries no task or class names yet
+        raise ConfigError(f"{source}: [data] task = \"{config.data.task}\" runs in simulation only so far "
+                          "(medfed run); a deployed study's labels are binary")
     from medfed.experiments.harness import check_secure_study
 
     check_secure_study(config)
