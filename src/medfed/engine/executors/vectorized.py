@@ -9,15 +9,20 @@ full-batch round. Mini-batches come from each site's own keyed rng through the s
 :func:`~medfed.client.local.batch_indices` as in process (the one loop over sites), so the draws agree.
 
 Site rules it batches: FedAvg's (:func:`~medfed.client.local.local_sgd_update`, with any server
-chain: FedAvgM, FedAdam, the robust aggregators, ...), FedProx's and FedSGD's. Anything else (other
-site rules, personal or private parameters, DP, compression, secure aggregation, torch models) is
-refused before training with the reason and ``--executor inprocess``.
+chain: FedAvgM, FedAdam, the robust aggregators, ...), FedProx's, FedSGD's and SCAFFOLD's
+(:func:`~medfed.client.drift.scaffold_update`: the correction ``c - c_i`` is one more term of the
+batched step, and the sites' control variates ``c_i`` are stacked state kept with the executor,
+:class:`StackedMemory`). Anything else (other site rules, personal or private parameters, DP,
+compression, secure aggregation, torch models) is refused before training with the reason and
+``--executor inprocess``.
 
 Numbers: each step does the in-process optimizer's elementwise operations in the same order
 (:mod:`medfed.client.optimizer`: ``lr / n`` folded into ``X^T r``, then ``lr * l2 * W``, then
-``lr * mu * (W - W0)``); only the reductions' summation order differs (batched products, row sums),
-so results agree with the ``inprocess`` executor within a few ulps per step: 1e-12 relative is tested.
-The sites keep no state (these rules have none), so ``--resume`` needs only the driver's checkpoints.
+``lr * mu * (W - W0)``, then ``lr * (c - c_i)``); only the reductions' summation order differs (batched
+products, row sums), so results agree with the ``inprocess`` executor within a few ulps per step:
+1e-12 relative is tested. SCAFFOLD's ``c_i`` follow :class:`~medfed.engine.runtime.SiteRuntime`'s
+commit semantics (pending until the coordinator uses the upload) and, with a state folder
+(``--resume``), are saved there after every change, so a resumed run repeats a round from the same state.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from medfed.atomic import write_bytes_atomically
+from medfed.client.drift import ScaffoldSiteState, scaffold_update
 from medfed.client.local import (
     LocalData,
     LocalTraining,
@@ -38,6 +45,7 @@ from medfed.client.local import (
     fedsgd_gradient,
     local_sgd_update,
 )
+from medfed.comm.wire import decode, encode
 from medfed.engine.faults import Faults
 from medfed.engine.protocol import (
     TRAIN_STREAM,
@@ -52,25 +60,30 @@ from medfed.errors import ConfigError
 from medfed.models.logistic import LogisticRegression, sigmoid
 from medfed.rng import KeyedRng, name_key
 from medfed.server.aggregate import StackedUploads
+from medfed.wiretypes import wire_type
 
-BATCHED = "FedAvg's, FedProx's and FedSGD's site rules (with any server chain on FedAvg's client)"
+BATCHED = "FedAvg's, FedProx's, FedSGD's and SCAFFOLD's site rules (with any server chain on FedAvg's client)"
 
 
 @dataclass(frozen=True, slots=True)
 class BatchedRule:
     """A site rule the executor runs as array operations: ``kind`` ``"delta"`` (local steps from
-    the global model, FedProx's pull ``mu`` toward it) or ``"gradient"`` (FedSGD: the gradient at it)."""
+    the global model, FedProx's pull ``mu`` toward it, SCAFFOLD's correction with ``control``) or
+    ``"gradient"`` (FedSGD: the gradient at it)."""
 
     kind: str
     mu: float = 0.0
+    control: bool = False  # SCAFFOLD: steps corrected by c - c_i, c_i kept per site
 
 
 def batched_rule(algorithm: FederatedAlgorithm) -> BatchedRule | None:
     """The batched form of the method's site rule, or None when it has none (known by identity:
-    a wrapped or new rule may do anything, so only these three are trusted)."""
+    a wrapped or new rule may do anything, so only these four are trusted)."""
     rule = algorithm.local_update
     if rule is local_sgd_update:
         return BatchedRule("delta")
+    if rule is scaffold_update:
+        return BatchedRule("delta", control=True)
     if rule is fedsgd_gradient:
         return BatchedRule("gradient")
     if isinstance(rule, functools.partial) and rule.func is fedprox_update and not rule.args \
@@ -94,10 +107,11 @@ def refusal(algorithm: FederatedAlgorithm, training: LocalTraining, *, codec: An
         return "its personal models are not batched"
     if algorithm.private is not None:
         return "its site-private parameters are not batched"
-    if algorithm.broadcast is not None:
-        return "its server message (broadcast) is not batched"
-    if batched_rule(algorithm) is None:
+    rule = batched_rule(algorithm)
+    if rule is None:
         return f"its site rule is not batched (only {BATCHED})"
+    if algorithm.broadcast is not None and not rule.control:  # SCAFFOLD's rule reads its server control
+        return "its server message (broadcast) is not batched"
     return None
 
 
@@ -210,11 +224,16 @@ def _batch(rows: StackedRows, batches: Batches | None, t: int):
 
 
 def local_steps(rows: StackedRows, w0: np.ndarray, b0: float, training: LocalTraining, steps: np.ndarray,
-                batches: Batches | None, mu: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every site's SGD steps from the global model (FedAvg's; FedProx's with ``mu``): the trained
+                batches: Batches | None, mu: float, correction: Params | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every site's SGD steps from the global model (FedAvg's; FedProx's with ``mu``; SCAFFOLD's
+    with ``correction``, each site's ``c - c_i`` stacked in the parameter view): the trained
     weights (K, d), biases (K,) and each site's objective at the start on all its rows."""
     K = rows.X.shape[0]
     lr, l2 = training.lr, training.l2
+    shift_w = shift_b = None
+    if correction is not None:  # as the optimizer adds it: lr folded into the weight's, the bias's as is
+        shift_w, shift_b = lr * correction["weight"], correction["bias"][:, 0]
     W = np.repeat(w0[None, :], K, axis=0)
     b = np.full(K, b0)
     start = None
@@ -231,9 +250,13 @@ def local_steps(rows: StackedRows, w0: np.ndarray, b0: float, training: LocalTra
             g += (lr * l2) * W
         if mu:
             g += (lr * mu) * (W - w0)
+        if shift_w is not None:
+            g += shift_w
         g_b = r.sum(axis=1) / count
         if mu:
             g_b += mu * (b - b0)
+        if shift_b is not None:
+            g_b += shift_b
         if not uniform:  # a site past its own step count (local epochs) stands still
             done = steps <= t
             g[done], g_b[done] = 0.0, 0.0
@@ -266,6 +289,73 @@ def site_gradients(rows: StackedRows, w0: np.ndarray, b0: float, l2: float, batc
     return g, r.sum(axis=1) / count, loss + 0.5 * l2 * float(w0 @ w0)
 
 
+def scaffold_controls(own: Params, server_control: Params, delta: Params, steps: np.ndarray, lr: float) -> Params:
+    """Every site's ``c_i+ = c_i - c + (x - y) / (K lr)`` (SCAFFOLD option II, as
+    :func:`~medfed.client.drift.scaffold_update` computes it), from its ``c_i`` (``own``), the
+    server's ``c``, its upload ``delta = y - x`` and its step count ``K``; all stacked (K, ...)."""
+    scale = 1.0 / (steps * lr)
+    return {k: own[k] - server_control[k] + (-delta[k]) * scale.reshape(-1, *(1,) * (delta[k].ndim - 1))
+            for k in own}
+
+
+@wire_type
+@dataclass
+class StackedMemory:
+    """:class:`~medfed.engine.runtime.SiteMemory` for every site at once, row i site ``sites[i]``:
+    ``state[name]`` (N, ...) the committed state (SCAFFOLD's ``c_i``: zeros before a site's first
+    commit, as its first round starts from) as of ``committed`` (N,) (-1: none yet); ``earlier``
+    and ``earlier_round`` the committed state before that, for a coordinator that restarts from
+    the checkpoint of the round before the sites' last commit; ``pending`` the new state of the
+    sites at rows ``pending_at`` after round ``pending_round``, kept until the coordinator decides."""
+
+    sites: tuple[str, ...]
+    state: dict[str, np.ndarray]
+    committed: np.ndarray
+    earlier: dict[str, np.ndarray]
+    earlier_round: np.ndarray
+    pending_round: int | None = None
+    pending_at: np.ndarray | None = None
+    pending: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def zeros(cls, sites: tuple[str, ...], shapes: Mapping[str, tuple[int, ...]]) -> StackedMemory:
+        def zero():
+            return {k: np.zeros((len(sites), *shape)) for k, shape in shapes.items()}
+
+        never = np.full(len(sites), -1, dtype=np.int64)
+        return cls(sites, zero(), never, zero(), never.copy())
+
+    def state_before(self, round_: int, at: np.ndarray) -> Params:
+        """The committed state of the sites at rows ``at`` that a request for ``round_`` starts from
+        (a site that already committed ``round_`` goes back to its earlier state, as SiteMemory does)."""
+        redo = at[self.committed[at] >= round_]
+        if redo.size:
+            for k, v in self.state.items():
+                v[redo] = self.earlier[k][redo]
+            self.committed[redo] = self.earlier_round[redo]
+        return {k: v[at] for k, v in self.state.items()}
+
+    def commit(self, round_: int, accepted: Mapping[str, bool]) -> None:
+        """The coordinator's decisions on ``round_``'s uploads: the accepted sites keep their pending
+        state, the others their committed one."""
+        if self.pending_round != round_:
+            return  # already decided, or about an upload no longer held
+        keep = np.array([accepted.get(self.sites[i], False) for i in self.pending_at.tolist()], dtype=bool)
+        rows = self.pending_at[keep]
+        for k, v in self.state.items():
+            self.earlier[k][rows] = v[rows]
+            v[rows] = self.pending[k][keep]
+        self.earlier_round[rows] = self.committed[rows]
+        self.committed[rows] = round_
+        self.pending_round, self.pending_at, self.pending = None, None, None
+
+    def site_state(self, i: int) -> ScaffoldSiteState | None:
+        """Site ``i``'s committed state as the in-process runtime holds it (None before any commit)."""
+        if self.committed[i] < 0:
+            return None
+        return ScaffoldSiteState({k: v[i].copy() for k, v in self.state.items()})
+
+
 # --- the executor -----------------------------------------------------------------------------
 
 
@@ -279,7 +369,7 @@ class VectorizedExecutor:
         rng: KeyedRng,
         *,
         faults: Faults | None = None,
-        state_dir: Path | None = None,  # nothing to keep: the batched rules hold no site state
+        state_dir: Path | None = None,  # where the stacked site state is kept (SCAFFOLD's c_i), if any
     ) -> None:
         check_vectorized(program.algorithm.name, program.algorithm, program.training, codec=program.codec,
                          secure=program.secure is not None)
@@ -294,6 +384,21 @@ class VectorizedExecutor:
         self.steps = np.array([program.training.for_site(int(n)).steps for n in self.rows.n], dtype=np.intp)
         self.rng = rng
         self.faults = faults or Faults()
+        self._path = None if state_dir is None else Path(state_dir) / "vectorized.state"
+        self.memory: StackedMemory | None = self._load() if self.rule.control else None
+
+    def _load(self) -> StackedMemory | None:
+        if self._path is None or not self._path.exists():
+            return None
+        memory = decode(self._path.read_bytes(), str(self._path))
+        if not isinstance(memory, StackedMemory) or memory.sites != self.sites:
+            raise ConfigError(f"{self._path}: the saved site state is not this federation's "
+                              f"({len(self.sites)} sites); start without --resume or use another --out")
+        return memory
+
+    def _save(self) -> None:
+        if self._path is not None and self.memory is not None:
+            write_bytes_atomically(self._path, encode(self.memory), durable=False)
 
     def setup(self) -> dict[str, SiteSetup]:
         return {d.name: SiteSetup.of(d) for d in self.data}
@@ -324,6 +429,8 @@ class VectorizedExecutor:
             batches = draw_batches(rows.n, training.batch_size, drawn, rngs)
         if rule.kind == "gradient":
             weight, bias, loss = site_gradients(rows, w0, b0, training.l2, batches)
+        elif rule.control:
+            return self._train_scaffold(plan, cohort, at, rows, steps, batches, missing)
         else:
             W, b, loss = local_steps(rows, w0, b0, training, steps, batches, rule.mu)
             weight, bias = W - w0, b - b0
@@ -331,18 +438,46 @@ class VectorizedExecutor:
                                rule.kind, {"loss": loss})
         return StackedReplies(stack, weight.itemsize * (w0.size + 1), missing)
 
+    def _train_scaffold(self, plan: RoundPlan, cohort: tuple[str, ...], at: np.ndarray | None, rows: StackedRows,
+                        steps: np.ndarray, batches: Batches | None, missing: dict[str, str]) -> StackedReplies:
+        """SCAFFOLD's round: the steps corrected by ``c - c_i``, the new ``c_i`` pending until
+        :meth:`commit`; the upload's extras hold ``c_i+ - c_i`` only (``c_i`` never leaves)."""
+        if (steps < 1).any():
+            raise ConfigError(f"scaffold needs at least one local step, got {int(steps.min())}")
+        params = {k: np.asarray(v, dtype=np.float64) for k, v in plan.params.items()}
+        if self.memory is None:
+            self.memory = StackedMemory.zeros(self.sites, {k: v.shape for k, v in params.items()})
+        where = np.arange(len(self.sites)) if at is None else at
+        own = self.memory.state_before(plan.round, where)
+        server = {k: np.asarray(v, dtype=np.float64) for k, v in plan.message["server_control"].items()}
+        correction = {k: server[k] - own[k] for k in params}
+        w0, b0 = params["weight"], float(params["bias"][0])
+        W, b, loss = local_steps(rows, w0, b0, self.training, steps, batches, self.rule.mu, correction)
+        delta = {"weight": W - w0, "bias": (b - b0)[:, None]}
+        new_own = scaffold_controls(own, server, delta, steps, self.training.lr)
+        m = self.memory
+        m.pending_round, m.pending_at, m.pending = plan.round, where, new_own
+        self._save()
+        stack = StackedUploads(cohort, delta, rows.n.astype(np.float64), "delta", {"loss": loss},
+                               {"control_delta": {k: new_own[k] - own[k] for k in params}})
+        return StackedReplies(stack, 2 * W.itemsize * (w0.size + 1), missing)  # the delta and c_i+ - c_i
+
     def stage(self, name: str, round_: int, messages: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"executor 'vectorized' has no {name!r} stage: "
                           "secure aggregation runs on --executor inprocess")
 
     def commit(self, round_: int, decisions: Mapping[str, bool]) -> None:
-        pass  # the batched rules keep no site state: nothing to keep or drop
+        if self.memory is not None:  # the other batched rules keep no site state
+            self.memory.commit(round_, decisions)
+            self._save()
 
     def personalize(self, plan: RoundPlan) -> dict[str, Params]:
         raise ConfigError("executor 'vectorized' trains no personal models; use --executor inprocess")
 
     def site_states(self) -> dict[str, Any]:
-        return dict.fromkeys(self.sites)
+        if self.memory is None:
+            return dict.fromkeys(self.sites)
+        return {name: self.memory.site_state(i) for i, name in enumerate(self.sites)}
 
     def close(self) -> None:
         pass
