@@ -27,6 +27,7 @@ Run: python benchmarks/bench_vmap.py [--sites 10,100] [--repeats 3] [--models cn
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -164,9 +165,9 @@ def measure(arch: str, k: int, norm: str, repeats: int) -> dict:
         params = {n: v + 0.05 if n.startswith("head.") else v for n, v in params.items()}
         fn = Functional(model, shape)
         X_, y_ = X.astype(dtype), y
-        loop_ms, (loop_p, loop_s) = timed(lambda: loop_round(model, params, X_, y_, index), repeats)
-        bare_ms, (bare_p, _) = timed(lambda: bare_round(fn, params, X_, y_, index), repeats)
-        vmap_ms, (vmap_p, vmap_s) = timed(lambda: vmap_round(fn, params, X_, y_, index), repeats)
+        loop_ms, (loop_p, loop_s) = timed(functools.partial(loop_round, model, params, X_, y_, index), repeats)
+        bare_ms, (bare_p, _) = timed(functools.partial(bare_round, fn, params, X_, y_, index), repeats)
+        vmap_ms, (vmap_p, vmap_s) = timed(functools.partial(vmap_round, fn, params, X_, y_, index), repeats)
         absolute, relative = difference(loop_p, vmap_p)
         row[dtype] = {
             "loop_ms": round(loop_ms, 2), "bare_ms": round(bare_ms, 2), "vmap_ms": round(vmap_ms, 2),

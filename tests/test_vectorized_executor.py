@@ -108,9 +108,10 @@ def test_scaffold_resumes_bit_identically_from_the_stacked_state(tmp_path):
     sites = _sites()
     whole = _run("scaffold", {}, "vectorized", sites, batch=8, fraction=0.5, rounds=6)
 
-    def crash_at_round_3(params, calls=[0]):
-        calls[0] += 1
-        if calls[0] == 3:
+    calls = iter(range(1, 100))
+
+    def crash_at_round_3(params):
+        if next(calls) == 3:
             raise _Crash
         return {}
 
