@@ -58,7 +58,13 @@ def _assert_agree(a, b):
     fields = ("round", "sites", "bytes_up", "bytes_by_site", "rejected", "skipped", "missing", "loss_reported")
     for x, y in zip(a.history, b.history, strict=True):
         assert {f: getattr(y, f) for f in fields} == {f: getattr(x, f) for f in fields}
-    assert b.client_states == a.client_states
+    assert b.client_states.keys() == a.client_states.keys()
+    for site, state in a.client_states.items():  # None, or SCAFFOLD's c_i
+        if state is None:
+            assert b.client_states[site] is None
+        else:
+            for k, v in state.control.items():
+                np.testing.assert_allclose(b.client_states[site].control[k], v, rtol=RTOL, atol=1e-14)
 
 
 @pytest.mark.parametrize("method,opts", [
@@ -72,6 +78,114 @@ def test_agrees_with_inprocess(method, opts, batch, fraction):
     batched = _run(method, opts, "vectorized", sites, batch=batch, fraction=fraction)
     _assert_agree(serial, batched)
     assert len(serial.history[0].sites) == (6 if fraction == 1.0 else 3)
+
+
+@pytest.mark.parametrize("weighting", ["examples", "uniform"])
+@pytest.mark.parametrize("batch,fraction", [(None, 1.0), (8, 0.5)])
+def test_scaffold_agrees_with_inprocess(weighting, batch, fraction):
+    """SCAFFOLD's c_i as stacked state: corrected steps, c_i committed only for used uploads (a
+    dropped site and one over the norm bound keep theirs), extras screened and summed as in process."""
+    sites = _sites()
+    kwargs = {"faults": parse_drops(["site-1@2", "site-3@1-2"]), "max_update_norm": 0.5, "lr": 0.6}
+    serial = _run("scaffold", {"weighting": weighting}, "inprocess", sites, batch=batch, fraction=fraction,
+                  rounds=5, **kwargs)
+    batched = _run("scaffold", {"weighting": weighting}, "vectorized", sites, batch=batch, fraction=fraction,
+                   rounds=5, **kwargs)
+    _assert_agree(serial, batched)
+    assert any(r.rejected for r in serial.history) and any(r.missing for r in serial.history)
+    assert sum(s is None for s in serial.client_states.values()) < len(sites)  # some c_i were committed
+    for k, v in serial.server_state["scaffold_control"].weighted_sum.items():
+        np.testing.assert_allclose(batched.server_state["scaffold_control"].weighted_sum[k], v, rtol=RTOL, atol=1e-14)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_scaffold_resumes_bit_identically_from_the_stacked_state(tmp_path):
+    """The coordinator dies after round 3's commit reached the sites but before its checkpoint:
+    the resumed run repeats round 3 from the sites' earlier c_i and ends bit-identical."""
+    sites = _sites()
+    whole = _run("scaffold", {}, "vectorized", sites, batch=8, fraction=0.5, rounds=6)
+
+    calls = iter(range(1, 100))
+
+    def crash_at_round_3(params):
+        if next(calls) == 3:
+            raise _Crash
+        return {}
+
+    with pytest.raises(_Crash):
+        _run("scaffold", {}, "vectorized", sites, batch=8, fraction=0.5, rounds=6, evaluate=crash_at_round_3,
+             eval_every=1, checkpoint_dir=tmp_path, fingerprint="study")
+    assert (tmp_path / "sites" / "vectorized.state").exists()
+    resumed = _run("scaffold", {}, "vectorized", sites, batch=8, fraction=0.5, rounds=6, checkpoint_dir=tmp_path,
+                   fingerprint="study")
+    for k in whole.params:
+        np.testing.assert_array_equal(resumed.params[k], whole.params[k])
+    np.testing.assert_array_equal(resumed.train_loss, whole.train_loss)
+    for site, state in whole.client_states.items():
+        assert (resumed.client_states[site] is None) == (state is None)
+        if state is not None:
+            np.testing.assert_array_equal(resumed.client_states[site].control["weight"], state.control["weight"])
+    with pytest.raises(ConfigError, match="not this federation's"):
+        _run("scaffold", {}, "vectorized", sites[:4], rounds=7, checkpoint_dir=tmp_path, fingerprint="study")
+
+
+def _image_sites(k=5, seed=0):
+    """Small 1 x 6 x 6 images, sites of unequal sizes."""
+    gen = np.random.default_rng(seed)
+    out = []
+    for i in range(k):
+        n = int(gen.integers(5, 14))
+        y = (gen.random(n) < 0.5).astype(float)
+        X = gen.normal(0.0, 1.0, (n, 1, 6, 6)) + 0.4 * y[:, None, None, None]
+        out.append(LocalData(f"site-{i}", X, y))
+    return out
+
+
+def _torch_run(arch, method, opts, executor, *, batch=None, fraction=1.0, epochs=None, **options):
+    from medfed.models.registry import make_model
+
+    model = make_model(arch, norm="none", dtype="float64", device="cpu", **options)
+    sites = _image_sites() if arch == "cnn2d" else _sites(k=5)
+    spec, opts = resolve(method, opts)
+    algorithm = spec.build(opts, _Training, context_for([s.name for s in sites]))
+    init = model.init_params(sites[0].X.shape[1:], KeyedRng(3))
+    init = {k: v + 0.05 if k.startswith("head.") else v for k, v in init.items()}  # every layer's gradient nonzero
+    return run_federated(algorithm, init, sites, LocalTraining(model, 0.2, 3, batch, 0.01, epochs), 3, KeyedRng(7),
+                         fraction=fraction, executor=executor)
+
+
+@pytest.mark.parametrize("arch,options", [("mlp", {"hidden": (6, 4)}), ("cnn2d", {"channels": (3, 4)}),
+                                          ("torch_logistic", {})])
+@pytest.mark.parametrize("method,opts,batch,fraction,epochs", [
+    ("fedavg", {}, None, 1.0, None), ("fedprox", {"mu": 0.5}, 4, 0.6, None), ("fedavg", {}, 4, 1.0, 1.5),
+])
+def test_torch_models_train_with_vmap_as_in_process(arch, options, method, opts, batch, fraction, epochs):
+    """float64 torch models without BatchNorm: vmap over the sites equals the per-site loop within
+    1e-12 relative (the kernels' summation order); padding, mini-batches, epochs, a cohort."""
+    serial = _torch_run(arch, method, opts, "inprocess", batch=batch, fraction=fraction, epochs=epochs, **options)
+    batched = _torch_run(arch, method, opts, "vectorized", batch=batch, fraction=fraction, epochs=epochs, **options)
+    _assert_agree(serial, batched)
+
+
+@pytest.mark.parametrize("options,method,why", [
+    ({"norm": "batch"}, "fedavg", "BatchNorm's running statistics"),
+    ({"norm": "none", "optimizer": "adam"}, "fedavg", "local optimizer 'adam' is not batched"),
+    ({"norm": "none"}, "scaffold", "on torch models it batches FedAvg's and FedProx's site rules only"),
+    ({"norm": "none"}, "fedsgd", "on torch models it batches FedAvg's and FedProx's site rules only"),
+])
+def test_torch_models_vmap_refuses_what_it_cannot_batch(options, method, why):
+    from medfed.models.registry import make_model
+
+    model = make_model("mlp", device="cpu", **options)
+    sites = _sites(k=3)
+    spec, opts = resolve(method, {})
+    algorithm = spec.build(opts, _Training, context_for([s.name for s in sites]))
+    with pytest.raises(ConfigError, match=f"cannot run on executor 'vectorized': .*{why}"):
+        run_federated(algorithm, model.init_params((5,), KeyedRng(0)), sites, LocalTraining(model, 0.1, 2), 1,
+                      KeyedRng(0), executor="vectorized")
 
 
 def test_local_epochs_give_each_site_its_own_step_count():
@@ -103,11 +217,13 @@ def test_screen_stacked_equals_screen_uploads():
     glob = {"weight": np.zeros(3), "bias": np.zeros(1)}
     rows = [np.array([0.1, 0.2, 0.3, 0.0]), np.array([np.nan, 0.0, 0.0, np.inf]), np.array([3.0, 0.0, 0.0, 1.0]),
             np.array([0.0, 0.0, 0.0, np.nan]), np.array([-0.2, 0.1, 0.0, 0.4])]
-    uploads = [Upload(f"s{i}", {"weight": r[:3], "bias": r[3:]}, 5 + i, "delta", {"loss": 0.1 * i})
-               for i, r in enumerate(rows)]
+    extras = [{"weight": np.zeros(3), "bias": np.array([np.nan if i in (1, 4) else 0.0])} for i in range(5)]
+    uploads = [Upload(f"s{i}", {"weight": r[:3], "bias": r[3:]}, 5 + i, "delta", {"loss": 0.1 * i},
+                      {"control_delta": extras[i]}) for i, r in enumerate(rows)]
     accepted, rejected = screen_uploads(uploads, glob, max_norm=1.0)
     stack, stacked_rejected = screen_stacked(stack_uploads(uploads), glob, max_norm=1.0)
-    assert stacked_rejected == rejected and len(rejected) == 3
+    assert stacked_rejected == rejected and len(rejected) == 4  # s4: its extras only
+    assert "extra 'control_delta.bias'" in rejected["s4"] and "'weight'" in rejected["s1"]
     expected = stack_uploads(accepted)
     assert stack.sites == expected.sites
     np.testing.assert_array_equal(stack.weights, expected.weights)
@@ -129,7 +245,7 @@ def test_deterministic_and_independent_of_site_order():
 
 
 @pytest.mark.parametrize("method,why", [
-    ("scaffold", "server message"), ("ditto", "personal models"), ("dynamic_fusion", "site rule is not batched"),
+    ("fedsld", "site rule is not batched"), ("ditto", "personal models"), ("dynamic_fusion", "site rule is not batched"),
 ])
 def test_unbatched_methods_are_refused_before_training(method, why):
     sites = _sites()
@@ -147,10 +263,10 @@ def heart():
 
 
 @pytest.mark.parametrize("values,why", [
-    ({"methods": ["fedavg", "scaffold"]}, "'scaffold' cannot run on executor 'vectorized'"),
+    ({"methods": ["fedavg", "fedsld"]}, "'fedsld' cannot run on executor 'vectorized'"),
     ({"methods": ["fedavg"], "compress": "q8"}, "upload compression"),
     ({"methods": ["fedavg"], "privacy": {"dp": "client", "clip": 1.0, "noise": 1.0}}, "differential privacy"),
-    ({"methods": ["fedavg"], "model": "mlp"}, "numpy logistic model only"),
+    ({"methods": ["fedavg"], "model": "mlp"}, "BatchNorm's running statistics"),
 ])
 def test_study_refuses_before_any_training(heart, values, why):
     config = build_config({"data": {"dataset": "heart-disease"}, "executor": "vectorized", **values})
@@ -159,7 +275,7 @@ def test_study_refuses_before_any_training(heart, values, why):
 
 
 def test_cli_runs_a_study_on_the_vectorized_executor(tmp_path):
-    common = ["run", "--dataset", "heart-disease", "--methods", "fedavg,fedprox", "--rounds", "3", "--repeats", "1"]
+    common = ["run", "--dataset", "heart-disease", "--methods", "fedavg,fedprox,scaffold", "--rounds", "3", "--repeats", "1"]
     for executor in ("inprocess", "vectorized"):
         result = CliRunner().invoke(app, [*common, "--executor", executor, "--out", str(tmp_path / executor)])
         assert result.exit_code == 0, result.output
@@ -170,9 +286,9 @@ def test_cli_runs_a_study_on_the_vectorized_executor(tmp_path):
                                rtol=RTOL)
     assert docs["vectorized"]["communication"] == docs["inprocess"]["communication"]
     out = tmp_path / "refused"
-    refused = CliRunner().invoke(app, [*common[:4], "fedavg,scaffold", *common[5:], "--executor", "vectorized",
+    refused = CliRunner().invoke(app, [*common[:4], "fedavg,fedsld", *common[5:], "--executor", "vectorized",
                                        "--out", str(out)])
     assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1
-    assert "'scaffold' cannot run on executor 'vectorized'" in refused.output
+    assert "'fedsld' cannot run on executor 'vectorized'" in refused.output
     assert "--executor inprocess" in refused.output
     assert not out.exists() or not any(out.iterdir())  # refused before FedAvg trained

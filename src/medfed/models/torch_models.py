@@ -623,3 +623,97 @@ class TorchRows:
         first = next(iter(self.per_example.values()))
         f = torch.as_tensor(factors, dtype=first.dtype, device=first.device)
         return {k: torch.tensordot(f, g, dims=1) for k, g in self.per_example.items()}
+
+
+# --- every site's local steps at once (the vectorized executor, issue 13 §1) -------------------
+
+
+@dataclass(frozen=True)
+class StackedTraining:
+    """What :func:`train_stacked` returns: each site's trained parameters (name -> (K, ...)
+    float64, the parameter view with a leading site axis), its eval-mode logits at the start on
+    its rows (K, n) float64, and the names under the L2 penalty (for the start objective)."""
+
+    params: dict[str, np.ndarray]
+    start_logits: np.ndarray
+    decayed: tuple[str, ...]
+
+
+def stacking_refusal(model: TorchModel) -> str | None:
+    """Why ``model``'s local steps cannot be batched across sites with ``vmap``, or None."""
+    if model.options.get("norm") == "batch":
+        return ("BatchNorm's running statistics are a side effect of each site's forward passes, which vmap "
+                "cannot return; use --model-option norm=group or norm=none")
+    if model.options.get("optimizer", "sgd") != "sgd":
+        return f"its local optimizer {model.options['optimizer']!r} is not batched (plain SGD only)"
+    return None
+
+
+@_fixed_threads
+def _train_stacked(model: TorchModel, params: Params, X: np.ndarray, y: np.ndarray, steps: np.ndarray,
+                   index: np.ndarray | None, mask: np.ndarray | None, count: np.ndarray, lr: float, l2: float,
+                   mu: float) -> StackedTraining:
+    from torch.func import functional_call, grad, vmap
+
+    slot = model._slot(X.shape[2:])
+    net, decayed = slot.net, slot.decayed
+    k = X.shape[0]
+    center = {name: model._tensor(np.asarray(v)) for name, v in params.items()}
+    theta = {name: c.expand(k, *c.shape).clone() for name, c in center.items()}
+    Xt, yt = model._tensor(X), model._tensor(y)
+    net.eval()  # no BatchNorm (refused): eval and train mode compute the same
+    with torch.no_grad():
+        start = vmap(lambda th, x: functional_call(net, th, (x,)))(theta, Xt).double().cpu().numpy()
+
+    def batch_loss(th, xb, yb, mb, nb):
+        per_row = F.binary_cross_entropy_with_logits(functional_call(net, th, (xb,)), yb, reduction="none")
+        return (per_row * mb).sum() / nb  # the site's own rows' mean (padding weighs 0)
+
+    def plain_loss(th, xb, yb):
+        return F.binary_cross_entropy_with_logits(functional_call(net, th, (xb,)), yb)
+
+    masked = mask is not None
+    step_grad = vmap(grad(batch_loss)) if masked else vmap(grad(plain_loss))
+    mt, nt = (model._tensor(np.ascontiguousarray(mask)), model._tensor(count)) if masked else (None, None)
+    active = torch.as_tensor(steps, device=model.device)
+    sites = torch.arange(k, device=model.device)[:, None]
+    for t in range(int(steps.max())):
+        if index is None:
+            xb, yb, mb = Xt, yt, mt
+        else:
+            rows = torch.as_tensor(index[t], device=model.device)
+            xb, yb = Xt[sites, rows], yt[sites, rows]
+            mb = None if mt is None else mt[t]
+        g = step_grad(theta, xb, yb, mb, nt) if masked else step_grad(theta, xb, yb)
+        with torch.no_grad():
+            moving = active > t  # a site past its own step count (local epochs) stands still
+            for name, p in theta.items():
+                gk = g[name]  # the optimizer's terms in its order: L2, then the proximal pull
+                if l2 and name in decayed:
+                    gk = gk.add(p, alpha=l2)
+                if mu:
+                    gk = gk.add(p - center[name], alpha=mu)
+                stepped = p.add(gk, alpha=-lr)
+                theta[name] = stepped if bool(moving.all()) else torch.where(
+                    moving.view(-1, *(1,) * (p.dim() - 1)), stepped, p)
+    out = {name: v.detach().cpu().numpy().astype(np.float64, copy=True) for name, v in theta.items()}
+    return StackedTraining(out, start, decayed)
+
+
+def train_stacked(model: TorchModel, params: Params, X: np.ndarray, y: np.ndarray, steps: np.ndarray, *,
+                  index: np.ndarray | None = None, mask: np.ndarray | None = None, count: np.ndarray, lr: float,
+                  l2: float = 0.0, mu: float = 0.0) -> StackedTraining:
+    """Every site's plain-SGD local steps from ``params`` at once: ``torch.func.vmap`` of the
+    gradient of the network called functionally (``functional_call``) over a leading site axis.
+
+    ``X`` (K, n, ...) and ``y`` (K, n) hold each site's rows padded to n; step t trains site k on
+    rows ``index[t, k]`` (None: all n), ``mask`` 1 on its own rows of them ((K, n) for full batch,
+    (steps, K, B) with ``index``; None: all), ``count`` (K,) its rows per step; ``steps`` (K,) its
+    step count. Each step is :func:`medfed.client.optimizer.descend`'s with plain SGD, in its order:
+    ``g + l2 W`` (penalized weights), ``+ mu (theta - params)``, ``theta - lr g``; only the kernels'
+    summation order differs from the per-site loop (vmap runs K sites' products as one batched or
+    grouped operation). Refused for BatchNorm and Adam (:func:`stacking_refusal`)."""
+    why = stacking_refusal(model)
+    if why is not None:
+        raise ConfigError(f"model {model.name!r}: {why}")
+    return _train_stacked(model, params, X, y, steps, index, mask, count, lr, l2, mu)

@@ -133,8 +133,8 @@ def screen_stacked(
     max_norm: float | None = None,
 ) -> tuple[StackedUploads | None, dict[str, str]]:
     """:func:`screen_uploads` on uploads already stacked (one kind, one structure, positive example
-    counts: the vectorized executor builds them so): each row's finiteness and update norm checked
-    on the stacked arrays, with the same reasons; the accepted rows (None when none) and
+    counts: the vectorized executor builds them so): each row's finiteness (payload, then extras)
+    and update norm checked on the stacked arrays, with the same reasons; the accepted rows (None when none) and
     ``{site: reason}`` for the rejected."""
     bad = [f"parameter names do not match the model: {sorted(stack.payload)} != {sorted(global_params)}"
            ] if stack.payload.keys() != global_params.keys() else []
@@ -155,6 +155,12 @@ def screen_stacked(
         norms = np.sqrt(squared)
         for i in np.flatnonzero(norms > max_norm).tolist():
             why.setdefault(i, f"update norm {norms[i]:.4g} exceeds the bound {max_norm:g}")
+    for key, value in stack.extras.items():  # extras feed state shared by every site: as extras_problem
+        parts = value.items() if isinstance(value, Mapping) else [(None, value)]
+        for sub, v in parts:
+            name = key if sub is None else f"{key}.{sub}"
+            for i in np.flatnonzero(~np.isfinite(v.reshape(k, -1)).all(axis=1)).tolist():
+                why.setdefault(i, f"extra {name!r} {NONFINITE}")
     if not why:
         return stack, {}
     rejected = {stack.sites[i]: why[i] for i in sorted(why)}

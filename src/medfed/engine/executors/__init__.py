@@ -4,7 +4,7 @@ An executor carries a round's plan to the cohort's sites and their answers back,
 coordinator's decision on each upload to its site. ``inprocess`` keeps every site's runtime
 in this process (today's serial loop); ``process`` gives each a process of its own, as a
 deployment would; ``vectorized`` trains the whole cohort as one array program (the numpy
-logistic model's batched rules, :mod:`medfed.engine.executors.vectorized`); ``ray`` makes sites Ray actors, on this machine or a cluster; the Flower executor (:mod:`medfed.deploy`) reaches SuperNodes over gRPC.
+logistic model's batched rules, torch models through vmap: :mod:`medfed.engine.executors.vectorized`); ``ray`` makes sites Ray actors, on this machine or a cluster; the Flower executor (:mod:`medfed.deploy`) reaches SuperNodes over gRPC.
 Methods never see which one runs them: same config and seed, same numbers.
 """
 
