@@ -102,9 +102,10 @@ def test_model_names_resolve_by_task():
     assert make_model("logistic", (3,), task="multiclass", n_classes=4).n_classes == 4
     assert make_model("linear", (3,), task="regression").name == "linear"
     assert make_model("logistic", (3,)).name == "logistic"  # binary: today's model
-    with pytest.raises(ConfigError, match="model 'mlp' cannot train a multiclass task; choose softmax"):
-        make_model("mlp", (3,), task="multiclass", n_classes=3)
-    with pytest.raises(ConfigError, match="model 'softmax' cannot train a binary task; choose logistic"):
+    assert make_model("mlp", (3,), task="multiclass", n_classes=3).param_shapes((3,))["head.bias"] == (3,)
+    with pytest.raises(ConfigError, match="model 'linear' cannot train a multiclass task; choose one of softmax, torch_l"):
+        make_model("linear", (3,), task="multiclass", n_classes=3)
+    with pytest.raises(ConfigError, match="model 'softmax' cannot train a binary task; choose one of logistic, torch_l"):
         make_model("softmax", (3,))
     with pytest.raises(ConfigError, match="feature tables"):
         make_model("linear", task="regression").init_params((1, 4, 4))

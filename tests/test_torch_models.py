@@ -361,12 +361,12 @@ def test_serial_and_forked_repeat_workers_give_the_same_numbers_for_a_torch_mode
 
 def test_registry_builds_models_by_name_and_rejects_bad_names_and_options():
     assert isinstance(make_model("logistic", (5,)), LogisticRegression)
-    assert set(MODELS) == set(MODEL_OPTIONS) == {"logistic", "softmax", "linear", "torch_logistic", "mlp", "cnn2d", "cnn3d"}
+    assert set(MODELS) == set(MODEL_OPTIONS) == {"logistic", "softmax", "linear", "multilabel_logistic", "torch_logistic", "mlp", "cnn2d", "cnn3d"}
     m = make_model("CNN2D", (1, 8, 8), norm="group", channels=[4, 8], optimizer="adam")
     assert isinstance(m, TorchModel) and m.name == "cnn2d" and m.options["channels"] == (4, 8)
     assert make_model("mlp", (3,), hidden="16,8").options["hidden"] == (16, 8)
     bad = [
-        (("resnet", (1, 8, 8)), {}, "available: logistic, softmax, linear, torch_logistic, mlp, cnn2d, cnn3d"),
+        (("resnet", (1, 8, 8)), {}, "available: logistic, softmax, linear, multilabel_logistic, torch_logistic, mlp, cnn2d, cnn3d"),
         (("cnn2d", (1, 8, 8)), {"depth": 3}, "its options: norm, channels"),
         (("cnn2d", (1, 8, 8)), {"norm": "layer"}, "one of batch, group, none"),
         (("mlp", (4,)), {"hidden": [8, 0]}, "positive whole numbers"),

@@ -31,6 +31,8 @@ SkipBadOpt = Annotated[
 ]
 SiteColumnOpt = Annotated[str | None, typer.Option(help="column naming each row's site")]
 LabelColumnOpt = Annotated[str | None, typer.Option(help="column holding the label")]
+LabelColumnsOpt = Annotated[str | None, typer.Option(help="comma-separated 0/1 label columns of a multilabel task "
+                                                          "(instead of --label-column)")]
 SplitColumnOpt = Annotated[str | None, typer.Option(help="column with train/test per row")]
 FeaturesOpt = Annotated[str | None, typer.Option(help="comma-separated feature columns [default: all others]")]
 ExcludeOpt = Annotated[str | None, typer.Option(help="comma-separated table columns to leave out")]
@@ -58,7 +60,7 @@ ImputeOpt = Annotated[
     str | None, typer.Option(help="fill missing values: mean or median (training rows of each site)")
 ]
 PositiveLabelOpt = Annotated[str | None, typer.Option(help="label value that counts as positive")]
-TaskOpt = Annotated[str | None, typer.Option(help="what the label is: binary, multiclass or regression [default: "
+TaskOpt = Annotated[str | None, typer.Option(help="what the label is: binary, multiclass, regression or multilabel [default: "
                                                   "inferred from the label column where unambiguous]")]
 DatasetOptionOpt = Annotated[
     list[str] | None, typer.Option(help="KEY=VALUE option of the embedded data set, e.g. n_sites=8")
@@ -131,7 +133,7 @@ MethodOptionOpt = Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALU
 
 
 DATA_FLAGS = (
-    "path_column", "kind", "skip_bad", "site_column", "label_column", "split_column", "features", "exclude",
+    "path_column", "kind", "skip_bad", "site_column", "label_column", "label_columns", "split_column", "features", "exclude",
     "categorical", "impute", "positive_label", "covariates", "task",
 )
 TRAINING_FLAGS = (
@@ -162,7 +164,7 @@ def study_overrides(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str,
                 "manifest": _text(given.get("manifest"))}
     for key in DATA_FLAGS:
         value = given.get(key)
-        if key in ("features", "exclude", "categorical", "covariates"):
+        if key in ("features", "exclude", "categorical", "covariates", "label_columns"):
             value = split_list(value)
         if value is not None:
             data[key] = value

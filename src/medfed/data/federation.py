@@ -23,7 +23,8 @@ class Site:
     """One participant: its samples, targets, optionally a predefined split.
 
     ``y`` holds the targets of ``task`` (:mod:`medfed.data.tasks`): 0/1 (``binary``, int8),
-    class indices 0..K-1 (``multiclass``, int64) or finite reals (``regression``, float64).
+    class indices 0..K-1 (``multiclass``, int64), finite reals (``regression``, float64) or
+    K labels of 0/1 per row (``multilabel``, int8, shape ``(n, K)``).
 
     ``X`` is a feature matrix ``(n, d)`` (float64) or a stack of images ``(n, C, H, W)`` /
     ``(n, C, D, H, W)`` (float32: what convolutional models consume, at half the memory).
@@ -52,9 +53,11 @@ class Site:
         y = np.asarray(self.y)
         if X.ndim > 2 and np.isnan(X).any():
             raise DataError(f"site {self.name!r}: images contain NaN values")
-        if y.shape != (X.shape[0],):
+        if y.shape[:1] != (X.shape[0],) or y.ndim != (2 if self.task == "multilabel" else 1):
             raise DataError(
                 f"site {self.name!r}: {y.shape[0] if y.ndim else 0} labels for {X.shape[0]} rows"
+                + (f" (a {self.task} task takes {'a row of K 0/1 labels' if self.task == 'multilabel' else 'one'} "
+                   f"per row, got shape {y.shape})" if y.shape[:1] == (X.shape[0],) else "")
             )
         y = _targets(self.name, self.task, y)
         if np.isinf(X).any():
@@ -97,9 +100,9 @@ def _targets(site: str, task: str, y: np.ndarray) -> np.ndarray:
     """``y`` in the dtype of ``task``, or a DataError naming the site and what it takes."""
     if task not in SUPPORTED_TASKS:
         raise DataError(f"site {site!r}: task {task!r}; available: {', '.join(SUPPORTED_TASKS)}")
-    if task == "binary":
+    if task in ("binary", "multilabel"):
         if not np.isin(y, (0, 1)).all():
-            raise DataError(f"site {site!r}: labels must be 0 or 1, got {sorted(set(y.tolist()))[:5]}")
+            raise DataError(f"site {site!r}: labels must be 0 or 1, got {sorted(set(np.ravel(y).tolist()))[:5]}")
         return y.astype(np.int8)
     if task == "multiclass":
         if y.dtype.kind not in "iub" and not (y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all()):
@@ -156,8 +159,17 @@ class Federation:
                 if s.y.size and s.y.max() >= len(classes):
                     raise DataError(f"site {s.name!r}: class index {int(s.y.max())} but only {len(classes)} classes "
                                     f"{list(classes)}")
+        elif self.task == "multilabel":
+            if len(classes) < 2 or len(set(classes)) != len(classes):
+                raise DataError(f"federation {self.name!r}: a multilabel task needs at least 2 distinct label names, "
+                                f"got {list(classes)}")
+            for s in sites:
+                if s.y.shape[1] != len(classes):
+                    raise DataError(f"site {s.name!r}: {s.y.shape[1]} labels per row but {len(classes)} label names "
+                                    f"{list(classes)}")
         elif classes:
-            raise DataError(f"federation {self.name!r}: class names belong to a multiclass task, not {self.task}")
+            raise DataError(f"federation {self.name!r}: class names belong to a multiclass or multilabel task, "
+                            f"not {self.task}")
         object.__setattr__(self, "classes", classes)
         names = [s.name for s in sites]
         if len(set(names)) != len(names):
@@ -224,13 +236,18 @@ class Federation:
 
     @property
     def n_classes(self) -> int | None:
-        """K for a classification task (2 for binary), None for regression."""
-        return {"binary": 2, "multiclass": len(self.classes)}.get(self.task)
+        """K for a classification task (2 for binary), the number of labels for multilabel, None
+        for regression."""
+        return {"binary": 2, "multiclass": len(self.classes), "multilabel": len(self.classes)}.get(self.task)
 
     def site_summaries(self) -> list[dict]:
         """Each site's name and row counts (binary: all rows, positives, negatives; multiclass:
         rows per class, a class the site lacks counted 0; regression: rows and the target's
-        range): what a report shows and what a deployed site shares at setup."""
+        range; multilabel: positive rows per label): what a report shows and what a deployed site
+        shares at setup."""
+        if self.task == "multilabel":
+            return [{"name": s.name, "n": s.n, "label_positives": dict(zip(self.classes, s.y.sum(axis=0).tolist()))}
+                    for s in self.sites]
         if self.task == "multiclass":
             return [{"name": s.name, "n": s.n, "class_counts": dict(zip(
                 self.classes, np.bincount(s.y, minlength=len(self.classes)).tolist()))} for s in self.sites]

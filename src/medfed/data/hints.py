@@ -11,6 +11,7 @@ from __future__ import annotations
 _SETTINGS: dict[str, tuple[str, str, str]] = {
     "site_column": ("--site-column", "NAME", 'site_column = "NAME"'),
     "label_column": ("--label-column", "NAME", 'label_column = "NAME"'),
+    "label_columns": ("--label-columns", "a,b,c", "label_columns = [...]"),
     "split_column": ("--split-column", "NAME", 'split_column = "NAME"'),
     "features": ("--features", "a,b", "features = [...]"),
     "impute": ("--impute", "mean|median", 'impute = "mean"'),
@@ -18,7 +19,7 @@ _SETTINGS: dict[str, tuple[str, str, str]] = {
     "exclude": ("--exclude", "a,b", "exclude = [...]"),
     "categorical": ("--categorical", "a,b", "categorical = [...]"),
     "covariates": ("--covariates", "a,b", "covariates = [...]"),
-    "task": ("--task", "binary|multiclass|regression", 'task = "multiclass"'),
+    "task": ("--task", "binary|multiclass|regression|multilabel", 'task = "multiclass"'),
     "kind": ("--kind", "auto|nifti|dicom|image", 'kind = "auto"'),
     "skip_bad": ("--skip-bad", "", "skip_bad = true"),
 }

@@ -46,7 +46,7 @@ def load_table(
     path: str | os.PathLike,
     *,
     site_column: str,
-    label_column: str,
+    label_column: str | None = None,
     split_column: str | None = None,
     features: Sequence[str] | None = None,
     impute: str | None = None,
@@ -56,6 +56,7 @@ def load_table(
     name: str | None = None,
     covariates: Sequence[str] | None = None,
     task: str | None = None,
+    label_columns: Sequence[str] | None = None,
 ) -> Federation:
     """Read a CSV or Parquet table with one row per subject into a federation of sites.
 
@@ -66,6 +67,10 @@ def load_table(
     fraction: regression). ``positive_label`` binarizes (that value against all others); two
     values other than 0/1 need it, since the loader never guesses which class is positive: a
     silently flipped label inverts every metric.
+
+    ``label_columns`` (instead of ``label_column``) names the K >= 2 columns of a ``multilabel``
+    task, each 0/1 with both values in the file; their names become the federation's
+    ``classes`` in the order given.
 
     Features are ``features`` if given, else every column but the site, label and split
     columns and those in ``exclude``. A column without a header name (pandas writes its row
@@ -87,7 +92,9 @@ def load_table(
 
     Every problem found with the file is reported at once, in one :class:`DataError`.
     """
-    _check_parameters(site_column, label_column, split_column, features, impute, exclude, categorical, covariates)
+    label_columns = _label_columns(label_column, label_columns, task, positive_label)
+    _check_parameters(site_column, label_column or label_columns[0], split_column, features, impute, exclude,
+                      categorical, covariates, label_columns)
     path = Path(path)
     df = read_frame(path)
     columns = [str(c) for c in df.columns]
@@ -97,7 +104,8 @@ def load_table(
     problems = _Problems(path)
     categorical = list(categorical or [])
 
-    named = [(site_column, "site_column"), (label_column, "label_column")]
+    named = [(site_column, "site_column")] + [(c, "label_columns" if label_columns else "label_column")
+                                              for c in label_columns or (label_column,)]
     named += [(split_column, "split_column")] if split_column else []
     named += [(c, key) for key, cols in (("features", features), ("exclude", exclude), ("categorical", categorical),
                                          ("covariates", covariates)) for c in cols or []]
@@ -109,7 +117,7 @@ def load_table(
             f"available columns: {_list(columns, limit=40)}"
         )
 
-    reserved = {site_column, label_column, split_column, *(covariates or ())}
+    reserved = {site_column, label_column, *(label_columns or ()), split_column, *(covariates or ())}
     if features is None:
         feature_names = [c for c in columns if c not in reserved and c not in set(exclude or ())]
         if not feature_names:
@@ -139,7 +147,10 @@ def load_table(
             problems.add(_sites_without_split_rows(split, site_arr, site_order, split_column))
 
     labels = None
-    if label_column in columns:
+    if label_columns:
+        if all(c in columns for c in label_columns):
+            labels = problems.attempt(multilabel_labels, df, label_columns, path, site_arr)
+    elif label_column in columns:
         labels = problems.attempt(task_labels, df[label_column], label_column, task, positive_label, path, site_arr)
 
     X, names, encoded = _feature_matrix(df, feature_names, categorical, impute, site_arr, problems)
@@ -156,6 +167,7 @@ def load_table(
         "source": str(path),
         "site_column": site_column,
         "label_column": label_column,
+        **({"label_columns": list(label_columns)} if label_columns else {}),
         "split_column": split_column,
         "features_selected_by": "all" if features is None else "list",
     }
@@ -353,19 +365,43 @@ class _Problems:
 # --------------------------------------------------------------------------- parameters
 
 
+def _label_columns(label_column, label_columns, task, positive_label) -> tuple[str, ...] | None:
+    """``label_columns`` checked against the other label settings (a multilabel task reads
+    several 0/1 columns, a single label column any other task), before touching the file."""
+    if label_columns is None:
+        if task == "multilabel":
+            raise ConfigError(f"a multilabel task reads several 0/1 label columns: name them with "
+                              f"{setting('label_columns')} instead of {flag('label_column')}")
+        return None
+    if label_column is not None:
+        raise ConfigError(f"give {flag('label_column')} (one label) or {flag('label_columns')} (a multilabel task), "
+                          "not both")
+    columns = _column_list("label_columns", label_columns, {})
+    if len(columns) < 2:
+        raise ConfigError(f"{flag('label_columns')} names one column ({columns[0]!r}): a single 0/1 label is a binary "
+                          f"task, give it with {flag('label_column')}")
+    if task not in (None, "multilabel"):
+        raise ConfigError(f"{flag('label_columns')} makes a multilabel task; {flag('task')} says {task!r}")
+    if positive_label is not None:
+        raise ConfigError(f"{flag('positive_label')} binarizes one label column; each of {flag('label_columns')} "
+                          "must hold 0/1 already")
+    return columns
+
+
 def _check_parameters(site_column, label_column, split_column, features, impute, exclude=None, categorical=None,
-                      covariates=None) -> None:
+                      covariates=None, label_columns=None) -> None:
     """Reject bad arguments before touching the file, so the message blames the option."""
     for key, value in (("site_column", site_column), ("label_column", label_column)):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{setting(key)} must be a column name, got {value!r}")
     if split_column is not None and (not isinstance(split_column, str) or not split_column):
         raise ConfigError(f"{setting('split_column')} must be a column name or left out, got {split_column!r}")
-    roles = {"site_column": site_column, "label_column": label_column}
+    roles = [("site_column", site_column)]
+    roles += [("label_columns", c) for c in label_columns] if label_columns else [("label_column", label_column)]
     if split_column:
-        roles["split_column"] = split_column
+        roles.append(("split_column", split_column))
     seen: dict[str, str] = {}
-    for role, col in roles.items():
+    for role, col in roles:
         if col in seen:
             raise ConfigError(f"{flag(seen[col])} and {flag(role)} are both {col!r}; they must differ")
         seen[col] = role
@@ -405,7 +441,7 @@ def _column_list(key: str, value, roles: dict[str, str]) -> tuple[str, ...] | No
     dup = sorted({f for f in value if list(value).count(f) > 1})
     if dup:
         raise ConfigError(f"{flag(key)} lists {_list(dup)} more than once")
-    clash = [f"{f!r} (the {roles[f].removesuffix('_column')} column)" for f in value if f in roles]
+    clash = [f"{f!r} (the {roles[f].removesuffix('_columns').removesuffix('_column')} column)" for f in value if f in roles]
     if clash:
         raise ConfigError(f"{flag(key)} must not include {', '.join(clash)}")
     return tuple(value)
@@ -615,6 +651,13 @@ def task_labels(col, name: str, task: str | None, positive_label: Any, path: Pat
     if np.unique(y).size < 2:
         raise DataError(f"{path}: label column {name!r} holds one value only; a regression target must vary")
     return Labels(y, "regression", source=source)
+
+
+def multilabel_labels(df, names: Sequence[str], path: Path, sites: np.ndarray | None) -> Labels:
+    """The ``label_columns`` of a multilabel task: each a 0/1 column with both values (as
+    :func:`binary_labels` reads one), stacked into ``(n, K)`` int8 targets named by the columns."""
+    y = np.stack([binary_labels(df[c], c, None, path, sites)[0] for c in names], axis=1)
+    return Labels(y, "multilabel", tuple(names), source="given")
 
 
 def _no_missing_labels(col, name: str, path: Path, sites: np.ndarray | None) -> None:

@@ -1,9 +1,10 @@
 """What a target is: the task of a federation, and how a label column's values say which.
 
 ``binary`` (labels 0/1, today's default), ``multiclass`` (K named classes stored as indices
-0..K-1 into the federation's ``classes``), ``regression`` (a real value per row). The names
-``multilabel`` and ``segmentation`` are reserved: a config may not use them for anything else,
-and naming them is refused until they are implemented.
+0..K-1 into the federation's ``classes``), ``regression`` (a real value per row), ``multilabel``
+(K binary targets per row, an ``(n, K)`` array of 0/1 whose columns the federation's ``classes``
+name; from a table's several label columns). The name ``segmentation`` is reserved: a config may
+not use it for anything else, and naming it is refused until it is implemented.
 
 Inference (:func:`infer_task`) is used only where the values leave no doubt, and what it
 decided is printed and recorded in ``results.json``; a label column it cannot read as one
@@ -20,8 +21,8 @@ from medfed.data.hints import setting
 from medfed.errors import DataError
 
 TASKS = ("binary", "multiclass", "regression", "multilabel", "segmentation")
-"""Every task name; the last two are reserved for later."""
-SUPPORTED_TASKS = ("binary", "multiclass", "regression")
+"""Every task name; the last is reserved for later."""
+SUPPORTED_TASKS = ("binary", "multiclass", "regression", "multilabel")
 CLASSIFICATION = ("binary", "multiclass")
 
 # more distinct values than this are not inferred to be classes (an ID, an age in whole years):
@@ -89,8 +90,15 @@ def class_order(distinct: Sequence[str]) -> tuple[str, ...]:
 
 
 def strata(task: str, y: np.ndarray) -> np.ndarray:
-    """What a stratified split keeps in proportion: the class (classification) or, for a
-    regression target, its quantile bin among ``REGRESSION_STRATA`` (ties stay in one bin)."""
+    """What a stratified split keeps in proportion: the class (classification); for a
+    regression target its quantile bin among ``REGRESSION_STRATA`` (ties stay in one bin); for
+    multi-label targets the row's combination of labels (the label powerset), the combinations
+    that occur once pooled into one stratum, so that a rare combination is still split rather
+    than kept whole in the training rows."""
+    if task == "multilabel":
+        _, pattern, counts = np.unique(y, axis=0, return_inverse=True, return_counts=True)
+        pattern = pattern.reshape(-1)
+        return np.where(counts[pattern] > 1, pattern, -1)
     if task != "regression":
         return y
     edges = np.quantile(y, np.linspace(0.0, 1.0, REGRESSION_STRATA + 1)[1:-1])

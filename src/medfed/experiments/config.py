@@ -72,6 +72,7 @@ class DataSpec(_Strict):
     skip_bad: bool = False
     site_column: str | None = None
     label_column: str | None = None
+    label_columns: list[str] | None = None  # a multilabel task's 0/1 label columns (instead of label_column)
     split_column: str | None = None
     features: list[str] | None = None
     impute: Literal["mean", "median"] | None = None
@@ -100,8 +101,10 @@ class DataSpec(_Strict):
             )
         if self.npz is not None and not self.positive_classes:
             raise ValueError("data.npz needs data.positive_classes: the classes that count as positive")
-        if self.path is not None and (self.site_column is None or self.label_column is None):
-            raise ValueError("a table needs data.site_column and data.label_column")
+        if self.path is not None and (self.site_column is None or (self.label_column is None and not self.label_columns)):
+            raise ValueError("a table needs data.site_column and data.label_column (or data.label_columns)")
+        if self.label_columns and self.path is None:
+            raise ValueError("--label-columns (data.label_columns) apply to a table given with --data (data.path)")
         if self.path is None and (self.exclude or self.categorical):
             given = " and ".join(f for f, v in (("--exclude", self.exclude), ("--categorical", self.categorical)) if v)
             raise ValueError(

@@ -540,6 +540,7 @@ def _load_federation(spec: DataSpec) -> Federation:
         spec.path,
         site_column=spec.site_column,
         label_column=spec.label_column,
+        label_columns=spec.label_columns,
         split_column=spec.split_column,
         features=spec.features,
         impute=spec.impute,

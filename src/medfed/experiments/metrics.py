@@ -9,6 +9,8 @@ number. Computed in numpy (agreement with scikit-learn is a test) to keep start-
 Multiclass (:func:`multiclass_metrics`): accuracy, balanced accuracy, macro-F1, macro one-vs-rest
 AUC, and each class's sensitivity and specificity (keys ``sen:<class>``, ``spe:<class>``).
 Regression (:func:`regression_metrics`): MAE, RMSE, R², Pearson r.
+Multilabel (:func:`multilabel_metrics`): each label's AUC (keys ``auc:<label>``), their macro
+mean and subset accuracy.
 
 Each task declares its metric set once (:data:`METRIC_SETS`): every key ``results.json``,
 the CSV and the Markdown carry, and the headline ones the terminal table shows.
@@ -49,11 +51,15 @@ BINARY = MetricSet("binary", ("acc", "sen", "spe", "auc", "balanced_acc", "f1"),
 MULTICLASS = MetricSet("multiclass", ("acc", "balanced_acc", "macro_f1", "macro_auc"),
                        ("acc", "balanced_acc", "macro_f1", "macro_auc"))
 REGRESSION = MetricSet("regression", ("mae", "rmse", "r2", "pearson_r"), ("mae", "rmse", "r2", "pearson_r"))
-METRIC_SETS = {m.task: m for m in (BINARY, MULTICLASS, REGRESSION)}
+MULTILABEL = MetricSet("multilabel", ("macro_auc", "subset_acc"), ("macro_auc", "subset_acc"))
+METRIC_SETS = {m.task: m for m in (BINARY, MULTICLASS, REGRESSION, MULTILABEL)}
 METRIC_LABELS = {"acc": "ACC", "sen": "SEN", "spe": "SPE", "auc": "AUC", "balanced_acc": "BACC", "f1": "F1",
                  "macro_f1": "macro-F1", "macro_auc": "macro-AUC", "mae": "MAE", "rmse": "RMSE", "r2": "R2",
-                 "pearson_r": "Pearson r"}
+                 "pearson_r": "Pearson r", "subset_acc": "subset ACC"}
 PER_CLASS = ("sen", "spe")  # a multiclass row's per-class metrics, keyed "sen:<class>"
+PER_LABEL = ("auc",)  # a multilabel row's per-label metrics, keyed "auc:<label>"
+PER_OUTPUT = {MULTICLASS.task: PER_CLASS, MULTILABEL.task: PER_LABEL}
+"""Each task's metrics per class (multiclass) or per label (multilabel), beside its set."""
 
 THRESHOLD_RULES = ("0.5", "youden", "prevalence")
 DEFAULT_THRESHOLD = "0.5"
@@ -67,10 +73,9 @@ def metric_set(task: str | None = None) -> MetricSet:
 
 
 def metric_keys(task: str, classes: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """Every metric a row of ``task`` holds: the task's set, then (multiclass) each class's
-    sensitivity and specificity."""
-    per_class = tuple(f"{m}:{c}" for m in PER_CLASS for c in classes) if task == MULTICLASS.task else ()
-    return metric_set(task).keys + per_class
+    """Every metric a row of ``task`` holds: the task's set, then each class's sensitivity and
+    specificity (multiclass) or each label's AUC (multilabel)."""
+    return metric_set(task).keys + tuple(f"{m}:{c}" for m in PER_OUTPUT.get(task, ()) for c in classes)
 
 
 def metric_label(key: str) -> str:
@@ -238,8 +243,8 @@ def model_scores(model, params, X: np.ndarray) -> tuple[np.ndarray, np.ndarray] 
 
 
 def task_scores(model, params, X: np.ndarray) -> np.ndarray | None:
-    """A multiclass model's class probabilities ``(n, K)`` or a regression model's predictions
-    ``(n,)`` on ``X`` (``model.predict``), or None when any is NaN/Inf (a diverged model)."""
+    """A multiclass model's class probabilities ``(n, K)``, a multilabel model's label probabilities
+    ``(n, K)`` or a regression model's predictions ``(n,)`` on ``X`` (``model.predict``), or None when any is NaN/Inf (a diverged model)."""
     scores = model.predict(params, X)
     return scores if np.isfinite(scores).all() else None
 
@@ -301,9 +306,35 @@ def regression_metrics(y_true: np.ndarray, predictions: np.ndarray) -> dict[str,
     return out
 
 
+def multilabel_metrics(y_true: np.ndarray, probabilities: np.ndarray, labels: tuple[str, ...]) -> dict[str, Metric]:
+    """Every multilabel metric of label ``probabilities`` ``(n, K)`` for 0/1 targets ``y_true``
+    ``(n, K)``: each label's AUC (``auc:<label>``; undefined where the test set holds one value
+    of the label), ``macro_auc`` their mean over the labels where it is defined (scikit-learn's
+    ``roc_auc_score(average="macro")`` when it is defined for all; with one undefined it refuses,
+    we average the others), and ``subset_acc`` the fraction of rows whose every label is
+    predicted right at probability 0.5 (scikit-learn's ``accuracy_score`` on label indicators)."""
+    y = np.asarray(y_true).astype(bool)
+    p = np.asarray(probabilities)
+    n = y.shape[0]
+    if not n:
+        return {m: Metric(None, "empty test set") for m in metric_keys(MULTILABEL.task, labels)}
+    out = {"subset_acc": Metric(float(np.mean(((p >= 0.5) == y).all(axis=1))))}
+    aucs = {}
+    for k, name in enumerate(labels):
+        positives = int(y[:, k].sum())
+        aucs[name] = (Metric(roc_auc(y[:, k], p[:, k])) if 0 < positives < n
+                      else Metric(None, f"label {name!r} is {'1' if positives else '0'} in every test row"))
+    defined = [m.value for m in aucs.values() if m.value is not None]
+    out["macro_auc"] = Metric(float(np.mean(defined))) if defined else Metric(
+        None, "macro AUC needs a label with both values in the test set")
+    return out | {f"auc:{name}": m for name, m in aucs.items()}
+
+
 def task_metrics(task: str, y_true: np.ndarray, scores: np.ndarray, classes: tuple[str, ...] = ()) -> dict[str, Metric]:
-    """The metrics of a multiclass or regression task's :func:`task_scores` (binary goes through
-    :func:`thresholded_metrics`, with its decision threshold)."""
+    """The metrics of a multiclass, multilabel or regression task's :func:`task_scores` (binary
+    goes through :func:`thresholded_metrics`, with its decision threshold)."""
     if task == MULTICLASS.task:
         return multiclass_metrics(y_true, scores, classes)
+    if task == MULTILABEL.task:
+        return multilabel_metrics(y_true, scores, classes)
     return regression_metrics(y_true, scores)

@@ -18,7 +18,7 @@ from medfed.experiments.metrics import (
     BINARY,
     DEFAULT_THRESHOLD,
     MULTICLASS,
-    PER_CLASS,
+    PER_OUTPUT,
     Metric,
     metric_label,
     metric_set,
@@ -61,9 +61,10 @@ def _row(cell: Cell, task: str = BINARY.task) -> dict[str, Any]:
         "metrics": {m: summarize(cell.metrics[m]) for m in metric_set(task).keys},
         "threshold": threshold_record(cell),
     }
-    if task == MULTICLASS.task:  # each class's sensitivity and specificity: {"sen": {class: summary}, ...}
-        row["per_class"] = {m: {k.split(":", 1)[1]: summarize(v) for k, v in cell.metrics.items()
-                                if k.startswith(m + ":")} for m in PER_CLASS}
+    if task in PER_OUTPUT:  # multiclass: {"sen": {class: summary}, ...}; multilabel: {"auc": {label: summary}}
+        row["per_class" if task == MULTICLASS.task else "per_label"] = {
+            m: {k.split(":", 1)[1]: summarize(v) for k, v in cell.metrics.items() if k.startswith(m + ":")}
+            for m in PER_OUTPUT[task]}
     return row
 
 
@@ -477,4 +478,6 @@ def task_lines(doc: dict[str, Any]) -> list[str]:
             + (f" (--model {model['name']} for this task)" if fitted != model["name"] else ""))
     if task == MULTICLASS.task:
         line += f"; classes {', '.join(doc['classes'])}; per-class sensitivity and specificity in results.json"
+    elif task == "multilabel":
+        line += f"; labels {', '.join(doc['classes'])}; per-label AUC in results.json"
     return [line]

@@ -1,4 +1,5 @@
-"""The other tasks' numpy models: softmax (multinomial) logistic regression and linear regression.
+"""The other tasks' numpy models: softmax (multinomial) logistic regression, linear regression and
+multi-label logistic regression.
 
 Both follow the session protocol of :mod:`medfed.models.logistic` (``session(params, X, y)``
 with ``gradient``, ``example_gradients``, ``penalized``, ``scaled``, ``loss``, ``parameters``),
@@ -21,6 +22,15 @@ Linear regression, parameter view ``{"weight": (d,), "bias": (1,)}``::
 
 scikit-learn's ``Ridge`` objective ``||y - X w - b||² + alpha ||w||²`` divided by ``2 n``: the same
 minimizer with ``alpha = n l2``.
+
+Multi-label logistic regression, K labels (K independent sigmoids), targets ``Y`` of shape ``(n, K)``
+in 0/1, parameter view ``{"weight": (d, K), "bias": (K,)}``::
+
+    L(W, b) = mean_i sum_k [ log(1 + exp(z_ik)) - Y_ik z_ik ] + (l2 / 2) ||W||_F²,   z_i = x_i W + b
+
+a sum of K binary logistic objectives over the same rows: column k of ``W`` is the binary
+``logistic`` model fitted to label k alone (scikit-learn's ``MultiOutputClassifier`` of
+``LogisticRegression`` with ``C = 1 / (n l2)``), trained together so that one round carries all K.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from collections.abc import Callable
 import numpy as np
 
 from medfed.errors import ConfigError
-from medfed.models.logistic import LogisticSession, Params
+from medfed.models.logistic import LogisticSession, Params, sigmoid
 
 _sum = np.add.reduce
 
@@ -61,66 +71,45 @@ def _residual(z: np.ndarray, index: np.ndarray) -> np.ndarray:
     return r
 
 
-class SoftmaxRegression:
-    """Multinomial logistic regression over K classes (the module docstring gives the objective)."""
+def _class_index(y: np.ndarray) -> np.ndarray:
+    return np.asarray(y).astype(np.intp)  # the harness hands labels over as floats
 
-    name = "softmax"
-    task = "multiclass"
 
-    def __init__(self, n_classes: int) -> None:
-        if n_classes < 2:
-            raise ConfigError(f"the softmax model needs at least 2 classes, got {n_classes}")
-        self.n_classes = int(n_classes)
+def mean_multilabel_log_loss(z: np.ndarray, Y: np.ndarray) -> float:
+    """``mean_i sum_k [log(1 + exp(z_ik)) - Y_ik z_ik]``: the K labels' log-losses summed per row."""
+    return float((_sum(np.logaddexp(0.0, z), axis=None) - np.vdot(Y, z)) / z.shape[0])
 
-    def init_params(self, sample_shape: tuple[int, ...], rng=None) -> dict[str, np.ndarray]:
-        """Zero parameters: the objective is convex, so the start does not decide the optimum."""
-        _tables_only(self.name, sample_shape)
-        return {"weight": np.zeros((sample_shape[0], self.n_classes)), "bias": np.zeros(self.n_classes)}
 
-    def decision(self, params: Params, X: np.ndarray) -> np.ndarray:
-        """The class scores ``(n, K)``."""
-        return X @ params["weight"] + params["bias"]
+def _multilabel_residual(z: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """``sigmoid(z) - Y``: each row's gradient of its summed log-losses with respect to z."""
+    r = sigmoid(z)
+    r -= Y
+    return r
 
-    def predict(self, params: Params, X: np.ndarray) -> np.ndarray:
-        """Class probabilities ``(n, K)``."""
-        return softmax(self.decision(params, X))
 
-    predict_proba = predict
-
-    def loss(self, params: Params, X: np.ndarray, y: np.ndarray, l2: float = 0.0) -> float:
-        W = params["weight"]
-        return _mean_cross_entropy(self.decision(params, X), np.asarray(y).astype(np.intp)) + 0.5 * l2 * float(
-            np.vdot(W, W))
-
-    def gradient(self, params: Params, X: np.ndarray, y: np.ndarray, l2: float = 0.0, *,
-                 with_loss: bool = False) -> tuple[dict[str, np.ndarray], float | None]:
-        with self.session(params, X, y) as s:
-            grads, loss = s.gradient(None, with_loss=with_loss)
-        W = params["weight"]
-        grads["weight"] += l2 * W
-        return grads, None if loss is None else loss + 0.5 * l2 * float(np.vdot(W, W))
-
-    def per_example_gradients(self, params: Params, X: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
-        """Each row's gradient of its own cross-entropy: ``outer(x, r)`` and ``r``, ``r = softmax(z) - onehot(y)``."""
-        r = _residual(self.decision(params, X), np.asarray(y).astype(np.intp))
-        return {"weight": X[:, :, None] * r[:, None, :], "bias": r}
-
-    def session(self, params: Params, X: np.ndarray, y: np.ndarray) -> SoftmaxSession:
-        return SoftmaxSession(params, X, y)
+def _label_matrix(y: np.ndarray) -> np.ndarray:
+    return np.asarray(y, dtype=np.float64)
 
 
 class SoftmaxSession:
-    """One local training of the softmax model: both parameters are float64 arrays it owns."""
+    """One local training of the softmax model: both parameters are float64 arrays it owns.
 
-    __slots__ = ("X", "y", "index", "values", "_row_scale")
+    The multi-label model's session (:class:`MultilabelSession`) differs only in ``encode`` (the
+    targets as the residual takes them), ``residual`` (each row's gradient with respect to z)
+    and ``data_loss``."""
+
+    __slots__ = ("X", "y", "target", "values", "_row_scale")
 
     penalized = ("weight",)
     scaled = frozenset({"weight"})
     """As :class:`~medfed.models.logistic.LogisticSession`: ``gradient`` folds ``scale`` into the weight's."""
+    encode = staticmethod(_class_index)
+    residual = staticmethod(_residual)
+    data_loss = staticmethod(_mean_cross_entropy)
 
     def __init__(self, params: Params, X: np.ndarray, y: np.ndarray) -> None:
         self.X, self.y = X, y
-        self.index = np.asarray(y).astype(np.intp)  # the harness hands labels over as floats
+        self.target = self.encode(y)
         self.values = {k: np.array(params[k], dtype=np.float64, copy=True) for k in ("weight", "bias")}
         self._row_scale = None
 
@@ -140,19 +129,19 @@ class SoftmaxSession:
     axpy = staticmethod(LogisticSession.axpy)
 
     def loss(self) -> float:
-        return _mean_cross_entropy(self.X @ self.values["weight"] + self.values["bias"], self.index)
+        return self.data_loss(self.X @ self.values["weight"] + self.values["bias"], self.target)
 
     def gradient(self, rows: np.ndarray | None, scale: float = 1.0,
                  row_weights: Callable[[np.ndarray], np.ndarray] | None = None,
                  with_loss: bool = False) -> tuple[dict, float | None]:
         """The batch's mean data-term gradient, the weight's times ``scale``; ``row_weights(y_batch)``
         weighs each row's term when given."""
-        X, index = (self.X, self.index) if rows is None else (self.X[rows], self.index[rows])
+        X, target = (self.X, self.target) if rows is None else (self.X[rows], self.target[rows])
         z = X @ self.values["weight"] + self.values["bias"]
         loss = None
         if with_loss:
-            loss = _mean_cross_entropy(z, index) if rows is None else self.loss()
-        r = _residual(z, index)
+            loss = self.data_loss(z, target) if rows is None else self.loss()
+        r = self.residual(z, target)
         if row_weights is not None:
             r *= row_weights(self.y if rows is None else self.y[rows])[:, None]
         n = X.shape[0]
@@ -165,11 +154,86 @@ class SoftmaxSession:
         if self._row_scale is None:
             self._row_scale = np.sqrt(np.einsum("ij,ij->i", self.X, self.X) + 1.0)
         X = self.X[rows]
-        r = _residual(X @ self.values["weight"] + self.values["bias"], self.index[rows])
+        r = self.residual(X @ self.values["weight"] + self.values["bias"], self.target[rows])
         return SoftmaxRows(X, r, np.sqrt(np.einsum("ij,ij->i", r, r)) * self._row_scale[rows])
 
     def parameters(self) -> dict[str, np.ndarray]:
         return dict(self.values)
+
+
+class MultilabelSession(SoftmaxSession):
+    """The softmax session with K independent sigmoids: residual ``sigmoid(z) - Y``."""
+
+    __slots__ = ()
+    encode = staticmethod(_label_matrix)
+    residual = staticmethod(_multilabel_residual)
+    data_loss = staticmethod(mean_multilabel_log_loss)
+
+
+class SoftmaxRegression:
+    """Multinomial logistic regression over K classes (the module docstring gives the objective)."""
+
+    name = "softmax"
+    task = "multiclass"
+    session_type = SoftmaxSession
+    outputs_are = "classes"
+
+    def __init__(self, n_classes: int) -> None:
+        if n_classes is None or n_classes < 2:
+            raise ConfigError(f"the {self.name} model needs at least 2 {self.outputs_are}, got {n_classes}")
+        self.n_classes = int(n_classes)
+
+    def init_params(self, sample_shape: tuple[int, ...], rng=None) -> dict[str, np.ndarray]:
+        """Zero parameters: the objective is convex, so the start does not decide the optimum."""
+        _tables_only(self.name, sample_shape)
+        return {"weight": np.zeros((sample_shape[0], self.n_classes)), "bias": np.zeros(self.n_classes)}
+
+    def decision(self, params: Params, X: np.ndarray) -> np.ndarray:
+        """The scores ``(n, K)``."""
+        return X @ params["weight"] + params["bias"]
+
+    def predict(self, params: Params, X: np.ndarray) -> np.ndarray:
+        """Class probabilities ``(n, K)``."""
+        return softmax(self.decision(params, X))
+
+    def predict_proba(self, params: Params, X: np.ndarray) -> np.ndarray:
+        return self.predict(params, X)
+
+    def loss(self, params: Params, X: np.ndarray, y: np.ndarray, l2: float = 0.0) -> float:
+        W = params["weight"]
+        session = self.session_type
+        return session.data_loss(self.decision(params, X), session.encode(y)) + 0.5 * l2 * float(np.vdot(W, W))
+
+    def gradient(self, params: Params, X: np.ndarray, y: np.ndarray, l2: float = 0.0, *,
+                 with_loss: bool = False) -> tuple[dict[str, np.ndarray], float | None]:
+        with self.session(params, X, y) as s:
+            grads, loss = s.gradient(None, with_loss=with_loss)
+        W = params["weight"]
+        grads["weight"] += l2 * W
+        return grads, None if loss is None else loss + 0.5 * l2 * float(np.vdot(W, W))
+
+    def per_example_gradients(self, params: Params, X: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        """Each row's gradient of its own data term: ``outer(x, r)`` and ``r`` (the session's residual)."""
+        session = self.session_type
+        r = session.residual(self.decision(params, X), session.encode(y))
+        return {"weight": X[:, :, None] * r[:, None, :], "bias": r}
+
+    def session(self, params: Params, X: np.ndarray, y: np.ndarray) -> SoftmaxSession:
+        return self.session_type(params, X, y)
+
+
+class MultilabelLogistic(SoftmaxRegression):
+    """K independent logistic regressions trained as one model (the module docstring gives the
+    objective); targets ``(n, K)`` in 0/1."""
+
+    name = "multilabel_logistic"
+    task = "multilabel"
+    session_type = MultilabelSession
+    outputs_are = "labels"
+
+    def predict(self, params: Params, X: np.ndarray) -> np.ndarray:
+        """Each label's probability ``(n, K)``."""
+        return sigmoid(self.decision(params, X))
 
 
 class SoftmaxRows:

@@ -12,16 +12,19 @@ predicates below are the one definition of it):
 - ``body.{i}.norm.{weight,bias,running_mean,running_var}``: block ``i``'s BatchNorm or
   GroupNorm (GroupNorm has no running statistics); ``norm.*``: ``torch_logistic``'s
   optional normalization of its input;
-- ``head.weight``, ``head.bias``: the final linear layer, one logit.
+- ``head.weight``, ``head.bias``: the final linear layer, the task's outputs (one logit, K
+  logits, one value; :class:`~medfed.models.torch_models.Head`).
 
 The numpy ``logistic`` model's ``weight`` and ``bias`` are neither norm nor head parameters.
 
 **Tasks** (:mod:`medfed.data.tasks`). ``logistic`` is the generalized linear model of the task:
 binary logistic regression, for ``multiclass`` the softmax model (``softmax``: the multinomial
-generalization, one score per class) and for ``regression`` least squares (``linear``: the
-identity link instead of the logit), all numpy, all with the same L2 and session protocol
-(:mod:`medfed.models.glm`). ``softmax`` and ``linear`` may be named directly. The torch models
-have a one-logit head: binary only until the heads of issue 11 exist.
+generalization, one score per class), for ``regression`` least squares (``linear``: the
+identity link instead of the logit) and for ``multilabel`` K independent logistic regressions
+(``multilabel_logistic``), all numpy, all with the same L2 and session protocol
+(:mod:`medfed.models.glm`); they may be named directly. The torch models train every one of
+these tasks with the task's head (softmax, sigmoids or one output) on the same body, scaled as
+the numpy model of the task.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Any
 
 from medfed.data.extras import missing_extra
 from medfed.errors import ConfigError
-from medfed.models.glm import LinearRegression, SoftmaxRegression
+from medfed.models.glm import LinearRegression, MultilabelLogistic, SoftmaxRegression
 from medfed.models.logistic import LogisticRegression
 
 NORMS = ("batch", "group", "none")
@@ -51,6 +54,7 @@ MODEL_OPTIONS: dict[str, dict[str, Any]] = {
     "logistic": {},
     "softmax": {},
     "linear": {},
+    "multilabel_logistic": {},
     "torch_logistic": {"norm": "none", **_TORCH_COMMON},
     "mlp": {"norm": "batch", "hidden": (64, 32), **_TORCH_COMMON},
     "cnn2d": {"norm": "batch", "channels": (8, 16, 32), **_TORCH_COMMON},
@@ -67,7 +71,8 @@ same numbers whatever ``torch.set_num_threads`` says; more threads are faster on
 and reproduce only with the same value on the same kind of machine."""
 
 SAMPLE_DIMS = {"logistic": (1, "feature vectors (d,)"), "softmax": (1, "feature vectors (d,)"),
-               "linear": (1, "feature vectors (d,)"), "cnn2d": (3, "2D images (C, H, W)"), "cnn3d": (4, "3D images (C, D, H, W)")}
+               "linear": (1, "feature vectors (d,)"), "multilabel_logistic": (1, "feature vectors (d,)"),
+               "cnn2d": (3, "2D images (C, H, W)"), "cnn3d": (4, "3D images (C, D, H, W)")}
 """Sample dimensionality a model requires; models not listed take any (they flatten)."""
 
 
@@ -166,10 +171,16 @@ def _linear(**options: Any) -> LinearRegression:
     return LinearRegression()
 
 
-TASK_MODELS = {"binary": ("logistic", "torch_logistic", "mlp", "cnn2d", "cnn3d"), "multiclass": ("softmax",),
-               "regression": ("linear",)}
-"""The models each task can train (the torch models' one-logit head is binary)."""
-GLM = {"binary": "logistic", "multiclass": "softmax", "regression": "linear"}
+def _multilabel(n_classes: int | None = None, **options: Any) -> MultilabelLogistic:
+    check_options("multilabel_logistic", options)
+    return MultilabelLogistic(n_classes)
+
+
+TORCH_MODELS = ("torch_logistic", "mlp", "cnn2d", "cnn3d")
+TASK_MODELS = {"binary": ("logistic", *TORCH_MODELS), "multiclass": ("softmax", *TORCH_MODELS),
+               "regression": ("linear", *TORCH_MODELS), "multilabel": ("multilabel_logistic", *TORCH_MODELS)}
+"""The models each task can train: its numpy GLM and every torch model (with the task's head)."""
+GLM = {"binary": "logistic", "multiclass": "softmax", "regression": "linear", "multilabel": "multilabel_logistic"}
 """What ``--model logistic`` builds for each task: the task's generalized linear model."""
 
 
@@ -180,12 +191,12 @@ def task_model(name: str, task: str) -> str:
     if key == "logistic":
         return GLM[task]
     if key in MODELS and key not in TASK_MODELS[task]:
-        raise ConfigError(f"model {name!r} cannot train a {task} task; choose {' or '.join(TASK_MODELS[task])}"
+        raise ConfigError(f"model {name!r} cannot train a {task} task; choose one of {', '.join(TASK_MODELS[task])}"
                           + (" (or logistic, which picks it)" if task != "binary" else ""))
     return key
 
 
-def _torch(arch: str, **options: Any):
+def _torch(arch: str, task: str = "binary", n_classes: int | None = None, **options: Any):
     # torch loads here, only when a torch model is asked for; without it, one line saying how to get it
     try:
         importlib.import_module("torch")
@@ -193,14 +204,15 @@ def _torch(arch: str, **options: Any):
         raise ConfigError(missing_extra("torch", f"model {arch!r}")) from None
     from medfed.models.torch_models import TorchModel
 
-    return TorchModel(arch, **options)
+    return TorchModel(arch, task=task, n_outputs=n_classes, **options)
 
 
 MODELS: dict[str, Callable[..., Any]] = {
     "logistic": _logistic,
     "softmax": _softmax,
     "linear": _linear,
-    **{arch: functools.partial(_torch, arch) for arch in ("torch_logistic", "mlp", "cnn2d", "cnn3d")},
+    "multilabel_logistic": _multilabel,
+    **{arch: functools.partial(_torch, arch) for arch in TORCH_MODELS},
 }
 """Model name -> factory taking the model's options as keyword arguments."""
 
@@ -208,7 +220,7 @@ MODELS: dict[str, Callable[..., Any]] = {
 def make_model(name: str, sample_shape: Sequence[int] | None = None, *, task: str = "binary",
                n_classes: int | None = None, **options: Any):
     """The model called ``name`` with ``options`` for ``task`` (:func:`task_model`; a multiclass
-    model has ``n_classes`` outputs); with ``sample_shape``, also check that it can take such
+    or multilabel model has ``n_classes`` outputs, one per class or label); with ``sample_shape``, also check that it can take such
     samples (the numpy models: tables only; ``cnn2d``/``cnn3d``: 2D/3D images)."""
     key = str(name).strip().lower()
     if key not in MODELS:
@@ -217,8 +229,10 @@ def make_model(name: str, sample_shape: Sequence[int] | None = None, *, task: st
     check_options(key, options)  # before torch is imported: a typo fails fast and cheaply
     if sample_shape is not None:
         check_sample_shape(key, sample_shape)
-    if key == "softmax":
-        return _softmax(n_classes, **options)
+    if key in ("softmax", "multilabel_logistic"):
+        return MODELS[key](n_classes, **options)
+    if key in TORCH_MODELS:
+        return MODELS[key](task=task, n_classes=n_classes, **options)
     return MODELS[key](**options)
 
 

@@ -13,12 +13,18 @@ The parameter view holds every trainable parameter and BatchNorm's running stati
 BatchNorm's ``num_batches_tracked`` is left out: with the fixed momentum 0.1 used here it
 never enters the math.
 
-Objective on (X, y), n rows, z the logit::
+Objective on (X, y), n rows, z_i the head's output for row i, by task (:class:`Head`)::
 
-    L = mean_i [ log(1 + exp(z_i)) - y_i z_i ] + (l2 / 2) * sum ||W||²
+    L = mean_i loss(z_i, y_i) + (l2 / 2) * sum ||W||²
 
-where W runs over the weights of the conv/linear layers and the head, as in the numpy model
-(not biases, not normalization parameters). BatchNorm layers run in train mode (batch
+    binary      one logit      loss = log(1 + exp(z)) - y z                   (the numpy ``logistic``)
+    multiclass  K logits       loss = logsumexp(z) - z[y]                     (the numpy ``softmax``)
+    regression  one output     loss = (z - y)² / 2                            (the numpy ``linear``)
+    multilabel  K logits       loss = sum_k log(1 + exp(z_k)) - y_k z_k       (the numpy ``multilabel_logistic``)
+
+each scaled as the numpy generalized linear model of the task (:mod:`medfed.models.glm`), so a
+``torch_logistic`` equals it in float64. W runs over the weights of the conv/linear layers and the
+head, as in the numpy models (not biases, not normalization parameters). BatchNorm layers run in train mode (batch
 statistics, running statistics updated) in a training session's steps and in eval mode (running
 statistics) in ``predict_proba``, ``loss``, ``gradient`` and the session's start loss.
 
@@ -56,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfed.errors import ConfigError
+from medfed.models.glm import _half_mean_square, _mean_cross_entropy, mean_multilabel_log_loss, softmax
 from medfed.models.registry import (
     check_options,
     check_sample_shape,
@@ -150,7 +157,8 @@ class _Block(nn.Module):
 
 
 class Network(nn.Module):
-    """``[flatten] -> [norm] -> body blocks -> [global average pool] -> head``: one logit per sample."""
+    """``[flatten] -> [norm] -> body blocks -> [global average pool] -> head``: the head's outputs
+    per sample, a scalar where the head has one (binary, regression)."""
 
     def __init__(self, body: Sequence[nn.Module], head: nn.Linear, *, flatten: bool, norm: nn.Module | None = None) -> None:
         super().__init__()
@@ -170,8 +178,9 @@ class Network(nn.Module):
         return self.head(x).squeeze(-1)
 
 
-def build_network(arch: str, sample_shape: Sequence[int], options: Mapping) -> Network:
-    """The torch module of architecture ``arch`` for samples of ``sample_shape``.
+def build_network(arch: str, sample_shape: Sequence[int], options: Mapping, outputs: int = 1) -> Network:
+    """The torch module of architecture ``arch`` for samples of ``sample_shape``, with ``outputs``
+    head outputs.
 
     Conv/linear layers carry a bias only without normalization (a norm layer's own shift
     makes it redundant). CNN blocks use 3-wide kernels (padding 1) and halve each spatial
@@ -181,13 +190,13 @@ def build_network(arch: str, sample_shape: Sequence[int], options: Mapping) -> N
     bias = norm == "none"
     if arch == "torch_logistic":
         d = n_elements(sample_shape)
-        return Network([], nn.Linear(d, 1), flatten=True, norm=_norm_layer(norm, d, 1))
+        return Network([], nn.Linear(d, outputs), flatten=True, norm=_norm_layer(norm, d, 1))
     if arch == "mlp":
         blocks, width = [], n_elements(sample_shape)
         for w in options["hidden"]:
             blocks.append(_Block("linear", nn.Linear(width, w, bias=bias), _norm_layer(norm, w, 1), None))
             width = w
-        return Network(blocks, nn.Linear(width, 1), flatten=True)
+        return Network(blocks, nn.Linear(width, outputs), flatten=True)
     dims = {"cnn2d": 2, "cnn3d": 3}[arch]
     conv, pool = (nn.Conv2d, nn.MaxPool2d) if dims == 2 else (nn.Conv3d, nn.MaxPool3d)
     blocks, width = [], int(sample_shape[0])
@@ -199,7 +208,7 @@ def build_network(arch: str, sample_shape: Sequence[int], options: Mapping) -> N
                    None if last else pool(2, ceil_mode=True))
         )
         width = c
-    return Network(blocks, nn.Linear(width, 1), flatten=False)
+    return Network(blocks, nn.Linear(width, outputs), flatten=False)
 
 
 @dataclass
@@ -215,6 +224,66 @@ class _Slot:
 
 def _mean_log_loss(z: np.ndarray, y: np.ndarray) -> float:
     return float((np.logaddexp(0.0, z).sum() - y @ z) / z.shape[0])
+
+
+HEAD_TASKS = ("binary", "multiclass", "regression", "multilabel")
+
+
+@dataclass(frozen=True)
+class Head:
+    """What the network's outputs mean for a task (the module docstring's table): how many there
+    are, each row's data term in torch (what training differentiates) and their mean in float64
+    numpy from the outputs (what ``loss`` reports, summed as the numpy model of the task sums
+    it), the targets' torch dtype and the prediction the metrics read."""
+
+    task: str
+    outputs: int
+
+    @classmethod
+    def of(cls, task: str, n_outputs: int | None, model: str) -> Head:
+        if task not in HEAD_TASKS:
+            raise ConfigError(f"model {model!r} has no head for a {task} task; it trains {', '.join(HEAD_TASKS)}")
+        if task in ("binary", "regression"):
+            return cls(task, 1)
+        if n_outputs is None or n_outputs < 2:
+            what = "classes" if task == "multiclass" else "labels"
+            raise ConfigError(f"model {model!r}: a {task} head needs at least 2 {what}, got {n_outputs}")
+        return cls(task, int(n_outputs))
+
+    def targets(self, y: np.ndarray) -> np.ndarray:
+        """``y`` as the data term takes it: class indices (multiclass), else float64."""
+        return np.asarray(y).astype(np.int64) if self.task == "multiclass" else np.asarray(y, dtype=np.float64)
+
+    def torch_loss(self, z: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+        """The rows' data terms (``reduction="none"``), their sum or their mean; binary calls
+        exactly what it always did, so its numbers do not move."""
+        if self.task == "binary":
+            return F.binary_cross_entropy_with_logits(z, y, reduction=reduction)
+        if self.task == "multiclass":
+            return F.cross_entropy(z, y, reduction=reduction)
+        if self.task == "regression":
+            return 0.5 * F.mse_loss(z, y, reduction=reduction)
+        per_row = F.binary_cross_entropy_with_logits(z, y, reduction="none").sum(dim=1)  # multilabel
+        return per_row if reduction == "none" else per_row.sum() if reduction == "sum" else per_row.mean()
+
+    def mean_loss(self, z: np.ndarray, y: np.ndarray) -> float:
+        """The mean data term at outputs ``z`` (float64) and targets :meth:`targets`."""
+        if self.task == "binary":
+            return _mean_log_loss(z, y)
+        if self.task == "multiclass":
+            return _mean_cross_entropy(z, y)
+        if self.task == "regression":
+            return _half_mean_square(z, y)
+        return mean_multilabel_log_loss(z, y)
+
+    def predict(self, z: np.ndarray) -> np.ndarray:
+        """The prediction of outputs ``z``: a probability per row (binary), per class (multiclass,
+        softmax), per label (multilabel), or the value itself (regression)."""
+        if self.task == "multiclass":
+            return softmax(z)
+        if self.task == "regression":
+            return z
+        return 0.5 * (1.0 + np.tanh(0.5 * z))  # the sigmoid, finite for any z
 
 
 class TorchModel:
@@ -237,14 +306,19 @@ class TorchModel:
         body.{i}.conv.weight | body.{i}.linear.weight [.bias without norm]   block i
         body.{i}.norm.weight | .bias | .running_mean | .running_var          its norm layer
         norm.*                                       torch_logistic's input normalization
-        head.weight, head.bias                       the final layer (one logit)
+        head.weight, head.bias                       the final layer (the task's outputs, :class:`Head`)
+
+    ``task`` (:mod:`medfed.data.tasks`) decides the head; ``n_outputs`` is its width for
+    ``multiclass`` (classes) and ``multilabel`` (labels).
     """
 
-    def __init__(self, arch: str, **options) -> None:
+    def __init__(self, arch: str, *, task: str = "binary", n_outputs: int | None = None, **options) -> None:
         opts = check_options(arch, options)
         if arch == "logistic":
             raise ConfigError("'logistic' is the numpy model; the torch one is 'torch_logistic'")
         self.name = arch
+        self.task = task
+        self.head = Head.of(task, n_outputs, arch)
         self.options = opts
         self.dtype = _DTYPES[opts["dtype"]]
         device = opts["device"]
@@ -254,7 +328,8 @@ class TorchModel:
         self._slots: dict[tuple[int, ...], _Slot] = {}
 
     def __repr__(self) -> str:
-        return f"TorchModel({self.name!r}, {', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
+        head = f", task={self.task!r}" + (f", n_outputs={self.head.outputs}" if self.head.outputs > 1 else "")
+        return f"TorchModel({self.name!r}{head}, {', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
 
     # --- the network and the parameter view -------------------------------------------
 
@@ -266,7 +341,7 @@ class TorchModel:
             # module constructors draw their own initial values from torch's global generator;
             # fork it so building a network leaves the caller's torch random state untouched
             with torch.random.fork_rng(devices=[]):
-                net = build_network(self.name, key, self.options).to(device=self.device, dtype=self.dtype)
+                net = build_network(self.name, key, self.options, self.head.outputs).to(device=self.device, dtype=self.dtype)
             state = net.state_dict(keep_vars=True)
             names = tuple(k for k in state if not k.endswith("num_batches_tracked"))
             decayed = tuple(k for k, _ in net.named_parameters() if k.endswith(".weight") and not is_norm(k))
@@ -281,7 +356,7 @@ class TorchModel:
     def network(self, sample_shape: Sequence[int]) -> Network:
         """A fresh copy of the torch module (for users who want the module itself)."""
         with torch.random.fork_rng(devices=[]):
-            return build_network(self.name, check_sample_shape(self.name, sample_shape), self.options)
+            return build_network(self.name, check_sample_shape(self.name, sample_shape), self.options, self.head.outputs)
 
     def _load(self, slot: _Slot, params: Params) -> None:
         if params.keys() != slot.shapes.keys():
@@ -313,17 +388,24 @@ class TorchModel:
     def _tensor(self, X: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(X), dtype=self.dtype, device=self.device)
 
+    def _targets(self, y: np.ndarray) -> torch.Tensor:
+        """The head's targets on the device: class indices as int64, others in the model's dtype."""
+        y = self.head.targets(y)
+        return torch.as_tensor(y, dtype=None if y.dtype == np.int64 else self.dtype, device=self.device)
+
     def _penalty(self, slot: _Slot, params: Params, l2: float) -> float:
         if not l2:
             return 0.0
         return 0.5 * l2 * sum(float(np.vdot(params[k], params[k])) for k in slot.decayed)
 
     def _logits(self, slot: _Slot, X: np.ndarray) -> np.ndarray:
-        """Eval-mode logits of every row, ``eval_batch`` rows at a time, as float64."""
+        """Eval-mode outputs of every row (``(n,)``, or ``(n, K)`` for a K-wide head), ``eval_batch``
+        rows at a time, as float64."""
         net = slot.net
         net.eval()
         chunk = self.options["eval_batch"]
-        out = np.empty(X.shape[0], dtype=np.float64)
+        width = self.head.outputs
+        out = np.empty((X.shape[0], width) if width > 1 else X.shape[0], dtype=np.float64)
         with torch.no_grad():
             for start in range(0, X.shape[0], chunk):
                 out[start : start + chunk] = net(self._tensor(X[start : start + chunk])).double().cpu().numpy()
@@ -362,15 +444,19 @@ class TorchModel:
 
     @_fixed_threads
     def predict_proba(self, params: Params, X: np.ndarray) -> np.ndarray:
-        """Probability of the positive class for each row of ``X`` (eval mode), float64."""
+        """:meth:`predict`: for a binary head the probability of the positive class of each row."""
+        return self.predict(params, X)
+
+    @_fixed_threads
+    def predict(self, params: Params, X: np.ndarray) -> np.ndarray:
+        """The head's prediction for each row of ``X`` (eval mode), float64 (:meth:`Head.predict`)."""
         slot = self._slot(X.shape[1:])
         self._load(slot, params)
-        z = self._logits(slot, X)
-        return 0.5 * (1.0 + np.tanh(0.5 * z))  # the sigmoid, finite for any z
+        return self.head.predict(self._logits(slot, X))
 
     @_fixed_threads
     def decision(self, params: Params, X: np.ndarray) -> np.ndarray:
-        """The logit of each row of ``X`` (eval mode), float64: what AUC ranks by."""
+        """The head's outputs for each row of ``X`` (eval mode), float64: the logits AUC ranks by."""
         slot = self._slot(X.shape[1:])
         self._load(slot, params)
         return self._logits(slot, X)
@@ -380,7 +466,7 @@ class TorchModel:
         """The objective in eval mode; the data term is summed in float64 from the logits."""
         slot = self._slot(X.shape[1:])
         self._load(slot, params)
-        return _mean_log_loss(self._logits(slot, X), np.asarray(y, dtype=np.float64)) + self._penalty(slot, params, l2)
+        return self.head.mean_loss(self._logits(slot, X), self.head.targets(y)) + self._penalty(slot, params, l2)
 
     @_fixed_threads
     def gradient(
@@ -398,14 +484,15 @@ class TorchModel:
         trainable = dict(net.named_parameters())
         for p in trainable.values():
             p.grad = None
-        y = np.asarray(y, dtype=np.float64)
+        head = self.head
+        y = head.targets(y)
         n = X.shape[0]
         chunk = self.options["eval_batch"]
-        z_all = np.empty(n, dtype=np.float64) if with_loss else None
+        z_all = np.empty((n, head.outputs) if head.outputs > 1 else n, dtype=np.float64) if with_loss else None
         for start in range(0, n, chunk):
             z = net(self._tensor(X[start : start + chunk]))
-            yb = self._tensor(y[start : start + chunk])
-            (F.binary_cross_entropy_with_logits(z, yb, reduction="sum") / n).backward()
+            yb = self._targets(y[start : start + chunk])
+            (head.torch_loss(z, yb, "sum") / n).backward()
             if with_loss:
                 z_all[start : start + chunk] = z.detach().double().cpu().numpy()
         grads = {}
@@ -419,7 +506,7 @@ class TorchModel:
         if l2:
             for name in slot.decayed:
                 grads[name] += l2 * np.asarray(params[name], dtype=np.float64)
-        loss = _mean_log_loss(z_all, y) + self._penalty(slot, params, l2) if with_loss else None
+        loss = head.mean_loss(z_all, y) + self._penalty(slot, params, l2) if with_loss else None
         return grads, loss
 
     def session(self, params: Params, X: np.ndarray, y: np.ndarray) -> TorchSession:
@@ -430,7 +517,7 @@ class TorchModel:
 
     @_fixed_threads
     def per_example_gradients(self, params: Params, X: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
-        """Each row's gradient of its own log-loss (leading row axis, float64; the trainable
+        """Each row's gradient of its own data term (leading row axis, float64; the trainable
         parameters only, the L2 term left out), through ``torch.func``: ``vmap`` of ``grad`` of
         the network called functionally on one row. Refused with BatchNorm, whose batch
         statistics make a row's output depend on the other rows."""
@@ -507,7 +594,7 @@ class TorchSession:
         self.model = model
         self._params = params
         self.X = np.asarray(X)
-        self.y = np.asarray(y, dtype=np.float64)
+        self.y = model.head.targets(y)
         self._stack = ExitStack()
         self._trained = False
 
@@ -524,7 +611,7 @@ class TorchSession:
         self.penalized = slot.decayed  # the weights under the L2 penalty
         self.values = dict(slot.net.named_parameters())
         self.shapes = {k: slot.shapes[k] for k in self.values}
-        self.Xt, self.yt = model._tensor(self.X), model._tensor(self.y)
+        self.Xt, self.yt = model._tensor(self.X), model._targets(self.y)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -541,7 +628,7 @@ class TorchSession:
 
     def loss(self) -> float:
         """The data term of the objective on all rows at the current parameters, eval mode."""
-        return _mean_log_loss(self.model._logits(self.slot, self.Xt), self.y)
+        return self.model.head.mean_loss(self.model._logits(self.slot, self.Xt), self.y)
 
     def _rows(self, rows: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
         if rows is None:
@@ -567,10 +654,10 @@ class TorchSession:
         with torch.enable_grad():
             z = net(xb)
             if row_weights is None:
-                batch_loss = F.binary_cross_entropy_with_logits(z, yb)
+                batch_loss = model.head.torch_loss(z, yb, "mean")
             else:
                 w = model._tensor(row_weights(self.y if rows is None else self.y[rows]))
-                batch_loss = (F.binary_cross_entropy_with_logits(z, yb, reduction="none") * w).sum() / xb.shape[0]
+                batch_loss = (model.head.torch_loss(z, yb, "none") * w).sum() / xb.shape[0]
             batch_loss.backward()
         self._trained = True
         return {k: p.grad for k, p in self.values.items()}, loss
@@ -589,10 +676,11 @@ class TorchSession:
         if xb.shape[0] == 0:  # an empty Poisson batch
             return TorchRows({k: torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device) for k, p in params.items()})
         buffers = dict(net.named_buffers())
+        head = self.model.head
 
         def row_loss(theta, x, target):
             z = functional_call(net, (theta, buffers), (x.unsqueeze(0),))
-            return F.binary_cross_entropy_with_logits(z, target.unsqueeze(0))
+            return head.torch_loss(z, target.unsqueeze(0), "mean")
 
         return TorchRows(vmap(grad(row_loss), in_dims=(None, 0, 0))(params, xb, yb))
 
