@@ -122,6 +122,7 @@ def test_regression_run_end_to_end_with_dp_sgd(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--methods", "fedsld"], "method 'fedsld' trains binary tasks; these data are multiclass"),
+    (["--methods", "dynamic_fusion"], "method 'dynamic_fusion' trains binary tasks; these data are multiclass"),
     (["--threshold", "youden"], "--threshold youden chooses a binary decision threshold"),
     (["--model", "linear"], "model 'linear' cannot train a multiclass task"),
     (["--task", "regression"], "label column 'dx' is not numeric"),

@@ -179,6 +179,7 @@ SERVER_METHODS: list[Method] = [
             per_site("latencies", "simulated mean seconds per site (others: latency)", range=at_least(0)),
         ),
         _dynamic_fusion, uploads="delta", family=FAMILY,
+        tasks=("binary",),  # its bar is on each site's training accuracy at threshold 0.5 (client/reporting.py)
     ),
 ]
 

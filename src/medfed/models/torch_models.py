@@ -734,6 +734,8 @@ def stacking_refusal(model: TorchModel) -> str | None:
                 "cannot return; use --model-option norm=group or norm=none")
     if model.options.get("optimizer", "sgd") != "sgd":
         return f"its local optimizer {model.options['optimizer']!r} is not batched (plain SGD only)"
+    if model.task != "binary":  # the stacked steps and their start loss are the binary log-loss's
+        return f"its {model.task} head is not batched yet (binary heads only)"
     return None
 
 
