@@ -557,3 +557,48 @@ def test_no_warnings_for_clean_files(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_image_manifest(manifest)
+
+
+def test_medmnist_npz_without_positive_classes_keeps_every_class(tmp_path):
+    a = write_medmnist(tmp_path / "a.npz", classes=(0, 2, 5), seed=1)
+    write_medmnist(tmp_path / "b.npz", classes=(0, 2), seed=2)  # a site may lack a class
+    fed = load_medmnist_npz({"A": tmp_path / "a.npz", "B": tmp_path / "b.npz"})
+    assert fed.task == "multiclass" and fed.classes == ("0", "2", "5")  # the integers, in order
+    labels = np.concatenate([a[f"{p}_labels"][:, 0] for p in ("train", "val", "test")])
+    np.testing.assert_array_equal(np.asarray(fed.classes)[fed.site("A").y], labels.astype(str))
+    assert fed.site("A").y.dtype == np.int64 and fed.info["positive_classes"] is None
+    assert fed.missing_classes() == {"B": ["5"]}
+    # positive_classes still binarizes
+    binary = load_medmnist_npz({"A": tmp_path / "a.npz"}, positive_classes=[5])
+    assert binary.task == "binary" and set(np.unique(binary.sites[0].y)) == {0, 1}
+
+
+def test_medmnist_npz_class_names_come_from_the_files(tmp_path):
+    names = np.array(["adenosis", "fibroadenoma", "carcinoma"])
+    a = write_medmnist(tmp_path / "a.npz", classes=(0, 2))
+    np.savez(tmp_path / "a.npz", **a, classes=names)
+    fed = load_medmnist_npz({"A": tmp_path / "a.npz"})
+    assert fed.classes == ("adenosis", "carcinoma")  # the names of the classes that occur
+    assert "2 classes: adenosis, carcinoma" in fed.description
+
+    b = write_medmnist(tmp_path / "b.npz", classes=(0, 2))
+    np.savez(tmp_path / "b.npz", **b, classes=np.array(["x", "y", "z"]))
+    with pytest.raises(DataError, match=r"b\.npz: classes \['x', 'y', 'z'\] differ from .*a\.npz \('A'\)"):
+        load_medmnist_npz({"A": tmp_path / "a.npz", "B": tmp_path / "b.npz"})
+    np.savez(tmp_path / "b.npz", **b, classes=np.array(["x", "y"]))
+    with pytest.raises(DataError, match=r"b\.npz: classes names 2 classes but the files hold class 2"):
+        load_medmnist_npz({"B": tmp_path / "b.npz"})
+    write_medmnist(tmp_path / "one.npz", classes=(3,))
+    with pytest.raises(ConfigError, match=r"the files hold class \[3\] only"):
+        load_medmnist_npz({"A": tmp_path / "one.npz"})
+
+
+def test_medmnist_npz_runs_multiclass_from_a_config(tmp_path):
+    from medfed.experiments.config import build_config
+    from medfed.experiments.harness import load_federation
+
+    for name, seed in (("a", 1), ("b", 2)):
+        write_medmnist(tmp_path / f"{name}.npz", n=(20, 4, 10), classes=(0, 1, 2), seed=seed)
+    config = build_config({"data": {"npz": {"A": str(tmp_path / "a.npz"), "B": str(tmp_path / "b.npz")}},
+                           "model": "torch_logistic"})
+    assert load_federation(config.data).task == "multiclass"

@@ -65,7 +65,7 @@ class DataSpec(_Strict):
     path: Path | None = None
     manifest: Path | None = None
     npz: dict[str, Path] | None = None  # MedMNIST-format files, site name -> path
-    positive_classes: list[int] | None = None
+    positive_classes: list[int] | None = None  # MedMNIST files: binary with these positive; None: every class
     use_val: Literal["train", "test", "drop"] = "train"
     path_column: str = "path"
     kind: Literal["auto", "nifti", "dicom", "image"] = "auto"
@@ -99,8 +99,6 @@ class DataSpec(_Strict):
                 "give exactly one of data.dataset (embedded name), data.path (a table file), "
                 "data.manifest (a table of image files) or data.npz (MedMNIST files by site)"
             )
-        if self.npz is not None and not self.positive_classes:
-            raise ValueError("data.npz needs data.positive_classes: the classes that count as positive")
         if self.path is not None and (self.site_column is None or (self.label_column is None and not self.label_columns)):
             raise ValueError("a table needs data.site_column and data.label_column (or data.label_columns)")
         if self.label_columns and self.path is None:
