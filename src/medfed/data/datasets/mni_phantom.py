@@ -106,8 +106,17 @@ from medfed.data.extras import import_extra, missing_extra
 from medfed.data.federation import MIN_SITE_SAMPLES, Federation, Site
 from medfed.errors import ConfigError, DataError
 
-TASKS = ("atrophy", "lesion")
+TASKS = ("atrophy", "lesion", "multiclass", "age")
+# task="multiclass": class k of a subject is MULTICLASS_CLASSES[k]; atrophy keeps index 1 and the
+# lesion class is the last, so the binary tasks' "y == 1" rules read the same
+MULTICLASS_CLASSES = ("healthy", "atrophy", "lesion")
+# task="age": simulated ages (years), uniform per subject; atrophy grows linearly over this span
+AGE_RANGE = (50.0, 90.0)
+# spread of a subject's atrophy about the one its age predicts (brain-age "gap"), in severity units
+AGE_SEVERITY_SD = 0.1
 DIMS = ("2d", "3d")
+# the medfed task (medfed.data.tasks) of each phantom task; the others are binary
+FEDERATION_TASK = {"multiclass": "multiclass", "age": "regression"}
 LESION_CONTRASTS = ("hypo", "hyper", "mixed")
 TEMPLATE_FILE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 ATTRIBUTION = (
@@ -142,7 +151,7 @@ def load_mni_phantom(
     dim: str = "2d",
     size: int | None = None,
     task: str = "atrophy",
-    positive_fraction: float | Sequence[float] = 0.5,
+    positive_fraction: float | Sequence[float] | None = None,
     site_shift: float = 1.0,
     effect: float = 1.0,
     variability: float = 1.0,
@@ -151,10 +160,14 @@ def load_mni_phantom(
     slice_mm: float = 15.0,
     band_mm: float = 8.0,
 ) -> Federation:
-    """A phantom federation of T1 images on MNI152 anatomy with a binary ``task``.
+    """A phantom federation of T1 images on MNI152 anatomy: a binary ``task`` (``atrophy``,
+    ``lesion``), three classes (``multiclass``: healthy / atrophy / lesion) or a regression
+    target (``age``: the subject's simulated age in years, which drives atrophy).
 
     ``n_per_site`` and ``positive_fraction`` take one value for every site or one per site
-    (quantity and label skew). ``size`` defaults to 32 (2D, ``size × size`` slices) or 16
+    (quantity and label skew); ``positive_fraction`` (default 0.5) is the share of diseased
+    subjects, for ``multiclass`` split evenly between atrophy and lesion (the odd one to
+    atrophy), and does not apply to ``age``. ``size`` defaults to 32 (2D, ``size × size`` slices) or 16
     (3D cubes). ``site_shift`` scales the scanner differences (0: identical scanners),
     ``effect`` the disease signal (0: labels carry no image information), ``variability``
     the subjects' pose and shape. ``lesion_mm`` and ``lesion_contrast`` apply to
@@ -171,7 +184,11 @@ def load_mni_phantom(
     hi = 256 if dim == "2d" else 64
     size = check_int("size", size, 8, hi)
     sizes = _per_site_ints("n_per_site", n_per_site, n_sites, MIN_SITE_SAMPLES)
-    fractions = _per_site_floats("positive_fraction", positive_fraction, n_sites, 0.0, 1.0)
+    if task == "age" and positive_fraction is not None:
+        raise ConfigError("option 'positive_fraction' does not apply to task='age' (a regression target: the "
+                          f"subjects' ages are uniform over {AGE_RANGE[0]:g}-{AGE_RANGE[1]:g} years)")
+    fractions = _per_site_floats("positive_fraction", 0.5 if positive_fraction is None else positive_fraction,
+                                 n_sites, 0.0, 1.0)
     site_shift = check_float("site_shift", site_shift, 0.0, 3.0)
     effect = check_float("effect", effect, 0.0, 3.0)
     variability = check_float("variability", variability, 0.0, 3.0)
@@ -191,22 +208,27 @@ def load_mni_phantom(
         scanner = _scanner(k, site_shift)
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(k,)))
         n = sizes[k]
-        n_pos = round(n * fractions[k])
-        y = rng.permutation(np.r_[np.ones(n_pos, np.int8), np.zeros(n - n_pos, np.int8)])
+        y = _site_targets(rng, task, n, fractions[k])
         X = _site_images(
             rng, y, q, centre, vols, to_voxel, bias_terms, scanner,
             task=task, effect=effect, variability=variability, band_mm=band_mm if ndim == 2 else 0.0,
             lesion_mm=lesion_mm, lesion_contrast=lesion_contrast, size=size, ndim=ndim,
         )
-        sites.append(Site(name=f"site-{k + 1}", X=X[:, None], y=y))
+        sites.append(Site(name=f"site-{k + 1}", X=X[:, None], y=y, task=FEDERATION_TASK.get(task, "binary")))
         scanners.append({key: (v.tolist() if isinstance(v, np.ndarray) else v) for key, v in scanner.items()})
 
     shape = "×".join([str(size)] * ndim)
-    what = "regional atrophy" if task == "atrophy" else {
+    lesion = {
         "hypo": "hypointense white-matter lesion",
         "hyper": "hyperintense white-matter lesion",
         "mixed": "hypo- or hyperintense white-matter lesion",
     }[lesion_contrast]
+    what = {
+        "atrophy": "regional atrophy present (1) vs absent (0)",
+        "lesion": f"{lesion} present (1) vs absent (0)",
+        "multiclass": f"healthy vs regional atrophy vs {lesion}",
+        "age": f"age in years ({AGE_RANGE[0]:g}-{AGE_RANGE[1]:g}; atrophy grows with it)",
+    }[task]
     return Federation(
         name="mni-phantom",
         sites=tuple(sites),
@@ -214,17 +236,19 @@ def load_mni_phantom(
         description=(
             f"PHANTOM on real anatomy: {sum(sizes)} simulated {dim.upper()} T1 images ({shape}) resampled from "
             f"the MNI ICBM152 2009a templates at {n_sites} simulated scanners (site_shift={site_shift}); "
-            f"task: {what} present (1) vs absent (0), effect={effect}, seed {seed}"
+            f"task: {what}, effect={effect}, seed {seed}"
         ),
         attribution=ATTRIBUTION,
         positive_label=task,
+        task=FEDERATION_TASK.get(task, "binary"),
+        classes=MULTICLASS_CLASSES if task == "multiclass" else (),
         info={
             "source": "nilearn package data: " + TEMPLATE_FILE.format("{t1,gm,wm}"),
             "phantom": True,
             "seed": seed,
             "n_sites": n_sites,
             "n_per_site": sizes,
-            "positive_fraction": fractions,
+            "positive_fraction": None if task == "age" else fractions,
             "dim": dim,
             "size": size,
             "task": task,
@@ -324,6 +348,19 @@ def _rotations(angles: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
+def _site_targets(rng: np.random.Generator, task: str, n: int, fraction: float) -> np.ndarray:
+    """One site's targets: exactly ``round(n * fraction)`` diseased subjects in random order
+    (binary 1; multiclass atrophy 1 and lesion 2, half each), or ages for ``task="age"``."""
+    if task == "age":
+        return rng.uniform(*AGE_RANGE, n)
+    n_pos = round(n * fraction)
+    if task == "multiclass":
+        n_lesion = n_pos // 2
+        return rng.permutation(np.r_[np.ones(n_pos - n_lesion, np.int64), np.full(n_lesion, 2, np.int64),
+                                     np.zeros(n - n_pos, np.int64)])
+    return rng.permutation(np.r_[np.ones(n_pos, np.int8), np.zeros(n - n_pos, np.int8)])
+
+
 def _site_images(
     rng: np.random.Generator,
     y: np.ndarray,
@@ -365,9 +402,14 @@ def _site_images(
     amp = rng.normal(0, 2.0 * v / math.sqrt(waves), (n, waves, 3))
     p += np.cos(qs @ freq + phase) @ amp
 
-    if task == "atrophy":
+    atrophy = task in ("atrophy", "multiclass", "age")
+    if task == "age":
+        span = (y - AGE_RANGE[0]) / (AGE_RANGE[1] - AGE_RANGE[0])
+        severity = np.clip(span + rng.normal(0, AGE_SEVERITY_SD, n), 0.0, 1.0) * effect
+    elif atrophy:  # class 1 is atrophy; everyone else ages normally
         lo_hi = np.where(y[:, None] == 1, [0.35, 1.0], [0.0, 0.45])
         severity = rng.uniform(lo_hi[:, 0], lo_hi[:, 1]) * effect
+    if atrophy:
         # Ventricles enlarge: near their centroid the sampling radius shrinks (magnification).
         d = p - VENTRICLE_CENTRE
         r2 = (d**2).sum(-1, keepdims=True)
@@ -380,14 +422,15 @@ def _site_images(
         for vol in vols
     )
 
-    if task == "atrophy":
+    if atrophy:
         region = np.zeros(p.shape[:2])
         for c in ATROPHY_REGIONS:
             region += np.exp(-((p - c) ** 2).sum(-1) / (2 * ATROPHY_REGION_MM**2))
         t1 = t1 - 0.55 * severity[:, None] * np.minimum(region, 1.0) * gm * GM_CSF_CONTRAST
-    else:
+    lesioned = {"lesion": 1, "multiclass": 2}.get(task)
+    if lesioned is not None:
         zone = ((p - VENTRICLE_CENTRE) ** 2).sum(-1) < LESION_ZONE_MM**2
-        for i in np.flatnonzero(y == 1):
+        for i in np.flatnonzero(y == lesioned):
             candidates = np.flatnonzero(zone[i] & (wm[i] > 0.7))
             if candidates.size == 0:  # an extreme pose: fall back to any white matter
                 candidates = np.flatnonzero(wm[i] > 0.5)
