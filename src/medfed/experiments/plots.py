@@ -1,5 +1,7 @@
-"""Plots of a run, fit for a paper: ROC per test site, training loss per federated method and,
-with ``eval_every``, the test metrics per evaluated round.
+"""Plots of a run, fit for a paper: per test site the task's own figure (binary: ROC;
+multiclass: a confusion matrix per setting and one-vs-rest ROC per class; multilabel: ROC per
+label; regression: predicted against true values per setting), training loss per federated
+method and, with ``eval_every``, the test metrics per evaluated round.
 
 Every curve is a mean over repeats with a band of ±1 sample standard deviation (the table's
 spread, ``STD_DDOF``), and each figure's title says so. Curves differ in colour, line style
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from medfed.experiments.harness import Cell, ExperimentRun, History
-from medfed.experiments.metrics import BINARY, roc_curve
+from medfed.experiments.metrics import METRIC_LABELS, metric_set, roc_auc, roc_curve
 from medfed.experiments.results import STD_DDOF, format_metric, summarize
 
 # the FPR grid the repeats' ROC curves are averaged on (vertical averaging)
@@ -188,6 +190,132 @@ def roc_figure(run: ExperimentRun, test_site: str):
     return fig
 
 
+def _panels(n: int, width: float = 3.2, height: float = 3.0):
+    """A figure with ``n`` panels, at most 3 a row, the unused ones hidden; (figure, axes)."""
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig = _figure(figsize=(width * cols + 1.6, height * rows + 0.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax in axes[n:]:
+        ax.set_axis_off()
+    return fig, axes[:n]
+
+
+def _scored_cells(run: ExperimentRun, test_site: str) -> list[Cell]:
+    """The cells tested on ``test_site`` that have predictions in at least one repeat."""
+    return [c for c in run.cells if c.test_site == test_site and c.scores]
+
+
+def _repeats_text(cell: Cell, repeats: int) -> str:
+    return f"{len(cell.scores)} repeat{'s' * (len(cell.scores) != 1)} pooled" + (
+        f" (of {repeats})" if len(cell.scores) < repeats else "")
+
+
+def confusion_figure(run: ExperimentRun, test_site: str):
+    """Multiclass: per setting, the confusion matrix on ``test_site``'s test rows, counts summed
+    over the repeats and each row (true class) divided by its total, so a cell reads as the
+    share of that class predicted as the column's class (the diagonal: per-class sensitivity);
+    a row predicts its most probable class, as the metrics do."""
+    classes = run.federation.classes
+    K = len(classes)
+    cells = _scored_cells(run, test_site)
+    fig, axes = _panels(max(len(cells), 1), 0.45 * K + 2.0, 0.45 * K + 1.8)
+    image = None
+    for ax, cell in zip(axes, cells):
+        counts = np.zeros((K, K))
+        for y, p in cell.scores:
+            np.add.at(counts, (np.asarray(y, dtype=np.intp), np.argmax(p, axis=1)), 1)
+        totals = counts.sum(axis=1, keepdims=True)
+        share = np.divide(counts, totals, out=np.full_like(counts, np.nan), where=totals > 0)
+        image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+        for i, j in np.ndindex(K, K):
+            if np.isfinite(share[i, j]):
+                ax.text(j, i, f"{share[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if share[i, j] > 0.6 else "black")
+        ax.set_xticks(range(K), classes, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(K), classes, fontsize=7)
+        ax.set_xlabel("predicted class", fontsize=8)
+        ax.set_ylabel("true class", fontsize=8)
+        acc = summarize(cell.metrics["acc"])
+        ax.set_title(f"{_cell_label(cell)}\nACC {format_metric(acc)}; {_repeats_text(cell, run.config.repeats)}",
+                     fontsize=8)
+    if image is None:
+        axes[0].text(0.5, 0.5, "no setting could be scored here", ha="center", va="center", fontsize=8,
+                     transform=axes[0].transAxes)
+        axes[0].set_axis_off()
+    else:
+        fig.colorbar(image, ax=list(axes), shrink=0.8, label="share of the true class's test rows")
+    fig.suptitle(f"Confusion matrices on {test_site} (rows: true class, normalized)", fontsize=9)
+    return fig
+
+
+def per_output_roc_figure(run: ExperimentRun, test_site: str):
+    """Multiclass (one class against the rest) and multilabel (each label): a panel per class
+    with, per setting, the mean of the repeats' ROC curves of that class's probability on
+    ``test_site``, its band, and its AUC in the legend (mean ± sample std over the repeats
+    where the class and its complement both occur in the test rows)."""
+    task, names = run.federation.task, run.federation.classes
+    repeats = run.config.repeats
+    cells = _scored_cells(run, test_site)
+    fig, axes = _panels(len(names), 3.2, 3.2)
+    for k, (ax, name) in enumerate(zip(axes, names)):
+        i = 0
+        for cell in cells:
+            truth = [(np.asarray(y)[:, k] == 1) if task == "multilabel" else (np.asarray(y) == k) for y, _ in cell.scores]
+            both = [(t, p[:, k]) for t, (_, p) in zip(truth, cell.scores) if t.min() != t.max()]
+            if not both:
+                continue
+            band = mean_band(np.vstack([tpr_on_grid(*roc_curve(t, p), ROC_GRID) for t, p in both]))
+            aucs = [roc_auc(t, p) for t, p in both]
+            auc = f"{np.mean(aucs):.3f}" + (f" ± {np.std(aucs, ddof=STD_DDOF):.3f}" if len(aucs) > STD_DDOF else "")
+            style = curve_style(i)
+            ax.plot(np.r_[0.0, ROC_GRID], np.r_[0.0, band.mean], label=f"{_cell_label(cell)}: AUC {auc}", **style)
+            ax.fill_between(ROC_GRID, np.clip(band.low, 0, 1), np.clip(band.high, 0, 1), color=style["color"],
+                            alpha=0.15, linewidth=0)
+            i += 1
+        ax.plot([0, 1], [0, 1], color="black", lw=0.8, ls=(0, (2, 2)), label="chance")
+        ax.set_xlim(-0.01, 1.01)
+        ax.set_ylim(-0.01, 1.01)
+        ax.set_aspect("equal")
+        ax.set_xlabel("1 − specificity (FPR)", fontsize=8)
+        ax.set_ylabel("sensitivity (TPR)", fontsize=8)
+        ax.set_title(f"{name} vs rest" if task == "multiclass" else f"label {name}", fontsize=8)
+        ax.legend(loc="lower right", fontsize=6, frameon=False)
+    what = "one class vs the rest" if task == "multiclass" else "per label"
+    fig.suptitle(f"ROC on {test_site}, {what}\n{band_text(repeats)} (vertical averaging)", fontsize=9)
+    return fig
+
+
+def scatter_figure(run: ExperimentRun, test_site: str):
+    """Regression: per setting, every repeat's predictions on ``test_site``'s test rows against
+    the true values (a colour per repeat), the identity line, and MAE and R² as in the table."""
+    cells = _scored_cells(run, test_site)
+    fig, axes = _panels(max(len(cells), 1), 3.0, 3.0)
+    values = np.concatenate([np.r_[np.ravel(y), np.ravel(p)] for c in cells for y, p in c.scores] or [np.zeros(1)])
+    low, high = float(values.min()), float(values.max())
+    pad = 0.04 * (high - low or 1.0)
+    for ax, cell in zip(axes, cells):
+        for r, (y, p) in enumerate(cell.scores):
+            ax.scatter(y, p, s=6, alpha=0.6, color=COLOURS[r % len(COLOURS)], marker=MARKERS[r % len(MARKERS)],
+                       linewidths=0, label=f"repeat {r + 1}" if len(cell.scores) <= len(COLOURS) else None)
+        ax.plot([low - pad, high + pad], [low - pad, high + pad], color="black", lw=0.8, ls=(0, (2, 2)),
+                label="prediction = truth")
+        ax.set_xlim(low - pad, high + pad)
+        ax.set_ylim(low - pad, high + pad)
+        ax.set_aspect("equal")
+        ax.set_xlabel("true value", fontsize=8)
+        ax.set_ylabel("predicted value", fontsize=8)
+        mae, r2 = summarize(cell.metrics["mae"]), summarize(cell.metrics["r2"])
+        ax.set_title(f"{_cell_label(cell)}\nMAE {format_metric(mae)}, R² {format_metric(r2)}", fontsize=8)
+        ax.legend(loc="upper left", fontsize=6, frameon=False, markerscale=2)
+    if not cells:
+        axes[0].text(0.5, 0.5, "no setting could be scored here", ha="center", va="center", fontsize=8,
+                     transform=axes[0].transAxes)
+        axes[0].set_axis_off()
+    fig.suptitle(f"Predicted vs true on {test_site}, test rows of every repeat", fontsize=9)
+    return fig
+
+
 def _x_axis(run: ExperimentRun) -> tuple[str, Callable[[History], int]]:
     """The x axis both training figures share: gradient steps per site (so FedSGD's many
     one-step rounds line up with FedAvg's), or rounds where ``local_epochs`` makes a site's
@@ -259,6 +387,10 @@ def _metric_values(hs: list[History], site: str, metric: str) -> tuple[np.ndarra
     return np.asarray(rounds), values
 
 
+def _metric_name(metric: str) -> str:
+    return METRIC_NAMES.get(metric, METRIC_LABELS.get(metric, metric))
+
+
 def metric_figure(run: ExperimentRun, metric: str):
     """One test metric of each federated method's global model per evaluated round, a panel
     per test site; a metric undefined on a site's test rows (one class) is not drawn."""
@@ -281,11 +413,11 @@ def metric_figure(run: ExperimentRun, metric: str):
             ax.fill_between(x, band.low, band.high, color=style["color"], alpha=0.15, linewidth=0)
             drawn = True
         if not drawn:
-            ax.text(0.5, 0.5, f"{metric.upper()} undefined on these test rows", ha="center", va="center",
+            ax.text(0.5, 0.5, f"{_metric_name(metric)} undefined on these test rows", ha="center", va="center",
                     transform=ax.transAxes, fontsize=8)
         ax.set_title(site, fontsize=9)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"test {METRIC_NAMES[metric]}")
+        ax.set_ylabel(f"test {_metric_name(metric)}")
     for ax in axes[len(sites):]:
         ax.set_axis_off()
     handles, labels = axes[0].get_legend_handles_labels()
@@ -295,7 +427,7 @@ def metric_figure(run: ExperimentRun, metric: str):
         labels += [name for name in lab if name not in labels]
     fig.legend(handles, labels, loc="outside right upper", fontsize=7, frameon=False)
     every = run.config.eval_every
-    fig.suptitle(f"Test {METRIC_NAMES[metric]} of the global model, every {every} round(s) and after the last\n"
+    fig.suptitle(f"Test {_metric_name(metric)} of the global model, every {every} round(s) and after the last\n"
                  f"{band_text(run.config.repeats)}", fontsize=9)
     return fig
 
@@ -322,14 +454,19 @@ def site_effect_figure(harmonization: dict[str, Any]):
 def plot_files(run: ExperimentRun, doc: dict[str, Any]) -> dict[str, Callable[[], bytes]]:
     """Every plot in every format of ``run.config.plot_formats``, by file name. A figure is
     built once and rendered in all its formats on first use."""
+    task = run.federation.task
+    per_site = {"binary": {"roc": roc_figure}, "multilabel": {"roc": per_output_roc_figure},
+                "multiclass": {"confusion": confusion_figure, "roc": per_output_roc_figure},
+                "regression": {"scatter": scatter_figure}}[task]
     figures: dict[str, Callable[[], Any]] = {
-        f"roc_{stem}": functools.partial(roc_figure, run, site)
+        f"{kind}_{stem}": functools.partial(build, run, site)
+        for kind, build in per_site.items()
         for site, stem in file_stems(run.federation.site_names).items()
     }
     if run.histories:
         figures["convergence"] = functools.partial(convergence_figure, run)
     if evaluated_settings(run):
-        figures.update({f"test_{m}": functools.partial(metric_figure, run, m) for m in BINARY.screen})
+        figures.update({f"test_{m}": functools.partial(metric_figure, run, m) for m in metric_set(task).screen})
     if doc.get("harmonization"):
         figures["site_effect"] = functools.partial(site_effect_figure, doc["harmonization"])
     formats = run.config.plot_formats
