@@ -191,3 +191,51 @@ def test_nilearn_itself_is_not_imported():
     )
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _digest(fed) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for s in fed.sites:
+        h.update(s.X.tobytes()); h.update(s.y.tobytes()); h.update(str(s.y.dtype).encode())
+    return h.hexdigest()[:16]
+
+
+def test_binary_tasks_images_are_unchanged_by_the_new_tasks(default):
+    # digests of X and y recorded on main before task=multiclass/age existed (same machine)
+    assert _digest(default) == "630ae7bc2105724b"
+    assert _digest(load_mni_phantom(task="lesion")) == "189c64d0c3461b79"
+
+
+def test_multiclass_task_healthy_atrophy_lesion():
+    fed = load_mni_phantom(task="multiclass", n_per_site=30, positive_fraction="0.5,0.2,0.9")
+    assert fed.task == "multiclass" and fed.classes == ("healthy", "atrophy", "lesion")
+    assert "task=multiclass" in fed.task_source
+    counts = [np.bincount(s.y, minlength=3).tolist() for s in fed.sites]
+    assert counts == [[15, 8, 7], [24, 3, 3], [3, 14, 13]]  # diseased share split, odd one to atrophy
+    # the lesion class darkens periventricular white matter; atrophy lowers gray matter: the class
+    # means differ, and a lesion subject's image is not an atrophy subject's
+    site = fed.sites[0]
+    means = [site.X[site.y == k].mean(axis=0) for k in range(3)]
+    assert np.abs(means[2] - means[0]).max() > 0.05 and np.abs(means[1] - means[0]).max() > 0.02
+
+
+def test_age_task_is_a_regression_whose_atrophy_grows_with_age():
+    fed = load_mni_phantom(task="age", n_per_site=60, site_shift=0.0, variability=0.0)
+    assert fed.task == "regression" and fed.sites[0].y.dtype == np.float64
+    ages = np.concatenate([s.y for s in fed.sites])
+    assert ages.min() >= 50 and ages.max() <= 90 and ages.std() > 8
+
+    def brightness_age_r(f):  # older subjects: larger ventricles, thinner cortex -> darker images
+        brightness = np.concatenate([s.X.reshape(s.n, -1).mean(axis=1) for s in f.sites])
+        return np.corrcoef(np.concatenate([s.y for s in f.sites]), brightness)[0, 1]
+
+    assert brightness_age_r(fed) < -0.25
+    null = load_mni_phantom(task="age", n_per_site=60, site_shift=0.0, variability=0.0, effect=0.0)
+    assert abs(brightness_age_r(null)) < 0.2  # with effect=0 the age leaves no trace
+    assert fed.info["positive_fraction"] is None
+    with pytest.raises(ConfigError, match="'positive_fraction' does not apply to task='age'"):
+        load_mni_phantom(task="age", positive_fraction=0.3)
+    with pytest.raises(ConfigError, match="task"):
+        load_mni_phantom(task="segmentatio")
