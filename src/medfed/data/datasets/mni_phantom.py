@@ -106,7 +106,10 @@ from medfed.data.extras import import_extra, missing_extra
 from medfed.data.federation import MIN_SITE_SAMPLES, Federation, Site
 from medfed.errors import ConfigError, DataError
 
-TASKS = ("atrophy", "lesion")
+TASKS = ("atrophy", "lesion", "segmentation")
+# task=segmentation: a pixel is lesion where the blob's share of the T1 change, blob x p_WM,
+# is at least half its peak (the lesion's half-maximum extent)
+LESION_MASK_LEVEL = 0.5
 DIMS = ("2d", "3d")
 LESION_CONTRASTS = ("hypo", "hyper", "mixed")
 TEMPLATE_FILE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
@@ -193,16 +196,21 @@ def load_mni_phantom(
         n = sizes[k]
         n_pos = round(n * fractions[k])
         y = rng.permutation(np.r_[np.ones(n_pos, np.int8), np.zeros(n - n_pos, np.int8)])
-        X = _site_images(
+        X, lesion = _site_images(
             rng, y, q, centre, vols, to_voxel, bias_terms, scanner,
             task=task, effect=effect, variability=variability, band_mm=band_mm if ndim == 2 else 0.0,
             lesion_mm=lesion_mm, lesion_contrast=lesion_contrast, size=size, ndim=ndim,
         )
-        sites.append(Site(name=f"site-{k + 1}", X=X[:, None], y=y))
+        if task == "segmentation":  # the lesion drawn, as a mask on the image grid
+            sites.append(Site(name=f"site-{k + 1}", X=X[:, None], y=(lesion >= LESION_MASK_LEVEL).astype(np.int64),
+                              task="segmentation"))
+        else:
+            sites.append(Site(name=f"site-{k + 1}", X=X[:, None], y=y))
         scanners.append({key: (v.tolist() if isinstance(v, np.ndarray) else v) for key, v in scanner.items()})
 
     shape = "×".join([str(size)] * ndim)
-    what = "regional atrophy" if task == "atrophy" else {
+    segmentation = {"task": "segmentation", "classes": ("background", "lesion")} if task == "segmentation" else {}
+    what = "regional atrophy" if task == "atrophy" else "white-matter lesion mask" if segmentation else {
         "hypo": "hypointense white-matter lesion",
         "hyper": "hyperintense white-matter lesion",
         "mixed": "hypo- or hyperintense white-matter lesion",
@@ -214,8 +222,10 @@ def load_mni_phantom(
         description=(
             f"PHANTOM on real anatomy: {sum(sizes)} simulated {dim.upper()} T1 images ({shape}) resampled from "
             f"the MNI ICBM152 2009a templates at {n_sites} simulated scanners (site_shift={site_shift}); "
-            f"task: {what} present (1) vs absent (0), effect={effect}, seed {seed}"
+    + (f"task: {what} (lesion 1, background 0), effect={effect}, seed {seed}" if segmentation else
+               f"task: {what} present (1) vs absent (0), effect={effect}, seed {seed}")
         ),
+        **segmentation,
         attribution=ATTRIBUTION,
         positive_label=task,
         info={
@@ -342,7 +352,8 @@ def _site_images(
     lesion_contrast: str,
     size: int,
     ndim: int,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
+    """The images ``(n, *grid)`` and each pixel's lesion share ``blob x p_WM`` (0 without a lesion)."""
     from scipy import ndimage
 
     n = y.size
@@ -380,6 +391,7 @@ def _site_images(
         for vol in vols
     )
 
+    lesion = np.zeros_like(wm)
     if task == "atrophy":
         region = np.zeros(p.shape[:2])
         for c in ATROPHY_REGIONS:
@@ -402,7 +414,8 @@ def _site_images(
                 sign = rng.choice([-1.0, 1.0])
             else:
                 sign = -1.0 if lesion_contrast == "hypo" else 1.0
-            t1[i] *= 1 + sign * 0.65 * effect * rng.uniform(0.6, 1.0) * blob * wm[i]
+            lesion[i] = blob * wm[i]
+            t1[i] *= 1 + sign * 0.65 * effect * rng.uniform(0.6, 1.0) * lesion[i]
 
     x = np.clip(t1, 0, None) * np.exp(rng.normal(0, 0.05, (n, 1)))
     # Scanner: contrast (gamma), smooth coil bias (per-subject jitter: positioning), gain.
@@ -422,7 +435,7 @@ def _site_images(
     x = np.sqrt((x + rng.normal(0, noise, x.shape)) ** 2 + rng.normal(0, noise, x.shape) ** 2)
     if matrix != size:
         x = ndimage.zoom(x, (1,) + (size / matrix,) * ndim, order=1, grid_mode=True, mode="nearest")
-    return x.astype(np.float32)
+    return x.astype(np.float32), lesion.reshape((n,) + (size,) * ndim)
 
 
 # --------------------------------------------------------------------------- scanners
