@@ -245,8 +245,10 @@ class Head:
 
     @classmethod
     def of(cls, task: str, n_outputs: int | None, model: str) -> Head:
-        if task not in HEAD_TASKS:
-            raise ConfigError(f"model {model!r} has no head for a {task} task; it trains {', '.join(HEAD_TASKS)}")
+        # a U-Net's outputs are per pixel (segmentation only); the other networks' per image
+        trains = ("segmentation",) if model in ("unet2d", "unet3d") else HEAD_TASKS[:-1]
+        if task not in trains:
+            raise ConfigError(f"model {model!r} has no head for a {task} task; it trains {', '.join(trains)}")
         if task in ("binary", "regression"):
             return cls(task, 1)
         if n_outputs is None or n_outputs < 2:
