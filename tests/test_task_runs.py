@@ -126,7 +126,7 @@ def test_regression_run_end_to_end_with_dp_sgd(tmp_path):
     (["--threshold", "youden"], "--threshold youden chooses a binary decision threshold"),
     (["--model", "linear"], "model 'linear' cannot train a multiclass task"),
     (["--task", "regression"], "label column 'dx' is not numeric"),
-    (["--task", "segmentation"], "'segmentation' is reserved but not implemented yet"),
+    (["--task", "segmentation"], "a segmentation task reads a mask per image"),
 ])
 def test_two_class_assumptions_refused_in_one_line(tmp_path, extra, message):
     result = _run(tmp_path, "dx", *extra)

@@ -74,7 +74,8 @@ def test_positive_label_binarizes_and_refuses_other_tasks(tmp_path):
         load_table(path, **COLS, positive_label="ad", task="multiclass")
 
 
-@pytest.mark.parametrize("task, what", [("segmentation", "reserved"), ("ordinal", "not a task")])
+@pytest.mark.parametrize("task, what", [("segmentation", "a segmentation task reads a mask per image"),
+                                        ("ordinal", "not a task")])
 def test_reserved_and_unknown_tasks(tmp_path, task, what):
     with pytest.raises(DataError, match=what):
         load_table(table(tmp_path, [0, 1]), **COLS, task=task)

@@ -361,7 +361,7 @@ def test_serial_and_forked_repeat_workers_give_the_same_numbers_for_a_torch_mode
 
 def test_registry_builds_models_by_name_and_rejects_bad_names_and_options():
     assert isinstance(make_model("logistic", (5,)), LogisticRegression)
-    assert set(MODELS) == set(MODEL_OPTIONS) == {"logistic", "softmax", "linear", "multilabel_logistic", "torch_logistic", "mlp", "cnn2d", "cnn3d"}
+    assert set(MODELS) == set(MODEL_OPTIONS) == {"logistic", "softmax", "linear", "multilabel_logistic", "torch_logistic", "mlp", "cnn2d", "cnn3d", "unet2d", "unet3d"}
     m = make_model("CNN2D", (1, 8, 8), norm="group", channels=[4, 8], optimizer="adam")
     assert isinstance(m, TorchModel) and m.name == "cnn2d" and m.options["channels"] == (4, 8)
     assert make_model("mlp", (3,), hidden="16,8").options["hidden"] == (16, 8)

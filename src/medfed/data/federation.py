@@ -8,7 +8,7 @@ import numpy as np
 
 from medfed.data.categorical import CategoricalColumn
 from medfed.data.hints import setting
-from medfed.data.tasks import SUPPORTED_TASKS
+from medfed.data.tasks import SUPPORTED_TASKS, presence
 from medfed.errors import DataError
 
 MIN_SITE_SAMPLES = 10
@@ -24,7 +24,8 @@ class Site:
 
     ``y`` holds the targets of ``task`` (:mod:`medfed.data.tasks`): 0/1 (``binary``, int8),
     class indices 0..K-1 (``multiclass``, int64), finite reals (``regression``, float64) or
-    K labels of 0/1 per row (``multilabel``, int8, shape ``(n, K)``).
+    K labels of 0/1 per row (``multilabel``, int8, shape ``(n, K)``), or a mask of class indices
+    per image on the image's grid (``segmentation``, int64, shape ``(n, *spatial)``).
 
     ``X`` is a feature matrix ``(n, d)`` (float64) or a stack of images ``(n, C, H, W)`` /
     ``(n, C, D, H, W)`` (float32: what convolutional models consume, at half the memory).
@@ -53,7 +54,12 @@ class Site:
         y = np.asarray(self.y)
         if X.ndim > 2 and np.isnan(X).any():
             raise DataError(f"site {self.name!r}: images contain NaN values")
-        if y.shape[:1] != (X.shape[0],) or y.ndim != (2 if self.task == "multilabel" else 1):
+        if self.task == "segmentation":
+            if y.shape != (X.shape[0], *X.shape[2:]) or X.ndim < 4:
+                raise DataError(f"site {self.name!r}: a segmentation task takes one mask per image on the image's "
+                                f"grid, shape {(X.shape[0], *X.shape[2:])}; got masks of shape {y.shape} for images "
+                                f"of shape {X.shape}")
+        elif y.shape[:1] != (X.shape[0],) or y.ndim != (2 if self.task == "multilabel" else 1):
             raise DataError(
                 f"site {self.name!r}: {y.shape[0] if y.ndim else 0} labels for {X.shape[0]} rows"
                 + (f" (a {self.task} task takes {'a row of K 0/1 labels' if self.task == 'multilabel' else 'one'} "
@@ -71,8 +77,8 @@ class Site:
         object.__setattr__(self, "y", y)
         if self.split is not None:
             split = np.asarray(self.split, dtype=bool)
-            if split.shape != y.shape:
-                raise DataError(f"site {self.name!r}: split has {split.size} entries for {y.size} rows")
+            if split.shape != y.shape[:1]:
+                raise DataError(f"site {self.name!r}: split has {split.size} entries for {y.shape[0]} rows")
             if not split.any() or split.all():
                 raise DataError(
                     f"site {self.name!r}: the predefined split must hold both train and test rows"
@@ -81,9 +87,9 @@ class Site:
         covariates = {}
         for name, values in self.covariates.items():
             values = np.asarray(values, dtype=np.float64)
-            if values.shape != y.shape or not np.isfinite(values).all():
+            if values.shape != y.shape[:1] or not np.isfinite(values).all():
                 raise DataError(f"site {self.name!r}: covariate {name!r} needs one finite number per row "
-                                f"({y.size} rows)")
+                                f"({y.shape[0]} rows)")
             covariates[name] = values
         object.__setattr__(self, "covariates", covariates)
 
@@ -104,11 +110,11 @@ def _targets(site: str, task: str, y: np.ndarray) -> np.ndarray:
         if not np.isin(y, (0, 1)).all():
             raise DataError(f"site {site!r}: labels must be 0 or 1, got {sorted(set(np.ravel(y).tolist()))[:5]}")
         return y.astype(np.int8)
-    if task == "multiclass":
+    if task in ("multiclass", "segmentation"):
         if y.dtype.kind not in "iub" and not (y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all()):
-            raise DataError(f"site {site!r}: multiclass labels must be class indices 0..K-1, got dtype {y.dtype}")
+            raise DataError(f"site {site!r}: {task} labels must be class indices 0..K-1, got dtype {y.dtype}")
         if y.size and y.min() < 0:
-            raise DataError(f"site {site!r}: multiclass labels must be class indices 0..K-1, got {int(y.min())}")
+            raise DataError(f"site {site!r}: {task} labels must be class indices 0..K-1, got {int(y.min())}")
         return y.astype(np.int64)
     y = np.asarray(y, dtype=np.float64)
     if not np.isfinite(y).all():
@@ -151,9 +157,9 @@ class Federation:
             if s.task != self.task:
                 raise DataError(f"site {s.name!r} holds {s.task} targets; federation {self.name!r} is {self.task}")
         classes = tuple(str(c) for c in self.classes)
-        if self.task == "multiclass":
+        if self.task in ("multiclass", "segmentation"):
             if len(classes) < 2 or len(set(classes)) != len(classes):
-                raise DataError(f"federation {self.name!r}: a multiclass task needs at least 2 distinct class names, "
+                raise DataError(f"federation {self.name!r}: a {self.task} task needs at least 2 distinct class names, "
                                 f"got {list(classes)}")
             for s in sites:
                 if s.y.size and s.y.max() >= len(classes):
@@ -168,7 +174,7 @@ class Federation:
                     raise DataError(f"site {s.name!r}: {s.y.shape[1]} labels per row but {len(classes)} label names "
                                     f"{list(classes)}")
         elif classes:
-            raise DataError(f"federation {self.name!r}: class names belong to a multiclass or multilabel task, "
+            raise DataError(f"federation {self.name!r}: class names belong to a multiclass, multilabel or segmentation task, "
                             f"not {self.task}")
         object.__setattr__(self, "classes", classes)
         names = [s.name for s in sites]
@@ -238,7 +244,8 @@ class Federation:
     def n_classes(self) -> int | None:
         """K for a classification task (2 for binary), the number of labels for multilabel, None
         for regression."""
-        return {"binary": 2, "multiclass": len(self.classes), "multilabel": len(self.classes)}.get(self.task)
+        return {"binary": 2, "multiclass": len(self.classes), "multilabel": len(self.classes),
+                "segmentation": len(self.classes)}.get(self.task)
 
     def site_summaries(self) -> list[dict]:
         """Each site's name and row counts (binary: all rows, positives, negatives; multiclass:
@@ -247,6 +254,9 @@ class Federation:
         shares at setup."""
         if self.task == "multilabel":
             return [{"name": s.name, "n": s.n, "label_positives": dict(zip(self.classes, s.y.sum(axis=0).tolist()))}
+                    for s in self.sites]
+        if self.task == "segmentation":  # images whose mask holds each class
+            return [{"name": s.name, "n": s.n, "images_with": dict(zip(self.classes, presence_counts(s.y, len(self.classes))))}
                     for s in self.sites]
         if self.task == "multiclass":
             return [{"name": s.name, "n": s.n, "class_counts": dict(zip(
@@ -276,3 +286,9 @@ class Federation:
                 return s
         raise DataError(f"no site {name!r}; sites are {self.site_names}")
 
+
+
+def presence_counts(masks: np.ndarray, K: int) -> list[int]:
+    """How many of ``masks`` hold each class 0..K-1."""
+    counts = presence(masks).sum(axis=0).tolist()
+    return [int(c) for c in counts[:K]] + [0] * (K - len(counts))

@@ -620,6 +620,9 @@ def task_labels(col, name: str, task: str | None, positive_label: Any, path: Pat
                 sites: np.ndarray | None) -> Labels:
     """The label column as targets of ``task`` (None: inferred, :func:`medfed.data.tasks.infer_task`)."""
     task = check_task(task, "task")
+    if task == "segmentation":
+        raise DataError(f"{path}: label column {name!r} holds one value per row; a segmentation task reads a mask "
+                        "per image (an image manifest's mask column, or mni-phantom --dataset-option task=segmentation)")
     if positive_label is not None and task not in (None, "binary"):
         raise DataError(f"{path}: {flag('positive_label')} makes label column {name!r} binary (that value against "
                         f"the others); it does not apply to task {task!r}")

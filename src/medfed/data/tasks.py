@@ -3,8 +3,8 @@
 ``binary`` (labels 0/1, today's default), ``multiclass`` (K named classes stored as indices
 0..K-1 into the federation's ``classes``), ``regression`` (a real value per row), ``multilabel``
 (K binary targets per row, an ``(n, K)`` array of 0/1 whose columns the federation's ``classes``
-name; from a table's several label columns). The name ``segmentation`` is reserved: a config may
-not use it for anything else, and naming it is refused until it is implemented.
+name; from a table's several label columns), ``segmentation`` (an integer mask per image on the
+image's grid, ``(n, *spatial)`` of class indices 0..K-1 into ``classes``, 0 the background).
 
 Inference (:func:`infer_task`) is used only where the values leave no doubt, and what it
 decided is printed and recorded in ``results.json``; a label column it cannot read as one
@@ -21,8 +21,8 @@ from medfed.data.hints import setting
 from medfed.errors import DataError
 
 TASKS = ("binary", "multiclass", "regression", "multilabel", "segmentation")
-"""Every task name; the last is reserved for later."""
-SUPPORTED_TASKS = ("binary", "multiclass", "regression", "multilabel")
+"""Every task name."""
+SUPPORTED_TASKS = TASKS
 CLASSIFICATION = ("binary", "multiclass")
 
 # more distinct values than this are not inferred to be classes (an ID, an age in whole years):
@@ -94,8 +94,11 @@ def strata(task: str, y: np.ndarray) -> np.ndarray:
     regression target its quantile bin among ``REGRESSION_STRATA`` (ties stay in one bin); for
     multi-label targets the row's combination of labels (the label powerset), the combinations
     that occur once pooled into one stratum, so that a rare combination is still split rather
-    than kept whole in the training rows."""
-    if task == "multilabel":
+    than kept whole in the training rows. Segmentation: the combination of classes an image's
+    mask holds (images with and without a lesion kept in proportion), pooled likewise."""
+    if task == "segmentation":
+        y = presence(y)
+    if task in ("multilabel", "segmentation"):
         _, pattern, counts = np.unique(y, axis=0, return_inverse=True, return_counts=True)
         pattern = pattern.reshape(-1)
         return np.where(counts[pattern] > 1, pattern, -1)
@@ -103,3 +106,10 @@ def strata(task: str, y: np.ndarray) -> np.ndarray:
         return y
     edges = np.quantile(y, np.linspace(0.0, 1.0, REGRESSION_STRATA + 1)[1:-1])
     return np.searchsorted(edges, y, side="right")
+
+
+def presence(masks: np.ndarray) -> np.ndarray:
+    """``(n, K)`` 0/1: which classes 0..K-1 (K = the largest index + 1) each mask holds."""
+    flat = np.asarray(masks).reshape(len(masks), -1)
+    K = int(flat.max()) + 1 if flat.size else 1
+    return (flat[:, :, None] == np.arange(K)).any(axis=1).astype(np.int8)

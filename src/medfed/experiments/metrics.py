@@ -11,6 +11,9 @@ AUC, and each class's sensitivity and specificity (keys ``sen:<class>``, ``spe:<
 Regression (:func:`regression_metrics`): MAE, RMSE, R², Pearson r.
 Multilabel (:func:`multilabel_metrics`): each label's AUC (keys ``auc:<label>``), their macro
 mean and subset accuracy.
+Segmentation (:func:`segmentation_metrics`): Dice and IoU per foreground class (``dice:<class>``,
+``iou:<class>``) and their mean, and the 95th-percentile Hausdorff distance, per test image and
+averaged over the site's images, as MONAI computes them.
 
 Each task declares its metric set once (:data:`METRIC_SETS`): every key ``results.json``,
 the CSV and the Markdown carry, and the headline ones the terminal table shows.
@@ -52,13 +55,15 @@ MULTICLASS = MetricSet("multiclass", ("acc", "balanced_acc", "macro_f1", "macro_
                        ("acc", "balanced_acc", "macro_f1", "macro_auc"))
 REGRESSION = MetricSet("regression", ("mae", "rmse", "r2", "pearson_r"), ("mae", "rmse", "r2", "pearson_r"))
 MULTILABEL = MetricSet("multilabel", ("macro_auc", "subset_acc"), ("macro_auc", "subset_acc"))
-METRIC_SETS = {m.task: m for m in (BINARY, MULTICLASS, REGRESSION, MULTILABEL)}
+SEGMENTATION = MetricSet("segmentation", ("dice", "iou", "hd95"), ("dice", "iou", "hd95"))
+METRIC_SETS = {m.task: m for m in (BINARY, MULTICLASS, REGRESSION, MULTILABEL, SEGMENTATION)}
 METRIC_LABELS = {"acc": "ACC", "sen": "SEN", "spe": "SPE", "auc": "AUC", "balanced_acc": "BACC", "f1": "F1",
                  "macro_f1": "macro-F1", "macro_auc": "macro-AUC", "mae": "MAE", "rmse": "RMSE", "r2": "R2",
-                 "pearson_r": "Pearson r", "subset_acc": "subset ACC"}
+                 "pearson_r": "Pearson r", "subset_acc": "subset ACC", "dice": "Dice", "iou": "IoU", "hd95": "HD95"}
 PER_CLASS = ("sen", "spe")  # a multiclass row's per-class metrics, keyed "sen:<class>"
 PER_LABEL = ("auc",)  # a multilabel row's per-label metrics, keyed "auc:<label>"
-PER_OUTPUT = {MULTICLASS.task: PER_CLASS, MULTILABEL.task: PER_LABEL}
+PER_MASK_CLASS = ("dice", "iou")  # a segmentation row's per-class metrics, keyed "dice:<class>" (foreground)
+PER_OUTPUT = {MULTICLASS.task: PER_CLASS, MULTILABEL.task: PER_LABEL, SEGMENTATION.task: PER_MASK_CLASS}
 """Each task's metrics per class (multiclass) or per label (multilabel), beside its set."""
 
 THRESHOLD_RULES = ("0.5", "youden", "prevalence")
@@ -74,7 +79,10 @@ def metric_set(task: str | None = None) -> MetricSet:
 
 def metric_keys(task: str, classes: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Every metric a row of ``task`` holds: the task's set, then each class's sensitivity and
-    specificity (multiclass) or each label's AUC (multilabel)."""
+    specificity (multiclass), each label's AUC (multilabel) or each foreground class's Dice and IoU
+    (segmentation: ``classes[0]`` is the background)."""
+    if task == SEGMENTATION.task:
+        classes = classes[1:]
     return metric_set(task).keys + tuple(f"{m}:{c}" for m in PER_OUTPUT.get(task, ()) for c in classes)
 
 
@@ -330,6 +338,76 @@ def multilabel_metrics(y_true: np.ndarray, probabilities: np.ndarray, labels: tu
     return out | {f"auc:{name}": m for name, m in aucs.items()}
 
 
+def _overlaps(predicted: np.ndarray, masks: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image and foreground class 1..K-1, ``(n, K-1)``: pixels in both the predicted and the
+    true mask, in the predicted, in the true."""
+    n = masks.shape[0]
+    p, t = predicted.reshape(n, -1), masks.reshape(n, -1)
+    k = np.arange(1, K)[None, :, None]
+    pk, tk = p[:, None, :] == k, t[:, None, :] == k
+    return (pk & tk).sum(axis=2), pk.sum(axis=2), tk.sum(axis=2)
+
+
+def _site_mean(values: np.ndarray, reason: str) -> Metric:
+    """The mean over the defined (non-NaN) entries, MONAI's ``reduction="mean"``; None where none is."""
+    defined = values[np.isfinite(values)]
+    return Metric(float(defined.mean())) if defined.size else Metric(None, reason)
+
+
+def hausdorff95(predicted: np.ndarray, masks: np.ndarray, K: int) -> np.ndarray:
+    """``(n, K-1)`` 95th-percentile Hausdorff distances in pixels per image and foreground class:
+    MONAI's ``compute_hausdorff_distance(include_background=False, percentile=95)`` on one-hot
+    masks (Euclidean, the boundary pixels' distances); NaN where the true or the predicted mask
+    of the class is empty (MONAI returns NaN or inf there: no distance to a missing surface)."""
+    import warnings
+
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
+    def one_hot(m: np.ndarray) -> torch.Tensor:
+        m = torch.as_tensor(np.asarray(m, dtype=np.int64))
+        return torch.nn.functional.one_hot(m, K).movedim(-1, 1)
+
+    with warnings.catch_warnings():  # MONAI warns on every empty mask; they are NaN below
+        warnings.simplefilter("ignore")
+        hd = compute_hausdorff_distance(one_hot(predicted), one_hot(masks), include_background=False,
+                                        percentile=95).double().numpy()
+    _, in_pred, in_true = _overlaps(predicted, masks, K)
+    return np.where((in_pred > 0) & (in_true > 0), hd, np.nan)
+
+
+def segmentation_metrics(masks: np.ndarray, probabilities: np.ndarray, classes: tuple[str, ...]) -> dict[str, Metric]:
+    """Every segmentation metric of per-pixel class ``probabilities`` ``(n, K, *spatial)`` against
+    the true ``masks`` ``(n, *spatial)``; a pixel is predicted its most probable class.
+
+    Per image and foreground class (``classes[1:]``; the background ``classes[0]`` is left out,
+    MONAI's ``include_background=False``): Dice ``2|P∩T| / (|P| + |T|)``, IoU ``|P∩T| / |P∪T|``,
+    undefined where the true mask holds none of the class (MONAI's ``ignore_empty=True``: an
+    image without a lesion has no lesion Dice), and HD95 (:func:`hausdorff95`). ``dice:<class>``
+    and ``iou:<class>`` are each class's mean over the images where defined (MONAI's
+    ``"mean_batch"``), ``dice``, ``iou`` and ``hd95`` the mean over every defined (image, class)
+    (MONAI's ``"mean"``). Tests check them against ``DiceMetric``, ``MeanIoU`` and
+    ``compute_hausdorff_distance``.
+    """
+    y = np.asarray(masks).astype(np.int64)
+    K = len(classes)
+    if not y.shape[0]:
+        return {m: Metric(None, "empty test set") for m in metric_keys(SEGMENTATION.task, classes)}
+    predicted = np.argmax(probabilities, axis=1)
+    both, in_pred, in_true = _overlaps(predicted, y, K)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = np.where(in_true > 0, 2 * both / (in_pred + in_true), np.nan)
+        iou = np.where(in_true > 0, both / (in_pred + in_true - both), np.nan)
+    none = "no test image holds the class"
+    out = {"dice": _site_mean(dice, none), "iou": _site_mean(iou, none),
+           "hd95": _site_mean(hausdorff95(predicted, y, K), "HD95 needs an image where the class is both true and "
+                                                             "predicted")}
+    for k, name in enumerate(classes[1:]):
+        out[f"dice:{name}"] = _site_mean(dice[:, k], f"no test image holds {name!r}")
+        out[f"iou:{name}"] = _site_mean(iou[:, k], f"no test image holds {name!r}")
+    return out
+
+
 def task_metrics(task: str, y_true: np.ndarray, scores: np.ndarray, classes: tuple[str, ...] = ()) -> dict[str, Metric]:
     """The metrics of a multiclass, multilabel or regression task's :func:`task_scores` (binary
     goes through :func:`thresholded_metrics`, with its decision threshold)."""
@@ -337,4 +415,6 @@ def task_metrics(task: str, y_true: np.ndarray, scores: np.ndarray, classes: tup
         return multiclass_metrics(y_true, scores, classes)
     if task == MULTILABEL.task:
         return multilabel_metrics(y_true, scores, classes)
+    if task == SEGMENTATION.task:
+        return segmentation_metrics(y_true, scores, classes)
     return regression_metrics(y_true, scores)

@@ -62,7 +62,7 @@ def _row(cell: Cell, task: str = BINARY.task) -> dict[str, Any]:
         "threshold": threshold_record(cell),
     }
     if task in PER_OUTPUT:  # multiclass: {"sen": {class: summary}, ...}; multilabel: {"auc": {label: summary}}
-        row["per_class" if task == MULTICLASS.task else "per_label"] = {
+        row["per_label" if task == "multilabel" else "per_class"] = {
             m: {k.split(":", 1)[1]: summarize(v) for k, v in cell.metrics.items() if k.startswith(m + ":")}
             for m in PER_OUTPUT[task]}
     return row

@@ -74,7 +74,7 @@ class Method:
     caveat: Callable[[Mapping[str, Any]], str | None] | None = None
     check: Callable[[Mapping[str, Any]], str | None] | None = None
     # the targets the method can train (medfed.data.tasks): refused at build time for others
-    tasks: tuple[str, ...] = ("binary", "multiclass", "regression", "multilabel")
+    tasks: tuple[str, ...] = ("binary", "multiclass", "regression", "multilabel", "segmentation")
 
     @property
     def defaults(self) -> dict[str, OptionValue]:

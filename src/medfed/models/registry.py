@@ -13,7 +13,10 @@ predicates below are the one definition of it):
   GroupNorm (GroupNorm has no running statistics); ``norm.*``: ``torch_logistic``'s
   optional normalization of its input;
 - ``head.weight``, ``head.bias``: the final linear layer, the task's outputs (one logit, K
-  logits, one value; :class:`~medfed.models.torch_models.Head`).
+  logits, one value; :class:`~medfed.models.torch_models.Head`);
+- the U-Nets (``unet2d``, ``unet3d``, :mod:`medfed.models.unet`): ``body.*`` MONAI's encoder and
+  decoder levels with their norm layers named ``...adn.norm.*``, ``head.conv.*`` the last
+  (transposed) convolution giving the per-pixel class logits.
 
 The numpy ``logistic`` model's ``weight`` and ``bias`` are neither norm nor head parameters.
 
@@ -59,6 +62,8 @@ MODEL_OPTIONS: dict[str, dict[str, Any]] = {
     "mlp": {"norm": "batch", "hidden": (64, 32), **_TORCH_COMMON},
     "cnn2d": {"norm": "batch", "channels": (8, 16, 32), **_TORCH_COMMON},
     "cnn3d": {"norm": "batch", "channels": (4, 8, 16), **_TORCH_COMMON},
+    "unet2d": {"norm": "batch", "channels": (8, 16, 32), **_TORCH_COMMON},
+    "unet3d": {"norm": "batch", "channels": (4, 8, 16), **_TORCH_COMMON},
 }
 """Each model's options and their defaults. ``norm``: normalization after each hidden layer
 (``torch_logistic``: of its input); ``hidden``/``channels``: widths of the MLP's/CNN's blocks;
@@ -72,7 +77,8 @@ and reproduce only with the same value on the same kind of machine."""
 
 SAMPLE_DIMS = {"logistic": (1, "feature vectors (d,)"), "softmax": (1, "feature vectors (d,)"),
                "linear": (1, "feature vectors (d,)"), "multilabel_logistic": (1, "feature vectors (d,)"),
-               "cnn2d": (3, "2D images (C, H, W)"), "cnn3d": (4, "3D images (C, D, H, W)")}
+               "cnn2d": (3, "2D images (C, H, W)"), "cnn3d": (4, "3D images (C, D, H, W)"),
+               "unet2d": (3, "2D images (C, H, W)"), "unet3d": (4, "3D images (C, D, H, W)")}
 """Sample dimensionality a model requires; models not listed take any (they flatten)."""
 
 
@@ -176,10 +182,14 @@ def _multilabel(n_classes: int | None = None, **options: Any) -> MultilabelLogis
     return MultilabelLogistic(n_classes)
 
 
-TORCH_MODELS = ("torch_logistic", "mlp", "cnn2d", "cnn3d")
-TASK_MODELS = {"binary": ("logistic", *TORCH_MODELS), "multiclass": ("softmax", *TORCH_MODELS),
-               "regression": ("linear", *TORCH_MODELS), "multilabel": ("multilabel_logistic", *TORCH_MODELS)}
-"""The models each task can train: its numpy GLM and every torch model (with the task's head)."""
+CLASSIFIERS = ("torch_logistic", "mlp", "cnn2d", "cnn3d")
+UNETS = ("unet2d", "unet3d")
+TORCH_MODELS = (*CLASSIFIERS, *UNETS)
+TASK_MODELS = {"binary": ("logistic", *CLASSIFIERS), "multiclass": ("softmax", *CLASSIFIERS),
+               "regression": ("linear", *CLASSIFIERS), "multilabel": ("multilabel_logistic", *CLASSIFIERS),
+               "segmentation": UNETS}
+"""The models each task can train: its numpy GLM and every torch classifier (with the task's head);
+segmentation only the U-Nets (per-pixel logits, :mod:`medfed.models.unet`)."""
 GLM = {"binary": "logistic", "multiclass": "softmax", "regression": "linear", "multilabel": "multilabel_logistic"}
 """What ``--model logistic`` builds for each task: the task's generalized linear model."""
 
@@ -188,11 +198,11 @@ def task_model(name: str, task: str) -> str:
     """The model ``name`` resolves to for ``task`` (``logistic`` -> the task's GLM), or a ConfigError
     naming the models the task can train."""
     key = str(name).strip().lower()
-    if key == "logistic":
+    if key == "logistic" and task in GLM:
         return GLM[task]
     if key in MODELS and key not in TASK_MODELS[task]:
         raise ConfigError(f"model {name!r} cannot train a {task} task; choose one of {', '.join(TASK_MODELS[task])}"
-                          + (" (or logistic, which picks it)" if task != "binary" else ""))
+                          + (" (or logistic, which picks it)" if task in GLM and task != "binary" else ""))
     return key
 
 
@@ -226,14 +236,28 @@ def make_model(name: str, sample_shape: Sequence[int] | None = None, *, task: st
     if key not in MODELS:
         raise ConfigError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
     key = task_model(key, task)
-    check_options(key, options)  # before torch is imported: a typo fails fast and cheaply
+    full = check_options(key, options)  # before torch is imported: a typo fails fast and cheaply
     if sample_shape is not None:
         check_sample_shape(key, sample_shape)
+        if key in UNETS:
+            check_unet_grid(key, sample_shape, full["channels"])
     if key in ("softmax", "multilabel_logistic"):
         return MODELS[key](n_classes, **options)
     if key in TORCH_MODELS:
         return MODELS[key](task=task, n_classes=n_classes, **options)
     return MODELS[key](**options)
+
+
+def check_unet_grid(model: str, sample_shape: Sequence[int], channels: Sequence[int]) -> None:
+    """A ConfigError unless every spatial axis of ``sample_shape`` halves ``len(channels) - 1`` times
+    (the U-Net's stride-2 levels, :mod:`medfed.models.unet`)."""
+    factor = 2 ** (len(channels) - 1)
+    if len(channels) < 2:
+        raise ConfigError(f"model {model!r} option 'channels' needs at least 2 levels (e.g. 8,16,32), got {tuple(channels)}")
+    if any(int(s) % factor for s in sample_shape[1:]):
+        raise ConfigError(f"model {model!r}: images of shape {tuple(sample_shape)} do not halve {len(channels) - 1} "
+                          f"times; every spatial size must be a multiple of {factor} (fewer 'channels' levels, or "
+                          "resize the images)")
 
 
 def n_elements(sample_shape: Sequence[int]) -> int:

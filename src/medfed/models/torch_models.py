@@ -186,6 +186,10 @@ def build_network(arch: str, sample_shape: Sequence[int], options: Mapping, outp
     makes it redundant). CNN blocks use 3-wide kernels (padding 1) and halve each spatial
     axis after every block but the last (ceil mode, so a size-1 axis survives).
     """
+    if arch in ("unet2d", "unet3d"):
+        from medfed.models.unet import build_unet
+
+        return build_unet(arch, sample_shape, options, outputs)
     norm = options["norm"]
     bias = norm == "none"
     if arch == "torch_logistic":
@@ -226,7 +230,7 @@ def _mean_log_loss(z: np.ndarray, y: np.ndarray) -> float:
     return float((np.logaddexp(0.0, z).sum() - y @ z) / z.shape[0])
 
 
-HEAD_TASKS = ("binary", "multiclass", "regression", "multilabel")
+HEAD_TASKS = ("binary", "multiclass", "regression", "multilabel", "segmentation")
 
 
 @dataclass(frozen=True)
@@ -241,18 +245,22 @@ class Head:
 
     @classmethod
     def of(cls, task: str, n_outputs: int | None, model: str) -> Head:
-        if task not in HEAD_TASKS:
-            raise ConfigError(f"model {model!r} has no head for a {task} task; it trains {', '.join(HEAD_TASKS)}")
+        # a U-Net's outputs are per pixel (segmentation only); the other networks' per image
+        trains = ("segmentation",) if model in ("unet2d", "unet3d") else HEAD_TASKS[:-1]
+        if task not in trains:
+            raise ConfigError(f"model {model!r} has no head for a {task} task; it trains {', '.join(trains)}")
         if task in ("binary", "regression"):
             return cls(task, 1)
         if n_outputs is None or n_outputs < 2:
-            what = "classes" if task == "multiclass" else "labels"
+            what = "labels" if task == "multilabel" else "classes"
             raise ConfigError(f"model {model!r}: a {task} head needs at least 2 {what}, got {n_outputs}")
         return cls(task, int(n_outputs))
 
     def targets(self, y: np.ndarray) -> np.ndarray:
         """``y`` as the data term takes it: class indices (multiclass), else float64."""
-        return np.asarray(y).astype(np.int64) if self.task == "multiclass" else np.asarray(y, dtype=np.float64)
+        if self.task in ("multiclass", "segmentation"):
+            return np.asarray(y).astype(np.int64)
+        return np.asarray(y, dtype=np.float64)
 
     def torch_loss(self, z: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
         """The rows' data terms (``reduction="none"``), their sum or their mean; binary calls
@@ -263,6 +271,10 @@ class Head:
             return F.cross_entropy(z, y, reduction=reduction)
         if self.task == "regression":
             return 0.5 * F.mse_loss(z, y, reduction=reduction)
+        if self.task == "segmentation":
+            from medfed.models.unet import dice_ce
+
+            return dice_ce(z, y, reduction)
         per_row = F.binary_cross_entropy_with_logits(z, y, reduction="none").sum(dim=1)  # multilabel
         return per_row if reduction == "none" else per_row.sum() if reduction == "sum" else per_row.mean()
 
@@ -274,6 +286,10 @@ class Head:
             return _mean_cross_entropy(z, y)
         if self.task == "regression":
             return _half_mean_square(z, y)
+        if self.task == "segmentation":
+            from medfed.models.unet import mean_dice_ce
+
+            return mean_dice_ce(z, y)
         return mean_multilabel_log_loss(z, y)
 
     def predict(self, z: np.ndarray) -> np.ndarray:
@@ -283,6 +299,10 @@ class Head:
             return softmax(z)
         if self.task == "regression":
             return z
+        if self.task == "segmentation":
+            from medfed.models.unet import softmax_channels
+
+            return softmax_channels(z)
         return 0.5 * (1.0 + np.tanh(0.5 * z))  # the sigmoid, finite for any z
 
 
@@ -405,7 +425,10 @@ class TorchModel:
         net.eval()
         chunk = self.options["eval_batch"]
         width = self.head.outputs
-        out = np.empty((X.shape[0], width) if width > 1 else X.shape[0], dtype=np.float64)
+        shape = (width,) if width > 1 else ()
+        if self.task == "segmentation":  # per-pixel logits on the image grid
+            shape = (width, *X.shape[2:])
+        out = np.empty((X.shape[0], *shape), dtype=np.float64)
         with torch.no_grad():
             for start in range(0, X.shape[0], chunk):
                 out[start : start + chunk] = net(self._tensor(X[start : start + chunk])).double().cpu().numpy()

@@ -122,7 +122,7 @@ from medfed.data.extras import import_extra, missing_extra
 from medfed.data.federation import MIN_SITE_SAMPLES, Federation, Site
 from medfed.errors import ConfigError, DataError
 
-TASKS = ("atrophy", "lesion", "multiclass", "age")
+TASKS = ("atrophy", "lesion", "multiclass", "age", "segmentation")
 # task="multiclass": class k of a subject is MULTICLASS_CLASSES[k]; atrophy keeps index 1 and the
 # lesion class is the last, so the binary tasks' "y == 1" rules read the same
 MULTICLASS_CLASSES = ("healthy", "atrophy", "lesion")
@@ -130,9 +130,13 @@ MULTICLASS_CLASSES = ("healthy", "atrophy", "lesion")
 AGE_RANGE = (50.0, 90.0)
 # spread of a subject's atrophy about the one its age predicts (brain-age "gap"), in severity units
 AGE_SEVERITY_SD = 0.1
+# task=segmentation: a pixel is lesion where the blob's share of the T1 change, blob x p_WM,
+# is at least half its peak (the lesion's half-maximum extent)
+LESION_MASK_LEVEL = 0.5
 DIMS = ("2d", "3d")
 # the medfed task (medfed.data.tasks) of each phantom task; the others are binary
-FEDERATION_TASK = {"multiclass": "multiclass", "age": "regression"}
+FEDERATION_TASK = {"multiclass": "multiclass", "age": "regression", "segmentation": "segmentation"}
+SEGMENTATION_CLASSES = ("background", "lesion")
 LESION_CONTRASTS = ("hypo", "hyper", "mixed")
 TEMPLATE_FILE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 ATTRIBUTION = (
@@ -224,25 +228,29 @@ def load_mni_phantom(
         scanner = _scanner(k, site_shift)
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(k,)))
         n = sizes[k]
-        y = _site_targets(rng, task, n, fractions[k])
-        X = _site_images(
+        # task=segmentation draws task=lesion's subjects and images, and keeps the lesion as the target
+        y = _site_targets(rng, "lesion" if task == "segmentation" else task, n, fractions[k])
+        X, lesion = _site_images(
             rng, y, q, centre, vols, to_voxel, bias_terms, scanner,
             task=task, effect=effect, variability=variability, band_mm=band_mm if ndim == 2 else 0.0,
             lesion_mm=lesion_mm, lesion_contrast=lesion_contrast, size=size, ndim=ndim,
         )
+        if task == "segmentation":  # the lesion drawn, as a mask on the image grid
+            y = (lesion >= LESION_MASK_LEVEL).astype(np.int64)
         sites.append(Site(name=f"site-{k + 1}", X=X[:, None], y=y, task=FEDERATION_TASK.get(task, "binary")))
         scanners.append({key: (v.tolist() if isinstance(v, np.ndarray) else v) for key, v in scanner.items()})
 
     shape = "×".join([str(size)] * ndim)
-    lesion = {
+    lesion_name = {
         "hypo": "hypointense white-matter lesion",
         "hyper": "hyperintense white-matter lesion",
         "mixed": "hypo- or hyperintense white-matter lesion",
     }[lesion_contrast]
     what = {
         "atrophy": "regional atrophy present (1) vs absent (0)",
-        "lesion": f"{lesion} present (1) vs absent (0)",
-        "multiclass": f"healthy vs regional atrophy vs {lesion}",
+        "lesion": f"{lesion_name} present (1) vs absent (0)",
+        "multiclass": f"healthy vs regional atrophy vs {lesion_name}",
+        "segmentation": f"{lesion_name} mask (lesion 1, background 0)",
         "age": f"age in years ({AGE_RANGE[0]:g}-{AGE_RANGE[1]:g}; atrophy grows with it)",
     }[task]
     return Federation(
@@ -257,7 +265,7 @@ def load_mni_phantom(
         attribution=ATTRIBUTION,
         positive_label=task,
         task=FEDERATION_TASK.get(task, "binary"),
-        classes=MULTICLASS_CLASSES if task == "multiclass" else (),
+        classes=MULTICLASS_CLASSES if task == "multiclass" else SEGMENTATION_CLASSES if task == "segmentation" else (),
         task_source=f"given (--dataset-option task={task})" if task in FEDERATION_TASK else "given",
         info={
             "source": "nilearn package data: " + TEMPLATE_FILE.format("{t1,gm,wm}"),
@@ -396,7 +404,8 @@ def _site_images(
     lesion_contrast: str,
     size: int,
     ndim: int,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
+    """The images ``(n, *grid)`` and each pixel's lesion share ``blob x p_WM`` (0 without a lesion)."""
     from scipy import ndimage
 
     n = y.size
@@ -439,12 +448,13 @@ def _site_images(
         for vol in vols
     )
 
+    lesion = np.zeros_like(wm)
     if atrophy:
         region = np.zeros(p.shape[:2])
         for c in ATROPHY_REGIONS:
             region += np.exp(-((p - c) ** 2).sum(-1) / (2 * ATROPHY_REGION_MM**2))
         t1 = t1 - 0.55 * severity[:, None] * np.minimum(region, 1.0) * gm * GM_CSF_CONTRAST
-    lesioned = {"lesion": 1, "multiclass": 2}.get(task)
+    lesioned = {"lesion": 1, "segmentation": 1, "multiclass": 2}.get(task)
     if lesioned is not None:
         zone = ((p - VENTRICLE_CENTRE) ** 2).sum(-1) < LESION_ZONE_MM**2
         for i in np.flatnonzero(y == lesioned):
@@ -462,7 +472,8 @@ def _site_images(
                 sign = rng.choice([-1.0, 1.0])
             else:
                 sign = -1.0 if lesion_contrast == "hypo" else 1.0
-            t1[i] *= 1 + sign * 0.65 * effect * rng.uniform(0.6, 1.0) * blob * wm[i]
+            lesion[i] = blob * wm[i]
+            t1[i] *= 1 + sign * 0.65 * effect * rng.uniform(0.6, 1.0) * lesion[i]
 
     x = np.clip(t1, 0, None) * np.exp(rng.normal(0, 0.05, (n, 1)))
     # Scanner: contrast (gamma), smooth coil bias (per-subject jitter: positioning), gain.
@@ -482,7 +493,7 @@ def _site_images(
     x = np.sqrt((x + rng.normal(0, noise, x.shape)) ** 2 + rng.normal(0, noise, x.shape) ** 2)
     if matrix != size:
         x = ndimage.zoom(x, (1,) + (size / matrix,) * ndim, order=1, grid_mode=True, mode="nearest")
-    return x.astype(np.float32)
+    return x.astype(np.float32), lesion.reshape((n,) + (size,) * ndim)
 
 
 # --------------------------------------------------------------------------- scanners

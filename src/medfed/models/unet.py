@@ -1,0 +1,107 @@
+"""2D and 3D U-Nets for segmentation (``unet2d``, ``unet3d``): MONAI's ``UNet`` behind medfed's parameter view.
+
+The network is ``monai.networks.nets.UNet`` (Ronneberger et al., 2015, as MONAI builds it: strided
+convolutions down, transposed convolutions up, a skip connection per level; ``num_res_units=0``,
+ReLU, no dropout) with ``channels`` per level and stride 2 between levels; its math is MONAI's,
+unchanged. Only its modules are laid out under the registry's naming convention
+(:mod:`medfed.models.registry`) so that FedBN, FedPer, DP and every aggregator run on it:
+
+- ``body.*``: MONAI's down block and nested skip connections (``UNet.model[0:2]``), each
+  normalization layer (MONAI's ``ADN.N``) renamed ``norm``: ``body.0.adn.norm.weight``,
+  ``body.1.submodule.0.adn.norm.running_var``, ... (``is_norm`` holds for them);
+- ``head.conv.weight`` (and ``head.conv.bias`` without normalization): MONAI's last layer
+  (``UNet.model[2]``), the top-level transposed convolution producing the K per-pixel class
+  logits, the decoder's output (``is_head``).
+
+``norm``: ``batch`` (BatchNorm), ``group`` (GroupNorm with ``gcd(4, *channels)`` groups: MONAI
+takes one group count for every layer) or ``none``; convolutions carry a bias only without
+normalization, as the other torch models. Every spatial axis must be divisible by
+``2 ** (len(channels) - 1)`` (the strides), checked with a ConfigError before training.
+
+Loss: Dice + cross-entropy (MONAI's ``DiceCELoss``, softmax over the K logits, one-hot targets,
+Dice per image and class with MONAI's default smoothing 1e-5), :func:`dice_ce`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from medfed.models.registry import check_unet_grid
+
+UNETS = {"unet2d": 2, "unet3d": 3}
+
+
+class SegmentationNetwork(nn.Module):
+    """``body -> head``: per-pixel class logits ``(n, K, *spatial)``."""
+
+    def __init__(self, body: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def _norm(kind: str, channels: Sequence[int]):
+    if kind == "batch":
+        return "batch"
+    if kind == "group":
+        return ("group", {"num_groups": math.gcd(4, *channels)})
+    return None
+
+
+def _rename_norms(module: nn.Module) -> None:
+    """MONAI's ADN blocks name their normalization ``N``; the convention's name is ``norm``.
+    ADN is an ``nn.Sequential``: renaming the key, in place and in order, keeps its forward."""
+    from monai.networks.blocks import ADN
+
+    for m in module.modules():
+        if isinstance(m, ADN) and "N" in m._modules:
+            m._modules = OrderedDict(("norm" if k == "N" else k, v) for k, v in m._modules.items())
+
+
+def build_unet(arch: str, sample_shape: Sequence[int], options: Mapping, outputs: int) -> SegmentationNetwork:
+    """MONAI's UNet for ``arch`` with ``outputs`` classes, laid out as :class:`SegmentationNetwork`."""
+    from monai.networks.nets import UNet
+
+    channels = tuple(options["channels"])
+    check_unet_grid(arch, sample_shape, channels)
+    net = UNet(UNETS[arch], int(sample_shape[0]), outputs, channels, (2,) * (len(channels) - 1), act="relu",
+               norm=_norm(options["norm"], channels), bias=options["norm"] == "none")
+    _rename_norms(net)
+    return SegmentationNetwork(nn.Sequential(net.model[0], net.model[1]), net.model[2])
+
+
+def dice_ce(z: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Dice + cross-entropy of logits ``z`` ``(n, K, *spatial)`` against masks ``y`` ``(n, *spatial)``
+    (int64): per image (``"none"``: Dice averaged over the K classes plus cross-entropy averaged
+    over the pixels), or their sum or mean. The mean is MONAI's ``DiceCELoss(to_onehot_y=True,
+    softmax=True)`` (a test checks it): every image has the same number of pixels."""
+    from monai.losses import DiceCELoss, DiceLoss
+
+    target = y.unsqueeze(1)
+    if reduction == "mean":
+        return DiceCELoss(to_onehot_y=True, softmax=True)(z, target)
+    dice = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")(z, target).flatten(1).mean(dim=1)
+    ce = torch.nn.functional.cross_entropy(z, y, reduction="none").flatten(1).mean(dim=1)
+    per_image = dice + ce
+    return per_image if reduction == "none" else per_image.sum()
+
+
+def mean_dice_ce(z: np.ndarray, y: np.ndarray) -> float:
+    """:func:`dice_ce`'s mean in float64 from numpy logits (what the model's ``loss`` reports)."""
+    return float(dice_ce(torch.from_numpy(np.asarray(z, dtype=np.float64)), torch.from_numpy(np.asarray(y, dtype=np.int64)),
+                         "mean"))
+
+
+def softmax_channels(z: np.ndarray) -> np.ndarray:
+    """Per-pixel class probabilities: the softmax over axis 1 of ``(n, K, *spatial)`` logits."""
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
