@@ -1,13 +1,20 @@
 """Fixed costs at scale (issue 13 §3): what a run of many sites pays outside training. The
 terminal shows the first and last rows of a long table and says what it left out (the files
-keep every row); the table is built in one pass over the results, not one per test site."""
+keep every row); the table is built in one pass over the results, not one per test site.
+Partitions reach the data's limit (a Dirichlet split of breast-cancer up to 56 sites of 10
+rows) and say past it what the limit is and why."""
 
 import json
 import re
 
+import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from medfed.cli.app import SCREEN_ROWS, app
+from medfed.data.federation import MIN_SITE_SAMPLES
+from medfed.data.partition import dirichlet_label_partition, dirichlet_label_split
+from medfed.errors import ConfigError
 from medfed.experiments.results import table_rows
 
 runner = CliRunner()
@@ -58,3 +65,55 @@ def test_the_table_reads_the_results_once_not_once_per_test_site():
     assert _CountingList.reads == 1
     # Table 2 order: by test site as the federation lists them, then the settings in run order
     assert [(r["test_site"], r["label"]) for r in table] == [(s, m) for s in sites for m in ("FedAvg", "FedProx")]
+
+
+# --------------------------------------------------------------------------- partitions up to the data's limit
+
+
+def _dirichlet_federation(n_sites):
+    from medfed.data.datasets.breast_cancer import load_breast_cancer_federation
+
+    return load_breast_cancer_federation(n_sites=n_sites, partition="dirichlet", alpha=0.5, seed=0)
+
+
+@pytest.mark.parametrize("n_sites", [16, 56])
+def test_a_dirichlet_split_of_breast_cancer_reaches_the_datas_limit_and_says_what_it_moved(n_sites):
+    fed = _dirichlet_federation(n_sites)
+    sizes = [s.y.size for s in fed.sites]
+    assert len(sizes) == n_sites and sum(sizes) == 569 and min(sizes) >= MIN_SITE_SAMPLES
+    moved = fed.info["rows_moved"]
+    assert moved > 0 and f"{moved} rows were moved" in fed.description
+    # still label-skewed: the sites' malignant shares spread far wider than an IID split's
+    pooled = np.mean(np.concatenate([s.y for s in fed.sites]))
+    assert np.mean([abs(s.y.mean() - pooled) for s in fed.sites]) > 0.15
+
+
+def test_a_split_that_meets_the_minimum_as_drawn_is_unchanged():
+    from medfed.data.datasets.breast_cancer import read_breast_cancer
+
+    fed = _dirichlet_federation(3)
+    y = (1 - read_breast_cancer()[1]).astype(np.int8)
+    parts = dirichlet_label_partition(y, 3, 0.5, 0, min_size=MIN_SITE_SAMPLES)
+    assert fed.info["rows_moved"] == 0 and "moved" not in fed.description
+    assert [s.y.tolist() for s in fed.sites] == [y[p].tolist() for p in parts]
+
+
+def test_top_up_moves_exactly_the_missing_rows_from_sites_above_the_minimum():
+    y = np.r_[np.zeros(60, int), np.ones(40, int)]
+    rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+    with pytest.raises(ConfigError):
+        dirichlet_label_split(y, 10, 0.1, rng_a, min_size=10, max_tries=5)
+    split = dirichlet_label_split(y, 10, 0.1, rng_b, min_size=10, max_tries=5, top_up=True)
+    assert sorted(np.concatenate(split.parts).tolist()) == list(range(100))
+    assert [p.size for p in split.parts] == [10] * 10  # 100 rows, 10 sites: the limit exactly
+    assert split.moved > 0
+
+
+def test_past_the_limit_the_message_says_the_limit_and_why():
+    from medfed.data.datasets.breast_cancer import load_breast_cancer_federation
+
+    for partition in ("dirichlet", "iid", "quantity"):
+        with pytest.raises(ConfigError, match=r"at most 56 sites keep 10 rows each \(a site needs 10 rows"):
+            load_breast_cancer_federation(n_sites=57, partition=partition)
+    with pytest.raises(ConfigError, match=r"at most 10 sites \(n // 10\)"):
+        dirichlet_label_split(np.zeros(100, int), 11, 0.5, 0, min_size=10, top_up=True)
