@@ -9,7 +9,10 @@ executor adds its own there):
   a round's time is the time between the driver's reports of consecutive rounds, so the setup
   (stacking the rows, the setup exchange) is left out;
 - ``hand``: a hand-vectorized numpy loop doing the same math: all sites as one (K, 20, 90) array,
-  batched matrix products for each step, each site's loss at the global model, the weighted mean.
+  batched matrix products for each step, each site's loss at the global model, the weighted mean;
+- ``ray`` (when Ray is installed): medfed's Ray executor, one actor per CPU of a Ray started on this
+  machine; its memory column is the driver process's peak only (Ray's raylet, GCS and actor
+  processes are not counted).
 
 Timing: for each K the runners go in turn, ``--repeats`` times in rotated order (so drift hits all
 alike); a cell is the median per-round time over every repeat's rounds after its first (warm-up).
@@ -21,6 +24,7 @@ Run: python benchmarks/bench_scale.py [--sizes 2,100,1000,10000] [--repeats 2] [
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -99,7 +103,9 @@ RUNNERS: dict[str, Callable[[np.ndarray, np.ndarray, int], list[float]]] = {
     "vectorized": medfed_runner("vectorized"),
     "hand": hand_loop,
 }
-"""Column name -> runner; add an executor's column here (``medfed_runner("ray")``)."""
+"""Column name -> runner; add an executor's column here."""
+if importlib.util.find_spec("ray") is not None:  # the scale extra: one actor per CPU, Ray started here once
+    RUNNERS["ray"] = medfed_runner("ray")
 
 
 def rounds_for(k: int) -> int:
@@ -160,7 +166,9 @@ def main() -> None:
             for name in names:
                 table[k][name]["mb"] = peak_mb(name, k)
         print(f"K={k}: " + ", ".join(f"{n} {c['ms']:.2f} ms" for n, c in table[k].items()), file=sys.stderr)
+    ray = "ray" in names and "inprocess" in names
     print(f"{'K':>7} | " + " | ".join(f"{n + ' ms':>14}" for n in names) + " | vectorized/hand | inprocess/vectorized"
+          + (" | ray/inprocess" if ray else "")
           + ("" if args.no_memory else " | " + " | ".join(f"{n + ' MB':>13}" for n in names)))
     for k, row in table.items():
         cells = " | ".join(f"{row[n]['ms']:14.2f}" for n in names)
@@ -168,7 +176,8 @@ def main() -> None:
         both = {"vectorized", "inprocess"} <= set(row)
         speed = row["inprocess"]["ms"] / row["vectorized"]["ms"] if both else float("nan")
         mem = "" if args.no_memory else " | " + " | ".join(f"{row[n]['mb']:13.0f}" for n in names)
-        print(f"{k:>7} | {cells} | {ratio:15.2f} | {speed:20.1f}{mem}")
+        over = f" | {row['ray']['ms'] / row['inprocess']['ms']:13.1f}" if ray else ""
+        print(f"{k:>7} | {cells} | {ratio:15.2f} | {speed:20.1f}{over}{mem}")
     print(f"goal: vectorized/hand <= {GOAL_RATIO} at 100, 1,000, 10,000; vectorized peak MB <= "
           + ", ".join(f"{v} at {k:,}" for k, v in GOAL_MB.items()))
     diff = agreement() if {"inprocess"} <= set(names) else {}

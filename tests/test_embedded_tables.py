@@ -91,6 +91,7 @@ def test_breast_cancer_totals_and_names():
         "partition": "dirichlet",
         "alpha": 0.5,
         "seed": 0,
+        "rows_moved": 0,  # the Dirichlet draw gave every site 10 rows as drawn
     }
     assert "Wolberg" in fed.attribution
     assert min(s.n for s in fed.sites) >= 10

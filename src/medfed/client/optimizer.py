@@ -14,7 +14,7 @@ DP-SGD in :mod:`medfed.client.dp_sgd`). Everything else is here, one step at a t
 - correction: a constant added to every step, SCAFFOLD's ``c - c_i`` (Karimireddy et al., 2020);
 - row weights (FedSLD's, Luo & Wu, 2022) enter the data gradient itself: each row's weight in
   the batch's mean loss;
-- update: plain SGD ``theta -= lr * g``, or Adam (:class:`torch.optim.Adam`, torch's defaults,
+- update: plain SGD ``theta -= lr * g``, or Adam (:class:`torch.optim.Adam`'s numbers, torch's defaults,
   torch models only, new at each call so its moments restart each round).
 
 The session also supplies its array arithmetic (``axpy(alpha, g, x)``: ``g + alpha x``; ``load``), so one path serves numpy
@@ -113,24 +113,60 @@ class Sgd:
 
 
 class Adam:
-    """:class:`torch.optim.Adam` (torch's defaults) over a torch session's parameters, fed the
-    gradient with its terms; new for each training, so its moments restart each round."""
+    """Adam (Kingma and Ba, 2015) with torch's defaults over a torch session's parameters, fed
+    the gradient with its terms; new for each training, so its moments restart each round.
+
+    On the CPU it is :class:`torch.optim.Adam`'s own single-tensor path (what torch runs there:
+    ``foreach`` and ``fused`` default to CUDA only) written out with the same torch operations in
+    the same order, so every bit is torch's (tested), without ``torch.optim``'s first step, which
+    imports ``torch._dynamo`` (0.7 s of every torch run). Elsewhere, :class:`torch.optim.Adam`."""
 
     fold: Mapping[str, float] = {}  # nothing folded: Adam needs the gradient itself
     scale = 1.0
+    BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults
 
     def __init__(self, session, lr: float) -> None:
-        import torch  # torch.optim loads torch._dynamo (seconds) on first use: only when Adam is asked for
+        params = list(session.values.values())
+        self.lr = lr
+        self._steps = 0
+        self._moments: dict[str, tuple] = {}  # name -> (exp_avg, exp_avg_sq)
+        self._adam = None
+        if any(p.device.type != "cpu" for p in params):  # torch's foreach path: its own sums
+            import torch
 
-        self._adam = torch.optim.Adam(list(session.values.values()), lr=lr)
+            self._adam = torch.optim.Adam(params, lr=lr)
 
     def step(self, values: dict, grads: Mapping, terms: Mapping[str, tuple[Term, ...]]) -> None:
         for name, g in grads.items():
             p = values[name]
             for term in terms[name]:
                 g = term(g, p)
-            p.grad = g
-        self._adam.step()
+            if self._adam is not None:
+                p.grad = g
+            else:
+                self._update(name, p, g)
+        if self._adam is not None:
+            self._adam.step()
+        else:
+            self._steps += 1
+
+    def _update(self, name: str, p, g) -> None:
+        """torch.optim.adam._single_tensor_adam for one parameter (no weight decay, amsgrad,
+        maximize, capturable or complex values: torch's defaults), in place."""
+        import torch
+
+        if name not in self._moments:
+            self._moments[name] = (torch.zeros_like(p, memory_format=torch.preserve_format),
+                                   torch.zeros_like(p, memory_format=torch.preserve_format))
+        exp_avg, exp_avg_sq = self._moments[name]
+        beta1, beta2 = self.BETA1, self.BETA2
+        step = float(self._steps + 1)  # torch keeps it in a float tensor and reads it with .item()
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        step_size = self.lr / (1 - beta1**step)
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.EPS)
+        p.addcdiv_(exp_avg, denom, value=-step_size)
 
 
 def make_optimizer(model, session, lr: float, *, fold: bool = True) -> Sgd | Adam:

@@ -25,6 +25,7 @@ then advances).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,15 @@ def iid_partition(n_or_y: int | Any, n_sites: int, seed: Seed) -> list[np.ndarra
     return [np.sort(order[owner == k]).astype(np.int64) for k in range(n_sites)]
 
 
+@dataclass(frozen=True)
+class LabelSplit:
+    """A Dirichlet label split: each site's row indices, and how many rows :func:`_top_up`
+    moved to sites below the minimum (0: a draw gave every site the minimum as drawn)."""
+
+    parts: list[np.ndarray]
+    moved: int
+
+
 def dirichlet_label_partition(
     y: Any,
     n_sites: int,
@@ -78,8 +88,26 @@ def dirichlet_label_partition(
     A draw that leaves any site with fewer than ``min_size`` rows is redrawn (a site that
     small cannot be split into training and test rows); after ``max_tries`` failures the
     request is judged impossible rather than silently relaxed, since relaxing it would
-    change the skew the experiment asked for.
+    change the skew the experiment asked for (:func:`dirichlet_label_split` with ``top_up``
+    relaxes it, and says by how many rows).
     """
+    return dirichlet_label_split(y, n_sites, alpha, seed, min_size, max_tries).parts
+
+
+def dirichlet_label_split(
+    y: Any,
+    n_sites: int,
+    alpha: float,
+    seed: Seed,
+    min_size: int = 10,
+    max_tries: int = 100,
+    top_up: bool = False,
+) -> LabelSplit:
+    """:func:`dirichlet_label_partition`, and with ``top_up`` a split up to the data's limit of
+    ``len(y) // min_size`` sites: when no draw in ``max_tries`` gives every site ``min_size``
+    rows (at 16 sites of breast-cancer's 569 rows with alpha 0.5 none in 100 does), one more
+    draw is made and :func:`_top_up` moves the fewest rows that bring every site to the minimum.
+    Any split that succeeds without it is unchanged, draw for draw."""
     _check_sites(n_sites)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)):
         raise ConfigError(f"alpha must be a positive number, got {alpha!r}")
@@ -91,29 +119,64 @@ def dirichlet_label_partition(
     rng = _rng(seed)
     y = _labels(y)
     n = y.size
-    if n < n_sites * max(min_size, 1):
+    floor = max(min_size, 1)
+    if n < n_sites * floor:
         raise ConfigError(
-            f"{n} samples cannot give n_sites={n_sites} sites of at least {max(min_size, 1)} rows each; "
-            "use fewer sites"
+            f"{n} samples cannot give n_sites={n_sites} sites of at least {floor} rows each; "
+            f"at most {n // floor} sites (n // {floor}) keep that many"
         )
-    classes = np.unique(y)
-    by_class = [np.flatnonzero(y == c) for c in classes]
-    for _ in range(int(max_tries)):
+    classes, codes = np.unique(y, return_inverse=True)
+    by_class = [np.flatnonzero(codes == c) for c in range(classes.size)]
+
+    def draw() -> tuple[np.ndarray, np.ndarray]:
         owner = np.empty(n, dtype=np.int64)
-        for idx in by_class:
+        shares = np.empty((classes.size, n_sites))
+        for c, idx in enumerate(by_class):
             idx = rng.permutation(idx)
-            p = rng.dirichlet(np.full(n_sites, float(alpha)))
+            shares[c] = p = rng.dirichlet(np.full(n_sites, float(alpha)))
             cuts = (np.cumsum(p)[:-1] * idx.size).astype(np.int64)
             for k, part in enumerate(np.split(idx, cuts)):
                 owner[part] = k
-        sizes = np.bincount(owner, minlength=n_sites)
-        if sizes.min() >= max(min_size, 1):
-            return [np.flatnonzero(owner == k).astype(np.int64) for k in range(n_sites)]
+        return owner, shares
+
+    for _ in range(int(max_tries)):
+        owner, shares = draw()
+        if np.bincount(owner, minlength=n_sites).min() >= floor:
+            return LabelSplit([np.flatnonzero(owner == k).astype(np.int64) for k in range(n_sites)], 0)
+    if top_up:
+        owner, shares = draw()
+        owner, moved = _top_up(owner, codes, shares, floor)
+        return LabelSplit([np.flatnonzero(owner == k).astype(np.int64) for k in range(n_sites)], moved)
     raise ConfigError(
         f"no Dirichlet label partition with alpha={alpha} gave all n_sites={n_sites} sites at "
-        f"least {max(min_size, 1)} of the {n} samples in {max_tries} tries; use a larger alpha "
+        f"least {floor} of the {n} samples in {max_tries} tries; use a larger alpha "
         "or fewer sites"
     )
+
+
+def _top_up(owner: np.ndarray, codes: np.ndarray, shares: np.ndarray, min_size: int) -> tuple[np.ndarray, int]:
+    """Bring every site to ``min_size`` rows, one row at a time: the smallest site takes, from
+    the largest, a row of the class its own Dirichlet share favours most among those the
+    largest holds (so the skew drawn for it is kept as far as rows allow), the last such row in
+    index order. Returns the new owners and the number of rows moved. Needs
+    ``owner.size >= n_sites * min_size``: then the largest site is above the minimum whenever
+    the smallest is below it."""
+    owner = owner.copy()
+    counts = np.zeros(shares.shape, dtype=np.int64)  # (class, site)
+    np.add.at(counts, (codes, owner), 1)
+    moved = 0
+    while True:
+        sizes = counts.sum(axis=0)
+        k = int(np.argmin(sizes))
+        if sizes[k] >= min_size:
+            return owner, moved
+        j = int(np.argmax(sizes))
+        c = int(np.argmax(np.where(counts[:, j] > 0, shares[:, k], -1.0)))
+        row = np.flatnonzero((owner == j) & (codes == c))[-1]
+        owner[row] = k
+        counts[c, j] -= 1
+        counts[c, k] += 1
+        moved += 1
 
 
 def natural_partition(site_values: Any) -> dict[str, np.ndarray]:

@@ -1,7 +1,9 @@
 """Wisconsin Diagnostic Breast Cancer, split into simulated sites.
 
 One pooled data set, so the sites are made by :mod:`medfed.data.partition`: ``"iid"`` for
-the optimistic baseline, ``"dirichlet"`` for label skew controlled by ``alpha``,
+the optimistic baseline, ``"dirichlet"`` for label skew controlled by ``alpha`` (up to the data's
+limit of 56 sites of 10 rows: where no draw gives every site 10 rows, the fewest rows are moved
+to the small sites, and the description and ``info["rows_moved"]`` say how many),
 ``"quantity"`` for unequal site sizes (Dirichlet(``alpha``) shares) with the class mix kept. The data
 ship with medfed (``files/breast-cancer-wisconsin``: scikit-learn's bundled CSV, byte for byte,
 with its provenance), read with the standard library and numpy: importing scikit-learn to read
@@ -17,7 +19,7 @@ import numpy as np
 from medfed.data.datasets.options import check_choice, check_float, check_int
 from medfed.data.federation import MIN_SITE_SAMPLES, Federation, Site
 from medfed.data.partition import (
-    dirichlet_label_partition,
+    dirichlet_label_split,
     iid_partition,
     quantity_skew_partition,
 )
@@ -69,24 +71,29 @@ def load_breast_cancer_federation(
     if n_sites * MIN_SITE_SAMPLES > y.size:
         raise ConfigError(
             f"option 'n_sites' (--dataset-option n_sites=...): {n_sites} is too many for {y.size} samples; at most "
-            f"{y.size // MIN_SITE_SAMPLES} sites keep {MIN_SITE_SAMPLES} rows each"
+            f"{y.size // MIN_SITE_SAMPLES} sites keep {MIN_SITE_SAMPLES} rows each (a site needs {MIN_SITE_SAMPLES} rows for "
+            "its train/test split)"
         )
+    moved = 0
     if partition == "iid":
         parts = iid_partition(y, n_sites, seed)
     elif partition == "quantity":
         parts = quantity_skew_partition(y, n_sites, seed, alpha=alpha, min_size=MIN_SITE_SAMPLES)
     else:
-        parts = dirichlet_label_partition(y, n_sites, alpha, seed, min_size=MIN_SITE_SAMPLES)
+        split = dirichlet_label_split(y, n_sites, alpha, seed, min_size=MIN_SITE_SAMPLES, top_up=True)
+        parts, moved = split.parts, split.moved
     sites = tuple(Site(name=f"site-{k + 1}", X=X[idx], y=y[idx]) for k, idx in enumerate(parts))
     how = {"iid": "IID", "dirichlet": f"Dirichlet label skew, alpha={alpha}",
            "quantity": f"quantity skew, Dirichlet alpha={alpha}"}[partition]
+    topped = (f"; no Dirichlet draw gave every site {MIN_SITE_SAMPLES} rows, so {moved} rows were moved from the "
+              "largest sites to the smallest") if moved else ""
     return Federation(
         name="breast-cancer",
         sites=sites,
         feature_names=FEATURES,
         description=(
             f"Breast Cancer Wisconsin (Diagnostic), {y.size} tumours split into {n_sites} "
-            f"simulated sites ({how}, seed {seed}); positive class: malignant"
+            f"simulated sites ({how}, seed {seed}{topped}); positive class: malignant"
         ),
         attribution=ATTRIBUTION,
         positive_label=POSITIVE_LABEL,
@@ -96,6 +103,7 @@ def load_breast_cancer_federation(
             "n_sites": int(n_sites),
             "partition": partition,
             "alpha": float(alpha) if partition != "iid" else None,
+            "rows_moved": moved,  # Dirichlet: rows moved to bring every site to the minimum (0: as drawn)
             "seed": seed,
         },
     )
