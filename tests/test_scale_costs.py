@@ -165,3 +165,16 @@ print("torch._dynamo" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split()[-1] == "False", out.stdout + out.stderr
+
+
+def test_cross_over_many_sites_is_refused_in_one_line():
+    from medfed.data.datasets import load_dataset
+    from medfed.errors import ConfigError
+    from medfed.experiments.config import build_config
+    from medfed.experiments.harness import CROSS_SITE_LIMIT, run_experiment
+
+    n = CROSS_SITE_LIMIT + 1
+    values = {"data": {"dataset": "synthetic", "options": {"n_sites": n}}, "methods": ["single", "cross"],
+              "repeats": 1, "training": {"rounds": 1, "local_steps": 1}}
+    with pytest.raises(ConfigError, match=f"{n} sites make {n * (n - 1):,} model-site pairs"):
+        run_experiment(build_config(values), load_dataset("synthetic", n_sites=n))

@@ -976,6 +976,9 @@ def check_task_study(config: ExperimentConfig, federation: Federation, methods: 
         raise ConfigError(f"--save-model writes binary models so far; a {task} task cannot be saved yet")
 
 
+CROSS_SITE_LIMIT = 200  # beyond it, Cross's K (K - 1) evaluations take gigabytes
+
+
 def check_study(
     config: ExperimentConfig,
     federation: Federation,
@@ -1000,6 +1003,14 @@ def check_study(
     names = list(federation.site_names)
     t = config.training
     check_task_study(config, federation, methods)
+    cross = [spec.name for spec, _ in methods if spec.name == "cross"]
+    if cross and len(names) > CROSS_SITE_LIMIT:
+        # every site's Single model scored on every other site: K (K - 1) evaluations held in memory
+        # (1,000 sites: 10^6 of them, past 9 GB), more than any table can show
+        raise ConfigError(
+            f"Cross scores each site's model on every other site: {len(names)} sites make "
+            f"{len(names) * (len(names) - 1):,} model-site pairs (at most {CROSS_SITE_LIMIT} sites); "
+            "list --methods without cross (e.g. single,mix,fedavg)")
     faults = parse_drops(config.drop, names)
     check_secure_study(config)
     if faults.late and not config.privacy.secure_aggregation:
