@@ -295,3 +295,72 @@ def test_medfed_run_on_a_mask_manifest_and_the_mask_column_flag(tmp_path):
     result = runner.invoke(app, ["run", "--dataset", "mni-phantom", "--mask-column", "mask", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--mask-column (data.mask_column) applies to a manifest" in result.output
     assert result.output.count("\n") == 1, result.output
+
+
+# --------------------------------------------------------------------------- partial sharing and DP on U-Nets
+
+
+def _seg_sites(n=10, k=3):
+    """Tiny 16×16 segmentation sites, each with its own scanner scale and offset."""
+    from medfed.client import LocalData
+
+    sites = []
+    for s in range(k):
+        rng = np.random.default_rng(40 + s)
+        masks = np.zeros((n, 16, 16), np.int64)
+        for i in range(n):
+            masks[i, 2 + i % 5:9, 3:10] = 1
+        X = (rng.normal(size=(n, *SHAPE)) + 2.0 * masks[:, None]).astype(np.float32)
+        sites.append(LocalData(f"site-{s}", X * (1 + 0.5 * s) + 0.3 * s, masks))
+    return sites
+
+
+@pytest.mark.usefixtures("torch_one_thread")
+@pytest.mark.parametrize("method, opts, private", [("fedbn", {}, is_norm), ("fedper", {}, is_head),
+                                                   ("fedper", {"private": "decoder"}, "decoder")])
+def test_fedbn_and_fedper_on_a_unet_never_upload_their_private_parameters(method, opts, private):
+    from medfed.client import LocalTraining
+    from medfed.comm import UploadBoundary
+    from medfed.engine import run_federated
+    from medfed.experiments.config import TrainingSpec
+    from medfed.methods.images import IMAGE_METHODS
+    from medfed.methods.method import context_for
+    from medfed.models.registry import is_decoder
+
+    private = is_decoder if private == "decoder" else private
+    spec = {m.name: m for m in IMAGE_METHODS}[method]
+    algorithm = spec.build(spec.validate(opts), TrainingSpec(), context_for(["site-0", "site-1", "site-2"]))
+    uploads = []
+    model, init = _model("batch")
+    sites = _seg_sites()
+    run = run_federated(algorithm, init, sites, LocalTraining(model, 0.05, 2, 5, 1e-4), 2, KeyedRng(1),
+                        boundary=UploadBoundary([lambda u: uploads.append(u) or u]))
+    kept = {k for k in init if private(k)}
+    assert kept and kept != set(init) and len(uploads) == 6
+    for upload in uploads:
+        assert set(upload.payload) == set(init) - kept
+    for k in init:
+        if k in kept:  # the server's copy never moves; each site trained its own
+            np.testing.assert_array_equal(run.params[k], init[k])
+            if not is_norm_statistic(k):
+                own = [run.client_states[s.name].private[k] for s in sites]
+                assert not np.allclose(own[0], init[k]) and not np.allclose(own[0], own[1])
+        elif not is_norm_statistic(k):
+            assert not np.array_equal(run.params[k], init[k])
+    if private is is_decoder:  # the whole up path is private, the encoder and the bottom shared
+        assert kept == {k for k in init if k.startswith(("head.", "body.skip.submodule.up."))}
+        assert "body.skip.submodule.skip.submodule.conv.weight" not in kept and "body.down.conv.weight" not in kept
+
+
+def test_client_level_dp_runs_fedbn_and_fedper_decoder_on_a_unet(tmp_path):
+    base = ["run", "--dataset", "mni-phantom", "--dataset-option", "task=segmentation", "--dataset-option", "size=16",
+            "--dataset-option", "n_per_site=12", "--dataset-option", "lesion_mm=20", "--model", "unet2d",
+            "--rounds", "2", "--repeats", "1"]
+    runner = CliRunner()
+    result = runner.invoke(app, base + ["--methods", "fedbn,fedper",
+                                        "--method-option", "fedper.private=decoder", "--dp", "client", "--clip", "1",
+                                        "--noise", "0.5", "--out", str(tmp_path / "dp")])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "dp" / "results.json").read_text())
+    assert {r["setting"] for r in doc["results"]} == {"FedBN", "FedPer"}
+    assert all(set(r["metrics"]) == {"dice", "iou", "hd95"} for r in doc["results"])
