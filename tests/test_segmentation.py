@@ -175,3 +175,192 @@ def test_segmentation_refusals_are_one_line(tmp_path):
                            (["--model", "unet2d", "--methods", "fedsld"], "method 'fedsld' trains binary tasks")):
         result = runner.invoke(app, base + extra)
         assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, result.output
+
+
+# --------------------------------------------------------------------------- masks from manifests
+
+
+def _png_manifest(tmp_path, values=(0, 3, 7), n=10, sites=("A", "B"), mask_of=None):
+    """Tiny 16×16 PNG images and masks (uint8 labels ``values``), 2 sites; the manifest has no label column."""
+    from PIL import Image
+
+    rows = ["path,mask,site"]
+    rng = np.random.default_rng(0)
+    for s in sites:
+        for i in range(n):
+            mask = np.zeros((16, 16), np.uint8)
+            mask[2:6, 2 + i % 4:8] = values[1]
+            mask[9:13, 8:12] = values[2] if i % 2 else 0
+            img = (rng.integers(0, 40, (16, 16)) + 100 * (mask > 0)).astype(np.uint8)
+            Image.fromarray(img).save(tmp_path / f"{s}{i}.png")
+            Image.fromarray(mask if mask_of is None else mask_of(s, i, mask)).save(tmp_path / f"{s}{i}_mask.png")
+            rows.append(f"{s}{i}.png,{s}{i}_mask.png,{s}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "m.csv"
+
+
+def test_png_masks_from_a_manifest_make_a_segmentation_federation(tmp_path):
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    from medfed.data.images import load_image_manifest
+
+    fed = load_image_manifest(_png_manifest(tmp_path), mask_column="mask")
+    assert fed.task == "segmentation" and fed.classes == ("background", "3", "7")
+    assert fed.info["mask_column"] == "mask" and fed.info["mask_values"] == {"background": 0, "3": 3, "7": 7}
+    for s in fed.sites:
+        assert s.task == "segmentation" and s.y.shape == (10, 16, 16) and s.y.dtype == np.int64
+        for i in range(10):  # the stored labels 0/3/7 are class indices 0/1/2, pixel for pixel
+            stored = np.asarray(Image.open(tmp_path / f"{s.name}{i}_mask.png"))
+            np.testing.assert_array_equal(s.y[i], np.searchsorted([0, 3, 7], stored))
+            np.testing.assert_array_equal(s.X[i, 0], np.asarray(Image.open(tmp_path / f"{s.name}{i}.png")))
+    # without a mask column the same manifest is a label manifest, and it has no label column
+    with pytest.raises(DataError, match="no label column 'label'"):
+        load_image_manifest(tmp_path / "m.csv")
+
+
+def test_a_mask_off_its_images_grid_is_one_error_naming_both_files(tmp_path):
+    pytest.importorskip("PIL")
+    from medfed.data.images import load_image_manifest
+
+    wide = _png_manifest(tmp_path, mask_of=lambda s, i, m: np.pad(m, ((0, 0), (0, 4))) if (s, i) == ("B", 3) else m)
+    with pytest.raises(DataError, match=r"data row 14 \(site 'B'\): .*B3_mask\.png: is a mask of spatial shape 16×20 "
+                                        r"while its image .*B3\.png has 16×16"):
+        load_image_manifest(wide, mask_column="mask")
+    rgb = _png_manifest(tmp_path, mask_of=lambda s, i, m: np.stack([m] * 3, -1) if (s, i) == ("A", 0) else m)
+    with pytest.raises(DataError, match=r"A0_mask\.png: is a mask with 3 channels; allowed: one channel of labels, "
+                                        r"on the grid of its image .*A0\.png"):
+        load_image_manifest(rgb, mask_column="mask")
+    with pytest.raises(DataError, match="every mask is background"):
+        load_image_manifest(_png_manifest(tmp_path, mask_of=lambda s, i, m: 0 * m), mask_column="mask")
+    # with --skip-bad the row is left out and the reason names both files
+    fed = load_image_manifest(_png_manifest(tmp_path, n=11, mask_of=lambda s, i, m: m[:8] if (s, i) == ("A", 5) else m),
+                              mask_column="mask", skip_bad=True)
+    (skipped,) = fed.info["skipped"]
+    assert skipped["site"] == "A" and "A5.png" in skipped["reason"] and skipped["path"].endswith("A5.png")
+    assert "A5_mask.png" in skipped["reason"] and [s.n for s in fed.sites] == [10, 11]
+
+
+def _nifti(path, data, affine):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), str(path))
+
+
+def test_nifti_masks_are_reoriented_with_their_images_and_must_share_their_affine(tmp_path):
+    pytest.importorskip("nibabel")
+    from medfed.data.images import load_image_manifest
+
+    lps = np.diag([-2.0, -2.0, 2.0, 1.0])  # stored L->R flipped and P->A flipped: reorientation must flip both files
+    rng = np.random.default_rng(1)
+    rows = ["path,mask,site,label"]
+    for i in range(10):
+        mask = np.zeros((8, 8, 4), np.int16)
+        mask[1 + i % 3:5, 2:4, 1:3] = 2
+        _nifti(tmp_path / f"v{i}.nii.gz", (rng.random((8, 8, 4)) + 5 * mask).astype(np.float32), lps)
+        _nifti(tmp_path / f"v{i}_mask.nii.gz", mask, lps)
+        rows.append(f"v{i}.nii.gz,v{i}_mask.nii.gz,A,x")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    fed = load_image_manifest(tmp_path / "m.csv", mask_column="mask")
+    (site,) = fed.sites
+    assert fed.classes == ("background", "2") and site.X.shape == (10, 1, 8, 8, 4)
+    np.testing.assert_array_equal(site.y == 1, site.X[:, 0] > 4.5)  # the lesion voxels, after both were reoriented
+    import nibabel as nib
+
+    stored = np.asarray(nib.load(str(tmp_path / "v0_mask.nii.gz")).dataobj) == 2
+    assert not np.array_equal(site.y[0] == 1, stored) and np.array_equal(site.y[0] == 1, stored[::-1, ::-1])
+    # the same voxels, but the mask's origin shifted by 4 mm: a different grid
+    _nifti(tmp_path / "v7_mask.nii.gz", np.zeros((8, 8, 4), np.int16), lps + np.array([[0, 0, 0, 4.0]] + [[0] * 4] * 3))
+    with pytest.raises(DataError, match=r"v7_mask\.nii\.gz: is a mask whose voxel-to-mm affine .* differs from its "
+                                        r"image .*v7\.nii\.gz's"):
+        load_image_manifest(tmp_path / "m.csv", mask_column="mask")
+    _nifti(tmp_path / "v7_mask.nii.gz", np.full((8, 8, 4), 0.5, np.float32), lps)
+    with pytest.raises(DataError, match=r"v7_mask\.nii\.gz: is a mask holding 256 values that are not class labels "
+                                        r"\(first: 0\.5\)"):
+        load_image_manifest(tmp_path / "m.csv", mask_column="mask")
+
+
+def test_medfed_run_on_a_mask_manifest_and_the_mask_column_flag(tmp_path):
+    pytest.importorskip("PIL")
+    manifest = _png_manifest(tmp_path, values=(0, 255, 255))
+    runner = CliRunner()
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "--manifest", str(manifest), "--task", "segmentation", "--model", "unet2d",
+                                 "--model-option", "norm=group", "--methods", "fedavg", "--rounds", "1", "--repeats", "1",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["task"] == "segmentation" and doc["classes"] == ["background", "255"]
+    assert {r["setting"] for r in doc["results"]} == {"FedAvg"}
+    result = runner.invoke(app, ["run", "--dataset", "mni-phantom", "--mask-column", "mask", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--mask-column (data.mask_column) applies to a manifest" in result.output
+    assert result.output.count("\n") == 1, result.output
+
+
+# --------------------------------------------------------------------------- partial sharing and DP on U-Nets
+
+
+def _seg_sites(n=10, k=3):
+    """Tiny 16×16 segmentation sites, each with its own scanner scale and offset."""
+    from medfed.client import LocalData
+
+    sites = []
+    for s in range(k):
+        rng = np.random.default_rng(40 + s)
+        masks = np.zeros((n, 16, 16), np.int64)
+        for i in range(n):
+            masks[i, 2 + i % 5:9, 3:10] = 1
+        X = (rng.normal(size=(n, *SHAPE)) + 2.0 * masks[:, None]).astype(np.float32)
+        sites.append(LocalData(f"site-{s}", X * (1 + 0.5 * s) + 0.3 * s, masks))
+    return sites
+
+
+@pytest.mark.usefixtures("torch_one_thread")
+@pytest.mark.parametrize("method, opts, private", [("fedbn", {}, is_norm), ("fedper", {}, is_head),
+                                                   ("fedper", {"private": "decoder"}, "decoder")])
+def test_fedbn_and_fedper_on_a_unet_never_upload_their_private_parameters(method, opts, private):
+    from medfed.client import LocalTraining
+    from medfed.comm import UploadBoundary
+    from medfed.engine import run_federated
+    from medfed.experiments.config import TrainingSpec
+    from medfed.methods.images import IMAGE_METHODS
+    from medfed.methods.method import context_for
+    from medfed.models.registry import is_decoder
+
+    private = is_decoder if private == "decoder" else private
+    spec = {m.name: m for m in IMAGE_METHODS}[method]
+    algorithm = spec.build(spec.validate(opts), TrainingSpec(), context_for(["site-0", "site-1", "site-2"]))
+    uploads = []
+    model, init = _model("batch")
+    sites = _seg_sites()
+    run = run_federated(algorithm, init, sites, LocalTraining(model, 0.05, 2, 5, 1e-4), 2, KeyedRng(1),
+                        boundary=UploadBoundary([lambda u: uploads.append(u) or u]))
+    kept = {k for k in init if private(k)}
+    assert kept and kept != set(init) and len(uploads) == 6
+    for upload in uploads:
+        assert set(upload.payload) == set(init) - kept
+    for k in init:
+        if k in kept:  # the server's copy never moves; each site trained its own
+            np.testing.assert_array_equal(run.params[k], init[k])
+            if not is_norm_statistic(k):
+                own = [run.client_states[s.name].private[k] for s in sites]
+                assert not np.allclose(own[0], init[k]) and not np.allclose(own[0], own[1])
+        elif not is_norm_statistic(k):
+            assert not np.array_equal(run.params[k], init[k])
+    if private is is_decoder:  # the whole up path is private, the encoder and the bottom shared
+        assert kept == {k for k in init if k.startswith(("head.", "body.skip.submodule.up."))}
+        assert "body.skip.submodule.skip.submodule.conv.weight" not in kept and "body.down.conv.weight" not in kept
+
+
+def test_client_level_dp_runs_fedbn_and_fedper_decoder_on_a_unet(tmp_path):
+    base = ["run", "--dataset", "mni-phantom", "--dataset-option", "task=segmentation", "--dataset-option", "size=16",
+            "--dataset-option", "n_per_site=12", "--dataset-option", "lesion_mm=20", "--model", "unet2d",
+            "--rounds", "2", "--repeats", "1"]
+    runner = CliRunner()
+    result = runner.invoke(app, base + ["--methods", "fedbn,fedper",
+                                        "--method-option", "fedper.private=decoder", "--dp", "client", "--clip", "1",
+                                        "--noise", "0.5", "--out", str(tmp_path / "dp")])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "dp" / "results.json").read_text())
+    assert {r["setting"] for r in doc["results"]} == {"FedBN", "FedPer"}
+    assert all(set(r["metrics"]) == {"dice", "iou", "hd95"} for r in doc["results"])

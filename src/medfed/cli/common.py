@@ -58,7 +58,7 @@ CONFIG_FLAGS = {
     "scaling": "--scaling", "out": "--out", "plots": "--plots", "eval_every": "--eval-every", "workers": "--workers",
     "threads": "--threads", "loso": "--loso", "model": "--model", "methods": "--methods",
     "data.dataset": "--dataset", "data.path": "--data", "data.manifest": "--manifest",
-    "data.path_column": "--path-column", "data.kind": "--kind", "data.skip_bad": "--skip-bad",
+    "data.path_column": "--path-column", "data.mask_column": "--mask-column", "data.kind": "--kind", "data.skip_bad": "--skip-bad",
     "data.site_column": "--site-column", "data.label_column": "--label-column", "data.label_columns": "--label-columns",
     "data.split_column": "--split-column", "data.features": "--features", "data.impute": "--impute",
     "data.positive_label": "--positive-label", "data.task": "--task", "data.exclude": "--exclude", "data.categorical": "--categorical",

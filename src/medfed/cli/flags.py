@@ -24,6 +24,8 @@ ManifestOpt = Annotated[
     Path | None, typer.Option(help="CSV/Parquet manifest of image files: path, label, site[, split]")
 ]
 PathColumnOpt = Annotated[str | None, typer.Option(help="manifest column with each image's file or DICOM folder")]
+MaskColumnOpt = Annotated[str | None, typer.Option(help="manifest column with each image's mask file: a segmentation task "
+                                                        "[default: 'mask' with --task segmentation, else no masks]")]
 KindOpt = Annotated[str | None, typer.Option(help="image files: auto, nifti, dicom or image (2D)")]
 SkipBadOpt = Annotated[
     bool | None,
@@ -133,7 +135,7 @@ MethodOptionOpt = Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALU
 
 
 DATA_FLAGS = (
-    "path_column", "kind", "skip_bad", "site_column", "label_column", "label_columns", "split_column", "features", "exclude",
+    "path_column", "mask_column", "kind", "skip_bad", "site_column", "label_column", "label_columns", "split_column", "features", "exclude",
     "categorical", "impute", "positive_label", "covariates", "task",
 )
 TRAINING_FLAGS = (

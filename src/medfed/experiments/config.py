@@ -68,6 +68,8 @@ class DataSpec(_Strict):
     positive_classes: list[int] | None = None  # MedMNIST files: binary with these positive; None: every class
     use_val: Literal["train", "test", "drop"] = "train"
     path_column: str = "path"
+    # a manifest's column of mask files (a segmentation task); None: "mask" when task is segmentation, else no masks
+    mask_column: str | None = None
     kind: Literal["auto", "nifti", "dicom", "image"] = "auto"
     skip_bad: bool = False
     site_column: str | None = None
@@ -101,6 +103,8 @@ class DataSpec(_Strict):
             )
         if self.path is not None and (self.site_column is None or (self.label_column is None and not self.label_columns)):
             raise ValueError("a table needs data.site_column and data.label_column (or data.label_columns)")
+        if self.mask_column is not None and self.manifest is None:
+            raise ValueError("--mask-column (data.mask_column) applies to a manifest of image files (--manifest)")
         if self.label_columns and self.path is None:
             raise ValueError("--label-columns (data.label_columns) apply to a table given with --data (data.path)")
         if self.path is None and (self.exclude or self.categorical):

@@ -527,6 +527,9 @@ def _load_federation(spec: DataSpec) -> Federation:
         return load_image_manifest(
             spec.manifest,
             path_column=spec.path_column,
+            # a "mask" column alone does not make a segmentation task: manifests often list brain masks for skull
+            # stripping; masks are the targets only when named or when the task is segmentation
+            mask_column=spec.mask_column or ("mask" if spec.task == "segmentation" else None),
             label_column=spec.label_column or "label",
             site_column=spec.site_column or "site",
             split_column=spec.split_column,

@@ -20,8 +20,8 @@ from medfed.client.local import local_sgd_update
 from medfed.client.sharing import keep_private, personalize_private
 from medfed.engine.loop import FederatedAlgorithm
 from medfed.methods.method import BuildContext, Method, Training
-from medfed.methods.options import boolean
-from medfed.models.registry import is_head, is_norm, is_norm_statistic
+from medfed.methods.options import boolean, choice
+from medfed.models.registry import is_decoder, is_head, is_norm, is_norm_statistic
 from medfed.server.aggregate import apply_delta, chain, weighted_mean
 
 FAMILY = "survey §3.2"
@@ -45,15 +45,24 @@ def fedbn(local_affine: bool = True) -> FederatedAlgorithm:
     )
 
 
-def fedper() -> FederatedAlgorithm:
+PRIVATE_PARTS = {"head": is_head, "decoder": is_decoder}
+
+
+def fedper(private: str = "head") -> FederatedAlgorithm:
     """FedPer (Arivazhagan et al., 2019; in the survey, Feng et al., 2022 and Chakravarty et
-    al., 2021): each site keeps its own head (the final layer); the body is averaged as in FedAvg."""
+    al., 2021): each site keeps its own head (the final layer); the body is averaged as in FedAvg.
+
+    ``private="decoder"``: a U-Net's whole decoder (its up blocks and the head) stays at each site
+    and only the encoder is averaged, as Feng et al. (2022, FedMRI) share the encoder and keep
+    site-specific decoders; FedMRI's weighted contrastive term on the shared latent is left out.
+    """
+    is_private = PRIVATE_PARTS[private]
     return FederatedAlgorithm(
         "fedper",
-        keep_private(local_sgd_update, is_head, method="fedper"),
+        keep_private(local_sgd_update, is_private, method="fedper"),
         chain(weighted_mean(), apply_delta()),
         personalize=personalize_private,
-        private=is_head,
+        private=is_private,
     )
 
 
@@ -62,7 +71,7 @@ def _build_fedbn(opts: Mapping[str, Any], training: Training, context: BuildCont
 
 
 def _build_fedper(opts: Mapping[str, Any], training: Training, context: BuildContext) -> FederatedAlgorithm:
-    return fedper()
+    return fedper(opts["private"])
 
 
 IMAGE_METHODS: list[Method] = [
@@ -79,6 +88,8 @@ IMAGE_METHODS: list[Method] = [
         "fedper", "FedPer", "federated",
         "each site keeps its own head (final layer) private; the body is averaged as in FedAvg",
         "Arivazhagan et al., 2019; Feng et al., 2022; Chakravarty et al., 2021", build=_build_fedper,
+        options=(choice("private", "head", tuple(PRIVATE_PARTS),
+                        "what stays at each site: the head, or a U-Net's decoder (up blocks and head; Feng et al., 2022)"),),
         uploads="delta", personal=True, global_model=False, family=FAMILY,
     ),
 ]

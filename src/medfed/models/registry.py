@@ -100,6 +100,11 @@ def is_head(name: str) -> bool:
     return name.split(".", 1)[0] == "head"
 
 
+def is_decoder(name: str) -> bool:
+    """A parameter of a U-Net's decoder: its up-sampling blocks (``...up.*``) and the head."""
+    return is_head(name) or "up" in name.split(".")[:-1]
+
+
 # --- options ----------------------------------------------------------------------------
 
 

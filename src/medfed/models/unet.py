@@ -7,8 +7,12 @@ unchanged. Only its modules are laid out under the registry's naming convention
 (:mod:`medfed.models.registry`) so that FedBN, FedPer, DP and every aggregator run on it:
 
 - ``body.*``: MONAI's down block and nested skip connections (``UNet.model[0:2]``), each
-  normalization layer (MONAI's ``ADN.N``) renamed ``norm``: ``body.0.adn.norm.weight``,
-  ``body.1.submodule.0.adn.norm.running_var``, ... (``is_norm`` holds for them);
+  normalization layer (MONAI's ``ADN.N``) renamed ``norm`` (``is_norm`` holds for them), and each
+  level's blocks named by their role instead of MONAI's positions 0/1/2: ``down`` (encoder),
+  ``skip`` (the skip connection around the deeper levels; the deepest holds the bottom block) and
+  ``up`` (decoder): ``body.down.conv.weight``, ``body.skip.submodule.down.adn.norm.running_var``,
+  ``body.skip.submodule.skip.submodule.conv.weight`` (the bottom, 3 levels),
+  ``body.skip.submodule.up.conv.weight`` (``is_decoder`` holds for the ``up`` blocks and the head);
 - ``head.conv.weight`` (and ``head.conv.bias`` without normalization): MONAI's last layer
   (``UNet.model[2]``), the top-level transposed convolution producing the K per-pixel class
   logits, the decoder's output (``is_head``).
@@ -67,6 +71,18 @@ def _rename_norms(module: nn.Module) -> None:
             m._modules = OrderedDict(("norm" if k == "N" else k, v) for k, v in m._modules.items())
 
 
+def _name_levels(level: nn.Sequential) -> None:
+    """MONAI builds each level as ``Sequential(down, SkipConnection(deeper), up)`` (the top level's
+    ``up`` is the head); name the blocks by role so that predicates on names (FedPer's decoder) can
+    find them. Renaming the keys in place, in order, keeps the Sequential's forward."""
+    from monai.networks.layers import SkipConnection
+
+    level._modules = OrderedDict(zip(("down", "skip", "up"), level._modules.values()))
+    inner = level._modules["skip"].submodule
+    if isinstance(level._modules["skip"], SkipConnection) and isinstance(inner, nn.Sequential) and len(inner) == 3:
+        _name_levels(inner)
+
+
 def build_unet(arch: str, sample_shape: Sequence[int], options: Mapping, outputs: int) -> SegmentationNetwork:
     """MONAI's UNet for ``arch`` with ``outputs`` classes, laid out as :class:`SegmentationNetwork`."""
     from monai.networks.nets import UNet
@@ -76,7 +92,9 @@ def build_unet(arch: str, sample_shape: Sequence[int], options: Mapping, outputs
     net = UNet(UNETS[arch], int(sample_shape[0]), outputs, channels, (2,) * (len(channels) - 1), act="relu",
                norm=_norm(options["norm"], channels), bias=options["norm"] == "none")
     _rename_norms(net)
-    return SegmentationNetwork(nn.Sequential(net.model[0], net.model[1]), net.model[2])
+    body = nn.Sequential(net.model[0], net.model[1])
+    _name_levels(body)
+    return SegmentationNetwork(body, net.model[2])
 
 
 def dice_ce(z: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:

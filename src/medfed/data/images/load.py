@@ -7,6 +7,14 @@ wrong dimensionality, odd shape, mixed DICOM series, not an image) is one
 :class:`~medfed.errors.DataError` naming the manifest row and the file; with
 ``skip_bad=True`` bad files are left out instead and listed in ``info["skipped"]``.
 
+With a mask column the federation's task is ``segmentation``: each row's mask file is read by the
+reader its path picks, exactly as an image (NIfTI reoriented to RAS, DICOM series sorted, 2-D files
+as stored), and must lie on its image's grid: one channel, the same spatial shape and, where both
+files record them, the same voxel size and (NIfTI) voxel-to-mm affine; otherwise the row is bad (an error naming both files). Mask
+values must be whole numbers >= 0; the distinct stored values, 0 (background) first, become the
+classes, named by their stored value (``background``, ``1``, ``4`` for masks holding 0/1/4): the
+network's K outputs are the values present, not ``max + 1`` (a 0/255 PNG mask is two classes).
+
 The readers import nibabel, pydicom and Pillow when they run, never at import time: the
 command line's cold start must not pay for the imaging extra.
 """
@@ -67,6 +75,7 @@ def load_image_manifest(
     kind: str = "auto",
     skip_bad: bool = False,
     name: str | None = None,
+    mask_column: str | None = None,
 ) -> Federation:
     """Load the images a manifest lists into a federation, one site per site-column value.
 
@@ -86,6 +95,9 @@ def load_image_manifest(
     majority shape (ties: the shape met first) are skipped as bad. Skipping that leaves a
     site with fewer than 10 images, or a predefined split without train or test rows, is
     an error that says so; skipping that leaves a site with one class warns.
+
+    ``mask_column`` names each image's mask file (module docstring): the task is then
+    segmentation and the label column is not read.
     """
     if kind not in KINDS:
         raise ConfigError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
@@ -98,6 +110,7 @@ def load_image_manifest(
         site_column=site_column,
         split_column=split_column,
         positive_label=positive_label,
+        mask_column=mask_column,
     )
     n = len(manifest.paths)
     formats = [_format_of(p, kind) for p in manifest.paths]
@@ -112,10 +125,17 @@ def load_image_manifest(
             raise DataError(f"{_where(manifest, row)}: {err}") from None
         bad[row] = str(err) if err.path != manifest.paths[row] else err.reason
 
+    masks: dict[int, np.ndarray] = {}
     for row in range(n):
         try:
             arrays[row], metas[row] = _read(manifest.paths[row], formats[row])
+            if manifest.masks is not None:
+                mask = manifest.masks[row]
+                masks[row] = _on_grid(mask, *_read(mask, _format_of(mask, kind)), manifest.paths[row], arrays[row],
+                                      metas[row])
         except BadImageFile as err:
+            arrays.pop(row, None)
+            metas.pop(row, None)
             reject(row, err)
 
     if not arrays:
@@ -141,7 +161,13 @@ def load_image_manifest(
             reject(row, err)
             del arrays[row], metas[row]
     channels = _channels(fmt, metas)
-    sites = _build_sites(manifest, arrays, bad)
+    if manifest.masks is not None:
+        values = np.unique(np.concatenate([[0], *(np.unique(masks[r]) for r in arrays)]))
+        classes = ("background", *(str(int(v)) for v in values[1:]))
+        targets = {r: np.searchsorted(values, masks[r]) for r in arrays}
+    else:
+        classes, targets = (), {r: manifest.y[r] for r in arrays}
+    sites = _build_sites(manifest, arrays, targets, bad)
     skipped = [
         {"path": str(manifest.paths[r]), "row": r + 1, "site": manifest.sites[r], "reason": bad[r]}
         for r in sorted(bad)
@@ -154,6 +180,8 @@ def load_image_manifest(
         "label_column": label_column,
         "site_column": site_column,
         "split_column": split_column,
+        **({"mask_column": mask_column, "mask_values": {c: int(v) for c, v in zip(classes, values)}}
+           if manifest.masks is not None else {}),
         "sites": {s.name: _site_summary(manifest, s.name, metas) for s in sites},
         "skipped": skipped,
         "n_skipped": len(skipped),
@@ -172,6 +200,8 @@ def load_image_manifest(
         description=description,
         positive_label=manifest.positive_label,
         info=info,
+        task="segmentation" if manifest.masks is not None else "binary",
+        classes=classes,
     )
 
 
@@ -263,7 +293,38 @@ def _channels(fmt: str, metas: dict[int, dict]) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- sites
 
 
-def _build_sites(manifest: Manifest, arrays: dict[int, np.ndarray], bad: dict[int, str]) -> list[Site]:
+def _on_grid(path: Path, mask: np.ndarray, meta: dict, image_path: Path, image: np.ndarray,
+             image_meta: dict) -> np.ndarray:
+    """The mask read from ``path`` as integer labels on its image's grid, or why it is not."""
+    against = f"its image {image_path}"
+    if mask.shape[0] != 1:
+        raise BadImageFile(path, f"is a mask with {mask.shape[0]} channels; "
+                                 f"allowed: one channel of labels, on the grid of {against}")
+    if mask.shape[1:] != image.shape[1:]:
+        raise BadImageFile(path, f"is a mask of spatial shape {'×'.join(map(str, mask.shape[1:]))} while {against} "
+                                 f"has {'×'.join(map(str, image.shape[1:]))}; allowed: a mask on its image's grid "
+                                 "(resample it with nearest-neighbour interpolation)")
+    size, image_size = meta.get("voxel_size"), image_meta.get("voxel_size")
+    if size is not None and image_size is not None and not np.allclose(size, image_size, rtol=1e-3, atol=0):
+        raise BadImageFile(path, f"is a mask with voxel size {tuple(size)} mm while {against} has "
+                                 f"{tuple(image_size)} mm; allowed: a mask on its image's grid")
+    affine, image_affine = meta.get("affine"), image_meta.get("affine")
+    if affine is not None and image_affine is not None and not np.allclose(affine, image_affine, rtol=0, atol=1e-3):
+        raise BadImageFile(path, f"is a mask whose voxel-to-mm affine {np.round(affine, 3).tolist()} differs from "
+                                 f"{against}'s {np.round(image_affine, 3).tolist()}; allowed: a mask on its image's grid")
+    labels = mask[0]
+    if not (labels == np.round(labels)).all() or labels.min() < 0:
+        odd = labels[(labels != np.round(labels)) | (labels < 0)]
+        raise BadImageFile(path, f"is a mask holding {odd.size} values that are not class labels (first: "
+                                 f"{float(odd[0])}); allowed: whole numbers >= 0 (an interpolated mask? resample "
+                                 "masks with nearest-neighbour interpolation)")
+    return labels.astype(np.int64)
+
+
+def _build_sites(manifest: Manifest, arrays: dict[int, np.ndarray], targets: dict[int, np.ndarray],
+                 bad: dict[int, str]) -> list[Site]:
+    """One site per site name; ``targets`` holds each kept row's label, or its mask's class indices."""
+    segmentation = manifest.masks is not None
     sites = []
     y_kept = []
     for site in manifest.site_names:
@@ -283,24 +344,28 @@ def _build_sites(manifest: Manifest, arrays: dict[int, np.ndarray], bad: dict[in
                 f"needs at least {MIN_SITE_SAMPLES} for a train/test split (fix the files, or merge or "
                 "drop the site)"
             )
-        y = manifest.y[keep]
+        y = np.stack([targets[r] for r in keep]) if segmentation else manifest.y[keep]
         split = None if manifest.split is None else manifest.split[keep]
         if split is not None and (split.all() or not split.any()):
             raise DataError(
                 f"{manifest.source}: site {site!r} has no {'test' if split.all() else 'train'} rows "
                 f"left{because}; every site needs both train and test rows"
             )
-        if dropped and len(np.unique(y)) == 1 and len(np.unique(manifest.y[rows])) == 2:
+        if not segmentation and dropped and len(np.unique(y)) == 1 and len(np.unique(manifest.y[rows])) == 2:
             warnings.warn(
                 f"site {site!r} holds one class only{because}",
                 SingleClassSiteWarning,
                 stacklevel=3,
             )
         X = np.stack([arrays[r] for r in keep])
-        sites.append(Site(site, X, y, split))
-        y_kept.append(y)
+        sites.append(Site(site, X, y, split, task="segmentation" if segmentation else "binary"))
+        y_kept.append(y.ravel())
     y_all = np.concatenate(y_kept)
-    if y_all.all() or not y_all.any():
+    if segmentation:
+        if not y_all.any():
+            raise DataError(f"{manifest.source}: every {'kept ' if bad else ''}mask is background (0) only; "
+                            "a segmentation task needs some labelled pixels")
+    elif y_all.all() or not y_all.any():
         raise DataError(
             f"{manifest.source}: after skipping {len(bad)} bad files every remaining image is "
             f"{'positive' if y_all.all() else 'negative'}; both classes are needed"

@@ -5,6 +5,9 @@ It is a CSV or Parquet file with a row per subject; relative paths are relative 
 manifest's folder, so a data folder can move as a whole. The checks reuse the table
 loader's (:mod:`medfed.data.tables`), so a manifest fails the way a feature table fails:
 one line naming the file, the column and what is allowed.
+
+A segmentation manifest names each image's mask in a mask column (``mask_column``); it needs
+no label column: the masks are the targets (:mod:`medfed.data.images.load` reads them).
 """
 
 from __future__ import annotations
@@ -22,14 +25,16 @@ from medfed.errors import DataError
 
 @dataclass(frozen=True)
 class Manifest:
-    """The parsed manifest: absolute paths, 0/1 labels, site names, optional train mask."""
+    """The parsed manifest: absolute paths, 0/1 labels (None when masks are the targets), site
+    names, optional train mask, and each image's mask file for a segmentation manifest."""
 
     source: Path
     paths: tuple[Path, ...]
-    y: np.ndarray
+    y: np.ndarray | None
     sites: tuple[str, ...]
     split: np.ndarray | None
     positive_label: str
+    masks: tuple[Path, ...] | None = None
 
     @property
     def site_names(self) -> list[str]:
@@ -48,29 +53,41 @@ def read_manifest(
     site_column: str = "site",
     split_column: str | None = None,
     positive_label: Any = None,
+    mask_column: str | None = None,
 ) -> Manifest:
     """Read and check a manifest. Paths may point to files or (DICOM series) folders.
+
+    With ``mask_column`` each row also names its image's mask file and the label column is
+    not read (a segmentation manifest need not have one).
 
     Missing paths are not checked here: the loaders report them with the other bad files,
     so ``--skip-bad`` can count them too.
     """
     source = Path(path)
     frame = read_frame(source)
-    for role, column in (("path", path_column), ("label", label_column), ("site", site_column),
-                         ("split", split_column)):
+    for role, column in (("path", path_column), ("label", None if mask_column else label_column),
+                         ("site", site_column), ("split", split_column), ("mask", mask_column)):
         if column is not None and column not in frame.columns:
             raise DataError(
                 f"{source}: no {role} column {column!r}; columns are {', '.join(map(str, frame.columns))}"
             )
     if len(frame) == 0:
         raise DataError(f"{source}: the manifest has no rows")
-    raw_paths = frame[path_column].tolist()
-    empty = [i for i, p in enumerate(raw_paths) if p is None or (isinstance(p, float) and np.isnan(p)) or not str(p).strip()]
-    if empty:
-        raise DataError(f"{source}: path column {path_column!r} is empty in {len(empty)} row(s), first at data row {empty[0] + 1}")
-    base = source.parent
-    paths = tuple(p if p.is_absolute() else (base / p) for p in (Path(str(v).strip()) for v in raw_paths))
+    paths = _paths(frame[path_column].tolist(), "path", path_column, source)
+    masks = _paths(frame[mask_column].tolist(), "mask", mask_column, source) if mask_column else None
     sites = site_values(frame[site_column], site_column, source)
-    y, positive = binary_labels(frame[label_column], label_column, positive_label, source, np.array(sites))
+    if mask_column:
+        y, positive = None, "1"
+    else:
+        y, positive = binary_labels(frame[label_column], label_column, positive_label, source, np.array(sites))
     split = split_values(frame[split_column], split_column, source) if split_column else None
-    return Manifest(source, paths, y, tuple(sites), split, positive)
+    return Manifest(source, paths, y, tuple(sites), split, positive, masks)
+
+
+def _paths(raw: list, role: str, column: str, source: Path) -> tuple[Path, ...]:
+    """A column of file paths, relative ones resolved against the manifest's folder."""
+    empty = [i for i, p in enumerate(raw) if p is None or (isinstance(p, float) and np.isnan(p)) or not str(p).strip()]
+    if empty:
+        raise DataError(f"{source}: {role} column {column!r} is empty in {len(empty)} row(s), first at data row {empty[0] + 1}")
+    base = source.parent
+    return tuple(p if p.is_absolute() else (base / p) for p in (Path(str(v).strip()) for v in raw))

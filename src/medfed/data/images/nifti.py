@@ -26,7 +26,8 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, dict]:
     """Read one NIfTI file as a float32 ``(1, X, Y, Z)`` array in RAS order, plus metadata.
 
     The metadata holds ``voxel_size`` (mm, in RAS axis order), ``dtype`` (the stored data
-    type), ``orientation`` ("RAS"), ``original_orientation`` (e.g. "LPS") and ``notes``.
+    type), ``orientation`` ("RAS"), ``original_orientation`` (e.g. "LPS"), ``affine`` (voxel to
+    mm of the returned array) and ``notes``.
     Scaling in the header (``scl_slope``/``scl_inter``) is applied, as nibabel does for any
     reader of the file. Raises :class:`BadImageFile` for anything that is not a 3-D volume.
     """
@@ -71,6 +72,8 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, dict]:
         "dtype": str(img.get_data_dtype()),
         "orientation": "RAS",
         "original_orientation": original,
+        # voxel -> mm of the RAS array: what a mask must share to lie on this volume's grid
+        "affine": tuple(tuple(round(float(v), 4) for v in row) for row in img.affine),
         "notes": notes,
     }
     return data[None], meta
