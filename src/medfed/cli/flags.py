@@ -62,7 +62,7 @@ ImputeOpt = Annotated[
     str | None, typer.Option(help="fill missing values: mean or median (training rows of each site)")
 ]
 PositiveLabelOpt = Annotated[str | None, typer.Option(help="label value that counts as positive")]
-TaskOpt = Annotated[str | None, typer.Option(help="what the label is: binary, multiclass, regression or multilabel [default: "
+TaskOpt = Annotated[str | None, typer.Option(help="what the label is: binary, multiclass, regression, multilabel or segmentation (masks) [default: "
                                                   "inferred from the label column where unambiguous]")]
 DatasetOptionOpt = Annotated[
     list[str] | None, typer.Option(help="KEY=VALUE option of the embedded data set, e.g. n_sites=8")
