@@ -51,15 +51,19 @@ def _nodes(root, tmp):
             for s in ("Cleveland", "Hungary", "Switzerland")}
 
 
-def _simulated(root, tmp):
-    from medfed.cli.app import app
+def _simulate(study, source_flag, source, out, *flags):
+    """``medfed run`` of ``study`` on the pooled data (``--data`` table or ``--manifest``): results.json."""
     from typer.testing import CliRunner
 
-    out = tmp / "sim"
-    result = CliRunner().invoke(app, ["run", str(root / "study.toml"), "--data", str(root / "all.csv"),
-                                      "--out", str(out), "--save-model"])
+    from medfed.cli.app import app
+
+    result = CliRunner().invoke(app, ["run", str(study), source_flag, str(source), "--out", str(out), *flags])
     assert result.exit_code == 0, result.output
     return json.loads((out / "results.json").read_text())
+
+
+def _simulated(root, tmp):
+    return _simulate(root / "study.toml", "--data", root / "all.csv", tmp / "sim", "--save-model")
 
 
 def _rows(doc):
@@ -110,14 +114,7 @@ def test_a_deployed_site_chooses_the_threshold_on_its_own_rows_as_simulation_doe
     study.write_text(STUDY.replace('["fedavg", "scaffold", "ditto"]', '["fedavg", "ditto"]')
                      + f'\n[evaluation]\nthreshold = "{rule}"\n')
     deployed = drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
-    from typer.testing import CliRunner
-
-    from medfed.cli.app import app
-
-    result = CliRunner().invoke(app, ["run", str(study), "--data", str(tables / "all.csv"), "--out",
-                                      str(tmp_path / "sim")])
-    assert result.exit_code == 0, result.output
-    simulated = json.loads((tmp_path / "sim" / "results.json").read_text())
+    simulated = _simulate(study, "--data", tables / "all.csv", tmp_path / "sim")
     assert _rows(deployed) == _rows(simulated)
     thresholds = {(r["setting"], r["test_site"], r["model"]): r["threshold"] for r in simulated["results"]}
     assert {(r["setting"], r["test_site"], r["model"]): r["threshold"] for r in deployed["results"]} == thresholds
@@ -297,16 +294,9 @@ site_files = "manifest"
 def test_a_deployed_image_study_equals_its_simulation(tmp_path):
     """Sites holding PNG manifests, a small CNN: the deployed run equals `medfed run --manifest`."""
     pytest.importorskip("torch")
-    from typer.testing import CliRunner
-
-    from medfed.cli.app import app
-
     study, nodes = _image_study(tmp_path)
     deployed = drive(LoopbackLink(nodes), study, tmp_path / "out", log=lambda m: None)
-    result = CliRunner().invoke(app, ["run", str(study), "--manifest", str(tmp_path / "all.csv"), "--out",
-                                      str(tmp_path / "sim"), "--save-model"])
-    assert result.exit_code == 0, result.output
-    simulated = json.loads((tmp_path / "sim" / "results.json").read_text())
+    simulated = _simulate(study, "--manifest", tmp_path / "all.csv", tmp_path / "sim", "--save-model")
     assert _rows(deployed) == _rows(simulated)
     assert deployed["sample_shape"] == [1, 10, 10]
     with np.load(tmp_path / "out" / "models" / "FedAvg.npz") as a, np.load(tmp_path / "sim" / "models" / "FedAvg.npz") as b:
@@ -340,14 +330,7 @@ def test_a_deployed_study_with_client_level_dp_and_compression_equals_its_simula
     study.write_text('compress = "q8"\n' + STUDY.replace('["fedavg", "scaffold", "ditto"]', '["fedavg", "ditto"]')
                      + f'\n[privacy]\ndp = "client"\nclip = 0.5\nnoise = 0.8\nadaptive_clip = {adaptive}\n')
     deployed = drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
-    from typer.testing import CliRunner
-
-    from medfed.cli.app import app
-
-    result = CliRunner().invoke(app, ["run", str(study), "--data", str(tables / "all.csv"), "--out",
-                                      str(tmp_path / "sim")])
-    assert result.exit_code == 0, result.output
-    simulated = json.loads((tmp_path / "sim" / "results.json").read_text())
+    simulated = _simulate(study, "--data", tables / "all.csv", tmp_path / "sim")
     assert _rows(deployed) == _rows(simulated)
     assert deployed["histories"]["FedAvg"]["train_loss"] == simulated["histories"]["FedAvg"]["train_loss"]
     assert deployed["privacy"]["ledger"] == simulated["privacy"]["ledger"]
@@ -362,15 +345,8 @@ def test_a_deployed_study_with_secure_aggregation_equals_its_simulations(tables,
     study = tmp_path / "secure.toml"
     study.write_text(STUDY + '\n[privacy]\nsecure_aggregation = true\nclip = 50\n')
     deployed = drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
-    from typer.testing import CliRunner
-
-    from medfed.cli.app import app
-
     for executor in ("inprocess", "process"):
-        result = CliRunner().invoke(app, ["run", str(study), "--data", str(tables / "all.csv"), "--out",
-                                          str(tmp_path / executor), "--executor", executor])
-        assert result.exit_code == 0, result.output
-        simulated = json.loads((tmp_path / executor / "results.json").read_text())
+        simulated = _simulate(study, "--data", tables / "all.csv", tmp_path / executor, "--executor", executor)
         assert _rows(deployed) == _rows(simulated)
         for setting, h in simulated["histories"].items():
             assert deployed["histories"][setting]["train_loss"] == h["train_loss"]
@@ -390,14 +366,7 @@ def test_a_deployed_study_quantized_in_the_ring_equals_its_simulation(tables, tm
     study.write_text('compress = "q8"\n' + STUDY.replace('["fedavg", "scaffold", "ditto"]', '["fedavg"]')
                      .replace("rounds = 3", "rounds = 2") + '\n[privacy]\nsecure_aggregation = true\nclip = 5\n')
     deployed = drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
-    from typer.testing import CliRunner
-
-    from medfed.cli.app import app
-
-    result = CliRunner().invoke(app, ["run", str(study), "--data", str(tables / "all.csv"), "--out",
-                                      str(tmp_path / "sim")])
-    assert result.exit_code == 0, result.output
-    simulated = json.loads((tmp_path / "sim" / "results.json").read_text())
+    simulated = _simulate(study, "--data", tables / "all.csv", tmp_path / "sim")
     assert _rows(deployed) == _rows(simulated)
     assert deployed["histories"]["FedAvg"]["train_loss"] == simulated["histories"]["FedAvg"]["train_loss"]
     for doc in (deployed, simulated):
@@ -415,14 +384,7 @@ def test_deployed_distributed_dp_noise_comes_from_the_sites_own_seed(tables, tmp
     study.write_text(STUDY.replace('["fedavg", "scaffold", "ditto"]', '["fedavg"]')
                      + '\n[privacy]\nsecure_aggregation = true\ndp = "distributed"\nclip = 0.5\nnoise = 1.0\n')
     deployed = drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
-    from typer.testing import CliRunner
-
-    from medfed.cli.app import app
-
-    result = CliRunner().invoke(app, ["run", str(study), "--data", str(tables / "all.csv"), "--out",
-                                      str(tmp_path / "sim")])
-    assert result.exit_code == 0, result.output
-    simulated = json.loads((tmp_path / "sim" / "results.json").read_text())
+    simulated = _simulate(study, "--data", tables / "all.csv", tmp_path / "sim")
     assert deployed["privacy"]["ledger"] == simulated["privacy"]["ledger"]
     assert {e["mode"] for e in deployed["privacy"]["ledger"]} == {"distributed"}
     assert deployed["histories"]["FedAvg"]["train_loss"] != simulated["histories"]["FedAvg"]["train_loss"]
@@ -439,14 +401,7 @@ def test_deployed_dp_sgd_draws_batches_and_noise_from_the_sites_own_seed(tables,
                      .replace("local_steps = 4", "local_steps = 4\nbatch_size = 16")
                      + '\n[privacy]\ndp = "sample"\nclip = 1.0\nnoise = 1.0\n')
     deployed = drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
-    from typer.testing import CliRunner
-
-    from medfed.cli.app import app
-
-    result = CliRunner().invoke(app, ["run", str(study), "--data", str(tables / "all.csv"), "--out",
-                                      str(tmp_path / "sim")])
-    assert result.exit_code == 0, result.output
-    simulated = json.loads((tmp_path / "sim" / "results.json").read_text())
+    simulated = _simulate(study, "--data", tables / "all.csv", tmp_path / "sim")
     ledger = deployed["privacy"]["ledger"]
     assert ledger == simulated["privacy"]["ledger"]
     assert {e["mode"] for e in ledger} == {"sample"} and len({e["sampling_rate"] for e in ledger}) == 3
@@ -531,16 +486,6 @@ method = "combat"
 [deploy]
 sites = ["H0", "H1", "H2"]
 """
-
-
-def _simulate(study, source_flag, source, out):
-    from typer.testing import CliRunner
-
-    from medfed.cli.app import app
-
-    result = CliRunner().invoke(app, ["run", str(study), source_flag, str(source), "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return json.loads((out / "results.json").read_text())
 
 
 def _harmonizing_messages(link):
