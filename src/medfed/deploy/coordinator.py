@@ -121,13 +121,7 @@ def setup_exchange(link: Link, config, log: Callable[[str], None]) -> tuple[dict
     joined: dict[str, dict] = {}
     refused: dict[str, str] = {}
     for site in names:
-        raw = answers.get(site, "no answer")
-        try:
-            reply = raw if isinstance(raw, str) else decode(raw, f"the setup answer of site {site!r}")
-        except WireError as exc:
-            reply = f"malformed answer: {exc}"
-        if isinstance(reply, Mapping) and "error" in reply:
-            reply = str(reply["error"])
+        reply = _reply(answers, site, "setup")
         if isinstance(reply, str):
             refused[site] = reply
         else:
@@ -147,19 +141,24 @@ def setup_exchange(link: Link, config, log: Callable[[str], None]) -> tuple[dict
     return joined, refused
 
 
+def _reply(answers: Mapping[str, bytes | str], site: str, step: str) -> Any:
+    """A site's decoded answer to ``step``, or why there is none (no answer, a malformed one,
+    the error the site reported), as a string."""
+    raw = answers.get(site, "no answer")
+    try:
+        reply = raw if isinstance(raw, str) else decode(raw, f"the {step} answer of site {site!r}")
+    except WireError as exc:
+        return f"malformed answer: {exc}"
+    return str(reply["error"]) if isinstance(reply, Mapping) and "error" in reply else reply
+
+
 def _ask(link: Link, requests: Mapping[str, Any], timeout_s: float, expected: type, step: str) -> dict[str, Any]:
     """Every site's answer to its request of a harmonization step, each of type ``expected``;
     the fit needs every joined site, so a site that fails a step stops the study, by name."""
     answers = link.exchange({site: encode(r) for site, r in requests.items()}, timeout_s)
     out = {}
     for site in requests:
-        raw = answers.get(site, "no answer")
-        try:
-            reply = raw if isinstance(raw, str) else decode(raw, f"the {step} answer of site {site!r}")
-        except WireError as exc:
-            reply = f"malformed answer: {exc}"
-        if isinstance(reply, Mapping) and "error" in reply:
-            reply = str(reply["error"])
+        reply = _reply(answers, site, step)
         if not isinstance(reply, expected) or getattr(reply, "site", site) != site:
             why = reply if isinstance(reply, str) else f"sent a {type(reply).__name__}, not its {expected.__name__}"
             raise DataError(f"site {site!r} failed the harmonization exchange ({step}): {why}")
