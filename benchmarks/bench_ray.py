@@ -6,8 +6,8 @@ local steps per round. medfed's two executors run in interleaved pairs (alternat
 first) on one local Ray (``num_cpus=2``, started once; each Ray run starts its actors, which is
 start-up, not round time). A round's time is the gap between consecutive rounds' ends (medfed:
 the driver's per-round ``evaluate`` hook; Flower: its strategy's ``evaluate_fn``), median over
-the rounds after the first. Flower runs in a child process (its own Ray instance, started by
-``flwr.simulation.run_simulation``); its wall time includes that start.
+the rounds after the first. Flower runs in a child process (benchmarks/flower_fedavg.py: its own
+Ray instance, started by ``flwr.simulation.run_simulation``); its wall time includes that start.
 Run: python benchmarks/bench_ray.py [--sites 10,100] [--rounds 8] [--pairs 3] [--no-flower]
 """
 
@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 
 import numpy as np
+from flower_fedavg import simulate
 
 ROWS, FEATURES, STEPS, LR = 20, 90, 10, 0.1
 
@@ -58,59 +57,9 @@ def medfed_run(n_sites: int, rounds: int, executor: str) -> dict:
             "params": np.concatenate([run.params["weight"], run.params["bias"]])}
 
 
-def flower_child(n_sites: int, rounds: int) -> None:
-    """Flower's simulation of the same FedAvg; prints its per-round times as JSON."""
-    import logging
-
-    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.serverapp.strategy import FedAvg
-    from flwr.simulation import run_simulation
-
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    client, server = ClientApp(), ServerApp()
-
-    @client.train()
-    def train(msg: Message, context: Context) -> Message:
-        X, y = site_data(int(context.node_config["partition-id"]))
-        w, b = (a.copy() for a in msg.content["arrays"].to_numpy_ndarrays())
-        for _ in range(STEPS):
-            r = 1.0 / (1.0 + np.exp(-(X @ w + b))) - y
-            w -= LR * (X.T @ r / ROWS)
-            b -= LR * r.sum() / ROWS
-        arrays = ArrayRecord([w, b])
-        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": ROWS})}), reply_to=msg)
-
-    ends: list[float] = []
-
-    @server.main()
-    def main(grid: Grid, context: Context) -> None:
-        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=n_sites)
-
-        def stamp(server_round, arrays):
-            ends.append(time.perf_counter())
-            return None
-
-        start = ArrayRecord([np.zeros(FEATURES), np.zeros(1)])
-        strategy.start(grid, start, num_rounds=rounds, evaluate_fn=stamp)
-
-    t0 = time.perf_counter()
-    run_simulation(server, client, num_supernodes=n_sites,
-                   backend_config={"init_args": {"num_cpus": 2, "include_dashboard": False},
-                                   "client_resources": {"num_cpus": 1}})
-    wall = time.perf_counter() - t0
-    gaps = np.diff(ends[1:])  # ends[0]: the strategy's evaluation of the initial arrays
-    print(json.dumps({"wall_s": wall, "ms_per_round": 1e3 * float(np.median(gaps)), "rounds": len(ends) - 1}))
-
-
-def flower_run(n_sites: int, rounds: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--flower-child", str(n_sites), "--rounds", str(rounds)],
-                          capture_output=True, text=True, timeout=600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(lines[-1])
+def flower_site_rows(n_sites: int, partition: int) -> tuple[np.ndarray, np.ndarray]:
+    """What Flower's ClientApp ``partition`` trains on (flower_fedavg.py calls it)."""
+    return site_data(partition)
 
 
 def main() -> None:
@@ -119,11 +68,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=3, help="interleaved (inprocess, ray) pairs per size")
     parser.add_argument("--no-flower", action="store_true")
-    parser.add_argument("--flower-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.flower_child is not None:
-        flower_child(args.flower_child, args.rounds)
-        return
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -149,7 +94,8 @@ def main() -> None:
         ray.shutdown()
     if not args.no_flower:  # after our Ray is down: Flower starts its own
         for row in rows:
-            row["flower_simulation"] = flower_run(row["sites"], args.rounds)
+            flower = simulate("bench_ray", row["sites"], args.rounds, steps=STEPS, lr=LR, l2=0.0)
+            row["flower_simulation"] = {k: v for k, v in flower.items() if k not in ("params", "per_round_s")}
     print(json.dumps({"rounds": args.rounds, "pairs": args.pairs, "rows": rows}, indent=2))
 
 

@@ -12,7 +12,12 @@ executor adds its own there):
   batched matrix products for each step, each site's loss at the global model, the weighted mean;
 - ``ray`` (when Ray is installed): medfed's Ray executor, one actor per CPU of a Ray started on this
   machine; its memory column is the driver process's peak only (Ray's raylet, GCS and actor
-  processes are not counted).
+  processes are not counted);
+- ``flower`` (when flwr is installed): Flower's simulation of the same FedAvg (benchmarks/
+  flower_fedavg.py: its ClientApps on its Ray backend, 2 CPUs), in a child process; a round is the
+  gap between its strategy's evaluations. Up to :data:`FLOWER_MAX_SITES` sites (beyond, a round
+  takes minutes: the cell says ``skipped``); its memory is the peak summed resident set of its whole
+  process tree (Ray's GCS, raylet and workers included), sampled during the timed run.
 
 Timing: for each K the runners go in turn, ``--repeats`` times in rotated order (so drift hits all
 alike); a cell is the median per-round time over every repeat's rounds after its first (warm-up).
@@ -32,6 +37,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from flower_fedavg import simulate
 
 from medfed.client import LocalData, LocalTraining, local_sgd_update
 from medfed.engine import FederatedAlgorithm
@@ -44,6 +50,7 @@ from medfed.server import apply_delta, chain, weighted_mean
 
 ROWS, FEATURES, STEPS, LR, L2 = 20, 90, 10, 0.1, 0.01
 SIZES = (2, 100, 1_000, 10_000)
+FLOWER_MAX_SITES = 1_000  # Flower measured 5.2 s a round at 1,000 sites (issue 13): 10,000 would take hours
 GOAL_RATIO, GOAL_MB = 1.5, {1_000: 150, 10_000: 600}  # vectorized / hand; peak memory (issue 13 §1)
 
 
@@ -98,6 +105,29 @@ def hand_loop(X: np.ndarray, y: np.ndarray, rounds: int) -> list[float]:
     return times
 
 
+_ROWS_CACHE: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def flower_site_rows(k: int, partition: int) -> tuple[np.ndarray, np.ndarray]:
+    """Site ``partition``'s rows of the ``k``-site federation, built once per process (Flower's
+    ClientApps call this in Ray's long-lived workers)."""
+    if k not in _ROWS_CACHE:
+        _ROWS_CACHE[k] = make_rows(k)
+    X, y = _ROWS_CACHE[k]
+    return X[partition], y[partition]
+
+
+def flower_runner(X: np.ndarray, y: np.ndarray, rounds: int) -> list[float]:
+    """Flower's simulation on make_rows(K) (rebuilt in its workers from the same seed); its
+    process tree's peak memory is kept in ``flower_runner.peak_mb``."""
+    result = simulate("bench_scale", X.shape[0], rounds, steps=STEPS, lr=LR, l2=L2)
+    if "error" in result:
+        raise RuntimeError(f"Flower's simulation failed at {X.shape[0]} sites: {result['error']}")
+    flower_runner.peak_mb = result["peak_mb"]
+    flower_runner.params = {"weight": np.array(result["params"][0]), "bias": np.array(result["params"][1])}
+    return result["per_round_s"]
+
+
 RUNNERS: dict[str, Callable[[np.ndarray, np.ndarray, int], list[float]]] = {
     "inprocess": medfed_runner("inprocess"),
     "vectorized": medfed_runner("vectorized"),
@@ -106,6 +136,8 @@ RUNNERS: dict[str, Callable[[np.ndarray, np.ndarray, int], list[float]]] = {
 """Column name -> runner; add an executor's column here."""
 if importlib.util.find_spec("ray") is not None:  # the scale extra: one actor per CPU, Ray started here once
     RUNNERS["ray"] = medfed_runner("ray")
+if importlib.util.find_spec("flwr") is not None:
+    RUNNERS["flower"] = flower_runner
 
 
 def rounds_for(k: int) -> int:
@@ -128,11 +160,12 @@ def memory_of(runner: str, k: int) -> None:
     print(int(status["VmHWM"].split()[0]) / 1024)  # kB
 
 
-def agreement(k: int = 100) -> dict[str, float]:
+def agreement(names: list[str], k: int = 100) -> dict[str, float]:
     """Max relative difference of each runner's final model from the in-process executor's."""
     X, y = make_rows(k)
     finals = {}
-    for name, run in RUNNERS.items():
+    for name in names:
+        run = RUNNERS[name]
         run(X, y, 3)
         finals[name] = np.concatenate([run.params["weight"], run.params["bias"]])
     ref = finals["inprocess"]
@@ -156,31 +189,45 @@ def main() -> None:
     table: dict[int, dict[str, dict[str, float]]] = {}
     for k in sizes:
         X, y = make_rows(k)
-        per_round: dict[str, list[float]] = {name: [] for name in names}
+        here = [n for n in names if n != "flower" or k <= FLOWER_MAX_SITES]
+        per_round: dict[str, list[float]] = {name: [] for name in here}
+        flower_mb: list[float] = []
         for rep in range(args.repeats):
-            order = names[rep % len(names):] + names[: rep % len(names)]
+            order = here[rep % len(here):] + here[: rep % len(here)]
             for name in order:
                 per_round[name] += RUNNERS[name](X, y, rounds_for(k) + 1)[1:]  # the first round warms up
+                if name == "flower":
+                    flower_mb.append(flower_runner.peak_mb)
         table[k] = {name: {"ms": 1e3 * float(np.median(t))} for name, t in per_round.items()}
         if not args.no_memory:
-            for name in names:
-                table[k][name]["mb"] = peak_mb(name, k)
+            for name in here:
+                table[k][name]["mb"] = max(flower_mb) if name == "flower" else peak_mb(name, k)
         print(f"K={k}: " + ", ".join(f"{n} {c['ms']:.2f} ms" for n, c in table[k].items()), file=sys.stderr)
     ray = "ray" in names and "inprocess" in names
+    flower = "flower" in names and "inprocess" in names
+
+    def cell(row: dict, name: str, key: str, width: int, digits: int) -> str:
+        return f"{row[name][key]:{width}.{digits}f}" if name in row else f"{'skipped':>{width}}"
+
     print(f"{'K':>7} | " + " | ".join(f"{n + ' ms':>14}" for n in names) + " | vectorized/hand | inprocess/vectorized"
-          + (" | ray/inprocess" if ray else "")
+          + (" | ray/inprocess" if ray else "") + (" | flower/inprocess" if flower else "")
           + ("" if args.no_memory else " | " + " | ".join(f"{n + ' MB':>13}" for n in names)))
     for k, row in table.items():
-        cells = " | ".join(f"{row[n]['ms']:14.2f}" for n in names)
+        cells = " | ".join(cell(row, n, "ms", 14, 2) for n in names)
         ratio = row["vectorized"]["ms"] / row["hand"]["ms"] if {"vectorized", "hand"} <= set(row) else float("nan")
         both = {"vectorized", "inprocess"} <= set(row)
         speed = row["inprocess"]["ms"] / row["vectorized"]["ms"] if both else float("nan")
-        mem = "" if args.no_memory else " | " + " | ".join(f"{row[n]['mb']:13.0f}" for n in names)
+        mem = "" if args.no_memory else " | " + " | ".join(cell(row, n, "mb", 13, 0) for n in names)
         over = f" | {row['ray']['ms'] / row['inprocess']['ms']:13.1f}" if ray else ""
+        if flower:
+            over += (f" | {row['flower']['ms'] / row['inprocess']['ms']:16.1f}" if "flower" in row
+                     else f" | {'skipped':>16}")
         print(f"{k:>7} | {cells} | {ratio:15.2f} | {speed:20.1f}{over}{mem}")
+    if flower:
+        print(f"flower: skipped above {FLOWER_MAX_SITES:,} sites; its MB is its whole process tree's (Ray included)")
     print(f"goal: vectorized/hand <= {GOAL_RATIO} at 100, 1,000, 10,000; vectorized peak MB <= "
           + ", ".join(f"{v} at {k:,}" for k, v in GOAL_MB.items()))
-    diff = agreement() if {"inprocess"} <= set(names) else {}
+    diff = agreement(names) if {"inprocess"} <= set(names) else {}
     print("max relative difference from inprocess (100 sites, 3 rounds): "
           + ", ".join(f"{n} {d:.1e}" for n, d in diff.items()))
     if args.json:
