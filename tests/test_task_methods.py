@@ -252,3 +252,24 @@ def test_robustness_audit_refuses_regression_in_one_line(tmp_path):
                                  "--defenses", "fedavg", "--rounds", "2", "--out", str(tmp_path / "audit")])
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert "the robustness audit runs binary, multiclass, multilabel tasks so far; these data are regression" in result.output
+
+
+def test_robustness_audit_on_a_multilabel_table_flips_every_bit(tmp_path):
+    from medfed.experiments.audit import Attack, robustness_markdown, run_robustness_audit
+    from medfed.experiments.config import ExperimentConfig
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(90, 3))
+    Y = (X @ rng.normal(size=(3, 2)) * 2 + rng.logistic(size=(90, 2)) > 0).astype(int)
+    pd.DataFrame({"site": np.repeat(["A", "B", "C"], 30), "a": X[:, 0], "b": X[:, 1], "c": X[:, 2],
+                  "edema": Y[:, 0], "mass": Y[:, 1]}).to_csv(tmp_path / "m.csv", index=False)
+    config = ExperimentConfig(data={"path": str(tmp_path / "m.csv"), "site_column": "site",
+                                    "label_columns": ["edema", "mass"]}, methods=["fedavg"], repeats=1,
+                              training={"rounds": 5})
+    doc = run_robustness_audit(config, Attack("label_flip", corrupt=2))
+    assert doc["task"] == "multilabel" and doc["screen"] == ["macro_auc", "subset_acc"]
+    assert doc["metrics"] == ["macro_auc", "subset_acc", "auc:edema", "auc:mass"]
+    repeat = doc["defenses"][0]["per_repeat"][0]
+    # two of three sites train on inverted labels: the federation's model ranks below chance
+    assert repeat["clean"]["pooled"]["macro_auc"] > 0.7 > 0.5 > repeat["attacked"]["pooled"]["macro_auc"]
+    assert "subset ACC" in robustness_markdown(doc)

@@ -10,6 +10,17 @@ repeat, pooled into one test set (one model, one threshold, and enough rows for 
 when sites are small); per-site values are kept in each repeat's record. The ``drop`` is the
 paired per-repeat difference ``clean - attacked`` (positive: the attack hurt).
 
+Tasks: binary, multiclass and multilabel federations (``AUDIT_TASKS``). Data attacks follow the
+task (:func:`medfed.client.adversary.flip_labels`: a class permutation, every bit of a multilabel
+row); each defense is scored with the task's own metrics (:mod:`medfed.experiments.metrics`):
+binary at a decision threshold chosen on each clean site's training rows, multiclass at the most
+probable class, multilabel per label at 0.5. Keys of ``robustness.json`` that say which:
+``task``, ``task_source``, ``classes``; ``metrics`` (every key a defense's ``clean``, ``attacked``
+and ``drop`` and each repeat's ``pooled``/``sites`` values hold: the task's set, then per class
+or label, e.g. ``sen:<class>``, ``auc:<label>``); ``headline`` (the task's set, the Markdown's
+columns); ``screen`` (the two the terminal shows: ACC and AUC for binary, ACC and macro-AUC for
+multiclass, macro-AUC and subset ACC for multilabel). Binary documents hold what they always did.
+
 A defense whose assumptions fail (e.g. Krum with too few sites for F) is noted in the output
 (:func:`medfed.server.robust.assumption_violations`); a run in which its aggregator refuses a
 round (:class:`~medfed.errors.ConfigError`) is recorded as not computable with the reason,
