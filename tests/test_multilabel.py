@@ -113,7 +113,7 @@ def test_multilabel_run_end_to_end(tmp_path, model):
     (["--label-column", "edema"], "give --label-column (one label) or --label-columns (a multilabel task), not both"),
     (["--task", "regression"], "--label-columns makes a multilabel task; --task says 'regression'"),
     (["--positive-label", "1"], "--positive-label binarizes one label column"),
-    (["--methods", "fedsld"], "method 'fedsld' trains binary tasks; these data are multilabel"),
+    (["--methods", "fedsld"], "method 'fedsld' trains binary or multiclass tasks; these data are multilabel"),
 ])
 def test_bad_label_settings_refused_in_one_line(tmp_path, extra, message):
     result, _ = _run(tmp_path, *extra)

@@ -172,7 +172,7 @@ def test_segmentation_refusals_are_one_line(tmp_path):
     base = ["run", "--dataset", "mni-phantom", "--dataset-option", "task=segmentation", "--dataset-option", "size=16",
             "--dataset-option", "n_per_site=12", "--rounds", "1", "--out", str(tmp_path / "x")]
     for extra, message in ((["--model", "cnn2d"], "model 'cnn2d' cannot train a segmentation task"),
-                           (["--model", "unet2d", "--methods", "fedsld"], "method 'fedsld' trains binary tasks")):
+                           (["--model", "unet2d", "--methods", "fedsld"], "method 'fedsld' trains binary or multiclass tasks; these data are segmentation")):
         result = runner.invoke(app, base + extra)
         assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, result.output
 

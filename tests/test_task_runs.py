@@ -121,8 +121,6 @@ def test_regression_run_end_to_end_with_dp_sgd(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--methods", "fedsld"], "method 'fedsld' trains binary tasks; these data are multiclass"),
-    (["--methods", "dynamic_fusion"], "method 'dynamic_fusion' trains binary tasks; these data are multiclass"),
     (["--threshold", "youden"], "--threshold youden chooses a binary decision threshold"),
     (["--model", "linear"], "model 'linear' cannot train a multiclass task"),
     (["--task", "regression"], "label column 'dx' is not numeric"),
@@ -138,7 +136,8 @@ def test_robustness_audit_refuses_other_tasks(tmp_path):
     from medfed.experiments.audit import Attack, run_robustness_audit
     from medfed.experiments.config import ExperimentConfig
 
-    config = ExperimentConfig(data={"path": _table(tmp_path / "t.csv", "dx"), "site_column": "site",
-                                    "label_column": "dx"}, methods=["fedavg"])
-    with pytest.raises(ConfigError, match="robustness audit runs binary tasks so far; these data are multiclass"):
+    config = ExperimentConfig(data={"path": _table(tmp_path / "t.csv", "age"), "site_column": "site",
+                                    "label_column": "age"}, methods=["fedavg"])
+    with pytest.raises(ConfigError, match="robustness audit runs binary, multiclass, multilabel tasks so far; "
+                                          "these data are regression"):
         run_robustness_audit(config, Attack("label_flip"))

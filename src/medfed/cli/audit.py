@@ -78,8 +78,6 @@ audit_app = typer.Typer(
     help="Audits: how defenses hold up when some sites are corrupted; what a membership attack learns; utility against epsilon; what gradient inversion rebuilds from an upload.",
 )
 
-# the screen table shows the headline metrics; the files carry all four
-SCREEN_METRICS = ("acc", "auc")
 CONDITIONS = ("clean", "attacked", "drop")
 
 
@@ -88,7 +86,8 @@ def render_audit(doc: dict[str, Any], out: Console | None = None) -> None:
 
     Where six ``mean ± std`` columns are wider than the terminal, each defense takes one row
     per metric with the conditions as columns, and the cells drop the spaces around ±."""
-    from medfed.experiments.audit import audit_rows
+    from medfed.experiments.audit import SCREEN_METRICS, audit_rows
+    from medfed.experiments.metrics import metric_label
 
     out = out or console
     attack = doc["attack"]
@@ -98,15 +97,17 @@ def render_audit(doc: dict[str, Any], out: Console | None = None) -> None:
         f"{len(doc['sites'])} sites; clean sites' pooled test rows, mean ± std over {doc['repeats']} "
         f"repeat(s), seed {doc['seed']}"
     )
-    rows, notes = audit_rows(doc, SCREEN_METRICS)
+    # the task's two headline metrics on screen; the files carry every one
+    screen = tuple(doc.get("screen", SCREEN_METRICS["binary"]))
+    rows, notes = audit_rows(doc, screen)
     labels = [row["defense"] + (f" [{', '.join(map(str, row['notes']))}]" if row["notes"] else "") for row in rows]
 
     def wide() -> Table:
         table = Table(title=title, title_justify="left")
         table.add_column("Defense", no_wrap=True)
         for condition in CONDITIONS:
-            for m in SCREEN_METRICS:
-                table.add_column(f"{condition.capitalize()} {m.upper()}", justify="right", no_wrap=True)
+            for m in screen:
+                table.add_column(f"{condition.capitalize()} {metric_label(m)}", justify="right", no_wrap=True)
         for row, label in zip(rows, labels):
             table.add_row(escape(label), *(x for c in CONDITIONS for x in row["cells"][c]))
         return table
@@ -119,8 +120,8 @@ def render_audit(doc: dict[str, Any], out: Console | None = None) -> None:
             for condition in CONDITIONS:
                 table.add_column(condition.capitalize(), justify="right", overflow="fold")
             for row, label in zip(rows, labels):
-                for i, m in enumerate(SCREEN_METRICS):
-                    table.add_row(escape(label) if i == 0 else "", m.upper(),
+                for i, m in enumerate(screen):
+                    table.add_row(escape(label) if i == 0 else "", metric_label(m),
                                   *(cell(row["cells"][c][i]) for c in CONDITIONS))
             return table
         return build

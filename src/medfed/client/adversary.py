@@ -32,9 +32,12 @@ ATTACKS = DATA_ATTACKS + UPDATE_ATTACKS
 
 # One line per attack: what a corrupted site does, and where the attack is described.
 ATTACK_SUMMARIES: dict[str, tuple[str, str]] = {
-    "label_flip": ("trains on flipped labels y -> 1 - y", "Biggio et al., 2012; Tolpegin et al., 2020"),
+    "label_flip": ("trains on flipped labels: y -> 1 - y (binary, each label of a multilabel row), "
+                   "y -> (y + 1) mod K (K classes, mask pixels), 2 mean - y (regression)",
+                   "Biggio et al., 2012; Tolpegin et al., 2020"),
     "noisy_labels": (
-        "trains on labels of which each, with probability rate, was redrawn uniformly from {0, 1}",
+        "trains on labels of which each, with probability rate, was redrawn uniformly from the K classes "
+        "(regression: another of its rows' targets)",
         "Zhang et al., 2017 (uniform label corruption)",
     ),
     "sign_flip": ("uploads -scale x its honest update", "Damaskinos et al., 2018; Li et al., 2019 (RSA)"),
@@ -74,46 +77,93 @@ def check_attack(attack: str, *, scale: float | None = None, sigma: float = 1.0,
             raise ConfigError(f"{name} must be {allowed}, got {value!r}")
 
 
-def _binary(y: np.ndarray) -> np.ndarray:
+# the tasks each data attack is defined for; segmentation masks take label flips (a class
+# permutation of every pixel) but not uniform noise, whose per-pixel draws are no label noise of
+# the literature (it corrupts delineations, not independent per-pixel labels)
+ATTACK_TASKS = {
+    "label_flip": ("binary", "multiclass", "multilabel", "segmentation", "regression"),
+    "noisy_labels": ("binary", "multiclass", "multilabel", "regression"),
+}
+
+
+def check_attack_task(attack: str, task: str) -> None:
+    """A ConfigError naming the attack and the task if the data attack is not defined for it."""
+    allowed = ATTACK_TASKS.get(attack)
+    if allowed is not None and task not in allowed:
+        raise ConfigError(f"attack {attack!r} is not defined for a {task} task; it corrupts {', '.join(allowed)} targets")
+
+
+def _classes(y: np.ndarray, task: str, n_classes: int) -> np.ndarray:
+    """``y`` checked as class indices 0..K-1 (binary: 0/1, K = 2; multilabel: every bit 0/1)."""
     y = np.asarray(y)
-    if y.size and not np.isin(y, (0, 1)).all():
-        raise DataError(f"label attacks need binary labels coded 0/1, got values {np.unique(y)[:5].tolist()}")
+    K = 2 if task in ("binary", "multilabel") else n_classes
+    if y.size and not np.isin(y, np.arange(K)).all():
+        what = "binary labels coded 0/1" if K == 2 else f"class indices 0..{K - 1}"
+        raise DataError(f"{task} label attacks need {what}, got values {np.unique(y)[:5].tolist()}")
     return y
 
 
-def flip_labels(y: np.ndarray) -> np.ndarray:
-    """Label flipping (Biggio et al., 2012; Tolpegin et al., 2020): every binary label y -> 1 - y.
+def flip_labels(y: np.ndarray, task: str = "binary", n_classes: int = 2) -> np.ndarray:
+    """Label flipping (Biggio et al., 2012; Tolpegin et al., 2020): every label made wrong by
+    one fixed permutation, keeping the dtype.
 
-    An involution: flipping twice gives the labels back. Keeps the dtype.
+    - binary: y -> 1 - y; multilabel: every bit flipped the same way (an involution);
+    - multiclass (K = ``n_classes``): the cyclic shift y -> (y + 1) mod K, a derangement (no
+      class keeps its label) that is 1 - y for K = 2. The reversal K - 1 - y would be an
+      involution but leaves the middle class of an odd K untouched, so not every label is wrong;
+    - segmentation: the same shift on every pixel of the mask, background included, so a
+      lesion mask (K = 2) is inverted like a binary label; were the background kept, a
+      one-class mask would not change at all;
+    - regression: each target reflected about the site's mean, y -> 2 mean(y) - y (an
+      involution keeping the mean and spread of the targets, every relation to the features
+      reversed, as a binary flip reverses it).
     """
-    y = _binary(y)
-    return (1 - y).astype(y.dtype, copy=False)
+    check_attack_task("label_flip", task)
+    if task == "regression":
+        y = np.asarray(y, dtype=np.float64)
+        return 2.0 * y.mean() - y if y.size else y
+    y = _classes(y, task, n_classes)
+    K = n_classes if task in ("multiclass", "segmentation") else 2
+    if K == 2:
+        return (1 - y).astype(y.dtype, copy=False)  # as it always was: binary numbers unchanged
+    return ((y + 1) % K).astype(y.dtype, copy=False)
 
 
-def noisy_labels(y: np.ndarray, rate: float, rng: KeyedRng) -> np.ndarray:
+def noisy_labels(y: np.ndarray, rate: float, rng: KeyedRng, task: str = "binary", n_classes: int = 2) -> np.ndarray:
     """Uniform label noise (Zhang et al., 2017): each label, independently with probability
-    ``rate``, is replaced by a label drawn uniformly from {0, 1}.
+    ``rate``, is replaced by one drawn uniformly from the K classes (binary and each bit of a
+    multilabel target: {0, 1}; multiclass: 0..K-1 with K = ``n_classes``).
 
-    A replaced label keeps its value half the time, so the expected fraction of labels that
-    change is ``rate / 2``; at ``rate = 1`` the labels carry no information about the features
-    (unlike :func:`flip_labels`, which keeps all of it, inverted). The draws are coupled across
-    rates: with the same ``rng`` a larger rate redraws a superset of the labels.
+    A replaced label keeps its value with probability 1/K, so the expected fraction of labels
+    that change is ``rate (K - 1) / K`` (``rate / 2`` for binary); at ``rate = 1`` the labels
+    carry no information about the features (unlike :func:`flip_labels`, which keeps all of it,
+    permuted). Regression: a replaced target is a uniformly drawn row's target of the same
+    site (the site's own marginal, as a uniform class is the classes' marginal under no
+    information). The draws are coupled across rates: with the same ``rng`` a larger rate
+    redraws a superset of the labels.
     """
     check_attack("noisy_labels", rate=rate)
-    y = _binary(y)
+    check_attack_task("noisy_labels", task)
     gen = rng.generator
+    if task == "regression":
+        y = np.asarray(y, dtype=np.float64)
+        redraw = gen.random(y.shape) < rate
+        return np.where(redraw, y[gen.integers(0, max(y.shape[0], 1), size=y.shape)], y) if y.size else y
+    y = _classes(y, task, n_classes)
     redraw = gen.random(y.shape) < rate
-    fresh = gen.integers(0, 2, size=y.shape)
+    fresh = gen.integers(0, n_classes if task == "multiclass" else 2, size=y.shape)
     return np.where(redraw, fresh, y).astype(y.dtype, copy=False)
 
 
-def corrupt_data(data: LocalData, attack: str, rng: KeyedRng, *, rate: float = 0.3) -> LocalData:
-    """``data`` with its training labels poisoned by a data attack (``label_flip`` or ``noisy_labels``)."""
+def corrupt_data(data: LocalData, attack: str, rng: KeyedRng, *, rate: float = 0.3, task: str = "binary",
+                 n_classes: int = 2) -> LocalData:
+    """``data`` with its training labels poisoned by a data attack (``label_flip`` or
+    ``noisy_labels``) for targets of ``task`` with ``n_classes`` classes (multiclass, segmentation)."""
     check_attack(attack, rate=rate)
     if attack == "label_flip":
-        return dataclasses.replace(data, y=flip_labels(data.y))
+        return dataclasses.replace(data, y=flip_labels(data.y, task, n_classes))
     if attack == "noisy_labels":
-        return dataclasses.replace(data, y=noisy_labels(data.y, rate, rng))
+        return dataclasses.replace(data, y=noisy_labels(data.y, rate, rng, task, n_classes))
     raise ConfigError(f"attack {attack!r} corrupts uploads, not data; data attacks: {', '.join(DATA_ATTACKS)}")
 
 

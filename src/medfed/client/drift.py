@@ -1,7 +1,8 @@
 """Client rules against heterogeneity across sites (survey §3.2): drift, labels, compute.
 
 - SCAFFOLD (Karimireddy et al., 2020): control variates correct each local gradient.
-- FedSLD (Luo & Wu, 2022): each batch's loss is reweighted to the federation's label distribution.
+- FedSLD (Luo & Wu, 2022): each batch's loss is reweighted to the federation's label distribution
+  over its K classes.
 - Semi-synchronous training (Stripelis et al., 2021): each site runs as many local steps as
   fit a shared time budget, by its speed and data size.
 
@@ -86,30 +87,55 @@ def scaffold_update(
 # --- FedSLD -----------------------------------------------------------------------------
 
 
-def label_counts(y: np.ndarray) -> np.ndarray:
-    """Rows of class 0 and of class 1, as floats (what a FedSLD site shares about its labels)."""
-    positives = float(np.count_nonzero(y >= 0.5))
-    return np.array([y.shape[0] - positives, positives])
+def class_count(model) -> int:
+    """How many classes :func:`label_counts` counts for a site training ``model``: a multiclass
+    model's K outputs (a softmax model's ``n_classes``, a torch network's head), so that a site
+    lacking a class still shares a count (0) for it; 2 for every other model (binary; for
+    targets that are not one class per row, such as regression values or masks, the two
+    numbers only serve as the site's row count, their sum)."""
+    if getattr(model, "task", "binary") != "multiclass":
+        return 2
+    head = getattr(model, "head", None)
+    return int(head.outputs if head is not None else model.n_classes)
+
+
+def class_index(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Each row's class: a binary label at threshold 0.5 (as binary labels were always read),
+    a multiclass label as the index it is."""
+    y = np.asarray(y)
+    return (y >= 0.5).astype(np.intp) if n_classes == 2 else y.astype(np.intp)
+
+
+def label_counts(y: np.ndarray, n_classes: int = 2) -> np.ndarray:
+    """Rows of each class 0..K-1 (K = ``n_classes``, :func:`class_count`), as floats: what a
+    FedSLD site shares about its labels, and at setup what every site's size is read from
+    (their sum is the site's rows whatever the task)."""
+    if n_classes == 2:  # today's binary counts, also what sizes non-class targets
+        positives = float(np.count_nonzero(np.asarray(y) >= 0.5))
+        return np.array([y.shape[0] - positives, positives])
+    return np.bincount(class_index(y, n_classes), minlength=n_classes).astype(np.float64)
 
 
 def batch_label_weights(prior: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """FedSLD's row weights for a batch: ``P(y = c) / p_b(y = c)`` for a row of class c.
 
-    ``P`` is the federation's label distribution and ``p_b`` the batch's own; the weighted
-    batch loss then counts each class in the federation's proportion. When the batch's
-    distribution equals the federation's every weight is exactly 1 (both are ratios of
-    whole numbers, so equal proportions give equal floats): plain cross-entropy. A class
+    ``P`` is the federation's label distribution over its K classes and ``p_b`` the batch's
+    own; the weighted batch loss then counts each class in the federation's proportion. When
+    the batch's distribution equals the federation's every weight is exactly 1 (both are ratios
+    of whole numbers, so equal proportions give equal floats): plain cross-entropy. A class
     absent from the federation's counts weighs 0.
     """
-    p0, p1 = float(prior[0]), float(prior[1])
+    prior = np.asarray(prior, dtype=np.float64)
+    K = prior.shape[0]
 
     def weights(yb: np.ndarray) -> np.ndarray:
         rows = yb.shape[0]
-        positive = yb >= 0.5
-        pos = float(np.count_nonzero(positive))
-        w1 = p1 / (pos / rows) if pos else 0.0
-        w0 = p0 / ((rows - pos) / rows) if pos < rows else 0.0
-        return np.where(positive, w1, w0)
+        classes = class_index(yb, K)
+        share = np.bincount(classes, minlength=K) / rows
+        # a class not in the batch gets no weight (no row reads it); the division is the
+        # binary code's p1 / (pos / rows), so two-class numbers are unchanged
+        per_class = np.divide(prior, share, out=np.zeros(K), where=share > 0)
+        return per_class[classes]
 
     return weights
 
@@ -124,9 +150,10 @@ def fedsld_update(
     label_prior: np.ndarray | None = None,
 ) -> tuple[Upload, Any]:
     """FedSLD's client (Luo & Wu, 2022): cross-entropy weighted by each batch's label
-    distribution relative to the federation's (:func:`batch_label_weights`).
+    distribution relative to the federation's (:func:`batch_label_weights`), over the K classes
+    of a binary or multiclass model (the paper's MedMNIST tasks are multi-class).
 
-    The site's label counts leave it (``extras["label_counts"]``, every round, two numbers)
+    The site's label counts leave it (``extras["label_counts"]``, every round, K numbers)
     so the server can broadcast the federation's distribution ``label_prior``; the experiment
     harness also gives the server every site's counts at setup, as the paper assumes them
     known. Without a prior (no counts yet) the loss is plain cross-entropy. The
@@ -134,7 +161,7 @@ def fedsld_update(
     """
     weights = None if label_prior is None else batch_label_weights(label_prior)
     trained, loss = _descend(global_params, data, config, rng, row_weights=weights)
-    extras = {"label_counts": label_counts(data.y)}
+    extras = {"label_counts": label_counts(data.y, class_count(config.model))}
     return Upload(data.name, _delta(trained, global_params), data.n, "delta", {"loss": loss}, extras), state
 
 

@@ -33,11 +33,28 @@ def simulated_latency(mean_seconds: float, jitter: float, rng: KeyedRng) -> floa
     return float(mean_seconds * np.exp(jitter * z - 0.5 * jitter**2))
 
 
+# the tasks local_acc is defined for: one decision per class or label (regression values and
+# masks have no accuracy to set a bar on)
+ACCURACY_TASKS = ("binary", "multiclass", "multilabel")
+
+
+def training_accuracy(task: str, probabilities: np.ndarray, y: np.ndarray) -> float:
+    """The share of correct decisions: binary at probability 0.5 (as it always was), multiclass
+    at the most probable class (the first on ties), multilabel the mean over rows and labels of
+    each label's decision at 0.5 (per-label accuracy, averaged)."""
+    if task == "multiclass":
+        return float(np.mean(np.argmax(probabilities, axis=1) == np.asarray(y)))
+    if task in ("binary", "multilabel"):
+        return float(np.mean((probabilities >= 0.5) == (np.asarray(y) >= 0.5)))
+    raise ValueError(f"local accuracy is defined for {', '.join(ACCURACY_TASKS)} tasks, not {task}")
+
+
 def with_round_report(rule, latencies: Mapping[str, float], jitter: float, default_latency: float = 1.0):
     """Wrap a local rule so its upload also reports ``latency`` (s) and ``local_acc``.
 
-    ``local_acc`` is the training accuracy (threshold 0.5) of the site's model after its local
-    work: the global model plus its delta (or the uploaded parameters).
+    ``local_acc`` is the training accuracy (:func:`training_accuracy`: binary at 0.5, multiclass at
+    the argmax, multilabel per label at 0.5) of the site's model after its local work: the global
+    model plus its delta (or the uploaded parameters).
     """
 
     def reporting_rule(
@@ -50,9 +67,9 @@ def with_round_report(rule, latencies: Mapping[str, float], jitter: float, defau
             local = {k: global_params[k] + upload.payload[k] for k in global_params}
         else:  # a gradient: the model the site evaluated is the global one
             local = global_params
-        predicted = config.model.predict_proba(local, data.X) >= 0.5
         metrics = dict(upload.metrics)
-        metrics["local_acc"] = float(np.mean(predicted == (data.y >= 0.5)))
+        task = getattr(config.model, "task", "binary")
+        metrics["local_acc"] = training_accuracy(task, config.model.predict_proba(local, data.X), data.y)
         metrics["latency"] = simulated_latency(latencies.get(data.name, default_latency), jitter, rng)
         return Upload(upload.site, upload.payload, upload.n_examples, upload.kind, metrics, upload.extras), state
 

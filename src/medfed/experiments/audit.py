@@ -10,6 +10,17 @@ repeat, pooled into one test set (one model, one threshold, and enough rows for 
 when sites are small); per-site values are kept in each repeat's record. The ``drop`` is the
 paired per-repeat difference ``clean - attacked`` (positive: the attack hurt).
 
+Tasks: binary, multiclass and multilabel federations (``AUDIT_TASKS``). Data attacks follow the
+task (:func:`medfed.client.adversary.flip_labels`: a class permutation, every bit of a multilabel
+row); each defense is scored with the task's own metrics (:mod:`medfed.experiments.metrics`):
+binary at a decision threshold chosen on each clean site's training rows, multiclass at the most
+probable class, multilabel per label at 0.5. Keys of ``robustness.json`` that say which:
+``task``, ``task_source``, ``classes``; ``metrics`` (every key a defense's ``clean``, ``attacked``
+and ``drop`` and each repeat's ``pooled``/``sites`` values hold: the task's set, then per class
+or label, e.g. ``sen:<class>``, ``auc:<label>``); ``headline`` (the task's set, the Markdown's
+columns); ``screen`` (the two the terminal shows: ACC and AUC for binary, ACC and macro-AUC for
+multiclass, macro-AUC and subset ACC for multilabel). Binary documents hold what they always did.
+
 A defense whose assumptions fail (e.g. Krum with too few sites for F) is noted in the output
 (:func:`medfed.server.robust.assumption_violations`); a run in which its aggregator refuses a
 round (:class:`~medfed.errors.ConfigError`) is recorded as not computable with the reason,
@@ -34,6 +45,7 @@ from medfed.client.adversary import (
     DATA_ATTACKS,
     DEFAULT_SCALE,
     check_attack,
+    check_attack_task,
     corrupt_data,
     corrupt_rule,
 )
@@ -53,9 +65,13 @@ from medfed.experiments.harness import (
 from medfed.experiments.metrics import (
     BINARY,
     Metric,
+    metric_keys,
     metric_label,
+    metric_set,
     model_threshold,
     predicted_metrics,
+    task_metrics,
+    task_scores,
 )
 from medfed.experiments.report import write_atomically
 from medfed.experiments.results import (
@@ -72,6 +88,12 @@ CONDITIONS = ("clean", "attacked")
 CHOICE_STREAM = name_key("audit-corrupted-sites")
 LABEL_STREAM = name_key("audit-poisoned-labels")
 EVALUATION = "pooled test rows of the sites that are clean in the repeat"
+# the tasks the audit scores; regression and segmentation are left out so far: their attacks
+# are defined (medfed.client.adversary) but their error metrics fall when a model gets better,
+# which the drop (clean - attacked, positive: hurt) does not say yet
+AUDIT_TASKS = ("binary", "multiclass", "multilabel")
+# the two headline metrics per task the terminal table shows; the files carry every metric
+SCREEN_METRICS = {"binary": ("acc", "auc"), "multiclass": ("acc", "macro_auc"), "multilabel": ("macro_auc", "subset_acc")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +190,8 @@ def _assumption_notes(spec: Method, opts: dict, n_sites: int, corrupt: int) -> l
     return notes
 
 
-def _metric_values(metrics: dict[str, Metric]) -> dict[str, float | None]:
-    return {m: metrics[m].value for m in BINARY.keys}
+def _metric_values(metrics: dict[str, Metric], keys: tuple[str, ...]) -> dict[str, float | None]:
+    return {m: metrics[m].value for m in keys}
 
 
 def _evaluate(model, params, y_tests, tests, train, clean: list[int], names: list[str], rule: str):
@@ -194,6 +216,21 @@ def _evaluate(model, params, y_tests, tests, train, clean: list[int], names: lis
     return pooled, per_site, {names[j]: thresholds[j].logit for j in clean}
 
 
+def _evaluate_task(task: str, classes: tuple[str, ...], model, params, y_tests, tests, clean: list[int],
+                   names: list[str]):
+    """:func:`_evaluate` for a multiclass or multilabel task: its metrics (:func:`task_metrics`;
+    a row predicted its most probable class, a label at probability 0.5) pooled over the clean
+    sites' test rows and per clean site; there is no threshold to choose (``None`` per site)."""
+    scores = {j: task_scores(model, params, tests[j]) for j in clean}
+    if any(v is None for v in scores.values()):  # a diverged model: no number to report
+        missing = {m: Metric(None, "the model's predictions are not finite") for m in metric_keys(task, classes)}
+        return dict(missing), {names[j]: dict(missing) for j in clean}, {names[j]: None for j in clean}
+    pooled = task_metrics(task, np.concatenate([y_tests[j] for j in clean]),
+                          np.concatenate([scores[j] for j in clean]), classes)
+    per_site = {names[j]: task_metrics(task, y_tests[j], scores[j], classes) for j in clean}
+    return pooled, per_site, {names[j]: None for j in clean}
+
+
 def _audit_repeat(config, attack: Attack, federation, methods, repeat: int, progress) -> tuple[list[str], list[dict]]:
     """One repeat: split, choose the corrupted sites, train every defense clean and attacked.
 
@@ -213,7 +250,8 @@ def _audit_repeat(config, attack: Attack, federation, methods, repeat: int, prog
         for j, s in enumerate(names):
             if s in corrupted:
                 rng = KeyedRng(config.seed, (LABEL_STREAM, repeat, name_key(s)))
-                poisoned[j] = corrupt_data(train[j], attack.kind, rng, rate=attack.rate)
+                poisoned[j] = corrupt_data(train[j], attack.kind, rng, rate=attack.rate, task=federation.task,
+                                           n_classes=federation.n_classes or 2)
 
     def corrupt(algorithm):
         rule = corrupt_rule(algorithm.local_update, attack.kind, scale=attack.scale, sigma=attack.sigma, sites=corrupted)
@@ -244,8 +282,12 @@ def _audit_repeat(config, attack: Attack, federation, methods, repeat: int, prog
                 record[condition] = {"computable": False, "reason": failure.reason,
                                      "diverged": failure.kind == "diverged"}
                 continue
-            pooled, per_site, thresholds = _evaluate(plan.model, run.params, y_tests, tests, train, clean, names,
-                                                     config.evaluation.threshold)
+            if federation.task == "binary":
+                pooled, per_site, thresholds = _evaluate(plan.model, run.params, y_tests, tests, train, clean, names,
+                                                         config.evaluation.threshold)
+            else:
+                pooled, per_site, thresholds = _evaluate_task(federation.task, federation.classes, plan.model,
+                                                              run.params, y_tests, tests, clean, names)
             record[condition] = {
                 "computable": True,
                 "reason": None,
@@ -261,11 +303,11 @@ def _audit_repeat(config, attack: Attack, federation, methods, repeat: int, prog
     return corrupted, records
 
 
-def _condition_metrics(records: list[dict], condition: str) -> dict[str, list[Metric]]:
-    out: dict[str, list[Metric]] = {m: [] for m in BINARY.keys}
+def _condition_metrics(records: list[dict], condition: str, keys: tuple[str, ...]) -> dict[str, list[Metric]]:
+    out: dict[str, list[Metric]] = {m: [] for m in keys}
     for rec in records:
         c = rec[condition]
-        for m in BINARY.keys:
+        for m in keys:
             out[m].append(c["pooled"][m] if c["computable"] else Metric(None, f"not computable: {c['reason']}"))
     return out
 
@@ -280,8 +322,8 @@ def _drop(clean: list[Metric], attacked: list[Metric]) -> list[Metric]:
     return out
 
 
-def _defense_row(spec: Method, opts: dict, records: list[dict], notes: list[str]) -> dict[str, Any]:
-    metrics = {c: _condition_metrics(records, c) for c in CONDITIONS}
+def _defense_row(spec: Method, opts: dict, records: list[dict], notes: list[str], keys: tuple[str, ...]) -> dict[str, Any]:
+    metrics = {c: _condition_metrics(records, c, keys) for c in CONDITIONS}
     notes = list(notes)
     failures = {}  # (repeats, reasons) -> conditions, so a defense that never runs gets one note
     for condition in CONDITIONS:
@@ -309,8 +351,8 @@ def _defense_row(spec: Method, opts: dict, records: list[dict], notes: list[str]
             if cond["computable"]:
                 view[c] = {
                     "computable": True,
-                    "pooled": _metric_values(cond["pooled"]),
-                    "sites": {s: _metric_values(v) for s, v in cond["sites"].items()},
+                    "pooled": _metric_values(cond["pooled"], keys),
+                    "sites": {s: _metric_values(v, keys) for s, v in cond["sites"].items()},
                     "threshold_logit": cond["thresholds"],  # each clean site's, on its own training rows
                     "rejected_uploads": cond["rejected_uploads"],
                     "skipped_rounds": cond["skipped_rounds"],
@@ -328,9 +370,9 @@ def _defense_row(spec: Method, opts: dict, records: list[dict], notes: list[str]
         "computable": {c: any(r[c]["computable"] for r in records) for c in CONDITIONS},
         # conditions whose model diverged in every repeat (shown as "diverged", not as a number)
         "diverged": {c: all(r[c].get("diverged", False) for r in records) for c in CONDITIONS},
-        "clean": {m: summarize(metrics["clean"][m]) for m in BINARY.keys},
-        "attacked": {m: summarize(metrics["attacked"][m]) for m in BINARY.keys},
-        "drop": {m: summarize(_drop(metrics["clean"][m], metrics["attacked"][m])) for m in BINARY.keys},
+        "clean": {m: summarize(metrics["clean"][m]) for m in keys},
+        "attacked": {m: summarize(metrics["attacked"][m]) for m in keys},
+        "drop": {m: summarize(_drop(metrics["clean"][m], metrics["attacked"][m])) for m in keys},
         "notes": notes,
         "per_repeat": [repeat_view(r) for r in records],
     }
@@ -365,8 +407,10 @@ def run_robustness_audit(
     )
     # bad hyperparameters fail here, before any training; a defense whose site-count assumption
     # fails is not refused but noted and recorded as not computable (that is what the audit shows)
-    if federation.task != "binary":  # label flips (y -> 1 - y), thresholds and the metrics are two-class so far
-        raise ConfigError(f"the robustness audit runs binary tasks so far; these data are {federation.task}")
+    if federation.task not in AUDIT_TASKS:
+        raise ConfigError(f"the robustness audit runs {', '.join(AUDIT_TASKS)} tasks so far; these data are "
+                          f"{federation.task} ({federation.task_source})")
+    check_attack_task(attack.kind, federation.task)
     check_study(config, federation, methods, site_requirements=False)
     assumptions = [_assumption_notes(spec, opts, len(names), attack.corrupt) for spec, opts in methods]
 
@@ -379,6 +423,7 @@ def run_robustness_audit(
             records[i].append(rec)
 
     summary, reference = ATTACK_SUMMARIES[attack.kind]
+    keys = metric_keys(federation.task, federation.classes)
     return {
         "audit": "robustness",
         "dataset": federation.name,
@@ -395,12 +440,18 @@ def run_robustness_audit(
         else f"stratified {1 - config.test_fraction:.0%}/{config.test_fraction:.0%} per site",
         "scaling": config.scaling,
         "threshold": config.evaluation.threshold,  # chosen on each clean site's own training rows
+        "task": federation.task,
+        "task_source": federation.task_source,
+        "classes": list(federation.classes),
+        "metrics": list(keys),  # every metric of the defenses' clean/attacked/drop, in order
+        "headline": list(metric_set(federation.task).keys),  # the task's set: the Markdown's columns
+        "screen": list(SCREEN_METRICS[federation.task]),  # the terminal table's
         "std_ddof": STD_DDOF,
         "config": config.model_dump(mode="json"),
         "versions": package_versions(),
         "runtime_s": time.perf_counter() - started,
         "defenses": [
-            _defense_row(spec, opts, recs, notes)
+            _defense_row(spec, opts, recs, notes, keys)
             for (spec, opts), recs, notes in zip(methods, records, assumptions)
         ],
     }
@@ -409,11 +460,13 @@ def run_robustness_audit(
 # --------------------------------------------------------------------------- reports
 
 
-def audit_rows(doc: dict[str, Any], metrics: tuple[str, ...] = BINARY.keys) -> tuple[list[dict[str, Any]], list[str]]:
-    """Table rows (defense, clean/attacked/drop cells per metric, note numbers) and the numbered notes.
+def audit_rows(doc: dict[str, Any], metrics: tuple[str, ...] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Table rows (defense, clean/attacked/drop cells per metric, note numbers) and the numbered notes;
+    ``metrics`` default to the task's set (:func:`headline`).
 
     The screen table, the Markdown and the CSV all come from the document, so they agree.
     """
+    metrics = headline(doc) if metrics is None else metrics
     rows, notes = [], []
     for d in doc["defenses"]:
         numbers = []
@@ -426,6 +479,16 @@ def audit_rows(doc: dict[str, Any], metrics: tuple[str, ...] = BINARY.keys) -> t
                 cells[c] = ["diverged" if d.get("diverged", {}).get(c) else "not computable"] * len(metrics)
         rows.append({"defense": d["display"], "cells": cells, "notes": numbers})
     return rows, notes
+
+
+def headline(doc: dict[str, Any]) -> tuple[str, ...]:
+    """The task's metric set a document's Markdown shows (documents before tasks: binary)."""
+    return tuple(doc.get("headline", BINARY.keys))
+
+
+def all_metrics(doc: dict[str, Any]) -> tuple[str, ...]:
+    """Every metric a document's defenses carry, in order (documents before tasks: binary)."""
+    return tuple(doc.get("metrics", BINARY.keys))
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -451,8 +514,8 @@ def _heading(doc: dict[str, Any]) -> list[str]:
 def robustness_markdown(doc: dict[str, Any]) -> str:
     rows, notes = audit_rows(doc)
     lines = [f"# Robustness audit: {doc['dataset']}", "", *_heading(doc), ""]
-    lines += ["| Defense | Condition | " + " | ".join(metric_label(m) for m in BINARY.keys) + " |",
-              "|---|---|" + "---|" * len(BINARY.keys)]
+    lines += ["| Defense | Condition | " + " | ".join(metric_label(m) for m in headline(doc)) + " |",
+              "|---|---|" + "---|" * len(headline(doc))]
     for row in rows:
         for c in ("clean", "attacked", "drop"):
             lines.append(f"| {_label(row) if c == 'clean' else ''} | {c} | " + " | ".join(row["cells"][c]) + " |")
@@ -468,14 +531,14 @@ def robustness_csv(doc: dict[str, Any]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     header = ["defense", "method", "condition", "computable", "notes"]
-    for m in BINARY.keys:
+    for m in all_metrics(doc):
         header += [f"{m}_mean", f"{m}_std", f"{m}_n"]
     writer.writerow(header)
     for d in doc["defenses"]:
         for condition in ("clean", "attacked", "drop"):
             computable = all(d["computable"].values()) if condition == "drop" else d["computable"][condition]
             line = [d["display"], d["name"], condition, computable, "; ".join(d["notes"])]
-            for m in BINARY.keys:
+            for m in all_metrics(doc):
                 s = d[condition][m]
                 line += ["" if s["mean"] is None else repr(s["mean"]),
                          "" if s["std"] is None else repr(s["std"]), s["n"]]

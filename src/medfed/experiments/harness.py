@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from medfed.client.drift import label_counts
+from medfed.client.drift import class_count, label_counts
 from medfed.client.local import LocalData, LocalTraining, sgd_steps
 from medfed.data.categorical import keep_training_levels, training_levels, unseen_level_notes
 from medfed.data.datasets import load_dataset
@@ -207,7 +207,7 @@ class TrainingPlan:
         dropouts. ``adapt`` may change the built algorithm (the audit's corrupted sites). With
         ``resume`` on, the run checkpoints under ``out`` as ``run_key`` and continues from there."""
         config, t = self.config, self.config.training
-        algorithm = self.build(spec, opts, [d.name for d in train], {d.name: label_counts(d.y) for d in train})
+        algorithm = self.build(spec, opts, [d.name for d in train], {d.name: label_counts(d.y, class_count(self.model)) for d in train})
         if adapt is not None:
             algorithm = adapt(algorithm)
         sizes = {d.name: float(d.n) for d in train}

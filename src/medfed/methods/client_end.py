@@ -68,6 +68,10 @@ def _scaffold(opts, training: Training, context: BuildContext) -> FederatedAlgor
 
 
 def _fedsld(opts, training: Training, context: BuildContext) -> FederatedAlgorithm:
+    """FedSLD (Luo & Wu, 2022): each batch's cross-entropy reweighted from its own label
+    distribution to the federation's, over the K classes (binary: 2). Refused for multilabel,
+    regression and segmentation targets: the paper's weights are one class per row, and a
+    per-label or per-pixel version is not its method (the loss would need weights per output)."""
     aggregator = chain(label_distribution(context.label_counts), weighted_mean(), apply_delta())
     return FederatedAlgorithm(
         "fedsld", fedsld_update, aggregator, broadcast=lambda state: {"label_prior": federation_label_prior(state["label_distribution"].counts)}
@@ -130,7 +134,7 @@ CLIENT_METHODS: list[Method] = [
         "cross-entropy reweighted by each batch's label distribution relative to the federation's "
         "(label counts leave the sites)",
         "Luo & Wu, 2022", (), _fedsld,
-        tasks=("binary",),  # its label counts and row weights are two-class (medfed.client.drift) so far
+        tasks=("binary", "multiclass"),  # its label counts and row weights are one class per row
     ),
     _spec(
         "semisync", "SemiSync",

@@ -39,7 +39,7 @@ class BuildContext:
 
     site_names: tuple[str, ...]
     seed: int = 0
-    label_counts: Mapping[str, tuple[float, float]] | None = None
+    label_counts: Mapping[str, tuple[float, ...]] | None = None
     site_sizes: Mapping[str, float] | None = None
     optimizer: str = "sgd"
 
@@ -101,7 +101,7 @@ def local_optimizer(model: str = "logistic", model_options: Mapping[str, Any] | 
 def context_for(
     site_names: Sequence[str],
     seed: int = 0,
-    label_counts: Mapping[str, tuple[float, float]] | None = None,
+    label_counts: Mapping[str, tuple[float, ...]] | None = None,
     *,
     model: str = "logistic",
     model_options: Mapping[str, Any] | None = None,

@@ -11,7 +11,7 @@ import dataclasses
 
 from medfed.client.fourier import fourier_personalize, fourier_update
 from medfed.client.local import local_sgd_update
-from medfed.client.reporting import with_round_report
+from medfed.client.reporting import ACCURACY_TASKS, with_round_report
 from medfed.engine.loop import FederatedAlgorithm
 from medfed.methods.method import Method, require_sgd
 from medfed.methods.options import Option, at_least, number, per_site
@@ -49,6 +49,10 @@ def _fair(opts, training, context):
 
 
 def _dynamic_fusion(opts, training, context):
+    """Dynamic fusion (Zhang et al., 2021b): FedAvg over the sites that met the round's deadline
+    and whose local model's training accuracy reaches the bar: at 0.5 (binary), at the argmax
+    (multiclass), per label at 0.5 and averaged (multilabel). Regression and segmentation are
+    refused at build time: a value or a mask has no accuracy for the bar to read."""
     rule = with_round_report(local_sgd_update, opts["latencies"], opts["jitter"], opts["latency"])
     aggregator = chain(dynamic_fusion(opts["deadline"], opts["bar"]), apply_delta())
     return FederatedAlgorithm("dynamic_fusion", rule, aggregator)
@@ -179,7 +183,7 @@ SERVER_METHODS: list[Method] = [
             per_site("latencies", "simulated mean seconds per site (others: latency)", range=at_least(0)),
         ),
         _dynamic_fusion, uploads="delta", family=FAMILY,
-        tasks=("binary",),  # its bar is on each site's training accuracy at threshold 0.5 (client/reporting.py)
+        tasks=ACCURACY_TASKS,  # its bar is on each site's training accuracy (client/reporting.py)
     ),
 ]
 
