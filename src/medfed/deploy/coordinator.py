@@ -1,8 +1,12 @@
 """The coordinator of a deployed study: the same :class:`~medfed.engine.driver.Driver` as a
 simulation, with the sites reached through a link (Flower's SuperLink in deployment).
 
-1. **Setup exchange.** Every site of ``[deploy] sites`` receives the study and answers with
-   its counts, training-row moments and feature names (:mod:`medfed.deploy.site`). A site
+1. **Setup exchange.** Unless the study's labels are binary whatever the files hold, every site
+   first says which task its labels read as and which class names it holds; the federation's
+   task and classes (their union, in the order ``medfed run`` gives the pooled data) go with the
+   setup, so each site codes its labels alike. Every site of ``[deploy] sites`` receives the
+   study and answers with its counts, training-row moments and feature names
+   (:mod:`medfed.deploy.site`). A site
    whose file does not match the study's schema, or whose features differ from the others',
    is refused (logged, named in the results' warnings); the study goes on if ``min_sites``
    remain. With ``[harmonize]`` the statistics it needs follow (:func:`harmonize_exchange`)

@@ -10,7 +10,8 @@ atomically. Every request is :mod:`medfed.comm.wire` bytes (never pickle) and ev
 too; a request the site cannot serve is answered with ``{"error": one line}``, which the
 coordinator records as the site's reason for the round.
 
-What leaves the site: at setup, its row counts (all rows; training rows per class), the
+What leaves the site: before setup, the task its labels read as and the class names it holds
+(``labels``: never a row's label); at setup, its row counts (all rows; training rows per class), the
 column moments of its training rows (count, sums, sums of squares: global scaling), its
 imputation values (training-row medians or means) and its feature names; with ``[harmonize]``,
 the statistics of its training rows that the fit needs (:mod:`medfed.experiments.harmonization`:

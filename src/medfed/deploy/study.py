@@ -48,7 +48,8 @@ def check_deployable(config: ExperimentConfig, source: str) -> ExperimentConfig:
 
 def check_settings(config: ExperimentConfig, source: str, *, manifest: bool) -> None:
     """Settings a deployment can run: federated methods only (nothing pools or moves rows), no
-    categorical columns yet, no table options for image manifests, a harmonization of the
+    categorical columns yet, no table options for image manifests, targets the sites' kind of
+    file holds (masks in manifests, several label columns in tables), a harmonization of the
     sites' kind of data."""
     data = config.data
     if manifest and (data.features or data.exclude or data.impute or data.covariates):
