@@ -594,10 +594,15 @@ def test_a_fresh_site_or_coordinator_process_can_decode_the_harmonization_messag
         assert out.stdout.strip() == "[]", (module, out.stdout, out.stderr)
 
 
-def test_a_deployed_study_of_another_task_than_binary_is_refused_in_one_line(tmp_path):
+def test_a_deployed_study_whose_targets_its_site_files_cannot_hold_is_refused_in_one_line(tmp_path):
     from medfed.deploy.study import load_study
 
-    study = tmp_path / "multi.toml"
-    study.write_text(STUDY.replace('[data]\n', '[data]\ntask = "multiclass"\n'))
-    with pytest.raises(ConfigError, match='task = "multiclass" runs in simulation only so far'):
+    study = tmp_path / "seg.toml"
+    study.write_text(STUDY.replace('[data]\n', '[data]\ntask = "segmentation"\n'))
+    with pytest.raises(ConfigError, match=r"a segmentation task reads each image's mask from a manifest's mask column; "
+                                          r"set \[deploy\] site_files = \"manifest\"$"):
+        load_study(study)
+    study.write_text(STUDY.replace('label_column = "target"', 'label_columns = ["a", "b"]')
+                     .replace("[deploy]\n", '[deploy]\nsite_files = "manifest"\n').replace('impute = "median"\n', ""))
+    with pytest.raises(ConfigError, match=r"label_columns \(a multilabel task\) name a table's columns"):
         load_study(study)

@@ -280,6 +280,53 @@ def test_nifti_masks_are_reoriented_with_their_images_and_must_share_their_affin
         load_image_manifest(tmp_path / "m.csv", mask_column="mask")
 
 
+def test_dicom_masks_must_share_their_images_orientation_spacing_and_origin(tmp_path):
+    """DICOM series and 2-D DICOM files carry their voxel-to-mm affine as NIfTI does: a mask
+    on an equally shaped and spaced grid placed elsewhere (origin) or turned (orientation) is refused."""
+    pytest.importorskip("pydicom")
+    pytest.importorskip("nibabel")
+    from test_image_loaders import write_dicom_slice
+
+    from medfed.data.images import load_image_manifest
+
+    def series(folder, stored, z0=10.0, uid="1.2.826.0.1.3680043.8.498.7"):
+        for k, pixels in enumerate(stored):
+            write_dicom_slice(folder / f"IM{k}.dcm", pixels, z=z0 + 2.5 * k, series_uid=uid, instance=k + 1)
+
+    rng = np.random.default_rng(3)
+    rows = ["path,mask,site"]
+    for i in range(10):  # a site's least for a train/test split
+        mask = np.zeros((3, 6, 5), np.uint16)
+        mask[1:, 2:5, 1 + i % 2:4] = 1
+        series(tmp_path / f"s{i}", (rng.integers(0, 50, (3, 6, 5)) + 200 * mask).astype(np.uint16))
+        series(tmp_path / f"s{i}_mask", mask, uid="1.2.826.0.1.3680043.8.498.8")
+        write_dicom_slice(tmp_path / f"p{i}.dcm", (rng.integers(0, 50, (6, 5)) + 200 * mask[1]).astype(np.uint16),
+                          z=0.0, series_uid="1.2.3.4", instance=1)
+        write_dicom_slice(tmp_path / f"p{i}_mask.dcm", mask[1], z=0.0, series_uid="1.2.3.5", instance=1)
+        rows.append(f"s{i},s{i}_mask,A")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    planar = tmp_path / "p.csv"
+    planar.write_text("\n".join(["path,mask,site"] + [f"p{i}.dcm,p{i}_mask.dcm,A" for i in range(10)]) + "\n")
+    for manifest in (tmp_path / "m.csv", planar):
+        (site,) = load_image_manifest(manifest, mask_column="mask", kind="dicom").sites
+        np.testing.assert_array_equal(site.y == 1, site.X[:, 0] > 150)  # the same voxels, both reoriented alike
+    # the same shape and spacing, the mask's slices 5 mm further along: another origin
+    for f in (tmp_path / "s2_mask").iterdir():
+        f.unlink()
+    series(tmp_path / "s2_mask", np.zeros((3, 6, 5), np.uint16), z0=15.0, uid="1.2.826.0.1.3680043.8.498.8")
+    with pytest.raises(DataError, match=r"s2_mask: is a mask whose voxel-to-mm affine .* differs from its image "
+                                        r".*s2's"):
+        load_image_manifest(tmp_path / "m.csv", mask_column="mask", kind="dicom")
+    import pydicom
+
+    turned = pydicom.dcmread(str(tmp_path / "p1_mask.dcm"))
+    turned.ImageOrientationPatient = [0.0, 1.0, 0.0, 1.0, 0.0, 0.0]  # rows and columns swapped in space
+    turned.save_as(str(tmp_path / "p1_mask.dcm"))
+    with pytest.raises(DataError, match=r"p1_mask\.dcm: is a mask whose voxel-to-mm affine .* differs from its "
+                                        r"image .*p1\.dcm's"):
+        load_image_manifest(planar, mask_column="mask", kind="dicom")
+
+
 def test_medfed_run_on_a_mask_manifest_and_the_mask_column_flag(tmp_path):
     pytest.importorskip("PIL")
     manifest = _png_manifest(tmp_path, values=(0, 255, 255))

@@ -8,7 +8,7 @@ import numpy as np
 
 from medfed.data.categorical import CategoricalColumn
 from medfed.data.hints import setting
-from medfed.data.tasks import SUPPORTED_TASKS, presence
+from medfed.data.tasks import SUPPORTED_TASKS, n_outputs, presence
 from medfed.errors import DataError
 
 MIN_SITE_SAMPLES = 10
@@ -244,8 +244,7 @@ class Federation:
     def n_classes(self) -> int | None:
         """K for a classification task (2 for binary), the number of labels for multilabel, None
         for regression."""
-        return {"binary": 2, "multiclass": len(self.classes), "multilabel": len(self.classes),
-                "segmentation": len(self.classes)}.get(self.task)
+        return n_outputs(self.task, self.classes)
 
     def site_summaries(self) -> list[dict]:
         """Each site's name and row counts (binary: all rows, positives, negatives; multiclass:

@@ -113,3 +113,26 @@ def presence(masks: np.ndarray) -> np.ndarray:
     flat = np.asarray(masks).reshape(len(masks), -1)
     K = int(flat.max()) + 1 if flat.size else 1
     return (flat[:, :, None] == np.arange(K)).any(axis=1).astype(np.int8)
+
+
+def n_outputs(task: str, classes: Sequence[str]) -> int | None:
+    """K for a classification task (2 for binary), the number of labels for multilabel, None
+    for regression: what a model's head is sized by."""
+    return {"binary": 2, "multiclass": len(classes), "multilabel": len(classes),
+            "segmentation": len(classes)}.get(task)
+
+
+def merged_classes(task: str, held: Sequence[Sequence[str]]) -> tuple[str, ...]:
+    """The classes of a federation whose sites hold ``held`` (each site's class names), in the
+    order a loader gives the pooled data: multiclass by :func:`class_order` of the union;
+    segmentation ``background`` first, then the stored mask values in numeric order (as
+    :func:`medfed.data.images.load_image_manifest` names them); multilabel the label columns,
+    which every site names alike. A deployed study's sites code their labels against these."""
+    union = list(dict.fromkeys(c for classes in held for c in classes))
+    if task == "multiclass":
+        return class_order(union)
+    if task == "segmentation":
+        return ("background", *sorted((c for c in union if c != "background"), key=int))
+    if task == "multilabel":
+        return tuple(held[0]) if held else ()
+    return ()

@@ -1,8 +1,12 @@
 """The coordinator of a deployed study: the same :class:`~medfed.engine.driver.Driver` as a
 simulation, with the sites reached through a link (Flower's SuperLink in deployment).
 
-1. **Setup exchange.** Every site of ``[deploy] sites`` receives the study and answers with
-   its counts, training-row moments and feature names (:mod:`medfed.deploy.site`). A site
+1. **Setup exchange.** Unless the study's labels are binary whatever the files hold, every site
+   first says which task its labels read as and which class names it holds; the federation's
+   task and classes (their union, in the order ``medfed run`` gives the pooled data) go with the
+   setup, so each site codes its labels alike. Every site of ``[deploy] sites`` receives the
+   study and answers with its counts, training-row moments and feature names
+   (:mod:`medfed.deploy.site`). A site
    whose file does not match the study's schema, or whose features differ from the others',
    is refused (logged, named in the results' warnings); the study goes on if ``min_sites``
    remain. With ``[harmonize]`` the statistics it needs follow (:func:`harmonize_exchange`)
@@ -33,6 +37,7 @@ from medfed.atomic import write_bytes_atomically
 from medfed.comm.compress import make_codec
 from medfed.comm.wire import WireError, decode, encode
 from medfed.data.preprocess import Imputer, Moments, Standardizer
+from medfed.data.tasks import merged_classes, n_outputs
 from medfed.deploy.study import load_study, site_min_sites, study_payload
 from medfed.engine.checkpoint import CheckpointStore
 from medfed.engine.driver import Driver
@@ -48,6 +53,7 @@ from medfed.experiments.harness import (
     assemble_run,
     build_method,
     federated_failure,
+    check_task_study,
     federated_history,
     study_fingerprint,
 )
@@ -95,10 +101,24 @@ class DeployedFederation:
     info: dict = field(default_factory=dict)
     categorical: tuple = ()  # refused in deployed studies for now (deploy.study)
     is_image: bool = False
+    task: str = "binary"
+    classes: tuple[str, ...] = ()
+    task_source: str = "given"
 
     @property
     def site_names(self) -> list[str]:
         return list(self.sites)
+
+    @property
+    def n_classes(self) -> int | None:
+        return n_outputs(self.task, self.classes)
+
+    def missing_classes(self) -> dict[str, list[str]]:
+        """Multiclass: each site lacking some class (legal, reported), from the class counts it shared."""
+        if self.task != "multiclass":
+            return {}
+        return {s["name"]: absent for s in self.summaries
+                if (absent := [c for c, k in s["class_counts"].items() if not k])}
 
     def site_summaries(self) -> list[dict]:
         return [dict(s) for s in self.summaries]
@@ -115,12 +135,16 @@ def setup_exchange(link: Link, config, log: Callable[[str], None]) -> tuple[dict
     names = list(config.deploy.sites)
     from medfed import __version__
 
-    request = encode({"op": "setup", "study": study_payload(config), "medfed_version": __version__})
-    # loading a site's file (an image manifest: many files) may take longer than a round
-    answers = link.exchange({site: request for site in names}, config.deploy.join_timeout_s)
-    joined: dict[str, dict] = {}
+    study = {"study": study_payload(config), "medfed_version": __version__}
     refused: dict[str, str] = {}
+    agreed = {} if _known_binary(config) else labels_exchange(link, config, study, names, refused, log)
+    request = encode({"op": "setup", **study, **agreed})
+    # loading a site's file (an image manifest: many files) may take longer than a round
+    answers = link.exchange({site: request for site in names if site not in refused}, config.deploy.join_timeout_s)
+    joined: dict[str, dict] = {}
     for site in names:
+        if site in refused:
+            continue
         reply = _reply(answers, site, "setup")
         if isinstance(reply, str):
             refused[site] = reply
@@ -139,6 +163,43 @@ def setup_exchange(link: Link, config, log: Callable[[str], None]) -> tuple[dict
     for site, why in refused.items():
         log(f"refused site {site}: {why}")
     return joined, refused
+
+
+def _known_binary(config) -> bool:
+    """Whether the study's labels are binary whatever the sites hold (the task or a positive
+    label says so; a manifest without masks holds 0/1 labels), so no labels exchange is needed."""
+    d = config.data
+    masks = d.mask_column is not None or d.task == "segmentation"
+    return d.task == "binary" or d.positive_label is not None or (config.deploy.site_files == "manifest" and not masks)
+
+
+def labels_exchange(link: Link, config, study: Mapping[str, Any], names: list[str], refused: dict[str, str],
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    """Before setup: the task every site's file reads as and the class names each holds; the
+    federation's task and classes (their union in the order the pooled data would get,
+    :func:`medfed.data.tasks.merged_classes`), which every site codes its labels against at
+    setup. A site that cannot read its labels is refused (added to ``refused``); sites whose
+    labels read as different tasks stop the study, before any training."""
+    answers = link.exchange({site: encode({"op": "labels", **study}) for site in names}, config.deploy.join_timeout_s)
+    held: dict[str, Mapping[str, Any]] = {}
+    for site in names:
+        reply = _reply(answers, site, "labels")
+        if isinstance(reply, str):
+            refused[site] = reply
+        else:
+            held[site] = reply
+    tasks = {site: str(r["task"]) for site, r in held.items()}
+    if len(set(tasks.values())) > 1:
+        read = ", ".join(f"{site}: {task} ({held[site]['task_source']})" for site, task in tasks.items())
+        raise ConfigError(f"the sites' labels read as different tasks ({read}); say which in STUDY.toml's [data] "
+                          "task = \"...\"")
+    if not held:
+        return {}
+    task = next(iter(tasks.values()))
+    classes = merged_classes(task, [tuple(r["classes"]) for r in held.values()])
+    if config.data.task is None:  # inferred: printed and recorded (results.json's task_source)
+        log(f"task: {task} ({next(iter(held.values()))['task_source']})")
+    return {"task": task, "classes": list(classes)}
 
 
 def _reply(answers: Mapping[str, bytes | str], site: str, step: str) -> Any:
@@ -240,7 +301,8 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
         moments = [adjusted[s] for s in sites]
     pooled = Standardizer.from_moments(moments) if config.scaling == "global" else Standardizer.identity(shape[0])
     scale = {"mean": pooled.mean, "scale": pooled.scale} if config.scaling == "global" else None
-    plan = TrainingPlan.for_shape(config, shape)
+    task, classes = str(first.get("task", "binary")), tuple(first.get("classes", ()))
+    plan = TrainingPlan.for_shape(config, shape, task, n_outputs(task, classes))
     initial = plan.initial(shape, 0)
     counts = {site: np.asarray(j["train_label_counts"], dtype=np.float64) for site, j in joined.items()}
     t = config.training
@@ -254,8 +316,10 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
         config.data.impute, first["positive_label"], bool(first["predefined_split"]),
         info={"label_column": config.data.label_column, "refused_sites": refused,
               "sites": {site: joined[site].get("data_info") for site in sites}},
-        is_image=bool(first.get("is_image", False)),
+        is_image=bool(first.get("is_image", False)), task=task, classes=classes,
+        task_source=str(first.get("task_source", "given")),
     )
+    check_task_study(config, fed, methods)  # what assumes two classes, refused before any method trains
     shared = [_SharedPreprocessing.of(site, joined[site]) for site in sites]
     sizes = {s: float(sum(c)) for s, c in counts.items()}
     if config.privacy.dp == "sample":  # what DP-SGD cannot make private, refused before any method trains
@@ -277,6 +341,7 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
         run_name = f"r1-{spec.name}"
         run = {"name": run_name, "method": spec.name, "options": dict(opts), "sites": sites,
                "label_counts": {s: c for s, c in counts.items()}, "sample_shape": list(shape), "scale": scale,
+               "task": task, "classes": list(classes),
                "seed": config.seed, "key": list(key)}
         executor = RemoteExecutor(link, sites, run, config.deploy.round_timeout_s)
         store = CheckpointStore(checkpoints / run_name, f"{study_fingerprint(config)}/{run_name}/{','.join(sites)}")
@@ -297,7 +362,7 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
         scored = _evaluations(spec, sites, answers, failure, config.evaluation.threshold)
         evaluations += scored
         histories.append(federated_history(spec, 0, result, config))
-        if failure is None and spec.global_model and harmonization is None:
+        if failure is None and spec.global_model and harmonization is None and task == "binary":
             models[spec.display] = ModelOutcome(spec.display, saved_model_file(
                 config, fed, shared, pooled, result.params, setting=spec.display, method=spec.name,
                 train_sites=sites, settings=[spec.display], personal=spec.personal,
@@ -307,6 +372,8 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
                 why = failure.reason
             elif harmonization is not None:
                 why = f"not saved: a saved model does not carry the [harmonize] {config.harmonize.method} fit yet"
+            elif task != "binary":  # as `medfed run --save-model` refuses
+                why = f"not saved: saved models score one positive class so far; this study is {task}"
             else:
                 why = (f"no global model: {spec.display} shares only part of the model; each site's personal model "
                        "stays at the site")
@@ -342,9 +409,12 @@ def _evaluations(spec, sites: list[str], answers: Mapping[str, Any], failure: Fa
                 continue
             got = answer.get(kind) if isinstance(answer, Mapping) else None
             if isinstance(got, Mapping):
+                metrics = {m: Metric(v[0], v[1]) for m, v in got["metrics"].items()}
+                if got["threshold"] is None:  # a task without a decision threshold
+                    out.append(Evaluation(key, metrics))
+                    continue
                 logit, reason = got["threshold"]
-                out.append(Evaluation(key, {m: Metric(v[0], v[1]) for m, v in got["metrics"].items()}, None,
-                                      Threshold(rule, logit, reason), "site"))
+                out.append(Evaluation(key, metrics, None, Threshold(rule, logit, reason), "site"))
             else:
                 why = got if isinstance(got, str) else f"site {site!r} sent no evaluation ({answer})"
                 kind_of = "diverged" if isinstance(got, str) and got.startswith("diverged") else "not computable"

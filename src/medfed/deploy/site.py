@@ -10,7 +10,8 @@ atomically. Every request is :mod:`medfed.comm.wire` bytes (never pickle) and ev
 too; a request the site cannot serve is answered with ``{"error": one line}``, which the
 coordinator records as the site's reason for the round.
 
-What leaves the site: at setup, its row counts (all rows; training rows per class), the
+What leaves the site: before setup, the task its labels read as and the class names it holds
+(``labels``: never a row's label); at setup, its row counts (all rows; training rows per class), the
 column moments of its training rows (count, sums, sums of squares: global scaling), its
 imputation values (training-row medians or means) and its feature names; with ``[harmonize]``,
 the statistics of its training rows that the fit needs (:mod:`medfed.experiments.harmonization`:
@@ -81,12 +82,10 @@ def handle(payload: bytes, node_config: Mapping[str, Any]) -> bytes:
 # -- setup ---------------------------------------------------------------------------------------
 
 
-def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
-    """Check the site's file against the study's schema, split and impute it, keep the result in
-    the site folder, and share the counts and moments the federation may know."""
+def _study(site: SiteIdentity, request: Mapping[str, Any]):
+    """The study the coordinator sent, checked: the same medfed version, and this site among its sites."""
     from medfed import __version__
     from medfed.deploy.study import study_from_payload
-    from medfed.experiments.harness import prepare_site, training_rows
 
     theirs = request.get("medfed_version")
     if theirs != __version__:
@@ -96,7 +95,48 @@ def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
     names = list(config.deploy.sites)
     if site.name not in names:
         raise ConfigError(f"site {site.name!r} is not in the study's [deploy] sites ({', '.join(names)})")
+    return config
+
+
+def _labels(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
+    """What the site's file says its targets are: the task (the study's, or inferred from the
+    site's own labels, and why) and the class names it holds, from which the coordinator agrees
+    on the federation's classes before setup (:func:`medfed.data.tasks.merged_classes`)."""
+    fed = _own_federation(site, _study(site, request))
+    return {"site": site.name, "task": fed.task, "task_source": fed.task_source, "classes": list(fed.classes)}
+
+
+def _on_classes(fed, task: str, classes: tuple[str, ...]):
+    """The site's one-site federation with its labels coded against the federation's agreed
+    ``classes`` (it may lack some, which is legal and reported), or a DataError when its file
+    reads as another task or holds a class the agreement lacks."""
+    import dataclasses
+
+    if fed.task != task:
+        raise DataError(f"site {fed.sites[0].name!r}: its labels read as a {fed.task} task ({fed.task_source}); "
+                        f"the federation agreed on {task}")
+    if task not in ("multiclass", "segmentation") or fed.classes == classes:
+        return fed
+    unknown = [c for c in fed.classes if c not in classes]
+    if unknown:
+        raise DataError(f"site {fed.sites[0].name!r}: class {unknown[0]!r} is not among the federation's classes "
+                        f"({', '.join(classes)})")
+    index = np.array([classes.index(c) for c in fed.classes], dtype=np.int64)
+    own = fed.sites[0]
+    return dataclasses.replace(fed, sites=(dataclasses.replace(own, y=index[own.y]),), classes=classes)
+
+
+def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the site's file against the study's schema, code its labels against the
+    federation's classes, split and impute it, keep the result in the site folder, and share
+    the counts and moments the federation may know."""
+    from medfed.experiments.harness import prepare_site, training_rows
+
+    config = _study(site, request)
+    names = list(config.deploy.sites)
     fed = _own_federation(site, config)
+    if "task" in request:  # agreed from every site's labels (_labels); a binary study needs no agreement
+        fed = _on_classes(fed, str(request["task"]), tuple(str(c) for c in request["classes"]))
     harmonizing = config.harmonize.method != "none"
     if harmonizing:
         from medfed.experiments.harmonization import check_harmonized_data
@@ -123,6 +163,9 @@ def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
         "features": list(fed.feature_names),
         "sample_shape": list(fed.sample_shape),
         "positive_label": fed.positive_label,
+        "task": fed.task,
+        "task_source": fed.task_source,
+        "classes": list(fed.classes),
         "predefined_split": fed.has_predefined_split,
         "is_image": fed.is_image,
         "data_info": fed.info,
@@ -193,20 +236,12 @@ def _own_federation(site: SiteIdentity, config):
     manifest of image files read by the loaders ``medfed run --manifest`` uses."""
     if not site.data.exists():
         raise DataError(f"site {site.name!r}: data file {str(site.data)!r} does not exist")
+    from medfed.experiments.harness import load_federation
+
     d = config.data
-    if config.deploy.site_files == "manifest":
-        from medfed.data.images import load_image_manifest
-
-        fed = load_image_manifest(site.data, path_column=d.path_column, label_column=d.label_column,
-                                  site_column=d.site_column, split_column=d.split_column,
-                                  positive_label=d.positive_label, kind=d.kind, skip_bad=d.skip_bad)
-    else:
-        from medfed.data.tables import load_table
-
-        fed = load_table(site.data, site_column=d.site_column, label_column=d.label_column,
-                         split_column=d.split_column, features=d.features, impute=d.impute,
-                         positive_label=d.positive_label, exclude=d.exclude, covariates=d.covariates,
-                         task="binary")  # deployed studies are binary so far (deploy/study.py refuses others)
+    # the loaders, flags and task inference of `medfed run --manifest/--data` on the site's own file
+    source = "manifest" if config.deploy.site_files == "manifest" else "path"
+    fed = load_federation(d.model_copy(update={source: site.data}))
     others = [n for n in fed.site_names if n != site.name]
     if site.name not in fed.site_names or others:
         held = ", ".join(repr(n) for n in fed.site_names)
@@ -279,7 +314,10 @@ def _build(site: SiteIdentity, run: Mapping[str, Any]) -> tuple:
     with np.load(site.folder / ROWS_FILE) as rows:
         X_train, y_train, X_test, y_test = (rows[k] for k in ("X_train", "y_train", "X_test", "y_test"))
     (spec, opts), = resolve_methods([run["method"]], {run["method"]: dict(run["options"])}, config.pipelines)
-    plan = TrainingPlan.for_shape(config, tuple(run["sample_shape"]))
+    from medfed.data.tasks import n_outputs
+
+    task, classes = run["task"], tuple(run["classes"])
+    plan = TrainingPlan.for_shape(config, tuple(run["sample_shape"]), task, n_outputs(task, classes))
     counts = {name: np.asarray(c) for name, c in run["label_counts"].items()}
     algorithm = build_method(config, spec, opts, list(run["sites"]), counts)
     # the site's end of DP (its update clipped before it leaves) and of secure aggregation (its noise, its mask)
@@ -310,22 +348,33 @@ def _train(site: SiteIdentity, request: Mapping[str, Any]):
 
 def _evaluate(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
     """Metrics of the final global model and, for a personalizing method, of the site's own
-    model, on the site's test rows, at the decision threshold the study's rule chooses on the
-    site's own training rows (as in simulation), with that threshold; the personal model stays here."""
+    model, on the site's test rows: the task's metrics, and for a binary task at the decision
+    threshold the study's rule chooses on the site's own training rows (as in simulation), with
+    that threshold; the personal model stays here."""
     from medfed.experiments.metrics import (
         model_scores,
         model_threshold,
+        task_metrics,
+        task_scores,
         thresholded_metrics,
     )
 
     prepared = _prepare(site, request)
     plan = plan_of(request["plan"])
     model = prepared.plan.model
+    task, classes = request["run"]["task"], tuple(request["run"]["classes"])
     out: dict[str, Any] = {}
 
     def metrics(params) -> dict[str, Any] | str:
         if not all(np.isfinite(v).all() for v in params.values()):
             return "diverged: the personal model's parameters hold NaN/Inf"
+        if task != "binary":  # the task's own metrics, without a decision threshold (as in simulation)
+            predicted = task_scores(model, params, prepared.X_test)
+            if predicted is None:
+                return "diverged: the model's scores on the test rows are NaN/Inf"
+            return {"metrics": {k: [m.value, m.reason] for k, m in
+                                task_metrics(task, prepared.y_test, predicted, classes).items()},
+                    "threshold": None}
         scores = model_scores(model, params, prepared.X_test)
         if scores is None:
             return "diverged: the model's scores on the test rows are NaN/Inf"
@@ -363,5 +412,5 @@ def _stage(site: SiteIdentity, request: Mapping[str, Any]):
     return prepared.runtime.stage(str(request["stage"]), int(request["round"]), request["message"])
 
 
-_OPS = {"hello": _hello, "setup": _setup, "harmonize": _harmonize, "train": _train, "stage": _stage,
+_OPS = {"hello": _hello, "labels": _labels, "setup": _setup, "harmonize": _harmonize, "train": _train, "stage": _stage,
         "evaluate": _evaluate}

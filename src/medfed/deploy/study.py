@@ -37,7 +37,7 @@ def check_deployable(config: ExperimentConfig, source: str) -> ExperimentConfig:
         raise ConfigError(
             f"{source}: [data] of a deployed study names no data source (each site gives its own file with "
             "`medfed deploy site --data FILE`); keep only the schema: site_column, label_column, "
-            "split_column, features, impute, positive_label, exclude"
+            "split_column, features, impute, positive_label, exclude, task, label_columns, mask_column"
         )
     check_settings(config, source, manifest=config.deploy.site_files == "manifest")
     need = config.deploy.min_sites or config.training.min_sites
@@ -48,7 +48,8 @@ def check_deployable(config: ExperimentConfig, source: str) -> ExperimentConfig:
 
 def check_settings(config: ExperimentConfig, source: str, *, manifest: bool) -> None:
     """Settings a deployment can run: federated methods only (nothing pools or moves rows), no
-    categorical columns yet, no table options for image manifests, a harmonization of the
+    categorical columns yet, no table options for image manifests, targets the sites' kind of
+    file holds (masks in manifests, several label columns in tables), a harmonization of the
     sites' kind of data."""
     data = config.data
     if manifest and (data.features or data.exclude or data.impute or data.covariates):
@@ -61,9 +62,13 @@ def check_settings(config: ExperimentConfig, source: str, *, manifest: bool) -> 
     if wants is not None and wants[1] != manifest:
         raise ConfigError(f"{source}: [harmonize] method = \"{config.harmonize.method}\" adjusts {wants[0]}; this "
                           f"study's sites give {'image manifests' if manifest else 'feature tables'}")
-    if config.data.task not in (None, "binary"):  # the setup exchange carries no task or class names yet
-        raise ConfigError(f"{source}: [data] task = \"{config.data.task}\" runs in simulation only so far "
-                          "(medfed run); a deployed study's labels are binary")
+    # the targets each kind of site file holds (as medfed run reads a --data table or a --manifest)
+    if manifest and data.label_columns:
+        raise ConfigError(f"{source}: label_columns (a multilabel task) name a table's columns; with [deploy] "
+                          "site_files = \"manifest\" each site's file lists image files")
+    if not manifest and (data.mask_column or data.task == "segmentation"):
+        raise ConfigError(f"{source}: a segmentation task reads each image's mask from a manifest's mask column; "
+                          "set [deploy] site_files = \"manifest\"")
     from medfed.experiments.harness import check_secure_study
 
     check_secure_study(config)

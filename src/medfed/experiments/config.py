@@ -93,8 +93,11 @@ class DataSpec(_Strict):
         sources = [s for s in (self.dataset, self.path, self.manifest, self.npz) if s is not None]
         if not sources and (info.context or {}).get("schema_only"):
             # a deployed study's [data]: the schema of the sites' tables; each site names its own file
-            if self.site_column is None or self.label_column is None:
-                raise ValueError("a deployed study's [data] needs site_column and label_column (the sites' tables)")
+            # the targets: a label column, a multilabel task's label columns, or a manifest's masks
+            targets = self.label_column or self.label_columns or self.mask_column or self.task == "segmentation"
+            if self.site_column is None or not targets:
+                raise ValueError("a deployed study's [data] needs site_column and label_column (or label_columns; "
+                                 "a segmentation manifest's mask_column)")
             return self
         if len(sources) != 1:
             raise ValueError(

@@ -1111,7 +1111,7 @@ def assemble_run(config: ExperimentConfig, federation, methods, outcomes: list[R
     reported by deployed sites); ``federation`` is the data or, deployed, what setup shared of it."""
     cells: dict[tuple, Cell] = {}
     notes: list[str] = []
-    # every metric a row holds (a deployed study's setup shares only binary tasks so far)
+    # every metric a row holds
     keys = metric_keys(getattr(federation, "task", "binary"), getattr(federation, "classes", ()))
     if config.loso:
         local_only = [spec.display for spec, _ in methods if spec.name in ("single", "cross")]

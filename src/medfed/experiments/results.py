@@ -119,7 +119,7 @@ def results_document(run: ExperimentRun, command: str | None = None) -> dict[str
     """
     fed = run.federation
     config = run.config
-    task = getattr(fed, "task", BINARY.task)  # a deployed study's setup: binary so far
+    task = getattr(fed, "task", BINARY.task)
     histories: dict[str, dict[str, Any]] = {}
     for h in run.histories:
         entry = histories.setdefault(

@@ -40,7 +40,7 @@ def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, dict]:
     series (one SeriesInstanceUID) with the same Rows, Columns and ImageOrientationPatient;
     slices must be evenly spaced (an uneven step means a missing slice). The metadata holds
     ``voxel_size`` (mm, RAS order), ``dtype`` (stored integer type), ``bit_depth`` (BitsStored),
-    ``photometric``, ``orientation`` ("RAS"), ``n_slices`` and ``notes``.
+    ``photometric``, ``orientation`` ("RAS"), ``affine`` (voxel to RAS mm), ``n_slices`` and ``notes``.
     """
     folder = Path(folder)
     if not folder.exists():
@@ -128,6 +128,8 @@ def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, dict]:
     data = np.asarray(img.dataobj, dtype=np.float32)
     meta = {
         "voxel_size": tuple(round(float(v), 4) for v in nib.affines.voxel_sizes(img.affine)),
+        # voxel -> mm of the RAS array (orientation, spacing, origin): what a mask must share, as for NIfTI
+        "affine": _rounded(img.affine),
         "dtype": decoded[0][1],
         "bit_depth": int(first.get("BitsStored", first.get("BitsAllocated", 0))),
         "photometric": str(first.get("PhotometricInterpretation", "")),
@@ -144,6 +146,7 @@ def read_dicom_file(path: str | Path) -> tuple[np.ndarray, dict]:
 
     Pixels stay in stored row/column order (row 0 at the top, as displayed); the modality
     LUT (slope/intercept) is applied. Metadata: ``voxel_size`` (PixelSpacing, mm, or None),
+    ``affine`` (pixel to RAS mm from the patient geometry, or None without it),
     ``dtype``, ``bit_depth``, ``photometric``, ``notes``.
     """
     path = Path(path)
@@ -158,12 +161,33 @@ def read_dicom_file(path: str | Path) -> tuple[np.ndarray, dict]:
     spacing = ds.get("PixelSpacing")
     meta = {
         "voxel_size": None if spacing is None else tuple(round(float(v), 4) for v in spacing),
+        "affine": _plane_affine(ds),
         "dtype": stored,
         "bit_depth": int(ds.get("BitsStored", ds.get("BitsAllocated", 0))),
         "photometric": str(ds.get("PhotometricInterpretation", "")),
         "notes": [],
     }
     return data, meta
+
+
+def _rounded(affine: np.ndarray) -> tuple[tuple[float, ...], ...]:
+    return tuple(tuple(round(float(v), 4) for v in row) for row in affine)
+
+
+def _plane_affine(ds) -> tuple[tuple[float, ...], ...] | None:
+    """Pixel (row, column) -> RAS mm of a 2-D file kept in stored order, or None when its header
+    lacks the geometry (a secondary capture): then only shape and spacing can be compared."""
+    orientation, position, spacing = (ds.get(k) for k in ("ImageOrientationPatient", "ImagePositionPatient",
+                                                          "PixelSpacing"))
+    if orientation is None or position is None or spacing is None or len(orientation) != 6:
+        return None
+    row_dir, col_dir = np.array([float(v) for v in orientation[:3]]), np.array([float(v) for v in orientation[3:]])
+    affine = np.eye(4)
+    affine[:3, 0] = col_dir * float(spacing[0])  # down a column: the next row
+    affine[:3, 1] = row_dir * float(spacing[1])
+    affine[:3, 2] = np.cross(row_dir, col_dir)
+    affine[:3, 3] = [float(v) for v in position]
+    return _rounded(np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine)  # LPS -> RAS, as a series
 
 
 def _read(path: Path, *, series_file: bool):

@@ -10,7 +10,8 @@ wrong dimensionality, odd shape, mixed DICOM series, not an image) is one
 With a mask column the federation's task is ``segmentation``: each row's mask file is read by the
 reader its path picks, exactly as an image (NIfTI reoriented to RAS, DICOM series sorted, 2-D files
 as stored), and must lie on its image's grid: one channel, the same spatial shape and, where both
-files record them, the same voxel size and (NIfTI) voxel-to-mm affine; otherwise the row is bad (an error naming both files). Mask
+files record them, the same voxel size and voxel-to-mm affine (NIfTI; DICOM series, and 2-D DICOM files with
+ImageOrientationPatient/ImagePositionPatient: orientation, spacing and origin); otherwise the row is bad (an error naming both files). Mask
 values must be whole numbers >= 0; the distinct stored values, 0 (background) first, become the
 classes, named by their stored value (``background``, ``1``, ``4`` for masks holding 0/1/4): the
 network's K outputs are the values present, not ``max + 1`` (a 0/255 PNG mask is two classes).
