@@ -158,7 +158,9 @@ def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
         "site_scaler": None if split.scaler is None else {"mean": split.scaler.mean, "scale": split.scaler.scale},
         "site": site.name,
         "summary": fed.site_summaries()[0],
-        "train_label_counts": tuple(float(c) for c in label_counts(split.y_train)),
+        # K counts for K classes (FedSLD's prior needs a 0 for a class the site lacks); 2 otherwise
+        "train_label_counts": tuple(float(c) for c in label_counts(
+            split.y_train, fed.n_classes if fed.task == "multiclass" else 2)),
         "moments": {"n": int(m.n), "total": m.total, "total_sq": m.total_sq},
         "features": list(fed.feature_names),
         "sample_shape": list(fed.sample_shape),
