@@ -752,14 +752,15 @@ def run_repeat(
         if reason is None:
             # the decision thresholds its rows were scored at: a federated model's per training site
             train = scaled(group)[0]
-            thresholds = ({d.name: model_threshold(rule, model, params, d.X, d.y) for d in train}
-                          if spec.kind == "federated" else
-                          {MODEL_ROWS: model_threshold(rule, model, params, *_pooled_rows(train))})
+            thresholds = None if task != "binary" else (
+                {d.name: model_threshold(rule, model, params, d.X, d.y) for d in train}
+                if spec.kind == "federated" else
+                {MODEL_ROWS: model_threshold(rule, model, params, *_pooled_rows(train))})
             saved = saved_model_file(
                 config, federation, sites, scaled.scaler(group), params,
                 setting="Single" if one_site else spec.display, method="single" if one_site else spec.name,
                 train_sites=[site_names[i] for i in group], settings=per_site if one_site else [spec.display],
-                personal=spec.personal, thresholds=thresholds,
+                personal=spec.personal, thresholds=thresholds, target=scaled.target_scale(group),
             )
         out.models[name] = ModelOutcome(name, saved, reason)
 
@@ -995,8 +996,7 @@ def check_secure_study(config: ExperimentConfig) -> None:
 
 def check_task_study(config: ExperimentConfig, federation: Federation, methods: list[tuple[Method, dict]]) -> None:
     """Refuse, in one line before training, what assumes two classes on another task: a method
-    that declares the tasks it trains (FedSLD's two-class label counts), a decision threshold rule,
-    saved models (their files and ``medfed predict`` score one positive class so far)."""
+    that declares the tasks it trains (FedSLD's two-class label counts), a decision threshold rule."""
     from medfed.models.registry import task_model
 
     task = federation.task
@@ -1010,8 +1010,6 @@ def check_task_study(config: ExperimentConfig, federation: Federation, methods: 
     if config.evaluation.threshold != "0.5":
         raise ConfigError(f"--threshold {config.evaluation.threshold} chooses a binary decision threshold; a {task} "
                           "task has none: leave --threshold out")
-    if config.save_model:
-        raise ConfigError(f"--save-model writes binary models so far; a {task} task cannot be saved yet")
 
 
 CROSS_SITE_LIMIT = 200  # beyond it, Cross's K (K - 1) evaluations take gigabytes
