@@ -243,7 +243,7 @@ def saved_model_file(
 
     info = federation.info
     table = "label_column" in info and not federation.is_image  # embedded data sets have no label column
-    task = federation.task
+    task = getattr(federation, "task", "binary")  # a deployed study's setup: binary so far
     binary = task == "binary"
     repeats = config.repeats
     meta = {
@@ -279,7 +279,7 @@ def saved_model_file(
         "parameters": list(params),
         "threshold": _threshold_meta(thresholds or {MODEL_ROWS: HALF}) if binary else None,
         "task": task,
-        "classes": list(federation.classes),
+        "classes": list(getattr(federation, "classes", ())),
     }
     if task == "regression":
         meta["target_scale"] = {"mean": target.mean, "std": target.std}
