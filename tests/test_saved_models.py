@@ -386,3 +386,92 @@ def test_an_image_model_is_saved_but_predict_scores_tables_only(tmp_path, torch_
     code, text = invoke(["predict", "--model", out / "models" / "FedAvg.npz", "--data", tmp_path / "manifest.csv",
                          "--out", tmp_path / "p.csv"])
     one_line_error(code, text, "image model", "cnn2d", "feature tables only")
+
+
+def _task_table(path, task: str) -> dict:
+    """Three sites of a multiclass, multilabel or regression table, and its [data] config."""
+    rng = np.random.default_rng(0)
+    n = 40
+    X = rng.normal(size=(3 * n, 3))
+    frame = {"site": np.repeat(["A", "B", "C"], n), "a": X[:, 0], "b": X[:, 1], "c": X[:, 2]}
+    data = {"path": str(path), "site_column": "site"}
+    if task == "multiclass":
+        frame["dx"] = np.array(["ad", "mci", "nc"])[np.argmax(X @ rng.normal(size=(3, 3)) + rng.gumbel(size=(3 * n, 3)), 1)]
+        data["label_column"] = "dx"
+    elif task == "multilabel":
+        logits = X @ rng.normal(size=(3, 2)) + rng.logistic(size=(3 * n, 2))
+        frame["edema"], frame["effusion"] = (logits > 0).astype(int).T
+        data["label_columns"] = ["edema", "effusion"]
+    else:
+        frame["age"] = np.round(70 + 5 * X @ np.array([1.0, -0.5, 0.3]) + rng.normal(size=3 * n), 2)
+        data["label_column"] = "age"
+    import pandas as pd
+
+    pd.DataFrame(frame).to_csv(path, index=False)
+    return data
+
+
+@pytest.mark.parametrize("task", ["multiclass", "multilabel", "regression"])
+def test_predict_gives_the_runs_predictions_for_every_task(tmp_path, task):
+    """Each task's Mix and FedAvg models and site B's Single model, scored by `medfed predict` on
+    site B's raw test rows of repeat 1, give the run's test-row predictions bit for bit: class or
+    label probabilities (score:<name>), the most probable class, the value on the target's scale."""
+    out = tmp_path / "out"
+    data = _task_table(tmp_path / "t.csv", task)
+    config, run = run_and_write({"data": data, "methods": ["single", "mix", "fedavg"], "repeats": 1,
+                                 "training": {"rounds": 4, "local_steps": 2, "lr": 0.3}}, out)
+    fed = load_federation(config.data)
+    i, site = 1, fed.sites[1]
+    test = ~harness.training_rows(site, i, config, 0)
+    rows = tmp_path / "rows.csv"
+    with open(rows, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(fed.feature_names)
+        writer.writerows([repr(float(v)) for v in x] for x in site.X[test])
+    for setting, file in (("Mix", "Mix"), ("FedAvg", "FedAvg"), ("Single", "Single-B")):
+        code, text = invoke(["predict", "--model", out / "models" / f"{file}.npz", "--data", rows,
+                             "--out", tmp_path / f"{file}.csv"])
+        assert code == 0, text
+        got = predicted(tmp_path / f"{file}.csv")
+        y_test, expected = cell(run, setting, "B", "B" if setting == "Single" else None).scores[0]
+        np.testing.assert_array_equal(y_test, site.y[test])
+        if task == "regression":
+            assert list(got[0]) == ["row", "predicted"]
+            np.testing.assert_array_equal([float(r["predicted"]) for r in got], expected)
+            continue
+        names = list(fed.classes)
+        assert list(got[0]) == ["row", *(f"score:{c}" for c in names)] + (["predicted"] if task == "multiclass" else [])
+        np.testing.assert_array_equal([[float(r[f"score:{c}"]) for c in names] for r in got], expected)
+        if task == "multiclass":
+            assert [r["predicted"] for r in got] == [names[k] for k in np.argmax(expected, axis=1)]
+            assert "predicted class (the most probable): ad " in text
+    meta = load_saved_model(out / "models" / "Mix.npz").meta
+    assert meta["format_version"] == 1 and meta["task"] == task and meta["threshold"] is None
+    assert meta["classes"] == list(fed.classes)
+    if task == "regression":  # the scale the run trained Mix in, as results.json records it
+        doc = json.loads((out / "results.json").read_text())
+        scale = next(g for g in doc["target_scale"]["repeats"][0] if g["train_sites"] == ["A", "B", "C"])
+        assert meta["target_scale"] == {"mean": scale["mean"], "std": scale["std"]} and scale["mean"] > 60
+    code, text = invoke(["predict", "--model", out / "models" / "Mix.npz", "--data", rows, "--out", tmp_path / "p.csv",
+                         "--label-column", "age"])
+    one_line_error(code, text, "--label-column", f"holds a {task} model")
+
+
+def test_a_binary_file_written_before_tasks_still_scores_identically(tmp_path):
+    """A binary file without the task and classes fields (as version 1 files were first written)
+    loads as a binary model and gives the same scores and decisions as the file the run wrote."""
+    out = tmp_path / "out"
+    config, run = run_and_write({"data": {"dataset": "heart-disease"}, "methods": ["fedavg"], "repeats": 1, **TINY}, out)
+    saved = load_saved_model(out / "models" / "FedAvg.npz")
+    assert saved.meta["task"] == "binary" and "target_scale" not in saved.meta
+    old = {k: v for k, v in saved.meta.items() if k not in ("task", "classes")}
+    (tmp_path / "old.npz").write_bytes(SavedModel(old, saved.params, saved.arrays).to_bytes())
+    rows = tmp_path / "rows.csv"
+    fed = load_federation(config.data)
+    test_rows_csv(fed, config, 0, rows)
+    for name in (out / "models" / "FedAvg.npz", tmp_path / "old.npz"):
+        code, text = invoke(["predict", "--model", name, "--data", rows, "--out", tmp_path / f"{name.stem}.csv"])
+        assert code == 0, text
+    new, before = predicted(tmp_path / "FedAvg.csv"), predicted(tmp_path / "old.csv")
+    assert new == before and list(new[0]) == ["row", "score", "predicted"]
+    np.testing.assert_array_equal([float(r["score"]) for r in new], cell(run, "FedAvg", fed.site_names[0]).scores[0][1])

@@ -530,6 +530,11 @@ def execute_predict(model: Path, data: Path, out: Path, site: str | None, label_
     saved = load_saved_model(model)
     saved.check_scorable(site, str(model))
     label = saved.meta["label"]
+    if saved.task != "binary":  # its label column is not read: scores are compared with labels for binary models
+        if label_column is not None:
+            raise ConfigError(f"--label-column: medfed predict compares a binary model's scores with labels so far; "
+                              f"{model} holds a {saved.task} model: leave --label-column out")
+        label = {**label, "column": None}
     # the predictions go next to the user's other files: they replace one file, not a run's set
     with output_dir(out.parent, "--out's folder"):
         rows = read_scoring_rows(
@@ -539,19 +544,19 @@ def execute_predict(model: Path, data: Path, out: Path, site: str | None, label_
         )
         scored = saved.score(rows, site, str(model), str(data))
         written = write_results(lambda: write_atomically(
-            out.parent, {out.name: lambda: predictions_csv(scored, rows.ids, id_column)}, as_set=False,
+            out.parent, {out.name: lambda: predictions_csv(scored, saved, rows.ids, id_column)}, as_set=False,
         ), out.parent)
     show(lambda: render_predictions(saved, scored, rows, data, site, label_column or label["column"], written[0]),
          str(out))
 
 
 def render_predictions(saved, scored, rows, data: Path, site: str | None, label_column: str | None, out: Path) -> None:
-    """What was scored with which model, how many rows came out positive, and with labels the
-    survey's four metrics."""
-    from medfed.experiments.metrics import BINARY, metric_label, predicted_metrics
+    """What was scored with which model, how many rows came out positive (binary; per class for
+    multiclass), and with labels the survey's four metrics."""
+    from medfed.experiments.saved_model import prediction_columns
 
     meta = saved.meta
-    n = scored.scores.size
+    n = len(scored.scores)
     print_line = functools.partial(console.print, highlight=False, soft_wrap=True)
     print_line(f"model: {meta['setting']} ({meta['model']['name']}) trained on {', '.join(meta['train_sites'])}; "
                f"repeat {meta['repeat']} of {meta['repeats']}, seed {meta['seed']}")
@@ -561,6 +566,42 @@ def render_predictions(saved, scored, rows, data: Path, site: str | None, label_
     if meta["scaling"] == "site":
         how.append(f"standardized with site {site}'s statistics")
     print_line(f"scored {n} row(s) of {data}" + (f" ({'; '.join(how)})" if how else ""))
+    if saved.task != "binary":
+        _render_task_predictions(saved, scored, print_line)
+    else:
+        _render_binary_predictions(saved, scored, rows, site, label_column, print_line)
+    for column, levels in scored.unseen_levels.items():
+        shown = ", ".join(f"{level!r} ({k} row(s))" for level, k in levels.items())
+        print_line(f"[yellow]note:[/] column {escape(repr(column))}: level(s) no training site held, encoded as "
+                   f"all-zero indicators: {escape(shown)}")
+    columns = ", ".join(prediction_columns(saved.task, saved.classes))
+    print_line(f"[dim]wrote {escape(str(out))}: row, {'id, ' if rows.ids is not None else ''}{escape(columns)}[/]")
+
+
+def _render_task_predictions(saved, scored, print_line) -> None:
+    """A multiclass model's rows per predicted class; a multilabel model's rows at or above 0.5 per
+    label; a regression model's range of predicted values."""
+    import numpy as np
+
+    if saved.task == "multiclass":
+        counts = np.bincount(scored.predicted, minlength=len(saved.classes))
+        print_line("predicted class (the most probable): " + ", ".join(
+            f"{escape(c)} {int(k)}" for c, k in zip(saved.classes, counts)))
+    elif saved.task == "multilabel":
+        counts = (scored.scores >= 0.5).sum(axis=0)
+        print_line("rows with label probability >= 0.5: " + ", ".join(
+            f"{escape(c)} {int(k)}" for c, k in zip(saved.classes, counts)))
+    else:
+        v = scored.scores
+        print_line(f"predicted values: mean {v.mean():.4g}, min {v.min():.4g}, max {v.max():.4g} (the target's own scale)")
+
+
+def _render_binary_predictions(saved, scored, rows, site, label_column, print_line) -> None:
+    """How many rows came out positive at the model's threshold and, with labels, ACC/SEN/SPE/AUC."""
+    from medfed.experiments.metrics import BINARY, metric_label, predicted_metrics
+
+    meta = saved.meta
+    n = scored.scores.size
     positive = int(scored.predicted.sum())
     threshold = saved.threshold(site)
     cut = f"score >= {threshold.probability:.4g}" + ("" if threshold.rule == "0.5" else f", the run's {threshold.rule} threshold")
@@ -573,25 +614,22 @@ def render_predictions(saved, scored, rows, data: Path, site: str | None, label_
         for m in BINARY.keys:
             if metrics[m].value is None:
                 print_line(f"[dim]{metric_label(m)}: {escape(metrics[m].reason)}[/]")
-    for column, levels in scored.unseen_levels.items():
-        shown = ", ".join(f"{level!r} ({k} row(s))" for level, k in levels.items())
-        print_line(f"[yellow]note:[/] column {escape(repr(column))}: level(s) no training site held, encoded as "
-                   f"all-zero indicators: {escape(shown)}")
-    print_line(f"[dim]wrote {escape(str(out))}: row, {'id, ' if rows.ids is not None else ''}score, predicted[/]")
 
 
 @app.command()
 def predict(
     model: Annotated[Path, typer.Option(help="model file from `medfed run --save-model` (OUT/models/<Setting>.npz)")],
     data: Annotated[Path, typer.Option(help="CSV or Parquet table with the model's feature columns")],
-    out: Annotated[Path, typer.Option(help="predictions .csv: row, score (probability of the positive class), predicted")],
+    out: Annotated[Path, typer.Option(help="predictions .csv: row, score (probability of the positive class), predicted; "
+                                                 "score:<class> per class or label, predicted (class or value)")],
     site: Annotated[str | None, typer.Option(help="training site whose imputation (and --scaling site statistics) "
                                                   "the rows get; needed for missing values or per-site scaling")] = None,
     label_column: Annotated[str | None, typer.Option(help="column with the true labels [default: the model's label "
                                                           "column, when the table has it]")] = None,
     id_column: Annotated[str | None, typer.Option(help="column copied into the predictions to identify each row")] = None,
 ) -> None:
-    """Score a table with a saved model: each row's probability of the positive class, and with labels ACC/SEN/SPE/AUC."""
+    """Score a table with a saved model: each row's probability of the positive class (of each class or label;
+    the predicted value for regression), and for a binary model with labels ACC/SEN/SPE/AUC."""
     guard(execute_predict, model, data, out, site, label_column, id_column)
 
 

@@ -14,10 +14,12 @@ task is an error that says which ``--task`` to pass, never a silent coercion.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from medfed.data.hints import setting
+from medfed.data.preprocess import Moments, Standardizer
 from medfed.errors import DataError
 
 TASKS = ("binary", "multiclass", "regression", "multilabel", "segmentation")
@@ -136,3 +138,41 @@ def merged_classes(task: str, held: Sequence[Sequence[str]]) -> tuple[str, ...]:
     if task == "multilabel":
         return tuple(held[0]) if held else ()
     return ()
+
+
+@dataclass(frozen=True, slots=True)
+class TargetScale:
+    """How a regression model sees its target: ``(y - mean) / std``, and back.
+
+    A zero-initialised head would otherwise have to learn a bias of the target's size (70 years
+    of age) before it learns anything else. ``mean`` and ``std`` are those of the training rows
+    of the sites a model trains on, pooled from each site's moments (n, sum y, sum y^2): the same
+    summaries, and the same arithmetic, as the feature standardization of ``scaling = "global"``
+    (:meth:`Standardizer.from_moments`; a constant target keeps ``std`` 1). It is applied outside
+    the model's parameters, so aggregation and DP noise never touch it.
+    """
+
+    mean: float
+    std: float
+
+    @classmethod
+    def of(cls, moments: Sequence[Moments]) -> TargetScale:
+        pooled = Standardizer.from_moments(moments)
+        return cls(float(pooled.mean[0]), float(pooled.scale[0]))
+
+    def forward(self, y: np.ndarray) -> np.ndarray:
+        """Targets on the scale the model trains on."""
+        return (y - self.mean) / self.std
+
+    def inverse(self, z: np.ndarray) -> np.ndarray:
+        """A model's outputs on the target's own scale, where every metric is computed."""
+        return z * self.std + self.mean
+
+
+UNSCALED = TargetScale(0.0, 1.0)
+"""Targets as they are: ``[data] standardize_target = false``."""
+
+
+def target_moments(y: np.ndarray) -> Moments:
+    """A site's shareable summary of its regression targets: n, sum y, sum y^2 (one column)."""
+    return Moments.of(np.asarray(y, dtype=np.float64).reshape(-1, 1))

@@ -85,6 +85,9 @@ class DataSpec(_Strict):
     categorical: list[str] | None = None  # table columns to one-hot encode (levels from training rows)
     # numbers every row carries beside the features (never features), for harmonization to preserve
     covariates: list[str] | None = None
+    # a regression target trained as (y - mean) / std, mean and std pooled from the training sites' moments
+    # (medfed.data.tasks.TargetScale); predictions are mapped back before every metric. False: trained raw
+    standardize_target: bool = True
 
     _finite = field_validator("options")(_finite_options)
 

@@ -27,7 +27,7 @@ from medfed.data.categorical import keep_training_levels, training_levels, unsee
 from medfed.data.datasets import load_dataset
 from medfed.data.federation import Federation, SingleClassSiteWarning
 from medfed.data.preprocess import Imputer, Moments, Standardizer
-from medfed.data.tasks import check_task, strata
+from medfed.data.tasks import UNSCALED, TargetScale, check_task, strata, target_moments
 from medfed.comm.compress import make_codec
 from medfed.engine.executors import LOCAL_EXECUTORS
 from medfed.engine.executors.process import exit_with_parent
@@ -371,6 +371,7 @@ class SplitSite:
     # the covariates harmonization preserves (data.covariates, in that order), split like the rows
     C_train: np.ndarray | None = None
     C_test: np.ndarray | None = None
+    target_moments: Moments | None = None  # a regression target's n, sum y, sum y^2 over the training rows
 
     @property
     def single_class(self) -> bool:
@@ -496,6 +497,7 @@ class ExperimentRun:
     models: list[ModelOutcome] = field(default_factory=list)  # with save_model: repeat 1's models
     privacy: list[dict] = field(default_factory=list)  # the DP ledger of every repeat
     harmonization: list[dict] = field(default_factory=list)  # with [harmonize]: each repeat's site effect
+    target_scales: list[list[dict]] = field(default_factory=list)  # regression: each repeat's target scales
 
 
 def load_federation(spec: DataSpec) -> Federation:
@@ -583,7 +585,8 @@ def prepare_site(site, train: np.ndarray, fed: Federation, config: ExperimentCon
     preserved = config.data.covariates or () if config.harmonize.method != "none" else ()
     C = np.column_stack([site.covariates[c] for c in preserved] or [np.empty((site.n, 0))])
     return SplitSite(site.name, X_train, y[train], X_test, y[~train], Moments.of(X_train), unseen,
-                     imputer, scaler, known, C[train], C[~train])
+                     imputer, scaler, known, C[train], C[~train],
+                     target_moments(y[train]) if fed.task == "regression" else None)
 
 
 def prepare_repeat(fed: Federation, config: ExperimentConfig, repeat: int) -> list[SplitSite]:
@@ -604,11 +607,31 @@ class ScaledViews:
     With ``scaling = "global"`` a model is standardized with the statistics of the data it
     learns from, assembled from those sites' moments; the same transform applies to every
     test set it is evaluated on (as a deployed model would apply it).
+
+    With ``standardize_target`` (regression) the training targets of ``group`` are standardized
+    by :meth:`target_scale`, from the same sites' target moments; test targets stay as they are,
+    and a model's predictions are mapped back with the same scale before they are scored.
     """
 
-    def __init__(self, sites: list[SplitSite], mode: str, harmonizer=None) -> None:
+    def __init__(self, sites: list[SplitSite], mode: str, harmonizer=None, standardize_target: bool = False) -> None:
         self.sites, self.mode, self.harmonizer = sites, mode, harmonizer
+        self.standardize_target = standardize_target
         self._cache: dict[tuple, tuple[list[LocalData], list[np.ndarray]]] = {}
+        self._targets: dict[tuple[int, ...], TargetScale] = {}
+
+    def target_scale(self, group: tuple[int, ...]) -> TargetScale:
+        """The target scale of a model trained on ``group`` (``UNSCALED`` when standardization is off)."""
+        if not self.standardize_target:
+            return UNSCALED
+        if group not in self._targets:
+            self._targets[group] = TargetScale.of([self.sites[i].target_moments for i in group])
+        return self._targets[group]
+
+    def target_record(self) -> list[dict]:
+        """Every target scale this repeat trained with: its training sites, rows, mean and std."""
+        return [{"train_sites": [self.sites[i].name for i in group],
+                 "n": sum(self.sites[i].target_moments.n for i in group), "mean": t.mean, "std": t.std}
+                for group, t in self._targets.items()]
 
     def sites_for(self, reference: tuple[int, ...] | None, adapt: bool) -> list[SplitSite]:
         """The repeat's sites, harmonized (``medfed.experiments.harmonization``) by the fit of
@@ -635,7 +658,10 @@ class ScaledViews:
         if key not in self._cache:
             sites = self.sites_for(reference, adapt)
             scale = self.scaler(group, reference, adapt)
-            train = [LocalData(sites[i].name, scale(sites[i].X_train), sites[i].y_train) for i in group]
+            target = self.target_scale(group)
+            train = [LocalData(sites[i].name, scale(sites[i].X_train),
+                               target.forward(sites[i].y_train) if self.standardize_target else sites[i].y_train)
+                     for i in group]
             tests = [scale(s.X_test) for s in sites]
             self._cache[key] = (train, tests)
         return self._cache[key]
@@ -678,6 +704,7 @@ class RepeatOutcome:
     privacy: list[dict] = field(default_factory=list)  # the DP ledger: one entry per site per federated run
     models: dict[str, ModelOutcome] = field(default_factory=dict)  # with save_model, in repeat 1: by name
     harmonization: dict | None = None  # with [harmonize]: the site effect before and after
+    target_scales: list[dict] = field(default_factory=list)  # regression: ScaledViews.target_record
 
 
 CROSS_ONE_SITE = "Cross trains on one site and tests on another; this federation has a single site"
@@ -700,7 +727,8 @@ def run_repeat(
     everyone = tuple(range(n_sites))
     sites = prepare_repeat(federation, config, repeat)
     harmonizer = repeat_harmonizer(config, federation, sites)
-    scaled = ScaledViews(sites, config.scaling, harmonizer)
+    scaled = ScaledViews(sites, config.scaling, harmonizer,
+                         standardize_target=task == "regression" and config.data.standardize_target)
     initial = plan.initial(federation, repeat)
     out = RepeatOutcome([], [], [s.name for s in sites if s.single_class], {},
                         unseen_levels={s.name: s.unseen_levels for s in sites if s.unseen_levels})
@@ -724,26 +752,33 @@ def run_repeat(
         if reason is None:
             # the decision thresholds its rows were scored at: a federated model's per training site
             train = scaled(group)[0]
-            thresholds = ({d.name: model_threshold(rule, model, params, d.X, d.y) for d in train}
-                          if spec.kind == "federated" else
-                          {MODEL_ROWS: model_threshold(rule, model, params, *_pooled_rows(train))})
+            thresholds = None if task != "binary" else (
+                {d.name: model_threshold(rule, model, params, d.X, d.y) for d in train}
+                if spec.kind == "federated" else
+                {MODEL_ROWS: model_threshold(rule, model, params, *_pooled_rows(train))})
             saved = saved_model_file(
                 config, federation, sites, scaled.scaler(group), params,
                 setting="Single" if one_site else spec.display, method="single" if one_site else spec.name,
                 train_sites=[site_names[i] for i in group], settings=per_site if one_site else [spec.display],
-                personal=spec.personal, thresholds=thresholds,
+                personal=spec.personal, thresholds=thresholds, target=scaled.target_scale(group),
             )
         out.models[name] = ModelOutcome(name, saved, reason)
 
     def key_of(spec: Method, train_site: str | None, j: int, evaluation: str = "split", model_kind: str = "global"):
         return (spec.display, spec.name, train_site, site_names[j], evaluation, model_kind)
 
-    def evaluate_on(key, params, tests, j: int, failure: Failure | None, rows: str, calibration: list[LocalData]) -> None:
-        """Score ``params`` on site ``j``'s test rows at the threshold chosen on ``calibration``
-        (pooled), the training rows ``rows`` names (a key of THRESHOLD_ROWS); a multiclass or
-        regression model has no threshold."""
+    def predictions(params, X: np.ndarray, group: tuple[int, ...]) -> np.ndarray | None:
+        """:func:`task_scores`; a regression model's mapped back from the scale of ``group``'s targets."""
+        predicted = task_scores(model, params, X)
+        return predicted if predicted is None or task != "regression" else scaled.target_scale(group).inverse(predicted)
+
+    def evaluate_on(key, params, tests, j: int, failure: Failure | None, rows: str, calibration: list[LocalData],
+                    group: tuple[int, ...]) -> None:
+        """Score ``params``, trained on ``group``, on site ``j``'s test rows at the threshold chosen
+        on ``calibration`` (pooled), the training rows ``rows`` names (a key of THRESHOLD_ROWS); a
+        multiclass or regression model has no threshold."""
         if failure is None and task != "binary":
-            predicted = task_scores(model, params, tests[j])
+            predicted = predictions(params, tests[j], group)
             if predicted is not None:
                 out.evaluations.append(Evaluation(key, task_metrics(task, sites[j].y_test, predicted, classes),
                                                   (sites[j].y_test, predicted)))
@@ -769,7 +804,7 @@ def run_repeat(
         if config.eval_every and held_out is None and spec.global_model:  # FedBN's shared part is no model
             def evaluate(p, tests=tests, train=train):  # each site's threshold from its own training rows
                 if task != "binary":
-                    return {s.name: task_round_metrics(task, classes, s.y_test, task_scores(model, p, tests[j]))
+                    return {s.name: task_round_metrics(task, classes, s.y_test, predictions(p, tests[j], group))
                             for j, s in enumerate(sites)}
                 return {s.name: round_metrics(s.y_test, model_scores(model, p, tests[j]),
                                               model_threshold(rule, model, p, train[j].X, train[j].y))
@@ -799,10 +834,10 @@ def run_repeat(
         out.privacy.extend(ledger)
         failure = federated_failure(run)
         if held_out is not None:
-            evaluate_on(key_of(spec, None, held_out, "loso"), run.params, tests, held_out, failure, "pooled", train)
+            evaluate_on(key_of(spec, None, held_out, "loso"), run.params, tests, held_out, failure, "pooled", train, group)
             if harmonizer is not None:
                 evaluate_on(key_of(spec, None, held_out, "loso+adapt"), run.params,
-                            scaled(group, group, adapt=True)[1], held_out, failure, "pooled", train)
+                            scaled(group, group, adapt=True)[1], held_out, failure, "pooled", train, group)
             return
         losses = run.train_loss
         finite = losses[np.isfinite(losses)]
@@ -814,13 +849,13 @@ def run_repeat(
             "at the site"))
         for j in range(n_sites):
             if spec.global_model:
-                evaluate_on(key_of(spec, None, j), run.params, tests, j, failure, "site", [train[j]])
+                evaluate_on(key_of(spec, None, j), run.params, tests, j, failure, "site", [train[j]], group)
             if site_names[j] in run.personal:
                 personal = run.personal[site_names[j]]
                 evaluate_on(key_of(spec, None, j, model_kind="personal"), personal, tests, j,
                             failure or (None if _all_finite(personal) else Failure(
                                 "diverged", "diverged: the personal model's parameters hold NaN/Inf")),
-                            "site", [train[j]])
+                            "site", [train[j]], group)
 
     def centralized(method: str, train_site: str | None, data: LocalData, rng: KeyedRng) -> CentralFit:
         fit = plan.centralized(data, initial, rng)
@@ -854,7 +889,7 @@ def run_repeat(
                 failure = centralized_failure(fit)
                 own_rows, tests = scaled((i,))
                 for j in targets:
-                    evaluate_on(key_of(spec, s.name, j), fit.params, tests, j, failure, "model", own_rows)
+                    evaluate_on(key_of(spec, s.name, j), fit.params, tests, j, failure, "model", own_rows, (i,))
                 keep(f"Single-{s.name}", spec, fit.params, (i,), _reason(failure))
         elif spec.name == "mix":
             for held_out in [None, *(range(n_sites) if config.loso else [])]:
@@ -869,15 +904,16 @@ def run_repeat(
                     keep(spec.display, spec, fit.params, group, _reason(failure))
                 for j in range(n_sites) if held_out is None else [held_out]:
                     evaluation = "split" if held_out is None else "loso"
-                    evaluate_on(key_of(spec, None, j, evaluation), fit.params, tests, j, failure, "model", [pooled])
+                    evaluate_on(key_of(spec, None, j, evaluation), fit.params, tests, j, failure, "model", [pooled], group)
                 if held_out is not None and harmonizer is not None:
                     evaluate_on(key_of(spec, None, held_out, "loso+adapt"), fit.params,
-                                scaled(group, reference, adapt=True)[1], held_out, failure, "model", [pooled])
+                                scaled(group, reference, adapt=True)[1], held_out, failure, "model", [pooled], group)
         else:
             loso = config.loso and spec.global_model  # an unseen site has no private part to use
             for held_out in [None, *(range(n_sites) if loso else [])]:
                 train_one_federated(spec, opts, held_out)
         out.setting_time[spec.display] = time.perf_counter() - tic
+    out.target_scales = scaled.target_record()
     return out
 
 
@@ -960,8 +996,7 @@ def check_secure_study(config: ExperimentConfig) -> None:
 
 def check_task_study(config: ExperimentConfig, federation: Federation, methods: list[tuple[Method, dict]]) -> None:
     """Refuse, in one line before training, what assumes two classes on another task: a method
-    that declares the tasks it trains (FedSLD's two-class label counts), a decision threshold rule,
-    saved models (their files and ``medfed predict`` score one positive class so far)."""
+    that declares the tasks it trains (FedSLD's two-class label counts), a decision threshold rule."""
     from medfed.models.registry import task_model
 
     task = federation.task
@@ -975,8 +1010,6 @@ def check_task_study(config: ExperimentConfig, federation: Federation, methods: 
     if config.evaluation.threshold != "0.5":
         raise ConfigError(f"--threshold {config.evaluation.threshold} chooses a binary decision threshold; a {task} "
                           "task has none: leave --threshold out")
-    if config.save_model:
-        raise ConfigError(f"--save-model writes binary models so far; a {task} task cannot be saved yet")
 
 
 CROSS_SITE_LIMIT = 200  # beyond it, Cross's K (K - 1) evaluations take gigabytes
@@ -1195,4 +1228,5 @@ def assemble_run(config: ExperimentConfig, federation, methods, outcomes: list[R
         models=models,
         privacy=[entry for o in outcomes for entry in o.privacy],
         harmonization=[o.harmonization for o in outcomes if o.harmonization is not None],
+        target_scales=[o.target_scales for o in outcomes],
     )

@@ -188,6 +188,24 @@ def results_document(run: ExperimentRun, command: str | None = None) -> dict[str
         "privacy": privacy_document(run),
         # with [harmonize]: what was fitted and the site effect before and after it
         "harmonization": harmonization_document(config, fed, run.harmonization),
+        "target_scale": target_scale_document(run, task),
+    }
+
+
+def target_scale_document(run: ExperimentRun, task: str) -> dict[str, Any] | None:
+    """A regression run's target standardization (``[data] standardize_target``): whether it was
+    on and, per repeat, each training group's scale (``train_sites``, rows ``n``, ``mean``,
+    ``std``: Single's one site, Mix's and the federated settings' all sites, LOSO's all but one).
+    Every metric and prediction is on the target's own scale. None for other tasks."""
+    if task != "regression":
+        return None
+    on = run.config.data.standardize_target
+    return {
+        "standardized": on,
+        "note": ("each model trains on (y - mean) / std of its training sites' training rows (pooled from their "
+                 "n, sum y, sum y^2); predictions are mapped back before every metric") if on else
+                "targets trained as they are ([data] standardize_target = false)",
+        "repeats": run.target_scales if on else [],
     }
 
 

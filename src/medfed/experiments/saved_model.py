@@ -19,6 +19,11 @@ Format ``medfed-model`` version 1: an npz archive (numpy's zip of ``.npy`` array
   training rows (with ``impute``); ``site/<i>/mean``, ``site/<i>/scale``: site *i*'s own
   standardization (``scaling = "site"``); *i* indexes ``sites`` in the metadata.
 
+A file of a multiclass, multilabel, regression or segmentation model carries ``task``,
+``classes`` (class or label names, in output order) and, for regression, ``target_scale``
+(``mean``, ``std``: the standardization its targets were trained in, which scoring undoes) in
+its metadata; a file without ``task`` (written before tasks existed) is a binary model.
+
 About the data it holds what a setup exchange may share: per-column summaries of training
 rows and level names, never a row. Every zip entry carries a fixed time stamp, so the same
 config and seed write the same bytes.
@@ -39,6 +44,7 @@ import numpy as np
 
 from medfed.data.categorical import CategoricalColumn, keep_training_levels
 from medfed.data.preprocess import Imputer, Standardizer
+from medfed.data.tasks import TASKS, TargetScale
 from medfed.errors import ConfigError, DataError
 from medfed.experiments.metrics import DEFAULT_THRESHOLD, HALF, Threshold
 
@@ -86,12 +92,21 @@ class SavedModel:
     def is_image(self) -> bool:
         return len(self.meta["sample_shape"]) > 1
 
+    @property
+    def task(self) -> str:
+        return self.meta.get("task", "binary")
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The names of a multiclass model's classes or a multilabel model's labels, in output order."""
+        return tuple(self.meta.get("classes") or ())
+
     def check_scorable(self, site: str | None, source: str) -> None:
         """Refuse, before any data is read, what :meth:`score` cannot do: an image model, an
         unknown ``site``, or per-site standardization without ``site``. ``source`` names the file."""
         if self.is_image:
             raise ConfigError(
-                f"{source} holds an image model ({self.meta['model']['name']}, samples of shape "
+                f"{source} holds an image model ({self.meta['model']['name']}, {self.task} task, samples of shape "
                 f"{tuple(self.meta['sample_shape'])}); medfed predict scores feature tables only"
             )
         if site is not None and site not in self.sites:
@@ -101,7 +116,8 @@ class SavedModel:
                 f"{source} standardizes each site's rows with that site's own statistics (--scaling site): "
                 f"pass --site NAME, one of {', '.join(self.sites)}"
             )
-        self.threshold(site, source)
+        if self.task == "binary":
+            self.threshold(site, source)
 
     def threshold(self, site: str | None, source: str = "the model") -> Threshold:
         """The decision threshold ``predicted`` applies: the run's rule as it chose it for this
@@ -127,9 +143,11 @@ class SavedModel:
 
     def score(self, rows: ScoringRows, site: str | None = None, source: str = "the model",
               data: str = "the rows") -> Scored:
-        """Each row's probability of the positive class, preprocessed as the run preprocessed
-        the test rows of ``site`` (prepare_repeat, then the model's standardization). ``source``
-        and ``data`` name the model file and the table in messages."""
+        """Each row's probability of the positive class (binary), of each class (multiclass) or
+        label (multilabel), or its predicted value on the target's own scale (regression),
+        preprocessed as the run preprocessed the test rows of ``site`` (prepare_repeat, then the
+        model's standardization), and computed as the run scored them. ``source`` and ``data``
+        name the model file and the table in messages."""
         self.check_scorable(site, source)
         columns = self.categorical
         known = {c["column"]: np.isin(c["levels"], c["trained"]) for c in self.meta["categorical"]}
@@ -151,16 +169,26 @@ class SavedModel:
         elif self.meta["scaling"] == "global":
             X = Standardizer(self.arrays["scaler/mean"], self.arrays["scaler/scale"])(X)
         model = self.model()
-        scores = model.predict_proba(self.params, X)
-        predicted = self.threshold(site, source).predict(scores, model.decision(self.params, X))
+        if self.task == "binary":
+            scores = model.predict_proba(self.params, X)
+            predicted = self.threshold(site, source).predict(scores, model.decision(self.params, X))
+        else:  # as harness.run_repeat scores a test site (metrics.task_scores), mapped back for regression
+            scores = model.predict(self.params, X)
+            predicted = None
+            if self.task == "multiclass":
+                predicted = np.argmax(scores, axis=1)  # the metrics' rule: the first class on ties
+            elif self.task == "regression":
+                t = self.meta["target_scale"]
+                scores = TargetScale(float(t["mean"]), float(t["std"])).inverse(scores)
         return Scored(np.asarray(scores, dtype=np.float64), unseen, int(missing.sum()), predicted)
 
     def model(self):
-        """The model object (numpy logistic, or a torch model: torch is imported here)."""
+        """The model object (numpy GLM, or a torch model: torch is imported here) for the file's task."""
         from medfed.models.registry import make_model
 
         spec = self.meta["model"]
-        return make_model(spec["name"], tuple(self.meta["sample_shape"]), **spec["options"])
+        return make_model(spec["name"], tuple(self.meta["sample_shape"]), task=self.task,
+                          n_classes=len(self.classes) or None, **spec["options"])
 
 
 @dataclass(frozen=True)
@@ -168,10 +196,12 @@ class Scored:
     """What scoring rows gave: the scores, the categorical levels no training site held (column
     -> level -> rows, encoded as all-zero indicators) and how many missing values were filled."""
 
-    scores: np.ndarray
+    scores: np.ndarray  # (n,): binary, regression; (n, K): multiclass, multilabel
     unseen_levels: dict[str, dict[str, int]]
     imputed: int
-    predicted: np.ndarray  # True where the row is predicted positive (SavedModel.threshold)
+    # binary: True where the row is predicted positive (SavedModel.threshold); multiclass: the
+    # predicted class index; None for multilabel and regression (their scores are the prediction)
+    predicted: np.ndarray | None
 
 
 def _site_key(i: int, what: str) -> str:
@@ -191,6 +221,7 @@ def saved_model_file(
     settings: Sequence[str],
     personal: bool = False,
     thresholds: Mapping[str, Threshold] | None = None,
+    target: TargetScale | None = None,
 ) -> SavedModel:
     """The file of one trained model of repeat 1.
 
@@ -205,12 +236,15 @@ def saved_model_file(
     ``impute``, ``scaling``, ``sites``; ``parameters`` (names, in order); ``threshold``: the
     run's rule and the decision threshold it chose for this model on the logit scale, by
     training site (a federated model: each site's own rows) or as ``"model"`` (the rows a
-    centralized model was trained on), from ``thresholds`` (default: 0.5).
+    centralized model was trained on), from ``thresholds`` (default: 0.5), None for other tasks;
+    ``task`` and ``classes``; ``target_scale`` (regression): ``target``'s mean and std.
     """
     from medfed import __version__
 
     info = federation.info
     table = "label_column" in info and not federation.is_image  # embedded data sets have no label column
+    task = getattr(federation, "task", "binary")  # a deployed study's setup: binary so far
+    binary = task == "binary"
     repeats = config.repeats
     meta = {
         "format": FORMAT,
@@ -236,15 +270,19 @@ def saved_model_file(
         ],
         "label": {
             "column": info.get("label_column") if table else None,
-            "positive_label": federation.positive_label if table else "1",
-            "positive_class": federation.positive_label,
+            "positive_label": (federation.positive_label if table else "1") if binary else None,
+            "positive_class": federation.positive_label if binary else None,
         },
         "impute": None if federation.is_image else federation.impute,
         "scaling": config.scaling,
         "sites": [s.name for s in sites],
         "parameters": list(params),
-        "threshold": _threshold_meta(thresholds or {MODEL_ROWS: HALF}),
+        "threshold": _threshold_meta(thresholds or {MODEL_ROWS: HALF}) if binary else None,
+        "task": task,
+        "classes": list(getattr(federation, "classes", ())),
     }
+    if task == "regression":
+        meta["target_scale"] = {"mean": target.mean, "std": target.std}
     if personal:
         meta["personal_models"] = "each site's personal model stays at the site; this file is the global model"
     arrays: dict[str, np.ndarray] = {}
@@ -317,6 +355,14 @@ def _check_consistent(model: SavedModel, path: Path) -> None:
             raise _corrupt(path, f"metadata field {key!r} is missing or not a {kind.__name__}")
     if meta["scaling"] not in ("global", "site", "none") or meta.get("impute") not in (None, "mean", "median"):
         raise _corrupt(path, f"scaling {meta['scaling']!r} or impute {meta.get('impute')!r} is not medfed's")
+    task, classes = meta.get("task", "binary"), meta.get("classes", [])
+    if task not in TASKS or not isinstance(classes, list) or (task in ("multiclass", "multilabel") and not classes):
+        raise _corrupt(path, f"task {task!r} with classes {classes!r} is not medfed's")
+    if task == "regression":
+        t = meta.get("target_scale")
+        if not (isinstance(t, dict) and all(isinstance(t.get(k), (int, float)) and np.isfinite(t[k])
+                                            for k in ("mean", "std"))):
+            raise _corrupt(path, "a regression model without a finite target_scale (mean, std)")
     needed = ["scaler/mean", "scaler/scale"] if meta["scaling"] == "global" else []
     for i in range(len(meta["sites"])):
         needed += [_site_key(i, "impute")] * (meta.get("impute") is not None)
@@ -390,15 +436,36 @@ def model_lines(doc: dict[str, Any]) -> list[str]:
 
 # --------------------------------------------------------------------------- predictions
 
-def predictions_csv(scored: Scored, ids: Sequence[str] | None = None, id_column: str | None = None) -> bytes:
-    """``row`` (the data row, 1-based as in medfed's messages), the id column when given,
-    ``score`` (probability of the positive class, every digit: it reads back as the same float)
-    and ``predicted`` (1 where the model's decision threshold calls the row positive)."""
+def prediction_columns(task: str, classes: Sequence[str]) -> list[str]:
+    """The columns :func:`predictions_csv` writes after ``row`` and the id column."""
+    if task == "binary":
+        return ["score", "predicted"]
+    if task == "regression":
+        return ["predicted"]
+    return [f"score:{c}" for c in classes] + (["predicted"] if task == "multiclass" else [])
+
+
+def predictions_csv(scored: Scored, model: SavedModel, ids: Sequence[str] | None = None,
+                    id_column: str | None = None) -> bytes:
+    """``row`` (the data row, 1-based as in medfed's messages), the id column when given, then
+    (:func:`prediction_columns`, every number with every digit: it reads back as the same float)
+    binary: ``score`` (probability of the positive class) and ``predicted`` (1 where the model's
+    decision threshold calls the row positive); multiclass: ``score:<class>`` per class and
+    ``predicted`` (the most probable class's name); multilabel: ``score:<label>`` per label;
+    regression: ``predicted`` (the value, on the target's own scale)."""
     import csv
 
+    task, classes = model.task, model.classes
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["row", *([id_column] if ids is not None else []), "score", "predicted"])
-    for i, (score, positive) in enumerate(zip(scored.scores.tolist(), scored.predicted.tolist())):
-        writer.writerow([i + 1, *([ids[i]] if ids is not None else []), repr(score), int(positive)])
+    writer.writerow(["row", *([id_column] if ids is not None else []), *prediction_columns(task, classes)])
+    scores = scored.scores.reshape(len(scored.scores), -1).tolist()
+    predicted = [] if scored.predicted is None else scored.predicted.tolist()
+    for i, row in enumerate(scores):
+        values = [repr(v) for v in row]
+        if task == "binary":
+            values.append(int(predicted[i]))
+        elif task == "multiclass":
+            values.append(classes[predicted[i]])
+        writer.writerow([i + 1, *([ids[i]] if ids is not None else []), *values])
     return buf.getvalue().encode()
