@@ -11,6 +11,7 @@ from medfed.data.datasets import load_dataset
 from medfed.deploy.coordinator import drive
 from medfed.deploy.loopback import LoopbackLink
 from medfed.errors import ConfigError
+from medfed.experiments.saved_model import load_saved_model
 
 SITES = ("Cleveland", "Hungary", "Switzerland")
 
@@ -123,15 +124,25 @@ def test_sites_whose_labels_read_as_different_tasks_stop_the_study_in_one_line(t
     assert doc["classes"] == ["0", "1", "a-young", "b-older", "c-disease"]
 
 
-def test_a_deployed_regression_study_equals_its_simulation(tmp_path):
-    _tables(tmp_path, lambda site, df, target: df["age"].to_numpy() / 10 + 0.25 * target)
+@pytest.mark.parametrize("standardize", [True, False])
+def test_a_deployed_regression_study_equals_its_simulation(tmp_path, standardize):
+    # a target in years (about 30-80): standardized, it trains on the pooled scale of every site's targets
+    _tables(tmp_path, lambda site, df, target: df["age"].to_numpy() + 10.0 * target)
     study = tmp_path / "study.toml"
-    study.write_text(_study('label_column = "label"\ntask = "regression"\nexclude = ["age"]'))
+    study.write_text(_study('label_column = "label"\ntask = "regression"\nexclude = ["age"]\n'
+                            f'standardize_target = {str(standardize).lower()}'))
     deployed = drive(LoopbackLink(_nodes(tmp_path, tmp_path)), study, tmp_path / "out", log=lambda m: None)
     simulated = _simulate(study, "--data", tmp_path / "all.csv", tmp_path / "sim")
     _same_numbers(deployed, simulated)
+    assert deployed["target_scale"] == simulated["target_scale"]
+    assert deployed["target_scale"]["standardized"] is standardize
     assert {"mae", "rmse", "r2", "pearson_r"} <= set(deployed["metrics"])
     assert all(r["metrics"]["mae"]["mean"] is not None for r in deployed["results"])
+    # the deployed run keeps its global model, with the scale its predictions are mapped back by
+    saved = load_saved_model(tmp_path / "out" / "models" / "FedAvg.npz")
+    assert saved.meta["task"] == "regression"
+    scale = deployed["target_scale"]["repeats"][0][0] if standardize else {"mean": 0.0, "std": 1.0}
+    assert saved.meta["target_scale"] == {"mean": scale["mean"], "std": scale["std"]}
 
 
 # --------------------------------------------------------------------------- image manifests with masks

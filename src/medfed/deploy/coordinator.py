@@ -37,7 +37,7 @@ from medfed.atomic import write_bytes_atomically
 from medfed.comm.compress import make_codec
 from medfed.comm.wire import WireError, decode, encode
 from medfed.data.preprocess import Imputer, Moments, Standardizer
-from medfed.data.tasks import merged_classes, n_outputs
+from medfed.data.tasks import UNSCALED, TargetScale, merged_classes, n_outputs
 from medfed.deploy.study import load_study, site_min_sites, study_payload
 from medfed.engine.checkpoint import CheckpointStore
 from medfed.engine.driver import Driver
@@ -302,6 +302,10 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
     pooled = Standardizer.from_moments(moments) if config.scaling == "global" else Standardizer.identity(shape[0])
     scale = {"mean": pooled.mean, "scale": pooled.scale} if config.scaling == "global" else None
     task, classes = str(first.get("task", "binary")), tuple(first.get("classes", ()))
+    # a regression target trains standardized by the pooled moments of every site's training targets
+    target = (TargetScale.of([Moments(int(j["target_moments"]["n"]), np.asarray(j["target_moments"]["total"]),
+                                      np.asarray(j["target_moments"]["total_sq"])) for j in joined.values()])
+              if task == "regression" and config.data.standardize_target else UNSCALED)
     plan = TrainingPlan.for_shape(config, shape, task, n_outputs(task, classes))
     initial = plan.initial(shape, 0)
     counts = {site: np.asarray(j["train_label_counts"], dtype=np.float64) for site, j in joined.items()}
@@ -342,6 +346,7 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
         run = {"name": run_name, "method": spec.name, "options": dict(opts), "sites": sites,
                "label_counts": {s: c for s, c in counts.items()}, "sample_shape": list(shape), "scale": scale,
                "task": task, "classes": list(classes),
+               "target_scale": None if target is UNSCALED else {"mean": target.mean, "std": target.std},
                "seed": config.seed, "key": list(key)}
         executor = RemoteExecutor(link, sites, run, config.deploy.round_timeout_s)
         store = CheckpointStore(checkpoints / run_name, f"{study_fingerprint(config)}/{run_name}/{','.join(sites)}")
@@ -362,25 +367,27 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
         scored = _evaluations(spec, sites, answers, failure, config.evaluation.threshold)
         evaluations += scored
         histories.append(federated_history(spec, 0, result, config))
-        if failure is None and spec.global_model and harmonization is None and task == "binary":
+        if failure is None and spec.global_model and harmonization is None:
             models[spec.display] = ModelOutcome(spec.display, saved_model_file(
                 config, fed, shared, pooled, result.params, setting=spec.display, method=spec.name,
                 train_sites=sites, settings=[spec.display], personal=spec.personal,
-                thresholds={e.key[3]: e.threshold for e in scored if e.key[5] == "global" and e.threshold}))
+                thresholds={e.key[3]: e.threshold for e in scored if e.key[5] == "global" and e.threshold}
+                if task == "binary" else None, target=target))
         else:
             if failure is not None:
                 why = failure.reason
             elif harmonization is not None:
                 why = f"not saved: a saved model does not carry the [harmonize] {config.harmonize.method} fit yet"
-            elif task != "binary":  # as `medfed run --save-model` refuses
-                why = f"not saved: saved models score one positive class so far; this study is {task}"
             else:
                 why = (f"no global model: {spec.display} shares only part of the model; each site's personal model "
                        "stays at the site")
             models[spec.display] = ModelOutcome(spec.display, None, why)
         setting_time[spec.display] = time.perf_counter() - t0
     outcome = RepeatOutcome(evaluations, histories, [], setting_time, models=models, privacy=privacy,
-                            harmonization=None if harmonization is None else deployed_report(harmonization))
+                            harmonization=None if harmonization is None else deployed_report(harmonization),
+                            target_scales=[] if target is UNSCALED else [
+                                {"train_sites": sites, "n": sum(int(joined[s]["target_moments"]["n"]) for s in sites),
+                                 "mean": target.mean, "std": target.std}])
     # the deployed run always keeps its final global models (models/<Setting>.npz)
     experiment = assemble_run(config.model_copy(update={"save_model": True}), fed, methods, [outcome], started)
     experiment.warnings.extend(f"site {s!r} was refused: {why}" for s, why in refused.items())

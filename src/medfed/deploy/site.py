@@ -41,6 +41,7 @@ from medfed.comm.wire import decode, encode
 from medfed.data.frequency import FrequencyModel
 from medfed.data.harmonize import CombatLocation, CombatModel, SiteRows, residual_stats
 from medfed.data.preprocess import Moments, Standardizer
+from medfed.data.tasks import UNSCALED, TargetScale
 from medfed.engine.executors.remote import plan_of
 from medfed.engine.protocol import SiteProgram
 from medfed.engine.runtime import SiteRuntime
@@ -162,6 +163,10 @@ def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
         "train_label_counts": tuple(float(c) for c in label_counts(
             split.y_train, fed.n_classes if fed.task == "multiclass" else 2)),
         "moments": {"n": int(m.n), "total": m.total, "total_sq": m.total_sq},
+        # a regression target's n, sum y, sum y^2 (the coordinator pools them into the target scale)
+        "target_moments": None if split.target_moments is None else {
+            "n": int(split.target_moments.n), "total": split.target_moments.total,
+            "total_sq": split.target_moments.total_sq},
         "features": list(fed.feature_names),
         "sample_shape": list(fed.sample_shape),
         "positive_label": fed.positive_label,
@@ -329,11 +334,18 @@ def _build(site: SiteIdentity, run: Mapping[str, Any]) -> tuple:
     algorithm, secure = plan.private(spec, algorithm, sizes, KeyedRng(0), min_sites=site_min_sites(config),
                                      site=True)
     scale = _standardizer(run["scale"], X_train.shape[1])
-    data = LocalData(site.name, scale(X_train), y_train)
+    data = LocalData(site.name, scale(X_train), target_scale(run).forward(y_train) if task == "regression" else y_train)
     local = plan.sample_private(spec, algorithm, sizes)  # DP-SGD (--dp sample) at the study's noise, or plain
     codec = None if secure is not None else make_codec(config.compress)  # secure: quantized in the ring
     program = SiteProgram(algorithm, local, codec, None if secure is None else secure[0])
     return config, plan, spec, program, data, scale(X_test), y_test
+
+
+def target_scale(run: Mapping[str, Any]) -> TargetScale:
+    """The federation's regression target scale (the coordinator's, from every site's target
+    moments), or :data:`UNSCALED` (``[data] standardize_target = false``, or not regression)."""
+    scale = run.get("target_scale")
+    return UNSCALED if scale is None else TargetScale(float(scale["mean"]), float(scale["std"]))
 
 
 def _standardizer(scale: Mapping[str, Any] | None, n_features: int) -> Standardizer:
@@ -374,6 +386,8 @@ def _evaluate(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
             predicted = task_scores(model, params, prepared.X_test)
             if predicted is None:
                 return "diverged: the model's scores on the test rows are NaN/Inf"
+            if task == "regression":  # back on the target's own scale, where every metric is computed
+                predicted = target_scale(request["run"]).inverse(predicted)
             return {"metrics": {k: [m.value, m.reason] for k, m in
                                 task_metrics(task, prepared.y_test, predicted, classes).items()},
                     "threshold": None}

@@ -243,7 +243,7 @@ def saved_model_file(
 
     info = federation.info
     table = "label_column" in info and not federation.is_image  # embedded data sets have no label column
-    task = getattr(federation, "task", "binary")  # a deployed study's setup: binary so far
+    task = getattr(federation, "task", "binary")
     binary = task == "binary"
     repeats = config.repeats
     meta = {
