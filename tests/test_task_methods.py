@@ -247,11 +247,41 @@ def test_robustness_audit_on_a_multiclass_table_reports_its_metrics(tmp_path, at
     assert "macro_auc_mean" in (out / "robustness.csv").read_text().splitlines()[0]
 
 
-def test_robustness_audit_refuses_regression_in_one_line(tmp_path):
+def test_robustness_audit_on_a_regression_table_reports_errors_whose_drop_is_positive_when_they_grow(tmp_path):
+    out = tmp_path / "audit"
     result = runner.invoke(app, ["audit", "robustness", *_data(tmp_path, "age"), "--attack", "label_flip",
-                                 "--defenses", "fedavg", "--rounds", "2", "--out", str(tmp_path / "audit")])
-    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
-    assert "the robustness audit runs binary, multiclass, multilabel tasks so far; these data are regression" in result.output
+                                 "--defenses", "fedavg", "--rounds", "10", "--repeats", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "robustness.json").read_text())
+    assert doc["task"] == "regression" and doc["screen"] == ["mae", "r2"]
+    assert doc["metrics"] == ["mae", "rmse", "r2", "pearson_r"]
+    fedavg = doc["defenses"][0]
+    pooled = [(r["clean"]["pooled"], r["attacked"]["pooled"]) for r in fedavg["per_repeat"]]
+    # one of three sites reflects its targets about its mean: the federation's errors grow
+    assert all(a["mae"] > c["mae"] and a["r2"] < c["r2"] for c, a in pooled)
+    # errors: drop = attacked - clean (positive: hurt), as for R2's clean - attacked
+    assert fedavg["drop"]["mae"]["mean"] == pytest.approx(np.mean([a["mae"] - c["mae"] for c, a in pooled]))
+    assert fedavg["drop"]["mae"]["mean"] > 0 and fedavg["drop"]["r2"]["mean"] > 0
+    # errors are in the target's own units (years about 60 +- 5): standardized training, mapped back
+    assert 0.5 < pooled[0][0]["mae"] < 10
+    assert "attacked − clean for errors" in (out / "robustness.md").read_text()
+
+
+def test_robustness_audit_of_a_unet_segmentation_federation(tmp_path):
+    from medfed.experiments.audit import Attack, run_robustness_audit
+    from medfed.experiments.config import ExperimentConfig
+
+    config = ExperimentConfig(data={"dataset": "mni-phantom", "options": {
+        "task": "segmentation", "n_sites": 3, "n_per_site": 12, "size": 16, "lesion_mm": 20}}, methods=["fedavg"],
+        repeats=1, model="unet2d", model_options={"channels": [4, 8], "norm": "group"},
+        training={"rounds": 8, "local_steps": 10})
+    doc = run_robustness_audit(config, Attack("label_flip", corrupt=1))
+    assert doc["task"] == "segmentation" and doc["screen"] == ["dice", "hd95"]
+    repeat = doc["defenses"][0]["per_repeat"][0]
+    clean, attacked = repeat["clean"]["pooled"], repeat["attacked"]["pooled"]
+    assert clean != attacked and 0.0 <= attacked["dice"] <= 1.0
+    with pytest.raises(ConfigError, match="noisy_labels"):
+        run_robustness_audit(config, Attack("noisy_labels", corrupt=1))
 
 
 def test_robustness_audit_on_a_multilabel_table_flips_every_bit(tmp_path):

@@ -8,13 +8,19 @@ once with the F sites running the attack (``attacked``, see :mod:`medfed.client.
 Both final global models are evaluated on the test rows of the sites that are clean in that
 repeat, pooled into one test set (one model, one threshold, and enough rows for a stable AUC
 when sites are small); per-site values are kept in each repeat's record. The ``drop`` is the
-paired per-repeat difference ``clean - attacked`` (positive: the attack hurt).
+paired per-repeat difference by which the attack made a metric worse, positive when it hurt:
+``clean - attacked``, and ``attacked - clean`` for the errors that fall as a model gets better
+(MAE, RMSE, HD95: :func:`medfed.experiments.metrics.lower_is_better`).
 
-Tasks: binary, multiclass and multilabel federations (``AUDIT_TASKS``). Data attacks follow the
-task (:func:`medfed.client.adversary.flip_labels`: a class permutation, every bit of a multilabel
-row); each defense is scored with the task's own metrics (:mod:`medfed.experiments.metrics`):
-binary at a decision threshold chosen on each clean site's training rows, multiclass at the most
-probable class, multilabel per label at 0.5. Keys of ``robustness.json`` that say which:
+Tasks: every task. Data attacks follow the task
+(:func:`medfed.client.adversary.flip_labels`: a class permutation, every bit of a multilabel
+row, a mask's classes shifted, a regression target reflected about its site's mean); each
+defense is scored with the task's own metrics (:mod:`medfed.experiments.metrics`): binary at a
+decision threshold chosen on each clean site's training rows, multiclass at the most probable
+class, multilabel per label at 0.5, segmentation per test image (pooled: the mean over the
+clean sites' images), regression on the target's own scale (trained standardized by the
+pooled moments of every site's honest training targets, as ``medfed run`` does; a reflection
+about a site's mean keeps that site's moments, so a corrupted site would share the same). Keys of ``robustness.json`` that say which:
 ``task``, ``task_source``, ``classes``; ``metrics`` (every key a defense's ``clean``, ``attacked``
 and ``drop`` and each repeat's ``pooled``/``sites`` values hold: the task's set, then per class
 or label, e.g. ``sen:<class>``, ``auc:<label>``); ``headline`` (the task's set, the Markdown's
@@ -50,6 +56,7 @@ from medfed.client.adversary import (
     corrupt_rule,
 )
 from medfed.data.federation import Federation
+from medfed.data.tasks import TargetScale
 from medfed.errors import ConfigError
 from medfed.experiments.config import ExperimentConfig
 from medfed.experiments.harness import (
@@ -68,6 +75,7 @@ from medfed.experiments.metrics import (
     metric_keys,
     metric_label,
     metric_set,
+    lower_is_better,
     model_threshold,
     predicted_metrics,
     task_metrics,
@@ -88,12 +96,9 @@ CONDITIONS = ("clean", "attacked")
 CHOICE_STREAM = name_key("audit-corrupted-sites")
 LABEL_STREAM = name_key("audit-poisoned-labels")
 EVALUATION = "pooled test rows of the sites that are clean in the repeat"
-# the tasks the audit scores; regression and segmentation are left out so far: their attacks
-# are defined (medfed.client.adversary) but their error metrics fall when a model gets better,
-# which the drop (clean - attacked, positive: hurt) does not say yet
-AUDIT_TASKS = ("binary", "multiclass", "multilabel")
 # the two headline metrics per task the terminal table shows; the files carry every metric
-SCREEN_METRICS = {"binary": ("acc", "auc"), "multiclass": ("acc", "macro_auc"), "multilabel": ("macro_auc", "subset_acc")}
+SCREEN_METRICS = {"binary": ("acc", "auc"), "multiclass": ("acc", "macro_auc"), "multilabel": ("macro_auc", "subset_acc"),
+                  "regression": ("mae", "r2"), "segmentation": ("dice", "hd95")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,11 +222,14 @@ def _evaluate(model, params, y_tests, tests, train, clean: list[int], names: lis
 
 
 def _evaluate_task(task: str, classes: tuple[str, ...], model, params, y_tests, tests, clean: list[int],
-                   names: list[str]):
-    """:func:`_evaluate` for a multiclass or multilabel task: its metrics (:func:`task_metrics`;
-    a row predicted its most probable class, a label at probability 0.5) pooled over the clean
-    sites' test rows and per clean site; there is no threshold to choose (``None`` per site)."""
+                   names: list[str], target: TargetScale):
+    """:func:`_evaluate` for the other tasks: their metrics (:func:`task_metrics`; a row predicted
+    its most probable class, a label at probability 0.5, a regression value mapped back by
+    ``target``) pooled over the clean sites' test rows and per clean site; there is no threshold
+    to choose (``None`` per site)."""
     scores = {j: task_scores(model, params, tests[j]) for j in clean}
+    if task == "regression":
+        scores = {j: None if v is None else target.inverse(v) for j, v in scores.items()}
     if any(v is None for v in scores.values()):  # a diverged model: no number to report
         missing = {m: Metric(None, "the model's predictions are not finite") for m in metric_keys(task, classes)}
         return dict(missing), {names[j]: dict(missing) for j in clean}, {names[j]: None for j in clean}
@@ -241,8 +249,10 @@ def _audit_repeat(config, attack: Attack, federation, methods, repeat: int, prog
     names = list(federation.site_names)
     sites = prepare_repeat(federation, config, repeat)
     # [harmonize] as medfed run applies it: the federation's fit, every site adjusted
-    train, tests = ScaledViews(sites, config.scaling, repeat_harmonizer(config, federation, sites))(
-        tuple(range(len(sites))))
+    everyone = tuple(range(len(sites)))
+    views = ScaledViews(sites, config.scaling, repeat_harmonizer(config, federation, sites),
+                        standardize_target=federation.task == "regression" and config.data.standardize_target)
+    train, tests = views(everyone)
     corrupted = choose_corrupted(names, attack.corrupt, config.seed, repeat)
     clean = [j for j, s in enumerate(names) if s not in corrupted]
     poisoned = list(train)
@@ -287,7 +297,8 @@ def _audit_repeat(config, attack: Attack, federation, methods, repeat: int, prog
                                                          config.evaluation.threshold)
             else:
                 pooled, per_site, thresholds = _evaluate_task(federation.task, federation.classes, plan.model,
-                                                              run.params, y_tests, tests, clean, names)
+                                                              run.params, y_tests, tests, clean, names,
+                                                              views.target_scale(everyone))
             record[condition] = {
                 "computable": True,
                 "reason": None,
@@ -312,13 +323,15 @@ def _condition_metrics(records: list[dict], condition: str, keys: tuple[str, ...
     return out
 
 
-def _drop(clean: list[Metric], attacked: list[Metric]) -> list[Metric]:
+def _drop(clean: list[Metric], attacked: list[Metric], key: str) -> list[Metric]:
+    """Per repeat, how much worse the attack made metric ``key`` (positive: it hurt)."""
+    sign = -1.0 if lower_is_better(key) else 1.0
     out = []
     for a, b in zip(clean, attacked):
         if a.value is None or b.value is None:
             out.append(Metric(None, a.reason or b.reason))
         else:
-            out.append(Metric(a.value - b.value))
+            out.append(Metric(sign * (a.value - b.value)))
     return out
 
 
@@ -372,7 +385,7 @@ def _defense_row(spec: Method, opts: dict, records: list[dict], notes: list[str]
         "diverged": {c: all(r[c].get("diverged", False) for r in records) for c in CONDITIONS},
         "clean": {m: summarize(metrics["clean"][m]) for m in keys},
         "attacked": {m: summarize(metrics["attacked"][m]) for m in keys},
-        "drop": {m: summarize(_drop(metrics["clean"][m], metrics["attacked"][m])) for m in keys},
+        "drop": {m: summarize(_drop(metrics["clean"][m], metrics["attacked"][m], m)) for m in keys},
         "notes": notes,
         "per_repeat": [repeat_view(r) for r in records],
     }
@@ -407,9 +420,6 @@ def run_robustness_audit(
     )
     # bad hyperparameters fail here, before any training; a defense whose site-count assumption
     # fails is not refused but noted and recorded as not computable (that is what the audit shows)
-    if federation.task not in AUDIT_TASKS:
-        raise ConfigError(f"the robustness audit runs {', '.join(AUDIT_TASKS)} tasks so far; these data are "
-                          f"{federation.task} ({federation.task_source})")
     check_attack_task(attack.kind, federation.task)
     check_study(config, federation, methods, site_requirements=False)
     assumptions = [_assumption_notes(spec, opts, len(names), attack.corrupt) for spec, opts in methods]
@@ -506,7 +516,8 @@ def _heading(doc: dict[str, Any]) -> list[str]:
     protocol = (
         f"Evaluated on the {doc['evaluation']}. Split: {doc['split']}, {doc['repeats']} repeat(s), "
         f"seed {doc['seed']}; scaling: {doc['scaling']}. Mean ± sample std over repeats; "
-        "drop = clean − attacked, paired by repeat."
+        "drop = clean − attacked (attacked − clean for errors: MAE, RMSE, HD95), paired by repeat; "
+        "positive: the attack hurt."
     )
     return [described, f"{doc['corrupt']} of {len(doc['sites'])} sites corrupted; per repeat: {chosen}.", protocol]
 

@@ -66,6 +66,15 @@ PER_MASK_CLASS = ("dice", "iou")  # a segmentation row's per-class metrics, keye
 PER_OUTPUT = {MULTICLASS.task: PER_CLASS, MULTILABEL.task: PER_LABEL, SEGMENTATION.task: PER_MASK_CLASS}
 """Each task's metrics per class (multiclass) or per label (multilabel), beside its set."""
 
+# errors: a better model has less of them (every other metric grows as a model gets better)
+LOWER_IS_BETTER = frozenset({"mae", "rmse", "hd95"})
+
+
+def lower_is_better(key: str) -> bool:
+    """Whether metric ``key`` (or a per-class ``key:<class>``) falls as a model gets better."""
+    return key.split(":", 1)[0] in LOWER_IS_BETTER
+
+
 THRESHOLD_RULES = ("0.5", "youden", "prevalence")
 DEFAULT_THRESHOLD = "0.5"
 # the metrics a decision threshold decides (AUC ranks and does not)
