@@ -284,6 +284,21 @@ def test_robustness_audit_of_a_unet_segmentation_federation(tmp_path):
         run_robustness_audit(config, Attack("noisy_labels", corrupt=1))
 
 
+def test_robustness_audit_command_takes_a_multilabel_tables_label_columns(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(90, 3))
+    Y = (X @ rng.normal(size=(3, 2)) * 2 + rng.logistic(size=(90, 2)) > 0).astype(int)
+    pd.DataFrame({"site": np.repeat(["A", "B", "C"], 30), "a": X[:, 0], "b": X[:, 1], "c": X[:, 2],
+                  "edema": Y[:, 0], "mass": Y[:, 1]}).to_csv(tmp_path / "m.csv", index=False)
+    out = tmp_path / "audit"
+    result = runner.invoke(app, ["audit", "robustness", "--data", str(tmp_path / "m.csv"), "--site-column", "site",
+                                 "--label-columns", "edema,mass", "--task", "multilabel", "--attack", "label_flip",
+                                 "--defenses", "fedavg", "--rounds", "3", "--repeats", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "robustness.json").read_text())
+    assert doc["task"] == "multilabel" and doc["classes"] == ["edema", "mass"]
+
+
 def test_robustness_audit_on_a_multilabel_table_flips_every_bit(tmp_path):
     from medfed.experiments.audit import Attack, robustness_markdown, run_robustness_audit
     from medfed.experiments.config import ExperimentConfig
