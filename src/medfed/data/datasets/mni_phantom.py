@@ -284,6 +284,8 @@ def load_mni_phantom(
             "lesion_contrast": lesion_contrast,
             "slice_mm": slice_mm if ndim == 2 else None,
             "band_mm": band_mm if ndim == 2 else None,
+            # 3D volumes are (z, y, x), superior first: axial slices run across spatial axis 0 (the plots' overlay)
+            "axial_axis": 0 if ndim == 3 else None,
             "scanners": dict(zip([s.name for s in sites], scanners)),
         },
     )
