@@ -12,11 +12,10 @@ from typer.testing import CliRunner
 from medfed.cli.app import app
 from medfed.data.federation import Federation, Site
 from medfed.experiments.config import build_config
-from medfed.experiments.harness import run_experiment
+from medfed.experiments.harness import example_rows, load_federation, run_experiment
 from medfed.experiments.metrics import roc_auc
-from medfed.experiments.harness import example_rows, load_federation
-from medfed.experiments.plots import (axial_slice, confusion_figure, overlay_figure, per_output_roc_figure, plot_files,
-                                      scatter_figure)
+from medfed.experiments.plots import (EMPTY_DICE, axial_index, axial_slice, confusion_figure, overlay_figure, per_output_roc_figure,
+                                      plot_files, scatter_figure)
 from medfed.experiments.results import format_metric, results_document, summarize
 
 CLASSES = ("cn", "mci", "ad")
@@ -151,7 +150,7 @@ def test_overlay_shows_the_kept_test_images_with_each_images_dice(segmentation):
     assert len(titles) == SEGMENTATION_EXAMPLES
     for i, title in enumerate(titles):
         dice = segmentation_metrics(masks[i][None], probabilities[i][None], ("background", "lesion"))["dice"].value
-        assert title.endswith(f"image {i + 1}: Dice " + ("undefined (no foreground)" if dice is None else f"{dice:.3f}"))
+        assert title.endswith(f"image {i + 1}\nDice " + (EMPTY_DICE if dice is None else f"{dice:.3f}"))
     grey = next(a for a in fig.axes if a.get_title() == titles[0]).get_images()[0].get_array()
     np.testing.assert_array_equal(grey, cell.images[0][0, 0])  # the unscaled test image itself
 
@@ -162,11 +161,15 @@ def test_example_rows_put_images_with_a_foreground_first():
     np.testing.assert_array_equal(example_rows(masks, 3), [1, 3, 0])
 
 
-def test_axial_slice_is_the_middle_slice_across_the_axial_axis():
-    volume = np.arange(3 * 4 * 5).reshape(3, 4, 5)
-    np.testing.assert_array_equal(axial_slice(volume, 0), volume[1])
-    np.testing.assert_array_equal(axial_slice(volume, 2), np.rot90(volume[:, :, 2]))  # RAS: anterior up
-    np.testing.assert_array_equal(axial_slice(volume[0], 0), volume[0])  # 2D as is
+def test_a_volumes_overlay_slice_holds_most_of_its_true_mask():
+    mask = np.zeros((5, 4, 6), dtype=np.int64)
+    assert axial_index(mask, 0) == 2 and axial_index(mask[0], 0) is None  # no foreground: the middle; 2D: none
+    mask[1, 0, 0] = mask[3, 1:3, 1:3] = 1
+    assert axial_index(mask, 0) == 3 and axial_index(mask, 2) in (1, 2)
+    volume = np.arange(mask.size).reshape(mask.shape)
+    np.testing.assert_array_equal(axial_slice(volume, 0, 3), volume[3])
+    np.testing.assert_array_equal(axial_slice(volume, 2, 1), np.rot90(volume[:, :, 1]))  # RAS: anterior up
+    np.testing.assert_array_equal(axial_slice(volume[0], 0, None), volume[0])  # 2D as is
 
 
 def test_medfed_run_plots_a_segmentation_phantom(tmp_path):

@@ -327,16 +327,28 @@ def scatter_figure(run: ExperimentRun, test_site: str):
 # foreground class; a class beyond these reuses them (ColorBrewer Set1 reds/blues stand out on grey)
 TRUE_COLOUR = "#ffff33"
 PREDICTED_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00")
+EMPTY_DICE = "undefined (no foreground)"
 
 
-def axial_slice(volume: np.ndarray, axial_axis: int) -> np.ndarray:
-    """A 2D image as is; of a 3D volume (spatial axes only) the middle slice across
-    ``axial_axis``. A RAS volume (the NIfTI loader's order, axial axis 2) is turned so that
-    anterior is up and the subject's left on the left, as its 2D slices of the phantom are."""
-    if volume.ndim == 2:
+def axial_index(mask: np.ndarray, axial_axis: int) -> int | None:
+    """Which axial slice of a 3D ``mask`` an overlay shows: the one holding most of its foreground
+    (the middle slice of a volume would often miss a small lesion), the middle one without any;
+    None for a 2D mask."""
+    if mask.ndim == 2:
+        return None
+    other = tuple(a for a in range(mask.ndim) if a != axial_axis)
+    counts = (mask > 0).sum(axis=other)
+    return int(np.argmax(counts)) if counts.any() else mask.shape[axial_axis] // 2
+
+
+def axial_slice(volume: np.ndarray, axial_axis: int, index: int | None) -> np.ndarray:
+    """A 2D image as is; of a 3D volume (spatial axes only) slice ``index`` across ``axial_axis``.
+    A RAS volume (the NIfTI loader's order, axial axis 2) is turned so that anterior is up and
+    the subject's left on the left, as the phantom's slices are."""
+    if index is None:
         return volume
-    middle = np.take(volume, volume.shape[axial_axis] // 2, axis=axial_axis)
-    return np.rot90(middle) if axial_axis == 2 else middle
+    plane = np.take(volume, index, axis=axial_axis)
+    return np.rot90(plane) if axial_axis == 2 else plane
 
 
 def image_dice(mask: np.ndarray, probabilities: np.ndarray, classes: tuple[str, ...]) -> float | None:
@@ -351,8 +363,9 @@ def overlay_figure(run: ExperimentRun, test_site: str):
     """Segmentation: the first scored repeat's predictions of a few test images of ``test_site`` (the harness's
     :func:`~medfed.experiments.harness.example_rows`: images with a lesion first), a row per
     image and a column per setting: the image in grey (its own intensity range), the true mask's
-    contour and the predicted mask filled and contoured, the image's Dice in each title (3D:
-    the middle axial slice shown, Dice over the volume)."""
+    contour and the predicted mask filled and contoured, the image's Dice in each title. 3D: the
+    axial slice of :func:`axial_index` (not the middle one: a small lesion is seldom
+    there), its number in the title, the Dice over the whole volume."""
     from matplotlib.colors import ListedColormap
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -362,7 +375,7 @@ def overlay_figure(run: ExperimentRun, test_site: str):
     axial = 2 if axial is None else int(axial)  # RAS unless the data set says otherwise
     cells = [c for c in _scored_cells(run, test_site) if c.images]
     rows = max((len(c.images[0]) for c in cells), default=1)
-    fig = _figure(figsize=(2.3 * max(len(cells), 1) + 0.4, 2.3 * rows + 0.9), layout="constrained")
+    fig = _figure(figsize=(2.5 * max(len(cells), 1) + 0.4, 2.6 * rows + 0.9), layout="constrained")
     axes = fig.subplots(rows, max(len(cells), 1), squeeze=False)
     fill = ListedColormap([PREDICTED_COLOURS[(k - 1) % len(PREDICTED_COLOURS)] for k in range(1, len(classes))])
     for col, cell in enumerate(cells):
@@ -373,9 +386,10 @@ def overlay_figure(run: ExperimentRun, test_site: str):
             ax.set_axis_off()
             if row >= len(images):
                 continue
-            truth = axial_slice(masks[row], axial)
-            predicted = axial_slice(np.argmax(probabilities[row], axis=0), axial)
-            ax.imshow(axial_slice(images[row][0], axial), cmap="gray", interpolation="nearest")
+            index = axial_index(masks[row], axial)
+            truth = axial_slice(masks[row], axial, index)
+            predicted = axial_slice(np.argmax(probabilities[row], axis=0), axial, index)
+            ax.imshow(axial_slice(images[row][0], axial, index), cmap="gray", interpolation="nearest")
             ax.imshow(np.ma.masked_equal(predicted, 0), cmap=fill, vmin=1, vmax=max(len(classes) - 1, 1), alpha=0.45,
                       interpolation="nearest")
             for k in range(1, len(classes)):
@@ -386,8 +400,9 @@ def overlay_figure(run: ExperimentRun, test_site: str):
                     ax.contour(truth == k, levels=[0.5], colors=[TRUE_COLOUR], linewidths=1.0)
             dice = image_dice(masks[row], probabilities[row], classes)
             label = _cell_label(cell) + (f" (repeat {repeat})" if repeat != 1 else "")
-            ax.set_title(f"{label}\nimage {row + 1}: Dice "
-                         + ("undefined (no foreground)" if dice is None else f"{dice:.3f}"), fontsize=7)
+            where = "" if index is None else f", axial slice {index + 1}/{masks[row].shape[axial]}"
+            ax.set_title(f"{label}\nimage {row + 1}{where}\nDice " + (EMPTY_DICE if dice is None else f"{dice:.3f}"),
+                         fontsize=7)
     if not cells:
         axes[0, 0].text(0.5, 0.5, "no setting could be scored here", ha="center", va="center", fontsize=8,
                         transform=axes[0, 0].transAxes)
@@ -397,7 +412,7 @@ def overlay_figure(run: ExperimentRun, test_site: str):
         for k, name in enumerate(classes[1:], start=1)]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=7, frameon=False)
     three_d = bool(cells) and cells[0].scores[0][0].ndim == 4
-    where = "middle axial slice of each volume" if three_d else "test images"
+    where = "the axial slice with most of the true mask (Dice: whole volume)" if three_d else "test images"
     fig.suptitle(f"Segmentations on {test_site}: {where}, repeat 1 unless a column says otherwise", fontsize=9)
     return fig
 
