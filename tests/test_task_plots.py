@@ -14,8 +14,8 @@ from medfed.data.federation import Federation, Site
 from medfed.experiments.config import build_config
 from medfed.experiments.harness import example_rows, load_federation, run_experiment
 from medfed.experiments.metrics import roc_auc
-from medfed.experiments.plots import (EMPTY_DICE, axial_index, axial_slice, confusion_figure, overlay_figure, per_output_roc_figure,
-                                      plot_files, scatter_figure)
+from medfed.experiments.plots import (EMPTY_DICE, axial_index, axial_slice, confusion_figure, overlay_figure,
+                                      per_output_roc_figure, plot_files, scatter_figure)
 from medfed.experiments.results import format_metric, results_document, summarize
 
 CLASSES = ("cn", "mci", "ad")
