@@ -459,7 +459,7 @@ def test_batch_norm_statistics_are_those_of_the_site_data_under_the_final_weight
 
 
 def test_local_training_sets_train_mode_once_not_every_step(monkeypatch):
-    # walking every module to set train mode again on each step cost ~5% of a U-Net's local
+    # walking every module to set train mode again on each step cost 2-3% of a U-Net's local
     # training; the steps, and the eval-mode start loss before them, must still see the right modes
     shape = SHAPES["cnn2d"]
     X, y = toy(shape)
