@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 from medfed.cli.app import app
 from medfed.data.federation import Federation, Site
 from medfed.experiments.config import build_config
-from medfed.experiments.harness import run_experiment
+from medfed.experiments.harness import example_rows, load_federation, run_experiment
 from medfed.experiments.metrics import roc_auc
-from medfed.experiments.plots import confusion_figure, per_output_roc_figure, plot_files, scatter_figure
+from medfed.experiments.plots import (EMPTY_DICE, axial_index, axial_slice, confusion_figure, overlay_figure,
+                                      per_output_roc_figure, plot_files, scatter_figure)
 from medfed.experiments.results import format_metric, results_document, summarize
 
 CLASSES = ("cn", "mci", "ad")
@@ -118,3 +119,68 @@ def test_medfed_run_plots_a_multiclass_phantom(tmp_path):
     assert result.exit_code == 0, result.output
     names = {p.name for p in out.iterdir()}
     assert {f"confusion_site-{k}.png" for k in (1, 2, 3)} <= names and {f"roc_site-{k}.png" for k in (1, 2, 3)} <= names
+
+
+@pytest.fixture(scope="module")
+def segmentation():
+    pytest.importorskip("nibabel")
+    pytest.importorskip("monai")
+    config = build_config({"data": {"dataset": "mni-phantom", "options": {"task": "segmentation", "n_per_site": 20,
+                                                                          "size": 16, "n_sites": 2}},
+                           "model": "unet2d", "repeats": 1, "methods": ["single", "fedavg"],
+                           "training": {"rounds": 2, "local_steps": 1}, "plot_formats": ["png"]})
+    return run_experiment(config, load_federation(config.data))
+
+
+def test_segmentation_writes_one_overlay_png_per_test_site(segmentation):
+    files = plot_files(segmentation, results_document(segmentation))
+    assert set(files) == {"overlay_site-1.png", "overlay_site-2.png", "convergence.png"}
+    assert all(render().startswith(b"\x89PNG\r\n\x1a\n") for render in files.values())
+
+
+def test_overlay_shows_the_kept_test_images_with_each_images_dice(segmentation):
+    from medfed.experiments.harness import SEGMENTATION_EXAMPLES
+    from medfed.experiments.metrics import segmentation_metrics
+
+    fig = overlay_figure(segmentation, "site-2")
+    cell = next(c for c in segmentation.cells if c.test_site == "site-2" and c.setting == "FedAvg")
+    masks, probabilities = cell.scores[0]
+    assert len(masks) == len(cell.images[0]) == SEGMENTATION_EXAMPLES  # a fixed few, not every test image
+    titles = [a.get_title() for a in fig.axes if a.get_title().startswith("FedAvg")]
+    assert len(titles) == SEGMENTATION_EXAMPLES
+    for i, title in enumerate(titles):
+        dice = segmentation_metrics(masks[i][None], probabilities[i][None], ("background", "lesion"))["dice"].value
+        assert title.endswith(f"image {i + 1}\nDice " + (EMPTY_DICE if dice is None else f"{dice:.3f}"))
+    grey = next(a for a in fig.axes if a.get_title() == titles[0]).get_images()[0].get_array()
+    np.testing.assert_array_equal(grey, cell.images[0][0, 0])  # the unscaled test image itself
+
+
+def test_example_rows_put_images_with_a_foreground_first():
+    masks = np.zeros((5, 4, 4), dtype=np.int64)
+    masks[3, 1, 1] = masks[1, 2, 2] = 1
+    np.testing.assert_array_equal(example_rows(masks, 3), [1, 3, 0])
+
+
+def test_a_volumes_overlay_slice_holds_most_of_its_true_mask():
+    mask = np.zeros((5, 4, 6), dtype=np.int64)
+    assert axial_index(mask, 0) == 2 and axial_index(mask[0], 0) is None  # no foreground: the middle; 2D: none
+    mask[1, 0, 0] = mask[3, 1:3, 1:3] = 1
+    assert axial_index(mask, 0) == 3 and axial_index(mask, 2) in (1, 2)
+    volume = np.arange(mask.size).reshape(mask.shape)
+    np.testing.assert_array_equal(axial_slice(volume, 0, 3), volume[3])
+    np.testing.assert_array_equal(axial_slice(volume, 2, 1), np.rot90(volume[:, :, 1]))  # RAS: anterior up
+    np.testing.assert_array_equal(axial_slice(volume[0], 0, None), volume[0])  # 2D as is
+
+
+def test_medfed_run_plots_a_segmentation_phantom(tmp_path):
+    pytest.importorskip("nibabel")
+    pytest.importorskip("monai")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "run", "--dataset", "mni-phantom", "--dataset-option", "task=segmentation", "--dataset-option", "n_per_site=20",
+        "--dataset-option", "size=16", "--model", "unet2d", "--methods", "single", "--repeats", "1",
+        "--rounds", "1", "--local-steps", "1", "--plots", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    overlays = sorted(p.name for p in out.glob("overlay_*"))
+    assert overlays == [f"overlay_site-{k}.png" for k in (1, 2, 3)]
+    assert all((out / name).read_bytes().startswith(b"\x89PNG") for name in overlays)

@@ -456,3 +456,30 @@ def test_batch_norm_statistics_are_those_of_the_site_data_under_the_final_weight
         close = np.allclose(trained["body.0.norm.running_mean"], mean, rtol=1e-4, atol=1e-5) and np.allclose(
             trained["body.0.norm.running_var"], var, rtol=1e-3, atol=1e-5)
         assert close == recalibrate  # without recalibration they lag behind the weights
+
+
+def test_local_training_sets_train_mode_once_not_every_step(monkeypatch):
+    # walking every module to set train mode again on each step cost 2-3% of a U-Net's local
+    # training; the steps, and the eval-mode start loss before them, must still see the right modes
+    shape = SHAPES["cnn2d"]
+    X, y = toy(shape)
+    model = _model("cnn2d")
+    params = model.init_params(shape, KeyedRng(0))
+    net = model._slot(shape).net
+    calls, modes = [], []
+    train, forward = torch.nn.Module.train, type(net).forward
+
+    def counted_train(self, mode=True):
+        if self is net:
+            calls.append(mode)
+        return train(self, mode)
+
+    def recorded_forward(self, x):
+        modes.append(self.training)
+        return forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Module, "train", counted_train)
+    monkeypatch.setattr(type(net), "forward", recorded_forward)
+    descend(model, params, X, y, list(batch_indices(len(y), 8, 5, KeyedRng(1))), 0.1)
+    assert calls.count(True) == 1  # eval() is train(False): the start loss's
+    assert modes[:6] == [False] + [True] * 5  # the start loss in eval mode, then the 5 steps in train mode

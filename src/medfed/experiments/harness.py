@@ -58,6 +58,9 @@ SPLIT_STREAM, TRAIN_STREAM, INIT_STREAM = 0, 1, 2
 
 # A training loss that ends above this multiple of where it started is warned about.
 LOSS_RISE_WARNING = 2.0
+# A segmentation model's predictions are kept for this many test images per site (the overlay
+# plots'); the metrics use every test image. Keeping all would hold n x K x pixels per cell and repeat.
+SEGMENTATION_EXAMPLES = 3
 
 
 @dataclass(frozen=True)
@@ -393,8 +396,18 @@ class Cell:
     thresholds: list[Threshold | None] = field(default_factory=list)  # per repeat: the decision threshold used
     threshold_rows: str | None = None  # which training rows chose it (THRESHOLD_ROWS)
     scores: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)  # segmentation: per scored repeat, the images of scores
     diverged: list[dict] = field(default_factory=list)  # {"repeat", "round", "reason"} per diverged repeat
     warnings: list[str] = field(default_factory=list)  # e.g. a training loss that rose far above its start
+
+
+def example_rows(masks: np.ndarray, k: int = SEGMENTATION_EXAMPLES) -> np.ndarray:
+    """The test rows whose segmentation is kept for the overlay plots: the first ``k`` whose
+    true mask holds a foreground class (they have a Dice), then the first others; the same
+    rows for every setting tested on the site, since they depend on the masks alone."""
+    masks = np.asarray(masks)
+    has = masks.reshape(masks.shape[0], -1).max(axis=1, initial=0) > 0
+    return np.r_[np.flatnonzero(has), np.flatnonzero(~has)][:k]
 
 
 def round_metrics(y_test: np.ndarray, scores: tuple[np.ndarray, np.ndarray] | None,
@@ -680,13 +693,16 @@ class Evaluation:
     """One model scored on one site's test rows in one repeat: its table key (setting, method,
     train site, test site, evaluation, model kind), its metrics or why it has none, the test
     labels and probabilities (for the ROC plot) and the decision threshold, with
-    ``threshold_rows`` saying where it was chosen (a key of :data:`THRESHOLD_ROWS`)."""
+    ``threshold_rows`` saying where it was chosen (a key of :data:`THRESHOLD_ROWS`). A
+    segmentation model keeps the masks and probabilities of :func:`example_rows` only, with
+    those test ``images`` (unscaled), for the overlay plots."""
 
     key: tuple[str, str, str | None, str, str, str]
     result: dict[str, Metric] | Failure
     scores: tuple[np.ndarray, np.ndarray] | None = None
     threshold: Threshold | None = None
     threshold_rows: str | None = None
+    images: np.ndarray | None = None
 
 
 @dataclass
@@ -780,8 +796,12 @@ def run_repeat(
         if failure is None and task != "binary":
             predicted = predictions(params, tests[j], group)
             if predicted is not None:
-                out.evaluations.append(Evaluation(key, task_metrics(task, sites[j].y_test, predicted, classes),
-                                                  (sites[j].y_test, predicted)))
+                y, images = sites[j].y_test, None
+                metrics = task_metrics(task, y, predicted, classes)
+                if task == "segmentation":
+                    rows = example_rows(y)
+                    y, predicted, images = y[rows], predicted[rows], sites[j].X_test[rows]
+                out.evaluations.append(Evaluation(key, metrics, (y, predicted), images=images))
                 return
             failure = Failure("diverged", "diverged: the model's scores on the test rows are NaN/Inf")
         if failure is None:
@@ -1194,6 +1214,8 @@ def assemble_run(config: ExperimentConfig, federation, methods, outcomes: list[R
                     c.metrics[m].append(result[m])
                 c.skipped.append(None)
                 c.scores.append(e.scores)
+                if e.images is not None:
+                    c.images.append(e.images)
         for method, train_site, start, end in outcome.loss_rises:
             rises.setdefault((method, train_site), []).append((repeat, start, end))
         for name, seconds in outcome.setting_time.items():

@@ -1,7 +1,14 @@
 """Plots of a run, fit for a paper: per test site the task's own figure (binary: ROC;
 multiclass: a confusion matrix per setting and one-vs-rest ROC per class; multilabel: ROC per
-label; regression: predicted against true values per setting), training loss per federated
-method and, with ``eval_every``, the test metrics per evaluated round.
+label; regression: predicted against true values per setting; segmentation: example overlays),
+training loss per federated method and, with ``eval_every``, the test metrics per evaluated round.
+
+File names (``<stem>.<format>`` for each of ``plot_formats``; ``<site>`` is the test site's
+:func:`file_stems` stem): binary ``roc_<site>``; multiclass ``confusion_<site>`` and ``roc_<site>``;
+multilabel ``roc_<site>``; regression ``scatter_<site>``; segmentation ``overlay_<site>`` (one
+file per test site: :data:`~medfed.experiments.harness.SEGMENTATION_EXAMPLES` test images of
+repeat 1, a row each, a column per setting); then ``convergence`` (federated methods),
+``test_<metric>`` (with ``eval_every``) and ``site_effect`` (with harmonization).
 
 Every curve is a mean over repeats with a band of ±1 sample standard deviation (the table's
 spread, ``STD_DDOF``), and each figure's title says so. Curves differ in colour, line style
@@ -316,6 +323,100 @@ def scatter_figure(run: ExperimentRun, test_site: str):
     return fig
 
 
+# an overlay's colours: the true mask's contour and the predicted mask (filled, with a contour), per
+# foreground class; a class beyond these reuses them (ColorBrewer Set1 reds/blues stand out on grey)
+TRUE_COLOUR = "#ffff33"
+PREDICTED_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00")
+EMPTY_DICE = "undefined (no foreground)"
+
+
+def axial_index(mask: np.ndarray, axial_axis: int) -> int | None:
+    """Which axial slice of a 3D ``mask`` an overlay shows: the one holding most of its foreground
+    (the middle slice of a volume would often miss a small lesion), the middle one without any;
+    None for a 2D mask."""
+    if mask.ndim == 2:
+        return None
+    other = tuple(a for a in range(mask.ndim) if a != axial_axis)
+    counts = (mask > 0).sum(axis=other)
+    return int(np.argmax(counts)) if counts.any() else mask.shape[axial_axis] // 2
+
+
+def axial_slice(volume: np.ndarray, axial_axis: int, index: int | None) -> np.ndarray:
+    """A 2D image as is; of a 3D volume (spatial axes only) slice ``index`` across ``axial_axis``.
+    A RAS volume (the NIfTI loader's order, axial axis 2) is turned so that anterior is up and
+    the subject's left on the left, as the phantom's slices are."""
+    if index is None:
+        return volume
+    plane = np.take(volume, index, axis=axial_axis)
+    return np.rot90(plane) if axial_axis == 2 else plane
+
+
+def image_dice(mask: np.ndarray, probabilities: np.ndarray, classes: tuple[str, ...]) -> float | None:
+    """One test image's Dice as the table computes it (mean over its foreground classes present),
+    None where its true mask holds no foreground class."""
+    from medfed.experiments.metrics import segmentation_metrics
+
+    return segmentation_metrics(mask[None], probabilities[None], classes)["dice"].value
+
+
+def overlay_figure(run: ExperimentRun, test_site: str):
+    """Segmentation: the first scored repeat's predictions of a few test images of ``test_site`` (the harness's
+    :func:`~medfed.experiments.harness.example_rows`: images with a lesion first), a row per
+    image and a column per setting: the image in grey (its own intensity range), the true mask's
+    contour and the predicted mask filled and contoured, the image's Dice in each title. 3D: the
+    axial slice of :func:`axial_index` (not the middle one: a small lesion is seldom
+    there), its number in the title, the Dice over the whole volume."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    classes = run.federation.classes
+    axial = run.federation.info.get("axial_axis")
+    axial = 2 if axial is None else int(axial)  # RAS unless the data set says otherwise
+    cells = [c for c in _scored_cells(run, test_site) if c.images]
+    rows = max((len(c.images[0]) for c in cells), default=1)
+    fig = _figure(figsize=(2.5 * max(len(cells), 1) + 0.4, 2.6 * rows + 0.9), layout="constrained")
+    axes = fig.subplots(rows, max(len(cells), 1), squeeze=False)
+    fill = ListedColormap([PREDICTED_COLOURS[(k - 1) % len(PREDICTED_COLOURS)] for k in range(1, len(classes))])
+    for col, cell in enumerate(cells):
+        (masks, probabilities), images = cell.scores[0], cell.images[0]
+        repeat = cell.skipped.index(None) + 1  # the first repeat the setting was scored in
+        for row in range(rows):
+            ax = axes[row, col]
+            ax.set_axis_off()
+            if row >= len(images):
+                continue
+            index = axial_index(masks[row], axial)
+            truth = axial_slice(masks[row], axial, index)
+            predicted = axial_slice(np.argmax(probabilities[row], axis=0), axial, index)
+            ax.imshow(axial_slice(images[row][0], axial, index), cmap="gray", interpolation="nearest")
+            ax.imshow(np.ma.masked_equal(predicted, 0), cmap=fill, vmin=1, vmax=max(len(classes) - 1, 1), alpha=0.45,
+                      interpolation="nearest")
+            for k in range(1, len(classes)):
+                colour = PREDICTED_COLOURS[(k - 1) % len(PREDICTED_COLOURS)]
+                if (predicted == k).any():
+                    ax.contour(predicted == k, levels=[0.5], colors=[colour], linewidths=0.8)
+                if (truth == k).any():
+                    ax.contour(truth == k, levels=[0.5], colors=[TRUE_COLOUR], linewidths=1.0)
+            dice = image_dice(masks[row], probabilities[row], classes)
+            label = _cell_label(cell) + (f" (repeat {repeat})" if repeat != 1 else "")
+            where = "" if index is None else f", axial slice {index + 1}/{masks[row].shape[axial]}"
+            ax.set_title(f"{label}\nimage {row + 1}{where}\nDice " + (EMPTY_DICE if dice is None else f"{dice:.3f}"),
+                         fontsize=7)
+    if not cells:
+        axes[0, 0].text(0.5, 0.5, "no setting could be scored here", ha="center", va="center", fontsize=8,
+                        transform=axes[0, 0].transAxes)
+        axes[0, 0].set_axis_off()
+    handles = [Line2D([], [], color=TRUE_COLOUR, lw=1.0, label="true mask (contour)")] + [
+        Patch(facecolor=PREDICTED_COLOURS[(k - 1) % len(PREDICTED_COLOURS)], alpha=0.6, label=f"predicted {name}")
+        for k, name in enumerate(classes[1:], start=1)]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=7, frameon=False)
+    three_d = bool(cells) and cells[0].scores[0][0].ndim == 4
+    where = "the axial slice with most of the true mask (Dice: whole volume)" if three_d else "test images"
+    fig.suptitle(f"Segmentations on {test_site}: {where}, repeat 1 unless a column says otherwise", fontsize=9)
+    return fig
+
+
 def _x_axis(run: ExperimentRun) -> tuple[str, Callable[[History], int]]:
     """The x axis both training figures share: gradient steps per site (so FedSGD's many
     one-step rounds line up with FedAvg's), or rounds where ``local_epochs`` makes a site's
@@ -457,7 +558,7 @@ def plot_files(run: ExperimentRun, doc: dict[str, Any]) -> dict[str, Callable[[]
     task = run.federation.task
     per_site = {"binary": {"roc": roc_figure}, "multilabel": {"roc": per_output_roc_figure},
                 "multiclass": {"confusion": confusion_figure, "roc": per_output_roc_figure},
-                "regression": {"scatter": scatter_figure}}[task]
+                "regression": {"scatter": scatter_figure}, "segmentation": {"overlay": overlay_figure}}[task]
     figures: dict[str, Callable[[], Any]] = {
         f"{kind}_{stem}": functools.partial(build, run, site)
         for kind, build in per_site.items()

@@ -193,10 +193,10 @@ def _remove_empty(folders: list[Path]) -> None:
             return  # not empty (or gone): leave it and its parents
 
 
-# names a run's report may take in its folder (plots: roc_<site>, confusion_<site>, scatter_<site>,
+# names a run's report may take in its folder (plots: roc_<site>, confusion_<site>, scatter_<site>, overlay_<site>,
 # convergence, test_<metric>, site_effect)
-REPORT_FILES = ("results.json", "results.csv", "table.md", "roc_*.*", "confusion_*.*", "scatter_*.*", "convergence.*",
-                "test_*.*", "site_effect.*")
+REPORT_FILES = ("results.json", "results.csv", "table.md", "roc_*.*", "confusion_*.*", "scatter_*.*", "overlay_*.*",
+                "convergence.*", "test_*.*", "site_effect.*")
 
 
 def foreign_files(out_dir: Path, names: tuple[str, ...]) -> list[str]:

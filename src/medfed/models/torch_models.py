@@ -671,7 +671,10 @@ class TorchSession:
         xb, yb = self._rows(rows)
         if model.options["norm"] == "batch" and model.name in ("mlp", "torch_logistic") and xb.shape[0] < 2:
             raise ConfigError(f"model {model.name!r} with batch norm needs at least 2 rows per batch, got {xb.shape[0]}")
-        net.train()
+        # medfed sets the mode of the whole (private) network only, so its top flag is every module's: walking
+        # a U-Net's 31 modules on every step cost 2-3% of its local training (benchmarks/bench_unet.py)
+        if not net.training:
+            net.train()
         for p in self.values.values():
             p.grad = None
         with torch.enable_grad():
