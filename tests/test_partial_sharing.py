@@ -248,3 +248,15 @@ def test_the_results_privacy_section_names_what_each_setting_keeps_at_the_sites(
         assert by_site == {site: n / 2 for site, n in total.items()}
     # FedPer leaves the head out of every upload: fewer bytes per round than FedAvg
     assert all(per_round["FedPer"][s] < per_round["FedAvg"][s] for s in per_round["FedAvg"])
+
+
+def test_fedbn_on_a_model_without_normalization_is_refused_before_any_setting_trains(tmp_path):
+    from medfed.experiments.config import ExperimentConfig
+    from medfed.experiments.harness import check_study, load_federation
+    from medfed.methods import resolve_methods
+
+    config = ExperimentConfig(data={"dataset": "mni-phantom", "options": {"n_per_site": 12, "size": 16}},
+                              model="torch_logistic", methods=["single", "fedbn"], training={"rounds": 1})
+    federation = load_federation(config.data)
+    with pytest.raises(ConfigError, match="fedbn: model 'torch_logistic' has no parameter this method keeps private"):
+        check_study(config, federation, resolve_methods(config.methods, config.method_options, config.pipelines))

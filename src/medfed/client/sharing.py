@@ -42,7 +42,9 @@ def _copy(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.array(v, dtype=np.float64, copy=True) for k, v in params.items()}
 
 
-def _check_split(method: str, model_name: str, names, private: Mapping) -> None:
+def check_split(method: str, model_name: str, names, private) -> None:
+    """Refuse a model whose parameters ``names`` leave nothing private (``private``: those the
+    method keeps) or nothing to share; called at build time and again by the site rule."""
     if not private:
         raise ConfigError(
             f"{method}: model {model_name!r} has no parameter this method keeps private "
@@ -90,7 +92,7 @@ def keep_private(
         inner, own = (None, None) if state is None else (state.inner, state.private)
         if own is None:
             own = _copy({k: v for k, v in global_params.items() if is_private(k)})
-            _check_split(method, getattr(config.model, "name", "?"), list(global_params), own)
+            check_split(method, getattr(config.model, "name", "?"), list(global_params), own)
         start = {k: own.get(k, v) for k, v in global_params.items()}
         upload, inner = rule(start, data, config, inner, rng, **message)
         if upload.kind == "gradient":

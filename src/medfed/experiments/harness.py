@@ -1108,6 +1108,13 @@ def check_study(
                 built = build_method(config, spec, opts, group)
             except (ValueError, TypeError) as exc:  # a builder that does not speak ConfigError yet
                 raise ConfigError(f"method {spec.name!r}: {exc}") from None
+            if built.private is not None:  # partial sharing on a model without such parameters (FedBN, no norm)
+                from medfed.client.sharing import check_split
+
+                model = TrainingPlan.of(config, federation).model
+                params = list(model.init_params(federation.sample_shape, KeyedRng(0)))
+                check_split(spec.name, getattr(model, "name", config.model), params,
+                            [p for p in params if built.private(p)])
             if config.privacy.dp == "sample":  # a site rule DP-SGD cannot make private yet
                 from medfed.methods.privacy import check_sample_dp
 
