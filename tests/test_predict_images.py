@@ -157,6 +157,7 @@ def test_a_unet_writes_png_masks_equal_to_the_runs_argmax_and_per_image_dice(tmp
     cell = test_cell(run, "FedAvg", "B")
     _, probabilities = cell.scores[0]
     expected = np.argmax(probabilities, axis=1)
+    assert all(e.any() and not e.all() for e in expected)  # masks of both classes: the check can fail
     assert len(got) == len(expected) >= 2
     for r, want in zip(got, expected):
         assert r["mask"] == f"seg_masks/{r['path'].rsplit('/', 1)[1][:-4]}_mask.png"
@@ -209,6 +210,8 @@ def test_nifti_masks_keep_the_images_affine_and_axis_order(tmp_path, torch_one_t
     got = rows_of(tmp_path / "p.csv")
     _, probabilities = test_cell(run, "FedAvg", "A").scores[0]
     expected = np.argmax(probabilities, axis=1)
+    # masks that a flip of the LPS axes would change: the axis order is checked, not assumed
+    assert all(e.any() and not np.array_equal(e, e[::-1, ::-1]) for e in expected)
     assert [r["mask"] for r in got] == ["p_masks/t1_mask.nii.gz"] + [f"p_masks/t1-{k}_mask.nii.gz"
                                                                       for k in range(2, len(got) + 1)]
     from medfed.data.images import read_nifti
