@@ -211,7 +211,7 @@ def test_a_bad_model_file_or_table_is_one_line(tmp_path, tiny_model):
     refused(tmp_path / "damaged.npz", "damaged.npz", "'bias' is missing")
     image = SavedModel({**saved.meta, "sample_shape": [1, 8, 8]}, saved.params, saved.arrays)
     (tmp_path / "image.npz").write_bytes(image.to_bytes())
-    refused(tmp_path / "image.npz", "image model", "feature tables only")
+    refused(tmp_path / "image.npz", "image model", "--manifest FILE")
     refused(model, "--site", "'Nowhere'", "Cleveland", extra=["--site", "Nowhere"])
     # the table: a missing feature column, a non-numeric value, an absent --label-column / --id-column
     lines = rows.read_text().splitlines()
@@ -360,9 +360,9 @@ def test_repeats_in_parallel_save_the_same_files(tmp_path):
         assert (tmp_path / "1" / "models" / name).read_bytes() == (tmp_path / "2" / "models" / name).read_bytes()
 
 
-def test_an_image_model_is_saved_but_predict_scores_tables_only(tmp_path, torch_one_thread):
+def test_an_image_model_is_saved_and_predict_takes_its_images_as_a_manifest(tmp_path, torch_one_thread):
     """A CNN's parameter view (BatchNorm statistics included) and its per-channel standardization
-    are saved; FedBN has no global model, so no file; predict refuses an image model in one line."""
+    are saved; FedBN has no global model, so no file; predict refuses a table for an image model in one line."""
     pytest.importorskip("torch")
     image = pytest.importorskip("PIL.Image")
     rng = np.random.default_rng(0)
@@ -385,7 +385,7 @@ def test_an_image_model_is_saved_but_predict_scores_tables_only(tmp_path, torch_
     assert json.loads((out / "results.json").read_text())["models"]["not_saved"]["FedBN"].startswith("no global")
     code, text = invoke(["predict", "--model", out / "models" / "FedAvg.npz", "--data", tmp_path / "manifest.csv",
                          "--out", tmp_path / "p.csv"])
-    one_line_error(code, text, "image model", "cnn2d", "feature tables only")
+    one_line_error(code, text, "image model", "cnn2d", "give its images as a manifest (--manifest FILE)")
 
 
 def _task_table(path, task: str) -> dict:

@@ -508,27 +508,41 @@ def run(
     guard(execute, values, str(config) if config else "flags")
 
 
-def execute_predict(model: Path, data: Path, out: Path, site: str | None, label_column: str | None,
-                    id_column: str | None) -> None:
-    """Check the output name, load and check the model, read and score the rows, write the
-    predictions atomically, summarize."""
+def execute_predict(model: Path, data: Path | None, out: Path, site: str | None, label_column: str | None,
+                    id_column: str | None, manifest: Path | None = None, path_column: str | None = None,
+                    mask_column: str | None = None, kind: str | None = None) -> None:
+    """Check the output name, load and check the model, read and score the rows (a table with
+    ``data``, images with ``manifest``), write the predictions atomically, summarize."""
     import os
 
     from medfed.data.tables import read_scoring_rows
     from medfed.experiments.report import output_dir, write_atomically
     from medfed.experiments.saved_model import load_saved_model, predictions_csv
 
+    if (data is None) == (manifest is None):
+        raise ConfigError("give the rows to score: --data FILE (a table) or --manifest FILE (images), one of them")
+    if manifest is None:
+        for flag, value in (("--path-column", path_column), ("--mask-column", mask_column), ("--kind", kind)):
+            if value is not None:
+                raise ConfigError(f"{flag} applies to a manifest of image files (--manifest FILE), not to --data")
     if out.suffix.lower() != ".csv":
         raise ConfigError(f"--out must end in .csv, got {out.name!r}")
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name ending in .csv")
     if out.is_symlink() and not out.exists():
         raise ConfigError(f"--out {out} is a symbolic link to {os.readlink(out)!r}, which does not exist")
-    for given, name in ((model, "--model"), (data, "--data")):
-        if out.resolve() == given.resolve():
+    for given, name in ((model, "--model"), (data, "--data"), (manifest, "--manifest")):
+        if given is not None and out.resolve() == given.resolve():
             raise ConfigError(f"--out {out} is the {name} file; give the predictions another name")
     saved = load_saved_model(model)
-    saved.check_scorable(site, str(model))
+    saved.check_scorable(site, str(model), images=manifest is not None)
+    if manifest is not None:
+        if label_column is not None or id_column is not None:
+            flag = "--label-column" if label_column is not None else "--id-column"
+            raise ConfigError(f"{flag} applies to a table (--data); a manifest's rows are named by their path "
+                              + ("and compared with true masks through --mask-column" if saved.task == "segmentation"
+                                 else "(labels of images are not compared yet)"))
+        return _predict_images(saved, model, manifest, out, site, path_column or "path", mask_column, kind or "auto")
     label = saved.meta["label"]
     if saved.task != "binary":  # its label column is not read: scores are compared with labels for binary models
         if label_column is not None:
@@ -548,6 +562,71 @@ def execute_predict(model: Path, data: Path, out: Path, site: str | None, label_
         ), out.parent)
     show(lambda: render_predictions(saved, scored, rows, data, site, label_column or label["column"], written[0]),
          str(out))
+
+
+def _predict_images(saved, model: Path, manifest: Path, out: Path, site: str | None, path_column: str,
+                    mask_column: str | None, kind: str) -> None:
+    """Score a manifest's images; a segmentation model's masks go to ``<out stem>_masks/`` next to the CSV,
+    written with it as one set (all or none)."""
+    from medfed.data.images.load import read_image_rows
+    from medfed.experiments.report import output_dir, write_atomically
+    from medfed.experiments.saved_model import image_predictions_csv, mask_classes, mask_file_names, mask_values
+
+    if mask_column is not None and saved.task != "segmentation":
+        raise ConfigError(f"--mask-column: {model} holds a {saved.task} model; masks are compared with a "
+                          "segmentation model's predictions only: leave --mask-column out")
+    with output_dir(out.parent, "--out's folder"):
+        images = read_image_rows(manifest, sample_shape=tuple(saved.meta["sample_shape"]), path_column=path_column,
+                                 mask_column=mask_column, kind=kind, model=str(model))
+        scored = saved.score_images(images.X, site, str(model))
+        files = {}
+        names = truth = None
+        if saved.task == "segmentation":
+            from medfed.data.images.masks import mask_bytes, mask_suffix
+
+            truth = None if images.masks is None else mask_classes(saved, images.masks, images.paths, str(model))
+            names = mask_file_names(images.paths, f"{out.stem}_masks", mask_suffix(images.kind))
+            stored = mask_values(saved)[scored.predicted]  # class indices -> the values training masks held
+            for i, name in enumerate(names):
+                files[name] = functools.partial(mask_bytes, stored[i], images.kind, images.paths[i], images.metas[i])
+        files = {out.name: lambda: image_predictions_csv(scored, saved, images.paths, names, truth), **files}
+        written = write_results(lambda: write_atomically(out.parent, files, as_set=False), out.parent)
+    show(lambda: render_image_predictions(saved, scored, images, truth, site, written[0], names), str(out))
+
+
+def render_image_predictions(saved, scored, images, truth, site: str | None, out: Path, masks) -> None:
+    """What was scored with which model; per task what came out; a segmentation model's mask files
+    and, with true masks, the mean Dice and IoU over the images."""
+    import numpy as np
+
+    from medfed.experiments.saved_model import image_prediction_columns
+
+    meta = saved.meta
+    n = len(images.paths)
+    print_line = functools.partial(console.print, highlight=False, soft_wrap=True)
+    print_line(f"model: {meta['setting']} ({meta['model']['name']}, {saved.task}) trained on "
+               f"{', '.join(meta['train_sites'])}; repeat {meta['repeat']} of {meta['repeats']}, seed {meta['seed']}")
+    print_line(f"scored {n} image(s) of {escape(str(images.source))}"
+               + (f" (standardized with site {site}'s statistics)" if meta["scaling"] == "site" else ""))
+    if saved.task == "segmentation":
+        from medfed.experiments.metrics import segmentation_metrics
+
+        counts = np.bincount(scored.predicted.ravel(), minlength=len(saved.classes))
+        print_line("voxels predicted per class: " + ", ".join(
+            f"{escape(c)} {int(k)}" for c, k in zip(saved.classes, counts)))
+        print_line(f"masks: {n} file(s) in {escape(str(out.parent / Path(masks[0]).parent))}")
+        if truth is not None:
+            metrics = segmentation_metrics(truth, scored.scores, saved.classes)
+            print_line("against the manifest's masks (mean over images): " + "  ".join(
+                f"{m} " + ("n/a" if metrics[m].value is None else f"{metrics[m].value:.3f}") for m in ("dice", "iou")))
+    elif saved.task == "binary":
+        threshold = saved.threshold(site)
+        print_line(f"predicted positive ({meta['label']['positive_class']}, score >= {threshold.probability:.4g}): "
+                   f"{int(scored.predicted.sum())} of {n}")
+    else:
+        _render_task_predictions(saved, scored, print_line)
+    columns = ", ".join(image_prediction_columns(saved, truth is not None))
+    print_line(f"[dim]wrote {escape(str(out))}: row, path, {escape(columns)}[/]")
 
 
 def render_predictions(saved, scored, rows, data: Path, site: str | None, label_column: str | None, out: Path) -> None:
@@ -619,18 +698,28 @@ def _render_binary_predictions(saved, scored, rows, site, label_column, print_li
 @app.command()
 def predict(
     model: Annotated[Path, typer.Option(help="model file from `medfed run --save-model` (OUT/models/<Setting>.npz)")],
-    data: Annotated[Path, typer.Option(help="CSV or Parquet table with the model's feature columns")],
     out: Annotated[Path, typer.Option(help="predictions .csv: row, score (probability of the positive class), predicted; "
-                                                 "score:<class> per class or label, predicted (class or value)")],
+                                                 "score:<class> per class or label, predicted (class or value); for "
+                                                 "images row, path first; a segmentation model's masks go to "
+                                                 "<out stem>_masks/ next to it")],
+    data: Annotated[Path | None, typer.Option(help="CSV or Parquet table with the model's feature columns")] = None,
+    manifest: Annotated[Path | None, typer.Option(help="CSV/Parquet manifest of image files (an image model): a path "
+                                                       "column [, a mask column]")] = None,
+    path_column: Annotated[str | None, typer.Option(help="manifest column with each image's file or DICOM folder "
+                                                         "[default: path]")] = None,
+    mask_column: Annotated[str | None, typer.Option(help="manifest column with each image's true mask: per-image "
+                                                         "Dice, IoU and HD95 of a segmentation model")] = None,
+    kind: KindOpt = None,
     site: Annotated[str | None, typer.Option(help="training site whose imputation (and --scaling site statistics) "
                                                   "the rows get; needed for missing values or per-site scaling")] = None,
     label_column: Annotated[str | None, typer.Option(help="column with the true labels [default: the model's label "
                                                           "column, when the table has it]")] = None,
     id_column: Annotated[str | None, typer.Option(help="column copied into the predictions to identify each row")] = None,
 ) -> None:
-    """Score a table with a saved model: each row's probability of the positive class (of each class or label;
-    the predicted value for regression), and for a binary model with labels ACC/SEN/SPE/AUC."""
-    guard(execute_predict, model, data, out, site, label_column, id_column)
+    """Score a table (--data) or images (--manifest) with a saved model: each row's probability of the positive
+    class (of each class or label; the predicted value for regression; a segmentation model's mask files), and
+    for a binary model with labels ACC/SEN/SPE/AUC, for a segmentation model with true masks Dice/IoU/HD95."""
+    guard(execute_predict, model, data, out, site, label_column, id_column, manifest, path_column, mask_column, kind)
 
 
 @app.command("datasets")

@@ -101,14 +101,18 @@ class SavedModel:
         """The names of a multiclass model's classes or a multilabel model's labels, in output order."""
         return tuple(self.meta.get("classes") or ())
 
-    def check_scorable(self, site: str | None, source: str) -> None:
-        """Refuse, before any data is read, what :meth:`score` cannot do: an image model, an
-        unknown ``site``, or per-site standardization without ``site``. ``source`` names the file."""
-        if self.is_image:
+    def check_scorable(self, site: str | None, source: str, images: bool = False) -> None:
+        """Refuse, before any data is read, what :meth:`score` (a table) or :meth:`score_images`
+        (``images``: a manifest) cannot do: a table model on images or an image model on a table,
+        an unknown ``site``, or per-site standardization without ``site``. ``source`` names the file."""
+        if self.is_image and not images:
             raise ConfigError(
                 f"{source} holds an image model ({self.meta['model']['name']}, {self.task} task, samples of shape "
-                f"{tuple(self.meta['sample_shape'])}); medfed predict scores feature tables only"
+                f"{tuple(self.meta['sample_shape'])}): give its images as a manifest (--manifest FILE), not --data"
             )
+        if images and not self.is_image:
+            raise ConfigError(f"{source} holds a model of feature tables ({self.meta['model']['name']}, "
+                              f"{len(self.meta['feature_names'])} features): give a table (--data FILE), not --manifest")
         if site is not None and site not in self.sites:
             raise ConfigError(f"--site {site!r}: {source} has no such site; its sites: {', '.join(self.sites)}")
         if site is None and self.meta["scaling"] == "site":
@@ -163,24 +167,43 @@ class SavedModel:
                     f"them with a training site's {self.meta['impute']}s: pass --site NAME, one of {', '.join(self.sites)}"
                 )
             X = Imputer(self.meta["impute"], self.arrays[_site_key(self.sites.index(site), "impute")])(X)
+        scores, predicted = self._predict(self._standardize(X, site), site, source)
+        return Scored(scores, unseen, int(missing.sum()), predicted)
+
+    def score_images(self, X: np.ndarray, site: str | None = None, source: str = "the model") -> Scored:
+        """:meth:`score` for images ``(n, C, *spatial)`` float32 as a site holds them (read by
+        :func:`medfed.data.images.load.read_image_rows`): standardized per channel as the run
+        standardized the test images, then scored as it scored them; a segmentation model's
+        scores are per-pixel class probabilities ``(n, K, *spatial)`` and ``predicted`` each
+        pixel's most probable class (the metrics' rule)."""
+        self.check_scorable(site, source, images=True)
+        scores, predicted = self._predict(self._standardize(X, site), site, source)
+        return Scored(scores, {}, 0, predicted)
+
+    def _standardize(self, X: np.ndarray, site: str | None) -> np.ndarray:
+        """The model's standardization (prepare_site's per-site one, or ScaledViews' global one)."""
         if self.meta["scaling"] == "site":
             i = self.sites.index(site)
-            X = Standardizer(self.arrays[_site_key(i, "mean")], self.arrays[_site_key(i, "scale")])(X)
-        elif self.meta["scaling"] == "global":
-            X = Standardizer(self.arrays["scaler/mean"], self.arrays["scaler/scale"])(X)
+            return Standardizer(self.arrays[_site_key(i, "mean")], self.arrays[_site_key(i, "scale")])(X)
+        if self.meta["scaling"] == "global":
+            return Standardizer(self.arrays["scaler/mean"], self.arrays["scaler/scale"])(X)
+        return X
+
+    def _predict(self, X: np.ndarray, site: str | None, source: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """Scores and predictions of standardized ``X``, as harness.run_repeat scores a test site."""
         model = self.model()
         if self.task == "binary":
             scores = model.predict_proba(self.params, X)
             predicted = self.threshold(site, source).predict(scores, model.decision(self.params, X))
-        else:  # as harness.run_repeat scores a test site (metrics.task_scores), mapped back for regression
+        else:  # metrics.task_scores, mapped back for regression
             scores = model.predict(self.params, X)
             predicted = None
-            if self.task == "multiclass":
+            if self.task in ("multiclass", "segmentation"):
                 predicted = np.argmax(scores, axis=1)  # the metrics' rule: the first class on ties
             elif self.task == "regression":
                 t = self.meta["target_scale"]
                 scores = TargetScale(float(t["mean"]), float(t["std"])).inverse(scores)
-        return Scored(np.asarray(scores, dtype=np.float64), unseen, int(missing.sum()), predicted)
+        return np.asarray(scores, dtype=np.float64), predicted
 
     def model(self):
         """The model object (numpy GLM, or a torch model: torch is imported here) for the file's task."""
@@ -196,11 +219,11 @@ class Scored:
     """What scoring rows gave: the scores, the categorical levels no training site held (column
     -> level -> rows, encoded as all-zero indicators) and how many missing values were filled."""
 
-    scores: np.ndarray  # (n,): binary, regression; (n, K): multiclass, multilabel
+    scores: np.ndarray  # (n,): binary, regression; (n, K): multiclass, multilabel; (n, K, *spatial): segmentation
     unseen_levels: dict[str, dict[str, int]]
     imputed: int
     # binary: True where the row is predicted positive (SavedModel.threshold); multiclass: the
-    # predicted class index; None for multilabel and regression (their scores are the prediction)
+    # predicted class index (segmentation: per pixel); None for multilabel and regression
     predicted: np.ndarray | None
 
 
@@ -392,17 +415,25 @@ def _stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip(".") or "model"
 
 
-def name_files(outcomes: Sequence[ModelOutcome]) -> None:
-    """Give every saved model its file name; two names made alike by :func:`_stem` get -2, -3."""
+def _unique_stems(stems: Sequence[str]) -> list[str]:
+    """``stems`` made file-name safe (:func:`_stem`), the second and later of a name (compared
+    case-insensitively, for case-insensitive file systems) suffixed -2, -3."""
     taken: set[str] = set()
-    for o in outcomes:
-        if o.model is None:
-            continue
-        stem, n = _stem(o.name), 1
-        while (stem if n == 1 else f"{stem}-{n}").lower() in taken:  # case-insensitive file systems
+    unique = []
+    for name in stems:
+        stem, n = _stem(name), 1
+        while (stem if n == 1 else f"{stem}-{n}").lower() in taken:
             n += 1
         stem = stem if n == 1 else f"{stem}-{n}"
         taken.add(stem.lower())
+        unique.append(stem)
+    return unique
+
+
+def name_files(outcomes: Sequence[ModelOutcome]) -> None:
+    """Give every saved model its file name; two names made alike by :func:`_stem` get -2, -3."""
+    saved = [o for o in outcomes if o.model is not None]
+    for o, stem in zip(saved, _unique_stems([o.name for o in saved])):
         o.file = f"{MODELS_DIR}/{stem}.npz"
 
 
@@ -455,17 +486,98 @@ def predictions_csv(scored: Scored, model: SavedModel, ids: Sequence[str] | None
     regression: ``predicted`` (the value, on the target's own scale)."""
     import csv
 
-    task, classes = model.task, model.classes
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["row", *([id_column] if ids is not None else []), *prediction_columns(task, classes)])
+    writer.writerow(["row", *([id_column] if ids is not None else []), *prediction_columns(model.task, model.classes)])
+    for i, values in enumerate(_prediction_cells(scored, model)):
+        writer.writerow([i + 1, *([ids[i]] if ids is not None else []), *values])
+    return buf.getvalue().encode()
+
+
+def _prediction_cells(scored: Scored, model: SavedModel) -> list[list]:
+    """Each row's :func:`prediction_columns` cells (not for segmentation: its files are the prediction)."""
+    task, classes = model.task, model.classes
     scores = scored.scores.reshape(len(scored.scores), -1).tolist()
     predicted = [] if scored.predicted is None else scored.predicted.tolist()
+    cells = []
     for i, row in enumerate(scores):
         values = [repr(v) for v in row]
         if task == "binary":
             values.append(int(predicted[i]))
         elif task == "multiclass":
             values.append(classes[predicted[i]])
-        writer.writerow([i + 1, *([ids[i]] if ids is not None else []), *values])
+        cells.append(values)
+    return cells
+
+
+# --------------------------------------------------------------------------- predictions for images
+
+MASK_ENDING = "_mask"  # <image stem>_mask.nii.gz / .png
+
+
+def mask_values(model: SavedModel) -> np.ndarray:
+    """The stored mask value of each class of a segmentation model (``background`` is 0, the
+    others are named by their value: data.images.load)."""
+    return np.array([0, *(int(c) for c in model.classes[1:])], dtype=np.int64)
+
+
+def mask_classes(model: SavedModel, masks: np.ndarray, paths: Sequence[Path], source: str) -> np.ndarray:
+    """True masks' stored values as the model's class indices; a value the training masks never
+    held is one DataError naming the mask file."""
+    values = mask_values(model)
+    for mask, path in zip(masks, paths):
+        odd = np.setdiff1d(np.unique(mask), values)
+        if odd.size:
+            raise DataError(f"{path}: mask value {int(odd[0])} is none of the classes {source} was trained on; "
+                            f"allowed: {', '.join(map(str, values.tolist()))}")
+    return np.searchsorted(values, masks)
+
+
+def mask_file_names(images: Sequence[Path], folder: str, suffix: str) -> list[str]:
+    """``<folder>/<image stem>_mask<suffix>`` for each image, in manifest order; two stems made
+    alike (case-insensitively: ``a/T1.nii.gz`` and ``b/t1.nii.gz``) get ``-2``, ``-3``."""
+    from medfed.data.images.masks import image_stem
+
+    return [f"{folder}/{stem}{MASK_ENDING}{suffix}" for stem in _unique_stems([image_stem(p) for p in images])]
+
+
+def image_prediction_columns(model: SavedModel, with_truth: bool) -> list[str]:
+    """The columns :func:`image_predictions_csv` writes after ``row`` and ``path``."""
+    if model.task != "segmentation":
+        return prediction_columns(model.task, model.classes)
+    columns = ["mask", *(f"voxels:{c}" for c in model.classes)]
+    if with_truth:
+        foreground = model.classes[1:]
+        columns += ["dice", "iou", "hd95", *(f"dice:{c}" for c in foreground), *(f"iou:{c}" for c in foreground)]
+    return columns
+
+
+def image_predictions_csv(scored: Scored, model: SavedModel, images: Sequence[Path],
+                          mask_files: Sequence[str] | None = None, truth: np.ndarray | None = None) -> bytes:
+    """``row`` (1-based manifest row), ``path`` (the image, as the manifest resolves it), then
+    (:func:`image_prediction_columns`) a classification or regression model's columns as for a
+    table (:func:`predictions_csv`), or a segmentation model's ``mask`` (the predicted mask file,
+    relative to the CSV's folder), ``voxels:<class>`` (voxels predicted each class) and, with
+    ``truth`` (class indices of the manifest's masks), the image's Dice, IoU and HD95 as the run's
+    metrics compute them for one image (``metrics.segmentation_metrics``; empty where undefined:
+    the true mask holds none of the class)."""
+    import csv
+
+    from medfed.experiments.metrics import segmentation_metrics
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    columns = image_prediction_columns(model, truth is not None)
+    writer.writerow(["row", "path", *columns])
+    if model.task != "segmentation":
+        for i, values in enumerate(_prediction_cells(scored, model)):
+            writer.writerow([i + 1, str(images[i]), *values])
+        return buf.getvalue().encode()
+    K = len(model.classes)
+    for i, predicted in enumerate(scored.predicted):
+        values = [mask_files[i], *np.bincount(predicted.ravel(), minlength=K).tolist()]
+        if truth is not None:
+            metrics = segmentation_metrics(truth[i:i + 1], scored.scores[i:i + 1], model.classes)
+            values += ["" if metrics[c].value is None else repr(float(metrics[c].value)) for c in columns[1 + K:]]
+        writer.writerow([i + 1, str(images[i]), *values])
     return buf.getvalue().encode()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from medfed.data.federation import (
     SingleClassSiteWarning,
     Site,
 )
-from medfed.data.images.manifest import Manifest, read_manifest
+from medfed.data.images.manifest import Manifest, read_manifest, read_manifest_paths
 from medfed.errors import ConfigError, DataError
 
 KINDS = ("auto", "nifti", "dicom", "image")
@@ -401,3 +402,58 @@ def _where(manifest: Manifest, row: int) -> str:
 def _shape_text(shape: tuple[int, ...], fmt: str) -> str:
     axes = "C, X, Y, Z" if len(shape) == 4 else "C, H, W"
     return f"{'×'.join(map(str, shape))} ({axes})"
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass(frozen=True)
+class ImageRows:
+    """The images a scoring manifest lists, read as :func:`load_image_manifest` reads a run's
+    (:func:`read_image_rows`): one format, every file on the model's sample shape."""
+
+    source: Path
+    paths: tuple[Path, ...]
+    kind: str  # nifti, dicom-series, dicom-file or image (the reader each row went through)
+    X: np.ndarray  # (n, C, *spatial) float32, as a site holds its images
+    metas: tuple[dict, ...]  # each image's reader metadata (affine, voxel size, ...)
+    masks: np.ndarray | None  # (n, *spatial) stored mask values (with a mask column), on their images' grids
+
+
+def read_image_rows(
+    path: str | os.PathLike,
+    *,
+    sample_shape: tuple[int, ...],
+    path_column: str = "path",
+    mask_column: str | None = None,
+    kind: str = "auto",
+    model: str = "the model",
+) -> ImageRows:
+    """Read the images (and masks) a manifest lists for scoring: the same readers, orientation
+    and mask-on-grid checks as a run's manifest; no site, label or split column is read. Every
+    image must have ``sample_shape`` (``model`` names the model file in that error); a bad file
+    is one :class:`DataError` naming the manifest row and the file (no skipping: every listed
+    image gets its prediction or the command fails)."""
+    if kind not in KINDS:
+        raise ConfigError(f"--kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+    source, paths, mask_paths = read_manifest_paths(path, path_column=path_column, mask_column=mask_column)
+    manifest = Manifest(source, paths, None, (), None, "1", mask_paths)
+    formats = [_format_of(p, kind) for p in paths]
+    fmt = _one_format(manifest, formats)
+    arrays, metas, masks = [], [], []
+    for row, image_path in enumerate(paths):
+        try:
+            array, meta = _read(image_path, formats[row])
+            if array.shape != tuple(sample_shape):
+                raise BadImageFile(image_path, f"has shape {_shape_text(array.shape, fmt)}, while {model} takes "
+                                               f"{_shape_text(tuple(sample_shape), fmt)}; allowed: images on the grid "
+                                               "the model was trained on (resample or crop them first)")
+            if mask_paths is not None:
+                mask = mask_paths[row]
+                masks.append(_on_grid(mask, *_read(mask, _format_of(mask, kind)), image_path, array, meta))
+        except BadImageFile as err:
+            raise DataError(f"{source}, data row {row + 1}: {err}") from None
+        arrays.append(array)
+        metas.append(meta)
+    return ImageRows(source, paths, fmt, np.stack(arrays).astype(np.float32, copy=False), tuple(metas),
+                     np.stack(masks) if mask_paths is not None else None)

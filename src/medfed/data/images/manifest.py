@@ -84,6 +84,21 @@ def read_manifest(
     return Manifest(source, paths, y, tuple(sites), split, positive, masks)
 
 
+def read_manifest_paths(path: str | os.PathLike, *, path_column: str = "path",
+                        mask_column: str | None = None) -> tuple[Path, tuple[Path, ...], tuple[Path, ...] | None]:
+    """A scoring manifest's file paths and, with ``mask_column``, its mask paths, checked and
+    resolved as :func:`read_manifest` does; the other columns are not read."""
+    source = Path(path)
+    frame = read_frame(source)
+    for role, column in (("path", path_column), ("mask", mask_column)):
+        if column is not None and column not in frame.columns:
+            raise DataError(f"{source}: no {role} column {column!r}; columns are {', '.join(map(str, frame.columns))}")
+    if len(frame) == 0:
+        raise DataError(f"{source}: the manifest has no rows")
+    paths = _paths(frame[path_column].tolist(), "path", path_column, source)
+    return source, paths, _paths(frame[mask_column].tolist(), "mask", mask_column, source) if mask_column else None
+
+
 def _paths(raw: list, role: str, column: str, source: Path) -> tuple[Path, ...]:
     """A column of file paths, relative ones resolved against the manifest's folder."""
     empty = [i for i, p in enumerate(raw) if p is None or (isinstance(p, float) and np.isnan(p)) or not str(p).strip()]
