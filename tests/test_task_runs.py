@@ -129,15 +129,3 @@ def test_regression_run_end_to_end_with_dp_sgd(tmp_path):
 def test_two_class_assumptions_refused_in_one_line(tmp_path, extra, message):
     result = _run(tmp_path, "dx", *extra)
     assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, result.output
-
-
-def test_robustness_audit_refuses_other_tasks(tmp_path):
-    from medfed.errors import ConfigError
-    from medfed.experiments.audit import Attack, run_robustness_audit
-    from medfed.experiments.config import ExperimentConfig
-
-    config = ExperimentConfig(data={"path": _table(tmp_path / "t.csv", "age"), "site_column": "site",
-                                    "label_column": "age"}, methods=["fedavg"])
-    with pytest.raises(ConfigError, match="robustness audit runs binary, multiclass, multilabel tasks so far; "
-                                          "these data are regression"):
-        run_robustness_audit(config, Attack("label_flip"))
