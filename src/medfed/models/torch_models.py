@@ -757,8 +757,6 @@ def stacking_refusal(model: TorchModel) -> str | None:
                 "cannot return; use --model-option norm=group or norm=none")
     if model.options.get("optimizer", "sgd") != "sgd":
         return f"its local optimizer {model.options['optimizer']!r} is not batched (plain SGD only)"
-    if model.task != "binary":  # the stacked steps and their start loss are the binary log-loss's
-        return f"its {model.task} head is not batched yet (binary heads only)"
     return None
 
 
@@ -773,17 +771,19 @@ def _train_stacked(model: TorchModel, params: Params, X: np.ndarray, y: np.ndarr
     k = X.shape[0]
     center = {name: model._tensor(np.asarray(v)) for name, v in params.items()}
     theta = {name: c.expand(k, *c.shape).clone() for name, c in center.items()}
-    Xt, yt = model._tensor(X), model._tensor(y)
+    Xt, yt = model._tensor(X), model._targets(y)
     net.eval()  # no BatchNorm (refused): eval and train mode compute the same
     with torch.no_grad():
         start = vmap(lambda th, x: functional_call(net, th, (x,)))(theta, Xt).double().cpu().numpy()
 
+    head = model.head
+
     def batch_loss(th, xb, yb, mb, nb):
-        per_row = F.binary_cross_entropy_with_logits(functional_call(net, th, (xb,)), yb, reduction="none")
+        per_row = head.torch_loss(functional_call(net, th, (xb,)), yb, "none")
         return (per_row * mb).sum() / nb  # the site's own rows' mean (padding weighs 0)
 
     def plain_loss(th, xb, yb):
-        return F.binary_cross_entropy_with_logits(functional_call(net, th, (xb,)), yb)
+        return head.torch_loss(functional_call(net, th, (xb,)), yb, "mean")
 
     masked = mask is not None
     step_grad = vmap(grad(batch_loss)) if masked else vmap(grad(plain_loss))
