@@ -400,3 +400,19 @@ def test_cli_runs_every_task_table_on_the_vectorized_executor(tmp_path, task, he
     assert headline in docs["vectorized"]["results"][0]["metrics"]
     np.testing.assert_allclose(np.array(metrics["vectorized"], float), np.array(metrics["inprocess"], float),
                                rtol=RTOL)
+
+
+def test_segmentation_unets_are_refused_in_one_line_naming_the_reason():
+    """MONAI's U-Net runs under vmap but its Dice loss does not: refused before training."""
+    from medfed.models.registry import make_model
+
+    model = make_model("unet2d", task="segmentation", n_classes=2, norm="group", channels=(2, 4), device="cpu")
+    gen = np.random.default_rng(0)
+    sites = [LocalData(f"s{i}", gen.normal(size=(3, 1, 8, 8)), (gen.random((3, 8, 8)) > 0.5).astype(float))
+             for i in range(3)]
+    spec, opts = resolve("fedavg", {})
+    algorithm = spec.build(opts, _Training, context_for([s.name for s in sites]))
+    with pytest.raises(ConfigError, match="cannot run on executor 'vectorized': model 'unet2d': its segmentation "
+                                          "loss is not batched: MONAI's DiceLoss .*; use --executor inprocess$"):
+        run_federated(algorithm, model.init_params((1, 8, 8), KeyedRng(0)), sites, LocalTraining(model, 0.1, 2), 1,
+                      KeyedRng(0), executor="vectorized")
