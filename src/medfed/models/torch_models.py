@@ -743,7 +743,8 @@ class TorchRows:
 class StackedTraining:
     """What :func:`train_stacked` returns: each site's trained parameters (name -> (K, ...)
     float64, the parameter view with a leading site axis), its eval-mode logits at the start on
-    its rows (K, n) float64, and the names under the L2 penalty (for the start objective)."""
+    its rows (K, n) float64 ((K, n, outputs) for a K-wide head), and the names under the L2 penalty
+    (for the start objective)."""
 
     params: dict[str, np.ndarray]
     start_logits: np.ndarray
@@ -822,7 +823,8 @@ def train_stacked(model: TorchModel, params: Params, X: np.ndarray, y: np.ndarra
     """Every site's plain-SGD local steps from ``params`` at once: ``torch.func.vmap`` of the
     gradient of the network called functionally (``functional_call``) over a leading site axis.
 
-    ``X`` (K, n, ...) and ``y`` (K, n) hold each site's rows padded to n; step t trains site k on
+    ``X`` (K, n, ...) and ``y`` (K, n) (multi-label: (K, n, L)) hold each site's rows padded to n, the
+    data term the head's (:meth:`Head.torch_loss`); step t trains site k on
     rows ``index[t, k]`` (None: all n), ``mask`` 1 on its own rows of them ((K, n) for full batch,
     (steps, K, B) with ``index``; None: all), ``count`` (K,) its rows per step; ``steps`` (K,) its
     step count. Each step is :func:`medfed.client.optimizer.descend`'s with plain SGD, in its order:

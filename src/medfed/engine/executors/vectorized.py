@@ -1,8 +1,10 @@
 """Every selected site's local steps as one array program: the vectorized executor (issue 13 §1).
 
-For the numpy logistic model the federation's rows are stacked once, with a leading site axis
-and padded to a common row count (``X``: (K, n_max, d), a row mask where sites differ in size).
-A round trains the whole cohort with batched matrix products (``z = X W``, ``X^T r`` per site)
+For the numpy models of every table task (``logistic``, ``softmax``, ``multilabel_logistic``,
+``linear``: one path, :data:`STACKED_GLMS` holds each one's residual and per-site loss, the
+residual being its session's own function) the federation's rows are stacked once, with a leading
+site axis and padded to a common row count (``X``: (K, n_max, d), a row mask where sites differ in
+size). A round trains the whole cohort with batched matrix products (``z = X W``, ``X^T r`` per site)
 and hands the server the uploads already stacked (:class:`~medfed.engine.protocol.StackedReplies`),
 which it screens and aggregates on the stacked arrays: no per-site object on the hot path of a
 full-batch round. Mini-batches come from each site's own keyed rng through the same
@@ -16,9 +18,10 @@ batched step, and the sites' control variates ``c_i`` are stacked state kept wit
 compression, secure aggregation) is refused before training with the reason and
 ``--executor inprocess``.
 
-Torch models (``torch_logistic``, ``mlp``, ``cnn2d``, ``cnn3d``) with plain SGD and no BatchNorm run
+Torch models (``torch_logistic``, ``mlp``, ``cnn2d``, ``cnn3d``; every head but segmentation's, whose
+MONAI Dice loss does not run under vmap) with plain SGD and no BatchNorm run
 FedAvg's and FedProx's rules through ``torch.func.vmap`` over the site axis
-(:func:`~medfed.models.torch_models.train_stacked`; padded rows weigh 0 in each site's mean loss):
+(:func:`~medfed.models.torch_models.train_stacked`, the head's own loss; padded rows weigh 0 in each site's mean loss):
 float64 models agree with ``inprocess`` within 1e-12 relative (tested); GroupNorm over groups of few
 values amplifies the summation-order differences (1e-8 relative seen with groups of two). BatchNorm
 (its running statistics), Adam and the other rules are refused. ``benchmarks/bench_vmap.py`` measures
@@ -278,9 +281,8 @@ def _decision(X: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _site_sums(r: np.ndarray, X: np.ndarray) -> np.ndarray:
     """``X_k^T r_k`` for every site: (S, d, *out)."""
-    S, n = r.shape[:2]
-    g = np.matmul(np.swapaxes(r.reshape(S, n, -1), 1, 2), X)  # (S, outputs, d)
-    return np.swapaxes(g, 1, 2).reshape(S, X.shape[2], *r.shape[2:])
+    S, n = r.shape[:2]  # X^T r with X transposed in place: BLAS takes it as is (r^T X would copy r^T)
+    return np.matmul(np.swapaxes(X, 1, 2), r.reshape(S, n, -1)).reshape(S, X.shape[2], *r.shape[2:])
 
 
 def _masked_residual(glm: StackedGlm, z: np.ndarray, y: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
