@@ -327,7 +327,11 @@ def _task_run(model, method, opts, executor, sites, *, batch=None, fraction=1.0,
 
 
 def _numpy_model(task):
-    from medfed.models.glm import LinearRegression, MultilabelLogistic, SoftmaxRegression
+    from medfed.models.glm import (
+        LinearRegression,
+        MultilabelLogistic,
+        SoftmaxRegression,
+    )
 
     return {"multiclass": SoftmaxRegression(3), "multilabel": MultilabelLogistic(3),
             "regression": LinearRegression()}[task]
