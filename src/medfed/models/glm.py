@@ -58,10 +58,16 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e
 
 
+def cross_entropy_rows(z: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Each row's ``logsumexp(z) - z[y]`` from scores ``(..., K)`` and class indices ``(...)``: any
+    leading axes (the vectorized executor's are sites and rows)."""
+    top = z.max(axis=-1)
+    lse = top + np.log(np.exp(z - top[..., None]).sum(axis=-1))
+    return lse - np.take_along_axis(z, index[..., None], axis=-1)[..., 0]
+
+
 def _mean_cross_entropy(z: np.ndarray, index: np.ndarray) -> float:
-    top = z.max(axis=1)
-    lse = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
-    return float(_sum(lse - z[np.arange(z.shape[0]), index]) / z.shape[0])
+    return float(_sum(cross_entropy_rows(z, index)) / z.shape[0])
 
 
 def _residual(z: np.ndarray, index: np.ndarray) -> np.ndarray:

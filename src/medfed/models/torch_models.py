@@ -746,7 +746,8 @@ class TorchRows:
 class StackedTraining:
     """What :func:`train_stacked` returns: each site's trained parameters (name -> (K, ...)
     float64, the parameter view with a leading site axis), its eval-mode logits at the start on
-    its rows (K, n) float64, and the names under the L2 penalty (for the start objective)."""
+    its rows (K, n) float64 ((K, n, outputs) for a K-wide head), and the names under the L2 penalty
+    (for the start objective)."""
 
     params: dict[str, np.ndarray]
     start_logits: np.ndarray
@@ -760,8 +761,9 @@ def stacking_refusal(model: TorchModel) -> str | None:
                 "cannot return; use --model-option norm=group or norm=none")
     if model.options.get("optimizer", "sgd") != "sgd":
         return f"its local optimizer {model.options['optimizer']!r} is not batched (plain SGD only)"
-    if model.task != "binary":  # the stacked steps and their start loss are the binary log-loss's
-        return f"its {model.task} head is not batched yet (binary heads only)"
+    if model.task == "segmentation":  # the U-Net's forward runs under vmap; its loss does not
+        return ("its segmentation loss is not batched: MONAI's DiceLoss one-hot encodes the masks with an in-place "
+                "scatter_, which vmap cannot run")
     return None
 
 
@@ -776,17 +778,19 @@ def _train_stacked(model: TorchModel, params: Params, X: np.ndarray, y: np.ndarr
     k = X.shape[0]
     center = {name: model._tensor(np.asarray(v)) for name, v in params.items()}
     theta = {name: c.expand(k, *c.shape).clone() for name, c in center.items()}
-    Xt, yt = model._tensor(X), model._tensor(y)
+    Xt, yt = model._tensor(X), model._targets(y)
     net.eval()  # no BatchNorm (refused): eval and train mode compute the same
     with torch.no_grad():
         start = vmap(lambda th, x: functional_call(net, th, (x,)))(theta, Xt).double().cpu().numpy()
 
+    head = model.head
+
     def batch_loss(th, xb, yb, mb, nb):
-        per_row = F.binary_cross_entropy_with_logits(functional_call(net, th, (xb,)), yb, reduction="none")
+        per_row = head.torch_loss(functional_call(net, th, (xb,)), yb, "none")
         return (per_row * mb).sum() / nb  # the site's own rows' mean (padding weighs 0)
 
     def plain_loss(th, xb, yb):
-        return F.binary_cross_entropy_with_logits(functional_call(net, th, (xb,)), yb)
+        return head.torch_loss(functional_call(net, th, (xb,)), yb, "mean")
 
     masked = mask is not None
     step_grad = vmap(grad(batch_loss)) if masked else vmap(grad(plain_loss))
@@ -822,7 +826,8 @@ def train_stacked(model: TorchModel, params: Params, X: np.ndarray, y: np.ndarra
     """Every site's plain-SGD local steps from ``params`` at once: ``torch.func.vmap`` of the
     gradient of the network called functionally (``functional_call``) over a leading site axis.
 
-    ``X`` (K, n, ...) and ``y`` (K, n) hold each site's rows padded to n; step t trains site k on
+    ``X`` (K, n, ...) and ``y`` (K, n) (multi-label: (K, n, L)) hold each site's rows padded to n, the
+    data term the head's (:meth:`Head.torch_loss`); step t trains site k on
     rows ``index[t, k]`` (None: all n), ``mask`` 1 on its own rows of them ((K, n) for full batch,
     (steps, K, B) with ``index``; None: all), ``count`` (K,) its rows per step; ``steps`` (K,) its
     step count. Each step is :func:`medfed.client.optimizer.descend`'s with plain SGD, in its order:

@@ -1,8 +1,10 @@
 """Every selected site's local steps as one array program: the vectorized executor (issue 13 §1).
 
-For the numpy logistic model the federation's rows are stacked once, with a leading site axis
-and padded to a common row count (``X``: (K, n_max, d), a row mask where sites differ in size).
-A round trains the whole cohort with batched matrix products (``z = X W``, ``X^T r`` per site)
+For the numpy models of every table task (``logistic``, ``softmax``, ``multilabel_logistic``,
+``linear``: one path, :data:`STACKED_GLMS` holds each one's residual and per-site loss, the
+residual being its session's own function) the federation's rows are stacked once, with a leading
+site axis and padded to a common row count (``X``: (K, n_max, d), a row mask where sites differ in
+size). A round trains the whole cohort with batched matrix products (``z = X W``, ``X^T r`` per site)
 and hands the server the uploads already stacked (:class:`~medfed.engine.protocol.StackedReplies`),
 which it screens and aggregates on the stacked arrays: no per-site object on the hot path of a
 full-batch round. Mini-batches come from each site's own keyed rng through the same
@@ -16,9 +18,10 @@ batched step, and the sites' control variates ``c_i`` are stacked state kept wit
 compression, secure aggregation) is refused before training with the reason and
 ``--executor inprocess``.
 
-Torch models (``torch_logistic``, ``mlp``, ``cnn2d``, ``cnn3d``) with plain SGD and no BatchNorm run
+Torch models (``torch_logistic``, ``mlp``, ``cnn2d``, ``cnn3d``; every head but segmentation's, whose
+MONAI Dice loss does not run under vmap) with plain SGD and no BatchNorm run
 FedAvg's and FedProx's rules through ``torch.func.vmap`` over the site axis
-(:func:`~medfed.models.torch_models.train_stacked`; padded rows weigh 0 in each site's mean loss):
+(:func:`~medfed.models.torch_models.train_stacked`, the head's own loss; padded rows weigh 0 in each site's mean loss):
 float64 models agree with ``inprocess`` within 1e-12 relative (tested); GroupNorm over groups of few
 values amplifies the summation-order differences (1e-8 relative seen with groups of two). BatchNorm
 (its running statistics), Adam and the other rules are refused. ``benchmarks/bench_vmap.py`` measures
@@ -35,9 +38,10 @@ commit semantics (pending until the coordinator uses the upload) and, with a sta
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +70,17 @@ from medfed.engine.protocol import (
     StackedReplies,
 )
 from medfed.errors import ConfigError
-from medfed.models.logistic import LogisticRegression, sigmoid
+from medfed.models.glm import (
+    LinearRegression,
+    LinearSession,
+    MultilabelLogistic,
+    MultilabelSession,
+    SoftmaxRegression,
+    SoftmaxSession,
+    cross_entropy_rows,
+)
+from medfed.models.glm import _residual as _glm_residual
+from medfed.models.logistic import LogisticRegression, LogisticSession
 from medfed.rng import KeyedRng, name_key
 from medfed.server.aggregate import StackedUploads
 from medfed.wiretypes import wire_type
@@ -121,8 +135,9 @@ def refusal(algorithm: FederatedAlgorithm, training: LocalTraining, *, codec: An
         rule = batched_rule(algorithm)
         if rule is not None and (rule.kind != "delta" or rule.control):
             return f"on torch models it batches FedAvg's and FedProx's site rules only, not {algorithm.name!r}'s"
-    elif not isinstance(model, LogisticRegression):
-        return f"it batches the numpy logistic model and torch models, not {getattr(model, 'name', model)!r}"
+    elif type(model) not in STACKED_GLMS:
+        return (f"it batches the numpy {', '.join(repr(m.name) for m in STACKED_GLMS)} models and torch models, "
+                f"not {getattr(model, 'name', model)!r}")
     if dp != "none" or training.dp_sgd is not None:
         return "differential privacy (--dp) is not batched"
     if codec is not None:
@@ -151,8 +166,8 @@ def check_vectorized(method: str, algorithm: FederatedAlgorithm, training: Local
 @dataclass(frozen=True, slots=True)
 class StackedRows:
     """The federation's training rows with a leading site axis, padded to the largest site's row
-    count: ``X`` (K, n, d) (images: (K, n, C, ...)), ``y`` (K, n), ``mask`` (K, n) 1 on a site's own rows (None when all
-    sites have n rows), ``n`` (K,) each site's row count."""
+    count: ``X`` (K, n, d) (images: (K, n, C, ...)), ``y`` (K, n) (multi-label: (K, n, L)), ``mask`` (K, n) 1 on
+    a site's own rows (None when all sites have n rows), ``n`` (K,) each site's row count."""
 
     X: np.ndarray
     y: np.ndarray
@@ -167,7 +182,7 @@ class StackedRows:
             return cls(np.stack([d.X for d in sites]).astype(np.float64, copy=False),
                        np.stack([d.y for d in sites]).astype(np.float64, copy=False), None, n)
         X = np.zeros((len(sites), width, *sites[0].X.shape[1:]))
-        y = np.zeros((len(sites), width))
+        y = np.zeros((len(sites), width, *sites[0].y.shape[1:]))
         for i, d in enumerate(sites):
             X[i, : d.n], y[i, : d.n] = d.X, d.y
         return cls(X, y, (np.arange(width) < n[:, None]).astype(np.float64), n)
@@ -179,35 +194,103 @@ class StackedRows:
 
 
 # --- the array program: pure functions over stacked arrays ---------------------------------------
+#
+# Shapes: S sites, n (padded) rows, d features, ``out`` the model's outputs per row: () for the
+# logistic and linear models (weight (d,), bias (1,)), (K,) for softmax and multi-label (weight
+# (d, K), bias (K,)). Stacked: X (S, n, d), W (S, d, *out), b (S, *out), z and r (S, n, *out).
+
+
+def _along(v: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """``v`` (S,) or (S, n) with trailing unit axes to broadcast against ``like``."""
+    return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
+
+
+def _link_residual(link: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The residual ``link(z) - y`` of a canonical-link model (the session's own ``link``)."""
+    def residual(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        r = link(z)
+        r -= y
+        return r
+
+    return residual
+
+
+def _softmax_residual(z: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """:func:`medfed.models.glm._residual` (row-wise) on every site's rows at once."""
+    return _glm_residual(z.reshape(-1, z.shape[-1]), index.reshape(-1)).reshape(z.shape)
+
+
+def _site_log_loss(z: np.ndarray, y: np.ndarray, mask: np.ndarray | None, n: np.ndarray) -> np.ndarray:
+    """Each site's mean log-loss over its own rows, its labels' summed (multi-label), as the
+    sessions sum it: ``(sum log(1 + e^z) - y . z) / n`` (the padding's y is 0: ``y . z`` needs no mask)."""
+    soft = np.logaddexp(0.0, z)
+    if mask is not None:
+        soft *= _along(mask, soft)
+    S = z.shape[0]
+    return (soft.reshape(S, -1).sum(axis=1) - np.einsum("ki,ki->k", y.reshape(S, -1), z.reshape(S, -1))) / n
+
+
+def _site_cross_entropy(z: np.ndarray, index: np.ndarray, mask: np.ndarray | None, n: np.ndarray) -> np.ndarray:
+    """Each site's mean cross-entropy over its own rows (:func:`~medfed.models.glm.cross_entropy_rows`)."""
+    rows = cross_entropy_rows(z, index)
+    if mask is not None:
+        rows *= mask
+    return rows.sum(axis=1) / n
+
+
+def _site_half_square(z: np.ndarray, y: np.ndarray, mask: np.ndarray | None, n: np.ndarray) -> np.ndarray:
+    """Each site's mean ``(z - y)^2 / 2`` over its own rows."""
+    r = z - y
+    if mask is not None:
+        r *= mask
+    return 0.5 * np.einsum("kn,kn->k", r, r) / n
+
+
+@dataclass(frozen=True, slots=True)
+class StackedGlm:
+    """A numpy model's terms on stacked rows: ``encode`` the targets as its session takes them,
+    ``residual(z, target)`` each row's gradient of its data term with respect to z (the session's
+    own function, padding included: the caller masks it), ``loss(z, target, mask, n)`` each
+    site's mean data term (S,)."""
+
+    encode: Callable[[np.ndarray], np.ndarray]
+    residual: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    loss: Callable[..., np.ndarray]
+
+
+def _float(y: np.ndarray) -> np.ndarray:
+    return y
+
+
+STACKED_GLMS: dict[type, StackedGlm] = {  # by exact type: a subclass may change any term
+    LogisticRegression: StackedGlm(_float, _link_residual(LogisticSession.link), _site_log_loss),
+    LinearRegression: StackedGlm(_float, _link_residual(LinearSession.link), _site_half_square),
+    SoftmaxRegression: StackedGlm(SoftmaxSession.encode, _softmax_residual, _site_cross_entropy),
+    MultilabelLogistic: StackedGlm(MultilabelSession.encode, MultilabelSession.residual, _site_log_loss),
+}
 
 
 def _decision(X: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``z = X w + b`` for every site at once: (K, n) from (K, n, d), (K, d), (K,)."""
-    z = np.matmul(X, W[:, :, None])[..., 0]
+    """``z = X W + b`` for every site at once: (S, n, *out)."""
+    S, d = W.shape[:2]
+    z = np.matmul(X, W.reshape(S, d, -1))
+    z = z.reshape(*z.shape[:2], *W.shape[2:])
     z += b[:, None]
     return z
 
 
-def _residual(z: np.ndarray, y: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """``sigmoid(z) - y`` on each site's own rows, 0 on the padding."""
-    r = sigmoid(z)
-    r -= y
-    if mask is not None:
-        r *= mask
-    return r
-
-
-def _mean_log_loss(z: np.ndarray, y: np.ndarray, mask: np.ndarray | None, n: np.ndarray) -> np.ndarray:
-    """Each site's mean log-loss over its own rows (the padding's y is 0, so ``y z`` needs no mask)."""
-    soft = np.logaddexp(0.0, z)
-    if mask is not None:
-        soft *= mask
-    return (soft.sum(axis=1) - np.einsum("kn,kn->k", y, z)) / n
-
-
 def _site_sums(r: np.ndarray, X: np.ndarray) -> np.ndarray:
-    """``X_k^T r_k`` for every site: (K, d)."""
-    return np.matmul(r[:, None, :], X)[:, 0, :]
+    """``X_k^T r_k`` for every site: (S, d, *out)."""
+    S, n = r.shape[:2]  # X^T r with X transposed in place: BLAS takes it as is (r^T X would copy r^T)
+    return np.matmul(np.swapaxes(X, 1, 2), r.reshape(S, n, -1)).reshape(S, X.shape[2], *r.shape[2:])
+
+
+def _masked_residual(glm: StackedGlm, z: np.ndarray, y: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The residual on each site's own rows, 0 on the padding."""
+    r = glm.residual(z, y)
+    if mask is not None:
+        r *= _along(mask, r)
+    return r
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,36 +332,48 @@ def _batch(rows: StackedRows, batches: Batches | None, t: int):
             batches.count)
 
 
-def local_steps(rows: StackedRows, w0: np.ndarray, b0: float, training: LocalTraining, steps: np.ndarray,
-                batches: Batches | None, mu: float, correction: Params | None = None
+def _global(params: Params) -> tuple[np.ndarray, np.ndarray]:
+    """The global weight (d, *out) and bias (*out): the one-output models' bias (1,) as a scalar."""
+    w0 = np.asarray(params["weight"], dtype=np.float64)
+    return w0, np.asarray(params["bias"], dtype=np.float64).reshape(w0.shape[1:])
+
+
+def _penalty(l2: float, w0: np.ndarray) -> float:
+    """The objective's L2 term at the global model (the bias is not penalized)."""
+    return 0.5 * l2 * float(np.vdot(w0, w0)) if l2 else 0.0
+
+
+def local_steps(rows: StackedRows, glm: StackedGlm, w0: np.ndarray, b0: np.ndarray, training: LocalTraining,
+                steps: np.ndarray, batches: Batches | None, mu: float, correction: Params | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every site's SGD steps from the global model (FedAvg's; FedProx's with ``mu``; SCAFFOLD's
     with ``correction``, each site's ``c - c_i`` stacked in the parameter view): the trained
-    weights (K, d), biases (K,) and each site's objective at the start on all its rows."""
-    K = rows.X.shape[0]
+    weights (S, d, *out), biases (S, *out) and each site's objective at the start on all its rows."""
+    S = rows.X.shape[0]
     lr, l2 = training.lr, training.l2
     shift_w = shift_b = None
     if correction is not None:  # as the optimizer adds it: lr folded into the weight's, the bias's as is
-        shift_w, shift_b = lr * correction["weight"], correction["bias"][:, 0]
-    W = np.repeat(w0[None, :], K, axis=0)
-    b = np.full(K, b0)
+        shift_w, shift_b = lr * correction["weight"], correction["bias"].reshape(S, *b0.shape)
+    W = np.repeat(w0[None], S, axis=0)
+    b = np.repeat(b0[None], S, axis=0)
     start = None
     uniform = bool((steps == steps[0]).all())
     for t in range(int(steps.max())):
         X, y, mask, count = _batch(rows, batches, t)
         z = _decision(X, W, b)
         if t == 0 and batches is None:  # full batch: the loss at the global model from the first pass
-            start = _mean_log_loss(z, y, mask, count)
-        r = _residual(z, y, mask)
+            start = glm.loss(z, y, mask, count)
+        r = _masked_residual(glm, z, y, mask)
         g = _site_sums(r, X)
-        g *= (lr / count)[:, None]  # the optimizer's fold of lr into the mean (client/optimizer.py)
+        g *= _along(lr / count, g)  # the optimizer's fold of lr into the mean (client/optimizer.py)
         if l2:
             g += (lr * l2) * W
         if mu:
             g += (lr * mu) * (W - w0)
         if shift_w is not None:
             g += shift_w
-        g_b = r.sum(axis=1) / count
+        g_b = r.sum(axis=1)
+        g_b /= _along(count, g_b)
         if mu:
             g_b += mu * (b - b0)
         if shift_b is not None:
@@ -289,30 +384,30 @@ def local_steps(rows: StackedRows, w0: np.ndarray, b0: float, training: LocalTra
         W -= g
         b += -lr * g_b
     if start is None:  # mini-batches (or no steps): the loss on all rows at the global model
-        start = _mean_log_loss(_decision(rows.X, np.repeat(w0[None, :], K, axis=0), np.full(K, b0)), rows.y,
-                               rows.mask, rows.n)
-    if l2:
-        start = start + 0.5 * l2 * float(np.vdot(w0, w0))
-    return W, b, start
+        z = _decision(rows.X, np.repeat(w0[None], S, axis=0), np.repeat(b0[None], S, axis=0))
+        start = glm.loss(z, rows.y, rows.mask, rows.n)
+    return W, b, start + _penalty(l2, w0)
 
 
-def site_gradients(rows: StackedRows, w0: np.ndarray, b0: float, l2: float, batches: Batches | None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def site_gradients(rows: StackedRows, glm: StackedGlm, w0: np.ndarray, b0: np.ndarray, l2: float,
+                   batches: Batches | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """FedSGD's uploads: every site's gradient at the global model (on its step-0 batch with
     mini-batches), the bias's, and its objective there on all its rows."""
-    K = rows.X.shape[0]
-    W, b = np.repeat(w0[None, :], K, axis=0), np.full(K, b0)
+    S = rows.X.shape[0]
+    W, b = np.repeat(w0[None], S, axis=0), np.repeat(b0[None], S, axis=0)
     z = _decision(rows.X, W, b)
-    loss = _mean_log_loss(z, rows.y, rows.mask, rows.n)
+    loss = glm.loss(z, rows.y, rows.mask, rows.n)
     X, y, mask, count = _batch(rows, batches, 0)
     if batches is not None:
         z = _decision(X, W, b)
-    r = _residual(z, y, mask)
+    r = _masked_residual(glm, z, y, mask)
     g = _site_sums(r, X)
-    g /= count[:, None]
+    g /= _along(count, g)
     if l2:
         g += l2 * w0
-    return g, r.sum(axis=1) / count, loss + 0.5 * l2 * float(w0 @ w0)
+    g_b = r.sum(axis=1)
+    g_b /= _along(count, g_b)
+    return g, g_b, loss + _penalty(l2, w0)
 
 
 def scaffold_controls(own: Params, server_control: Params, delta: Params, steps: np.ndarray, lr: float) -> Params:
@@ -403,14 +498,16 @@ class VectorizedExecutor:
         self.training = program.training
         self.data = tuple(sites)
         self.sites = tuple(d.name for d in sites)
-        self.rows = StackedRows.of(sites)
+        self.torch = _torch_model(program.training.model)
+        self.glm = None if self.torch else STACKED_GLMS[type(program.training.model)]
+        rows = StackedRows.of(sites)
+        self.rows = rows if self.glm is None else dataclasses.replace(rows, y=self.glm.encode(rows.y))
         self.position = {name: i for i, name in enumerate(self.sites)}
         self.keys = np.array([name_key(s) for s in self.sites])
         # local epochs give each site its own step count (for_site); FedSGD takes one gradient
         self.steps = np.array([program.training.for_site(int(n)).steps for n in self.rows.n], dtype=np.intp)
         self.rng = rng
         self.faults = faults or Faults()
-        self.torch = _torch_model(program.training.model)
         self._path = None if state_dir is None else Path(state_dir) / "vectorized.state"
         self.memory: StackedMemory | None = self._load() if self.rule.control else None
 
@@ -457,15 +554,16 @@ class VectorizedExecutor:
             return self._train_scaffold(plan, cohort, at, rows, steps, batches, missing)
         if self.torch:
             return self._train_torch(plan, cohort, rows, steps, batches, missing)
-        w0, b0 = np.asarray(plan.params["weight"], dtype=np.float64), float(plan.params["bias"][0])
+        w0, b0 = _global(plan.params)
         if rule.kind == "gradient":
-            weight, bias, loss = site_gradients(rows, w0, b0, training.l2, batches)
+            weight, bias, loss = site_gradients(rows, self.glm, w0, b0, training.l2, batches)
         else:
-            W, b, loss = local_steps(rows, w0, b0, training, steps, batches, rule.mu)
+            W, b, loss = local_steps(rows, self.glm, w0, b0, training, steps, batches, rule.mu)
             weight, bias = W - w0, b - b0
-        stack = StackedUploads(cohort, {"weight": weight, "bias": bias[:, None]}, rows.n.astype(np.float64),
-                               rule.kind, {"loss": loss})
-        return StackedReplies(stack, weight.itemsize * (w0.size + 1), missing)
+        bias_shape = np.shape(plan.params["bias"])
+        stack = StackedUploads(cohort, {"weight": weight, "bias": bias.reshape(-1, *bias_shape)},
+                               rows.n.astype(np.float64), rule.kind, {"loss": loss})
+        return StackedReplies(stack, weight.itemsize * (w0.size + b0.size), missing)
 
     def _train_scaffold(self, plan: RoundPlan, cohort: tuple[str, ...], at: np.ndarray | None, rows: StackedRows,
                         steps: np.ndarray, batches: Batches | None, missing: dict[str, str]) -> StackedReplies:
@@ -480,16 +578,16 @@ class VectorizedExecutor:
         own = self.memory.state_before(plan.round, where)
         server = {k: np.asarray(v, dtype=np.float64) for k, v in plan.message["server_control"].items()}
         correction = {k: server[k] - own[k] for k in params}
-        w0, b0 = params["weight"], float(params["bias"][0])
-        W, b, loss = local_steps(rows, w0, b0, self.training, steps, batches, self.rule.mu, correction)
-        delta = {"weight": W - w0, "bias": (b - b0)[:, None]}
+        w0, b0 = _global(params)
+        W, b, loss = local_steps(rows, self.glm, w0, b0, self.training, steps, batches, self.rule.mu, correction)
+        delta = {"weight": W - w0, "bias": (b - b0).reshape(-1, *params["bias"].shape)}
         new_own = scaffold_controls(own, server, delta, steps, self.training.lr)
         m = self.memory
         m.pending_round, m.pending_at, m.pending = plan.round, where, new_own
         self._save()
         stack = StackedUploads(cohort, delta, rows.n.astype(np.float64), "delta", {"loss": loss},
                                {"control_delta": {k: new_own[k] - own[k] for k in params}})
-        return StackedReplies(stack, 2 * W.itemsize * (w0.size + 1), missing)  # the delta and c_i+ - c_i
+        return StackedReplies(stack, 2 * W.itemsize * (w0.size + b0.size), missing)  # the delta and c_i+ - c_i
 
     def _train_torch(self, plan: RoundPlan, cohort: tuple[str, ...], rows: StackedRows, steps: np.ndarray,
                      batches: Batches | None, missing: dict[str, str]) -> StackedReplies:
@@ -505,7 +603,9 @@ class VectorizedExecutor:
             index, mask, count = batches.index, batches.mask, batches.count
         out = train_stacked(training.model, params, rows.X, rows.y, steps, index=index, mask=mask,
                             count=count.astype(np.float64), lr=training.lr, l2=training.l2, mu=self.rule.mu)
-        loss = _mean_log_loss(out.start_logits, rows.y, rows.mask, rows.n)
+        head = training.model.head  # each site's start loss as its session's: the head's mean on its own rows
+        loss = np.array([head.mean_loss(out.start_logits[k, :n], head.targets(rows.y[k, :n]))
+                         for k, n in enumerate(rows.n.tolist())])
         if training.l2:  # the objective's L2 term at the global model, as the optimizer's penalty adds it
             loss = loss + 0.5 * training.l2 * sum(float(np.vdot(params[k], params[k])) for k in out.decayed)
         delta = {k: out.params[k] - params[k] for k in params}
