@@ -93,7 +93,7 @@ OverwriteOpt = Annotated[
 ExecutorOpt = Annotated[
     str | None,
     typer.Option(help="where sites run: inprocess; process (one process per site, owning its rows and state); "
-                      "vectorized (the cohort as one array program: numpy logistic model, FedAvg/FedProx/FedSGD/"
+                      "vectorized (the cohort as one array program: numpy models of every table task, FedAvg/FedProx/FedSGD/"
                       "SCAFFOLD site rules; torch models with SGD, no BatchNorm: FedAvg/FedProx via vmap); ray (sites as Ray actors: --ray-address, or Ray on this machine); flower (a Flower deployment on 127.0.0.1, one SuperNode per site)"),
 ]
 RayAddressOpt = Annotated[

@@ -340,8 +340,9 @@ class ExperimentConfig(_Strict):
     executor: Literal["inprocess", "process", "vectorized", "ray", "flower"] = Field(
         "inprocess",
         description="where sites run: inprocess (serial, this process), process (a process per site, each "
-        "owning its rows and state), vectorized (the whole cohort as one array program: numpy logistic "
-        "model, FedAvg/FedProx/FedSGD site rules), ray (sites as Ray actors, here or on the cluster at "
+        "owning its rows and state), vectorized (the whole cohort as one array program: numpy models "
+        "of every table task with FedAvg/FedProx/FedSGD/SCAFFOLD site rules, torch models with SGD and no "
+        "BatchNorm with FedAvg/FedProx), ray (sites as Ray actors, here or on the cluster at "
         "ray_address; pip install 'medfed[scale]'), flower (Flower's deployment runtime: `medfed deploy`)",
     )
     ray_address: str | None = Field(

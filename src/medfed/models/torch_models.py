@@ -761,9 +761,6 @@ def stacking_refusal(model: TorchModel) -> str | None:
                 "cannot return; use --model-option norm=group or norm=none")
     if model.options.get("optimizer", "sgd") != "sgd":
         return f"its local optimizer {model.options['optimizer']!r} is not batched (plain SGD only)"
-    if model.task == "segmentation":  # the U-Net's forward runs under vmap; its loss does not
-        return ("its segmentation loss is not batched: MONAI's DiceLoss one-hot encodes the masks with an in-place "
-                "scatter_, which vmap cannot run")
     return None
 
 

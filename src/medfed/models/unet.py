@@ -104,10 +104,13 @@ def dice_ce(z: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
     softmax=True)`` (a test checks it): every image has the same number of pixels."""
     from monai.losses import DiceCELoss, DiceLoss
 
-    target = y.unsqueeze(1)
+    # one-hot by comparison, not MONAI's in-place scatter_, so that the loss also runs under vmap
+    # (the vectorized executor); an exact 0/1 encoding either way
+    classes = torch.arange(z.shape[1], device=y.device).view(1, -1, *([1] * (y.dim() - 1)))
+    target = (y.unsqueeze(1) == classes).to(z.dtype)
     if reduction == "mean":
-        return DiceCELoss(to_onehot_y=True, softmax=True)(z, target)
-    dice = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")(z, target).flatten(1).mean(dim=1)
+        return DiceCELoss(softmax=True)(z, target)
+    dice = DiceLoss(softmax=True, reduction="none")(z, target).flatten(1).mean(dim=1)
     ce = torch.nn.functional.cross_entropy(z, y, reduction="none").flatten(1).mean(dim=1)
     per_image = dice + ce
     return per_image if reduction == "none" else per_image.sum()

@@ -18,8 +18,8 @@ batched step, and the sites' control variates ``c_i`` are stacked state kept wit
 compression, secure aggregation) is refused before training with the reason and
 ``--executor inprocess``.
 
-Torch models (``torch_logistic``, ``mlp``, ``cnn2d``, ``cnn3d``; every head but segmentation's, whose
-MONAI Dice loss does not run under vmap) with plain SGD and no BatchNorm run
+Torch models (``torch_logistic``, ``mlp``, ``cnn2d``, ``cnn3d``, ``unet2d``, ``unet3d``; every task's
+head, the U-Nets' Dice + cross-entropy included) with plain SGD and no BatchNorm run
 FedAvg's and FedProx's rules through ``torch.func.vmap`` over the site axis
 (:func:`~medfed.models.torch_models.train_stacked`, the head's own loss; padded rows weigh 0 in each site's mean loss):
 float64 models agree with ``inprocess`` within 1e-12 relative (tested); GroupNorm over groups of few
