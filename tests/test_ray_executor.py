@@ -148,3 +148,82 @@ def test_an_unreachable_ray_address_is_refused_before_anything_trains(heart, tmp
     with pytest.raises(ConfigError, match=f"--ray-address '127.0.0.1:{port}': no Ray cluster answers there"):
         run_experiment(config, heart)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A Ray cluster started apart from this process (``ray start --head``), on 127.0.0.1 only
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray on the loopback address) with token
+    authentication; stopped by its process group, whose every process must be gone after."""
+    pytest.importorskip("ray")
+    import secrets
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    head = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--port", str(port), "--num-cpus",
+         "2", "--include-dashboard", "false", "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("ray start --head did not listen within 60 s")
+        yield f"127.0.0.1:{port}", env
+    finally:
+        started = _descendants(head.pid) | {head.pid}
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # Ray drains for up to 30 s on SIGTERM: not worth waiting for
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in started) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in started if _alive(p)], "processes of the Ray cluster survived"
+
+
+def _run_in_child(args: list[str], env: dict) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "medfed.cli.app", *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_an_existing_ray_cluster_at_ray_address_gives_the_inprocess_numbers(cluster, tmp_path):
+    address, env = cluster
+    common = ["run", "--dataset", "heart-disease", "--methods", "fedavg,scaffold", "--rounds", "3", "--repeats", "1"]
+    on_cluster = _run_in_child([*common, "--executor", "ray", "--ray-address", address, "--out",
+                                str(tmp_path / "ray")], env)
+    assert on_cluster.returncode == 0, on_cluster.stderr[-2000:]
+    here = _run_in_child([*common, "--out", str(tmp_path / "here")], env)
+    assert here.returncode == 0, here.stderr[-2000:]
+    import json
+
+    docs = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("ray", "here")]
+    assert docs[0]["results"] == docs[1]["results"] and docs[0]["histories"] == docs[1]["histories"]
+
+
+def test_a_cluster_that_refuses_the_token_is_one_line_before_anything_trains(cluster, tmp_path):
+    address, env = cluster
+    wrong = {**env, "RAY_AUTH_TOKEN": "0" * 32}
+    result = _run_in_child(["run", "--dataset", "heart-disease", "--methods", "single,fedavg", "--rounds", "2",
+                            "--executor", "ray", "--ray-address", address, "--out", str(tmp_path / "out")], wrong)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "refused this process's token" in lines[0] and "RAY_AUTH_TOKEN" in lines[0], lines
+    assert not (tmp_path / "out").exists()

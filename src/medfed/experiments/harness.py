@@ -31,7 +31,7 @@ from medfed.data.tasks import UNSCALED, TargetScale, check_task, strata, target_
 from medfed.comm.compress import make_codec
 from medfed.engine.executors import LOCAL_EXECUTORS
 from medfed.engine.executors.process import exit_with_parent
-from medfed.engine.executors.ray import check_ray
+from medfed.engine.executors.ray import connect as connect_ray
 from medfed.engine.faults import parse_drops
 from medfed.engine.loop import FederatedAlgorithm, FederatedRun, run_federated
 from medfed.errors import ConfigError, MedfedError
@@ -1081,8 +1081,8 @@ def check_study(
         )
     if config.ray_address is not None and config.executor != "ray":
         raise ConfigError(f"--ray-address is the cluster of --executor ray; this study runs on {config.executor!r}")
-    if config.executor == "ray":
-        check_ray(config.ray_address)
+    if config.executor == "ray":  # connected now, so that a cluster that refuses us stops the study before training
+        connect_ray(config.ray_address)
         if resolve_workers(config.workers, config.repeats) > 1:
             raise ConfigError("--executor ray spreads the sites over Ray's workers itself: run repeats with --workers 1")
     if config.resume and config.out is None:

@@ -50,16 +50,34 @@ def check_ray(address: str | None) -> None:
 
 def connect(address: str | None) -> Any:
     """The ``ray`` module, connected: to ``address``, or to a Ray started here for this process."""
-    check_ray(None)
+    check_ray(address)  # installed, and something listens at the address, even when this process is connected
     import ray
 
     if not ray.is_initialized():
-        check_ray(address)
+        refused = getattr(ray.exceptions, "AuthenticationError", None)  # Ray >= 2.52's token authentication
         try:
             ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        except ConnectionError as exc:
+        except (ConnectionError, *((refused,) if refused else ())) as exc:
+            if _token_refused(exc, refused):
+                raise ConfigError(
+                    f"--ray-address {address!r}: the cluster refused this process's token (Ray's token "
+                    "authentication): set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN "
+                    "(or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token)") from None
             raise ConfigError(f"--ray-address {address!r}: no Ray cluster answers there ({exc})") from None
     return ray
+
+
+def _token_refused(exc: BaseException, kind: type | None) -> bool:
+    """Whether Ray's token authentication refused us: ``exc`` or an exception it was raised from
+    (its cause or context chain) is a ``kind`` (``ray.exceptions.AuthenticationError``) or, as
+    when the GCS client's error comes back as text inside a RuntimeError, names InvalidAuthToken."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if (kind is not None and isinstance(exc, kind)) or "InvalidAuthToken" in str(exc):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
