@@ -4,6 +4,8 @@ BatchNorm, secure aggregation), the
 coordinator holds no site rows, and no Ray process outlives ``ray.shutdown()``."""
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -159,8 +161,6 @@ def cluster():
     import secrets
     import signal
     import socket
-    import subprocess
-    import sys
 
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
@@ -196,10 +196,7 @@ def cluster():
         assert not [p for p in started if _alive(p)], "processes of the Ray cluster survived"
 
 
-def _run_in_child(args: list[str], env: dict) -> "subprocess.CompletedProcess":
-    import subprocess
-    import sys
-
+def _run_in_child(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "medfed.cli.app", *args], capture_output=True, text=True,
                           timeout=300, env=env)
 
