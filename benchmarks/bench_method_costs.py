@@ -1,0 +1,88 @@
+"""Every method's one-repeat `medfed run` wall time against FedAvg's (issue 13 §3: no method above 2x).
+
+Each run is a fresh interpreter (`python -m medfed.cli.app run ...`, one method, `--repeats 1`,
+defaults otherwise, no plots), so imports and first-call setup count as a user pays them. Each
+method's run sits between two FedAvg runs on the same data set; its ratio is to the mean of those
+two, so a drifting machine moves both sides alike. With ``--pairs N`` the sandwich is repeated N
+times and the median ratio is reported. Methods come from the registry, in `medfed methods` order
+(the survey's settings cross/single/mix too). A method whose defaults the data set refuses (Krum,
+Multi-Krum and Bulyan need more sites than heart-disease's 4 at f=1) is timed at ``--byzantine 0``
+and says so in its note. Each method runs once untimed first (its refusal shows there).
+Run: python benchmarks/bench_method_costs.py [--datasets heart-disease,breast-cancer] [--pairs 1]
+     [--methods a,b] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+class Refused(Exception):
+    """The run stopped with medfed's one-line error (exit 2), e.g. Krum on too few sites."""
+
+
+def wall(dataset: str, method: str, out: str, extra: tuple[str, ...] = ()) -> float:
+    cmd = [sys.executable, "-m", "medfed.cli.app", "run", "--dataset", dataset, "--methods", method,
+           "--repeats", "1", "--no-plots", "--out", out, *extra]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode == 2:
+        raise Refused(done.stderr.strip().splitlines()[-1])
+    done.check_returncode()
+    return time.perf_counter() - t0
+
+
+def measure(dataset: str, methods: list[str], pairs: int) -> list[dict]:
+    out = tempfile.mkdtemp(prefix="medfed-costs-")
+    wall(dataset, "fedavg", out)  # writes bytecode caches, as an installed package has them
+    rows = []
+    for method in methods:
+        extra, note = (), ""
+        try:
+            wall(dataset, method, out)  # a refusal shows here, before any timing
+        except Refused:
+            # the Byzantine rules refuse the default f=1 on few sites (heart-disease has 4): time
+            # them at f=0, the same code path with no site discarded
+            extra, note = ("--byzantine", "0"), "defaults refused on these sites; timed at --byzantine 0"
+        seconds, ratios = [], []
+        for _ in range(pairs):
+            before = wall(dataset, "fedavg", out)
+            t = wall(dataset, method, out, extra)
+            after = wall(dataset, "fedavg", out)
+            seconds.append(t)
+            ratios.append(t / ((before + after) / 2))
+        rows.append({"dataset": dataset, "method": method, "seconds": statistics.median(seconds),
+                     "ratio": statistics.median(ratios), "note": note})
+        print(f"{dataset:14s} {method:15s} {rows[-1]['seconds']:6.2f} s  {rows[-1]['ratio']:5.2f}x  {note}", flush=True)
+    return rows
+
+
+def main() -> None:
+    from medfed.methods.registry import METHODS
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--datasets", default="heart-disease,breast-cancer")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--pairs", type=int, default=1)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    rows = []
+    for dataset in args.datasets.split(","):
+        rows += measure(dataset, args.methods.split(","), args.pairs)
+    print("\n| data set | method | seconds | ratio to FedAvg | note |\n|---|---|---:|---:|---|")
+    for r in rows:
+        flag = "  **> 2x**" if r["ratio"] > 2 else ""
+        print(f"| {r['dataset']} | {r['method']} | {r['seconds']:.2f} | {r['ratio']:.2f}{flag} | {r['note']} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
