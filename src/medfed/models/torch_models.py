@@ -224,6 +224,20 @@ class _Slot:
     tensors: tuple[torch.Tensor, ...]
     shapes: dict[str, tuple[int, ...]]
     decayed: tuple[str, ...]  # weights under the L2 penalty
+    modeless: bool  # train and eval mode compute the same outputs (:func:`_modeless`)
+
+
+def _modeless(net: nn.Module) -> bool:
+    """Whether ``net``'s forward pass is the same in train and eval mode: no BatchNorm (batch vs
+    running statistics), no InstanceNorm tracking running statistics, no dropout with p > 0."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return False
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
+            return False
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return False
+    return True
 
 
 def _mean_log_loss(z: np.ndarray, y: np.ndarray) -> float:
@@ -365,7 +379,8 @@ class TorchModel:
             state = net.state_dict(keep_vars=True)
             names = tuple(k for k in state if not k.endswith("num_batches_tracked"))
             decayed = tuple(k for k, _ in net.named_parameters() if k.endswith(".weight") and not is_norm(k))
-            slot = _Slot(net, names, tuple(state[k] for k in names), {k: tuple(state[k].shape) for k in names}, decayed)
+            slot = _Slot(net, names, tuple(state[k] for k in names), {k: tuple(state[k].shape) for k in names}, decayed,
+                         _modeless(net))
             self._slots[key] = slot
         return slot
 
@@ -635,6 +650,9 @@ class TorchSession:
         self.values = dict(slot.net.named_parameters())
         self.shapes = {k: slot.shapes[k] for k in self.values}
         self.Xt, self.yt = model._tensor(self.X), model._targets(self.y)
+        # a full-batch train-mode forward pass is then the start loss's: the same rows in one
+        # eval chunk, through the same kernels (see :meth:`gradient`)
+        self._start_in_step = slot.modeless and self.X.shape[0] <= model.options["eval_batch"]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -665,9 +683,17 @@ class TorchSession:
         """The batch's mean data-term gradient in train mode (rows ``rows``, ``None`` = all),
         each row weighted by ``row_weights(y_batch)`` when given: the parameters' ``.grad``
         tensors. ``scale`` is not folded in (:attr:`scaled` is empty). With ``with_loss``, also
-        :meth:`loss`, taken before this step's forward pass."""
+        :meth:`loss` at the parameters before this step.
+
+        That loss comes from this step's own forward pass where it covers all rows, the rows fit
+        one ``eval_batch`` chunk and the network computes the same in train and eval mode (no
+        BatchNorm, no dropout): then its outputs are the eval pass's bit for bit (tested per
+        architecture and dtype; the same kernels on the same tensor, autograd only records), and
+        the separate pass, a forward pass per site per round, is saved. Elsewhere it is
+        :meth:`loss`, taken before the step."""
         model, net = self.model, self.slot.net
-        loss = self.loss() if with_loss else None
+        reuse = with_loss and rows is None and self._start_in_step
+        loss = self.loss() if with_loss and not reuse else None
         xb, yb = self._rows(rows)
         if model.options["norm"] == "batch" and model.name in ("mlp", "torch_logistic") and xb.shape[0] < 2:
             raise ConfigError(f"model {model.name!r} with batch norm needs at least 2 rows per batch, got {xb.shape[0]}")
@@ -685,6 +711,8 @@ class TorchSession:
                 w = model._tensor(row_weights(self.y if rows is None else self.y[rows]))
                 batch_loss = (model.head.torch_loss(z, yb, "none") * w).sum() / xb.shape[0]
             batch_loss.backward()
+        if reuse:
+            loss = model.head.mean_loss(z.detach().double().cpu().numpy(), self.y)
         self._trained = True
         return {k: p.grad for k, p in self.values.items()}, loss
 
