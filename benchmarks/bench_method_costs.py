@@ -16,11 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+
+# an installed package has its bytecode compiled: let the runs cache it (outside the source tree),
+# even where the caller's environment says not to (PYTHONDONTWRITEBYTECODE)
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+ENV["PYTHONPYCACHEPREFIX"] = os.path.join(tempfile.gettempdir(), "medfed-costs-pycache")
 
 
 class Refused(Exception):
@@ -31,7 +38,7 @@ def wall(dataset: str, method: str, out: str, extra: tuple[str, ...] = ()) -> fl
     cmd = [sys.executable, "-m", "medfed.cli.app", "run", "--dataset", dataset, "--methods", method,
            "--repeats", "1", "--no-plots", "--out", out, *extra]
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     if done.returncode == 2:
         raise Refused(done.stderr.strip().splitlines()[-1])
     done.check_returncode()

@@ -651,8 +651,9 @@ class TorchSession:
         self.shapes = {k: slot.shapes[k] for k in self.values}
         self.Xt, self.yt = model._tensor(self.X), model._targets(self.y)
         # a full-batch train-mode forward pass is then the start loss's: the same rows in one
-        # eval chunk, through the same kernels (see :meth:`gradient`)
-        self._start_in_step = slot.modeless and self.X.shape[0] <= model.options["eval_batch"]
+        # eval chunk, through the same kernels (see :meth:`gradient`); measured on the CPU only
+        self._start_in_step = (slot.modeless and self.X.shape[0] <= model.options["eval_batch"]
+                               and model.device.type == "cpu")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -688,9 +689,9 @@ class TorchSession:
         That loss comes from this step's own forward pass where it covers all rows, the rows fit
         one ``eval_batch`` chunk and the network computes the same in train and eval mode (no
         BatchNorm, no dropout): then its outputs are the eval pass's bit for bit (tested per
-        architecture and dtype; the same kernels on the same tensor, autograd only records), and
-        the separate pass, a forward pass per site per round, is saved. Elsewhere it is
-        :meth:`loss`, taken before the step."""
+        architecture and dtype on the CPU: the same kernels on the same tensor, autograd only
+        records), and the separate pass, a forward pass per site per round, is saved. Elsewhere
+        (and on a GPU, whose kernel choice was not checked) it is :meth:`loss`, taken before the step."""
         model, net = self.model, self.slot.net
         reuse = with_loss and rows is None and self._start_in_step
         loss = self.loss() if with_loss and not reuse else None
