@@ -79,6 +79,7 @@ NETS = [  # (model, model options, sample shape): each a network without BatchNo
 
 
 def _site(model_name, options, shape, n, dtype="float32", task="binary"):
+    pytest.importorskip("torch")
     from medfed.models.torch_models import TorchModel
 
     model = TorchModel(model_name, task=task, n_outputs=3 if task == "multiclass" else None, dtype=dtype, **options)
@@ -139,6 +140,7 @@ def test_the_start_loss_keeps_its_eval_pass_where_a_training_pass_is_not_it(case
      "hidden=8", "--rounds", "3"],
 ])
 def test_full_batch_torch_runs_have_the_numbers_they_had_with_the_separate_eval_pass(run, tmp_path, monkeypatch):
+    pytest.importorskip("torch")
     from typer.testing import CliRunner
 
     import medfed.models.torch_models as torch_models

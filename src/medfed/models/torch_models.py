@@ -26,7 +26,9 @@ each scaled as the numpy generalized linear model of the task (:mod:`medfed.mode
 ``torch_logistic`` equals it in float64. W runs over the weights of the conv/linear layers and the
 head, as in the numpy models (not biases, not normalization parameters). BatchNorm layers run in train mode (batch
 statistics, running statistics updated) in a training session's steps and in eval mode (running
-statistics) in ``predict_proba``, ``loss``, ``gradient`` and the session's start loss.
+statistics) in ``predict_proba``, ``loss``, ``gradient`` and the session's start loss (taken from
+the first full-batch step's own pass where train and eval mode compute the same: no BatchNorm or
+dropout; :meth:`TorchSession.gradient`).
 
 Threads and reproducibility: on the CPU, torch's kernels split their sums across intra-op
 threads, so the rounding of a sum depends on the thread count. Measured with torch 2.13
