@@ -10,6 +10,10 @@ times and the median ratio is reported. Methods come from the registry, in `medf
 (the survey's settings cross/single/mix too). A method whose defaults the data set refuses (Krum,
 Multi-Krum and Bulyan need more sites than heart-disease's 4 at f=1) is timed at ``--byzantine 0``
 and says so in its note. Each method runs once untimed first (its refusal shows there).
+Measured (2 shared cores, --pairs 3): every method within 0.7-1.4x of FedAvg's cold command (0.4-0.5 s,
+mostly imports) on both data sets; in the process the largest are the methods' own work, inherent:
+APFL 1.86x (two models' gradients per step), FedSGD 1.87x / 1.45x (a gradient exchange per local
+step at the global model), Ditto 1.49x (a personal model trained beside the global one).
 Run: python benchmarks/bench_method_costs.py [--datasets heart-disease,breast-cancer] [--pairs 1]
      [--methods a,b] [--json out.json]
 """
