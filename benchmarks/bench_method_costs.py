@@ -8,7 +8,8 @@ two, so a drifting machine moves both sides alike. The table also gives the expe
 imports every run shares. With ``--pairs N`` the sandwich is repeated N
 times and the median ratio is reported. Methods come from the registry, in `medfed methods` order
 (the survey's settings cross/single/mix too). A method whose defaults the data set refuses (Krum,
-Multi-Krum and Bulyan need more sites than heart-disease's 4 at f=1) is timed at ``--byzantine 0``
+Multi-Krum and Bulyan need more sites at f=1 than heart-disease's 4 or breast-cancer's 3) is timed at
+``--byzantine 0``
 and says so in its note. Each method runs once untimed first (its refusal shows there).
 Measured (2 shared cores, --pairs 3): every method within 0.7-1.4x of FedAvg's cold command (0.4-0.5 s,
 mostly imports) on both data sets; in the process the largest are the methods' own work, inherent:
@@ -69,7 +70,7 @@ def measure(dataset: str, methods: list[str], pairs: int) -> list[dict]:
         try:
             wall(dataset, method, out)  # a refusal shows here, before any timing
         except Refused:
-            # the Byzantine rules refuse the default f=1 on few sites (heart-disease has 4): time
+            # the Byzantine rules refuse the default f=1 on few sites (heart-disease 4, breast-cancer 3): time
             # them at f=0, the same code path with no site discarded
             extra, note = ("--byzantine", "0"), "defaults refused on these sites; timed at --byzantine 0"
         seconds, ratios, run_s, run_ratios = [], [], [], []
