@@ -9,8 +9,7 @@ imports every run shares. With ``--pairs N`` the sandwich is repeated N
 times and the median ratio is reported. Methods come from the registry, in `medfed methods` order
 (the survey's settings cross/single/mix too). A method whose defaults the data set refuses (Krum,
 Multi-Krum and Bulyan need more sites at f=1 than heart-disease's 4 or breast-cancer's 3) is timed at
-``--byzantine 0``
-and says so in its note. Each method runs once untimed first (its refusal shows there).
+``--byzantine 0`` and says so in its note. Each method runs once untimed first (its refusal shows there).
 Measured (2 shared cores, --pairs 3): every method within 0.7-1.4x of FedAvg's cold command (0.4-0.5 s,
 mostly imports) on both data sets; in the process the largest are the methods' own work, inherent:
 APFL 1.86x (two models' gradients per step), FedSGD 1.87x / 1.45x (a gradient exchange per local
