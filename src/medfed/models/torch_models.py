@@ -26,7 +26,9 @@ each scaled as the numpy generalized linear model of the task (:mod:`medfed.mode
 ``torch_logistic`` equals it in float64. W runs over the weights of the conv/linear layers and the
 head, as in the numpy models (not biases, not normalization parameters). BatchNorm layers run in train mode (batch
 statistics, running statistics updated) in a training session's steps and in eval mode (running
-statistics) in ``predict_proba``, ``loss``, ``gradient`` and the session's start loss.
+statistics) in ``predict_proba``, ``loss``, ``gradient`` and the session's start loss (taken from
+the first full-batch step's own pass where train and eval mode compute the same: no BatchNorm or
+dropout; :meth:`TorchSession.gradient`).
 
 Threads and reproducibility: on the CPU, torch's kernels split their sums across intra-op
 threads, so the rounding of a sum depends on the thread count. Measured with torch 2.13
@@ -224,6 +226,20 @@ class _Slot:
     tensors: tuple[torch.Tensor, ...]
     shapes: dict[str, tuple[int, ...]]
     decayed: tuple[str, ...]  # weights under the L2 penalty
+    modeless: bool  # train and eval mode compute the same outputs (:func:`_modeless`)
+
+
+def _modeless(net: nn.Module) -> bool:
+    """Whether ``net``'s forward pass is the same in train and eval mode: no BatchNorm (batch vs
+    running statistics), no InstanceNorm tracking running statistics, no dropout with p > 0."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return False
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
+            return False
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return False
+    return True
 
 
 def _mean_log_loss(z: np.ndarray, y: np.ndarray) -> float:
@@ -365,7 +381,8 @@ class TorchModel:
             state = net.state_dict(keep_vars=True)
             names = tuple(k for k in state if not k.endswith("num_batches_tracked"))
             decayed = tuple(k for k, _ in net.named_parameters() if k.endswith(".weight") and not is_norm(k))
-            slot = _Slot(net, names, tuple(state[k] for k in names), {k: tuple(state[k].shape) for k in names}, decayed)
+            slot = _Slot(net, names, tuple(state[k] for k in names), {k: tuple(state[k].shape) for k in names}, decayed,
+                         _modeless(net))
             self._slots[key] = slot
         return slot
 
@@ -635,6 +652,10 @@ class TorchSession:
         self.values = dict(slot.net.named_parameters())
         self.shapes = {k: slot.shapes[k] for k in self.values}
         self.Xt, self.yt = model._tensor(self.X), model._targets(self.y)
+        # a full-batch train-mode forward pass is then the start loss's: the same rows in one
+        # eval chunk, through the same kernels (see :meth:`gradient`); measured on the CPU only
+        self._start_in_step = (slot.modeless and self.X.shape[0] <= model.options["eval_batch"]
+                               and model.device.type == "cpu")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -665,9 +686,17 @@ class TorchSession:
         """The batch's mean data-term gradient in train mode (rows ``rows``, ``None`` = all),
         each row weighted by ``row_weights(y_batch)`` when given: the parameters' ``.grad``
         tensors. ``scale`` is not folded in (:attr:`scaled` is empty). With ``with_loss``, also
-        :meth:`loss`, taken before this step's forward pass."""
+        :meth:`loss` at the parameters before this step.
+
+        That loss comes from this step's own forward pass where it covers all rows, the rows fit
+        one ``eval_batch`` chunk and the network computes the same in train and eval mode (no
+        BatchNorm, no dropout): then its outputs are the eval pass's bit for bit (tested per
+        architecture and dtype on the CPU: the same kernels on the same tensor, autograd only
+        records), and the separate pass, a forward pass per site per round, is saved. Elsewhere
+        (and on a GPU, whose kernel choice was not checked) it is :meth:`loss`, taken before the step."""
         model, net = self.model, self.slot.net
-        loss = self.loss() if with_loss else None
+        reuse = with_loss and rows is None and self._start_in_step
+        loss = self.loss() if with_loss and not reuse else None
         xb, yb = self._rows(rows)
         if model.options["norm"] == "batch" and model.name in ("mlp", "torch_logistic") and xb.shape[0] < 2:
             raise ConfigError(f"model {model.name!r} with batch norm needs at least 2 rows per batch, got {xb.shape[0]}")
@@ -685,6 +714,8 @@ class TorchSession:
                 w = model._tensor(row_weights(self.y if rows is None else self.y[rows]))
                 batch_loss = (model.head.torch_loss(z, yb, "none") * w).sum() / xb.shape[0]
             batch_loss.backward()
+        if reuse:
+            loss = model.head.mean_loss(z.detach().double().cpu().numpy(), self.y)
         self._trained = True
         return {k: p.grad for k, p in self.values.items()}, loss
 
