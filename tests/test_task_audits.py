@@ -170,3 +170,14 @@ def test_leakage_refuses_a_task_without_class_labels_in_one_line(tmp_path, table
     assert len(result.output.strip().splitlines()) == 1
     assert "regression task" in result.output and "binary or multiclass" in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("task,audit,shown", [
+    ("binary", "membership", ["Attack AUC", "Test AUC"]), ("binary", "privacy", ["Test ACC", "Test AUC"]),
+    ("multiclass", "membership", ["Attack AUC", "Test macro-AUC"]), ("regression", "privacy", ["Test MAE", "Test R2"]),
+    ("segmentation", "membership", ["Attack AUC", "Test Dice"])])
+def test_the_tables_head_the_tasks_metrics(task, audit, shown):
+    from medfed.experiments.leakage import table_cells
+
+    header, _ = table_cells({"audit": audit, "task": task, "rows": []})
+    assert header[5:] == shown

@@ -579,7 +579,8 @@ def run_leakage_audit(
         "rounds_before_attack": rounds,
         "training": {"lr": plan.local.lr, "l2": plan.local.l2, "optimizer": plan.model.options.get("optimizer")},
         "attack": {
-            "labels": "iDLG (Zhao et al., 2020): sign of the head bias' update, at one image; else optimized (DLG)",
+            "labels": ("iDLG (Zhao et al., 2020): sign (binary) or argmax (multiclass) of the head bias' update, "
+                       "at one image; else optimized (DLG)"),
             "images": "Inverting gradients (Geiping et al., 2020): cosine similarity of the simulated local "
                       "update + total variation, Adam on signed gradients",
             "local_steps": "simulated (Geiping's multi-step variant), as SGD steps",

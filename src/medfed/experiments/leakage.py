@@ -327,14 +327,18 @@ def task_of(doc: dict[str, Any]) -> str:
     return doc.get("task", "binary")
 
 
+# per task, the one test metric a membership table shows beside the attack AUC and the utility plot draws
+UTILITY = {"binary": "auc", "multiclass": "macro_auc", "multilabel": "macro_auc", "regression": "r2",
+           "segmentation": "dice"}
+
+
 def shown_columns(doc: dict[str, Any]) -> tuple[str, ...]:
     """The summaries an audit's table shows after method, model, noise, epsilon and site: the
-    task's two headline metrics (privacy), the attack AUC and the second of them (membership;
-    binary: AUC)."""
+    task's two headline metrics (privacy), the attack AUC and :data:`UTILITY` (membership)."""
     from medfed.experiments.audit import SCREEN_METRICS
 
-    screen = SCREEN_METRICS[task_of(doc)]
-    return ("attack_auc", screen[-1]) if doc["audit"] == "membership" else screen
+    task = task_of(doc)
+    return ("attack_auc", UTILITY[task]) if doc["audit"] == "membership" else SCREEN_METRICS[task]
 
 
 def header_of(column: str) -> str:
@@ -384,13 +388,12 @@ def audit_csv(doc: dict[str, Any]) -> str:
 
 
 def utility_figure(doc: dict[str, Any]):
-    """Mean test AUC (the task's second headline metric: macro-AUC, R2, ...) over sites (global
-    model) against epsilon per method, log-x; the run without DP (epsilon infinite) is a dashed
-    line at its value, not a point on the axis."""
-    from medfed.experiments.audit import SCREEN_METRICS
+    """Mean test AUC (the task's :data:`UTILITY`: macro-AUC, R2, Dice) over sites (global model)
+    against epsilon per method, log-x; the run without DP (epsilon infinite) is a dashed line at
+    its value, not a point on the axis."""
     from medfed.experiments.plots import _figure, curve_style
 
-    key = SCREEN_METRICS[task_of(doc)][-1]
+    key = UTILITY[task_of(doc)]
 
     fig = _figure(figsize=(6, 4))
     ax = fig.add_subplot()
