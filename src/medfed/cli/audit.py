@@ -298,6 +298,9 @@ def _privacy_flags(
     skip_bad: SkipBadOpt = None,
     site_column: SiteColumnOpt = None,
     label_column: LabelColumnOpt = None,
+    label_columns: LabelColumnsOpt = None,
+    mask_column: MaskColumnOpt = None,
+    task: TaskOpt = None,
     split_column: SplitColumnOpt = None,
     features: FeaturesOpt = None,
     exclude: ExcludeOpt = None,
@@ -438,11 +441,12 @@ audit_app.command("membership")(_privacy_command("membership", [inspect.Paramete
     Each method (--methods) trains at every noise multiplier of --noise (0: no DP; above 0:
     client-level DP clipped to --clip); per site, the attack AUC of -loss separating the
     site's training rows from its test rows, for the global and any personal model, next to
-    epsilon and the test AUC. Data and training flags are those of `medfed run`.
+    epsilon and the test AUC (the task's: macro-AUC, R2, Dice). Data and training flags are those
+    of `medfed run`.
     """))
 
 audit_app.command("privacy")(_privacy_command("privacy", [],
-    """Utility (test ACC, AUC per site) against the epsilon each site spent, per noise multiplier.
+    """Utility (the task's test metrics per site) against the epsilon each site spent, per noise multiplier.
 
     Each method (--methods) trains at every noise multiplier of --noise (0: no DP); writes
     privacy.json, .csv, .md and privacy.png (AUC against epsilon, log-x). Data and training
@@ -571,7 +575,11 @@ def leakage(
     skip_bad: SkipBadOpt = None,
     site_column: SiteColumnOpt = None,
     label_column: LabelColumnOpt = None,
+    label_columns: LabelColumnsOpt = None,
+    mask_column: MaskColumnOpt = None,
+    task: TaskOpt = None,
     split_column: SplitColumnOpt = None,
+    exclude: ExcludeOpt = None,
     positive_label: PositiveLabelOpt = None,
     dataset_option: DatasetOptionOpt = None,
     model: Annotated[str | None, typer.Option(help="cnn2d, mlp or torch_logistic [default: cnn2d]")] = None,
@@ -598,7 +606,8 @@ def leakage(
         help="after writing the report, exit with status 5 naming the setting when a mean PSNR is above this")] = None,
     overwrite: OverwriteOpt = None,
 ) -> None:
-    """Gradient inversion of one site's upload: iDLG labels and Geiping et al.'s reconstruction.
+    """Gradient inversion of one site's upload: iDLG labels and Geiping et al.'s reconstruction
+    (binary and multiclass tasks; the others are refused).
 
     An honest-but-curious server attacks the upload the site computes from the global model
     (after --rounds FedAvg rounds), across batch size, local steps, DP noise, sharing policy

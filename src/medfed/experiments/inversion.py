@@ -30,7 +30,9 @@ Attacks:
   step keeps the gradient's sign) is positive exactly when y = 1, at any number of local
   steps. The rule applies when the observed head update comes from ONE image (batch 1, no
   secure aggregation, head shared); otherwise labels are optimized with the images, as soft
-  labels (DLG, Zhu et al., 2019).
+  labels (DLG, Zhu et al., 2019). Multiclass (K logits, cross-entropy): the bias' gradient is
+  ``softmax(z) - onehot(y)``, negative at the true class only, so the update is largest there
+  (iDLG's own rule); DLG's soft labels are a softmax over K label logits per image.
 - Image reconstruction, "Inverting gradients" (Geiping et al., 2020): dummy images (random
   normal start, keyed) are optimized with Adam on signed gradients (lr 0.1, decayed 10x at
   3/8, 5/8 and 7/8 of ``attack_steps``) to minimize ``1 - cos(dummy update, observed
@@ -55,6 +57,11 @@ mean training image, a guess the server makes without any upload (images of one 
 like mni-phantom's, score 15-16 dB that way: a reconstruction must beat the prior, not only
 the random start, to show what the upload gave away). This is ONE attack with a fixed
 budget: a lower bound on what an upload leaks, not a proof that it leaks nothing.
+
+Tasks: binary and multiclass, where the site's loss is a cross-entropy on class labels and iDLG
+is defined. The other tasks are refused before training: their targets (a value, several 0/1
+labels, a mask) are not one class per image, so there is no label to recover and the attacker,
+who must simulate the site's loss, would have to invert targets it does not know as well.
 """
 
 from __future__ import annotations
@@ -96,6 +103,7 @@ DEFAULT_SWEEP = {"batch_size": (1, 4, 8), "local_steps": (1, 5), "noise_multipli
                  "sharing": ("none", "fedper"), "secure_aggregation": (False, True)}
 FACTORS = tuple(BASE)
 TORCH_MODELS = ("cnn2d", "mlp", "torch_logistic")
+LABEL_TASKS = ("binary", "multiclass")  # one class per image, a cross-entropy loss: what iDLG and DLG recover
 ROWS_STREAM = name_key("leakage-victim-rows")
 NOISE_STREAM = name_key("leakage-dp-noise")
 ATTACK_STREAM = name_key("leakage-attack")
@@ -212,9 +220,11 @@ class Simulator:
     """The attacker's differentiable copy of the site's local training on dummy images.
 
     ``start`` holds the trainable tensors of the global model (the site's starting point),
-    ``buffers`` the BatchNorm statistics; ``visible`` the trainable names the attacker sees."""
+    ``buffers`` the BatchNorm statistics; ``visible`` the trainable names the attacker sees;
+    ``head`` the model's task head, whose loss the site trains on."""
 
     net: Any
+    head: Any
     start: dict[str, Any]
     buffers: dict[str, Any]
     visible: tuple[str, ...]
@@ -234,19 +244,25 @@ class Simulator:
         start = {k: torch.as_tensor(params[k], dtype=model.dtype) for k in trainable}
         # the L2 term runs over the conv/linear/head weights, as in the model's objective
         decayed = frozenset(k for k in trainable if k.endswith(".weight") and not is_norm(k))
-        return cls(net, start, buffers, tuple(k for k in trainable if k in visible), decayed, lr, l2, steps)
+        return cls(net, model.head, start, buffers, tuple(k for k in trainable if k in visible), decayed, lr, l2,
+                   steps)
+
+    @property
+    def classes(self) -> int:
+        """The head's logits per image: 1 (binary, a 0/1 target) or K (multiclass, class probabilities)."""
+        return self.head.outputs
 
     def update(self, x, labels) -> list:
-        """The visible part of ``local - global`` after the local steps on ``(x, labels)``."""
+        """The visible part of ``local - global`` after the local steps on ``(x, labels)`` (binary:
+        0/1 targets; multiclass: each image's class probabilities, which cross-entropy takes as they are)."""
         import torch
-        import torch.nn.functional as F
         from torch.func import functional_call
 
         p = {k: v.detach().requires_grad_(True) for k, v in self.start.items()}
         params = dict(p)
         for _ in range(self.steps):
             z = functional_call(self.net, ({**params}, {k: v.clone() for k, v in self.buffers.items()}), (x,))
-            loss = F.binary_cross_entropy_with_logits(z, labels)
+            loss = self.head.torch_loss(z, labels, "mean")
             if self.l2:
                 loss = loss + 0.5 * self.l2 * sum((params[k] ** 2).sum() for k in self.decayed)
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
@@ -282,18 +298,21 @@ def invert(sim: Simulator, observed: Sequence, groups: int, per_group: int, samp
     start = x.numpy().copy()
     x.requires_grad_(True)
     variables = [x]
+    K = sim.classes
+    soft = torch.sigmoid if K == 1 else (lambda logits: torch.softmax(logits, dim=1))
     if labels is None:
-        label_logits = torch.zeros(n, dtype=dtype, requires_grad=True)
+        label_logits = torch.zeros((n,) if K == 1 else (n, K), dtype=dtype, requires_grad=True)
         variables.append(label_logits)
     target = torch.cat([torch.as_tensor(np.asarray(o), dtype=dtype).flatten() for o in observed])
     optimizer = torch.optim.Adam(variables, lr=ATTACK_LR)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=[int(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)], gamma=0.1)
-    fixed = None if labels is None else torch.as_tensor(labels, dtype=dtype)
+    fixed = None if labels is None else (torch.as_tensor(labels, dtype=dtype) if K == 1 else
+                                         F.one_hot(torch.as_tensor(labels, dtype=torch.int64), K).to(dtype))
     loss_value = math.nan
     for _ in range(steps):
         optimizer.zero_grad()
-        y = torch.sigmoid(label_logits) if fixed is None else fixed
+        y = soft(label_logits) if fixed is None else fixed
         parts = [sim.update(x[g * per_group:(g + 1) * per_group], y[g * per_group:(g + 1) * per_group])
                  for g in range(groups)]
         dummy = torch.cat([sum(p[i] for p in parts) for i in range(len(parts[0]))])
@@ -304,15 +323,18 @@ def invert(sim: Simulator, observed: Sequence, groups: int, per_group: int, samp
         optimizer.step()
         scheduler.step()
         loss_value = float(loss.detach())
-    used = fixed if fixed is not None else torch.sigmoid(label_logits.detach())
+    used = (fixed if fixed is not None else soft(label_logits.detach())).numpy()
+    chosen = np.round(used) if K == 1 else np.argmax(used, axis=1)
     return Reconstruction(x.detach().numpy().astype(np.float64), start.astype(np.float64),
-                          np.round(used.numpy()).astype(int), loss_value)
+                          chosen.astype(int), loss_value)
 
 
-def idlg_label(head_bias_update: float) -> int:
-    """iDLG's rule for one image and a one-logit head: the bias' update is ``-lr`` times the sum
-    of ``sigmoid(z) - y`` over the steps, positive exactly when y = 1."""
-    return int(head_bias_update > 0)
+def idlg_label(head_bias_update) -> int:
+    """iDLG's rule for one image: a one-logit head's bias update is ``-lr`` times the sum of
+    ``sigmoid(z) - y`` over the steps, positive exactly when y = 1; a K-logit head's is ``-lr``
+    times the sum of ``softmax(z) - onehot(y)``, positive at the true class only (its argmax)."""
+    update = np.ravel(head_bias_update)
+    return int(update[0] > 0) if update.size == 1 else int(np.argmax(update))
 
 
 # --------------------------------------------------------------------------- metrics
@@ -354,6 +376,10 @@ def match_and_score(originals: np.ndarray, reconstructions: np.ndarray, low: flo
 def _check(config: ExperimentConfig, federation, attack: AttackSpec, settings: list[Setting]) -> tuple[int, list[int]]:
     """Everything that would fail mid-audit, refused before any training: the victim's index
     and the indices of the sites summed under secure aggregation."""
+    if federation.task not in LABEL_TASKS:
+        raise ConfigError(f"the leakage audit recovers class labels (iDLG) and images from a classifier's upload; "
+                          f"{federation.name!r} is a {federation.task} task ({federation.task_source}): it attacks "
+                          f"{' or '.join(LABEL_TASKS)} tasks only")
     if config.model == "logistic":
         raise ConfigError("--model logistic is the numpy model: the leakage audit inverts torch models "
                           f"({', '.join(TORCH_MODELS)})")
@@ -426,7 +452,7 @@ def _attack_setting(plan, config, global_params, sites_data: list[LocalData], vi
     sim = Simulator.of(model, datas[0].X.shape[1:], global_params, visible, plan.local.lr, plan.local.l2,
                        setting.local_steps)
     one_image = setting.batch_size * groups == 1 and "head.bias" in observed
-    labels = np.array([idlg_label(float(np.ravel(observed["head.bias"])[0]))]) if one_image else None
+    labels = np.array([idlg_label(observed["head.bias"])]) if one_image else None
     seed = int(KeyedRng(config.seed, (ATTACK_STREAM, index)).generator.integers(2**62))
     with _threads(model.options["threads"]):
         rec = invert(sim, [observed[k] for k in sim.visible], groups, setting.batch_size, datas[0].X.shape[1:],
@@ -553,7 +579,8 @@ def run_leakage_audit(
         "rounds_before_attack": rounds,
         "training": {"lr": plan.local.lr, "l2": plan.local.l2, "optimizer": plan.model.options.get("optimizer")},
         "attack": {
-            "labels": "iDLG (Zhao et al., 2020): sign of the head bias' update, at one image; else optimized (DLG)",
+            "labels": ("iDLG (Zhao et al., 2020): sign (binary) or argmax (multiclass) of the head bias' update, "
+                       "at one image; else optimized (DLG)"),
             "images": "Inverting gradients (Geiping et al., 2020): cosine similarity of the simulated local "
                       "update + total variation, Adam on signed gradients",
             "local_steps": "simulated (Geiping's multi-step variant), as SGD steps",

@@ -15,6 +15,13 @@ without DP, reproduces ``medfed run``'s numbers for that method), and score each
   :meth:`~medfed.experiments.harness.TrainingPlan.ledger`), with a plot of AUC against
   epsilon per method.
 
+Tasks: every task. A row's loss is the model's own training loss on that row (binary: the
+log-loss at its probability; the other tasks: :func:`example_losses`, the data term the model
+trains on: cross-entropy over K classes, the labels' summed log-losses, half the squared error
+on the standardized target scale the model trained on, Dice + cross-entropy per image). The
+utility columns are the task's metric set (:mod:`medfed.experiments.metrics`; binary ACC and
+AUC), a regression model's predictions mapped back to the target's own scale first.
+
 ``noise = 0`` means no DP at all (not DP with zero noise, which would still clip): epsilon is
 infinite there (``None`` in the JSON). Values are the mean ± sample std over the repeats.
 """
@@ -45,7 +52,16 @@ from medfed.experiments.harness import (
     prepare_repeat,
     repeat_harmonizer,
 )
-from medfed.experiments.metrics import Metric, binary_metrics, roc_auc
+from medfed.data.tasks import TargetScale
+from medfed.experiments.metrics import (
+    Metric,
+    binary_metrics,
+    metric_label,
+    metric_set,
+    roc_auc,
+    task_metrics,
+    task_scores,
+)
 from medfed.experiments.report import write_atomically
 from medfed.experiments.results import (
     STD_DDOF,
@@ -66,6 +82,25 @@ def row_losses(probabilities: np.ndarray, y: np.ndarray) -> np.ndarray:
     p = np.clip(np.asarray(probabilities, dtype=np.float64), PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
     y = np.asarray(y, dtype=np.float64)
     return -(y * np.log(p) + (1 - y) * np.log1p(-p))
+
+
+def example_losses(model, params, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Each row's own data term, the loss the model trains on without the L2 penalty (targets as
+    the model trained on them: a regression target on its standardized scale). A torch model's
+    from its head in one forward pass (``Head.torch_loss``, ``reduction="none"``); a numpy model
+    reports only the mean of its data term, and the mean over one row is that row's term."""
+    head = getattr(model, "head", None)
+    if head is not None:
+        import torch  # a torch model's audit has torch loaded already
+
+        z = torch.from_numpy(np.ascontiguousarray(model.decision(params, X)))
+        return head.torch_loss(z, torch.from_numpy(head.targets(y)), "none").numpy()
+    return np.array([model.loss(params, X[i : i + 1], y[i : i + 1]) for i in range(X.shape[0])], dtype=np.float64)
+
+
+def utility_keys(task: str) -> tuple[str, ...]:
+    """The test metrics an audit row keeps: binary ACC and AUC (as always), else the task's set."""
+    return ("acc", "auc") if task == "binary" else metric_set(task).keys
 
 
 def membership_auc(member_losses: np.ndarray, non_member_losses: np.ndarray) -> float | None:
@@ -102,6 +137,16 @@ def privacy_at(config: ExperimentConfig, noise: float, clip: float | None) -> Ex
 
 
 @dataclass(frozen=True)
+class TaskView:
+    """What scoring a model needs to know of the task: its name, its classes (or labels) and the
+    target scale the models trained on (regression; ``UNSCALED`` otherwise)."""
+
+    task: str
+    classes: tuple[str, ...]
+    target: TargetScale
+
+
+@dataclass(frozen=True)
 class Scored:
     """One model of one run scored on one site: the attack's AUC and the model's test metrics."""
 
@@ -111,14 +156,32 @@ class Scored:
     metrics: dict[str, Metric]
 
 
-def score_model(model, params, train_X, train_y, test_X, test_y, site: str, kind: str) -> Scored:
-    """Attack ``params`` with the site's training rows as members and its test rows as non-members."""
+def score_model(model, params, train_X, train_y, test_X, test_y, site: str, kind: str,
+                view: TaskView | None = None) -> Scored:
+    """Attack ``params`` with the site's training rows as members and its test rows as non-members
+    (``train_y`` as the model trained on them, ``test_y`` as the data hold them)."""
+    if view is not None and view.task != "binary":
+        return _score_task(model, params, train_X, train_y, test_X, test_y, site, kind, view)
     test_p = model.predict_proba(params, test_X)
     members = row_losses(model.predict_proba(params, train_X), train_y)
     auc = membership_auc(members, row_losses(test_p, test_y))
     if not (np.isfinite(members).all() and np.isfinite(test_p).all()):
         return Scored(site, kind, None, {m: Metric(None, "diverged: NaN/Inf scores") for m in ("acc", "auc")})
     return Scored(site, kind, auc, binary_metrics(test_y, test_p, ranking=model.decision(params, test_X)))
+
+
+def _score_task(model, params, train_X, train_y, test_X, test_y, site: str, kind: str, view: TaskView) -> Scored:
+    """:func:`score_model` for the tasks other than binary: :func:`example_losses` and the task's metrics."""
+    regression = view.task == "regression"
+    members = example_losses(model, params, train_X, train_y)
+    others = example_losses(model, params, test_X, view.target.forward(test_y) if regression else test_y)
+    predicted = task_scores(model, params, test_X)
+    if predicted is None or not (np.isfinite(members).all() and np.isfinite(others).all()):
+        return Scored(site, kind, None, {m: Metric(None, "diverged: NaN/Inf scores") for m in utility_keys(view.task)})
+    if regression:
+        predicted = view.target.inverse(predicted)
+    metrics = task_metrics(view.task, test_y, predicted, view.classes)
+    return Scored(site, kind, membership_auc(members, others), {m: metrics[m] for m in utility_keys(view.task)})
 
 
 def _check(config: ExperimentConfig, federation, methods, noises: list[float], clip: float | None) -> None:
@@ -138,9 +201,13 @@ def _run_repeat(config, federation, methods, noises, clip, repeat: int, progress
     """Train every method at every noise on one repeat's split. ``spent`` keeps each (method,
     noise)'s epsilon per site: the same in every repeat, and a PLD accounting takes seconds."""
     sites = prepare_repeat(federation, config, repeat)
-    # [harmonize] as medfed run applies it: the federation's fit, every site adjusted
-    train, tests = ScaledViews(sites, config.scaling, repeat_harmonizer(config, federation, sites))(
-        tuple(range(len(sites))))
+    # [harmonize] as medfed run applies it: the federation's fit, every site adjusted; regression
+    # targets standardized as medfed run standardizes them
+    views = ScaledViews(sites, config.scaling, repeat_harmonizer(config, federation, sites),
+                        standardize_target=federation.task == "regression" and config.data.standardize_target)
+    everyone = tuple(range(len(sites)))
+    train, tests = views(everyone)
+    view = TaskView(federation.task, federation.classes, views.target_scale(everyone))
     records = []
     for spec, opts in methods:
         for z in noises:
@@ -162,14 +229,15 @@ def _run_repeat(config, federation, methods, noises, clip, repeat: int, progress
                 for j, s in enumerate(sites):
                     models = ([("global", run.params)] if spec.global_model else []) + (
                         [("personal", run.personal[s.name])] if s.name in run.personal else [])
-                    scored += [score_model(plan.model, p, train[j].X, train[j].y, tests[j], s.y_test, s.name, kind)
-                               for kind, p in models]
+                    scored += [score_model(plan.model, p, train[j].X, train[j].y, tests[j], s.y_test, s.name, kind,
+                                           view) for kind, p in models]
             record["scored"] = scored
             records.append(record)
     return records
 
 
-def _rows(methods: list[tuple[Method, dict]], noises, site_names, records: list[dict]) -> list[dict]:
+def _rows(methods: list[tuple[Method, dict]], noises, site_names, records: list[dict],
+          keys: tuple[str, ...]) -> list[dict]:
     """One row per method, noise, site and model: summaries over the repeats."""
     rows = []
     for spec, _ in methods:
@@ -187,7 +255,7 @@ def _rows(methods: list[tuple[Method, dict]], noises, site_names, records: list[
                         "attack_auc": summarize([Metric(x.attack_auc) if x else Metric(None, w)
                                                  for x, w in zip(found, why)]),
                         **{m: summarize([x.metrics[m] if x else Metric(None, w) for x, w in zip(found, why)])
-                           for m in ("acc", "auc")},
+                           for m in keys},
                     })
     return rows
 
@@ -217,6 +285,10 @@ def run_privacy_audit(
     return {
         "audit": audit,
         "dataset": federation.name,
+        "task": federation.task,
+        "task_source": federation.task_source,
+        "classes": list(federation.classes),
+        "metrics": list(utility_keys(federation.task)),  # the test metrics every row holds
         "attribution": federation.attribution,
         "attack": "loss threshold (Yeom et al., 2018): members = training rows, non-members = test rows",
         "dp": "client-level (McMahan et al., 2018); noise 0 = no DP",
@@ -233,7 +305,7 @@ def run_privacy_audit(
         "runtime_s": time.perf_counter() - started,
         "notes": sorted({f"{r['method']} at noise {r['noise']:g}, repeat {r['repeat'] + 1}: {r['failure']}"
                          for r in records if r["failure"]}),
-        "rows": _rows(methods, noises, list(federation.site_names), records),
+        "rows": _rows(methods, noises, list(federation.site_names), records, utility_keys(federation.task)),
     }
 
 
@@ -250,17 +322,33 @@ def epsilon_text(eps: float | None) -> str:
     return "inf" if eps is None else f"{eps:.3g}"
 
 
-COLUMNS = {  # audit -> the summaries its table shows after method, model, noise, epsilon and site
-    "membership": ("attack_auc", "auc"),
-    "privacy": ("acc", "auc"),
-}
-HEADERS = {"attack_auc": "Attack AUC", "acc": "Test ACC", "auc": "Test AUC"}
+def task_of(doc: dict[str, Any]) -> str:
+    """The task of an audit document (documents before tasks: binary)."""
+    return doc.get("task", "binary")
+
+
+# per task, the one test metric a membership table shows beside the attack AUC and the utility plot draws
+UTILITY = {"binary": "auc", "multiclass": "macro_auc", "multilabel": "macro_auc", "regression": "r2",
+           "segmentation": "dice"}
+
+
+def shown_columns(doc: dict[str, Any]) -> tuple[str, ...]:
+    """The summaries an audit's table shows after method, model, noise, epsilon and site: the
+    task's two headline metrics (privacy), the attack AUC and :data:`UTILITY` (membership)."""
+    from medfed.experiments.audit import SCREEN_METRICS
+
+    task = task_of(doc)
+    return ("attack_auc", UTILITY[task]) if doc["audit"] == "membership" else SCREEN_METRICS[task]
+
+
+def header_of(column: str) -> str:
+    return "Attack AUC" if column == "attack_auc" else f"Test {metric_label(column)}"
 
 
 def table_cells(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The header and the rows every report of ``doc`` shows (screen, Markdown)."""
-    shown = COLUMNS[doc["audit"]]
-    header = ["Method", "Model", "Noise", "Epsilon", "Site", *(HEADERS[c] for c in shown)]
+    shown = shown_columns(doc)
+    header = ["Method", "Model", "Noise", "Epsilon", "Site", *(header_of(c) for c in shown)]
     rows = [[r["display"], r["model"], f"{r['noise']:g}", epsilon_text(r["epsilon"]), r["site"],
              *(format_metric(r[c]) for c in shown)] for r in doc["rows"]]
     return header, rows
@@ -289,7 +377,7 @@ def audit_csv(doc: dict[str, Any]) -> str:
     """One line per method, noise, site and model; every summary as mean, std, n."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    summaries = ("attack_auc", "acc", "auc")
+    summaries = ("attack_auc", *doc.get("metrics", ("acc", "auc")))
     writer.writerow(["method", "model", "noise", "epsilon", "site",
                      *(f"{c}_{k}" for c in summaries for k in ("mean", "std", "n"))])
     for r in doc["rows"]:
@@ -300,9 +388,12 @@ def audit_csv(doc: dict[str, Any]) -> str:
 
 
 def utility_figure(doc: dict[str, Any]):
-    """Mean test AUC over sites (global model) against epsilon per method, log-x; the run
-    without DP (epsilon infinite) is a dashed line at its AUC, not a point on the axis."""
+    """Mean test AUC (the task's :data:`UTILITY`: macro-AUC, R2, Dice) over sites (global model)
+    against epsilon per method, log-x; the run without DP (epsilon infinite) is a dashed line at
+    its value, not a point on the axis."""
     from medfed.experiments.plots import _figure, curve_style
+
+    key = UTILITY[task_of(doc)]
 
     fig = _figure(figsize=(6, 4))
     ax = fig.add_subplot()
@@ -312,9 +403,9 @@ def utility_figure(doc: dict[str, Any]):
         points: dict[float, list[float]] = {}
         plain: list[float] = []
         for r in doc["rows"]:
-            if r["display"] != name or r["model"] != "global" or r["auc"]["mean"] is None:
+            if r["display"] != name or r["model"] != "global" or r[key]["mean"] is None:
                 continue
-            (plain if r["epsilon"] is None else points.setdefault(r["epsilon"], [])).append(r["auc"]["mean"])
+            (plain if r["epsilon"] is None else points.setdefault(r["epsilon"], [])).append(r[key]["mean"])
         xs = sorted(points)
         if xs:
             ax.plot(xs, [np.mean(points[x]) for x in xs], marker="o", label=name, color=style.get("color"))
@@ -322,7 +413,7 @@ def utility_figure(doc: dict[str, Any]):
             ax.axhline(np.mean(plain), linestyle="--", color=style.get("color"), label=f"{name}, no DP")
     ax.set_xscale("log")
     ax.set_xlabel(f"epsilon per site (delta = {doc['delta']:g})")
-    ax.set_ylabel("test AUC, mean over sites")
+    ax.set_ylabel(f"test {metric_label(key)}, mean over sites")
     ax.set_title(f"{doc['dataset']}: utility against privacy")
     ax.legend(fontsize="small")
     return fig
