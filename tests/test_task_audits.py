@@ -181,3 +181,13 @@ def test_the_tables_head_the_tasks_metrics(task, audit, shown):
 
     header, _ = table_cells({"audit": audit, "task": task, "rows": []})
     assert header[5:] == shown
+
+
+def test_a_model_the_dp_noise_swamps_is_named_in_the_notes_not_only_scored(tables):
+    """A regression target has no bounded metric: at a huge noise the MAE is real but the model
+    is noise; the audit says its training loss rose, as medfed run does, and not at noise 0."""
+    config = build_config({"data": {"path": str(tables["regression"]), "site_column": "site", "label_column": "age"},
+                           "methods": ["fedavg"], "repeats": 1, "training": {"rounds": 5}}, "test", lambda k: None)
+    doc = run_privacy_audit(config, "privacy", [0, 50], 1.0)
+    rose = [n for n in doc["notes"] if "training loss ended above" in n]
+    assert len(rose) == 1 and rose[0].startswith("fedavg at noise 50:") and "noise may swamp" in rose[0], doc["notes"]

@@ -43,12 +43,14 @@ import numpy as np
 from medfed.errors import ConfigError
 from medfed.experiments.config import ExperimentConfig, PrivacySpec
 from medfed.experiments.harness import (
+    LOSS_RISE_WARNING,
     TRAIN_STREAM,
     ScaledViews,
     TrainingPlan,
     check_study,
     federated_failure,
     load_federation,
+    loss_rise,
     prepare_repeat,
     repeat_harmonizer,
 )
@@ -224,6 +226,10 @@ def _run_repeat(config, federation, methods, noises, clip, repeat: int, progress
             eps = spent[spec.name, z]
             record["epsilon"] = {s.name: eps.get(s.name, math.inf) for s in sites}
             record["failure"] = None if failure is None else failure.reason
+            finite = run.train_loss[np.isfinite(run.train_loss)]
+            # a model the noise swamped still scores (its numbers are real); the notes say so
+            record["loss_rise"] = ((float(finite[0]), float(finite[-1])) if failure is None and finite.size
+                                   and loss_rise(finite[0], finite[-1]) else None)
             scored = []
             if failure is None:
                 for j, s in enumerate(sites):
@@ -304,9 +310,22 @@ def run_privacy_audit(
         "versions": package_versions(),
         "runtime_s": time.perf_counter() - started,
         "notes": sorted({f"{r['method']} at noise {r['noise']:g}, repeat {r['repeat'] + 1}: {r['failure']}"
-                         for r in records if r["failure"]}),
+                         for r in records if r["failure"]}) + _rise_notes(records, config.repeats),
         "rows": _rows(methods, noises, list(federation.site_names), records, utility_keys(federation.task)),
     }
+
+
+def _rise_notes(records: list[dict], repeats: int) -> list[str]:
+    """One note per (method, noise) whose training loss ended above LOSS_RISE_WARNING x its start."""
+    rises: dict[tuple[str, float], list[tuple[float, float]]] = {}
+    for r in records:
+        if r["loss_rise"] is not None:
+            rises.setdefault((r["method"], r["noise"]), []).append(r["loss_rise"])
+    return [f"{method} at noise {z:g}: the training loss ended above {LOSS_RISE_WARNING:g}x where it started in "
+            f"{len(cases)} of {repeats} repeat(s) (from {cases[0][0]:.4g} to at most {max(e for _, e in cases):.4g}); "
+            + ("the noise may swamp this model (a larger clip, budget or cohort lowers it)" if z > 0 else
+               "the learning rate may be too large")
+            for (method, z), cases in rises.items()]
 
 
 def worst_membership(doc: dict[str, Any]) -> dict[str, Any] | None:
