@@ -4,8 +4,10 @@ BatchNorm, secure aggregation), the
 coordinator holds no site rows, and no Ray process outlives ``ray.shutdown()``."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -167,9 +169,12 @@ def cluster():
         port = free.getsockname()[1]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    # its own temp dir: `ray start` writes the machine's "current cluster" file there, which any
+    # later ray.init() without an address (Flower's simulation, a user's session) would join
+    temp = tempfile.mkdtemp(prefix="mfray", dir="/tmp")  # short: Ray's socket paths live below it
     head = subprocess.Popen(
         [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--port", str(port), "--num-cpus",
-         "2", "--include-dashboard", "false", "--disable-usage-stats"],
+         "2", "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + 60
@@ -194,6 +199,9 @@ def cluster():
         while any(_alive(p) for p in started) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not [p for p in started if _alive(p)], "processes of the Ray cluster survived"
+        shutil.rmtree(temp, ignore_errors=True)
+        assert not Path("/tmp/ray/ray_current_cluster").exists() or \
+            str(port) not in Path("/tmp/ray/ray_current_cluster").read_text(), "the cluster registered machine-wide"
 
 
 def _run_in_child(args: list[str], env: dict) -> subprocess.CompletedProcess:
