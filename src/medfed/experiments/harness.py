@@ -567,6 +567,7 @@ def _load_federation(spec: DataSpec) -> Federation:
         categorical=spec.categorical,
         covariates=spec.covariates,
         task=spec.task,
+        unlabeled_value=spec.unlabeled_value,
     )
 
 
