@@ -92,10 +92,17 @@ class DataSpec(_Strict):
     unlabeled_value: str | None = None
     # the share of each site's training rows whose labels are kept (a seeded, stratified draw per repeat); the
     # others become unlabeled training rows. 1: every label kept
-    labeled_fraction: float = Field(1.0, gt=0, le=1)
+    labeled_fraction: float = 1.0
     labeled_fraction_site: dict[str, float] = Field(default_factory=dict)  # site name -> its own labeled fraction
 
     _finite = field_validator("options")(_finite_options)
+
+    @field_validator("labeled_fraction")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError(f"a labeled fraction must lie in (0, 1], got {value:g}")
+        return value
 
     @field_validator("labeled_fraction_site")
     @classmethod
@@ -103,8 +110,7 @@ class DataSpec(_Strict):
         bad = {site: f for site, f in value.items() if not 0 < f <= 1}
         if bad:
             site, f = next(iter(bad.items()))
-            raise ValueError(f"--labeled-fraction-site {site}={f:g} (data.labeled_fraction_site): a labeled fraction "
-                             "must lie in (0, 1]")
+            raise ValueError(f"--labeled-fraction-site {site}={f:g}: a labeled fraction must lie in (0, 1]")
         return value
 
     @model_validator(mode="after")
