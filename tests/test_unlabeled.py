@@ -176,3 +176,39 @@ def test_cli_flags_and_their_one_line_errors(tmp_path):
                                         "--out", str(tmp_path / "ok")])
     assert result.exit_code == 0, result.output
     assert "unlabeled training rows" in (tmp_path / "ok" / "table.md").read_text()
+
+
+# --------------------------------------------------------------------------- image manifests
+
+
+def manifest(tmp_path, unlabeled, marker=""):
+    """Two sites of 12 PNGs (image i filled with i), labels alternating; ``unlabeled`` rows get ``marker``."""
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    lines = ["path,label,site"]
+    for i in range(24):
+        Image.fromarray(np.full((4, 4), i, np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png,{marker if i in unlabeled else i % 2},{'S' if i < 12 else 'T'}")
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path / "manifest.csv"
+
+
+def test_manifest_rows_without_a_label_are_unlabeled_images(tmp_path):
+    from medfed.data.images import load_image_manifest
+
+    fed = load_image_manifest(manifest(tmp_path, unlabeled={0, 1, 2, 13}, marker="NA"), unlabeled_value="NA")
+    assert [s.n_unlabeled for s in fed.sites] == [3, 1]
+    assert [(s["n_labeled"], s["n_positive"]) for s in fed.site_summaries()] == [(9, 5), (11, 5)]
+    cfg = build_config({"data": {"manifest": str(tmp_path / "manifest.csv"), "unlabeled_value": "NA"}})
+    for site, split in zip(fed.sites, prepare_repeat(fed, cfg, 0)):
+        assert sorted(split.X_unlabeled[:, 0, 0, 0]) == sorted(site.X[site.unlabeled][:, 0, 0, 0])
+        assert not set(split.X_test[:, 0, 0, 0]) & set(site.X[site.unlabeled][:, 0, 0, 0])
+
+
+def test_manifest_site_without_labels_is_refused(tmp_path):
+    from medfed.data.images import load_image_manifest
+
+    path = manifest(tmp_path, unlabeled=set(range(12, 24)))
+    with pytest.raises(DataError, match=r"manifest.csv: label column 'label': site 'T' \(0 of 12\)"):
+        load_image_manifest(path)

@@ -164,7 +164,7 @@ def load_table(
     elif label_column in columns:
         unlabeled = unlabeled_rows(df[label_column], unlabeled_value)
         if site_arr is not None:
-            problems.add(_sites_without_labels(unlabeled, site_arr, site_order, label_column, unlabeled_value))
+            problems.add(sites_without_labels(unlabeled, site_arr, site_order, label_column, unlabeled_value))
         if not unlabeled.all():
             known = site_arr[~unlabeled] if site_arr is not None else None
             labels = problems.attempt(task_labels, df[label_column][~unlabeled].reset_index(drop=True), label_column,
@@ -657,7 +657,7 @@ def unlabeled_rows(col, unlabeled_value: str | None) -> np.ndarray:
     return missing | np.array([not m and _text(v) == marker for v, m in zip(col.tolist(), missing)], dtype=bool)
 
 
-def _sites_without_labels(unlabeled: np.ndarray, sites: np.ndarray, order: list[str], label_column: str,
+def sites_without_labels(unlabeled: np.ndarray, sites: np.ndarray, order: list[str], label_column: str,
                           unlabeled_value: str | None) -> str | None:
     """A problem naming each site with fewer than two labeled rows (one to train on, one to test on)."""
     lacking = [f"site {s!r} ({int((~unlabeled & (sites == s)).sum())} of {int((sites == s).sum())})" for s in order

@@ -131,8 +131,9 @@ class DataSpec(_Strict):
             )
         if self.path is not None and (self.site_column is None or (self.label_column is None and not self.label_columns)):
             raise ValueError("a table needs data.site_column and data.label_column (or data.label_columns)")
-        if self.unlabeled_value is not None and self.path is None:
-            raise ValueError("--unlabeled-value (data.unlabeled_value) applies to a table given with --data (data.path)")
+        if self.unlabeled_value is not None and self.path is None and self.manifest is None:
+            raise ValueError("--unlabeled-value (data.unlabeled_value) applies to a table (--data) or an image "
+                             "manifest (--manifest)")
         if self.mask_column is not None and self.manifest is None:
             raise ValueError("--mask-column (data.mask_column) applies to a manifest of image files (--manifest)")
         if self.label_columns and self.path is None:

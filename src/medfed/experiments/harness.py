@@ -555,6 +555,7 @@ def _load_federation(spec: DataSpec) -> Federation:
             positive_label=spec.positive_label,
             kind=spec.kind,
             skip_bad=spec.skip_bad,
+            unlabeled_value=spec.unlabeled_value,
         )
     from medfed.data.tables import load_table
 
