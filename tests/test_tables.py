@@ -296,12 +296,22 @@ def test_positive_label_absent(tmp_path):
     assert "'MCI'" in msg and "'AD'" in msg
 
 
-def test_missing_labels(tmp_path):
+def test_missing_labels_are_unlabeled_rows(tmp_path):
+    """An empty label cell is an unlabeled row (tests/test_unlabeled.py), no longer an error."""
     df = frame()
     df["label"] = df["label"].astype(float)
     df.loc[[0, 20], "label"] = np.nan
-    msg = error(DataError, write(tmp_path, df))
-    assert "'label'" in msg and "2 missing" in msg
+    fed = load_table(write(tmp_path, df), **COLS)
+    assert [s.n_unlabeled for s in fed.sites] == [1, 1] and fed.task == "binary"
+
+
+def test_missing_multilabel_labels(tmp_path):
+    df = frame(other=np.tile([1, 0], 12))
+    df["label"] = df["label"].astype(float)
+    df.loc[[0, 20], "label"] = np.nan
+    with pytest.raises(DataError) as info:
+        load_table(write(tmp_path, df), site_column="site", label_columns=["label", "other"])
+    assert "'label'" in str(info.value) and "2 missing" in str(info.value)
 
 
 def test_one_class_overall(tmp_path):

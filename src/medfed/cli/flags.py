@@ -64,6 +64,12 @@ ImputeOpt = Annotated[
 PositiveLabelOpt = Annotated[str | None, typer.Option(help="label value that counts as positive")]
 TaskOpt = Annotated[str | None, typer.Option(help="what the label is: binary, multiclass, regression, multilabel or segmentation (masks) [default: "
                                                   "inferred from the label column where unambiguous]")]
+UnlabeledValueOpt = Annotated[str | None, typer.Option(
+    help="label value that marks an unlabeled row (a training row without a target), besides an empty cell")]
+LabeledFractionOpt = Annotated[float | None, typer.Option(
+    help="keep the labels of this share of each site's training rows, in (0, 1] (seeded, stratified) [default: 1]")]
+LabeledFractionSiteOpt = Annotated[list[str] | None, typer.Option(
+    help="SITE=F: that site's own labeled fraction; repeatable")]
 DatasetOptionOpt = Annotated[
     list[str] | None, typer.Option(help="KEY=VALUE option of the embedded data set, e.g. n_sites=8")
 ]
@@ -136,7 +142,7 @@ MethodOptionOpt = Annotated[list[str] | None, typer.Option(help="METHOD.KEY=VALU
 
 DATA_FLAGS = (
     "path_column", "mask_column", "kind", "skip_bad", "site_column", "label_column", "label_columns", "split_column", "features", "exclude",
-    "categorical", "impute", "positive_label", "covariates", "task",
+    "categorical", "impute", "positive_label", "covariates", "task", "unlabeled_value", "labeled_fraction",
 )
 TRAINING_FLAGS = (
     "rounds", "local_steps", "local_epochs", "lr", "l2", "batch_size", "fraction_fit", "min_sites", "max_update_norm",
@@ -170,6 +176,8 @@ def study_overrides(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str,
             value = split_list(value)
         if value is not None:
             data[key] = value
+    if given.get("labeled_fraction_site"):
+        data["labeled_fraction_site"] = parse_options(given["labeled_fraction_site"], "--labeled-fraction-site")
     if given.get("dataset_option"):
         data["options"] = parse_options(given["dataset_option"], "--dataset-option")
     training = {k: given[k] for k in TRAINING_FLAGS if given.get(k) is not None}

@@ -34,6 +34,11 @@ class Site:
     for every row and never a feature (:mod:`medfed.data.harmonize`). A feature matrix
     may hold NaN for missing values only when the federation names an imputation strategy;
     imputation happens per split, from the site's training rows (``medfed.data.preprocess``).
+
+    ``unlabeled`` is ``None`` (every row has its target) or a boolean array, ``True`` for a row
+    whose label is unknown (an empty label cell, or the table's ``unlabeled_value``): its ``y``
+    is a placeholder (0) that nothing may read. Such a row is a training row without a target,
+    never a test row; class counts, strata and inference see the labeled rows only.
     """
 
     name: str
@@ -42,6 +47,7 @@ class Site:
     split: np.ndarray | None = None
     covariates: dict[str, np.ndarray] = field(default_factory=dict)
     task: str = "binary"
+    unlabeled: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         raw = np.asarray(self.X)
@@ -84,6 +90,7 @@ class Site:
                     f"site {self.name!r}: the predefined split must hold both train and test rows"
                 )
             object.__setattr__(self, "split", split)
+        self._check_unlabeled(y.shape[0])
         covariates = {}
         for name, values in self.covariates.items():
             values = np.asarray(values, dtype=np.float64)
@@ -93,9 +100,35 @@ class Site:
             covariates[name] = values
         object.__setattr__(self, "covariates", covariates)
 
+    def _check_unlabeled(self, n: int) -> None:
+        """``unlabeled`` as a boolean mask (None when every row is labeled); a site needs two
+        labeled rows (one to test on, one to train on), labeled test rows in its predefined split."""
+        if self.unlabeled is None:
+            return
+        unlabeled = np.asarray(self.unlabeled, dtype=bool)
+        if unlabeled.shape != (n,):
+            raise DataError(f"site {self.name!r}: unlabeled has {unlabeled.size} entries for {n} rows")
+        labeled = int(n - unlabeled.sum())
+        if labeled < 2:
+            raise DataError(f"site {self.name!r} has {labeled} labeled row(s) of {n}; a site needs at least 2 "
+                            "(unlabeled rows train, but are never test rows)")
+        if self.split is not None and not (~self.split & ~unlabeled).any():
+            raise DataError(f"site {self.name!r}: every test row of the predefined split is unlabeled; a site "
+                            "needs labeled test rows")
+        object.__setattr__(self, "unlabeled", unlabeled if unlabeled.any() else None)
+
     @property
     def n(self) -> int:
         return int(self.X.shape[0])
+
+    @property
+    def labeled(self) -> np.ndarray:
+        """True for each row whose target is known."""
+        return np.ones(self.n, dtype=bool) if self.unlabeled is None else ~self.unlabeled
+
+    @property
+    def n_unlabeled(self) -> int:
+        return 0 if self.unlabeled is None else int(self.unlabeled.sum())
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -246,27 +279,19 @@ class Federation:
         for regression."""
         return n_outputs(self.task, self.classes)
 
+    @property
+    def has_unlabeled(self) -> bool:
+        return any(s.unlabeled is not None for s in self.sites)
+
     def site_summaries(self) -> list[dict]:
         """Each site's name and row counts (binary: all rows, positives, negatives; multiclass:
         rows per class, a class the site lacks counted 0; regression: rows and the target's
         range; multilabel: positive rows per label): what a report shows and what a deployed site
-        shares at setup."""
-        if self.task == "multilabel":
-            return [{"name": s.name, "n": s.n, "label_positives": dict(zip(self.classes, s.y.sum(axis=0).tolist()))}
-                    for s in self.sites]
-        if self.task == "segmentation":  # images whose mask holds each class
-            return [{"name": s.name, "n": s.n, "images_with": dict(zip(self.classes, presence_counts(s.y, len(self.classes))))}
-                    for s in self.sites]
-        if self.task == "multiclass":
-            return [{"name": s.name, "n": s.n, "class_counts": dict(zip(
-                self.classes, np.bincount(s.y, minlength=len(self.classes)).tolist()))} for s in self.sites]
-        if self.task == "regression":
-            return [{"name": s.name, "n": s.n, "target_min": float(s.y.min()), "target_max": float(s.y.max())}
-                    for s in self.sites]
-        return [
-            {"name": s.name, "n": s.n, "n_positive": int(s.y.sum()), "n_negative": int(s.n - s.y.sum())}
-            for s in self.sites
-        ]
+        shares at setup. Targets are counted over labeled rows; with unlabeled rows anywhere, each
+        site also says how many rows are labeled and unlabeled."""
+        return [{**_summary(self.task, self.classes, s), **({"n_labeled": s.n - s.n_unlabeled,
+                                                              "n_unlabeled": s.n_unlabeled} if self.has_unlabeled else {})}
+                for s in self.sites]
 
     def missing_classes(self) -> dict[str, list[str]]:
         """Multiclass: each site lacking some class, with the classes it lacks (legal, reported)."""
@@ -274,7 +299,7 @@ class Federation:
             return {}
         out = {}
         for s in self.sites:
-            counts = np.bincount(s.y, minlength=len(self.classes))
+            counts = np.bincount(s.y[s.labeled], minlength=len(self.classes))
             if not counts.all():
                 out[s.name] = [c for c, k in zip(self.classes, counts) if not k]
         return out
@@ -285,6 +310,21 @@ class Federation:
                 return s
         raise DataError(f"no site {name!r}; sites are {self.site_names}")
 
+
+
+def _summary(task: str, classes: tuple[str, ...], site: Site) -> dict:
+    """One site's row count and the counts of its labeled rows' targets (:meth:`Federation.site_summaries`)."""
+    y = site.y[site.labeled]
+    if task == "multilabel":
+        return {"name": site.name, "n": site.n, "label_positives": dict(zip(classes, y.sum(axis=0).tolist()))}
+    if task == "segmentation":  # images whose mask holds each class
+        return {"name": site.name, "n": site.n, "images_with": dict(zip(classes, presence_counts(y, len(classes))))}
+    if task == "multiclass":
+        return {"name": site.name, "n": site.n, "class_counts": dict(zip(
+            classes, np.bincount(y, minlength=len(classes)).tolist()))}
+    if task == "regression":
+        return {"name": site.name, "n": site.n, "target_min": float(y.min()), "target_max": float(y.max())}
+    return {"name": site.name, "n": site.n, "n_positive": int(y.sum()), "n_negative": int(y.size - y.sum())}
 
 
 def presence_counts(masks: np.ndarray, K: int) -> list[int]:

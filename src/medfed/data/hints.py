@@ -22,6 +22,9 @@ _SETTINGS: dict[str, tuple[str, str, str]] = {
     "task": ("--task", "binary|multiclass|regression|multilabel", 'task = "multiclass"'),
     "kind": ("--kind", "auto|nifti|dicom|image", 'kind = "auto"'),
     "skip_bad": ("--skip-bad", "", "skip_bad = true"),
+    "unlabeled_value": ("--unlabeled-value", "VALUE", 'unlabeled_value = "VALUE"'),
+    "labeled_fraction": ("--labeled-fraction", "F", "labeled_fraction = F"),
+    "labeled_fraction_site": ("--labeled-fraction-site", "SITE=F", "labeled_fraction_site = {SITE = F}"),
 }
 
 

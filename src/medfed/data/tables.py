@@ -13,6 +13,7 @@ command line's cold start, and most commands never read a table.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import re
@@ -57,6 +58,7 @@ def load_table(
     covariates: Sequence[str] | None = None,
     task: str | None = None,
     label_columns: Sequence[str] | None = None,
+    unlabeled_value: str | None = None,
 ) -> Federation:
     """Read a CSV or Parquet table with one row per subject into a federation of sites.
 
@@ -90,8 +92,16 @@ def load_table(
     (``Site.covariates``), for harmonization to preserve: never features, never the label, and
     given for every row (:mod:`medfed.data.harmonize`).
 
+    A row whose ``label_column`` cell is empty, or holds ``unlabeled_value`` (compared as text),
+    is an unlabeled row (``Site.unlabeled``): a training row without a target. The task, its
+    classes and a binary label's two values are read from the labeled rows only; a site with
+    fewer than two labeled rows is refused. A multilabel task's label columns must all be given.
+
     Every problem found with the file is reported at once, in one :class:`DataError`.
     """
+    if unlabeled_value is not None and label_columns is not None:
+        raise ConfigError(f"{flag('unlabeled_value')} marks rows of one label column; a multilabel task's "
+                          f"{flag('label_columns')} must each hold 0/1")
     label_columns = _label_columns(label_column, label_columns, task, positive_label)
     _check_parameters(site_column, label_column or label_columns[0], split_column, features, impute, exclude,
                       categorical, covariates, label_columns)
@@ -147,11 +157,20 @@ def load_table(
             problems.add(_sites_without_split_rows(split, site_arr, site_order, split_column))
 
     labels = None
+    unlabeled = np.zeros(len(df), dtype=bool)
     if label_columns:
         if all(c in columns for c in label_columns):
             labels = problems.attempt(multilabel_labels, df, label_columns, path, site_arr)
     elif label_column in columns:
-        labels = problems.attempt(task_labels, df[label_column], label_column, task, positive_label, path, site_arr)
+        unlabeled = unlabeled_rows(df[label_column], unlabeled_value)
+        if site_arr is not None:
+            problems.add(sites_without_labels(unlabeled, site_arr, site_order, label_column, unlabeled_value))
+        if not unlabeled.all():
+            known = site_arr[~unlabeled] if site_arr is not None else None
+            labels = problems.attempt(task_labels, df[label_column][~unlabeled].reset_index(drop=True), label_column,
+                                      task, positive_label, path, known)
+            if labels is not None and unlabeled.any():
+                labels = labels.scattered(~unlabeled)
 
     X, names, encoded = _feature_matrix(df, feature_names, categorical, impute, site_arr, problems)
     covariate_columns = {c: problems.attempt(covariate_values, df[c], c, path, site_arr)
@@ -162,7 +181,8 @@ def load_table(
     for s in site_order:
         rows = site_arr == s
         sites.append(Site(name=s, X=X[rows], y=labels.y[rows], split=None if split is None else split[rows],
-                          covariates={c: v[rows] for c, v in covariate_columns.items()}, task=labels.task))
+                          covariates={c: v[rows] for c, v in covariate_columns.items()}, task=labels.task,
+                          unlabeled=unlabeled[rows]))
     info = {
         "source": str(path),
         "site_column": site_column,
@@ -171,6 +191,10 @@ def load_table(
         "split_column": split_column,
         "features_selected_by": "all" if features is None else "list",
     }
+    if unlabeled.any():
+        info["unlabeled_rows"] = int(unlabeled.sum())
+        if unlabeled_value is not None:
+            info["unlabeled_value"] = unlabeled_value
     if exclude:
         info["excluded"] = list(exclude)
     if covariates:
@@ -615,6 +639,34 @@ class Labels:
     positive: str = ""
     source: str = "given"
 
+    def scattered(self, labeled: np.ndarray) -> Labels:
+        """These labels (of the ``labeled`` rows) placed among every row, a placeholder 0 at the
+        others (``Site.unlabeled`` marks them)."""
+        y = np.zeros((labeled.size, *self.y.shape[1:]), dtype=self.y.dtype)
+        y[labeled] = self.y
+        return dataclasses.replace(self, y=y)
+
+
+def unlabeled_rows(col, unlabeled_value: str | None) -> np.ndarray:
+    """True where a label cell is empty or holds ``unlabeled_value`` (compared as canonical text,
+    so ``-1`` also matches ``-1.0`` in a Parquet file)."""
+    missing = _missing_mask(col)
+    if unlabeled_value is None:
+        return missing
+    marker = _text(unlabeled_value)
+    return missing | np.array([not m and _text(v) == marker for v, m in zip(col.tolist(), missing)], dtype=bool)
+
+
+def sites_without_labels(unlabeled: np.ndarray, sites: np.ndarray, order: list[str], label_column: str,
+                          unlabeled_value: str | None) -> str | None:
+    """A problem naming each site with fewer than two labeled rows (one to train on, one to test on)."""
+    lacking = [f"site {s!r} ({int((~unlabeled & (sites == s)).sum())} of {int((sites == s).sum())})" for s in order
+               if (~unlabeled & (sites == s)).sum() < 2]
+    if not lacking:
+        return None
+    marker = "empty" + (f" or {unlabeled_value!r}" if unlabeled_value is not None else "")
+    return (f"label column {label_column!r}: {', '.join(lacking)} has fewer than 2 labeled rows ({marker} cells are "
+            "unlabeled rows, which train but are never test rows); every site needs labeled rows to train and test on")
 
 def task_labels(col, name: str, task: str | None, positive_label: Any, path: Path,
                 sites: np.ndarray | None) -> Labels:

@@ -88,8 +88,30 @@ class DataSpec(_Strict):
     # a regression target trained as (y - mean) / std, mean and std pooled from the training sites' moments
     # (medfed.data.tasks.TargetScale); predictions are mapped back before every metric. False: trained raw
     standardize_target: bool = True
+    # a table's label value that marks an unlabeled row (besides an empty cell): a training row without a target
+    unlabeled_value: str | None = None
+    # the share of each site's training rows whose labels are kept (a seeded, stratified draw per repeat); the
+    # others become unlabeled training rows. 1: every label kept
+    labeled_fraction: float = 1.0
+    labeled_fraction_site: dict[str, float] = Field(default_factory=dict)  # site name -> its own labeled fraction
 
     _finite = field_validator("options")(_finite_options)
+
+    @field_validator("labeled_fraction")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError(f"a labeled fraction must lie in (0, 1], got {value:g}")
+        return value
+
+    @field_validator("labeled_fraction_site")
+    @classmethod
+    def _fractions(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {site: f for site, f in value.items() if not 0 < f <= 1}
+        if bad:
+            site, f = next(iter(bad.items()))
+            raise ValueError(f"--labeled-fraction-site {site}={f:g}: a labeled fraction must lie in (0, 1]")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self, info: ValidationInfo) -> DataSpec:
@@ -109,6 +131,9 @@ class DataSpec(_Strict):
             )
         if self.path is not None and (self.site_column is None or (self.label_column is None and not self.label_columns)):
             raise ValueError("a table needs data.site_column and data.label_column (or data.label_columns)")
+        if self.unlabeled_value is not None and self.path is None and self.manifest is None:
+            raise ValueError("--unlabeled-value (data.unlabeled_value) applies to a table (--data) or an image "
+                             "manifest (--manifest)")
         if self.mask_column is not None and self.manifest is None:
             raise ValueError("--mask-column (data.mask_column) applies to a manifest of image files (--manifest)")
         if self.label_columns and self.path is None:

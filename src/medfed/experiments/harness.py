@@ -49,7 +49,7 @@ from medfed.experiments.metrics import (
     thresholded_metrics,
 )
 from medfed.experiments.saved_model import MODEL_ROWS, SAVED_REPEAT, ModelOutcome, name_files, saved_model_file
-from medfed.experiments.splits import stratified_split
+from medfed.experiments.splits import kept_labels, stratified_split
 from medfed.methods import METHOD_FLAGS, Method, context_for, resolve_methods
 from medfed.rng import KeyedRng, name_key
 from medfed.server.validate import NONFINITE
@@ -375,6 +375,10 @@ class SplitSite:
     C_train: np.ndarray | None = None
     C_test: np.ndarray | None = None
     target_moments: Moments | None = None  # a regression target's n, sum y, sum y^2 over the training rows
+    # training rows without a target (unlabeled in the data, or hidden by [data] labeled_fraction), imputed and
+    # scaled as X_train; every supervised method leaves them out, semi-supervised ones may learn from them
+    X_unlabeled: np.ndarray | None = None
+    n_hidden: int = 0  # how many of them had their label hidden by the labeled fraction
 
     @property
     def single_class(self) -> bool:
@@ -551,6 +555,7 @@ def _load_federation(spec: DataSpec) -> Federation:
             positive_label=spec.positive_label,
             kind=spec.kind,
             skip_bad=spec.skip_bad,
+            unlabeled_value=spec.unlabeled_value,
         )
     from medfed.data.tables import load_table
 
@@ -567,6 +572,7 @@ def _load_federation(spec: DataSpec) -> Federation:
         categorical=spec.categorical,
         covariates=spec.covariates,
         task=spec.task,
+        unlabeled_value=spec.unlabeled_value,
     )
 
 
@@ -574,32 +580,65 @@ def training_rows(site, index: int, config: ExperimentConfig, repeat: int) -> np
     """A site's training-row mask in ``repeat``: its predefined split, else a stratified split
     drawn from the stream of the site's ``index`` (its position in the federation; a deployed
     site gets it from ``[deploy] sites``), by class or, for a regression target, by its
-    quantile bin (:func:`medfed.data.tasks.strata`)."""
+    quantile bin (:func:`medfed.data.tasks.strata`). Test rows are drawn from the labeled rows
+    only: an unlabeled row is always a training row."""
+    labeled = site.labeled
     if site.split is not None:
-        return site.split
-    return stratified_split(strata(site.task, site.y), config.test_fraction, KeyedRng(config.seed, (SPLIT_STREAM, repeat)).child(index).generator)
+        return site.split | ~labeled
+    train = np.ones(site.n, dtype=bool)
+    train[labeled] = stratified_split(strata(site.task, site.y[labeled]), config.test_fraction,
+                                      KeyedRng(config.seed, (SPLIT_STREAM, repeat)).child(index).generator)
+    return train
 
 
-def prepare_site(site, train: np.ndarray, fed: Federation, config: ExperimentConfig, known=None) -> SplitSite:
-    """One site's rows of a repeat, split by ``train``: categorical test levels outside ``known``
-    (the levels some site's training rows hold) zeroed and counted, missing values imputed from
-    the site's training rows, per-site scaling applied; its training moments for global scaling."""
+def labeled_fraction(config: ExperimentConfig, site: str) -> float:
+    """The share of ``site``'s training labels a study keeps ([data] labeled_fraction[_site])."""
+    return config.data.labeled_fraction_site.get(site, config.data.labeled_fraction)
+
+
+def labeled_training_rows(site, train: np.ndarray, config: ExperimentConfig, repeat: int) -> np.ndarray:
+    """Which of ``site``'s rows train with their label in ``repeat``: its labeled training rows,
+    less the (1 - F) share hidden by a seeded draw stratified like the split
+    (:func:`~medfed.experiments.splits.kept_labels`), keyed by the repeat and the site's name so
+    that the same F hides the same rows whatever the order of sites. F = 1 hides nothing."""
+    rows = train & site.labeled
+    fraction = labeled_fraction(config, site.name)
+    if fraction == 1:
+        return rows
+    at = np.flatnonzero(rows)
+    rng = KeyedRng(config.seed, (SPLIT_STREAM, repeat, name_key("labeled-fraction"), name_key(site.name)))
+    kept = np.zeros(site.n, dtype=bool)
+    kept[at[kept_labels(strata(site.task, site.y[at]), fraction, rng.generator)]] = True
+    return kept
+
+
+def prepare_site(site, train: np.ndarray, fed: Federation, config: ExperimentConfig, known=None,
+                 labeled: np.ndarray | None = None) -> SplitSite:
+    """One site's rows of a repeat, split by ``train`` (``labeled``: those of them that train with
+    their label, default every labeled one; the other training rows are ``X_unlabeled``):
+    categorical test levels outside ``known`` (the levels some site's training rows hold) zeroed
+    and counted, missing values imputed from the site's labeled training rows, per-site scaling
+    applied; its labeled training moments for global scaling."""
     known = known or {}
-    X_train, X_test = site.X[train], site.X[~train]
+    labeled = train & site.labeled if labeled is None else labeled
+    unlabeled = train & ~labeled
+    X_train, X_test, X_unlabeled = site.X[labeled], site.X[~train], site.X[unlabeled]
     X_test, unseen = keep_training_levels(X_test, fed.categorical, known)
+    X_unlabeled, _ = keep_training_levels(X_unlabeled, fed.categorical, known)
     imputer = scaler = None
     if not fed.is_image and fed.impute is not None:
         imputer = Imputer.fit(X_train, fed.impute, site=site.name, feature_names=fed.feature_names)
-        X_train, X_test = imputer(X_train), imputer(X_test)
+        X_train, X_test, X_unlabeled = imputer(X_train), imputer(X_test), imputer(X_unlabeled)
     if config.scaling == "site":
         scaler = Standardizer.from_moments([Moments.of(X_train)])
-        X_train, X_test = scaler(X_train), scaler(X_test)
+        X_train, X_test, X_unlabeled = scaler(X_train), scaler(X_test), scaler(X_unlabeled)
     y = site.y.astype(np.float64)
     preserved = config.data.covariates or () if config.harmonize.method != "none" else ()
     C = np.column_stack([site.covariates[c] for c in preserved] or [np.empty((site.n, 0))])
-    return SplitSite(site.name, X_train, y[train], X_test, y[~train], Moments.of(X_train), unseen,
-                     imputer, scaler, known, C[train], C[~train],
-                     target_moments(y[train]) if fed.task == "regression" else None)
+    return SplitSite(site.name, X_train, y[labeled], X_test, y[~train], Moments.of(X_train), unseen,
+                     imputer, scaler, known, C[labeled], C[~train],
+                     target_moments(y[labeled]) if fed.task == "regression" else None,
+                     X_unlabeled, int((train & site.labeled & ~labeled).sum()))
 
 
 def prepare_repeat(fed: Federation, config: ExperimentConfig, repeat: int) -> list[SplitSite]:
@@ -610,8 +649,27 @@ def prepare_repeat(fed: Federation, config: ExperimentConfig, repeat: int) -> li
     counted in ``SplitSite.unseen_levels``.
     """
     trains = [training_rows(site, i, config, repeat) for i, site in enumerate(fed.sites)]
-    known = training_levels(fed.categorical, [s.X[t] for s, t in zip(fed.sites, trains)]) if fed.categorical else {}
-    return [prepare_site(site, train, fed, config, known) for site, train in zip(fed.sites, trains)]
+    labeled = [labeled_training_rows(site, t, config, repeat) for site, t in zip(fed.sites, trains)]
+    known = training_levels(fed.categorical, [s.X[t] for s, t in zip(fed.sites, labeled)]) if fed.categorical else {}
+    return [prepare_site(site, train, fed, config, known, rows) for site, train, rows in zip(fed.sites, trains, labeled)]
+
+
+def check_labeled_fractions(config: ExperimentConfig, federation: Federation) -> None:
+    """Before anything trains: ``labeled_fraction_site`` names sites of the federation, and no
+    site is left without a labeled training row in any repeat."""
+    unknown = [s for s in config.data.labeled_fraction_site if s not in federation.site_names]
+    if unknown:
+        raise ConfigError(f"--labeled-fraction-site {unknown[0]}=... (data.labeled_fraction_site): no site "
+                          f"{unknown[0]!r}; sites are {', '.join(federation.site_names)}")
+    for repeat in range(config.repeats):
+        for i, site in enumerate(federation.sites):
+            train = training_rows(site, i, config, repeat)
+            if not labeled_training_rows(site, train, config, repeat).any():
+                fraction = labeled_fraction(config, site.name)
+                which = (f"--labeled-fraction-site {site.name}={fraction:g}" if site.name in config.data.labeled_fraction_site
+                         else f"--labeled-fraction {fraction:g}")
+                raise ConfigError(f"{which} leaves site {site.name!r} no labeled training row (of "
+                                  f"{int((train & site.labeled).sum())} in repeat {repeat + 1}); raise the fraction")
 
 
 class ScaledViews:
@@ -721,6 +779,8 @@ class RepeatOutcome:
     models: dict[str, ModelOutcome] = field(default_factory=dict)  # with save_model, in repeat 1: by name
     harmonization: dict | None = None  # with [harmonize]: the site effect before and after
     target_scales: list[dict] = field(default_factory=list)  # regression: ScaledViews.target_record
+    # site -> (unlabeled training rows, of them hidden by the labeled fraction), for sites that have any
+    unlabeled: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 CROSS_ONE_SITE = "Cross trains on one site and tests on another; this federation has a single site"
@@ -747,7 +807,8 @@ def run_repeat(
                          standardize_target=task == "regression" and config.data.standardize_target)
     initial = plan.initial(federation, repeat)
     out = RepeatOutcome([], [], [s.name for s in sites if s.single_class], {},
-                        unseen_levels={s.name: s.unseen_levels for s in sites if s.unseen_levels})
+                        unseen_levels={s.name: s.unseen_levels for s in sites if s.unseen_levels},
+                        unlabeled={s.name: (len(s.X_unlabeled), s.n_hidden) for s in sites if len(s.X_unlabeled)})
     if harmonizer is not None:
         from medfed.experiments.harmonization import site_effect
 
@@ -1059,6 +1120,8 @@ def check_study(
     names = list(federation.site_names)
     t = config.training
     check_task_study(config, federation, methods)
+    if hasattr(federation, "sites"):  # the data themselves (a deployed study's coordinator has their summaries)
+        check_labeled_fractions(config, federation)
     cross = [spec.name for spec, _ in methods if spec.name == "cross"]
     if cross and len(names) > CROSS_SITE_LIMIT:
         # every site's Single model scored on every other site: K (K - 1) evaluations held in memory
@@ -1165,6 +1228,20 @@ def run_experiment(
     return assemble_run(config, federation, methods, outcomes, started, workers)
 
 
+def unlabeled_notes(per_repeat: list[dict[str, tuple[int, int]]], methods: list[str]) -> list[str]:
+    """The note saying how many training rows had no label and that the (supervised) ``methods``
+    left them out: per site, repeat 1's counts (the split is stratified, so they barely vary)."""
+    first = next((u for u in per_repeat if u), None)
+    if first is None:
+        return []
+    total = sum(n for n, _ in first.values())
+    hidden = sum(h for _, h in first.values())
+    sites = ", ".join(f"{name}: {n}" for name, (n, _) in first.items())
+    why = f", {hidden} of them with their label hidden by the labeled fraction" if hidden else ""
+    return [f"{total} unlabeled training rows ({sites}; repeat 1{why}) not used by {', '.join(methods)}: "
+            "supervised methods train on the labeled rows only"]
+
+
 def assemble_run(config: ExperimentConfig, federation, methods, outcomes: list[RepeatOutcome], started: float,
                  workers: int = 1) -> ExperimentRun:
     """The run's table cells, histories and notes from its repeats' outcomes (simulated here, or
@@ -1187,6 +1264,7 @@ def assemble_run(config: ExperimentConfig, federation, methods, outcomes: list[R
                 "site has no complete model; no unseen-site rows"
             )
     notes += unseen_level_notes([o.unseen_levels for o in outcomes], config.repeats)
+    notes += unlabeled_notes([o.unlabeled for o in outcomes], [spec.display for spec, _ in methods])
     for site, absent in (federation.missing_classes() if hasattr(federation, "missing_classes") else {}).items():
         notes.append(f"site {site!r} has no rows of class{'es' if len(absent) > 1 else ''} "
                      f"{', '.join(repr(c) for c in absent)} (legal: it trains on the classes it has; its "

@@ -78,6 +78,7 @@ def load_image_manifest(
     skip_bad: bool = False,
     name: str | None = None,
     mask_column: str | None = None,
+    unlabeled_value: str | None = None,
 ) -> Federation:
     """Load the images a manifest lists into a federation, one site per site-column value.
 
@@ -113,6 +114,7 @@ def load_image_manifest(
         split_column=split_column,
         positive_label=positive_label,
         mask_column=mask_column,
+        unlabeled_value=unlabeled_value,
     )
     n = len(manifest.paths)
     formats = [_format_of(p, kind) for p in manifest.paths]
@@ -360,8 +362,12 @@ def _build_sites(manifest: Manifest, arrays: dict[int, np.ndarray], targets: dic
                 stacklevel=3,
             )
         X = np.stack([arrays[r] for r in keep])
-        sites.append(Site(site, X, y, split, task="segmentation" if segmentation else "binary"))
-        y_kept.append(y.ravel())
+        unlabeled = None if manifest.unlabeled is None else manifest.unlabeled[keep]
+        try:
+            sites.append(Site(site, X, y, split, task="segmentation" if segmentation else "binary", unlabeled=unlabeled))
+        except DataError as exc:  # too few labeled images left after skipping bad files
+            raise DataError(f"{manifest.source}: {exc}{because}") from None
+        y_kept.append(y.ravel() if unlabeled is None else y[~unlabeled])
     y_all = np.concatenate(y_kept)
     if segmentation:
         if not y_all.any():

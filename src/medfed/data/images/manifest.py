@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from medfed.data.tables import binary_labels, read_frame, site_values, split_values
+from medfed.data.tables import binary_labels, read_frame, site_values, sites_without_labels, split_values, unlabeled_rows
 from medfed.errors import DataError
 
 
@@ -35,6 +35,7 @@ class Manifest:
     split: np.ndarray | None
     positive_label: str
     masks: tuple[Path, ...] | None = None
+    unlabeled: np.ndarray | None = None  # True for a row whose label cell is empty or the unlabeled value
 
     @property
     def site_names(self) -> list[str]:
@@ -54,11 +55,14 @@ def read_manifest(
     split_column: str | None = None,
     positive_label: Any = None,
     mask_column: str | None = None,
+    unlabeled_value: str | None = None,
 ) -> Manifest:
     """Read and check a manifest. Paths may point to files or (DICOM series) folders.
 
     With ``mask_column`` each row also names its image's mask file and the label column is
-    not read (a segmentation manifest need not have one).
+    not read (a segmentation manifest need not have one). Otherwise a row whose label cell is
+    empty or holds ``unlabeled_value`` is an unlabeled image (``Site.unlabeled``), as in
+    :func:`medfed.data.tables.load_table`; its label is a placeholder 0.
 
     Missing paths are not checked here: the loaders report them with the other bad files,
     so ``--skip-bad`` can count them too.
@@ -76,12 +80,22 @@ def read_manifest(
     paths = _paths(frame[path_column].tolist(), "path", path_column, source)
     masks = _paths(frame[mask_column].tolist(), "mask", mask_column, source) if mask_column else None
     sites = site_values(frame[site_column], site_column, source)
+    unlabeled = None
     if mask_column:
         y, positive = None, "1"
     else:
-        y, positive = binary_labels(frame[label_column], label_column, positive_label, source, np.array(sites))
+        site_arr = np.array(sites, dtype=object)
+        unlabeled = unlabeled_rows(frame[label_column], unlabeled_value)
+        lacking = sites_without_labels(unlabeled, site_arr, list(dict.fromkeys(sites)), label_column, unlabeled_value)
+        if lacking:
+            raise DataError(f"{source}: {lacking}")
+        known, positive = binary_labels(frame[label_column][~unlabeled].reset_index(drop=True), label_column,
+                                        positive_label, source, site_arr[~unlabeled])
+        y = np.zeros(len(frame), dtype=known.dtype)
+        y[~unlabeled] = known
     split = split_values(frame[split_column], split_column, source) if split_column else None
-    return Manifest(source, paths, y, tuple(sites), split, positive, masks)
+    return Manifest(source, paths, y, tuple(sites), split, positive, masks,
+                    unlabeled if unlabeled is not None and unlabeled.any() else None)
 
 
 def read_manifest_paths(path: str | os.PathLike, *, path_column: str = "path",
