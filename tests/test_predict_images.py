@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from image_support import png_classification
 from typer.testing import CliRunner
 
 import medfed.experiments.harness as harness
@@ -61,27 +62,12 @@ def test_manifest(config, manifest, i, path, columns=("path",)):
 test_manifest.__test__ = False
 
 
-def _png_classification(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    rows = ["path,label,site"]
-    for k in range(2):
-        for i in range(12):
-            img = rng.normal(100 - 30 * k, 10, size=(10, 10))
-            img[2:5, 2:5] += 60 * (i % 2)
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L").save(tmp_path / f"s{k}_{i}.png")
-            rows.append(f"s{k}_{i}.png,{i % 2},hospital-{k}")
-    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
-    return tmp_path / "manifest.csv"
-
-
 def test_a_cnn_scores_a_manifest_as_the_run_scored_its_test_images(tmp_path, torch_one_thread):
     """cnn2d with BatchNorm, FedAvg: hospital-1's test PNGs scored by predict equal the run's test
     probabilities bit for bit (per-channel standardization, same reader); row, path, score, predicted."""
     pytest.importorskip("torch")
     pytest.importorskip("PIL")
-    manifest = _png_classification(tmp_path)
+    manifest = png_classification(tmp_path)
     out = tmp_path / "out"
     config, run = run_and_write({"data": {"manifest": str(manifest)}, "model": "cnn2d",
                                  "model_options": {"channels": [2, 4]}, "methods": ["fedavg"],

@@ -7,13 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from image_support import png_classification
 from typer.testing import CliRunner
 
 import medfed.experiments.harness as harness
 from medfed.cli.app import app
 from medfed.experiments.config import build_config
 from medfed.experiments.harness import SPLIT_STREAM, load_federation, run_experiment
-from medfed.experiments.report import MANIFEST, TEMP_FILE, report_files, write_atomically
+from medfed.experiments.report import (
+    MANIFEST,
+    TEMP_FILE,
+    report_files,
+    write_atomically,
+)
 from medfed.experiments.results import results_document
 from medfed.experiments.saved_model import SavedModel, load_saved_model
 from medfed.experiments.splits import stratified_split
@@ -363,16 +369,8 @@ def test_an_image_model_is_saved_and_predict_takes_its_images_as_a_manifest(tmp_
     """A CNN's parameter view (BatchNorm statistics included) and its per-channel standardization
     are saved; FedBN has no global model, so no file; predict refuses a table for an image model in one line."""
     pytest.importorskip("torch")
-    image = pytest.importorskip("PIL.Image")
-    rng = np.random.default_rng(0)
-    rows = ["path,label,site"]
-    for k in range(2):
-        for i in range(12):
-            img = rng.normal(100 - 30 * k, 10, size=(10, 10))
-            img[2:5, 2:5] += 60 * (i % 2)
-            image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L").save(tmp_path / f"s{k}_{i}.png")
-            rows.append(f"s{k}_{i}.png,{i % 2},hospital-{k}")
-    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    pytest.importorskip("PIL.Image")
+    png_classification(tmp_path)
     out = tmp_path / "out"
     code, text = invoke(["run", "--manifest", tmp_path / "manifest.csv", "--model", "cnn2d", "--model-option",
                          "channels=2,4", "--methods", "fedavg,fedbn", "--rounds", "1", "--local-steps", "1",
