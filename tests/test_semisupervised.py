@@ -170,3 +170,17 @@ def test_refused_before_training_where_it_cannot_run(tmp_path):
     assert METHODS["semisupervised"].tasks == ("binary", "multiclass")
     with pytest.raises(ConfigError, match="threshold"):
         METHODS["semisupervised"].validate({"threshold": 1.5})
+
+
+def test_multiclass_sites_train_on_their_argmax_pseudo_labels():
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(60, 3))
+    y = np.argmax(X @ rng.normal(size=(3, 3)), axis=1).astype(float)
+    site = LocalData("s0", X[:20], y[:20], X[20:])
+    soft = SoftmaxRegression(3)
+    config = LocalTraining(soft, lr=0.5, steps=3)
+    warm, _ = descend(soft, soft.init_params((3,)), site.X, site.y, [None] * 30, 0.5)  # a confident global model
+    semi, _ = semisupervised_update(warm, site, config, None, KeyedRng(0), **{**OPTS, "threshold": 0.6})
+    plain, _ = semisupervised_update(warm, LocalData("s0", site.X, site.y), config, None, KeyedRng(0), **OPTS)
+    assert pseudo_labels(soft, warm, site.X_unlabeled, 0.6).rows.size > 0
+    assert not np.array_equal(semi.payload["weight"], plain.payload["weight"])

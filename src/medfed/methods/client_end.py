@@ -125,7 +125,12 @@ def _semisupervised(opts, training: Training, context: BuildContext) -> Federate
     Departs from FixMatch in batching: labeled and pseudo-labeled rows share one mini-batch stream,
     each pseudo-labeled row weighing ``weight`` in the batch mean (FixMatch: two means, lambda between).
 
-    Measured (breast-cancer, 3 repeats): see the report of issue 14 and tests/test_semisupervised.py.
+    Measured, breast-cancer (3 sites, logistic, 50 rounds, defaults; ACC/AUC averaged over the test sites,
+    mean ± std over 3 repeats): 10% labels FedAvg 0.950±0.034/0.985±0.007, SemiSup 0.937±0.021/0.979±0.016;
+    2% labels FedAvg 0.853±0.061/0.939±0.041, SemiSup 0.858±0.065/0.924±0.052; Mix with all labels
+    0.978±0.005/0.990±0.003. It does not help here: within noise at 10 repeats and every option tried
+    (threshold 0.8-0.99, weight 0.3, strong 0.1); a linear model on 30 features is already near its
+    ceiling from a few labels. A round costs about 2.3x FedAvg's (the weak-view predictions, more rows).
     """
     rule = functools.partial(semisupervised_update, threshold=opts["threshold"], weight=opts["weight"],
                              weak=opts["weak"], strong=opts["strong"])
