@@ -23,11 +23,14 @@ from medfed.rng import KeyedRng
 
 @dataclass(frozen=True, slots=True)
 class LocalData:
-    """A site's training rows, already imputed and scaled; they never leave the site."""
+    """A site's training rows, already imputed and scaled; they never leave the site.
+    ``X_unlabeled``: its training rows without a target, preprocessed as ``X`` (None: none);
+    only semi-supervised rules read them, and ``n`` counts the labeled rows alone."""
 
     name: str
     X: np.ndarray
     y: np.ndarray
+    X_unlabeled: np.ndarray | None = None
 
     @property
     def n(self) -> int:

@@ -183,6 +183,22 @@ def make_optimizer(model, session, lr: float, *, fold: bool = True) -> Sgd | Ada
 # --- local training ---------------------------------------------------------------------
 
 
+class _by_rows:
+    """Fixed per-row weights as a ``row_weights`` callable: the session passes only the batch's
+    labels, so the batches are followed (:meth:`follow`) to know which rows the batch holds."""
+
+    def __init__(self, weights: np.ndarray) -> None:
+        self.weights, self.rows = np.asarray(weights, dtype=np.float64), None
+
+    def follow(self, batches: Iterable[np.ndarray | None]):
+        for rows in batches:
+            self.rows = rows
+            yield rows
+
+    def __call__(self, y_batch: np.ndarray) -> np.ndarray:
+        return self.weights if self.rows is None else self.weights[self.rows]
+
+
 def descend(
     model,
     params: Params,
@@ -196,14 +212,21 @@ def descend(
     mu: float = 0.0,
     correction: Params | None = None,
     row_weights: Callable[[np.ndarray], np.ndarray] | None = None,
+    example_weights: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], float]:
     """One optimizer step per entry of ``batches`` (row indices, ``None`` = all rows) from ``params``.
 
     Returns the new parameters and the objective at the start on all rows (unweighted, with
     the L2 term; torch: in eval mode), the loss of the model the site received. Optional terms:
     ``prox_center`` with ``mu > 0`` (FedProx), ``correction`` (SCAFFOLD), ``row_weights(y_batch)
-    -> (B,)`` (FedSLD); see the module docstring.
+    -> (B,)`` (FedSLD), or ``example_weights`` (n,): a fixed weight per row of ``X`` (the
+    semi-supervised pseudo-labeled rows' lambda), looked up by the batch's rows; see the module docstring.
     """
+    if example_weights is not None:
+        if row_weights is not None:
+            raise ValueError("descend takes row_weights or example_weights, not both")
+        row_weights = _by_rows(example_weights)
+        batches = row_weights.follow(batches)
     with model.session(params, X, y) as session:
         optimizer = make_optimizer(model, session, lr)
         terms = gradient_terms(session, optimizer.fold, l2=l2, prox_center=prox_center, mu=mu, correction=correction)

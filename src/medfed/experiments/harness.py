@@ -14,7 +14,7 @@ import dataclasses
 import json
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -731,11 +731,19 @@ class ScaledViews:
             scale = self.scaler(group, reference, adapt)
             target = self.target_scale(group)
             train = [LocalData(sites[i].name, scale(sites[i].X_train),
-                               target.forward(sites[i].y_train) if self.standardize_target else sites[i].y_train)
+                               target.forward(sites[i].y_train) if self.standardize_target else sites[i].y_train,
+                               _unlabeled(sites[i], scale))
                      for i in group]
             tests = [scale(s.X_test) for s in sites]
             self._cache[key] = (train, tests)
         return self._cache[key]
+
+
+def _unlabeled(site: SplitSite, scale: Standardizer) -> np.ndarray | None:
+    """A site's unlabeled training rows scaled as its labeled ones, None when it has none
+    (check_study refuses a method that learns from them under harmonization, which adjusts X_train only)."""
+    X = site.X_unlabeled
+    return None if X is None or len(X) == 0 else scale(X)
 
 
 # which training rows a model's decision threshold is chosen on (medfed.experiments.metrics)
@@ -1093,6 +1101,21 @@ def check_task_study(config: ExperimentConfig, federation: Federation, methods: 
                           "task has none: leave --threshold out")
 
 
+def check_unlabeled_study(config: ExperimentConfig, methods: list[tuple[Method, dict]]) -> None:
+    """Refuse, before training, what a method that learns from unlabeled rows cannot combine with:
+    harmonization (it adjusts the labeled rows only) and DP-SGD (pseudo-labeled rows are not
+    accounted as the site's examples)."""
+    for spec, _ in methods:
+        if not spec.unlabeled:
+            continue
+        if config.harmonize.method != "none":
+            raise ConfigError(f"method {spec.name!r} learns from unlabeled rows, which [harmonize] method = "
+                              f"{config.harmonize.method!r} does not adjust: leave it out of --methods or harmonize none")
+        if config.privacy.dp == "sample":
+            raise ConfigError(f"method {spec.name!r} trains on pseudo-labeled rows that --dp sample does not "
+                              "account as the site's examples: leave it out of --methods or use another --dp")
+
+
 CROSS_SITE_LIMIT = 200  # beyond it, Cross's K (K - 1) evaluations take gigabytes
 
 
@@ -1122,6 +1145,7 @@ def check_study(
     check_task_study(config, federation, methods)
     if hasattr(federation, "sites"):  # the data themselves (a deployed study's coordinator has their summaries)
         check_labeled_fractions(config, federation)
+    check_unlabeled_study(config, methods)
     cross = [spec.name for spec, _ in methods if spec.name == "cross"]
     if cross and len(names) > CROSS_SITE_LIMIT:
         # every site's Single model scored on every other site: K (K - 1) evaluations held in memory
@@ -1228,9 +1252,11 @@ def run_experiment(
     return assemble_run(config, federation, methods, outcomes, started, workers)
 
 
-def unlabeled_notes(per_repeat: list[dict[str, tuple[int, int]]], methods: list[str]) -> list[str]:
-    """The note saying how many training rows had no label and that the (supervised) ``methods``
-    left them out: per site, repeat 1's counts (the split is stratified, so they barely vary)."""
+def unlabeled_notes(per_repeat: list[dict[str, tuple[int, int]]], methods: list[str],
+                    learners: Sequence[str] = ()) -> list[str]:
+    """The note saying how many training rows had no label, that the (supervised) ``methods``
+    left them out and the semi-supervised ``learners`` learnt from them: per site, repeat 1's
+    counts (the split is stratified, so they barely vary)."""
     first = next((u for u in per_repeat if u), None)
     if first is None:
         return []
@@ -1238,8 +1264,12 @@ def unlabeled_notes(per_repeat: list[dict[str, tuple[int, int]]], methods: list[
     hidden = sum(h for _, h in first.values())
     sites = ", ".join(f"{name}: {n}" for name, (n, _) in first.items())
     why = f", {hidden} of them with their label hidden by the labeled fraction" if hidden else ""
-    return [f"{total} unlabeled training rows ({sites}; repeat 1{why}) not used by {', '.join(methods)}: "
-            "supervised methods train on the labeled rows only"]
+    head = f"{total} unlabeled training rows ({sites}; repeat 1{why})"
+    used = f"used by {', '.join(learners)} (semi-supervised)" if learners else ""
+    if not methods:
+        return [f"{head} {used}"]
+    return [f"{head} not used by {', '.join(methods)}: supervised methods train on the labeled rows only"
+            + (f"; {used}" if used else "")]
 
 
 def assemble_run(config: ExperimentConfig, federation, methods, outcomes: list[RepeatOutcome], started: float,
@@ -1264,7 +1294,8 @@ def assemble_run(config: ExperimentConfig, federation, methods, outcomes: list[R
                 "site has no complete model; no unseen-site rows"
             )
     notes += unseen_level_notes([o.unseen_levels for o in outcomes], config.repeats)
-    notes += unlabeled_notes([o.unlabeled for o in outcomes], [spec.display for spec, _ in methods])
+    notes += unlabeled_notes([o.unlabeled for o in outcomes], [spec.display for spec, _ in methods if not spec.unlabeled],
+                             [spec.display for spec, _ in methods if spec.unlabeled])
     for site, absent in (federation.missing_classes() if hasattr(federation, "missing_classes") else {}).items():
         notes.append(f"site {site!r} has no rows of class{'es' if len(absent) > 1 else ''} "
                      f"{', '.join(repr(c) for c in absent)} (legal: it trains on the classes it has; its "

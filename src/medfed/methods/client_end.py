@@ -19,6 +19,7 @@ from medfed.client.drift import (
     semisync_update,
 )
 from medfed.client.local import local_sgd_update
+from medfed.client.semisupervised import semisupervised_update
 from medfed.client.personal import (
     apfl_personalize,
     apfl_update,
@@ -112,11 +113,35 @@ def _ditto(opts, training: Training, context: BuildContext) -> FederatedAlgorith
     )
 
 
+def _semisupervised(opts, training: Training, context: BuildContext) -> FederatedAlgorithm:
+    """Semi-supervised FL (Yang et al., 2021a), FixMatch-style (Sohn et al., 2020): the received global
+    model pseudo-labels a site's weakly augmented unlabeled rows above ``threshold``; local training adds
+    those rows strongly augmented, weighted ``weight``. With no unlabeled row it is FedAvg, bit for bit.
+
+    Departs from Yang 2021a, which adds a separate consistency loss between the predictions on two
+    augmented views: here the consistency is FixMatch's, the strong view trained toward the weak
+    view's confident label, so the model's own loss (and every model, numpy or torch) serves with
+    no new loss term; the pseudo-labels come from the global model, as in the paper, not the local one.
+    Departs from FixMatch in batching: labeled and pseudo-labeled rows share one mini-batch stream,
+    each pseudo-labeled row weighing ``weight`` in the batch mean (FixMatch: two means, lambda between).
+
+    Measured, breast-cancer (3 sites, logistic, 50 rounds, defaults; ACC/AUC averaged over the test sites,
+    mean ± std over 3 repeats): 10% labels FedAvg 0.950±0.034/0.985±0.007, SemiSup 0.937±0.021/0.979±0.016;
+    2% labels FedAvg 0.853±0.061/0.939±0.041, SemiSup 0.858±0.065/0.924±0.052; Mix with all labels
+    0.978±0.005/0.990±0.003. It does not help here: within noise at 10 repeats and every option tried
+    (threshold 0.8-0.99, weight 0.3, strong 0.1); a linear model on 30 features is already near its
+    ceiling from a few labels. A round costs about 2.3x FedAvg's (the weak-view predictions, more rows).
+    """
+    rule = functools.partial(semisupervised_update, threshold=opts["threshold"], weight=opts["weight"],
+                             weak=opts["weak"], strong=opts["strong"])
+    return FederatedAlgorithm("semisupervised", rule, _fedavg_server())
+
+
 def _spec(name, display, summary, reference, options: tuple[Option, ...], build, *, personal=False,
-          tasks: tuple[str, ...] | None = None) -> Method:
+          tasks: tuple[str, ...] | None = None, unlabeled: bool = False) -> Method:
     return Method(
         name, display, "federated", summary, reference, options, build, uploads="delta", personal=personal,
-        family=FAMILY, **({} if tasks is None else {"tasks": tasks}),
+        family=FAMILY, unlabeled=unlabeled, **({} if tasks is None else {"tasks": tasks}),
     )
 
 
@@ -177,5 +202,23 @@ CLIENT_METHODS: list[Method] = [
             whole("personal_steps", 0, "personal steps per round (0 = local_steps)", range=at_least(0)),
         ),
         _ditto, personal=True,
+    ),
+    _spec(
+        "semisupervised", "SemiSup",
+        "the global model pseudo-labels each site's weakly augmented unlabeled rows above a confidence "
+        "threshold; local training adds them strongly augmented, weighted (FixMatch-style; none unlabeled: FedAvg)",
+        "Yang et al., 2021a; Sohn et al., 2020",
+        (
+            number("threshold", 0.95, "top probability a pseudo-label needs", range=closed(0, 1)),
+            number("weight", 1.0, "weight (lambda) of a pseudo-labeled row in the batch's mean loss",
+                   range=at_least(0)),
+            number("weak", 0.05, "weak augmentation: feature-noise sigma (tables), intensity jitter (images)",
+                   range=at_least(0)),
+            number("strong", 0.5, "strong augmentation: feature-noise sigma (tables), intensity jitter plus a "
+                   "shift (images)", range=at_least(0)),
+        ),
+        _semisupervised,
+        tasks=("binary", "multiclass"),  # a pseudo-label is one class per row
+        unlabeled=True,
     ),
 ]

@@ -56,7 +56,8 @@ class Method:
     model per site, reported next to the global one. ``caveat(options)``, when given, returns
     what a reader must know about the numbers the method produces under those options (e.g. a
     reading that cannot learn a parameter's sign), or None; results carry it and the table
-    shows it as a note on the method's rows.
+    shows it as a note on the method's rows. ``unlabeled`` says the method learns from the sites'
+    unlabeled training rows (``LocalData.X_unlabeled``); every other method leaves them out.
     """
 
     name: str
@@ -75,6 +76,7 @@ class Method:
     check: Callable[[Mapping[str, Any]], str | None] | None = None
     # the targets the method can train (medfed.data.tasks): refused at build time for others
     tasks: tuple[str, ...] = ("binary", "multiclass", "regression", "multilabel", "segmentation")
+    unlabeled: bool = False
 
     @property
     def defaults(self) -> dict[str, OptionValue]:
