@@ -87,6 +87,11 @@ def check_settings(config: ExperimentConfig, source: str, *, manifest: bool) -> 
             f"{source}: {', '.join(central)} pool or move rows between sites and cannot be deployed; "
             "list only federated methods in `methods`"
         )
+    unlabeled = [spec.name for spec, _ in methods if spec.unlabeled]
+    if unlabeled:  # a deployed site prepares its labeled training rows only (deploy/site.py)
+        raise ConfigError(
+            f"{source}: {', '.join(unlabeled)} learns from each site's unlabeled rows, which a deployed site does "
+            "not prepare yet; it runs in simulation (medfed run) only so far")
 
 
 def study_payload(config: ExperimentConfig) -> dict[str, Any]:
