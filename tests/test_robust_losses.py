@@ -143,6 +143,9 @@ def test_torch_heads_train_the_same_loss():
         g_numpy, _ = numpy_model.gradient(params, X, y)
         np.testing.assert_allclose(g_torch["head.weight"], np.asarray(g_numpy["weight"]).reshape(3, -1).T, atol=1e-10)
         np.testing.assert_allclose(g_torch["head.bias"], np.atleast_1d(g_numpy["bias"]), atol=1e-10)
+        per_torch, per_numpy = net.per_example_gradients(tparams, X, y), numpy_model.per_example_gradients(params, X, y)
+        np.testing.assert_allclose(per_torch["head.weight"], per_numpy["weight"].reshape(len(y), 3, -1).transpose(0, 2, 1),
+                                   atol=1e-10)  # DP-SGD's rows (vmap over the head's loss)
 
 
 @pytest.mark.parametrize("values, words", [
@@ -204,3 +207,18 @@ def test_cli_loss_flags_reach_the_config_and_errors_exit_2(tmp_path):
                                       "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "--loss-option gamma: loss 'sce' takes alpha (default 0.1), beta (default 1.0)" in result.output
+
+
+def test_dp_sgd_trains_with_a_robust_loss():
+    from medfed.experiments.harness import load_federation, run_experiment
+    from medfed.experiments.results import results_document
+
+    def auc(loss):
+        config = ExperimentConfig(data={"dataset": "heart-disease"}, methods=["fedavg"], repeats=1,
+                                  privacy={"dp": "sample", "clip": 1.0, "noise": 1.0},
+                                  training={"rounds": 2, "local_steps": 2, "batch_size": 16, "loss": loss})
+        doc = results_document(run_experiment(config, load_federation(config.data)))
+        return [r["metrics"]["auc"]["mean"] for r in doc["results"]]
+
+    ce, gce = auc("ce"), auc("gce")
+    assert all(np.isfinite(gce)) and gce != ce

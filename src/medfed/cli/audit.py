@@ -226,6 +226,8 @@ def robustness(
 
     Data, model and training come from the same flags as `medfed run` (or a config file, whose
     `methods` are the defenses); `--attack`, `--corrupt` and `--out` say what to audit and where.
+    `--loss gce|sce` trains every site with a noise-robust loss (against `noisy_labels`; measured in
+    medfed.models.losses).
     """
     flag_values = dict(locals())  # every flag by its parameter name, for study_overrides
 

@@ -18,9 +18,23 @@ closed form; the torch heads differentiate :meth:`RobustLoss.rows` with autograd
 the papers: GCE's truncated variant (L_q with a threshold k and pruning rounds) is not built.
 Regression and segmentation keep their own losses (refused at build time).
 
-Evidence (``medfed audit robustness --dataset breast-cancer --attack noisy_labels --rate 0.8
---corrupt 1 --defenses fedavg,median``, with and without ``--loss gce``): see the report table in
-the robustness audit's docstring (:mod:`medfed.cli.audit`).
+Evidence: ``medfed audit robustness --attack noisy_labels --rate 0.8 --corrupt 1 --defenses
+fedavg,median`` with ``--loss ce|gce|sce`` (defaults q = 0.7; alpha = 0.1, beta = 1), the drop
+(clean - attacked) on the clean sites' test rows, mean ± sample std over repeats::
+
+    data (repeats)            defense  metric   ce              gce             sce
+    breast-cancer (20)        FedAvg   AUC      0.011 ± 0.019   0.003 ± 0.007   0.004 ± 0.007
+                              FedAvg   BACC     0.056 ± 0.045   0.037 ± 0.036   0.038 ± 0.036
+                              Median   BACC     0.010 ± 0.028   0.000 ± 0.030   0.014 ± 0.033
+    adni-like (10)            FedAvg   AUC      0.078 ± 0.038   0.027 ± 0.023   0.036 ± 0.036
+                              FedAvg   ACC      0.095 ± 0.057   0.026 ± 0.034   0.032 ± 0.043
+    wine, 3 classes, 3 sites  FedAvg   ACC      0.020 ± 0.050   0.003 ± 0.042   0.004 ± 0.043
+    (sklearn copy, 10)        Median   ACC     -0.021 ± 0.037  -0.021 ± 0.037  -0.013 ± 0.035
+
+GCE helps FedAvg: on adni-like (2 sites, one corrupted) it cuts the AUC drop by two thirds
+(attacked AUC 0.865 -> 0.915); on breast-cancer and wine the drops were small already and
+shrink within one std. Clean-site accuracy costs at most 0.01 (breast-cancer FedAvg clean ACC
+0.972 -> 0.968, adni-like 0.878 -> 0.870). Median alone already absorbs one noisy site of three.
 """
 
 from __future__ import annotations
