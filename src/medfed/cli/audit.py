@@ -47,6 +47,8 @@ from medfed.cli.flags import (
     ImputeOpt,
     KindOpt,
     L2Opt,
+    LossOpt,
+    LossOptionOpt,
     LabelColumnOpt,
     LabelColumnsOpt,
     LocalEpochsOpt,
@@ -207,6 +209,8 @@ def robustness(
     local_epochs: LocalEpochsOpt = None,
     lr: LrOpt = None,
     l2: L2Opt = None,
+    loss: LossOpt = None,
+    loss_option: LossOptionOpt = None,
     batch_size: BatchSizeOpt = None,
     fraction_fit: FractionFitOpt = None,
     min_sites: MinSitesOpt = None,
@@ -222,6 +226,8 @@ def robustness(
 
     Data, model and training come from the same flags as `medfed run` (or a config file, whose
     `methods` are the defenses); `--attack`, `--corrupt` and `--out` say what to audit and where.
+    `--loss gce|sce` trains every site with a noise-robust loss (against `noisy_labels`; measured in
+    medfed.models.losses).
     """
     flag_values = dict(locals())  # every flag by its parameter name, for study_overrides
 

@@ -83,6 +83,10 @@ LocalEpochsOpt = Annotated[
 ]
 LrOpt = Annotated[float | None, typer.Option(help="learning rate")]
 L2Opt = Annotated[float | None, typer.Option(help="L2 penalty (l2/2)||w||^2")]
+LossOpt = Annotated[str | None, typer.Option(help="classification loss: ce, gce (generalized cross-entropy) or sce "
+                                                  "(symmetric cross-entropy), both robust to noisy labels [default: ce]")]
+LossOptionOpt = Annotated[list[str] | None, typer.Option(
+    help="KEY=VALUE option of --loss: gce q=0.7 (0 < q <= 1); sce alpha=0.1, beta=1 (>= 0); repeatable")]
 BatchSizeOpt = Annotated[int | None, typer.Option(help="mini-batch size [default: full batch]")]
 FractionFitOpt = Annotated[float | None, typer.Option(help="fraction of sites selected per round")]
 MinSitesOpt = Annotated[int | None, typer.Option(help="minimum number of sites per round")]
@@ -146,6 +150,7 @@ DATA_FLAGS = (
 )
 TRAINING_FLAGS = (
     "rounds", "local_steps", "local_epochs", "lr", "l2", "batch_size", "fraction_fit", "min_sites", "max_update_norm",
+    "loss",
 )
 
 
@@ -181,6 +186,8 @@ def study_overrides(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str,
     if given.get("dataset_option"):
         data["options"] = parse_options(given["dataset_option"], "--dataset-option")
     training = {k: given[k] for k in TRAINING_FLAGS if given.get(k) is not None}
+    if given.get("loss_option"):
+        training["loss_options"] = parse_options(given["loss_option"], "--loss-option")
     privacy = {k: given[k] for k in PRIVACY_FLAGS if given.get(k) is not None}
     harmonize = {k: v for k, v in (("method", given.get("harmonize")), ("eb", given.get("eb")),
                                    ("band", given.get("band")), ("strength", given.get("strength"))) if v is not None}

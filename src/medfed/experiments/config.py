@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from medfed.errors import ConfigError
+from medfed.models.losses import RobustLoss, make_loss
 
 DEFAULT_METHODS = ["cross", "single", "mix", "fedavg", "fedsgd", "fedprox"]
 PLOT_FORMATS = ("png", "pdf", "svg")  # what matplotlib writes without extra packages
@@ -271,6 +272,20 @@ class TrainingSpec(_Strict):
     max_update_norm: float | None = Field(
         None, gt=0, description="the server rejects an upload whose update has a larger L2 norm"
     )
+    loss: str = Field("ce", description="classification data term: ce, or the noise-robust gce or sce")
+    loss_options: dict[str, Any] = Field(default_factory=dict, description="gce: q in (0, 1]; sce: alpha, beta >= 0")
+
+    @model_validator(mode="after")
+    def _loss(self) -> TrainingSpec:
+        try:
+            self.robust_loss()
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def robust_loss(self) -> RobustLoss | None:
+        """The noise-robust loss the models train with (:mod:`medfed.models.losses`), None for ``ce``."""
+        return make_loss(self.loss, self.loss_options)
 
 
 class EvaluationSpec(_Strict):

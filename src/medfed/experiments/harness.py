@@ -178,7 +178,8 @@ class TrainingPlan:
         targets of ``task`` (``config.model`` resolved for it: ``logistic`` is the task's GLM)."""
         from medfed.models.registry import make_model
 
-        model = make_model(config.model, tuple(sample_shape), task=task, n_classes=n_classes, **config.model_options)
+        model = make_model(config.model, tuple(sample_shape), task=task, n_classes=n_classes,
+                           loss=config.training.robust_loss(), **config.model_options)
         t = config.training
         epochs = None if t.local_epochs is None else t.rounds * t.local_epochs  # centralized: the same passes
         central = LocalTraining(model, t.lr, t.rounds * t.local_steps, t.batch_size, t.l2, epochs)

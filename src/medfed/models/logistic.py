@@ -152,6 +152,13 @@ class LogisticSession:
         g += alpha * x
         return g
 
+    def residual(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Each row's data-term gradient with respect to its score: ``link(z) - y`` (a robust loss
+        rescales it, :mod:`medfed.models.robust`)."""
+        residual = self.link(z)
+        residual -= y
+        return residual
+
     def loss(self) -> float:
         """The data term of the objective on all rows at the current parameters."""
         return self.data_loss(self.X @ self.values["weight"] + self.values["bias"], self.y)
@@ -168,8 +175,7 @@ class LogisticSession:
         loss = None
         if with_loss:
             loss = self.data_loss(z, y) if rows is None else self.loss()
-        residual = self.link(z)
-        residual -= y
+        residual = self.residual(z, y)
         if row_weights is not None:
             residual *= row_weights(y)
         n = X.shape[0]
@@ -182,7 +188,7 @@ class LogisticSession:
         if self._row_scale is None:  # sqrt(|x|^2 + 1), the norm of [x, 1]: once per session
             self._row_scale = np.sqrt(np.einsum("ij,ij->i", self.X, self.X) + 1.0)
         X = self.X[rows]
-        residual = self.link(X @ self.values["weight"] + self.values["bias"]) - self.y[rows]
+        residual = self.residual(X @ self.values["weight"] + self.values["bias"], self.y[rows])
         return LogisticRows(X, residual, np.abs(residual) * self._row_scale[rows])
 
     def parameters(self) -> dict[str, np.ndarray]:

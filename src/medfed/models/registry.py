@@ -42,6 +42,8 @@ from medfed.data.extras import missing_extra
 from medfed.errors import ConfigError
 from medfed.models.glm import LinearRegression, MultilabelLogistic, SoftmaxRegression
 from medfed.models.logistic import LogisticRegression
+from medfed.models.losses import RobustLoss, check_task
+from medfed.models.robust import ROBUST_GLMS
 
 NORMS = ("batch", "group", "none")
 OPTIMIZERS = ("sgd", "adam")
@@ -211,7 +213,7 @@ def task_model(name: str, task: str) -> str:
     return key
 
 
-def _torch(arch: str, task: str = "binary", n_classes: int | None = None, **options: Any):
+def _torch(arch: str, task: str = "binary", n_classes: int | None = None, loss: RobustLoss | None = None, **options: Any):
     # torch loads here, only when a torch model is asked for; without it, one line saying how to get it
     try:
         importlib.import_module("torch")
@@ -219,7 +221,7 @@ def _torch(arch: str, task: str = "binary", n_classes: int | None = None, **opti
         raise ConfigError(missing_extra("torch", f"model {arch!r}")) from None
     from medfed.models.torch_models import TorchModel
 
-    return TorchModel(arch, task=task, n_outputs=n_classes, **options)
+    return TorchModel(arch, task=task, n_outputs=n_classes, loss=loss, **options)
 
 
 MODELS: dict[str, Callable[..., Any]] = {
@@ -233,23 +235,27 @@ MODELS: dict[str, Callable[..., Any]] = {
 
 
 def make_model(name: str, sample_shape: Sequence[int] | None = None, *, task: str = "binary",
-               n_classes: int | None = None, **options: Any):
+               n_classes: int | None = None, loss: RobustLoss | None = None, **options: Any):
     """The model called ``name`` with ``options`` for ``task`` (:func:`task_model`; a multiclass
     or multilabel model has ``n_classes`` outputs, one per class or label); with ``sample_shape``, also check that it can take such
-    samples (the numpy models: tables only; ``cnn2d``/``cnn3d``: 2D/3D images)."""
+    samples (the numpy models: tables only; ``cnn2d``/``cnn3d``: 2D/3D images). ``loss``: a
+    noise-robust classification loss (:func:`medfed.models.losses.make_loss`; None = the task's own)."""
     key = str(name).strip().lower()
     if key not in MODELS:
         raise ConfigError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
     key = task_model(key, task)
+    check_task(loss, task)
     full = check_options(key, options)  # before torch is imported: a typo fails fast and cheaply
     if sample_shape is not None:
         check_sample_shape(key, sample_shape)
         if key in UNETS:
             check_unet_grid(key, sample_shape, full["channels"])
+    if loss is not None and key in ROBUST_GLMS:
+        return ROBUST_GLMS[key](loss) if key == "logistic" else ROBUST_GLMS[key](n_classes, loss)
     if key in ("softmax", "multilabel_logistic"):
         return MODELS[key](n_classes, **options)
     if key in TORCH_MODELS:
-        return MODELS[key](task=task, n_classes=n_classes, **options)
+        return MODELS[key](task=task, n_classes=n_classes, loss=loss, **options)
     return MODELS[key](**options)
 
 

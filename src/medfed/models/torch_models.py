@@ -64,7 +64,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfed.errors import ConfigError
-from medfed.models.glm import _half_mean_square, _mean_cross_entropy, mean_multilabel_log_loss, softmax
+from medfed.models.glm import _half_mean_square, _mean_cross_entropy, cross_entropy_rows, mean_multilabel_log_loss, softmax
+from medfed.models.losses import RobustLoss, binary_ce_rows, check_task
 from medfed.models.registry import (
     check_options,
     check_sample_shape,
@@ -258,19 +259,22 @@ class Head:
 
     task: str
     outputs: int
+    objective: RobustLoss | None = None
+    """A noise-robust loss replacing the classification data term (:mod:`medfed.models.losses`)."""
 
     @classmethod
-    def of(cls, task: str, n_outputs: int | None, model: str) -> Head:
+    def of(cls, task: str, n_outputs: int | None, model: str, objective: RobustLoss | None = None) -> Head:
         # a U-Net's outputs are per pixel (segmentation only); the other networks' per image
         trains = ("segmentation",) if model in ("unet2d", "unet3d") else HEAD_TASKS[:-1]
         if task not in trains:
             raise ConfigError(f"model {model!r} has no head for a {task} task; it trains {', '.join(trains)}")
+        check_task(objective, task)
         if task in ("binary", "regression"):
-            return cls(task, 1)
+            return cls(task, 1, objective)
         if n_outputs is None or n_outputs < 2:
             what = "labels" if task == "multilabel" else "classes"
             raise ConfigError(f"model {model!r}: a {task} head needs at least 2 {what}, got {n_outputs}")
-        return cls(task, int(n_outputs))
+        return cls(task, int(n_outputs), objective)
 
     def targets(self, y: np.ndarray) -> np.ndarray:
         """``y`` as the data term takes it: class indices (multiclass), else float64."""
@@ -280,7 +284,15 @@ class Head:
 
     def torch_loss(self, z: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
         """The rows' data terms (``reduction="none"``), their sum or their mean; binary calls
-        exactly what it always did, so its numbers do not move."""
+        exactly what it always did, so its numbers do not move. With a robust ``objective``, its
+        rows of each row's (each label's) cross-entropy, differentiated by autograd."""
+        if self.objective is not None:
+            ce = (F.cross_entropy(z, y, reduction="none") if self.task == "multiclass"
+                  else F.binary_cross_entropy_with_logits(z, y, reduction="none"))
+            per_row = self.objective.rows(ce, xp=torch)
+            if self.task == "multilabel":
+                per_row = per_row.sum(dim=1)
+            return per_row if reduction == "none" else per_row.sum() if reduction == "sum" else per_row.mean()
         if self.task == "binary":
             return F.binary_cross_entropy_with_logits(z, y, reduction=reduction)
         if self.task == "multiclass":
@@ -296,6 +308,9 @@ class Head:
 
     def mean_loss(self, z: np.ndarray, y: np.ndarray) -> float:
         """The mean data term at outputs ``z`` (float64) and targets :meth:`targets`."""
+        if self.objective is not None:
+            ce = cross_entropy_rows(z, y) if self.task == "multiclass" else binary_ce_rows(z, y)
+            return float(self.objective.rows(ce).sum() / z.shape[0])
         if self.task == "binary":
             return _mean_log_loss(z, y)
         if self.task == "multiclass":
@@ -348,13 +363,14 @@ class TorchModel:
     ``multiclass`` (classes) and ``multilabel`` (labels).
     """
 
-    def __init__(self, arch: str, *, task: str = "binary", n_outputs: int | None = None, **options) -> None:
+    def __init__(self, arch: str, *, task: str = "binary", n_outputs: int | None = None,
+                 loss: RobustLoss | None = None, **options) -> None:
         opts = check_options(arch, options)
         if arch == "logistic":
             raise ConfigError("'logistic' is the numpy model; the torch one is 'torch_logistic'")
         self.name = arch
         self.task = task
-        self.head = Head.of(task, n_outputs, arch)
+        self.head = Head.of(task, n_outputs, arch, loss)
         self.options = opts
         self.dtype = _DTYPES[opts["dtype"]]
         device = opts["device"]
