@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from medfed.client import LocalTraining
 from medfed.client.optimizer import descend
 from medfed.errors import ConfigError
 from medfed.experiments.config import ExperimentConfig
@@ -170,11 +171,17 @@ def test_regression_and_segmentation_are_refused_at_build_time(task, model):
 
 
 def test_vectorized_executor_refuses_robust_numpy_models():
-    from medfed.engine.executors.vectorized import STACKED_GLMS
+    from medfed.engine.executors.vectorized import STACKED_GLMS, refusal
+    from medfed.methods.method import context_for
+    from medfed.methods.registry import resolve
 
+    spec, opts = resolve("fedavg", {})
     for task in TASKS:  # its batched path is cross-entropy's: a robust model must not land there
         model, _ = model_and_params(task, make_loss("sce"))
         assert type(model) not in STACKED_GLMS
+        algorithm = spec.build(opts, None, context_for(["a", "b"]))
+        why = refusal(algorithm, LocalTraining(model, 0.1, 2))
+        assert why == "its --loss 'sce' is not batched (cross-entropy only)", why
 
 
 def test_run_with_loss_ce_is_todays_run_and_gce_changes_it():

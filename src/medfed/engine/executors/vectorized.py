@@ -135,6 +135,8 @@ def refusal(algorithm: FederatedAlgorithm, training: LocalTraining, *, codec: An
         rule = batched_rule(algorithm)
         if rule is not None and (rule.kind != "delta" or rule.control):
             return f"on torch models it batches FedAvg's and FedProx's site rules only, not {algorithm.name!r}'s"
+    elif getattr(model, "objective", None) is not None:  # models.robust: --loss gce|sce
+        return f"its --loss {model.objective.name!r} is not batched (cross-entropy only)"
     elif type(model) not in STACKED_GLMS:
         return (f"it batches the numpy {', '.join(repr(m.name) for m in STACKED_GLMS)} models and torch models, "
                 f"not {getattr(model, 'name', model)!r}")
