@@ -161,3 +161,57 @@ def test_options_and_tasks_are_checked_at_build():
     for bad in ({"eps": -1.0}, {"xi": 0.0}, {"weight": -0.5}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             spec.validate(bad)
+
+
+VAT_STUDY = """
+methods = ["fedavg", "vat"]
+seed = 3
+repeats = 1
+[training]
+rounds = 3
+local_steps = 4
+[data]
+site_column = "site"
+label_column = "target"
+impute = "median"
+[method_options.vat]
+eps = 0.5
+[deploy]
+sites = ["Cleveland", "Hungary", "Switzerland"]
+round_timeout_s = 5
+"""
+
+
+def test_a_deployed_vat_study_equals_its_simulation(tmp_path):
+    """VAT reads only a site's labeled rows, so a deployed site runs it as simulation does (loopback link)."""
+    import json
+
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from medfed.cli.app import app
+    from medfed.data.datasets import load_dataset
+    from medfed.deploy.coordinator import drive
+    from medfed.deploy.loopback import LoopbackLink
+
+    fed = load_dataset("heart-disease")
+    frames = []
+    for s in fed.sites[:3]:
+        df = pd.DataFrame(s.X, columns=list(fed.feature_names))
+        df.insert(0, "site", s.name)
+        df["target"] = s.y.astype(int)
+        df.to_csv(tmp_path / f"{s.name}.csv", index=False)
+        frames.append(df)
+    pd.concat(frames).to_csv(tmp_path / "all.csv", index=False)
+    (tmp_path / "study.toml").write_text(VAT_STUDY)
+    nodes = {s: {"site": s, "data": str(tmp_path / f"{s}.csv"), "folder": str(tmp_path / f"site-{s}")}
+             for s in ("Cleveland", "Hungary", "Switzerland")}
+    deployed = drive(LoopbackLink(nodes), tmp_path / "study.toml", tmp_path / "out", log=lambda m: None)
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "study.toml"), "--data", str(tmp_path / "all.csv"),
+                                      "--out", str(tmp_path / "sim")])
+    assert result.exit_code == 0, result.output
+    simulated = json.loads((tmp_path / "sim" / "results.json").read_text())
+    assert deployed["histories"]["VAT"]["train_loss"] == simulated["histories"]["VAT"]["train_loss"]
+    assert deployed["histories"]["VAT"]["train_loss"] != deployed["histories"]["FedAvg"]["train_loss"]
+    rows = lambda doc: {(r["setting"], r["test_site"], r["model"]): r["metrics"] for r in doc["results"]}  # noqa: E731
+    assert rows(deployed) == rows(simulated)

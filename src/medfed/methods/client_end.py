@@ -151,6 +151,14 @@ def _vat(opts, training: Training, context: BuildContext) -> FederatedAlgorithm:
     that is the issue's "trains on them as well" (Zhu & Luo's synthetic neighbours), and it reads the
     labeled rows only. ``xi`` defaults to 1e-3, not the paper's 1e-6: a float32 torch model would round a
     1e-6 move of a standardized feature to noise.
+
+    Measured, breast-cancer (3 sites, logistic, 50 rounds, defaults; ACC/AUC averaged over the test sites,
+    mean ± std over 3 repeats): 10% labels FedAvg 0.950±0.034/0.985±0.007, VAT 0.951±0.031/0.984±0.005;
+    all labels FedAvg 0.978±0.005/0.990±0.003, VAT 0.970±0.012/0.990±0.005. It does not help here: eps 0.25
+    matches FedAvg to 3 decimals, eps 2 and 4 lower ACC (10%: 0.907, 0.871) at an unchanged AUC; a linear
+    model's direction is +-w for every row, so the neighbours mostly shift the rows across its boundary.
+    A site's round costs about 3x FedAvg's (full batch: 463 vs 142 us; batches of 32: 455 vs 160 us,
+    interleaved, 359 rows): twice the rows, plus one prediction and one input-gradient pass.
     """
     rule = functools.partial(vat_update, eps=opts["eps"], xi=opts["xi"], weight=opts["weight"])
     return FederatedAlgorithm("vat", rule, _fedavg_server())
