@@ -215,3 +215,12 @@ def test_a_deployed_vat_study_equals_its_simulation(tmp_path):
     assert deployed["histories"]["VAT"]["train_loss"] != deployed["histories"]["FedAvg"]["train_loss"]
     rows = lambda doc: {(r["setting"], r["test_site"], r["model"]): r["metrics"] for r in doc["results"]}  # noqa: E731
     assert rows(deployed) == rows(simulated)
+
+
+def test_dp_sgd_is_refused_with_the_fix():
+    from medfed.client.dp_sgd import DpSgd
+
+    site = _sites()[0]
+    config = LocalTraining(MODEL, lr=0.3, steps=2, dp_sgd=DpSgd(clip=1.0, noise_multiplier=1.0))
+    with pytest.raises(ConfigError, match="vat.*DP-SGD.*fedavg"):
+        vat_update(MODEL.init(4), site, config, None, KeyedRng(0), **OPTS)
