@@ -20,6 +20,7 @@ from medfed.client.drift import (
 )
 from medfed.client.local import local_sgd_update
 from medfed.client.semisupervised import semisupervised_update
+from medfed.client.vat import vat_update
 from medfed.client.personal import (
     apfl_personalize,
     apfl_update,
@@ -137,6 +138,32 @@ def _semisupervised(opts, training: Training, context: BuildContext) -> Federate
     return FederatedAlgorithm("semisupervised", rule, _fedavg_server())
 
 
+def _vat(opts, training: Training, context: BuildContext) -> FederatedAlgorithm:
+    """Virtual adversarial training (Miyato et al., 2018) in FL (Zhu & Luo, 2022): each site moves each
+    of its rows ``eps`` along the direction that most changes the received model's prediction (one power
+    iteration from a random ``xi``-perturbation of the KL) and trains on the rows plus these neighbours,
+    labeled as their rows, weighted ``weight``. ``eps = 0`` is FedAvg, bit for bit.
+
+    Departs from Miyato 2018, which adds the KL between the predictions at a row and at its neighbour
+    (the LDS term, no label needed) and recomputes the direction at every step: here the neighbours are
+    made once a round, under the model the site received, and trained toward their rows' labels, so the
+    models' own losses (numpy and torch) serve through the one optimizer path with no new loss term;
+    that is the issue's "trains on them as well" (Zhu & Luo's synthetic neighbours), and it reads the
+    labeled rows only. ``xi`` defaults to 1e-3, not the paper's 1e-6: a float32 torch model would round a
+    1e-6 move of a standardized feature to noise.
+
+    Measured, breast-cancer (3 sites, logistic, 50 rounds, defaults; ACC/AUC averaged over the test sites,
+    mean ± std over 3 repeats): 10% labels FedAvg 0.950±0.034/0.985±0.007, VAT 0.951±0.031/0.984±0.005;
+    all labels FedAvg 0.978±0.005/0.990±0.003, VAT 0.970±0.012/0.990±0.005. It does not help here: eps 0.25
+    matches FedAvg to 3 decimals, eps 2 and 4 lower ACC (10%: 0.907, 0.871) at an unchanged AUC; a linear
+    model's direction is +-w for every row, so the neighbours mostly shift the rows across its boundary.
+    A site's round costs about 3x FedAvg's (full batch: 463 vs 142 us; batches of 32: 455 vs 160 us,
+    interleaved, 359 rows): twice the rows, plus one prediction and one input-gradient pass.
+    """
+    rule = functools.partial(vat_update, eps=opts["eps"], xi=opts["xi"], weight=opts["weight"])
+    return FederatedAlgorithm("vat", rule, _fedavg_server())
+
+
 def _spec(name, display, summary, reference, options: tuple[Option, ...], build, *, personal=False,
           tasks: tuple[str, ...] | None = None, unlabeled: bool = False) -> Method:
     return Method(
@@ -220,5 +247,19 @@ CLIENT_METHODS: list[Method] = [
         _semisupervised,
         tasks=("binary", "multiclass"),  # a pseudo-label is one class per row
         unlabeled=True,
+    ),
+    _spec(
+        "vat", "VAT",
+        "each site trains on its rows plus virtual adversarial neighbours: each row moved eps along the "
+        "direction that most changes the received model's prediction (KL, one power iteration; eps 0: FedAvg)",
+        "Miyato et al., 2018; Zhu & Luo, 2022",
+        (
+            number("eps", 1.0, "distance of a neighbour from its row (features are standardized)", range=at_least(0)),
+            number("xi", 1e-3, "size of the random perturbation the power iteration differentiates at",
+                   range=above(0)),
+            number("weight", 1.0, "weight of a neighbour in the batch's mean loss", range=at_least(0)),
+        ),
+        _vat,
+        tasks=("binary", "multiclass", "regression"),  # the KL of a per-row prediction; not per pixel
     ),
 ]

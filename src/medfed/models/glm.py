@@ -227,6 +227,13 @@ class SoftmaxRegression:
     def session(self, params: Params, X: np.ndarray, y: np.ndarray) -> SoftmaxSession:
         return self.session_type(params, X, y)
 
+    def input_gradients(self, params: Params, X: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Each row's gradient with respect to its features of its cross-entropy against soft
+        ``targets`` ``(n, K)`` (probabilities, as :meth:`predict` gives): ``(p(x) - t) W^T``, shape
+        ``(n, d)``; multilabel: the K sigmoids' sum. Against the model's own predictions elsewhere it
+        is the gradient of their KL divergence (VAT, :mod:`medfed.client.vat`)."""
+        return (self.predict(params, X) - targets) @ params["weight"].T
+
 
 class MultilabelLogistic(SoftmaxRegression):
     """K independent logistic regressions trained as one model (the module docstring gives the
@@ -310,4 +317,9 @@ class LinearRegression:
 
     def session(self, params: Params, X: np.ndarray, y: np.ndarray) -> LinearSession:
         return LinearSession(params, X, y)
+
+    def input_gradients(self, params: Params, X: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Each row's gradient with respect to its features of ``(x w + b - t)² / 2``: ``(z - t) w``,
+        shape ``(n, d)`` (the KL divergence of two unit-variance Gaussians; VAT, :mod:`medfed.client.vat`)."""
+        return np.outer(self.decision(params, X) - targets, params["weight"])
 

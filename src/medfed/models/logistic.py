@@ -100,6 +100,13 @@ class LogisticRegression:
         :mod:`medfed.client.optimizer` drives it step by step."""
         return LogisticSession(params, X, y)
 
+    def input_gradients(self, params: Params, X: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Each row's gradient with respect to its own features of its log-loss against soft
+        ``targets`` (positive-class probabilities, as :meth:`predict_proba` gives): ``(p(x) - t) w``,
+        shape ``(n, d)``. With ``targets`` the model's predictions elsewhere it is the gradient of
+        their KL divergence: VAT's adversarial direction (:mod:`medfed.client.vat`)."""
+        return np.outer(self.predict_proba(params, X) - targets, params["weight"])
+
 
 class LogisticSession:
     """The parameters of one local training, with the data-term gradients the optimizer asks for.

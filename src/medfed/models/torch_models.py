@@ -582,6 +582,36 @@ class TorchModel:
             return {k: g.double().cpu().numpy() for k, g in per.items()}
 
     @_fixed_threads
+    def input_gradients(self, params: Params, X: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Each row's gradient with respect to its own input (shape of ``X``, float64; eval mode, by
+        autograd, ``eval_batch`` rows at a time) of its data term against soft ``targets`` in the form
+        :meth:`predict` gives (a probability per row, per class or per label; the value for regression):
+        cross-entropy, or the squared error / 2. Against the model's own predictions elsewhere it is the
+        gradient of their KL divergence: VAT's adversarial direction (:mod:`medfed.client.vat`)."""
+        task = self.head.task
+        if task == "segmentation":
+            raise ConfigError(f"model {self.name!r}: input gradients are per image, not per pixel (segmentation)")
+        slot = self._slot(X.shape[1:])
+        self._load(slot, params)
+        net = slot.net
+        net.eval()
+        chunk = self.options["eval_batch"]
+        out = np.empty(X.shape, dtype=np.float64)
+        for start in range(0, X.shape[0], chunk):
+            x = self._tensor(X[start : start + chunk]).requires_grad_(True)
+            z = net(x)
+            t = torch.as_tensor(np.asarray(targets[start : start + chunk]), dtype=self.dtype, device=self.device)
+            if task == "multiclass":
+                loss = -(t * F.log_softmax(z, dim=1)).sum()
+            elif task == "regression":
+                loss = 0.5 * ((z - t) ** 2).sum()
+            else:  # binary, multilabel: one sigmoid cross-entropy per output
+                loss = F.binary_cross_entropy_with_logits(z, t, reduction="sum")
+            (g,) = torch.autograd.grad(loss, x)
+            out[start : start + chunk] = g.double().cpu().numpy()
+        return out
+
+    @_fixed_threads
     def recalibrate(self, params: Params, X: np.ndarray) -> dict[str, np.ndarray]:
         """``params`` with BatchNorm's running statistics recomputed on ``X`` (see below);
         unchanged for models without BatchNorm or with ``recalibrate = false``."""
