@@ -106,3 +106,18 @@ def test_refused_before_training_where_it_cannot_run():
     deployed = build_config({"data": {"dataset": "mni-phantom"}, "model": "cnn2d", "methods": ["contrastive"]})
     with pytest.raises(ConfigError, match="study.toml: contrastive learns from each site's unlabeled rows"):
         check_settings(deployed, "study.toml", manifest=False)
+
+
+def test_pretraining_is_the_same_in_process_and_in_a_process_pool():
+    from medfed.engine import run_federated
+    from medfed.methods.contrastive import _pretrain
+
+    model = TorchModel("cnn2d", channels=(4, 4), dtype="float64")
+    params = model.init_params((1, 8, 8), KeyedRng(0))
+    phase = _pretrain(METHODS["contrastive"].validate({"projection": 8}), None, None)
+    sites, training = [_site(0), _site(1, unlabeled=0)], LocalTraining(model, 0.1, 2, 4)
+    runs = [run_federated(phase.algorithm, params, sites, training, 2, KeyedRng(3), executor=e)
+            for e in ("inprocess", "process")]
+    assert all(np.array_equal(runs[0].params[k], runs[1].params[k]) for k in params)
+    assert np.array_equal(runs[0].params["head.weight"], params["head.weight"])  # the head never left its start
+    assert not np.array_equal(runs[0].params["body.0.conv.weight"], params["body.0.conv.weight"])

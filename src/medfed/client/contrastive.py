@@ -80,9 +80,10 @@ def contrastive_pretrain_update(
     temperature: float,
     projection: int,
     noise: float,
+    lr: float | None = None,
 ) -> tuple[Upload, ProjectionState]:
-    """One round of pretraining (module docstring): ``config.steps`` NT-Xent steps over the
-    site's rows; uploads the encoder's delta, weighted by all its rows, with the mean NT-Xent
+    """One round of pretraining (module docstring): ``config.steps`` NT-Xent steps of size ``lr``
+    (None: ``config.lr``) over the site's rows; uploads the encoder's delta, weighted by all its rows, with the mean NT-Xent
     of the steps' batches as its loss; keeps the projection head."""
     import torch
     import torch.nn.functional as F
@@ -104,6 +105,7 @@ def contrastive_pretrain_update(
     proj = {k: torch.tensor(v, dtype=model.dtype, device=model.device, requires_grad=True) for k, v in own.items()}
     trainable = list(net.parameters()) + list(proj.values())  # the head gets no gradient: left as it was
     views = rng.child(VIEW_STREAM).generator
+    step = config.lr if lr is None else lr
     losses = []
     batch = config.batch_size if config.batch_size is not None and config.batch_size >= 2 else None
     for idx in batch_indices(len(rows), batch, config.steps, rng):
@@ -117,7 +119,7 @@ def contrastive_pretrain_update(
         with torch.no_grad():
             for p, g in zip(trainable, grads):
                 if g is not None:
-                    p -= config.lr * g
+                    p -= step * g
         losses.append(float(loss.detach()))
     trained = {k: v.detach().cpu().numpy().astype(np.float64) for k, v in net.state_dict().items()}
     delta = {k: trained[k] - np.asarray(global_params[k], dtype=np.float64) for k in names}

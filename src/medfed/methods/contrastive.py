@@ -64,7 +64,7 @@ def _pretrain(opts: Mapping[str, Any], training: Training, context: BuildContext
     from medfed.client.contrastive import contrastive_pretrain_update
 
     rule = functools.partial(contrastive_pretrain_update, temperature=opts["temperature"],
-                             projection=opts["projection"], noise=opts["noise"])
+                             projection=opts["projection"], noise=opts["noise"], lr=opts["pretrain_lr"] or None)
     # head.* is private in phase 1: the site never trains it here, and the channel's sharing policy
     # refuses any upload that would carry it; the server keeps the initial head for phase 2
     algorithm = FederatedAlgorithm("contrastive-pretrain", rule, chain(weighted_mean(), apply_delta()), private=is_head)
@@ -83,6 +83,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("finetune", "fedavg", "str", "the federated method that fine-tunes on the labeled rows (its default options)"),
     number("temperature", 0.5, "NT-Xent temperature", range=above(0)),
     whole("projection", 32, "width of the site's projection head (never uploaded)", range=at_least(1)),
+    number("pretrain_lr", 0.0, "SGD step size of pretraining (0 = the training's lr)", range=at_least(0)),
     number("noise", 0.1, "augmentation strength: intensity jitter (images) or feature noise (tables)", range=at_least(0)),
 )
 
