@@ -2,7 +2,7 @@
 
 Each local step takes a mini-batch of the site's rows, labeled and unlabeled alike, draws two
 augmented views of it (:func:`medfed.client.semisupervised.augment`: flip, intensity jitter and
-a shift for images; feature noise for tables), passes both through the network's encoder
+a shift for images; Gaussian feature noise for tables, no masking), passes both through the network's encoder
 (:meth:`~medfed.models.torch_models.Network.embed`, everything before ``head.*``) and a small
 projection head ``Linear -> ReLU -> Linear``, and descends NT-Xent (:func:`nt_xent`). The
 projection head is the site's client state: it never leaves the site. The upload is the
@@ -97,9 +97,10 @@ def contrastive_pretrain_update(
         raise ConfigError(f"method 'contrastive': site {data.name!r} has {len(rows)} row; NT-Xent needs 2 or more")
     net = model.network(rows.shape[1:]).to(device=model.device, dtype=model.dtype)
     net.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in global_params.items()}, strict=False)
-    net.train()
+    net.eval()  # the features' width, without moving BatchNorm's running statistics
     with torch.no_grad():
-        width = int(net.embed(torch.as_tensor(rows[:2], dtype=model.dtype, device=model.device)).shape[1])
+        width = int(net.embed(torch.as_tensor(rows[:1], dtype=model.dtype, device=model.device)).shape[1])
+    net.train()
     own = state.params if state is not None else _init_projection(
         width, projection, rng.child(PROJECTION_STREAM).generator)
     proj = {k: torch.tensor(v, dtype=model.dtype, device=model.device, requires_grad=True) for k, v in own.items()}
