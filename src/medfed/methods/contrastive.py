@@ -15,6 +15,14 @@ The result's rounds and history are phase 2's; phase 1 adds ``pretrain_rounds`` 
 Departs from Wu et al. (FCL), which also exchange features across sites for more negatives, and
 from Dong & Voiculescu, who pick negatives by site: here each site's negatives are its own batch
 (SimCLR), so nothing but the encoder leaves a site. Torch models with an encoder only.
+
+Measured, mni-phantom (3 sites, size 16, n_per_site 200, ``--labeled-fraction 0.1``, cnn2d Adam lr 0.001,
+30 rounds of 5 steps, batch 16; contrastive: 30 pretraining rounds, pretrain_lr 0.05, defaults otherwise;
+AUC per test site, mean ± std over 3 repeats): FedAvg 0.709±0.011 / 0.570±0.180 / 0.606±0.045,
+Contrastive 0.688±0.024 / 0.521±0.150 / 0.589±0.048. It does not help here: within noise, slightly
+below; both are near chance in ACC at ~14 labels per site. A pretraining round cost ~6.5x a FedAvg
+round (0.49 s against 0.076 s, from wall-time differences of 30-round runs on a loaded 2-core CPU):
+two views, every row's augmentation and a fresh network per site and round.
 """
 
 from __future__ import annotations
