@@ -9,11 +9,19 @@ import pytest
 import torch
 
 from medfed.client import LocalData, LocalTraining
-from medfed.client.contrastive import ProjectionState, contrastive_pretrain_update, nt_xent
+from medfed.client.contrastive import (
+    ProjectionState,
+    contrastive_pretrain_update,
+    nt_xent,
+)
 from medfed.deploy.study import check_settings
 from medfed.errors import ConfigError
 from medfed.experiments.config import build_config
-from medfed.experiments.harness import check_unlabeled_study, load_federation, run_experiment
+from medfed.experiments.harness import (
+    check_unlabeled_study,
+    load_federation,
+    run_experiment,
+)
 from medfed.experiments.results import results_document
 from medfed.methods.registry import METHODS
 from medfed.models.torch_models import TorchModel

@@ -16,7 +16,6 @@ LARS with large batches; a site here has a few hundred rows).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import numpy as np
 
