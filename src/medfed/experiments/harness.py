@@ -211,7 +211,10 @@ class TrainingPlan:
         dropouts. ``adapt`` may change the built algorithm (the audit's corrupted sites). With
         ``resume`` on, the run checkpoints under ``out`` as ``run_key`` and continues from there."""
         config, t = self.config, self.config.training
-        algorithm = self.build(spec, opts, [d.name for d in train], {d.name: label_counts(d.y, class_count(self.model)) for d in train})
+        counts = {d.name: label_counts(d.y, class_count(self.model)) for d in train}
+        if spec.pretrain is not None:  # phase 1 is its own run; its final model starts the method's
+            spec, opts, initial = self.pretrained(spec, opts, train, initial, rng, counts)
+        algorithm = self.build(spec, opts, [d.name for d in train], counts)
         if adapt is not None:
             algorithm = adapt(algorithm)
         sizes = {d.name: float(d.n) for d in train}
@@ -229,6 +232,23 @@ class TrainingPlan:
             poisson=config.privacy.dp != "none", secure=secure,
             codec=None if secure is not None else make_codec(config.compress),  # secure: quantized in the ring
         )
+
+    def pretrained(self, spec: Method, opts: dict, train: list[LocalData], initial, rng: KeyedRng, counts):
+        """Run ``spec``'s pretraining phase (contrastive) from ``initial``: the method that follows,
+        its options and the pretrained parameters it starts from. Refused with DP and secure
+        aggregation (phase 1's uploads are not accounted) and for models it cannot pretrain."""
+        config = self.config
+        check_pretraining(config, spec)
+        phase = spec.pretrain(opts, config.training, context_for(
+            [d.name for d in train], config.seed, counts, model=config.model, model_options=config.model_options))
+        if phase.rounds > 0:
+            initial = run_federated(
+                phase.algorithm, initial, train, self.local, phase.rounds, rng.child(name_key("contrastive/pretrain")),
+                fraction=config.training.fraction_fit, min_sites=config.training.min_sites,
+                executor=config.executor, ray_address=config.ray_address, faults=parse_drops(config.drop),
+                codec=make_codec(config.compress),
+            ).params
+        return phase.finetune, phase.finetune_options, initial
 
     def private(self, spec: Method, algorithm: FederatedAlgorithm, sizes: dict[str, float], rng: KeyedRng,
                 min_sites: int | None = None, site: bool = False):
@@ -1102,6 +1122,19 @@ def check_task_study(config: ExperimentConfig, federation: Federation, methods: 
                           "task has none: leave --threshold out")
 
 
+def check_pretraining(config: ExperimentConfig, spec: Method) -> None:
+    """Refuse a method with a pretraining phase (contrastive) for a model it cannot pretrain, and
+    with DP or secure aggregation (its pretraining uploads are neither accounted nor masked)."""
+    from medfed.client.contrastive import pretraining_refusal
+
+    refusal = pretraining_refusal(config.model)
+    if refusal is not None:
+        raise ConfigError(f"method {spec.name!r} pretrains the model's encoder, but {refusal}: use --model cnn2d")
+    if config.privacy.dp != "none" or config.privacy.secure_aggregation:
+        raise ConfigError(f"method {spec.name!r}: its pretraining uploads are not privacy-accounted or masked; "
+                          "leave it out of --methods or run without --dp and secure aggregation")
+
+
 def check_unlabeled_study(config: ExperimentConfig, methods: list[tuple[Method, dict]]) -> None:
     """Refuse, before training, what a method that learns from unlabeled rows cannot combine with:
     harmonization (it adjusts the labeled rows only) and DP-SGD (pseudo-labeled rows are not
@@ -1109,6 +1142,8 @@ def check_unlabeled_study(config: ExperimentConfig, methods: list[tuple[Method, 
     for spec, _ in methods:
         if not spec.unlabeled:
             continue
+        if spec.pretrain is not None:
+            check_pretraining(config, spec)
         if config.harmonize.method != "none":
             raise ConfigError(f"method {spec.name!r} learns from unlabeled rows, which [harmonize] method = "
                               f"{config.harmonize.method!r} does not adjust: leave it out of --methods or harmonize none")

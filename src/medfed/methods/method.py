@@ -58,6 +58,7 @@ class Method:
     reading that cannot learn a parameter's sign), or None; results carry it and the table
     shows it as a note on the method's rows. ``unlabeled`` says the method learns from the sites'
     unlabeled training rows (``LocalData.X_unlabeled``); every other method leaves them out.
+    ``pretrain``, when given, builds a phase the harness runs before this method's own rounds.
     """
 
     name: str
@@ -77,6 +78,9 @@ class Method:
     # the targets the method can train (medfed.data.tasks): refused at build time for others
     tasks: tuple[str, ...] = ("binary", "multiclass", "regression", "multilabel", "segmentation")
     unlabeled: bool = False
+    # a first federated run whose final model starts this one (contrastive pretraining):
+    # ``pretrain(options, training, context) -> Pretraining`` (medfed.methods.contrastive)
+    pretrain: Callable[[Mapping[str, Any], Training, BuildContext], Any] | None = None
 
     @property
     def defaults(self) -> dict[str, OptionValue]:

@@ -21,6 +21,7 @@ from medfed.client.reporting import with_round_report
 from medfed.engine.loop import FederatedAlgorithm
 from medfed.errors import ConfigError
 from medfed.methods.client_end import CLIENT_METHODS
+from medfed.methods.contrastive import CONTRASTIVE
 from medfed.methods.images import IMAGE_METHODS
 from medfed.methods.method import Method
 from medfed.methods.options import OptionValue
@@ -29,7 +30,7 @@ from medfed.methods.steps import build_pipeline
 from medfed.methods.survey import SURVEY_EXPERIMENT
 
 METHODS: dict[str, Method] = {
-    m.name: m for m in [*SURVEY_EXPERIMENT, *SERVER_METHODS, *CLIENT_METHODS, *IMAGE_METHODS]
+    m.name: m for m in [*SURVEY_EXPERIMENT, *SERVER_METHODS, *CLIENT_METHODS, *IMAGE_METHODS, CONTRASTIVE]
 }
 """Every setting and method by its config/CLI name: the survey's experiment (§6), then the
 server end (§3.3) and the client end (§3.2)."""

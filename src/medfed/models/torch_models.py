@@ -170,7 +170,9 @@ class Network(nn.Module):
         self.body = nn.Sequential(*body)
         self.head = head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's features per sample (everything before the head): what contrastive
+        pretraining (:mod:`medfed.client.contrastive`) trains."""
         if self.flatten:
             x = x.flatten(1)
         if self.norm is not None:
@@ -178,7 +180,10 @@ class Network(nn.Module):
         x = self.body(x)
         if x.dim() > 2:  # global average pooling over the spatial axes
             x = x.mean(dim=tuple(range(2, x.dim())))
-        return self.head(x).squeeze(-1)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x)).squeeze(-1)
 
 
 def build_network(arch: str, sample_shape: Sequence[int], options: Mapping, outputs: int = 1) -> Network:
