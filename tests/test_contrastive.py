@@ -101,6 +101,15 @@ def test_zero_pretraining_rounds_is_the_finetune_method_exactly_and_pretraining_
     assert again == some  # same seed, same numbers
 
 
+def test_the_pretraining_rounds_uploads_are_counted_in_the_communication():
+    doc = results_document(run_experiment(_config(), load_federation(_config().data)))
+    fedavg, contrastive = doc["histories"]["FedAvg"], doc["histories"]["Contrastive"]
+    assert contrastive["communication_rounds"] == fedavg["communication_rounds"] + 2  # pretrain_rounds
+    # an encoder-only upload per pretraining round, then the whole model per fine-tuning round
+    assert fedavg["bytes_up_per_run"] < contrastive["bytes_up_per_run"] < 2 * fedavg["bytes_up_per_run"]
+    assert len(contrastive["train_loss"]) == len(fedavg["train_loss"])  # the losses are phase 2's
+
+
 def test_refused_before_training_where_it_cannot_run():
     spec = METHODS["contrastive"]
     with pytest.raises(ConfigError, match="finetune"):

@@ -40,6 +40,7 @@ class FederatedRun:
     server_state: Any = None
     personal: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     private: tuple[str, ...] = ()  # parameters that never left the sites (the method's sharing policy)
+    pretraining: tuple[RoundRecord, ...] = ()  # the rounds of a pretraining phase run before this one (contrastive)
 
     @property
     def train_loss(self) -> np.ndarray:

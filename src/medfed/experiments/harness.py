@@ -212,8 +212,9 @@ class TrainingPlan:
         ``resume`` on, the run checkpoints under ``out`` as ``run_key`` and continues from there."""
         config, t = self.config, self.config.training
         counts = {d.name: label_counts(d.y, class_count(self.model)) for d in train}
+        pretraining: tuple = ()
         if spec.pretrain is not None:  # phase 1 is its own run; its final model starts the method's
-            spec, opts, initial = self.pretrained(spec, opts, train, initial, rng, counts)
+            spec, opts, initial, pretraining = self.pretrained(spec, opts, train, initial, rng, counts)
         algorithm = self.build(spec, opts, [d.name for d in train], counts)
         if adapt is not None:
             algorithm = adapt(algorithm)
@@ -223,7 +224,7 @@ class TrainingPlan:
         checkpoint_dir = None
         if config.resume and config.out is not None and run_key is not None:
             checkpoint_dir = Path(config.out) / RESUME_DIR / run_key
-        return run_federated(
+        run = run_federated(
             algorithm, initial, train, local, spec.rounds(t), rng,
             fraction=t.fraction_fit, min_sites=t.min_sites, evaluate=evaluate,
             eval_every=config.eval_every if evaluate is not None else 0, max_update_norm=t.max_update_norm,
@@ -232,23 +233,28 @@ class TrainingPlan:
             poisson=config.privacy.dp != "none", secure=secure,
             codec=None if secure is not None else make_codec(config.compress),  # secure: quantized in the ring
         )
+        # the pretraining rounds' uploads left the sites too: the history counts them (federated_history)
+        return dataclasses.replace(run, pretraining=pretraining) if pretraining else run
 
     def pretrained(self, spec: Method, opts: dict, train: list[LocalData], initial, rng: KeyedRng, counts):
         """Run ``spec``'s pretraining phase (contrastive) from ``initial``: the method that follows,
-        its options and the pretrained parameters it starts from. Refused with DP and secure
-        aggregation (phase 1's uploads are not accounted) and for models it cannot pretrain."""
+        its options, the pretrained parameters it starts from and the phase's round records.
+        Refused with DP and secure aggregation (phase 1's uploads are not in the privacy ledger)
+        and for models it cannot pretrain."""
         config = self.config
         check_pretraining(config, spec)
         phase = spec.pretrain(opts, config.training, context_for(
             [d.name for d in train], config.seed, counts, model=config.model, model_options=config.model_options))
+        history: tuple = ()
         if phase.rounds > 0:
-            initial = run_federated(
+            run = run_federated(
                 phase.algorithm, initial, train, self.local, phase.rounds, rng.child(name_key("contrastive/pretrain")),
                 fraction=config.training.fraction_fit, min_sites=config.training.min_sites,
                 executor=config.executor, ray_address=config.ray_address, faults=parse_drops(config.drop),
                 codec=make_codec(config.compress),
-            ).params
-        return phase.finetune, phase.finetune_options, initial
+            )
+            initial, history = run.params, tuple(run.history)
+        return phase.finetune, phase.finetune_options, initial, history
 
     def private(self, spec: Method, algorithm: FederatedAlgorithm, sizes: dict[str, float], rng: KeyedRng,
                 min_sites: int | None = None, site: bool = False):
@@ -496,16 +502,19 @@ def _rise_cause(config: ExperimentConfig, method: str) -> str:
 
 
 def federated_history(spec: Method, repeat: int, run: FederatedRun, config: ExperimentConfig) -> History:
-    """The record of one federated run: losses, bytes, per-round evaluations and round notes."""
+    """The record of one federated run: losses, bytes, per-round evaluations and round notes.
+    A pretraining phase's rounds count in the communication rounds and bytes; the losses and
+    evaluations are the method's own rounds'."""
     rounds = spec.rounds(config.training)
+    uploads = [*run.pretraining, *run.history]
     return History(
-        spec.display, repeat, run.train_loss, sum(r.bytes_up for r in run.history), rounds,
+        spec.display, repeat, run.train_loss, sum(r.bytes_up for r in uploads), rounds + len(run.pretraining),
         max(1, config.training.rounds * config.training.local_steps // rounds),
         [{"round": r.round, **({"test_auc": {site: m["auc"] for site, m in r.evaluation.items()}}
                                 if all("auc" in m for m in r.evaluation.values()) else {}),
           "test_metrics": r.evaluation} for r in run.history if r.evaluation],
         round_notes(run.history),
-        _bytes_by_site(run.history),
+        _bytes_by_site(uploads),
         run.private,
         [{"round": r.round, "skipped": r.skipped, **r.secure} for r in run.history if r.secure],
     )

@@ -10,7 +10,8 @@ default options) runs its own rounds on the labeled rows from the pretrained enc
 How it runs: phase 1 is its own federated run (same executor, codec and dropouts; its rng a child
 keyed ``contrastive/pretrain``) whose final parameters are phase 2's initial model, so the engine
 is untouched and phase 2 *is* the fine-tuning method: ``pretrain_rounds = 0`` equals it exactly.
-The result's rounds and history are phase 2's; phase 1 adds ``pretrain_rounds`` rounds of cost.
+The losses and evaluations in the history are phase 2's; its communication rounds and uploaded
+bytes count phase 1's rounds too (they left the sites as well).
 
 Departs from Wu et al. (FCL), which also exchange features across sites for more negatives, and
 from Dong & Voiculescu, who pick negatives by site: here each site's negatives are its own batch
