@@ -18,6 +18,7 @@ from medfed.client.drift import (
     scaffold_update,
     semisync_update,
 )
+from medfed.client.distill import distill_update
 from medfed.client.local import local_sgd_update
 from medfed.client.semisupervised import semisupervised_update
 from medfed.client.personal import (
@@ -32,6 +33,7 @@ from medfed.errors import ConfigError
 from medfed.methods.method import BuildContext, Method, Training, require_sgd
 from medfed.methods.options import Option, above, at_least, choice, closed, number, per_site, whole
 from medfed.methods.steps import SERVER_LR
+from medfed.models.distill import Distillation
 from medfed.server.aggregate import apply_delta, chain, weighted_mean
 from medfed.server.control import (
     SCAFFOLD_WEIGHTINGS,
@@ -137,11 +139,35 @@ def _semisupervised(opts, training: Training, context: BuildContext) -> Federate
     return FederatedAlgorithm("semisupervised", rule, _fedavg_server())
 
 
+def _distill(opts, training: Training, context: BuildContext) -> FederatedAlgorithm:
+    """Federated distillation (Kumar et al., 2021a) with Hinton et al.'s (2015) loss: each site trains
+    on ``(1 - weight) CE + weight T² KL(teacher^T || student^T)``, the teacher a saved medfed model the
+    site scores its own rows with. ``weight = 0`` is FedAvg, bit for bit.
+
+    Departs from Kumar et al. (who distill a large network into a small one at each site): the teacher
+    is any saved numpy classifier of the study's features, task and classes, and it scores the rows as
+    the student's run preprocessed them (a teacher trained on the same data and scaling sees what it
+    was trained on; one with another scaling sees rows in the student's scale). Numpy students only.
+    """
+    if context.teacher is None:
+        raise ConfigError(f"method 'distill' found no teacher model for {opts['teacher']!r}: give --teacher PATH")
+    soft = Distillation(opts["temperature"], opts["weight"])
+    rule = functools.partial(distill_update, teacher=context.teacher, soft=soft)
+    return FederatedAlgorithm("distill", rule, _fedavg_server())
+
+
+def _distill_check(opts) -> str | None:
+    if not str(opts["teacher"]).strip():
+        return ("needs a teacher model: --teacher PATH, a file medfed run --save-model wrote "
+                "(models/<Setting>.npz), or [method_options.distill] teacher = PATH")
+    return None
+
+
 def _spec(name, display, summary, reference, options: tuple[Option, ...], build, *, personal=False,
-          tasks: tuple[str, ...] | None = None, unlabeled: bool = False) -> Method:
+          tasks: tuple[str, ...] | None = None, unlabeled: bool = False, check=None) -> Method:
     return Method(
         name, display, "federated", summary, reference, options, build, uploads="delta", personal=personal,
-        family=FAMILY, unlabeled=unlabeled, **({} if tasks is None else {"tasks": tasks}),
+        family=FAMILY, unlabeled=unlabeled, check=check, **({} if tasks is None else {"tasks": tasks}),
     )
 
 
@@ -220,5 +246,22 @@ CLIENT_METHODS: list[Method] = [
         _semisupervised,
         tasks=("binary", "multiclass"),  # a pseudo-label is one class per row
         unlabeled=True,
+    ),
+    _spec(
+        "distill", "Distill",
+        "each site trains toward a teacher model's softened outputs on its own rows: (1 - weight) CE + "
+        "weight T^2 KL(teacher^T || student^T) (weight 0: FedAvg)",
+        "Kumar et al., 2021a; Hinton et al., 2015",
+        (
+            Option("teacher", "", "str", "a saved medfed model file (medfed run --save-model) the sites distill from",
+                   flag="--teacher"),
+            number("temperature", 2.0, "softmax temperature T of the teacher's and student's outputs",
+                   range=above(0)),
+            number("weight", 0.5, "weight (lambda) of the distillation term; 0 = plain cross-entropy",
+                   range=closed(0, 1)),
+        ),
+        _distill,
+        tasks=("binary", "multiclass"),  # soft targets of one class per row
+        check=_distill_check,
     ),
 ]
