@@ -41,10 +41,8 @@ class Distillation:
         return hard
 
     def mean_loss(self, ce: np.ndarray, kl: np.ndarray) -> float:
-        """The batch's mean of ``(1 - lam) CE + lam T² KL`` (lam = 0: the mean cross-entropy alone)."""
+        """The batch's mean of ``(1 - lam) CE + lam T² KL`` from each row's CE and KL."""
         lam, T = self.weight, self.temperature
-        if not lam:
-            return float(_sum(ce) / ce.shape[0])
         return float(_sum((1.0 - lam) * ce + (lam * T * T) * kl) / ce.shape[0])
 
 
@@ -95,8 +93,10 @@ class DistillLogisticSession(LogisticSession):
         return self.soft.mix(hard, sigmoid(z / self.soft.temperature) - y[:, 1])
 
     def data_loss(self, z: np.ndarray, y: np.ndarray) -> float:
+        if not self.soft.weight:
+            return LogisticSession.data_loss(z, np.ascontiguousarray(y[:, 0]))  # contiguous as plain training's loss, to the bit
         ce = np.logaddexp(0.0, z) - y[:, 0] * z
-        return self.soft.mean_loss(ce, binary_kl_rows(z, y[:, 1], self.soft.temperature) if self.soft.weight else ce)
+        return self.soft.mean_loss(ce, binary_kl_rows(z, y[:, 1], self.soft.temperature))
 
 
 class DistillSoftmaxSession(SoftmaxSession):
@@ -117,8 +117,10 @@ class DistillSoftmaxSession(SoftmaxSession):
         return self.soft.mix(hard, softmax(z / self.soft.temperature) - target[:, 1:])
 
     def data_loss(self, z: np.ndarray, target: np.ndarray) -> float:
+        if not self.soft.weight:
+            return SoftmaxSession.data_loss(z, target[:, 0].astype(np.intp))  # plain training's loss, to the bit
         ce = cross_entropy_rows(z, target[:, 0].astype(np.intp))
-        return self.soft.mean_loss(ce, kl_rows(z, target[:, 1:], self.soft.temperature) if self.soft.weight else ce)
+        return self.soft.mean_loss(ce, kl_rows(z, target[:, 1:], self.soft.temperature))
 
 
 SESSIONS = {"logistic": DistillLogisticSession, "softmax": DistillSoftmaxSession}
