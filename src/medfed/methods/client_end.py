@@ -148,6 +148,15 @@ def _distill(opts, training: Training, context: BuildContext) -> FederatedAlgori
     is any saved numpy classifier of the study's features, task and classes, and it scores the rows as
     the student's run preprocessed them (a teacher trained on the same data and scaling sees what it
     was trained on; one with another scaling sees rows in the student's scale). Numpy students only.
+    Only the labeled rows are distilled (soft targets on the unlabeled rows are not built).
+
+    Measured, breast-cancer (3 sites, logistic, 50 rounds, T = 2, weight = 0.5; teacher: Mix on all
+    labels with --save-model at the same seed, so it never saw the student's test rows; ACC/AUC
+    averaged over the test sites, mean ± std over seeds 0, 1, 2): 10% labels FedAvg 0.956±0.034 /
+    0.990±0.003, Distill 0.968±0.010 / 0.992±0.002; 2% labels FedAvg 0.894±0.059 / 0.943±0.046,
+    Distill 0.920±0.068 / 0.964±0.046; the teacher 0.975±0.004 / 0.990±0.001. It helps a little,
+    within one std at 3 seeds. A round costs about 1.5x FedAvg's at 10% labels (0.85 vs 0.56 ms,
+    500 rounds), 1.8x with all labels: the teacher's logits and the soft term.
     """
     if context.teacher is None:
         raise ConfigError(f"method 'distill' found no teacher model for {opts['teacher']!r}: give --teacher PATH")
