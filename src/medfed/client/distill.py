@@ -17,9 +17,14 @@ import numpy as np
 
 from medfed.client.local import LocalData, LocalTraining, _delta_upload, sgd_steps
 from medfed.client.upload import Upload
+from medfed.errors import ConfigError
 from medfed.models.distill import Distillation, Distilling, pack, soften
 from medfed.models.logistic import Params
 from medfed.rng import KeyedRng
+
+
+TEACHER_NEEDED = ("method 'distill' needs a teacher model: --teacher PATH, a file medfed run --save-model wrote "
+                  "(models/<Setting>.npz), or [method_options.distill] teacher = PATH")
 
 
 @dataclass(frozen=True)
@@ -43,11 +48,15 @@ def distill_update(
     state: Any,
     rng: KeyedRng,
     *,
-    teacher: Teacher,
+    teacher: Teacher | None,
     soft: Distillation,
 ) -> tuple[Upload, Any]:
     """The distilling client (module docstring). The upload counts the site's labeled rows and
-    reports the distillation objective at the received model (at ``lam = 0``, the cross-entropy)."""
+    reports the distillation objective at the received model (at ``lam = 0``, the cross-entropy).
+    A study without a teacher is refused before training (harness.check_teacher_study); a method
+    built without one (as every method builds from its defaults) refuses here."""
+    if teacher is None:
+        raise ConfigError(TEACHER_NEEDED)
     targets = pack(data.y, soften(teacher.scores(data.X), soft.temperature))
     student = dataclasses.replace(config, model=Distilling(config.model, soft))
     trained, loss = sgd_steps(global_params, dataclasses.replace(data, y=targets), student, rng)

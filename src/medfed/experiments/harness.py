@@ -1127,11 +1127,14 @@ def check_unlabeled_study(config: ExperimentConfig, methods: list[tuple[Method, 
 def check_teacher_study(config: ExperimentConfig, federation: Federation, methods: list[tuple[Method, dict]]) -> None:
     """Refuse, before training, a distilling method's teacher that does not fit the data or the
     model (a numpy student, plain cross-entropy, no DP-SGD: its soft targets are not a row's label)."""
+    from medfed.client.distill import TEACHER_NEEDED
     from medfed.experiments.saved_model import check_teacher
 
     for spec, opts in methods:
-        if not opts.get("teacher"):
+        if "teacher" not in opts:
             continue
+        if not str(opts["teacher"]).strip():
+            raise ConfigError(TEACHER_NEEDED)
         check_teacher(opts["teacher"], federation)
         if config.model != "logistic":
             raise ConfigError(f"method {spec.name!r} trains the numpy logistic/softmax model (--model logistic); "

@@ -158,25 +158,16 @@ def _distill(opts, training: Training, context: BuildContext) -> FederatedAlgori
     within one std at 3 seeds. A round costs about 1.5x FedAvg's at 10% labels (0.85 vs 0.56 ms,
     500 rounds), 1.8x with all labels: the teacher's logits and the soft term.
     """
-    if context.teacher is None:
-        raise ConfigError(f"method 'distill' found no teacher model for {opts['teacher']!r}: give --teacher PATH")
     soft = Distillation(opts["temperature"], opts["weight"])
     rule = functools.partial(distill_update, teacher=context.teacher, soft=soft)
     return FederatedAlgorithm("distill", rule, _fedavg_server())
 
 
-def _distill_check(opts) -> str | None:
-    if not str(opts["teacher"]).strip():
-        return ("needs a teacher model: --teacher PATH, a file medfed run --save-model wrote "
-                "(models/<Setting>.npz), or [method_options.distill] teacher = PATH")
-    return None
-
-
 def _spec(name, display, summary, reference, options: tuple[Option, ...], build, *, personal=False,
-          tasks: tuple[str, ...] | None = None, unlabeled: bool = False, check=None) -> Method:
+          tasks: tuple[str, ...] | None = None, unlabeled: bool = False) -> Method:
     return Method(
         name, display, "federated", summary, reference, options, build, uploads="delta", personal=personal,
-        family=FAMILY, unlabeled=unlabeled, check=check, **({} if tasks is None else {"tasks": tasks}),
+        family=FAMILY, unlabeled=unlabeled, **({} if tasks is None else {"tasks": tasks}),
     )
 
 
@@ -271,6 +262,5 @@ CLIENT_METHODS: list[Method] = [
         ),
         _distill,
         tasks=("binary", "multiclass"),  # soft targets of one class per row
-        check=_distill_check,
     ),
 ]
