@@ -5,6 +5,7 @@ import pytest
 from conftest import synthetic_federation
 
 from medfed.client import LocalData, LocalTraining, sgd_steps
+from medfed.client.distill import Teacher
 from medfed.client.drift import batch_label_weights, semisync_steps
 from medfed.client.optimizer import descend
 from medfed.client.personal import ApflSiteState, apfl_update
@@ -404,7 +405,8 @@ def test_each_spec_runs_through_the_engine_deterministically(name):
     assert spec.reference and spec.summary and spec.family == "survey §3.2" and spec.uploads == "delta"
     t = TrainingSpec(rounds=4, local_steps=3, lr=0.1, batch_size=16)
     training = LocalTraining(MODEL, t.lr, t.local_steps, t.batch_size, t.l2)
-    context = BuildContext(fed.site_names, 0)
+    teacher = Teacher(MODEL, {"weight": np.linspace(-1, 1, 5), "bias": np.zeros(1)}, "t") if name == "distill" else None
+    context = BuildContext(fed.site_names, 0, teacher=teacher)
 
     def go(order, seed=4):
         algorithm = spec.build(spec.defaults, t, context)

@@ -175,6 +175,9 @@ def test_a_study_that_cannot_be_deployed_is_refused_in_one_line(tables, tmp_path
     study.write_text(STUDY.replace('["fedavg", "scaffold", "ditto"]', '["fedavg", "semisupervised"]'))
     with pytest.raises(ConfigError, match="semisupervised learns from each site's unlabeled rows"):
         drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
+    study.write_text(STUDY.replace('["fedavg", "scaffold", "ditto"]', '["fedavg", "distill"]'))
+    with pytest.raises(ConfigError, match="distill reads its --teacher file at each site"):
+        drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
 
 
 class _CoordinatorDied(Exception):

@@ -117,8 +117,9 @@ def test_one_flag_means_one_option_of_one_type_for_every_method():
     for other in (lr.but(flag="--slr"), lr.but(type="int", default=1), lr.but(name="lr")):
         with pytest.raises(TypeError):
             _method_flags([method("a", lr), method("b", other)])
-    with pytest.raises(TypeError, match="only numbers"):
-        _method_flags([method("a", Option("rule", "x", "str", "a rule", flag="--rule"))])
+    assert _method_flags([method("a", Option("path", "", "str", "a file", flag="--path"))])["path"].type == "str"
+    with pytest.raises(TypeError, match="only numbers and strings"):
+        _method_flags([method("a", Option("rule", "x", "choice", "a rule", ("x", "y"), flag="--rule"))])
 
 
 def test_the_run_command_s_method_flags_are_the_schemas_flags():
@@ -128,7 +129,7 @@ def test_the_run_command_s_method_flags_are_the_schemas_flags():
     declared = {o.flag for m in METHODS.values() for o in m.options if o.flag}
     assert declared == {f.flag for f in METHOD_FLAGS.values()} >= {"--mu", "--server-lr", "--byzantine"}
     for f in METHOD_FLAGS.values():
-        assert re.search(rf"{re.escape(f.flag)}\s+(FLOAT|INTEGER)\s+{re.escape(f.help)} \({', '.join(f.methods)}\)",
+        assert re.search(rf"{re.escape(f.flag)}\s+(FLOAT|INTEGER|TEXT)\s+{re.escape(f.help)} \({', '.join(f.methods)}\)",
                          text), f.flag
 
 

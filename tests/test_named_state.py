@@ -15,6 +15,7 @@ from medfed.comm.wire import decode, encode
 from medfed.engine import run_federated
 from medfed.errors import ConfigError
 from medfed.experiments.config import TrainingSpec
+from medfed.client.distill import Teacher
 from medfed.methods import METHODS
 from medfed.methods import context_for
 from medfed.models import LogisticRegression
@@ -64,7 +65,8 @@ def _run(name, model_name):
 
         model, sites = make_model("cnn2d", IMAGE, channels=(2,), norm="batch"), _sites(IMAGE)
         init = model.init_params(IMAGE, KeyedRng(0))
-    context = context_for([s.name for s in sites], 0, {s.name: label_counts(s.y) for s in sites})
+    teacher = Teacher(model, init, "a teacher") if name == "distill" else None  # distill's: a saved model file
+    context = context_for([s.name for s in sites], 0, {s.name: label_counts(s.y) for s in sites}, teacher=teacher)
     spec = METHODS[name]
     algorithm = spec.build(dict(spec.defaults), TrainingSpec(rounds=2, local_steps=2, lr=0.1), context)
     training = LocalTraining(model, 0.1, 2, None, 1e-2)

@@ -207,7 +207,7 @@ def with_method_flags(after: str) -> Callable[[Callable[..., Any]], Callable[...
     added = [
         inspect.Parameter(
             name, inspect.Parameter.KEYWORD_ONLY, default=None,
-            annotation=Annotated[(float if f.type == "float" else int) | None,
+            annotation=Annotated[{"float": float, "int": int, "str": str}[f.type] | None,
                                  typer.Option(f.flag, help=f"{f.help} ({', '.join(f.methods)})")],
         )
         for name, f in by_parameter.items()

@@ -87,6 +87,9 @@ def check_settings(config: ExperimentConfig, source: str, *, manifest: bool) -> 
             f"{source}: {', '.join(central)} pool or move rows between sites and cannot be deployed; "
             "list only federated methods in `methods`"
         )
+    if any(spec.name == "distill" for spec, _ in methods):  # the teacher file is the coordinator's, not the sites'
+        raise ConfigError(f"{source}: distill reads its --teacher file at each site, which a deployed study does not "
+                          "ship yet; it runs in simulation (medfed run) only so far")
     unlabeled = [spec.name for spec, _ in methods if spec.unlabeled]
     if unlabeled:  # a deployed site prepares its labeled training rows only (deploy/site.py)
         raise ConfigError(

@@ -146,9 +146,16 @@ def study_fingerprint(config: ExperimentConfig) -> str:
 
 def build_method(config: ExperimentConfig, spec: Method, opts: dict, site_names, counts=None) -> FederatedAlgorithm:
     """``spec`` built for these training sites (their label counts shared at setup) and the
-    config's model (whose local optimizer some methods require)."""
+    config's model (whose local optimizer some methods require); a method with a ``teacher``
+    option gets that model file loaded (:func:`medfed.experiments.saved_model.load_teacher`)."""
+    teacher = None
+    if opts.get("teacher"):
+        from medfed.experiments.saved_model import load_teacher
+
+        teacher = load_teacher(opts["teacher"])
     return spec.build(opts, config.training, context_for(
-        list(site_names), config.seed, counts, model=config.model, model_options=config.model_options))
+        list(site_names), config.seed, counts, model=config.model, model_options=config.model_options,
+        teacher=teacher))
 
 
 @dataclass
@@ -1161,6 +1168,27 @@ def check_unlabeled_study(config: ExperimentConfig, methods: list[tuple[Method, 
                               "account as the site's examples: leave it out of --methods or use another --dp")
 
 
+def check_teacher_study(config: ExperimentConfig, federation: Federation, methods: list[tuple[Method, dict]]) -> None:
+    """Refuse, before training, a distilling method's teacher that does not fit the data or the
+    model (a numpy student, plain cross-entropy, no DP-SGD: its soft targets are not a row's label)."""
+    from medfed.client.distill import TEACHER_NEEDED
+    from medfed.experiments.saved_model import check_teacher
+
+    for spec, opts in methods:
+        if "teacher" not in opts:
+            continue
+        if not str(opts["teacher"]).strip():
+            raise ConfigError(TEACHER_NEEDED)
+        check_teacher(opts["teacher"], federation)
+        if config.model != "logistic":
+            raise ConfigError(f"method {spec.name!r} trains the numpy logistic/softmax model (--model logistic); "
+                              f"--model {config.model} is not distilled here")
+        if config.training.loss != "ce":
+            raise ConfigError(f"method {spec.name!r} replaces the loss itself: use --loss ce, not --loss {config.training.loss}")
+        if config.privacy.dp == "sample":
+            raise ConfigError(f"method {spec.name!r} does not combine with --dp sample: use another --dp")
+
+
 CROSS_SITE_LIMIT = 200  # beyond it, Cross's K (K - 1) evaluations take gigabytes
 
 
@@ -1191,6 +1219,7 @@ def check_study(
     if hasattr(federation, "sites"):  # the data themselves (a deployed study's coordinator has their summaries)
         check_labeled_fractions(config, federation)
     check_unlabeled_study(config, methods)
+    check_teacher_study(config, federation, methods)
     cross = [spec.name for spec, _ in methods if spec.name == "cross"]
     if cross and len(names) > CROSS_SITE_LIMIT:
         # every site's Single model scored on every other site: K (K - 1) evaluations held in memory

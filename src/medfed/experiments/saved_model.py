@@ -397,6 +397,63 @@ def _check_consistent(model: SavedModel, path: Path) -> None:
         raise _corrupt(path, "it holds NaN or infinite values")
 
 
+# --------------------------------------------------------------------------- a distilling method's teacher
+
+TEACHER_MODELS = ("logistic", "softmax")  # the numpy classifiers whose logits a site computes as a teacher's
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def _teacher_file(path: Path) -> tuple[SavedModel, Any]:
+    """The model file a teacher comes from and its model object, or one ConfigError naming the file
+    and what a teacher may be."""
+    accepted = (f"give a file medfed run --save-model wrote ({MODELS_DIR}/<Setting>.npz) of a numpy logistic "
+                "or softmax model")
+    if path.suffix.lower() in TORCH_SUFFIXES:
+        raise ConfigError(f"--teacher {path}: a torch state dict is not accepted as a teacher; {accepted}")
+    saved = load_saved_model(path)
+    if saved.task not in ("binary", "multiclass") or saved.is_image:
+        raise ConfigError(f"--teacher {path} holds a {saved.task} model of samples {tuple(saved.meta['sample_shape'])}; "
+                          f"a teacher is a binary or multiclass classifier of feature tables: {accepted}")
+    model = saved.model()
+    if model.name not in TEACHER_MODELS:
+        raise ConfigError(f"--teacher {path} holds a {saved.meta['model']['name']} model; {accepted}")
+    return saved, model
+
+
+def load_teacher(path: str | Path):
+    """The teacher a distilling method's sites score their rows with (:class:`medfed.client.distill.Teacher`)
+    from a model file ``medfed run --save-model`` wrote; a torch state dict, an image or torch model, or
+    a task other than binary/multiclass is one ConfigError naming the file and what is accepted."""
+    from medfed.client.distill import Teacher
+
+    saved, model = _teacher_file(Path(path))
+    return Teacher(model, saved.params, str(path))
+
+
+def check_teacher(path: str | Path, federation: Federation) -> None:
+    """Refuse, before training, a teacher whose features, sample shape, task or classes differ from
+    the study's data, in one ConfigError naming the file and what differs."""
+    saved, _ = _teacher_file(Path(path))
+    ours = {"features": list(federation.feature_names), "sample shape": list(federation.sample_shape),
+            "task": federation.task, "classes": [str(c) for c in getattr(federation, "classes", ())]}
+    theirs = {"features": list(saved.meta["feature_names"]), "sample shape": list(saved.meta["sample_shape"]),
+              "task": saved.task, "classes": [str(c) for c in saved.classes]}
+    if federation.task == "binary":
+        ours.pop("classes"), theirs.pop("classes")
+    for what in ours:
+        if ours[what] != theirs[what]:
+            mine, its = ours[what], theirs[what]
+            if what == "features":
+                extra, lacking = [c for c in its if c not in mine], [c for c in mine if c not in its]
+                detail = (f"{its}, the data's {mine}" if not (extra or lacking) else  # same columns, another order
+                          f"{len(its)} columns, {extra[:3]} not in the data" if extra else
+                          f"{len(its)} columns, without the data's {lacking[:3]}")
+            else:
+                detail = f"{its}, the data {mine}"
+            raise ConfigError(f"--teacher {path} does not fit these data: its {what} are {detail}; "
+                              "give a model trained on the same columns and targets")
+
+
 # --------------------------------------------------------------------------- a run's model files
 
 

@@ -18,6 +18,7 @@ from medfed.client.drift import (
     scaffold_update,
     semisync_update,
 )
+from medfed.client.distill import distill_update
 from medfed.client.local import local_sgd_update
 from medfed.client.semisupervised import semisupervised_update
 from medfed.client.vat import vat_update
@@ -33,6 +34,7 @@ from medfed.errors import ConfigError
 from medfed.methods.method import BuildContext, Method, Training, require_sgd
 from medfed.methods.options import Option, above, at_least, choice, closed, number, per_site, whole
 from medfed.methods.steps import SERVER_LR
+from medfed.models.distill import Distillation
 from medfed.server.aggregate import apply_delta, chain, weighted_mean
 from medfed.server.control import (
     SCAFFOLD_WEIGHTINGS,
@@ -164,6 +166,30 @@ def _vat(opts, training: Training, context: BuildContext) -> FederatedAlgorithm:
     return FederatedAlgorithm("vat", rule, _fedavg_server())
 
 
+def _distill(opts, training: Training, context: BuildContext) -> FederatedAlgorithm:
+    """Federated distillation (Kumar et al., 2021a) with Hinton et al.'s (2015) loss: each site trains
+    on ``(1 - weight) CE + weight T² KL(teacher^T || student^T)``, the teacher a saved medfed model the
+    site scores its own rows with. ``weight = 0`` is FedAvg, bit for bit.
+
+    Departs from Kumar et al. (who distill a large network into a small one at each site): the teacher
+    is any saved numpy classifier of the study's features, task and classes, and it scores the rows as
+    the student's run preprocessed them (a teacher trained on the same data and scaling sees what it
+    was trained on; one with another scaling sees rows in the student's scale). Numpy students only.
+    Only the labeled rows are distilled (soft targets on the unlabeled rows are not built).
+
+    Measured, breast-cancer (3 sites, logistic, 50 rounds, T = 2, weight = 0.5; teacher: Mix on all
+    labels with --save-model at the same seed, so it never saw the student's test rows; ACC/AUC
+    averaged over the test sites, mean ± std over seeds 0, 1, 2): 10% labels FedAvg 0.956±0.034 /
+    0.990±0.003, Distill 0.968±0.010 / 0.992±0.002; 2% labels FedAvg 0.894±0.059 / 0.943±0.046,
+    Distill 0.920±0.068 / 0.964±0.046; the teacher 0.975±0.004 / 0.990±0.001. It helps a little,
+    within one std at 3 seeds. A round costs about 1.5x FedAvg's at 10% labels (0.85 vs 0.56 ms,
+    500 rounds), 1.8x with all labels: the teacher's logits and the soft term.
+    """
+    soft = Distillation(opts["temperature"], opts["weight"])
+    rule = functools.partial(distill_update, teacher=context.teacher, soft=soft)
+    return FederatedAlgorithm("distill", rule, _fedavg_server())
+
+
 def _spec(name, display, summary, reference, options: tuple[Option, ...], build, *, personal=False,
           tasks: tuple[str, ...] | None = None, unlabeled: bool = False) -> Method:
     return Method(
@@ -261,5 +287,21 @@ CLIENT_METHODS: list[Method] = [
         ),
         _vat,
         tasks=("binary", "multiclass", "regression"),  # the KL of a per-row prediction; not per pixel
+    ),
+    _spec(
+        "distill", "Distill",
+        "each site trains toward a teacher model's softened outputs on its own rows: (1 - weight) CE + "
+        "weight T^2 KL(teacher^T || student^T) (weight 0: FedAvg)",
+        "Kumar et al., 2021a; Hinton et al., 2015",
+        (
+            Option("teacher", "", "str", "a saved medfed model file (medfed run --save-model) the sites distill from",
+                   flag="--teacher"),
+            number("temperature", 2.0, "softmax temperature T of the teacher's and student's outputs",
+                   range=above(0)),
+            number("weight", 0.5, "weight (lambda) of the distillation term; 0 = plain cross-entropy",
+                   range=closed(0, 1)),
+        ),
+        _distill,
+        tasks=("binary", "multiclass"),  # soft targets of one class per row
     ),
 ]

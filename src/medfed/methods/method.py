@@ -42,6 +42,7 @@ class BuildContext:
     label_counts: Mapping[str, tuple[float, ...]] | None = None
     site_sizes: Mapping[str, float] | None = None
     optimizer: str = "sgd"
+    teacher: Any = None  # a distilling method's teacher (medfed.client.distill.Teacher), loaded by the caller
 
 
 @dataclass(frozen=True)
@@ -111,11 +112,12 @@ def context_for(
     *,
     model: str = "logistic",
     model_options: Mapping[str, Any] | None = None,
+    teacher: Any = None,
 ) -> BuildContext:
     """The build context for these training sites. Label counts shared at setup also give
     each site's example count (their sum); ``model`` and its options give the local optimizer."""
     sizes = None if label_counts is None else {site: float(sum(c)) for site, c in label_counts.items()}
-    return BuildContext(tuple(site_names), seed, label_counts, sizes, local_optimizer(model, model_options))
+    return BuildContext(tuple(site_names), seed, label_counts, sizes, local_optimizer(model, model_options), teacher)
 
 
 def require_sgd(method: str, context: BuildContext, rule: str) -> None:

@@ -43,7 +43,7 @@ class MethodFlag:
 
     flag: str
     option: str
-    type: Literal["float", "int"]
+    type: Literal["float", "int", "str"]
     help: str
     methods: tuple[str, ...]
 
@@ -56,8 +56,8 @@ def _method_flags(methods: Sequence[Method]) -> dict[str, MethodFlag]:
         for o in m.options:
             if not o.flag:
                 continue
-            if o.type not in ("float", "int"):
-                raise TypeError(f"method {m.name!r} option {o.name!r}: only numbers are flags, not {o.type}")
+            if o.type not in ("float", "int", "str"):
+                raise TypeError(f"method {m.name!r} option {o.name!r}: only numbers and strings are flags, not {o.type}")
             seen = found.get(o.name)
             if seen is None:
                 clash = next((f for f in found.values() if f.flag == o.flag), None)
