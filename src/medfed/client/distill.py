@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from medfed.client.local import LocalData, LocalTraining, _delta_upload, sgd_steps
+from medfed.client.local import LocalData, LocalTraining, delta_upload, sgd_steps
 from medfed.client.upload import Upload
 from medfed.errors import ConfigError
 from medfed.models.distill import Distillation, Distilling, pack, soften
@@ -60,4 +60,4 @@ def distill_update(
     targets = pack(data.y, soften(teacher.scores(data.X), soft.temperature))
     student = dataclasses.replace(config, model=Distilling(config.model, soft))
     trained, loss = sgd_steps(global_params, dataclasses.replace(data, y=targets), student, rng)
-    return _delta_upload(data, trained, global_params, loss), state
+    return delta_upload(data, trained, global_params, loss), state

@@ -108,7 +108,9 @@ def sgd_steps(
     )
 
 
-def _delta_upload(data: LocalData, trained: dict, global_params: Params, loss: float) -> Upload:
+def delta_upload(data: LocalData, trained: dict, global_params: Params, loss: float) -> Upload:
+    """The upload of a site rule that trains the global model's copy: ``trained - global``, the
+    site's example count and its loss (every delta rule's, FedAvg's and the few-label methods')."""
     delta = {k: trained[k] - global_params[k] for k in trained}
     # under DP-SGD no loss is computed on the site's rows (nan): none is reported
     return Upload(data.name, delta, data.n, "delta", {} if math.isnan(loss) else {"loss": loss})
@@ -122,7 +124,7 @@ def local_sgd_update(
     Uploads the delta ``local - global``; keeps no state.
     """
     trained, loss = sgd_steps(global_params, data, config, rng)
-    return _delta_upload(data, trained, global_params, loss), state
+    return delta_upload(data, trained, global_params, loss), state
 
 
 def fedprox_update(
@@ -142,7 +144,7 @@ def fedprox_update(
     if mu < 0:
         raise ValueError(f"fedprox: mu must be >= 0, got {mu}")
     trained, loss = sgd_steps(global_params, data, config, rng, prox_center=global_params, mu=mu)
-    return _delta_upload(data, trained, global_params, loss), state
+    return delta_upload(data, trained, global_params, loss), state
 
 
 def fedsgd_gradient(

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from medfed.client.local import LocalData, LocalTraining, _delta_upload, batch_indices, local_sgd_update
+from medfed.client.local import LocalData, LocalTraining, delta_upload, batch_indices, local_sgd_update
 from medfed.client.optimizer import descend
 from medfed.client.upload import Upload
 from medfed.errors import ConfigError
@@ -90,4 +90,4 @@ def vat_update(
     trained, _ = descend(model, global_params, X, y, batch_indices(len(y), config.batch_size, config.steps, rng),
                          config.lr, config.l2, example_weights=weights)
     loss = model.loss(global_params, data.X, data.y, config.l2)
-    return _delta_upload(data, trained, global_params, loss), state
+    return delta_upload(data, trained, global_params, loss), state
