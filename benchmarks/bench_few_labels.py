@@ -18,6 +18,12 @@ The headline metric is each run's AUC averaged over the test sites; the table an
 (training and evaluation in the process, no imports), per run and per communication round (contrastive's
 pretraining rounds count), and its ratio to FedAvg's in the same command (for FedAvg + GCE, in the
 command beside it), median over seeds and fractions.
+Measured (defaults: 3 seeds, breast-cancer 50 rounds, mni-phantom 20 rounds x 5 steps, 150 images a site; 121 s
+on 2 shared cores): on breast-cancer only 2% labels hurts (FedAvg AUC 0.943 ± 0.046 vs Mix 0.990); Distill
+recovers most of it (0.964 ± 0.046), VAT barely (0.947), SemiSup hurts (0.915 ± 0.060), GCE changes nothing
+on clean labels (0.943). mni-phantom at this budget is near chance even for Mix (0.588 ± 0.080), so its rows
+rank nothing: scale it up (--rounds-scale) before reading them. Cost per run vs FedAvg: SemiSup 2.3x / 1.25x,
+VAT 1.6x / 1.6x, Distill 1.55x, Contrastive 2.07x (cnn2d, pretraining rounds included), GCE 1.0-1.25x.
 Run: python benchmarks/bench_few_labels.py [--repeats 3] [--fractions 1,0.1,0.02] [--cases breast-cancer,
      mni-phantom] [--rounds-scale 1.0] [--n-per-site 150] [--out DIR]
 Writes DIR/few_labels.md, DIR/few_labels.json and DIR/few_labels.png (DIR default: a temp folder).
@@ -198,7 +204,9 @@ def plot(table: dict, fractions: list[float], repeats: int, path: str) -> None:
             if method == CEILING:  # one value, drawn across as the reference line it is
                 ax.axhline(means[0], color="black", linestyle=":", linewidth=1.0, label=method)
                 continue
-            ax.errorbar(xs, means, yerr=stds, capsize=3, label=method, **style)
+            # each method's points nudged sideways (on the log axis) so that overlapping error bars stay readable
+            dodge = 10 ** (0.015 * (i - len(methods) / 2))
+            ax.errorbar([x * dodge for x in xs], means, yerr=stds, capsize=3, label=method, **style)
         ax.set_xscale("log")
         ax.set_xticks(xs, [f"{f:g}" for f in xs])
         ax.minorticks_off()
