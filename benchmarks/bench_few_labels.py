@@ -196,17 +196,21 @@ def plot(table: dict, fractions: list[float], repeats: int, path: str) -> None:
     xs = sorted(fractions)
     fig = Figure(figsize=(3.6 * len(table) + 1.6, 3.4), layout="constrained")
     axes = fig.subplots(1, len(table), squeeze=False)[0]
+    # one style per method across all panels (cases have different methods), so one legend reads for all
+    names = list(dict.fromkeys(m for methods in table.values() for m in methods))
+    handles: dict = {}
     for ax, (case, methods) in zip(axes, table.items()):
-        for i, (method, row) in enumerate(methods.items()):
+        for method, row in methods.items():
+            i = names.index(method)
             means = [row["auc"][str(f)][0] for f in xs]
             stds = [row["auc"][str(f)][1] or 0.0 for f in xs]
             style = curve_style(i, points=len(xs))
             if method == CEILING:  # one value, drawn across as the reference line it is
-                ax.axhline(means[0], color="black", linestyle=":", linewidth=1.0, label=method)
+                handles[method] = ax.axhline(means[0], color="black", linestyle=":", linewidth=1.0)
                 continue
             # each method's points nudged sideways (on the log axis) so that overlapping error bars stay readable
-            dodge = 10 ** (0.015 * (i - len(methods) / 2))
-            ax.errorbar([x * dodge for x in xs], means, yerr=stds, capsize=3, label=method, **style)
+            dodge = 10 ** (0.015 * (i - len(names) / 2))
+            handles[method] = ax.errorbar([x * dodge for x in xs], means, yerr=stds, capsize=3, **style)
         ax.set_xscale("log")
         ax.set_xticks(xs, [f"{f:g}" for f in xs])
         ax.minorticks_off()
@@ -214,7 +218,7 @@ def plot(table: dict, fractions: list[float], repeats: int, path: str) -> None:
         ax.set_ylabel("test AUC (mean over sites)")
         ax.set_title(case, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
+    axes[-1].legend([handles[m] for m in names], names, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
     fig.suptitle(f"Few labels: mean ± 1 sample std over {repeats} seeds", fontsize=9)
     fig.savefig(path, dpi=200, metadata={"Software": None})
 
