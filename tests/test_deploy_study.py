@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from deploy_support import site_tables
 
 from medfed.comm.wire import decode
-from medfed.data.datasets import load_dataset
 from medfed.deploy.coordinator import drive
 from medfed.deploy.loopback import LoopbackLink
 from medfed.errors import ConfigError
@@ -33,15 +33,7 @@ round_timeout_s = 5
 def tables(tmp_path_factory):
     """heart-disease as one pooled table and one file per site."""
     root = tmp_path_factory.mktemp("heart")
-    fed = load_dataset("heart-disease")
-    frames = []
-    for s in fed.sites[:3]:
-        df = pd.DataFrame(s.X, columns=list(fed.feature_names))
-        df.insert(0, "site", s.name)
-        df["target"] = s.y.astype(int)
-        df.to_csv(root / f"{s.name}.csv", index=False)
-        frames.append(df)
-    pd.concat(frames).to_csv(root / "all.csv", index=False)
+    site_tables(root)
     (root / "study.toml").write_text(STUDY)
     return root
 
@@ -517,7 +509,12 @@ def _largest_statistic(by_step):
 
 @pytest.mark.parametrize("eb", [True, False])
 def test_a_deployed_combat_study_equals_its_simulation_and_shares_only_statistics(tmp_path, eb):
-    from medfed.data.harmonize import CombatDesignStats, CombatLocation, CombatModel, CombatResidualStats
+    from medfed.data.harmonize import (
+        CombatDesignStats,
+        CombatLocation,
+        CombatModel,
+        CombatResidualStats,
+    )
 
     nodes = _covariate_tables(tmp_path)
     study = tmp_path / "study.toml"

@@ -4,10 +4,9 @@ and the classes, each site codes its labels against them, and the numbers equal 
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
+from deploy_support import site_tables
 
-from medfed.data.datasets import load_dataset
 from medfed.deploy.coordinator import drive
 from medfed.deploy.loopback import LoopbackLink
 from medfed.errors import ConfigError
@@ -34,18 +33,9 @@ round_timeout_s = 5
 
 
 def _tables(root, label_of) -> None:
-    """heart-disease's first three sites as one file each and pooled (all.csv), the label column
-    ``label`` holding ``label_of(site name, features, 0/1 target)`` in place of the 0/1 target."""
-    fed = load_dataset("heart-disease")
-    frames = []
-    for s in fed.sites[:3]:
-        df = pd.DataFrame(s.X, columns=list(fed.feature_names))
-        df.insert(0, "site", s.name)
-        df["label"] = label_of(s.name, df, s.y.astype(int))
-        df.to_csv(root / f"{s.name}.csv", index=False)
-        frames.append(df)
-    pd.concat(frames).to_csv(root / "all.csv", index=False)
-
+    """The three site files and all.csv with the label column ``label`` holding ``label_of(site
+    name, features, 0/1 target)``."""
+    site_tables(root, "label", label_of)
 
 def _nodes(root, tmp, files=None):
     return {s: {"site": s, "data": str((files or {}).get(s, root / f"{s}.csv")), "folder": str(tmp / f"site-{s}")}

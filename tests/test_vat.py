@@ -10,7 +10,13 @@ import pytest
 from medfed.client import LocalData, LocalTraining
 from medfed.client.local import batch_indices
 from medfed.client.optimizer import descend
-from medfed.client.vat import DIRECTION_STREAM, adversarial_direction, prediction, vat_update, virtual_neighbours
+from medfed.client.vat import (
+    DIRECTION_STREAM,
+    adversarial_direction,
+    prediction,
+    vat_update,
+    virtual_neighbours,
+)
 from medfed.engine import run_federated
 from medfed.errors import ConfigError
 from medfed.experiments.config import TrainingSpec
@@ -186,26 +192,17 @@ def test_a_deployed_vat_study_equals_its_simulation(tmp_path):
     """VAT reads only a site's labeled rows, so a deployed site runs it as simulation does (loopback link)."""
     import json
 
-    import pandas as pd
+    from deploy_support import site_tables
     from typer.testing import CliRunner
 
     from medfed.cli.app import app
-    from medfed.data.datasets import load_dataset
     from medfed.deploy.coordinator import drive
     from medfed.deploy.loopback import LoopbackLink
 
-    fed = load_dataset("heart-disease")
-    frames = []
-    for s in fed.sites[:3]:
-        df = pd.DataFrame(s.X, columns=list(fed.feature_names))
-        df.insert(0, "site", s.name)
-        df["target"] = s.y.astype(int)
-        df.to_csv(tmp_path / f"{s.name}.csv", index=False)
-        frames.append(df)
-    pd.concat(frames).to_csv(tmp_path / "all.csv", index=False)
+    names = site_tables(tmp_path)
     (tmp_path / "study.toml").write_text(VAT_STUDY)
     nodes = {s: {"site": s, "data": str(tmp_path / f"{s}.csv"), "folder": str(tmp_path / f"site-{s}")}
-             for s in ("Cleveland", "Hungary", "Switzerland")}
+             for s in names}
     deployed = drive(LoopbackLink(nodes), tmp_path / "study.toml", tmp_path / "out", log=lambda m: None)
     result = CliRunner().invoke(app, ["run", str(tmp_path / "study.toml"), "--data", str(tmp_path / "all.csv"),
                                       "--out", str(tmp_path / "sim")])
