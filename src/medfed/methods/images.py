@@ -48,18 +48,19 @@ def fedbn(local_affine: bool = True) -> FederatedAlgorithm:
 PRIVATE_PARTS = {"head": is_head, "decoder": is_decoder}
 
 
-def fedper(private: str = "head") -> FederatedAlgorithm:
+def fedper(private: str = "head", name: str = "fedper") -> FederatedAlgorithm:
     """FedPer (Arivazhagan et al., 2019; in the survey, Feng et al., 2022 and Chakravarty et
     al., 2021): each site keeps its own head (the final layer); the body is averaged as in FedAvg.
 
     ``private="decoder"``: a U-Net's whole decoder (its up blocks and the head) stays at each site
     and only the encoder is averaged, as Feng et al. (2022, FedMRI) share the encoder and keep
     site-specific decoders; FedMRI's weighted contrastive term on the shared latent is left out.
+    ``name`` is the method's name in the algorithm and its errors (``multitask`` runs this machinery).
     """
     is_private = PRIVATE_PARTS[private]
     return FederatedAlgorithm(
-        "fedper",
-        keep_private(local_sgd_update, is_private, method="fedper"),
+        name,
+        keep_private(local_sgd_update, is_private, method=name),
         chain(weighted_mean(), apply_delta()),
         personalize=personalize_private,
         private=is_private,

@@ -24,13 +24,14 @@ from medfed.methods.client_end import CLIENT_METHODS
 from medfed.methods.contrastive import CONTRASTIVE
 from medfed.methods.images import IMAGE_METHODS
 from medfed.methods.method import Method
+from medfed.methods.multitask import MULTITASK
 from medfed.methods.options import OptionValue
 from medfed.methods.server_end import SERVER_METHODS
 from medfed.methods.steps import build_pipeline
 from medfed.methods.survey import SURVEY_EXPERIMENT
 
 METHODS: dict[str, Method] = {
-    m.name: m for m in [*SURVEY_EXPERIMENT, *SERVER_METHODS, *CLIENT_METHODS, *IMAGE_METHODS, CONTRASTIVE]
+    m.name: m for m in [*SURVEY_EXPERIMENT, *SERVER_METHODS, *CLIENT_METHODS, *IMAGE_METHODS, MULTITASK, CONTRASTIVE]
 }
 """Every setting and method by its config/CLI name: the survey's experiment (§6), then the
 server end (§3.3) and the client end (§3.2)."""
