@@ -60,6 +60,7 @@ CONFIG_FLAGS = {
     "data.dataset": "--dataset", "data.path": "--data", "data.manifest": "--manifest",
     "data.path_column": "--path-column", "data.mask_column": "--mask-column", "data.kind": "--kind", "data.skip_bad": "--skip-bad",
     "data.site_column": "--site-column", "data.label_column": "--label-column", "data.label_columns": "--label-columns",
+    "data.label_column_site": "--label-column-site",
     "data.split_column": "--split-column", "data.features": "--features", "data.impute": "--impute",
     "data.positive_label": "--positive-label", "data.task": "--task", "data.exclude": "--exclude", "data.categorical": "--categorical",
     "data.covariates": "--covariates", "data.unlabeled_value": "--unlabeled-value",

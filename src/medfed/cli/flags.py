@@ -68,6 +68,8 @@ UnlabeledValueOpt = Annotated[str | None, typer.Option(
     help="label value that marks an unlabeled row (a training row without a target), besides an empty cell")]
 LabeledFractionOpt = Annotated[float | None, typer.Option(
     help="keep the labels of this share of each site's training rows, in (0, 1] (seeded, stratified) [default: 1]")]
+LabelColumnSiteOpt = Annotated[list[str] | None, typer.Option(
+    help="SITE=COL: that site's own label column (a multi-task study, --method multitask); repeatable")]
 LabeledFractionSiteOpt = Annotated[list[str] | None, typer.Option(
     help="SITE=F: that site's own labeled fraction; repeatable")]
 DatasetOptionOpt = Annotated[
@@ -181,6 +183,9 @@ def study_overrides(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str,
             value = split_list(value)
         if value is not None:
             data[key] = value
+    if given.get("label_column_site"):
+        data["label_column_site"] = {site: str(column) for site, column in
+                                     parse_options(given["label_column_site"], "--label-column-site").items()}
     if given.get("labeled_fraction_site"):
         data["labeled_fraction_site"] = parse_options(given["labeled_fraction_site"], "--labeled-fraction-site")
     if given.get("dataset_option"):

@@ -12,6 +12,7 @@ _SETTINGS: dict[str, tuple[str, str, str]] = {
     "site_column": ("--site-column", "NAME", 'site_column = "NAME"'),
     "label_column": ("--label-column", "NAME", 'label_column = "NAME"'),
     "label_columns": ("--label-columns", "a,b,c", "label_columns = [...]"),
+    "label_column_site": ("--label-column-site", "SITE=COL", 'label_column_site = {SITE = "COL"}'),
     "split_column": ("--split-column", "NAME", 'split_column = "NAME"'),
     "features": ("--features", "a,b", "features = [...]"),
     "impute": ("--impute", "mean|median", 'impute = "mean"'),

@@ -18,7 +18,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ def load_table(
     task: str | None = None,
     label_columns: Sequence[str] | None = None,
     unlabeled_value: str | None = None,
+    label_column_site: Mapping[str, str] | None = None,
 ) -> Federation:
     """Read a CSV or Parquet table with one row per subject into a federation of sites.
 
@@ -97,14 +98,21 @@ def load_table(
     classes and a binary label's two values are read from the labeled rows only; a site with
     fewer than two labeled rows is refused. A multilabel task's label columns must all be given.
 
+    ``label_column_site`` (site -> column) gives sites their own target (a multi-task study:
+    ``medfed.methods.multitask``); the others read ``label_column``. Every column named is left
+    out of the features, each is read over its own sites' rows and all must read as one task
+    (the same classes; binary columns by the same rule, ``positive_label`` for all). The
+    federation's ``info["site_targets"]`` records each site's column.
+
     Every problem found with the file is reported at once, in one :class:`DataError`.
     """
     if unlabeled_value is not None and label_columns is not None:
         raise ConfigError(f"{flag('unlabeled_value')} marks rows of one label column; a multilabel task's "
                           f"{flag('label_columns')} must each hold 0/1")
     label_columns = _label_columns(label_column, label_columns, task, positive_label)
-    _check_parameters(site_column, label_column or label_columns[0], split_column, features, impute, exclude,
-                      categorical, covariates, label_columns)
+    site_columns = _site_label_columns(label_column_site, label_columns, site_column, split_column)
+    _check_parameters(site_column, label_column or (label_columns or site_columns)[0], split_column, features,
+                      impute, exclude, categorical, covariates, label_columns)
     path = Path(path)
     df = read_frame(path)
     columns = [str(c) for c in df.columns]
@@ -115,7 +123,8 @@ def load_table(
     categorical = list(categorical or [])
 
     named = [(site_column, "site_column")] + [(c, "label_columns" if label_columns else "label_column")
-                                              for c in label_columns or (label_column,)]
+                                              for c in label_columns or (label_column,) if c is not None]
+    named += [(c, "label_column_site") for c in site_columns]
     named += [(split_column, "split_column")] if split_column else []
     named += [(c, key) for key, cols in (("features", features), ("exclude", exclude), ("categorical", categorical),
                                          ("covariates", covariates)) for c in cols or []]
@@ -127,7 +136,7 @@ def load_table(
             f"available columns: {_list(columns, limit=40)}"
         )
 
-    reserved = {site_column, label_column, *(label_columns or ()), split_column, *(covariates or ())}
+    reserved = {site_column, label_column, *(label_columns or ()), *site_columns, split_column, *(covariates or ())}
     if features is None:
         feature_names = [c for c in columns if c not in reserved and c not in set(exclude or ())]
         if not feature_names:
@@ -158,16 +167,26 @@ def load_table(
 
     labels = None
     unlabeled = np.zeros(len(df), dtype=bool)
+    targets = None  # site -> its label column, with label_column_site
+    label_cells = df[label_column] if label_column in columns else None
+    if label_column_site:
+        targets = problems.attempt(site_targets, label_column_site, label_column, site_order, site_column, path)
+        label_cells = None
+        if targets is not None and site_arr is not None and all(c in columns for c in targets.values()):
+            label_cells = site_label_cells(df, site_arr, targets)
+            problems.attempt(check_site_targets, label_cells, site_arr, targets, task, positive_label, unlabeled_value,
+                             path)
     if label_columns:
         if all(c in columns for c in label_columns):
             labels = problems.attempt(multilabel_labels, df, label_columns, path, site_arr)
-    elif label_column in columns:
-        unlabeled = unlabeled_rows(df[label_column], unlabeled_value)
+    elif label_cells is not None:
+        name = label_column if targets is None else "per site (--label-column-site)"
+        unlabeled = unlabeled_rows(label_cells, unlabeled_value)
         if site_arr is not None:
-            problems.add(sites_without_labels(unlabeled, site_arr, site_order, label_column, unlabeled_value))
+            problems.add(sites_without_labels(unlabeled, site_arr, site_order, name, unlabeled_value))
         if not unlabeled.all():
             known = site_arr[~unlabeled] if site_arr is not None else None
-            labels = problems.attempt(task_labels, df[label_column][~unlabeled].reset_index(drop=True), label_column,
+            labels = problems.attempt(task_labels, label_cells[~unlabeled].reset_index(drop=True), name,
                                       task, positive_label, path, known)
             if labels is not None and unlabeled.any():
                 labels = labels.scattered(~unlabeled)
@@ -188,6 +207,7 @@ def load_table(
         "site_column": site_column,
         "label_column": label_column,
         **({"label_columns": list(label_columns)} if label_columns else {}),
+        **({"site_targets": targets} if targets else {}),
         "split_column": split_column,
         "features_selected_by": "all" if features is None else "list",
     }
@@ -410,6 +430,22 @@ def _label_columns(label_column, label_columns, task, positive_label) -> tuple[s
         raise ConfigError(f"{flag('positive_label')} binarizes one label column; each of {flag('label_columns')} "
                           "must hold 0/1 already")
     return columns
+
+
+def _site_label_columns(label_column_site, label_columns, site_column, split_column) -> tuple[str, ...]:
+    """The distinct columns ``label_column_site`` names, checked before touching the file."""
+    if not label_column_site:
+        return ()
+    if label_columns is not None:
+        raise ConfigError(f"{flag('label_column_site')} gives each site one label column; a multilabel task's "
+                          f"{flag('label_columns')} are the same for every site")
+    for site, column in label_column_site.items():
+        if not isinstance(column, str) or not column:
+            raise ConfigError(f"{flag('label_column_site')} {site}=...: give a column name, got {column!r}")
+        if column in (site_column, split_column):
+            role = "site_column" if column == site_column else "split_column"
+            raise ConfigError(f"{flag('label_column_site')} {site}={column}: {column!r} is the {flag(role)}")
+    return tuple(dict.fromkeys(label_column_site.values()))
 
 
 def _check_parameters(site_column, label_column, split_column, features, impute, exclude=None, categorical=None,
@@ -667,6 +703,51 @@ def sites_without_labels(unlabeled: np.ndarray, sites: np.ndarray, order: list[s
     marker = "empty" + (f" or {unlabeled_value!r}" if unlabeled_value is not None else "")
     return (f"label column {label_column!r}: {', '.join(lacking)} has fewer than 2 labeled rows ({marker} cells are "
             "unlabeled rows, which train but are never test rows); every site needs labeled rows to train and test on")
+
+def site_targets(label_column_site: Mapping[str, str], label_column: str | None, order: list[str],
+                 site_column: str, path: Path) -> dict[str, str]:
+    """Each site's label column: its own from ``label_column_site``, else ``label_column``; a
+    DataError for a site named that the file does not hold, or a site left without a column."""
+    unknown = [s for s in label_column_site if s not in order]
+    if unknown:
+        raise DataError(f"{flag('label_column_site')} {unknown[0]}=...: no site {unknown[0]!r} in site column "
+                        f"{site_column!r}; its sites: {_list(order)}")
+    bare = [s for s in order if s not in label_column_site and label_column is None]
+    if bare:
+        raise DataError(f"site {bare[0]!r} has no label column: name it with {flag('label_column_site')} "
+                        f"{bare[0]}=COL or give {flag('label_column')} for the sites not named")
+    return {s: label_column_site.get(s, label_column) for s in order}
+
+
+def site_label_cells(df, sites: np.ndarray, targets: Mapping[str, str]):
+    """One label cell per row: the cell of the row's own site's label column."""
+    cells = df[next(iter(targets.values()))].astype(object).copy()
+    for site, column in targets.items():
+        rows = sites == site
+        cells[rows] = df[column][rows].astype(object)
+    return cells
+
+
+def check_site_targets(cells, sites: np.ndarray, targets: Mapping[str, str], task: str | None, positive_label: Any,
+                       unlabeled_value: str | None, path: Path) -> None:
+    """A DataError unless every per-site label column, read over its own sites' labeled rows,
+    reads as the same task (binary with the same positive value, or the same classes, or regression)."""
+    read: dict[str, tuple[list[str], str]] = {}
+    for column in dict.fromkeys(targets.values()):
+        own = [s for s, c in targets.items() if c == column]
+        rows = np.isin(sites, own) & ~unlabeled_rows(cells, unlabeled_value)
+        if not rows.any():
+            continue  # sites_without_labels names them
+        labels = task_labels(cells[rows].reset_index(drop=True), column, task, positive_label, path, sites[rows])
+        kind = labels.task + (f" with positive {labels.positive!r}" if labels.positive else "") + (
+            f" with classes {list(labels.classes)}" if labels.classes else "")
+        read[column] = (own, kind)
+    if len({kind for _, kind in read.values()}) > 1:
+        each = "; ".join(f"site{'s' if len(own) > 1 else ''} {', '.join(map(repr, own))} column {c!r} reads as {kind}"
+                         for c, (own, kind) in read.items())
+        raise DataError(f"{flag('label_column_site')}: the sites' label columns read as different tasks ({each}); "
+                        "every site's target must be one task kind with the same classes")
+
 
 def task_labels(col, name: str, task: str | None, positive_label: Any, path: Path,
                 sites: np.ndarray | None) -> Labels:

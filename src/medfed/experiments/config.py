@@ -76,6 +76,8 @@ class DataSpec(_Strict):
     site_column: str | None = None
     label_column: str | None = None
     label_columns: list[str] | None = None  # a multilabel task's 0/1 label columns (instead of label_column)
+    # site name -> that site's own label column (a multi-task study); sites not named read label_column
+    label_column_site: dict[str, str] = Field(default_factory=dict)
     split_column: str | None = None
     features: list[str] | None = None
     impute: Literal["mean", "median"] | None = None
@@ -130,8 +132,12 @@ class DataSpec(_Strict):
                 "give exactly one of data.dataset (embedded name), data.path (a table file), "
                 "data.manifest (a table of image files) or data.npz (MedMNIST files by site)"
             )
-        if self.path is not None and (self.site_column is None or (self.label_column is None and not self.label_columns)):
+        if self.path is not None and (self.site_column is None or (
+                self.label_column is None and not self.label_columns and not self.label_column_site)):
             raise ValueError("a table needs data.site_column and data.label_column (or data.label_columns)")
+        if self.label_column_site and self.path is None:
+            raise ValueError("--label-column-site (data.label_column_site) applies to a table given with --data "
+                             "(data.path); mni-phantom has its own multi-task data (--dataset-option task=multitask)")
         if self.unlabeled_value is not None and self.path is None and self.manifest is None:
             raise ValueError("--unlabeled-value (data.unlabeled_value) applies to a table (--data) or an image "
                              "manifest (--manifest)")

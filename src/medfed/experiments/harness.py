@@ -601,6 +601,7 @@ def _load_federation(spec: DataSpec) -> Federation:
         site_column=spec.site_column,
         label_column=spec.label_column,
         label_columns=spec.label_columns,
+        label_column_site=spec.label_column_site,
         split_column=spec.split_column,
         features=spec.features,
         impute=spec.impute,
