@@ -180,13 +180,13 @@ def load_table(
         if all(c in columns for c in label_columns):
             labels = problems.attempt(multilabel_labels, df, label_columns, path, site_arr)
     elif label_cells is not None:
-        name = label_column if targets is None else "per site (--label-column-site)"
+        label_name = label_column if targets is None else "per site (--label-column-site)"
         unlabeled = unlabeled_rows(label_cells, unlabeled_value)
         if site_arr is not None:
-            problems.add(sites_without_labels(unlabeled, site_arr, site_order, name, unlabeled_value))
+            problems.add(sites_without_labels(unlabeled, site_arr, site_order, label_name, unlabeled_value))
         if not unlabeled.all():
             known = site_arr[~unlabeled] if site_arr is not None else None
-            labels = problems.attempt(task_labels, label_cells[~unlabeled].reset_index(drop=True), name,
+            labels = problems.attempt(task_labels, label_cells[~unlabeled].reset_index(drop=True), label_name,
                                       task, positive_label, path, known)
             if labels is not None and unlabeled.any():
                 labels = labels.scattered(~unlabeled)

@@ -174,6 +174,8 @@ def results_document(run: ExperimentRun, command: str | None = None) -> dict[str
         "workers": run.workers,
         "warnings": run.warnings,
         "data_info": fed.info,
+        # a multi-task study (--label-column-site, mni-phantom task=multitask): the target each site's labels are
+        "site_targets": fed.info.get("site_targets"),
         "results": [_row(c, task) for c in run.cells],
         "histories": histories,
         # what crossed the network per federated setting: rounds per run and bytes uploaded by all
@@ -366,12 +368,16 @@ def harmonization_lines(doc: dict[str, Any]) -> list[str]:
 
 
 def data_note_lines(doc: dict[str, Any]) -> list[str]:
-    """What the loader left out (``--skip-bad``): counted, with the first reasons, never silent."""
+    """Which target each site predicts in a multi-task study, and what the loader left out
+    (``--skip-bad``): counted, with the first reasons, never silent."""
+    targets = doc.get("site_targets") or {}
+    lines = [("sites predict different targets: " + ", ".join(f"{site} predicts {target!r}"
+                                                             for site, target in targets.items()))] if targets else []
     info = doc.get("data_info") or {}
     skipped = info.get("skipped") or []
     if not skipped:
-        return []
-    lines = [f"{len(skipped)} bad file(s) skipped (--skip-bad):"]
+        return lines
+    lines += [f"{len(skipped)} bad file(s) skipped (--skip-bad):"]
     lines += [f"  {s.get('path')}: {s.get('reason')}" for s in skipped[:5]]
     if len(skipped) > 5:
         lines.append(f"  ... and {len(skipped) - 5} more, listed in results.json (data_info.skipped)")

@@ -187,12 +187,15 @@ from typing import Any
 
 import numpy as np
 
-from medfed.data.datasets.options import check_choice, check_float, check_int
+from medfed.data.datasets.options import check_choice, check_float, check_int, names_list
 from medfed.data.extras import import_extra, missing_extra
 from medfed.data.federation import MIN_SITE_SAMPLES, Federation, Site
 from medfed.errors import ConfigError, DataError
 
-TASKS = ("atrophy", "lesion", "multiclass", "age", "segmentation")
+TASKS = ("atrophy", "lesion", "multiclass", "age", "segmentation", "multitask")
+# task="multitask": each site's own binary disease (option site_tasks, cycled over the sites)
+SITE_TASKS = ("atrophy", "lesion")
+DEFAULT_SITE_TASKS = ("atrophy", "lesion", "atrophy")
 # task="multiclass": class k of a subject is MULTICLASS_CLASSES[k]; atrophy keeps index 1 and the
 # lesion class is the last, so the binary tasks' "y == 1" rules read the same
 MULTICLASS_CLASSES = ("healthy", "atrophy", "lesion")
@@ -249,6 +252,7 @@ def load_mni_phantom(
     lesion_contrast: str = "hypo",
     slice_mm: float = 15.0,
     band_mm: float = 8.0,
+    site_tasks: str | Sequence[str] | None = None,
 ) -> Federation:
     """A phantom federation of T1 images on MNI152 anatomy: a binary ``task`` (``atrophy``,
     ``lesion``), three classes (``multiclass``: healthy / atrophy / lesion) or a regression
@@ -262,6 +266,9 @@ def load_mni_phantom(
     ``effect`` the disease signal (0: labels carry no image information), ``variability``
     the subjects' pose and shape. ``lesion_mm`` and ``lesion_contrast`` apply to
     ``task="lesion"``; ``slice_mm`` (MNI z of the slice band) and ``band_mm`` to 2D.
+    ``task="multitask"``: each site's labels are its own disease, ``site_tasks`` (``atrophy`` or
+    ``lesion`` per site, cycled over the sites; default atrophy, lesion, atrophy), recorded in
+    ``info["site_targets"]``; site ``k`` then draws exactly what ``task=site_tasks[k]`` draws there.
     See the module docstring for the generative model and measured difficulty.
     """
     seed = check_int("seed", seed, 0)
@@ -269,6 +276,7 @@ def load_mni_phantom(
     dim = check_choice("dim", dim, DIMS)
     task = check_choice("task", task, TASKS)
     lesion_contrast = check_choice("lesion_contrast", lesion_contrast, LESION_CONTRASTS)
+    diseases = _site_diseases(site_tasks, task, n_sites)
     if size is None:
         size = 32 if dim == "2d" else 16
     hi = 256 if dim == "2d" else 64
@@ -298,11 +306,12 @@ def load_mni_phantom(
         scanner = _scanner(k, site_shift)
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(k,)))
         n = sizes[k]
+        site_task = diseases[k]
         # task=segmentation draws task=lesion's subjects and images, and keeps the lesion as the target
-        y = _site_targets(rng, "lesion" if task == "segmentation" else task, n, fractions[k])
+        y = _site_targets(rng, "lesion" if site_task == "segmentation" else site_task, n, fractions[k])
         X, lesion = _site_images(
             rng, y, q, centre, vols, to_voxel, bias_terms, scanner,
-            task=task, effect=effect, variability=variability, band_mm=band_mm if ndim == 2 else 0.0,
+            task=site_task, effect=effect, variability=variability, band_mm=band_mm if ndim == 2 else 0.0,
             lesion_mm=lesion_mm, lesion_contrast=lesion_contrast, size=size, ndim=ndim,
         )
         if task == "segmentation":  # the lesion drawn, as a mask on the image grid
@@ -322,6 +331,8 @@ def load_mni_phantom(
         "multiclass": f"healthy vs regional atrophy vs {lesion_name}",
         "segmentation": f"{lesion_name} mask (lesion 1, background 0)",
         "age": f"age in years ({AGE_RANGE[0]:g}-{AGE_RANGE[1]:g}; atrophy grows with it)",
+        "multitask": "each site's own disease present (1) vs absent (0): "
+                     + ", ".join(f"site-{k + 1} {d}" for k, d in enumerate(diseases)),
     }[task]
     return Federation(
         name="mni-phantom",
@@ -333,7 +344,7 @@ def load_mni_phantom(
             f"task: {what}, effect={effect}, seed {seed}"
         ),
         attribution=ATTRIBUTION,
-        positive_label=task,
+        positive_label="disease" if task == "multitask" else task,
         task=FEDERATION_TASK.get(task, "binary"),
         classes=MULTICLASS_CLASSES if task == "multiclass" else SEGMENTATION_CLASSES if task == "segmentation" else (),
         task_source=f"given (--dataset-option task={task})" if task in FEDERATION_TASK else "given",
@@ -357,6 +368,7 @@ def load_mni_phantom(
             # 3D volumes are (z, y, x), superior first: axial slices run across spatial axis 0 (the plots' overlay)
             "axial_axis": 0 if ndim == 3 else None,
             "scanners": dict(zip([s.name for s in sites], scanners)),
+            **({"site_targets": {s.name: d for s, d in zip(sites, diseases)}} if task == "multitask" else {}),
         },
     )
 
@@ -598,6 +610,22 @@ def _scanner(k: int, site_shift: float) -> dict:
 
 
 # --------------------------------------------------------------------------- options
+
+
+def _site_diseases(site_tasks: Any, task: str, n_sites: int) -> list[str]:
+    """Each site's own phantom task: ``task``, or under ``task="multitask"`` the ``site_tasks``
+    (one disease per site, a shorter list cycled over the sites)."""
+    if task != "multitask":
+        if site_tasks is not None:
+            raise ConfigError(f"option 'site_tasks' (--dataset-option site_tasks=...) applies to task='multitask', "
+                              f"not task={task!r}")
+        return [task] * n_sites
+    names = list(DEFAULT_SITE_TASKS if site_tasks is None else names_list(site_tasks))
+    if not names or len(names) > n_sites:
+        raise ConfigError(f"option 'site_tasks' (--dataset-option site_tasks=...) takes 1 to n_sites={n_sites} "
+                          f"comma-separated tasks of {', '.join(SITE_TASKS)}, got {site_tasks!r}")
+    names = [check_choice("site_tasks", v, SITE_TASKS) for v in names]
+    return [names[k % len(names)] for k in range(n_sites)]
 
 
 def _per_site(name: str, value: Any, n_sites: int) -> list[Any]:
