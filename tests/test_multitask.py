@@ -232,3 +232,14 @@ def test_medfed_run_on_a_multitask_table_records_each_sites_target(tmp_path):
                                      "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "no site 'q' in site column 'site'" in bad.output
     assert len(bad.output.strip().splitlines()) == 1
+
+
+def test_a_deployed_study_refuses_per_site_label_columns_in_one_line():
+    from medfed.deploy.study import check_deployable
+
+    values = {"data": {"site_column": "site", "label_column": "adhd", "label_column_site": {"b": "asd"}},
+              "methods": ["multitask"], "deploy": {"sites": list(SITES)}}
+    config = build_config(values, "STUDY.toml", schema_only=True)
+    with pytest.raises(ConfigError, match=r"STUDY\.toml: \[data\] label_column_site \(per-site targets\) runs in "
+                                          r"simulation \(medfed run\) only so far"):
+        check_deployable(config, "STUDY.toml")

@@ -34,7 +34,7 @@ from medfed.methods.steps import build_pipeline
 from medfed.wiretypes import wire_name
 
 FEDERATED = sorted(name for name, spec in METHODS.items() if spec.kind == "federated")
-PARTIAL_SHARING = {"fedbn", "fedper"}  # they keep layers private that the numpy logistic model has none of
+PARTIAL_SHARING = {"fedbn", "fedper", "multitask"}  # they keep layers private that the numpy logistic model has none of
 TORCH = importlib.util.find_spec("torch") is not None
 IMAGE = (1, 4, 4)
 # every state class some method keeps; the round trip below must meet each of them
@@ -74,7 +74,7 @@ def _run(name, model_name):
 
 
 CASES = [(name, "logistic") for name in FEDERATED if name not in PARTIAL_SHARING] + [
-    (name, "cnn2d") for name in ("fedbn", "fedper", "fourier") if TORCH  # fourier: kernels whose high frequencies a site keeps
+    (name, "cnn2d") for name in ("fedbn", "fedper", "multitask", "fourier") if TORCH  # fourier: kernels whose high frequencies a site keeps
 ]
 
 
