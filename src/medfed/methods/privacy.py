@@ -47,7 +47,7 @@ def client_dp(algorithm: FederatedAlgorithm, method: str, *, clip: float, noise_
             f"method {method!r} cannot run with client-level DP (--dp {mode}): its server "
             + (f"uses {', '.join(other)}, which read individual uploads or more than the clipped update"
                if other else "has no example-weighted mean to noise")
-            + "; use fedavg, fedprox, fedsgd, fedavgm, fedadam, fedyogi, fedadagrad, finetune, ditto, apfl, fedbn or fedper"
+            + "; use fedavg, fedprox, fedsgd, fedavgm, fedadam, fedyogi, fedadagrad, finetune, ditto, apfl, fedbn, fedper or multitask"
         )
     if adaptive:
         step = dp_adaptive_mean(noise_multiplier, clip, sizes, rate, rng)
@@ -99,7 +99,7 @@ def check_secure(algorithm: FederatedAlgorithm, method: str) -> None:
         raise ConfigError(
             f"method {method!r} cannot run with --secure-aggregation: its server step(s) {', '.join(steps)} read "
             "individual uploads, and the server receives only their sum; use fedavg, fedprox, fedsgd, fedavgm, "
-            "fedadam, fedyogi, fedadagrad, scaffold, finetune, ditto, apfl, fedbn or fedper"
+            "fedadam, fedyogi, fedadagrad, scaffold, finetune, ditto, apfl, fedbn, fedper or multitask"
         )
 
 
