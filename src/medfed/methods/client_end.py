@@ -32,7 +32,7 @@ from medfed.client.personal import (
 from medfed.engine.loop import FederatedAlgorithm
 from medfed.errors import ConfigError
 from medfed.methods.method import BuildContext, Method, Training, require_sgd
-from medfed.methods.options import Option, above, at_least, choice, closed, number, per_site, whole
+from medfed.methods.options import Option, above, at_least, boolean, choice, closed, number, per_site, whole
 from medfed.methods.steps import SERVER_LR
 from medfed.models.distill import Distillation
 from medfed.server.aggregate import apply_delta, chain, weighted_mean
@@ -172,10 +172,12 @@ def _distill(opts, training: Training, context: BuildContext) -> FederatedAlgori
     site scores its own rows with. ``weight = 0`` is FedAvg, bit for bit.
 
     Departs from Kumar et al. (who distill a large network into a small one at each site): the teacher
-    is any saved numpy classifier of the study's features, task and classes, and it scores the rows as
-    the student's run preprocessed them (a teacher trained on the same data and scaling sees what it
-    was trained on; one with another scaling sees rows in the student's scale). Numpy students only.
-    Only the labeled rows are distilled (soft targets on the unlabeled rows are not built).
+    is any saved medfed classifier (numpy or torch) of the study's features, task and classes, or a
+    torch state dict loaded into the student's own architecture, and it scores the rows as the
+    student's run preprocessed them (a teacher trained on the same data and scaling sees what it was
+    trained on; one with another scaling sees rows in the student's scale). The student is the study's
+    model, numpy or torch (the torch head's loss seam). With ``unlabeled`` (default) the soft term
+    also runs on the site's unlabeled rows, each row one term of the batch mean.
 
     Measured, breast-cancer (3 sites, logistic, 50 rounds, T = 2, weight = 0.5; teacher: Mix on all
     labels with --save-model at the same seed, so it never saw the student's test rows; ACC/AUC
@@ -186,7 +188,7 @@ def _distill(opts, training: Training, context: BuildContext) -> FederatedAlgori
     500 rounds), 1.8x with all labels: the teacher's logits and the soft term.
     """
     soft = Distillation(opts["temperature"], opts["weight"])
-    rule = functools.partial(distill_update, teacher=context.teacher, soft=soft)
+    rule = functools.partial(distill_update, teacher=context.teacher, soft=soft, unlabeled=opts["unlabeled"])
     return FederatedAlgorithm("distill", rule, _fedavg_server())
 
 
@@ -294,14 +296,17 @@ CLIENT_METHODS: list[Method] = [
         "weight T^2 KL(teacher^T || student^T) (weight 0: FedAvg)",
         "Kumar et al., 2021a; Hinton et al., 2015",
         (
-            Option("teacher", "", "str", "a saved medfed model file (medfed run --save-model) the sites distill from",
+            Option("teacher", "", "str", "a saved medfed model file (medfed run --save-model) or a torch state dict (.pt, "
+                   "loaded into the study's model) the sites distill from",
                    flag="--teacher"),
             number("temperature", 2.0, "softmax temperature T of the teacher's and student's outputs",
                    range=above(0)),
             number("weight", 0.5, "weight (lambda) of the distillation term; 0 = plain cross-entropy",
                    range=closed(0, 1)),
+            boolean("unlabeled", True, "also distill on the site's unlabeled rows (the soft term alone)"),
         ),
         _distill,
         tasks=("binary", "multiclass"),  # soft targets of one class per row
+        unlabeled=True,  # with its default options it learns from the unlabeled rows
     ),
 ]
