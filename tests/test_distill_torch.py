@@ -151,6 +151,14 @@ def test_mismatched_state_dict_is_one_error_naming_file_key_and_shape(tmp_path):
             k: np.zeros(s) for k, s in shapes.items() if k != "head.bias"}, shapes, "mlp")
     with pytest.raises(ConfigError, match="unexpected key 'extra'"):
         check_state_dict(wide, {k: np.zeros(s) for k, s in shapes.items()} | {"extra": np.zeros(1)}, shapes, "mlp")
+    pickled = tmp_path / "code.pt"  # a pickle of arbitrary objects: weights_only refuses to load it
+    torch.save({"head.bias": np.zeros(1)}, pickled)
+    with pytest.raises(ConfigError, match="code.pt is not a torch state dict torch.load can read"):
+        load_teacher(pickled)
+    listed = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], listed)
+    with pytest.raises(ConfigError, match="list.pt holds no state dict"):
+        load_teacher(listed)
 
 
 # --------------------------------------------------------------------------- unlabeled rows

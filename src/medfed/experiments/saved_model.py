@@ -422,8 +422,12 @@ def _teacher_file(path: Path) -> SavedModel:
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """A torch state dict file as float64 arrays by name (``torch.load(weights_only=True)``: tensors
     only, no code runs), BatchNorm's step counters left out; one ConfigError naming the file otherwise."""
-    import torch
+    try:
+        import torch
+    except ImportError:
+        from medfed.data.extras import missing_extra
 
+        raise ConfigError(missing_extra("torch", f"--teacher {path} (a torch state dict)")) from None
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--teacher {path}: no such file")
