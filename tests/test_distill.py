@@ -200,8 +200,8 @@ def test_refusals_name_the_file_and_what_differs(tmp_path):
     _one_line_error(*_cli(path, tmp_path / "d", "--methods", "distill", "--teacher", tmp_path / "none.npz"), "none.npz")
     _one_line_error(*_cli(path, tmp_path / "e", "--methods", "distill", "--teacher", teacher, "--loss", "gce"), "--loss ce")
     state = tmp_path / "w.pt"
-    state.write_bytes(b"PK\x03\x04")
-    with pytest.raises(ConfigError, match="torch state dict is not accepted"):
+    state.write_bytes(b"PK\x03\x04")  # not a torch file: one error naming it, not torch's traceback
+    with pytest.raises(ConfigError, match="w.pt is not a torch state dict"):
         load_teacher(state)
-    _one_line_error(*_cli(path, tmp_path / "f", "--methods", "distill", "--teacher", state), "torch state dict")
+    _one_line_error(*_cli(path, tmp_path / "f", "--methods", "distill", "--teacher", state), str(state), "torch state dict")
     _one_line_error(*_cli(path, tmp_path / "g", "--methods", "fedavg", "--teacher", teacher), "--teacher", "distill")

@@ -1171,21 +1171,25 @@ def check_unlabeled_study(config: ExperimentConfig, methods: list[tuple[Method, 
 
 def check_teacher_study(config: ExperimentConfig, federation: Federation, methods: list[tuple[Method, dict]]) -> None:
     """Refuse, before training, a distilling method's teacher that does not fit the data or the
-    model (a numpy student, plain cross-entropy, no DP-SGD: its soft targets are not a row's label)."""
+    student (a state dict: the study's model's parameters), and what the soft targets do not
+    combine with (a robust loss, DP-SGD: its soft targets are not a row's label)."""
     from medfed.client.distill import TEACHER_NEEDED
-    from medfed.experiments.saved_model import check_teacher
+    from medfed.experiments.saved_model import check_state_dict, check_teacher, is_state_dict, read_state_dict
 
     for spec, opts in methods:
         if "teacher" not in opts:
             continue
         if not str(opts["teacher"]).strip():
             raise ConfigError(TEACHER_NEEDED)
-        check_teacher(opts["teacher"], federation)
-        if config.model != "logistic":
-            raise ConfigError(f"method {spec.name!r} trains the numpy logistic/softmax model (--model logistic); "
-                              f"--model {config.model} is not distilled here")
         if config.training.loss != "ce":
             raise ConfigError(f"method {spec.name!r} replaces the loss itself: use --loss ce, not --loss {config.training.loss}")
+        if is_state_dict(opts["teacher"]):
+            student = TrainingPlan.of(config, federation).model
+            shapes = (student.param_shapes(federation.sample_shape) if hasattr(student, "param_shapes") else
+                      {k: v.shape for k, v in student.init_params(federation.sample_shape).items()})
+            check_state_dict(opts["teacher"], read_state_dict(opts["teacher"]), shapes, config.model)
+        else:
+            check_teacher(opts["teacher"], federation)
         if config.privacy.dp == "sample":
             raise ConfigError(f"method {spec.name!r} does not combine with --dp sample: use another --dp")
 

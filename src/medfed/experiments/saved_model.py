@@ -399,41 +399,84 @@ def _check_consistent(model: SavedModel, path: Path) -> None:
 
 # --------------------------------------------------------------------------- a distilling method's teacher
 
-TEACHER_MODELS = ("logistic", "softmax")  # the numpy classifiers whose logits a site computes as a teacher's
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")  # a torch state dict (torch.save of a module's state_dict())
+TEACHER_TASKS = ("binary", "multiclass")
+SKIPPED_BUFFERS = ("num_batches_tracked",)  # BatchNorm's step counter: not in medfed's parameter view
 
 
-def _teacher_file(path: Path) -> tuple[SavedModel, Any]:
-    """The model file a teacher comes from and its model object, or one ConfigError naming the file
-    and what a teacher may be."""
-    accepted = (f"give a file medfed run --save-model wrote ({MODELS_DIR}/<Setting>.npz) of a numpy logistic "
-                "or softmax model")
-    if path.suffix.lower() in TORCH_SUFFIXES:
-        raise ConfigError(f"--teacher {path}: a torch state dict is not accepted as a teacher; {accepted}")
+def is_state_dict(path: str | Path) -> bool:
+    """Whether a teacher file is read as a torch state dict (by its suffix) rather than a model file."""
+    return Path(path).suffix.lower() in TORCH_SUFFIXES
+
+
+def _teacher_file(path: Path) -> SavedModel:
+    """The model file a teacher comes from, or one ConfigError naming the file and what a teacher may be."""
     saved = load_saved_model(path)
-    if saved.task not in ("binary", "multiclass") or saved.is_image:
-        raise ConfigError(f"--teacher {path} holds a {saved.task} model of samples {tuple(saved.meta['sample_shape'])}; "
-                          f"a teacher is a binary or multiclass classifier of feature tables: {accepted}")
-    model = saved.model()
-    if model.name not in TEACHER_MODELS:
-        raise ConfigError(f"--teacher {path} holds a {saved.meta['model']['name']} model; {accepted}")
-    return saved, model
+    if saved.task not in TEACHER_TASKS:
+        raise ConfigError(f"--teacher {path} holds a {saved.task} model; a teacher is a binary or multiclass "
+                          f"classifier: give a file medfed run --save-model wrote ({MODELS_DIR}/<Setting>.npz) of one, "
+                          f"or a torch state dict ({', '.join(TORCH_SUFFIXES)})")
+    return saved
+
+
+def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """A torch state dict file as float64 arrays by name (``torch.load(weights_only=True)``: tensors
+    only, no code runs), BatchNorm's step counters left out; one ConfigError naming the file otherwise."""
+    try:
+        import torch
+    except ImportError:
+        from medfed.data.extras import missing_extra
+
+        raise ConfigError(missing_extra("torch", f"--teacher {path} (a torch state dict)")) from None
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--teacher {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt or non-torch file: torch's own reason, in one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--teacher {path} is not a torch state dict torch.load can read ({reason})") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"--teacher {path} holds no state dict (a mapping of parameter names to tensors, "
+                          "as torch.save(module.state_dict(), path) writes)")
+    return {str(k): v.detach().double().numpy() for k, v in state.items() if not str(k).endswith(SKIPPED_BUFFERS)}
+
+
+def check_state_dict(path: str | Path, params: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]],
+                     model: str) -> None:
+    """One ConfigError naming the file, the first key that does not fit ``model``'s parameter view
+    (``shapes``, in order) and the shape it expects, when the state dict ``params`` does not load into it."""
+    for key, shape in shapes.items():
+        if key not in params:
+            raise ConfigError(f"--teacher {path} does not fit the study's model {model!r}: it lacks {key!r} "
+                              f"(expected shape {tuple(shape)})")
+        if tuple(params[key].shape) != tuple(shape):
+            raise ConfigError(f"--teacher {path} does not fit the study's model {model!r}: {key!r} has shape "
+                              f"{tuple(params[key].shape)}, expected {tuple(shape)}")
+    extra = [k for k in params if k not in shapes]
+    if extra:
+        raise ConfigError(f"--teacher {path} does not fit the study's model {model!r}: unexpected key {extra[0]!r} "
+                          f"(its parameters: {', '.join(list(shapes)[:4])}{', ...' if len(shapes) > 4 else ''})")
 
 
 def load_teacher(path: str | Path):
     """The teacher a distilling method's sites score their rows with (:class:`medfed.client.distill.Teacher`)
-    from a model file ``medfed run --save-model`` wrote; a torch state dict, an image or torch model, or
-    a task other than binary/multiclass is one ConfigError naming the file and what is accepted."""
+    from a binary or multiclass model file ``medfed run --save-model`` wrote (numpy or torch), or from a
+    torch state dict (its model None: the sites load it into the student's architecture); a bad file
+    or another task is one ConfigError naming the file."""
     from medfed.client.distill import Teacher
 
-    saved, model = _teacher_file(Path(path))
-    return Teacher(model, saved.params, str(path))
+    if is_state_dict(path):
+        return Teacher(None, read_state_dict(path), str(path))
+    saved = _teacher_file(Path(path))
+    return Teacher(saved.model(), saved.params, str(path))
 
 
 def check_teacher(path: str | Path, federation: Federation) -> None:
     """Refuse, before training, a teacher whose features, sample shape, task or classes differ from
-    the study's data, in one ConfigError naming the file and what differs."""
-    saved, _ = _teacher_file(Path(path))
+    the study's data, in one ConfigError naming the file and what differs (a model file; a state
+    dict is checked against the student's model, :func:`check_state_dict`)."""
+    saved = _teacher_file(Path(path))
     ours = {"features": list(federation.feature_names), "sample shape": list(federation.sample_shape),
             "task": federation.task, "classes": [str(c) for c in getattr(federation, "classes", ())]}
     theirs = {"features": list(saved.meta["feature_names"]), "sample shape": list(saved.meta["sample_shape"]),

@@ -10,6 +10,11 @@ The seam is the one :mod:`medfed.models.robust` uses: a session whose ``residual
 gradients) runs unchanged. The teacher's probabilities travel with the rows as extra target
 columns (:func:`pack`): column 0 the label (class index), then the teacher's 1 (binary) or K
 probabilities, so a batch's rows pick their own soft targets wherever the optimizer indexes ``y``.
+An unlabeled row (label ``NaN``, :data:`UNLABELED`) has no hard term: its loss is ``lam T² KL`` alone.
+
+The torch models take the same packed targets through their head's optional loss
+(:meth:`medfed.models.torch_models.TorchModel.with_objective`, the seam ``--loss gce`` uses), with
+this module's :func:`packed_mean_loss` as the loss they report; :func:`student` picks the one or the other.
 """
 
 from __future__ import annotations
@@ -53,9 +58,37 @@ def soften(scores: np.ndarray, temperature: float) -> np.ndarray:
     return sigmoid(z) if z.ndim == 1 else softmax(z)
 
 
+UNLABELED = np.nan
+"""The label column's value on a row without a label: only the soft term trains on it."""
+
+
 def pack(y: np.ndarray, soft: np.ndarray) -> np.ndarray:
-    """The session's targets: the labels, then the teacher's softened probabilities."""
+    """The session's targets: the labels (:data:`UNLABELED` where a row has none), then the
+    teacher's softened probabilities."""
     return np.column_stack([np.asarray(y, dtype=np.float64), soft])
+
+
+def _known(labels: np.ndarray) -> np.ndarray:
+    return ~np.isnan(labels)
+
+
+def class_index(labels: np.ndarray) -> np.ndarray:
+    """The label column as class indices, 0 on unlabeled rows (whose hard term is masked out)."""
+    return np.where(_known(labels), labels, 0.0).astype(np.intp)
+
+
+def packed_mean_loss(soft: Distillation, z: np.ndarray, packed: np.ndarray) -> float:
+    """The batch's mean distillation objective at scores ``z`` (``(n,)`` binary, ``(n, K)``
+    multiclass) and packed targets; an unlabeled row's cross-entropy counts 0."""
+    labels = packed[:, 0]
+    known = _known(labels)
+    if z.ndim == 1:
+        ce = np.logaddexp(0.0, z) - np.where(known, labels, 0.0) * z
+        kl = binary_kl_rows(z, packed[:, 1], soft.temperature)
+    else:
+        ce = cross_entropy_rows(z, class_index(labels))
+        kl = kl_rows(z, packed[:, 1:], soft.temperature)
+    return soft.mean_loss(np.where(known, ce, 0.0), kl)
 
 
 def _plogp(q: np.ndarray) -> np.ndarray:
@@ -90,13 +123,13 @@ class DistillLogisticSession(LogisticSession):
         hard -= y[:, 0]
         if not self.soft.weight:
             return hard
+        hard[~_known(y[:, 0])] = 0.0  # an unlabeled row: the soft term alone
         return self.soft.mix(hard, sigmoid(z / self.soft.temperature) - y[:, 1])
 
     def data_loss(self, z: np.ndarray, y: np.ndarray) -> float:
         if not self.soft.weight:
             return LogisticSession.data_loss(z, np.ascontiguousarray(y[:, 0]))  # contiguous as plain training's loss, to the bit
-        ce = np.logaddexp(0.0, z) - y[:, 0] * z
-        return self.soft.mean_loss(ce, binary_kl_rows(z, y[:, 1], self.soft.temperature))
+        return packed_mean_loss(self.soft, z, y)
 
 
 class DistillSoftmaxSession(SoftmaxSession):
@@ -111,16 +144,17 @@ class DistillSoftmaxSession(SoftmaxSession):
 
     def residual(self, z: np.ndarray, target: np.ndarray) -> np.ndarray:
         hard = softmax(z)
-        hard[np.arange(z.shape[0]), target[:, 0].astype(np.intp)] -= 1.0
         if not self.soft.weight:
+            hard[np.arange(z.shape[0]), target[:, 0].astype(np.intp)] -= 1.0
             return hard
+        hard[np.arange(z.shape[0]), class_index(target[:, 0])] -= 1.0
+        hard[~_known(target[:, 0])] = 0.0  # an unlabeled row: the soft term alone
         return self.soft.mix(hard, softmax(z / self.soft.temperature) - target[:, 1:])
 
     def data_loss(self, z: np.ndarray, target: np.ndarray) -> float:
         if not self.soft.weight:
             return SoftmaxSession.data_loss(z, target[:, 0].astype(np.intp))  # plain training's loss, to the bit
-        ce = cross_entropy_rows(z, target[:, 0].astype(np.intp))
-        return self.soft.mean_loss(ce, kl_rows(z, target[:, 1:], self.soft.temperature))
+        return packed_mean_loss(self.soft, z, target)
 
 
 SESSIONS = {"logistic": DistillLogisticSession, "softmax": DistillSoftmaxSession}
@@ -137,3 +171,11 @@ class Distilling:
 
     def session(self, params: Params, X: np.ndarray, y: np.ndarray):
         return SESSIONS[self.model.name](params, X, y, self.soft)
+
+
+def student(model, soft: Distillation):
+    """``model`` trained toward soft targets on packed targets: a numpy classifier's distilling
+    session (:class:`Distilling`), or a torch model whose head's loss is the distillation objective."""
+    if model.name in SESSIONS:
+        return Distilling(model, soft)
+    return model.with_objective(soft)

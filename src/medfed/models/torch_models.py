@@ -51,6 +51,8 @@ this: a different CPU instruction set or torch build may pick other kernels.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import math
 import os
@@ -65,6 +67,7 @@ from torch import nn
 
 from medfed.errors import ConfigError
 from medfed.models.glm import _half_mean_square, _mean_cross_entropy, cross_entropy_rows, mean_multilabel_log_loss, softmax
+from medfed.models.distill import Distillation, packed_mean_loss
 from medfed.models.losses import RobustLoss, binary_ce_rows, check_task
 from medfed.models.registry import (
     check_options,
@@ -264,8 +267,10 @@ class Head:
 
     task: str
     outputs: int
-    objective: RobustLoss | None = None
-    """A noise-robust loss replacing the classification data term (:mod:`medfed.models.losses`)."""
+    objective: RobustLoss | Distillation | None = None
+    """A noise-robust loss replacing the classification data term (:mod:`medfed.models.losses`), or
+    a distilling student's objective on packed targets (:mod:`medfed.models.distill`: column 0 the
+    label, NaN where a row has none, then the teacher's softened probabilities)."""
 
     @classmethod
     def of(cls, task: str, n_outputs: int | None, model: str, objective: RobustLoss | None = None) -> Head:
@@ -282,7 +287,10 @@ class Head:
         return cls(task, int(n_outputs), objective)
 
     def targets(self, y: np.ndarray) -> np.ndarray:
-        """``y`` as the data term takes it: class indices (multiclass), else float64."""
+        """``y`` as the data term takes it: class indices (multiclass), else float64 (packed
+        distillation targets too)."""
+        if isinstance(self.objective, Distillation):
+            return np.asarray(y, dtype=np.float64)
         if self.task in ("multiclass", "segmentation"):
             return np.asarray(y).astype(np.int64)
         return np.asarray(y, dtype=np.float64)
@@ -290,7 +298,15 @@ class Head:
     def torch_loss(self, z: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
         """The rows' data terms (``reduction="none"``), their sum or their mean; binary calls
         exactly what it always did, so its numbers do not move. With a robust ``objective``, its
-        rows of each row's (each label's) cross-entropy, differentiated by autograd."""
+        rows of each row's (each label's) cross-entropy, differentiated by autograd; with a
+        :class:`Distillation`, :func:`_distill_rows` (at weight 0 the plain data term of the labels)."""
+        if isinstance(self.objective, Distillation):
+            plain = dataclasses.replace(self, objective=None)
+            if not self.objective.weight:  # the labels' own data term, through the same kernels as plain training
+                labels = y[:, 0].contiguous()
+                return plain.torch_loss(z, labels.long() if self.task == "multiclass" else labels, reduction)
+            per_row = _distill_rows(self.task, self.objective, z, y)
+            return per_row if reduction == "none" else per_row.sum() if reduction == "sum" else per_row.mean()
         if self.objective is not None:
             ce = (F.cross_entropy(z, y, reduction="none") if self.task == "multiclass"
                   else F.binary_cross_entropy_with_logits(z, y, reduction="none"))
@@ -313,6 +329,12 @@ class Head:
 
     def mean_loss(self, z: np.ndarray, y: np.ndarray) -> float:
         """The mean data term at outputs ``z`` (float64) and targets :meth:`targets`."""
+        if isinstance(self.objective, Distillation):
+            if not self.objective.weight:
+                labels = np.ascontiguousarray(y[:, 0])
+                plain = dataclasses.replace(self, objective=None)
+                return plain.mean_loss(z, plain.targets(labels))
+            return packed_mean_loss(self.objective, z, y)
         if self.objective is not None:
             ce = cross_entropy_rows(z, y) if self.task == "multiclass" else binary_ce_rows(z, y)
             return float(self.objective.rows(ce).sum() / z.shape[0])
@@ -340,6 +362,27 @@ class Head:
 
             return softmax_channels(z)
         return 0.5 * (1.0 + np.tanh(0.5 * z))  # the sigmoid, finite for any z
+
+
+def _distill_rows(task: str, soft: Distillation, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each row's ``(1 - lam) CE + lam T² KL(q_t || p_s^T)`` (:mod:`medfed.models.distill`) from the
+    packed targets ``y``; an unlabeled row's (NaN label) cross-entropy is 0. Autograd gives the
+    numpy sessions' closed-form gradient, ``(1 - lam) (p - onehot) + lam T (p^T - q_t)``."""
+    labels, T, lam = y[:, 0], soft.temperature, soft.weight
+    known = ~torch.isnan(labels)
+    labels = torch.where(known, labels, torch.zeros_like(labels))
+    u = z / T
+    if task == "binary":
+        q = y[:, 1]
+        ce = F.binary_cross_entropy_with_logits(z, labels, reduction="none")
+        # KL of two Bernoullis: the cross-entropy of q against sigmoid(u) less q's entropy
+        kl = (F.binary_cross_entropy_with_logits(u, q, reduction="none")
+              + torch.special.xlogy(q, q) + torch.special.xlogy(1.0 - q, 1.0 - q))
+    else:
+        q = y[:, 1:]
+        ce = F.cross_entropy(z, labels.long(), reduction="none")
+        kl = (torch.special.xlogy(q, q) - q * F.log_softmax(u, dim=1)).sum(dim=1)
+    return (1.0 - lam) * torch.where(known, ce, torch.zeros_like(ce)) + (lam * T * T) * kl
 
 
 class TorchModel:
@@ -383,6 +426,15 @@ class TorchModel:
             raise ConfigError(f"model {arch!r} option 'device' is 'cuda' but torch sees no CUDA device; use auto or cpu")
         self.device = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
         self._slots: dict[tuple[int, ...], _Slot] = {}
+
+    def with_objective(self, objective: Distillation) -> TorchModel:
+        """This model with ``objective`` as its head's loss (a distilling student: packed targets),
+        sharing its networks (scratch space, as every call reloads the parameters)."""
+        if self.task not in ("binary", "multiclass"):
+            raise ConfigError(f"model {self.name!r}: a {self.task} head takes no soft targets (binary or multiclass only)")
+        other = copy.copy(self)
+        other.head = dataclasses.replace(self.head, objective=objective)
+        return other
 
     def __repr__(self) -> str:
         head = f", task={self.task!r}" + (f", n_outputs={self.head.outputs}" if self.head.outputs > 1 else "")
