@@ -139,3 +139,29 @@ def test_medfed_run_semisupervised_segmentation_end_to_end(tmp_path):
     loss = {name: entry["train_loss"][0] for name, entry in doc["histories"].items()}
     assert loss["FedAvg"][0] == loss["SemiSup"][0] and loss["FedAvg"] != loss["SemiSup"]  # the pseudo-masks trained
     assert any("used by SemiSup" in w for w in doc["warnings"])
+
+
+def test_an_empty_mask_cell_in_a_manifest_is_an_unlabeled_image(tmp_path):
+    pytest.importorskip("PIL")
+    from test_segmentation import _png_manifest
+
+    from medfed.data.images import load_image_manifest
+    from medfed.errors import DataError
+
+    path = _png_manifest(tmp_path, n=12)
+    lines = path.read_text().splitlines()
+    for row in (3, 5, 15):  # data rows A2, A4 and B2 lose their mask
+        image, _, site = lines[row].split(",")
+        lines[row] = f"{image},,{site}"
+    path.write_text("\n".join(lines) + "\n")
+    fed = load_image_manifest(path, mask_column="mask")
+    a, b = fed.sites
+    np.testing.assert_array_equal(np.flatnonzero(a.unlabeled), [2, 4])
+    np.testing.assert_array_equal(np.flatnonzero(b.unlabeled), [2])
+    assert a.n == 12 and not a.y[a.unlabeled].any() and a.y[~a.unlabeled].any()  # a placeholder mask, never a target
+    for row in range(12, 24):  # no labeled image left at site B: one error naming the column
+        image, _, site = lines[row + 1].split(",")
+        lines[row + 1] = f"{image},,{site}"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"m\.csv: label column 'mask': site 'B' \(0 of 12\) has fewer than 2 labeled"):
+        load_image_manifest(path, mask_column="mask")
