@@ -139,6 +139,14 @@ def _semisupervised(opts, training: Training, context: BuildContext) -> Federate
     (weighted soft Dice + CE over the confident ones; :mod:`medfed.client.semisupervised`). Departs from
     FixMatch there: the weak and the strong view share one geometry (flip, shift), so that the mask
     predicted on the one lies on the other's grid; they differ in intensity jitter only.
+
+    Measured, mni-phantom segmentation (32x32, lesion_mm 15, 60 images per site, 10% labels: about 5
+    labeled and 44 unlabeled training images per site; unet2d, Adam, lr 0.01, 60 rounds; Dice averaged
+    over the 3 test sites, seeds 0 / 1): FedAvg 0.024 / 0.140; SemiSup with the defaults 0.000 / 0.000
+    (the pseudo-masks of an early model are confident background, and 44 of them at weight 1 outvote 5
+    labeled images: the model collapses to background; threshold 0.99 alone, too); weight 0.1
+    0.019 / 0.172; threshold 0.99 and weight 0.1 0.051 / 0.254. A site's round costs 3.7x FedAvg's
+    (283 vs 76 ms: the weak-view prediction of 44 images, batches of 32 instead of 5).
     """
     rule = functools.partial(semisupervised_update, threshold=opts["threshold"], weight=opts["weight"],
                              weak=opts["weak"], strong=opts["strong"])

@@ -134,14 +134,14 @@ def _one_hot(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def voxel_weighted_dice_ce(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Each image's Dice + cross-entropy with voxel weights ``w`` ``(n, *spatial)`` in [0, 1]:
-    a weighted soft Dice (MONAI's, on the softmax and the one-hot target both multiplied by ``w``,
+    """Each image's Dice + cross-entropy with 0/1 voxel weights ``w`` ``(n, *spatial)``: a masked
+    soft Dice (MONAI's, on the softmax and the one-hot target both multiplied by ``w``,
     so a weight-0 voxel is out of the intersection and of both sums, as if cut out of the image)
     plus ``sum(w * CE) / voxels``. A weight-0 voxel's class in ``y`` changes nothing, its gradient
     included (a test checks it).
 
     Why Dice over the weighted voxels rather than counting the others as background, or CE alone:
-    a pseudo-mask's unconfident voxels are mostly the lesion's edge and its small lesions; as
+    a pseudo-mask's unconfident voxels tend to be the lesion's edge and its small lesions; as
     background they would teach the model its own under-segmentation, and CE alone would train
     pseudo-masked images without the class balance Dice gives the labeled ones. CE is divided by all
     the image's voxels, not the confident ones, so an image few voxels of which are confident
