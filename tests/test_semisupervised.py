@@ -167,7 +167,7 @@ def test_refused_before_training_where_it_cannot_run(tmp_path):
         cfg = _config(path, ("semisupervised",), **top)
         with pytest.raises(ConfigError, match=f"semisupervised.*{flag}|{flag}.*semisupervised"):
             check_unlabeled_study(cfg, [(METHODS["semisupervised"], {})])
-    assert METHODS["semisupervised"].tasks == ("binary", "multiclass")
+    assert METHODS["semisupervised"].tasks == ("binary", "multiclass", "segmentation")
     with pytest.raises(ConfigError, match="threshold"):
         METHODS["semisupervised"].validate({"threshold": 1.5})
 

@@ -15,6 +15,14 @@ Augmentations, drawn from the site's keyed rng (children named ``semisupervised/
 - images (samples of 2 or more axes, the last two spatial): a random left-right flip and a
   per-image intensity jitter ``x (1 + s e1) + s e2`` (s = ``weak``); strong adds a random
   translation of up to 1/8 of each side (a crop re-padded with zeros) and uses s = ``strong``.
+
+Segmentation (a U-Net, one class per voxel): a pseudo-label is a mask. The geometry (flip and
+translation, stream ``semisupervised/geometry``) is drawn once per image and applied to it before
+either view, so the weak view the mask is predicted on and the strong view it trains are on one
+grid; the views differ in their intensity jitter only (``weak``, ``strong``). A voxel whose top
+class probability reaches ``threshold`` takes the argmax class, the others are
+:data:`~medfed.models.unet.IGNORE` and weigh nothing in the loss (weighted soft Dice + CE,
+:func:`~medfed.models.unet.voxel_weighted_dice_ce`); an image without a confident voxel is left out.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from medfed.models.logistic import Params
 from medfed.rng import KeyedRng, name_key
 
 WEAK_STREAM, STRONG_STREAM = name_key("semisupervised/weak"), name_key("semisupervised/strong")
+GEOMETRY_STREAM = name_key("semisupervised/geometry")
 
 
 @dataclass(frozen=True)
@@ -51,21 +60,50 @@ def augment(X: np.ndarray, sigma: float, gen: np.random.Generator, *, translate:
     X = np.asarray(X, dtype=np.float64)
     if X.ndim == 2:
         return X + sigma * gen.standard_normal(X.shape)
-    n = X.shape[0]
-    flip = gen.random(n) < 0.5
-    out = np.where(flip.reshape((n,) + (1,) * (X.ndim - 1)), X[..., ::-1], X)
-    scale, shift = (sigma * gen.standard_normal((2, n))).reshape((2, n) + (1,) * (X.ndim - 1))
-    out = out * (1.0 + scale) + shift
+    out = _flip(X, gen.random(X.shape[0]) < 0.5)
+    out = jitter(out, sigma, gen)
     if translate:
-        out = _translate(out, gen)
+        out = _shift(out, _draw_shifts(X.shape[0], X.shape[-2:], gen))
     return out
 
 
-def _translate(X: np.ndarray, gen: np.random.Generator) -> np.ndarray:
-    """Each image shifted by up to 1/8 of its height and width, zeros where it moved away from."""
-    h, w = X.shape[-2:]
+def jitter(X: np.ndarray, sigma: float, gen: np.random.Generator) -> np.ndarray:
+    """Each image's intensities ``x (1 + sigma e1) + sigma e2``, one (e1, e2) per image."""
+    n = X.shape[0]
+    scale, shift = (sigma * gen.standard_normal((2, n))).reshape((2, n) + (1,) * (X.ndim - 1))
+    return X * (1.0 + scale) + shift
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Per image a left-right flip (``flip`` (n,)) then a shift of its last two axes (``shifts``
+    (n, 2), rows and columns, up to 1/8 of each side): applied alike to images ``(n, C, *spatial)``
+    and their masks ``(n, *spatial)``, which keeps a mask on its image's grid."""
+
+    flip: np.ndarray
+    shifts: np.ndarray
+
+    @classmethod
+    def draw(cls, n: int, spatial: tuple[int, ...], gen: np.random.Generator) -> Geometry:
+        return cls(gen.random(n) < 0.5, _draw_shifts(n, spatial[-2:], gen))
+
+    def apply(self, A: np.ndarray) -> np.ndarray:
+        return _shift(_flip(A, self.flip), self.shifts)
+
+
+def _flip(X: np.ndarray, flip: np.ndarray) -> np.ndarray:
+    return np.where(flip.reshape((X.shape[0],) + (1,) * (X.ndim - 1)), X[..., ::-1], X)
+
+
+def _draw_shifts(n: int, spatial: tuple[int, int], gen: np.random.Generator) -> np.ndarray:
+    h, w = spatial
     limits = (max(1, h // 8), max(1, w // 8))
-    shifts = np.stack([gen.integers(-lim, lim + 1, X.shape[0]) for lim in limits], axis=1)
+    return np.stack([gen.integers(-lim, lim + 1, n) for lim in limits], axis=1)
+
+
+def _shift(X: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """Each image moved by its (dy, dx) on the last two axes, zeros (background) where it moved away from."""
+    h, w = X.shape[-2:]
     out = np.zeros_like(X)
     for i, (dy, dx) in enumerate(shifts):
         src = X[i][..., max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
@@ -84,6 +122,47 @@ def pseudo_labels(model, params: Params, X: np.ndarray, threshold: float) -> Pse
         labels, confidence = p.argmax(axis=1).astype(np.float64), p.max(axis=1)
     rows = np.flatnonzero(confidence >= threshold)
     return PseudoLabels(rows, labels[rows], confidence[rows])
+
+
+@dataclass(frozen=True)
+class PseudoMasks:
+    """Segmentation pseudo-labels: the images with at least one confident voxel (``rows`` into the
+    images predicted) and their masks, the argmax class where confident, else ``IGNORE``."""
+
+    rows: np.ndarray
+    masks: np.ndarray
+
+
+def pseudo_masks(model, params: Params, X: np.ndarray, threshold: float) -> PseudoMasks:
+    """Per voxel of each image of ``X``: the argmax class under ``params`` where its top class
+    probability is at least ``threshold``, else :data:`~medfed.models.unet.IGNORE`."""
+    from medfed.models.unet import IGNORE
+
+    p = np.asarray(model.predict_proba(params, X), dtype=np.float64)  # (n, K, *spatial)
+    confident = p.max(axis=1) >= threshold
+    masks = np.where(confident, p.argmax(axis=1), IGNORE).astype(np.float64)
+    rows = np.flatnonzero(confident.reshape(len(X), -1).any(axis=1))
+    return PseudoMasks(rows, masks[rows])
+
+
+@dataclass(frozen=True)
+class SegmentationViews:
+    """The unlabeled images under one geometry (:class:`Geometry`): the weak view the pseudo-masks
+    are predicted on and the strong view they train."""
+
+    weak: np.ndarray
+    strong: np.ndarray
+    geometry: Geometry
+
+
+def segmentation_views(X: np.ndarray, weak: float, strong: float, rng: KeyedRng) -> SegmentationViews:
+    """The geometry drawn once per image and applied before either view; then the weak and the strong
+    intensity jitter, each from its own keyed stream."""
+    X = np.asarray(X, dtype=np.float64)
+    geometry = Geometry.draw(X.shape[0], X.shape[-2:], rng.child(GEOMETRY_STREAM).generator)
+    moved = geometry.apply(X)
+    return SegmentationViews(jitter(moved, weak, rng.child(WEAK_STREAM).generator),
+                             jitter(moved, strong, rng.child(STRONG_STREAM).generator), geometry)
 
 
 def semisupervised_update(
@@ -106,16 +185,23 @@ def semisupervised_update(
     if unlabeled is None or len(unlabeled) == 0:
         return local_sgd_update(global_params, data, config, state, rng)
     model = config.model
-    confident = pseudo_labels(model, global_params, augment(unlabeled, weak, rng.child(WEAK_STREAM).generator),
-                              threshold)
+    if getattr(model, "task", None) == "segmentation":
+        views = segmentation_views(unlabeled, weak, strong, rng)
+        confident = pseudo_masks(model, global_params, views.weak, threshold)
+        strong_view, targets = views.strong[confident.rows], confident.masks
+    else:
+        confident = pseudo_labels(model, global_params, augment(unlabeled, weak, rng.child(WEAK_STREAM).generator),
+                                  threshold)
+        targets = confident.labels
+        strong_view = (augment(unlabeled[confident.rows], strong, rng.child(STRONG_STREAM).generator, translate=True)
+                       if confident.rows.size else None)
     if confident.rows.size == 0:
         return local_sgd_update(global_params, data, config, state, rng)
     if config.dp_sgd is not None:
         raise ConfigError("method 'semisupervised' does not combine with DP-SGD (training.dp_sgd): its "
                           "pseudo-labeled rows are not accounted as the site's examples; use fedavg with DP-SGD")
-    strong_view = augment(unlabeled[confident.rows], strong, rng.child(STRONG_STREAM).generator, translate=True)
     X = np.concatenate([np.asarray(data.X, dtype=np.float64), strong_view])
-    y = np.concatenate([np.asarray(data.y, dtype=np.float64), confident.labels])
+    y = np.concatenate([np.asarray(data.y, dtype=np.float64), targets])
     weights = np.concatenate([np.ones(data.n), np.full(confident.rows.size, float(weight))])
     trained, _ = descend(model, global_params, X, y, batch_indices(len(y), config.batch_size, config.steps, rng),
                          config.lr, config.l2, example_weights=weights)

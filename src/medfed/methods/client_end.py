@@ -134,6 +134,19 @@ def _semisupervised(opts, training: Training, context: BuildContext) -> Federate
     0.978±0.005/0.990±0.003. It does not help here: within noise at 10 repeats and every option tried
     (threshold 0.8-0.99, weight 0.3, strong 0.1); a linear model on 30 features is already near its
     ceiling from a few labels. A round costs about 2.3x FedAvg's (the weak-view predictions, more rows).
+
+    Segmentation (a U-Net): the pseudo-label is a mask, per voxel, unconfident voxels weighing nothing
+    (weighted soft Dice + CE over the confident ones; :mod:`medfed.client.semisupervised`). Departs from
+    FixMatch there: the weak and the strong view share one geometry (flip, shift), so that the mask
+    predicted on the one lies on the other's grid; they differ in intensity jitter only.
+
+    Measured, mni-phantom segmentation (32x32, lesion_mm 15, 60 images per site, 10% labels: about 5
+    labeled and 44 unlabeled training images per site; unet2d, Adam, lr 0.01, 60 rounds; Dice averaged
+    over the 3 test sites, seeds 0 / 1): FedAvg 0.024 / 0.140; SemiSup with the defaults 0.000 / 0.000
+    (the pseudo-masks of an early model are confident background, and 44 of them at weight 1 outvote 5
+    labeled images: the model collapses to background; threshold 0.99 alone, too); weight 0.1
+    0.019 / 0.172; threshold 0.99 and weight 0.1 0.051 / 0.254. A site's round costs 3.7x FedAvg's
+    (283 vs 76 ms: the weak-view prediction of 44 images, batches of 32 instead of 5).
     """
     rule = functools.partial(semisupervised_update, threshold=opts["threshold"], weight=opts["weight"],
                              weak=opts["weak"], strong=opts["strong"])
@@ -272,16 +285,16 @@ CLIENT_METHODS: list[Method] = [
         "threshold; local training adds them strongly augmented, weighted (FixMatch-style; none unlabeled: FedAvg)",
         "Yang et al., 2021a; Sohn et al., 2020",
         (
-            number("threshold", 0.95, "top probability a pseudo-label needs", range=closed(0, 1)),
-            number("weight", 1.0, "weight (lambda) of a pseudo-labeled row in the batch's mean loss",
+            number("threshold", 0.95, "top probability a pseudo-label (of a row, or a voxel) needs", range=closed(0, 1)),
+            number("weight", 1.0, "weight (lambda) of a pseudo-labeled row (image) in the batch's mean loss",
                    range=at_least(0)),
             number("weak", 0.05, "weak augmentation: feature-noise sigma (tables), intensity jitter (images)",
                    range=at_least(0)),
             number("strong", 0.5, "strong augmentation: feature-noise sigma (tables), intensity jitter plus a "
-                   "shift (images)", range=at_least(0)),
+                   "shift (images; segmentation: the weak view's flip and shift, a stronger jitter)", range=at_least(0)),
         ),
         _semisupervised,
-        tasks=("binary", "multiclass"),  # a pseudo-label is one class per row
+        tasks=("binary", "multiclass", "segmentation"),  # a pseudo-label is one class per row, or per voxel
         unlabeled=True,
     ),
     _spec(

@@ -295,11 +295,12 @@ class Head:
             return np.asarray(y).astype(np.int64)
         return np.asarray(y, dtype=np.float64)
 
-    def torch_loss(self, z: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+    def torch_loss(self, z: torch.Tensor, y: torch.Tensor, reduction: str, ignore: bool = False) -> torch.Tensor:
         """The rows' data terms (``reduction="none"``), their sum or their mean; binary calls
         exactly what it always did, so its numbers do not move. With a robust ``objective``, its
         rows of each row's (each label's) cross-entropy, differentiated by autograd; with a
-        :class:`Distillation`, :func:`_distill_rows` (at weight 0 the plain data term of the labels)."""
+        :class:`Distillation`, :func:`_distill_rows` (at weight 0 the plain data term of the labels).
+        ``ignore`` (segmentation): masks may hold voxels without a target (:func:`medfed.models.unet.dice_ce`)."""
         if isinstance(self.objective, Distillation):
             plain = dataclasses.replace(self, objective=None)
             if not self.objective.weight:  # the labels' own data term, through the same kernels as plain training
@@ -323,7 +324,7 @@ class Head:
         if self.task == "segmentation":
             from medfed.models.unet import dice_ce
 
-            return dice_ce(z, y, reduction)
+            return dice_ce(z, y, reduction, ignore=ignore)
         per_row = F.binary_cross_entropy_with_logits(z, y, reduction="none").sum(dim=1)  # multilabel
         return per_row if reduction == "none" else per_row.sum() if reduction == "sum" else per_row.mean()
 
@@ -755,6 +756,8 @@ class TorchSession:
         self.values = dict(slot.net.named_parameters())
         self.shapes = {k: slot.shapes[k] for k in self.values}
         self.Xt, self.yt = model._tensor(self.X), model._targets(self.y)
+        # masks with voxels left without a target (semi-supervised pseudo-masks), read here, off the torch graph
+        self._ignore = model.task == "segmentation" and bool((self.y < 0).any())
         # a full-batch train-mode forward pass is then the start loss's: the same rows in one
         # eval chunk, through the same kernels (see :meth:`gradient`); measured on the CPU only
         self._start_in_step = (slot.modeless and self.X.shape[0] <= model.options["eval_batch"]
@@ -812,10 +815,10 @@ class TorchSession:
         with torch.enable_grad():
             z = net(xb)
             if row_weights is None:
-                batch_loss = model.head.torch_loss(z, yb, "mean")
+                batch_loss = model.head.torch_loss(z, yb, "mean", self._ignore)
             else:
                 w = model._tensor(row_weights(self.y if rows is None else self.y[rows]))
-                batch_loss = (model.head.torch_loss(z, yb, "none") * w).sum() / xb.shape[0]
+                batch_loss = (model.head.torch_loss(z, yb, "none", self._ignore) * w).sum() / xb.shape[0]
             batch_loss.backward()
         if reuse:
             loss = model.head.mean_loss(z.detach().double().cpu().numpy(), self.y)

@@ -23,7 +23,9 @@ normalization, as the other torch models. Every spatial axis must be divisible b
 ``2 ** (len(channels) - 1)`` (the strides), checked with a ConfigError before training.
 
 Loss: Dice + cross-entropy (MONAI's ``DiceCELoss``, softmax over the K logits, one-hot targets,
-Dice per image and class with MONAI's default smoothing 1e-5), :func:`dice_ce`.
+Dice per image and class with MONAI's default smoothing 1e-5), :func:`dice_ce`. A mask may leave
+voxels without a target (:data:`IGNORE`, a semi-supervised pseudo-mask's unconfident voxels): with
+``ignore=True`` they weigh nothing in either term (:func:`voxel_weighted_dice_ce`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ from torch import nn
 from medfed.models.registry import check_unet_grid
 
 UNETS = {"unet2d": 2, "unet3d": 3}
+
+IGNORE = -1
+"""A mask's value for a voxel without a target: no loss, no gradient (``dice_ce(..., ignore=True)``)."""
 
 
 class SegmentationNetwork(nn.Module):
@@ -97,17 +102,21 @@ def build_unet(arch: str, sample_shape: Sequence[int], options: Mapping, outputs
     return SegmentationNetwork(body, net.model[2])
 
 
-def dice_ce(z: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+def dice_ce(z: torch.Tensor, y: torch.Tensor, reduction: str, *, ignore: bool = False) -> torch.Tensor:
     """Dice + cross-entropy of logits ``z`` ``(n, K, *spatial)`` against masks ``y`` ``(n, *spatial)``
     (int64): per image (``"none"``: Dice averaged over the K classes plus cross-entropy averaged
     over the pixels), or their sum or mean. The mean is MONAI's ``DiceCELoss(to_onehot_y=True,
-    softmax=True)`` (a test checks it): every image has the same number of pixels."""
+    softmax=True)`` (a test checks it): every image has the same number of pixels.
+
+    ``ignore``: ``y`` may hold :data:`IGNORE` voxels, which :func:`voxel_weighted_dice_ce` leaves
+    out (a flag set by the caller, not read from ``y``: a data-dependent branch would not run under
+    vmap, and without it the numbers are the ones above, bit for bit)."""
     from monai.losses import DiceCELoss, DiceLoss
 
-    # one-hot by comparison, not MONAI's in-place scatter_, so that the loss also runs under vmap
-    # (the vectorized executor); an exact 0/1 encoding either way
-    classes = torch.arange(z.shape[1], device=y.device).view(1, -1, *([1] * (y.dim() - 1)))
-    target = (y.unsqueeze(1) == classes).to(z.dtype)
+    if ignore:
+        per_image = voxel_weighted_dice_ce(z, y.clamp(min=0), (y != IGNORE).to(z.dtype))
+        return per_image if reduction == "none" else per_image.sum() if reduction == "sum" else per_image.mean()
+    target = _one_hot(z, y)
     if reduction == "mean":
         return DiceCELoss(softmax=True)(z, target)
     dice = DiceLoss(softmax=True, reduction="none")(z, target).flatten(1).mean(dim=1)
@@ -116,10 +125,41 @@ def dice_ce(z: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
     return per_image if reduction == "none" else per_image.sum()
 
 
+def _one_hot(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y``'s classes one-hot on ``z``'s channel axis, in ``z``'s dtype."""
+    # by comparison, not MONAI's in-place scatter_, so that the loss also runs under vmap (the
+    # vectorized executor); an exact 0/1 encoding either way
+    classes = torch.arange(z.shape[1], device=y.device).view(1, -1, *([1] * (y.dim() - 1)))
+    return (y.unsqueeze(1) == classes).to(z.dtype)
+
+
+def voxel_weighted_dice_ce(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Each image's Dice + cross-entropy with 0/1 voxel weights ``w`` ``(n, *spatial)``: a masked
+    soft Dice (MONAI's, on the softmax and the one-hot target both multiplied by ``w``,
+    so a weight-0 voxel is out of the intersection and of both sums, as if cut out of the image)
+    plus ``sum(w * CE) / voxels``. A weight-0 voxel's class in ``y`` changes nothing, its gradient
+    included (a test checks it).
+
+    Why Dice over the weighted voxels rather than counting the others as background, or CE alone:
+    a pseudo-mask's unconfident voxels tend to be the lesion's edge and its small lesions; as
+    background they would teach the model its own under-segmentation, and CE alone would train
+    pseudo-masked images without the class balance Dice gives the labeled ones. CE is divided by all
+    the image's voxels, not the confident ones, so an image few voxels of which are confident
+    weighs that much less; an image with none weighs 0 (its Dice terms are 1 - 1e-5/1e-5 = 0)."""
+    from monai.losses import DiceLoss
+
+    wc = w.unsqueeze(1)
+    dice = DiceLoss(reduction="none")(torch.softmax(z, 1) * wc, _one_hot(z, y) * wc).flatten(1).mean(dim=1)
+    ce = (torch.nn.functional.cross_entropy(z, y, reduction="none") * w).flatten(1).mean(dim=1)
+    return dice + ce
+
+
 def mean_dice_ce(z: np.ndarray, y: np.ndarray) -> float:
-    """:func:`dice_ce`'s mean in float64 from numpy logits (what the model's ``loss`` reports)."""
-    return float(dice_ce(torch.from_numpy(np.asarray(z, dtype=np.float64)), torch.from_numpy(np.asarray(y, dtype=np.int64)),
-                         "mean"))
+    """:func:`dice_ce`'s mean in float64 from numpy logits (what the model's ``loss`` reports); with
+    :data:`IGNORE` voxels in ``y``, over the others."""
+    y = np.asarray(y, dtype=np.int64)
+    return float(dice_ce(torch.from_numpy(np.asarray(z, dtype=np.float64)), torch.from_numpy(y), "mean",
+                         ignore=bool((y == IGNORE).any())))
 
 
 def softmax_channels(z: np.ndarray) -> np.ndarray:

@@ -100,7 +100,8 @@ def load_image_manifest(
     an error that says so; skipping that leaves a site with one class warns.
 
     ``mask_column`` names each image's mask file (module docstring): the task is then
-    segmentation and the label column is not read.
+    segmentation and the label column is not read; an empty mask cell (or ``unlabeled_value``)
+    is an unlabeled image, its mask a placeholder of zeros.
     """
     if kind not in KINDS:
         raise ConfigError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
@@ -133,7 +134,9 @@ def load_image_manifest(
     for row in range(n):
         try:
             arrays[row], metas[row] = _read(manifest.paths[row], formats[row])
-            if manifest.masks is not None:
+            if manifest.masks is not None and manifest.masks[row] is None:  # an unlabeled image: a placeholder
+                masks[row] = np.zeros(arrays[row].shape[1:], dtype=np.int64)
+            elif manifest.masks is not None:
                 mask = manifest.masks[row]
                 masks[row] = _on_grid(mask, *_read(mask, _format_of(mask, kind)), manifest.paths[row], arrays[row],
                                       metas[row])

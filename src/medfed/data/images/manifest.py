@@ -7,7 +7,8 @@ loader's (:mod:`medfed.data.tables`), so a manifest fails the way a feature tabl
 one line naming the file, the column and what is allowed.
 
 A segmentation manifest names each image's mask in a mask column (``mask_column``); it needs
-no label column: the masks are the targets (:mod:`medfed.data.images.load` reads them).
+no label column: the masks are the targets (:mod:`medfed.data.images.load` reads them). An
+empty mask cell (or one holding ``unlabeled_value``) makes its image an unlabeled one.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ class Manifest:
     sites: tuple[str, ...]
     split: np.ndarray | None
     positive_label: str
-    masks: tuple[Path, ...] | None = None
-    unlabeled: np.ndarray | None = None  # True for a row whose label cell is empty or the unlabeled value
+    masks: tuple[Path | None, ...] | None = None  # None for an unlabeled image's empty mask cell
+    unlabeled: np.ndarray | None = None  # True for a row whose label (mask) cell is empty or the unlabeled value
 
     @property
     def site_names(self) -> list[str]:
@@ -60,9 +61,10 @@ def read_manifest(
     """Read and check a manifest. Paths may point to files or (DICOM series) folders.
 
     With ``mask_column`` each row also names its image's mask file and the label column is
-    not read (a segmentation manifest need not have one). Otherwise a row whose label cell is
-    empty or holds ``unlabeled_value`` is an unlabeled image (``Site.unlabeled``), as in
-    :func:`medfed.data.tables.load_table`; its label is a placeholder 0.
+    not read (a segmentation manifest need not have one). A row whose label cell (mask cell, for
+    a segmentation manifest) is empty or holds ``unlabeled_value`` is an unlabeled image
+    (``Site.unlabeled``), as in :func:`medfed.data.tables.load_table`; its label is a placeholder 0
+    (its mask path None).
 
     Missing paths are not checked here: the loaders report them with the other bad files,
     so ``--skip-bad`` can count them too.
@@ -78,24 +80,26 @@ def read_manifest(
     if len(frame) == 0:
         raise DataError(f"{source}: the manifest has no rows")
     paths = _paths(frame[path_column].tolist(), "path", path_column, source)
-    masks = _paths(frame[mask_column].tolist(), "mask", mask_column, source) if mask_column else None
     sites = site_values(frame[site_column], site_column, source)
-    unlabeled = None
+    site_arr = np.array(sites, dtype=object)
+    target_column = mask_column or label_column
+    unlabeled = unlabeled_rows(frame[target_column], unlabeled_value)
+    lacking = sites_without_labels(unlabeled, site_arr, list(dict.fromkeys(sites)), target_column, unlabeled_value)
+    if lacking:
+        raise DataError(f"{source}: {lacking}")
+    masks = None
     if mask_column:
+        given = iter(_paths(frame[mask_column][~unlabeled].tolist(), "mask", mask_column, source))
+        masks = tuple(None if u else next(given) for u in unlabeled)
         y, positive = None, "1"
     else:
-        site_arr = np.array(sites, dtype=object)
-        unlabeled = unlabeled_rows(frame[label_column], unlabeled_value)
-        lacking = sites_without_labels(unlabeled, site_arr, list(dict.fromkeys(sites)), label_column, unlabeled_value)
-        if lacking:
-            raise DataError(f"{source}: {lacking}")
         known, positive = binary_labels(frame[label_column][~unlabeled].reset_index(drop=True), label_column,
                                         positive_label, source, site_arr[~unlabeled])
         y = np.zeros(len(frame), dtype=known.dtype)
         y[~unlabeled] = known
     split = split_values(frame[split_column], split_column, source) if split_column else None
     return Manifest(source, paths, y, tuple(sites), split, positive, masks,
-                    unlabeled if unlabeled is not None and unlabeled.any() else None)
+                    unlabeled if unlabeled.any() else None)
 
 
 def read_manifest_paths(path: str | os.PathLike, *, path_column: str = "path",
