@@ -164,11 +164,13 @@ def test_a_study_that_cannot_be_deployed_is_refused_in_one_line(tables, tmp_path
     study.write_text(STUDY.replace('impute = "median"', 'impute = "median"\nlabeled_fraction = 0.5'))
     with pytest.raises(ConfigError, match="labeled_fraction and labeled_fraction_site hide labels in simulation"):
         drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
-    study.write_text(STUDY.replace('["fedavg", "scaffold", "ditto"]', '["fedavg", "semisupervised"]'))
-    with pytest.raises(ConfigError, match="semisupervised learns from each site's unlabeled rows"):
+    # what a few-label method cannot combine with, refused as in simulation (before any site is asked)
+    study.write_text(STUDY.replace('["fedavg", "scaffold", "ditto"]', '["fedavg", "semisupervised"]')
+                     + '[harmonize]\nmethod = "combat"\n')
+    with pytest.raises(ConfigError, match="'semisupervised' learns from unlabeled rows, which \\[harmonize\\]"):
         drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
     study.write_text(STUDY.replace('["fedavg", "scaffold", "ditto"]', '["fedavg", "distill"]'))
-    with pytest.raises(ConfigError, match="distill reads its --teacher file at each site"):
+    with pytest.raises(ConfigError, match="method 'distill' needs a teacher model"):
         drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
 
 

@@ -5,8 +5,9 @@ simulation, with the sites reached through a link (Flower's SuperLink in deploym
    first says which task its labels read as and which class names it holds; the federation's
    task and classes (their union, in the order ``medfed run`` gives the pooled data) go with the
    setup, so each site codes its labels alike. Every site of ``[deploy] sites`` receives the
-   study and answers with its counts, training-row moments and feature names
-   (:mod:`medfed.deploy.site`). A site
+   study and answers with its counts (of labeled and unlabeled training rows too), training-row
+   moments and feature names (:mod:`medfed.deploy.site`); a site that lacks a distilling method's
+   teacher file stops the study. A site
    whose file does not match the study's schema, or whose features differ from the others',
    is refused (logged, named in the results' warnings); the study goes on if ``min_sites``
    remain. With ``[harmonize]`` the statistics it needs follow (:func:`harmonize_exchange`)
@@ -286,6 +287,9 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
     methods = resolve_methods(config.methods, config.method_options, config.pipelines)
     _status(out, state="setup", round="0/0", sites=list(config.deploy.sites))
     joined, refused = setup_exchange(link, config, log)
+    for reply in joined.values():  # a distilling study needs the teacher at every site (deploy.site._teacher_problem)
+        if reply.get("teacher_problem"):
+            raise ConfigError(str(reply["teacher_problem"]))
     need = site_min_sites(config)
     if len(joined) < need:
         reasons = "; ".join(f"{s}: {why}" for s, why in refused.items())
@@ -328,11 +332,11 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
     sizes = {s: float(sum(c)) for s, c in counts.items()}
     if config.privacy.dp == "sample":  # what DP-SGD cannot make private, refused before any method trains
         for spec, opts in methods:
-            plan.sample_private(spec, build_method(config, spec, opts, sites, counts), sizes)
+            plan.sample_private(spec, build_method(config, spec, _server_options(opts), sites, counts), sizes)
     for spec, opts in methods:
         t0 = time.perf_counter()
         rounds = spec.rounds(t)
-        algorithm = build_method(config, spec, opts, sites, counts)
+        algorithm = build_method(config, spec, _server_options(opts), sites, counts)
         key = (TRAIN_STREAM, 0, name_key(spec.name))
         # the server's end of DP (the noised fixed-denominator mean) and of secure aggregation
         algorithm, secure = plan.private(spec, algorithm, sizes, KeyedRng(config.seed, key).child(name_key("dp-noise")),
@@ -384,6 +388,9 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
             models[spec.display] = ModelOutcome(spec.display, None, why)
         setting_time[spec.display] = time.perf_counter() - t0
     outcome = RepeatOutcome(evaluations, histories, [], setting_time, models=models, privacy=privacy,
+                            # what each site counted of its training rows without a target (none hidden deployed)
+                            unlabeled={s: (int(joined[s]["unlabeled_rows"]), 0) for s in sites
+                                       if joined[s]["unlabeled_rows"]},
                             harmonization=None if harmonization is None else deployed_report(harmonization),
                             target_scales=[] if target is UNSCALED else [
                                 {"train_sites": sites, "n": sum(int(joined[s]["target_moments"]["n"]) for s in sites),
@@ -399,6 +406,13 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
 
     shutil.rmtree(checkpoints, ignore_errors=True)
     return doc
+
+
+def _server_options(opts: Mapping[str, Any]) -> dict[str, Any]:
+    """The options the coordinator builds a method's server end with: a distilling method's
+    ``teacher`` left out (a site's own file, which the coordinator never reads; the site resolves
+    the path the run's options carry on its machine)."""
+    return {**opts, "teacher": ""} if opts.get("teacher") else dict(opts)
 
 
 def _evaluations(spec, sites: list[str], answers: Mapping[str, Any], failure: Failure | None, rule: str) -> list:

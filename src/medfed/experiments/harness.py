@@ -769,17 +769,17 @@ class ScaledViews:
             target = self.target_scale(group)
             train = [LocalData(sites[i].name, scale(sites[i].X_train),
                                target.forward(sites[i].y_train) if self.standardize_target else sites[i].y_train,
-                               _unlabeled(sites[i], scale))
+                               unlabeled_view(sites[i].X_unlabeled, scale))
                      for i in group]
             tests = [scale(s.X_test) for s in sites]
             self._cache[key] = (train, tests)
         return self._cache[key]
 
 
-def _unlabeled(site: SplitSite, scale: Standardizer) -> np.ndarray | None:
-    """A site's unlabeled training rows scaled as its labeled ones, None when it has none
-    (check_study refuses a method that learns from them under harmonization, which adjusts X_train only)."""
-    X = site.X_unlabeled
+def unlabeled_view(X: np.ndarray | None, scale: Standardizer) -> np.ndarray | None:
+    """A site's unlabeled training rows (``SplitSite.X_unlabeled``) scaled as its labeled ones, None
+    when it has none (check_study refuses a method that learns from them under harmonization, which
+    adjusts X_train only); a deployed site builds its ``LocalData`` with it too."""
     return None if X is None or len(X) == 0 else scale(X)
 
 
@@ -1168,9 +1168,11 @@ def check_unlabeled_study(config: ExperimentConfig, methods: list[tuple[Method, 
                               "account as the site's examples: leave it out of --methods or use another --dp")
 
 
-def check_teacher_study(config: ExperimentConfig, federation: Federation, methods: list[tuple[Method, dict]]) -> None:
+def check_teacher_study(config: ExperimentConfig, federation: Federation | None, methods: list[tuple[Method, dict]]) -> None:
     """Refuse, before training, a distilling method's teacher that does not fit the data or the
-    model (a numpy student, plain cross-entropy, no DP-SGD: its soft targets are not a row's label)."""
+    model (a numpy student, plain cross-entropy, no DP-SGD: its soft targets are not a row's label).
+    ``federation`` None (a deployed study's coordinator, which never reads the teacher): all but the
+    file's fit, which each site checks on its own copy (medfed.deploy.site)."""
     from medfed.client.distill import TEACHER_NEEDED
     from medfed.experiments.saved_model import check_teacher
 
@@ -1179,7 +1181,8 @@ def check_teacher_study(config: ExperimentConfig, federation: Federation, method
             continue
         if not str(opts["teacher"]).strip():
             raise ConfigError(TEACHER_NEEDED)
-        check_teacher(opts["teacher"], federation)
+        if federation is not None:
+            check_teacher(opts["teacher"], federation)
         if config.model != "logistic":
             raise ConfigError(f"method {spec.name!r} trains the numpy logistic/softmax model (--model logistic); "
                               f"--model {config.model} is not distilled here")
