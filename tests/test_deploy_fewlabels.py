@@ -131,3 +131,44 @@ def test_a_site_missing_its_teacher_stops_the_study_before_training_naming_the_s
     (dirs["Hungary"] / "models" / "teacher.npz").write_bytes(b"not a model")
     with pytest.raises(ConfigError, match=r"^site 'Hungary': .*teacher\.npz"):
         drive(LoopbackLink(_nodes(tmp_path, dirs)), study, tmp_path / "out2", log=lambda m: None)
+
+
+def test_deployed_contrastive_pretrains_over_the_link_and_equals_its_simulation(tmp_path):
+    """Phase 1 (NT-Xent on every row, labeled or not) runs over the link, then the fine-tuning method
+    from its final model: the simulation's losses, metrics and communication (phase 1's rounds and
+    bytes counted); pretraining moved the model away from plain FedAvg."""
+    pytest.importorskip("torch")
+    from deploy_support import site_manifests
+
+    sites = site_manifests(tmp_path, unlabeled=(0, 3, 6, 9))
+    study = tmp_path / "images.toml"
+    study.write_text(f'''methods = ["fedavg", "contrastive"]
+model = "cnn2d"
+seed = 1
+repeats = 1
+[model_options]
+channels = [4, 4]
+[training]
+rounds = 2
+local_steps = 2
+[data]
+site_column = "site"
+label_column = "label"
+[method_options.contrastive]
+pretrain_rounds = 2
+projection = 8
+[deploy]
+sites = {json.dumps(list(sites))}
+site_files = "manifest"
+''')
+    nodes = {s: {"site": s, "data": str(tmp_path / f"{s}.csv"), "folder": str(tmp_path / f"site-{s}")} for s in sites}
+    deployed = drive(LoopbackLink(nodes), study, tmp_path / "out", log=lambda m: None)
+    result = CliRunner().invoke(app, ["run", str(study), "--manifest", str(tmp_path / "all.csv"),
+                                      "--out", str(tmp_path / "sim")])
+    assert result.exit_code == 0, result.output
+    simulated = json.loads((tmp_path / "sim" / "results.json").read_text())
+    for what in ("train_loss", "communication_rounds", "bytes_up_per_run"):
+        assert deployed["histories"]["Contrastive"][what] == simulated["histories"]["Contrastive"][what], what
+    assert deployed["histories"]["Contrastive"]["communication_rounds"] == 4  # 2 pretraining + 2 fine-tuning
+    assert deployed["histories"]["Contrastive"]["train_loss"] != deployed["histories"]["FedAvg"]["train_loss"]
+    assert _rows(deployed) == _rows(simulated)

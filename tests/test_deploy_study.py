@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from deploy_support import site_tables
+from deploy_support import site_manifests, site_tables
 
 from medfed.comm.wire import decode
 from medfed.deploy.coordinator import drive
@@ -261,19 +261,7 @@ def test_deploy_commands_refuse_bad_input_in_one_line_before_starting_anything(t
 
 def _image_study(tmp_path, extra=""):
     """Two hospitals' PNG manifests (one file each, and pooled in all.csv) and a small-CNN study."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    rows = {"hospital-0": [], "hospital-1": []}
-    for k, site in enumerate(rows):
-        for i in range(14):
-            img = rng.normal(100 - 30 * k, 10, size=(10, 10))
-            img[2:5, 2:5] += 60 * (i % 2)
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L").save(tmp_path / f"{site}_{i}.png")
-            rows[site].append(f"{site}_{i}.png,{i % 2},{site}")
-    for site, lines in rows.items():
-        (tmp_path / f"{site}.csv").write_text("path,label,site\n" + "\n".join(lines) + "\n")
-    (tmp_path / "all.csv").write_text("path,label,site\n" + "\n".join(rows["hospital-0"] + rows["hospital-1"]) + "\n")
+    sites = site_manifests(tmp_path)
     study = tmp_path / "images.toml"
     study.write_text('''methods = ["fedavg"]
 model = "cnn2d"
@@ -292,7 +280,7 @@ sites = ["hospital-0", "hospital-1"]
 site_files = "manifest"
 ''' + extra)
     return study, {s: {"site": s, "data": str(tmp_path / f"{s}.csv"), "folder": str(tmp_path / f"site-{s}")}
-                   for s in rows}
+                   for s in sites}
 
 
 def test_a_deployed_image_study_equals_its_simulation(tmp_path):

@@ -25,6 +25,7 @@ simulation, with the sites reached through a link (Flower's SuperLink in deploym
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -63,6 +64,7 @@ from medfed.experiments.harmonization import deployed_report
 from medfed.experiments.metrics import Metric, Threshold
 from medfed.experiments.saved_model import ModelOutcome, saved_model_file
 from medfed.methods import resolve_methods
+from medfed.methods.method import context_for
 from medfed.rng import KeyedRng, name_key
 
 STATUS_FILE = "status.json"
@@ -333,36 +335,58 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
     if config.privacy.dp == "sample":  # what DP-SGD cannot make private, refused before any method trains
         for spec, opts in methods:
             plan.sample_private(spec, build_method(config, spec, _server_options(opts), sites, counts), sizes)
-    for spec, opts in methods:
-        t0 = time.perf_counter()
-        rounds = spec.rounds(t)
-        algorithm = build_method(config, spec, _server_options(opts), sites, counts)
-        key = (TRAIN_STREAM, 0, name_key(spec.name))
-        # the server's end of DP (the noised fixed-denominator mean) and of secure aggregation
-        algorithm, secure = plan.private(spec, algorithm, sizes, KeyedRng(config.seed, key).child(name_key("dp-noise")),
-                                         min_sites=need)
-        local = plan.sample_private(spec, algorithm, sizes)
-        privacy += plan.ledger(spec, sites, 0, sizes)
-        _, server = programs(algorithm, local, sites, fraction=t.fraction_fit, min_sites=need,
-                             max_update_norm=t.max_update_norm, codec=make_codec(config.compress),
-                             poisson=config.privacy.dp != "none", secure=secure)
-        run_name = f"r1-{spec.name}"
-        run = {"name": run_name, "method": spec.name, "options": dict(opts), "sites": sites,
-               "label_counts": {s: c for s, c in counts.items()}, "sample_shape": list(shape), "scale": scale,
-               "task": task, "classes": list(classes),
-               "target_scale": None if target is UNSCALED else {"mean": target.mean, "std": target.std},
-               "seed": config.seed, "key": list(key)}
-        executor = RemoteExecutor(link, sites, run, config.deploy.round_timeout_s)
-        store = CheckpointStore(checkpoints / run_name, f"{study_fingerprint(config)}/{run_name}/{','.join(sites)}")
-        rng = KeyedRng(config.seed, key)
+    base_run = {"sites": sites, "label_counts": {s: c for s, c in counts.items()}, "sample_shape": list(shape),
+                "scale": scale, "task": task, "classes": list(classes),
+                "target_scale": None if target is UNSCALED else {"mean": target.mean, "std": target.std},
+                "seed": config.seed}
 
-        def observe(record: RoundRecord, display=spec.display, rounds=rounds) -> None:
+    def observer(display: str, rounds: int) -> Callable[[RoundRecord], None]:
+        def observe(record: RoundRecord) -> None:
             _status(out, state="running", setting=display, round=f"{record.round + 1}/{rounds}", sites=sites,
                     missing=dict(record.missing), rejected=dict(record.rejected), skipped=record.skipped)
             gone = f"; missing {', '.join(f'{s} ({why})' for s, why in record.missing.items())}" if record.missing else ""
             log(f"{display}: round {record.round + 1}/{rounds} from {len(record.sites)} site(s){gone}")
+        return observe
 
-        result = Driver(server, executor, rounds, rng, checkpoints=store, observe=observe).run(initial)
+    for spec, opts in methods:
+        t0 = time.perf_counter()
+        key = (TRAIN_STREAM, 0, name_key(spec.name))
+        rng = KeyedRng(config.seed, key)
+        run_name = f"r1-{spec.name}"
+        # a method with a pretraining phase (contrastive): phase 1 over the link, then its fine-tuning
+        # method from phase 1's final model, as TrainingPlan.federated runs them in simulation
+        trained, trained_opts, start, pretraining = spec, opts, initial, ()
+        if spec.pretrain is not None:
+            phase = spec.pretrain(opts, t, context_for(sites, config.seed, counts, model=config.model,
+                                                         model_options=config.model_options))
+            trained, trained_opts = phase.finetune, phase.finetune_options
+            if phase.rounds > 0:
+                phase_rng = rng.child(name_key("contrastive/pretrain"))
+                _, server = programs(phase.algorithm, plan.local, sites, fraction=t.fraction_fit, min_sites=need,
+                                     codec=make_codec(config.compress))
+                executor = RemoteExecutor(link, sites, {**base_run, "name": f"{run_name}-pretrain", "method": spec.name,
+                                                        "options": dict(opts), "phase": "pretrain",
+                                                        "key": list(phase_rng.key)}, config.deploy.round_timeout_s)
+                store = CheckpointStore(checkpoints / f"{run_name}-pretrain",
+                                        f"{study_fingerprint(config)}/{run_name}-pretrain/{','.join(sites)}")
+                ran = Driver(server, executor, phase.rounds, phase_rng, checkpoints=store,
+                             observe=observer(f"{spec.display} (pretraining)", phase.rounds)).run(initial)
+                start, pretraining = ran.params, tuple(ran.history)
+        rounds = trained.rounds(t)
+        algorithm = build_method(config, trained, _server_options(trained_opts), sites, counts)
+        # the server's end of DP (the noised fixed-denominator mean) and of secure aggregation
+        algorithm, secure = plan.private(trained, algorithm, sizes, rng.child(name_key("dp-noise")), min_sites=need)
+        local = plan.sample_private(trained, algorithm, sizes)
+        privacy += plan.ledger(spec, sites, 0, sizes)
+        _, server = programs(algorithm, local, sites, fraction=t.fraction_fit, min_sites=need,
+                             max_update_norm=t.max_update_norm, codec=make_codec(config.compress),
+                             poisson=config.privacy.dp != "none", secure=secure)
+        run = {**base_run, "name": run_name, "method": trained.name, "options": dict(trained_opts), "key": list(key)}
+        executor = RemoteExecutor(link, sites, run, config.deploy.round_timeout_s)
+        store = CheckpointStore(checkpoints / run_name, f"{study_fingerprint(config)}/{run_name}/{','.join(sites)}")
+        result = Driver(server, executor, rounds, rng, checkpoints=store, observe=observer(spec.display, rounds)).run(start)
+        if pretraining:  # its rounds' uploads left the sites too: the history counts them (federated_history)
+            result = dataclasses.replace(result, pretraining=pretraining)
         failure = federated_failure(result)
         final = server.configure(ServerState(result.params, result.server_state, rounds),
                                  RoundContext(rounds, tuple(sites), rng), final=True)

@@ -163,16 +163,14 @@ def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
     own = fed.sites[0]
     split = prepare_site(own, training_rows(own, names.index(site.name), config, 0), fed, config)
     write_bytes_atomically(site.folder / STUDY_FILE, json.dumps(request["study"]).encode())
-    # X_unlabeled: the training rows without a target, imputed and scaled as X_train by prepare_site (never in
-    # the moments, as in simulation); only a method learning from unlabeled rows reads them
-    rows = {"X_train": split.X_train, "y_train": split.y_train, "X_test": split.X_test, "y_test": split.y_test,
-            "X_unlabeled": split.X_unlabeled}
+    rows = {"X_train": split.X_train, "y_train": split.y_train, "X_test": split.X_test, "y_test": split.y_test}
     if harmonizing:  # the rows train once the federation's fit has adjusted them (_harmonize)
         (site.folder / ROWS_FILE).unlink(missing_ok=True)
         _write_rows(site.folder / RAW_FILE, **rows, C_train=split.C_train, C_test=split.C_test,
                     features=np.asarray(fed.feature_names, dtype=str))
-    else:
-        _write_rows(site.folder / ROWS_FILE, **rows)
+    else:  # with the training rows without a target, imputed and scaled as X_train by prepare_site (never in the
+        # moments, as in simulation); only a method learning from unlabeled rows reads them ([harmonize] refuses those)
+        _write_rows(site.folder / ROWS_FILE, **rows, X_unlabeled=split.X_unlabeled)
     m = split.moments
     answer = {
         "imputer": None if split.imputer is None else {"strategy": split.imputer.strategy, "values": split.imputer.values},
@@ -365,7 +363,7 @@ def _build(site: SiteIdentity, run: Mapping[str, Any]) -> tuple:
     config = study_from_payload(json.loads((site.folder / STUDY_FILE).read_text()))
     with np.load(site.folder / ROWS_FILE) as rows:
         X_train, y_train, X_test, y_test = (rows[k] for k in ("X_train", "y_train", "X_test", "y_test"))
-        # a harmonized site's rows.npz holds none: [harmonize] refuses the methods that learn from them
+        # a harmonized site's rows.npz holds none (_harmonize): [harmonize] refuses the methods that learn from them
         X_unlabeled = rows["X_unlabeled"] if "X_unlabeled" in rows.files else None
     (spec, opts), = resolve_methods([run["method"]], {run["method"]: dict(run["options"])}, config.pipelines)
     if opts.get("teacher"):  # the site's own copy of the teacher (checked at setup); the coordinator never reads it
@@ -375,6 +373,16 @@ def _build(site: SiteIdentity, run: Mapping[str, Any]) -> tuple:
     task, classes = run["task"], tuple(run["classes"])
     plan = TrainingPlan.for_shape(config, tuple(run["sample_shape"]), task, n_outputs(task, classes))
     counts = {name: np.asarray(c) for name, c in run["label_counts"].items()}
+    scale = _standardizer(run["scale"], X_train.shape[1])
+    data = LocalData(site.name, scale(X_train), target_scale(run).forward(y_train) if task == "regression" else y_train,
+                     unlabeled_view(X_unlabeled, scale))
+    if run.get("phase") == "pretrain":  # a pretraining phase (contrastive): plain local training, no DP or secure
+        from medfed.methods.method import context_for  # aggregation (refused with it), as in simulation
+
+        phase = spec.pretrain(opts, config.training, context_for(list(run["sites"]), config.seed, counts,
+                                                                 model=config.model, model_options=config.model_options))
+        program = SiteProgram(phase.algorithm, plan.local, make_codec(config.compress), None)
+        return config, plan, spec, program, data, scale(X_test), y_test
     algorithm = build_method(config, spec, opts, list(run["sites"]), counts)
     # the site's end of DP (its update clipped before it leaves) and of secure aggregation (its noise, its mask)
     from medfed.deploy.study import site_min_sites
@@ -382,9 +390,6 @@ def _build(site: SiteIdentity, run: Mapping[str, Any]) -> tuple:
     sizes = {name: float(sum(c)) for name, c in counts.items()}
     algorithm, secure = plan.private(spec, algorithm, sizes, KeyedRng(0), min_sites=site_min_sites(config),
                                      site=True)
-    scale = _standardizer(run["scale"], X_train.shape[1])
-    data = LocalData(site.name, scale(X_train), target_scale(run).forward(y_train) if task == "regression" else y_train,
-                     unlabeled_view(X_unlabeled, scale))
     local = plan.sample_private(spec, algorithm, sizes)  # DP-SGD (--dp sample) at the study's noise, or plain
     codec = None if secure is not None else make_codec(config.compress)  # secure: quantized in the ring
     program = SiteProgram(algorithm, local, codec, None if secure is None else secure[0])
