@@ -69,6 +69,8 @@ def test_deployed_semisupervised_on_tables_with_empty_label_cells_equals_its_sim
     # the unlabeled rows reached the sites' programs: the losses part from FedAvg's
     assert deployed["histories"]["SemiSup"]["train_loss"] != deployed["histories"]["FedAvg"]["train_loss"]
     assert _rows(deployed) == _rows(simulated)
+    # each site's labeled and unlabeled rows, as the simulation reports them
+    assert deployed["sites"] == simulated["sites"] and all(s["n_unlabeled"] for s in deployed["sites"])
     note = [w for w in deployed["warnings"] if "unlabeled training rows" in w]
     assert note == [w for w in simulated["warnings"] if "unlabeled training rows" in w]
     held = {s: int((pd.read_csv(tmp_path / f"{s}.csv")["target"].isna()).sum()) for s in SITES}

@@ -344,7 +344,8 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
         def observe(record: RoundRecord) -> None:
             _status(out, state="running", setting=display, round=f"{record.round + 1}/{rounds}", sites=sites,
                     missing=dict(record.missing), rejected=dict(record.rejected), skipped=record.skipped)
-            gone = f"; missing {', '.join(f'{s} ({why})' for s, why in record.missing.items())}" if record.missing else ""
+            gone = (f"; missing {', '.join(f'{s} ({why})' for s, why in record.missing.items())}"
+                    if record.missing else "")
             log(f"{display}: round {record.round + 1}/{rounds} from {len(record.sites)} site(s){gone}")
         return observe
 
@@ -384,7 +385,8 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
         run = {**base_run, "name": run_name, "method": trained.name, "options": dict(trained_opts), "key": list(key)}
         executor = RemoteExecutor(link, sites, run, config.deploy.round_timeout_s)
         store = CheckpointStore(checkpoints / run_name, f"{study_fingerprint(config)}/{run_name}/{','.join(sites)}")
-        result = Driver(server, executor, rounds, rng, checkpoints=store, observe=observer(spec.display, rounds)).run(start)
+        result = Driver(server, executor, rounds, rng, checkpoints=store,
+                        observe=observer(spec.display, rounds)).run(start)
         if pretraining:  # its rounds' uploads left the sites too: the history counts them (federated_history)
             result = dataclasses.replace(result, pretraining=pretraining)
         failure = federated_failure(result)

@@ -359,6 +359,7 @@ def _build(site: SiteIdentity, run: Mapping[str, Any]) -> tuple:
     from medfed.deploy.study import study_from_payload
     from medfed.experiments.harness import TrainingPlan, build_method, unlabeled_view
     from medfed.methods import resolve_methods
+    from medfed.methods.method import context_for
 
     config = study_from_payload(json.loads((site.folder / STUDY_FILE).read_text()))
     with np.load(site.folder / ROWS_FILE) as rows:
@@ -376,9 +377,8 @@ def _build(site: SiteIdentity, run: Mapping[str, Any]) -> tuple:
     scale = _standardizer(run["scale"], X_train.shape[1])
     data = LocalData(site.name, scale(X_train), target_scale(run).forward(y_train) if task == "regression" else y_train,
                      unlabeled_view(X_unlabeled, scale))
-    if run.get("phase") == "pretrain":  # a pretraining phase (contrastive): plain local training, no DP or secure
-        from medfed.methods.method import context_for  # aggregation (refused with it), as in simulation
-
+    if run.get("phase") == "pretrain":  # a pretraining phase (contrastive): plain local training, no DP or
+        # secure aggregation (refused with it), as in simulation
         phase = spec.pretrain(opts, config.training, context_for(list(run["sites"]), config.seed, counts,
                                                                  model=config.model, model_options=config.model_options))
         program = SiteProgram(phase.algorithm, plan.local, make_codec(config.compress), None)
