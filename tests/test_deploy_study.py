@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from deploy_support import site_tables
+from deploy_support import site_manifests, site_tables
 
 from medfed.comm.wire import decode
 from medfed.deploy.coordinator import drive
@@ -164,11 +164,13 @@ def test_a_study_that_cannot_be_deployed_is_refused_in_one_line(tables, tmp_path
     study.write_text(STUDY.replace('impute = "median"', 'impute = "median"\nlabeled_fraction = 0.5'))
     with pytest.raises(ConfigError, match="labeled_fraction and labeled_fraction_site hide labels in simulation"):
         drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
-    study.write_text(STUDY.replace('["fedavg", "scaffold", "ditto"]', '["fedavg", "semisupervised"]'))
-    with pytest.raises(ConfigError, match="semisupervised learns from each site's unlabeled rows"):
+    # what a few-label method cannot combine with, refused as in simulation (before any site is asked)
+    study.write_text(STUDY.replace('["fedavg", "scaffold", "ditto"]', '["fedavg", "semisupervised"]')
+                     + '[harmonize]\nmethod = "combat"\n')
+    with pytest.raises(ConfigError, match="'semisupervised' learns from unlabeled rows, which \\[harmonize\\]"):
         drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
     study.write_text(STUDY.replace('["fedavg", "scaffold", "ditto"]', '["fedavg", "distill"]'))
-    with pytest.raises(ConfigError, match="distill reads its --teacher file at each site"):
+    with pytest.raises(ConfigError, match="method 'distill' needs a teacher model"):
         drive(LoopbackLink(_nodes(tables, tmp_path)), study, tmp_path / "out", log=lambda m: None)
 
 
@@ -259,19 +261,7 @@ def test_deploy_commands_refuse_bad_input_in_one_line_before_starting_anything(t
 
 def _image_study(tmp_path, extra=""):
     """Two hospitals' PNG manifests (one file each, and pooled in all.csv) and a small-CNN study."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    rows = {"hospital-0": [], "hospital-1": []}
-    for k, site in enumerate(rows):
-        for i in range(14):
-            img = rng.normal(100 - 30 * k, 10, size=(10, 10))
-            img[2:5, 2:5] += 60 * (i % 2)
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L").save(tmp_path / f"{site}_{i}.png")
-            rows[site].append(f"{site}_{i}.png,{i % 2},{site}")
-    for site, lines in rows.items():
-        (tmp_path / f"{site}.csv").write_text("path,label,site\n" + "\n".join(lines) + "\n")
-    (tmp_path / "all.csv").write_text("path,label,site\n" + "\n".join(rows["hospital-0"] + rows["hospital-1"]) + "\n")
+    sites = site_manifests(tmp_path)
     study = tmp_path / "images.toml"
     study.write_text('''methods = ["fedavg"]
 model = "cnn2d"
@@ -290,7 +280,7 @@ sites = ["hospital-0", "hospital-1"]
 site_files = "manifest"
 ''' + extra)
     return study, {s: {"site": s, "data": str(tmp_path / f"{s}.csv"), "folder": str(tmp_path / f"site-{s}")}
-                   for s in rows}
+                   for s in sites}
 
 
 def test_a_deployed_image_study_equals_its_simulation(tmp_path):

@@ -5,8 +5,9 @@ simulation, with the sites reached through a link (Flower's SuperLink in deploym
    first says which task its labels read as and which class names it holds; the federation's
    task and classes (their union, in the order ``medfed run`` gives the pooled data) go with the
    setup, so each site codes its labels alike. Every site of ``[deploy] sites`` receives the
-   study and answers with its counts, training-row moments and feature names
-   (:mod:`medfed.deploy.site`). A site
+   study and answers with its counts (of labeled and unlabeled training rows too), training-row
+   moments and feature names (:mod:`medfed.deploy.site`); a site that lacks a distilling method's
+   teacher file stops the study. A site
    whose file does not match the study's schema, or whose features differ from the others',
    is refused (logged, named in the results' warnings); the study goes on if ``min_sites``
    remain. With ``[harmonize]`` the statistics it needs follow (:func:`harmonize_exchange`)
@@ -24,6 +25,7 @@ simulation, with the sites reached through a link (Flower's SuperLink in deploym
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -62,6 +64,7 @@ from medfed.experiments.harmonization import deployed_report
 from medfed.experiments.metrics import Metric, Threshold
 from medfed.experiments.saved_model import ModelOutcome, saved_model_file
 from medfed.methods import resolve_methods
+from medfed.methods.method import context_for
 from medfed.rng import KeyedRng, name_key
 
 STATUS_FILE = "status.json"
@@ -286,6 +289,9 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
     methods = resolve_methods(config.methods, config.method_options, config.pipelines)
     _status(out, state="setup", round="0/0", sites=list(config.deploy.sites))
     joined, refused = setup_exchange(link, config, log)
+    for reply in joined.values():  # a distilling study needs the teacher at every site (deploy.site._teacher_problem)
+        if reply.get("teacher_problem"):
+            raise ConfigError(str(reply["teacher_problem"]))
     need = site_min_sites(config)
     if len(joined) < need:
         reasons = "; ".join(f"{s}: {why}" for s, why in refused.items())
@@ -328,37 +334,61 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
     sizes = {s: float(sum(c)) for s, c in counts.items()}
     if config.privacy.dp == "sample":  # what DP-SGD cannot make private, refused before any method trains
         for spec, opts in methods:
-            plan.sample_private(spec, build_method(config, spec, opts, sites, counts), sizes)
+            plan.sample_private(spec, build_method(config, spec, _server_options(opts), sites, counts), sizes)
+    base_run = {"sites": sites, "label_counts": {s: c for s, c in counts.items()}, "sample_shape": list(shape),
+                "scale": scale, "task": task, "classes": list(classes),
+                "target_scale": None if target is UNSCALED else {"mean": target.mean, "std": target.std},
+                "seed": config.seed}
+
+    def observer(display: str, rounds: int) -> Callable[[RoundRecord], None]:
+        def observe(record: RoundRecord) -> None:
+            _status(out, state="running", setting=display, round=f"{record.round + 1}/{rounds}", sites=sites,
+                    missing=dict(record.missing), rejected=dict(record.rejected), skipped=record.skipped)
+            gone = (f"; missing {', '.join(f'{s} ({why})' for s, why in record.missing.items())}"
+                    if record.missing else "")
+            log(f"{display}: round {record.round + 1}/{rounds} from {len(record.sites)} site(s){gone}")
+        return observe
+
     for spec, opts in methods:
         t0 = time.perf_counter()
-        rounds = spec.rounds(t)
-        algorithm = build_method(config, spec, opts, sites, counts)
         key = (TRAIN_STREAM, 0, name_key(spec.name))
+        rng = KeyedRng(config.seed, key)
+        run_name = f"r1-{spec.name}"
+        # a method with a pretraining phase (contrastive): phase 1 over the link, then its fine-tuning
+        # method from phase 1's final model, as TrainingPlan.federated runs them in simulation
+        trained, trained_opts, start, pretraining = spec, opts, initial, ()
+        if spec.pretrain is not None:
+            phase = spec.pretrain(opts, t, context_for(sites, config.seed, counts, model=config.model,
+                                                         model_options=config.model_options))
+            trained, trained_opts = phase.finetune, phase.finetune_options
+            if phase.rounds > 0:
+                phase_rng = rng.child(name_key("contrastive/pretrain"))
+                _, server = programs(phase.algorithm, plan.local, sites, fraction=t.fraction_fit, min_sites=need,
+                                     codec=make_codec(config.compress))
+                executor = RemoteExecutor(link, sites, {**base_run, "name": f"{run_name}-pretrain", "method": spec.name,
+                                                        "options": dict(opts), "phase": "pretrain",
+                                                        "key": list(phase_rng.key)}, config.deploy.round_timeout_s)
+                store = CheckpointStore(checkpoints / f"{run_name}-pretrain",
+                                        f"{study_fingerprint(config)}/{run_name}-pretrain/{','.join(sites)}")
+                ran = Driver(server, executor, phase.rounds, phase_rng, checkpoints=store,
+                             observe=observer(f"{spec.display} (pretraining)", phase.rounds)).run(initial)
+                start, pretraining = ran.params, tuple(ran.history)
+        rounds = trained.rounds(t)
+        algorithm = build_method(config, trained, _server_options(trained_opts), sites, counts)
         # the server's end of DP (the noised fixed-denominator mean) and of secure aggregation
-        algorithm, secure = plan.private(spec, algorithm, sizes, KeyedRng(config.seed, key).child(name_key("dp-noise")),
-                                         min_sites=need)
-        local = plan.sample_private(spec, algorithm, sizes)
+        algorithm, secure = plan.private(trained, algorithm, sizes, rng.child(name_key("dp-noise")), min_sites=need)
+        local = plan.sample_private(trained, algorithm, sizes)
         privacy += plan.ledger(spec, sites, 0, sizes)
         _, server = programs(algorithm, local, sites, fraction=t.fraction_fit, min_sites=need,
                              max_update_norm=t.max_update_norm, codec=make_codec(config.compress),
                              poisson=config.privacy.dp != "none", secure=secure)
-        run_name = f"r1-{spec.name}"
-        run = {"name": run_name, "method": spec.name, "options": dict(opts), "sites": sites,
-               "label_counts": {s: c for s, c in counts.items()}, "sample_shape": list(shape), "scale": scale,
-               "task": task, "classes": list(classes),
-               "target_scale": None if target is UNSCALED else {"mean": target.mean, "std": target.std},
-               "seed": config.seed, "key": list(key)}
+        run = {**base_run, "name": run_name, "method": trained.name, "options": dict(trained_opts), "key": list(key)}
         executor = RemoteExecutor(link, sites, run, config.deploy.round_timeout_s)
         store = CheckpointStore(checkpoints / run_name, f"{study_fingerprint(config)}/{run_name}/{','.join(sites)}")
-        rng = KeyedRng(config.seed, key)
-
-        def observe(record: RoundRecord, display=spec.display, rounds=rounds) -> None:
-            _status(out, state="running", setting=display, round=f"{record.round + 1}/{rounds}", sites=sites,
-                    missing=dict(record.missing), rejected=dict(record.rejected), skipped=record.skipped)
-            gone = f"; missing {', '.join(f'{s} ({why})' for s, why in record.missing.items())}" if record.missing else ""
-            log(f"{display}: round {record.round + 1}/{rounds} from {len(record.sites)} site(s){gone}")
-
-        result = Driver(server, executor, rounds, rng, checkpoints=store, observe=observe).run(initial)
+        result = Driver(server, executor, rounds, rng, checkpoints=store,
+                        observe=observer(spec.display, rounds)).run(start)
+        if pretraining:  # its rounds' uploads left the sites too: the history counts them (federated_history)
+            result = dataclasses.replace(result, pretraining=pretraining)
         failure = federated_failure(result)
         final = server.configure(ServerState(result.params, result.server_state, rounds),
                                  RoundContext(rounds, tuple(sites), rng), final=True)
@@ -384,6 +414,9 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
             models[spec.display] = ModelOutcome(spec.display, None, why)
         setting_time[spec.display] = time.perf_counter() - t0
     outcome = RepeatOutcome(evaluations, histories, [], setting_time, models=models, privacy=privacy,
+                            # what each site counted of its training rows without a target (none hidden deployed)
+                            unlabeled={s: (int(joined[s]["unlabeled_rows"]), 0) for s in sites
+                                       if joined[s]["unlabeled_rows"]},
                             harmonization=None if harmonization is None else deployed_report(harmonization),
                             target_scales=[] if target is UNSCALED else [
                                 {"train_sites": sites, "n": sum(int(joined[s]["target_moments"]["n"]) for s in sites),
@@ -399,6 +432,13 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
 
     shutil.rmtree(checkpoints, ignore_errors=True)
     return doc
+
+
+def _server_options(opts: Mapping[str, Any]) -> dict[str, Any]:
+    """The options the coordinator builds a method's server end with: a distilling method's
+    ``teacher`` left out (a site's own file, which the coordinator never reads; the site resolves
+    the path the run's options carry on its machine)."""
+    return {**opts, "teacher": ""} if opts.get("teacher") else dict(opts)
 
 
 def _evaluations(spec, sites: list[str], answers: Mapping[str, Any], failure: Failure | None, rule: str) -> list:

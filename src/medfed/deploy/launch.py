@@ -88,7 +88,8 @@ def run_site(name: str, data: Path, server: str, certs: Path, folder: Path, *, p
     backoff = 1.0
     while not stop.is_set():
         node = start_supernode(name, keys, server, folder / "flower", port=port or free_port(host), host=host,
-                               node_config={"data": str(data), "folder": str(folder)},
+                               # workdir: where the study's relative paths (a teacher) resolve at this site
+                               node_config={"data": str(data), "folder": str(folder), "workdir": str(Path.cwd())},
                                **(FAST_SITE if fast else {}))
         log(f"site {name}: SuperNode {node.pid} connecting to {server}")
         started = time.monotonic()

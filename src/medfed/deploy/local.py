@@ -110,7 +110,8 @@ def run_on_local_flower(config, federation, *, command: str | None = None,
             superlink.register({s: keys.site(s).public_key for s in sites})
             for s in sites:
                 started.append(start_supernode(s, keys, superlink.address, out / "flower", port=free_port(),
-                                               node_config={"data": str(files[s]), "folder": str(work / f"site-{s}")},
+                                               node_config={"data": str(files[s]), "folder": str(work / f"site-{s}"),
+                                                            "workdir": str(Path.cwd())},  # --teacher as in medfed run
                                                **FAST_SITE))
             log(f"Flower on 127.0.0.1: a SuperLink and {len(sites)} SuperNodes (TLS, node authentication)")
             app = FlowerApp({"program": "study", "study": str(study), "out": str(out), "poll-s": POLL_S,

@@ -4,20 +4,27 @@ own file and its own folder.
 Flower starts a ClientApp process per message, so nothing lives in memory between requests:
 the site folder holds the study the coordinator sent at setup (``study.json``), the site's
 prepared rows (``rows.npz``: split, imputed and, with ``[harmonize]``, adjusted by the
-federation's fit from ``raw.npz``; never sent anywhere) and, per method run,
+federation's fit from ``raw.npz``; with the training rows whose label cell is empty, or holds
+the study's ``unlabeled_value``, as ``X_unlabeled``, prepared as in simulation; never sent
+anywhere) and, per method run,
 the :class:`~medfed.engine.runtime.SiteRuntime`'s state (``runs/<run>/``), written
 atomically. Every request is :mod:`medfed.comm.wire` bytes (never pickle) and every answer
 too; a request the site cannot serve is answered with ``{"error": one line}``, which the
 coordinator records as the site's reason for the round.
 
 What leaves the site: before setup, the task its labels read as and the class names it holds
-(``labels``: never a row's label); at setup, its row counts (all rows; training rows per class), the
+(``labels``: never a row's label); at setup, its row counts (all rows; training rows per class; unlabeled training rows), the
 column moments of its training rows (count, sums, sums of squares: global scaling), its
 imputation values (training-row medians or means) and its feature names; with ``[harmonize]``,
 the statistics of its training rows that the fit needs (:mod:`medfed.experiments.harmonization`:
 ComBat's design cross-products, then its residual moments; or its images' mean low-band
 amplitudes), after which it adjusts its own rows by its share of the fit and shares their
 moments; each round, its upload; at the end, its test metrics. Never a row.
+
+A distilling method's ``teacher`` is a path each site resolves on its own machine: an absolute
+path as it is, a relative one against the directory ``medfed deploy site`` was started in (the
+node config's ``workdir``); a site without that file, or with one that does not fit its data,
+stops the study at setup, by name. The coordinator never reads it.
 """
 
 from __future__ import annotations
@@ -53,18 +60,28 @@ STUDY_FILE, ROWS_FILE, RAW_FILE = "study.json", "rows.npz", "raw.npz"
 
 @dataclass(frozen=True)
 class SiteIdentity:
-    """Who this site is and where its data and folder are (the SuperNode's node config)."""
+    """Who this site is and where its data and folder are (the SuperNode's node config), and the
+    directory a relative path of the study resolves against at this site (``workdir``: where
+    ``medfed deploy site`` was started; the process's own working directory when the node config
+    has none, as in a loopback dry run)."""
 
     name: str
     data: Path
     folder: Path
+    workdir: Path = Path()
 
     @classmethod
     def of(cls, node_config: Mapping[str, Any]) -> SiteIdentity:
         missing = [k for k in ("site", "data", "folder") if not node_config.get(k)]
         if missing:
             raise ConfigError(f"the site's node config lacks {', '.join(missing)}; start it with `medfed deploy site`")
-        return cls(str(node_config["site"]), Path(str(node_config["data"])), Path(str(node_config["folder"])))
+        return cls(str(node_config["site"]), Path(str(node_config["data"])), Path(str(node_config["folder"])),
+                   Path(str(node_config.get("workdir") or Path.cwd())))
+
+    def local_path(self, given: str) -> Path:
+        """A path the study names (a distilling method's ``teacher``) on this site's machine."""
+        path = Path(given).expanduser()
+        return path if path.is_absolute() else self.workdir / path
 
 
 def handle(payload: bytes, node_config: Mapping[str, Any]) -> bytes:
@@ -151,8 +168,9 @@ def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
         (site.folder / ROWS_FILE).unlink(missing_ok=True)
         _write_rows(site.folder / RAW_FILE, **rows, C_train=split.C_train, C_test=split.C_test,
                     features=np.asarray(fed.feature_names, dtype=str))
-    else:
-        _write_rows(site.folder / ROWS_FILE, **rows)
+    else:  # with the training rows without a target, imputed and scaled as X_train by prepare_site (never in the
+        # moments, as in simulation); only a method learning from unlabeled rows reads them ([harmonize] refuses those)
+        _write_rows(site.folder / ROWS_FILE, **rows, X_unlabeled=split.X_unlabeled)
     m = split.moments
     answer = {
         "imputer": None if split.imputer is None else {"strategy": split.imputer.strategy, "values": split.imputer.values},
@@ -163,6 +181,8 @@ def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
         "train_label_counts": tuple(float(c) for c in label_counts(
             split.y_train, fed.n_classes if fed.task == "multiclass" else 2)),
         "moments": {"n": int(m.n), "total": m.total, "total_sq": m.total_sq},
+        "unlabeled_rows": len(split.X_unlabeled),  # a count, reported as medfed run reports it
+        "teacher_problem": _teacher_problem(site, config, fed),
         # a regression target's n, sum y, sum y^2 (the coordinator pools them into the target scale)
         "target_moments": None if split.target_moments is None else {
             "n": int(split.target_moments.n), "total": split.target_moments.total,
@@ -182,6 +202,29 @@ def _setup(site: SiteIdentity, request: Mapping[str, Any]) -> dict[str, Any]:
 
         answer["harmonize"] = first_statistics(config, split, fed.feature_names)
     return answer
+
+
+def _teacher_problem(site: SiteIdentity, config, fed) -> str | None:
+    """Every distilling method's teacher, on this site's machine: the file its ``teacher`` option
+    names (relative to the site's ``workdir``) exists and fits the site's data (features, task,
+    classes; a torch state dict, the study's model); otherwise one line naming the site and the
+    path, on which the coordinator stops the study before training (a site that cannot distill is not simply left out, as a site whose file
+    fails the schema is: the teacher is the study's, each site must have it)."""
+    from medfed.experiments.harness import check_teacher_fit
+    from medfed.methods import resolve_methods
+
+    for spec, opts in resolve_methods(config.methods, config.method_options, config.pipelines):
+        if not opts.get("teacher"):
+            continue
+        path = site.local_path(str(opts["teacher"]))
+        if not path.is_file():
+            return (f"site {site.name!r}: method {spec.name!r}'s teacher file {str(path)!r} does not exist "
+                    f"(option teacher = {opts['teacher']!r}, resolved against the site's directory {str(site.workdir)!r})")
+        try:
+            check_teacher_fit(path, config, fed)
+        except MedfedError as exc:  # not a model file, one of other features, task or classes, a state dict of another model
+            return f"site {site.name!r}: {exc}"
+    return None
 
 
 def _write_rows(path: Path, **arrays: np.ndarray) -> None:
@@ -314,18 +357,32 @@ def _noise_seed(site: SiteIdentity) -> int:
 
 def _build(site: SiteIdentity, run: Mapping[str, Any]) -> tuple:
     from medfed.deploy.study import study_from_payload
-    from medfed.experiments.harness import TrainingPlan, build_method
+    from medfed.experiments.harness import TrainingPlan, build_method, unlabeled_view
     from medfed.methods import resolve_methods
+    from medfed.methods.method import context_for
 
     config = study_from_payload(json.loads((site.folder / STUDY_FILE).read_text()))
     with np.load(site.folder / ROWS_FILE) as rows:
         X_train, y_train, X_test, y_test = (rows[k] for k in ("X_train", "y_train", "X_test", "y_test"))
+        # a harmonized site's rows.npz holds none (_harmonize): [harmonize] refuses the methods that learn from them
+        X_unlabeled = rows["X_unlabeled"] if "X_unlabeled" in rows.files else None
     (spec, opts), = resolve_methods([run["method"]], {run["method"]: dict(run["options"])}, config.pipelines)
+    if opts.get("teacher"):  # the site's own copy of the teacher (checked at setup); the coordinator never reads it
+        opts = {**opts, "teacher": str(site.local_path(str(opts["teacher"])))}
     from medfed.data.tasks import n_outputs
 
     task, classes = run["task"], tuple(run["classes"])
     plan = TrainingPlan.for_shape(config, tuple(run["sample_shape"]), task, n_outputs(task, classes))
     counts = {name: np.asarray(c) for name, c in run["label_counts"].items()}
+    scale = _standardizer(run["scale"], X_train.shape[1])
+    data = LocalData(site.name, scale(X_train), target_scale(run).forward(y_train) if task == "regression" else y_train,
+                     unlabeled_view(X_unlabeled, scale))
+    if run.get("phase") == "pretrain":  # a pretraining phase (contrastive): plain local training, no DP or
+        # secure aggregation (refused with it), as in simulation
+        phase = spec.pretrain(opts, config.training, context_for(list(run["sites"]), config.seed, counts,
+                                                                 model=config.model, model_options=config.model_options))
+        program = SiteProgram(phase.algorithm, plan.local, make_codec(config.compress), None)
+        return config, plan, spec, program, data, scale(X_test), y_test
     algorithm = build_method(config, spec, opts, list(run["sites"]), counts)
     # the site's end of DP (its update clipped before it leaves) and of secure aggregation (its noise, its mask)
     from medfed.deploy.study import site_min_sites
@@ -333,8 +390,6 @@ def _build(site: SiteIdentity, run: Mapping[str, Any]) -> tuple:
     sizes = {name: float(sum(c)) for name, c in counts.items()}
     algorithm, secure = plan.private(spec, algorithm, sizes, KeyedRng(0), min_sites=site_min_sites(config),
                                      site=True)
-    scale = _standardizer(run["scale"], X_train.shape[1])
-    data = LocalData(site.name, scale(X_train), target_scale(run).forward(y_train) if task == "regression" else y_train)
     local = plan.sample_private(spec, algorithm, sizes)  # DP-SGD (--dp sample) at the study's noise, or plain
     codec = None if secure is not None else make_codec(config.compress)  # secure: quantized in the ring
     program = SiteProgram(algorithm, local, codec, None if secure is None else secure[0])

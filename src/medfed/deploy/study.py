@@ -89,14 +89,12 @@ def check_settings(config: ExperimentConfig, source: str, *, manifest: bool) -> 
             f"{source}: {', '.join(central)} pool or move rows between sites and cannot be deployed; "
             "list only federated methods in `methods`"
         )
-    if any(spec.name == "distill" for spec, _ in methods):  # the teacher file is the coordinator's, not the sites'
-        raise ConfigError(f"{source}: distill reads its --teacher file at each site, which a deployed study does not "
-                          "ship yet; it runs in simulation (medfed run) only so far")
-    unlabeled = [spec.name for spec, _ in methods if spec.unlabeled]
-    if unlabeled:  # a deployed site prepares its labeled training rows only (deploy/site.py)
-        raise ConfigError(
-            f"{source}: {', '.join(unlabeled)} learns from each site's unlabeled rows, which a deployed site does "
-            "not prepare yet; it runs in simulation (medfed run) only so far")
+    from medfed.experiments.harness import check_teacher_study, check_unlabeled_study
+
+    # what a method learning from unlabeled rows, or distilling, cannot combine with, as in simulation; the
+    # teacher file itself is each site's (its path resolved and its fit checked at the site's setup)
+    check_unlabeled_study(config, methods)
+    check_teacher_study(config, None, methods)
 
 
 def study_payload(config: ExperimentConfig) -> dict[str, Any]:

@@ -770,17 +770,17 @@ class ScaledViews:
             target = self.target_scale(group)
             train = [LocalData(sites[i].name, scale(sites[i].X_train),
                                target.forward(sites[i].y_train) if self.standardize_target else sites[i].y_train,
-                               _unlabeled(sites[i], scale))
+                               unlabeled_view(sites[i].X_unlabeled, scale))
                      for i in group]
             tests = [scale(s.X_test) for s in sites]
             self._cache[key] = (train, tests)
         return self._cache[key]
 
 
-def _unlabeled(site: SplitSite, scale: Standardizer) -> np.ndarray | None:
-    """A site's unlabeled training rows scaled as its labeled ones, None when it has none
-    (check_study refuses a method that learns from them under harmonization, which adjusts X_train only)."""
-    X = site.X_unlabeled
+def unlabeled_view(X: np.ndarray | None, scale: Standardizer) -> np.ndarray | None:
+    """A site's unlabeled training rows (``SplitSite.X_unlabeled``) scaled as its labeled ones, None
+    when it has none (check_study refuses a method that learns from them under harmonization, which
+    adjusts X_train only); a deployed site builds its ``LocalData`` with it too."""
     return None if X is None or len(X) == 0 else scale(X)
 
 
@@ -1169,12 +1169,13 @@ def check_unlabeled_study(config: ExperimentConfig, methods: list[tuple[Method, 
                               "account as the site's examples: leave it out of --methods or use another --dp")
 
 
-def check_teacher_study(config: ExperimentConfig, federation: Federation, methods: list[tuple[Method, dict]]) -> None:
+def check_teacher_study(config: ExperimentConfig, federation: Federation | None, methods: list[tuple[Method, dict]]) -> None:
     """Refuse, before training, a distilling method's teacher that does not fit the data or the
-    student (a state dict: the study's model's parameters), and what the soft targets do not
-    combine with (a robust loss, DP-SGD: its soft targets are not a row's label)."""
+    student (:func:`check_teacher_fit`), and what the soft targets do not combine with (a robust
+    loss, DP-SGD: its soft targets are not a row's label). ``federation`` None (a deployed study's
+    coordinator, which never reads the teacher): all but the file's fit, which each site checks on
+    its own copy (medfed.deploy.site)."""
     from medfed.client.distill import TEACHER_NEEDED
-    from medfed.experiments.saved_model import check_state_dict, check_teacher, is_state_dict, read_state_dict
 
     for spec, opts in methods:
         if "teacher" not in opts:
@@ -1183,15 +1184,24 @@ def check_teacher_study(config: ExperimentConfig, federation: Federation, method
             raise ConfigError(TEACHER_NEEDED)
         if config.training.loss != "ce":
             raise ConfigError(f"method {spec.name!r} replaces the loss itself: use --loss ce, not --loss {config.training.loss}")
-        if is_state_dict(opts["teacher"]):
-            student = TrainingPlan.of(config, federation).model
-            shapes = (student.param_shapes(federation.sample_shape) if hasattr(student, "param_shapes") else
-                      {k: v.shape for k, v in student.init_params(federation.sample_shape).items()})
-            check_state_dict(opts["teacher"], read_state_dict(opts["teacher"]), shapes, config.model)
-        else:
-            check_teacher(opts["teacher"], federation)
+        if federation is not None:
+            check_teacher_fit(opts["teacher"], config, federation)
         if config.privacy.dp == "sample":
             raise ConfigError(f"method {spec.name!r} does not combine with --dp sample: use another --dp")
+
+
+def check_teacher_fit(path, config: ExperimentConfig, federation: Federation) -> None:
+    """A teacher file fits: a torch state dict holds the study's model's parameters (names and
+    shapes), a saved medfed model the data's features, task and classes; else one ConfigError."""
+    from medfed.experiments.saved_model import check_state_dict, check_teacher, is_state_dict, read_state_dict
+
+    if is_state_dict(path):
+        student = TrainingPlan.of(config, federation).model
+        shapes = (student.param_shapes(federation.sample_shape) if hasattr(student, "param_shapes") else
+                  {k: v.shape for k, v in student.init_params(federation.sample_shape).items()})
+        check_state_dict(path, read_state_dict(path), shapes, config.model)
+    else:
+        check_teacher(path, federation)
 
 
 CROSS_SITE_LIMIT = 200  # beyond it, Cross's K (K - 1) evaluations take gigabytes
