@@ -7,6 +7,7 @@ unlabeled rows move the update only when the soft term is on; the CLI end to end
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pandas as pd
@@ -233,3 +234,24 @@ def test_cli_with_torch_model_and_state_dict_teachers(tmp_path):
     lines = [ln for ln in text.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "wide.pt" in lines[0] and "'body.0.linear.weight'" in lines[0] \
         and "expected (4, 3)" in lines[0], text
+
+
+def test_distill_without_unlabeled_rows_is_named_among_the_methods_that_leave_them_out(tmp_path):
+    """distill.unlabeled=false (or weight 0) learns from the labeled rows only: the run's note must
+    say so, and the unlabeled-row refusals (harmonization) must not apply to it."""
+    from medfed.methods import resolve
+
+    spec, _ = resolve("distill", {})
+    assert spec.uses_unlabeled(spec.validate({}))
+    assert not spec.uses_unlabeled(spec.validate({"unlabeled": False}))
+    assert not spec.uses_unlabeled(spec.validate({"weight": 0}))
+    path = _table(tmp_path)
+    code, text = _cli(path, tmp_path / "teach", "--methods", "mix", "--save-model")
+    assert code == 0, text
+    saved = tmp_path / "teach" / "models" / "Mix.npz"
+    code, text = _cli(path, tmp_path / "s", "--methods", "fedavg,distill", "--teacher", saved,
+                      "--labeled-fraction", 0.5, "--method-option", "distill.unlabeled=false")
+    assert code == 0, text
+    notes = json.loads((tmp_path / "s" / "results.json").read_text())["warnings"]
+    line = next(n for n in notes if "unlabeled training rows" in n)
+    assert "not used by FedAvg, Distill:" in line and "semi-supervised" not in line, line

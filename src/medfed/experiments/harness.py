@@ -1156,8 +1156,8 @@ def check_unlabeled_study(config: ExperimentConfig, methods: list[tuple[Method, 
     """Refuse, before training, what a method that learns from unlabeled rows cannot combine with:
     harmonization (it adjusts the labeled rows only) and DP-SGD (pseudo-labeled rows are not
     accounted as the site's examples)."""
-    for spec, _ in methods:
-        if not spec.unlabeled:
+    for spec, opts in methods:
+        if not spec.uses_unlabeled(opts):
             continue
         if spec.pretrain is not None:
             check_pretraining(config, spec)
@@ -1383,8 +1383,8 @@ def assemble_run(config: ExperimentConfig, federation, methods, outcomes: list[R
                 "site has no complete model; no unseen-site rows"
             )
     notes += unseen_level_notes([o.unseen_levels for o in outcomes], config.repeats)
-    notes += unlabeled_notes([o.unlabeled for o in outcomes], [spec.display for spec, _ in methods if not spec.unlabeled],
-                             [spec.display for spec, _ in methods if spec.unlabeled])
+    notes += unlabeled_notes([o.unlabeled for o in outcomes], [spec.display for spec, o in methods if not spec.uses_unlabeled(o)],
+                             [spec.display for spec, o in methods if spec.uses_unlabeled(o)])
     for site, absent in (federation.missing_classes() if hasattr(federation, "missing_classes") else {}).items():
         notes.append(f"site {site!r} has no rows of class{'es' if len(absent) > 1 else ''} "
                      f"{', '.join(repr(c) for c in absent)} (legal: it trains on the classes it has; its "

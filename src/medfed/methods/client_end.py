@@ -214,7 +214,7 @@ def _distill(opts, training: Training, context: BuildContext) -> FederatedAlgori
 
 
 def _spec(name, display, summary, reference, options: tuple[Option, ...], build, *, personal=False,
-          tasks: tuple[str, ...] | None = None, unlabeled: bool = False) -> Method:
+          tasks: tuple[str, ...] | None = None, unlabeled=False) -> Method:
     return Method(
         name, display, "federated", summary, reference, options, build, uploads="delta", personal=personal,
         family=FAMILY, unlabeled=unlabeled, **({} if tasks is None else {"tasks": tasks}),
@@ -328,6 +328,6 @@ CLIENT_METHODS: list[Method] = [
         ),
         _distill,
         tasks=("binary", "multiclass"),  # soft targets of one class per row
-        unlabeled=True,  # with its default options it learns from the unlabeled rows
+        unlabeled=lambda opts: bool(opts["unlabeled"]) and float(opts["weight"]) > 0,  # the soft term on them
     ),
 ]

@@ -58,7 +58,9 @@ class Method:
     what a reader must know about the numbers the method produces under those options (e.g. a
     reading that cannot learn a parameter's sign), or None; results carry it and the table
     shows it as a note on the method's rows. ``unlabeled`` says the method learns from the sites'
-    unlabeled training rows (``LocalData.X_unlabeled``); every other method leaves them out.
+    unlabeled training rows (``LocalData.X_unlabeled``); every other method leaves them out. A
+    method whose options switch that (distill's ``unlabeled``) gives a callable of its options;
+    ask :meth:`uses_unlabeled`.
     ``pretrain``, when given, builds a phase the harness runs before this method's own rounds.
     """
 
@@ -78,7 +80,7 @@ class Method:
     check: Callable[[Mapping[str, Any]], str | None] | None = None
     # the targets the method can train (medfed.data.tasks): refused at build time for others
     tasks: tuple[str, ...] = ("binary", "multiclass", "regression", "multilabel", "segmentation")
-    unlabeled: bool = False
+    unlabeled: bool | Callable[[Mapping[str, Any]], bool] = False
     # a first federated run whose final model starts this one (contrastive pretraining):
     # ``pretrain(options, training, context) -> Pretraining`` (medfed.methods.contrastive)
     pretrain: Callable[[Mapping[str, Any], Training, BuildContext], Any] | None = None
@@ -91,6 +93,10 @@ class Method:
     def flags(self) -> tuple[str, ...]:
         """The names of the options that are also command-line flags."""
         return tuple(o.name for o in self.options if o.flag)
+
+    def uses_unlabeled(self, options: Mapping[str, Any]) -> bool:
+        """Whether the method, under these (validated) options, learns from the unlabeled rows."""
+        return bool(self.unlabeled(options) if callable(self.unlabeled) else self.unlabeled)
 
     def validate(self, options: Mapping[str, Any]) -> dict[str, OptionValue]:
         """Every option of the method, ``options`` checked and cast, defaults for the rest; one
