@@ -69,3 +69,59 @@ def test_every_step_is_reachable_by_name_and_kinds_do_not_overlap():
         entries = [name] if name in REDUCING_STEPS else ["weighted_mean", name]
         aggregator = build_pipeline(entries)
         assert aggregator.init({"weight": np.zeros(3), "bias": np.zeros(1)}) is not None
+
+
+def test_a_client_end_method_runs_under_any_server_pipeline(federation):
+    """A few-label (or any client-end) method composes with server steps: under a weighted-mean
+    pipeline its site rule is the method itself, bit for bit (same rng); under server Adam it
+    differs; its options are the pipeline's (method_options.<pipeline>), checked against the
+    client's schema."""
+    from medfed.client import LocalData, LocalTraining
+    from medfed.engine import run_federated
+    from medfed.methods import context_for, resolve
+    from medfed.models.registry import make_model
+    from medfed.rng import KeyedRng
+
+    pipelines = {
+        "vat_mean": {"steps": ["weighted_mean"], "client": "vat"},
+        "vat_adam": {"steps": ["weighted_mean", {"step": "server_adam", "lr": 0.05}], "client": "VAT"},
+    }
+    specs = build_config({"data": {"dataset": "adni-like"}, "methods": ["vat"], "pipelines": pipelines}).pipelines
+    sites = [LocalData(s.name, s.X[:40], s.y[:40]) for s in federation.sites]
+    model = make_model("logistic", (sites[0].X.shape[1],))
+    init = model.init_params((sites[0].X.shape[1],), KeyedRng(0))
+    context = context_for([s.name for s in sites])
+    runs = {}
+    for name in ("vat", "vat_mean", "vat_adam"):
+        spec, opts = resolve(name, {"eps": 0.5}, specs)
+        algorithm = spec.build(opts, build_config({"data": {"dataset": "adni-like"}}).training, context)
+        runs[name] = run_federated(algorithm, init, sites, LocalTraining(model, 0.1, 3, 16), 4, KeyedRng(7))
+    for k in runs["vat"].params:
+        np.testing.assert_array_equal(runs["vat_mean"].params[k], runs["vat"].params[k])
+    assert [r.train_loss for r in runs["vat_mean"].history] == [r.train_loss for r in runs["vat"].history]
+    assert any(not np.array_equal(runs["vat_adam"].params[k], runs["vat"].params[k]) for k in runs["vat"].params)
+    with pytest.raises(ConfigError, match="'vat_mean' has no option 'epz'"):
+        resolve("vat_mean", {"epz": 1.0}, specs)
+
+
+def test_a_semisupervised_pipeline_learns_from_the_unlabeled_rows(federation):
+    pipelines = {"semi_adam": {"steps": ["weighted_mean", {"step": "server_adam", "lr": 0.05}],
+                               "client": "semisupervised", "display": "SemiSup+Adam"}}
+    config = _config(["fedavg", "semi_adam"], pipelines, method_options={"semi_adam": {"threshold": 0.6}},
+                     data={"dataset": "adni-like", "labeled_fraction": 0.3})
+    doc = results_document(run_experiment(config, federation))
+    note = next(w for w in doc["warnings"] if "unlabeled training rows" in w)
+    assert "not used by FedAvg" in note and note.endswith("used by SemiSup+Adam (semi-supervised)"), note
+
+
+@pytest.mark.parametrize("client, message", [
+    ("scaffold", "client 'scaffold' needs its own server"),
+    ("fedsgd", "client 'fedsgd' is not a site rule a pipeline can run"),
+    ("contrastive", "client 'contrastive' is not a site rule a pipeline can run"),
+    ("mix", "client 'mix' is not a site rule a pipeline can run"),
+    ("fedavgg", "allowed: fedavg, fedprox, "),
+])
+def test_a_pipeline_client_that_cannot_be_served_is_refused_before_training(federation, client, message):
+    pipelines = {"p": {"steps": ["weighted_mean"], "client": client}}
+    with pytest.raises(ConfigError, match=message):
+        run_experiment(_config(["p"], pipelines, training={"rounds": 1, "local_steps": 1}), federation)

@@ -321,11 +321,13 @@ class PipelineSpec(_Strict):
 
     ``steps``: a reducing step, then update steps (names from ``medfed.methods.steps``), each a
     name or a table ``{step = "name", option = value}``; ``apply_delta`` is added at the end.
-    ``client``: the sites' rule, FedAvg's local SGD or FedProx's (with ``mu``).
+    ``client``: the sites' rule: FedAvg's local SGD, FedProx's (with ``mu``), or any client-end
+    method whose server is FedAvg's (``semisupervised``, ``vat``, ``distill``, ``fedbn``, ...; its
+    options are the pipeline's, under ``[method_options.NAME]``).
     """
 
     steps: list[str | dict[str, Any]] = Field(min_length=1)
-    client: Literal["fedavg", "fedprox"] = "fedavg"
+    client: str = "fedavg"
     mu: float = Field(0.1, ge=0)
     display: str | None = None
 

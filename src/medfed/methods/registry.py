@@ -11,6 +11,7 @@ experiment config builds the same method as the coordinator.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -93,24 +94,76 @@ class Pipeline(Protocol):
     def display(self) -> str | None: ...
 
 
+# a pipeline's own clients; any other client is a registered client-end method (pipeline_client)
+PIPELINE_RULES = ("fedavg", "fedprox")
+FEDAVG_SERVER = ["weighted_mean", "apply_delta"]
+CLIENT_END = "survey §3.2"
+
+
+def pipeline_client(name: str, pipeline: Pipeline) -> Method | None:
+    """The registered method whose site rule a pipeline's ``client`` names (None: FedAvg's or
+    FedProx's local SGD, the pipeline's own ``mu``). It must be a federated method that uploads a
+    delta and runs no phase of its own (a client-end method, survey §3.2: a server-end one is a
+    server, which the pipeline's steps replace); that its server is FedAvg's is checked when it is built."""
+    client = str(pipeline.client).strip().lower()
+    if client in PIPELINE_RULES:
+        return None
+    method = METHODS.get(client)
+    usable = [m.name for m in METHODS.values() if m.family == CLIENT_END and m.uploads == "delta" and m.pretrain is None]
+    if method is None or method.name not in usable:
+        raise ConfigError(f"pipelines.{name}: client {pipeline.client!r} is not a site rule a pipeline can run; "
+                          f"allowed: {', '.join(dict.fromkeys([*PIPELINE_RULES, *usable]))}")
+    return method
+
+
+def _client_rule(name: str, client: Method, algorithm: FederatedAlgorithm) -> FederatedAlgorithm:
+    """``algorithm``'s site half, refused when its server is not FedAvg's: a server that sends
+    the sites state (SCAFFOLD's control variate) or weighs their uploads its own way is part of
+    the method, and a pipeline's steps would replace it."""
+    steps = [s.name for s in getattr(algorithm.aggregator, "steps", ())] or [algorithm.aggregator.name]
+    if algorithm.broadcast is not None or steps != FEDAVG_SERVER:
+        raise ConfigError(f"pipelines.{name}: client {client.name!r} needs its own server ({' -> '.join(steps)}"
+                          f"{', with a broadcast' if algorithm.broadcast is not None else ''}); a pipeline replaces "
+                          "the server, so use a client whose server is FedAvg's")
+    return algorithm
+
+
 def pipeline_method(name: str, pipeline: Pipeline) -> Method:
-    """A method from a pipeline listed in the config (``[pipelines.NAME]``)."""
+    """A method from a pipeline listed in the config (``[pipelines.NAME]``): its server steps
+    after a site rule, FedAvg's or FedProx's local SGD or any client-end method's
+    (``client = "semisupervised"``), whose option schema, tasks and capabilities it takes on
+    (its options are set as the pipeline's: ``[method_options.NAME]``)."""
     where = f"pipelines.{name}"
     build_pipeline(pipeline.steps, where)  # fail at resolution, not in the middle of a run
+    client = pipeline_client(name, pipeline)
     uses_fusion = any(
         (s if isinstance(s, str) else s.get("step")) == "dynamic_fusion" for s in pipeline.steps
     )
 
     def build(opts, training, context):
-        rule = functools.partial(fedprox_update, mu=pipeline.mu) if pipeline.client == "fedprox" else local_sgd_update
+        if client is not None:
+            algorithm = _client_rule(name, client, client.build(opts, training, context))
+            rule = algorithm.local_update
+        else:
+            algorithm = None
+            rule = functools.partial(fedprox_update, mu=pipeline.mu) if pipeline.client == "fedprox" else local_sgd_update
         if uses_fusion:
             rule = with_round_report(rule, {}, jitter=0.5)
-        return FederatedAlgorithm(name, rule, build_pipeline(pipeline.steps, where))
+        server = build_pipeline(pipeline.steps, where)
+        if algorithm is None:
+            return FederatedAlgorithm(name, rule, server)
+        return dataclasses.replace(algorithm, name=name, local_update=rule, aggregator=server)
 
     steps = " -> ".join(s if isinstance(s, str) else s["step"] for s in pipeline.steps)
+    summary = f"{pipeline.client} client; server: {steps}"
+    if client is None:
+        return Method(name, pipeline.display or name, "federated", summary, "pipeline from the config", build=build,
+                      uploads="delta", family="config pipelines")
     return Method(
-        name, pipeline.display or name, "federated", f"{pipeline.client} client; server: {steps}",
-        "pipeline from the config", build=build, uploads="delta", family="config pipelines",
+        name, pipeline.display or name, "federated", summary, f"pipeline from the config; client: {client.reference}",
+        options=client.options, build=build, uploads="delta", personal=client.personal,
+        global_model=client.global_model, family="config pipelines", caveat=client.caveat, check=client.check,
+        tasks=client.tasks, unlabeled=client.unlabeled,
     )
 
 
