@@ -174,3 +174,23 @@ site_files = "manifest"
     assert deployed["histories"]["Contrastive"]["communication_rounds"] == 4  # 2 pretraining + 2 fine-tuning
     assert deployed["histories"]["Contrastive"]["train_loss"] != deployed["histories"]["FedAvg"]["train_loss"]
     assert _rows(deployed) == _rows(simulated)
+
+
+def test_a_site_whose_state_dict_teacher_does_not_fit_the_model_stops_the_study(tmp_path):
+    """A torch state dict teacher is checked at each site against the study's model (the site's own
+    copy; the coordinator never reads it): a wrong shape is one line naming the site, the key and
+    the shape it expects."""
+    torch = pytest.importorskip("torch")
+    site_tables(tmp_path)
+    study = tmp_path / "study.toml"
+    study.write_text(STUDY.format(method="distill", options='teacher = "models/teacher.pt"\nweight = 0.7'))
+    dirs = {s: tmp_path / f"machine-{s}" for s in SITES}
+    for d in dirs.values():
+        (d / "models").mkdir(parents=True)
+        torch.save({"weight": torch.zeros(2), "bias": torch.zeros(())}, d / "models" / "teacher.pt")
+    with pytest.raises(ConfigError) as raised:
+        drive(LoopbackLink(_nodes(tmp_path, dirs)), study, tmp_path / "out", log=lambda m: None)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("site '") and "teacher.pt" in message, message
+    assert "'weight' has shape (2,), expected (10,)" in message, message
+    assert not any((tmp_path / f"site-{s}" / "runs").exists() for s in SITES)
