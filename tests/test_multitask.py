@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -234,12 +235,48 @@ def test_medfed_run_on_a_multitask_table_records_each_sites_target(tmp_path):
     assert len(bad.output.strip().splitlines()) == 1
 
 
-def test_a_deployed_study_refuses_per_site_label_columns_in_one_line():
-    from medfed.deploy.study import check_deployable
+def test_a_deployed_multitask_study_reads_each_sites_own_column_and_equals_its_simulation(tmp_path):
+    """Each hospital's table holds its own target's column (a site named in label_column_site reads
+    that column, the others label_column): deployed over the loopback link, the multi-task study
+    gives the numbers and site_targets of medfed run on the pooled table."""
+    from deploy_support import site_tables
 
-    values = {"data": {"site_column": "site", "label_column": "adhd", "label_column_site": {"b": "asd"}},
-              "methods": ["multitask"], "deploy": {"sites": list(SITES)}}
-    config = build_config(values, "STUDY.toml", schema_only=True)
-    with pytest.raises(ConfigError, match=r"STUDY\.toml: \[data\] label_column_site \(per-site targets\) runs in "
-                                          r"simulation \(medfed run\) only so far"):
-        check_deployable(config, "STUDY.toml")
+    from medfed.deploy.coordinator import drive
+    from medfed.deploy.loopback import LoopbackLink
+
+    names = site_tables(tmp_path)  # heart disease: column "target" at every site
+    for file in [*(f"{s}.csv" for s in names), "all.csv"]:  # and another target every table holds
+        df = pd.read_csv(tmp_path / file)
+        df["old"] = (df["age"] > 55).astype(int)
+        df.to_csv(tmp_path / file, index=False)
+    study = tmp_path / "study.toml"
+    study.write_text(f"""methods = ["fedavg", "multitask"]
+seed = 2
+repeats = 1
+model = "mlp"
+[model_options]
+hidden = [4]
+[training]
+rounds = 3
+local_steps = 2
+[data]
+site_column = "site"
+label_column = "target"
+impute = "median"
+exclude = ["age"]
+[data.label_column_site]
+Hungary = "old"
+[deploy]
+sites = {json.dumps(list(names))}
+round_timeout_s = 5
+""")
+    nodes = {s: {"site": s, "data": str(tmp_path / f"{s}.csv"), "folder": str(tmp_path / f"site-{s}")} for s in names}
+    deployed = drive(LoopbackLink(nodes), study, tmp_path / "out", log=lambda m: None)
+    result = runner.invoke(app, ["run", str(study), "--data", str(tmp_path / "all.csv"), "--out", str(tmp_path / "sim")])
+    assert result.exit_code == 0, result.output
+    simulated = json.loads((tmp_path / "sim" / "results.json").read_text())
+    assert deployed["site_targets"] == simulated["site_targets"] == {**{s: "target" for s in names}, "Hungary": "old"}
+    for setting in ("FedAvg", "MultiTask"):
+        assert deployed["histories"][setting]["train_loss"] == simulated["histories"][setting]["train_loss"]
+    rows = lambda doc: {(r["setting"], r["test_site"], r["model"]): r["metrics"] for r in doc["results"]}  # noqa: E731
+    assert rows(deployed) == rows(simulated)

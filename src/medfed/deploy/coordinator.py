@@ -275,6 +275,16 @@ def check_resume(out: Path, resume: bool) -> Path:
     return checkpoints
 
 
+
+def _site_targets(config, joined: Mapping[str, Any], sites) -> dict[str, Any]:
+    """A multi-task study's ``site_targets`` (site -> its label column), as the pooled loader
+    records them: each site reads its own ``label_column_site`` entry, the others ``label_column``."""
+    own = config.data.label_column_site or {}
+    if not own:
+        return {}
+    return {"site_targets": {site: own.get(site, config.data.label_column) for site in sites}}
+
+
 def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, command: str | None = None,
           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the study in ``study_path`` over ``link``; write the report to ``out``; return results.json."""
@@ -325,7 +335,7 @@ def drive(link: Link, study_path: Path, out: Path, *, resume: bool = False, comm
         "deployed", tuple(sites), tuple(joined[s]["summary"] for s in sites), tuple(first["features"]), shape,
         config.data.impute, first["positive_label"], bool(first["predefined_split"]),
         info={"label_column": config.data.label_column, "refused_sites": refused,
-              "sites": {site: joined[site].get("data_info") for site in sites}},
+              "sites": {site: joined[site].get("data_info") for site in sites}, **_site_targets(config, joined, sites)},
         is_image=bool(first.get("is_image", False)), task=task, classes=classes,
         task_source=str(first.get("task_source", "given")),
     )

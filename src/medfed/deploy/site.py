@@ -281,6 +281,23 @@ def _harmonize(site: SiteIdentity, request: Mapping[str, Any]):
                     f"the study's [harmonize] method = {method!r}")
 
 
+def _own_target(site: SiteIdentity, data) -> dict:
+    """A multi-task study's schema for this site's table: its own label column (``label_column_site``,
+    else ``label_column``), and the other sites' label columns its file holds left out of the
+    features, as the pooled loader leaves every label column out."""
+    if not data.label_column_site:
+        return {}
+    from medfed.data.tables import read_frame
+
+    own = data.label_column_site.get(site.name)
+    mine = own or data.label_column
+    held = {str(c) for c in read_frame(site.data).columns}
+    others = [c for c in dict.fromkeys(data.label_column_site.values()) if c != mine and c in held]
+    others += [data.label_column] if own and data.label_column and data.label_column in held else []
+    return {"label_column_site": {site.name: own} if own else None, **({"label_column": None} if own else {}),
+            "exclude": [*(data.exclude or []), *(c for c in others if c not in (data.exclude or []))]}
+
+
 def _own_federation(site: SiteIdentity, config):
     """The site's file as a one-site federation, read with the study's schema: a table, or a
     manifest of image files read by the loaders ``medfed run --manifest`` uses."""
@@ -291,7 +308,7 @@ def _own_federation(site: SiteIdentity, config):
     d = config.data
     # the loaders, flags and task inference of `medfed run --manifest/--data` on the site's own file
     source = "manifest" if config.deploy.site_files == "manifest" else "path"
-    fed = load_federation(d.model_copy(update={source: site.data}))
+    fed = load_federation(d.model_copy(update={source: site.data, **_own_target(site, d)}))
     others = [n for n in fed.site_names if n != site.name]
     if site.name not in fed.site_names or others:
         held = ", ".join(repr(n) for n in fed.site_names)

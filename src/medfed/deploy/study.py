@@ -69,8 +69,9 @@ def check_settings(config: ExperimentConfig, source: str, *, manifest: bool) -> 
     if not manifest and (data.mask_column or data.task == "segmentation"):
         raise ConfigError(f"{source}: a segmentation task reads each image's mask from a manifest's mask column; "
                           "set [deploy] site_files = \"manifest\"")
-    if data.label_column_site:  # each site's file would need its own schema
-        raise ConfigError(f"{source}: [data] label_column_site (per-site targets) runs in simulation (medfed run) only so far")
+    if data.label_column_site and manifest:
+        raise ConfigError(f"{source}: [data] label_column_site gives the sites' tables their own label columns; "
+                          "image manifests take one label column")
     if data.labeled_fraction != 1.0 or data.labeled_fraction_site:  # hidden per repeat by the harness's split
         raise ConfigError(f"{source}: [data] labeled_fraction and labeled_fraction_site hide labels in simulation "
                           "(medfed run) only so far; a deployed site trains on every label its file holds")

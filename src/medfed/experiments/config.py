@@ -122,7 +122,8 @@ class DataSpec(_Strict):
         if not sources and (info.context or {}).get("schema_only"):
             # a deployed study's [data]: the schema of the sites' tables; each site names its own file
             # the targets: a label column, a multilabel task's label columns, or a manifest's masks
-            targets = self.label_column or self.label_columns or self.mask_column or self.task == "segmentation"
+            targets = (self.label_column or self.label_columns or self.label_column_site or self.mask_column
+                       or self.task == "segmentation")
             if self.site_column is None or not targets:
                 raise ValueError("a deployed study's [data] needs site_column and label_column (or label_columns; "
                                  "a segmentation manifest's mask_column)")
