@@ -38,7 +38,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, replace
 
 # an installed package has its bytecode compiled: let the runs cache it (outside the source tree)
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
@@ -56,35 +57,51 @@ class Case:
     flags: tuple[str, ...]  # data, model and training flags of every run of this case
     rounds: int
     # the few-label methods that apply: contrastive needs a torch encoder (cnn2d, mlp), distill's teacher
-    # is a numpy logistic/softmax model of feature tables (a saved cnn2d is refused)
+    # is a numpy logistic/softmax model of feature tables (a saved cnn2d is refused); --methods overrides
     methods: tuple[str, ...]
+    metric: str = "auc"  # the headline metric key of results.json's rows, averaged over the test sites
+    # the run refuses a fraction that leaves a site no labeled training row: smaller ones are skipped
+    min_fraction: float = 0.0
+    gce: bool = True  # --loss gce applies to classification only (segmentation keeps its own loss)
+    method_flags: tuple[str, ...] = ()  # flags of the methods' command only (not Mix's, not GCE's)
 
 
 def cases(rounds_scale: float, n_per_site: int) -> dict[str, Case]:
-    # small budgets keep the default sweep near 10 minutes on 2 shared cores; --rounds-scale grows them
+    # budgets keep the default sweep near 15 minutes on 2 shared cores; --rounds-scale grows them
     bc_rounds = max(1, round(50 * rounds_scale))
-    mni_rounds = max(1, round(20 * rounds_scale))
+    mni_rounds = max(1, round(40 * rounds_scale))
     return {
         "breast-cancer": Case("breast-cancer", ("--dataset", "breast-cancer", "--model", "logistic",
                                                 "--rounds", str(bc_rounds)), bc_rounds,
                               ("fedavg", "semisupervised", "vat", "distill")),
+        # 32 x 32 and 40 rounds x 10 steps: Mix AUC ~0.85 (at 16 x 16 and 20 x 5 it was 0.59, ranking nothing);
+        # lr 0.001 let FedAvg's loss end above 2x its start (seed 1), 0.0005 did not
         "mni-phantom": Case("mni-phantom", (
-            "--dataset", "mni-phantom", "--dataset-option", "size=16", "--dataset-option", f"n_per_site={n_per_site}",
-            "--model", "cnn2d", "--rounds", str(mni_rounds), "--local-steps", "5", "--batch-size", "32",
-            # lr 0.01 (the data set's documented cnn2d rate at 32 x 32) diverged here with 8 labeled rows a site
-            "--lr", "0.001", "--threads", "1"), mni_rounds, ("fedavg", "semisupervised", "vat", "contrastive")),
+            "--dataset", "mni-phantom", "--dataset-option", "size=32", "--dataset-option", f"n_per_site={n_per_site}",
+            "--model", "cnn2d", "--rounds", str(mni_rounds), "--local-steps", "10", "--batch-size", "32",
+            "--lr", "0.0005", "--threads", "1"), mni_rounds, ("fedavg", "semisupervised", "vat", "contrastive"),
+             # a pretraining round cost ~40x a FedAvg round here (bench_few_labels_cost.py): 5, not the default
+             # 10, keeps the sweep near 15 minutes
+             method_flags=("--method-option", "contrastive.pretrain_rounds=5")),
+        # the data set's documented segmentation budget (mni_phantom.py: Mix Dice ~0.56); 60 images a site
+        # leave 48 training images, so 0.02 leaves a site none labeled and the run refuses it
+        "mni-phantom-seg": Case("mni-phantom-seg", (
+            "--dataset", "mni-phantom", "--dataset-option", "task=segmentation", "--dataset-option", "size=32",
+            "--dataset-option", "lesion_mm=15", "--dataset-option", "n_per_site=60", "--model", "unet2d",
+            "--rounds", str(mni_rounds), "--local-steps", "10", "--batch-size", "16", "--lr", "0.01",
+            "--threads", "1"), mni_rounds, ("fedavg",), metric="dice", min_fraction=0.1, gce=False),
     }
 
 
 @dataclass
 class Run:
-    """One setting's numbers from one command: AUC (mean over test sites), seconds and rounds."""
+    """One setting's numbers from one command: the case's metric (mean over test sites), seconds and rounds."""
 
     case: str
     method: str  # display label in the table
     fraction: float
     seed: int
-    auc: float
+    score: float  # the case's metric (AUC or Dice)
     seconds: float
     rounds: int | None  # communication rounds (None: centralized)
     fedavg_seconds: float | None = None  # FedAvg's in the same (or the paired) command
@@ -105,14 +122,18 @@ def medfed_run(flags: list[str], out: str) -> dict:
         return json.load(fh)
 
 
-def settings(result: dict) -> dict[str, tuple[float, float, int | None]]:
-    """Per setting display name: (AUC averaged over the test sites, in-process seconds, rounds)."""
-    aucs: dict[str, list[float]] = {}
+def settings(result: dict, metric: str) -> dict[str, tuple[float, float, int | None]]:
+    """Per setting display name: (``metric`` averaged over the test sites, in-process seconds, rounds)."""
+    scores: dict[str, list[float]] = {}
     for row in result["results"]:
         if row["evaluation"] == "split" and row["model"] == "global" and row["computable"]:
-            aucs.setdefault(row["setting"], []).append(row["metrics"]["auc"]["mean"])
+            scores.setdefault(row["setting"], []).append(row["metrics"][metric]["mean"])
     rounds = {c["setting"]: c["rounds"] for c in result["communication"]}
-    return {s: (statistics.fmean(v), result["setting_runtime_s"][s], rounds.get(s)) for s, v in aucs.items()}
+    return {s: (statistics.fmean(v), result["setting_runtime_s"][s], rounds.get(s)) for s, v in scores.items()}
+
+
+def case_fractions(case: Case, fractions: list[float]) -> list[float]:
+    return [f for f in fractions if f >= case.min_fraction]
 
 
 def sweep_case(case: Case, seeds: list[int], fractions: list[float], tmp: str, sweep: Sweep) -> None:
@@ -120,31 +141,37 @@ def sweep_case(case: Case, seeds: list[int], fractions: list[float], tmp: str, s
     for seed in seeds:
         teacher_dir = os.path.join(tmp, case.name, f"seed{seed}", "teacher")
         ceiling = settings(medfed_run([*case.flags, "--methods", "mix", "--seed", str(seed),
-                                       *(["--save-model"] if distill else [])], teacher_dir))["Mix"]
+                                       *(["--save-model"] if distill else [])], teacher_dir), case.metric)["Mix"]
         teacher = ["--teacher", os.path.join(teacher_dir, "models", "Mix.npz")] if distill else []
-        for fraction in fractions:
+        for fraction in case_fractions(case, fractions):
             sweep.runs.append(Run(case.name, CEILING, fraction, seed, ceiling[0], ceiling[1], None))
             base = [*case.flags, "--seed", str(seed), "--labeled-fraction", str(fraction)]
             out = os.path.join(tmp, case.name, f"seed{seed}", f"f{fraction}")
-            got = settings(medfed_run([*base, "--methods", ",".join(case.methods), *teacher], out))
-            fedavg_s = got["FedAvg"][1]
-            for name, (auc, seconds, rounds) in got.items():
-                sweep.runs.append(Run(case.name, name, fraction, seed, auc, seconds, rounds, fedavg_s))
-            auc, seconds, rounds = settings(medfed_run([*base, "--methods", "fedavg", "--loss", "gce"],
-                                                       out + "-gce"))["FedAvg"]
-            sweep.runs.append(Run(case.name, GCE, fraction, seed, auc, seconds, rounds, fedavg_s))
-            print(f"{case.name:13s} seed {seed} F={fraction:<5g} " + "  ".join(
-                f"{r.method} {r.auc:.3f}" for r in sweep.runs if (r.case, r.seed, r.fraction) == (case.name, seed, fraction)),
+            got = settings(medfed_run([*base, "--methods", ",".join(case.methods), *case.method_flags, *teacher], out), case.metric)
+            fedavg_s = got["FedAvg"][1] if "FedAvg" in got else None
+            for name, (score, seconds, rounds) in got.items():
+                sweep.runs.append(Run(case.name, name, fraction, seed, score, seconds, rounds, fedavg_s))
+            if case.gce:
+                score, seconds, rounds = settings(medfed_run([*base, "--methods", "fedavg", "--loss", "gce"],
+                                                             out + "-gce"), case.metric)["FedAvg"]
+                sweep.runs.append(Run(case.name, GCE, fraction, seed, score, seconds, rounds, fedavg_s))
+            print(f"{case.name:15s} seed {seed} F={fraction:<5g} " + "  ".join(
+                f"{r.method} {r.score:.3f}" for r in sweep.runs if (r.case, r.seed, r.fraction) == (case.name, seed, fraction)),
                 flush=True)
 
 
-def mean_std(values: list[float]) -> tuple[float, float | None]:
+def mean_std(values: list[float]) -> tuple[float, float | None] | None:
     from medfed.experiments.results import STD_DDOF
 
+    if not values:  # a fraction this case skips
+        return None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > STD_DDOF else None)
 
 
-def fmt(mean: float, std: float | None) -> str:
+def fmt(cell: tuple[float, float | None] | None) -> str:
+    if cell is None:
+        return "—"
+    mean, std = cell
     return f"{mean:.3f} ± {std:.3f}" if std is not None else f"{mean:.3f}"
 
 
@@ -152,40 +179,43 @@ def method_order(runs: list[Run]) -> list[str]:
     return list(dict.fromkeys(r.method for r in runs))
 
 
-def summary(sweep: Sweep, fractions: list[float]) -> dict:
-    """Per case and method: AUC mean/std per fraction; cost per run and per round, and its ratio to FedAvg."""
+def summary(sweep: Sweep, fractions: list[float], metrics: dict[str, str]) -> dict:
+    """Per case: its metric and, per method, the metric's mean/std per fraction (None where the case skips
+    it); cost per run and per round, and its ratio to FedAvg."""
     out: dict = {}
     for case in dict.fromkeys(r.case for r in sweep.runs):
         runs = [r for r in sweep.runs if r.case == case]
-        out[case] = {}
+        out[case] = {"metric": metrics[case], "methods": {}}
         for method in method_order(runs):
             mine = [r for r in runs if r.method == method]
-            auc = {str(f): mean_std([r.auc for r in mine if r.fraction == f]) for f in fractions}
+            score = {str(f): mean_std([r.score for r in mine if r.fraction == f]) for f in fractions}
             seconds = statistics.median(r.seconds for r in mine)
             per_round = statistics.median(r.seconds / r.rounds for r in mine) if mine[0].rounds else None
             ratio = (statistics.median(r.seconds / r.fedavg_seconds for r in mine)
                      if mine[0].fedavg_seconds else None)
-            out[case][method] = {"auc": auc, "seconds_per_run": seconds, "seconds_per_round": per_round,
-                                 "ratio_to_fedavg": ratio, "rounds": mine[0].rounds}
+            out[case]["methods"][method] = {"score": score, "seconds_per_run": seconds, "seconds_per_round": per_round,
+                                            "ratio_to_fedavg": ratio, "rounds": mine[0].rounds}
     return out
 
 
 def markdown(table: dict, fractions: list[float], repeats: int) -> str:
-    lines = [f"AUC (mean over test sites; mean ± sample std over {repeats} seeds) by labeled fraction; cost in "
-             "the process (median over seeds and fractions; ratio to FedAvg's in the same sweep).", "",
-             "| data set | method | " + " | ".join(f"AUC @ {f:g}" for f in fractions)
+    lines = [f"Metric (mean over test sites; mean ± sample std over {repeats} seeds) by labeled fraction "
+             "(— : a fraction the case's run refuses); cost in the process (median over seeds and fractions; "
+             "ratio to FedAvg's in the same sweep).", "",
+             "| data set | metric | method | " + " | ".join(f"@ {f:g}" for f in fractions)
              + " | s / run | s / round | x FedAvg |",
-             "|---|---|" + "---:|" * (len(fractions) + 3)]
-    for case, methods in table.items():
-        for method, row in methods.items():
-            aucs = " | ".join(fmt(*row["auc"][str(f)]) for f in fractions)
+             "|---|---|---|" + "---:|" * (len(fractions) + 3)]
+    for case, entry in table.items():
+        for method, row in entry["methods"].items():
+            scores = " | ".join(fmt(row["score"][str(f)]) for f in fractions)
             per_round = f"{row['seconds_per_round']:.4f}" if row["seconds_per_round"] is not None else "—"
             ratio = f"{row['ratio_to_fedavg']:.2f}" if row["ratio_to_fedavg"] is not None else "—"
-            lines.append(f"| {case} | {method} | {aucs} | {row['seconds_per_run']:.3f} | {per_round} | {ratio} |")
+            lines.append(f"| {case} | {entry['metric']} | {method} | {scores} | {row['seconds_per_run']:.3f} "
+                         f"| {per_round} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(table: dict, fractions: list[float], repeats: int, path: str) -> None:
+def plot(table: dict, repeats: int, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,17 +223,18 @@ def plot(table: dict, fractions: list[float], repeats: int, path: str) -> None:
 
     from medfed.experiments.plots import curve_style
 
-    xs = sorted(fractions)
     fig = Figure(figsize=(3.6 * len(table) + 1.6, 3.4), layout="constrained")
     axes = fig.subplots(1, len(table), squeeze=False)[0]
     # one style per method across all panels (cases have different methods), so one legend reads for all
-    names = list(dict.fromkeys(m for methods in table.values() for m in methods))
+    names = list(dict.fromkeys(m for entry in table.values() for m in entry["methods"]))
     handles: dict = {}
-    for ax, (case, methods) in zip(axes, table.items()):
-        for method, row in methods.items():
+    for ax, (case, entry) in zip(axes, table.items()):
+        for method, row in entry["methods"].items():
             i = names.index(method)
-            means = [row["auc"][str(f)][0] for f in xs]
-            stds = [row["auc"][str(f)][1] or 0.0 for f in xs]
+            cells = sorted((float(f), cell) for f, cell in row["score"].items() if cell is not None)
+            xs = [f for f, _ in cells]
+            means = [cell[0] for _, cell in cells]
+            stds = [cell[1] or 0.0 for _, cell in cells]
             style = curve_style(i, points=len(xs))
             if method == CEILING:  # one value, drawn across as the reference line it is
                 handles[method] = ax.axhline(means[0], color="black", linestyle=":", linewidth=1.0)
@@ -211,11 +242,13 @@ def plot(table: dict, fractions: list[float], repeats: int, path: str) -> None:
             # each method's points nudged sideways (on the log axis) so that overlapping error bars stay readable
             dodge = 10 ** (0.015 * (i - len(names) / 2))
             handles[method] = ax.errorbar([x * dodge for x in xs], means, yerr=stds, capsize=3, **style)
+        xs = sorted({float(f) for row in entry["methods"].values() for f, cell in row["score"].items() if cell})
         ax.set_xscale("log")
         ax.set_xticks(xs, [f"{f:g}" for f in xs])
         ax.minorticks_off()
         ax.set_xlabel("labeled fraction of training rows")
-        ax.set_ylabel("test AUC (mean over sites)")
+        ax.set_ylabel(f"test {entry['metric'].upper() if entry['metric'] == 'auc' else entry['metric'].title()}"
+                      " (mean over sites)")
         ax.set_title(case, fontsize=9)
         ax.grid(alpha=0.3)
     axes[-1].legend([handles[m] for m in names], names, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
@@ -223,34 +256,53 @@ def plot(table: dict, fractions: list[float], repeats: int, path: str) -> None:
     fig.savefig(path, dpi=200, metadata={"Software": None})
 
 
+def override_methods(known: dict[str, Case], specs: list[str]) -> dict[str, Case]:
+    """Apply ``--methods CASE=m1,m2`` (e.g. semisupervised for segmentation once the run accepts it)."""
+    out = dict(known)
+    for spec in specs:
+        name, sep, methods = spec.partition("=")
+        if not sep or name not in known or not methods:
+            sys.exit(f"--methods {spec!r}: expected CASE=method1,method2 with CASE one of {', '.join(known)}")
+        listed = tuple(methods.split(","))
+        if "fedavg" not in listed:  # every ratio and the baseline row are FedAvg's
+            listed = ("fedavg", *listed)
+        out[name] = replace(known[name], methods=listed)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="seeds 0..N-1")
     parser.add_argument("--fractions", default="1,0.1,0.02")
-    parser.add_argument("--cases", default="breast-cancer,mni-phantom")
+    parser.add_argument("--cases", default="breast-cancer,mni-phantom,mni-phantom-seg")
+    parser.add_argument("--methods", action="append", default=[], metavar="CASE=M1,M2",
+                        help="a case's few-label methods (FedAvg is always run); repeatable")
     parser.add_argument("--rounds-scale", type=float, default=1.0, help="multiply every case's rounds")
-    parser.add_argument("--n-per-site", type=int, default=150, help="mni-phantom images per site")
+    parser.add_argument("--n-per-site", type=int, default=150, help="mni-phantom (classification) images per site")
     parser.add_argument("--out", help="folder for few_labels.md/.json/.png (default: a temp folder)")
     args = parser.parse_args()
     fractions = [float(f) for f in args.fractions.split(",")]
-    known = cases(args.rounds_scale, args.n_per_site)
+    known = override_methods(cases(args.rounds_scale, args.n_per_site), args.methods)
     picked = [known[name] for name in args.cases.split(",")]
     out = args.out or tempfile.mkdtemp(prefix="medfed-fewbench-out-")
     os.makedirs(out, exist_ok=True)
     sweep = Sweep()
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="medfed-fewbench-") as tmp:
         for case in picked:
             sweep_case(case, list(range(args.repeats)), fractions, tmp, sweep)
-    table = summary(sweep, fractions)
-    text = markdown(table, fractions, args.repeats)
+    wall = time.perf_counter() - started
+    table = summary(sweep, fractions, {c.name: c.metric for c in picked})
+    text = markdown(table, fractions, args.repeats) + f"\nWall time {wall:.0f} s.\n"
     print("\n" + text)
     with open(os.path.join(out, "few_labels.md"), "w") as fh:
         fh.write(text)
     with open(os.path.join(out, "few_labels.json"), "w") as fh:
-        json.dump({"cases": {c.name: {"flags": c.flags, "rounds": c.rounds} for c in picked},
-                   "fractions": fractions, "repeats": args.repeats, "summary": table,
+        json.dump({"cases": {c.name: {"flags": c.flags, "method_flags": c.method_flags, "rounds": c.rounds, "methods": c.methods,
+                                      "metric": c.metric, "fractions": case_fractions(c, fractions)} for c in picked},
+                   "fractions": fractions, "repeats": args.repeats, "wall_s": wall, "summary": table,
                    "runs": [asdict(r) for r in sweep.runs]}, fh, indent=2)
-    plot(table, fractions, args.repeats, os.path.join(out, "few_labels.png"))
+    plot(table, args.repeats, os.path.join(out, "few_labels.png"))
     print(f"wrote few_labels.md, few_labels.json, few_labels.png to {out}")
 
 
