@@ -115,7 +115,7 @@ class Sweep:
 def medfed_run(flags: list[str], out: str) -> dict:
     cmd = [sys.executable, "-m", "medfed.cli.app", "run", *flags, "--repeats", "1", "--no-plots", "--out", out,
            "--overwrite"]
-    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    done = subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     if done.returncode != 0:
         sys.exit(f"medfed run failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr.strip()[-2000:]}")
     with open(os.path.join(out, "results.json")) as fh:
@@ -199,9 +199,9 @@ def summary(sweep: Sweep, fractions: list[float], metrics: dict[str, str]) -> di
 
 
 def markdown(table: dict, fractions: list[float], repeats: int) -> str:
-    lines = [f"Metric (mean over test sites; mean ± sample std over {repeats} seeds) by labeled fraction "
+    lines = [(f"Metric (mean over test sites; mean ± sample std over {repeats} seeds) by labeled fraction "
              "(— : a fraction the case's run refuses); cost in the process (median over seeds and fractions; "
-             "ratio to FedAvg's in the same sweep).", "",
+             "ratio to FedAvg's in the same sweep)."), "",
              "| data set | metric | method | " + " | ".join(f"@ {f:g}" for f in fractions)
              + " | s / run | s / round | x FedAvg |",
              "|---|---|---|" + "---:|" * (len(fractions) + 3)]
