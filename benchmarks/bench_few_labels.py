@@ -280,31 +280,62 @@ def main() -> None:
     parser.add_argument("--rounds-scale", type=float, default=1.0, help="multiply every case's rounds")
     parser.add_argument("--n-per-site", type=int, default=150, help="mni-phantom (classification) images per site")
     parser.add_argument("--out", help="folder for few_labels.md/.json/.png (default: a temp folder)")
+    parser.add_argument("--merge", metavar="JSON,JSON",
+                        help="no runs: one table and plot from these few_labels.json files' runs (sweeps run apart)")
     args = parser.parse_args()
+    out = args.out or tempfile.mkdtemp(prefix="medfed-fewbench-out-")
+    os.makedirs(out, exist_ok=True)
+    if args.merge:
+        write(merged([read_json(path) for path in args.merge.split(",")]), out)
+        return
     fractions = [float(f) for f in args.fractions.split(",")]
     known = override_methods(cases(args.rounds_scale, args.n_per_site), args.methods)
     picked = [known[name] for name in args.cases.split(",")]
-    out = args.out or tempfile.mkdtemp(prefix="medfed-fewbench-out-")
-    os.makedirs(out, exist_ok=True)
     sweep = Sweep()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="medfed-fewbench-") as tmp:
         for case in picked:
             sweep_case(case, list(range(args.repeats)), fractions, tmp, sweep)
-    wall = time.perf_counter() - started
-    table = summary(sweep, fractions, {c.name: c.metric for c in picked})
-    text = markdown(table, fractions, args.repeats) + f"\nWall time {wall:.0f} s.\n"
+    write({"cases": {c.name: {"flags": c.flags, "method_flags": c.method_flags, "rounds": c.rounds, "methods": c.methods,
+                              "metric": c.metric, "fractions": case_fractions(c, fractions)} for c in picked},
+           "fractions": fractions, "repeats": args.repeats, "wall_s": time.perf_counter() - started,
+           "runs": [asdict(r) for r in sweep.runs]}, out)
+
+
+def read_json(path: str) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def merged(docs: list[dict]) -> dict:
+    """One document from several sweeps' (same seeds): their cases and runs, a run repeated in two sweeps
+    (Mix, FedAvg of a case swept in two parts) kept once, from the first."""
+    runs: dict[tuple, dict] = {}
+    for doc in docs:
+        for run in doc["runs"]:
+            runs.setdefault((run["case"], run["method"], run["fraction"], run["seed"]), run)
+    fractions = sorted({f for doc in docs for f in doc["fractions"]}, reverse=True)
+    cases_: dict = {}
+    for doc in docs:
+        for name, case in doc["cases"].items():
+            cases_.setdefault(name, case)
+    return {"cases": cases_, "parts": [doc["cases"] for doc in docs], "fractions": fractions, "repeats": max(doc["repeats"] for doc in docs),
+            "wall_s": sum(doc["wall_s"] for doc in docs), "runs": list(runs.values())}
+
+
+def write(doc: dict, out: str) -> None:
+    """few_labels.md/.json/.png in ``out`` from a document's runs (a sweep's, or merged sweeps')."""
+    sweep = Sweep([Run(**r) for r in doc["runs"]])
+    metrics = {name: case["metric"] for name, case in doc["cases"].items()}
+    table = summary(sweep, doc["fractions"], metrics)
+    text = markdown(table, doc["fractions"], doc["repeats"]) + f"\nWall time {doc['wall_s']:.0f} s.\n"
     print("\n" + text)
     with open(os.path.join(out, "few_labels.md"), "w") as fh:
         fh.write(text)
     with open(os.path.join(out, "few_labels.json"), "w") as fh:
-        json.dump({"cases": {c.name: {"flags": c.flags, "method_flags": c.method_flags, "rounds": c.rounds, "methods": c.methods,
-                                      "metric": c.metric, "fractions": case_fractions(c, fractions)} for c in picked},
-                   "fractions": fractions, "repeats": args.repeats, "wall_s": wall, "summary": table,
-                   "runs": [asdict(r) for r in sweep.runs]}, fh, indent=2)
-    plot(table, args.repeats, os.path.join(out, "few_labels.png"))
+        json.dump({**doc, "summary": table}, fh, indent=2)
+    plot(table, doc["repeats"], os.path.join(out, "few_labels.png"))
     print(f"wrote few_labels.md, few_labels.json, few_labels.png to {out}")
-
 
 if __name__ == "__main__":
     main()
