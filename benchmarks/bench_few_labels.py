@@ -63,7 +63,13 @@ class Case:
     # the run refuses a fraction that leaves a site no labeled training row: smaller ones are skipped
     min_fraction: float = 0.0
     gce: bool = True  # --loss gce applies to classification only (segmentation keeps its own loss)
-    method_flags: tuple[str, ...] = ()  # flags of the methods' command only (not Mix's, not GCE's)
+    # METHOD.KEY=VALUE of the methods' command (not Mix's, not GCE's), for the listed methods only (the run
+    # refuses options of a method it does not run)
+    method_options: tuple[str, ...] = ()
+
+    def method_flags(self) -> list[str]:
+        return [flag for option in self.method_options if option.split(".")[0] in self.methods
+                for flag in ("--method-option", option)]
 
 
 def cases(rounds_scale: float, n_per_site: int) -> dict[str, Case]:
@@ -82,7 +88,7 @@ def cases(rounds_scale: float, n_per_site: int) -> dict[str, Case]:
             "--lr", "0.0005", "--threads", "1"), mni_rounds, ("fedavg", "semisupervised", "vat", "contrastive"),
              # a pretraining round cost ~40x a FedAvg round here (bench_few_labels_cost.py): 5, not the default
              # 10, keeps the sweep near 15 minutes
-             method_flags=("--method-option", "contrastive.pretrain_rounds=5")),
+             method_options=("contrastive.pretrain_rounds=5",)),
         # the data set's documented segmentation budget (mni_phantom.py: Mix Dice ~0.56); 60 images a site
         # leave 48 training images, so 0.02 leaves a site none labeled and the run refuses it
         "mni-phantom-seg": Case("mni-phantom-seg", (
@@ -147,7 +153,7 @@ def sweep_case(case: Case, seeds: list[int], fractions: list[float], tmp: str, s
             sweep.runs.append(Run(case.name, CEILING, fraction, seed, ceiling[0], ceiling[1], None))
             base = [*case.flags, "--seed", str(seed), "--labeled-fraction", str(fraction)]
             out = os.path.join(tmp, case.name, f"seed{seed}", f"f{fraction}")
-            got = settings(medfed_run([*base, "--methods", ",".join(case.methods), *case.method_flags, *teacher], out), case.metric)
+            got = settings(medfed_run([*base, "--methods", ",".join(case.methods), *case.method_flags(), *teacher], out), case.metric)
             fedavg_s = got["FedAvg"][1] if "FedAvg" in got else None
             for name, (score, seconds, rounds) in got.items():
                 sweep.runs.append(Run(case.name, name, fraction, seed, score, seconds, rounds, fedavg_s))
@@ -296,7 +302,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="medfed-fewbench-") as tmp:
         for case in picked:
             sweep_case(case, list(range(args.repeats)), fractions, tmp, sweep)
-    write({"cases": {c.name: {"flags": c.flags, "method_flags": c.method_flags, "rounds": c.rounds, "methods": c.methods,
+    write({"cases": {c.name: {"flags": c.flags, "method_flags": c.method_flags(), "rounds": c.rounds, "methods": c.methods,
                               "metric": c.metric, "fractions": case_fractions(c, fractions)} for c in picked},
            "fractions": fractions, "repeats": args.repeats, "wall_s": time.perf_counter() - started,
            "runs": [asdict(r) for r in sweep.runs]}, out)
