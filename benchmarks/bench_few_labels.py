@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 # an installed package has its bytecode compiled: let the runs cache it (outside the source tree)
@@ -142,7 +143,10 @@ def case_fractions(case: Case, fractions: list[float]) -> list[float]:
     return [f for f in fractions if f >= case.min_fraction]
 
 
-def sweep_case(case: Case, seeds: list[int], fractions: list[float], tmp: str, sweep: Sweep) -> None:
+def sweep_case(case: Case, seeds: list[int], fractions: list[float], tmp: str, sweep: Sweep,
+               saved: Callable[[], None]) -> None:
+    """Append the case's runs to ``sweep``, calling ``saved`` after each seed and fraction (a long sweep
+    on a loaded machine keeps what it has measured)."""
     distill = "distill" in case.methods
     for seed in seeds:
         teacher_dir = os.path.join(tmp, case.name, f"seed{seed}", "teacher")
@@ -164,21 +168,24 @@ def sweep_case(case: Case, seeds: list[int], fractions: list[float], tmp: str, s
             print(f"{case.name:15s} seed {seed} F={fraction:<5g} " + "  ".join(
                 f"{r.method} {r.score:.3f}" for r in sweep.runs if (r.case, r.seed, r.fraction) == (case.name, seed, fraction)),
                 flush=True)
+            saved()
 
 
-def mean_std(values: list[float]) -> tuple[float, float | None] | None:
+def mean_std(values: list[float]) -> tuple[float, float | None, int] | None:
+    """Mean, sample std (None below two values) and count; None for a fraction the case skips."""
     from medfed.experiments.results import STD_DDOF
 
-    if not values:  # a fraction this case skips
+    if not values:
         return None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > STD_DDOF else None)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > STD_DDOF else None), len(values)
 
 
-def fmt(cell: tuple[float, float | None] | None) -> str:
+def fmt(cell: tuple[float, float | None, int] | None, full: int) -> str:
     if cell is None:
         return "—"
-    mean, std = cell
-    return f"{mean:.3f} ± {std:.3f}" if std is not None else f"{mean:.3f}"
+    mean, std, n = cell
+    text = f"{mean:.3f} ± {std:.3f}" if std is not None else f"{mean:.3f}"
+    return text if n == full else f"{text} (n={n})"  # a sweep stopped early: fewer seeds in this cell
 
 
 def method_order(runs: list[Run]) -> list[str]:
@@ -204,8 +211,9 @@ def summary(sweep: Sweep, fractions: list[float], metrics: dict[str, str]) -> di
     return out
 
 
-def markdown(table: dict, fractions: list[float], repeats: int) -> str:
-    lines = [(f"Metric (mean over test sites; mean ± sample std over {repeats} seeds) by labeled fraction "
+def markdown(table: dict, fractions: list[float], seeds: list[int]) -> str:
+    lines = [(f"Metric (mean over test sites; mean ± sample std over seeds {','.join(map(str, seeds))}, n shown where "
+              "fewer) by labeled fraction "
              "(— : a fraction the case's run refuses); cost in the process (median over seeds and fractions; "
              "ratio to FedAvg's in the same sweep)."), "",
              "| data set | metric | method | " + " | ".join(f"@ {f:g}" for f in fractions)
@@ -213,7 +221,7 @@ def markdown(table: dict, fractions: list[float], repeats: int) -> str:
              "|---|---|---|" + "---:|" * (len(fractions) + 3)]
     for case, entry in table.items():
         for method, row in entry["methods"].items():
-            scores = " | ".join(fmt(row["score"][str(f)]) for f in fractions)
+            scores = " | ".join(fmt(row["score"][str(f)], len(seeds)) for f in fractions)
             per_round = f"{row['seconds_per_round']:.4f}" if row["seconds_per_round"] is not None else "—"
             ratio = f"{row['ratio_to_fedavg']:.2f}" if row["ratio_to_fedavg"] is not None else "—"
             lines.append(f"| {case} | {entry['metric']} | {method} | {scores} | {row['seconds_per_run']:.3f} "
@@ -221,7 +229,7 @@ def markdown(table: dict, fractions: list[float], repeats: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(table: dict, repeats: int, path: str) -> None:
+def plot(table: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,7 +266,7 @@ def plot(table: dict, repeats: int, path: str) -> None:
         ax.set_title(case, fontsize=9)
         ax.grid(alpha=0.3)
     axes[-1].legend([handles[m] for m in names], names, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
-    fig.suptitle(f"Few labels: mean ± 1 sample std over {repeats} seeds", fontsize=9)
+    fig.suptitle("Few labels: mean ± 1 sample std over seeds", fontsize=9)
     fig.savefig(path, dpi=200, metadata={"Software": None})
 
 
@@ -279,6 +287,7 @@ def override_methods(known: dict[str, Case], specs: list[str]) -> dict[str, Case
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="seeds 0..N-1")
+    parser.add_argument("--seeds", help="comma-separated seeds instead of --repeats (sweeps run apart, then --merge)")
     parser.add_argument("--fractions", default="1,0.1,0.02")
     parser.add_argument("--cases", default="breast-cancer,mni-phantom,mni-phantom-seg")
     parser.add_argument("--methods", action="append", default=[], metavar="CASE=M1,M2",
@@ -295,22 +304,36 @@ def main() -> None:
         write(merged([read_json(path) for path in args.merge.split(",")]), out)
         return
     fractions = [float(f) for f in args.fractions.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else list(range(args.repeats))
     known = override_methods(cases(args.rounds_scale, args.n_per_site), args.methods)
     picked = [known[name] for name in args.cases.split(",")]
     sweep = Sweep()
     started = time.perf_counter()
+
+    def document() -> dict:
+        return {"cases": {c.name: {"flags": c.flags, "method_flags": c.method_flags(), "rounds": c.rounds,
+                                   "methods": c.methods, "metric": c.metric,
+                                   "fractions": case_fractions(c, fractions)} for c in picked},
+                "fractions": fractions, "seeds": seeds, "wall_s": time.perf_counter() - started,
+                "runs": [asdict(r) for r in sweep.runs]}
+
+    def saved() -> None:  # the runs so far, in the format --merge reads; the final write replaces it
+        with open(os.path.join(out, "few_labels.json"), "w") as fh:
+            json.dump(document(), fh, indent=2)
+
     with tempfile.TemporaryDirectory(prefix="medfed-fewbench-") as tmp:
         for case in picked:
-            sweep_case(case, list(range(args.repeats)), fractions, tmp, sweep)
-    write({"cases": {c.name: {"flags": c.flags, "method_flags": c.method_flags(), "rounds": c.rounds, "methods": c.methods,
-                              "metric": c.metric, "fractions": case_fractions(c, fractions)} for c in picked},
-           "fractions": fractions, "repeats": args.repeats, "wall_s": time.perf_counter() - started,
-           "runs": [asdict(r) for r in sweep.runs]}, out)
+            sweep_case(case, seeds, fractions, tmp, sweep, saved)
+    write(document(), out)
 
 
 def read_json(path: str) -> dict:
     with open(path) as fh:
         return json.load(fh)
+
+
+def seeds_of(doc: dict) -> list[int]:
+    return doc["seeds"] if "seeds" in doc else list(range(doc["repeats"]))  # files written before --seeds
 
 
 def merged(docs: list[dict]) -> dict:
@@ -325,7 +348,8 @@ def merged(docs: list[dict]) -> dict:
     for doc in docs:
         for name, case in doc["cases"].items():
             cases_.setdefault(name, case)
-    return {"cases": cases_, "parts": [doc["cases"] for doc in docs], "fractions": fractions, "repeats": max(doc["repeats"] for doc in docs),
+    return {"cases": cases_, "parts": [doc["cases"] for doc in docs], "fractions": fractions,
+            "seeds": sorted({s for doc in docs for s in seeds_of(doc)}),
             "wall_s": sum(doc["wall_s"] for doc in docs), "runs": list(runs.values())}
 
 
@@ -334,13 +358,13 @@ def write(doc: dict, out: str) -> None:
     sweep = Sweep([Run(**r) for r in doc["runs"]])
     metrics = {name: case["metric"] for name, case in doc["cases"].items()}
     table = summary(sweep, doc["fractions"], metrics)
-    text = markdown(table, doc["fractions"], doc["repeats"]) + f"\nWall time {doc['wall_s']:.0f} s.\n"
+    text = markdown(table, doc["fractions"], doc["seeds"]) + f"\nWall time {doc['wall_s']:.0f} s.\n"
     print("\n" + text)
     with open(os.path.join(out, "few_labels.md"), "w") as fh:
         fh.write(text)
     with open(os.path.join(out, "few_labels.json"), "w") as fh:
         json.dump({**doc, "summary": table}, fh, indent=2)
-    plot(table, doc["repeats"], os.path.join(out, "few_labels.png"))
+    plot(table, os.path.join(out, "few_labels.png"))
     print(f"wrote few_labels.md, few_labels.json, few_labels.png to {out}")
 
 if __name__ == "__main__":

@@ -53,10 +53,10 @@ class Probe:
 class Budget:
     low: int  # rounds of the low runs
     high: int
-    pretrain_extra: int  # contrastive pretraining rounds added in its high run
+    pretrain_extra: int = 0  # contrastive pretraining rounds added in its high run
 
 
-BUDGETS = {"breast-cancer": Budget(10, 510, 200), "mni-phantom": Budget(2, 12, 3)}
+BUDGETS = {"breast-cancer": Budget(10, 510), "mni-phantom": Budget(2, 8, 2)}
 PROBED = {"breast-cancer": ("semisupervised", "vat", "distill", "gce"),
           "mni-phantom": ("semisupervised", "vat", "contrastive-pretrain", "contrastive-finetune", "gce")}
 DISPLAY = {"semisupervised": "SemiSup", "vat": "VAT", "distill": "Distill", "contrastive": "Contrastive"}
