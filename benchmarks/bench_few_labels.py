@@ -1,31 +1,36 @@
-"""Few labels (issue 14 §3-§4): test AUC against the labeled fraction, per method, and each method's cost.
+"""Few labels (issue 14 §3-§4): test metric against the labeled fraction, per method, and each method's cost.
 
-For each case (breast-cancer with ``logistic``; mni-phantom atrophy with ``cnn2d`` on 16 x 16 slices), each
-seed and each labeled fraction (default 1.0, 0.1, 0.02) it runs ``medfed run`` in a fresh interpreter into a
-temp folder, as a user would:
+Cases: breast-cancer with ``logistic``; mni-phantom atrophy with ``cnn2d`` on 32 x 32 slices (AUC);
+mni-phantom-seg, lesion segmentation with ``unet2d`` on 32 x 32 slices, 15 mm lesions, 60 images a site (Dice).
+For each case, each seed and each labeled fraction (default 1.0, 0.1, 0.02; mni-phantom-seg's run refuses
+0.02, which leaves a site no labeled image of its 48, so it has 1.0 and 0.1) it runs ``medfed run`` in a fresh
+interpreter into a temp folder, as a user would:
 
 * per seed, first ``--methods mix`` on ALL labels: the ceiling and, saved with ``--save-model``, the Mix
   teacher ``distill`` reads (``--teacher``). It is trained at the same seed, so on the same train/test
   split: the teacher never saw the student's test rows. One teacher per seed.
 * per seed and fraction, ``--labeled-fraction F`` with FedAvg (labeled rows only) and the methods that
-  apply, in one command (so their timings share one process): semisupervised and vat everywhere; distill
-  on the table (its teacher must be a numpy logistic/softmax model: a saved cnn2d is refused); contrastive
-  on the torch encoder (cnn2d);
-  then FedAvg with ``--loss gce`` in a second command (``--loss`` applies to every method of a run).
+  apply, in one command (so their timings share one process): semisupervised and vat on the classification
+  cases; distill on the table (its teacher must be a numpy logistic/softmax model: a saved cnn2d is refused);
+  contrastive on the torch encoder (cnn2d, 5 pretraining rounds); FedAvg only on segmentation, where main's
+  semisupervised, vat and contrastive refuse the task (``--methods mni-phantom-seg=semisupervised`` adds a
+  method once the run accepts it);
+  then, on classification, FedAvg with ``--loss gce`` in a second command (``--loss`` applies to every
+  method of a run; segmentation keeps its own loss).
 
-The headline metric is each run's AUC averaged over the test sites; the table and the plot give its mean
-± sample std over the seeds (``--repeats``). Cost (§4) is results.json's per-setting ``setting_runtime_s``
-(training and evaluation in the process, no imports), per run and per communication round (contrastive's
-pretraining rounds count), and its ratio to FedAvg's in the same command (for FedAvg + GCE, in the
-command beside it), median over seeds and fractions.
-Measured (defaults: 3 seeds, breast-cancer 50 rounds, mni-phantom 20 rounds x 5 steps, 150 images a site; 121 s
-on 2 shared cores): on breast-cancer only 2% labels hurts (FedAvg AUC 0.943 ± 0.046 vs Mix 0.990); Distill
-recovers most of it (0.964 ± 0.046), VAT barely (0.947), SemiSup hurts (0.915 ± 0.060), GCE changes nothing
-on clean labels (0.943). mni-phantom at this budget is near chance even for Mix (0.588 ± 0.080), so its rows
-rank nothing: scale it up (--rounds-scale) before reading them. Cost per run vs FedAvg: SemiSup 2.3x / 1.25x,
-VAT 1.6x / 1.6x, Distill 1.55x, Contrastive 2.07x (cnn2d, pretraining rounds included), GCE 1.0-1.25x.
-Run: python benchmarks/bench_few_labels.py [--repeats 3] [--fractions 1,0.1,0.02] [--cases breast-cancer,
-     mni-phantom] [--rounds-scale 1.0] [--n-per-site 150] [--out DIR]
+The headline metric is each run's AUC (Dice) averaged over the test sites; the table and the plot give its
+mean ± sample std over the seeds. Cost is results.json's per-setting ``setting_runtime_s`` (training and
+evaluation in the process, no imports), per run and per communication round (contrastive's pretraining
+rounds count), and its ratio to FedAvg's in the same command (for FedAvg + GCE, in the command beside it),
+median over seeds and fractions; bench_few_labels_cost.py measures the cost per round properly.
+The runs are saved to DIR/few_labels.json after every seed and fraction, so sweeps run apart (``--seeds``,
+``--methods``, ``--fractions``) or stopped early are combined by ``--merge``.
+
+MEASURED
+
+Run: python benchmarks/bench_few_labels.py [--repeats 3 | --seeds 0,1] [--fractions 1,0.1,0.02]
+     [--cases breast-cancer,mni-phantom,mni-phantom-seg] [--methods CASE=M1,M2 ...] [--rounds-scale 1.0]
+     [--n-per-site 150] [--out DIR]; python benchmarks/bench_few_labels.py --merge A.json,B.json --out DIR
 Writes DIR/few_labels.md, DIR/few_labels.json and DIR/few_labels.png (DIR default: a temp folder).
 """
 

@@ -56,7 +56,7 @@ class Budget:
     pretrain_extra: int = 0  # contrastive pretraining rounds added in its high run
 
 
-BUDGETS = {"breast-cancer": Budget(10, 510), "mni-phantom": Budget(2, 8, 2)}
+BUDGETS = {"breast-cancer": Budget(10, 510), "mni-phantom": Budget(2, 14, 2)}
 PROBED = {"breast-cancer": ("semisupervised", "vat", "distill", "gce"),
           "mni-phantom": ("semisupervised", "vat", "contrastive-pretrain", "contrastive-finetune", "gce")}
 DISPLAY = {"semisupervised": "SemiSup", "vat": "VAT", "distill": "Distill", "contrastive": "Contrastive"}
