@@ -52,7 +52,7 @@ suites, load 5-15, then merged):
     mni-phantom-seg  Dice    Mix (all labels)  0.591 ± 0.061   (same)          refused
                              FedAvg            0.409 ± 0.085   0.049 ± 0.070   refused
 
-Findings. breast-cancer: only 2% labels (about 6 labeled rows a site) hurts; Distill recovers half of the
+Findings. breast-cancer: only 2% labels (1-6 labeled rows a site of 64-359) hurts; Distill recovers almost half the
 gap to Mix, VAT nothing beyond noise, SemiSup makes it worse, GCE is FedAvg on clean labels. mni-phantom
 (Mix per seed 0.822 / 0.879 / 0.689): at 10% labels (12 a site) FedAvg loses 0.07 AUC and NO method wins it
 back: SemiSup is worse (0.653), VAT worse (0.697), Contrastive (5 pretraining rounds) equal (0.721), GCE equal;

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -91,8 +92,18 @@ def probes(case: str, budget: Budget, teacher: list[str]) -> list[Probe]:
     return out
 
 
-def seconds(base: list[str], flags: tuple[str, ...], setting: str, out: str) -> float:
-    return medfed_run([*base, *flags], out)["setting_runtime_s"][setting]
+@dataclass(frozen=True)
+class Timing:
+    wall: float  # the setting's in-process wall seconds (results.json)
+    cpu: float  # the whole child process's user + system CPU seconds (start-up included: it cancels)
+
+
+def seconds(base: list[str], flags: tuple[str, ...], setting: str, out: str) -> Timing:
+    # CPU time as well as wall time: on a machine shared with other jobs the wall clock counts their load
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = medfed_run([*base, *flags], out)["setting_runtime_s"][setting]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return Timing(wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
 
 
 @dataclass
@@ -100,9 +111,12 @@ class Pair:
     case: str
     probe: str
     pair: int
-    method_s_per_round: float
+    method_s_per_round: float  # wall
     fedavg_s_per_round: float
     ratio: float
+    method_cpu_per_round: float
+    fedavg_cpu_per_round: float
+    cpu_ratio: float
 
 
 def measure(case: str, probe: Probe, budget: Budget, base: list[str], pair: int, tmp: str) -> Pair:
@@ -111,13 +125,17 @@ def measure(case: str, probe: Probe, budget: Budget, base: list[str], pair: int,
                    ("--methods", "fedavg", "--rounds", str(budget.high)), budget.high - budget.low)
     # interleaved: low of both, then high of both; who goes first alternates with the pair
     order = (probe, fedavg) if pair % 2 == 0 else (fedavg, probe)
-    times: dict[tuple[str, str], float] = {}
+    times: dict[tuple[str, str], Timing] = {}
     for level in ("low", "high"):
         for p in order:
             times[p.label, level] = seconds(base, getattr(p, level), p.setting, os.path.join(tmp, "run"))
-    method = (times[probe.label, "high"] - times[probe.label, "low"]) / probe.extra_rounds
-    base_round = (times["FedAvg", "high"] - times["FedAvg", "low"]) / fedavg.extra_rounds
-    return Pair(case, probe.label, pair, method, base_round, method / base_round)
+
+    def per_round(label: str, extra: int, kind: str) -> float:
+        return (getattr(times[label, "high"], kind) - getattr(times[label, "low"], kind)) / extra
+
+    wall, wall_f = per_round(probe.label, probe.extra_rounds, "wall"), per_round("FedAvg", fedavg.extra_rounds, "wall")
+    cpu, cpu_f = per_round(probe.label, probe.extra_rounds, "cpu"), per_round("FedAvg", fedavg.extra_rounds, "cpu")
+    return Pair(case, probe.label, pair, wall, wall_f, wall / wall_f, cpu, cpu_f, cpu / cpu_f)
 
 
 def summary(pairs: list[Pair]) -> dict:
@@ -127,20 +145,27 @@ def summary(pairs: list[Pair]) -> dict:
     return {case: {probe: {"ratio_median": statistics.median(x.ratio for x in got),
                            "ratios": [x.ratio for x in got],
                            "method_s_per_round_median": statistics.median(x.method_s_per_round for x in got),
-                           "fedavg_s_per_round_median": statistics.median(x.fedavg_s_per_round for x in got)}
+                           "fedavg_s_per_round_median": statistics.median(x.fedavg_s_per_round for x in got),
+                           "cpu_ratio_median": statistics.median(x.cpu_ratio for x in got),
+                           "cpu_ratios": [x.cpu_ratio for x in got],
+                           "method_cpu_per_round_median": statistics.median(x.method_cpu_per_round for x in got),
+                           "fedavg_cpu_per_round_median": statistics.median(x.fedavg_cpu_per_round for x in got)}
                    for probe, got in by_probe.items()} for case, by_probe in out.items()}
 
 
 def markdown(table: dict, pairs: int) -> str:
     lines = [(f"Seconds per round from run-length differences (labeled fraction {FRACTION}); ratio = method / FedAvg "
              f"in the same interleaved pair, median over {pairs} pairs (min-max in brackets)."), "",
-             "| data set | method | s / round | FedAvg s / round | x FedAvg (median) | min-max |",
-             "|---|---|---:|---:|---:|---:|"]
+             ("| data set | method | wall s / round | FedAvg | x FedAvg (median) | min-max "
+              "| CPU s / round | FedAvg | x FedAvg (median) | min-max |"),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for case, rows in table.items():
         for probe, row in rows.items():
             lines.append(f"| {case} | {probe} | {row['method_s_per_round_median']:.4f} | "
                          f"{row['fedavg_s_per_round_median']:.4f} | {row['ratio_median']:.2f} | "
-                         f"{min(row['ratios']):.2f}-{max(row['ratios']):.2f} |")
+                         f"{min(row['ratios']):.2f}-{max(row['ratios']):.2f} | "
+                         f"{row['method_cpu_per_round_median']:.4f} | {row['fedavg_cpu_per_round_median']:.4f} | "
+                         f"{row['cpu_ratio_median']:.2f} | {min(row['cpu_ratios']):.2f}-{max(row['cpu_ratios']):.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -169,7 +194,7 @@ def main() -> None:
                     got = measure(name, probe, budget, base, pair, tmp)
                     measured.append(got)
                     print(f"{name} pair {pair} {probe.label}: {got.method_s_per_round:.4f} s/round, "
-                          f"FedAvg {got.fedavg_s_per_round:.4f}, x{got.ratio:.2f}", flush=True)
+                          f"FedAvg {got.fedavg_s_per_round:.4f}, x{got.ratio:.2f}; CPU x{got.cpu_ratio:.2f}", flush=True)
     wall = time.perf_counter() - started
     table = summary(measured)
     text = markdown(table, args.pairs) + f"\nWall time {wall:.0f} s.\n"
