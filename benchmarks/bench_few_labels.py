@@ -125,8 +125,8 @@ def cases(rounds_scale: float, n_per_site: int) -> dict[str, Case]:
             "--dataset", "mni-phantom", "--dataset-option", "size=32", "--dataset-option", f"n_per_site={n_per_site}",
             "--model", "cnn2d", "--rounds", str(mni_rounds), "--local-steps", "10", "--batch-size", "32",
             "--lr", "0.0005", "--threads", "1"), mni_rounds, ("fedavg", "semisupervised", "vat", "contrastive"),
-             # a pretraining round cost ~25x a FedAvg round here (bench_few_labels_cost.py): 5, not the default
-             # 10, keeps the sweep near 15 minutes
+             # a pretraining round cost 3-6x a FedAvg round here on a quiet machine, 20-30x under load
+             # (bench_few_labels_cost.py): 5, not the default 10, keeps the sweep near 15 minutes
              method_options=("contrastive.pretrain_rounds=5",)),
         # the data set's documented segmentation budget (mni_phantom.py: Mix Dice ~0.56); 60 images a site
         # leave 48 training images, so 0.02 leaves a site none labeled and the run refuses it

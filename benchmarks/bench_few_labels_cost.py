@@ -14,9 +14,32 @@ have unlabeled rows). Probes: semisupervised, vat, distill (breast-cancer: its t
 first), contrastive's pretraining round (pretrain_rounds 1 vs 1 + k at the low round count) and its
 fine-tuning round (pretrain_rounds 1, rounds low vs high), FedAvg with ``--loss gce``.
 
-Measured: (filled in below from the final run)
+Measured (benchmarks/measured/few_labels_cost_*.md/.json), ratio to FedAvg's round in the same interleaved pair,
+median (min-max) over 3 pairs; ``--pairs 3 --cases breast-cancer`` took 26 s and ``--pairs 3 --cases
+mni-phantom`` 227 s, on 2 cores shared with other jobs (load about 5)::
+
+    data set       method                           wall x FedAvg       CPU x FedAvg        FedAvg s / round
+    breast-cancer  SemiSup                          2.55 (2.52-2.58)    2.57 (2.39-2.61)    0.0003-0.0004
+                   VAT                              1.80 (1.73-1.84)    1.84 (1.59-1.91)
+                   Distill                          1.62 (1.55-1.62)    1.58 (1.54-1.72)
+                   FedAvg + GCE                     1.27 (1.18-1.32)    1.38 (1.12-1.49)
+    mni-phantom    SemiSup                          1.31 (1.23-1.47)    1.31 (1.01-1.45)    0.11-0.12 (cnn2d)
+                   VAT                              1.71 (1.71-1.79)    1.78 (1.58-1.87)
+                   Contrastive, pretraining round   2.67 (-7.4-3.16)    4.46 (-4.1-6.25)
+                   Contrastive, fine-tuning round   1.06 (1.06-1.09)    1.22 (1.09-1.24)
+                   FedAvg + GCE                     1.01 (0.99-1.07)    0.99 (0.90-1.03)
+
+VAT costs 1.7-1.8x (a second forward/backward pass for the adversarial direction), SemiSup 1.3x on images and
+2.6x on the small table (the unlabeled rows' pseudo-labelling dominates a cheap logistic step), Distill 1.6x
+(the teacher's forward pass), GCE nothing measurable on images. A contrastive pretraining round costs 3-6x a
+FedAvg round on a quiet machine; its CPU time above its wall time says it computes on more than the one
+thread ``--threads 1`` asks for (not checked in the source), and under load 15 an earlier run of this script
+(2 vs 14 rounds, 2 pairs) gave 21-30x. Its first pair came out negative in both runs at 2 vs 14 rounds (the
+run with 3 pretraining rounds faster than with 1): 2 extra pretraining rounds are too short a difference
+against that run's variance, so read the pretraining row as "several times FedAvg", not as a number to 10%.
 
 Run: python benchmarks/bench_few_labels_cost.py [--pairs 3] [--cases breast-cancer,mni-phantom] [--out DIR]
+(CPU seconds: the child process's user + system time from getrusage, start-up cancelled by the difference.)
 Writes DIR/few_labels_cost.md and DIR/few_labels_cost.json (DIR default: a temp folder).
 """
 
