@@ -33,7 +33,8 @@ VAT costs 1.7-1.8x (a second forward/backward pass for the adversarial direction
 2.6x on the small table (the unlabeled rows' pseudo-labelling dominates a cheap logistic step), Distill 1.6x
 (the teacher's forward pass), GCE nothing measurable on images. A contrastive pretraining round costs 3-6x a
 FedAvg round on a quiet machine; its CPU time above its wall time says it computes on more than the one
-thread ``--threads 1`` asks for (not checked in the source), and under load 15 an earlier run of this script
+thread ``--threads 1`` asks for (medfed.client.contrastive runs the network outside the model's
+``_intra_op_threads``, so at torch's default thread count: a lead to check), and under load 15 a run
 (2 vs 14 rounds, 2 pairs) gave 21-30x. Its first pair came out negative in both runs at 2 vs 14 rounds (the
 run with 3 pretraining rounds faster than with 1): 2 extra pretraining rounds are too short a difference
 against that run's variance, so read the pretraining row as "several times FedAvg", not as a number to 10%.
