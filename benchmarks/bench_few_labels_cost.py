@@ -1,0 +1,236 @@
+"""Few labels (issue 14 §4): each method's seconds per communication round against FedAvg's on the same data.
+
+A round's cost is read from two runs that differ only in their number of rounds (or, for contrastive's
+pretraining, of pretraining rounds): the difference of results.json's ``setting_runtime_s`` (training and
+evaluation in the process) over the difference in rounds, so start-up, data loading and evaluation cancel.
+Each probe is measured in pairs with FedAvg on the same flags, interleaved: method low, FedAvg low, method
+high, FedAvg high, with the order within each pair of commands swapped every other pair, and a probe's
+ratio is the median over ``--pairs`` of (method's seconds per round) / (FedAvg's of the same pair), so a
+load change on the shared machine hits both sides of a ratio alike.
+
+The data, model and training flags are bench_few_labels.py's (breast-cancer ``logistic``; mni-phantom
+``cnn2d`` at 32 x 32, 150 images a site) at ``--labeled-fraction 0.1`` (so semi-supervised and contrastive
+have unlabeled rows). Probes: semisupervised, vat, distill (breast-cancer: its teacher a Mix model saved
+first), contrastive's pretraining round (pretrain_rounds 1 vs 1 + k at the low round count) and its
+fine-tuning round (pretrain_rounds 1, rounds low vs high), FedAvg with ``--loss gce``.
+
+Measured (benchmarks/measured/few_labels_cost_*.md/.json), ratio to FedAvg's round in the same interleaved pair,
+median (min-max) over 3 pairs; ``--pairs 3 --cases breast-cancer`` took 26 s and ``--pairs 3 --cases
+mni-phantom`` 227 s, on 2 cores shared with other jobs (load about 5)::
+
+    data set       method                           wall x FedAvg       CPU x FedAvg        FedAvg s / round
+    breast-cancer  SemiSup                          2.55 (2.52-2.58)    2.57 (2.39-2.61)    0.0003-0.0004
+                   VAT                              1.80 (1.73-1.84)    1.84 (1.59-1.91)
+                   Distill                          1.62 (1.55-1.62)    1.58 (1.54-1.72)
+                   FedAvg + GCE                     1.27 (1.18-1.32)    1.38 (1.12-1.49)
+    mni-phantom    SemiSup                          1.31 (1.23-1.47)    1.31 (1.01-1.45)    0.11-0.12 (cnn2d)
+                   VAT                              1.71 (1.71-1.79)    1.78 (1.58-1.87)
+                   Contrastive, pretraining round   2.67 (-7.4-3.16)    4.46 (-4.1-6.25)
+                   Contrastive, fine-tuning round   1.06 (1.06-1.09)    1.22 (1.09-1.24)
+                   FedAvg + GCE                     1.01 (0.99-1.07)    0.99 (0.90-1.03)
+
+VAT costs 1.7-1.8x (a second forward/backward pass for the adversarial direction), SemiSup 1.3x on images and
+2.6x on the small table (the unlabeled rows' pseudo-labelling dominates a cheap logistic step), Distill 1.6x
+(the teacher's forward pass), GCE nothing measurable on images. A contrastive pretraining round costs 3-6x a
+FedAvg round on a quiet machine; its CPU time above its wall time says it computes on more than the one
+thread ``--threads 1`` asks for (medfed.client.contrastive runs the network outside the model's
+``_intra_op_threads``, so at torch's default thread count: a lead to check), and under load 15 a run
+(2 vs 14 rounds, 2 pairs) gave 21-30x. Its first pair came out negative in both runs at 2 vs 14 rounds (the
+run with 3 pretraining rounds faster than with 1): 2 extra pretraining rounds are too short a difference
+against that run's variance, so read the pretraining row as "several times FedAvg", not as a number to 10%.
+
+Run: python benchmarks/bench_few_labels_cost.py [--pairs 3] [--cases breast-cancer,mni-phantom] [--out DIR]
+(CPU seconds: the child process's user + system time from getrusage, start-up cancelled by the difference.)
+Writes DIR/few_labels_cost.md and DIR/few_labels_cost.json (DIR default: a temp folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+from bench_few_labels import (  # the sibling script: same data flags, same run wrapper
+    cases,
+    medfed_run,
+)
+
+FRACTION = "0.1"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One cost to measure: the method's flags at the low and the high count, and how many rounds apart."""
+
+    label: str
+    setting: str  # the setting's display name in results.json
+    low: tuple[str, ...]
+    high: tuple[str, ...]
+    extra_rounds: int  # counted rounds between high and low
+
+
+@dataclass(frozen=True)
+class Budget:
+    low: int  # rounds of the low runs
+    high: int
+    pretrain_extra: int = 0  # contrastive pretraining rounds added in its high run
+
+
+BUDGETS = {"breast-cancer": Budget(10, 510), "mni-phantom": Budget(2, 14, 2)}
+PROBED = {"breast-cancer": ("semisupervised", "vat", "distill", "gce"),
+          "mni-phantom": ("semisupervised", "vat", "contrastive-pretrain", "contrastive-finetune", "gce")}
+DISPLAY = {"semisupervised": "SemiSup", "vat": "VAT", "distill": "Distill", "contrastive": "Contrastive"}
+
+
+def without_rounds(flags: tuple[str, ...]) -> list[str]:
+    """The case's flags less its ``--rounds N`` (each probe sets its own)."""
+    i = flags.index("--rounds")
+    return [*flags[:i], *flags[i + 2:]]
+
+
+def probes(case: str, budget: Budget, teacher: list[str]) -> list[Probe]:
+    lo, hi = ("--rounds", str(budget.low)), ("--rounds", str(budget.high))
+    extra = budget.high - budget.low
+    out = []
+    for name in PROBED[case]:
+        if name == "gce":
+            flags = ("--methods", "fedavg", "--loss", "gce")
+            out.append(Probe("FedAvg + GCE", "FedAvg", (*flags, *lo), (*flags, *hi), extra))
+        elif name.startswith("contrastive"):
+            pre = ("--methods", "contrastive", "--method-option")
+            one = (*pre, "contrastive.pretrain_rounds=1")
+            if name == "contrastive-pretrain":
+                more = (*pre, f"contrastive.pretrain_rounds={1 + budget.pretrain_extra}")
+                out.append(Probe("Contrastive (pretraining round)", "Contrastive", (*one, *lo), (*more, *lo),
+                                 budget.pretrain_extra))
+            else:
+                out.append(Probe("Contrastive (fine-tuning round)", "Contrastive", (*one, *lo), (*one, *hi), extra))
+        else:
+            flags = ("--methods", name, *(teacher if name == "distill" else ()))
+            out.append(Probe(DISPLAY[name], DISPLAY[name], (*flags, *lo), (*flags, *hi), extra))
+    return out
+
+
+@dataclass(frozen=True)
+class Timing:
+    wall: float  # the setting's in-process wall seconds (results.json)
+    cpu: float  # the whole child process's user + system CPU seconds (start-up included: it cancels)
+
+
+def seconds(base: list[str], flags: tuple[str, ...], setting: str, out: str) -> Timing:
+    # CPU time as well as wall time: on a machine shared with other jobs the wall clock counts their load
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = medfed_run([*base, *flags], out)["setting_runtime_s"][setting]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return Timing(wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
+
+
+@dataclass
+class Pair:
+    case: str
+    probe: str
+    pair: int
+    method_s_per_round: float  # wall
+    fedavg_s_per_round: float
+    ratio: float
+    method_cpu_per_round: float
+    fedavg_cpu_per_round: float
+    cpu_ratio: float
+
+
+def measure(case: str, probe: Probe, budget: Budget, base: list[str], pair: int, tmp: str) -> Pair:
+    # FedAvg's own low/high pair (also for contrastive pretraining, whose two runs share the round count)
+    fedavg = Probe("FedAvg", "FedAvg", ("--methods", "fedavg", "--rounds", str(budget.low)),
+                   ("--methods", "fedavg", "--rounds", str(budget.high)), budget.high - budget.low)
+    # interleaved: low of both, then high of both; who goes first alternates with the pair
+    order = (probe, fedavg) if pair % 2 == 0 else (fedavg, probe)
+    times: dict[tuple[str, str], Timing] = {}
+    for level in ("low", "high"):
+        for p in order:
+            times[p.label, level] = seconds(base, getattr(p, level), p.setting, os.path.join(tmp, "run"))
+
+    def per_round(label: str, extra: int, kind: str) -> float:
+        return (getattr(times[label, "high"], kind) - getattr(times[label, "low"], kind)) / extra
+
+    wall, wall_f = per_round(probe.label, probe.extra_rounds, "wall"), per_round("FedAvg", fedavg.extra_rounds, "wall")
+    cpu, cpu_f = per_round(probe.label, probe.extra_rounds, "cpu"), per_round("FedAvg", fedavg.extra_rounds, "cpu")
+    return Pair(case, probe.label, pair, wall, wall_f, wall / wall_f, cpu, cpu_f, cpu / cpu_f)
+
+
+def summary(pairs: list[Pair]) -> dict:
+    out: dict = {}
+    for p in pairs:
+        out.setdefault(p.case, {}).setdefault(p.probe, []).append(p)
+    return {case: {probe: {"ratio_median": statistics.median(x.ratio for x in got),
+                           "ratios": [x.ratio for x in got],
+                           "method_s_per_round_median": statistics.median(x.method_s_per_round for x in got),
+                           "fedavg_s_per_round_median": statistics.median(x.fedavg_s_per_round for x in got),
+                           "cpu_ratio_median": statistics.median(x.cpu_ratio for x in got),
+                           "cpu_ratios": [x.cpu_ratio for x in got],
+                           "method_cpu_per_round_median": statistics.median(x.method_cpu_per_round for x in got),
+                           "fedavg_cpu_per_round_median": statistics.median(x.fedavg_cpu_per_round for x in got)}
+                   for probe, got in by_probe.items()} for case, by_probe in out.items()}
+
+
+def markdown(table: dict, pairs: int) -> str:
+    lines = [(f"Seconds per round from run-length differences (labeled fraction {FRACTION}); ratio = method / FedAvg "
+             f"in the same interleaved pair, median over {pairs} pairs (min-max in brackets)."), "",
+             ("| data set | method | wall s / round | FedAvg | x FedAvg (median) | min-max "
+              "| CPU s / round | FedAvg | x FedAvg (median) | min-max |"),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for case, rows in table.items():
+        for probe, row in rows.items():
+            lines.append(f"| {case} | {probe} | {row['method_s_per_round_median']:.4f} | "
+                         f"{row['fedavg_s_per_round_median']:.4f} | {row['ratio_median']:.2f} | "
+                         f"{min(row['ratios']):.2f}-{max(row['ratios']):.2f} | "
+                         f"{row['method_cpu_per_round_median']:.4f} | {row['fedavg_cpu_per_round_median']:.4f} | "
+                         f"{row['cpu_ratio_median']:.2f} | {min(row['cpu_ratios']):.2f}-{max(row['cpu_ratios']):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=3, help="interleaved method/FedAvg pairs per probe")
+    parser.add_argument("--cases", default="breast-cancer,mni-phantom")
+    parser.add_argument("--out", help="folder for few_labels_cost.md/.json (default: a temp folder)")
+    args = parser.parse_args()
+    known = cases(1.0, 150)
+    out = args.out or tempfile.mkdtemp(prefix="medfed-fewcost-out-")
+    os.makedirs(out, exist_ok=True)
+    measured: list[Pair] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="medfed-fewcost-") as tmp:
+        for name in args.cases.split(","):
+            budget = BUDGETS[name]
+            base = [*without_rounds(known[name].flags), "--seed", "0", "--labeled-fraction", FRACTION]
+            teacher = []
+            if "distill" in PROBED[name]:
+                medfed_run([*known[name].flags, "--seed", "0", "--methods", "mix", "--save-model"],
+                           os.path.join(tmp, "teacher"))
+                teacher = ["--teacher", os.path.join(tmp, "teacher", "models", "Mix.npz")]
+            for pair in range(args.pairs):
+                for probe in probes(name, budget, teacher):
+                    got = measure(name, probe, budget, base, pair, tmp)
+                    measured.append(got)
+                    print(f"{name} pair {pair} {probe.label}: {got.method_s_per_round:.4f} s/round, "
+                          f"FedAvg {got.fedavg_s_per_round:.4f}, x{got.ratio:.2f}; CPU x{got.cpu_ratio:.2f}", flush=True)
+    wall = time.perf_counter() - started
+    table = summary(measured)
+    text = markdown(table, args.pairs) + f"\nWall time {wall:.0f} s.\n"
+    print("\n" + text)
+    with open(os.path.join(out, "few_labels_cost.md"), "w") as fh:
+        fh.write(text)
+    with open(os.path.join(out, "few_labels_cost.json"), "w") as fh:
+        json.dump({"fraction": float(FRACTION), "budgets": {k: asdict(v) for k, v in BUDGETS.items()},
+                   "pairs": args.pairs, "wall_s": wall, "summary": table, "measured": [asdict(p) for p in measured]},
+                  fh, indent=2)
+    print(f"wrote few_labels_cost.md, few_labels_cost.json to {out}")
+
+
+if __name__ == "__main__":
+    main()
