@@ -139,3 +139,25 @@ def test_pretraining_is_the_same_in_process_and_in_a_process_pool():
     assert all(np.array_equal(runs[0].params[k], runs[1].params[k]) for k in params)
     assert np.array_equal(runs[0].params["head.weight"], params["head.weight"])  # the head never left its start
     assert not np.array_equal(runs[0].params["body.0.conv.weight"], params["body.0.conv.weight"])
+
+
+def test_pretraining_runs_torch_under_the_models_thread_limit(monkeypatch):
+    """The pretraining round is the site's own torch computation: like the model's training it runs
+    with the model's ``threads`` (a site sharing cores with others must not take them all)."""
+    seen = []
+    grad = torch.autograd.grad
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return grad(*args, **kwargs)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(torch.autograd, "grad", spy)
+        model = TorchModel("cnn2d", channels=(4, 4), threads=1)
+        contrastive_pretrain_update(model.init_params((1, 8, 8), KeyedRng(0)), _site(), LocalTraining(model, 0.1, 2, 4),
+                                    None, KeyedRng(0, (1,)), **OPTS)
+        assert seen == [1, 1] and torch.get_num_threads() == 2  # the caller's count is restored
+    finally:
+        torch.set_num_threads(before)

@@ -15,6 +15,7 @@ LARS with large batches; a site here has a few hundred rows).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -83,7 +84,14 @@ def contrastive_pretrain_update(
 ) -> tuple[Upload, ProjectionState]:
     """One round of pretraining (module docstring): ``config.steps`` NT-Xent steps of size ``lr``
     (None: ``config.lr``) over the site's rows; uploads the encoder's delta, weighted by all its rows, with the mean NT-Xent
-    of the steps' batches as its loss; keeps the projection head."""
+    of the steps' batches as its loss; keeps the projection head. torch runs under the model's
+    ``threads`` option, as the model's own training does."""
+    limit = getattr(config.model, "thread_limit", None)  # a numpy model is refused inside, by name
+    with limit() if limit is not None else contextlib.nullcontext():
+        return _pretrain_round(global_params, data, config, state, rng, temperature, projection, noise, lr)
+
+
+def _pretrain_round(global_params, data, config, state, rng, temperature, projection, noise, lr):
     import torch
     import torch.nn.functional as F
 

@@ -464,6 +464,12 @@ class TorchModel:
         """The parameter view's names and shapes for samples of ``sample_shape``, in order."""
         return dict(self._slot(sample_shape).shapes)
 
+    def thread_limit(self):
+        """A context in which torch runs with this model's ``threads`` option (the caller's count
+        restored after), for a site's own torch computation on the model's network (contrastive
+        pretraining); the model's methods set it themselves."""
+        return _intra_op_threads(self.options["threads"], self.name)
+
     def network(self, sample_shape: Sequence[int]) -> Network:
         """A fresh copy of the torch module (for users who want the module itself)."""
         with torch.random.fork_rng(devices=[]):
