@@ -95,8 +95,8 @@ class Case:
     name: str
     flags: tuple[str, ...]  # data, model and training flags of every run of this case
     rounds: int
-    # the few-label methods that apply: contrastive needs a torch encoder (cnn2d, mlp), distill's teacher
-    # is a numpy logistic/softmax model of feature tables (a saved cnn2d is refused); --methods overrides
+    # the few-label methods that apply: contrastive needs a torch encoder (cnn2d, mlp); distill reads the
+    # seed's saved Mix (numpy or torch); on segmentation only semisupervised runs; --methods overrides
     methods: tuple[str, ...]
     metric: str = "auc"  # the headline metric key of results.json's rows, averaged over the test sites
     # the run refuses a fraction that leaves a site no labeled training row: smaller ones are skipped
@@ -124,7 +124,7 @@ def cases(rounds_scale: float, n_per_site: int) -> dict[str, Case]:
         "mni-phantom": Case("mni-phantom", (
             "--dataset", "mni-phantom", "--dataset-option", "size=32", "--dataset-option", f"n_per_site={n_per_site}",
             "--model", "cnn2d", "--rounds", str(mni_rounds), "--local-steps", "10", "--batch-size", "32",
-            "--lr", "0.0005", "--threads", "1"), mni_rounds, ("fedavg", "semisupervised", "vat", "contrastive"),
+            "--lr", "0.0005", "--threads", "1"), mni_rounds, ("fedavg", "semisupervised", "vat", "distill", "contrastive"),
              # a pretraining round cost 3-6x a FedAvg round here on a quiet machine, 20-30x under load
              # (bench_few_labels_cost.py): 5, not the default 10, keeps the sweep near 15 minutes
              method_options=("contrastive.pretrain_rounds=5",)),
@@ -134,7 +134,9 @@ def cases(rounds_scale: float, n_per_site: int) -> dict[str, Case]:
             "--dataset", "mni-phantom", "--dataset-option", "task=segmentation", "--dataset-option", "size=32",
             "--dataset-option", "lesion_mm=15", "--dataset-option", "n_per_site=60", "--model", "unet2d",
             "--rounds", str(mni_rounds), "--local-steps", "10", "--batch-size", "16", "--lr", "0.01",
-            "--threads", "1"), mni_rounds, ("fedavg",), metric="dice", min_fraction=0.1, gce=False),
+            "--threads", "1"), mni_rounds, ("fedavg", "semisupervised"), metric="dice", min_fraction=0.1, gce=False,
+            # the defaults (0.95, weight 1) collapse to all-background pseudo-masks (client_end.py's measurements)
+            method_options=("semisupervised.threshold=0.99", "semisupervised.weight=0.1")),
     }
 
 
