@@ -26,15 +26,18 @@ median over seeds and fractions; bench_few_labels_cost.py measures the cost per 
 The runs are saved to DIR/few_labels.json after every seed and fraction, so sweeps run apart (``--seeds``,
 ``--methods``, ``--fractions``) or stopped early are combined by ``--merge``.
 
-Measured (the final budget, 3 seeds; three sweeps run in parallel on 2 cores shared with other agents' test
-suites, load 5-15, then merged):
+Measured (the final budget, 3 seeds). Sweeps A-C ran in parallel on 2 cores shared with other agents' test
+suites (load 5-15); D and E later on a quiet machine, after distill took torch teachers, semisupervised
+segmentation and contrastive pretraining its thread limit; then merged (a run in two sweeps kept once):
 
-    python benchmarks/bench_few_labels.py --cases breast-cancer,mni-phantom-seg --out A               # 1000 s
+    python benchmarks/bench_few_labels.py --cases breast-cancer,mni-phantom-seg --methods mni-phantom-seg=fedavg --out A  # 1000 s
     python benchmarks/bench_few_labels.py --cases mni-phantom --methods mni-phantom=semisupervised,vat --out B  # 903 s
     python benchmarks/bench_few_labels.py --cases mni-phantom --methods mni-phantom=contrastive --fractions 0.1 --out C  # 547 s
-    python benchmarks/bench_few_labels.py --merge A/few_labels.json,B/few_labels.json,C/few_labels.json --out DIR
+    python benchmarks/bench_few_labels.py --cases mni-phantom --methods mni-phantom=distill,contrastive --out D  # 364 s
+    python benchmarks/bench_few_labels.py --cases mni-phantom-seg --methods mni-phantom-seg=semisupervised --out E  # 136 s
+    python benchmarks/bench_few_labels.py --merge D/few_labels.json,E/few_labels.json,A/few_labels.json,B/few_labels.json,C/few_labels.json --out DIR
 
-(benchmarks/measured/few_labels.md/.json), metric mean ± sample std over seeds 0-2::
+(benchmarks/measured/few_labels.md/.json/.png), metric mean ± sample std over seeds 0-2::
 
     data set         metric  method            @ 1             @ 0.1           @ 0.02
     breast-cancer    AUC     Mix (all labels)  0.990 ± 0.001   (same)          (same)
@@ -47,19 +50,26 @@ suites, load 5-15, then merged):
                              FedAvg            0.789 ± 0.042   0.720 ± 0.050   0.510 ± 0.123
                              SemiSup           0.780 ± 0.046   0.653 ± 0.011   0.509 ± 0.116
                              VAT               0.751 ± 0.081   0.697 ± 0.027   0.480 ± 0.125
-                             Contrastive       —               0.721 ± 0.058   —
+                             Distill           0.771 ± 0.051   0.743 ± 0.056   0.721 ± 0.116
+                             Contrastive       0.776 ± 0.070   0.722 ± 0.053   0.504 ± 0.125
                              FedAvg + GCE      0.774 ± 0.042   0.723 ± 0.041   0.505 ± 0.124
     mni-phantom-seg  Dice    Mix (all labels)  0.591 ± 0.061   (same)          refused
                              FedAvg            0.409 ± 0.085   0.049 ± 0.070   refused
+                             SemiSup (0.99,    0.432 ± 0.029   0.118 ± 0.086   refused
+                             weight 0.1)
 
 Findings. breast-cancer: only 2% labels (1-6 labeled rows a site of 64-359) hurts; Distill recovers almost half the
 gap to Mix, VAT nothing beyond noise, SemiSup makes it worse, GCE is FedAvg on clean labels. mni-phantom
-(Mix per seed 0.822 / 0.879 / 0.689): at 10% labels (12 a site) FedAvg loses 0.07 AUC and NO method wins it
-back: SemiSup is worse (0.653), VAT worse (0.697), Contrastive (5 pretraining rounds) equal (0.721), GCE equal;
-at 2% (2 labeled a site) everything is at chance. Segmentation: FedAvg on 10% labels (about 5 labeled images a
-site) collapses to Dice 0.05 against 0.41 on all labels (Mix 0.59); no few-label method runs for segmentation on
-main. The cost columns (in-process seconds per run and round, ratio to FedAvg in the same command) come from a
-loaded machine; bench_few_labels_cost.py measures the per-round cost interleaved.
+(Mix per seed 0.822 / 0.879 / 0.689): at 10% labels (12 a site) FedAvg loses 0.07 AUC; only Distill wins some
+back (0.743), SemiSup is worse (0.653), VAT worse (0.697), Contrastive (5 pretraining rounds) and GCE equal; at 2%
+(2 labeled a site) every method but Distill is at chance, and Distill holds 0.721 - but its teacher is Mix
+trained on ALL labels of the same training rows, so it measures how much of a teacher's knowledge the sites'
+unlabeled rows carry over, not learning from 2% labels alone. Segmentation: FedAvg on 10% labels (about 5
+labeled images a site) collapses to Dice 0.05 against 0.41 on all labels (Mix 0.59); SemiSup with confident
+pseudo-masks only (threshold 0.99, weight 0.1) doubles it to 0.12, higher at every seed (0.047 / 0.214 / 0.093
+against 0.010 / 0.130 / 0.006), still far from all labels; with its defaults it collapses to background
+(client_end.py). The cost columns (in-process seconds per run and round, ratio to FedAvg in the same command)
+mix loaded and quiet sweeps; bench_few_labels_cost.py measures the per-round cost interleaved.
 
 Run: python benchmarks/bench_few_labels.py [--repeats 3 | --seeds 0,1] [--fractions 1,0.1,0.02]
      [--cases breast-cancer,mni-phantom,mni-phantom-seg] [--methods CASE=M1,M2 ...] [--rounds-scale 1.0]
