@@ -165,3 +165,31 @@ def test_an_empty_mask_cell_in_a_manifest_is_an_unlabeled_image(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"m\.csv: label column 'mask': site 'B' \(0 of 12\) has fewer than 2 labeled"):
         load_image_manifest(path, mask_column="mask")
+
+
+def test_volumes_keep_the_pseudo_mask_on_the_strong_views_grid_and_a_unet3d_round_trains():
+    """3D images (n, 1, D, H, W): the flip and shift act on the last two axes of image and mask
+    alike, slice by slice, so the pseudo-mask is the augmented ground truth; a unet3d site trains."""
+    truth = np.zeros((6, 4, 16, 16))
+    truth[:, 1:3, 1:6, 1:3] = 1  # an L in two of four slices: asymmetric under a flip
+    truth[:, 1:3, 4:6, 3:7] = 1
+    views = segmentation_views(truth[:, None], 0.01, 0.5, KeyedRng(8))
+    moved = views.geometry.apply(truth)
+    assert views.weak.shape == truth[:, None].shape and not np.array_equal(moved, truth)
+    assert not moved[:, [0, 3]].any() and moved[:, [1, 2]].any()  # in plane: no slice moves to another
+    confident = pseudo_masks(_Threshold(), None, views.weak, 0.9)
+    np.testing.assert_array_equal(confident.masks, moved)
+    shape = (1, 8, 8, 8)
+    model = make_model("unet3d", shape, task="segmentation", n_classes=2, norm="group", channels="4,8")
+    rng = np.random.default_rng(0)
+    masks = (rng.random((6, 8, 8, 8)) < 0.2).astype(float)
+    X = (masks[:, None] + 0.3 * rng.standard_normal((6, *shape))).astype(np.float32)
+    sites = [LocalData("s0", X[:3], masks[:3], X[3:])]
+    training = LocalTraining(model, lr=0.05, steps=2, batch_size=3)
+    init = model.init_params(shape, KeyedRng(0))
+    params = {}
+    for name, opts in (("fedavg", {}), ("semisupervised", {"threshold": 0.5})):
+        algorithm = METHODS[name].build(METHODS[name].validate(opts), TrainingSpec(), BuildContext(("s0",)))
+        params[name] = run_federated(algorithm, init, sites, training, 1, KeyedRng(3)).params
+    assert all(np.isfinite(v).all() for v in params["semisupervised"].values())
+    assert any(not np.array_equal(params["semisupervised"][k], params["fedavg"][k]) for k in params["fedavg"])
