@@ -280,3 +280,15 @@ round_timeout_s = 5
         assert deployed["histories"][setting]["train_loss"] == simulated["histories"][setting]["train_loss"]
     rows = lambda doc: {(r["setting"], r["test_site"], r["model"]): r["metrics"] for r in doc["results"]}  # noqa: E731
     assert rows(deployed) == rows(simulated)
+
+
+def test_audits_take_per_site_label_columns(tmp_path):
+    """`medfed audit robustness` reads the same multi-task table as `medfed run` (one flag set)."""
+    path = _table(tmp_path / "t.csv", rows=16)
+    result = runner.invoke(app, ["audit", "robustness", "--data", str(path), "--site-column", "site",
+                                 "--label-column", "adhd", "--label-column-site", "b=asd", "--exclude", "score,grade",
+                                 "--attack", "label_flip", "--corrupt", "1", "--defenses", "fedavg", "--repeats", "1",
+                                 "--rounds", "2", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "a" / "robustness.json").read_text())
+    assert doc["config"]["data"]["label_column_site"] == {"b": "asd"}
