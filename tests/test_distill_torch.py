@@ -255,3 +255,32 @@ def test_distill_without_unlabeled_rows_is_named_among_the_methods_that_leave_th
     notes = json.loads((tmp_path / "s" / "results.json").read_text())["warnings"]
     line = next(n for n in notes if "unlabeled training rows" in n)
     assert "not used by FedAvg, Distill:" in line and "semi-supervised" not in line, line
+
+
+def test_each_site_scores_its_rows_with_the_teacher_once_and_keeps_them_in_its_state():
+    """The teacher and the site's rows are fixed: its softened outputs are computed in the site's
+    first round and kept in its client state (never uploaded); later rounds reuse them."""
+    from medfed.client.distill import TeacherTargets
+
+    model = _torch()
+    calls = []
+
+    class Counting(Teacher):
+        def scores(self, X, student_model=None):
+            calls.append(len(X))
+            return super().scores(X, student_model)
+
+    held = _teacher(model)
+    run = _run("distill", _sites(unlabeled=5), model, Counting(held.model, held.params, "t"), weight=0.5)
+    assert calls == [25, 21, 17]  # 3 rounds, 3 sites: one scoring per site (labeled + unlabeled rows)
+    for name, state in run.client_states.items():
+        assert isinstance(state, TeacherTargets) and state.soft.shape == ({"s0": 25, "s1": 21, "s2": 17}[name],)
+    # a kept state gives the update of scoring afresh, bit for bit
+    site, training = _sites(unlabeled=5)[0], LocalTraining(model, lr=0.3, steps=3, batch_size=8, l2=0.01)
+    soft = Distillation(2.0, 0.5)
+    kept = run.client_states["s0"]
+    again, _ = distill_update(run.params, site, training, kept, KeyedRng(9), teacher=held, soft=soft)
+    fresh, state = distill_update(run.params, site, training, None, KeyedRng(9), teacher=held, soft=soft)
+    np.testing.assert_array_equal(state.soft, kept.soft)
+    for k in fresh.payload:
+        np.testing.assert_array_equal(again.payload[k], fresh.payload[k])

@@ -7,6 +7,8 @@ and runs its local steps on ``(1 - lam) CE + lam T² KL(teacher^T || student^T)`
 client to the bit. The student is the study's model, numpy (logistic/softmax) or torch (through
 its head's loss). With ``unlabeled`` (and ``lam > 0``) the site's unlabeled rows join its training
 rows with the soft term alone (batches are drawn over both); without unlabeled rows nothing changes.
+The teacher is fixed and so are the site's rows, so its softened outputs are computed at the site's
+first round and kept in its client state (:class:`TeacherTargets`), not recomputed every round.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from medfed.errors import ConfigError
 from medfed.models.distill import UNLABELED, Distillation, pack, soften, student
 from medfed.models.logistic import Params
 from medfed.rng import KeyedRng
+from medfed.wiretypes import wire_type
 
 
 TEACHER_NEEDED = ("method 'distill' needs a teacher model: --teacher PATH, a file medfed run --save-model wrote "
@@ -45,6 +48,15 @@ class Teacher:
         return np.asarray(model.decision(self.params, X), dtype=np.float64)
 
 
+@wire_type
+@dataclass(frozen=True)
+class TeacherTargets:
+    """A distilling site's client state: the teacher's softened probabilities on the rows it trains
+    on (labeled, then unlabeled), ``(n,)`` or ``(n, K)``; they never leave the site."""
+
+    soft: np.ndarray
+
+
 def training_rows(data: LocalData, with_unlabeled: bool) -> tuple[np.ndarray, np.ndarray]:
     """The rows the site distills on and their labels: its labeled rows, then (``with_unlabeled``)
     its unlabeled ones, labeled :data:`~medfed.models.distill.UNLABELED`."""
@@ -59,13 +71,13 @@ def distill_update(
     global_params: Params,
     data: LocalData,
     config: LocalTraining,
-    state: Any,
+    state: TeacherTargets | None,
     rng: KeyedRng,
     *,
     teacher: Teacher | None,
     soft: Distillation,
     unlabeled: bool = True,
-) -> tuple[Upload, Any]:
+) -> tuple[Upload, TeacherTargets]:
     """The distilling client (module docstring). The upload counts the site's labeled rows and
     reports the distillation objective at the received model on the rows it trained on (at
     ``lam = 0``, the labeled rows' cross-entropy). A study without a teacher is refused before
@@ -74,7 +86,9 @@ def distill_update(
     if teacher is None:
         raise ConfigError(TEACHER_NEEDED)
     X, y = training_rows(data, unlabeled and soft.weight > 0)  # at lam = 0 they would only dilute the batches
-    targets = pack(y, soften(teacher.scores(X, config.model), soft.temperature))
+    if not isinstance(state, TeacherTargets) or len(state.soft) != len(X):
+        state = TeacherTargets(soften(teacher.scores(X, config.model), soft.temperature))
+    targets = pack(y, state.soft)
     local = dataclasses.replace(config, model=student(config.model, soft))
     trained, loss = sgd_steps(global_params, dataclasses.replace(data, X=X, y=targets), local, rng)
     return delta_upload(data, trained, global_params, loss), state
