@@ -10,11 +10,10 @@ interpreter into a temp folder, as a user would:
   teacher ``distill`` reads (``--teacher``). It is trained at the same seed, so on the same train/test
   split: the teacher never saw the student's test rows. One teacher per seed.
 * per seed and fraction, ``--labeled-fraction F`` with FedAvg (labeled rows only) and the methods that
-  apply, in one command (so their timings share one process): semisupervised and vat on the classification
-  cases; distill on the table (its teacher must be a numpy logistic/softmax model: a saved cnn2d is refused);
-  contrastive on the torch encoder (cnn2d, 5 pretraining rounds); FedAvg only on segmentation, where main's
-  semisupervised, vat and contrastive refuse the task (``--methods mni-phantom-seg=semisupervised`` adds a
-  method once the run accepts it);
+  apply, in one command (so their timings share one process): semisupervised, vat, distill (the seed's saved
+  Mix, numpy or torch) and, on the torch encoder, contrastive (cnn2d, its default 10 pretraining rounds);
+  on segmentation FedAvg and semisupervised (threshold 0.99, weight 0.1), as vat, distill and contrastive
+  refuse the task;
   then, on classification, FedAvg with ``--loss gce`` in a second command (``--loss`` applies to every
   method of a run; segmentation keeps its own loss).
 
@@ -27,15 +26,17 @@ The runs are saved to DIR/few_labels.json after every seed and fraction, so swee
 ``--methods``, ``--fractions``) or stopped early are combined by ``--merge``.
 
 Measured (the final budget, 3 seeds). Sweeps A-C ran in parallel on 2 cores shared with other agents' test
-suites (load 5-15); D and E later on a quiet machine, after distill took torch teachers, semisupervised
-segmentation and contrastive pretraining its thread limit; then merged (a run in two sweeps kept once):
+suites (load 5-15); D, E and F later on a quiet machine, after distill took torch teachers, semisupervised
+segmentation and contrastive pretraining its thread limit; then merged (a run in two sweeps kept once, from
+the first file named):
 
     python benchmarks/bench_few_labels.py --cases breast-cancer,mni-phantom-seg --methods mni-phantom-seg=fedavg --out A  # 1000 s
     python benchmarks/bench_few_labels.py --cases mni-phantom --methods mni-phantom=semisupervised,vat --out B  # 903 s
     python benchmarks/bench_few_labels.py --cases mni-phantom --methods mni-phantom=contrastive --fractions 0.1 --out C  # 547 s
     python benchmarks/bench_few_labels.py --cases mni-phantom --methods mni-phantom=distill,contrastive --out D  # 364 s
     python benchmarks/bench_few_labels.py --cases mni-phantom-seg --methods mni-phantom-seg=semisupervised --out E  # 136 s
-    python benchmarks/bench_few_labels.py --merge D/few_labels.json,E/few_labels.json,A/few_labels.json,B/few_labels.json,C/few_labels.json --out DIR
+    python benchmarks/bench_few_labels.py --cases mni-phantom --methods mni-phantom=contrastive --out F  # 294 s (10 pretraining rounds)
+    python benchmarks/bench_few_labels.py --merge F/few_labels.json,D/few_labels.json,E/few_labels.json,A/few_labels.json,B/few_labels.json,C/few_labels.json --out DIR
 
 (benchmarks/measured/few_labels.md/.json/.png), metric mean ± sample std over seeds 0-2::
 
@@ -51,7 +52,7 @@ segmentation and contrastive pretraining its thread limit; then merged (a run in
                              SemiSup           0.780 ± 0.046   0.653 ± 0.011   0.509 ± 0.116
                              VAT               0.751 ± 0.081   0.697 ± 0.027   0.480 ± 0.125
                              Distill           0.771 ± 0.051   0.743 ± 0.056   0.721 ± 0.116
-                             Contrastive       0.776 ± 0.070   0.722 ± 0.053   0.504 ± 0.125
+                             Contrastive       0.783 ± 0.061   0.716 ± 0.058   0.505 ± 0.123
                              FedAvg + GCE      0.774 ± 0.042   0.723 ± 0.041   0.505 ± 0.124
     mni-phantom-seg  Dice    Mix (all labels)  0.591 ± 0.061   (same)          refused
                              FedAvg            0.409 ± 0.085   0.049 ± 0.070   refused
@@ -61,7 +62,7 @@ segmentation and contrastive pretraining its thread limit; then merged (a run in
 Findings. breast-cancer: only 2% labels (1-6 labeled rows a site of 64-359) hurts; Distill recovers almost half the
 gap to Mix, VAT nothing beyond noise, SemiSup makes it worse, GCE is FedAvg on clean labels. mni-phantom
 (Mix per seed 0.822 / 0.879 / 0.689): at 10% labels (12 a site) FedAvg loses 0.07 AUC; only Distill wins some
-back (0.743), SemiSup is worse (0.653), VAT worse (0.697), Contrastive (5 pretraining rounds) and GCE equal; at 2%
+back (0.743), SemiSup is worse (0.653), VAT worse (0.697), Contrastive (10 pretraining rounds) and GCE equal; at 2%
 (2 labeled a site) every method but Distill is at chance, and Distill holds 0.721 - but its teacher is Mix
 trained on ALL labels of the same training rows, so it measures how much of a teacher's knowledge the sites'
 unlabeled rows carry over, not learning from 2% labels alone. Segmentation: FedAvg on 10% labels (about 5
@@ -134,10 +135,10 @@ def cases(rounds_scale: float, n_per_site: int) -> dict[str, Case]:
         "mni-phantom": Case("mni-phantom", (
             "--dataset", "mni-phantom", "--dataset-option", "size=32", "--dataset-option", f"n_per_site={n_per_site}",
             "--model", "cnn2d", "--rounds", str(mni_rounds), "--local-steps", "10", "--batch-size", "32",
-            "--lr", "0.0005", "--threads", "1"), mni_rounds, ("fedavg", "semisupervised", "vat", "distill", "contrastive"),
-             # a pretraining round cost 3-6x a FedAvg round here on a quiet machine, 20-30x under load
-             # (bench_few_labels_cost.py): 5, not the default 10, keeps the sweep near 15 minutes
-             method_options=("contrastive.pretrain_rounds=5",)),
+            "--lr", "0.0005", "--threads", "1"), mni_rounds,
+            # contrastive pretrains for its default 10 rounds: a pretraining round costs about 3.5x a FedAvg
+            # round (bench_few_labels_cost.py, after pretraining took the model's thread limit)
+            ("fedavg", "semisupervised", "vat", "distill", "contrastive")),
         # the data set's documented segmentation budget (mni_phantom.py: Mix Dice ~0.56); 60 images a site
         # leave 48 training images, so 0.02 leaves a site none labeled and the run refuses it
         "mni-phantom-seg": Case("mni-phantom-seg", (

@@ -14,30 +14,30 @@ have unlabeled rows). Probes: semisupervised, vat, distill (breast-cancer: its t
 first), contrastive's pretraining round (pretrain_rounds 1 vs 1 + k at the low round count) and its
 fine-tuning round (pretrain_rounds 1, rounds low vs high), FedAvg with ``--loss gce``.
 
-Measured (benchmarks/measured/few_labels_cost_*.md/.json), ratio to FedAvg's round in the same interleaved pair,
-median (min-max) over 3 pairs; ``--pairs 3 --cases breast-cancer`` took 26 s and ``--pairs 3 --cases
-mni-phantom`` 227 s, on 2 cores shared with other jobs (load about 5)::
+Measured (benchmarks/measured/few_labels_cost.md/.json), ratio to FedAvg's round in the same interleaved pair,
+median (min-max) over 3 pairs; ``--pairs 3`` took 353 s on a quiet 2-core machine (one other benchmark beside it),
+after contrastive pretraining took the model's thread limit and distill kept its teacher's outputs::
 
     data set       method                           wall x FedAvg       CPU x FedAvg        FedAvg s / round
-    breast-cancer  SemiSup                          2.55 (2.52-2.58)    2.57 (2.39-2.61)    0.0003-0.0004
-                   VAT                              1.80 (1.73-1.84)    1.84 (1.59-1.91)
-                   Distill                          1.62 (1.55-1.62)    1.58 (1.54-1.72)
-                   FedAvg + GCE                     1.27 (1.18-1.32)    1.38 (1.12-1.49)
-    mni-phantom    SemiSup                          1.31 (1.23-1.47)    1.31 (1.01-1.45)    0.11-0.12 (cnn2d)
-                   VAT                              1.71 (1.71-1.79)    1.78 (1.58-1.87)
-                   Contrastive, pretraining round   2.67 (-7.4-3.16)    4.46 (-4.1-6.25)
-                   Contrastive, fine-tuning round   1.06 (1.06-1.09)    1.22 (1.09-1.24)
-                   FedAvg + GCE                     1.01 (0.99-1.07)    0.99 (0.90-1.03)
+    breast-cancer  SemiSup                          2.66 (2.54-3.24)    2.68 (2.60-3.46)    0.0004
+                   VAT                              1.67 (1.61-1.88)    1.55 (1.41-2.10)
+                   Distill                          2.09 (2.02-2.73)    2.17 (2.04-3.04)
+                   FedAvg + GCE                     1.23 (1.14-1.26)    1.32 (1.02-1.39)
+    mni-phantom    SemiSup                          1.39 (1.36-1.42)    1.44 (1.39-1.52)    0.12 (cnn2d)
+                   VAT                              1.70 (1.66-1.72)    1.68 (1.59-1.84)
+                   Distill                          2.66 (2.47-2.67)    2.52 (2.29-2.64)
+                   Contrastive, pretraining round   3.93 (3.50-3.96)    3.82 (3.46-3.97)
+                   Contrastive, fine-tuning round   1.03 (0.96-1.07)    0.97 (0.97-1.10)
+                   FedAvg + GCE                     1.05 (1.02-1.08)    1.04 (0.98-1.12)
 
-VAT costs 1.7-1.8x (a second forward/backward pass for the adversarial direction), SemiSup 1.3x on images and
-2.6x on the small table (the unlabeled rows' pseudo-labelling dominates a cheap logistic step), Distill 1.6x
-(the teacher's forward pass), GCE nothing measurable on images. A contrastive pretraining round costs 3-6x a
-FedAvg round on a quiet machine; its CPU time above its wall time says it computes on more than the one
-thread ``--threads 1`` asks for (medfed.client.contrastive runs the network outside the model's
-``_intra_op_threads``, so at torch's default thread count: a lead to check), and under load 15 a run
-(2 vs 14 rounds, 2 pairs) gave 21-30x. Its first pair came out negative in both runs at 2 vs 14 rounds (the
-run with 3 pretraining rounds faster than with 1): 2 extra pretraining rounds are too short a difference
-against that run's variance, so read the pretraining row as "several times FedAvg", not as a number to 10%.
+At 10% labels a FedAvg site trains on its few labeled rows; the methods that learn from the unlabeled rows
+train on up to ten times as many, which is most of their cost: Distill 2.1-2.7x (its soft term runs on every
+unlabeled row; the teacher scores them once per site), SemiSup 1.4x on images and 2.7x on the table (the
+full-batch logistic step grows with the pseudo-labeled rows), a contrastive pretraining round 3.9x (two views
+of every row, labeled or not, through the encoder). VAT costs 1.7x (a second forward/backward pass for the
+adversarial direction); GCE nothing measurable on images. Before the thread fix a pretraining round ran at
+torch's default thread count (CPU time above wall time), 21-30x FedAvg under load; before the teacher's outputs
+were kept, Distill was 2.9-3.0x on mni-phantom.
 
 Run: python benchmarks/bench_few_labels_cost.py [--pairs 3] [--cases breast-cancer,mni-phantom] [--out DIR]
 (CPU seconds: the child process's user + system time from getrusage, start-up cancelled by the difference.)
