@@ -1,5 +1,7 @@
-"""What the deployed-study tests share: heart-disease's first three sites as a file each, and two
-hospitals' PNG manifests."""
+"""What the deployed-study tests share: heart-disease's first three sites as a file each, a study
+of them, and two hospitals' PNG manifests."""
+
+import json
 
 import numpy as np
 import pandas as pd
@@ -22,6 +24,31 @@ def site_tables(root, column: str = "target", label_of=None) -> tuple[str, ...]:
         frames.append(df)
     pd.concat(frames).to_csv(root / "all.csv", index=False)
     return tuple(s.name for s in fed.sites[:3])
+
+
+HEART_SITES = ("Cleveland", "Hungary", "Switzerland")
+
+
+def heart_study(methods, *, data: str = 'label_column = "target"', options: dict[str, str] | None = None,
+                seed: int = 3, sites=HEART_SITES) -> str:
+    """A deployed study (TOML) of the site tables :func:`site_tables` writes: ``methods`` for 3 rounds
+    of 4 local steps, ``data`` the [data] lines after the site column and imputation, ``options``
+    each method's [method_options.NAME] lines."""
+    sections = "".join(f"[method_options.{name}]\n{body}\n" for name, body in (options or {}).items())
+    return f"""methods = {json.dumps(list(methods))}
+seed = {seed}
+repeats = 1
+[training]
+rounds = 3
+local_steps = 4
+[data]
+site_column = "site"
+impute = "median"
+{data}
+{sections}[deploy]
+sites = {json.dumps(list(sites))}
+round_timeout_s = 5
+"""
 
 
 def site_manifests(root, unlabeled=()) -> tuple[str, ...]:

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from deploy_support import site_tables
+from deploy_support import HEART_SITES, heart_study, site_tables
 from typer.testing import CliRunner
 
 from medfed.cli.app import app
@@ -15,24 +15,7 @@ from medfed.deploy.coordinator import drive
 from medfed.deploy.loopback import LoopbackLink
 from medfed.errors import ConfigError
 
-SITES = ("Cleveland", "Hungary", "Switzerland")
-STUDY = """
-methods = ["fedavg", "{method}"]
-seed = 3
-repeats = 1
-[training]
-rounds = 3
-local_steps = 4
-[data]
-site_column = "site"
-label_column = "target"
-impute = "median"
-[method_options.{method}]
-{options}
-[deploy]
-sites = ["Cleveland", "Hungary", "Switzerland"]
-round_timeout_s = 5
-"""
+SITES = HEART_SITES
 
 
 def _few_labels(site, df, target):
@@ -62,7 +45,7 @@ def test_deployed_semisupervised_on_tables_with_empty_label_cells_equals_its_sim
     per-site counts of unlabeled rows as the simulation of the pooled file."""
     site_tables(tmp_path, label_of=_few_labels)
     study = tmp_path / "study.toml"
-    study.write_text(STUDY.format(method="semisupervised", options="threshold = 0.6"))
+    study.write_text(heart_study(["fedavg", "semisupervised"], options={"semisupervised": "threshold = 0.6"}))
     deployed = drive(LoopbackLink(_nodes(tmp_path)), study, tmp_path / "out", log=lambda m: None)
     simulated = _simulate(tmp_path, study)
     assert deployed["histories"]["SemiSup"]["train_loss"] == simulated["histories"]["SemiSup"]["train_loss"]
@@ -91,7 +74,7 @@ def _teacher(root) -> str:
 def _distill_study(root):
     study = root / "study.toml"
     # relative: each site resolves it against its own directory; the coordinator's has no such file
-    study.write_text(STUDY.format(method="distill", options='teacher = "models/teacher.npz"\nweight = 0.7'))
+    study.write_text(heart_study(["fedavg", "distill"], options={"distill": 'teacher = "models/teacher.npz"\nweight = 0.7'}))
     return study
 
 
@@ -183,7 +166,7 @@ def test_a_site_whose_state_dict_teacher_does_not_fit_the_model_stops_the_study(
     torch = pytest.importorskip("torch")
     site_tables(tmp_path)
     study = tmp_path / "study.toml"
-    study.write_text(STUDY.format(method="distill", options='teacher = "models/teacher.pt"\nweight = 0.7'))
+    study.write_text(heart_study(["fedavg", "distill"], options={"distill": 'teacher = "models/teacher.pt"\nweight = 0.7'}))
     dirs = {s: tmp_path / f"machine-{s}" for s in SITES}
     for d in dirs.values():
         (d / "models").mkdir(parents=True)

@@ -5,28 +5,14 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from deploy_support import site_manifests, site_tables
+from deploy_support import heart_study, site_manifests, site_tables
 
 from medfed.comm.wire import decode
 from medfed.deploy.coordinator import drive
 from medfed.deploy.loopback import LoopbackLink
 from medfed.errors import ConfigError
 
-STUDY = """
-methods = ["fedavg", "scaffold", "ditto"]
-seed = 3
-repeats = 1
-[training]
-rounds = 3
-local_steps = 4
-[data]
-site_column = "site"
-label_column = "target"
-impute = "median"
-[deploy]
-sites = ["Cleveland", "Hungary", "Switzerland"]
-round_timeout_s = 5
-"""
+STUDY = heart_study(["fedavg", "scaffold", "ditto"])
 
 
 @pytest.fixture(scope="module")

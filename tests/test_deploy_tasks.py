@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from deploy_support import site_tables
+from deploy_support import heart_study, site_tables
 
 from medfed.deploy.coordinator import drive
 from medfed.deploy.loopback import LoopbackLink
@@ -16,20 +16,7 @@ SITES = ("Cleveland", "Hungary", "Switzerland")
 
 
 def _study(data: str, methods=("fedavg", "ditto")) -> str:
-    return f"""methods = {json.dumps(list(methods))}
-seed = 5
-repeats = 1
-[training]
-rounds = 3
-local_steps = 4
-[data]
-site_column = "site"
-impute = "median"
-{data}
-[deploy]
-sites = {json.dumps(list(SITES))}
-round_timeout_s = 5
-"""
+    return heart_study(methods, data=data, seed=5, sites=SITES)
 
 
 def _tables(root, label_of) -> None:

@@ -169,30 +169,13 @@ def test_options_and_tasks_are_checked_at_build():
             spec.validate(bad)
 
 
-VAT_STUDY = """
-methods = ["fedavg", "vat"]
-seed = 3
-repeats = 1
-[training]
-rounds = 3
-local_steps = 4
-[data]
-site_column = "site"
-label_column = "target"
-impute = "median"
-[method_options.vat]
-eps = 0.5
-[deploy]
-sites = ["Cleveland", "Hungary", "Switzerland"]
-round_timeout_s = 5
-"""
 
 
 def test_a_deployed_vat_study_equals_its_simulation(tmp_path):
     """VAT reads only a site's labeled rows, so a deployed site runs it as simulation does (loopback link)."""
     import json
 
-    from deploy_support import site_tables
+    from deploy_support import heart_study, site_tables
     from typer.testing import CliRunner
 
     from medfed.cli.app import app
@@ -200,7 +183,7 @@ def test_a_deployed_vat_study_equals_its_simulation(tmp_path):
     from medfed.deploy.loopback import LoopbackLink
 
     names = site_tables(tmp_path)
-    (tmp_path / "study.toml").write_text(VAT_STUDY)
+    (tmp_path / "study.toml").write_text(heart_study(["fedavg", "vat"], options={"vat": "eps = 0.5"}))
     nodes = {s: {"site": s, "data": str(tmp_path / f"{s}.csv"), "folder": str(tmp_path / f"site-{s}")}
              for s in names}
     deployed = drive(LoopbackLink(nodes), tmp_path / "study.toml", tmp_path / "out", log=lambda m: None)
