@@ -135,7 +135,8 @@ class DataSpec(_Strict):
             )
         if self.path is not None and (self.site_column is None or (
                 self.label_column is None and not self.label_columns and not self.label_column_site)):
-            raise ValueError("a table needs data.site_column and data.label_column (or data.label_columns, or data.label_column_site naming every site)")
+            raise ValueError("a table needs data.site_column and data.label_column (or data.label_columns, or "
+                             "data.label_column_site naming every site)")
         if self.label_column_site and self.path is None:
             raise ValueError("--label-column-site (data.label_column_site) applies to a table given with --data "
                              "(data.path); mni-phantom has its own multi-task data (--dataset-option task=multitask)")
