@@ -60,8 +60,9 @@ the first file named):
                              SemiSup (0.99,    0.432 ± 0.029   0.118 ± 0.086   refused
                              weight 0.1)
 
-Findings. breast-cancer: only 2% labels (1-6 labeled rows a site of 64-359) hurts; Distill, its soft term on the
-unlabeled rows, recovers nearly all the gap to Mix (0.988, its teacher), VAT nothing beyond noise, SemiSup makes it worse, GCE is FedAvg on clean labels. mni-phantom
+Findings. breast-cancer: only 2% labels (1-6 labeled rows a site of 64-359) hurts; Distill, its soft term on
+the unlabeled rows, recovers nearly all the gap to Mix (0.988; Mix is its teacher, see below), VAT nothing
+beyond noise, SemiSup makes it worse, GCE is FedAvg on clean labels. mni-phantom
 (Mix per seed 0.822 / 0.879 / 0.689): at 10% labels (12 a site) FedAvg loses 0.07 AUC; only Distill wins some
 back (0.743), SemiSup is worse (0.653), VAT worse (0.697), Contrastive (10 pretraining rounds) and GCE equal; at 2%
 (2 labeled a site) every method but Distill is at chance, and Distill holds 0.721 - but its teacher is Mix
