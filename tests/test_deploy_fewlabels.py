@@ -118,15 +118,9 @@ def test_a_site_missing_its_teacher_stops_the_study_before_training_naming_the_s
         drive(LoopbackLink(_nodes(tmp_path, dirs)), study, tmp_path / "out2", log=lambda m: None)
 
 
-def test_deployed_contrastive_pretrains_over_the_link_and_equals_its_simulation(tmp_path):
-    """Phase 1 (NT-Xent on every row, labeled or not) runs over the link, then the fine-tuning method
-    from its final model: the simulation's losses, metrics and communication (phase 1's rounds and
-    bytes counted); pretraining moved the model away from plain FedAvg."""
-    pytest.importorskip("torch")
-    from deploy_support import site_manifests
-
-    sites = site_manifests(tmp_path, unlabeled=(0, 3, 6, 9))
-    study = tmp_path / "images.toml"
+def _contrastive_study(root, sites):
+    """A deployed contrastive study (2 pretraining rounds, then 2 FedAvg rounds) of the PNG manifests."""
+    study = root / "images.toml"
     study.write_text(f'''methods = ["fedavg", "contrastive"]
 model = "cnn2d"
 seed = 1
@@ -146,8 +140,23 @@ projection = 8
 sites = {json.dumps(list(sites))}
 site_files = "manifest"
 ''')
-    nodes = {s: {"site": s, "data": str(tmp_path / f"{s}.csv"), "folder": str(tmp_path / f"site-{s}")} for s in sites}
-    deployed = drive(LoopbackLink(nodes), study, tmp_path / "out", log=lambda m: None)
+    return study
+
+
+def _image_nodes(root, sites, folder="site"):
+    return {s: {"site": s, "data": str(root / f"{s}.csv"), "folder": str(root / f"{folder}-{s}")} for s in sites}
+
+
+def test_deployed_contrastive_pretrains_over_the_link_and_equals_its_simulation(tmp_path):
+    """Phase 1 (NT-Xent on every row, labeled or not) runs over the link, then the fine-tuning method
+    from its final model: the simulation's losses, metrics and communication (phase 1's rounds and
+    bytes counted); pretraining moved the model away from plain FedAvg."""
+    pytest.importorskip("torch")
+    from deploy_support import site_manifests
+
+    sites = site_manifests(tmp_path, unlabeled=(0, 3, 6, 9))
+    study = _contrastive_study(tmp_path, sites)
+    deployed = drive(LoopbackLink(_image_nodes(tmp_path, sites)), study, tmp_path / "out", log=lambda m: None)
     result = CliRunner().invoke(app, ["run", str(study), "--manifest", str(tmp_path / "all.csv"),
                                       "--out", str(tmp_path / "sim")])
     assert result.exit_code == 0, result.output
@@ -177,3 +186,37 @@ def test_a_site_whose_state_dict_teacher_does_not_fit_the_model_stops_the_study(
     assert "\n" not in message and message.startswith("site '") and "teacher.pt" in message, message
     assert "'weight' has shape (2,), expected (10,)" in message, message
     assert not any((tmp_path / f"site-{s}" / "runs").exists() for s in SITES)
+
+
+class _CoordinatorDied(Exception):
+    pass
+
+
+@pytest.mark.parametrize("fatal", [7, 9], ids=["in pretraining", "in fine-tuning"])
+def test_a_deployed_contrastive_study_resumes_bit_identically(tmp_path, fatal):
+    """The coordinator dies in contrastive's pretraining phase (its 2nd round) or in its fine-tuning
+    (FedAvg's 4 site trainings come first, 2 sites a round); --resume gives the whole run's numbers."""
+    pytest.importorskip("torch")
+    from deploy_support import site_manifests
+
+    from medfed.comm.wire import decode
+
+    sites = site_manifests(tmp_path, unlabeled=(0, 3, 6, 9))
+    study = _contrastive_study(tmp_path, sites)
+    whole = drive(LoopbackLink(_image_nodes(tmp_path, sites, "a")), study, tmp_path / "whole", log=lambda m: None)
+    trains = {"n": 0}
+
+    def die(site, payload):
+        if decode(payload)["op"] == "train":
+            trains["n"] += 1
+            if trains["n"] == fatal:
+                raise _CoordinatorDied
+        return None
+
+    nodes = _image_nodes(tmp_path, sites, "b")
+    with pytest.raises(_CoordinatorDied):
+        drive(LoopbackLink(nodes, die), study, tmp_path / "out", log=lambda m: None)
+    resumed = drive(LoopbackLink(nodes), study, tmp_path / "out", resume=True, log=lambda m: None)
+    assert trains["n"] == fatal
+    assert resumed["histories"] == whole["histories"]
+    assert _rows(resumed) == _rows(whole)
