@@ -208,8 +208,9 @@ def _teacher_problem(site: SiteIdentity, config, fed) -> str | None:
     """Every distilling method's teacher, on this site's machine: the file its ``teacher`` option
     names (relative to the site's ``workdir``) exists and fits the site's data (features, task,
     classes; a torch state dict, the study's model); otherwise one line naming the site and the
-    path, on which the coordinator stops the study before training (a site that cannot distill is not simply left out, as a site whose file
-    fails the schema is: the teacher is the study's, each site must have it)."""
+    path, on which the coordinator stops the study before training (a site that cannot distill is
+    not simply left out, as a site whose file fails the schema is: the teacher is the study's, each
+    site must have it)."""
     from medfed.experiments.harness import check_teacher_fit
     from medfed.methods import resolve_methods
 
