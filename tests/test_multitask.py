@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from test_partial_sharing import Spy
 from typer.testing import CliRunner
 
 torch = pytest.importorskip("torch")
@@ -46,15 +47,6 @@ def _local_sites(targets):
         X = rng.normal(size=(24 + 4 * k, 6))
         sites.append(LocalData(name, X, (X[:, feature] > 0).astype(np.float64)))
     return sites
-
-
-class Spy:
-    def __init__(self):
-        self.uploads = []
-
-    def __call__(self, upload):
-        self.uploads.append(upload)
-        return upload
 
 
 def _run(algorithm, sites, spy=None, rounds=3):
